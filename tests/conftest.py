@@ -1,0 +1,37 @@
+"""Session-wide tiny fixtures: tokenizers trained offline and 2-layer models, built once and loaded from disk."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import _tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer_dir(tmp_path_factory) -> Path:
+    return _tiny.build_tokenizer(tmp_path_factory.mktemp("tok_chatml"), template="chatml")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory) -> Path:
+    return _tiny.build_tokenizer(tmp_path_factory.mktemp("tok_llama3"), template="llama3")
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer_dir(tmp_path_factory) -> Path:
+    return _tiny.build_tokenizer(tmp_path_factory.mktemp("tok_plain"), template="none")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, llama3_tokenizer_dir) -> Path:
+    return _tiny.build_model(tmp_path_factory.mktemp("tiny_llama"), arch="llama", tokenizer_dir=llama3_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, chatml_tokenizer_dir) -> Path:
+    return _tiny.build_model(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2", tokenizer_dir=chatml_tokenizer_dir)
