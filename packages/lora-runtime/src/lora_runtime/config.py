@@ -1,0 +1,307 @@
+"""`LoraSftConfig`: every `lora_sft` argument as one frozen, self-documenting dataclass.
+
+Names and effective defaults follow training-hub's `lora_sft` (shared/reference/training_hub_lora_sft.md, table 0.1),
+including the kwargs its backend reads (weight_decay 0.01, max_grad_norm 0.3, seed 3407, ...). Unlike training-hub,
+nothing is silently ignored: `validate()` reports every problem at once, and `from_dict()` rejects unknown keys.
+
+Each field carries `metadata={"help": one line, "choices": [...]}`; lora-cli builds its options from it. Fields with
+`metadata["cli"] is False` (only `callbacks`) have no command-line form.
+"""
+
+# ruff: noqa: RUF009  (`_f` is a thin wrapper over dataclasses.field; ruff cannot see that)
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+# training-hub parameters whose LoRA path accepts and then ignores them: say what to use instead.
+IGNORED_BY_TRAINING_HUB = {
+    "max_tokens_per_gpu": "rows are pre-packed to max_seq_len; size a step with micro_batch_size / effective_batch_size",
+    "save_samples": "checkpoints are taken by optimizer step; use save_steps",
+    "accelerate_full_state_at_epoch": "every checkpoint already holds optimizer, scheduler and data state; use save_steps",
+    "checkpoint_at_epoch": "checkpoints are taken by optimizer step; use save_steps (steps per epoch are logged at start)",
+}
+
+PATH_FIELDS = ("model_path", "data_path", "ckpt_output_dir", "data_output_dir", "eval_data_path", "tensorboard_log_dir")
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
+OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor",
+              "sgd"]
+
+
+class ConfigError(ValueError):
+    """All problems of one config, reported together; `.issues` holds one string per problem."""
+
+    def __init__(self, issues: list[str]):
+        self.issues = list(issues)
+        super().__init__(f"{len(issues)} problem(s) in the lora_sft config:\n" + "\n".join(f"  - {i}" for i in issues))
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", choices: list | None = None, *, compare: bool = True,
+       **meta: Any) -> Any:
+    md = {"help": help, **meta}
+    if choices is not None:
+        md["choices"] = choices
+    return dataclasses.field(default=default, compare=compare, metadata=md)
+
+
+@dataclass(frozen=True)
+class LoraSftConfig:
+    # --- required (positional in lora_sft) ---
+    model_path: str = _f(help="HF model id or local directory of the base model")
+    data_path: str = _f(help="raw JSONL file (prepared and cached on the fly) or a prepared shard dir (has manifest.json)")
+    ckpt_output_dir: str = _f(help="output dir: adapter, tokenizer, config, metrics.jsonl, loss.png, checkpoints/")
+    # --- backend and LoRA ---
+    backend: str = _f("auto", "training backend; auto = unsloth when CUDA is available and unsloth imports, else peft",
+                      ["auto", "unsloth", "peft"])
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: float = _f(32, "LoRA scaling alpha (scale = alpha / r, or alpha / sqrt(r) with use_rslora)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input; 0.0 is Unsloth's fast path")
+    target_modules: tuple[str, ...] | str | None = _f(
+        None, "modules to adapt; None = all attention+MLP projections; 'all-linear' = every linear but the head")
+    use_rslora: bool = _f(False, "rank-stabilised LoRA scaling alpha / sqrt(r)")
+    use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
+    init_lora_weights: bool | str = _f(True, "LoRA init: True (zeros B), False, or a PEFT name",
+                                       [True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda"])
+    rank_pattern: dict[str, int] | None = _f(None, "per-module rank overrides, e.g. {'q_proj': 8}")
+    alpha_pattern: dict[str, float] | None = _f(None, "per-module alpha overrides")
+    loftq_config: dict[str, Any] | None = _f(None, "LoftQ settings (with init_lora_weights='loftq'), e.g. {'loftq_bits': 4}")
+    # --- schedule and batch ---
+    num_epochs: int = _f(3, "passes over the packed rows (max_steps, if set, wins)")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides num_epochs)")
+    effective_batch_size: int | None = _f(
+        None, "rows per optimizer step over all GPUs; sets accumulation = effective / (micro x world), must divide")
+    micro_batch_size: int = _f(2, "packed rows per GPU per forward pass")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (derived when effective_batch_size is set)")
+    learning_rate: float = _f(2e-4, "peak learning rate")
+    lr_scheduler: str = _f("linear", "learning-rate schedule after warmup", LR_SCHEDULERS)
+    warmup_steps: int = _f(10, "linear warmup in optimizer steps")
+    weight_decay: float = _f(0.01, "AdamW weight decay on the LoRA parameters")
+    max_grad_norm: float = _f(0.3, "gradient clipping norm (0 disables)")
+    optim: str = _f("adamw_torch", "optimizer (transformers name)", OPTIMIZERS)
+    adam_beta1: float = _f(0.9, "Adam beta1")
+    adam_beta2: float = _f(0.999, "Adam beta2")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon")
+    seed: int = _f(3407, "seed for LoRA init, data order and dropout")
+    # --- data ---
+    max_seq_len: int = _f(2048, "packed row length in tokens; longer samples follow `overlong`")
+    sample_packing: bool = _f(True, "pack several samples per row (best-fit decreasing); False = one sample per row")
+    dataset_type: str = _f("chat_template", "record format of raw JSONL", ["chat_template", "alpaca", "passthrough"])
+    field_messages: str = _f("messages", "JSONL field holding the chat messages")
+    field_instruction: str = _f("instruction", "alpaca: instruction field")
+    field_input: str = _f("input", "alpaca: optional input field")
+    field_output: str = _f("output", "alpaca: output field")
+    train_on_inputs: bool = _f(False, "also train on prompts/system turns (training-hub behaviour); default: answers only")
+    overlong: str = _f("drop", "sample longer than max_seq_len: drop (logged to rejects.jsonl), split, or error",
+                       ["drop", "split", "error"])
+    data_output_dir: str | None = _f(None, "cache dir for prepared shards; default <ckpt_output_dir>/../.lora_data_cache")
+    dataloader_num_workers: int = _f(0, "dataloader worker processes per rank")
+    # --- precision, memory, model loading ---
+    bf16: bool = _f(True, "bfloat16 autocast (falls back to fp32, logged, where unsupported)")
+    fp16: bool = _f(False, "float16 autocast with loss scaling (CUDA only)")
+    tf32: bool | None = _f(None, "allow TF32 matmuls on Ampere+ GPUs; None leaves torch's default")
+    load_in_4bit: bool = _f(False, "QLoRA: load the base model in 4-bit (bitsandbytes, CUDA)")
+    load_in_8bit: bool = _f(False, "load the base model in 8-bit (bitsandbytes, CUDA)")
+    bnb_4bit_quant_type: str | None = _f(None, "4-bit quant type (default nf4)", [None, "nf4", "fp4"])
+    bnb_4bit_compute_dtype: str | None = _f(None, "4-bit compute dtype (default bfloat16)",
+                                            [None, "bfloat16", "float16", "float32"])
+    bnb_4bit_use_double_quant: bool | None = _f(None, "nested quantization of the 4-bit constants (default True)")
+    flash_attention: bool | None = _f(
+        None, "True: require FlashAttention varlen; False: SDPA with block-diagonal masks; None: best available")
+    gradient_checkpointing: bool | str = _f("auto", "recompute activations; auto = on for CUDA, off on CPU",
+                                            ["auto", True, False])
+    enable_model_splitting: bool = _f(False, "split one model across the visible GPUs (device_map='balanced')")
+    trust_remote_code: bool = _f(False, "allow model code from the hub repo")
+    finetune_vision_layers: bool = _f(False, "VLM only (not supported yet: must stay False)")
+    finetune_language_layers: bool = _f(True, "VLM only: adapt the language layers (must stay True)")
+    # --- checkpoints, outputs, logging ---
+    save_steps: int = _f(500, "checkpoint every N optimizer steps")
+    save_total_limit: int | None = _f(3, "keep the newest N complete checkpoints (None keeps all)")
+    resume: bool = _f(True, "resume from the newest complete checkpoint; False refuses a dir that has checkpoints")
+    save_model: bool = _f(True, "write the final adapter + tokenizer to ckpt_output_dir")
+    save_merged: bool = _f(False, "also write the merged full model (safetensors) to <ckpt_output_dir>/merged")
+    eval_steps: int = _f(500, "evaluate every N steps (with eval_data_path)")
+    logging_steps: int = _f(1, "log metrics every N optimizer steps")
+    wandb_project: str | None = _f(None, "Weights & Biases project (or env WANDB_PROJECT)")
+    wandb_entity: str | None = _f(None, "Weights & Biases entity")
+    wandb_run_name: str | None = _f(None, "Weights & Biases run name")
+    tensorboard_log_dir: str | None = _f(None, "TensorBoard log dir (enables TensorBoard)")
+    mlflow_tracking_uri: str | None = _f(None, "MLflow tracking URI (or env MLFLOW_TRACKING_URI)")
+    mlflow_experiment_name: str | None = _f(None, "MLflow experiment name")
+    mlflow_run_name: str | None = _f(None, "MLflow run name")
+    # --- distributed (made real by lora-cli's launcher; under torchrun the env wins) ---
+    nproc_per_node: int | None = _f(None, "processes (GPUs) per node; lora-cli launches torchrun when > 1")
+    nnodes: int | None = _f(None, "number of nodes")
+    node_rank: int | None = _f(None, "rank of this node, 0..nnodes-1")
+    rdzv_id: str | None = _f(None, "torchrun rendezvous id")
+    rdzv_endpoint: str | None = _f(None, "torchrun rendezvous host:port (multi-node)")
+    master_addr: str | None = _f(None, "master address (multi-node, static rendezvous)")
+    master_port: int | None = _f(None, "master port")
+    # --- keyword-only in lora_sft ---
+    eval_data_path: str | None = _f(None, "eval JSONL or shard dir; enables eval every eval_steps")
+    per_device_eval_batch_size: int | None = _f(None, "eval rows per GPU (default: micro_batch_size)")
+    callbacks: Any = _f(None, "transformers TrainerCallback(s); not serialized", cli=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in PATH_FIELDS:  # accept pathlib.Path, store str (JSON-ready)
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
+
+    # ------------------------------------------------------------------ batch arithmetic
+    def world_size(self) -> int:
+        """WORLD_SIZE under torchrun, else nproc_per_node x nnodes, else 1."""
+        if os.environ.get("WORLD_SIZE"):
+            return int(os.environ["WORLD_SIZE"])
+        return (self.nproc_per_node or 1) * (self.nnodes or 1)
+
+    def batch_plan(self, world_size: int | None = None) -> tuple[int, int, int]:
+        """(micro, accumulation, effective) with effective = micro x world x accumulation.
+
+        >>> LoraSftConfig("m", "d", "o", effective_batch_size=8).batch_plan(1)
+        (2, 4, 8)
+        """
+        world = world_size or self.world_size()
+        micro = self.micro_batch_size
+        if self.effective_batch_size is None:
+            return micro, self.gradient_accumulation_steps, micro * world * self.gradient_accumulation_steps
+        return micro, max(1, self.effective_batch_size // (micro * world)), self.effective_batch_size
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, world_size: int | None = None) -> LoraSftConfig:
+        """Check everything, raise one `ConfigError` listing every problem, else return self."""
+        issues = _type_issues(self)
+        if issues:  # range checks on wrongly typed values would only add noise
+            raise ConfigError(issues)
+        positive = ["lora_r", "lora_alpha", "num_epochs", "micro_batch_size", "gradient_accumulation_steps",
+                    "learning_rate", "max_seq_len", "save_steps", "eval_steps", "logging_steps"]
+        issues += [f"`{n}` must be > 0, got {getattr(self, n)}" for n in positive if getattr(self, n) <= 0]
+        for name in ["max_steps", "effective_batch_size", "save_total_limit", "per_device_eval_batch_size",
+                     "nproc_per_node", "nnodes"]:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                issues.append(f"`{name}` must be > 0 (or None), got {getattr(self, name)}")
+        for name in ["warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers"]:
+            if getattr(self, name) < 0:
+                issues.append(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            issues.append(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}")
+        issues += _choice_issues(self) + _combination_issues(self) + _batch_issues(self, world_size)
+        if issues:
+            raise ConfigError(issues)
+        return self
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field except `callbacks` (live objects)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "callbacks"}
+        if isinstance(out["target_modules"], tuple):
+            out["target_modules"] = list(out["target_modules"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraSftConfig:
+        """Build from a dict (YAML/JSON/kwargs). Unknown keys are an error that names each one."""
+        check_known_keys(data)
+        return cls(**data)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(LoraSftConfig)]
+
+
+def check_known_keys(keys: Any) -> None:
+    """Raise `ConfigError` naming every key that is not a `LoraSftConfig` field (with a hint where we know one)."""
+    known = set(field_names())
+    issues = []
+    for key in keys:
+        if key in known:
+            continue
+        if key in IGNORED_BY_TRAINING_HUB:
+            issues.append(f"`{key}` is accepted but ignored by training-hub's LoRA path, so it is refused here: "
+                          f"{IGNORED_BY_TRAINING_HUB[key]}")
+        else:
+            import difflib
+
+            close = difflib.get_close_matches(key, known, n=1)
+            issues.append(f"unknown parameter `{key}`" + (f"; did you mean `{close[0]}`?" if close else ""))
+    if issues:
+        raise ConfigError(issues)
+
+
+def _type_issues(cfg: LoraSftConfig) -> list[str]:
+    """Check each value against its annotation's basic types (bool is not accepted as int/float)."""
+    issues = []
+    simple = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None),
+              "tuple[str, ...]": tuple, "dict[str, int]": dict, "dict[str, float]": dict, "dict[str, Any]": dict}
+    for f in dataclasses.fields(cfg):
+        if f.type == "Any":
+            continue
+        value = getattr(cfg, f.name)
+        allowed = [simple[t.strip()] for t in str(f.type).split(" | ")]
+        ok = any(isinstance(value, a) for a in allowed)
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        if value is dataclasses.MISSING or not ok:
+            issues.append(f"`{f.name}` must be {f.type}, got {value!r} ({type(value).__name__})")
+    return issues
+
+
+def _choice_issues(cfg: LoraSftConfig) -> list[str]:
+    issues = []
+    for f in dataclasses.fields(cfg):
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if choices and not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+            issues.append(f"`{f.name}` must be one of {choices}, got {value!r}")
+    return issues
+
+
+def _combination_issues(cfg: LoraSftConfig) -> list[str]:
+    issues = []
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        issues.append("`load_in_4bit` and `load_in_8bit` are exclusive; set one of them to False")
+    if cfg.bf16 and cfg.fp16:
+        issues.append("`bf16` and `fp16` are exclusive; pass bf16=False to use fp16")
+    bnb = [n for n in ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant")
+           if getattr(cfg, n) is not None]
+    if bnb and not cfg.load_in_4bit:
+        issues.append(f"{', '.join(f'`{n}`' for n in bnb)} only apply with load_in_4bit=True")
+    if cfg.init_lora_weights == "loftq" and not cfg.loftq_config:
+        issues.append("init_lora_weights='loftq' needs `loftq_config`, e.g. {'loftq_bits': 4}")
+    if cfg.finetune_vision_layers or not cfg.finetune_language_layers:
+        issues.append("vision-language fine-tuning is not supported: keep finetune_vision_layers=False and "
+                      "finetune_language_layers=True")
+    if cfg.enable_model_splitting and (cfg.nproc_per_node or 1) * (cfg.nnodes or 1) > 1:
+        issues.append("`enable_model_splitting` runs one process over all GPUs; it cannot be combined with "
+                      f"nproc_per_node={cfg.nproc_per_node} / nnodes={cfg.nnodes}")
+    if cfg.node_rank is not None and not 0 <= cfg.node_rank < (cfg.nnodes or 1):
+        issues.append(f"`node_rank` must be in [0, nnodes={cfg.nnodes or 1}), got {cfg.node_rank}")
+    if (cfg.nnodes or 1) > 1 and not (cfg.rdzv_endpoint or cfg.master_addr):
+        issues.append(f"nnodes={cfg.nnodes} needs `rdzv_endpoint` (host:port) or `master_addr` to meet the other nodes")
+    if cfg.master_port is not None and not 0 < cfg.master_port < 65536:
+        issues.append(f"`master_port` must be in 1..65535, got {cfg.master_port}")
+    return issues
+
+
+def _batch_issues(cfg: LoraSftConfig, world_size: int | None) -> list[str]:
+    ebs = cfg.effective_batch_size
+    if ebs is None or ebs <= 0 or cfg.micro_batch_size <= 0:
+        return []
+    world = world_size or cfg.world_size()
+    per_pass = cfg.micro_batch_size * world
+    issues = []
+    if ebs % per_pass:
+        lo, hi = max(per_pass, ebs - ebs % per_pass), ebs - ebs % per_pass + per_pass
+        divisors = [m for m in range(1, cfg.micro_batch_size + 1) if ebs % (m * world) == 0]
+        fix = f"set effective_batch_size to {lo} or {hi}"
+        if divisors:
+            fix += f", or micro_batch_size to {divisors[-1]}"
+        issues.append(f"effective_batch_size={ebs} is not divisible by world_size={world} x "
+                      f"micro_batch_size={cfg.micro_batch_size} = {per_pass}: {fix}")
+    elif cfg.gradient_accumulation_steps not in (1, ebs // per_pass):
+        issues.append(f"effective_batch_size={ebs} with micro_batch_size={cfg.micro_batch_size} on {world} process(es) "
+                      f"means gradient_accumulation_steps={ebs // per_pass}, but {cfg.gradient_accumulation_steps} was "
+                      "given: drop one of the two")
+    return issues
