@@ -1,0 +1,131 @@
+"""`manifest.json`: what a prepared shard directory holds, where it came from, and how to check it.
+
+Numpy-free and polars-free: a GPU box reads it with the standard library alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+COUNT_KEYS = (
+    "lines_read", "valid", "rejected", "blank", "overlong", "dropped", "truncated", "split", "samples", "rows",
+    "tokens", "loss_tokens", "padding_tokens",
+)
+
+
+def empty_counts() -> dict[str, Any]:
+    """All counters at zero, plus `rejected_by_reason` (reason → count)."""
+    counts: dict[str, Any] = dict.fromkeys(COUNT_KEYS, 0)
+    counts["rejected_by_reason"] = {}
+    return counts
+
+
+@dataclass
+class Manifest:
+    """Everything about one prepared directory. `packing_efficiency` = real tokens ÷ (rows × seq_len)."""
+
+    seq_len: int
+    pad_id: int
+    format_version: int = FORMAT_VERSION
+    created_by: str = "lora-data"
+    packing: bool = True
+    seed: int = 0
+    dataset_format: str = "messages"  # messages | alpaca | mixed (auto decided per file; see sources[].format)
+    options: dict[str, Any] = field(default_factory=dict)
+    sources: list[dict[str, Any]] = field(default_factory=list)  # {path, sha256, bytes, format}
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # {fingerprint, name_or_path, eos, bos, pad, ...}
+    counts: dict[str, Any] = field(default_factory=empty_counts)
+    packing_efficiency: float = 0.0
+    shards: list[dict[str, Any]] = field(default_factory=list)  # {file, rows, bytes, sha256}
+    cache_key: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(int(s["rows"]) for s in self.shards)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.tokenizer.get("fingerprint")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write `out_dir/manifest.json` atomically (temp file, fsync, rename): a reader never sees half a manifest."""
+        out = Path(out_dir)
+        final = out / MANIFEST_NAME
+        tmp = out / f".{MANIFEST_NAME}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(out)
+        return final
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, path: str | Path | None = None) -> Manifest:
+        if not isinstance(data, dict):
+            raise ManifestError(f"expected a JSON object, got {type(data).__name__}", path=path)
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(f"format version {version!r} is not supported (this lora-data reads version "
+                                f"{FORMAT_VERSION}); prepare the data again with this lora-data",
+                                path=path, field="format_version")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [n for n in ("seq_len", "pad_id", "shards") if n not in data]
+        if missing:
+            raise ManifestError(f"missing field(s) {', '.join(missing)}", path=path)
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ManifestError(f"unknown field(s) {', '.join(unknown)}", path=path)
+        for key in ("seq_len", "pad_id"):
+            if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 0:
+                raise ManifestError(f"expected a non-negative integer, got {data[key]!r}", path=path, field=key)
+        if not isinstance(data["shards"], list):
+            raise ManifestError(f"expected a list, got {data['shards']!r}", path=path, field="shards")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> Manifest:
+        """Read `out_dir/manifest.json`; ManifestError (naming the file) if missing, unparsable or of another version."""
+        path = Path(out_dir) / MANIFEST_NAME
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ManifestError(f"not found; is {str(out_dir)!r} a directory made by `lora-data prepare`?",
+                                path=path) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ManifestError(f"cannot read: {e}", path=path) from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", path=path) from None
+        return cls.from_dict(data, path=path)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory so a rename inside it survives a crash (no-op where the OS does not support it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
