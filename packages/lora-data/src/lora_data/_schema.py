@@ -1,0 +1,115 @@
+"""Load the shipped JSON Schemas (schemas/*.json), rename their keys for training-hub's field_* options, and check.
+
+`check(obj)` returns None or (json_path, reason, code). A small interpreter of the keywords our schemas use decides
+pass/fail quickly (jsonschema costs ~90 µs a record, too slow for 10 GB); a failure is then explained by jsonschema
+itself, so the message is the standard one, phrased for humans:
+
+>>> Schema.load("chat").check({"messages": [{"role": "bot", "content": "hi"}]})
+('messages[0].role', 'expected one of system, user, assistant, tool; got "bot"', 'bad_role')
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+_TYPES = {"object": dict, "array": list, "string": str}
+_KNOWN = {"$schema", "$id", "title", "description", "type", "required", "properties", "items", "enum", "minItems",
+          "minLength"}
+
+
+def json_path(parts) -> str:
+    """["messages", 2, "role"] → "messages[2].role"."""
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _quick_ok(schema: dict, value: Any) -> bool:
+    t = schema.get("type")
+    if t is not None and not isinstance(value, _TYPES[t]):
+        return False
+    if "enum" in schema and (not isinstance(value, str) or value not in schema["enum"]):
+        return False
+    if isinstance(value, dict):
+        if any(k not in value for k in schema.get("required", ())):
+            return False
+        props = schema.get("properties", {})
+        return all(_quick_ok(props[k], value[k]) for k in props if k in value)
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            return False
+        items = schema.get("items")
+        return items is None or all(_quick_ok(items, v) for v in value)
+    if isinstance(value, str):
+        return len(value) >= schema.get("minLength", 0)
+    return True
+
+
+def _walk_keywords(schema: dict) -> None:
+    unknown = set(schema) - _KNOWN
+    if unknown:
+        raise RuntimeError(f"schema keyword(s) {sorted(unknown)} are not handled by lora_data._schema._quick_ok")
+    if "type" in schema and schema["type"] not in _TYPES:
+        raise RuntimeError(f"schema type {schema['type']!r} is not handled by lora_data._schema._quick_ok")
+    for sub in schema.get("properties", {}).values():
+        _walk_keywords(sub)
+    if "items" in schema:
+        _walk_keywords(schema["items"])
+
+
+class Schema:
+    """A shipped schema with its top-level keys renamed (e.g. messages → conversation)."""
+
+    def __init__(self, schema: dict) -> None:
+        import jsonschema
+
+        _walk_keywords(schema)
+        self.schema = schema
+        self._validator = jsonschema.Draft202012Validator(schema)
+
+    @classmethod
+    @lru_cache(maxsize=16)
+    def load(cls, name: str, renames: tuple[tuple[str, str], ...] = ()) -> Schema:
+        """`name` is "chat" or "alpaca"; `renames` maps the schema's key names to the user's field names."""
+        schema = json.loads(resources.files("lora_data").joinpath("schemas", f"{name}.json").read_text("utf-8"))
+        mapping = dict(renames)
+        schema["required"] = [mapping.get(k, k) for k in schema["required"]]
+        schema["properties"] = {mapping.get(k, k): v for k, v in schema["properties"].items()}
+        return cls(schema)
+
+    def check(self, obj: Any) -> tuple[str, str, str] | None:
+        if _quick_ok(self.schema, obj):
+            return None
+        import jsonschema
+
+        error = jsonschema.exceptions.best_match(self._validator.iter_errors(obj))
+        return self._explain(error)
+
+    @staticmethod
+    def _explain(error) -> tuple[str, str, str]:
+        path = list(error.absolute_path)
+        kind, inst, arg = error.validator, error.instance, error.validator_value
+        got = json.dumps(inst, ensure_ascii=False)
+        got = got if len(got) <= 60 else got[:57] + "..."
+        if kind == "enum":
+            code = "bad_role" if path and path[-1] == "role" else "bad_value"
+            return json_path(path), f"expected one of {', '.join(arg)}; got {got}", code
+        if kind == "type":
+            return json_path(path), f"expected {arg}, got {_type_name(inst)} {got}", f"wrong_type_{arg}"
+        if kind == "required":
+            missing = next(k for k in arg if k not in inst)
+            return json_path([*path, missing]), "missing required field", f"missing_{missing}"
+        if kind == "minItems":
+            return json_path(path), "must not be empty", f"empty_{path[-1] if path else 'array'}"
+        if kind == "minLength":
+            return json_path(path), "must not be an empty string", f"empty_{path[-1] if path else 'string'}"
+        return json_path(path), error.message, f"schema_{kind}"

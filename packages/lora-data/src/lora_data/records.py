@@ -1,0 +1,160 @@
+"""Stream a JSONL file line by line → `Record` (a validated conversation) or `Rejection` (why, where, the raw line).
+
+Lines are split on b"\\n" only, so U+2028/U+2029 inside JSON strings stay inside their record; a UTF-8 BOM on the
+first line and CRLF endings are accepted; blank lines are skipped and counted (`reader.counts["blank"]`).
+
+Alpaca records become a two-turn conversation at read time::
+
+    {"instruction": "Add", "input": "2+2", "output": "4"}
+    → [{"role": "user", "content": "Add\\n\\n2+2"}, {"role": "assistant", "content": "4"}]
+
+`--format auto` decides each file's format from its first record that has the messages key (messages) or the
+instruction/output keys (alpaca); earlier lines that have neither are rejected (`unknown_format`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._schema import Schema
+
+FORMATS = ("auto", "messages", "alpaca")
+LINE_BITS = 40  # sample id = source_index << 40 | line: a packed sample traces back to its file and line
+
+
+def sample_id(source_index: int, line: int) -> int:
+    return (source_index << LINE_BITS) | line
+
+
+def sample_origin(sid: int) -> tuple[int, int]:
+    """Inverse of `sample_id`: (index of the source file in the manifest's `sources`, 1-based line)."""
+    return sid >> LINE_BITS, sid & ((1 << LINE_BITS) - 1)
+
+
+@dataclass(slots=True)
+class Record:
+    """A valid record: a conversation (Alpaca already converted), where it came from, and its sample id."""
+
+    path: str
+    line: int
+    messages: list[dict[str, Any]]
+    format: str
+    sample_id: int = 0
+
+
+@dataclass(slots=True)
+class Rejection:
+    """A line that cannot be trained on. `field` is a JSON path (`messages[2].role`); `code` groups the reasons."""
+
+    path: str
+    line: int
+    field: str | None
+    reason: str
+    raw: str
+    code: str = "invalid"
+
+    def to_json(self) -> str:
+        return json.dumps({"source": self.path, "line": self.line, "field": self.field, "reason": self.reason,
+                           "code": self.code, "raw": self.raw}, ensure_ascii=False)
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.field + ': ' if self.field else ''}{self.reason}"
+
+
+@dataclass(frozen=True)
+class Fields:
+    """training-hub's field-name overrides."""
+
+    messages: str = "messages"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+
+
+@dataclass
+class RecordReader:
+    """Iterate over one file's records and rejections; `counts` holds lines_read and blank once iterated."""
+
+    path: str | Path
+    format: str = "auto"
+    fields: Fields = field(default_factory=Fields)
+    source_index: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {"lines_read": 0, "blank": 0})
+    detected: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {self.format!r}")
+        f = self.fields
+        self._schemas = {
+            "messages": Schema.load("chat", (("messages", f.messages),)),
+            "alpaca": Schema.load("alpaca", (("instruction", f.instruction), ("input", f.input),
+                                             ("output", f.output))),
+        }
+        self.detected = None if self.format == "auto" else self.format
+
+    def __iter__(self):
+        path = str(self.path)
+        with open(self.path, "rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                self.counts["lines_read"] += 1
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                raw = raw.rstrip(b"\r\n")
+                if not raw.strip():
+                    self.counts["blank"] += 1
+                    continue
+                yield self._parse(path, number, raw)
+
+    def _parse(self, path: str, number: int, raw: bytes) -> Record | Rejection:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return Rejection(path, number, None, f"invalid UTF-8 at byte {e.start}",
+                             raw.decode("utf-8", "replace"), "invalid_utf8")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            return Rejection(path, number, None, f"invalid JSON: {e.msg} at column {e.colno}", text, "invalid_json")
+        if not isinstance(obj, dict):
+            return Rejection(path, number, None, f"expected a JSON object, got {type(obj).__name__}", text,
+                             "not_an_object")
+        fmt = self.detected or self._detect(obj)
+        if fmt is None:
+            return Rejection(path, number, None, f'neither a chat record (no "{self.fields.messages}" key) nor an '
+                             f'Alpaca record (no "{self.fields.instruction}"/"{self.fields.output}" keys); '
+                             "pass --format or the --field-* names", text, "unknown_format")
+        self.detected = fmt
+        bad = self._schemas[fmt].check(obj)
+        if bad:
+            return Rejection(path, number, bad[0], bad[1], text, bad[2])
+        messages = obj[self.fields.messages] if fmt == "messages" else self._alpaca_to_messages(obj)
+        if not any(m["role"] == "assistant" for m in messages):
+            return Rejection(path, number, self.fields.messages, "no assistant turn: nothing to learn from", text,
+                             "no_assistant")
+        return Record(path, number, messages, fmt, sample_id(self.source_index, number))
+
+    def _detect(self, obj: dict) -> str | None:
+        if self.fields.messages in obj:
+            return "messages"
+        if self.fields.instruction in obj or self.fields.output in obj:
+            return "alpaca"
+        return None
+
+    def _alpaca_to_messages(self, obj: dict) -> list[dict[str, str]]:
+        prompt = obj[self.fields.instruction]
+        extra = obj.get(self.fields.input)
+        if extra:
+            prompt = f"{prompt}\n\n{extra}"
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj[self.fields.output]}]
+
+
+def read_records(path: str | Path, *, format: str = "auto", field_messages: str = "messages",
+                 field_instruction: str = "instruction", field_input: str = "input", field_output: str = "output",
+                 source_index: int = 0) -> RecordReader:
+    """Records and rejections of one JSONL file, in line order (see the module docstring)."""
+    fields = Fields(field_messages, field_instruction, field_input, field_output)
+    return RecordReader(path, format, fields, source_index)
