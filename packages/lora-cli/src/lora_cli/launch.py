@@ -1,0 +1,136 @@
+"""Launch `lora-cli train` under torchrun, so nobody has to remember the torchrun incantation.
+
+`lora-cli train --gpus 8 ...` on one machine becomes
+
+    python -m torch.distributed.run --nproc-per-node 8 --nnodes 1 --standalone -m lora_cli train --gpus 8 ...
+
+and on node 1 of 2 with a rendezvous endpoint (`--nnodes 2 --rdzv-endpoint host0:29400`)
+
+    python -m torch.distributed.run --nproc-per-node 8 --nnodes 2 --node-rank 1 --rdzv-backend c10d
+        --rdzv-endpoint host0:29400 --rdzv-id lora-cli -m lora_cli train ...
+
+(`--master-addr/--master-port` instead of `--rdzv-endpoint` gives torchrun's static rendezvous, where `--node-rank` is
+required). Each worker re-runs `train` with the options the user typed; it sees RANK/WORLD_SIZE in its environment and
+trains in-process instead of launching again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+log = logging.getLogger("lora_cli")
+
+
+class LaunchError(Exception):
+    """A launch request that cannot work on this machine (too many GPUs, missing rendezvous, ...)."""
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    nproc_per_node: int
+    nnodes: int = 1
+    node_rank: int | None = None
+    rdzv_id: str | None = None
+    rdzv_endpoint: str | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+def under_torchrun() -> bool:
+    """True inside a torchrun worker (RANK and WORLD_SIZE are set): never launch a second torchrun from there."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def needs_launch(plan: LaunchPlan) -> bool:
+    return plan.world_size > 1 and not under_torchrun()
+
+
+def check_devices(nproc_per_node: int, backend: str, visible: int | None = None) -> str:
+    """"cuda" when enough GPUs are visible; "cpu" for gloo test runs (no GPU at all and an explicit peft backend).
+
+    Raises LaunchError with the fix otherwise.
+    """
+    if visible is None:
+        import torch
+
+        visible = torch.cuda.device_count()
+    if nproc_per_node <= visible:
+        return "cuda"
+    where = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = f"{visible} GPU(s) are visible" + (f" (CUDA_VISIBLE_DEVICES={where})" if where is not None else "")
+    if visible == 0 and backend == "peft":
+        log.warning("no GPU is visible: running %d CPU processes with the gloo backend (a test setup, slow)",
+                    nproc_per_node)
+        return "cpu"
+    if visible == 0:
+        raise LaunchError(f"--gpus {nproc_per_node} asks for {nproc_per_node} GPUs but {seen}; to run "
+                          f"{nproc_per_node} processes on the CPU (gloo, for testing) pass --backend peft")
+    raise LaunchError(f"--gpus {nproc_per_node} asks for {nproc_per_node} GPUs but {seen}; pass --gpus {visible} "
+                      "or fewer")
+
+
+def torchrun_command(plan: LaunchPlan, train_args: list[str]) -> list[str]:
+    """The full torchrun command line that re-invokes `lora-cli train` with `train_args`.
+
+    >>> torchrun_command(LaunchPlan(2), ["--lora-r", "8"])[1:]
+    ['-m', 'torch.distributed.run', '--nproc-per-node', '2', '--nnodes', '1', '--standalone', '-m', 'lora_cli', 'train', '--lora-r', '8']
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(plan.nproc_per_node),
+           "--nnodes", str(plan.nnodes)]
+    if plan.rdzv_endpoint:
+        if plan.node_rank is not None:
+            cmd += ["--node-rank", str(plan.node_rank)]
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", plan.rdzv_endpoint, "--rdzv-id", plan.rdzv_id or "lora-cli"]
+    elif plan.master_addr or plan.master_port:
+        if plan.nnodes > 1 and plan.node_rank is None:
+            raise LaunchError("--master-addr/--master-port (static rendezvous) with --nnodes > 1 needs --node-rank "
+                              "on every node (0 on the master); or use --rdzv-endpoint host:port instead")
+        cmd += ["--node-rank", str(plan.node_rank or 0), "--master-addr", plan.master_addr or "127.0.0.1",
+                "--master-port", str(plan.master_port or 29500)]
+    elif plan.nnodes > 1:
+        raise LaunchError(f"--nnodes {plan.nnodes} needs --rdzv-endpoint host:port (or --master-addr and "
+                          "--master-port) so that the nodes can meet")
+    else:
+        cmd += ["--standalone"]  # single node: a local rendezvous on a free port, so parallel jobs never collide
+    return [*cmd, "-m", "lora_cli", "train", *train_args]
+
+
+def _worker_env(device: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if device == "cpu":
+        env["LORA_CLI_CPU_WORKERS"] = "1"  # workers log that they run gloo on the CPU
+    if "NCCL_NVLS_ENABLE" in env:
+        log.info("passing NCCL_NVLS_ENABLE=%s to the workers", env["NCCL_NVLS_ENABLE"])
+    return env
+
+
+def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str) -> int:
+    """Run torchrun in the foreground; forward SIGINT/SIGTERM to it; return its exit code.
+
+    torchrun passes a signal on to every worker, and each worker's trainer saves a checkpoint before it exits.
+    """
+    cmd = torchrun_command(plan, train_args)
+    log.info("launching %d process(es) on this node (%d in all): %s", plan.nproc_per_node, plan.world_size,
+             " ".join(cmd))
+    # Own process group: a Ctrl-C on the terminal reaches only this process, which forwards it exactly once.
+    proc = subprocess.Popen(cmd, env=_worker_env(device), process_group=0)
+
+    def forward(signum: int, _frame: object) -> None:
+        log.warning("got %s: asking the workers to save a checkpoint and stop", signal.Signals(signum).name)
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,214 @@
+"""Click options generated from `LoraSftConfig`'s fields: one source of truth for names, types, defaults and help.
+
+Every field becomes `--kebab-case` (a few also get a short alias, such as `--gpus` for `--nproc-per-node`), with the
+field's help line, its type and its default in `--help`. Values are parsed into the field's own type:
+
+    field annotation                  command line                         value
+    int / float / str                 --lora-r 8                           8
+    bool                              --bf16 / --no-bf16                   True / False
+    bool | None                       --tf32 / --no-tf32 (absent: None)    True / False / None
+    str with choices                  --lr-scheduler cosine                'cosine' (checked against the choices)
+    bool | str (with choices)         --init-lora-weights pissa / false    'pissa' / False
+    tuple[str, ...] | str | None      --target-modules q_proj,v_proj       ('q_proj', 'v_proj');  all-linear → 'all-linear'
+    dict[...] | None                  --rank-pattern '{"q_proj": 8}'       {'q_proj': 8}  (JSON)
+
+`merge_values` combines the dataclass defaults, a --config file and the options the user actually typed (click's
+parameter source), in that order of precedence, lowest first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from click.core import ParameterSource
+from lora_runtime.config import LoraSftConfig, check_known_keys
+
+# Extra (usually shorter) names for some fields; the --kebab-case name of the field itself always exists too.
+ALIASES = {
+    "model_path": ["--model"],
+    "data_path": ["--data"],
+    "ckpt_output_dir": ["--output"],
+    "nproc_per_node": ["--gpus"],
+}
+# Fields whose command-line form is handled by hand: --shards is another spelling of data_path for a prepared dir.
+NOT_GENERATED = {f.name for f in dataclasses.fields(LoraSftConfig) if f.metadata.get("cli") is False}
+REQUIRED = ("model_path", "data_path", "ckpt_output_dir")
+
+
+class ConfigFileError(Exception):
+    """A --config file that cannot be read as a mapping of options (a user error: exit code 1)."""
+
+
+class _BoolOrChoice(click.ParamType):
+    """`true`/`false` (any case) → bool, anything else must be one of the string choices."""
+
+    name = "bool|choice"
+
+    def __init__(self, choices: list) -> None:
+        self.strings = [c for c in choices if isinstance(c, str)]
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + "|".join(["true", "false", *self.strings]) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, bool):
+            return value
+        low = str(value).lower()
+        if low in ("true", "false"):
+            return low == "true"
+        if value in self.strings:
+            return value
+        self.fail(f"expected true, false or one of {', '.join(self.strings)}; got {value!r}", param, ctx)
+
+
+class _ModuleList(click.ParamType):
+    """`q_proj,v_proj` → ('q_proj', 'v_proj'); `q_proj` → ('q_proj',); `all-linear` stays a string (PEFT's keyword)."""
+
+    name = "modules"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        if value == "all-linear":
+            return value
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+        if not parts:
+            self.fail("expected module names separated by commas, e.g. q_proj,v_proj", param, ctx)
+        return tuple(parts)
+
+
+class _JsonDict(click.ParamType):
+    name = "json"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, dict):
+            return value
+        try:
+            out = json.loads(value)
+        except json.JSONDecodeError as e:
+            self.fail(f"expected a JSON object such as '{{\"q_proj\": 8}}'; {e.msg} at column {e.colno}", param, ctx)
+        if not isinstance(out, dict):
+            self.fail(f"expected a JSON object, got {type(out).__name__}", param, ctx)
+        return out
+
+
+def _click_type(f: dataclasses.Field) -> tuple[Any, bool]:
+    """(click type, is_flag) for a field, from its annotation string and its choices."""
+    kinds = [t.strip() for t in str(f.type).split("|")]
+    base = [k for k in kinds if k != "None"]
+    choices = f.metadata.get("choices")
+    if base == ["bool"]:
+        return None, True
+    if "bool" in base and choices:
+        return _BoolOrChoice(choices), False
+    if base[0].startswith("tuple"):
+        return _ModuleList(), False
+    if base[0].startswith("dict"):
+        return _JsonDict(), False
+    if choices:
+        return click.Choice([c for c in choices if isinstance(c, str)]), False
+    return {"int": click.INT, "float": click.FLOAT, "str": click.STRING}[base[0]], False
+
+
+def _default_text(default: Any) -> str:
+    if default is dataclasses.MISSING:
+        return "required: here or in --config"
+    if default is None:
+        return "none"
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(default)
+
+
+def option_for(f: dataclasses.Field) -> Callable:
+    """The click option for one `LoraSftConfig` field."""
+    ctype, is_flag = _click_type(f)
+    kebab = "--" + f.name.replace("_", "-")
+    names = [*ALIASES.get(f.name, []), kebab]
+    help_text = f"{f.metadata.get('help', '')}  [default: {_default_text(f.default)}]"
+    default = None if f.default is dataclasses.MISSING else f.default
+    if is_flag:
+        return click.option(f"{kebab}/--no-{kebab[2:]}", f.name, default=default, help=help_text)
+    if isinstance(default, tuple):
+        default = ",".join(default)
+    return click.option(*names, f.name, type=ctype, default=default, help=help_text, show_default=False)
+
+
+def config_options(func: Callable) -> Callable:
+    """Decorate a click command with one option per `LoraSftConfig` field (in the dataclass's order)."""
+    for f in reversed(dataclasses.fields(LoraSftConfig)):
+        if f.name not in NOT_GENERATED:
+            func = option_for(f)(func)
+    return func
+
+
+def cli_field_names() -> list[str]:
+    """Field names that have a generated option (every field but those marked `cli=False`)."""
+    return [f.name for f in dataclasses.fields(LoraSftConfig) if f.name not in NOT_GENERATED]
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML run config into a dict of `LoraSftConfig` field values (kebab-case keys are accepted).
+
+    Raises ConfigFileError naming the file (and the line, for parse errors), or ConfigError for unknown keys.
+    """
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:  # both messages carry the line and column
+        raise ConfigFileError(f"{p}: cannot parse: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{p}: expected a mapping of option: value, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    check_known_keys(data)
+    for name in ("target_modules",):
+        if isinstance(data.get(name), list):
+            data[name] = tuple(data[name])
+    return data
+
+
+def given_on_command_line(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def merge_values(ctx: click.Context, params: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
+    """Dataclass defaults < --config file < options typed on the command line. Returns `lora_sft` keyword arguments.
+
+    >>> # defaults: lora_r=16; file: lora_r=8, lora_alpha=16; command line: --lora-r 4   →   lora_r=4, lora_alpha=16
+    """
+    values = {name: params[name] for name in cli_field_names() if name in params}
+    out = {name: v for name, v in values.items() if v is not None or name not in REQUIRED}
+    out.update(file_values)
+    out.update({name: v for name, v in values.items() if given_on_command_line(ctx, name)})
+    return out
+
+
+def passthrough_args(ctx: click.Context, params: dict[str, Any]) -> list[str]:
+    """The options the user typed, re-spelled for the command line (used to re-invoke `train` under torchrun)."""
+    args: list[str] = []
+    for p in ctx.command.params:
+        if not isinstance(p, click.Option) or p.name is None or not given_on_command_line(ctx, p.name):
+            continue
+        value = params[p.name]
+        long = max((o for o in p.opts if o.startswith("--")), key=len)
+        if p.is_bool_flag or (p.secondary_opts and isinstance(value, bool)):
+            args.append(long if value else p.secondary_opts[0])
+        elif p.is_flag:
+            if value:
+                args.append(long)
+        elif isinstance(value, tuple):
+            args += [long, ",".join(value)]
+        elif isinstance(value, dict):
+            args += [long, json.dumps(value)]
+        else:
+            args += [long, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
+    return args

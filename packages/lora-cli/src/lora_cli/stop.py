@@ -1,0 +1,75 @@
+"""Ctrl-C / SIGTERM during training: finish the current optimizer step, save a checkpoint, stop, exit 130.
+
+The first SIGINT or SIGTERM only raises a flag. A transformers `TrainerCallback` (handed to `lora_sft` through its
+`callbacks` field) reads the flag after every optimizer step; under torchrun the ranks agree on it with one tiny
+all-reduce, so every rank stops after the same step and rank 0 writes the checkpoint. A second signal interrupts at
+once (KeyboardInterrupt), for when saving itself hangs.
+
+    step 41 ... step 42 │ SIGINT │ step 43 ends → should_save + should_training_stop → checkpoint-43 → exit 130
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+EXIT_INTERRUPTED = 130
+
+
+class StopRequest:
+    """Install with `with StopRequest() as stop:`; `stop.signal_name` is set once a signal arrived."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        import sys
+
+        print(f"\n{self.signal_name}: stopping after this step and saving a checkpoint (send it again to abort "
+              "without saving)", file=sys.stderr, flush=True)
+
+    def callback(self) -> Any:
+        """A `transformers.TrainerCallback` that turns the flag into save + stop at the next step end."""
+        from transformers import TrainerCallback
+
+        stop = self
+
+        class SaveAndStopOnSignal(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+                if _any_rank(stop.requested):
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+        return SaveAndStopOnSignal()
+
+
+def _any_rank(flag: bool) -> bool:
+    """True when `flag` is set on any rank (an all-reduce MAX under torch.distributed; the local flag otherwise)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    import torch
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

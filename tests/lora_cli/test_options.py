@@ -1,0 +1,147 @@
+"""Options generated from LoraSftConfig: names, types, defaults, help, and the config-file merge."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import click
+import pytest
+from click.testing import CliRunner
+from lora_cli.options import (
+    ALIASES,
+    ConfigFileError,
+    cli_field_names,
+    config_options,
+    load_config_file,
+    merge_values,
+    passthrough_args,
+)
+from lora_runtime.config import ConfigError, LoraSftConfig
+
+
+@click.command()
+@config_options
+@click.pass_context
+def _probe(ctx: click.Context, **params):
+    """Echo what the generated options parsed and what a re-invocation would pass on."""
+    ctx.obj = {"kw": merge_values(ctx, params, ctx.meta.get("file", {})), "args": passthrough_args(ctx, params)}
+
+
+def _parse(args: list[str], file_values: dict | None = None) -> dict:
+    ctx = _probe.make_context("probe", list(args))
+    ctx.meta["file"] = file_values or {}
+    with ctx:
+        _probe.invoke(ctx)
+    return ctx.obj
+
+
+def test_every_field_but_callbacks_is_an_option_named_after_it():
+    fields = [f.name for f in dataclasses.fields(LoraSftConfig)]
+    options = {p.name: p for p in _probe.params}
+    assert set(fields) - set(options) == {"callbacks"}
+    assert set(options) <= set(fields)
+    for name, p in options.items():
+        assert "--" + name.replace("_", "-") in p.opts + p.secondary_opts, name
+    assert cli_field_names() == [n for n in fields if n != "callbacks"]
+
+
+def test_options_match_lora_sft_signature():
+    import lora_runtime
+
+    sig = inspect.signature(lora_runtime.lora_sft)
+    params = [n for n, p in sig.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    assert set(params) == {f.name for f in dataclasses.fields(LoraSftConfig)}
+    for f in dataclasses.fields(LoraSftConfig):
+        if f.default is not dataclasses.MISSING:
+            assert sig.parameters[f.name].default == f.default, f.name
+
+
+def test_help_shows_types_defaults_and_choices():
+    out = CliRunner().invoke(_probe, ["--help"], terminal_width=200).output
+    assert "--lora-r INTEGER" in out and "LoRA rank  [default: 16]" in out
+    assert "--learning-rate FLOAT" in out and "[default: 0.0002]" in out
+    assert "--lr-scheduler [linear|cosine|" in out
+    assert "--bf16 / --no-bf16" in out and "--gpus, --nproc-per-node INTEGER" in out
+    assert "--model, --model-path TEXT" in out
+
+
+def test_defaults_equal_the_dataclass_defaults():
+    kw = _parse(["--model", "m", "--data", "d", "--output", "o"])["kw"]
+    cfg = LoraSftConfig(**kw)
+    assert cfg == LoraSftConfig("m", "d", "o")
+
+
+@pytest.mark.parametrize(("args", "field", "value"), [
+    (["--lora-r", "8"], "lora_r", 8),
+    (["--lora-alpha", "16.5"], "lora_alpha", 16.5),
+    (["--no-bf16"], "bf16", False),
+    (["--tf32"], "tf32", True),
+    ([], "tf32", None),
+    (["--target-modules", "q_proj,v_proj"], "target_modules", ("q_proj", "v_proj")),
+    (["--target-modules", "q_proj"], "target_modules", ("q_proj",)),
+    (["--target-modules", "all-linear"], "target_modules", "all-linear"),
+    (["--init-lora-weights", "false"], "init_lora_weights", False),
+    (["--init-lora-weights", "pissa"], "init_lora_weights", "pissa"),
+    (["--gradient-checkpointing", "True"], "gradient_checkpointing", True),
+    (["--rank-pattern", '{"q_proj": 4}'], "rank_pattern", {"q_proj": 4}),
+    (["--gpus", "4"], "nproc_per_node", 4),
+    (["--nproc-per-node", "4"], "nproc_per_node", 4),
+    (["--bnb-4bit-quant-type", "nf4"], "bnb_4bit_quant_type", "nf4"),
+])
+def test_values_parse_into_the_field_type(args, field, value):
+    assert _parse(args)["kw"][field] == value
+
+
+@pytest.mark.parametrize("args", [
+    ["--lora-r", "eight"], ["--lr-scheduler", "sideways"], ["--init-lora-weights", "maybe"],
+    ["--rank-pattern", "[1, 2]"], ["--rank-pattern", "{bad json"],
+])
+def test_unparsable_values_are_usage_errors_naming_the_option(args):
+    res = CliRunner().invoke(_probe, args)
+    assert res.exit_code == 2
+    assert args[0] in res.output
+
+
+def test_command_line_beats_file_beats_defaults():
+    kw = _parse(["--lora-r", "4"], {"lora_r": 8, "lora_alpha": 16, "model_path": "m"})["kw"]
+    assert (kw["lora_r"], kw["lora_alpha"], kw["model_path"], kw["lora_dropout"]) == (4, 16, "m", 0.0)
+
+
+def test_passthrough_reproduces_only_what_was_typed():
+    args = ["--model", "m", "--lora-r", "4", "--no-bf16", "--target-modules", "q_proj,v_proj", "--gpus", "2",
+            "--rank-pattern", '{"q_proj": 4}']
+    out = _parse(args)["args"]
+    assert out == ["--model-path", "m", "--lora-r", "4", "--target-modules", "q_proj,v_proj", "--rank-pattern",
+                   '{"q_proj": 4}', "--no-bf16", "--nproc-per-node", "2"]
+    assert _parse(out)["kw"] == _parse(args)["kw"]  # the round trip is lossless
+
+
+def test_aliases_point_at_real_fields():
+    assert set(ALIASES) <= set(cli_field_names())
+
+
+def test_yaml_and_toml_config_files(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("lora-r: 8\ntarget_modules: [q_proj, v_proj]\nlearning_rate: 1.0e-4\n")
+    t = tmp_path / "run.toml"
+    t.write_text('lora_r = 8\ntarget_modules = ["q_proj", "v_proj"]\nlearning_rate = 1e-4\n')
+    expected = {"lora_r": 8, "target_modules": ("q_proj", "v_proj"), "learning_rate": 1e-4}
+    assert load_config_file(y) == expected == load_config_file(t)
+
+
+def test_config_file_unknown_key_names_it_and_suggests(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("lora_rank: 8\nmax_tokens_per_gpu: 100\n")
+    with pytest.raises(ConfigError) as e:
+        load_config_file(y)
+    assert "`lora_rank`; did you mean `lora_r`?" in str(e.value)
+    assert "max_tokens_per_gpu" in str(e.value)
+
+
+def test_config_file_parse_error_names_file_and_line(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("lora_r: 8\nlora_alpha: [16\n")
+    with pytest.raises(ConfigFileError) as e:
+        load_config_file(y)
+    assert "run.yaml: cannot parse" in str(e.value) and "line 3" in str(e.value)
