@@ -1,0 +1,66 @@
+"""Packed rows → model inputs: `input_ids`, `labels`, `position_ids` that restart at every packed sample.
+
+One row of seq_len 8 holding sample A (3 tokens) and sample B (4 tokens), then one pad::
+
+                   A0    A1    A2    B0    B1    B2    B3    pad
+    input_ids      11    12    13    21    22    23    24     0
+    loss_mask       0     1     1     0     0     1     1     0
+    labels       -100    12    13  -100  -100    23    24  -100
+    position_ids    0     1     2     0     1     2     3     0
+
+- `labels` are IGNORE_INDEX wherever `loss_mask` is 0 (prompts, padding) AND at the first token of every sample
+  (B0 above, whose "prediction" would come from A2 of another sample; A0 has no predecessor anyway).
+- `position_ids` restart at 0 for every sample; the padding tail is its own pseudo-sample. With no attention mask
+  and no KV cache, transformers turns these restarts into a block-diagonal causal mask (SDPA/eager) or varlen
+  `cu_seq_lens` (FlashAttention), so B never attends to A. tests/lora_runtime/test_packing.py proves it.
+- `num_tokens` counts the real (non-pad) tokens of the batch, for tokens/s; the trainer pops it before forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100  # the one place: torch cross-entropy's ignore_index, used by transformers' causal-LM loss
+
+
+def position_ids(seq_lens: Sequence[int], seq_len: int) -> np.ndarray:
+    """Positions restarting per sample; the padding tail counts from 0 as one more sample.
+
+    >>> position_ids([3, 4], 8).tolist()
+    [0, 1, 2, 0, 1, 2, 3, 0]
+    """
+    parts = [np.arange(n, dtype=np.int64) for n in seq_lens]
+    used = int(sum(seq_lens))
+    if used < seq_len:
+        parts.append(np.arange(seq_len - used, dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def labels(input_ids: np.ndarray, loss_mask: np.ndarray, seq_lens: Sequence[int]) -> np.ndarray:
+    """`input_ids` where the mask is 1, IGNORE_INDEX elsewhere and at each sample's first token.
+
+    >>> labels(np.array([11, 12, 13, 21, 22, 23, 24, 0]), np.array([0, 1, 1, 0, 0, 1, 1, 0]), [3, 4]).tolist()
+    [-100, 12, 13, -100, -100, 23, 24, -100]
+    """
+    out = np.where(np.asarray(loss_mask) > 0, np.asarray(input_ids, dtype=np.int64), IGNORE_INDEX)
+    starts = np.concatenate([[0], np.cumsum(seq_lens)[:-1]]).astype(np.int64) if len(seq_lens) else []
+    out[starts] = IGNORE_INDEX
+    used = int(sum(seq_lens))
+    out[used:] = IGNORE_INDEX
+    return out
+
+
+def collate_packed(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack rows (`input_ids`, `loss_mask`, `seq_lens` each) into int64 tensors [batch, seq_len]."""
+    import torch
+
+    seq_len = len(rows[0]["input_ids"])
+    ids = np.stack([np.asarray(r["input_ids"], dtype=np.int64) for r in rows])
+    lab = np.stack([labels(r["input_ids"], r["loss_mask"], r["seq_lens"]) for r in rows])
+    pos = np.stack([position_ids(r["seq_lens"], seq_len) for r in rows])
+    real = int(sum(int(np.sum(r["seq_lens"])) for r in rows))
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(lab),
+            "position_ids": torch.from_numpy(pos), "num_tokens": real}

@@ -1,0 +1,83 @@
+"""torchrun environment: RANK / LOCAL_RANK / WORLD_SIZE, process-group init and teardown, `print0`.
+
+gloo on CPU (without a process group, torchrun's ranks would silently train alone), nccl on CUDA. Only rank 0
+writes files and prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger("lora_runtime")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env() -> DistEnv:
+    """Read torchrun's variables; a plain `python script.py` is rank 0 of 1."""
+    return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                   int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init_process_group() -> DistEnv:
+    """Join the process group when WORLD_SIZE > 1 (idempotent); pins the CUDA device to LOCAL_RANK."""
+    env = dist_env()
+    if env.world_size <= 1:
+        return env
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(backend=backend)
+        print0(f"process group: {backend}, world size {env.world_size}")
+    return env
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def teardown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: float) -> float:
+    """Sum a number over ranks (identity in a single process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def print0(*parts: object) -> None:
+    """Log on rank 0 only (logger `lora_runtime`, INFO; also printed when nothing configured logging)."""
+    if dist_env().is_main:
+        msg = " ".join(str(p) for p in parts)
+        log.info(msg)
+        if not logging.getLogger().handlers and not log.handlers:
+            print(f"[lora_runtime] {msg}", flush=True)

@@ -1,0 +1,184 @@
+"""`train(config, backend, dataset) -> TrainResult`: transformers' Trainer on pre-packed rows.
+
+The rows are already tokenized, masked and packed by lora-data; nothing here re-tokenizes or re-packs. The Trainer
+brings the LR schedule, warmup, clipping, weight decay, mixed precision, DDP and report_to integrations; this module
+adds the data path (PackedShardDataset + collate_packed), atomic checkpoints with the data position (exact resume),
+metrics.jsonl, and the start-up log of every decision.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_runtime import checkpoint
+from lora_runtime.backends.base import Backend
+from lora_runtime.config import LoraSftConfig
+from lora_runtime.dataset import PackedShardDataset
+from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
+from lora_runtime.metrics import MetricsWriter, peak_memory_bytes, plot_loss, read_metrics
+from lora_runtime.trainer import PackedTrainer, report_targets
+
+CONFIG_NAME = "lora_sft_config.json"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced (paths under ckpt_output_dir) and how it went."""
+
+    adapter_dir: Path | None  # None when save_model=False (checkpoints still hold adapters)
+    merged_dir: Path | None
+    metrics_path: Path
+    loss_plot: Path | None
+    backend: str
+    steps: int
+    tokens_seen: int
+    final_loss: float | None
+    wall_time_s: float
+    peak_memory_bytes: int
+    manifest: Any = None
+
+
+def train(config: LoraSftConfig, backend: Backend, dataset: PackedShardDataset,
+          eval_dataset: PackedShardDataset | None = None, *, manifest: Any = None,
+          backend_reason: str = "") -> TrainResult:
+    """Load → LoRA → log the plan → Trainer.train (resuming when a complete checkpoint exists) → save outputs."""
+    start = time.time()
+    env = init_process_group()
+    resume_from = checkpoint.resume_point(config.ckpt_output_dir, resume=config.resume)
+    model, tokenizer = backend.load(config)
+    model = backend.add_lora(model, config)
+    precision = decide_precision(config)
+    log_plan(config, backend, backend_reason, dataset, manifest, precision)
+    resume_step = None
+    if resume_from is not None:
+        data_state = json.loads((resume_from / "data_state.json").read_text())
+        dataset.load_state_dict(data_state)
+        resume_step = int(resume_from.name.rsplit("-", 1)[1])
+        print0(f"resuming from {resume_from} (step {resume_step}, epoch {data_state['epoch']}, "
+               f"row offset {data_state['offset']} on each rank)")
+    metrics = MetricsWriter(Path(config.ckpt_output_dir) / "metrics.jsonl", resume_step=resume_step,
+                            enabled=env.is_main)
+    trainer = PackedTrainer(config=config, metrics=metrics, model=model, args=training_arguments(config, precision),
+                            train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+                            callbacks=_callbacks(config.callbacks))
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.flush_tokens()
+    return finish(config, backend, trainer, tokenizer, manifest, start)
+
+
+def decide_precision(config: LoraSftConfig) -> str:
+    """"bf16" | "fp16" | "fp32", degrading (with a logged reason) where the hardware cannot do what was asked."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if config.tf32 is not None and cuda:
+        torch.backends.cuda.matmul.allow_tf32 = config.tf32
+        torch.backends.cudnn.allow_tf32 = config.tf32
+    if config.bf16:
+        if cuda and torch.cuda.is_bf16_supported():
+            return "bf16"
+        where = "this GPU lacks bf16" if cuda else "running on a CPU (bf16 autocast there is slow and unvalidated)"
+        print0(f"precision: bf16=True requested but {where}: training in fp32")
+        return "fp32"
+    if config.fp16:
+        if cuda:
+            return "fp16"
+        print0("precision: fp16=True requested but fp16 loss scaling needs CUDA: training in fp32")
+    return "fp32"
+
+
+def log_plan(config: LoraSftConfig, backend: Backend, reason: str, dataset: PackedShardDataset, manifest: Any,
+             precision: str) -> None:
+    """Rank 0 says what it decided: backend and why, batch arithmetic, tokens per step, packing, steps."""
+    env = dist_env()
+    micro, accum, effective = config.batch_plan(env.world_size)
+    seq_len = dataset.reader.seq_len
+    eff = getattr(manifest, "packing_efficiency", None) or dataset.reader.manifest.packing_efficiency
+    steps = dataset.steps_per_epoch()
+    total = config.max_steps or steps * config.num_epochs
+    print0(f"backend: {backend.name} ({reason or 'given'}); precision {precision}")
+    print0(f"batch: micro {micro} × {env.world_size} {'GPU' if env.world_size == 1 else 'GPUs'} × accum {accum} "
+           f"= effective {effective} rows/step")
+    print0(f"tokens/step: {effective * seq_len:,} slots of seq_len {seq_len}, ~{int(effective * seq_len * eff):,} real "
+           f"at packing efficiency {eff:.3f}")
+    print0(f"data: {len(dataset.reader):,} rows → {steps:,} steps/epoch ({dataset.repeated_rows()} row(s) repeated to "
+           f"fill the last step); {total:,} optimizer steps in total")
+    if report_targets(config):
+        print0(f"reporting to: {', '.join(report_targets(config))}")
+
+
+def training_arguments(config: LoraSftConfig, precision: str) -> Any:
+    """TrainingArguments for the packed path; checkpoint rotation and data skipping are ours."""
+    import torch
+    from transformers import TrainingArguments
+
+    micro, accum, _ = config.batch_plan(dist_env().world_size)
+    targets = report_targets(config)
+    return TrainingArguments(
+        output_dir=str(checkpoint.checkpoints_dir(config.ckpt_output_dir)),
+        per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+        per_device_eval_batch_size=config.per_device_eval_batch_size or micro,
+        num_train_epochs=config.num_epochs, max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, optim=config.optim,
+        adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not torch.cuda.is_available(),
+        logging_strategy="steps", logging_steps=config.logging_steps,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=None,
+        eval_strategy="steps" if config.eval_data_path else "no", eval_steps=config.eval_steps,
+        report_to=targets or "none", run_name=config.wandb_run_name or config.mlflow_run_name,
+        seed=config.seed, data_seed=config.seed, dataloader_num_workers=config.dataloader_num_workers,
+        dataloader_pin_memory=False, ignore_data_skip=True, remove_unused_columns=False,
+        ddp_find_unused_parameters=False, gradient_checkpointing=False, disable_tqdm=True,
+    )
+
+
+def finish(config: LoraSftConfig, backend: Backend, trainer: Any, tokenizer: Any, manifest: Any,
+           start: float) -> TrainResult:
+    """Rank 0 writes adapter, tokenizer, resolved config, loss plot and (optionally) the merged model."""
+    out = Path(config.ckpt_output_dir)
+    metrics_path = out / "metrics.jsonl"
+    adapter_dir = out if config.save_model else None
+    merged_dir = plot = None
+    if dist_env().is_main:
+        if config.save_model:
+            backend.save_adapter(trainer.model, out)
+            tokenizer.save_pretrained(out)
+        micro, accum, effective = config.batch_plan(dist_env().world_size)
+        checkpoint.write_json_atomic(out / CONFIG_NAME, {
+            **config.to_dict(), "resolved": {"backend": backend.name, "micro_batch_size": micro,
+                                             "gradient_accumulation_steps": accum, "effective_batch_size": effective,
+                                             "world_size": dist_env().world_size, "versions": _versions()}})
+        plot = plot_loss(metrics_path, out / "loss.png")
+        if config.save_merged:
+            source = adapter_dir or checkpoint.newest_complete(checkpoint.checkpoints_dir(out))
+            merged_dir = backend.merge(source, out / "merged", config)
+            print0(f"merged model written to {merged_dir}")
+    barrier()
+    losses = [r["loss"] for r in read_metrics(metrics_path) if "loss" in r] if metrics_path.exists() else []
+    return TrainResult(adapter_dir=adapter_dir, merged_dir=merged_dir, metrics_path=metrics_path, loss_plot=plot,
+                       backend=backend.name, steps=trainer.state.global_step,
+                       tokens_seen=int(trainer.state.num_input_tokens_seen), final_loss=losses[-1] if losses else None,
+                       wall_time_s=time.time() - start, peak_memory_bytes=peak_memory_bytes(), manifest=manifest)
+
+
+def _callbacks(callbacks: Any) -> list | None:
+    if callbacks is None:
+        return None
+    return list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "lora-data", "lora-runtime", "unsloth"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out

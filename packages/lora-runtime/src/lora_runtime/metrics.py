@@ -1,0 +1,94 @@
+"""`metrics.jsonl` (one JSON object per log: step, epoch, loss, lr, grad_norm, tokens/s, peak memory) + loss PNG.
+
+    {"step": 3, "epoch": 0.75, "loss": 6.91, "lr": 0.0002, "grad_norm": 1.8, "tokens_seen": 1536,
+     "tokens_per_s": 2210.5, "peak_memory_bytes": 812345344}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+_RENAME = {"learning_rate": "lr"}
+_DROP = {"total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
+
+
+def peak_memory_bytes() -> int:
+    """Peak CUDA memory allocated on this device, else the process's peak resident set size."""
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return int(torch.cuda.max_memory_allocated())
+    except ImportError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def metrics_row(logs: dict[str, Any], step: int) -> dict[str, Any]:
+    """Normalise one Trainer log dict: `learning_rate` → `lr`, floats only, run-summary noise dropped."""
+    row: dict[str, Any] = {"step": step}
+    for key, value in logs.items():
+        if key in _DROP or not isinstance(value, int | float):
+            continue
+        row[_RENAME.get(key, key)] = float(value) if isinstance(value, float) else value
+    return row
+
+
+class MetricsWriter:
+    """Append rows to `metrics.jsonl` (rank 0 only). On resume, rows past the resume step are cut first."""
+
+    def __init__(self, path: str | Path, *, resume_step: int | None = None, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("", encoding="utf-8")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss(metrics_path: str | Path, png_path: str | Path) -> Path | None:
+    """Training (and eval) loss against step, as a PNG (matplotlib Agg); None when there is no loss to plot."""
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return Path(png_path)
