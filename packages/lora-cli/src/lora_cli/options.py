@@ -193,10 +193,13 @@ def merge_values(ctx: click.Context, params: dict[str, Any], file_values: dict[s
 
 
 def passthrough_args(ctx: click.Context, params: dict[str, Any]) -> list[str]:
-    """The options the user typed, re-spelled for the command line (used to re-invoke `train` under torchrun)."""
+    """The options the user typed, re-spelled for the command line (used to re-invoke `train` under torchrun).
+
+    Only names present in `params` are passed on (so --dry-run and --debug never reach the workers).
+    """
     args: list[str] = []
     for p in ctx.command.params:
-        if not isinstance(p, click.Option) or p.name is None or not given_on_command_line(ctx, p.name):
+        if not isinstance(p, click.Option) or p.name not in params or not given_on_command_line(ctx, p.name):
             continue
         value = params[p.name]
         long = max((o for o in p.opts if o.startswith("--")), key=len)

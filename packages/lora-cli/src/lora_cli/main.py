@@ -1,0 +1,222 @@
+"""`lora-cli`: prepare, train (torchrun launched for you), merge, inspect, and an end-to-end demo.
+
+Exit codes: 0 success; 1 a user error (bad data, a bad option value, a bad config file: one line per problem naming
+the option or file:line, no traceback unless --debug); 2 a usage error (unknown option, missing argument); 130
+interrupted (after saving a checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, ClassVar
+
+import click
+from lora_data import DataError
+from lora_runtime.config import ConfigError, LoraSftConfig, field_names
+
+from lora_cli import launch
+from lora_cli.options import REQUIRED, ConfigFileError, config_options, load_config_file, merge_values, passthrough_args
+from lora_cli.stop import EXIT_INTERRUPTED, StopRequest
+
+log = logging.getLogger("lora_cli")
+
+
+class UserError(Exception):
+    """A problem the user can fix (a path, a combination of options); printed as one line, exit code 1."""
+
+
+USER_ERRORS = (UserError, ConfigFileError, DataError, ConfigError, launch.LaunchError, FileNotFoundError, NotADirectoryError,
+               FileExistsError)
+
+
+def _as_option(text: str) -> str:
+    """Spell config field names the way this command line does: "`lora_alpha` must be > 0" → "--lora-alpha must be > 0"."""
+    known = set(field_names())
+    return re.sub(r"`(\w+)`", lambda m: "--" + m[1].replace("_", "-") if m[1] in known else m[0], text)
+
+
+def error_lines(e: BaseException) -> list[str]:
+    if isinstance(e, ConfigError):
+        return [_as_option(i) for i in e.issues]
+    if isinstance(e, launch.LaunchError | UserError):
+        return [_as_option(str(e))]
+    return [" ".join(str(e).split()) or type(e).__name__]
+
+
+class LoraCli(click.Group):
+    """Maps user errors to one line on stderr and exit code 1 (tracebacks only with --debug).
+
+    `prepare` and `inspect` are lora-data's own click commands, loaded on first use (polars stays unimported for
+    `train` and `--help`).
+    """
+
+    LAZY: ClassVar[dict[str, tuple[str, str]]] = {"prepare": ("lora_data.cli", "prepare_command"), "inspect": ("lora_data.cli", "inspect")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY:
+            import importlib
+
+            module, attr = self.LAZY[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as e:
+            if ctx.meta.get("lora_cli.debug"):
+                traceback.print_exc()
+            for line in error_lines(e):
+                click.echo(f"error: {line}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta["lora_cli.debug"] = True
+    return value
+
+
+debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                            help="show tracebacks for user errors")
+
+
+@click.group(cls=LoraCli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@debug_option
+def main() -> None:
+    """LoRA / QLoRA supervised fine-tuning: prepare data, train (on 1..N GPUs or nodes), merge, inspect, demo."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@main.command(context_settings={"max_content_width": 120})
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML or TOML file of lora_sft options (snake_case keys); options on the command line win")
+@click.option("--shards", type=click.Path(file_okay=False, path_type=Path),
+              help="a prepared shard directory (from `lora-cli prepare`); the same as --data DIR")
+@click.option("--dry-run", is_flag=True,
+              help="check the options and config, print the resolved config and the torchrun command, then exit")
+@config_options
+@debug_option
+@click.pass_context
+def train(ctx: click.Context, config: Path | None, shards: Path | None, dry_run: bool, **params: Any) -> None:
+    """Train a LoRA adapter: `--model DIR --shards DIR|--data FILE.jsonl --output DIR [--gpus N] [options]`.
+
+    --gpus N > 1 (or --nnodes > 1) launches torchrun for you; inside torchrun the workers train in-process.
+    """
+    cfg = _build_config(ctx, config, shards, params)
+    plan = launch.LaunchPlan(cfg.nproc_per_node or 1, cfg.nnodes or 1, cfg.node_rank, cfg.rdzv_id, cfg.rdzv_endpoint,
+                             cfg.master_addr, cfg.master_port)
+    if dry_run:
+        _print_plan(ctx, cfg, plan, {"config": config, "shards": shards, **params})
+        return
+    if launch.needs_launch(plan):
+        cfg.validate(world_size=plan.world_size)  # fail here, once, not in N workers
+        device = launch.check_devices(plan.nproc_per_node, cfg.backend)
+        args = passthrough_args(ctx, {"config": config, "shards": shards, **params})
+        ctx.exit(launch.run_torchrun(plan, args, device))
+    ctx.exit(_train_in_process(cfg))
+
+
+def _print_plan(ctx: click.Context, cfg: LoraSftConfig, plan: launch.LaunchPlan, params: dict) -> None:
+    """--dry-run: everything `train` would decide before touching a GPU or the data."""
+    import json
+
+    cfg.validate(world_size=plan.world_size)
+    micro, accum, effective = cfg.batch_plan(plan.world_size)
+    click.echo(json.dumps(cfg.to_dict(), indent=1, default=str))
+    click.echo(f"batch: micro {micro} x {plan.world_size} process(es) x accumulation {accum} = effective {effective}")
+    if launch.needs_launch(plan):
+        click.echo("would run: " + " ".join(launch.torchrun_command(plan, passthrough_args(ctx, params))))
+    else:
+        click.echo("would train in this process")
+
+
+def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, params: dict) -> LoraSftConfig:
+    if config is not None and not config.is_file():
+        raise UserError(f"--config {config}: no such file")
+    file_values = load_config_file(config) if config else {}
+    kw = merge_values(ctx, params, file_values)
+    if shards is not None:
+        if params.get("data_path") is not None:
+            raise click.UsageError("--shards and --data are two spellings of the training data: pass one")
+        if not (shards / "manifest.json").is_file():
+            raise UserError(f"--shards {shards}: no manifest.json there; prepare it first with "
+                            "`lora-cli prepare DATA.jsonl OUT_DIR --tokenizer MODEL_DIR --max-seq-len N`")
+        kw["data_path"] = str(shards)
+    missing = [n for n in REQUIRED if not kw.get(n)]
+    if missing:
+        names = {"model_path": "--model", "data_path": "--data or --shards", "ckpt_output_dir": "--output"}
+        raise click.UsageError("missing " + ", ".join(names[n] for n in missing) + " (or set it in --config)")
+    return LoraSftConfig.from_dict(kw)
+
+
+def _train_in_process(cfg: LoraSftConfig) -> int:
+    import os
+
+    import lora_runtime
+
+    if os.environ.get("LORA_CLI_CPU_WORKERS") and os.environ.get("RANK") == "0":
+        log.info("lora-cli: %s CPU worker processes with gloo (no GPU visible)", os.environ.get("WORLD_SIZE"))
+    with StopRequest() as stop:
+        callbacks = [*(cfg.callbacks or []), stop.callback()]
+        result = lora_runtime.lora_sft(**{**cfg.to_dict(), "callbacks": callbacks})
+    if os.environ.get("RANK", "0") == "0":
+        _print_result(result)
+    if stop.requested:
+        click.echo(f"stopped by {stop.signal_name} after step {result.steps}; a checkpoint is saved in "
+                   f"{cfg.ckpt_output_dir}: run the same command again to resume", err=True)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _print_result(result: Any) -> None:
+    click.echo(f"adapter:  {result.adapter_dir}")
+    if getattr(result, "merged_dir", None):
+        click.echo(f"merged:   {result.merged_dir}")
+    click.echo(f"metrics:  {result.metrics_path}")
+    loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+    click.echo(f"backend:  {result.backend}, {result.steps} steps, final loss {loss}")
+
+
+@main.command(context_settings={"max_content_width": 120})
+@click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", "model_path", required=True, help="the base model the adapter was trained on")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="where to write the merged model (safetensors + tokenizer)")
+@debug_option
+def merge(adapter_dir: Path, model_path: str, out_dir: Path) -> None:
+    """Merge ADAPTER_DIR (e.g. RUN_DIR/adapter) into the base model and save a full model to --out."""
+    import lora_runtime
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir}: no adapter_config.json there; pass the adapter directory of a run "
+                        "(the `adapter:` line that `lora-cli train` printed)")
+    out = lora_runtime.merge_adapter(adapter_dir, model_path, out_dir)
+    click.echo(f"merged model: {out}")
+
+
+@main.command(context_settings={"max_content_width": 120})
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
+              show_default=True, help="run directory (recreated on every demo run)")
+@click.option("--max-steps", type=int, default=None,
+              help="cut training short (default: the demo config's schedule; env LORA_CLI_DEMO_STEPS also works)")
+@debug_option
+def demo(out_dir: Path, max_steps: int | None) -> None:
+    """Train a tiny model on a shipped dataset on the CPU in about a minute, end to end, and show what it learned."""
+    from lora_cli.demo_run import run_demo
+
+    run_demo(out_dir, max_steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""`lora-cli` through click's runner: exit codes, one-line errors, --config merging, --dry-run, the torchrun guard."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import lora_runtime
+import pytest
+from click.testing import CliRunner
+from lora_cli import launch
+from lora_cli.main import main
+
+BASE = ["train", "--model", "m", "--data", "d.jsonl", "--output", "out"]
+
+
+def run(args, **kw):
+    return CliRunner().invoke(main, args, catch_exceptions=False, **kw)
+
+
+@pytest.fixture
+def fake_sft(monkeypatch, tmp_path):
+    """Replace lora_sft with a recorder (the CLI's plumbing is under test here, not training)."""
+    calls = []
+
+    def lora_sft(**kw):
+        calls.append(kw)
+        return SimpleNamespace(adapter_dir=kw["ckpt_output_dir"], merged_dir=None, metrics_path="m.jsonl",
+                               backend="peft", steps=3, final_loss=1.25)
+
+    monkeypatch.setattr(lora_runtime, "lora_sft", lora_sft)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return calls
+
+
+def test_help_lists_every_command():
+    res = run(["--help"])
+    assert res.exit_code == 0
+    for name in ("prepare", "inspect", "train", "merge", "demo"):
+        assert name in res.output
+
+
+def test_train_passes_options_to_lora_sft(fake_sft):
+    res = run([*BASE, "--lora-r", "8", "--no-bf16", "--target-modules", "q_proj,v_proj"])
+    assert res.exit_code == 0, res.output
+    (kw,) = fake_sft
+    assert (kw["model_path"], kw["data_path"], kw["ckpt_output_dir"]) == ("m", "d.jsonl", "out")
+    assert (kw["lora_r"], kw["bf16"], kw["target_modules"]) == (8, False, ["q_proj", "v_proj"])
+    assert kw["lora_alpha"] == 32 and len(kw["callbacks"]) == 1  # defaults, plus the save-on-signal callback
+    assert "backend:  peft, 3 steps, final loss 1.2500" in res.output
+
+
+def test_config_file_with_command_line_override(fake_sft, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model_path: from-file\nlora_r: 8\nlora_alpha: 16\nlearning_rate: 1.0e-4\n")
+    res = run(["train", "--config", str(cfg), "--data", "d.jsonl", "--output", "o", "--lora-r", "4"])
+    assert res.exit_code == 0, res.output
+    (kw,) = fake_sft
+    assert (kw["model_path"], kw["lora_r"], kw["lora_alpha"], kw["learning_rate"]) == ("from-file", 4, 16, 1e-4)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--data", "d", "--output", "o"], "missing --model"),
+    ([*BASE, "--bogus"], "No such option '--bogus'"),
+    ([*BASE, "--lora-r", "x"], "'x' is not a valid integer"),
+    ([*BASE, "--shards", "s"], "--shards and --data are two spellings"),
+    (["merge", "adapter"], "Missing option '--model'"),
+])
+def test_usage_errors_exit_2(args, message):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+
+
+def test_bad_values_exit_1_with_one_line_each_and_no_traceback():
+    res = CliRunner().invoke(main, [*BASE, "--lora-alpha", "0", "--lora-dropout", "1.5", "--dry-run"])
+    assert res.exit_code == 1
+    assert res.output.splitlines() == ["error: --lora-alpha must be > 0, got 0.0",
+                                       "error: --lora-dropout must be in [0, 1), got 1.5"]
+
+
+def test_debug_shows_the_traceback():
+    res = CliRunner().invoke(main, ["--debug", *BASE, "--lora-alpha", "0", "--dry-run"])
+    assert res.exit_code == 1
+    assert "Traceback (most recent call last)" in res.output and "ConfigError" in res.output
+
+
+def test_config_file_errors_name_file_and_line_or_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora_r: 8\nlora_alpha: [16\n")
+    res = CliRunner().invoke(main, [*BASE, "--config", str(bad)])
+    assert res.exit_code == 1 and f"error: {bad}: cannot parse" in res.output and "line 3" in res.output
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("lora_rank: 8\n")
+    res = CliRunner().invoke(main, [*BASE, "--config", str(unknown)])
+    assert res.exit_code == 1 and res.output == "error: unknown parameter `lora_rank`; did you mean --lora-r?\n"
+    res = CliRunner().invoke(main, [*BASE, "--config", str(tmp_path / "nope.yaml")])
+    assert res.exit_code == 1 and "nope.yaml: no such file" in res.output
+
+
+def test_shards_dir_without_manifest_is_a_user_error(tmp_path):
+    res = CliRunner().invoke(main, ["train", "--model", "m", "--shards", str(tmp_path), "--output", "o"])
+    assert res.exit_code == 1
+    assert f"--shards {tmp_path}: no manifest.json there" in res.output
+
+
+def test_too_many_gpus_on_a_cpu_machine(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    real = launch.check_devices
+    monkeypatch.setattr(launch, "check_devices", lambda n, backend: real(n, backend, visible=0))
+    res = CliRunner().invoke(main, [*BASE, "--gpus", "4"])
+    assert res.exit_code == 1
+    assert "--gpus 4 asks for 4 GPUs but 0 GPU(s) are visible" in res.output and "--backend peft" in res.output
+
+
+def test_dry_run_prints_the_multi_node_torchrun_command():
+    res = run([*BASE, "--gpus", "8", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29400",
+               "--effective-batch-size", "256", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "batch: micro 2 x 16 process(es) x accumulation 8 = effective 256" in res.output
+    cmd = res.output.split("would run: ", 1)[1].split()
+    assert cmd[1:17] == ["-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1",
+                         "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "lora-cli", "-m",
+                         "lora_cli"]
+    assert "--dry-run" not in cmd and cmd[cmd.index("--nproc-per-node", 5) + 1] == "8"
+    config = json.loads(res.output.split("batch:")[0])
+    assert config["nnodes"] == 2 and config["effective_batch_size"] == 256
+
+
+def test_under_torchrun_trains_in_process_instead_of_launching_again(fake_sft, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(launch, "run_torchrun", lambda *a: pytest.fail("launched a second torchrun"))
+    res = run([*BASE, "--gpus", "2", "--backend", "peft"])
+    assert res.exit_code == 0, res.output
+    assert len(fake_sft) == 1 and fake_sft[0]["nproc_per_node"] == 2
+    assert "adapter:" not in res.output  # only rank 0 reports
+
+
+def test_launch_path_hands_the_typed_options_to_torchrun(fake_sft, monkeypatch):
+    seen = {}
+
+    def fake_run(plan, args, device):
+        seen.update(plan=plan, args=args, device=device)
+        return 0
+
+    monkeypatch.setattr(launch, "run_torchrun", fake_run)
+    monkeypatch.setattr(launch, "check_devices", lambda n, backend: "cpu")
+    res = run([*BASE, "--gpus", "2", "--backend", "peft", "--lora-r", "4"])
+    assert res.exit_code == 0, res.output
+    assert not fake_sft
+    assert seen["plan"] == launch.LaunchPlan(2)
+    assert seen["args"] == ["--model-path", "m", "--data-path", "d.jsonl", "--ckpt-output-dir", "out", "--backend",
+                            "peft", "--lora-r", "4", "--nproc-per-node", "2"]
+
+
+def test_merge_refuses_a_dir_without_adapter(tmp_path):
+    res = CliRunner().invoke(main, ["merge", str(tmp_path), "--model", "m", "--out", str(tmp_path / "merged")])
+    assert res.exit_code == 1 and "no adapter_config.json there" in res.output
+
+
+def test_demo_refuses_to_delete_a_foreign_directory(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "was not made by `lora-cli demo`" in res.output
+    assert (tmp_path / "precious.txt").exists()
