@@ -1,0 +1,236 @@
+"""Shared pieces of the GPU peer harness: environment, model shapes, data, packing, step timing and result files.
+
+Every figure a run writes is one JSON file under the results folder with the card, the package versions, the command,
+the warm-up time (compile included) apart from the steady-state tokens/s, and the peak memory.
+Nothing here imports torch at module import, so `make_data` and the CPU side can use it cheaply.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+}
+for _k, _v in OFFLINE_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Random-weight shapes (shared/gpu/README.md). Non-embedding params + tied embedding give ~1.54 G for Qwen2.5-1.5B.
+SHAPES = {
+    "qwen1.5b": dict(
+        arch="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
+        max_position_embeddings=32768, rms_norm_eps=1e-6,
+    ),
+    "tiny": dict(  # CPU smoke tests of the harness only
+        arch="qwen2", vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
+        max_position_embeddings=4096, rms_norm_eps=1e-6,
+    ),
+    "llama8b": dict(
+        arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False, rope_theta=5e5,
+        max_position_embeddings=131072, rms_norm_eps=1e-5,
+    ),
+}
+
+
+def flops_per_token(shape: str, gradient_checkpointing: bool = True) -> float:
+    """LoRA training FLOPs a token, matmuls only: forward 2N, input-gradient backward 2N (frozen base: no weight
+    gradients), recomputation 2N more with checkpointing (the lm_head is not recomputed; ignored here)."""
+    s = SHAPES[shape]
+    h, i, n_l = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    head = h // s["num_attention_heads"]
+    attn = h * h * 2 + 2 * h * head * s["num_key_value_heads"]
+    n = n_l * (attn + 3 * h * i) + h * s["vocab_size"]
+    return (6 if gradient_checkpointing else 4) * n
+
+
+def build_model(shape: str, out_dir: str | Path, tokenizer_dir: str | Path) -> Path:
+    """Random bf16 weights from a config, built on the GPU, saved with the tokenizer: users' `from_pretrained` path."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    spec = dict(SHAPES[shape])
+    arch = spec.pop("arch")
+    theta = spec.pop("rope_theta")
+    spec["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    spec.update(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    cfg = (Qwen2Config if arch == "qwen2" else LlamaConfig)(**spec)
+    cfg.dtype = torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    del model
+    return out
+
+
+def read_records(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def render_texts(tokenizer, records: list[dict]) -> list[str]:
+    """The text training-hub feeds TRL: the chat template rendered, loss on everything (its `chat_template` path)."""
+    return [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
+
+
+def tokenize(tokenizer, records: list[dict]) -> list[list[int]]:
+    return tokenizer(render_texts(tokenizer, records), add_special_tokens=False)["input_ids"]
+
+
+def pack_rows(samples: list[list[int]], seq_len: int, pad_id: int):
+    """Best-fit-decreasing packing into rows of `seq_len`; returns (ids [R, seq_len] int64, per-row sample lengths).
+
+    >>> ids, lens = pack_rows([[1, 2, 3], [4, 5, 6, 7], [8]], 4, 0)
+    >>> ids.tolist(), lens
+    ([[4, 5, 6, 7], [1, 2, 3, 8]], [[4], [3, 1]])
+    """
+    import numpy as np
+
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(samples[i])
+        if n > seq_len:
+            raise ValueError(f"sample {i} has {n} tokens > seq_len {seq_len}")
+        best = min((f, r) for r, f in enumerate(free) if f >= n) if any(f >= n for f in free) else None
+        if best is None:
+            rows.append([i])
+            free.append(seq_len - n)
+        else:
+            rows[best[1]].append(i)
+            free[best[1]] -= n
+    ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
+    lens = []
+    for r, members in enumerate(rows):
+        flat = [t for i in members for t in samples[i]]
+        ids[r, : len(flat)] = flat
+        lens.append([len(samples[i]) for i in members])
+    return ids, lens
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@dataclass
+class StepMeter:
+    """Wall time per optimizer step (device synchronised), real tokens per step; the first `warmup` steps
+    (compilation, autotuning, allocator growth) are reported apart from the steady state."""
+
+    warmup: int
+    marks: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    t_start: float = 0.0
+
+    def start(self) -> None:
+        sync()
+        self.t_start = time.perf_counter()
+
+    def step(self, n_tokens: int, loss: float | None = None) -> None:
+        sync()
+        self.marks.append(time.perf_counter())
+        self.tokens.append(int(n_tokens))
+        if loss is not None:
+            self.losses.append(float(loss))
+
+    def summary(self) -> dict:
+        w = self.warmup
+        if len(self.marks) <= w + 1:
+            return {"error": f"only {len(self.marks)} steps, need > {w + 1}"}
+        steady_s = self.marks[-1] - self.marks[w]
+        steady_tok = sum(self.tokens[w + 1 :])
+        step_s = [b - a for a, b in zip(self.marks[w:], self.marks[w + 1 :], strict=False)]
+        return {
+            "tokens_per_s": steady_tok / steady_s,
+            "steady_steps": len(self.marks) - w - 1,
+            "step_s_median": sorted(step_s)[len(step_s) // 2],
+            "tokens_per_step": steady_tok / (len(self.marks) - w - 1),
+            "first_step_s": self.marks[0] - self.t_start,
+            "warmup_s": self.marks[w] - self.t_start,
+            "loss_first": self.losses[0] if self.losses else None,
+            "loss_last": self.losses[-1] if self.losses else None,
+        }
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes",
+                "training-hub", "triton"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def card() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+
+
+def memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    g = 1024**3
+    return {
+        "peak_alloc_gib": torch.cuda.max_memory_allocated() / g,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / g,
+    }
+
+
+def write_result(out_dir: str | Path, name: str, payload: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "name": name,
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "card": card(),
+        "command": " ".join(sys.argv),
+        "versions": versions(),
+        **payload,
+    }
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1, default=str))
+    print(f"RESULT {name}: " + json.dumps({k: payload.get(k) for k in ("tokens_per_s", "peak_alloc_gib", "warmup_s",
+                                                                     "error")}, default=str), flush=True)
+    return path
+
+
+def asdict_safe(obj) -> dict:
+    return asdict(obj)

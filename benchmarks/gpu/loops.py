@@ -1,0 +1,213 @@
+"""Hand-written Unsloth training loops: the "Unsloth, hand loop" peer and our fast-path candidates, one model load,
+variants run one after another in one process (the peer first, so compilation lands in its warm-up):
+
+    python -m benchmarks.gpu.loops MODEL RECORDS OUT [--4bit] [--variants rows8_gc,packed8_gc,...]
+
+Variant names: <layout><micro><gc>[_varlen]
+  rows8     8 packed rows of 2048 as a [8, 2048] batch, plain causal attention over each row (what a naive hand loop
+            does: samples in a row see each other), pads masked out of the loss only.  = the peer
+  packed8   the same 8 rows flattened to [1, 16384] with `packed_seq_lengths` + position ids reset per sample:
+            padding-free varlen attention, no cross-sample attention (pad tails are their own segments).
+  packed16  16 rows a step ([1, 32768]).
+  gc / nogc gradient checkpointing ("unsloth" offloaded) on / off (switched with FastLanguageModel.for_training).
+  _varlen   torch 2.11's varlen_attn lacks enable_gqa, so Unsloth runs SDPA once per run of equal-length samples;
+            this routes packed attention to aten's flash varlen kernel (GQA native) instead.
+Loss: Unsloth's own fused chunked cross-entropy (labels passed, logits never materialised). AdamW fused, lr 2e-4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc as _gc
+import time
+import traceback
+
+from benchmarks.gpu import common
+
+SEQ_LEN = 2048
+DEV = "cuda"  # "cpu" only for a smoke test of the harness on a machine without a GPU
+DEFAULT_VARIANTS = "rows8_gc,packed8_gc,packed8_gc_varlen,packed8_nogc_varlen,packed16_nogc_varlen"
+
+
+def patch_flash_varlen() -> str:
+    """Give Unsloth a GQA-capable varlen kernel on torch builds whose varlen_attn lacks `enable_gqa` (2.11).
+
+    Returns what was done, for the log. Unsloth reads these module globals at call time.
+    """
+    import importlib
+    import sys
+
+    import torch
+
+    ad = sys.modules.get("unsloth.utils.attention_dispatch") or importlib.import_module(
+        "unsloth.utils.attention_dispatch")
+
+    if ad._TORCH_VARLEN_ATTN is not None and ad._LEAN_VARLEN:
+        return "unsloth already uses torch varlen flash"
+    if not hasattr(torch.ops.aten, "_flash_attention_forward"):
+        return "no aten flash kernel: left per-segment SDPA"
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        window_size = tuple(window_size)
+        return ad._LeanFlashVarlen.apply(q, k, v, cu_q, max_q, window_size == (-1, 0), scale, window_size[0],
+                                         window_size[1])
+
+    ad._TORCH_VARLEN_ATTN = varlen
+    ad._LEAN_VARLEN = True
+    ad._varlen_can_use_cudnn = lambda *a, **k: False
+    return "patched: packed attention -> aten._flash_attention_forward varlen (GQA native)"
+
+
+def load(model_dir: str, four_bit: bool):
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(
+        model_name=model_dir, max_seq_length=SEQ_LEN, dtype=torch.bfloat16, load_in_4bit=four_bit,
+        use_gradient_checkpointing="unsloth",
+    )
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=common.LORA_TARGETS, bias="none",
+        use_gradient_checkpointing="unsloth", random_state=3407,
+    )
+    return model, tok
+
+
+def make_batches(ids, lens, micro: int, layout: str, pad_id: int):
+    """Yield (kwargs for model(...), real token count) forever, cycling over the packed rows."""
+    import torch
+
+    n_rows = ids.shape[0]
+    i = 0
+    while True:
+        pick = [(i + j) % n_rows for j in range(micro)]
+        i += micro
+        rows = torch.from_numpy(ids[pick])
+        labels = rows.clone()
+        labels[rows == pad_id] = -100
+        real = sum(sum(lens[r]) for r in pick)
+        if layout == "rows":
+            yield {"input_ids": rows.to(DEV, non_blocking=True), "labels": labels.to(DEV, non_blocking=True)}, real
+            continue
+        seg: list[int] = []
+        for r in pick:
+            seg += lens[r]
+            tail = SEQ_LEN - sum(lens[r])
+            if tail:
+                seg.append(tail)
+        pos = torch.cat([torch.arange(n) for n in seg]).unsqueeze(0)
+        yield {
+            "input_ids": rows.reshape(1, -1).to(DEV, non_blocking=True),
+            "labels": labels.reshape(1, -1).to(DEV, non_blocking=True),
+            "position_ids": pos.to(DEV, non_blocking=True),
+            "packed_seq_lengths": torch.tensor(seg, dtype=torch.int32),
+        }, real
+
+
+def check_packed_isolation(model) -> dict:
+    """Final hidden states of sample b packed after sample a vs b alone (relative L2 gap), next to the same gap
+    when a and b share one plain causal row (contaminated): the packed gap must be far smaller (bf16 noise)."""
+    import os
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(10, 900, (1, 300), generator=g).to(DEV)
+    b = torch.randint(10, 900, (1, 500), generator=g).to(DEV)
+    ids = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(300), torch.arange(500)]).unsqueeze(0).to(DEV)
+    model.eval()
+    os.environ["UNSLOTH_RETURN_HIDDEN_STATES"] = "1"
+    try:
+        with torch.no_grad():
+            hb = model(input_ids=b, use_cache=False).logits.float()
+            hp = model(input_ids=ids, position_ids=pos, use_cache=False,
+                       packed_seq_lengths=torch.tensor([300, 500], dtype=torch.int32)).logits[:, 300:].float()
+            hc = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos,
+                       use_cache=False).logits[:, 300:].float()
+    finally:
+        os.environ.pop("UNSLOTH_RETURN_HIDDEN_STATES", None)
+        model.train()
+    gap = float((hp - hb).norm() / hb.norm())
+    contaminated = float((hc - hb).norm() / hb.norm())
+    return {"packed_gap": gap, "contaminated_gap": contaminated, "isolated": gap < 0.1 * contaminated}
+
+
+def run_variant(model, opt, data, name: str, steps: int, warmup: int) -> dict:
+    import torch
+    from unsloth import FastLanguageModel
+
+    layout = "rows" if name.startswith("rows") else "packed"
+    micro = int("".join(c for c in name.split("_")[0] if c.isdigit()))
+    use_gc = "_gc" in name
+    FastLanguageModel.for_training(model, use_gradient_checkpointing="unsloth" if use_gc else False)
+    ids, lens, pad_id = data
+    batches = make_batches(ids, lens, micro, layout, pad_id)
+    _gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    meter = common.StepMeter(warmup=warmup)
+    meter.start()
+    for _ in range(steps):
+        kw, real = next(batches)
+        loss = model(**kw).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        meter.step(real, loss.detach())
+    out = {"variant": name, "layout": layout, "micro_batch": micro, "gradient_checkpointing": use_gc}
+    out.update(meter.summary())
+    out.update(common.memory())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir")
+    ap.add_argument("records")
+    ap.add_argument("out")
+    ap.add_argument("--4bit", dest="four_bit", action="store_true")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--shape", default="qwen1.5b")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining variants past this wall time")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    import torch
+
+    global DEV
+    DEV = "cuda" if torch.cuda.is_available() else "cpu"
+    tag = "q4" if a.four_bit else "bf16"
+    model, tok = load(a.model_dir, a.four_bit)
+    load_s = time.perf_counter() - t0
+    samples = common.tokenize(tok, common.read_records(a.records))
+    ids, lens = common.pack_rows(samples, SEQ_LEN, tok.pad_token_id)
+    print(f"loaded in {load_s:.1f}s; {len(samples)} samples -> {ids.shape[0]} rows, packing efficiency "
+          f"{sum(map(sum, lens)) / ids.size:.3f}", flush=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
+    for name in a.variants.split(","):
+        if time.perf_counter() - t0 > a.budget_s:
+            common.write_result(a.out, f"loop_{tag}_{name}", {"variant": name, "error": "skipped: out of budget"})
+            continue
+        payload = {"shape": a.shape, "precision": tag, "load_s": load_s}
+        try:
+            if name.endswith("_varlen"):
+                payload["varlen_patch"] = patch_flash_varlen()
+            if name.startswith("packed"):
+                payload["isolation"] = check_packed_isolation(model)
+            payload.update(run_variant(model, opt, (ids, lens, tok.pad_token_id), name, a.steps, a.warmup))
+            gc_on = payload["gradient_checkpointing"]
+            payload["mfu_matmul"] = payload["tokens_per_s"] * common.flops_per_token(a.shape, gc_on) / 790e12
+            payload["mfu_6N"] = payload["tokens_per_s"] * common.flops_per_token(a.shape, True) / 790e12
+        except Exception as e:
+            traceback.print_exc()
+            payload["error"] = f"{type(e).__name__}: {e}"[:2000]
+            payload.update(common.memory())
+        common.write_result(a.out, f"loop_{tag}_{name}", payload)
+
+
+if __name__ == "__main__":
+    main()
