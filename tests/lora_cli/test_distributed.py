@@ -1,0 +1,105 @@
+"""The torchrun launch path for real, on the CPU: `--gpus 2 --backend peft` (2 gloo processes) and `--nnodes 2` as two
+local "nodes" meeting at a localhost c10d rendezvous. Checks the rank split (one epoch over 2 ranks reads every row
+once: tokens seen == the manifest's tokens) and rank-0-only saving (one set of outputs, one metrics row per step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import _tiny
+import pytest
+
+pytestmark = pytest.mark.slow
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def even_shards(tmp_path_factory, tiny_llama_dir) -> Path:
+    """Shards with an even row count, so 2 ranks split an epoch exactly (no wrapped-around rows)."""
+    import lora_data
+
+    root = tmp_path_factory.mktemp("dist_data")
+    for n in range(24, 60, 3):
+        data = _tiny.write_jsonl(root / f"chat{n}.jsonl", _tiny.chat_records(n, seed=3))
+        out = root / f"shards{n}"
+        lora_data.prepare(data, out, tiny_llama_dir, max_seq_len=256)
+        if len(lora_data.ShardReader(out)) % 2 == 0 and len(lora_data.ShardReader(out)) >= 4:
+            return out
+    raise AssertionError("no record count gave an even number of rows")
+
+
+def _train_args(model: Path, shards: Path, out: Path) -> list[str]:
+    return ["--model", str(model), "--shards", str(shards), "--output", str(out), "--backend", "peft",
+            "--micro-batch-size", "1", "--num-epochs", "1", "--save-steps", "2", "--no-bf16", "--seed", "0",
+            "--learning-rate", "1e-3"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    return env | {"CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_outputs(out: Path, shards: Path, log: str) -> list[dict]:
+    import lora_data
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    rows = len(lora_data.ShardReader(shards))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in metrics if "loss" in m]
+    assert steps == list(range(1, rows // 2 + 1)), f"one row per step, rank 0 only: {steps}\n{log[-3000:]}"
+    reader = lora_data.ShardReader(shards)
+    total_tokens = sum(int(reader[i].seq_lens.sum()) for i in range(len(reader)))
+    seen = max(m.get("tokens_seen", 0) for m in metrics)
+    assert seen == total_tokens, f"2 ranks x 1 epoch should read every row once: {seen} vs {total_tokens}"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts and all(c.startswith("checkpoint-") for c in ckpts), ckpts  # no staging dirs left behind
+    assert manifest  # the shard set the run read
+    return metrics
+
+
+def test_gpus_2_launches_two_gloo_processes(tiny_llama_dir, even_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "lora_cli", "train", *_train_args(tiny_llama_dir, even_shards, out),
+                           "--gpus", "2"], env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert "running 2 CPU processes with the gloo backend" in log
+    assert "--nproc-per-node 2 --nnodes 1 --standalone -m lora_cli train" in log
+    assert "passing NCCL_NVLS_ENABLE=0 to the workers" in log
+    assert log.count("adapter:  ") == 1  # rank 0 reports, rank 1 stays quiet
+    _check_outputs(out, even_shards, log)
+
+
+def test_nnodes_2_as_two_local_nodes(tiny_llama_dir, even_shards, tmp_path):
+    out = tmp_path / "run"
+    endpoint = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-m", "lora_cli", "train", *_train_args(tiny_llama_dir, even_shards, out),
+                               "--gpus", "1", "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", endpoint,
+                               "--rdzv-id", "test-two-nodes"], env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    log = "\n".join(logs)
+    assert [p.returncode for p in procs] == [0, 0], log[-6000:]
+    assert f"--nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint {endpoint}" in logs[0]
+    assert log.count("adapter:  ") == 1
+    _check_outputs(out, even_shards, log)
