@@ -1,0 +1,57 @@
+"""Ctrl-C during `lora-cli train`: the step finishes, a checkpoint is saved, exit 130; the same command resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import _tiny
+import lora_runtime
+import pytest
+from click.testing import CliRunner
+from lora_cli.main import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def shards(tmp_path, tiny_llama_dir):
+    import lora_data
+
+    data = _tiny.write_jsonl(tmp_path / "chat.jsonl", _tiny.chat_records(40, seed=5))
+    lora_data.prepare(data, tmp_path / "shards", tiny_llama_dir, max_seq_len=128)
+    return tmp_path / "shards"
+
+
+def test_sigint_saves_a_checkpoint_and_the_same_command_resumes(tiny_llama_dir, shards, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    real = lora_runtime.lora_sft
+
+    class SigintAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # what a Ctrl-C on the terminal delivers
+
+    def with_sigint(**kw):
+        return real(**{**kw, "callbacks": [SigintAtStep3(), *kw["callbacks"]]})
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(lora_runtime, "lora_sft", with_sigint)
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_llama_dir), "--shards", str(shards), "--output", str(out), "--backend",
+            "peft", "--no-bf16", "--micro-batch-size", "1", "--max-steps", "6", "--save-steps", "100"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 130, res.output
+    assert f"stopped by SIGINT after step 3; a checkpoint is saved in {out}" in res.output
+    assert (out / "checkpoints" / "checkpoint-3" / "COMPLETE").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+
+    monkeypatch.setattr(lora_runtime, "lora_sft", real)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "6 steps" in res.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # resumed at 4, nothing doubled
