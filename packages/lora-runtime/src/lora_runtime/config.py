@@ -96,7 +96,7 @@ class LoraSftConfig:
     train_on_inputs: bool = _f(False, "also train on prompts/system turns (training-hub behaviour); default: answers only")
     overlong: str = _f("drop", "sample longer than max_seq_len: drop (logged to rejects.jsonl), split, or error",
                        ["drop", "split", "error"])
-    data_output_dir: str | None = _f(None, "cache dir for prepared shards; default <ckpt_output_dir>/../.lora_data_cache")
+    data_output_dir: str | None = _f(None, "cache dir for prepared shards (default $LORA_DATA_CACHE or ~/.cache/lora-sft/data)")
     dataloader_num_workers: int = _f(0, "dataloader worker processes per rank")
     # --- precision, memory, model loading ---
     bf16: bool = _f(True, "bfloat16 autocast (falls back to fp32, logged, where unsupported)")

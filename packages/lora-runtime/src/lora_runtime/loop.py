@@ -12,15 +12,16 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_runtime import checkpoint
-from lora_runtime.backends.base import Backend
 from lora_runtime.config import LoraSftConfig
-from lora_runtime.dataset import PackedShardDataset
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
-from lora_runtime.metrics import MetricsWriter, peak_memory_bytes, plot_loss, read_metrics
-from lora_runtime.trainer import PackedTrainer, report_targets
+from lora_runtime.metrics import MetricsWriter, peak_memory_bytes, plot_loss, read_metrics, report_targets
+
+if TYPE_CHECKING:  # torch-heavy; imported where used so `import lora_runtime.api` stays light
+    from lora_runtime.backends.base import Backend
+    from lora_runtime.dataset import PackedShardDataset
 
 CONFIG_NAME = "lora_sft_config.json"
 
@@ -46,6 +47,8 @@ def train(config: LoraSftConfig, backend: Backend, dataset: PackedShardDataset,
           eval_dataset: PackedShardDataset | None = None, *, manifest: Any = None,
           backend_reason: str = "") -> TrainResult:
     """Load → LoRA → log the plan → Trainer.train (resuming when a complete checkpoint exists) → save outputs."""
+    from lora_runtime.trainer import PackedTrainer
+
     start = time.time()
     env = init_process_group()
     resume_from = checkpoint.resume_point(config.ckpt_output_dir, resume=config.resume)

@@ -10,7 +10,10 @@ import json
 import os
 import resource
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lora_runtime.config import LoraSftConfig
 
 _RENAME = {"learning_rate": "lr"}
 _DROP = {"total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
@@ -92,3 +95,25 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     fig.savefig(png_path)
     plt.close(fig)
     return Path(png_path)
+
+
+def report_targets(config: LoraSftConfig) -> list[str]:
+    """Integrations to report to, from the config or the usual env vars; exports their settings to the env."""
+    targets = []
+    env = os.environ
+    if config.wandb_project or env.get("WANDB_PROJECT"):
+        targets.append("wandb")
+        for key, value in (("WANDB_PROJECT", config.wandb_project), ("WANDB_ENTITY", config.wandb_entity)):
+            if value:
+                env[key] = value
+    if config.tensorboard_log_dir:
+        targets.append("tensorboard")
+        env["TENSORBOARD_LOGGING_DIR"] = config.tensorboard_log_dir
+    if config.mlflow_tracking_uri or config.mlflow_experiment_name or env.get("MLFLOW_TRACKING_URI"):
+        targets.append("mlflow")
+        for key, value in (("MLFLOW_TRACKING_URI", config.mlflow_tracking_uri),
+                           ("MLFLOW_EXPERIMENT_NAME", config.mlflow_experiment_name),
+                           ("MLFLOW_RUN_NAME", config.mlflow_run_name)):
+            if value:
+                env[key] = value
+    return targets

@@ -11,7 +11,6 @@ Overrides, each small:
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,28 +23,6 @@ from lora_runtime.config import LoraSftConfig
 from lora_runtime.dataset import EpochDataLoader
 from lora_runtime.distributed import all_reduce_sum, barrier
 from lora_runtime.metrics import MetricsWriter, metrics_row, peak_memory_bytes
-
-
-def report_targets(config: LoraSftConfig) -> list[str]:
-    """Integrations to report to, from the config or the usual env vars; exports their settings to the env."""
-    targets = []
-    env = os.environ
-    if config.wandb_project or env.get("WANDB_PROJECT"):
-        targets.append("wandb")
-        for key, value in (("WANDB_PROJECT", config.wandb_project), ("WANDB_ENTITY", config.wandb_entity)):
-            if value:
-                env[key] = value
-    if config.tensorboard_log_dir:
-        targets.append("tensorboard")
-        env["TENSORBOARD_LOGGING_DIR"] = config.tensorboard_log_dir
-    if config.mlflow_tracking_uri or config.mlflow_experiment_name or env.get("MLFLOW_TRACKING_URI"):
-        targets.append("mlflow")
-        for key, value in (("MLFLOW_TRACKING_URI", config.mlflow_tracking_uri),
-                           ("MLFLOW_EXPERIMENT_NAME", config.mlflow_experiment_name),
-                           ("MLFLOW_RUN_NAME", config.mlflow_run_name)):
-            if value:
-                env[key] = value
-    return targets
 
 
 class PackedTrainer(Trainer):

@@ -1,0 +1,74 @@
+"""`lora_sft(model_path, data_path, ckpt_output_dir, **params) -> TrainResult`: the one-call entry point.
+
+Parameter names and defaults are training-hub's `lora_sft` (see LoraSftConfig for one line of help each), plus
+`backend`, `resume`, `save_merged`, `train_on_inputs`, `overlong`, `max_steps`, `gradient_checkpointing`, `optim`,
+`adam_*` and `dataloader_num_workers`. Unlike training-hub, an unknown or silently-ignored parameter is an error.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from lora_runtime.config import LoraSftConfig, check_known_keys
+from lora_runtime.loop import TrainResult
+
+__all__ = ["TrainResult", "lora_sft"]
+
+
+def _reject_unknown_kwargs(fn: Any) -> Any:
+    """Name every unknown / training-hub-ignored keyword in one ConfigError (instead of Python's TypeError)."""
+
+    @functools.wraps(fn)  # inspect.signature(lora_sft) still shows the full parameter list
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        check_known_keys(kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_reject_unknown_kwargs
+def lora_sft(
+    model_path: str, data_path: str, ckpt_output_dir: str, *,
+    backend: str = "auto", lora_r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
+    target_modules: tuple[str, ...] | str | None = None, use_rslora: bool = False, use_dora: bool = False,
+    init_lora_weights: bool | str = True, rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None, loftq_config: dict[str, Any] | None = None,
+    num_epochs: int = 3, max_steps: int | None = None, effective_batch_size: int | None = None,
+    micro_batch_size: int = 2, gradient_accumulation_steps: int = 1, learning_rate: float = 2e-4,
+    lr_scheduler: str = "linear", warmup_steps: int = 10, weight_decay: float = 0.01, max_grad_norm: float = 0.3,
+    optim: str = "adamw_torch", adam_beta1: float = 0.9, adam_beta2: float = 0.999, adam_epsilon: float = 1e-8,
+    seed: int = 3407,
+    max_seq_len: int = 2048, sample_packing: bool = True, dataset_type: str = "chat_template",
+    field_messages: str = "messages", field_instruction: str = "instruction", field_input: str = "input",
+    field_output: str = "output", train_on_inputs: bool = False, overlong: str = "drop",
+    data_output_dir: str | None = None, dataloader_num_workers: int = 0,
+    bf16: bool = True, fp16: bool = False, tf32: bool | None = None, load_in_4bit: bool = False,
+    load_in_8bit: bool = False, bnb_4bit_quant_type: str | None = None, bnb_4bit_compute_dtype: str | None = None,
+    bnb_4bit_use_double_quant: bool | None = None, flash_attention: bool | None = None,
+    gradient_checkpointing: bool | str = "auto", enable_model_splitting: bool = False,
+    trust_remote_code: bool = False, finetune_vision_layers: bool = False, finetune_language_layers: bool = True,
+    save_steps: int = 500, save_total_limit: int | None = 3, resume: bool = True, save_model: bool = True,
+    save_merged: bool = False, eval_steps: int = 500, logging_steps: int = 1,
+    wandb_project: str | None = None, wandb_entity: str | None = None, wandb_run_name: str | None = None,
+    tensorboard_log_dir: str | None = None, mlflow_tracking_uri: str | None = None,
+    mlflow_experiment_name: str | None = None, mlflow_run_name: str | None = None,
+    nproc_per_node: int | None = None, nnodes: int | None = None, node_rank: int | None = None,
+    rdzv_id: str | None = None, rdzv_endpoint: str | None = None, master_addr: str | None = None,
+    master_port: int | None = None,
+    eval_data_path: str | None = None, per_device_eval_batch_size: int | None = None, callbacks: Any = None,
+) -> TrainResult:
+    """LoRA SFT of `model_path` on `data_path` (raw JSONL or a prepared shard dir), outputs in `ckpt_output_dir`.
+
+    Config → shards → backend → train. Raises ConfigError (every config problem at once), TokenizerMismatchError
+    (shards prepared with another tokenizer), CheckpointError (resume=False on a directory with checkpoints).
+    """
+    config = LoraSftConfig(**locals()).validate()  # first line: locals() are exactly the parameters here
+    from lora_runtime.backends import select_backend
+    from lora_runtime.data import ensure_shards, open_datasets
+    from lora_runtime.loop import train
+
+    shards = ensure_shards(config)
+    backend_impl, reason = select_backend(config.backend)
+    train_data, eval_data = open_datasets(config, shards)
+    return train(config, backend_impl, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)

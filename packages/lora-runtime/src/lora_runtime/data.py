@@ -1,0 +1,138 @@
+"""`ensure_shards(config)`: make `data_path` a verified shard directory before any model is loaded.
+
+- a directory with `manifest.json` is used as is;
+- a raw JSONL file is prepared through `lora_data.prepare` into `<cache>/<key>/`, where key = sha256 of (file
+  content, tokenizer fingerprint, preparation options); a second run with the same inputs reuses it;
+- either way the manifest's tokenizer fingerprint must equal the model tokenizer's (TokenizerMismatchError shows
+  both), and the shards' row length must fit `max_seq_len`.
+
+Under torchrun only rank 0 prepares; the others wait at a barrier and then read the same directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_runtime.config import ConfigError, LoraSftConfig
+from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
+
+# Bump when the meaning of the options below changes, so old cache entries stop matching.
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Shards:
+    train_dir: Path
+    manifest: Any
+    eval_dir: Path | None = None
+
+
+def ensure_shards(config: LoraSftConfig) -> Shards:
+    """Resolve train (and eval) data to verified shard dirs; prepares and caches raw JSONL."""
+    from transformers import AutoTokenizer
+
+    init_process_group()
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+    train_dir = resolve(config.data_path, "data_path", config, tokenizer)
+    eval_dir = resolve(config.eval_data_path, "eval_data_path", config, tokenizer) if config.eval_data_path else None
+    from lora_data import Manifest
+
+    return Shards(train_dir, Manifest.load(train_dir), eval_dir)
+
+
+def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path:
+    """One data path → a checked shard dir."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "manifest.json").is_file():
+            raise ConfigError([f"`{name}`={path} is a directory without manifest.json; pass a JSONL file, or a "
+                               "directory made by `lora-cli prepare`"])
+        shard_dir = p
+    elif p.is_file():
+        shard_dir = prepare_cached(p, config, tokenizer)
+    else:
+        raise ConfigError([f"`{name}`={path} does not exist"])
+    check_shards(shard_dir, config, tokenizer)
+    return shard_dir
+
+
+def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None:
+    """Same tokenizer, rows no longer than max_seq_len; raise before training otherwise."""
+    from lora_data import Manifest, TokenizerMismatchError, tokenizer_fingerprint
+
+    manifest = Manifest.load(shard_dir)
+    expected, actual = manifest.fingerprint, tokenizer_fingerprint(tokenizer)
+    if expected != actual:
+        raise TokenizerMismatchError(str(expected), actual, path=shard_dir / "manifest.json",
+                                     hint=f"model_path={config.model_path}")
+    if manifest.seq_len > config.max_seq_len:
+        raise ConfigError([f"{shard_dir}: rows are packed to {manifest.seq_len} tokens but max_seq_len="
+                           f"{config.max_seq_len}; pass max_seq_len={manifest.seq_len} or prepare the data again"])
+
+
+def prepare_options(config: LoraSftConfig) -> dict[str, Any]:
+    """The `lora_data.prepare` keyword arguments that the config decides (all part of the cache key)."""
+    fields = {"field_messages": config.field_messages, "field_instruction": config.field_instruction,
+              "field_input": config.field_input, "field_output": config.field_output}
+    return {"max_seq_len": config.max_seq_len, "dataset_type": config.dataset_type, "packing": config.sample_packing,
+            "train_on_inputs": config.train_on_inputs, "overlong": config.overlong, "seed": config.seed, **fields}
+
+
+def cache_root(config: LoraSftConfig) -> Path:
+    if config.data_output_dir:
+        return Path(config.data_output_dir)
+    if os.environ.get("LORA_DATA_CACHE"):
+        return Path(os.environ["LORA_DATA_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "lora-sft" / "data"
+
+
+def cache_key(data_file: Path, fingerprint: str, options: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    with open(data_file, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    meta = json.dumps({"v": CACHE_VERSION, "fingerprint": fingerprint, "options": options}, sort_keys=True)
+    h.update(meta.encode())
+    return h.hexdigest()[:20]
+
+
+def prepare_cached(data_file: Path, config: LoraSftConfig, tokenizer: Any) -> Path:
+    """Prepare `data_file` once per (content, tokenizer, options); reuse the cached shards afterwards."""
+    import lora_data
+
+    options = prepare_options(config)
+    out = cache_root(config) / cache_key(data_file, lora_data.tokenizer_fingerprint(tokenizer), options)
+    if (out / "manifest.json").is_file():
+        print0(f"data: reusing prepared shards {out} (same file content, tokenizer and options)")
+        return out
+    if dist_env().is_main:
+        print0(f"data: preparing {data_file} → {out}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        manifest = lora_data.prepare(data_file, out, tokenizer, **options)
+        counts = getattr(manifest, "counts", {})
+        print0(f"data: {counts.get('valid', '?')} valid, {counts.get('rejected', '?')} rejected "
+               f"(see {out}/rejects.jsonl), {counts.get('rows', '?')} rows, packing efficiency "
+               f"{getattr(manifest, 'packing_efficiency', 0):.3f}")
+    barrier()
+    return out
+
+
+def open_datasets(config: LoraSftConfig, shards: Shards) -> tuple[Any, Any]:
+    """(train, eval|None) PackedShardDatasets for this rank, laid out by the config's batch plan."""
+    from lora_runtime.dataset import PackedShardDataset
+
+    env = dist_env()
+    micro, accum, _ = config.batch_plan(env.world_size)
+    train = PackedShardDataset(shards.train_dir, rank=env.rank, world_size=env.world_size, seed=config.seed,
+                               micro_batch_size=micro, grad_accum=accum)
+    evals = None
+    if shards.eval_dir is not None:
+        evals = PackedShardDataset(shards.eval_dir, rank=env.rank, world_size=env.world_size, seed=config.seed,
+                                   shuffle=False, micro_batch_size=config.per_device_eval_batch_size or micro)
+    return train, evals

@@ -1,0 +1,113 @@
+"""LoraSftConfig: training-hub names/defaults, validation that collects every issue, strict keys, one surface."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+
+import pytest
+from lora_runtime import ConfigError, LoraSftConfig
+from lora_runtime.api import lora_sft
+
+# training-hub's effective defaults (shared/reference/training_hub_lora_sft.md, table 0.1)
+TRAINING_HUB = {
+    "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": None, "num_epochs": 3,
+    "effective_batch_size": None, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 2e-4,
+    "max_seq_len": 2048, "lr_scheduler": "linear", "warmup_steps": 10, "load_in_4bit": False, "load_in_8bit": False,
+    "bnb_4bit_quant_type": None, "bnb_4bit_compute_dtype": None, "bnb_4bit_use_double_quant": None,
+    "flash_attention": None, "sample_packing": True, "bf16": True, "fp16": False, "tf32": None, "save_steps": 500,
+    "eval_steps": 500, "save_total_limit": 3, "logging_steps": 1, "wandb_project": None, "wandb_entity": None,
+    "wandb_run_name": None, "tensorboard_log_dir": None, "mlflow_tracking_uri": None, "mlflow_experiment_name": None,
+    "mlflow_run_name": None, "dataset_type": "chat_template", "field_messages": "messages",
+    "field_instruction": "instruction", "field_input": "input", "field_output": "output", "nproc_per_node": None,
+    "nnodes": None, "node_rank": None, "rdzv_id": None, "rdzv_endpoint": None, "master_addr": None,
+    "master_port": None, "enable_model_splitting": False, "finetune_vision_layers": False,
+    "finetune_language_layers": True, "trust_remote_code": False, "callbacks": None, "eval_data_path": None,
+    "per_device_eval_batch_size": None, "weight_decay": 0.01, "max_grad_norm": 0.3, "seed": 3407, "save_model": True,
+    "use_rslora": False, "use_dora": False, "init_lora_weights": True, "rank_pattern": None, "alpha_pattern": None,
+    "loftq_config": None, "data_output_dir": None,
+}
+
+
+def cfg(**kw):
+    return LoraSftConfig("m", "d.jsonl", "out", **kw)
+
+
+def test_training_hub_names_and_defaults():
+    c = cfg()
+    assert {k: getattr(c, k) for k in TRAINING_HUB} == TRAINING_HUB
+
+
+def test_every_field_documents_itself():
+    for f in dataclasses.fields(LoraSftConfig):
+        assert f.metadata.get("help"), f.name
+        if "choices" in f.metadata:
+            assert getattr(cfg(), f.name) in f.metadata["choices"] or f.default is dataclasses.MISSING
+
+
+def test_signature_equals_fields_with_the_keyword_only_trio():
+    sig = inspect.signature(lora_sft)
+    fields = {f.name: f.default for f in dataclasses.fields(LoraSftConfig)}
+    assert list(sig.parameters) == list(fields)
+    for name, p in sig.parameters.items():
+        if fields[name] is dataclasses.MISSING:
+            assert p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD, name
+        else:
+            assert p.default == fields[name] and p.kind is p.KEYWORD_ONLY, name
+    assert [n for n in list(sig.parameters)[-3:]] == ["eval_data_path", "per_device_eval_batch_size", "callbacks"]
+
+
+def test_validate_collects_every_problem():
+    bad = cfg(lora_alpha=0, load_in_4bit=True, load_in_8bit=True, fp16=True, effective_batch_size=10,
+              micro_batch_size=4, lr_scheduler="cosine_annealing", lora_dropout=1.5, bnb_4bit_quant_type=None)
+    with pytest.raises(ConfigError) as e:
+        bad.validate(world_size=2)
+    text = str(e.value)
+    assert len(e.value.issues) == 6, text
+    for needle in ("`lora_alpha` must be > 0, got 0", "`load_in_4bit` and `load_in_8bit` are exclusive",
+                   "`bf16` and `fp16` are exclusive", "`lr_scheduler` must be one of", "`lora_dropout`",
+                   "effective_batch_size=10 is not divisible by world_size=2 x micro_batch_size=4 = 8: set "
+                   "effective_batch_size to 8 or 16, or micro_batch_size to 1"):
+        assert needle in text
+
+
+def test_wrong_types_are_named():
+    with pytest.raises(ConfigError, match=r"`lora_r` must be int, got '8' \(str\)"):
+        cfg(lora_r="8").validate()
+
+
+def test_batch_plan_derives_accumulation():
+    assert cfg(effective_batch_size=8).validate(world_size=1).batch_plan(1) == (2, 4, 8)
+    assert cfg(micro_batch_size=4, gradient_accumulation_steps=2).batch_plan(2) == (4, 2, 16)
+    with pytest.raises(ConfigError, match="drop one of the two"):
+        cfg(effective_batch_size=8, gradient_accumulation_steps=2).validate(world_size=1)
+
+
+def test_to_from_dict_round_trip_without_callbacks():
+    c = cfg(target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 4}, callbacks=[object()])
+    d = c.to_dict()
+    assert "callbacks" not in d and d["target_modules"] == ["q_proj", "v_proj"]
+    assert LoraSftConfig.from_dict(json.loads(json.dumps(d))) == dataclasses.replace(c, callbacks=None)
+
+
+def test_unknown_and_ignored_keys_are_refused_by_name():
+    with pytest.raises(ConfigError) as e:
+        LoraSftConfig.from_dict({"model_path": "m", "data_path": "d", "ckpt_output_dir": "o", "lora_rank": 8,
+                                 "max_tokens_per_gpu": 4096, "checkpoint_at_epoch": True})
+    text = str(e.value)
+    assert "unknown parameter `lora_rank`; did you mean `lora_r`?" in text
+    assert "`max_tokens_per_gpu` is accepted but ignored by training-hub" in text and "micro_batch_size" in text
+    assert "`checkpoint_at_epoch`" in text and "save_steps" in text
+
+
+def test_lora_sft_rejects_unknown_kwargs_before_doing_anything(tmp_path):
+    with pytest.raises(ConfigError, match="save_samples"):
+        lora_sft("no-model", "no-data", str(tmp_path / "out"), save_samples=100)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_sft_reports_all_config_problems_before_loading(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        lora_sft("no-model", "no-data", str(tmp_path), lora_r=0, bf16=True, fp16=True)
+    assert len(e.value.issues) == 2
