@@ -94,7 +94,8 @@ class PeftBackend:
         return model
 
     def save_adapter(self, model: Any, out_dir: str | Path) -> Path:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        # Base weights never train (no modules_to_save), so a LoRA on lm_head/embeddings needs no copy of them.
+        model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
         return Path(out_dir)
 
     def merge(self, adapter_dir: str | Path, out_dir: str | Path, config: LoraSftConfig) -> Path:

@@ -1,0 +1,146 @@
+"""End to end on the CPU through `lora_sft`: the tiny Llama and Qwen2 models learn; LoRA moves, the base does not;
+the adapter reloads with PEFT and merges to the same logits; resume is exact; outputs are complete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import _runs
+import pytest
+import torch
+from lora_runtime import lora_sft
+from lora_runtime.checkpoint import CheckpointError
+from lora_runtime.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+PROBE = torch.tensor([[5, 17, 123, 400, 9, 77, 301, 64]])
+REFERENCE = Path(__file__).parent.parent / "references" / "lora_runtime_llama_loss.json"
+
+
+def _run(model_dir, shards, out, **extra):
+    capture = _runs.Capture(PROBE)
+    cbs = [capture.callback, *extra.pop("callbacks", [])]
+    result = lora_sft(str(model_dir), str(shards), str(out), **{**_runs.RUN, **extra}, callbacks=cbs)
+    return result, capture
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, tiny_llama_dir, llama_shards):
+    return _run(tiny_llama_dir, llama_shards, tmp_path_factory.mktemp("llama_run"), save_merged=True)
+
+
+@pytest.fixture(scope="module")
+def qwen2_run(tmp_path_factory, tiny_qwen2_dir, qwen2_shards):
+    return _run(tiny_qwen2_dir, qwen2_shards, tmp_path_factory.mktemp("qwen2_run"))
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def run(request):
+    return request.getfixturevalue(f"{request.param}_run")
+
+
+def _losses(result):
+    return [r["loss"] for r in read_metrics(result.metrics_path) if "loss" in r]
+
+
+def test_loss_falls_well_below_start(run):
+    losses = _losses(run[0])
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < losses[0] - 1.0, losses
+
+
+def test_every_lora_param_changed_and_every_base_param_bitwise_unchanged(run):
+    _, cap = run
+    assert cap.lora_before and cap.before
+    for name, before in cap.lora_before.items():
+        assert not torch.equal(before, cap.after[name]), f"LoRA parameter {name} did not change"
+    for name, before in cap.before.items():
+        assert torch.equal(before, cap.after[name]), f"base parameter {name} changed"
+
+
+def _base(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def test_saved_adapter_reloads_with_peft_to_the_same_logits(run, tiny_llama_dir, tiny_qwen2_dir):
+    from peft import PeftModel
+
+    result, cap = run
+    base_dir = tiny_llama_dir if "llama" in str(result.adapter_dir) else tiny_qwen2_dir
+    model = PeftModel.from_pretrained(_base(base_dir), result.adapter_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=PROBE).logits
+    torch.testing.assert_close(logits, cap.logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(_base(base_dir)(input_ids=PROBE).logits, cap.logits, atol=1e-3)
+
+
+def test_merged_model_matches_base_plus_adapter(llama_run):
+    result, cap = llama_run
+    assert result.merged_dir == Path(result.adapter_dir) / "merged"
+    assert (result.merged_dir / "model.safetensors").is_file()
+    with torch.no_grad():
+        logits = _base(result.merged_dir)(input_ids=PROBE).logits
+    torch.testing.assert_close(logits, cap.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_outputs_result_and_metrics(llama_run):
+    result, _ = llama_run
+    out = Path(result.adapter_dir)
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+            "lora_sft_config.json", "metrics.jsonl", "loss.png", "checkpoints", "merged"} <= names
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-16", "checkpoint-24"]
+    assert (out / "checkpoints" / "checkpoint-24" / "COMPLETE").is_file()
+    assert result.backend == "peft" and result.steps == 24 and result.loss_plot.stat().st_size > 1000
+    assert result.tokens_seen > 24 * 4 * 64 and result.peak_memory_bytes > 0 and result.wall_time_s > 0
+    rows = read_metrics(result.metrics_path)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    for key in ("epoch", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_bytes", "tokens_seen"):
+        assert all(key in r for r in rows), key
+    assert rows[-1]["tokens_seen"] == result.tokens_seen and rows[-1]["epoch"] == pytest.approx(6.0)
+    saved = json.loads((out / "lora_sft_config.json").read_text())
+    assert saved["resolved"]["gradient_accumulation_steps"] == 2 and saved["lora_r"] == 16
+
+
+def test_golden_loss_trajectory(llama_run):
+    """fp32 CPU losses against the committed reference (re-record: tests/lora_runtime/record_reference.py)."""
+    ref = json.loads(REFERENCE.read_text())
+    assert ref["run"] == json.loads(json.dumps(_runs.RUN)), "run settings changed: re-record the reference"
+    got = _losses(llama_run[0])
+    assert got == pytest.approx(ref["losses"], abs=2e-3), f"environment of the reference: {ref['environment']}"
+
+
+def test_resume_after_interruption_equals_uninterrupted(llama_run, tiny_llama_dir, llama_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "interrupted"
+    first, _ = _run(tiny_llama_dir, llama_shards, out, callbacks=[_runs.StopAt(10)])  # mid-epoch (4 steps/epoch)
+    assert first.steps == 10 and (out / "checkpoints" / "checkpoint-10" / "COMPLETE").is_file()
+    resumed, _ = _run(tiny_llama_dir, llama_shards, out)
+    assert resumed.steps == 24
+    want = load_file(Path(llama_run[0].adapter_dir) / "adapter_model.safetensors")
+    got = load_file(out / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
+    assert _losses(resumed) == pytest.approx(_losses(llama_run[0]), abs=1e-5)
+
+
+def test_resume_false_refuses_a_directory_with_checkpoints(llama_run, tiny_llama_dir, llama_shards):
+    out = Path(llama_run[0].adapter_dir)
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="resume=False refuses to overwrite"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**_runs.RUN, "resume": False})
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_shards_of_another_tokenizer_are_refused_before_training(tiny_qwen2_dir, llama_shards, tmp_path):
+    from lora_data import TokenizerMismatchError
+
+    with pytest.raises(TokenizerMismatchError, match="fingerprint mismatch") as e:
+        lora_sft(str(tiny_qwen2_dir), str(llama_shards), str(tmp_path / "out"), **_runs.RUN)
+    assert e.value.expected != e.value.actual
+    assert not (tmp_path / "out").exists()
