@@ -11,6 +11,7 @@ itself, so the message is the standard one, phrased for humans:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -33,33 +34,35 @@ def _type_name(value: Any) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _quick_ok(schema: dict, value: Any) -> bool:
-    t = schema.get("type")
-    if t is not None and not isinstance(value, _TYPES[t]):
-        return False
-    if "enum" in schema and (not isinstance(value, str) or value not in schema["enum"]):
-        return False
-    if isinstance(value, dict):
-        if any(k not in value for k in schema.get("required", ())):
+def compile_check(schema: dict) -> Callable[[Any], bool]:
+    """A fast pass/fail function for `schema` (the keywords in _KNOWN only), built once as nested closures."""
+    t = _TYPES.get(schema.get("type", ""), object)
+    enum = frozenset(schema["enum"]) if "enum" in schema else None
+    required = tuple(schema.get("required", ()))
+    props = tuple((k, compile_check(v)) for k, v in schema.get("properties", {}).items())
+    items = compile_check(schema["items"]) if "items" in schema else None
+    min_items, min_len = schema.get("minItems", 0), schema.get("minLength", 0)
+
+    def ok(value: Any) -> bool:
+        if not isinstance(value, t):
             return False
-        props = schema.get("properties", {})
-        return all(_quick_ok(props[k], value[k]) for k in props if k in value)
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
+        if enum is not None and (not isinstance(value, str) or value not in enum):
             return False
-        items = schema.get("items")
-        return items is None or all(_quick_ok(items, v) for v in value)
-    if isinstance(value, str):
-        return len(value) >= schema.get("minLength", 0)
-    return True
+        if t is dict:
+            return all(k in value for k in required) and all(f(value[k]) for k, f in props if k in value)
+        if t is list:
+            return len(value) >= min_items and (items is None or all(map(items, value)))
+        return t is not str or len(value) >= min_len
+
+    return ok
 
 
 def _walk_keywords(schema: dict) -> None:
     unknown = set(schema) - _KNOWN
     if unknown:
-        raise RuntimeError(f"schema keyword(s) {sorted(unknown)} are not handled by lora_data._schema._quick_ok")
+        raise RuntimeError(f"schema keyword(s) {sorted(unknown)} are not handled by lora_data._schema.compile_check")
     if "type" in schema and schema["type"] not in _TYPES:
-        raise RuntimeError(f"schema type {schema['type']!r} is not handled by lora_data._schema._quick_ok")
+        raise RuntimeError(f"schema type {schema['type']!r} is not handled by lora_data._schema.compile_check")
     for sub in schema.get("properties", {}).values():
         _walk_keywords(sub)
     if "items" in schema:
@@ -75,6 +78,7 @@ class Schema:
         _walk_keywords(schema)
         self.schema = schema
         self._validator = jsonschema.Draft202012Validator(schema)
+        self._ok = compile_check(schema)
 
     @classmethod
     @lru_cache(maxsize=16)
@@ -87,7 +91,7 @@ class Schema:
         return cls(schema)
 
     def check(self, obj: Any) -> tuple[str, str, str] | None:
-        if _quick_ok(self.schema, obj):
+        if self._ok(obj):
             return None
         import jsonschema
 

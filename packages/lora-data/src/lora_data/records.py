@@ -43,6 +43,7 @@ class Record:
     messages: list[dict[str, Any]]
     format: str
     sample_id: int = 0
+    raw: str = ""
 
 
 @dataclass(slots=True)
@@ -82,8 +83,9 @@ class RecordReader:
     format: str = "auto"
     fields: Fields = field(default_factory=Fields)
     source_index: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: {"lines_read": 0, "blank": 0})
+    counts: dict[str, int] = field(default_factory=lambda: {"lines_read": 0, "blank": 0, "bytes": 0})
     detected: str | None = None
+    hasher: Any = None  # e.g. hashlib.sha256(): fed every byte of the file as it streams by
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -101,6 +103,9 @@ class RecordReader:
         with open(self.path, "rb") as fh:
             for number, raw in enumerate(fh, start=1):
                 self.counts["lines_read"] += 1
+                self.counts["bytes"] += len(raw)
+                if self.hasher is not None:
+                    self.hasher.update(raw)
                 if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]
                 raw = raw.rstrip(b"\r\n")
@@ -135,7 +140,7 @@ class RecordReader:
         if not any(m["role"] == "assistant" for m in messages):
             return Rejection(path, number, self.fields.messages, "no assistant turn: nothing to learn from", text,
                              "no_assistant")
-        return Record(path, number, messages, fmt, sample_id(self.source_index, number))
+        return Record(path, number, messages, fmt, sample_id(self.source_index, number), text)
 
     def _detect(self, obj: dict) -> str | None:
         if self.fields.messages in obj:
@@ -154,7 +159,7 @@ class RecordReader:
 
 def read_records(path: str | Path, *, format: str = "auto", field_messages: str = "messages",
                  field_instruction: str = "instruction", field_input: str = "input", field_output: str = "output",
-                 source_index: int = 0) -> RecordReader:
+                 source_index: int = 0, hasher: Any = None) -> RecordReader:
     """Records and rejections of one JSONL file, in line order (see the module docstring)."""
     fields = Fields(field_messages, field_instruction, field_input, field_output)
-    return RecordReader(path, format, fields, source_index)
+    return RecordReader(path, format, fields, source_index, hasher=hasher)

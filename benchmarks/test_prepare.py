@@ -1,0 +1,89 @@
+"""Data-prep benchmark: lora_data.prepare vs the way TRL's SFTTrainer prepares the same corpus.
+
+Fast by default (2,000 records, so CI's `--benchmark-disable` run stays quick); LORA_BENCH_FULL=1 uses 100,000.
+Both paths render the same template, mask to assistant tokens, and pack best-fit-decreasing to the same length:
+  lora-data: lora_data.prepare(...) → shards on disk (validation, rejects, sha256, manifest included)
+  TRL:       datasets JSON load → SFTTrainer._prepare_dataset(packing=True, packing_strategy="bfd",
+             assistant_only_loss=True), i.e. map(apply_chat_template) + labels + trl.data_utils.pack_dataset
+Run: LORA_BENCH_FULL=1 uv run pytest benchmarks/test_prepare.py --benchmark-enable -s
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+
+from _corpus import build_bench_tokenizer, write_corpus
+
+FULL = os.environ.get("LORA_BENCH_FULL") == "1"
+N_RECORDS = 100_000 if FULL else 2_000
+SEQ_LEN = 4096
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import _tiny
+
+    d = tmp_path_factory.mktemp("bench_prepare")
+    return write_corpus(d / "chat.jsonl", N_RECORDS, vocab=_tiny._WORDS.split()), build_bench_tokenizer(d / "tok")
+
+
+def trl_prepare(path: Path, tokenizer_dir: Path, seq_len: int):
+    """TRL's own preparation code, called the way SFTTrainer.__init__ calls it (no model needed)."""
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    args = SFTConfig(output_dir=str(path.parent / "trl_out"), max_length=seq_len, packing=True,
+                     packing_strategy="bfd", assistant_only_loss=True, report_to=[], dataset_num_proc=None, bf16=False, use_cpu=True)
+    trainer = SimpleNamespace(_tokenizer=tok, completion_only_loss=None, chat_template=None)
+    t0 = time.perf_counter()
+    ds = datasets.load_dataset("json", data_files=str(path), split="train", keep_in_memory=True)
+    ds = SFTTrainer._prepare_dataset(trainer, ds, tok, args, packing=True, formatting_func=None, dataset_name="train")
+    seconds = time.perf_counter() - t0
+    lengths = [sum(s) for s in ds["seq_lengths"]]
+    return seconds, sum(lengths), len(ds)
+
+
+def test_prepare_vs_trl(benchmark, corpus, tmp_path):
+    import lora_data
+
+    path, tok_dir = corpus
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    out = tmp_path / "shards"
+    t0 = time.perf_counter()
+    manifest = benchmark.pedantic(lora_data.prepare, args=(path, out, tok), kwargs={"max_seq_len": SEQ_LEN},
+                                  rounds=1, iterations=1)
+    ours = time.perf_counter() - t0
+    c = manifest.counts
+    assert c["valid"] == N_RECORDS and c["overlong"] == 0 and c["rows"] == len(lora_data.ShardReader(out))
+
+    trl_s, trl_tokens, trl_rows = trl_prepare(path, tok_dir, SEQ_LEN)
+    trl_eff = trl_tokens / (trl_rows * SEQ_LEN)
+    info = {
+        "records": N_RECORDS, "seq_len": SEQ_LEN, "tokens": c["tokens"], "loss_tokens": c["loss_tokens"],
+        "lora_data_s": round(ours, 2), "records_per_s": round(N_RECORDS / ours), "tokens_per_s": round(c["tokens"] / ours),
+        "packing_efficiency": manifest.packing_efficiency, "rows": c["rows"],
+        "trl_s": round(trl_s, 2), "trl_records_per_s": round(N_RECORDS / trl_s), "trl_rows": trl_rows,
+        "trl_packing_efficiency": round(trl_eff, 6), "speedup_vs_trl": round(trl_s / ours, 2),
+    }
+    benchmark.extra_info.update(info)
+    print("\n" + "\n".join(f"  {k}: {v}" for k, v in info.items()))
+    assert trl_tokens == c["tokens"], "both paths must tokenize the corpus to the same number of tokens"
+    assert manifest.packing_efficiency >= trl_eff - 1e-9
+    if FULL:
+        assert manifest.packing_efficiency >= 0.97

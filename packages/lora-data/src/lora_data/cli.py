@@ -1,0 +1,99 @@
+"""`lora-data prepare INPUT... OUT_DIR --tokenizer DIR --max-seq-len N` and `lora-data inspect OUT_DIR`.
+
+Exit codes: 0 ok; 1 a data or user error (one line naming file:line and field, no traceback); 2 usage.
+lora-cli reuses `prepare_command` and `inspect_command`; `cli` is the click group.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .errors import DataError
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Validate, render, mask and pack chat/Alpaca JSONL into memory-mapped shards."""
+
+
+@click.command("prepare")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--tokenizer", required=True, type=click.Path(), help="Tokenizer (or model) directory.")
+@click.option("--max-seq-len", required=True, type=click.IntRange(min=2), help="Row length in tokens.")
+@click.option("--format", "format_", type=click.Choice(["auto", "messages", "alpaca"]), default="auto",
+              show_default=True, help="Record format; auto decides per file from its first record.")
+@click.option("--field-messages", default="messages", show_default=True, help="Key of the messages list.")
+@click.option("--field-instruction", default="instruction", show_default=True, help="Alpaca instruction key.")
+@click.option("--field-input", default="input", show_default=True, help="Alpaca input key.")
+@click.option("--field-output", default="output", show_default=True, help="Alpaca output key.")
+@click.option("--overlong", type=click.Choice(["drop", "truncate", "split"]), default="drop", show_default=True,
+              help="What to do with a record longer than --max-seq-len (always listed in rejects.jsonl).")
+@click.option("--no-packing", is_flag=True, help="One sample per row instead of best-fit-decreasing packing.")
+@click.option("--train-on-inputs", is_flag=True, help="Loss on every token, not only assistant turns.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Order of the packed rows.")
+@click.option("--strict", is_flag=True, help="Any rejected line is an error (exit 1, no shards written).")
+@click.option("--rows-per-shard", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
+def prepare_command(inputs, out_dir, tokenizer, max_seq_len, format_, field_messages, field_instruction, field_input,
+                    field_output, overlong, no_packing, train_on_inputs, seed, strict, rows_per_shard, progress):
+    """Prepare INPUT.jsonl [INPUT2.jsonl ...] into OUT_DIR (shards, manifest.json, rejects.jsonl)."""
+    from ._prepare import prepare
+
+    try:
+        prepare(list(inputs), out_dir, tokenizer, max_seq_len=max_seq_len, strict=strict, progress=progress,
+                format=format_, field_messages=field_messages, field_instruction=field_instruction,
+                field_input=field_input, field_output=field_output, overlong=overlong, packing=not no_packing,
+                train_on_inputs=train_on_inputs, seed=seed, rows_per_shard=rows_per_shard)
+    except DataError as e:
+        _fail(e)
+
+
+@click.command("inspect")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--bins", type=click.IntRange(min=1), default=10, show_default=True, help="Histogram buckets.")
+def inspect_command(out_dir, bins):
+    """Print a prepared directory's manifest numbers and a histogram of sample lengths."""
+    from ._prepare import summary
+    from .shards import ShardReader
+
+    try:
+        reader = ShardReader(out_dir)
+    except DataError as e:
+        _fail(e)
+    m = reader.manifest
+    click.echo(summary(m).replace("lora-data prepare: ", ""))
+    click.echo(f"  tokenizer {m.tokenizer.get('fingerprint')} ({m.tokenizer.get('name_or_path')}, template: "
+               f"{m.tokenizer.get('chat_template_source')}); format {m.dataset_format}; cache key {m.cache_key}")
+    click.echo(histogram(reader.sample_lengths(), m.seq_len, bins))
+
+
+def histogram(lengths, seq_len: int, bins: int = 10, width: int = 40) -> str:
+    """ASCII histogram of sample lengths over [0, seq_len] in `bins` equal buckets."""
+    import numpy as np
+
+    counts, edges = np.histogram(lengths, bins=bins, range=(0, seq_len))
+    top = max(int(counts.max()), 1) if len(counts) else 1
+    lines = [f"sample lengths ({len(lengths)} samples, max {int(lengths.max()) if len(lengths) else 0}):"]
+    for n, lo, hi in zip(counts, edges[:-1], edges[1:], strict=True):
+        lines.append(f"  {int(lo):>6}-{int(hi):<6} {'#' * round(width * int(n) / top):<{width}} {int(n)}")
+    return "\n".join(lines)
+
+
+cli.add_command(prepare_command)
+cli.add_command(inspect_command)
+
+
+def main() -> None:
+    cli(prog_name="lora-data")
+
+
+if __name__ == "__main__":
+    main()
