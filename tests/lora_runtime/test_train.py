@@ -144,3 +144,28 @@ def test_shards_of_another_tokenizer_are_refused_before_training(tiny_qwen2_dir,
         lora_sft(str(tiny_qwen2_dir), str(llama_shards), str(tmp_path / "out"), **_runs.RUN)
     assert e.value.expected != e.value.actual
     assert not (tmp_path / "out").exists()
+
+
+def test_two_cpu_ranks_match_one_process(llama_run, tiny_llama_dir, llama_shards, tmp_path):
+    """torchrun, 2 gloo ranks × micro 2 × accum 1 == 1 process × micro 2 × accum 2: same rows per step, same result;
+    ranks read disjoint rows (else the losses would differ) and only rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(Path(__file__).parent / "_ddp_worker.py"), str(tiny_llama_dir), str(llama_shards), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("batch: micro 2 × 2 GPUs × accum 1 = effective 4") == 1  # rank 0 logs, rank 1 quiet
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 25))  # one writer
+    assert [r["loss"] for r in rows] == pytest.approx(_losses(llama_run[0]), abs=1e-4)
+    want = load_file(Path(llama_run[0].adapter_dir) / "adapter_model.safetensors")
+    got = load_file(out / "adapter_model.safetensors")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)

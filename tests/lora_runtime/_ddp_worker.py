@@ -1,0 +1,14 @@
+"""torchrun worker for test_train.py::test_two_cpu_ranks_match_one_process: python _ddp_worker.py MODEL SHARDS OUT."""
+
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
+
+import _runs  # noqa: E402
+from lora_runtime import lora_sft  # noqa: E402
+
+if __name__ == "__main__":
+    model, shards, out = sys.argv[1:4]
+    # micro 2 × 2 ranks × accum 1 reads the same 4 rows per step as micro 2 × 1 process × accum 2
+    lora_sft(model, shards, out, **{**_runs.RUN, "gradient_accumulation_steps": 1})
