@@ -1,0 +1,227 @@
+"""prepare + the CLI: every kind of bad line, counts, rejects.jsonl, overlong policies, determinism, strict, inspect."""
+
+from __future__ import annotations
+
+import json
+
+import _tiny
+import lora_data
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from lora_data import Manifest, ShardError, ShardReader
+from lora_data.cli import cli
+from lora_data.records import sample_origin
+from lora_data.render import render
+
+U = {"role": "user", "content": "What is the capital of France?"}
+A = {"role": "assistant", "content": "Paris."}
+LONG = {"messages": [U, {"role": "assistant", "content": " ".join(["the capital of france is paris"] * 40)}]}
+
+BAD_FILE_LINES = [  # (line content, expected code or None for valid, expected field)
+    (b"\xef\xbb\xbf" + json.dumps({"messages": [U, A]}).encode() + b"\r", None, None),  # BOM + CRLF
+    (b"", "blank", None),
+    (b'{"messages": [', "invalid_json", None),
+    (json.dumps({"messages": [U, {"role": "assistant", "content": 42}]}).encode(), "wrong_type_string",
+     "messages[1].content"),
+    (json.dumps({"messages": [{"role": "bot", "content": "x"}, A]}).encode(), "bad_role", "messages[0].role"),
+    (json.dumps({"messages": []}).encode(), "empty_messages", "messages"),
+    (json.dumps({"messages": [U]}).encode(), "no_assistant", "messages"),
+    (json.dumps(LONG).encode(), "overlong_dropped", None),
+    (b"   \r", "blank", None),
+    (json.dumps({"messages": [U, A, {"role": "user", "content": "a\u2028b"}, A]}, ensure_ascii=False).encode() + b"\r",
+     None, None),
+    (b"[1, 2]", "not_an_object", None),
+]
+
+
+@pytest.fixture
+def bad_file(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b"\n".join(line for line, _, _ in BAD_FILE_LINES) + b"\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    return _tiny.write_jsonl(tmp_path_factory.mktemp("good") / "good.jsonl", _tiny.chat_records(400, seed=3))
+
+
+def _run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result
+
+
+def test_cli_over_every_kind_of_bad_line(bad_file, tmp_path, chatml_tokenizer_dir):
+    out = tmp_path / "out"
+    result = _run("prepare", bad_file, out, "--tokenizer", chatml_tokenizer_dir, "--max-seq-len", 64)
+    assert result.exit_code == 0, result.output
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    want = [(i + 1, code, field) for i, (_, code, field) in enumerate(BAD_FILE_LINES) if code not in (None, "blank")]
+    # validation rejects are written as lines stream by; render/overlong ones when their chunk is tokenized
+    assert sorted((r["line"], r["code"], r["field"]) for r in rejects) == want
+    assert all(r["source"] == str(bad_file) and r["reason"] and r["raw"] for r in rejects)
+    assert rejects[0]["raw"] == '{"messages": ['
+    c = Manifest.load(out).counts
+    assert (c["lines_read"], c["valid"], c["rejected"], c["blank"]) == (11, 3, 6, 2)
+    assert c["lines_read"] == c["valid"] + c["rejected"] + c["blank"]
+    assert (c["overlong"], c["dropped"], c["samples"]) == (1, 1, 2)
+    assert c["rejected_by_reason"] == {"invalid_json": 1, "wrong_type_string": 1, "bad_role": 1, "empty_messages": 1,
+                                       "no_assistant": 1, "not_an_object": 1}
+    assert "11 lines read: 3 valid, 6 rejected, 2 blank; 1 overlong (1 dropped" in result.output  # summary on stderr
+    reader = ShardReader(out)
+    ids = [sample_origin(int(s))[1] for row in reader for s in row.sample_ids]
+    assert sorted(ids) == [1, 10]  # the packed samples trace back to their lines
+
+
+def test_strict_exits_1_and_writes_no_shard(bad_file, tmp_path, chatml_tokenizer_dir):
+    out = tmp_path / "out"
+    result = _run("prepare", bad_file, out, "--tokenizer", chatml_tokenizer_dir, "--max-seq-len", 64, "--strict")
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: {bad_file}:3: invalid JSON") and "--strict: 7 line(s)" in last
+    assert "Traceback" not in result.output
+    assert not list(out.glob("shard-*")) and not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("args, code", [
+    (["prepare"], 2),
+    (["prepare", "{good}", "{out}", "--max-seq-len", "64"], 2),  # no --tokenizer
+    (["prepare", "{good}", "{out}", "--tokenizer", "{tok}", "--max-seq-len", "1"], 2),
+    (["prepare", "{good}", "{out}", "--tokenizer", "{tok}", "--max-seq-len", "64", "--overlong", "cut"], 2),
+    (["prepare", "{missing}", "{out}", "--tokenizer", "{tok}", "--max-seq-len", "64"], 1),
+    (["prepare", "{good}", "{out}", "--tokenizer", "{missing}", "--max-seq-len", "64"], 1),
+    (["inspect", "{missing}"], 1),
+])
+def test_exit_codes(args, code, good_file, tmp_path, chatml_tokenizer_dir):
+    fill = {"good": good_file, "out": tmp_path / "o", "tok": chatml_tokenizer_dir, "missing": tmp_path / "nope"}
+    result = _run(*[a.format(**fill) for a in args])
+    assert result.exit_code == code, result.output
+    if code == 1:
+        assert result.output.startswith("error: ") and "nope" in result.output and "Traceback" not in result.output
+
+
+def test_byte_identical_and_seed_orders_rows(good_file, tmp_path, llama3_tokenizer_dir):
+    def go(name, seed):
+        out = tmp_path / name
+        lora_data.prepare(good_file, out, llama3_tokenizer_dir, max_seq_len=128, seed=seed, rows_per_shard=16,
+                          verbose=False)
+        return out
+
+    a, b, c = go("a", 0), go("b", 0), go("c", 1)
+    files = sorted(p.name for p in a.iterdir())
+    assert len([f for f in files if f.startswith("shard-")]) > 1
+    for f in files:
+        if f != "manifest.json":
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert Manifest.load(a).to_json().replace(str(a), "") == Manifest.load(b).to_json().replace(str(b), "")
+    ra, rc = ShardReader(a), ShardReader(c)
+    assert (a / "shard-00000.bin").read_bytes() != (c / "shard-00000.bin").read_bytes()
+    rows = lambda r: sorted(tuple(x.input_ids.tolist()) for x in r)  # noqa: E731
+    assert rows(ra) == rows(rc)  # same rows, other order
+
+
+def test_rows_keep_every_token_and_mask(good_file, tmp_path, chatml_tokenizer_dir, tokenizers):
+    out = tmp_path / "o"
+    m = lora_data.prepare(good_file, out, chatml_tokenizer_dir, max_seq_len=256, verbose=False)
+    tok = tokenizers["chatml"]
+    reader = ShardReader(out)
+    assert m.counts["samples"] == 400 and m.counts["rows"] == len(reader)
+    assert m.packing_efficiency == pytest.approx(m.counts["tokens"] / (m.counts["rows"] * 256))
+    by_line = {}
+    for row in reader:
+        ends = np.cumsum(row.seq_lens)
+        assert ends[-1] <= 256 and (row.input_ids[ends[-1]:] == m.pad_id).all() and not row.loss_mask[ends[-1]:].any()
+        for sid, lo, hi in zip(row.sample_ids, ends - row.seq_lens, ends, strict=True):
+            by_line[sample_origin(int(sid))[1]] = (row.input_ids[lo:hi], row.loss_mask[lo:hi])
+    recs = _tiny.chat_records(400, seed=3)
+    for line, rec in enumerate(recs, start=1):
+        ids, mask = by_line[line]
+        want = "".join(x["content"] + "<|im_end|>" for x in rec["messages"] if x["role"] == "assistant")
+        assert tok.decode(ids[mask == 1].tolist()) == want
+    assert int(sum(mask.sum() for _, mask in by_line.values())) == m.counts["loss_tokens"]
+
+
+@pytest.mark.parametrize("policy, listed", [("drop", "overlong_dropped"), ("truncate", "overlong_truncated"),
+                                            ("split", "overlong_split")])
+def test_overlong_policies(policy, listed, tmp_path, chatml_tokenizer_dir, tokenizers):
+    n_tokens = len(render(LONG["messages"], tokenizers["chatml"])[0])
+    samples = {"drop": 0, "truncate": 1, "split": -(-n_tokens // 64)}[policy]  # every split piece has loss here
+    p = _tiny.write_jsonl(tmp_path / "long.jsonl", [LONG, {"messages": [U, A]}])
+    m = lora_data.prepare(p, tmp_path / "o", chatml_tokenizer_dir, max_seq_len=64, overlong=policy, verbose=False)
+    c = m.counts
+    assert c["overlong"] == 1 and c[{"drop": "dropped", "truncate": "truncated", "split": "split"}[policy]] == 1
+    assert c["samples"] == samples + 1 and c["valid"] == 2 and c["rejected"] == 0
+    (reject,) = [json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]
+    assert (reject["line"], reject["code"]) == (1, listed) and "> --max-seq-len 64" in reject["reason"]
+    assert all(len(r.seq_lens) and r.seq_lens.max() <= 64 for r in ShardReader(tmp_path / "o"))
+    n_short = len(render([U, A], tokenizers["chatml"])[0])
+    assert c["tokens"] == n_short + {"drop": 0, "truncate": 64, "split": n_tokens}[policy]
+
+
+def test_no_packing_one_sample_per_row_in_input_order(good_file, tmp_path, chatml_tokenizer_dir):
+    m = lora_data.prepare(good_file, tmp_path / "o", chatml_tokenizer_dir, max_seq_len=256, packing=False,
+                          verbose=False)
+    reader = ShardReader(tmp_path / "o")
+    assert len(reader) == 400 and not m.packing
+    assert [sample_origin(int(r.sample_ids[0]))[1] for r in reader] == list(range(1, 401))
+
+
+def test_alpaca_and_messages_files_together(tmp_path, chatml_tokenizer_dir, tokenizers):
+    a = _tiny.write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "2+2", "output": "4"}])
+    b = _tiny.write_jsonl(tmp_path / "b.jsonl", [{"messages": [U, A]}])
+    m = lora_data.prepare([a, b], tmp_path / "o", chatml_tokenizer_dir, max_seq_len=64, verbose=False)
+    assert m.dataset_format == "mixed" and [s["format"] for s in m.sources] == ["alpaca", "messages"]
+    assert [s["bytes"] for s in m.sources] == [a.stat().st_size, b.stat().st_size]
+    row = ShardReader(tmp_path / "o")[0]
+    assert tokenizers["chatml"].decode(row.input_ids[row.loss_mask == 1].tolist()) in (
+        "4<|im_end|>Paris.<|im_end|>", "Paris.<|im_end|>4<|im_end|>")
+
+
+def test_inspect_prints_numbers_and_histogram(good_file, tmp_path, chatml_tokenizer_dir):
+    out = tmp_path / "o"
+    lora_data.prepare(good_file, out, chatml_tokenizer_dir, max_seq_len=256, verbose=False)
+    result = _run("inspect", out)
+    assert result.exit_code == 0
+    assert "400 lines read: 400 valid" in result.output and "packing efficiency" in result.output
+    assert "sample lengths (400 samples" in result.output and "#" in result.output
+
+
+def test_prepared_shards_detect_corruption(good_file, tmp_path, chatml_tokenizer_dir):
+    out = tmp_path / "o"
+    lora_data.prepare(good_file, out, chatml_tokenizer_dir, max_seq_len=128, rows_per_shard=64, verbose=False)
+    shard = out / "shard-00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="shard-00001.bin: sha256 does not match"):
+        ShardReader(out)
+    result = _run("inspect", out)
+    assert result.exit_code == 1 and "shard-00001.bin" in result.output
+
+
+def test_fingerprint_and_cache_key(good_file, tmp_path, chatml_tokenizer_dir, llama3_tokenizer_dir, tiny_qwen2_dir,
+                                   tokenizers):
+    from transformers import AutoTokenizer
+
+    fp = lora_data.tokenizer_fingerprint
+    again = AutoTokenizer.from_pretrained(chatml_tokenizer_dir)
+    again("warm up", padding="max_length", max_length=8, truncation=True)  # call-time settings do not count
+    assert fp(again) == fp(tokenizers["chatml"]) != fp(tokenizers["llama3"])
+    assert len(fp(again)) == 16
+    # transformers 5 loads Qwen2Tokenizer for a Qwen2-config model dir whatever class was saved, and it splits
+    # digits: other ids from the same files. The fingerprint follows the loaded object, so it differs too.
+    qwen = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    assert qwen(_PROBE)["input_ids"] != again(_PROBE)["input_ids"]
+    assert fp(qwen) != fp(again)
+    assert fp(qwen) == fp(AutoTokenizer.from_pretrained(tiny_qwen2_dir))
+    m = lora_data.prepare(good_file, tmp_path / "o", chatml_tokenizer_dir, max_seq_len=128, verbose=False)
+    assert m.tokenizer["fingerprint"] == fp(again)
+    key = lora_data.cache_key(good_file, chatml_tokenizer_dir, max_seq_len=128)
+    assert m.cache_key == key
+    assert key != lora_data.cache_key(good_file, chatml_tokenizer_dir, max_seq_len=256)
+    assert key != lora_data.cache_key(good_file, llama3_tokenizer_dir, max_seq_len=128)
+    assert key != lora_data.cache_key(good_file, chatml_tokenizer_dir, max_seq_len=128, seed=1)
+
+
+_PROBE = "Hello world, 12 + 3 = 15! ünï"

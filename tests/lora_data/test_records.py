@@ -1,0 +1,101 @@
+"""Schemas and records: hand-checkable literals for every kind of line."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+from lora_data import Record, Rejection, read_records
+from lora_data._schema import Schema
+
+USER = {"role": "user", "content": "Hi"}
+BOT = {"role": "assistant", "content": "Hello!"}
+
+
+def _items(tmp_path, lines: list, **kw):
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(b"".join((x if isinstance(x, bytes) else (json.dumps(x) if not isinstance(x, str) else x).encode())
+                           + b"\n" for x in lines))
+    reader = read_records(p, **kw)
+    return list(reader), reader
+
+
+@pytest.mark.parametrize("obj, expected", [
+    ({"messages": [USER, BOT]}, None),
+    ({"messages": [USER, {**BOT, "name": "x", "weight": 0}], "id": 7}, None),  # extra fields are kept, not errors
+    ({"messages": [{"role": "bot", "content": "x"}]},
+     ("messages[0].role", 'expected one of system, user, assistant, tool; got "bot"', "bad_role")),
+    ({"messages": []}, ("messages", "must not be empty", "empty_messages")),
+    ({"messages": [USER, {"role": "assistant", "content": 3}]},
+     ("messages[1].content", "expected string, got integer 3", "wrong_type_string")),
+    ({"messages": [USER, {"role": "assistant"}]}, ("messages[1].content", "missing required field", "missing_content")),
+    ({"messages": "hi"}, ("messages", 'expected array, got string "hi"', "wrong_type_array")),
+    ({"messages": [USER, None]}, ("messages[1]", "expected object, got null null", "wrong_type_object")),
+])
+def test_chat_schema_literals(obj, expected):
+    schema = Schema.load("chat")
+    assert schema.check(obj) == expected
+    # the fast check and jsonschema itself agree on pass/fail, from the same shipped file
+    assert jsonschema.Draft202012Validator(schema.schema).is_valid(obj) == (expected is None)
+
+
+@pytest.mark.parametrize("obj, expected", [
+    ({"instruction": "Add", "output": "4"}, None),
+    ({"instruction": "Add", "input": "2+2", "output": "4"}, None),
+    ({"instruction": "", "output": "4"}, ("instruction", "must not be an empty string", "empty_instruction")),
+    ({"instruction": "Add"}, ("output", "missing required field", "missing_output")),
+    ({"instruction": "Add", "input": 2, "output": "4"}, ("input", "expected string, got integer 2", "wrong_type_string")),
+])
+def test_alpaca_schema_literals(obj, expected):
+    assert Schema.load("alpaca").check(obj) == expected
+
+
+def test_alpaca_becomes_a_conversation(tmp_path):
+    (a, b, c), _ = _items(tmp_path, [{"instruction": "Add", "input": "2+2", "output": "4"},
+                                     {"instruction": "Say hi", "input": "", "output": "hi"},
+                                     {"instruction": "Say hi", "output": "hi"}])
+    assert a.messages == [{"role": "user", "content": "Add\n\n2+2"}, {"role": "assistant", "content": "4"}]
+    assert b.messages == c.messages == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    assert a.format == "alpaca"
+
+
+def test_field_overrides(tmp_path):
+    items, reader = _items(tmp_path, [{"conv": [USER, BOT]}, {"messages": [USER, BOT]}], field_messages="conv")
+    assert isinstance(items[0], Record) and items[0].messages == [USER, BOT]
+    assert isinstance(items[1], Rejection) and (items[1].field, items[1].code) == ("conv", "missing_conv")
+    items, _ = _items(tmp_path, [{"q": "Add", "ctx": "1+1", "a": "2"}], format="alpaca", field_instruction="q",
+                      field_input="ctx", field_output="a")
+    assert items[0].messages[0]["content"] == "Add\n\n1+1" and items[0].messages[1]["content"] == "2"
+
+
+def test_bom_crlf_blank_and_line_separator(tmp_path):
+    rec = {"messages": [{"role": "user", "content": "a\u2028b\u2029c"}, BOT]}
+    raw = json.dumps(rec, ensure_ascii=False).encode()
+    items, reader = _items(tmp_path, [b"\xef\xbb\xbf" + raw + b"\r", b"", b"  \t\r", raw])
+    assert [i.line for i in items] == [1, 4]
+    assert all(isinstance(i, Record) for i in items)
+    assert items[0].messages[0]["content"] == "a\u2028b\u2029c"
+    assert reader.counts["lines_read"] == 4 and reader.counts["blank"] == 2
+
+
+def test_every_bad_line_names_line_field_and_reason(tmp_path):
+    lines = ['{"messages": [', [1, 2], {"messages": [USER]}, b"\xff\xfe", {"text": "x"}, {"messages": [USER, BOT]}]
+    items, reader = _items(tmp_path, lines)
+    got = [(i.line, i.field, i.code) if isinstance(i, Rejection) else (i.line, "ok") for i in items]
+    assert got == [(1, None, "invalid_json"), (2, None, "not_an_object"), (3, "messages", "no_assistant"),
+                   (4, None, "invalid_utf8"), (5, "messages", "missing_messages"), (6, "ok")]
+    assert str(items[2]).endswith("in.jsonl:3: messages: no assistant turn: nothing to learn from")
+    assert items[0].raw == '{"messages": ['
+
+
+def test_auto_format_from_first_recognisable_record(tmp_path):
+    items, reader = _items(tmp_path, [{"foo": 1}, {"instruction": "a", "output": "b"}, {"messages": [USER, BOT]}])
+    assert [getattr(i, "code", "ok") for i in items] == ["unknown_format", "ok", "missing_instruction"]
+    assert reader.detected == "alpaca"
+
+
+def test_sample_id_traces_back_to_file_and_line():
+    from lora_data.records import sample_id, sample_origin
+
+    assert sample_origin(sample_id(3, 17)) == (3, 17)

@@ -1,0 +1,130 @@
+"""Render + mask: loss exactly on each assistant content and its end-of-turn token, for every template."""
+
+from __future__ import annotations
+
+import random
+
+import _tiny
+import numpy as np
+import pytest
+from lora_data.render import Renderer, RenderError, render
+from lora_data.tokenize import Encoder
+
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Sum?"},
+    {"role": "assistant", "content": "2 + 2 = 4"},
+]
+EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "plain": "<|endoftext|>"}
+
+
+def _masked_text(tok, ids, mask):
+    return tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+
+
+@pytest.mark.parametrize("kind", ["chatml", "llama3", "plain"])
+def test_mask_literal(tokenizers, kind):
+    tok = tokenizers[kind]
+    ids, mask = render(CONV, tok)
+    assert len(ids) == len(mask) and set(mask) == {0, 1}
+    assert _masked_text(tok, ids, mask) == f"Hello!{EOT[kind]}2 + 2 = 4{EOT[kind]}"
+    # the ids are what the model sees at inference: apply_chat_template(tokenize=True) gives the same
+    if kind != "plain":
+        assert ids == tok.apply_chat_template(CONV, tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_chatml_mask_by_hand(tokenizers):
+    tok = tokenizers["chatml"]
+    ids, mask = render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], tok)
+    pieces = [tok.decode([i]) for i in ids]
+    masked = [p for p, m in zip(pieces, mask, strict=True) if m]
+    assert "".join(masked) == "Yo<|im_end|>"
+    assert masked[-1] == "<|im_end|>" and pieces[-1] == "\n" and mask[-1] == 0  # the newline after it is scaffolding
+    assert "".join(pieces) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
+
+
+def test_llama3_bos_not_doubled_and_content_trimmed(tokenizers):
+    tok = tokenizers["llama3"]
+    ids, mask = render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  Yo \n"}], tok)
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert _masked_text(tok, ids, mask) == "Yo<|eot_id|>"  # the Llama-3 template trims content
+
+
+def test_plain_tokenizer_gets_documented_default(tokenizers):
+    from lora_data.templates import DEFAULT_CHAT_TEMPLATE
+
+    tok = tokenizers["plain"]
+    r = Renderer(tok)
+    assert r.template_source == "default" and tok.chat_template is None and "eos_token" in DEFAULT_CHAT_TEMPLATE
+    text = r.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]).text
+    assert text == "<|im_start|>user\nHi<|endoftext|>\n<|im_start|>assistant\nYo<|endoftext|>\n"
+
+
+def test_train_on_inputs_masks_everything(tokenizers):
+    ids, mask = render(CONV, tokenizers["chatml"], train_on_inputs=True)
+    assert mask == [1] * len(ids)
+
+
+def test_tool_turns_are_masked_out(tokenizers):
+    tok = tokenizers["chatml"]
+    conv = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "call"},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]
+    ids, mask = render(conv, tok)
+    assert _masked_text(tok, ids, mask) == "call<|im_end|>It is sunny.<|im_end|>"
+
+
+def test_template_that_rewrites_content_is_reported(tokenizers):
+    tok = tokenizers["chatml"]
+    r = Renderer(tok)
+    r._template = r._template.environment.from_string(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}")
+    with pytest.raises(RenderError, match=r"messages\[0\]\.content: the chat template changes this content"):
+        r.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+
+
+def _random_conversations(n, seed=0):
+    rng = random.Random(seed)
+    words = _tiny._WORDS.split() + ["ünï", "日本", "—", "  ", "\n", "\t", "<|im_end|>x", "  trailing "]
+    convs = []
+    for rec in _tiny.chat_records(n, seed=seed):
+        msgs = rec["messages"]
+        for m in msgs:  # sprinkle whitespace edges, unicode and special-looking text into contents
+            if rng.random() < 0.3:
+                m["content"] = rng.choice(words) + m["content"] + rng.choice(words)
+        convs.append(msgs)
+    return convs
+
+
+@pytest.mark.parametrize("kind", ["chatml", "llama3", "plain"])
+def test_decoding_the_mask_gives_back_every_assistant_message(tokenizers, kind):
+    """THE correctness test: for every record, masked-in tokens decode to each assistant message + end-of-turn."""
+    tok = tokenizers[kind]
+    renderer, encoder = Renderer(tok), Encoder(tok)
+    convs = _random_conversations(300)
+    rendered = renderer.render_batch(convs)
+    ids, masks = encoder.encode(rendered)
+    trim = kind == "llama3"
+    for conv, i, m in zip(convs, ids, masks, strict=True):
+        want = "".join((x["content"].strip() if trim else x["content"]) + EOT[kind]
+                       for x in conv if x["role"] == "assistant")
+        assert tok.decode(i[m == 1].tolist()) == want
+
+
+@pytest.mark.parametrize("kind", ["chatml", "llama3"])
+def test_byte_table_path_equals_offsets_path(tokenizers, kind):
+    tok = tokenizers[kind]
+    rendered = Renderer(tok).render_batch(_random_conversations(200, seed=1))
+    fast = Encoder(tok)
+    assert fast.byte_level
+    slow = Encoder(tok)
+    slow.byte_level = False
+    for a, b in zip(fast.encode_flat(rendered), slow.encode_flat(rendered), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_batch_render_equals_one_by_one(tokenizers):
+    r = Renderer(tokenizers["llama3"])
+    convs = _random_conversations(50)
+    assert r.texts(convs) == [r.text(c) for c in convs]
