@@ -40,9 +40,9 @@ def test_demo_subprocess(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     out = proc.stdout
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    for stage in ("[1/4] base model", "[2/4] data: capitals.jsonl", "[3/4] training", "[4/4] done in 60 steps"):
+    for stage in ("[1/4] base model", "[2/4] data: capitals.jsonl", "[3/4] training", "[4/4] done: 60 steps"):
         assert stage in out, out
-    before, after = map(float, re.search(r"loss ([\d.]+) → ([\d.]+)", out).groups())
+    before, after = map(float, re.search(r"answers: ([\d.]+) \(base\) → ([\d.]+) \(trained\)", out).groups())
     assert after < before - 1.0, out
     run = tmp_path / "demo" / "run"
     for line, path in (("adapter", run / "adapter_config.json"), ("metrics", run / "metrics.jsonl"),

@@ -5,7 +5,7 @@
       shards/        capitals.jsonl prepared by lora-data (manifest.json, rejects.jsonl, shards)
       run/           lora_sft's output: adapter, metrics.jsonl, loss.png, checkpoints/
 
-Then it prints the loss before → after and, for a few training prompts, the base model's greedy answer next to the
+Then it prints the loss on the training answers before → after and, for a few training prompts, the base model's greedy answer next to the
 trained model's.
 """
 
@@ -103,23 +103,38 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_token
     return answers
 
 
-def compare_generations(model_dir: Path, adapter_dir: Path, prompts: list[str]) -> list[tuple[str, str, str]]:
-    """(prompt, base answer, trained answer) for each prompt, greedy decoding."""
+def answer_loss(model: Any, tokenizer: Any, records: list[dict]) -> float:
+    """Mean cross-entropy over the assistant tokens of `records` (the tokens training is scored on), one at a time."""
+    import torch
+    from lora_data.render import render
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for record in records:
+            ids, mask = render(record["messages"], tokenizer)
+            labels = [i if m else -100 for i, m in zip(ids, mask, strict=True)]
+            n = sum(1 for x in labels[1:] if x != -100)  # the model shifts labels by one
+            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+            total, count = total + out.loss.item() * n, count + n
+    return total / count
+
+
+def evaluate(model_dir: Path, adapter_dir: Path, prompts: list[str]) -> dict[str, Any]:
+    """Answer loss on the training records and greedy answers to `prompts`, for the base and the trained model."""
+    import json
+
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    records = [json.loads(line) for line in (demo_assets() / "capitals.jsonl").read_text().splitlines()]
     tok = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    before = greedy_answers(base, tok, prompts)
-    after = greedy_answers(PeftModel.from_pretrained(base, adapter_dir), tok, prompts)
-    return list(zip(prompts, before, after, strict=True))
-
-
-def loss_before_after(metrics_path: Path) -> tuple[float, float]:
-    from lora_runtime.metrics import read_metrics
-
-    losses = [r["loss"] for r in read_metrics(metrics_path) if "loss" in r]
-    return losses[0], losses[-1]
+    before = (answer_loss(base, tok, records), greedy_answers(base, tok, prompts))
+    trained = PeftModel.from_pretrained(base, adapter_dir)
+    after = (answer_loss(trained, tok, records), greedy_answers(trained, tok, prompts))
+    return {"loss_before": before[0], "loss_after": after[0], "records": len(records),
+            "generations": list(zip(prompts, before[1], after[1], strict=True))}
 
 
 def run_demo(out_dir: Path, max_steps: int | None = None) -> dict[str, Any]:
@@ -132,13 +147,13 @@ def run_demo(out_dir: Path, max_steps: int | None = None) -> dict[str, Any]:
     model_dir = build_base_model(run / "base-model")
     shards = prepare_data(model_dir, run / "shards", options["max_seq_len"])
     result = train(model_dir, shards, run / "run", options)
-    first, last = loss_before_after(Path(result.metrics_path))
-    rows = compare_generations(model_dir, Path(result.adapter_dir), PROMPTS)
-    click.echo(f"[4/4] done in {result.steps} steps. loss {first:.3f} → {last:.3f}")
+    ev = evaluate(model_dir, Path(result.adapter_dir), PROMPTS)
+    click.echo(f"[4/4] done: {result.steps} steps in {result.wall_time_s:.0f} s. Loss on the {ev['records']} "
+               f"training answers: {ev['loss_before']:.3f} (base) → {ev['loss_after']:.3f} (trained)")
     click.echo(f"  adapter:   {result.adapter_dir}")
     click.echo(f"  metrics:   {result.metrics_path}")
     plot = Path(result.metrics_path).with_name("loss.png")
     click.echo(f"  loss plot: {plot if plot.exists() else '(not written)'}")
-    for prompt, before, after in rows:
+    for prompt, before, after in ev["generations"]:
         click.echo(f"\n  prompt:  {prompt}\n  base:    {before!r}\n  trained: {after!r}")
-    return {"loss_before": first, "loss_after": last, "generations": rows, "result": result}
+    return {**ev, "result": result}

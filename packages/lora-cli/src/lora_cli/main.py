@@ -54,7 +54,7 @@ class LoraCli(click.Group):
     `train` and `--help`).
     """
 
-    LAZY: ClassVar[dict[str, tuple[str, str]]] = {"prepare": ("lora_data.cli", "prepare_command"), "inspect": ("lora_data.cli", "inspect")}
+    LAZY: ClassVar[dict[str, tuple[str, str]]] = {"prepare": ("lora_data.cli", "prepare_command"), "inspect": ("lora_data.cli", "inspect_command")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.LAZY])
