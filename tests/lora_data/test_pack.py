@@ -22,7 +22,7 @@ def test_best_fit_not_first_fit():
 def test_pack_edge_cases():
     assert pack_bfd([], seq_len=4) == []
     assert pack_bfd([4, 4], seq_len=4) == [[0], [1]]
-    with pytest.raises(ValueError, match="every length must be in 1..4"):
+    with pytest.raises(ValueError, match=r"every length must be in 1\.\.4"):
         pack_bfd([5], seq_len=4)
     with pytest.raises(ValueError):
         pack_bfd([0], seq_len=4)

@@ -194,7 +194,7 @@ def test_prepared_shards_detect_corruption(good_file, tmp_path, chatml_tokenizer
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 1
     shard.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match="shard-00001.bin: sha256 does not match"):
+    with pytest.raises(ShardError, match=r"shard-00001\.bin: sha256 does not match"):
         ShardReader(out)
     result = _run("inspect", out)
     assert result.exit_code == 1 and "shard-00001.bin" in result.output

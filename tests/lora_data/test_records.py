@@ -61,7 +61,7 @@ def test_alpaca_becomes_a_conversation(tmp_path):
 
 
 def test_field_overrides(tmp_path):
-    items, reader = _items(tmp_path, [{"conv": [USER, BOT]}, {"messages": [USER, BOT]}], field_messages="conv")
+    items, _reader = _items(tmp_path, [{"conv": [USER, BOT]}, {"messages": [USER, BOT]}], field_messages="conv")
     assert isinstance(items[0], Record) and items[0].messages == [USER, BOT]
     assert isinstance(items[1], Rejection) and (items[1].field, items[1].code) == ("conv", "missing_conv")
     items, _ = _items(tmp_path, [{"q": "Add", "ctx": "1+1", "a": "2"}], format="alpaca", field_instruction="q",
@@ -81,7 +81,7 @@ def test_bom_crlf_blank_and_line_separator(tmp_path):
 
 def test_every_bad_line_names_line_field_and_reason(tmp_path):
     lines = ['{"messages": [', [1, 2], {"messages": [USER]}, b"\xff\xfe", {"text": "x"}, {"messages": [USER, BOT]}]
-    items, reader = _items(tmp_path, lines)
+    items, _reader = _items(tmp_path, lines)
     got = [(i.line, i.field, i.code) if isinstance(i, Rejection) else (i.line, "ok") for i in items]
     assert got == [(1, None, "invalid_json"), (2, None, "not_an_object"), (3, "messages", "no_assistant"),
                    (4, None, "invalid_utf8"), (5, "messages", "missing_messages"), (6, "ok")]

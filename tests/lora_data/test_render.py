@@ -86,7 +86,7 @@ def test_template_that_rewrites_content_is_reported(tokenizers):
 
 def _random_conversations(n, seed=0):
     rng = random.Random(seed)
-    words = _tiny._WORDS.split() + ["ünï", "日本", "—", "  ", "\n", "\t", "<|im_end|>x", "  trailing "]
+    words = [*_tiny._WORDS.split(), "ünï", "日本", "—", "  ", "\n", "\t", "<|im_end|>x", "  trailing "]
     convs = []
     for rec in _tiny.chat_records(n, seed=seed):
         msgs = rec["messages"]
