@@ -82,8 +82,12 @@ def build_model(shape: str, out_dir: str | Path, tokenizer_dir: str | Path) -> P
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(out)
-    tok.save_pretrained(out)
     del model
+    import shutil
+
+    for f in Path(tokenizer_dir).iterdir():  # verbatim, so the shards' tokenizer fingerprint matches
+        if f.is_file() and f.name not in ("config.json", "generation_config.json"):
+            shutil.copy(f, out / f.name)
     return out
 
 

@@ -1,0 +1,106 @@
+"""Our `lora_runtime.lora_sft` on pre-packed shards, several settings one after another in one process:
+
+    python -m benchmarks.gpu.ours MODEL SHARDS OUT --runs unsloth_auto_mb8,unsloth_gc_mb8 [--steps 20]
+
+Run names: <backend>_<gc>_mb<micro>[_q4]; backend unsloth | peft (never both in one process: importing unsloth
+patches transformers); gc auto | gc (forced on) | nogc. Everything else is lora_sft's defaults as training-hub's
+(lr 2e-4 linear, warmup 10, weight decay 0.01, clip 0.3, logging every step), LoRA r=16 alpha=32 on all linear
+projections. A TrainerCallback marks each logged step (device synchronised) with the trainer's own real-token count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import tempfile
+import time
+import traceback
+
+from benchmarks.gpu import common
+
+
+def _meter_callback(meter: common.StepMeter):
+    import torch
+    from transformers import TrainerCallback
+
+    class Meter(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            meter.start()
+            self.seen = 0
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                seen = int(logs.get("tokens_seen", state.num_input_tokens_seen))
+                meter.step(seen - self.seen, logs["loss"])
+                self.seen = seen
+
+    return Meter()
+
+
+def parse(name: str) -> dict:
+    parts = name.split("_")
+    backend, gc_mode, micro = parts[0], parts[1], int(parts[2].removeprefix("mb"))
+    kw = dict(backend=backend, micro_batch_size=micro,
+              gradient_checkpointing={"auto": "auto", "gc": True, "nogc": False}[gc_mode])
+    if "q4" in parts[3:]:
+        kw["load_in_4bit"] = True
+    return kw
+
+
+def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq_len: int) -> dict:
+    import torch
+    from lora_runtime import lora_sft
+
+    meter = common.StepMeter(warmup=warmup)
+    kw = parse(name)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        result = lora_sft(model_dir, shards, out, lora_r=16, lora_alpha=32, target_modules=common.LORA_TARGETS,
+                          max_steps=steps, max_seq_len=seq_len, save_steps=10**6, logging_steps=1,
+                          callbacks=[_meter_callback(meter)], **kw)
+    payload = {"run": name, **{k: v for k, v in kw.items()}, "backend_used": result.backend, "steps": result.steps,
+               "final_loss": result.final_loss, "total_s": time.perf_counter() - t0, "seq_len": seq_len}
+    payload.update(meter.summary())
+    payload.update(common.memory())
+    del result
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return payload
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir")
+    ap.add_argument("shards")
+    ap.add_argument("out")
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--shape", default="qwen1.5b")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--prefix", default="ours")
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    for name in a.runs.split(","):
+        tag = f"{a.prefix}_{name}"
+        if time.perf_counter() - t0 > a.budget_s:
+            common.write_result(a.out, tag, {"run": name, "error": "skipped: out of budget"})
+            continue
+        try:
+            payload = {"shape": a.shape, **run_one(a.model_dir, a.shards, name, a.steps, a.warmup, a.seq_len)}
+            gc_on = payload["gradient_checkpointing"] is True
+            if "tokens_per_s" in payload:
+                payload["mfu_6N"] = payload["tokens_per_s"] * common.flops_per_token(a.shape, True) / 790e12
+                payload["mfu_matmul"] = payload["tokens_per_s"] * common.flops_per_token(a.shape, gc_on) / 790e12
+        except Exception as e:
+            traceback.print_exc()
+            payload = {"run": name, "shape": a.shape, "error": f"{type(e).__name__}: {e}"[:2000], **common.memory()}
+        common.write_result(a.out, tag, payload)
+
+
+if __name__ == "__main__":
+    main()
