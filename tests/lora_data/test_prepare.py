@@ -225,3 +225,21 @@ def test_fingerprint_and_cache_key(good_file, tmp_path, chatml_tokenizer_dir, ll
 
 
 _PROBE = "Hello world, 12 + 3 = 15! ünï"
+
+
+def test_manifest_check_tokenizer(good_file, tmp_path, chatml_tokenizer_dir, tokenizers):
+    from lora_data import TokenizerMismatchError
+
+    m = lora_data.prepare(good_file, tmp_path / "o", chatml_tokenizer_dir, max_seq_len=128, verbose=False)
+    Manifest.load(tmp_path / "o").check_tokenizer(tokenizers["chatml"])
+    with pytest.raises(TokenizerMismatchError) as e:
+        m.check_tokenizer(tokenizers["llama3"])
+    assert m.fingerprint in str(e.value) and lora_data.tokenizer_fingerprint(tokenizers["llama3"]) in str(e.value)
+
+
+def test_lazy_public_names_resolve():
+    from lora_data._prepare import prepare
+
+    assert lora_data.prepare is prepare and callable(lora_data.cache_key)
+    assert lora_data.read_records is lora_data.records.read_records and lora_data.Record and lora_data.Rejection
+    assert set(lora_data.__all__) <= set(dir(lora_data))

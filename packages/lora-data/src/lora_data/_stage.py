@@ -103,7 +103,8 @@ class TokenizeStage:
         self._mask.close()
         schema = {"sample_id": pl.UInt64, "offset": pl.Int64, "length": pl.Int64, "loss_tokens": pl.Int64}
         table = pl.concat(self.frames) if self.frames else pl.DataFrame(schema=schema)
-        ids = np.memmap(self.ids_path, dtype=np.uint32, mode="r") if self._pos else np.zeros(0, np.uint32)
-        mask = np.memmap(self.mask_path, dtype=np.uint8, mode="r") if self._pos else np.zeros(0, np.uint8)
+        # np.asarray drops the memmap subclass (its per-slice overhead) but keeps the mapping: no copy in memory
+        ids = np.asarray(np.memmap(self.ids_path, dtype=np.uint32, mode="r")) if self._pos else np.zeros(0, np.uint32)
+        mask = np.asarray(np.memmap(self.mask_path, dtype=np.uint8, mode="r")) if self._pos else np.zeros(0, np.uint8)
         return table, ids, mask
 

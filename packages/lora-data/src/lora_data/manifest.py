@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError
+from .errors import ManifestError, TokenizerMismatchError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -56,6 +56,18 @@ class Manifest:
     @property
     def fingerprint(self) -> str | None:
         return self.tokenizer.get("fingerprint")
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Raise TokenizerMismatchError (both fingerprints shown) unless `tokenizer` encodes like the one used here.
+
+        Call it with the tokenizer the model was loaded with (transformers may load another class than was saved).
+        """
+        from .fingerprint import tokenizer_fingerprint
+
+        actual = tokenizer_fingerprint(tokenizer)
+        if actual != self.fingerprint:
+            hint = f"prepared with {self.tokenizer.get('name_or_path')!r}"
+            raise TokenizerMismatchError(str(self.fingerprint), actual, path=MANIFEST_NAME, hint=hint)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
