@@ -16,4 +16,5 @@ out = {"bf16_matmul_tflops": 2 * n**3 / ms / 1e9, "copy_tb_s": 2 * x.numel() / m
        "card": torch.cuda.get_device_name(0), "torch": torch.__version__}
 print("CEILINGS", json.dumps(out))
 if len(sys.argv) > 1:
-    open(sys.argv[1], "w").write(json.dumps(out))
+    with open(sys.argv[1], "w") as f:
+        f.write(json.dumps(out))

@@ -7,6 +7,7 @@ Nothing here imports torch at module import, so `make_data` and the CPU side can
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -191,10 +192,8 @@ def versions() -> dict:
     out = {"python": sys.version.split()[0]}
     for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes",
                 "training-hub", "triton"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
