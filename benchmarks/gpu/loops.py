@@ -173,7 +173,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--shape", default="qwen1.5b")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining variants past this wall time")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--profile", help="write a kernel-time breakdown of 2 steps of the last variant to this file")
     a = ap.parse_args()
+    global SEQ_LEN
+    SEQ_LEN = a.seq_len
     t0 = time.perf_counter()
     import torch
 
@@ -207,6 +211,58 @@ def main() -> None:
             payload["error"] = f"{type(e).__name__}: {e}"[:2000]
             payload.update(common.memory())
         common.write_result(a.out, f"loop_{tag}_{name}", payload)
+    if a.profile and "error" not in payload:
+        try:
+            profile(model, opt, (ids, lens, tok.pad_token_id), name, a.profile)
+        except Exception:
+            traceback.print_exc()
+
+
+CATEGORIES = [  # kernel-name patterns → where the step's GPU time goes
+    ("matmul (cuBLAS/cutlass)", ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "splitk")),
+    ("attention (flash)", ("flash", "fmha", "attention")),
+    ("cross-entropy / lm_head chunks", ("cross_entropy", "_ce_", "logsumexp")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("copies / casts", ("copy", "cast", "convert", "memcpy", "memset", "fill")),
+]
+
+
+def profile(model, opt, data, name: str, path: str) -> None:
+    """Two steps under torch.profiler: GPU time by kernel category, top kernels, and the host-side step time."""
+    import json
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    layout = "rows" if name.startswith("rows") else "packed"
+    micro = int("".join(c for c in name.split("_")[0] if c.isdigit()))
+    ids, lens, pad_id = data
+    batches = make_batches(ids, lens, micro, layout, pad_id)
+    common.sync()
+    t0 = time.perf_counter()
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            kw, _real = next(batches)
+            model(**kw).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        common.sync()
+    wall = (time.perf_counter() - t0) / 2
+    kernels = [(e.key, e.self_device_time_total) for e in prof.key_averages()
+               if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0]
+    total = sum(t for _, t in kernels)
+    cats: dict[str, float] = {}
+    for key, t in kernels:
+        low = key.lower()
+        cat = next((c for c, pats in CATEGORIES if any(p in low for p in pats)), "other elementwise / triton")
+        cats[cat] = cats.get(cat, 0.0) + t
+    out = {"variant": name, "wall_ms_per_step": wall * 1e3, "gpu_busy_ms_per_step": total / 2e3,
+           "by_category_ms_per_step": {c: t / 2e3 for c, t in sorted(cats.items(), key=lambda x: -x[1])},
+           "top_kernels_ms_per_step": [(k[:120], t / 2e3) for k, t in sorted(kernels, key=lambda x: -x[1])[:25]]}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print("PROFILE", json.dumps({k: out[k] for k in ("wall_ms_per_step", "gpu_busy_ms_per_step",
+                                                     "by_category_ms_per_step")}), flush=True)
 
 
 if __name__ == "__main__":
