@@ -103,21 +103,36 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_token
     return answers
 
 
-def answer_loss(model: Any, tokenizer: Any, records: list[dict]) -> float:
-    """Mean cross-entropy over the assistant tokens of `records` (the tokens training is scored on), one at a time."""
-    import torch
-    from lora_data.render import render
+def answer_batch(tokenizer: Any, records: list[dict]) -> dict[str, Any]:
+    """Records → one right-padded batch {input_ids, attention_mask, labels}, labels -100 off the assistant tokens.
 
-    total, count = 0.0, 0
+    Rendered and masked by lora-data's own renderer and encoder, so "answer tokens" mean what they mean in training.
+    """
+    import torch
+    from lora_data.render import Renderer
+    from lora_data.tokenize import Encoder
+
+    renderer = Renderer(tokenizer)
+    ids, masks = Encoder(tokenizer).encode([renderer.render(r["messages"]) for r in records])
+    width = max(len(i) for i in ids)
+    batch = {"input_ids": torch.full((len(ids), width), tokenizer.pad_token_id),
+             "attention_mask": torch.zeros((len(ids), width), dtype=torch.long),
+             "labels": torch.full((len(ids), width), -100)}
+    for row, (i, m) in enumerate(zip(ids, masks, strict=True)):
+        t = torch.from_numpy(i.astype("int64"))
+        batch["input_ids"][row, : len(t)] = t
+        batch["attention_mask"][row, : len(t)] = 1
+        batch["labels"][row, : len(t)] = torch.where(torch.from_numpy(m.astype(bool)), t, -100)
+    return batch
+
+
+def answer_loss(model: Any, batch: dict[str, Any]) -> float:
+    """Mean cross-entropy over the answer tokens of `batch` (one forward pass)."""
+    import torch
+
     model.eval()
     with torch.no_grad():
-        for record in records:
-            ids, mask = render(record["messages"], tokenizer)
-            labels = [i if m else -100 for i, m in zip(ids, mask, strict=True)]
-            n = sum(1 for x in labels[1:] if x != -100)  # the model shifts labels by one
-            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
-            total, count = total + out.loss.item() * n, count + n
-    return total / count
+        return float(model(**batch).loss)
 
 
 def evaluate(model_dir: Path, adapter_dir: Path, prompts: list[str]) -> dict[str, Any]:
@@ -129,10 +144,11 @@ def evaluate(model_dir: Path, adapter_dir: Path, prompts: list[str]) -> dict[str
 
     records = [json.loads(line) for line in (demo_assets() / "capitals.jsonl").read_text().splitlines()]
     tok = AutoTokenizer.from_pretrained(model_dir)
+    batch = answer_batch(tok, records)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    before = (answer_loss(base, tok, records), greedy_answers(base, tok, prompts))
+    before = (answer_loss(base, batch), greedy_answers(base, tok, prompts))
     trained = PeftModel.from_pretrained(base, adapter_dir)
-    after = (answer_loss(trained, tok, records), greedy_answers(trained, tok, prompts))
+    after = (answer_loss(trained, batch), greedy_answers(trained, tok, prompts))
     return {"loss_before": before[0], "loss_after": after[0], "records": len(records),
             "generations": list(zip(prompts, before[1], after[1], strict=True))}
 
