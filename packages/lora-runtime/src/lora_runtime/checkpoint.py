@@ -3,15 +3,20 @@
 Write protocol (rank 0 commits, after every rank has written its files into the staging dir):
 
     checkpoints/.tmp-checkpoint-40/   ← every file written here, then fsync'd
-    checkpoints/.tmp-checkpoint-40/COMPLETE   ← marker: step + file list, fsync'd last
+    checkpoints/.tmp-checkpoint-40/COMPLETE   ← marker: step + file list with sizes and sha256, fsync'd last
     rename → checkpoints/checkpoint-40/   ← atomic on POSIX; the parent dir is fsync'd
 
-A directory without COMPLETE (a crash between rename and nothing, or someone's copy) is never resumed from.
-An existing complete checkpoint is never overwritten. `rotate` keeps the newest `keep` complete ones.
+A directory without COMPLETE (a crash between rename and nothing, or someone's copy) is never resumed from, and
+the checkpoint resumed from is checked against its marker first (`verify`: a truncated or flipped file is an error
+naming it). An existing complete checkpoint is never overwritten. `rotate` keeps the newest `keep` complete ones;
+it renames a checkpoint out of the `checkpoint-<step>` namespace before deleting it, so a crash mid-delete never
+leaves a half-deleted directory that still looks complete.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -57,7 +62,50 @@ def resume_point(ckpt_output_dir: str | Path, *, resume: bool) -> Path | None:
         raise CheckpointError(
             f"{root} already holds {len(existing)} checkpoint(s) (newest: {existing[-1][1].name}); resume=False refuses "
             "to overwrite them: pass resume=True to continue that run, or choose another ckpt_output_dir")
-    return newest_complete(root) if resume else None
+    if not resume:
+        return None
+    found = newest_complete(root)
+    if found is not None:
+        verify(found)
+    return found
+
+
+def verify(path: str | Path) -> Path:
+    """Check every file COMPLETE lists (size, then sha256); CheckpointError naming the first bad file."""
+    path = Path(path)
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+        files, sizes, digests = marker["files"], marker.get("bytes", {}), marker.get("sha256", {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / MARKER}: unreadable completeness marker ({e}); {_fix(path)}") from None
+    for name in files:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in {MARKER} but missing; {_fix(path)}")
+        if name in sizes and f.stat().st_size != sizes[name]:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {MARKER} says {sizes[name]} (truncated or "
+                                  f"replaced); {_fix(path)}")
+        if name in digests and sha256_file(f) != digests[name]:
+            raise CheckpointError(f"{f}: sha256 does not match {MARKER} (corrupted or modified); {_fix(path)}")
+    return path
+
+
+def _fix(path: Path) -> str:
+    older = [p for s, p in list_checkpoints(path.parent) if p != path]
+    then = f"resume falls back to {older[-1].name}" if older else "the run starts from scratch"
+    return f"delete {path} (then {then}) or restore it from a backup"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def staging_dir(root: str | Path, step: int) -> Path:
@@ -81,7 +129,9 @@ def commit(tmp: str | Path, step: int) -> Path:
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     for name in files:
         _fsync_file(tmp / name)
-    write_json_atomic(tmp / MARKER, {"step": step, "files": files})
+    write_json_atomic(tmp / MARKER, {"step": step, "files": files,
+                                     "bytes": {n: (tmp / n).stat().st_size for n in files},
+                                     "sha256": {n: sha256_file(tmp / n) for n in files}})
     _fsync_dir(tmp)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
@@ -98,9 +148,21 @@ def rotate(root: str | Path, keep: int | None) -> list[Path]:
     removed = [p for _, p in complete[:-keep]]
     newest_kept = complete[-keep][0] if len(complete) >= keep else complete[0][0]
     removed += [p for s, p in list_checkpoints(root, complete_only=False) if s < newest_kept and not (p / MARKER).exists()]
-    for p in removed:
+    for p in removed:  # out of the checkpoint-<step> namespace first: a crash mid-delete leaves no "complete" husk
+        trash = p.with_name(f".deleting-{p.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(p, trash)
+    _fsync_dir(Path(root))
+    leftovers = [p for p in Path(root).glob(".deleting-checkpoint-*")]
+    leftovers += [p for p in Path(root).glob(".tmp-checkpoint-*") if _step(p) < complete[-1][0]]  # crashed saves
+    for p in leftovers:
         shutil.rmtree(p, ignore_errors=True)
     return removed
+
+
+def _step(p: Path) -> int:
+    tail = p.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
 
 
 def write_json_atomic(path: str | Path, obj: object) -> Path:

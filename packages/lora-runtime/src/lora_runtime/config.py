@@ -94,8 +94,8 @@ class LoraSftConfig:
     field_input: str = _f("input", "alpaca: optional input field")
     field_output: str = _f("output", "alpaca: output field")
     train_on_inputs: bool = _f(False, "also train on prompts/system turns (training-hub behaviour); default: answers only")
-    overlong: str = _f("drop", "sample longer than max_seq_len: drop (logged to rejects.jsonl), split, or error",
-                       ["drop", "split", "error"])
+    overlong: str = _f("drop", "sample longer than max_seq_len: drop (to rejects.jsonl), truncate, or split",
+                       ["drop", "truncate", "split"])
     data_output_dir: str | None = _f(None, "cache dir for prepared shards (default $LORA_DATA_CACHE or ~/.cache/lora-sft/data)")
     dataloader_num_workers: int = _f(0, "dataloader worker processes per rank")
     # --- precision, memory, model loading ---

@@ -1,8 +1,8 @@
 """`ensure_shards(config)`: make `data_path` a verified shard directory before any model is loaded.
 
 - a directory with `manifest.json` is used as is;
-- a raw JSONL file is prepared through `lora_data.prepare` into `<cache>/<key>/`, where key = sha256 of (file
-  content, tokenizer fingerprint, preparation options); a second run with the same inputs reuses it;
+- a raw JSONL file is prepared through `lora_data.prepare` into `<cache>/<key>/`, where key = lora-data's cache key
+  (sha256 of the file content, the tokenizer fingerprint and every preparation option); a second run reuses it;
 - either way the manifest's tokenizer fingerprint must equal the model tokenizer's (TokenizerMismatchError shows
   both), and the shards' row length must fit `max_seq_len`.
 
@@ -11,8 +11,6 @@ Under torchrun only rank 0 prepares; the others wait at a barrier and then read 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +18,6 @@ from typing import Any
 
 from lora_runtime.config import ConfigError, LoraSftConfig
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
-
-# Bump when the meaning of the options below changes, so old cache entries stop matching.
-CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -75,12 +70,19 @@ def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None
                            f"{config.max_seq_len}; pass max_seq_len={manifest.seq_len} or prepare the data again"])
 
 
+FORMATS = {"chat_template": "messages", "alpaca": "alpaca"}  # our dataset_type → lora-data's format
+
+
 def prepare_options(config: LoraSftConfig) -> dict[str, Any]:
-    """The `lora_data.prepare` keyword arguments that the config decides (all part of the cache key)."""
-    fields = {"field_messages": config.field_messages, "field_instruction": config.field_instruction,
-              "field_input": config.field_input, "field_output": config.field_output}
-    return {"max_seq_len": config.max_seq_len, "dataset_type": config.dataset_type, "packing": config.sample_packing,
-            "train_on_inputs": config.train_on_inputs, "overlong": config.overlong, "seed": config.seed, **fields}
+    """The `lora_data.prepare` options that the config decides (every one is part of lora-data's cache key)."""
+    if config.dataset_type not in FORMATS:
+        raise ConfigError([f"dataset_type={config.dataset_type!r} (pre-rendered text, tokenized by the trainer) is not "
+                           "supported: lora-data renders and masks records itself; use 'chat_template' (messages) or "
+                           "'alpaca', or pass a prepared shard directory as data_path"])
+    return {"max_seq_len": config.max_seq_len, "format": FORMATS[config.dataset_type],
+            "field_messages": config.field_messages, "field_instruction": config.field_instruction,
+            "field_input": config.field_input, "field_output": config.field_output, "overlong": config.overlong,
+            "packing": config.sample_packing, "train_on_inputs": config.train_on_inputs, "seed": config.seed}
 
 
 def cache_root(config: LoraSftConfig) -> Path:
@@ -92,35 +94,30 @@ def cache_root(config: LoraSftConfig) -> Path:
     return base / "lora-sft" / "data"
 
 
-def cache_key(data_file: Path, fingerprint: str, options: dict[str, Any]) -> str:
-    h = hashlib.sha256()
-    with open(data_file, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    meta = json.dumps({"v": CACHE_VERSION, "fingerprint": fingerprint, "options": options}, sort_keys=True)
-    h.update(meta.encode())
-    return h.hexdigest()[:20]
-
-
 def prepare_cached(data_file: Path, config: LoraSftConfig, tokenizer: Any) -> Path:
-    """Prepare `data_file` once per (content, tokenizer, options); reuse the cached shards afterwards."""
+    """Prepare `data_file` once per (content, tokenizer, options) key; reuse the cached shards afterwards."""
     import lora_data
 
     options = prepare_options(config)
-    out = cache_root(config) / cache_key(data_file, lora_data.tokenizer_fingerprint(tokenizer), options)
-    if (out / "manifest.json").is_file():
+    key = lora_data.cache_key(data_file, tokenizer, **options)
+    out = cache_root(config) / key[:20]
+    if _cached(out, key):
         print0(f"data: reusing prepared shards {out} (same file content, tokenizer and options)")
         return out
     if dist_env().is_main:
         print0(f"data: preparing {data_file} → {out}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        manifest = lora_data.prepare(data_file, out, tokenizer, **options)
-        counts = getattr(manifest, "counts", {})
-        print0(f"data: {counts.get('valid', '?')} valid, {counts.get('rejected', '?')} rejected "
-               f"(see {out}/rejects.jsonl), {counts.get('rows', '?')} rows, packing efficiency "
-               f"{getattr(manifest, 'packing_efficiency', 0):.3f}")
+        lora_data.prepare(data_file, out, tokenizer, **options)
     barrier()
+    if not _cached(out, key):
+        raise RuntimeError(f"{out}: prepared shards are missing or carry another cache key after prepare; is another "
+                           "process writing the same data_output_dir?")
     return out
+
+
+def _cached(out: Path, key: str) -> bool:
+    from lora_data import Manifest
+
+    return (out / "manifest.json").is_file() and Manifest.load(out).cache_key == key
 
 
 def open_datasets(config: LoraSftConfig, shards: Shards) -> tuple[Any, Any]:

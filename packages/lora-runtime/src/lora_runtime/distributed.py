@@ -6,11 +6,8 @@ writes files and prints.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
-
-log = logging.getLogger("lora_runtime")
 
 
 @dataclass(frozen=True)
@@ -75,9 +72,6 @@ def all_reduce_sum(value: float) -> float:
 
 
 def print0(*parts: object) -> None:
-    """Log on rank 0 only (logger `lora_runtime`, INFO; also printed when nothing configured logging)."""
+    """Print on rank 0 only (stdout, prefixed `[lora_runtime]`); other ranks stay quiet."""
     if dist_env().is_main:
-        msg = " ".join(str(p) for p in parts)
-        log.info(msg)
-        if not logging.getLogger().handlers and not log.handlers:
-            print(f"[lora_runtime] {msg}", flush=True)
+        print("[lora_runtime]", *parts, flush=True)

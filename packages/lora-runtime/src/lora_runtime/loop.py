@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 from lora_runtime import checkpoint
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
-from lora_runtime.metrics import MetricsWriter, peak_memory_bytes, plot_loss, read_metrics, report_targets
+from lora_runtime.metrics import (
+    MetricsWriter,
+    peak_memory_bytes,
+    plot_loss,
+    read_metrics,
+    report_targets,
+    reporting_env,
+)
 
 if TYPE_CHECKING:  # torch-heavy; imported where used so `import lora_runtime.api` stays light
     from lora_runtime.backends.base import Backend
@@ -65,10 +72,11 @@ def train(config: LoraSftConfig, backend: Backend, dataset: PackedShardDataset,
                f"row offset {data_state['offset']} on each rank)")
     metrics = MetricsWriter(Path(config.ckpt_output_dir) / "metrics.jsonl", resume_step=resume_step,
                             enabled=env.is_main)
-    trainer = PackedTrainer(config=config, metrics=metrics, model=model, args=training_arguments(config, precision),
-                            train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
-                            callbacks=_callbacks(config.callbacks))
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with reporting_env(config):
+        trainer = PackedTrainer(config=config, metrics=metrics, model=model, train_dataset=dataset,
+                                args=training_arguments(config, precision), eval_dataset=eval_dataset,
+                                processing_class=tokenizer, callbacks=_callbacks(config.callbacks))
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.flush_tokens()
     return finish(config, backend, trainer, tokenizer, manifest, start)
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -97,23 +98,38 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     return Path(png_path)
 
 
+def report_env(config: LoraSftConfig) -> dict[str, str]:
+    """Env settings the wandb / TensorBoard / MLflow integrations read, from the config's explicit values."""
+    pairs = {"WANDB_PROJECT": config.wandb_project, "WANDB_ENTITY": config.wandb_entity,
+             "TENSORBOARD_LOGGING_DIR": config.tensorboard_log_dir, "MLFLOW_TRACKING_URI": config.mlflow_tracking_uri,
+             "MLFLOW_EXPERIMENT_NAME": config.mlflow_experiment_name, "MLFLOW_RUN_NAME": config.mlflow_run_name}
+    return {k: v for k, v in pairs.items() if v}
+
+
 def report_targets(config: LoraSftConfig) -> list[str]:
-    """Integrations to report to, from the config or the usual env vars; exports their settings to the env."""
+    """Integrations to report to: asked for in the config, or by the usual env vars (as training-hub does)."""
+    env = {**os.environ, **report_env(config)}
     targets = []
-    env = os.environ
-    if config.wandb_project or env.get("WANDB_PROJECT"):
+    if env.get("WANDB_PROJECT"):
         targets.append("wandb")
-        for key, value in (("WANDB_PROJECT", config.wandb_project), ("WANDB_ENTITY", config.wandb_entity)):
-            if value:
-                env[key] = value
     if config.tensorboard_log_dir:
         targets.append("tensorboard")
-        env["TENSORBOARD_LOGGING_DIR"] = config.tensorboard_log_dir
-    if config.mlflow_tracking_uri or config.mlflow_experiment_name or env.get("MLFLOW_TRACKING_URI"):
+    if env.get("MLFLOW_TRACKING_URI") or env.get("MLFLOW_EXPERIMENT_NAME"):
         targets.append("mlflow")
-        for key, value in (("MLFLOW_TRACKING_URI", config.mlflow_tracking_uri),
-                           ("MLFLOW_EXPERIMENT_NAME", config.mlflow_experiment_name),
-                           ("MLFLOW_RUN_NAME", config.mlflow_run_name)):
-            if value:
-                env[key] = value
     return targets
+
+
+@contextlib.contextmanager
+def reporting_env(config: LoraSftConfig):
+    """Set `report_env(config)` for the run and restore the previous values after it (no leak into the next run)."""
+    new = report_env(config)
+    old = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

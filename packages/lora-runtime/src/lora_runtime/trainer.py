@@ -6,11 +6,16 @@ Overrides, each small:
 - `compute_loss`: pops the batch's real-token count (for tokens/s) before the forward.
 - `log`: adds tokens_seen, tokens_per_s, peak memory and an exact epoch, and writes metrics.jsonl on rank 0.
 - `_save_checkpoint`: every rank writes into a staging dir, rank 0 commits it (fsync, marker, rename), adds
-  `data_state.json` (the data position) and the resolved config, and rotates to `save_total_limit`.
+  `data_state.json` (the data position) and the resolved config, and rotates to `save_total_limit`. A full disk
+  removes the staging dir and raises CheckpointError saying which complete checkpoint is still intact.
+- `training_step`: an out-of-memory error names the knobs that fix it (micro_batch_size, max_seq_len, load_in_4bit).
+- `train`: resuming from the run's last step (killed after its final checkpoint) trains no extra step.
 """
 
 from __future__ import annotations
 
+import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,28 @@ class PackedTrainer(Trainer):
         return self._loader(eval_dataset if eval_dataset is not None else self.eval_dataset,
                             self.args.per_device_eval_batch_size)
 
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
+        """transformers' loop runs one step before it checks max_steps: a resume from the final checkpoint (a run
+        killed after saving it, before writing the adapter) would train a step past the end. Restore it instead."""
+        planned = self.args.max_steps if self.args.max_steps > 0 else (
+            self.train_dataset.steps_per_epoch() * math.ceil(self.args.num_train_epochs))
+        if resume_from_checkpoint and int(Path(resume_from_checkpoint).name.rsplit("-", 1)[1]) >= planned:
+            from transformers.trainer import TRAINER_STATE_NAME
+            from transformers.trainer_callback import TrainerState
+
+            self._load_from_checkpoint(resume_from_checkpoint)
+            self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_NAME))
+            return None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        try:
+            return super().training_step(*args, **kwargs)
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemoryHint(oom_hint(self.run_config, self.state.global_step + 1, e)) from e
+
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
         n = inputs.pop("num_tokens", 0)
         if model.training:
@@ -76,9 +103,23 @@ class PackedTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        root, step = Path(self.args.output_dir), self.state.global_step
+        try:
+            self._write_checkpoint(root, step)
+        except OSError as e:
+            if not checkpoint.is_disk_full(e):
+                raise
+            shutil.rmtree(root / f".tmp-checkpoint-{step}", ignore_errors=True)
+            kept = checkpoint.newest_complete(root)
+            intact = f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists"
+            raise checkpoint.CheckpointError(
+                f"disk full ({e.strerror}) while writing checkpoint-{step} under {root}; the partial write was "
+                f"removed and {intact}. Free space (or move ckpt_output_dir, or lower save_total_limit) and run "
+                "the same command again to resume") from e
+
+    def _write_checkpoint(self, root: Path, step: int) -> None:
         from transformers.trainer import TRAINER_STATE_NAME
 
-        root, step = Path(self.args.output_dir), self.state.global_step
         self.flush_tokens()
         if self.args.should_save:
             checkpoint.staging_dir(root, step)
@@ -98,3 +139,15 @@ class PackedTrainer(Trainer):
             checkpoint.commit(tmp, step)
             checkpoint.rotate(root, self.run_config.save_total_limit)
         barrier()
+
+
+class OutOfMemoryHint(RuntimeError):
+    """Out of (GPU) memory in a training step; the message names the knobs. `__cause__` is the original error."""
+
+
+def oom_hint(config: LoraSftConfig, step: int, error: BaseException) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    quant = "" if config.load_in_4bit else "; load_in_4bit=True (QLoRA) to quarter the base weights' memory"
+    return (f"out of memory in training step {step} ({first}). Lower micro_batch_size (now {config.micro_batch_size}; "
+            f"set effective_batch_size to keep the optimizer step the same), lower max_seq_len (now "
+            f"{config.max_seq_len}; rows are packed to it){quant}; or gradient_checkpointing=True")

@@ -1,0 +1,61 @@
+"""Raw JSONL through lora_sft: prepared by lora-data into a content-keyed cache (reused on the next run), eval data,
+and the report_to integrations (wandb offline, TensorBoard)."""
+
+from __future__ import annotations
+
+import _runs
+import _tiny
+import pytest
+from lora_runtime import ConfigError, lora_sft
+from lora_runtime.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    d = tmp_path_factory.mktemp("raw")
+    return _tiny.write_jsonl(d / "train.jsonl", _tiny.chat_records(16, seed=3)), d
+
+
+def test_raw_jsonl_is_prepared_once_and_reused_with_eval_and_reporting(raw, tiny_llama_dir, monkeypatch, capsys):
+    jsonl, d = raw
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(d))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    kw = {**_runs.RUN, "max_steps": 3, "save_steps": 3, "data_output_dir": str(d / "cache")}
+    first = lora_sft(str(tiny_llama_dir), str(jsonl), str(d / "run1"), **kw, eval_data_path=str(jsonl),
+                     eval_steps=3, wandb_project="lora-runtime-tests", tensorboard_log_dir=str(d / "tb"))
+    cached = list((d / "cache").iterdir())
+    assert len(cached) == 1 and (cached[0] / "manifest.json").is_file()
+    assert first.manifest.cache_key.startswith(cached[0].name)
+    rows = read_metrics(first.metrics_path)
+    assert any("eval_loss" in r for r in rows) and [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert list((d / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert list(d.glob("wandb/offline-run-*")), "no offline wandb run"
+
+    # same file, tokenizer and options: the cache entry is reused as is (checked without training again)
+    from lora_runtime.config import LoraSftConfig
+    from lora_runtime.data import ensure_shards
+
+    mtime = (cached[0] / "manifest.json").stat().st_mtime_ns
+    capsys.readouterr()
+    config = LoraSftConfig(str(tiny_llama_dir), str(jsonl), str(d / "run2"), **kw)
+    assert ensure_shards(config).train_dir == cached[0]
+    assert "reusing prepared shards" in capsys.readouterr().out
+    assert (cached[0] / "manifest.json").stat().st_mtime_ns == mtime
+    # another option → another key → another entry (prepare runs, no training needed)
+    ensure_shards(LoraSftConfig(str(tiny_llama_dir), str(jsonl), str(d / "run3"), **{**kw, "train_on_inputs": True}))
+    assert len(list((d / "cache").iterdir())) == 2
+
+
+def test_passthrough_is_refused_with_the_alternative(raw, tiny_llama_dir, tmp_path):
+    jsonl, _ = raw
+    with pytest.raises(ConfigError, match="use 'chat_template'"):
+        lora_sft(str(tiny_llama_dir), str(jsonl), str(tmp_path / "o"), dataset_type="passthrough",
+                 data_output_dir=str(tmp_path / "c"))
+
+
+def test_missing_data_path_is_named(tiny_llama_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"`data_path`=.*nope.jsonl does not exist"):
+        lora_sft(str(tiny_llama_dir), str(tmp_path / "nope.jsonl"), str(tmp_path / "o"))
