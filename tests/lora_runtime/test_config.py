@@ -111,3 +111,12 @@ def test_lora_sft_reports_all_config_problems_before_loading(tmp_path):
     with pytest.raises(ConfigError) as e:
         lora_sft("no-model", "no-data", str(tmp_path), lora_r=0, bf16=True, fp16=True)
     assert len(e.value.issues) == 2
+
+
+def test_multi_process_settings_without_torchrun_are_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="not started by torchrun: run `lora-cli train"):
+        lora_sft("no-model", "no-data", str(tmp_path), nproc_per_node=2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=4 processes but the config asks for 2"):
+        lora_sft("no-model", "no-data", str(tmp_path), nproc_per_node=2, effective_batch_size=8)

@@ -66,8 +66,10 @@ def lora_sft(
     config = LoraSftConfig(**locals()).validate()  # first line: locals() are exactly the parameters here
     from lora_runtime.backends import select_backend
     from lora_runtime.data import ensure_shards, open_datasets
+    from lora_runtime.distributed import check_launch
     from lora_runtime.loop import train
 
+    check_launch(config)
     shards = ensure_shards(config)
     backend_impl, reason = select_backend(config.backend)
     train_data, eval_data = open_datasets(config, shards)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,26 @@ def dist_env() -> DistEnv:
     """Read torchrun's variables; a plain `python script.py` is rank 0 of 1."""
     return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
                    int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def check_launch(config: Any) -> DistEnv:
+    """Refuse distributed settings that would silently be no-ops (training-hub accepts and ignores them).
+
+    nproc_per_node x nnodes > 1 without torchrun's WORLD_SIZE would train one process alone; under torchrun,
+    a WORLD_SIZE other than the one asked for means the launch and the config disagree.
+    """
+    from lora_runtime.config import ConfigError
+
+    env = dist_env()
+    asked = (config.nproc_per_node or 1) * (config.nnodes or 1)
+    if asked > 1 and "WORLD_SIZE" not in os.environ:
+        raise ConfigError([f"nproc_per_node={config.nproc_per_node} x nnodes={config.nnodes or 1} asks for {asked} "
+                           "processes, but this process was not started by torchrun: run `lora-cli train ...` "
+                           f"(it launches torchrun) or `torchrun --nproc-per-node {config.nproc_per_node} your_script.py`"])
+    if asked > 1 and env.world_size != asked:
+        raise ConfigError([f"torchrun started WORLD_SIZE={env.world_size} processes but the config asks for {asked} "
+                           f"(nproc_per_node={config.nproc_per_node} x nnodes={config.nnodes or 1}); make them agree"])
+    return env
 
 
 def init_process_group() -> DistEnv:
