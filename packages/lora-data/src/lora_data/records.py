@@ -10,6 +10,9 @@ Alpaca records become a two-turn conversation at read time::
 
 `--format auto` decides each file's format from its first record that has the messages key (messages) or the
 instruction/output keys (alpaca); earlier lines that have neither are rejected (`unknown_format`).
+
+A line longer than `MAX_LINE_BYTES` (32 MiB) is rejected (`line_too_long`) without being held in memory: it is read
+in 1 MiB pieces (still hashed), and rejects.jsonl keeps its first KiB. Memory stays bounded whatever the input.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 from ._schema import Schema
 
 FORMATS = ("auto", "messages", "alpaca")
+MAX_LINE_BYTES = 32 << 20
+_PIECE = 1 << 20
 LINE_BITS = 40  # sample id = source_index << 40 | line: a packed sample traces back to its file and line
 
 
@@ -101,11 +106,12 @@ class RecordReader:
     def __iter__(self):
         path = str(self.path)
         with open(self.path, "rb") as fh:
-            for number, raw in enumerate(fh, start=1):
+            for number, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
                 self.counts["lines_read"] += 1
-                self.counts["bytes"] += len(raw)
-                if self.hasher is not None:
-                    self.hasher.update(raw)
+                self._count(raw)
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    yield self._too_long(path, number, fh, raw)
+                    continue
                 if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]
                 raw = raw.rstrip(b"\r\n")
@@ -113,6 +119,24 @@ class RecordReader:
                     self.counts["blank"] += 1
                     continue
                 yield self._parse(path, number, raw)
+
+    def _count(self, raw: bytes) -> None:
+        self.counts["bytes"] += len(raw)
+        if self.hasher is not None:
+            self.hasher.update(raw)
+
+    def _too_long(self, path: str, number: int, fh: Any, head: bytes) -> Rejection:
+        """Skip the rest of an over-long line in pieces (hashed and counted, never held whole)."""
+        size, preview = len(head), head[:1024]
+        while not head.endswith(b"\n"):
+            head = fh.readline(_PIECE)
+            if not head:
+                break
+            self._count(head)
+            size += len(head)
+        return Rejection(path, number, None, f"line of {size:,} bytes is longer than the {MAX_LINE_BYTES:,}-byte "
+                         "limit; split the record or fix the file (a missing newline?); raw holds its first KiB",
+                         preview.decode("utf-8", "replace"), "line_too_long")
 
     def _parse(self, path: str, number: int, raw: bytes) -> Record | Rejection:
         try:
@@ -124,6 +148,13 @@ class RecordReader:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             return Rejection(path, number, None, f"invalid JSON: {e.msg} at column {e.colno}", text, "invalid_json")
+        except RecursionError:
+            return Rejection(path, number, None, "JSON nested too deeply to parse (Python's recursion limit)", text,
+                             "too_deep")
+        if ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(obj):
+            return Rejection(path, number, None, "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
+                             "without its pair): not valid Unicode text, no tokenizer can encode it", text,
+                             "lone_surrogate")
         if not isinstance(obj, dict):
             return Rejection(path, number, None, f"expected a JSON object, got {type(obj).__name__}", text,
                              "not_an_object")
@@ -155,6 +186,15 @@ class RecordReader:
         if extra:
             prompt = f"{prompt}\n\n{extra}"
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj[self.fields.output]}]
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    """Only JSON escapes make lone surrogates (raw UTF-8 cannot); a valid pair decodes to one code point."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def read_records(path: str | Path, *, format: str = "auto", field_messages: str = "messages",
