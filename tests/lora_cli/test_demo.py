@@ -1,8 +1,7 @@
-"""`lora-cli demo` end to end: one real subprocess run (the README's first command), cut short by an env var."""
+"""`lora-cli demo` end to end (cut short by LORA_CLI_DEMO_STEPS), its assets, and the console script in a subprocess."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -32,19 +31,34 @@ def test_fresh_run_dir_recreates_only_its_own(tmp_path):
         fresh_run_dir(tmp_path / "mine")
 
 
+def test_console_script_subprocess():
+    """The installed `lora-cli` entry point starts (lazily: no torch import for --help)."""
+    exe = Path(sys.executable).with_name("lora-cli")
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert all(c in proc.stdout for c in ("demo", "inspect", "merge", "prepare", "train"))
+    proc = subprocess.run([str(exe), "train", "--no-such-option"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "No such option" in proc.stderr
+
+
 @pytest.mark.slow
-def test_demo_subprocess(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    env["LORA_CLI_DEMO_STEPS"] = str(DEMO_STEPS)
-    proc = subprocess.run([sys.executable, "-m", "lora_cli", "demo", "--out", str(tmp_path / "demo")], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    out = proc.stdout
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+def test_demo_end_to_end(tmp_path, monkeypatch):
+    """The README's first command, in-process (the torch/transformers imports are shared with the other tests)."""
+    from click.testing import CliRunner
+    from lora_cli.main import main
+
+    monkeypatch.setenv("LORA_CLI_DEMO_STEPS", str(DEMO_STEPS))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["demo"])
+    out = res.output
+    assert res.exit_code == 0, out[-5000:]
     for stage in ("[1/4] base model", "[2/4] data: capitals.jsonl", "[3/4] training", "[4/4] done: 20 steps"):
         assert stage in out, out
     before, after = map(float, re.search(r"answers: ([\d.]+) \(base\) → ([\d.]+) \(trained\)", out).groups())
     assert after < before - 1.0, out
-    run = tmp_path / "demo" / "run"
+    run = tmp_path / "runs" / "demo" / "run"  # the default --out
     for line, path in (("adapter", run / "adapter_config.json"), ("metrics", run / "metrics.jsonl"),
                        ("loss plot", run / "loss.png")):
         assert f"{line}:" in out and Path(path).is_file(), path
