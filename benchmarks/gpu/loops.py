@@ -218,9 +218,10 @@ def main() -> None:
             traceback.print_exc()
 
 
-CATEGORIES = [  # kernel-name patterns → where the step's GPU time goes
+CATEGORIES = [  # kernel-name patterns → where the step's GPU time goes (first match wins)
+    ("attention (flash)", ("flash_fwd", "flash_bwd", "fmha", "attention")),
+    ("fp32 matmul (FFMA, no tensor cores)", ("f32f32", "sgemm")),
     ("matmul (cuBLAS/cutlass)", ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "splitk")),
-    ("attention (flash)", ("flash", "fmha", "attention")),
     ("cross-entropy / lm_head chunks", ("cross_entropy", "_ce_", "logsumexp")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("copies / casts", ("copy", "cast", "convert", "memcpy", "memset", "fill")),

@@ -46,6 +46,8 @@ def parse(name: str) -> dict:
               gradient_checkpointing={"auto": "auto", "gc": True, "nogc": False}[gc_mode])
     if "q4" in parts[3:]:
         kw["load_in_4bit"] = True
+    if "notf32" in parts[3:]:
+        kw["tf32"] = False
     return kw
 
 

@@ -1,0 +1,76 @@
+"""Data-parallel scaling of `lora-cli train --gpus N` on one machine (issue 6): the same model, shards and per-GPU
+micro batch on 1, 2, ... GPUs, one after another; steady tokens/s (all ranks' real tokens) from metrics.jsonl.
+
+    python -m benchmarks.gpu.scaling MODEL SHARDS OUT --gpus 1,2,4 [--backend unsloth] [--fallback peft]
+
+If the backend fails under torchrun, the same N is retried with --fallback and the result says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.gpu import common
+
+
+def run(model: str, shards: str, gpus: int, backend: str, steps: int, micro: int, log: Path) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "lora_cli", "train", "--model", model, "--shards", shards, "--output", out,
+               "--gpus", str(gpus), "--backend", backend, "--micro-batch-size", str(micro), "--max-steps",
+               str(steps), "--save-steps", "1000000", "--logging-steps", "1", "--lora-r", "16", "--lora-alpha", "32"]
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=300).returncode
+        wall = time.perf_counter() - t0
+        rows = []
+        metrics = Path(out) / "metrics.jsonl"
+        if metrics.exists():
+            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    steady = [r["tokens_per_s"] for r in rows if r.get("step", 0) > 5 and "tokens_per_s" in r]
+    res = {"gpus": gpus, "backend": backend, "rc": rc, "wall_s": wall, "steps_logged": len(rows),
+           "command": " ".join(cmd)}
+    if steady:
+        steady.sort()
+        res["tokens_per_s"] = steady[len(steady) // 2]
+        res["tokens_per_s_per_gpu"] = res["tokens_per_s"] / gpus
+        res["peak_memory_gib_rank0"] = max(r.get("peak_memory_bytes", 0) for r in rows) / 1024**3
+        res["loss_last"] = rows[-1].get("loss")
+    else:
+        res["error"] = f"rc={rc}, no steady metrics (see log {log.name})"
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("shards")
+    ap.add_argument("out")
+    ap.add_argument("--gpus", default="1,2")
+    ap.add_argument("--backend", default="unsloth")
+    ap.add_argument("--fallback", default="peft")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--logs", default="/tmp/logs")
+    a = ap.parse_args()
+    base = None
+    for n in [int(x) for x in a.gpus.split(",")]:
+        res = run(a.model, a.shards, n, a.backend, a.steps, a.micro, Path(a.logs) / f"scaling_{a.backend}_{n}.log")
+        if "error" in res and a.fallback and a.fallback != a.backend:
+            failed = res
+            res = run(a.model, a.shards, n, a.fallback, a.steps, a.micro, Path(a.logs) / f"scaling_{a.fallback}_{n}.log")
+            res["note"] = f"{a.backend} failed under torchrun ({failed['error']}); fell back to {a.fallback}"
+        if n == 1 and "tokens_per_s" in res:
+            base = res
+        if base and "tokens_per_s" in res and base["backend"] == res["backend"]:
+            res["scaling_efficiency"] = res["tokens_per_s"] / (n * base["tokens_per_s"])
+        common.write_result(a.out, f"scaling_{res['backend']}_{n}gpu", {"shape": "qwen1.5b", **res})
+
+
+if __name__ == "__main__":
+    main()
