@@ -27,6 +27,7 @@ from ._schema import Schema
 FORMATS = ("auto", "messages", "alpaca")
 MAX_LINE_BYTES = 32 << 20
 _PIECE = 1 << 20
+_LINE_BREAKS = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}  # str.splitlines breaks there; JSON need not
 LINE_BITS = 40  # sample id = source_index << 40 | line: a packed sample traces back to its file and line
 
 
@@ -63,8 +64,10 @@ class Rejection:
     code: str = "invalid"
 
     def to_json(self) -> str:
+        """One rejects.jsonl line; U+0085/2028/2029 escaped, so readers that split on them (str.splitlines) work."""
         return json.dumps({"source": self.path, "line": self.line, "field": self.field, "reason": self.reason,
-                           "code": self.code, "raw": self.raw}, ensure_ascii=False)
+                           "code": self.code, "raw": self.raw}, ensure_ascii=False
+                          ).translate(_LINE_BREAKS)
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.field + ': ' if self.field else ''}{self.reason}"
