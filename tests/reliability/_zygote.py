@@ -1,0 +1,293 @@
+"""Crash-trial runner: import torch/transformers/peft once, then fork one real training process per attempt.
+
+    python _zygote.py PLAN.json RESULTS.json
+
+Each attempt is a forked child (its own pid) that trains through lora-cli's in-process path (`_train_in_process`:
+the real SIGINT/SIGTERM handling) and may be killed:
+
+- by itself with SIGKILL at a named point (`kill: {"point": ..., "step": s}`), deterministic:
+  step_begin   during optimizer step s, before its forward pass
+  step_end     after step s's optimizer update, before its checkpoint
+  staging      inside checkpoint s: adapter written, optimizer not yet
+  fsync        inside checkpoint s's commit: at the n-th file fsync (`n`)
+  marker       inside commit: COMPLETE written into the staging dir, not yet renamed
+  renamed      inside commit: renamed to checkpoint-s, parent dir not yet fsync'd
+  rotate       inside the rotation after checkpoint s: half of an old checkpoint's files deleted
+- by the parent with SIGKILL after `after_s` seconds (`kill: {"point": "timer", "after_s": t}`), anywhere;
+- by a fault at step s that must end the run with a clear error, nothing lost: `enospc` (the disk fills during
+  checkpoint s: fsync raises ENOSPC), `oom` (the forward pass of step s raises torch.OutOfMemoryError);
+- by itself with SIGTERM / SIGINT during step s (`kill: {"point": "sigterm"|"sigint", "step": s}`): must save and
+  exit 130.
+
+Between attempts the parent records what is on disk (every `checkpoint-*` dir, whether it is complete and whether
+its files match the sizes listed in COMPLETE) and which checkpoint a restart must resume from. Up to `parallel`
+trials run at once, each child on one thread. The parent never runs torch code itself (fork safety).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import lora_data._prepare  # noqa: F401  (heavy imports happen once, here)
+import lora_runtime.api  # noqa: F401
+import lora_runtime.backends.peft  # noqa: F401
+import lora_runtime.checkpoint as ckpt
+import lora_runtime.data  # noqa: F401
+import lora_runtime.dataset  # noqa: F401
+import lora_runtime.loop  # noqa: F401
+import lora_runtime.trainer as trainer_mod
+import peft  # noqa: F401
+import torch  # noqa: F401
+import transformers  # noqa: F401
+
+import matplotlib  # noqa: I001  (the loss plot at the end of every finished run)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot  # noqa: E402, F401
+from lora_cli.main import _train_in_process
+from lora_runtime.config import LoraSftConfig
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def snapshot(out: Path) -> dict:
+    """Independent of the code under test: checkpoint-N dirs, complete or not, and whether their files are whole."""
+    root = out / "checkpoints"
+    dirs = []
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            m = _NAME.match(p.name)
+            if not m or not p.is_dir():
+                continue
+            marker = p / "COMPLETE"
+            entry = {"step": int(m.group(1)), "name": p.name, "complete": marker.is_file(), "whole": False}
+            if entry["complete"]:
+                listed = json.loads(marker.read_text())
+                sizes = listed.get("bytes") or {}
+                entry["whole"] = all((p / f).is_file() and (f not in sizes or (p / f).stat().st_size == sizes[f])
+                                     for f in listed["files"])
+            dirs.append(entry)
+    complete = [d for d in dirs if d["complete"]]
+    return {"dirs": dirs, "newest_complete": max(complete, key=lambda d: d["step"])["name"] if complete else None}
+
+
+def install_kill(kill: dict | None) -> list:
+    """Patch this (child) process so it dies at the planned point; returns extra Trainer callbacks."""
+    if not kill or kill["point"] == "timer":
+        return []
+    from transformers import TrainerCallback
+
+    point, step = kill["point"], kill.get("step", 0)
+    in_step = [False]
+
+    class Hook(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            in_step[0] = state.global_step == step - 1
+            if state.global_step == step - 1:
+                if point == "step_begin":
+                    _die()
+                if point in ("sigterm", "sigint"):
+                    os.kill(os.getpid(), signal.SIGTERM if point == "sigterm" else signal.SIGINT)
+
+        def on_step_end(self, args, state, control, **kw):
+            if point == "step_end" and state.global_step == step:
+                _die()
+
+    staged = f".tmp-checkpoint-{step}"
+    if point == "staging":
+        real_save = trainer_mod.PackedTrainer._save_optimizer_and_scheduler
+
+        def save_opt(self, output_dir):
+            if self.state.global_step == step:
+                _die()
+            return real_save(self, output_dir)
+
+        trainer_mod.PackedTrainer._save_optimizer_and_scheduler = save_opt
+    if point == "fsync":
+        real_fsync, seen = ckpt._fsync_file, [0]
+
+        def fsync_file(path):
+            real_fsync(path)
+            if staged in str(path):
+                seen[0] += 1
+                if seen[0] == kill.get("n", 1):
+                    _die()
+
+        ckpt._fsync_file = fsync_file
+    if point == "enospc":
+        import errno
+
+        real_fsync_file = ckpt._fsync_file
+
+        def full_disk(path):
+            if staged in str(path):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            real_fsync_file(path)
+
+        ckpt._fsync_file = full_disk
+    if point == "oom":
+        from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+        real_forward = LlamaForCausalLM.forward
+
+        def forward(self, *a, **kw):
+            if in_step[0]:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            return real_forward(self, *a, **kw)
+
+        LlamaForCausalLM.forward = forward
+    if point in ("marker", "renamed"):
+        real_dir = ckpt._fsync_dir
+
+        def fsync_dir(path):
+            path = Path(path)
+            if point == "marker" and path.name == staged:
+                _die()
+            real_dir(path)
+            if point == "renamed" and path.name == "checkpoints" and (path / f"checkpoint-{step}").is_dir():
+                _die()
+
+        ckpt._fsync_dir = fsync_dir
+    if point == "rotate":
+        import shutil
+
+        real_rmtree = shutil.rmtree
+        committed = [False]
+        real_rotate = ckpt.rotate
+
+        def rotate(root, keep):
+            committed[0] = (Path(root) / f"checkpoint-{step}").is_dir()
+            return real_rotate(root, keep)
+
+        def rmtree(path, *a, **kw):
+            files = sorted((p for p in Path(path).rglob("*") if p.is_file()), reverse=True)  # COMPLETE sorts first
+            if committed[0] and files:
+                for f in files[: max(1, len(files) // 2)]:
+                    f.unlink()
+                _die()
+            return real_rmtree(path, *a, **kw)
+
+        ckpt.rotate = rotate
+        trainer_mod.checkpoint.rotate = rotate
+        shutil.rmtree = rmtree
+    return [Hook()]
+
+
+def child(plan: dict, trial: dict, index: int) -> None:
+    out = Path(trial["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    log = os.open(out / f"attempt-{index}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    torch.set_num_threads(1)
+    os.environ.update(trial.get("env", {}))
+    kill = trial["attempts"][index]
+    try:
+        callbacks = install_kill(kill)
+        cfg = LoraSftConfig(model_path=trial.get("model", plan["model"]), data_path=trial.get("shards", plan["shards"]),
+                            ckpt_output_dir=str(out), callbacks=callbacks or None,
+                            **{**plan["run"], **trial.get("run", {})})
+        code = _train_in_process(cfg)
+    except BaseException:  # noqa: BLE001 - a crash must show as an exit code, with its traceback in the log
+        import traceback
+
+        traceback.print_exc()
+        code = 3
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def build(spec: dict) -> None:
+    """In a forked child (the parent must not run torch code before forking): tiny models and prepared shards."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            sys.path.insert(0, spec["tests_dir"])
+            import _tiny
+            import lora_data
+
+            for name, m in spec["models"].items():
+                tok = _tiny.build_tokenizer(Path(m["dir"]) / "tokenizer", template=m["template"])
+                _tiny.build_model(m["dir"], arch=m["arch"], tokenizer_dir=tok)
+            for s in spec["shards"]:
+                data = _tiny.write_jsonl(Path(s["dir"]).with_suffix(".jsonl"), _tiny.chat_records(s["n"], seed=1))
+                lora_data.prepare(data, s["dir"], spec["models"][s["model"]]["dir"], max_seq_len=s["max_seq_len"],
+                                  verbose=False)
+        except BaseException:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise SystemExit(f"building the tiny models / shards failed (status {status})")
+
+
+def run(plan: dict) -> list[dict]:
+    results = [{"name": t["name"], "out": t["out"], "attempts": []} for t in plan["trials"]]
+    pending = list(range(len(plan["trials"])))
+    running: dict[int, tuple[int, int, float, dict]] = {}  # pid -> (trial, attempt, start, before)
+    next_attempt = [0] * len(plan["trials"])
+    while pending or running:
+        while pending and len(running) < plan.get("parallel", 2):
+            t = pending.pop(0)
+            i = next_attempt[t]
+            before = snapshot(Path(plan["trials"][t]["out"]))
+            pid = os.fork()
+            if pid == 0:
+                child(plan, plan["trials"][t], i)
+            running[pid] = (t, i, time.monotonic(), before)
+        _send_timer_kills(plan, running)
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            time.sleep(0.05)
+            continue
+        t, i, start, before = running.pop(pid)
+        trial = plan["trials"][t]
+        results[t]["attempts"].append({
+            "kill": trial["attempts"][i], "before": before,
+            "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+            "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+            "seconds": round(time.monotonic() - start, 2),
+            "log": (Path(trial["out"]) / f"attempt-{i}.log").read_text(errors="replace"),
+        })
+        next_attempt[t] += 1
+        if next_attempt[t] < len(trial["attempts"]):
+            pending.insert(0, t)
+        else:
+            results[t]["after"] = snapshot(Path(trial["out"]))
+    return results
+
+
+def _send_timer_kills(plan: dict, running: dict) -> None:
+    now = time.monotonic()
+    for pid, (t, i, start, _) in running.items():
+        kill = plan["trials"][t]["attempts"][i]
+        if kill and kill["point"] == "timer" and not kill.get("_sent") and now - start >= kill["after_s"]:
+            kill["_sent"] = True
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+if __name__ == "__main__":
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    if plan.get("build"):
+        build(plan["build"])
+    Path(sys.argv[2]).write_text(json.dumps(run(plan), indent=1))

@@ -1,0 +1,38 @@
+"""Reliability tests: a shared `counts` record (inputs tried, kills survived, corruptions caught) written to
+`last_run.json` at the end of the session (quoted in RELIABILITY.md), and a deterministic hypothesis profile."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+settings.register_profile("reliability", derandomize=True, deadline=None, print_blob=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile("reliability")
+
+COUNTS_PATH = Path(os.environ.get("LORA_RELIABILITY_COUNTS", Path(__file__).parent / "last_run.json"))
+
+
+class Counts(dict):
+    def add(self, key: str, n: int = 1) -> None:
+        self[key] = self.get(key, 0) + n
+
+
+@pytest.fixture(scope="session")
+def counts():
+    data = Counts()
+    yield data
+    if not data:
+        return
+    old = json.loads(COUNTS_PATH.read_text()) if COUNTS_PATH.is_file() else {}
+    old.update(data)
+    old["recorded"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    COUNTS_PATH.write_text(json.dumps(dict(sorted(old.items())), indent=1) + "\n")
