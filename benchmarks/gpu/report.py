@@ -26,10 +26,14 @@ def table(rows: list[dict]) -> str:
         note = (r.get("error") or "")[:90]
         if iso:
             note = f"iso gap {iso.get('packed_gap', 0):.1e} vs {iso.get('contaminated_gap', 0):.1e} " + note
+        if r.get("scaling_efficiency"):
+            note += f" scaling eff {r['scaling_efficiency']:.2f} ({r.get('tokens_per_s_per_gpu', 0):,.0f}/GPU)"
+        if r.get("note"):
+            note += " " + r["note"][:80]
         if r.get("varlen_patch"):
             note += " " + r["varlen_patch"][:20]
         out.append(
-            f"| {r['name']} | {tps or 0:,.0f} | {ratio} | {r.get('peak_alloc_gib') or 0:.1f} | "
+            f"| {r['name']} | {tps or 0:,.0f} | {ratio} | {r.get('peak_alloc_gib') or r.get('peak_memory_gib_rank0') or 0:.1f} | "
             f"{r.get('warmup_s') or 0:.1f} | {r.get('tokens_per_step') or 0:,.0f} | {mfu or 0:.2f} | {note} |"
         )
     return "\n".join(out)
