@@ -32,7 +32,8 @@ def llama_run(tmp_path_factory, tiny_llama_dir, llama_shards):
 
 @pytest.fixture(scope="module")
 def qwen2_run(tmp_path_factory, tiny_qwen2_dir, qwen2_shards):
-    return _run(tiny_qwen2_dir, qwen2_shards, tmp_path_factory.mktemp("qwen2_run"))
+    # gradient checkpointing on (exact recompute, so it must still learn and reload the same): covers that path on CPU
+    return _run(tiny_qwen2_dir, qwen2_shards, tmp_path_factory.mktemp("qwen2_run"), gradient_checkpointing=True)
 
 
 @pytest.fixture(params=["llama", "qwen2"])
