@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from functools import lru_cache
+from importlib.util import find_spec as importlib_util_find_spec
 
 from lora_runtime.backends.base import Backend
 
@@ -19,9 +20,7 @@ __all__ = ["Backend", "select_backend"]
 @lru_cache(maxsize=1)
 def unsloth_importable() -> tuple[bool, str]:
     """(ok, detail) from `import unsloth` in a child process, so this process stays unpatched."""
-    import importlib.util
-
-    if importlib.util.find_spec("unsloth") is None:
+    if importlib_util_find_spec("unsloth") is None:
         return False, "unsloth is not installed (pip install 'lora-runtime[gpu]')"
     probe = subprocess.run([sys.executable, "-c", "import unsloth"], capture_output=True, text=True, timeout=600)
     if probe.returncode != 0:

@@ -1,0 +1,54 @@
+"""select_backend: auto → unsloth only with CUDA and a clean `import unsloth`; the choice carries its reason; picking a
+backend never imports unsloth in this process (it patches transformers/TRL)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from lora_runtime import backends
+from lora_runtime.backends import select_backend
+from lora_runtime.backends.base import Backend
+
+
+def test_auto_on_cpu_is_peft_with_reason(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    backend, why = select_backend("auto")
+    assert backend.name == "peft" and isinstance(backend, Backend) and "no CUDA" in why
+
+
+def test_auto_with_cuda_but_broken_unsloth_is_peft(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "unsloth_importable", lambda: (False, "`import unsloth` failed: ImportError: x"))
+    backend, why = select_backend("auto")
+    assert backend.name == "peft" and "import unsloth` failed" in why
+
+
+def test_auto_with_cuda_and_unsloth_picks_unsloth_without_importing_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "unsloth_importable", lambda: (True, "unsloth imports cleanly"))
+    backend, why = select_backend("auto")
+    assert backend.name == "unsloth" and isinstance(backend, Backend) and "CUDA available" in why
+    assert "unsloth" not in sys.modules
+
+
+def test_unsloth_requested_on_cpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="use backend='peft'"):
+        select_backend("unsloth")
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="auto, unsloth, peft"):
+        select_backend("deepspeed")
+
+
+def test_unsloth_probe_without_the_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(backends, "importlib_util_find_spec", lambda name: None)
+    backends.unsloth_importable.cache_clear()
+    try:
+        ok, detail = backends.unsloth_importable()
+    finally:
+        backends.unsloth_importable.cache_clear()
+    assert not ok and "lora-runtime[gpu]" in detail
