@@ -35,7 +35,7 @@ class PackedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.run_config, self.metrics = config, metrics
         self._tokens_local = 0  # real tokens on this rank since the last flush
-        self._last_log = (time.perf_counter(), 0)
+        self._last_log: tuple[float, int] | None = None  # (time, tokens) at the last log; set at the first step
 
     # ------------------------------------------------------------------ data
     def _loader(self, dataset: Any, batch_size: int) -> EpochDataLoader:
@@ -74,6 +74,8 @@ class PackedTrainer(Trainer):
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
         n = inputs.pop("num_tokens", 0)
         if model.training:
+            if self._last_log is None:  # tokens/s starts at the first forward, not at model loading
+                self._last_log = (time.perf_counter(), int(self.state.num_input_tokens_seen))
             self._tokens_local += int(n)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
@@ -89,7 +91,7 @@ class PackedTrainer(Trainer):
         if "loss" in logs:
             seen = self.flush_tokens()
             now = time.perf_counter()
-            t0, seen0 = self._last_log
+            t0, seen0 = self._last_log or (now, seen)
             logs["tokens_seen"] = seen
             logs["tokens_per_s"] = (seen - seen0) / max(now - t0, 1e-9)
             self._last_log = (now, seen)
