@@ -6,6 +6,7 @@ Numpy-free and polars-free: a GPU box reads it with the standard library alone.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class Manifest:
     packing_efficiency: float = 0.0
     shards: list[dict[str, Any]] = field(default_factory=list)  # {file, rows, bytes, sha256}
     cache_key: str | None = None
+    checksum: str | None = None  # sha256 of every other field, set by save(); checked by ShardReader
 
     @property
     def rows(self) -> int:
@@ -79,6 +81,7 @@ class Manifest:
         """Write `out_dir/manifest.json` atomically (temp file, fsync, rename): a reader never sees half a manifest."""
         out = Path(out_dir)
         final = out / MANIFEST_NAME
+        self.checksum = content_digest(self.to_dict())
         tmp = out / f".{MANIFEST_NAME}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(self.to_json())
@@ -111,6 +114,12 @@ class Manifest:
             raise ManifestError(f"expected a list, got {data['shards']!r}", path=path, field="shards")
         return cls(**data)
 
+    def verify_checksum(self, path: str | Path | None = None) -> None:
+        """ManifestError unless the content still matches the checksum save() wrote (a manifest without one passes)."""
+        if self.checksum is not None and content_digest(self.to_dict()) != self.checksum:
+            raise ManifestError("content does not match its checksum (corrupted, or edited by hand); prepare the "
+                                "data again", path=path, field="checksum")
+
     @classmethod
     def load(cls, out_dir: str | Path) -> Manifest:
         """Read `out_dir/manifest.json`; ManifestError (naming the file) if missing, unparsable or of another version."""
@@ -127,6 +136,12 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise ManifestError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", path=path) from None
         return cls.from_dict(data, path=path)
+
+
+def content_digest(data: dict[str, Any]) -> str:
+    """sha256 of a manifest dict's canonical JSON, `checksum` itself left out."""
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -223,7 +223,8 @@ def read_header(path: str | Path) -> dict:
 class ShardReader:
     """Random access to the rows of a prepared directory, memory-mapped.
 
-    Checks, before any row is served: the manifest's format version; shard names stay inside the directory; each
+    Checks, before any row is served: the manifest's format version; shard names (and symlinks) stay inside the
+    directory; the manifest's own checksum (last, so the specific checks explain first); each
     file's size; each file's sha256 (when `verify`, the default); each shard header against the manifest; the segment
     tables. Any failure raises ShardError naming the file.
 
@@ -236,6 +237,7 @@ class ShardReader:
         self.manifest = Manifest.load(self.dir)
         self._shards = [self._open(i, entry, verify) for i, entry in enumerate(self.manifest.shards)]
         self._starts = np.cumsum([0] + [len(s["seg_offsets"]) - 1 for s in self._shards])
+        self.manifest.verify_checksum(self.dir / "manifest.json")  # last: the specific checks above explain better
 
     @property
     def seq_len(self) -> int:
@@ -277,6 +279,9 @@ class ShardReader:
             raise ShardError(f"shard name {name!r} is not a plain file name inside the directory", path=mpath,
                              field=f"shards[{index}].file")
         path = self.dir / name
+        if path.is_symlink() and path.resolve().parent != self.dir.resolve():
+            raise ShardError(f"shard {name!r} is a symlink out of the directory (to {path.resolve()}); copy the file "
+                             "in instead", path=mpath, field=f"shards[{index}].file")
         try:
             size = path.stat().st_size
         except FileNotFoundError:
