@@ -35,22 +35,20 @@ SECRETS = {"WANDB_API_KEY": "wandb-SECRET-0f9e8d7c6b5a", "HF_TOKEN": "hf_SECRETt
 
 
 def random_trials(root: Path, n: int, rng: random.Random) -> list[dict]:
-    """`n` trials of 3 SIGKILLs each at increasing steps; every hook point is used; a few start with a timer kill."""
+    """`n` trials of 3 SIGKILLs at increasing steps (every hook point used), every third one then a timer kill."""
     trials, points = [], [HOOK_POINTS[i % len(HOOK_POINTS)] for i in range(3 * n)]
     rng.shuffle(points)
     for t in range(n):
         steps = sorted(rng.sample(range(1, STEPS + 1), 3))
+        mine = sorted(points[3 * t : 3 * t + 3], key=lambda p: p == "rotate")  # rotate last: its step is ≥ 3
         kills = []
-        for step, point in zip(steps, points[3 * t : 3 * t + 3], strict=True):
-            if point == "rotate":
-                step = max(step, 3)  # with save_total_limit=2 the first deletion happens after checkpoint 3
+        for step, point in zip(steps, mine, strict=True):
             kill = {"point": point, "step": step}
             if point == "fsync":
                 kill["n"] = rng.randint(1, 8)
             kills.append(kill)
-        kills.sort(key=lambda k: k["step"])
-        if t % 3 == 0:  # somewhere in start-up or the first steps, wherever the timer lands
-            kills.insert(0, {"point": "timer", "after_s": round(rng.uniform(1.0, 4.0), 2)})
+        if t % 3 == 0:  # wherever the timer lands (start-up, a step, a save, or after the end)
+            kills.append({"point": "timer", "after_s": round(rng.uniform(1.0, 4.0), 2)})
         trials.append({"name": f"random-{t}", "out": str(root / f"random-{t}"), "attempts": [*kills, None]})
     return trials
 
