@@ -95,6 +95,12 @@ def test_outputs_result_and_metrics(llama_run):
             "lora_sft_config.json", "metrics.jsonl", "loss.png", "checkpoints", "merged"} <= names
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-16", "checkpoint-24"]
     assert (out / "checkpoints" / "checkpoint-24" / "COMPLETE").is_file()
+    from safetensors import safe_open
+
+    for adapter in (out, out / "checkpoints" / "checkpoint-24"):  # LoRA tensors only, no frozen lm_head copy
+        with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+            names = list(f.keys())
+            assert names and all("lora_" in k for k in names), names
     assert result.backend == "peft" and result.steps == 24 and result.loss_plot.stat().st_size > 1000
     assert result.tokens_seen > 24 * 4 * 64 and result.peak_memory_bytes > 0 and result.wall_time_s > 0
     rows = read_metrics(result.metrics_path)

@@ -104,6 +104,20 @@ class PackedTrainer(Trainer):
             super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The adapter (+ tokenizer) only. Base weights never train, so with lm_head or embeddings among the LoRA
+        targets PEFT's default would copy the whole frozen vocabulary matrix into every checkpoint; we don't."""
+        from peft import PeftModel
+
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not isinstance(model, PeftModel):
+            return super()._save(output_dir, state_dict)
+        out = output_dir or self.args.output_dir
+        model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(out)
+        return None
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         root, step = Path(self.args.output_dir), self.state.global_step
         try:
