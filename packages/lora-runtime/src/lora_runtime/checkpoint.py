@@ -24,6 +24,8 @@ import shutil
 from pathlib import Path
 
 MARKER = "COMPLETE"
+ADAPTER_SUMS = "adapter_checksums.json"  # next to the final adapter: sizes + sha256, checked before a merge
+ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json"]
 SUBDIR = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -70,24 +72,43 @@ def resume_point(ckpt_output_dir: str | Path, *, resume: bool) -> Path | None:
     return found
 
 
-def verify(path: str | Path) -> Path:
-    """Check every file COMPLETE lists (size, then sha256); CheckpointError naming the first bad file."""
+def verify(path: str | Path, marker_name: str = MARKER, fix: str | None = None) -> Path:
+    """Check every file the marker lists (size, then sha256); CheckpointError naming the first bad file."""
     path = Path(path)
+    fix = fix or _fix(path)
     try:
-        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+        marker = json.loads((path / marker_name).read_text(encoding="utf-8"))
         files, sizes, digests = marker["files"], marker.get("bytes", {}), marker.get("sha256", {})
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / MARKER}: unreadable completeness marker ({e}); {_fix(path)}") from None
+        raise CheckpointError(f"{path / marker_name}: unreadable ({e}); {fix}") from None
     for name in files:
         f = path / name
         if not f.is_file():
-            raise CheckpointError(f"{f}: listed in {MARKER} but missing; {_fix(path)}")
+            raise CheckpointError(f"{f}: listed in {marker_name} but missing; {fix}")
         if name in sizes and f.stat().st_size != sizes[name]:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {MARKER} says {sizes[name]} (truncated or "
-                                  f"replaced); {_fix(path)}")
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {marker_name} says {sizes[name]} (truncated or "
+                                  f"replaced); {fix}")
         if name in digests and sha256_file(f) != digests[name]:
-            raise CheckpointError(f"{f}: sha256 does not match {MARKER} (corrupted or modified); {_fix(path)}")
+            raise CheckpointError(f"{f}: sha256 does not match {marker_name} (corrupted or modified); {fix}")
     return path
+
+
+def seal(out_dir: str | Path, names: list[str]) -> Path:
+    """Write ADAPTER_SUMS (sizes + sha256 of `names` present in `out_dir`) for `check_adapter`."""
+    out = Path(out_dir)
+    files = [n for n in names if (out / n).is_file()]
+    return write_json_atomic(out / ADAPTER_SUMS, {"files": files, "bytes": {n: (out / n).stat().st_size for n in files},
+                                                  "sha256": {n: sha256_file(out / n) for n in files}})
+
+
+def check_adapter(adapter_dir: str | Path) -> None:
+    """Before loading an adapter: a checkpoint is checked against COMPLETE, a final adapter against ADAPTER_SUMS."""
+    d = Path(adapter_dir)
+    if (d / MARKER).is_file():
+        verify(d)
+    elif (d / ADAPTER_SUMS).is_file():
+        newest = newest_complete(checkpoints_dir(d))
+        verify(d, ADAPTER_SUMS, "restore it from a backup" + (f", or use the adapter in {newest}" if newest else ""))
 
 
 def _fix(path: Path) -> str:

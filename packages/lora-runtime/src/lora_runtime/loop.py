@@ -158,6 +158,7 @@ def finish(config: LoraSftConfig, backend: Backend, trainer: Any, tokenizer: Any
     if dist_env().is_main:
         if config.save_model:
             backend.save_adapter(trainer.model, out)
+            checkpoint.seal(out, checkpoint.ADAPTER_FILES)
             tokenizer.save_pretrained(out)
         micro, accum, effective = config.batch_plan(dist_env().world_size)
         checkpoint.write_json_atomic(out / CONFIG_NAME, {

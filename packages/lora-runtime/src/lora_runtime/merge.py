@@ -16,14 +16,17 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
 
     dtype: "auto" keeps the base checkpoint's dtype; or "float32" / "bfloat16" / "float16".
     """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; pass the directory lora_sft wrote the "
                                 "adapter to (its ckpt_output_dir, or a checkpoints/checkpoint-<step> dir)")
+    from lora_runtime.checkpoint import check_adapter
+
+    check_adapter(adapter_dir)  # a truncated or flipped adapter file is an error naming it, before any import
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
