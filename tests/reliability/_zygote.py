@@ -16,6 +16,7 @@ the real SIGINT/SIGTERM handling) and may be killed:
 - by the parent with SIGKILL after `after_s` seconds (`kill: {"point": "timer", "after_s": t}`), anywhere;
 - by a fault at step s that must end the run with a clear error, nothing lost: `enospc` (the disk fills during
   checkpoint s: fsync raises ENOSPC), `oom` (the forward pass of step s raises torch.OutOfMemoryError);
+- not at all after `tamper_pickle` (the parent first swaps a checkpoint file for a malicious pickle);
 - by itself with SIGTERM / SIGINT during step s (`kill: {"point": "sigterm"|"sigint", "step": s}`): must save and
   exit 130.
 
@@ -26,6 +27,7 @@ trials run at once, each child on one thread. The parent never runs torch code i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,24 +36,24 @@ import sys
 import time
 from pathlib import Path
 
-import lora_data._prepare  # noqa: F401  (heavy imports happen once, here)
-import lora_runtime.api  # noqa: F401
-import lora_runtime.backends.peft  # noqa: F401
+# Heavy imports happen once, here, before any fork (the parent only imports: it never runs torch code).
+import lora_data._prepare  # noqa: F401
+import lora_runtime.api
+import lora_runtime.backends.peft
 import lora_runtime.checkpoint as ckpt
-import lora_runtime.data  # noqa: F401
-import lora_runtime.dataset  # noqa: F401
+import lora_runtime.data
+import lora_runtime.dataset
 import lora_runtime.loop  # noqa: F401
 import lora_runtime.trainer as trainer_mod
+import matplotlib
 import peft  # noqa: F401
-import torch  # noqa: F401
+import torch
 import transformers  # noqa: F401
-
-import matplotlib  # noqa: I001  (the loss plot at the end of every finished run)
-
-matplotlib.use("Agg")
-import matplotlib.pyplot  # noqa: E402, F401
 from lora_cli.main import _train_in_process
 from lora_runtime.config import LoraSftConfig
+
+matplotlib.use("Agg")  # the loss plot at the end of every finished run
+import matplotlib.pyplot
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -85,7 +87,7 @@ def snapshot(out: Path) -> dict:
 
 def install_kill(kill: dict | None) -> list:
     """Patch this (child) process so it dies at the planned point; returns extra Trainer callbacks."""
-    if not kill or kill["point"] == "timer":
+    if not kill or kill["point"] in ("timer", "tamper_pickle"):
         return []
     from transformers import TrainerCallback
 
@@ -200,7 +202,7 @@ def child(plan: dict, trial: dict, index: int) -> None:
                             ckpt_output_dir=str(out), callbacks=callbacks or None,
                             **{**plan["run"], **trial.get("run", {})})
         code = _train_in_process(cfg)
-    except BaseException:  # noqa: BLE001 - a crash must show as an exit code, with its traceback in the log
+    except BaseException:
         import traceback
 
         traceback.print_exc()
@@ -208,6 +210,41 @@ def child(plan: dict, trial: dict, index: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def remote_code_model(src: str, dst: str, marker: str) -> None:
+    """A copy of `src` whose config asks for code shipped in the model dir; importing that code touches `marker`."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    Path(dst, "evil.py").write_text(f"import pathlib\npathlib.Path({marker!r}).touch()\n"
+                                    "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                                    "class EvilConfig(LlamaConfig):\n    model_type = 'evil_llama'\n"
+                                    "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    cfg = json.loads(Path(dst, "config.json").read_text())
+    cfg.update(model_type="evil_llama", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                  "AutoModelForCausalLM": "evil.EvilModel"})
+    Path(dst, "config.json").write_text(json.dumps(cfg))
+
+
+def tamper_pickle(out: Path, name: str, marker: str) -> None:
+    """Replace `name` in the newest complete checkpoint by a pickle that runs a command when unpickled, and
+    rewrite COMPLETE to match (what an attacker who can write the directory can do)."""
+    import hashlib
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    ckpt_dir = out / "checkpoints" / snapshot(out)["newest_complete"]
+    blob = pickle.dumps(Payload())
+    (ckpt_dir / name).write_bytes(blob)
+    marker_file = ckpt_dir / "COMPLETE"
+    listed = json.loads(marker_file.read_text())
+    listed["bytes"][name] = len(blob)
+    listed["sha256"][name] = hashlib.sha256(blob).hexdigest()
+    marker_file.write_text(json.dumps(listed))
 
 
 def build(spec: dict) -> None:
@@ -220,14 +257,16 @@ def build(spec: dict) -> None:
             import _tiny
             import lora_data
 
-            for name, m in spec["models"].items():
+            for _name, m in spec["models"].items():
                 tok = _tiny.build_tokenizer(Path(m["dir"]) / "tokenizer", template=m["template"])
                 _tiny.build_model(m["dir"], arch=m["arch"], tokenizer_dir=tok)
+            for r in spec.get("remote_code", []):
+                remote_code_model(spec["models"][r["from"]]["dir"], r["dir"], r["marker"])
             for s in spec["shards"]:
                 data = _tiny.write_jsonl(Path(s["dir"]).with_suffix(".jsonl"), _tiny.chat_records(s["n"], seed=1))
                 lora_data.prepare(data, s["dir"], spec["models"][s["model"]]["dir"], max_seq_len=s["max_seq_len"],
                                   verbose=False)
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             import traceback
 
             traceback.print_exc()
@@ -247,6 +286,9 @@ def run(plan: dict) -> list[dict]:
         while pending and len(running) < plan.get("parallel", 2):
             t = pending.pop(0)
             i = next_attempt[t]
+            spec = plan["trials"][t]["attempts"][i]
+            if spec and spec["point"] == "tamper_pickle":
+                tamper_pickle(Path(plan["trials"][t]["out"]), spec["file"], spec["marker"])
             before = snapshot(Path(plan["trials"][t]["out"]))
             pid = os.fork()
             if pid == 0:
@@ -280,10 +322,8 @@ def _send_timer_kills(plan: dict, running: dict) -> None:
         kill = plan["trials"][t]["attempts"][i]
         if kill and kill["point"] == "timer" and not kill.get("_sent") and now - start >= kill["after_s"]:
             kill["_sent"] = True
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 if __name__ == "__main__":

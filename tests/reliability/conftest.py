@@ -1,4 +1,4 @@
-"""Reliability tests: a shared `counts` record (inputs tried, kills survived, corruptions caught) written to
+"""Reliability tests: the training trials (`trials`, run once a session by `_zygote.py`), a shared `counts` record (inputs tried, kills survived, corruptions caught) written to
 `last_run.json` at the end of the session (quoted in RELIABILITY.md), and a deterministic hypothesis profile."""
 
 from __future__ import annotations
@@ -36,3 +36,11 @@ def counts():
     old.update(data)
     old["recorded"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     COUNTS_PATH.write_text(json.dumps(dict(sorted(old.items())), indent=1) + "\n")
+
+
+@pytest.fixture(scope="session")
+def trials(tmp_path_factory) -> dict:
+    """Every training trial of `_crash_plan` (crash, signals, faults, secrets, mismatches, safety), run once."""
+    from _crash_plan import run_trials
+
+    return run_trials(tmp_path_factory.mktemp("crash"))
