@@ -63,6 +63,13 @@ class PackedTrainer(Trainer):
             return None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """On the CPU under gloo, transformers maps the optimizer state to args.device ("cpu:0"), a location
+        torch.load cannot restore to; let "cpu:<n>" mean the CPU. (Found by lora-cli's SIGTERM-then-resume test.)"""
+        if checkpoint and self.args.world_size > 1 and self.args.device.type == "cpu":
+            _allow_indexed_cpu_locations()
+        return super()._load_optimizer_and_scheduler(checkpoint)
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         import torch
 
@@ -167,3 +174,12 @@ def oom_hint(config: LoraSftConfig, step: int, error: BaseException) -> str:
     return (f"out of memory in training step {step} ({first}). Lower micro_batch_size (now {config.micro_batch_size}; "
             f"set effective_batch_size to keep the optimizer step the same), lower max_seq_len (now "
             f"{config.max_seq_len}; rows are packed to it){quant}; or gradient_checkpointing=True")
+
+
+def _allow_indexed_cpu_locations() -> None:
+    """Register (once) a torch.load location handler that restores storages mapped to "cpu:<n>" on the CPU."""
+    import torch.serialization as ser
+
+    if any(p == 15 for p, _, _ in ser._package_registry):
+        return
+    ser.register_package(15, lambda obj: None, lambda obj, loc: obj if loc.startswith("cpu:") else None)
