@@ -1,12 +1,15 @@
 """The torchrun launch path for real, on the CPU: `--gpus 2 --backend peft` (2 gloo processes) and `--nnodes 2` as two
-local "nodes" meeting at a localhost c10d rendezvous. Checks the rank split (one epoch over 2 ranks reads every row
-once: tokens seen == the manifest's tokens) and rank-0-only saving (one set of outputs, one metrics row per step).
+local "nodes" meeting at a localhost c10d rendezvous. Checks the rank split (E epochs over 2 ranks read every row E
+times: tokens seen == E x the shards' tokens) and rank-0-only saving (one set of outputs, one metrics row per step).
+The `--gpus 2` run is also stopped by a SIGTERM to the launcher (as a scheduler would), then resumed by the same
+command: every rank stops after the same step, the checkpoint is complete, and the resumed run ends as a whole one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,9 +17,11 @@ from pathlib import Path
 
 import _tiny
 import pytest
+from lora_cli.stop import FAULT_STEP_ENV
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 300
+EPOCHS = 8
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,7 @@ def even_shards(tmp_path_factory, tiny_llama_dir) -> Path:
 
 def _train_args(model: Path, shards: Path, out: Path) -> list[str]:
     return ["--model", str(model), "--shards", str(shards), "--output", str(out), "--backend", "peft",
-            "--micro-batch-size", "1", "--num-epochs", "1", "--save-steps", "2", "--no-bf16", "--seed", "0",
+            "--micro-batch-size", "1", "--num-epochs", str(EPOCHS), "--save-steps", "1000", "--no-bf16", "--seed", "0",
             "--learning-rate", "1e-3"]
 
 
@@ -58,11 +63,11 @@ def _check_outputs(out: Path, shards: Path, log: str) -> list[dict]:
     rows = len(lora_data.ShardReader(shards))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m["step"] for m in metrics if "loss" in m]
-    assert steps == list(range(1, rows // 2 + 1)), f"one row per step, rank 0 only: {steps}\n{log[-3000:]}"
+    assert steps == list(range(1, EPOCHS * rows // 2 + 1)), f"one row per step, rank 0 only: {steps}\n{log[-3000:]}"
     reader = lora_data.ShardReader(shards)
     total_tokens = sum(int(reader[i].seq_lens.sum()) for i in range(len(reader)))
     seen = max(m.get("tokens_seen", 0) for m in metrics)
-    assert seen == total_tokens, f"2 ranks x 1 epoch should read every row once: {seen} vs {total_tokens}"
+    assert seen == EPOCHS * total_tokens, f"2 ranks should read every row once an epoch: {seen} vs {total_tokens}"
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts and all(c.startswith("checkpoint-") for c in ckpts), ckpts  # no staging dirs left behind
@@ -70,15 +75,25 @@ def _check_outputs(out: Path, shards: Path, log: str) -> list[dict]:
     return metrics
 
 
-def test_gpus_2_launches_two_gloo_processes(tiny_llama_dir, even_shards, tmp_path):
+def test_gpus_2_launches_two_gloo_processes_stops_on_sigterm_and_resumes(tiny_llama_dir, even_shards, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "lora_cli", "train", *_train_args(tiny_llama_dir, even_shards, out),
-                           "--gpus", "2"], env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    cmd = [sys.executable, "-m", "lora_cli", "train", *_train_args(tiny_llama_dir, even_shards, out), "--gpus", "2"]
+    first = subprocess.run(cmd, env=_env() | {FAULT_STEP_ENV: "3"}, capture_output=True, text=True, timeout=TIMEOUT)
+    log = first.stdout + first.stderr
+    assert first.returncode == 130, log[-5000:]
+    assert "got SIGTERM: asking the workers to save a checkpoint and stop" in log
+    stopped = re.findall(r"stopped by SIGTERM after step (\d+); a checkpoint is saved", log)
+    assert len(stopped) == 1, log[-5000:]  # rank 0 reports once
+    assert (out / "checkpoints" / f"checkpoint-{stopped[0]}" / "COMPLETE").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"checkpoint-{stopped[0]}"]
+
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     assert "running 2 CPU processes with the gloo backend" in log
     assert "--nproc-per-node 2 --nnodes 1 --standalone -m lora_cli train" in log
     assert "passing NCCL_NVLS_ENABLE=0 to the workers" in log
+    assert f"resuming from {out / 'checkpoints' / ('checkpoint-' + stopped[0])}" in log
     assert log.count("adapter:  ") == 1  # rank 0 reports, rank 1 stays quiet
     _check_outputs(out, even_shards, log)
 

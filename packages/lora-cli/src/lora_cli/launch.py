@@ -23,6 +23,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from lora_cli.stop import EXIT_INTERRUPTED, LAUNCHER_PID_ENV
+
 log = logging.getLogger("lora_cli")
 
 
@@ -106,6 +108,7 @@ def torchrun_command(plan: LaunchPlan, train_args: list[str]) -> list[str]:
 
 def _worker_env(device: str) -> dict[str, str]:
     env = dict(os.environ)
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
     if device == "cpu":
         env["LORA_CLI_CPU_WORKERS"] = "1"  # workers log that they run gloo on the CPU
     if "NCCL_NVLS_ENABLE" in env:
@@ -124,13 +127,21 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str) -> int:
     # Own process group: a Ctrl-C on the terminal reaches only this process, which forwards it exactly once.
     proc = subprocess.Popen(cmd, env=_worker_env(device), process_group=0)
 
+    forwarded: list[str] = []
+
     def forward(signum: int, _frame: object) -> None:
-        log.warning("got %s: asking the workers to save a checkpoint and stop", signal.Signals(signum).name)
+        forwarded.append(signal.Signals(signum).name)
+        log.warning("got %s: asking the workers to save a checkpoint and stop", forwarded[-1])
         proc.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
+        rc = proc.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if forwarded and rc != 0:
+        log.warning("stopped by %s (torchrun exit code %d); run the same command again to resume from the last "
+                    "checkpoint", forwarded[0], rc)
+        return EXIT_INTERRUPTED
+    return rc

@@ -170,11 +170,13 @@ def _train_in_process(cfg: LoraSftConfig) -> int:
     with StopRequest() as stop:
         callbacks = [*(cfg.callbacks or []), stop.callback()]
         result = lora_runtime.lora_sft(**{**cfg.to_dict(), "callbacks": callbacks})
-    if os.environ.get("RANK", "0") == "0":
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
         _print_result(result)
     if stop.requested:
-        click.echo(f"stopped by {stop.signal_name} after step {result.steps}; a checkpoint is saved in "
-                   f"{cfg.ckpt_output_dir}: run the same command again to resume", err=True)
+        if rank0:
+            click.echo(f"stopped by {stop.signal_name} after step {result.steps}; a checkpoint is saved in "
+                       f"{cfg.ckpt_output_dir}: run the same command again to resume", err=True)
         return EXIT_INTERRUPTED
     return 0
 

@@ -10,10 +10,15 @@ once (KeyboardInterrupt), for when saving itself hangs.
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
 EXIT_INTERRUPTED = 130
+# Fault injection for tests: after optimizer step N, rank 0 sends SIGTERM to the lora-cli launcher (its pid is in
+# LORA_CLI_LAUNCHER_PID under torchrun) or to its own process, exercising the whole path a scheduler's kill takes.
+FAULT_STEP_ENV = "LORA_CLI_FAULT_SIGTERM_AFTER_STEP"
+LAUNCHER_PID_ENV = "LORA_CLI_LAUNCHER_PID"
 
 
 class StopRequest:
@@ -50,9 +55,12 @@ class StopRequest:
         from transformers import TrainerCallback
 
         stop = self
+        fault_step = int(os.environ.get(FAULT_STEP_ENV, "0"))
 
         class SaveAndStopOnSignal(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+                if fault_step and state.global_step == fault_step and os.environ.get("RANK", "0") == "0":
+                    os.kill(int(os.environ.get(LAUNCHER_PID_ENV, os.getpid())), signal.SIGTERM)
                 if _any_rank(stop.requested):
                     control.should_save = True
                     control.should_training_stop = True
