@@ -45,6 +45,10 @@ def select_backend(name: str = "auto") -> tuple[Backend, str]:
         return _unsloth(), "backend='unsloth' requested"
     if not cuda:
         return _peft(), "auto: no CUDA device, so transformers+PEFT"
+    from lora_runtime.distributed import dist_env
+
+    if dist_env().world_size > 1:  # see lora_runtime.backends.unsloth.DDP_REFUSAL
+        return _peft(), "auto: under torchrun, where Unsloth's trainer patches fail (NCCL gather of a CPU tensor)"
     ok, detail = unsloth_importable()
     if not ok:
         return _peft(), f"auto: CUDA available but {detail}, so transformers+PEFT"

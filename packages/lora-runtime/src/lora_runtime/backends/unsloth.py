@@ -1,5 +1,5 @@
 """Unsloth backend (CUDA): FastLanguageModel loading, Unsloth's LoRA kernels and fused chunked cross-entropy,
-plus four things of ours that make the packed path fast and correct:
+plus three things of ours that make the packed path fast and correct:
 
 1. Padding-free packed rows. The loop sends rows [micro, seq_len] with `position_ids` that restart per sample and
    no attention mask. Unsloth detects packing only for a single row, so a forward pre-hook flattens the batch to
@@ -12,11 +12,13 @@ plus four things of ours that make the packed path fast and correct:
 2. GQA varlen flash attention on torch builds whose `varlen_attn` lacks `enable_gqa` (torch 2.11): there Unsloth
    falls back to one SDPA launch per run of equal-length samples, 2.6× slower on real length spreads (measured on
    an H200, benchmarks/gpu/NOTES.md). We route it to aten's flash varlen kernel, which takes GQA natively.
-3. TF32 for the fp32 LoRA weight-gradient matmuls unless `tf32=False` (they showed up as FFMA SGEMMs, ~5% of
-   the step, in the profile).
-4. Gradient checkpointing "auto" decided from the memory actually free: recomputation is a third of the FLOPs, so
+3. Gradient checkpointing "auto" decided from the memory actually free: recomputation is a third of the FLOPs, so
    when the no-recompute activations of one micro-batch fit, it is off (×1.39 tokens/s measured), else Unsloth's
    offloaded checkpointing. The decision and its numbers are logged.
+
+Not under torchrun: on 2 H200s unsloth_zoo's patched `Trainer.get_batch_samples` all-gathers a token count that
+stays on the CPU (our loader yields CPU batches) and NCCL raises "Tensors must be CUDA and dense". `load` refuses
+WORLD_SIZE > 1 with that reason, and backend="auto" picks the peft backend there (lora_runtime.backends).
 
 `import unsloth` happens in `load` only: it patches transformers and TRL process-wide, and a peft run never
 reaches this module's code.
@@ -146,6 +148,18 @@ def patch_gqa_varlen() -> str:
     return f"torch {torch.__version__}: varlen_attn lacks enable_gqa, packed attention → aten flash varlen (GQA)"
 
 
+DDP_REFUSAL = ("backend='unsloth' does not run under torchrun (WORLD_SIZE={world}): on 2×H200 unsloth_zoo's "
+               "patched Trainer.get_batch_samples all-gathered a CPU token count and NCCL raised 'Tensors must be "
+               "CUDA and dense'. Use backend='peft' (or 'auto', which picks it under torchrun); it scaled 0.97-0.98 "
+               "per GPU on 2 and 4 H200s")
+
+
+def refuse_ddp() -> None:
+    world = dist_env().world_size
+    if world > 1:
+        raise RuntimeError(DDP_REFUSAL.format(world=world))
+
+
 class UnslothBackend:
     name = "unsloth"
 
@@ -155,6 +169,7 @@ class UnslothBackend:
     def load(self, config: LoraSftConfig) -> tuple[Any, Any]:
         import torch
 
+        refuse_ddp()
         if not torch.cuda.is_available():
             raise RuntimeError("the unsloth backend needs a CUDA GPU; use backend='peft' on a CPU")
         import unsloth  # noqa: F401  (first: patches transformers/TRL in this process)
@@ -162,9 +177,6 @@ class UnslothBackend:
         from unsloth import FastLanguageModel
 
         print0(f"attention: {patch_gqa_varlen()}")
-        if config.tf32 is None:  # Unsloth keeps LoRA A/B in fp32: their weight-gradient matmuls ran on FFMA cores
-            torch.backends.cuda.matmul.allow_tf32 = True
-            print0("tf32: on for fp32 matmuls (the LoRA weight gradients); pass tf32=False for full fp32")
         model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
         free, _ = torch.cuda.mem_get_info()
         self.gradient_checkpointing, why = choose_gradient_checkpointing(config, model_config, free)
