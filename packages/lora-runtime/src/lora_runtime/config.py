@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,6 +207,25 @@ class LoraSftConfig:
         """Build from a dict (YAML/JSON/kwargs). Unknown keys are an error that names each one."""
         check_known_keys(data)
         return cls(**data)
+
+
+_SECRET_KEY = re.compile(r"(token|key|secret|password|passwd|credentials?)$", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s]+):([^/@\s]+)@")
+
+
+def redacted(value: Any) -> Any:
+    """A copy safe to log or save: URL passwords and values under *_token/*_key/*secret/*password keys → "***".
+
+    >>> redacted({"mlflow_tracking_uri": "https://me:hunter2@mlflow.example", "hf_token": "hf_abc", "lora_r": 16})
+    {'mlflow_tracking_uri': 'https://me:***@mlflow.example', 'hf_token': '***', 'lora_r': 16}
+    """
+    if isinstance(value, dict):
+        return {k: "***" if isinstance(k, str) and v and _SECRET_KEY.search(k) else redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redacted(v) for v in value)
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1:***@", value)
+    return value
 
 
 def field_names() -> list[str]:

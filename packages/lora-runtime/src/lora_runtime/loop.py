@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_runtime import checkpoint
-from lora_runtime.config import LoraSftConfig
+from lora_runtime.config import LoraSftConfig, redacted
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
 from lora_runtime.metrics import (
     MetricsWriter,
@@ -162,7 +162,7 @@ def finish(config: LoraSftConfig, backend: Backend, trainer: Any, tokenizer: Any
             tokenizer.save_pretrained(out)
         micro, accum, effective = config.batch_plan(dist_env().world_size)
         checkpoint.write_json_atomic(out / CONFIG_NAME, {
-            **config.to_dict(), "resolved": {"backend": backend.name, "micro_batch_size": micro,
+            **redacted(config.to_dict()), "resolved": {"backend": backend.name, "micro_batch_size": micro,
                                              "gradient_accumulation_steps": accum, "effective_batch_size": effective,
                                              "world_size": dist_env().world_size, "versions": _versions()}})
         plot = plot_loss(metrics_path, out / "loss.png")

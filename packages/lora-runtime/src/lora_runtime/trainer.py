@@ -24,7 +24,7 @@ from transformers import Trainer
 
 from lora_runtime import checkpoint
 from lora_runtime.collate import collate_packed
-from lora_runtime.config import LoraSftConfig
+from lora_runtime.config import LoraSftConfig, redacted
 from lora_runtime.dataset import EpochDataLoader
 from lora_runtime.distributed import all_reduce_sum, barrier
 from lora_runtime.metrics import MetricsWriter, metrics_row, peak_memory_bytes
@@ -156,7 +156,7 @@ class PackedTrainer(Trainer):
         if self.args.should_save:
             self.state.save_to_json(str(tmp / TRAINER_STATE_NAME))
             checkpoint.write_json_atomic(tmp / "data_state.json", self.train_dataset.state_at(step))
-            checkpoint.write_json_atomic(tmp / "lora_sft_config.json", self.run_config.to_dict())
+            checkpoint.write_json_atomic(tmp / "lora_sft_config.json", redacted(self.run_config.to_dict()))
         barrier()
         if self.args.should_save:
             checkpoint.commit(tmp, step)
