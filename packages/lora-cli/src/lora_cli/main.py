@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import click
 from lora_data import DataError
-from lora_runtime.config import ConfigError, LoraSftConfig, field_names
+from lora_runtime.config import ConfigError, LoraSftConfig, field_names, redacted
 
 from lora_cli import launch
 from lora_cli.options import REQUIRED, ConfigFileError, config_options, load_config_file, merge_values, passthrough_args
@@ -133,7 +133,7 @@ def _print_plan(ctx: click.Context, cfg: LoraSftConfig, plan: launch.LaunchPlan,
 
     cfg.validate(world_size=plan.world_size)
     micro, accum, effective = cfg.batch_plan(plan.world_size)
-    click.echo(json.dumps(cfg.to_dict(), indent=1, default=str))
+    click.echo(json.dumps(redacted(cfg.to_dict()), indent=1, default=str))
     click.echo(f"batch: micro {micro} x {plan.world_size} process(es) x accumulation {accum} = effective {effective}")
     if launch.needs_launch(plan):
         click.echo("would run: " + " ".join(launch.torchrun_command(plan, passthrough_args(ctx, params))))
