@@ -93,3 +93,21 @@ def test_a_shard_symlinked_out_of_the_directory_is_refused(shard_dir, tmp_path, 
     with pytest.raises(ShardError, match=r"shards\[1\]\.file: shard 'shard-00001.bin' is a symlink out of"):
         ShardReader(shard_dir)
     counts.add("manifest_escapes_refused")
+
+
+def test_credentials_in_config_values_are_redacted_where_configs_are_shown_or_saved(tmp_path, counts):
+    """`lora-cli train --dry-run` prints the config; checkpoints and the run dir save it: all through `redacted`."""
+    from click.testing import CliRunner
+    from lora_cli.main import main
+    from lora_runtime.config import redacted
+
+    assert redacted({"mlflow_tracking_uri": "https://me:hunter2@mlflow.example/x", "some_api_key": "k", "n": 1}) == {
+        "mlflow_tracking_uri": "https://me:***@mlflow.example/x", "some_api_key": "***", "n": 1}
+    res = CliRunner().invoke(main, ["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path),
+                                    "--mlflow-tracking-uri", "https://me:hunter2@mlflow.example", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "hunter2" not in res.output and "https://me:***@mlflow.example" in res.output
+    for path in ("lora-runtime/src/lora_runtime/loop.py", "lora-runtime/src/lora_runtime/trainer.py"):
+        text = (PACKAGES / path).read_text()
+        assert "redacted(config.to_dict())" in text or "redacted(self.run_config.to_dict())" in text, path
+    counts.add("secret_redaction_checks")
