@@ -61,3 +61,12 @@ def test_no_gpu_runs_cpu_workers_only_with_explicit_peft(caplog):
     with caplog.at_level("WARNING", logger="lora_cli"):
         assert check_devices(2, "peft", visible=0) == "cpu"
     assert "running 2 CPU processes with the gloo backend" in caplog.text
+
+
+def test_empty_cuda_visible_devices_means_no_gpu_without_torch(monkeypatch):
+    from lora_cli.launch import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert visible_gpus() == 0

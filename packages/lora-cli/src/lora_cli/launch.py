@@ -56,15 +56,22 @@ def needs_launch(plan: LaunchPlan) -> bool:
     return plan.world_size > 1 and not under_torchrun()
 
 
+def visible_gpus() -> int:
+    """GPUs this process can use; CUDA_VISIBLE_DEVICES="" (or -1) answers 0 without importing torch (10 s here)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def check_devices(nproc_per_node: int, backend: str, visible: int | None = None) -> str:
     """"cuda" when enough GPUs are visible; "cpu" for gloo test runs (no GPU at all and an explicit peft backend).
 
     Raises LaunchError with the fix otherwise.
     """
     if visible is None:
-        import torch
-
-        visible = torch.cuda.device_count()
+        visible = visible_gpus()
     if nproc_per_node <= visible:
         return "cuda"
     where = os.environ.get("CUDA_VISIBLE_DEVICES")
