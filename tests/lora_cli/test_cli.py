@@ -166,3 +166,21 @@ def test_demo_refuses_to_delete_a_foreign_directory(tmp_path):
     res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)])
     assert res.exit_code == 1 and "was not made by `lora-cli demo`" in res.output
     assert (tmp_path / "precious.txt").exists()
+
+
+def test_model_path_is_checked_before_anything_loads(tmp_path):
+    res = CliRunner().invoke(main, ["train", "--model", str(tmp_path / "nope"), "--data", "d", "--output", "o"])
+    assert res.exit_code == 1 and res.output == f"error: --model {tmp_path / 'nope'}: no such directory\n"
+    res = CliRunner().invoke(main, ["train", "--model", str(tmp_path), "--data", "d", "--output", "o"])
+    assert res.exit_code == 1 and "no config.json there" in res.output
+
+
+def test_errors_from_loading_are_one_line(fake_sft, monkeypatch):
+    def broken(**kw):
+        raise OSError("Can't load tokenizer for 'm'.\nMake sure that:\n- 'm' is a correct model identifier")
+
+    monkeypatch.setattr(lora_runtime, "lora_sft", broken)
+    res = CliRunner().invoke(main, BASE)
+    assert res.exit_code == 1
+    assert res.output == ("error: Can't load tokenizer for 'm'. Make sure that: - 'm' is a correct model "
+                          "identifier\n")

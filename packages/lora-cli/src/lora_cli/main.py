@@ -29,8 +29,8 @@ class UserError(Exception):
     """A problem the user can fix (a path, a combination of options); printed as one line, exit code 1."""
 
 
-USER_ERRORS = (UserError, ConfigFileError, DataError, ConfigError, launch.LaunchError, FileNotFoundError, NotADirectoryError,
-               FileExistsError)
+# OSError covers what transformers raises for a model or tokenizer it cannot load (and a full disk): one line too.
+USER_ERRORS = (UserError, ConfigFileError, DataError, ConfigError, launch.LaunchError, OSError)
 
 
 def _as_option(text: str) -> str:
@@ -157,7 +157,19 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
     if missing:
         names = {"model_path": "--model", "data_path": "--data or --shards", "ckpt_output_dir": "--output"}
         raise click.UsageError("missing " + ", ".join(names[n] for n in missing) + " (or set it in --config)")
+    _check_model_path(kw["model_path"])
     return LoraSftConfig.from_dict(kw)
+
+
+def _check_model_path(model_path: str) -> None:
+    """A local model directory must exist and hold config.json (a hub id such as Qwen/Qwen2.5-1.5B passes through)."""
+    p = Path(model_path).expanduser()
+    looks_local = model_path.startswith(("/", "./", "../", "~")) or p.exists()
+    if looks_local and not p.is_dir():
+        raise UserError(f"--model {model_path}: no such directory")
+    if looks_local and not (p / "config.json").is_file():
+        raise UserError(f"--model {model_path}: no config.json there; pass a Hugging Face model directory "
+                        "(config.json + weights + tokenizer) or a hub id")
 
 
 def _train_in_process(cfg: LoraSftConfig) -> int:
