@@ -57,6 +57,7 @@ def trl_prepare(path: Path, tokenizer_dir: Path, seq_len: int):
     return seconds, sum(lengths), len(ds)
 
 
+@pytest.mark.timeout(3600 if FULL else 600)
 def test_prepare_vs_trl(benchmark, corpus, tmp_path):
     import lora_data
 

@@ -6,6 +6,7 @@ only a small per-sample table (sample_id, offset, length, loss_tokens; a polars 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,10 @@ class TokenizeStage:
         self._mask = open(self.mask_path, "wb")  # noqa: SIM115
         self._pos = 0
         self.frames: list = []
+        # The Rust tokenizer releases the GIL: chunk k is tokenized in a worker thread while the main thread reads,
+        # validates and renders chunk k+1. Results are consumed in order, so the output stays deterministic.
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending = None
 
     def add(self, records: list[Record]) -> None:
         rendered, kept = [], []
@@ -40,7 +45,16 @@ class TokenizeStage:
             else:
                 rendered.append(r)
                 kept.append(rec)
-        ids, mask, lengths = self.encoder.encode_flat(rendered)
+        job = self._pool.submit(self.encoder.encode_flat, rendered)
+        self._drain()
+        self._pending = (kept, job)
+
+    def _drain(self) -> None:
+        if self._pending is None:
+            return
+        kept, job = self._pending
+        self._pending = None
+        ids, mask, lengths = job.result()
         frame = chunk_frame([r.sample_id for r in kept], mask, lengths)
         self._ids.write(ids.tobytes())
         self._mask.write(mask.tobytes())
@@ -99,6 +113,8 @@ class TokenizeStage:
         """Close the spill files; return (samples table, ids memmap, mask memmap)."""
         import polars as pl
 
+        self._drain()
+        self._pool.shutdown()
         self._ids.close()
         self._mask.close()
         schema = {"sample_id": pl.UInt64, "offset": pl.Int64, "length": pl.Int64, "loss_tokens": pl.Int64}

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DataError
 from .render import Rendered
 
 
@@ -38,7 +39,10 @@ class Encoder:
     """Tokenize rendered records in batches; `encode_flat` returns concatenated ids, mask and per-record lengths."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self.backend = tokenizer.backend_tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self.backend is None:
+            raise DataError(f"{type(tokenizer).__name__} has no fast (Rust) backend; lora-data needs a tokenizer.json "
+                            "(save the tokenizer with a fast class, e.g. PreTrainedTokenizerFast)", field="tokenizer")
         spec = json.loads(self.backend.to_str())
         decoder = (spec.get("decoder") or {}).get("type")
         self.byte_level = decoder == "ByteLevel" and (spec.get("model") or {}).get("type") == "BPE"
