@@ -20,6 +20,7 @@ from lora_runtime.config import ConfigError, LoraSftConfig, field_names, redacte
 
 from lora_cli import launch
 from lora_cli.options import REQUIRED, ConfigFileError, config_options, load_config_file, merge_values, passthrough_args
+from lora_cli.progress import progress_callback
 from lora_cli.stop import EXIT_INTERRUPTED, StopRequest
 
 log = logging.getLogger("lora_cli")
@@ -180,7 +181,7 @@ def _train_in_process(cfg: LoraSftConfig) -> int:
     if os.environ.get("LORA_CLI_CPU_WORKERS") and os.environ.get("RANK") == "0":
         log.info("lora-cli: %s CPU worker processes with gloo (no GPU visible)", os.environ.get("WORLD_SIZE"))
     with StopRequest() as stop:
-        callbacks = [*(cfg.callbacks or []), stop.callback()]
+        callbacks = [*(cfg.callbacks or []), progress_callback(), stop.callback()]
         result = lora_runtime.lora_sft(**{**cfg.to_dict(), "callbacks": callbacks})
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
