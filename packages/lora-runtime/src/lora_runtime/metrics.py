@@ -54,9 +54,10 @@ class MetricsWriter:
         if resume_step is None:
             self.path.write_text("", encoding="utf-8")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            kept = [line for line in _whole_lines(self.path) if json.loads(line).get("step", 0) <= resume_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")  # a kill during the rewrite keeps the old file
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -65,6 +66,21 @@ class MetricsWriter:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _whole_lines(path: Path) -> list[str]:
+    """The rows of a metrics file; a last row cut short by a crash mid-append is dropped (and said so)."""
+    text = path.read_text(encoding="utf-8")
+    lines = [line for line in text.split("\n") if line.strip()]
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            from lora_runtime.distributed import print0
+
+            print0(f"{path}: dropping a last row cut short by a crash: {lines[-1][:80]!r}")
+            lines.pop()
+    return lines
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
