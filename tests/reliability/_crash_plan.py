@@ -14,7 +14,7 @@ STEPS = 6
 RUN = {"backend": "peft", "bf16": False, "lora_r": 8, "lora_alpha": 16, "learning_rate": 5e-3, "warmup_steps": 1,
        "max_steps": STEPS, "micro_batch_size": 2, "save_steps": 1, "save_total_limit": 2, "seed": 0,
        "max_seq_len": 128}
-HOOK_POINTS = ["step_begin", "step_end", "staging", "fsync", "marker", "renamed", "rotate"]
+HOOK_POINTS = ["step_begin", "step_end", "metrics", "staging", "fsync", "marker", "renamed", "rotate"]
 SECRETS = {"WANDB_API_KEY": "wandb-SECRET-0f9e8d7c6b5a", "HF_TOKEN": "hf_SECRETtokenABCDEFGH",
            "HUGGING_FACE_HUB_TOKEN": "hf_SECREThubtoken12345", "MY_SERVICE_TOKEN": "svc-SECRET-77a1",
            "OPENAI_API_KEY": "sk-SECRET-openai-1234", "AWS_SECRET_ACCESS_KEY": "aws-SECRET-abcdef123"}

@@ -13,6 +13,7 @@ the real SIGINT/SIGTERM handling) and may be killed:
   marker       inside commit: COMPLETE written into the staging dir, not yet renamed
   renamed      inside commit: renamed to checkpoint-s, parent dir not yet fsync'd
   rotate       inside the rotation after checkpoint s: half of an old checkpoint's files deleted
+  metrics      while appending step s's row to metrics.jsonl: half the line written
 - by the parent with SIGKILL after `after_s` seconds (`kill: {"point": "timer", "after_s": t}`), anywhere;
 - by a fault at step s that must end the run with a clear error, nothing lost: `enospc` (the disk fills during
   checkpoint s: fsync raises ENOSPC), `oom` (the forward pass of step s raises torch.OutOfMemoryError);
@@ -128,6 +129,22 @@ def install_kill(kill: dict | None) -> list:
                     _die()
 
         ckpt._fsync_file = fsync_file
+    if point == "metrics":
+        import lora_runtime.metrics as metrics_mod
+
+        real_write = metrics_mod.MetricsWriter.write
+
+        def torn_write(self, row):
+            if row.get("step") == step:
+                line = json.dumps(row, sort_keys=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(line[: len(line) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                _die()
+            return real_write(self, row)
+
+        metrics_mod.MetricsWriter.write = torn_write
     if point == "enospc":
         import errno
 
