@@ -75,7 +75,7 @@ def test_every_block_is_a_kind_this_test_runs():
     assert {b.mode for b in BLOCKS} <= {"run", "config-only"}
     for b in BLOCKS[1:]:
         for cmd in commands(b) if b.lang == "bash" else []:
-            assert cmd[0] in ("lora-cli", "torchrun"), f"README.md:{b.line}: no test runs {cmd[0]!r}"
+            assert cmd[0] in ("lora-cli", "lora-data", "torchrun"), f"README.md:{b.line}: no test runs {cmd[0]!r}"
 
 
 @pytest.fixture
@@ -146,6 +146,13 @@ def _lora_cli(argv: list[str], line: int) -> None:
     assert res.exit_code == 0, f"README.md:{line}: lora-cli {' '.join(argv)}\n{res.output}"
 
 
+def _lora_data(argv: list[str], line: int) -> None:
+    from lora_data.cli import cli
+
+    res = CliRunner().invoke(cli, argv)
+    assert res.exit_code == 0, f"README.md:{line}: lora-data {' '.join(argv)}\n{res.output}"
+
+
 def _torchrun(argv: list[str], line: int) -> None:
     from torch.distributed.run import get_args_parser
 
@@ -162,7 +169,7 @@ def test_bash_blocks_in_order(session_dir, tiny_llama_dir):
         for cmd in commands(b):
             cmd = [str(tiny_llama_dir) if a == MODEL_ID else a for a in cmd]
             cmd = [str(ROOT / a) if a.startswith("examples/") else a for a in cmd]
-            (_lora_cli if cmd[0] == "lora-cli" else _torchrun)(cmd[1:], b.line)
+            {"lora-cli": _lora_cli, "lora-data": _lora_data, "torchrun": _torchrun}[cmd[0]](cmd[1:], b.line)
             ran += 1
     assert ran >= 8
     assert (session_dir / "merged" / "config.json").is_file()
