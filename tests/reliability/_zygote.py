@@ -2,7 +2,7 @@
 
     python _zygote.py PLAN.json RESULTS.json
 
-Each attempt is a forked child (its own pid) that trains through lora-cli's in-process path (`_train_in_process`:
+The kill points and faults are in `_faults.py`. Each attempt is a forked child (its own pid) that trains through lora-cli's in-process path (`_train_in_process`:
 the real SIGINT/SIGTERM handling) and may be killed:
 
 - by itself with SIGKILL at a named point (`kill: {"point": ..., "step": s}`), deterministic:
@@ -38,14 +38,13 @@ import time
 from pathlib import Path
 
 # Heavy imports happen once, here, before any fork (the parent only imports: it never runs torch code).
+import _faults as faults
 import lora_data._prepare  # noqa: F401
 import lora_runtime.api
 import lora_runtime.backends.peft
-import lora_runtime.checkpoint as ckpt
 import lora_runtime.data
 import lora_runtime.dataset
 import lora_runtime.loop  # noqa: F401
-import lora_runtime.trainer as trainer_mod
 import matplotlib
 import peft  # noqa: F401
 import torch
@@ -57,12 +56,6 @@ matplotlib.use("Agg")  # the loss plot at the end of every finished run
 import matplotlib.pyplot
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _die() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def snapshot(out: Path) -> dict:
@@ -86,124 +79,6 @@ def snapshot(out: Path) -> dict:
     return {"dirs": dirs, "newest_complete": max(complete, key=lambda d: d["step"])["name"] if complete else None}
 
 
-def install_kill(kill: dict | None) -> list:
-    """Patch this (child) process so it dies at the planned point; returns extra Trainer callbacks."""
-    if not kill or kill["point"] in ("timer", "tamper_pickle"):
-        return []
-    from transformers import TrainerCallback
-
-    point, step = kill["point"], kill.get("step", 0)
-    in_step = [False]
-
-    class Hook(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            in_step[0] = state.global_step == step - 1
-            if state.global_step == step - 1:
-                if point == "step_begin":
-                    _die()
-                if point in ("sigterm", "sigint"):
-                    os.kill(os.getpid(), signal.SIGTERM if point == "sigterm" else signal.SIGINT)
-
-        def on_step_end(self, args, state, control, **kw):
-            if point == "step_end" and state.global_step == step:
-                _die()
-
-    staged = f".tmp-checkpoint-{step}"
-    if point == "staging":
-        real_save = trainer_mod.PackedTrainer._save_optimizer_and_scheduler
-
-        def save_opt(self, output_dir):
-            if self.state.global_step == step:
-                _die()
-            return real_save(self, output_dir)
-
-        trainer_mod.PackedTrainer._save_optimizer_and_scheduler = save_opt
-    if point == "fsync":
-        real_fsync, seen = ckpt._fsync_file, [0]
-
-        def fsync_file(path):
-            real_fsync(path)
-            if staged in str(path):
-                seen[0] += 1
-                if seen[0] == kill.get("n", 1):
-                    _die()
-
-        ckpt._fsync_file = fsync_file
-    if point == "metrics":
-        import lora_runtime.metrics as metrics_mod
-
-        real_write = metrics_mod.MetricsWriter.write
-
-        def torn_write(self, row):
-            if row.get("step") == step:
-                line = json.dumps(row, sort_keys=True)
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(line[: len(line) // 2])
-                    f.flush()
-                    os.fsync(f.fileno())
-                _die()
-            return real_write(self, row)
-
-        metrics_mod.MetricsWriter.write = torn_write
-    if point == "enospc":
-        import errno
-
-        real_fsync_file = ckpt._fsync_file
-
-        def full_disk(path):
-            if staged in str(path):
-                raise OSError(errno.ENOSPC, "No space left on device", str(path))
-            real_fsync_file(path)
-
-        ckpt._fsync_file = full_disk
-    if point == "oom":
-        from transformers.models.llama.modeling_llama import LlamaForCausalLM
-
-        real_forward = LlamaForCausalLM.forward
-
-        def forward(self, *a, **kw):
-            if in_step[0]:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-            return real_forward(self, *a, **kw)
-
-        LlamaForCausalLM.forward = forward
-    if point in ("marker", "renamed"):
-        real_dir = ckpt._fsync_dir
-
-        def fsync_dir(path):
-            path = Path(path)
-            if point == "marker" and path.name == staged:
-                _die()
-            real_dir(path)
-            if point == "renamed" and path.name == "checkpoints" and (path / f"checkpoint-{step}").is_dir():
-                _die()
-
-        ckpt._fsync_dir = fsync_dir
-    if point == "rotate":
-        import shutil
-
-        real_rmtree = shutil.rmtree
-        committed = [False]
-        real_rotate = ckpt.rotate
-
-        def rotate(root, keep):
-            committed[0] = (Path(root) / f"checkpoint-{step}").is_dir()
-            return real_rotate(root, keep)
-
-        def rmtree(path, *a, **kw):
-            files = sorted((p for p in Path(path).rglob("*") if p.is_file()), reverse=True)  # COMPLETE sorts first
-            if committed[0] and files:
-                for f in files[: max(1, len(files) // 2)]:
-                    f.unlink()
-                _die()
-            return real_rmtree(path, *a, **kw)
-
-        ckpt.rotate = rotate
-        trainer_mod.checkpoint.rotate = rotate
-        shutil.rmtree = rmtree
-    return [Hook()]
-
-
 def child(plan: dict, trial: dict, index: int) -> None:
     out = Path(trial["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +89,7 @@ def child(plan: dict, trial: dict, index: int) -> None:
     os.environ.update(trial.get("env", {}))
     kill = trial["attempts"][index]
     try:
-        callbacks = install_kill(kill)
+        callbacks = faults.install_kill(kill)
         cfg = LoraSftConfig(model_path=trial.get("model", plan["model"]), data_path=trial.get("shards", plan["shards"]),
                             ckpt_output_dir=str(out), callbacks=callbacks or None,
                             **{**plan["run"], **trial.get("run", {})})
@@ -227,41 +102,6 @@ def child(plan: dict, trial: dict, index: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def remote_code_model(src: str, dst: str, marker: str) -> None:
-    """A copy of `src` whose config asks for code shipped in the model dir; importing that code touches `marker`."""
-    import shutil
-
-    shutil.copytree(src, dst)
-    Path(dst, "evil.py").write_text(f"import pathlib\npathlib.Path({marker!r}).touch()\n"
-                                    "from transformers import LlamaConfig, LlamaForCausalLM\n"
-                                    "class EvilConfig(LlamaConfig):\n    model_type = 'evil_llama'\n"
-                                    "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
-    cfg = json.loads(Path(dst, "config.json").read_text())
-    cfg.update(model_type="evil_llama", auto_map={"AutoConfig": "evil.EvilConfig",
-                                                  "AutoModelForCausalLM": "evil.EvilModel"})
-    Path(dst, "config.json").write_text(json.dumps(cfg))
-
-
-def tamper_pickle(out: Path, name: str, marker: str) -> None:
-    """Replace `name` in the newest complete checkpoint by a pickle that runs a command when unpickled, and
-    rewrite COMPLETE to match (what an attacker who can write the directory can do)."""
-    import hashlib
-    import pickle
-
-    class Payload:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
-    ckpt_dir = out / "checkpoints" / snapshot(out)["newest_complete"]
-    blob = pickle.dumps(Payload())
-    (ckpt_dir / name).write_bytes(blob)
-    marker_file = ckpt_dir / "COMPLETE"
-    listed = json.loads(marker_file.read_text())
-    listed["bytes"][name] = len(blob)
-    listed["sha256"][name] = hashlib.sha256(blob).hexdigest()
-    marker_file.write_text(json.dumps(listed))
 
 
 def build(spec: dict) -> None:
@@ -278,7 +118,7 @@ def build(spec: dict) -> None:
                 tok = _tiny.build_tokenizer(Path(m["dir"]) / "tokenizer", template=m["template"])
                 _tiny.build_model(m["dir"], arch=m["arch"], tokenizer_dir=tok)
             for r in spec.get("remote_code", []):
-                remote_code_model(spec["models"][r["from"]]["dir"], r["dir"], r["marker"])
+                faults.remote_code_model(spec["models"][r["from"]]["dir"], r["dir"], r["marker"])
             for s in spec["shards"]:
                 data = _tiny.write_jsonl(Path(s["dir"]).with_suffix(".jsonl"), _tiny.chat_records(s["n"], seed=1))
                 lora_data.prepare(data, s["dir"], spec["models"][s["model"]]["dir"], max_seq_len=s["max_seq_len"],
@@ -305,7 +145,9 @@ def run(plan: dict) -> list[dict]:
             i = next_attempt[t]
             spec = plan["trials"][t]["attempts"][i]
             if spec and spec["point"] == "tamper_pickle":
-                tamper_pickle(Path(plan["trials"][t]["out"]), spec["file"], spec["marker"])
+                out = Path(plan["trials"][t]["out"])
+                faults.tamper_pickle(out / "checkpoints" / snapshot(out)["newest_complete"], spec["file"],
+                                     spec["marker"])
             before = snapshot(Path(plan["trials"][t]["out"]))
             pid = os.fork()
             if pid == 0:
