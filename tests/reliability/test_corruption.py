@@ -91,6 +91,7 @@ def run_copy(trials, tmp_path) -> Path:
     return out
 
 
+@pytest.mark.slow  # trains (the session's trials)
 def test_flipped_or_truncated_checkpoint_file_is_caught_before_resuming(run_copy, counts):
     rng = random.Random(SEED)
     ckpt = run_copy / "checkpoints" / "checkpoint-6"
@@ -118,6 +119,7 @@ def test_flipped_or_truncated_checkpoint_file_is_caught_before_resuming(run_copy
     counts.add("corruptions_caught_checkpoint", n + 1)
 
 
+@pytest.mark.slow  # trains (the session's trials)
 def test_flipped_or_truncated_adapter_is_caught_before_a_merge(run_copy, trials, counts):
     from lora_runtime.merge import merge_adapter
 

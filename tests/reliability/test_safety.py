@@ -14,6 +14,7 @@ from lora_data import Manifest, ShardError, ShardReader, ShardWriter
 PACKAGES = Path(__file__).parents[2] / "packages"
 
 
+@pytest.mark.slow  # trains (the session's trials)
 def test_trust_remote_code_is_off_unless_asked(trials, counts):
     from lora_runtime import lora_sft
     from lora_runtime.config import LoraSftConfig
@@ -32,6 +33,7 @@ def test_no_loader_hard_codes_trust_remote_code():
         assert not re.search(r"trust_remote_code\s*=\s*True", path.read_text()), path
 
 
+@pytest.mark.slow  # trains (the session's trials)
 def test_weights_are_written_as_safetensors_only(trials):
     out = Path(trials["reference"]["out"])
     top = {p.name for p in out.iterdir() if p.is_file()}
@@ -41,6 +43,7 @@ def test_weights_are_written_as_safetensors_only(trials):
         assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "adapter_model.bin").exists()
 
 
+@pytest.mark.slow  # trains (the session's trials)
 def test_a_pickle_in_a_checkpoint_is_refused_and_never_runs(trials, counts):
     stop, resume = trials["pickle"]["attempts"]
     assert stop["exit"] == 130
