@@ -243,3 +243,11 @@ def test_lazy_public_names_resolve():
     assert lora_data.prepare is prepare and callable(lora_data.cache_key)
     assert lora_data.read_records is lora_data.records.read_records and lora_data.Record and lora_data.Rejection
     assert set(lora_data.__all__) <= set(dir(lora_data))
+
+
+def test_progress_bar_and_summary_go_to_stderr(good_file, tmp_path, chatml_tokenizer_dir, capsys):
+    lora_data.prepare(good_file, tmp_path / "o", chatml_tokenizer_dir, max_seq_len=128, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "lora-data prepare" in captured.err and "400 lines read: 400 valid" in captured.err
+    assert "B/s" in captured.err or "it/s" in captured.err or "%" in captured.err  # the tqdm bar
