@@ -128,3 +128,14 @@ def test_batch_render_equals_one_by_one(tokenizers):
     r = Renderer(tokenizers["llama3"])
     convs = _random_conversations(50)
     assert r.texts(convs) == [r.text(c) for c in convs]
+
+
+def test_broken_template_is_a_data_error(tokenizers):
+    from types import SimpleNamespace
+
+    from lora_data import DataError
+
+    tok = SimpleNamespace(chat_template="{% for m in messages %}{{ m['content'] }", eos_token="<|im_end|>",
+                          special_tokens_map={}, added_tokens_decoder={})  # the template has an unclosed tag
+    with pytest.raises(DataError, match=r"tokenizer\.chat_template: the chat template does not compile"):
+        Renderer(tok)

@@ -59,8 +59,14 @@ class Renderer:
             template = template.get("default") or next(iter(template.values()))
         self.template_source = template_source(tokenizer)
         self.train_on_inputs = train_on_inputs
-        self._template = _compile(template)
-        self._batch_template = _compile("{% for messages in lora_data_batch %}" + template + _SEP + "{% endfor %}")
+        try:
+            self._template = _compile(template)
+        except Exception as e:  # jinja2.TemplateSyntaxError and friends
+            raise DataError(f"the chat template does not compile: {e}", field="tokenizer.chat_template") from None
+        try:  # a template that cannot sit inside a loop (e.g. uses {% extends %}) is rendered one record at a time
+            self._batch_template = _compile("{% for messages in lora_data_batch %}" + template + _SEP + "{% endfor %}")
+        except Exception:
+            self._batch_template = None
         specials = {k: v for k, v in getattr(tokenizer, "special_tokens_map", {}).items() if isinstance(v, str)}
         self._kwargs = {"add_generation_prompt": False, **specials}
         eos = getattr(tokenizer, "eos_token", None)
@@ -73,6 +79,8 @@ class Renderer:
 
     def texts(self, batch: list[list[dict]]) -> list[str] | None:
         """Render a whole chunk in one template call (5× faster than one call each); None if that is not exact."""
+        if self._batch_template is None:
+            return None
         try:
             out = self._batch_template.render(lora_data_batch=batch, **self._kwargs).split(_SEP)
         except Exception:  # a template error in some record: the caller renders one by one and reports it
