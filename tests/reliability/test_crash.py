@@ -111,7 +111,7 @@ def test_out_of_memory_names_the_knobs(trials, counts):
     trial = trials["faults"]
     oom = trial["attempts"][1]
     assert oom["signal"] is None and oom["exit"] not in (0, None)
-    hint = [line for line in oom["log"].splitlines() if line.startswith("lora_runtime.trainer.OutOfMemoryHint")]
+    hint = [line for line in oom["log"].splitlines() if line.startswith("lora_runtime.errors.OutOfMemoryHint")]
     assert hint, oom["log"][-3000:]
     for knob in ("micro_batch_size", "max_seq_len", "load_in_4bit", "step 4"):
         assert knob in hint[0]

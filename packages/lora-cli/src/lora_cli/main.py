@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import click
 from lora_data import DataError
 from lora_runtime.config import ConfigError, LoraSftConfig, field_names, redacted
+from lora_runtime.errors import CheckpointError, OutOfMemoryHint
 
 from lora_cli import launch
 from lora_cli.options import REQUIRED, ConfigFileError, config_options, load_config_file, merge_values, passthrough_args
@@ -31,7 +32,9 @@ class UserError(Exception):
 
 
 # OSError covers what transformers raises for a model or tokenizer it cannot load (and a full disk): one line too.
-USER_ERRORS = (UserError, ConfigFileError, DataError, ConfigError, launch.LaunchError, OSError)
+# CheckpointError (resume=False on a run dir with checkpoints, a full disk) and OutOfMemoryHint name their fix too.
+USER_ERRORS = (UserError, ConfigFileError, DataError, ConfigError, CheckpointError, OutOfMemoryHint,
+               launch.LaunchError, OSError)
 
 
 def _as_option(text: str) -> str:

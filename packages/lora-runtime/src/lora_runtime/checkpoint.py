@@ -23,15 +23,13 @@ import re
 import shutil
 from pathlib import Path
 
+from lora_runtime.errors import CheckpointError
+
 MARKER = "COMPLETE"
 ADAPTER_SUMS = "adapter_checksums.json"  # next to the final adapter: sizes + sha256, checked before a merge
 ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json"]
 SUBDIR = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """The output directory's checkpoints cannot be used as asked (message says what to do)."""
 
 
 def checkpoints_dir(ckpt_output_dir: str | Path) -> Path:

@@ -27,6 +27,7 @@ from lora_runtime.collate import collate_packed
 from lora_runtime.config import LoraSftConfig, redacted
 from lora_runtime.dataset import EpochDataLoader
 from lora_runtime.distributed import all_reduce_sum, barrier
+from lora_runtime.errors import OutOfMemoryHint
 from lora_runtime.metrics import MetricsWriter, metrics_row, peak_memory_bytes
 
 
@@ -162,10 +163,6 @@ class PackedTrainer(Trainer):
             checkpoint.commit(tmp, step)
             checkpoint.rotate(root, self.run_config.save_total_limit)
         barrier()
-
-
-class OutOfMemoryHint(RuntimeError):
-    """Out of (GPU) memory in a training step; the message names the knobs. `__cause__` is the original error."""
 
 
 def oom_hint(config: LoraSftConfig, step: int, error: BaseException) -> str:

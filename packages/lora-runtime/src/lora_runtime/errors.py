@@ -1,0 +1,9 @@
+"""Errors a user can act on, importable without torch (lora-cli maps them to one `error:` line and exit code 1)."""
+
+
+class CheckpointError(RuntimeError):
+    """The output directory's checkpoints cannot be used as asked (message says what to do)."""
+
+
+class OutOfMemoryHint(RuntimeError):
+    """Out of (GPU) memory in a training step; the message names the knobs. `__cause__` is the original error."""
