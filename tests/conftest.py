@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import _tiny  # noqa: E402
+import _tiny
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import resource
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,11 +138,18 @@ def report_targets(config: LoraSftConfig) -> list[str]:
 
 @contextlib.contextmanager
 def reporting_env(config: LoraSftConfig):
-    """Set `report_env(config)` for the run and restore the previous values after it (no leak into the next run)."""
+    """Set `report_env(config)` for the run and restore the previous values after it (no leak into the next run).
+
+    Rank 0 opens the wandb run itself (transformers' callback then reuses it): wandb caches WANDB_DIR & co. once per
+    process, so passing them here is what lets a second `lora_sft` in one process log to its own directory; the run
+    gets the resolved (redacted) config. The run is finished at the end; transformers would leave it open.
+    """
     new = report_env(config)
     old = {k: os.environ.get(k) for k in new}
     os.environ.update(new)
     try:
+        if "wandb" in report_targets(config) and int(os.environ.get("RANK", "0")) == 0:
+            _start_wandb(config)
         yield
     finally:
         for k, v in old.items():
@@ -149,3 +157,15 @@ def reporting_env(config: LoraSftConfig):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()
+
+
+def _start_wandb(config: LoraSftConfig) -> None:
+    import wandb
+
+    from lora_runtime.config import redacted
+
+    wandb.init(project=os.environ.get("WANDB_PROJECT"), entity=os.environ.get("WANDB_ENTITY"),
+               name=config.wandb_run_name, dir=os.environ.get("WANDB_DIR"), config=redacted(config.to_dict()))
