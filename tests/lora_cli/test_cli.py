@@ -184,3 +184,22 @@ def test_errors_from_loading_are_one_line(fake_sft, monkeypatch):
     assert res.exit_code == 1
     assert res.output == ("error: Can't load tokenizer for 'm'. Make sure that: - 'm' is a correct model "
                           "identifier\n")
+
+
+@pytest.mark.parametrize("error", ["checkpoint", "oom"])
+def test_runtime_errors_with_a_fix_are_one_line_exit_1(monkeypatch, error):
+    from lora_runtime.errors import CheckpointError, OutOfMemoryHint
+
+    exc = {"checkpoint": CheckpointError("out/checkpoints holds checkpoint-40 and resume=False: pass --resume or "
+                                         "another --output"),
+           "oom": OutOfMemoryHint("out of memory in training step 4. Lower micro_batch_size (now 8)")}[error]
+
+    def lora_sft(**kw):
+        raise exc
+
+    monkeypatch.setattr(lora_runtime, "lora_sft", lora_sft)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    res = CliRunner().invoke(main, BASE)
+    assert res.exit_code == 1, res.output
+    assert res.output.strip().splitlines()[-1] == f"error: {exc}" and "Traceback" not in res.output
