@@ -203,3 +203,15 @@ def test_runtime_errors_with_a_fix_are_one_line_exit_1(monkeypatch, error):
     res = CliRunner().invoke(main, BASE)
     assert res.exit_code == 1, res.output
     assert res.output.strip().splitlines()[-1] == f"error: {exc}" and "Traceback" not in res.output
+
+
+def test_shards_lend_their_row_length_unless_max_seq_len_is_given(fake_sft, tmp_path):
+    from lora_data import Manifest, ShardWriter
+
+    w = ShardWriter(tmp_path / "shards", seq_len=8, pad_id=0)
+    w.add_row([1, 2, 3], [0, 1, 1], seq_lens=[3])
+    Manifest(seq_len=8, pad_id=0, shards=[s.to_dict() for s in w.close()], tokenizer={"fingerprint": "x"}).save(
+        tmp_path / "shards")
+    base = ["train", "--model", "m", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "o")]
+    assert run(base).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 8
+    assert run([*base, "--max-seq-len", "16"]).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 16  # runtime refuses

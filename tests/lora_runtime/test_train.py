@@ -153,6 +153,20 @@ def test_shards_of_another_tokenizer_are_refused_before_training(tiny_qwen2_dir,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("factor", [2, 0.5])
+def test_shards_packed_to_another_length_are_refused_before_training(tiny_llama_dir, llama_shards, tmp_path, factor):
+    """Longer rows would not fit; shorter ones mean records over their length were dropped or cut at prepare time."""
+    from lora_data import Manifest
+    from lora_runtime import ConfigError
+
+    seq_len = Manifest.load(llama_shards).seq_len
+    other = int(seq_len * factor)
+    with pytest.raises(ConfigError, match=f"rows are packed to {seq_len} tokens but max_seq_len={other}; "
+                                          f"pass max_seq_len={seq_len}"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "out"), **{**_runs.RUN, "max_seq_len": other})
+    assert not (tmp_path / "out").exists()
+
+
 def test_two_cpu_ranks_match_one_process(llama_run, tiny_llama_dir, llama_shards, tmp_path):
     """torchrun, 2 gloo ranks × micro 2 × accum 1 == 1 process × micro 2 × accum 2: same rows per step, same result;
     ranks read disjoint rows (else the losses would differ) and only rank 0 writes."""

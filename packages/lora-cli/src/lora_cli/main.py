@@ -20,7 +20,15 @@ from lora_runtime.config import ConfigError, LoraSftConfig, field_names, redacte
 from lora_runtime.errors import CheckpointError, OutOfMemoryHint
 
 from lora_cli import launch
-from lora_cli.options import REQUIRED, ConfigFileError, config_options, load_config_file, merge_values, passthrough_args
+from lora_cli.options import (
+    REQUIRED,
+    ConfigFileError,
+    config_options,
+    given_on_command_line,
+    load_config_file,
+    merge_values,
+    passthrough_args,
+)
 from lora_cli.progress import progress_callback
 from lora_cli.stop import EXIT_INTERRUPTED, StopRequest
 
@@ -157,12 +165,27 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
             raise UserError(f"--shards {shards}: no manifest.json there; prepare it first with "
                             "`lora-cli prepare DATA.jsonl OUT_DIR --tokenizer MODEL_DIR --max-seq-len N`")
         kw["data_path"] = str(shards)
+    _inherit_seq_len(ctx, kw, file_values)
     missing = [n for n in REQUIRED if not kw.get(n)]
     if missing:
         names = {"model_path": "--model", "data_path": "--data or --shards", "ckpt_output_dir": "--output"}
         raise click.UsageError("missing " + ", ".join(names[n] for n in missing) + " (or set it in --config)")
     _check_model_path(kw["model_path"])
     return LoraSftConfig.from_dict(kw)
+
+
+def _inherit_seq_len(ctx: click.Context, kw: dict, file_values: dict) -> None:
+    """Shards are packed to one row length: unless --max-seq-len (or the config file) says otherwise, train at it.
+
+    An explicit value that differs is refused later by the runtime (records over the shards' length were dropped).
+    """
+    data = Path(str(kw.get("data_path", "")))
+    if given_on_command_line(ctx, "max_seq_len") or "max_seq_len" in file_values or not (data / "manifest.json").is_file():
+        return
+    from lora_data import Manifest
+
+    kw["max_seq_len"] = Manifest.load(data).seq_len
+    log.info("max_seq_len=%d inherited from %s/manifest.json", kw["max_seq_len"], data)
 
 
 def _check_model_path(model_path: str) -> None:

@@ -4,7 +4,7 @@
 - a raw JSONL file is prepared through `lora_data.prepare` into `<cache>/<key>/`, where key = lora-data's cache key
   (sha256 of the file content, the tokenizer fingerprint and every preparation option); a second run reuses it;
 - either way the manifest's tokenizer fingerprint must equal the model tokenizer's (TokenizerMismatchError shows
-  both), and the shards' row length must fit `max_seq_len`.
+  both), and the shards' row length must equal `max_seq_len`.
 
 Under torchrun only rank 0 prepares; the others wait at a barrier and then read the same directory.
 """
@@ -57,7 +57,7 @@ def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path
 
 
 def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None:
-    """Same tokenizer, rows no longer than max_seq_len; raise before training otherwise."""
+    """Same tokenizer, rows packed to exactly max_seq_len; raise before training otherwise."""
     from lora_data import Manifest, TokenizerMismatchError, tokenizer_fingerprint
 
     manifest = Manifest.load(shard_dir)
@@ -65,7 +65,7 @@ def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None
     if expected != actual:
         raise TokenizerMismatchError(str(expected), actual, path=shard_dir / "manifest.json",
                                      hint=f"model_path={config.model_path}")
-    if manifest.seq_len > config.max_seq_len:
+    if manifest.seq_len != config.max_seq_len:  # shorter rows too: records over their length were dropped or cut
         raise ConfigError([f"{shard_dir}: rows are packed to {manifest.seq_len} tokens but max_seq_len="
                            f"{config.max_seq_len}; pass max_seq_len={manifest.seq_len} or prepare the data again"])
 
