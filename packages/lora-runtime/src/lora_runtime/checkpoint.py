@@ -16,12 +16,14 @@ leaves a half-deleted directory that still looks complete.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
+
+from lora_data.manifest import fsync_dir as _fsync_dir  # a module global, so fault-injection tests can patch it
+from lora_data.shards import sha256_file
 
 from lora_runtime.errors import CheckpointError
 
@@ -115,14 +117,6 @@ def _fix(path: Path) -> str:
     return f"delete {path} (then {then}) or restore it from a backup"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -200,16 +194,3 @@ def write_json_atomic(path: str | Path, obj: object) -> Path:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
