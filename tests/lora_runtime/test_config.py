@@ -120,3 +120,10 @@ def test_multi_process_settings_without_torchrun_are_refused(tmp_path, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ConfigError, match="WORLD_SIZE=4 processes but the config asks for 2"):
         lora_sft("no-model", "no-data", str(tmp_path), nproc_per_node=2, effective_batch_size=8)
+
+
+def test_model_splitting_under_torchrun_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="from ONE process, but torchrun started 2"):
+        lora_sft("no-model", "no-data", str(tmp_path), enable_model_splitting=True)
+    assert not any(tmp_path.iterdir())

@@ -45,6 +45,10 @@ def check_launch(config: Any) -> DistEnv:
     if asked > 1 and env.world_size != asked:
         raise ConfigError([f"torchrun started WORLD_SIZE={env.world_size} processes but the config asks for {asked} "
                            f"(nproc_per_node={config.nproc_per_node} x nnodes={config.nnodes or 1}); make them agree"])
+    if config.enable_model_splitting and env.world_size > 1:
+        raise ConfigError([f"enable_model_splitting=True spreads one model over every visible GPU from ONE process, "
+                           f"but torchrun started {env.world_size}: run it as a plain `python script.py` (or "
+                           "`lora-cli train` without --gpus), or drop enable_model_splitting for data parallelism"])
     return env
 
 
