@@ -118,3 +118,30 @@ def test_nnodes_2_as_two_local_nodes(tiny_llama_dir, even_shards, tmp_path):
     assert f"--nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint {endpoint}" in logs[0]
     assert log.count("adapter:  ") == 1
     _check_outputs(out, even_shards, log)
+
+
+def test_a_dead_rank_stops_the_others_in_bounded_time_naming_it(tiny_llama_dir, even_shards, tmp_path):
+    """Rank 1 is SIGKILLed after step 2 (a node losing a process): no hang, the launcher exits non-zero well inside
+    the bound, torchrun's report names rank 1, and the same command then resumes from the last checkpoint."""
+    import time
+
+    from lora_cli.stop import FAULT_KILL_RANK_ENV
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lora_cli", "train", *_train_args(tiny_llama_dir, even_shards, out), "--gpus", "2",
+           "--save-steps", "1", "--max-steps", "4"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=_env() | {FAULT_KILL_RANK_ENV: "1:2"}, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    took, log = time.monotonic() - t0, proc.stdout + proc.stderr
+    assert proc.returncode not in (0, 130), log[-5000:]
+    assert re.search(r"rank\s*:\s*1 \(local_rank\s*:\s*1\)", log) and "Signal 9 (SIGKILL)" in log, log[-5000:]
+    assert "a worker failed" in log
+    assert took < 240, f"took {took:.0f} s to notice a dead rank (a hang would last the 1800 s process-group timeout)"
+    done = sorted(p.name for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").is_file())
+    assert done and done[-1] in ("checkpoint-1", "checkpoint-2"), done
+
+    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-5000:]
+    assert f"resuming from {out / 'checkpoints' / done[-1]}" in log

@@ -151,4 +151,7 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str) -> int:
         log.warning("stopped by %s (torchrun exit code %d); run the same command again to resume from the last "
                     "checkpoint", forwarded[0], rc)
         return EXIT_INTERRUPTED
+    if rc != 0:  # torchrun stopped the other workers and printed the failed rank ("Root Cause ... rank: N") above
+        log.error("a worker failed (torchrun exit code %d; its 'Root Cause' above names the rank); the run stopped. "
+                  "Run the same command again to resume from the last complete checkpoint", rc)
     return rc

@@ -18,6 +18,7 @@ EXIT_INTERRUPTED = 130
 # Fault injection for tests: after optimizer step N, rank 0 sends SIGTERM to the lora-cli launcher (its pid is in
 # LORA_CLI_LAUNCHER_PID under torchrun) or to its own process, exercising the whole path a scheduler's kill takes.
 FAULT_STEP_ENV = "LORA_CLI_FAULT_SIGTERM_AFTER_STEP"
+FAULT_KILL_RANK_ENV = "LORA_CLI_FAULT_SIGKILL_RANK"  # tests: "RANK:STEP" → that rank SIGKILLs itself after STEP
 LAUNCHER_PID_ENV = "LORA_CLI_LAUNCHER_PID"
 
 
@@ -56,11 +57,14 @@ class StopRequest:
 
         stop = self
         fault_step = int(os.environ.get(FAULT_STEP_ENV, "0"))
+        kill_rank, _, kill_step = os.environ.get(FAULT_KILL_RANK_ENV, ":").partition(":")
 
         class SaveAndStopOnSignal(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
                 if fault_step and state.global_step == fault_step and os.environ.get("RANK", "0") == "0":
                     os.kill(int(os.environ.get(LAUNCHER_PID_ENV, os.getpid())), signal.SIGTERM)
+                if kill_step and str(state.global_step) == kill_step and os.environ.get("RANK", "0") == kill_rank:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if _any_rank(stop.requested):
                     control.should_save = True
                     control.should_training_stop = True
