@@ -215,3 +215,16 @@ def test_shards_lend_their_row_length_unless_max_seq_len_is_given(fake_sft, tmp_
     base = ["train", "--model", "m", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "o")]
     assert run(base).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 8
     assert run([*base, "--max-seq-len", "16"]).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 16  # runtime refuses
+
+
+def test_merge_never_deletes_a_directory_it_did_not_write(tmp_path):
+    adapter = tmp_path / "run"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for out, why in ((adapter, "would replace the adapter directory"), (tmp_path, "would replace the adapter"),
+                     (tmp_path / "mine", "was not written by a merge")):
+        res = CliRunner().invoke(main, ["merge", str(adapter), "--model", str(tmp_path / "base"), "--out", str(out)])
+        assert res.exit_code == 1 and why in res.output, res.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me" and (adapter / "adapter_config.json").is_file()

@@ -2,12 +2,16 @@
 
 Written to a staging dir and renamed into place, so `out_dir` is either absent or complete. The tokenizer from
 `adapter_dir` (where lora_sft saves it) or else from `model_path` is copied along, so `out_dir` loads on its own.
+An existing `out_dir` is replaced only if an earlier merge wrote it (it holds MARKER); any other non-empty directory,
+and one that is or holds the adapter or the base model, is refused before anything is loaded.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+
+MARKER = "MERGED_BY_LORA_SFT"
 
 
 def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str | Path, *,
@@ -17,6 +21,7 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
     dtype: "auto" keeps the base checkpoint's dtype; or "float32" / "bfloat16" / "float16".
     """
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
+    _check_out_dir(out, adapter_dir, Path(model_path))
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; pass the directory lora_sft wrote the "
                                 "adapter to (its ckpt_output_dir, or a checkpoints/checkpoint-<step> dir)")
@@ -36,7 +41,19 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
     merged.save_pretrained(tmp, safe_serialization=True)
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_path
     AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+    (tmp / MARKER).write_text(f"adapter: {adapter_dir}\nbase: {model_path}\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _check_out_dir(out: Path, adapter_dir: Path, model_path: Path) -> None:
+    """Never delete what merge_adapter did not write: the run dir, the base model, or any other user directory."""
+    target = out.resolve()
+    for name, p in (("adapter", adapter_dir), ("base model", model_path)):
+        if p.exists() and (target == p.resolve() or target in p.resolve().parents):
+            raise FileExistsError(f"{out}: the merge output would replace the {name} directory {p}; pass a new --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise FileExistsError(f"{out}: exists and was not written by a merge (no {MARKER} there); pass a new --out "
+                              "or remove it yourself")
