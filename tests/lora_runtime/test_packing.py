@@ -93,3 +93,20 @@ def test_control_without_position_restart_leaks(tiny_llama_dir):
         s = samples[1]
         alone = model(input_ids=torch.as_tensor(s)[None], position_ids=torch.arange(len(s))[None]).logits[0]
     assert (packed[LENGTHS[0] : LENGTHS[0] + len(s)] - alone).abs().max() > 1e-2
+
+
+def test_flattening_for_flash_varlen_keeps_every_token_loss(tiny_llama_dir):
+    """flash_attention_2 is varlen only for one row, so the peft backend flattens [b, n] → [1, b·n] first; the hook
+    must leave each token's loss unchanged (checked here on SDPA, which handles both shapes)."""
+    from lora_runtime.backends.peft import flatten_for_varlen
+
+    model = _model(tiny_llama_dir, "sdpa")
+    rows = [_packed_row(_samples()), _packed_row(_samples()[::-1])]
+    batch = {k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "labels", "position_ids")}
+    with torch.no_grad():
+        plain = model(**batch).logits.reshape(1, -1, model.config.vocab_size)
+        handle = model.register_forward_pre_hook(flatten_for_varlen, with_kwargs=True)
+        flat = model(**batch)
+        handle.remove()
+    assert flat.logits.shape[:2] == (1, 2 * SEQ_LEN)
+    torch.testing.assert_close(flat.logits, plain, atol=2e-5, rtol=0)

@@ -2,8 +2,9 @@
 
 Packed samples must not attend to each other. The collator sends `position_ids` that restart per sample and no
 attention mask; with `use_cache=False`, transformers 5 derives from them a block-diagonal causal mask for SDPA/eager
-(`masking_utils.find_packed_sequence_indices`) and `cu_seq_lens` for FlashAttention-2 varlen. The test
-`test_packed_row_loss_equals_samples_alone` checks this on the CPU for the Llama and Qwen2 paths.
+(`masking_utils.find_packed_sequence_indices`), and `cu_seq_lens` for FlashAttention-2 varlen, but the latter only
+for a batch of ONE row: with flash_attention_2 a forward pre-hook flattens [micro, n] rows to [1, micro·n]
+(`flatten_for_varlen`). `test_packed_row_loss_equals_samples_alone` checks the SDPA/eager paths on the CPU.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class PeftBackend:
             rank_pattern=dict(config.rank_pattern or {}), alpha_pattern=dict(config.alpha_pattern or {}),
             loftq_config=LoftQConfig(**config.loftq_config) if config.loftq_config else {})
         model = get_peft_model(model, lora)
+        if getattr(model.config, "_attn_implementation", None) == "flash_attention_2":
+            model.register_forward_pre_hook(flatten_for_varlen, with_kwargs=True)
+            print0("attention: flash_attention_2 varlen; each micro-batch is flattened to one padding-free row")
         if gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
@@ -113,3 +117,14 @@ def _targets(model: Any, requested: tuple[str, ...] | str | None) -> Any:
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     present = [t for t in DEFAULT_TARGETS if t in names]
     return present or "all-linear"
+
+
+def flatten_for_varlen(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: packed rows [b, n] → one row [1, b·n] with the same restarting `position_ids` and labels."""
+    from lora_runtime.backends.unsloth import flatten_packed_batch  # backend-neutral; imports no unsloth
+
+    new = None if args else flatten_packed_batch(kwargs)
+    if new is None:
+        return None
+    new.pop("packed_seq_lengths")  # Unsloth's kwarg; transformers reads the boundaries from position_ids
+    return args, new
