@@ -9,6 +9,7 @@ import pytest
 from lora_runtime import checkpoint
 from lora_runtime.collate import IGNORE_INDEX, collate_packed, labels, position_ids
 from lora_runtime.dataset import PackedShardDataset
+from lora_runtime.errors import CheckpointError
 from torch.utils.data import DataLoader
 
 
@@ -71,8 +72,13 @@ def test_resume_state_continues_at_the_exact_row(toy_shards):
     resumed.set_epoch(1)  # what the trainer does at the start of the resumed epoch
     assert [int(r["input_ids"][0]) - 100 for r in resumed] == order[1][4:]
     assert _first_tokens(resumed, 2) == _first_tokens(full, 2)  # later epochs are whole again
-    with pytest.raises(ValueError, match="micro_batch_size"):
+    with pytest.raises(CheckpointError, match="micro_batch_size x gradient accumulation"):
         PackedShardDataset(toy_shards, seed=2, micro_batch_size=1).load_state_dict(full.state_at(7))
+    # the OOM hint's advice: halve micro_batch_size, double accumulation; the same rows follow
+    halved = PackedShardDataset(toy_shards, seed=2, micro_batch_size=1, grad_accum=2)
+    halved.load_state_dict(full.state_at(7))
+    halved.set_epoch(1)
+    assert [int(r["input_ids"][0]) - 100 for r in halved] == order[1][4:]
 
 
 def test_checkpoint_commit_is_atomic_and_rotates(tmp_path):

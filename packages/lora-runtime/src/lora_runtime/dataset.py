@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lora_runtime.errors import CheckpointError
+
 
 class PackedShardDataset(IterableDataset):
     """Rows of a prepared shard directory as dicts {input_ids, loss_mask, seq_lens} (numpy arrays)."""
@@ -103,14 +105,17 @@ class PackedShardDataset(IterableDataset):
         diff = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
-            raise ValueError(f"cannot resume the data order exactly ({detail}); resume with the same data, seed, "
-                             "micro_batch_size, gradient accumulation and world size, or start a new ckpt_output_dir")
+            raise CheckpointError(f"cannot resume the data order exactly ({detail}); resume with the same data, "
+                                  "seed, world size and rows per step (micro_batch_size x gradient accumulation: "
+                                  "lowering micro_batch_size with the same effective_batch_size is fine), or start "
+                                  "a new ckpt_output_dir")
         self._resume = {"epoch": int(state["epoch"]), "offset": int(state["offset"])}
         self.epoch, self.offset = self._resume["epoch"], self._resume["offset"]  # set_epoch(epoch) re-applies it once
 
     def _identity(self) -> dict[str, int]:
+        # The order depends on micro x accum, not on each: an OOM'd run may resume with micro halved, accum doubled.
         return {"rows": len(self.reader), "seed": self.seed, "shuffle": int(self.shuffle), "world_size": self.world_size,
-                "micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum}
+                "rows_per_rank_step": self.micro_batch_size * self.grad_accum}
 
 
 class EpochDataLoader(DataLoader):
