@@ -167,6 +167,22 @@ def test_shards_packed_to_another_length_are_refused_before_training(tiny_llama_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option", [{"train_on_inputs": True}, {"sample_packing": False}, {"overlong": "split"},
+                                    {"field_messages": "conversation"}])
+def test_prepare_options_a_shard_dir_cannot_honour_are_refused(tiny_llama_dir, tmp_path, option):
+    import _tiny
+    import lora_data
+    from lora_runtime import ConfigError
+
+    shards = tmp_path / "shards"
+    lora_data.prepare(_tiny.write_jsonl(tmp_path / "d.jsonl", _tiny.chat_records(8)), shards, tiny_llama_dir,
+                      max_seq_len=128, verbose=False)
+    (name, value), = option.items()
+    with pytest.raises(ConfigError, match=f"but the config asks for {name}={value!r}, which a prepared shard dir"):
+        lora_sft(str(tiny_llama_dir), str(shards), str(tmp_path / "out"), **{**_runs.RUN, **option})
+    assert not (tmp_path / "out").exists()
+
+
 def test_two_cpu_ranks_match_one_process(llama_run, tiny_llama_dir, llama_shards, tmp_path):
     """torchrun, 2 gloo ranks × micro 2 × accum 1 == 1 process × micro 2 × accum 2: same rows per step, same result;
     ranks read disjoint rows (else the losses would differ) and only rank 0 writes."""

@@ -11,6 +11,7 @@ Under torchrun only rank 0 prepares; the others wait at a barrier and then read 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,36 @@ def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None
     if manifest.seq_len != config.max_seq_len:  # shorter rows too: records over their length were dropped or cut
         raise ConfigError([f"{shard_dir}: rows are packed to {manifest.seq_len} tokens but max_seq_len="
                            f"{config.max_seq_len}; pass max_seq_len={manifest.seq_len} or prepare the data again"])
+    check_data_options(shard_dir, manifest, config)
+
+
+# config field → how the manifest records it (prepare-time choices a shard directory has already made)
+_BAKED_IN = {"train_on_inputs": lambda m: m.options.get("train_on_inputs"), "overlong": lambda m: m.options.get("overlong"),
+             "sample_packing": lambda m: m.packing,
+             **{f: (lambda m, f=f: m.options.get(f)) for f in ("field_messages", "field_instruction", "field_input",
+                                                                "field_output")}}
+
+
+def check_data_options(shard_dir: Path, manifest: Any, config: LoraSftConfig) -> None:
+    """A shard dir fixed masking, packing, overlong policy and field names when it was prepared. A config value that
+    differs from the default AND from the shards' is an error (it would be silently ignored); defaults defer to the
+    shards, and the log says so."""
+    defaults = {f.name: f.default for f in dataclasses.fields(LoraSftConfig)}
+    issues, inherited = [], []
+    for name, read in _BAKED_IN.items():
+        baked, asked = read(manifest), getattr(config, name)
+        if baked is None or baked == asked:
+            continue
+        if asked != defaults[name]:
+            issues.append(f"{shard_dir}: the shards were prepared with {name}={baked!r} but the config asks for "
+                          f"{name}={asked!r}, which a prepared shard dir cannot honour; prepare the data again with "
+                          "it (or pass the raw JSONL as data_path), or drop the option")
+        else:
+            inherited.append(f"{name}={baked!r}")
+    if issues:
+        raise ConfigError(issues)
+    if inherited:
+        print0(f"data: the shards were prepared with {', '.join(inherited)} (not the defaults): training as prepared")
 
 
 FORMATS = {"chat_template": "messages", "alpaca": "alpaca"}  # our dataset_type → lora-data's format
