@@ -120,6 +120,30 @@ def test_nnodes_2_as_two_local_nodes(tiny_llama_dir, even_shards, tmp_path):
     _check_outputs(out, even_shards, log)
 
 
+def test_nnodes_2_raw_jsonl_with_a_cache_per_node(tiny_llama_dir, tmp_path):
+    """Raw JSONL on two "nodes" whose caches are not shared: rank 0 prepares on node 0, local rank 0 of node 1 prepares
+    the same shards there after the barrier, and training goes on (instead of 'prepared shards are missing')."""
+    data = _tiny.write_jsonl(tmp_path / "chat.jsonl", _tiny.chat_records(24, seed=3))
+    out, endpoint = tmp_path / "run", f"127.0.0.1:{_free_port()}"
+    args = ["--model", str(tiny_llama_dir), "--data", str(data), "--output", str(out), "--backend", "peft",
+            "--micro-batch-size", "1", "--max-steps", "3", "--max-seq-len", "256", "--no-bf16"]
+    procs = [subprocess.Popen([sys.executable, "-m", "lora_cli", "train", *args, "--gpus", "1", "--nnodes", "2",
+                               "--node-rank", str(rank), "--rdzv-endpoint", endpoint, "--rdzv-id", "raw-two-nodes"],
+                              env=_env() | {"LORA_DATA_CACHE": str(tmp_path / f"cache{rank}")},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-6000:]
+    assert "is not shared with rank 0's node; preparing it here" in logs[1]
+    a, b = (next((tmp_path / f"cache{r}").iterdir()) for r in (0, 1))
+    assert a.name == b.name and (a / "shard-00000.bin").read_bytes() == (b / "shard-00000.bin").read_bytes()
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_a_dead_rank_stops_the_others_in_bounded_time_naming_it(tiny_llama_dir, even_shards, tmp_path):
     """Rank 1 is SIGKILLed after step 2 (a node losing a process): no hang, the launcher exits non-zero well inside
     the bound, torchrun's report names rank 1, and the same command then resumes from the last checkpoint."""

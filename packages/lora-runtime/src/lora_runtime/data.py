@@ -6,7 +6,8 @@
 - either way the manifest's tokenizer fingerprint must equal the model tokenizer's (TokenizerMismatchError shows
   both), and the shards' row length must equal `max_seq_len`.
 
-Under torchrun only rank 0 prepares; the others wait at a barrier and then read the same directory.
+Under torchrun global rank 0 prepares while the others wait at a barrier; on a node that does not share rank 0's
+cache directory, its local rank 0 prepares the same (byte-identical) shards after that barrier.
 """
 
 from __future__ import annotations
@@ -135,9 +136,15 @@ def prepare_cached(data_file: Path, config: LoraSftConfig, tokenizer: Any) -> Pa
     if _cached(out, key):
         print0(f"data: reusing prepared shards {out} (same file content, tokenizer and options)")
         return out
-    if dist_env().is_main:
+    env = dist_env()
+    if env.is_main:
         print0(f"data: preparing {data_file} → {out}")
         lora_data.prepare(data_file, out, tokenizer, **options)
+    barrier()
+    if env.local_rank == 0 and not env.is_main and not _cached(out, key):  # another node, its own (unshared) cache
+        print(f"[lora_runtime] rank {env.rank}: {out} is not shared with rank 0's node; preparing it here "
+              "(byte-identical: same file, tokenizer and options)", flush=True)
+        lora_data.prepare(data_file, out, tokenizer, verbose=False, **options)
     barrier()
     if not _cached(out, key):
         raise RuntimeError(f"{out}: prepared shards are missing or carry another cache key after prepare; is another "
