@@ -138,7 +138,8 @@ def test_nnodes_2_raw_jsonl_with_a_cache_per_node(tiny_llama_dir, tmp_path):
             if p.poll() is None:
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-6000:]
-    assert "is not shared with rank 0's node; preparing it here" in logs[1]
+    # c10d may give global rank 0 to either launcher: exactly one node prepares after the barrier
+    assert sum("is not shared with rank 0's node; preparing it here" in log for log in logs) == 1, logs
     a, b = (next((tmp_path / f"cache{r}").iterdir()) for r in (0, 1))
     assert a.name == b.name and (a / "shard-00000.bin").read_bytes() == (b / "shard-00000.bin").read_bytes()
     assert (out / "adapter_model.safetensors").is_file()

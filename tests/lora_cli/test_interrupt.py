@@ -47,6 +47,8 @@ def test_sigint_saves_a_checkpoint_and_the_same_command_resumes(tiny_llama_dir, 
     assert res.exit_code == 130, res.output
     assert f"stopped by SIGINT after step 3; a checkpoint is saved in {out}" in res.output
     assert (out / "checkpoints" / "checkpoint-3" / "COMPLETE").is_file()
+    assert not (out / "adapter_model.safetensors").exists(), "a stopped run must not leave an adapter that looks final"
+    assert "adapter:  (none yet: stopped early" in res.output
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
 
     monkeypatch.setattr(lora_runtime, "lora_sft", real)

@@ -221,7 +221,7 @@ def _train_in_process(cfg: LoraSftConfig) -> int:
 
 
 def _print_result(result: Any) -> None:
-    click.echo(f"adapter:  {result.adapter_dir}")
+    click.echo(f"adapter:  {result.adapter_dir or '(none yet: stopped early, the newest checkpoint holds the state)'}")
     if getattr(result, "merged_dir", None):
         click.echo(f"merged:   {result.merged_dir}")
     click.echo(f"metrics:  {result.metrics_path}")

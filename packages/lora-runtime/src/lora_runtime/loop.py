@@ -92,8 +92,11 @@ def decide_precision(config: LoraSftConfig) -> str:
     if config.bf16:
         if cuda and torch.cuda.is_bf16_supported():
             return "bf16"
-        where = "this GPU lacks bf16" if cuda else "running on a CPU (bf16 autocast there is slow and unvalidated)"
-        print0(f"precision: bf16=True requested but {where}: training in fp32")
+        if cuda:  # T4/V100: what Unsloth loads the weights in there, and AMP's usual choice for the peft backend
+            print0("precision: bf16=True requested but this GPU lacks bf16: training in fp16 with loss scaling")
+            return "fp16"
+        print0("precision: bf16=True requested but running on a CPU (bf16 autocast there is slow and unvalidated): "
+               "training in fp32")
         return "fp32"
     if config.fp16:
         if cuda:
@@ -153,10 +156,15 @@ def finish(config: LoraSftConfig, backend: Backend, trainer: Any, tokenizer: Any
     """Rank 0 writes adapter, tokenizer, resolved config, loss plot and (optionally) the merged model."""
     out = Path(config.ckpt_output_dir)
     metrics_path = out / "metrics.jsonl"
-    adapter_dir = out if config.save_model else None
+    # Stopped early (a signal, a callback): the newest checkpoint holds the state; nothing may look like a final result.
+    stopped = trainer.state.max_steps > 0 and trainer.state.global_step < trainer.state.max_steps
+    if stopped:
+        print0(f"stopped after step {trainer.state.global_step} of {trainer.state.max_steps}: no final adapter or "
+               "merge is written; the same call resumes from the newest checkpoint")
+    adapter_dir = out if config.save_model and not stopped else None
     merged_dir = plot = None
     if dist_env().is_main:
-        if config.save_model:
+        if adapter_dir is not None:
             backend.save_adapter(trainer.model, out)
             checkpoint.seal(out, checkpoint.ADAPTER_FILES)
             tokenizer.save_pretrained(out)
@@ -166,7 +174,7 @@ def finish(config: LoraSftConfig, backend: Backend, trainer: Any, tokenizer: Any
                                              "gradient_accumulation_steps": accum, "effective_batch_size": effective,
                                              "world_size": dist_env().world_size, "versions": _versions()}})
         plot = plot_loss(metrics_path, out / "loss.png")
-        if config.save_merged:
+        if config.save_merged and not stopped:
             source = adapter_dir or checkpoint.newest_complete(checkpoint.checkpoints_dir(out))
             merged_dir = backend.merge(source, out / "merged", config)
             print0(f"merged model written to {merged_dir}")
