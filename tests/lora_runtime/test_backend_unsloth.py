@@ -15,7 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lora_runtime.backends.unsloth import GIB, UnslothBackend, choose_gradient_checkpointing, flatten_packed_batch
+from lora_runtime.backends.unsloth import GIB, UnslothBackend, choose_gradient_checkpointing
+from lora_runtime.collate import flatten_packed_batch
 from lora_runtime.config import LoraSftConfig
 
 QWEN15 = SimpleNamespace(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,

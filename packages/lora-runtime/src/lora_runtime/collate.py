@@ -64,3 +64,36 @@ def collate_packed(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     real = int(sum(int(np.sum(r["seq_lens"])) for r in rows))
     return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(lab),
             "position_ids": torch.from_numpy(pos), "num_tokens": real}
+
+
+def flatten_packed_batch(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """Rows [b, n] with per-sample `position_ids` → one row [1, b·n] + `packed_seq_lengths` (int32, CPU).
+
+    None when there is nothing to do (no position ids, an attention mask, already one row with lengths).
+
+    >>> import torch
+    >>> out = flatten_packed_batch({"input_ids": torch.arange(8).view(2, 4),
+    ...                             "position_ids": torch.tensor([[0, 1, 0, 1], [0, 1, 2, 0]])})
+    >>> out["input_ids"].tolist(), out["packed_seq_lengths"].tolist()
+    ([[0, 1, 2, 3, 4, 5, 6, 7]], [2, 2, 3, 1])
+    """
+    import torch
+
+    ids, pos = kwargs.get("input_ids"), kwargs.get("position_ids")
+    if ids is None or pos is None or ids.dim() != 2 or kwargs.get("attention_mask") is not None:
+        return None
+    if kwargs.get("packed_seq_lengths") is not None:
+        return None
+    flat_pos = pos.reshape(-1)
+    starts = torch.nonzero(flat_pos == 0).flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        raise ValueError("packed rows: position_ids must start each row at 0 (lora_runtime.collate builds them); "
+                         f"got {pos[:, :4].tolist()}")
+    ends = torch.cat([starts[1:], starts.new_tensor([flat_pos.numel()])])
+    out = dict(kwargs)
+    out["input_ids"] = ids.reshape(1, -1)
+    out["position_ids"] = pos.reshape(1, -1)
+    if kwargs.get("labels") is not None:
+        out["labels"] = kwargs["labels"].reshape(1, -1)
+    out["packed_seq_lengths"] = (ends - starts).to("cpu", torch.int32)
+    return out

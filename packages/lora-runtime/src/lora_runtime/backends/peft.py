@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_runtime.backends.base import DEFAULT_TARGETS, wants_gradient_checkpointing
+from lora_runtime.collate import flatten_packed_batch
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.distributed import dist_env, print0
 
@@ -121,8 +122,6 @@ def _targets(model: Any, requested: tuple[str, ...] | str | None) -> Any:
 
 def flatten_for_varlen(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook: packed rows [b, n] → one row [1, b·n] with the same restarting `position_ids` and labels."""
-    from lora_runtime.backends.unsloth import flatten_packed_batch  # backend-neutral; imports no unsloth
-
     new = None if args else flatten_packed_batch(kwargs)
     if new is None:
         return None
