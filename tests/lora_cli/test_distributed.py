@@ -98,23 +98,27 @@ def test_gpus_2_launches_two_gloo_processes_stops_on_sigterm_and_resumes(tiny_ll
     _check_outputs(out, even_shards, log)
 
 
-def test_nnodes_2_as_two_local_nodes(tiny_llama_dir, even_shards, tmp_path):
-    out = tmp_path / "run"
+def _two_nodes(args: list[str], rdzv_id: str, env_for=lambda rank: {}) -> tuple[list[int], list[str], str]:
+    """Two `lora-cli train --gpus 1 --nnodes 2` launchers at a localhost c10d rendezvous: (exit codes, logs, endpoint)."""
     endpoint = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-m", "lora_cli", "train", *_train_args(tiny_llama_dir, even_shards, out),
-                               "--gpus", "1", "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", endpoint,
-                               "--rdzv-id", "test-two-nodes"], env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    logs = []
+    procs = [subprocess.Popen([sys.executable, "-m", "lora_cli", "train", *args, "--gpus", "1", "--nnodes", "2",
+                               "--node-rank", str(rank), "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id],
+                              env=_env() | env_for(rank), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
     try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT)[0])
+        logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    return [p.returncode for p in procs], logs, endpoint
+
+
+def test_nnodes_2_as_two_local_nodes(tiny_llama_dir, even_shards, tmp_path):
+    out = tmp_path / "run"
+    codes, logs, endpoint = _two_nodes(_train_args(tiny_llama_dir, even_shards, out), "test-two-nodes")
     log = "\n".join(logs)
-    assert [p.returncode for p in procs] == [0, 0], log[-6000:]
+    assert codes == [0, 0], log[-6000:]
     assert f"--nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint {endpoint}" in logs[0]
     assert log.count("adapter:  ") == 1
     _check_outputs(out, even_shards, log)
@@ -124,20 +128,11 @@ def test_nnodes_2_raw_jsonl_with_a_cache_per_node(tiny_llama_dir, tmp_path):
     """Raw JSONL on two "nodes" whose caches are not shared: rank 0 prepares on node 0, local rank 0 of node 1 prepares
     the same shards there after the barrier, and training goes on (instead of 'prepared shards are missing')."""
     data = _tiny.write_jsonl(tmp_path / "chat.jsonl", _tiny.chat_records(24, seed=3))
-    out, endpoint = tmp_path / "run", f"127.0.0.1:{_free_port()}"
+    out = tmp_path / "run"
     args = ["--model", str(tiny_llama_dir), "--data", str(data), "--output", str(out), "--backend", "peft",
             "--micro-batch-size", "1", "--max-steps", "3", "--max-seq-len", "256", "--no-bf16"]
-    procs = [subprocess.Popen([sys.executable, "-m", "lora_cli", "train", *args, "--gpus", "1", "--nnodes", "2",
-                               "--node-rank", str(rank), "--rdzv-endpoint", endpoint, "--rdzv-id", "raw-two-nodes"],
-                              env=_env() | {"LORA_DATA_CACHE": str(tmp_path / f"cache{rank}")},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    try:
-        logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-6000:]
+    codes, logs, _ = _two_nodes(args, "raw-two-nodes", lambda rank: {"LORA_DATA_CACHE": str(tmp_path / f"cache{rank}")})
+    assert codes == [0, 0], "\n".join(logs)[-6000:]
     # c10d may give global rank 0 to either launcher: exactly one node prepares after the barrier
     assert sum("is not shared with rank 0's node; preparing it here" in log for log in logs) == 1, logs
     a, b = (next((tmp_path / f"cache{r}").iterdir()) for r in (0, 1))
