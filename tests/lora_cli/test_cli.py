@@ -117,7 +117,7 @@ def test_too_many_gpus_on_a_cpu_machine(monkeypatch):
 
 def test_dry_run_prints_the_multi_node_torchrun_command():
     res = run([*BASE, "--gpus", "8", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29400",
-               "--effective-batch-size", "256", "--dry-run"])
+               "--effective-batch-size", "256", "--micro-batch-size", "2", "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "batch: micro 2 x 16 process(es) x accumulation 8 = effective 256" in res.output
     cmd = res.output.split("would run: ", 1)[1].split()

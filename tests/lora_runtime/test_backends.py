@@ -52,3 +52,18 @@ def test_unsloth_probe_without_the_package_says_how_to_install(monkeypatch):
     finally:
         backends.unsloth_importable.cache_clear()
     assert not ok and "lora-runtime[gpu]" in detail
+
+
+def test_auto_with_model_splitting_is_peft(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "unsloth_importable", lambda: (True, "unsloth imports cleanly"))
+    backend, why = select_backend("auto", splitting=True)
+    assert backend.name == "peft" and "enable_model_splitting" in why
+
+
+def test_auto_under_torchrun_still_picks_unsloth(monkeypatch):
+    # PackedTrainer.get_batch_samples moves batches to the GPU before unsloth_zoo counts them over NCCL
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "unsloth_importable", lambda: (True, "unsloth imports cleanly"))
+    assert select_backend("auto")[0].name == "unsloth"

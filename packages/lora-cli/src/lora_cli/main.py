@@ -144,9 +144,14 @@ def _print_plan(ctx: click.Context, cfg: LoraSftConfig, plan: launch.LaunchPlan,
     import json
 
     cfg.validate(world_size=plan.world_size)
-    micro, accum, effective = cfg.batch_plan(plan.world_size)
     click.echo(json.dumps(redacted(cfg.to_dict()), indent=1, default=str))
-    click.echo(f"batch: micro {micro} x {plan.world_size} process(es) x accumulation {accum} = effective {effective}")
+    if cfg.micro_batch_size == "auto":
+        click.echo(f"batch: micro auto (2 on a CPU; on a GPU sized from free memory when training starts) x "
+                   f"{plan.world_size} process(es)" + (f", effective {cfg.effective_batch_size}"
+                                                       if cfg.effective_batch_size else ""))
+    else:
+        micro, accum, effective = cfg.batch_plan(plan.world_size)
+        click.echo(f"batch: micro {micro} x {plan.world_size} process(es) x accumulation {accum} = effective {effective}")
     if launch.needs_launch(plan):
         click.echo("would run: " + " ".join(launch.torchrun_command(plan, passthrough_args(ctx, params))))
     else:

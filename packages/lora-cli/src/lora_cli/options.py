@@ -9,6 +9,7 @@ field's help line, its type and its default in `--help`. Values are parsed into 
     bool | None                       --tf32 / --no-tf32 (absent: None)    True / False / None
     str with choices                  --lr-scheduler cosine                'cosine' (checked against the choices)
     bool | str (with choices)         --init-lora-weights pissa / false    'pissa' / False
+    int | str                         --micro-batch-size 8 / auto          8 / 'auto'
     tuple[str, ...] | str | None      --target-modules q_proj,v_proj       ('q_proj', 'v_proj');  all-linear → 'all-linear'
     dict[...] | None                  --rank-pattern '{"q_proj": 8}'       {'q_proj': 8}  (JSON)
 
@@ -100,6 +101,18 @@ class _JsonDict(click.ParamType):
         return out
 
 
+class _IntOrAuto(click.ParamType):
+    name = "INTEGER|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"expected a whole number or 'auto', got {value!r}", param, ctx)
+
+
 def _click_type(f: dataclasses.Field) -> tuple[Any, bool]:
     """(click type, is_flag) for a field, from its annotation string and its choices."""
     kinds = [t.strip() for t in str(f.type).split("|")]
@@ -109,6 +122,8 @@ def _click_type(f: dataclasses.Field) -> tuple[Any, bool]:
         return None, True
     if "bool" in base and choices:
         return _BoolOrChoice(choices), False
+    if base == ["int", "str"]:
+        return _IntOrAuto(), False
     if base[0].startswith("tuple"):
         return _ModuleList(), False
     if base[0].startswith("dict"):

@@ -2,7 +2,8 @@
 
 Parameter names and defaults are training-hub's `lora_sft` (see LoraSftConfig for one line of help each), plus
 `backend`, `resume`, `save_merged`, `train_on_inputs`, `overlong`, `max_steps`, `gradient_checkpointing`, `optim`,
-`adam_*` and `dataloader_num_workers`. Unlike training-hub, an unknown or silently-ignored parameter is an error.
+`adam_*` and `dataloader_num_workers`. One default differs on purpose: `micro_batch_size="auto"` is training-hub's 2
+on a CPU and, on a GPU, sized from the free memory (lora_runtime.batching). Unlike training-hub, an unknown or silently-ignored parameter is an error.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def lora_sft(
     init_lora_weights: bool | str = True, rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None, loftq_config: dict[str, Any] | None = None,
     num_epochs: int = 3, max_steps: int | None = None, effective_batch_size: int | None = None,
-    micro_batch_size: int = 2, gradient_accumulation_steps: int = 1, learning_rate: float = 2e-4,
+    micro_batch_size: int | str = "auto", gradient_accumulation_steps: int = 1, learning_rate: float = 2e-4,
     lr_scheduler: str = "linear", warmup_steps: int = 10, weight_decay: float = 0.01, max_grad_norm: float = 0.3,
     optim: str = "adamw_torch", adam_beta1: float = 0.9, adam_beta2: float = 0.999, adam_epsilon: float = 1e-8,
     seed: int = 3407,
@@ -65,12 +66,14 @@ def lora_sft(
     """
     config = LoraSftConfig(**locals()).validate()  # first line: locals() are exactly the parameters here
     from lora_runtime.backends import select_backend
+    from lora_runtime.batching import resolve
     from lora_runtime.data import ensure_shards, open_datasets
     from lora_runtime.distributed import check_launch
     from lora_runtime.loop import train
 
     check_launch(config)
     shards = ensure_shards(config)
-    backend_impl, reason = select_backend(config.backend)
+    backend_impl, reason = select_backend(config.backend, splitting=config.enable_model_splitting)
+    config = resolve(config, backend_impl, rows=shards.manifest.rows)
     train_data, eval_data = open_datasets(config, shards)
     return train(config, backend_impl, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)

@@ -74,7 +74,9 @@ class LoraSftConfig:
     max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides num_epochs)")
     effective_batch_size: int | None = _f(
         None, "rows per optimizer step over all GPUs; sets accumulation = effective / (micro x world), must divide")
-    micro_batch_size: int = _f(2, "packed rows per GPU per forward pass")
+    micro_batch_size: int | str = _f(
+        "auto", "packed rows per GPU per forward pass; auto = 2 on a CPU (training-hub's default), on a GPU the "
+        "largest of up to 16k tokens that fits the free memory (logged)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (derived when effective_batch_size is set)")
     learning_rate: float = _f(2e-4, "peak learning rate")
     lr_scheduler: str = _f("linear", "learning-rate schedule after warmup", LR_SCHEDULERS)
@@ -162,11 +164,14 @@ class LoraSftConfig:
     def batch_plan(self, world_size: int | None = None) -> tuple[int, int, int]:
         """(micro, accumulation, effective) with effective = micro x world x accumulation.
 
-        >>> LoraSftConfig("m", "d", "o", effective_batch_size=8).batch_plan(1)
+        >>> LoraSftConfig("m", "d", "o", effective_batch_size=8, micro_batch_size=2).batch_plan(1)
         (2, 4, 8)
         """
         world = world_size or self.world_size()
         micro = self.micro_batch_size
+        if micro == "auto":
+            raise ValueError("micro_batch_size='auto' is decided when training starts (lora_runtime.batching.resolve); "
+                             "batch_plan needs the resolved config")
         if self.effective_batch_size is None:
             return micro, self.gradient_accumulation_steps, micro * world * self.gradient_accumulation_steps
         return micro, max(1, self.effective_batch_size // (micro * world)), self.effective_batch_size
@@ -177,9 +182,11 @@ class LoraSftConfig:
         issues = _type_issues(self)
         if issues:  # range checks on wrongly typed values would only add noise
             raise ConfigError(issues)
-        positive = ["lora_r", "lora_alpha", "num_epochs", "micro_batch_size", "gradient_accumulation_steps",
+        positive = ["lora_r", "lora_alpha", "num_epochs", "gradient_accumulation_steps",
                     "learning_rate", "max_seq_len", "save_steps", "eval_steps", "logging_steps"]
         issues += [f"`{n}` must be > 0, got {getattr(self, n)}" for n in positive if getattr(self, n) <= 0]
+        if self.micro_batch_size != "auto" and (isinstance(self.micro_batch_size, str) or self.micro_batch_size <= 0):
+            issues.append(f"`micro_batch_size` must be > 0 or 'auto', got {self.micro_batch_size!r}")
         for name in ["max_steps", "effective_batch_size", "save_total_limit", "per_device_eval_batch_size",
                      "nproc_per_node", "nnodes"]:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
@@ -307,9 +314,16 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
 
 def _batch_issues(cfg: LoraSftConfig, world_size: int | None) -> list[str]:
     ebs = cfg.effective_batch_size
-    if ebs is None or ebs <= 0 or cfg.micro_batch_size <= 0:
-        return []
     world = world_size or cfg.world_size()
+    if cfg.micro_batch_size == "auto" and ebs is not None and ebs > 0:
+        if ebs % world:
+            return [f"effective_batch_size={ebs} is not divisible by world_size={world}: set it to a multiple of {world}"]
+        if cfg.gradient_accumulation_steps != 1:
+            return [f"effective_batch_size={ebs} with micro_batch_size='auto' derives gradient_accumulation_steps; "
+                    f"drop gradient_accumulation_steps={cfg.gradient_accumulation_steps} or set micro_batch_size"]
+        return []
+    if ebs is None or ebs <= 0 or isinstance(cfg.micro_batch_size, str) or cfg.micro_batch_size <= 0:
+        return []
     per_pass = cfg.micro_batch_size * world
     issues = []
     if ebs % per_pass:

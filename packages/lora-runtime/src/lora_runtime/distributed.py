@@ -85,6 +85,16 @@ def teardown() -> None:
 
 def all_reduce_sum(value: float) -> float:
     """Sum a number over ranks (identity in a single process)."""
+    return _all_reduce(value, "SUM")
+
+
+def all_reduce_min(value: float) -> float:
+    """The smallest value over ranks (identity in a single process); joins the process group if needed."""
+    init_process_group()
+    return _all_reduce(value, "MIN")
+
+
+def _all_reduce(value: float, op: str) -> float:
     import torch
     import torch.distributed as dist
 
@@ -92,7 +102,7 @@ def all_reduce_sum(value: float) -> float:
         return value
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return float(t.item())
 
 

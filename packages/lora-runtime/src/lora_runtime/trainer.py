@@ -3,6 +3,7 @@
 Overrides, each small:
 - `get_train_dataloader` / `get_eval_dataloader`: our `PackedShardDataset` (already split by rank) + `collate_packed`;
   not passed through accelerate's sharding, which would split the rows a second time.
+- `get_batch_samples`: moves batches to the GPU before they are counted (Unsloth under torchrun needs it).
 - `compute_loss`: pops the batch's real-token count (for tokens/s) before the forward.
 - `log`: adds tokens_seen, tokens_per_s, peak memory and an exact epoch, and writes metrics.jsonl on rank 0.
 - `_save_checkpoint`: every rank writes into a staging dir, rank 0 commits it (fsync, marker, rename), adds
@@ -49,6 +50,16 @@ class PackedTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset: Any = None) -> EpochDataLoader:
         return self._loader(eval_dataset if eval_dataset is not None else self.eval_dataset,
                             self.args.per_device_eval_batch_size)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any = None, *args: Any,
+                          **kwargs: Any) -> Any:
+        """Batches reach the GPU before they are counted. unsloth_zoo replaces Trainer.get_batch_samples with one that
+        all-gathers the token count of the CPU labels it is handed; NCCL refused that ("Tensors must be CUDA and
+        dense") on 2 H200s. Moving them here (the Trainer would, a moment later) keeps the count on the GPU."""
+        target = self.args.device
+        if getattr(target, "type", "cpu") == "cuda":
+            epoch_iterator = (_to_device(batch, target) for batch in epoch_iterator)
+        return super().get_batch_samples(epoch_iterator, num_batches, device, *args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
         """transformers' loop runs one step before it checks max_steps: a resume from the final checkpoint (a run
@@ -171,6 +182,14 @@ def oom_hint(config: LoraSftConfig, step: int, error: BaseException) -> str:
     return (f"out of memory in training step {step} ({first}). Lower micro_batch_size (now {config.micro_batch_size}; "
             f"set effective_batch_size to keep the optimizer step the same), lower max_seq_len (now "
             f"{config.max_seq_len}; rows are packed to it){quant}; or gradient_checkpointing=True")
+
+
+def _to_device(batch: Any, device: Any) -> Any:
+    import torch
+
+    if not isinstance(batch, dict):
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _allow_indexed_cpu_locations() -> None:

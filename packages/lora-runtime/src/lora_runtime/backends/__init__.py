@@ -29,8 +29,8 @@ def unsloth_importable() -> tuple[bool, str]:
     return True, "unsloth imports cleanly"
 
 
-def select_backend(name: str = "auto") -> tuple[Backend, str]:
-    """The backend object and a one-line reason for choosing it."""
+def select_backend(name: str = "auto", *, splitting: bool = False) -> tuple[Backend, str]:
+    """The backend object and a one-line reason for choosing it (`splitting`: enable_model_splitting is on)."""
     if name not in ("auto", "unsloth", "peft"):
         raise ValueError(f"backend must be one of auto, unsloth, peft; got {name!r}")
     if name == "peft":
@@ -45,10 +45,9 @@ def select_backend(name: str = "auto") -> tuple[Backend, str]:
         return _unsloth(), "backend='unsloth' requested"
     if not cuda:
         return _peft(), "auto: no CUDA device, so transformers+PEFT"
-    from lora_runtime.distributed import dist_env
-
-    if dist_env().world_size > 1:  # see lora_runtime.backends.unsloth.DDP_REFUSAL
-        return _peft(), "auto: under torchrun, where Unsloth's trainer patches fail (NCCL gather of a CPU tensor)"
+    if splitting:
+        return _peft(), ("auto: enable_model_splitting (accelerate's device map over the GPUs) is measured with "
+                         "transformers+PEFT only")
     ok, detail = unsloth_importable()
     if not ok:
         return _peft(), f"auto: CUDA available but {detail}, so transformers+PEFT"

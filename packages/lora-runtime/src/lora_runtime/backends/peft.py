@@ -52,6 +52,14 @@ def quantization_config(config: LoraSftConfig) -> Any:
 class PeftBackend:
     name = "peft"
 
+    def footprint(self, model_config: Any, four_bit: bool) -> Any:
+        from lora_runtime.batching import peft_footprint
+
+        return peft_footprint(model_config, four_bit)
+
+    def checkpointing_mode(self, config: LoraSftConfig) -> bool:
+        return wants_gradient_checkpointing(config)  # auto: on with CUDA (SDPA activations are large)
+
     def load(self, config: LoraSftConfig) -> tuple[Any, Any]:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -16,9 +16,9 @@ plus three things of ours that make the packed path fast and correct:
    when the no-recompute activations of one micro-batch fit, it is off (×1.39 tokens/s measured), else Unsloth's
    offloaded checkpointing. The decision and its numbers are logged.
 
-Not under torchrun: on 2 H200s unsloth_zoo's patched `Trainer.get_batch_samples` all-gathers a token count that
-stays on the CPU (our loader yields CPU batches) and NCCL raises "Tensors must be CUDA and dense". `load` refuses
-WORLD_SIZE > 1 with that reason, and backend="auto" picks the peft backend there (lora_runtime.backends).
+Under torchrun, unsloth_zoo's patched `Trainer.get_batch_samples` all-gathers the batch's token count over NCCL;
+counted from CPU batches it failed on 2 H200s ("Tensors must be CUDA and dense"), so PackedTrainer moves each batch
+to the GPU before that count (`PackedTrainer.get_batch_samples`).
 
 `import unsloth` happens in `load` only: it patches transformers and TRL process-wide, and a peft run never
 reaches this module's code.
@@ -32,37 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from lora_runtime.backends.base import DEFAULT_TARGETS
+from lora_runtime.batching import GIB, Footprint, plan_batch, unsloth_footprint  # noqa: F401  (GIB: the doctest)
 from lora_runtime.collate import flatten_packed_batch
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.distributed import dist_env, print0
 
-GIB = 1024**3
-HEADROOM_BYTES = 6 * GIB  # CUDA context, allocator fragmentation, optimizer state, CE chunks
-ACT_MARGIN = 1.15  # over the estimate below, which matched a measured 1.5B run to ~4%
-
-
-def activation_bytes_per_token(model_config: Any) -> float:
-    """bf16 activations a token keeps for backward without recomputation (Unsloth's kernels), all layers.
-
-    Calibrated on an H200: Qwen2.5-1.5B shape, 16,384 tokens a step, peak 34.1 GiB with 3.3 GiB of weights →
-    2.0 MB/token, against 28 × (10 × 1536 + 2.2 × 8960) × 2 B = 1.96 MB/token here.
-    """
-    h, i = model_config.hidden_size, model_config.intermediate_size
-    return model_config.num_hidden_layers * (10 * h + 2.2 * i) * 2
-
-
-def weight_bytes(model_config: Any, four_bit: bool) -> float:
-    h, i, n = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
-    heads = model_config.num_attention_heads
-    kv = getattr(model_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(model_config, "head_dim", None) or h // heads
-    layers = n * (2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * i)
-    embed = model_config.vocab_size * h * (1 if getattr(model_config, "tie_word_embeddings", False) else 2)
-    return layers * (0.56 if four_bit else 2.0) + embed * 2.0
-
 
 def choose_gradient_checkpointing(config: LoraSftConfig, model_config: Any, free_bytes: int) -> tuple[bool, str]:
-    """(on?, reason). True/False are obeyed; "auto" is off when weights + one micro-batch's activations fit.
+    """(on?, reason) for a concrete micro batch. True/False are obeyed; "auto" is off when weights + one
+    micro-batch's activations fit (`lora_runtime.batching`, which also sizes micro_batch_size="auto").
 
     >>> from types import SimpleNamespace as NS
     >>> qwen = NS(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -75,16 +53,9 @@ def choose_gradient_checkpointing(config: LoraSftConfig, model_config: Any, free
         on = bool(config.gradient_checkpointing)
         return on, f"gradient_checkpointing={on} requested"
     micro = config.batch_plan(dist_env().world_size)[0]
-    tokens = micro * config.max_seq_len
-    act = activation_bytes_per_token(model_config) * tokens * ACT_MARGIN
-    weights = weight_bytes(model_config, config.load_in_4bit)
-    need = act + weights + HEADROOM_BYTES
-    numbers = (f"activations for micro {micro} × {config.max_seq_len} tokens ≈ {act / GIB:.1f} GiB + weights "
-               f"{weights / GIB:.1f} GiB + {HEADROOM_BYTES / GIB:.0f} GiB headroom = {need / GIB:.1f} GiB vs "
-               f"{free_bytes / GIB:.1f} GiB free")
-    if need <= free_bytes:
-        return False, f"auto → off: {numbers} (no recomputation: a third fewer FLOPs)"
-    return True, f"auto → on (Unsloth offloaded): {numbers}"
+    _, on, why = plan_batch(unsloth_footprint(model_config, config.load_in_4bit), seq_len=config.max_seq_len,
+                            free=free_bytes, micro=micro, gc="auto", quota=None, rows_per_rank=micro)
+    return on, why
 
 
 def _flatten_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -116,28 +87,21 @@ def patch_gqa_varlen() -> str:
     return f"torch {torch.__version__}: varlen_attn lacks enable_gqa, packed attention → aten flash varlen (GQA)"
 
 
-DDP_REFUSAL = ("backend='unsloth' does not run under torchrun (WORLD_SIZE={world}): on 2×H200 unsloth_zoo's "
-               "patched Trainer.get_batch_samples all-gathered a CPU token count and NCCL raised 'Tensors must be "
-               "CUDA and dense'. Use backend='peft' (or 'auto', which picks it under torchrun); it scaled 0.97-0.98 "
-               "per GPU on 2 and 4 H200s")
-
-
-def refuse_ddp() -> None:
-    world = dist_env().world_size
-    if world > 1:
-        raise RuntimeError(DDP_REFUSAL.format(world=world))
-
-
 class UnslothBackend:
     name = "unsloth"
 
     def __init__(self) -> None:
         self.gradient_checkpointing: bool | None = None
 
+    def footprint(self, model_config: Any, four_bit: bool) -> Footprint:
+        return unsloth_footprint(model_config, four_bit)
+
+    def checkpointing_mode(self, config: LoraSftConfig) -> bool | str:
+        return config.gradient_checkpointing  # "auto" is decided by memory
+
     def load(self, config: LoraSftConfig) -> tuple[Any, Any]:
         import torch
 
-        refuse_ddp()
         if not torch.cuda.is_available():
             raise RuntimeError("the unsloth backend needs a CUDA GPU; use backend='peft' on a CPU")
         import unsloth  # noqa: F401  (first: patches transformers/TRL in this process)
@@ -146,9 +110,12 @@ class UnslothBackend:
 
         print0(f"attention: {patch_gqa_varlen()}")
         model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-        free, _ = torch.cuda.mem_get_info()
-        self.gradient_checkpointing, why = choose_gradient_checkpointing(config, model_config, free)
-        print0(f"gradient checkpointing: {why}")
+        if config.gradient_checkpointing == "auto":  # lora_sft resolves it with the micro batch (batching.resolve)
+            free, _ = torch.cuda.mem_get_info()
+            self.gradient_checkpointing, why = choose_gradient_checkpointing(config, model_config, free)
+            print0(f"gradient checkpointing: {why}")
+        else:
+            self.gradient_checkpointing = bool(config.gradient_checkpointing)
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=config.model_path, max_seq_length=config.max_seq_len, dtype=self._dtype(config),
             load_in_4bit=config.load_in_4bit, load_in_8bit=config.load_in_8bit,
