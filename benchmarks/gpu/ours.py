@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu.ours MODEL SHARDS OUT --runs unsloth_auto_mb8,unsloth_gc_mb8 [--steps 20]
 
-Run names: <backend>_<gc>_mb<micro>[_q4]; backend unsloth | peft (never both in one process: importing unsloth
+Run names: <backend>_<gc>_mb<micro|auto>[_q4] (mbauto with gc auto = the usage guide's literal call); backend unsloth | peft (never both in one process: importing unsloth
 patches transformers); gc auto | gc (forced on) | nogc. Everything else is lora_sft's defaults as training-hub's
 (lr 2e-4 linear, warmup 10, weight decay 0.01, clip 0.3, logging every step), LoRA r=16 alpha=32 on all linear
 projections. A TrainerCallback marks each logged step (device synchronised) with the trainer's own real-token count.
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import tempfile
 import time
 import traceback
+from pathlib import Path
 
 from benchmarks.gpu import common
 
@@ -41,7 +43,8 @@ def _meter_callback(meter: common.StepMeter):
 
 def parse(name: str) -> dict:
     parts = name.split("_")
-    backend, gc_mode, micro = parts[0], parts[1], int(parts[2].removeprefix("mb"))
+    backend, gc_mode, micro = parts[0], parts[1], parts[2].removeprefix("mb")
+    micro = micro if micro == "auto" else int(micro)
     kw = dict(backend=backend, micro_batch_size=micro,
               gradient_checkpointing={"auto": "auto", "gc": True, "nogc": False}[gc_mode])
     if "q4" in parts[3:]:
@@ -62,8 +65,11 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
         result = lora_sft(model_dir, shards, out, lora_r=16, lora_alpha=32, target_modules=common.LORA_TARGETS,
                           max_steps=steps, max_seq_len=seq_len, save_steps=10**6, logging_steps=1,
                           callbacks=[_meter_callback(meter)], **kw)
+        saved = json.loads((Path(out) / "lora_sft_config.json").read_text())
     payload = {"run": name, **{k: v for k, v in kw.items()}, "backend_used": result.backend, "steps": result.steps,
-               "final_loss": result.final_loss, "total_s": time.perf_counter() - t0, "seq_len": seq_len}
+               "final_loss": result.final_loss, "total_s": time.perf_counter() - t0, "seq_len": seq_len,
+               "resolved_micro_batch_size": saved["resolved"]["micro_batch_size"],
+               "resolved_gradient_checkpointing": saved["gradient_checkpointing"]}
     payload.update(meter.summary())
     payload.update(common.memory())
     del result

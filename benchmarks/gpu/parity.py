@@ -1,6 +1,12 @@
 """Loss parity: our `lora_sft` against TRL SFTTrainer + PEFT on a real small text corpus (issue 5).
 
-    python -m benchmarks.gpu.parity OUT [--backend peft|unsloth] [--steps 100]
+    python -m benchmarks.gpu.parity OUT [--backend peft|unsloth] [--steps 100]      # all in one process (CPU)
+    python -m benchmarks.gpu.parity build DIR                                       # CPU side: corpus, model, shards
+    python -m benchmarks.gpu.parity side DIR ours|trl [--backend unsloth] [--steps 100]  # one side, one process
+    python -m benchmarks.gpu.parity compare DIR OUT.json                            # both sides' losses → result
+
+On a GPU each side runs in its own process: importing unsloth patches TRL, which would make the reference Unsloth's.
+The GPU machine has no polars, so `build` (which prepares the shards) runs on the CPU side and DIR is carried over.
 
 Corpus: the docstrings of public functions and classes of stdlib modules as chat records ("What does json.dumps
 do?" → its docstring), a tokenizer trained on it, a small random-weight Llama. Both sides: loss on every token
@@ -79,15 +85,21 @@ def build(out: Path) -> tuple[Path, Path]:
 COMMON = dict(learning_rate=1e-3, warmup_steps=10, weight_decay=0.01, max_grad_norm=0.3, seed=0)
 
 
-def ours(records_path: Path, model_dir: Path, out: Path, backend: str, steps: int) -> list[float]:
+def prepare(records_path: Path, model_dir: Path, out: Path) -> Path:
     import lora_data
-    from lora_runtime import lora_sft
-    from lora_runtime.metrics import read_metrics
     from transformers import AutoTokenizer
 
     shards = out / "shards"
     lora_data.prepare(records_path, shards, AutoTokenizer.from_pretrained(model_dir), max_seq_len=SEQ_LEN,
                       train_on_inputs=True, verbose=False)
+    return shards
+
+
+def ours(records_path: Path, model_dir: Path, out: Path, backend: str, steps: int) -> list[float]:
+    from lora_runtime import lora_sft
+    from lora_runtime.metrics import read_metrics
+
+    shards = out / "shards" if (out / "shards" / "manifest.json").is_file() else prepare(records_path, model_dir, out)
     result = lora_sft(str(model_dir), str(shards), str(out / "ours"), backend=backend, lora_r=16, lora_alpha=32,
                       target_modules=TARGETS, max_steps=steps, micro_batch_size=MICRO, max_seq_len=SEQ_LEN,
                       logging_steps=1, save_steps=10**6, **COMMON)
@@ -130,7 +142,43 @@ def compare(a: list[float], b: list[float], window: int = 10) -> dict:
             "first": (a[0], b[0]), "last_window": (sum(a[-window:]) / window, sum(b[-window:]) / window)}
 
 
+def split_main(argv: list[str]) -> None:
+    """build | side | compare: the two sides in separate processes (see the module docstring)."""
+    import time
+
+    cmd, work = argv[0], Path(argv[1])
+    if cmd == "build":
+        work.mkdir(parents=True, exist_ok=True)
+        records_path, model_dir = build(work)
+        prepare(records_path, model_dir, work)
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("rest", nargs="*")
+    ap.add_argument("--backend", default="peft")
+    ap.add_argument("--steps", type=int, default=100)
+    a = ap.parse_args(argv[2:])
+    if cmd == "side":
+        side = a.rest[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            if side == "ours":
+                (Path(tmp) / "shards").symlink_to((work / "shards").resolve())
+                losses = ours(work / "records.jsonl", work / "model", Path(tmp), a.backend, a.steps)
+            else:
+                losses = trl(work / "records.jsonl", work / "model", Path(tmp), a.steps)
+        (work / f"losses_{side}.json").write_text(json.dumps({"side": side, "backend": a.backend, "losses": losses,
+                                                               "wall_s": time.perf_counter() - t0}))
+        return
+    mine, ref = (json.loads((work / f"losses_{s}.json").read_text()) for s in ("ours", "trl"))
+    res = {"backend": mine["backend"], "steps": len(mine["losses"]), "ours": mine["losses"], "trl_peft": ref["losses"],
+           "wall_s": {"ours": mine["wall_s"], "trl": ref["wall_s"]}, **compare(mine["losses"], ref["losses"])}
+    print("PARITY", json.dumps({k: res[k] for k in ("backend", "max_gap_after_first", "first", "last_window")}))
+    Path(a.rest[0]).write_text(json.dumps(res, indent=1))
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] in ("build", "side", "compare"):
+        return split_main(sys.argv[1:])
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?")
     ap.add_argument("--backend", default="peft")
