@@ -285,7 +285,8 @@ def train(a, model_dir: Path, deadline: float) -> dict:
            "peak_alloc_gib_per_gpu": peaks, "peak_reserved_gib_per_gpu": [torch.cuda.max_memory_reserved(i) / GIB
                                                                           for i in range(n)],
            "peak_alloc_gib": max(peaks, default=None), "peak_alloc_gib_sum": sum(peaks), **saved,
-           **{k: v for k, v in info.items() if k != "train_begin_s"}, **{("meter_" + k if k == "error" else k): v for k, v in meter.summary().items()}}
+           **{k: v for k, v in info.items() if k != "train_begin_s"},
+           **{("meter_error" if k == "error" else k): v for k, v in meter.summary().items()}}
 
 
 def parse_args(argv=None):
@@ -314,7 +315,7 @@ def main(argv=None) -> dict:
     deadline = t0 + a.budget_s
     name = "split_" + a.shape.replace("-", "")
     payload: dict = {"shape": a.shape, "backend": a.backend, "phases": {}}
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     weights = None
     try:
         import torch
@@ -358,6 +359,7 @@ def main(argv=None) -> dict:
             shutil.rmtree(weights, ignore_errors=True)
             payload["phases"]["delete_weights_s"] = time.perf_counter() - t
         payload["total_s"] = time.perf_counter() - t0
+        signal.signal(signal.SIGTERM, previous)
     return _save(a, name, payload, final=True)
 
 
@@ -371,11 +373,12 @@ def _save(a, name: str, payload: dict, final: bool) -> dict:
     if final:
         tr, ck, fit = payload.get("train") or {}, payload["phases"].get("checkpoint") or {}, payload.get("fit") or {}
         print(f"RESULT {name} summary: " + json.dumps({
-            "gpus": payload.get("device_count"), "params": ck.get("params"), "checkpoint_s": ck.get("checkpoint_wall_s"),
-            "load_s": tr.get("load_and_setup_s"), "steps": tr.get("steps"), "tokens_per_s": tr.get("tokens_per_s"),
+            "gpus": payload.get("device_count"), "params": ck.get("params"),
+            "checkpoint_s": ck.get("checkpoint_wall_s"), "load_s": tr.get("load_and_setup_s"),
+            "steps": tr.get("steps"), "tokens_per_s": tr.get("tokens_per_s"),
             "peak_gib_per_gpu": tr.get("peak_alloc_gib_per_gpu"), "one_gpu_need_gib": fit.get("need_gib"),
-            "card_gib": fit.get("card_gib"), "adapter_bytes": tr.get("adapter_bytes"), "total_s": payload.get("total_s"),
-            "error": payload.get("error")}, default=str), flush=True)
+            "card_gib": fit.get("card_gib"), "adapter_bytes": tr.get("adapter_bytes"),
+            "total_s": payload.get("total_s"), "error": payload.get("error")}, default=str), flush=True)
     return payload
 
 
