@@ -218,6 +218,13 @@ def fit_arithmetic(cfg, seq_len: int, weights_bytes: int, card_bytes: int | None
             "fits_one_gpu": need <= card_bytes if card_bytes else None, "seq_len": seq_len}
 
 
+def _fit_line(fit: dict) -> str:
+    """One line for the log: what one GPU would have to hold, part by part, against its memory."""
+    parts = " + ".join(f"{k} {v / GIB:.1f}" for k, v in fit["bytes"].items())
+    card = f"{fit['card_gib']:.1f} GiB card: {fit['need_over_card']:.2f}x" if fit["card_bytes"] else "no GPU here"
+    return f"FIT one GPU, 1x{fit['seq_len']} row, LoRA r={LORA_R}: {parts} = {fit['need_gib']:.1f} GiB vs {card}"
+
+
 class _Budget(Exception):
     """SIGTERM (the caller's timeout): unwind to the cleanup and the result file."""
 
@@ -338,7 +345,7 @@ def main(argv=None) -> dict:
         card = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         seq = a.seq_len or json.loads((Path(a.shards) / "manifest.json").read_text())["seq_len"]
         payload["fit"] = fit_arithmetic(cfg, seq, ck["weights_bytes"], card)
-        print("FIT " + json.dumps(payload["fit"]), flush=True)
+        print(_fit_line(payload["fit"]), flush=True)
         _save(a, name, payload, final=False)
         left = deadline - time.perf_counter()
         if a.no_train:
