@@ -319,55 +319,60 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     a = parse_args(argv)
     t0 = time.perf_counter()
-    deadline = t0 + a.budget_s
     name = "split_" + a.shape.replace("-", "")
     payload: dict = {"shape": a.shape, "backend": a.backend, "phases": {}}
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    weights = None
+    weights: list[Path] = []  # set once chosen, so the cleanup below finds it
     try:
-        import torch
-
-        devices = ["cpu"] if a.cpu else [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        if not devices:
-            raise RuntimeError("no CUDA device visible; pass --cpu for a tiny shape")
-        payload["device_count"] = torch.cuda.device_count()
-        cfg = llama_config(a.shape, Path(a.tok))
-        specs = param_specs(cfg)
-        total = 2 * sum(_numel(s) for _, s in specs)
-        weights, where = pick_weights_dir(a.shape, total + HEADROOM_BYTES, a.weights_dir)
-        payload["weights_dir"] = {"path": str(weights) if weights else None, **where}
-        if weights is None:
-            payload["error"] = (f"no room for {total / 1e9:.1f} GB of weights: need {where['needed_bytes']:,} bytes "
-                                f"free, have {where['free_bytes']} bytes")
-            return _save(a, name, payload, final=True)
-        ck = write_checkpoint(weights, cfg, Path(a.tok), devices, specs=specs)
-        payload["phases"]["checkpoint"] = ck
-        card = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-        seq = a.seq_len or json.loads((Path(a.shards) / "manifest.json").read_text())["seq_len"]
-        payload["fit"] = fit_arithmetic(cfg, seq, ck["weights_bytes"], card)
-        print(_fit_line(payload["fit"]), flush=True)
-        _save(a, name, payload, final=False)
-        left = deadline - time.perf_counter()
-        if a.no_train:
-            payload["train"] = {"skipped": "--no-train"}
-        elif left < a.min_train_s:
-            payload["error"] = f"skipped training: {left:.0f} s left after writing the weights < --min-train-s"
-        else:
-            payload["train"] = train(a, weights, deadline)
-            payload["fit"]["measured_peak_sum_gib"] = payload["train"]["peak_alloc_gib_sum"]
-            for k in ("tokens_per_s", "peak_alloc_gib", "warmup_s"):
-                payload[k] = payload["train"].get(k)
+        _phases(a, name, payload, t0 + a.budget_s, weights)
     except BaseException as e:  # SIGTERM, OOM, a lora_sft error: all end in the result file
         traceback.print_exc()
         payload["error"] = f"{type(e).__name__}: {e}"[:2000]
     finally:
-        if weights is not None and weights.exists() and not a.keep_weights:
+        if weights and weights[0].exists() and not a.keep_weights:
             t = time.perf_counter()
-            shutil.rmtree(weights, ignore_errors=True)
+            shutil.rmtree(weights[0], ignore_errors=True)
             payload["phases"]["delete_weights_s"] = time.perf_counter() - t
         payload["total_s"] = time.perf_counter() - t0
         signal.signal(signal.SIGTERM, previous)
     return _save(a, name, payload, final=True)
+
+
+def _phases(a, name: str, payload: dict, deadline: float, weights: list[Path]) -> None:
+    """Weights dir → checkpoint → fit arithmetic → training, recording into `payload` as each phase ends."""
+    import torch
+
+    devices = ["cpu"] if a.cpu else [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if not devices:
+        raise RuntimeError("no CUDA device visible; pass --cpu for a tiny shape")
+    payload["device_count"] = torch.cuda.device_count()
+    cfg = llama_config(a.shape, Path(a.tok))
+    specs = param_specs(cfg)
+    total = 2 * sum(_numel(s) for _, s in specs)
+    chosen, where = pick_weights_dir(a.shape, total + HEADROOM_BYTES, a.weights_dir)
+    payload["weights_dir"] = {"path": str(chosen) if chosen else None, **where}
+    if chosen is None:
+        payload["error"] = (f"no room for {total / 1e9:.1f} GB of weights: need {where['needed_bytes']:,} bytes "
+                            f"free, have {where['free_bytes']} bytes")
+        return
+    weights.append(chosen)
+    _save(a, name, payload, final=False)
+    payload["phases"]["checkpoint"] = ck = write_checkpoint(chosen, cfg, Path(a.tok), devices, specs=specs)
+    card = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    seq = a.seq_len or json.loads((Path(a.shards) / "manifest.json").read_text())["seq_len"]
+    payload["fit"] = fit_arithmetic(cfg, seq, ck["weights_bytes"], card)
+    print(_fit_line(payload["fit"]), flush=True)
+    _save(a, name, payload, final=False)
+    left = deadline - time.perf_counter()
+    if a.no_train:
+        payload["train"] = {"skipped": "--no-train"}
+    elif left < a.min_train_s:
+        payload["error"] = f"skipped training: {left:.0f} s left after writing the weights < --min-train-s"
+    else:
+        payload["train"] = train(a, chosen, deadline)
+        payload["fit"]["measured_peak_sum_gib"] = payload["train"]["peak_alloc_gib_sum"]
+        for k in ("tokens_per_s", "peak_alloc_gib", "warmup_s"):
+            payload[k] = payload["train"].get(k)
 
 
 def _save(a, name: str, payload: dict, final: bool) -> dict:
