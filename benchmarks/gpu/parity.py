@@ -34,6 +34,8 @@ MODULES = ["json", "pathlib", "argparse", "collections", "functools", "itertools
            "csv", "tempfile", "zipfile", "tarfile", "urllib.parse", "datetime", "calendar", "decimal", "random"]
 SEQ_LEN, MICRO = 512, 4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+# TRL 1.15 (the GPU machine's) refuses a LoRA on lm_head ("the adapter would never be trained"); there both sides
+# run `--no-lm-head`. TRL 1.14.2 (this repo's lock, the CPU measurement) accepts it.
 
 
 def records() -> list[dict]:
@@ -156,7 +158,10 @@ def split_main(argv: list[str]) -> None:
     ap.add_argument("rest", nargs="*")
     ap.add_argument("--backend", default="peft")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--no-lm-head", action="store_true")
     a = ap.parse_args(argv[2:])
+    if a.no_lm_head:
+        TARGETS.remove("lm_head")
     if cmd == "side":
         side = a.rest[0]
         with tempfile.TemporaryDirectory() as tmp:
@@ -167,10 +172,11 @@ def split_main(argv: list[str]) -> None:
             else:
                 losses = trl(work / "records.jsonl", work / "model", Path(tmp), a.steps)
         (work / f"losses_{side}.json").write_text(json.dumps({"side": side, "backend": a.backend, "losses": losses,
+                                                               "targets": TARGETS,
                                                                "wall_s": time.perf_counter() - t0}))
         return
     mine, ref = (json.loads((work / f"losses_{s}.json").read_text()) for s in ("ours", "trl"))
-    res = {"backend": mine["backend"], "steps": len(mine["losses"]), "ours": mine["losses"], "trl_peft": ref["losses"],
+    res = {"backend": mine["backend"], "steps": len(mine["losses"]), "targets": mine.get("targets"), "ours": mine["losses"], "trl_peft": ref["losses"],
            "wall_s": {"ours": mine["wall_s"], "trl": ref["wall_s"]}, **compare(mine["losses"], ref["losses"])}
     print("PARITY", json.dumps({k: res[k] for k in ("backend", "max_gap_after_first", "first", "last_window")}))
     Path(a.rest[0]).write_text(json.dumps(res, indent=1))
