@@ -12,7 +12,7 @@ step resume_a 100 $T --output /tmp/resume --save-steps 10 --max-steps 10
 step resume_b 100 $T --output /tmp/resume --save-steps 10 --max-steps 20
 step straight 100 $T --output /tmp/straight --save-steps 100 --max-steps 20
 S=$(date +%s)
-LORA_CLI_FAULT_SIGKILL_RANK=1:5 step fault 150 $T --output /tmp/fault --save-steps 3 --max-steps 10
+step fault 150 env LORA_CLI_FAULT_SIGKILL_RANK=1:5 $T --output /tmp/fault --save-steps 3 --max-steps 10
 echo "fault run took $(( $(date +%s) - S ))s"
 step fault_resume 120 $T --output /tmp/fault --save-steps 3 --max-steps 10
 python3 - <<'PY' | tee $OUT/reliability_gpu.txt
@@ -30,4 +30,4 @@ rl = open("/tmp/logs/fault_resume.log").read()
 print("RESULT fault resume:", [l.strip() for l in rl.splitlines() if "resuming from" in l][:1],
       "steps logged", steps("/tmp/fault")[-3:])
 PY
-grep -h "rc=" $OUT/../ 2>/dev/null; tar czf $OUT/logs.tgz -C /tmp logs; echo "total $(( $(date +%s) - T0 ))s"
+tar czf $OUT/logs.tgz -C /tmp logs; echo "total $(( $(date +%s) - T0 ))s"
