@@ -8,10 +8,12 @@ checkpointing choice, card and versions. Skipped, with the reason, without CUDA 
 Unsloth patches transformers on import, so run the two backends in separate processes:
     pytest benchmarks/test_train.py -k peft --benchmark-enable --benchmark-json peft.json
     pytest benchmarks/test_train.py -k unsloth --benchmark-enable --benchmark-json unsloth.json
-Regression check against the kept baseline (recorded on an H200 on 2026-11-28; a peft baseline is still to record,
-the device time ran out), failing on a >10% slower mean step:
+Regression check against the kept baselines (recorded on an H200 on 2026-11-28: h200_unsloth.json, h200_peft.json),
+failing on a >10% slower mean step:
     pytest benchmarks/test_train.py -k unsloth --benchmark-enable \
         --benchmark-compare=benchmarks/gpu/baselines/h200_unsloth.json --benchmark-compare-fail=mean:10%
+    pytest benchmarks/test_train.py -k peft --benchmark-enable \
+        --benchmark-compare=benchmarks/gpu/baselines/h200_peft.json --benchmark-compare-fail=mean:10%
 """
 
 from __future__ import annotations

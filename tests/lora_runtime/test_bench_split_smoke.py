@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: `benchmarks` is not an installed package
 
-from benchmarks.gpu import split  # noqa: E402
+from benchmarks.gpu import split
 
 
 def _checkpoint(tmp_path: Path, tok_dir: Path) -> tuple[Path, dict]:
@@ -37,7 +37,7 @@ def test_checkpoint_loads_key_for_key(tmp_path, llama3_tokenizer_dir):
     for f in files:
         with safe_open(out / f, "pt") as st:
             assert st.metadata() == {"format": "pt"}
-            for k in st.keys():
+            for k in st.keys():  # noqa: SIM118  (safe_open is not a mapping)
                 assert index["weight_map"][k] == f, k
                 t = st.get_tensor(k)
                 assert t.dtype == torch.bfloat16, k
