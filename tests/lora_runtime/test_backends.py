@@ -67,3 +67,12 @@ def test_auto_under_torchrun_still_picks_unsloth(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(backends, "unsloth_importable", lambda: (True, "unsloth imports cleanly"))
     assert select_backend("auto")[0].name == "unsloth"
+
+
+@pytest.mark.parametrize(("env", "visible"), [({"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "4,5"}, "5"),
+                                               ({"LOCAL_RANK": "3"}, "3")])
+def test_the_unsloth_probe_sees_only_this_ranks_gpu(monkeypatch, env, visible):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert backends._probe_env()["CUDA_VISIBLE_DEVICES"] == visible

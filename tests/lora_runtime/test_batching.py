@@ -123,3 +123,58 @@ def test_auto_validation(kw, world, needle):
 def test_batch_plan_refuses_an_unresolved_auto():
     with pytest.raises(ValueError, match="decided when training starts"):
         LoraSftConfig("m", "d", "o").batch_plan(1)
+
+
+def test_effective_batch_size_is_honoured_on_a_cpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = resolve(LoraSftConfig("m", "d", str(tmp_path), effective_batch_size=9), PeftBackend(), rows=100)
+    micro, accum, effective = out.batch_plan(1)
+    assert (micro, accum, effective) == (1, 9, 9)  # 2 does not divide 9: training-hub's 2 → its largest divisor
+
+
+def test_with_effective_batch_size_resume_replans_instead_of_pinning(tmp_path, monkeypatch):
+    from lora_runtime import checkpoint
+
+    tmp = checkpoint.staging_dir(checkpoint.checkpoints_dir(tmp_path), 3)
+    (tmp / "lora_sft_config.json").write_text(json.dumps({"micro_batch_size": 8}))
+    checkpoint.commit(tmp, 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = LoraSftConfig("m", "d", str(tmp_path), effective_batch_size=16)
+    assert resolve(cfg, PeftBackend(), rows=100).batch_plan(1) == (2, 8, 16)  # same rows per step as 8 × 2
+
+
+def _fake_gpu(monkeypatch, free_gib):
+    import lora_runtime.batching as batching
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(batching, "free_gpu_bytes", lambda config: free_gib * GIB)
+
+
+def test_resolve_on_a_gpu_plans_micro_and_checkpointing_for_unsloth(monkeypatch, capsys, tmp_path):
+    from lora_runtime.backends.unsloth import UnslothBackend
+    from transformers import Qwen2Config
+
+    Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True).save_pretrained(tmp_path / "m")
+    _fake_gpu(monkeypatch, 139)
+    out = resolve(LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o")), UnslothBackend(), rows=900)
+    assert (out.micro_batch_size, out.gradient_checkpointing) == (8, False)
+    assert "memory plan: micro_batch_size auto → 8" in capsys.readouterr().out
+    _fake_gpu(monkeypatch, 10)
+    out = resolve(LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o")), UnslothBackend(), rows=900)
+    assert (out.micro_batch_size, out.gradient_checkpointing) == (3, True)
+
+
+def test_a_config_it_cannot_size_falls_back_to_two_and_says_why(monkeypatch, capsys, tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(tmp_path / "gpt2")  # no intermediate_size
+    _fake_gpu(monkeypatch, 139)
+    out = resolve(LoraSftConfig(str(tmp_path / "gpt2"), "d", str(tmp_path / "o")), PeftBackend(), rows=900)
+    assert out.micro_batch_size == 2 and "cannot size GPT2Config" in capsys.readouterr().out
+
+
+def test_explicit_values_on_a_gpu_skip_the_plan(monkeypatch, tmp_path):
+    _fake_gpu(monkeypatch, 139)  # a peft backend with micro given never reads the model config (none exists here)
+    out = resolve(LoraSftConfig("no-such-model", "d", str(tmp_path), micro_batch_size=4), PeftBackend(), rows=9)
+    assert out.micro_batch_size == 4

@@ -11,7 +11,8 @@ What it does to the optimizer step (rows per step = micro × accumulation × wor
   accumulation makes up the rest, so the gradient of a step is the same sum over the same rows;
 - without it (accumulation 1), a larger micro batch is a larger optimizer batch. Auto keeps at least
   `MIN_STEPS_PER_EPOCH` steps an epoch and never goes below 2; pass micro_batch_size=2 for training-hub's exact batch.
-A resumed run takes the micro batch its checkpoint recorded (the data order depends on it).
+A resumed run without effective_batch_size takes the micro batch its checkpoint recorded (the data order depends on
+it); with it, only micro × accumulation matters, so auto re-plans for the memory free now.
 
     >>> fp = Footprint(weights=3e9, per_token_off=2.3e6, per_token_on=1.6e5)
     >>> plan_batch(fp, seq_len=2048, free=139 * GIB, micro="auto", gc="auto", quota=None, rows_per_rank=900)[:2]
@@ -143,37 +144,51 @@ def free_gpu_bytes(config: Any) -> float:
 
 
 def resolve(config: Any, backend: Any, rows: int) -> Any:
-    """The config with "auto" micro batch (and, for backends that decide it by memory, checkpointing) made concrete.
+    """The config with micro_batch_size="auto" made concrete (and, where the backend decides it by memory, i.e.
+    unsloth on CUDA, gradient_checkpointing="auto" too), validated again and logged on rank 0.
 
-    Logs the decision on rank 0. A CPU run, or a config without "auto", comes back unchanged but for the micro batch.
+    Explicit values come back as given; a model config this module cannot size (no `intermediate_size`, ...) falls
+    back to training-hub's 2 with the reason logged.
     """
     from lora_runtime.distributed import dist_env, print0
 
     world = dist_env().world_size
+    quota = config.effective_batch_size // world if config.effective_batch_size else None
     micro = config.micro_batch_size
-    if micro == "auto":
+    if micro == "auto" and quota is None:  # with effective_batch_size the data order depends on micro × accum only
         recorded = checkpointed_micro(config)
         if recorded is not None:
             print0(f"micro_batch_size: auto → {recorded}, as recorded by the checkpoint this run resumes")
             micro = recorded
-    footprint_of = getattr(backend, "footprint", None)
+    gc = backend.checkpointing_mode(config) if hasattr(backend, "checkpointing_mode") else config.gradient_checkpointing
+    if micro != "auto" and gc != "auto":
+        return _checked(dataclasses.replace(config, micro_batch_size=micro), world)
     import torch
 
-    if not torch.cuda.is_available() or footprint_of is None:
-        if micro == "auto":
-            print0(f"micro_batch_size: auto → {CPU_MICRO} (training-hub's default; no CUDA GPU to size it by)")
-            micro = CPU_MICRO
-        return dataclasses.replace(config, micro_batch_size=micro)
-    from transformers import AutoConfig
+    if torch.cuda.is_available() and hasattr(backend, "footprint"):
+        from transformers import AutoConfig
 
-    model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-    gc = backend.checkpointing_mode(config)  # "auto" only where the backend sizes it by memory (unsloth)
-    quota = config.effective_batch_size // world if config.effective_batch_size else None
-    m, on, why = plan_batch(footprint_of(model_config, config.load_in_4bit), seq_len=config.max_seq_len,
-                            free=free_gpu_bytes(config), micro=micro, gc=gc, quota=quota,
-                            rows_per_rank=max(1, rows // world))
-    print0(f"memory plan: {why}")
-    return dataclasses.replace(config, micro_batch_size=m, gradient_checkpointing=on)
+        model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+        try:
+            footprint = backend.footprint(model_config, config.load_in_4bit)
+        except AttributeError as e:  # a config without the fields the estimate reads (GPT-2 style names)
+            why = f"cannot size {type(model_config).__name__} ({e})"
+        else:
+            m, on, plan = plan_batch(footprint, seq_len=config.max_seq_len, free=free_gpu_bytes(config), micro=micro,
+                                     gc=gc, quota=quota, rows_per_rank=max(1, rows // world))
+            print0(f"memory plan: {plan}")
+            return _checked(dataclasses.replace(config, micro_batch_size=m, gradient_checkpointing=on), world)
+    else:
+        why = "no CUDA GPU to size it by"
+    if micro == "auto":
+        micro = max(m for m in range(1, CPU_MICRO + 1) if quota is None or quota % m == 0)
+        print0(f"micro_batch_size: auto → {micro} (training-hub's default{' that divides the batch' if quota else ''}; "
+               f"{why})")
+    return _checked(dataclasses.replace(config, micro_batch_size=micro), world)
+
+
+def _checked(config: Any, world: int) -> Any:
+    return config.validate(world_size=world)
 
 
 def checkpointed_micro(config: Any) -> int | None:

@@ -1,12 +1,14 @@
 """`select_backend("auto"|"unsloth"|"peft")` → (Backend, reason). The reason is logged by the loop on rank 0.
 
-`auto` picks unsloth only when CUDA is available AND unsloth imports cleanly. Importing unsloth patches
+`auto` picks unsloth only when CUDA is available AND unsloth imports cleanly (under torchrun too), and peft with
+enable_model_splitting (measured with transformers+PEFT only). Importing unsloth patches
 transformers and TRL process-wide, so the probe for `auto` runs in a subprocess when CUDA is present, and a peft
 run never imports it. (Unsloth also imports on a CPU, where it silently turns packing off: CUDA is checked first.)
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from functools import lru_cache
@@ -22,11 +24,23 @@ def unsloth_importable() -> tuple[bool, str]:
     """(ok, detail) from `import unsloth` in a child process, so this process stays unpatched."""
     if importlib_util_find_spec("unsloth") is None:
         return False, "unsloth is not installed (pip install 'lora-runtime[gpu]')"
-    probe = subprocess.run([sys.executable, "-c", "import unsloth"], capture_output=True, text=True, timeout=600)
+    probe = subprocess.run([sys.executable, "-c", "import unsloth"], capture_output=True, text=True, timeout=600,
+                           env=_probe_env())
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
         return False, f"`import unsloth` failed: {last}"
     return True, "unsloth imports cleanly"
+
+
+def _probe_env() -> dict[str, str]:
+    """Under torchrun, the probe sees only this rank's GPU: N probes on GPU 0 would skew rank 0's free-memory reading
+    (LOCAL_RANK=1 with CUDA_VISIBLE_DEVICES=4,5 → "5")."""
+    env = dict(os.environ)
+    if "LOCAL_RANK" in env:
+        local = int(env["LOCAL_RANK"])
+        visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+        env["CUDA_VISIBLE_DEVICES"] = visible[local] if local < len(visible) else str(local)
+    return env
 
 
 def select_backend(name: str = "auto", *, splitting: bool = False) -> tuple[Backend, str]:

@@ -12,6 +12,9 @@ Contract for implementers:
 - `save_adapter(model, out_dir)` writes `adapter_model.safetensors` + `adapter_config.json`, loadable with
   `peft.PeftModel.from_pretrained(base, out_dir)`.
 - `merge(adapter_dir, out_dir, config)` writes the merged full model (safetensors) + tokenizer to `out_dir`.
+- optional, for `micro_batch_size="auto"` on a GPU (lora_runtime.batching): `footprint(model_config, four_bit)`
+  → a `Footprint` (bytes: weights, per token with and without checkpointing), and `checkpointing_mode(config)` →
+  True / False, or "auto" where the backend lets the memory plan decide. Without them auto is 2.
 """
 
 from __future__ import annotations
