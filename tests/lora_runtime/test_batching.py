@@ -178,3 +178,31 @@ def test_explicit_values_on_a_gpu_skip_the_plan(monkeypatch, tmp_path):
     _fake_gpu(monkeypatch, 139)  # a peft backend with micro given never reads the model config (none exists here)
     out = resolve(LoraSftConfig("no-such-model", "d", str(tmp_path), micro_batch_size=4), PeftBackend(), rows=9)
     assert out.micro_batch_size == 4
+
+
+@pytest.mark.slow
+def test_a_real_resume_with_auto_takes_the_interrupted_runs_micro_batch(tiny_llama_dir, llama_shards, tmp_path, capsys):
+    import _runs
+    from lora_runtime import lora_sft
+
+    run = {**_runs.RUN, "max_steps": 4, "save_steps": 100, "gradient_accumulation_steps": 1}
+    out = tmp_path / "run"
+    first = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**run, "micro_batch_size": 3},
+                     callbacks=[_runs.StopAt(2)])
+    assert first.steps == 2 and (out / "checkpoints" / "checkpoint-2" / "COMPLETE").is_file()
+    capsys.readouterr()
+    resumed = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**run, "micro_batch_size": "auto"})
+    log = capsys.readouterr().out
+    assert "micro_batch_size: auto → 3, as recorded by the checkpoint" in log and "resuming from" in log
+    assert resumed.steps == 4
+    saved = json.loads((out / "lora_sft_config.json").read_text())
+    assert saved["micro_batch_size"] == 3 and saved["resolved"]["micro_batch_size"] == 3
+
+
+def test_moe_weights_count_every_expert():
+    from lora_runtime.batching import weight_bytes
+
+    mixtral = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                              num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False, num_local_experts=8)
+    assert 85 < weight_bytes(mixtral, False) / GIB < 89  # Mixtral-8x7B: 46.7 B parameters in bf16
+    assert weight_bytes(LLAMA8, False) / GIB == pytest.approx(15.0, abs=0.1)

@@ -72,7 +72,10 @@ def weight_bytes(model_config: Any, four_bit: bool) -> float:
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or h // heads
-    layers = n * (2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * i)
+    experts = next((int(getattr(c, k)) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if isinstance(getattr(c, k, None), int) and getattr(c, k) > 1), 1)  # MoE: every expert is resident
+    mlp = 3 * h * (getattr(c, "moe_intermediate_size", None) or i if experts > 1 else i) * experts
+    layers = n * (2 * h * heads * head_dim + 2 * h * kv * head_dim + mlp)
     embed = vocab * h * (1 if getattr(c, "tie_word_embeddings", False) else 2)
     return layers * (0.56 if four_bit else 2.0) + embed * 2.0
 
