@@ -206,3 +206,29 @@ def test_two_cpu_ranks_match_one_process(llama_run, tiny_llama_dir, llama_shards
     got = load_file(out / "adapter_model.safetensors")
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
+
+
+def test_tokens_per_s_leaves_out_checkpoint_time(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
+    """A fake clock: each optimizer step takes 1 s, each checkpoint 100 s; tokens/s must be the step's tokens / 1 s."""
+    from types import SimpleNamespace
+
+    import lora_runtime.trainer as trainer_module
+    from transformers import TrainerCallback
+
+    clock = [1000.0]
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Tick(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            clock[0] += 1.0
+
+        def on_save(self, args, state, control, **kw):
+            clock[0] += 100.0
+
+    result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"),
+                      **{**_runs.RUN, "max_steps": 4, "save_steps": 1}, callbacks=[Tick()])
+    rows = [r for r in read_metrics(result.metrics_path) if "loss" in r]
+    seen = [0] + [r["tokens_seen"] for r in rows]
+    assert len(rows) == 4
+    for r, before in zip(rows, seen, strict=False):
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_seen"] - before), rows

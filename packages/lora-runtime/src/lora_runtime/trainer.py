@@ -5,7 +5,8 @@ Overrides, each small:
   not passed through accelerate's sharding, which would split the rows a second time.
 - `get_batch_samples`: moves batches to the GPU before they are counted (Unsloth under torchrun needs it).
 - `compute_loss`: pops the batch's real-token count (for tokens/s) before the forward.
-- `log`: adds tokens_seen, tokens_per_s, peak memory and an exact epoch, and writes metrics.jsonl on rank 0.
+- `log`: adds tokens_seen, tokens_per_s (training time only: evaluation and checkpoint time are left out, via
+  `_maybe_log_save_evaluate`), peak memory and an exact epoch, and writes metrics.jsonl on rank 0.
 - `_save_checkpoint`: every rank writes into a staging dir, rank 0 commits it (fsync, marker, rename), adds
   `data_state.json` (the data position) and the resolved config, and rotates to `save_total_limit`. A full disk
   removes the staging dir and raises CheckpointError saying which complete checkpoint is still intact.
@@ -38,6 +39,7 @@ class PackedTrainer(Trainer):
         self.run_config, self.metrics = config, metrics
         self._tokens_local = 0  # real tokens on this rank since the last flush
         self._last_log: tuple[float, int] | None = None  # (time, tokens) at the last log; set at the first step
+        self._paused, self._logged_at = 0.0, None  # eval/checkpoint seconds since the last log; when it was written
 
     # ------------------------------------------------------------------ data
     def _loader(self, dataset: Any, batch_size: int) -> EpochDataLoader:
@@ -106,14 +108,21 @@ class PackedTrainer(Trainer):
         self._tokens_local = 0
         return int(self.state.num_input_tokens_seen)
 
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        """Time spent evaluating and checkpointing (after this step's log) is left out of the next tokens/s window."""
+        start = time.perf_counter()
+        self._logged_at = None
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+        self._paused += time.perf_counter() - (self._logged_at or start)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             seen = self.flush_tokens()
             now = time.perf_counter()
             t0, seen0 = self._last_log or (now, seen)
             logs["tokens_seen"] = seen
-            logs["tokens_per_s"] = (seen - seen0) / max(now - t0, 1e-9)
-            self._last_log = (now, seen)
+            logs["tokens_per_s"] = (seen - seen0) / max(now - t0 - self._paused, 1e-9)
+            self._last_log, self._paused = (now, seen), 0.0
         if "loss" in logs or "eval_loss" in logs:
             logs["peak_memory_bytes"] = peak_memory_bytes()
             super().log(logs, start_time)
@@ -121,6 +130,8 @@ class PackedTrainer(Trainer):
             self.metrics.write(metrics_row(logs, self.state.global_step))
         else:  # the end-of-run summary (train_runtime, ...) goes to the integrations only
             super().log(logs, start_time)
+        if "loss" in logs:
+            self._logged_at = time.perf_counter()
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
