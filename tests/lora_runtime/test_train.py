@@ -232,3 +232,39 @@ def test_tokens_per_s_leaves_out_checkpoint_time(tiny_llama_dir, llama_shards, t
     assert len(rows) == 4
     for r, before in zip(rows, seen, strict=False):
         assert r["tokens_per_s"] == pytest.approx(r["tokens_seen"] - before), rows
+
+
+def test_eval_loss_counts_each_row_once_whatever_the_eval_batch(tiny_llama_dir, llama_shards, tmp_path):
+    """Token-weighted eval_loss: the same with 1 row a batch as with a batch size that makes the set wrap (the
+    repeated rows carry no loss), and equal to the loss over every eval row's targets computed by hand."""
+    from lora_data import ShardReader
+    from lora_runtime.collate import collate_packed
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reader = ShardReader(llama_shards)
+    rows = len(reader)
+    wrap = next(b for b in range(3, rows) if rows % b)
+    runs, adapter = {}, None
+    for b in (1, wrap):
+        res = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / f"b{b}"), eval_data_path=str(llama_shards),
+                       **{**_runs.RUN, "max_steps": 1, "eval_steps": 1, "per_device_eval_batch_size": b})
+        runs[b] = [r for r in read_metrics(res.metrics_path) if "eval_loss" in r][-1]
+        adapter = res.adapter_dir
+    assert runs[1]["eval_tokens"] == runs[wrap]["eval_tokens"]
+    assert runs[1]["eval_loss"] == pytest.approx(runs[wrap]["eval_loss"], abs=1e-5)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(rows):  # the adapter after step 1 is the model evaluated at step 1
+            r = reader[i]
+            batch = collate_packed([{"input_ids": r.input_ids, "loss_mask": r.loss_mask, "seq_lens": r.seq_lens}])
+            batch.pop("num_tokens")
+            n = int((batch["labels"] != -100).sum())
+            if n:
+                total += float(model(**batch, use_cache=False).loss) * n  # no cache: samples stay apart
+                count += n
+    assert runs[1]["eval_tokens"] == count
+    assert runs[1]["eval_loss"] == pytest.approx(total / count, abs=1e-4)

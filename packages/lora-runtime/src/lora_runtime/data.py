@@ -169,5 +169,6 @@ def open_datasets(config: LoraSftConfig, shards: Shards) -> tuple[Any, Any]:
     evals = None
     if shards.eval_dir is not None:
         evals = PackedShardDataset(shards.eval_dir, rank=env.rank, world_size=env.world_size, seed=config.seed,
-                                   shuffle=False, micro_batch_size=config.per_device_eval_batch_size or micro)
+                                   shuffle=False, micro_batch_size=config.per_device_eval_batch_size or micro,
+                                   mask_repeats=True)
     return train, evals

@@ -4,7 +4,8 @@ Order of one epoch (N rows, world W, micro batch B, accumulation A; `step_rows` 
 
 1. permute 0..N-1 with `numpy.random.default_rng([seed, epoch])` (identity when `shuffle=False`);
 2. extend the order by wrapping around to a multiple of `step_rows`, so every rank runs the same whole number of
-   optimizer steps (the few repeated rows are logged by the loop; no row is dropped);
+   optimizer steps (the few repeated rows are logged by the loop; no row is dropped; an eval set, `mask_repeats`,
+   serves its repeats with an all-zero loss mask, so each eval row counts once);
 3. rank r takes every W-th row starting at r (disjoint across ranks);
 4. the rank's rows are cut into micro batches; dataloader worker w serves batches w, w + n_workers, ... so the
    DataLoader (in order) yields exactly the single-process sequence.
@@ -30,7 +31,8 @@ class PackedShardDataset(IterableDataset):
     """Rows of a prepared shard directory as dicts {input_ids, loss_mask, seq_lens} (numpy arrays)."""
 
     def __init__(self, shards: Any, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 micro_batch_size: int = 1, grad_accum: int = 1, verify: bool = True) -> None:
+                 micro_batch_size: int = 1, grad_accum: int = 1, verify: bool = True,
+                 mask_repeats: bool = False) -> None:
         from lora_data import ShardReader
 
         self.reader = shards if isinstance(shards, ShardReader) else ShardReader(Path(shards), verify=verify)
@@ -40,6 +42,7 @@ class PackedShardDataset(IterableDataset):
             raise ValueError(f"{self.reader.dir}: the shard set has no rows; nothing to train on")
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
+        self.mask_repeats = mask_repeats  # eval: rows served twice to fill the last batch carry no loss the 2nd time
         self.epoch, self.offset = 0, 0
         self._resume: dict[str, int] | None = None
 
@@ -85,10 +88,13 @@ class PackedShardDataset(IterableDataset):
         info = get_worker_info()
         if info is not None:
             batches = batches[info.id :: info.num_workers]
+        n = len(self.reader)
         for k in batches:
-            for i in rows[k * b : (k + 1) * b]:
-                row = self.reader[int(i)]
-                yield {"input_ids": row.input_ids, "loss_mask": row.loss_mask, "seq_lens": row.seq_lens}
+            for j in range(k * b, min((k + 1) * b, len(rows))):
+                row = self.reader[int(rows[j])]
+                repeat = self.mask_repeats and self.rank + j * self.world_size >= n  # its place in the wrapped order
+                mask = np.zeros_like(row.loss_mask) if repeat else row.loss_mask
+                yield {"input_ids": row.input_ids, "loss_mask": mask, "seq_lens": row.seq_lens}
 
     # ------------------------------------------------------------------ exact resume
     def state_at(self, global_step: int) -> dict[str, int]:

@@ -3,6 +3,7 @@
 Overrides, each small:
 - `get_train_dataloader` / `get_eval_dataloader`: our `PackedShardDataset` (already split by rank) + `collate_packed`;
   not passed through accelerate's sharding, which would split the rows a second time.
+- `evaluate`: a token-weighted eval_loss with every eval row counted once, summed over ranks.
 - `get_batch_samples`: moves batches to the GPU before they are counted (Unsloth under torchrun needs it).
 - `compute_loss`: pops the batch's real-token count (for tokens/s) before the forward.
 - `log`: adds tokens_seen, tokens_per_s (training time only: evaluation and checkpoint time are left out, via
@@ -62,6 +63,35 @@ class PackedTrainer(Trainer):
         if getattr(target, "type", "cpu") == "cuda":
             epoch_iterator = (_to_device(batch, target) for batch in epoch_iterator)
         return super().get_batch_samples(epoch_iterator, num_batches, device, *args, **kwargs)
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
+        """eval_loss = summed loss over every target token of the eval rows ÷ their number, over all ranks: each row
+        counts once (repeats are masked by the dataset) and a batch weighs by its tokens, not 1/batches."""
+        import torch
+
+        from lora_runtime.collate import IGNORE_INDEX
+
+        start, model = time.perf_counter(), self.model
+        total = count = 0.0
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for batch in self.get_eval_dataloader(eval_dataset):
+                batch.pop("num_tokens", None)
+                n = int((batch["labels"] != IGNORE_INDEX).sum())  # each row starts a sample: its 1st label is ignored
+                if n == 0:
+                    continue
+                with self.compute_loss_context_manager():
+                    loss = model(**self._prepare_inputs(batch)).loss
+                total += float(loss) * n
+                count += n
+        model.train(was_training)
+        total, count = all_reduce_sum(total), all_reduce_sum(count)
+        metrics = {f"{metric_key_prefix}_loss": total / count if count else float("nan"),
+                   f"{metric_key_prefix}_tokens": int(count), f"{metric_key_prefix}_runtime": time.perf_counter() - start}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
         """transformers' loop runs one step before it checks max_steps: a resume from the final checkpoint (a run
