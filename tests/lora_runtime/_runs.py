@@ -55,6 +55,23 @@ class StopAt:
         return _Stop()
 
 
+class LoggedEpochs:
+    """Records (step, epoch) of every training log as the integrations (wandb, TensorBoard) receive it."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        self.seen: list[tuple[int, float]] = []
+        seen = self.seen
+
+        class _Cb(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    seen.append((state.global_step, logs["epoch"]))
+
+        self.callback = _Cb()
+
+
 def environment() -> dict[str, Any]:
     from importlib.metadata import version
 

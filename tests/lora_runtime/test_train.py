@@ -126,8 +126,10 @@ def test_resume_after_interruption_equals_uninterrupted(llama_run, tiny_llama_di
     out = tmp_path / "interrupted"
     first, _ = _run(tiny_llama_dir, llama_shards, out, callbacks=[_runs.StopAt(10)])  # mid-epoch (4 steps/epoch)
     assert first.steps == 10 and (out / "checkpoints" / "checkpoint-10" / "COMPLETE").is_file()
-    resumed, _ = _run(tiny_llama_dir, llama_shards, out)
+    epochs = _runs.LoggedEpochs()
+    resumed, _ = _run(tiny_llama_dir, llama_shards, out, callbacks=[epochs.callback])
     assert resumed.steps == 24
+    assert epochs.seen and all(e == pytest.approx(s / 4) for s, e in epochs.seen), epochs.seen  # what wandb sees
     want = load_file(Path(llama_run[0].adapter_dir) / "adapter_model.safetensors")
     got = load_file(out / "adapter_model.safetensors")
     assert want.keys() == got.keys()

@@ -7,7 +7,8 @@ Overrides, each small:
 - `get_batch_samples`: moves batches to the GPU before they are counted (Unsloth under torchrun needs it).
 - `compute_loss`: pops the batch's real-token count (for tokens/s) before the forward.
 - `log`: adds tokens_seen, tokens_per_s (training time only: evaluation and checkpoint time are left out, via
-  `_maybe_log_save_evaluate`), peak memory and an exact epoch, and writes metrics.jsonl on rank 0.
+  `_maybe_log_save_evaluate`), peak memory and an exact epoch (also what the integrations see), and writes
+  metrics.jsonl on rank 0.
 - `_save_checkpoint`: every rank writes into a staging dir, rank 0 commits it (fsync, marker, rename), adds
   `data_state.json` (the data position) and the resolved config, and rotates to `save_total_limit`. A full disk
   removes the staging dir and raises CheckpointError saying which complete checkpoint is still intact.
@@ -153,10 +154,12 @@ class PackedTrainer(Trainer):
             logs["tokens_seen"] = seen
             logs["tokens_per_s"] = (seen - seen0) / max(now - t0 - self._paused, 1e-9)
             self._last_log, self._paused = (now, seen), 0.0
+        # transformers counts the epoch from where a resumed run re-entered its loop; ours is exact, and the
+        # integrations (wandb, TensorBoard, ...) read it from the state in super().log
+        self.state.epoch = self.state.global_step / max(self.train_dataset.steps_per_epoch(), 1)
         if "loss" in logs or "eval_loss" in logs:
             logs["peak_memory_bytes"] = peak_memory_bytes()
             super().log(logs, start_time)
-            logs["epoch"] = self.state.global_step / max(self.train_dataset.steps_per_epoch(), 1)
             self.metrics.write(metrics_row(logs, self.state.global_step))
         else:  # the end-of-run summary (train_runtime, ...) goes to the integrations only
             super().log(logs, start_time)
