@@ -60,9 +60,8 @@ class PackedTrainer(Trainer):
         """Batches reach the GPU before they are counted. unsloth_zoo replaces Trainer.get_batch_samples with one that
         all-gathers the token count of the CPU labels it is handed; NCCL refused that ("Tensors must be CUDA and
         dense") on 2 H200s. Moving them here (the Trainer would, a moment later) keeps the count on the GPU."""
-        target = self.args.device
-        if getattr(target, "type", "cpu") == "cuda":
-            epoch_iterator = (_to_device(batch, target) for batch in epoch_iterator)
+        if self.args.device.type == "cuda":
+            epoch_iterator = (self._prepare_inputs(batch) for batch in epoch_iterator)
         return super().get_batch_samples(epoch_iterator, num_batches, device, *args, **kwargs)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
@@ -226,14 +225,6 @@ def oom_hint(config: LoraSftConfig, step: int, error: BaseException) -> str:
     return (f"out of memory in training step {step} ({first}). Lower micro_batch_size (now {config.micro_batch_size}; "
             f"set effective_batch_size to keep the optimizer step the same), lower max_seq_len (now "
             f"{config.max_seq_len}; rows are packed to it){quant}; or gradient_checkpointing=True")
-
-
-def _to_device(batch: Any, device: Any) -> Any:
-    import torch
-
-    if not isinstance(batch, dict):
-        return batch
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _allow_indexed_cpu_locations() -> None:
