@@ -165,7 +165,7 @@ def resolve(config: Any, backend: Any, rows: int) -> Any:
             micro = recorded
     gc = backend.checkpointing_mode(config) if hasattr(backend, "checkpointing_mode") else config.gradient_checkpointing
     if micro != "auto" and gc != "auto":
-        return _checked(dataclasses.replace(config, micro_batch_size=micro), world)
+        return dataclasses.replace(config, micro_batch_size=micro).validate(world_size=world)
     import torch
 
     if torch.cuda.is_available() and hasattr(backend, "footprint"):
@@ -180,18 +180,14 @@ def resolve(config: Any, backend: Any, rows: int) -> Any:
             m, on, plan = plan_batch(footprint, seq_len=config.max_seq_len, free=free_gpu_bytes(config), micro=micro,
                                      gc=gc, quota=quota, rows_per_rank=max(1, rows // world))
             print0(f"memory plan: {plan}")
-            return _checked(dataclasses.replace(config, micro_batch_size=m, gradient_checkpointing=on), world)
+            return dataclasses.replace(config, micro_batch_size=m, gradient_checkpointing=on).validate(world_size=world)
     else:
         why = "no CUDA GPU to size it by"
     if micro == "auto":
         micro = max(m for m in range(1, CPU_MICRO + 1) if quota is None or quota % m == 0)
         print0(f"micro_batch_size: auto → {micro} (training-hub's default{' that divides the batch' if quota else ''}; "
                f"{why})")
-    return _checked(dataclasses.replace(config, micro_batch_size=micro), world)
-
-
-def _checked(config: Any, world: int) -> Any:
-    return config.validate(world_size=world)
+    return dataclasses.replace(config, micro_batch_size=micro).validate(world_size=world)
 
 
 def checkpointed_micro(config: Any) -> int | None:
