@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from lora_data import Manifest, ShardError, ShardReader
 from lora_data.cli import cli
 from lora_data.records import sample_origin
-from lora_data.render import render
+from lora_data.tokenize import render
 
 U = {"role": "user", "content": "What is the capital of France?"}
 A = {"role": "assistant", "content": "Paris."}

@@ -7,8 +7,8 @@ import random
 import _tiny
 import numpy as np
 import pytest
-from lora_data.render import Renderer, RenderError, render
-from lora_data.tokenize import Encoder
+from lora_data.render import Renderer, RenderError
+from lora_data.tokenize import Encoder, render
 
 CONV = [
     {"role": "system", "content": "Be brief."},

@@ -1,7 +1,7 @@
 """lora_data: raw chat/Alpaca JSONL → validated, rendered, assistant-masked, packed, memory-mapped shards.
 
-`import lora_data` pulls in numpy only: the shard reader, manifest and errors are imported eagerly; `prepare`,
-`read_records` and friends (polars, transformers, jsonschema) load on first use.
+`import lora_data` pulls in numpy only: the shard reader, manifest, errors and the directory lock are imported
+eagerly; `prepare`, `read_records` and friends (tokenizers, jsonschema) load on first use.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Any
 
 from .errors import DataError, ManifestError, ShardError, TokenizerMismatchError
 from .fingerprint import tokenizer_fingerprint
-from .manifest import FORMAT_VERSION, Manifest
+from .locks import LockedError, locked
+from .manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
 from .shards import Row, ShardInfo, ShardReader, ShardWriter
 
 _LAZY = {
@@ -19,6 +20,8 @@ _LAZY = {
     "prepare": "lora_data._prepare",
     "cache_key": "lora_data._prepare",
     "read_records": "lora_data.records",
+    "Fields": "lora_data.records",
+    "load_tokenizer": "lora_data.tokenizer",
     "Record": "lora_data.records",
     "Rejection": "lora_data.records",
     "pack_bfd": "lora_data.pack",
@@ -26,7 +29,10 @@ _LAZY = {
 
 __all__ = [
     "FORMAT_VERSION",
+    "MANIFEST_NAME",
     "DataError",
+    "Fields",
+    "LockedError",
     "Manifest",
     "ManifestError",
     "Record",
@@ -38,6 +44,8 @@ __all__ = [
     "ShardWriter",
     "TokenizerMismatchError",
     "cache_key",
+    "load_tokenizer",
+    "locked",
     "pack_bfd",
     "prepare",
     "read_records",

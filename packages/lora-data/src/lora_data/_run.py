@@ -1,69 +1,95 @@
-"""The body of `prepare`: stream every file through the tokenize stage, then pack, write shards and the manifest."""
+"""The body of `prepare`: stream every file through the tokenize stage, then pack and write the shards.
+
+Everything lands in the staging dir; `_staging.Staging.commit` swaps it in.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from ._prepare import (
-    CHUNK_RECORDS,
-    REJECTS_NAME,
-    TMP_NAME,
-    Options,
-    _key,
-    new_manifest,
-    pack_rows,
-    rows_order,
-    write_rejection,
-)
 from ._stage import TokenizeStage
 from .errors import DataError
-from .manifest import Manifest
+from .fingerprint import template_source, tokenizer_fingerprint
+from .manifest import Manifest, empty_counts
+from .options import VERSION, Options
+from .pack import pack_bfd
 from .records import Record, Rejection, read_records
 from .shards import ShardWriter
 
+CHUNK_RECORDS = 2048
 
-def run(paths: list[Path], out: Path, tok: Any, opts: Options, *, strict: bool, progress: bool) -> Manifest:
+
+@dataclass
+class RejectLog:
+    """rejects.jsonl as lines stream by, plus the counts; overlong records are listed but counted as valid."""
+
+    fh: IO[str]
+    counts: dict[str, Any]
+    listed: int = 0
+    first: Rejection | None = field(default=None)
+
+    def __call__(self, r: Rejection, counted: bool = True) -> None:
+        self.fh.write(r.to_json())
+        self.fh.write("\n")
+        self.listed += 1
+        self.first = self.first or r
+        if counted:
+            self.counts["rejected"] += 1
+            self.counts["rejected_by_reason"][r.code] = self.counts["rejected_by_reason"].get(r.code, 0) + 1
+
+
+def run(paths: list[Path], staging: Path, tok: Any, opts: Options, *, strict: bool, progress: bool,
+        rejects_shown: Path, spill: Path) -> Manifest:
+    """Prepare `paths` into `staging` (shards + rejects.jsonl); return the manifest, not yet saved."""
     manifest = new_manifest(opts, tok)
-    counts = manifest.counts
-    first: list[Rejection] = []
-    listed = [0]
-    with open(out / REJECTS_NAME, "w", encoding="utf-8") as rejects:
-        def reject(r: Rejection, counted: bool = True) -> None:
-            write_rejection(rejects, r)
-            first.append(r) if not first else None
-            listed[0] += 1
-            if counted:
-                counts["rejected"] += 1
-                counts["rejected_by_reason"][r.code] = counts["rejected_by_reason"].get(r.code, 0) + 1
-
-        stage = TokenizeStage(tok, out / TMP_NAME, seq_len=opts.max_seq_len, overlong=opts.overlong,
-                              train_on_inputs=opts.train_on_inputs, counts=counts, reject=reject)
-        _stream(paths, opts, stage, reject, manifest, progress)
+    with open(staging / rejects_shown.name, "w", encoding="utf-8") as fh:
+        log = RejectLog(fh, manifest.counts)
+        stage = TokenizeStage(tok, spill, seq_len=opts.max_seq_len, overlong=opts.overlong,
+                              train_on_inputs=opts.train_on_inputs, counts=manifest.counts, reject=log)
+        _stream(paths, opts, stage, log, manifest, progress)
         table, ids, mask = stage.finish()
-    if strict and first:
-        raise DataError(f"{first[0].reason} (--strict: {listed[0]} line(s) in {out / REJECTS_NAME}; no shards "
-                        "written)", path=first[0].path, line=first[0].line, field=first[0].field)
-    if len(table) == 0:
-        raise DataError(f"no trainable record in {', '.join(map(str, paths))}; see {out / REJECTS_NAME}")
-    _write(out, manifest, opts, table, ids, mask)
-    manifest.cache_key = _key([s["sha256"] for s in manifest.sources], manifest.tokenizer["fingerprint"], opts)
-    manifest.save(out)
+    if strict and log.first:
+        r = log.first
+        raise DataError(f"{r.reason} (--strict: {log.listed} line(s) in {rejects_shown}; no shards written)",
+                        path=r.path, line=r.line, field=r.field)
+    if len(table["length"]) == 0:
+        raise DataError(f"no trainable record in {', '.join(map(str, paths))}; see {rejects_shown}")
+    _write(staging, manifest, opts, table, ids, mask)
+    manifest.cache_key = opts.cache_key([s["sha256"] for s in manifest.sources], manifest.tokenizer["fingerprint"])
     return manifest
 
 
-def _stream(paths, opts: Options, stage: TokenizeStage, reject, manifest: Manifest, progress: bool) -> None:
+def new_manifest(opts: Options, tok: Any) -> Manifest:
+    options = opts.to_dict()
+    return Manifest(
+        seq_len=options.pop("max_seq_len"), pad_id=pad_id_of(tok), created_by=f"lora-data {VERSION}",
+        packing=options.pop("packing"), seed=options.pop("seed"), options=options, counts=empty_counts(),
+        tokenizer={"fingerprint": tokenizer_fingerprint(tok), "name_or_path": str(getattr(tok, "name_or_path", "")),
+                   "class": type(tok).__name__, "eos": tok.eos_token, "bos": tok.bos_token, "pad": tok.pad_token,
+                   "chat_template_source": template_source(tok)},
+    )
+
+
+def pad_id_of(tok: Any) -> int:
+    """The pad id written after a row's tokens: pad, else eos (masked out either way)."""
+    pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pid is None:
+        raise DataError("the tokenizer has neither a pad nor an eos token; set one", field="tokenizer")
+    return int(pid)
+
+
+def _stream(paths, opts: Options, stage: TokenizeStage, reject: RejectLog, manifest: Manifest, progress: bool) -> None:
     counts = manifest.counts
-    bar = _bar(sum(p.stat().st_size for p in paths)) if progress else None
+    bar = _bar(sum(_size(p) for p in paths)) if progress else None
     formats = []
     for index, path in enumerate(paths):
         hasher = hashlib.sha256()
-        reader = read_records(path, format=opts.format, field_messages=opts.field_messages,
-                              field_instruction=opts.field_instruction, field_input=opts.field_input,
-                              field_output=opts.field_output, source_index=index, hasher=hasher)
+        reader = read_records(path, format=opts.format, fields=opts.fields, source_index=index, hasher=hasher)
         chunk: list[Record] = []
         seen = 0
         for item in reader:
@@ -91,19 +117,27 @@ def _stream(paths, opts: Options, stage: TokenizeStage, reject, manifest: Manife
     manifest.dataset_format = formats[0] if len(set(formats)) == 1 else "mixed"
 
 
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size if p.is_file() else 0
+    except OSError:
+        return 0
+
+
 def _bar(total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, desc="lora-data prepare", leave=False)
 
 
-def _write(out: Path, manifest: Manifest, opts: Options, table, ids: np.ndarray, mask: np.ndarray) -> None:
-    lengths = table["length"].to_numpy()
-    offsets = table["offset"].to_numpy()
-    samples = table["sample_id"].to_numpy()
-    bins = pack_rows(lengths, opts.max_seq_len, opts.packing)
+def _write(out: Path, manifest: Manifest, opts: Options, table: dict[str, np.ndarray], ids: np.ndarray,
+           mask: np.ndarray) -> None:
+    lengths, offsets, samples = table["length"], table["offset"], table["sample_id"]
+    bins = pack_bfd(lengths, opts.max_seq_len) if opts.packing else [[i] for i in range(len(lengths))]
+    # packed rows are shuffled by `seed` (BFD opens them longest first); unpacked rows keep input order
+    order = np.random.default_rng(opts.seed).permutation(len(bins)) if opts.packing else np.arange(len(bins))
     writer = ShardWriter(out, opts.max_seq_len, manifest.pad_id, rows_per_shard=opts.rows_per_shard)
-    for b in rows_order(bins, opts.seed, opts.packing).tolist():
+    for b in order.tolist():
         members = bins[b]
         slices = [slice(int(offsets[i]), int(offsets[i] + lengths[i])) for i in members]
         writer.add_row(np.concatenate([ids[s] for s in slices]), np.concatenate([mask[s] for s in slices]),
@@ -112,6 +146,6 @@ def _write(out: Path, manifest: Manifest, opts: Options, table, ids: np.ndarray,
     c = manifest.counts
     c["samples"], c["rows"] = len(lengths), len(bins)
     c["tokens"] = int(lengths.sum())
-    c["loss_tokens"] = int(table["loss_tokens"].sum()) if len(table) else 0
+    c["loss_tokens"] = int(table["loss_tokens"].sum())
     c["padding_tokens"] = c["rows"] * opts.max_seq_len - c["tokens"]
     manifest.packing_efficiency = round(c["tokens"] / (c["rows"] * opts.max_seq_len), 6) if c["rows"] else 0.0

@@ -1,7 +1,7 @@
 """The tokenize stage of `prepare`: chunks of records → rendered, encoded, overlong-handled samples spilled to disk.
 
-Memory stays bounded: a chunk's token ids and masks are appended to two flat files under OUT_DIR/.prepare-tmp and
-only a small per-sample table (sample_id, offset, length, loss_tokens; a polars frame per chunk) stays in memory.
+Memory stays bounded: a chunk's token ids and masks are appended to two flat files in the staging dir and only a
+small per-sample table (sample_id, offset, length, loss_tokens: four numpy columns per chunk) stays in memory.
 """
 
 from __future__ import annotations
@@ -15,7 +15,31 @@ import numpy as np
 from .pack import cut_overlong
 from .records import Record, Rejection
 from .render import Renderer, RenderError
-from .tokenize import Encoder, chunk_frame
+from .tokenize import Encoder
+
+COLUMNS = {"sample_id": np.uint64, "offset": np.int64, "length": np.int64, "loss_tokens": np.int64}
+Table = dict[str, np.ndarray]  # one column per COLUMNS key, all of one length
+
+
+def chunk_table(sample_ids: list[int], mask: np.ndarray, lengths: np.ndarray) -> Table:
+    """The per-record table of one encoded chunk: sample_id, offset (into the flat arrays), length, loss_tokens.
+
+    >>> t = chunk_table([7, 9], np.array([0, 1, 1, 0, 0], np.uint8), np.array([3, 2]))
+    >>> t["offset"].tolist(), t["loss_tokens"].tolist()
+    ([0, 3], [2, 0])
+    """
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    loss = np.add.reduceat(mask.astype(np.int64), offsets) if len(mask) else np.zeros(len(lengths), np.int64)
+    loss = np.where(lengths > 0, loss, 0)
+    return _table(sample_id=sample_ids, offset=offsets, length=lengths, loss_tokens=loss)
+
+
+def _table(**columns) -> Table:
+    return {k: np.asarray(columns[k], dtype=t).reshape(-1) for k, t in COLUMNS.items()}
+
+
+def _concat(tables: list[Table]) -> Table:
+    return {k: np.concatenate([t[k] for t in tables]) if tables else np.zeros(0, t_) for k, t_ in COLUMNS.items()}
 
 
 class TokenizeStage:
@@ -31,7 +55,7 @@ class TokenizeStage:
         self._ids = open(self.ids_path, "wb")  # noqa: SIM115 - closed in finish()
         self._mask = open(self.mask_path, "wb")  # noqa: SIM115
         self._pos = 0
-        self.frames: list = []
+        self.tables: list[Table] = []
         # The Rust tokenizer releases the GIL: chunk k is tokenized in a worker thread while the main thread reads,
         # validates and renders chunk k+1. Results are consumed in order, so the output stays deterministic.
         self._pool = ThreadPoolExecutor(max_workers=1)
@@ -55,30 +79,26 @@ class TokenizeStage:
         kept, job = self._pending
         self._pending = None
         ids, mask, lengths = job.result()
-        frame = chunk_frame([r.sample_id for r in kept], mask, lengths)
+        table = chunk_table([r.sample_id for r in kept], mask, lengths)
         self._ids.write(ids.tobytes())
         self._mask.write(mask.tobytes())
-        self._keep(kept, frame, mask)
+        self._keep(kept, table, mask)
         self._pos += len(ids)
 
-    def _keep(self, kept: list[Record], frame, mask: np.ndarray) -> None:
-        import polars as pl
-
-        loss = frame["loss_tokens"].to_numpy()
-        length = frame["length"].to_numpy()
+    def _keep(self, kept: list[Record], table: Table, mask: np.ndarray) -> None:
+        loss, length, offsets = table["loss_tokens"], table["length"], table["offset"]
         for i in np.flatnonzero(loss == 0).tolist():
             self._reject(kept[i], None, "no loss tokens: the template rendered no assistant token", "no_loss_tokens")
-        ok = frame.filter((pl.col("loss_tokens") > 0) & (pl.col("length") <= self.seq_len))
         self.counts["valid"] += int((loss > 0).sum())
-        pieces = [ok]
-        offsets = frame["offset"].to_numpy()
+        ok = (loss > 0) & (length <= self.seq_len)
+        pieces = [{k: v[ok] for k, v in table.items()}]
         for i in np.flatnonzero((length > self.seq_len) & (loss > 0)).tolist():
             pieces.append(self._overlong(kept[i], int(offsets[i]), int(length[i]), mask))
-        self.frames.append(pl.concat(pieces).with_columns(pl.col("offset") + self._pos))
+        merged = _concat(pieces)
+        merged["offset"] += self._pos
+        self.tables.append(merged)
 
-    def _overlong(self, rec: Record, offset: int, length: int, mask: np.ndarray):
-        import polars as pl
-
+    def _overlong(self, rec: Record, offset: int, length: int, mask: np.ndarray) -> Table:
         sub = mask[offset : offset + length]
         cuts = cut_overlong(length, sub, self.seq_len, self.overlong)
         self.counts["overlong"] += 1
@@ -97,30 +117,21 @@ class TokenizeStage:
             self.counts["split"] += 1
             self._reject(rec, None, f"{where}; split into {len(cuts)} samples of ≤ {self.seq_len} tokens "
                          f"(pieces without loss tokens left out)", "overlong_split")
-        return pl.DataFrame({
-            "sample_id": np.full(len(cuts), rec.sample_id, dtype=np.uint64),
-            "offset": np.array([offset + a for a, _ in cuts], dtype=np.int64),
-            "length": np.array([b - a for a, b in cuts], dtype=np.int64),
-            "loss_tokens": np.array([int(sub[a:b].sum()) for a, b in cuts], dtype=np.int64),
-        }, schema={"sample_id": pl.UInt64, "offset": pl.Int64, "length": pl.Int64, "loss_tokens": pl.Int64})
+        return _table(sample_id=[rec.sample_id] * len(cuts), offset=[offset + a for a, _ in cuts],
+                      length=[b - a for a, b in cuts], loss_tokens=[int(sub[a:b].sum()) for a, b in cuts])
 
     def _reject(self, rec: Record, field: str | None, reason: str, code: str) -> None:
         # overlong records are valid (counted under overlong/dropped/truncated/split) but still listed
         counted = not code.startswith("overlong_")
         self.reject(Rejection(rec.path, rec.line, field, reason, rec.raw, code), counted=counted)
 
-    def finish(self):
+    def finish(self) -> tuple[Table, np.ndarray, np.ndarray]:
         """Close the spill files; return (samples table, ids memmap, mask memmap)."""
-        import polars as pl
-
         self._drain()
         self._pool.shutdown()
         self._ids.close()
         self._mask.close()
-        schema = {"sample_id": pl.UInt64, "offset": pl.Int64, "length": pl.Int64, "loss_tokens": pl.Int64}
-        table = pl.concat(self.frames) if self.frames else pl.DataFrame(schema=schema)
         # np.asarray drops the memmap subclass (its per-slice overhead) but keeps the mapping: no copy in memory
         ids = np.asarray(np.memmap(self.ids_path, dtype=np.uint32, mode="r")) if self._pos else np.zeros(0, np.uint32)
         mask = np.asarray(np.memmap(self.mask_path, dtype=np.uint8, mode="r")) if self._pos else np.zeros(0, np.uint8)
-        return table, ids, mask
-
+        return _concat(self.tables), ids, mask

@@ -6,35 +6,55 @@ lora-cli reuses `prepare_command` and `inspect_command`; `cli` is the click grou
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
 
 from .errors import DataError
+from .options import VERSION
+from .pack import OVERLONG
+from .records import FORMATS, Fields
+
+_OS_HINTS = {errno.ENOSPC: "the disk is full: free some space or prepare elsewhere",
+             errno.EDQUOT: "over the disk quota: free some space or prepare elsewhere",
+             errno.EROFS: "read-only file system: choose a writable output directory",
+             errno.EACCES: "permission denied: choose a directory you can write to"}
 
 
 def _fail(e: Exception) -> None:
+    if isinstance(e, OSError) and not isinstance(e, DataError):
+        where = f"{e.filename}: " if e.filename else ""
+        e = f"{where}{e.strerror or e}" + (f" ({_OS_HINTS[e.errno]})" if e.errno in _OS_HINTS else "")
     click.echo(f"error: {e}", err=True)
     sys.exit(1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(VERSION, "--version", "-V", prog_name="lora-data", message="%(prog)s %(version)s")
 def cli() -> None:
     """Validate, render, mask and pack chat/Alpaca JSONL into memory-mapped shards."""
 
 
+def _field_options(command):
+    """--field-messages, --field-instruction, ... from `records.Fields` (training-hub's names and defaults)."""
+    for name, default in reversed(Fields().as_options().items()):
+        flag = "--" + name.replace("_", "-")
+        command = click.option(flag, name, default=default, show_default=True,
+                               help=f"Key of the {name.removeprefix('field_')} field in each record.")(command)
+    return command
+
+
 @click.command("prepare")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, allow_dash=True))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--tokenizer", required=True, type=click.Path(), help="Tokenizer (or model) directory.")
+@click.option("--tokenizer", required=True,
+              help="Tokenizer (or model) directory, or a Hugging Face hub id such as Qwen/Qwen2.5-1.5B-Instruct.")
 @click.option("--max-seq-len", required=True, type=click.IntRange(min=2), help="Row length in tokens.")
-@click.option("--format", "format_", type=click.Choice(["auto", "messages", "alpaca"]), default="auto",
-              show_default=True, help="Record format; auto decides per file from its first record.")
-@click.option("--field-messages", default="messages", show_default=True, help="Key of the messages list.")
-@click.option("--field-instruction", default="instruction", show_default=True, help="Alpaca instruction key.")
-@click.option("--field-input", default="input", show_default=True, help="Alpaca input key.")
-@click.option("--field-output", default="output", show_default=True, help="Alpaca output key.")
-@click.option("--overlong", type=click.Choice(["drop", "truncate", "split"]), default="drop", show_default=True,
+@click.option("--format", "format_", type=click.Choice(FORMATS), default="auto", show_default=True,
+              help="Record format; auto decides per file from its first record.")
+@_field_options
+@click.option("--overlong", type=click.Choice(OVERLONG), default="drop", show_default=True,
               help="What to do with a record longer than --max-seq-len (always listed in rejects.jsonl).")
 @click.option("--no-packing", is_flag=True, help="One sample per row instead of best-fit-decreasing packing.")
 @click.option("--train-on-inputs", is_flag=True, help="Loss on every token, not only assistant turns.")
@@ -42,17 +62,16 @@ def cli() -> None:
 @click.option("--strict", is_flag=True, help="Any rejected line is an error (exit 1, no shards written).")
 @click.option("--rows-per-shard", type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
-def prepare_command(inputs, out_dir, tokenizer, max_seq_len, format_, field_messages, field_instruction, field_input,
-                    field_output, overlong, no_packing, train_on_inputs, seed, strict, rows_per_shard, progress):
-    """Prepare INPUT.jsonl [INPUT2.jsonl ...] into OUT_DIR (shards, manifest.json, rejects.jsonl)."""
+def prepare_command(inputs, out_dir, tokenizer, max_seq_len, format_, overlong, no_packing, train_on_inputs, seed,
+                    strict, rows_per_shard, progress, **fields):
+    """Prepare INPUT.jsonl [INPUT2.jsonl ...] into OUT_DIR (shards, manifest.json, rejects.jsonl); `-` reads stdin."""
     from ._prepare import prepare
 
     try:
         prepare(list(inputs), out_dir, tokenizer, max_seq_len=max_seq_len, strict=strict, progress=progress,
-                format=format_, field_messages=field_messages, field_instruction=field_instruction,
-                field_input=field_input, field_output=field_output, overlong=overlong, packing=not no_packing,
-                train_on_inputs=train_on_inputs, seed=seed, rows_per_shard=rows_per_shard)
-    except DataError as e:
+                format=format_, overlong=overlong, packing=not no_packing, train_on_inputs=train_on_inputs, seed=seed,
+                rows_per_shard=rows_per_shard, **fields)
+    except (DataError, OSError) as e:
         _fail(e)
 
 
@@ -61,15 +80,14 @@ def prepare_command(inputs, out_dir, tokenizer, max_seq_len, format_, field_mess
 @click.option("--bins", type=click.IntRange(min=1), default=10, show_default=True, help="Histogram buckets.")
 def inspect_command(out_dir, bins):
     """Print a prepared directory's manifest numbers and a histogram of sample lengths."""
-    from ._prepare import summary
     from .shards import ShardReader
 
     try:
         reader = ShardReader(out_dir)
-    except DataError as e:
+    except (DataError, OSError) as e:
         _fail(e)
     m = reader.manifest
-    click.echo(summary(m).replace("lora-data prepare: ", ""))
+    click.echo(m.summary())
     click.echo(f"  tokenizer {m.tokenizer.get('fingerprint')} ({m.tokenizer.get('name_or_path')}, template: "
                f"{m.tokenizer.get('chat_template_source')}); format {m.dataset_format}; cache key {m.cache_key}")
     click.echo(histogram(reader.sample_lengths(), m.seq_len, bins))

@@ -115,8 +115,11 @@ class Manifest:
         return cls(**data)
 
     def verify_checksum(self, path: str | Path | None = None) -> None:
-        """ManifestError unless the content still matches the checksum save() wrote (a manifest without one passes)."""
-        if self.checksum is not None and content_digest(self.to_dict()) != self.checksum:
+        """ManifestError unless the content matches the checksum save() wrote; a missing checksum is an error too."""
+        if not isinstance(self.checksum, str):
+            raise ManifestError("no checksum (every manifest lora-data writes has one: removed or edited by hand); "
+                                "prepare the data again", path=path, field="checksum")
+        if content_digest(self.to_dict()) != self.checksum:
             raise ManifestError("content does not match its checksum (corrupted, or edited by hand); prepare the "
                                 "data again", path=path, field="checksum")
 
@@ -135,7 +138,23 @@ class Manifest:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ManifestError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", path=path) from None
+        except ValueError as e:  # an integer longer than sys.get_int_max_str_digits()
+            raise ManifestError(f"unreadable number: {e}", path=path) from None
+        except RecursionError:
+            raise ManifestError("JSON nested too deeply to parse (Python's recursion limit)", path=path) from None
         return cls.from_dict(data, path=path)
+
+    def summary(self) -> str:
+        """Every count, the rejects by reason and the packing efficiency (prepare's stderr summary, `inspect`)."""
+        c = self.counts
+        lines = [f"{c['lines_read']} lines read: {c['valid']} valid, {c['rejected']} rejected, {c['blank']} blank; "
+                 f"{c['overlong']} overlong ({c['dropped']} dropped, {c['truncated']} truncated, {c['split']} split)"]
+        for reason, n in sorted(c["rejected_by_reason"].items()):
+            lines.append(f"  rejected {reason}: {n}")
+        lines.append(f"  {c['samples']} samples in {c['rows']} rows of {self.seq_len} tokens: {c['tokens']} tokens, "
+                     f"{c['loss_tokens']} loss tokens, {c['padding_tokens']} padding; packing efficiency "
+                     f"{self.packing_efficiency:.4f}; {len(self.shards)} shard(s)")
+        return "\n".join(lines)
 
 
 def content_digest(data: dict[str, Any]) -> str:

@@ -17,7 +17,10 @@ in 1 MiB pieces (still hashed), and rejects.jsonl keeps its first KiB. Memory st
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,12 +78,31 @@ class Rejection:
 
 @dataclass(frozen=True)
 class Fields:
-    """training-hub's field-name overrides."""
+    """training-hub's field-name overrides: the option `field_messages` (CLI `--field-messages`) sets `messages`, ...
+
+    >>> Fields.from_options({"field_messages": "conversation", "seed": 1})
+    Fields(messages='conversation', instruction='instruction', input='input', output='output')
+    >>> Fields().as_options()["field_output"]
+    'output'
+    """
 
     messages: str = "messages"
     instruction: str = "instruction"
     input: str = "input"
     output: str = "output"
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """("field_messages", "field_instruction", "field_input", "field_output")"""
+        return tuple(f"field_{f.name}" for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Fields:
+        """The `field_*` entries of `options` (others ignored; missing ones keep their defaults)."""
+        return cls(**{f.name: options[f"field_{f.name}"] for f in dataclasses.fields(cls) if f"field_{f.name}" in options})
+
+    def as_options(self) -> dict[str, str]:
+        return {f"field_{k}": v for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass
@@ -108,7 +130,7 @@ class RecordReader:
 
     def __iter__(self):
         path = str(self.path)
-        with open(self.path, "rb") as fh:
+        with _open_input(self.path) as fh:
             for number, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
                 self.counts["lines_read"] += 1
                 self._count(raw)
@@ -151,6 +173,8 @@ class RecordReader:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             return Rejection(path, number, None, f"invalid JSON: {e.msg} at column {e.colno}", text, "invalid_json")
+        except ValueError as e:  # an integer longer than sys.get_int_max_str_digits() (4,300 by default)
+            return Rejection(path, number, None, f"a number Python cannot read: {e}", text, "number_too_long")
         except RecursionError:
             return Rejection(path, number, None, "JSON nested too deeply to parse (Python's recursion limit)", text,
                              "too_deep")
@@ -200,9 +224,23 @@ def _has_lone_surrogate(obj: Any) -> bool:
     return False
 
 
-def read_records(path: str | Path, *, format: str = "auto", field_messages: str = "messages",
-                 field_instruction: str = "instruction", field_input: str = "input", field_output: str = "output",
-                 source_index: int = 0, hasher: Any = None) -> RecordReader:
-    """Records and rejections of one JSONL file, in line order (see the module docstring)."""
-    fields = Fields(field_messages, field_instruction, field_input, field_output)
-    return RecordReader(path, format, fields, source_index, hasher=hasher)
+STDIN = "-"  # as an input path: read standard input
+
+
+def _open_input(path: str | Path):
+    """A file, a FIFO, or `-` (standard input, left open when done)."""
+    if str(path) == STDIN:
+        return contextlib.nullcontext(sys.stdin.buffer)
+    return open(path, "rb")
+
+
+def read_records(path: str | Path, *, format: str = "auto", fields: Fields | None = None, source_index: int = 0,
+                 hasher: Any = None, **field_options: str) -> RecordReader:
+    """Records and rejections of one JSONL file (or FIFO, or `-` for stdin), in line order (see the module docstring).
+
+    Field names come as `fields=Fields(...)` or as training-hub's options (`field_messages="conversation"`, ...).
+    """
+    unknown = set(field_options) - set(Fields.option_names())
+    if unknown:
+        raise TypeError(f"read_records() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+    return RecordReader(path, format, fields or Fields.from_options(field_options), source_index, hasher=hasher)

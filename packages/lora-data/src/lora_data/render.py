@@ -155,18 +155,3 @@ def _match_content(text: str, pos: int, content: str, following: str) -> int | N
         if text.startswith(candidate, pos) and text.startswith(following, end):
             return end
     return None
-
-
-def render(record_or_messages: Any, tokenizer: Any, *, train_on_inputs: bool = False):
-    """Convenience: one record (or message list) → (input_ids, loss_mask) lists, via the same path as `prepare`.
-
-    >>> ids, mask = render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], tok)  # doctest: +SKIP
-    >>> tok.decode([i for i, m in zip(ids, mask) if m])                                                          # doctest: +SKIP
-    'Yo<|im_end|>'
-    """
-    from .tokenize import Encoder
-
-    messages = getattr(record_or_messages, "messages", record_or_messages)
-    rendered = Renderer(tokenizer, train_on_inputs=train_on_inputs).render(messages)
-    ids, mask = Encoder(tokenizer).encode([rendered])
-    return ids[0].tolist(), mask[0].tolist()

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import ShardError
-from .manifest import FORMAT_VERSION, Manifest, fsync_dir
+from .manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, fsync_dir
 
 MAGIC = b"LORASHD\0"
 ALIGN = 64
@@ -84,7 +84,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 class ShardWriter:
     """Accumulate rows and write `rows_per_shard` rows per file (temp name, fsync, rename: never a half shard).
 
-    >>> w = ShardWriter(tmp, seq_len=5, pad_id=0)                          # doctest: +SKIP
+    >>> import tempfile
+    >>> w = ShardWriter(tempfile.mkdtemp(), seq_len=5, pad_id=0)
     >>> w.add_row([4, 5, 6, 9], [0, 1, 1, 1], seq_lens=[3, 1], sample_ids=[0, 7])
     >>> [s.rows for s in w.close()]
     [1]
@@ -228,8 +229,14 @@ class ShardReader:
     file's size; each file's sha256 (when `verify`, the default); each shard header against the manifest; the segment
     tables. Any failure raises ShardError naming the file.
 
-    >>> r = ShardReader(out_dir)          # doctest: +SKIP
-    >>> len(r), r.seq_len, r[0].seq_lens  # rows, row length, the packed samples' lengths of row 0
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> w = ShardWriter(d, seq_len=5, pad_id=0)
+    >>> w.add_row([4, 5, 6, 9], [0, 1, 1, 1], seq_lens=[3, 1])
+    >>> _ = Manifest(seq_len=5, pad_id=0, shards=[s.to_dict() for s in w.close()]).save(d)
+    >>> r = ShardReader(d)
+    >>> len(r), r.seq_len, r[0].input_ids.tolist(), r[0].seq_lens.tolist()  # rows, row length, row 0, its samples
+    (1, 5, [4, 5, 6, 9, 0], [3, 1])
     """
 
     def __init__(self, out_dir: str | Path, *, verify: bool = True) -> None:
@@ -237,7 +244,7 @@ class ShardReader:
         self.manifest = Manifest.load(self.dir)
         self._shards = [self._open(i, entry, verify) for i, entry in enumerate(self.manifest.shards)]
         self._starts = np.cumsum([0] + [len(s["seg_offsets"]) - 1 for s in self._shards])
-        self.manifest.verify_checksum(self.dir / "manifest.json")  # last: the specific checks above explain better
+        self.manifest.verify_checksum(self.dir / MANIFEST_NAME)  # last: the specific checks above explain better
 
     @property
     def seq_len(self) -> int:
@@ -273,7 +280,7 @@ class ShardReader:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def _open(self, index: int, entry: dict, verify: bool) -> dict[str, np.ndarray]:
-        mpath = self.dir / "manifest.json"
+        mpath = self.dir / MANIFEST_NAME
         name = entry.get("file") if isinstance(entry, dict) else None
         if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
             raise ShardError(f"shard name {name!r} is not a plain file name inside the directory", path=mpath,

@@ -11,8 +11,6 @@ normalizer changed the text; byte counts disagree) and tokenizers of other kinds
     text   <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nYo<|im_end|>\\n
     span                                                          [Yo<|im_end|>]
     mask   0           0   0 0 0         0 0           0        0 1  1         0
-
-`chunk_frame` gives the per-record table of a chunk as a polars frame (sample_id, length, loss_tokens).
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
-from .render import Rendered
+from .render import Rendered, Renderer
 
 
 def _byte_spans(r: Rendered) -> list[tuple[int, int]]:
@@ -139,12 +137,14 @@ class Encoder:
         return np.split(ids, cuts), np.split(mask, cuts)
 
 
-def chunk_frame(sample_ids: Sequence[int], mask: np.ndarray, lengths: np.ndarray):
-    """The per-record table of one encoded chunk: sample_id, offset (into the flat arrays), length, loss_tokens."""
-    import polars as pl
+def render(record_or_messages: Any, tokenizer: Any, *, train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
+    """One record (or message list) → (input_ids, loss_mask) lists, via the same path as `prepare`.
 
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    loss = np.add.reduceat(mask.astype(np.int64), offsets) if len(mask) else np.zeros(len(lengths), np.int64)
-    loss = np.where(lengths > 0, loss, 0)
-    return pl.DataFrame({"sample_id": np.asarray(sample_ids, dtype=np.uint64), "offset": offsets,
-                         "length": lengths.astype(np.int64), "loss_tokens": loss.astype(np.int64)})
+    >>> ids, mask = render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], tok)  # doctest: +SKIP
+    >>> tok.decode([i for i, m in zip(ids, mask) if m])                                                          # doctest: +SKIP
+    'Yo<|im_end|>'
+    """
+    messages = getattr(record_or_messages, "messages", record_or_messages)
+    rendered = Renderer(tokenizer, train_on_inputs=train_on_inputs).render(messages)
+    ids, mask = Encoder(tokenizer).encode([rendered])
+    return ids[0].tolist(), mask[0].tolist()

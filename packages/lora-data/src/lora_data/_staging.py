@@ -1,0 +1,122 @@
+"""Where `prepare` writes: a new shard set is built beside the old one and swapped in at the end.
+
+    OUT/.lora-data-staging/   shard-00000.bin ... rejects.jsonl, spill files   (written by this run)
+    commit: shards moved into OUT under names no file there has → rejects.jsonl → manifest.json (the commit point)
+            → the files the old manifest listed (and only those) removed → the staging dir removed
+
+Until `manifest.json` is replaced, OUT still holds the old set, whole and readable: a failed or killed run changes
+nothing a reader sees. `prepare` removes only files that a checksummed lora-data manifest in OUT lists, never a
+user's file, and refuses an input that is one of its output files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .errors import DataError
+from .locks import LOCK_NAME
+from .manifest import MANIFEST_NAME, Manifest, fsync_dir
+
+STAGING_NAME = ".lora-data-staging"
+REJECTS_NAME = "rejects.jsonl"
+SPILL_NAME = "spill"  # token ids / masks of the tokenize stage, inside the staging dir
+_OUR_SHARD = re.compile(r"^shard(-[a-z])?-\d{5}\.bin$")
+_PREFIXES = ("shard", *(f"shard-{c}" for c in "bcdefgh"))
+
+
+class Staging:
+    """The staging dir of output dir `out` (the caller holds `out`'s lock)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.dir = out / STAGING_NAME
+
+    @property
+    def rejects(self) -> Path:
+        return self.dir / REJECTS_NAME
+
+    def refuse_inputs(self, paths: list[Path]) -> None:
+        """DataError if an input is one of the files a run writes or replaces (same inode, whatever the path)."""
+        if not self.out.is_dir():
+            return
+        outputs = {_inode(self.out / n) for n in (MANIFEST_NAME, REJECTS_NAME, LOCK_NAME)}
+        outputs |= {_inode(p) for p in self.out.iterdir() if _OUR_SHARD.match(p.name)}
+        if self.dir.is_dir():
+            outputs |= {_inode(p) for p in self.dir.rglob("*")}
+        for p in paths:
+            if str(p) != "-" and _inode(p) in outputs - {None}:
+                raise DataError(f"is an output of this prepare (in {self.out}); it would be replaced while being "
+                                "read: copy it elsewhere or choose another output directory", path=p)
+
+    def begin(self) -> None:
+        """Undo a dead run's half-done commit (files its journal moved in, not in the live manifest), then start clean."""
+        if self.dir.exists():
+            journal = _our_manifest(self.dir)
+            live = _our_manifest(self.out)
+            keep = {s["file"] for s in live.shards} if live else set()
+            for name in {s["file"] for s in journal.shards} if journal else set():
+                if name not in keep and _OUR_SHARD.match(name):
+                    (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+
+    def commit(self, manifest: Manifest) -> None:
+        """Swap the staged set in (see the module docstring); `manifest.shards` name the staged files."""
+        old = _our_manifest(self.out)
+        staged = [s["file"] for s in manifest.shards]
+        names = self._free_names(len(staged))
+        for entry, name in zip(manifest.shards, names, strict=True):
+            entry["file"] = name
+        manifest.save(self.dir)  # the journal: what this commit moves into OUT (read by `begin` after a crash)
+        try:
+            for src, name in zip(staged, names, strict=True):
+                os.replace(self.dir / src, self.out / name)
+            os.replace(self.rejects, self.out / REJECTS_NAME)
+            os.replace(self.dir / MANIFEST_NAME, self.out / MANIFEST_NAME)
+        except BaseException:
+            for name in names:  # not committed: OUT keeps only what it had
+                (self.out / name).unlink(missing_ok=True)
+            raise
+        fsync_dir(self.out)
+        for entry in old.shards if old else ():
+            name = entry.get("file")
+            if isinstance(name, str) and _OUR_SHARD.match(name) and name not in names:
+                (self.out / name).unlink(missing_ok=True)
+        self.discard()
+
+    def keep_rejects(self) -> None:
+        """After a failed run (e.g. --strict), leave its rejects.jsonl in OUT for the user to read."""
+        if self.rejects.exists():
+            os.replace(self.rejects, self.out / REJECTS_NAME)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _free_names(self, n: int) -> list[str]:
+        for prefix in _PREFIXES:
+            names = [f"{prefix}-{i:05d}.bin" for i in range(n)]
+            if not any(os.path.lexists(self.out / name) for name in names):
+                return names
+        raise DataError(f"every shard file name lora-data uses is taken in {self.out}; prepare into an empty "
+                        "directory")
+
+
+def _inode(p: Path) -> tuple[int, int] | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _our_manifest(d: Path) -> Manifest | None:
+    """The manifest in `d` if lora-data wrote it (loads, and its checksum holds); None otherwise."""
+    try:
+        m = Manifest.load(d)
+        m.verify_checksum()
+    except DataError:
+        return None
+    return m if m.created_by.startswith("lora-data") else None

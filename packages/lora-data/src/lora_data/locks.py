@@ -1,0 +1,78 @@
+"""`locked(dir, what=...)`: one writer per directory at a time, across processes.
+
+An advisory `fcntl.flock` on `dir/.lock`, held by the live process: the OS drops it when the process dies (SIGKILL
+included), so a crash never leaves a stale lock behind. The file keeps the holder's pid and purpose, so the second
+process is told who is in the way. Re-entrant within a process (the runtime may hold a cache entry's lock and call
+`prepare` into it).
+
+>>> import tempfile
+>>> d = tempfile.mkdtemp()
+>>> with locked(d, what="prepare"):
+...     with locked(d, what="prepare"):  # the same process may enter again
+...         pass
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import DataError
+
+LOCK_NAME = ".lock"
+
+_held: dict[str, list] = {}  # resolved dir → [open lock file, depth]
+_guard = threading.Lock()
+
+
+class LockedError(DataError):
+    """Another live process holds the directory's lock; the message names it (pid, what it is doing)."""
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, *, what: str = "lora-data") -> Iterator[Path]:
+    """Hold `path`'s lock (creating `path` if needed) for the `with` body; LockedError at once if another holds it."""
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    key = str(d.resolve())
+    with _guard:
+        if key in _held:
+            _held[key][1] += 1
+            entry = _held[key]
+        else:
+            entry = [_acquire(d, what), 1]
+            _held[key] = entry
+    try:
+        yield d
+    finally:
+        with _guard:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held[key]
+                entry[0].close()  # closing the descriptor releases the flock
+
+
+def _acquire(d: Path, what: str):
+    lock_path = d / LOCK_NAME
+    fh = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while the lock is held
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise LockedError(f"in use by {holder}; wait for it to finish or use another directory (lock file "
+                          f"{lock_path})", path=d) from None
+    except OSError:
+        fh.close()
+        raise
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} ({what}: {' '.join(sys.argv[:1] + sys.argv[1:4])})")
+    fh.flush()
+    return fh
