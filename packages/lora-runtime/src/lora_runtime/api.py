@@ -47,7 +47,7 @@ def lora_sft(
     bf16: bool = True, fp16: bool = False, tf32: bool | None = None, load_in_4bit: bool = False,
     load_in_8bit: bool = False, bnb_4bit_quant_type: str | None = None, bnb_4bit_compute_dtype: str | None = None,
     bnb_4bit_use_double_quant: bool | None = None, flash_attention: bool | None = None,
-    gradient_checkpointing: bool | str = "auto", enable_model_splitting: bool = False,
+    gradient_checkpointing: bool | str = "auto", enable_model_splitting: bool = False, sharding: str = "auto",
     trust_remote_code: bool = False, finetune_vision_layers: bool = False, finetune_language_layers: bool = True,
     save_steps: int = 500, save_total_limit: int | None = 3, resume: bool = True, save_model: bool = True,
     save_merged: bool = False, eval_steps: int = 500, logging_steps: int = 1,
@@ -70,10 +70,13 @@ def lora_sft(
     from lora_runtime.data import ensure_shards, open_datasets
     from lora_runtime.distributed import check_launch
     from lora_runtime.loop import train
+    from lora_runtime.sharding import resolve_sharding
 
     check_launch(config)
     shards = ensure_shards(config)
-    backend_impl, reason = select_backend(config.backend, splitting=config.enable_model_splitting)
+    config = resolve_sharding(config)
+    backend_impl, reason = select_backend(config.backend, splitting=config.enable_model_splitting,
+                                          sharding=config.sharding)
     config = resolve(config, backend_impl, rows=shards.manifest.rows)
     train_data, eval_data = open_datasets(config, shards)
     return train(config, backend_impl, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)

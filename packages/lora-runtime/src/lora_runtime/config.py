@@ -116,6 +116,9 @@ class LoraSftConfig:
     gradient_checkpointing: bool | str = _f("auto", "recompute activations; auto = on for CUDA, off on CPU",
                                             ["auto", True, False])
     enable_model_splitting: bool = _f(False, "split one model across the visible GPUs (device_map='balanced')")
+    sharding: str = _f("auto", "ddp: a full replica per GPU; fsdp: FSDP2 shards of weights, LoRA and optimizer state "
+                       "per decoder layer; auto = fsdp when the bf16 base does not fit one GPU",
+                       ["auto", "ddp", "fsdp"])
     trust_remote_code: bool = _f(False, "allow model code from the hub repo")
     finetune_vision_layers: bool = _f(False, "VLM only (not supported yet: must stay False)")
     finetune_language_layers: bool = _f(True, "VLM only: adapt the language layers (must stay True)")
@@ -303,12 +306,31 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
     if cfg.enable_model_splitting and (cfg.nproc_per_node or 1) * (cfg.nnodes or 1) > 1:
         issues.append("`enable_model_splitting` runs one process over all GPUs; it cannot be combined with "
                       f"nproc_per_node={cfg.nproc_per_node} / nnodes={cfg.nnodes}")
+    if cfg.sharding == "fsdp":
+        issues += _fsdp_issues(cfg)
     if cfg.node_rank is not None and not 0 <= cfg.node_rank < (cfg.nnodes or 1):
         issues.append(f"`node_rank` must be in [0, nnodes={cfg.nnodes or 1}), got {cfg.node_rank}")
     if (cfg.nnodes or 1) > 1 and not (cfg.rdzv_endpoint or cfg.master_addr):
         issues.append(f"nnodes={cfg.nnodes} needs `rdzv_endpoint` (host:port) or `master_addr` to meet the other nodes")
     if cfg.master_port is not None and not 0 < cfg.master_port < 65536:
         issues.append(f"`master_port` must be in 1..65535, got {cfg.master_port}")
+    return issues
+
+
+def _fsdp_issues(cfg: LoraSftConfig) -> list[str]:
+    """What sharding="fsdp" cannot combine with, each with the way out."""
+    issues = []
+    if cfg.enable_model_splitting:
+        issues.append("sharding='fsdp' and enable_model_splitting are two ways to spread a model over GPUs; pick one "
+                      "(fsdp keeps every GPU busy; splitting runs one process)")
+    if cfg.backend == "unsloth":
+        issues.append("sharding='fsdp' runs with backend='peft' only (Unsloth patches the model in ways FSDP2 is not "
+                      "tested with); pass backend='peft' or 'auto', or sharding='ddp' to keep Unsloth")
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        issues.append("sharding='fsdp' cannot shard bitsandbytes 4/8-bit weights (FSDP2 has no support for their "
+                      "packed storage and quant state, and bitsandbytes has no CPU kernels to test it on): pass "
+                      "sharding='ddp' to train QLoRA replicas, or enable_model_splitting=True (one process over the "
+                      "GPUs), or drop load_in_4bit/load_in_8bit to shard a bf16 base with fsdp")
     return issues
 
 

@@ -107,7 +107,9 @@ class PackedShardDataset(IterableDataset):
         return {"epoch": self.epoch, "offset": self.offset, **self._identity()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at `state`; refuses a state recorded with other data, seed or batch layout (the order would differ)."""
+        """Resume at `state`; refuses a state recorded with other data, seed or batch layout (the order would differ).
+        Another world size with the same rows per optimizer step reads the same rows each step: offsets rescale."""
+        state = _rescaled(state, self.world_size, self.micro_batch_size * self.grad_accum)
         diff = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
@@ -122,6 +124,18 @@ class PackedShardDataset(IterableDataset):
         # The order depends on micro x accum, not on each: an OOM'd run may resume with micro halved, accum doubled.
         return {"rows": len(self.reader), "seed": self.seed, "shuffle": int(self.shuffle), "world_size": self.world_size,
                 "rows_per_rank_step": self.micro_batch_size * self.grad_accum}
+
+
+def _rescaled(state: dict[str, int], world: int, rows_per_rank_step: int) -> dict[str, int]:
+    """`state` as a run of `world` ranks would have written it, when both read the same rows per optimizer step
+    (2 ranks x 2 rows at offset 6 == 1 rank x 4 rows at offset 12); else unchanged (load_state_dict refuses it)."""
+    old_world, old_rows = state.get("world_size"), state.get("rows_per_rank_step")
+    if not old_world or not old_rows or old_world == world or old_world * old_rows != world * rows_per_rank_step:
+        return state
+    steps, rest = divmod(int(state["offset"]), old_rows)
+    if rest:  # a step boundary is where every checkpoint is taken; anything else is not ours to reinterpret
+        return state
+    return {**state, "world_size": world, "rows_per_rank_step": rows_per_rank_step, "offset": steps * rows_per_rank_step}
 
 
 class EpochDataLoader(DataLoader):

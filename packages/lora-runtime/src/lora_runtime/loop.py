@@ -62,6 +62,10 @@ def train(config: LoraSftConfig, backend: Backend, dataset: PackedShardDataset,
     model, tokenizer = backend.load(config)
     model = backend.add_lora(model, config)
     precision = decide_precision(config)
+    if config.sharding == "fsdp":
+        from lora_runtime.sharding import shard_model
+
+        model = shard_model(model, precision)
     log_plan(config, backend, backend_reason, dataset, manifest, precision)
     resume_step = None
     if resume_from is not None:
@@ -163,9 +167,16 @@ def finish(config: LoraSftConfig, backend: Backend, trainer: Any, tokenizer: Any
                "merge is written; the same call resumes from the newest checkpoint")
     adapter_dir = out if config.save_model and not stopped else None
     merged_dir = plot = None
+    from lora_runtime import sharding
+
+    sharded = sharding.is_sharded(trainer.model)
+    trainable = sharding.gather_trainable(trainer.model) if sharded and adapter_dir is not None else None
     if dist_env().is_main:
         if adapter_dir is not None:
-            backend.save_adapter(trainer.model, out)
+            if sharded:
+                sharding.save_adapter(trainer.model, out, trainable)
+            else:
+                backend.save_adapter(trainer.model, out)
             checkpoint.seal(out, checkpoint.ADAPTER_FILES)
             tokenizer.save_pretrained(out)
         micro, accum, effective = config.batch_plan(dist_env().world_size)

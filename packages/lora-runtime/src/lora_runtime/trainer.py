@@ -14,6 +14,8 @@ Overrides, each small:
   removes the staging dir and raises CheckpointError saying which complete checkpoint is still intact.
 - `training_step`: an out-of-memory error names the knobs that fix it (micro_batch_size, max_seq_len, load_in_4bit).
 - `train`: resuming from the run's last step (killed after its final checkpoint) trains no extra step.
+- with sharding="fsdp", checkpoints gather the LoRA weights and optimizer state to rank 0 and resume loads them into
+  the shards (`lora_runtime.sharding`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 from transformers import Trainer
 
-from lora_runtime import checkpoint
+from lora_runtime import checkpoint, sharding
 from lora_runtime.collate import collate_packed
 from lora_runtime.config import LoraSftConfig, redacted
 from lora_runtime.dataset import EpochDataLoader
@@ -107,9 +109,16 @@ class PackedTrainer(Trainer):
             return None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        if sharding.is_sharded(self.model):
+            return sharding.load_adapter(self.model, resume_from_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """On the CPU under gloo, transformers maps the optimizer state to args.device ("cpu:0"), a location
         torch.load cannot restore to; let "cpu:<n>" mean the CPU. (Found by lora-cli's SIGTERM-then-resume test.)"""
+        if checkpoint and sharding.is_sharded(self.model):
+            return sharding.load_optimizer(self.model, self.optimizer, self.lr_scheduler, checkpoint)
         if checkpoint and self.args.world_size > 1 and self.args.device.type == "cpu":
             _allow_indexed_cpu_locations()
         return super()._load_optimizer_and_scheduler(checkpoint)
@@ -175,7 +184,7 @@ class PackedTrainer(Trainer):
         if not isinstance(model, PeftModel):
             return super()._save(output_dir, state_dict)
         out = output_dir or self.args.output_dir
-        model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(out)
         return None
@@ -204,8 +213,14 @@ class PackedTrainer(Trainer):
         barrier()
         tmp = root / f".tmp-checkpoint-{step}"
         self.store_flos()
-        self.save_model(str(tmp), _internal_call=True)
-        self._save_optimizer_and_scheduler(str(tmp))
+        if sharding.is_sharded(self.model):  # every rank gathers the LoRA weights and AdamW state; rank 0 writes them
+            trainable = sharding.gather_trainable(self.model)
+            if self.args.should_save:
+                self._save(str(tmp), state_dict=trainable)
+            sharding.save_optimizer(self.model, self.optimizer, self.lr_scheduler, tmp)
+        else:
+            self.save_model(str(tmp), _internal_call=True)
+            self._save_optimizer_and_scheduler(str(tmp))
         self._save_scaler(str(tmp))
         self._save_rng_state(str(tmp))
         if self.args.should_save:

@@ -43,8 +43,9 @@ def _probe_env() -> dict[str, str]:
     return env
 
 
-def select_backend(name: str = "auto", *, splitting: bool = False) -> tuple[Backend, str]:
-    """The backend object and a one-line reason for choosing it (`splitting`: enable_model_splitting is on)."""
+def select_backend(name: str = "auto", *, splitting: bool = False, sharding: str = "ddp") -> tuple[Backend, str]:
+    """The backend object and a one-line reason for choosing it (`splitting`: enable_model_splitting is on;
+    `sharding`: the resolved "ddp" | "fsdp")."""
     if name not in ("auto", "unsloth", "peft"):
         raise ValueError(f"backend must be one of auto, unsloth, peft; got {name!r}")
     if name == "peft":
@@ -59,6 +60,8 @@ def select_backend(name: str = "auto", *, splitting: bool = False) -> tuple[Back
         return _unsloth(), "backend='unsloth' requested"
     if not cuda:
         return _peft(), "auto: no CUDA device, so transformers+PEFT"
+    if sharding == "fsdp":
+        return _peft(), "auto: sharding='fsdp' runs with transformers+PEFT (Unsloth's patched models are not FSDP2-tested)"
     if splitting:
         return _peft(), ("auto: enable_model_splitting (accelerate's device map over the GPUs) is measured with "
                          "transformers+PEFT only")

@@ -69,7 +69,7 @@ class PeftBackend:
         device_map: Any = None
         if config.enable_model_splitting:
             device_map = "balanced"
-        elif cuda:
+        elif cuda and config.sharding != "fsdp":  # fsdp: loaded on the CPU, fully_shard moves each GPU its shards
             device_map = {"": dist_env().local_rank}
         attn = attn_implementation(config)
         dtype = torch.bfloat16 if cuda and config.bf16 and torch.cuda.is_bf16_supported() else torch.float32
