@@ -71,6 +71,12 @@ def build_model(shape: str, out_dir: str | Path, tokenizer_dir: str | Path) -> P
     out = Path(out_dir)
     if (out / "config.json").exists():
         return out
+    if shape == "llama8b" and torch.cuda.is_available():  # 16 GB: drawn on the GPUs, written by threads (split.py)
+        from benchmarks.gpu import split
+
+        cfg = split.llama_config(shape, Path(tokenizer_dir))
+        split.write_checkpoint(out, cfg, Path(tokenizer_dir), [f"cuda:{i}" for i in range(torch.cuda.device_count())])
+        return out
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     spec = dict(SHAPES[shape])
     arch = spec.pop("arch")
@@ -155,6 +161,7 @@ class StepMeter:
     tokens: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     t_start: float = 0.0
+    first_step_unix: float | None = None  # wall clock of the first optimizer step: start-up = this - process start
 
     def start(self) -> None:
         sync()
@@ -163,6 +170,8 @@ class StepMeter:
     def step(self, n_tokens: int, loss: float | None = None) -> None:
         sync()
         self.marks.append(time.perf_counter())
+        if self.first_step_unix is None:
+            self.first_step_unix = time.time()
         self.tokens.append(int(n_tokens))
         if loss is not None:
             self.losses.append(float(loss))
@@ -170,7 +179,7 @@ class StepMeter:
     def summary(self) -> dict:
         w = self.warmup
         if len(self.marks) <= w + 1:
-            return {"error": f"only {len(self.marks)} steps, need > {w + 1}"}
+            return {"error": f"only {len(self.marks)} steps, need > {w + 1}", "first_step_unix": self.first_step_unix}
         steady_s = self.marks[-1] - self.marks[w]
         steady_tok = sum(self.tokens[w + 1 :])
         step_s = [b - a for a, b in zip(self.marks[w:], self.marks[w + 1 :], strict=False)]
@@ -180,6 +189,7 @@ class StepMeter:
             "step_s_median": sorted(step_s)[len(step_s) // 2],
             "tokens_per_step": steady_tok / (len(self.marks) - w - 1),
             "first_step_s": self.marks[0] - self.t_start,
+            "first_step_unix": self.first_step_unix,
             "warmup_s": self.marks[w] - self.t_start,
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last": self.losses[-1] if self.losses else None,
@@ -198,11 +208,32 @@ def versions() -> dict:
 
 
 def card() -> str:
+    if "torch" not in sys.modules:  # a process that failed before importing torch: do not pay for it now
+        from benchmarks.gpu.rows import card as smi_card
+
+        return smi_card()
     import torch
 
     if not torch.cuda.is_available():
         return "cpu"
     return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+
+
+def cap_memory(budget_gib: float | None) -> float | None:
+    """Cap this process's CUDA caching allocator at `budget_gib` (None: the whole card); returns the fraction set.
+
+    `torch.cuda.set_per_process_memory_fraction` makes any allocation past the cap raise an out-of-memory error, so
+    a run measured under a budget cannot have used more. No-op without CUDA.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    fraction = 1.0 if budget_gib is None else min(1.0, budget_gib * 1024**3 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return fraction
 
 
 def memory() -> dict:

@@ -1,4 +1,5 @@
-# Sourced by the call scripts on the device: carried wheels, our packages as source, offline and NCCL-safe settings.
+# Sourced by run.sh on the device: the carried wheels (.whl/) installed into /tmp/site, our packages as source,
+# offline and NCCL-safe settings.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD:$PWD/packages/lora-data/src:$PWD/packages/lora-runtime/src:$PWD/packages/lora-cli/src

@@ -3,13 +3,15 @@ variants run one after another in one process (the peer first, so compilation la
 
     python -m benchmarks.gpu.loops MODEL RECORDS OUT [--4bit] [--variants rows8_gc,packed8_gc,...]
 
-Variant names: <layout><micro><gc>[_varlen]
+Variant names: <layout>[fit]<micro><gc>[_varlen][_b<GiB>]
   rows8     8 packed rows of 2048 as a [8, 2048] batch, plain causal attention over each row (what a naive hand loop
             does: samples in a row see each other), pads masked out of the loss only.  = the peer
   packed8   the same 8 rows flattened to [1, 16384] with `packed_seq_lengths` + position ids reset per sample:
             padding-free varlen attention, no cross-sample attention (pad tails are their own segments).
   packed16  16 rows a step ([1, 32768]).
   gc / nogc gradient checkpointing ("unsloth" offloaded) on / off (switched with FastLanguageModel.for_training).
+  fit16     the largest micro batch of 16, 8, 4, 2, 1 that runs a step under the cap (with _b<GiB>).
+  _b24      the process capped at 24 GiB (torch.cuda.set_per_process_memory_fraction) for this variant.
   _varlen   torch 2.11's varlen_attn lacks enable_gqa, so Unsloth runs SDPA once per run of equal-length samples;
             this routes packed attention to aten's flash varlen kernel (GQA native) instead.
 Loss: Unsloth's own fused chunked cross-entropy (labels passed, logits never materialised). AdamW fused, lr 2e-4.
@@ -133,30 +135,77 @@ def check_packed_isolation(model) -> dict:
     return {"packed_gap": gap, "contaminated_gap": contaminated, "isolated": gap < 0.1 * contaminated}
 
 
+def parse_variant(name: str) -> dict:
+    """`rows8_gc` → rows layout, micro 8, checkpointing on; `rowsfit16_gc_b24` → the largest micro of 16, 8, 4, 2, 1
+    that completes a step under a 24 GiB cap (the process capped with set_per_process_memory_fraction).
+
+    >>> parse_variant("rowsfit16_gc_b24")
+    {'layout': 'rows', 'micro': 16, 'fit': True, 'gc': True, 'budget_gib': 24.0}
+    """
+    head, *rest = name.split("_")
+    budget = [p for p in rest if p.startswith("b") and p[1:].replace(".", "").isdigit()]
+    return {"layout": "rows" if head.startswith("rows") else "packed",
+            "micro": int("".join(c for c in head if c.isdigit())), "fit": "fit" in head, "gc": "gc" in rest,
+            "budget_gib": float(budget[0][1:]) if budget else None}
+
+
+def _one_step(model, opt, batches) -> tuple[int, object]:
+    kw, real = next(batches)
+    loss = model(**kw).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return real, loss
+
+
+def _largest_micro_that_fits(model, opt, data, layout: str, top: int) -> tuple[int, list[str]]:
+    """Try one step at micro `top`, top/2, ... 1 under the current cap; the first that runs is the answer."""
+    import torch
+
+    ids, lens, pad_id = data
+    tried = []
+    micro = top
+    while micro >= 1:
+        try:
+            _one_step(model, opt, make_batches(ids, lens, micro, layout, pad_id))
+            common.sync()
+            return micro, tried
+        except torch.OutOfMemoryError:
+            tried.append(f"micro {micro}: out of memory")
+            opt.zero_grad(set_to_none=True)
+            _gc.collect()
+            torch.cuda.empty_cache()
+            micro //= 2
+    raise RuntimeError("no micro batch fits the budget: " + "; ".join(tried))
+
+
 def run_variant(model, opt, data, name: str, steps: int, warmup: int) -> dict:
     import torch
     from unsloth import FastLanguageModel
 
-    layout = "rows" if name.startswith("rows") else "packed"
-    micro = int("".join(c for c in name.split("_")[0] if c.isdigit()))
-    use_gc = "_gc" in name
-    FastLanguageModel.for_training(model, use_gradient_checkpointing="unsloth" if use_gc else False)
+    v = parse_variant(name)
+    FastLanguageModel.for_training(model, use_gradient_checkpointing="unsloth" if v["gc"] else False)
+    fraction = common.cap_memory(v["budget_gib"])
     ids, lens, pad_id = data
-    batches = make_batches(ids, lens, micro, layout, pad_id)
     _gc.collect()
     if DEV == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    micro, tried = v["micro"], []
+    t_probe = time.perf_counter()
+    if v["fit"]:
+        micro, tried = _largest_micro_that_fits(model, opt, data, v["layout"], v["micro"])
+    probe_s = time.perf_counter() - t_probe
+    batches = make_batches(ids, lens, micro, v["layout"], pad_id)
     meter = common.StepMeter(warmup=warmup)
     meter.start()
     for _ in range(steps):
-        kw, real = next(batches)
-        loss = model(**kw).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        real, loss = _one_step(model, opt, batches)
         meter.step(real, loss.detach())
-    out = {"variant": name, "layout": layout, "micro_batch": micro, "gradient_checkpointing": use_gc}
+    out = {"variant": name, "layout": v["layout"], "micro_batch": micro, "gradient_checkpointing": v["gc"],
+           "budget_gib": v["budget_gib"], "memory_fraction": fraction}
+    if v["fit"]:
+        out.update(fit_probe_s=probe_s, fit_tried=tried)
     out.update(meter.summary())
     out.update(common.memory())
     return out
@@ -179,6 +228,13 @@ def main() -> None:
     global SEQ_LEN
     SEQ_LEN = a.seq_len
     t0 = time.perf_counter()
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None:  # a peer that cannot run is a row with the reason
+        for name in a.variants.split(","):
+            common.write_result(a.out, f"loop_{name}", {"variant": name, "shape": a.shape,
+                                                        "error": "ModuleNotFoundError: no module 'unsloth'"})
+        return
     import torch
 
     global DEV

@@ -40,11 +40,11 @@ def records(n: int = N_RECORDS, seed: int = SEED) -> list[dict]:
     return out
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, n: int = N_RECORDS) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _tiny.build_tokenizer(out / "tok", template="chatml")
-    recs = records()
+    recs = records(n)
     with (out / "records.jsonl").open("w") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")

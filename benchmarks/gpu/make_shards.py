@@ -29,12 +29,12 @@ def tokenizer_dir(out: Path, shape: str) -> Path:
     return d
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, shapes=(("qwen1.5b", 2048), ("llama8b", 8192))) -> None:
     import lora_data
     from transformers import AutoTokenizer
 
     out = Path(out_dir)
-    for shape, seq_len in (("qwen1.5b", 2048), ("llama8b", 8192)):
+    for shape, seq_len in shapes:
         tok_dir = tokenizer_dir(out, shape)
         tok = AutoTokenizer.from_pretrained(tok_dir)
         m = lora_data.prepare(out / "records.jsonl", out / f"shards_{shape}_{seq_len}", tok, max_seq_len=seq_len,

@@ -2,8 +2,10 @@
 
     python -m benchmarks.gpu.ours MODEL SHARDS OUT --runs unsloth_auto_mb8,unsloth_gc_mb8 [--steps 20]
 
-Run names: <backend>_<gc>_mb<micro|auto>[_q4] (mbauto with gc auto = the usage guide's literal call); backend unsloth | peft (never both in one process: importing unsloth
-patches transformers); gc auto | gc (forced on) | nogc. Everything else is lora_sft's defaults as training-hub's
+Run names: <backend>_<gc>_mb<micro|auto>[_q4][_notf32][_b<GiB>] (mbauto with gc auto = the usage guide's literal
+call); backend unsloth | peft (never both in one process: importing unsloth patches transformers); gc auto | gc
+(forced on) | nogc; _b16 = a 16 GiB budget: `max_memory_gib=16` and the process capped at 16 GiB
+(`torch.cuda.set_per_process_memory_fraction`), so the run cannot use more. Everything else is lora_sft's defaults as training-hub's
 (lr 2e-4 linear, warmup 10, weight decay 0.01, clip 0.3, logging every step), LoRA r=16 alpha=32 on all linear
 projections. A TrainerCallback marks each logged step (device synchronised) with the trainer's own real-token count.
 """
@@ -51,6 +53,9 @@ def parse(name: str) -> dict:
         kw["load_in_4bit"] = True
     if "notf32" in parts[3:]:
         kw["tf32"] = False
+    budget = [p for p in parts[3:] if p.startswith("b") and p[1:].replace(".", "").isdigit()]
+    if budget:
+        kw["max_memory_gib"] = float(budget[0][1:])
     return kw
 
 
@@ -60,6 +65,7 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
 
     meter = common.StepMeter(warmup=warmup)
     kw = parse(name)
+    fraction = common.cap_memory(kw.get("max_memory_gib"))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         result = lora_sft(model_dir, shards, out, lora_r=16, lora_alpha=32, target_modules=common.LORA_TARGETS,
@@ -69,7 +75,7 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
     payload = {"run": name, **{k: v for k, v in kw.items()}, "backend_used": result.backend, "steps": result.steps,
                "final_loss": result.final_loss, "total_s": time.perf_counter() - t0, "seq_len": seq_len,
                "resolved_micro_batch_size": saved["resolved"]["micro_batch_size"],
-               "resolved_gradient_checkpointing": saved["gradient_checkpointing"]}
+               "resolved_gradient_checkpointing": saved["gradient_checkpointing"], "memory_fraction": fraction}
     payload.update(meter.summary())
     payload.update(common.memory())
     del result

@@ -14,6 +14,7 @@ each step really trains on (attention-mask sum, or all ids under padding-free).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import tempfile
 import time
 import traceback
@@ -149,11 +150,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=22)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--shape", default="qwen1.5b")
+    ap.add_argument("--cap-gib", type=float, default=None, help="cap the process's GPU memory (default: whole card)")
     a = ap.parse_args()
+    need = {"th": "training_hub", "unsloth_trl": "unsloth"}.get(a.peer)
+    if need and importlib.util.find_spec(need) is None:  # fail in a second, not after the imports below
+        common.write_result(a.out, a.peer, {"shape": a.shape, "error": f"ModuleNotFoundError: no module {need!r}"})
+        return
+    fraction = common.cap_memory(a.cap_gib)
     meter = common.StepMeter(warmup=a.warmup)
     _instrument(meter, a.steps)
     t0 = time.perf_counter()
-    payload: dict = {"shape": a.shape, "seq_len": SEQ_LEN, "micro_batch": MICRO, "gradient_checkpointing": True}
+    payload: dict = {"shape": a.shape, "seq_len": SEQ_LEN, "micro_batch": MICRO, "gradient_checkpointing": True,
+                     "budget_gib": a.cap_gib, "memory_fraction": fraction}
     try:
         payload.update(RUNS[a.peer](a.model_dir, a.records, a.steps))
         payload.update(meter.summary())

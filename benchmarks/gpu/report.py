@@ -1,50 +1,127 @@
-"""Merge a call's result JSON files into one and print the short table the device reply carries.
+"""RESULTS.md from the results file, and the short table a device call prints last.
 
-    python -m benchmarks.gpu.report RESULTS_DIR [MERGED_JSON]
+    python -m benchmarks.gpu report [--results benchmarks/results.jsonl] [--out benchmarks/RESULTS.md]
 """
 
 from __future__ import annotations
 
-import json
-import sys
+import argparse
 from pathlib import Path
 
+from benchmarks.gpu import rows
 
-def load(res_dir: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(res_dir).glob("*.json"))]
+MD = Path(__file__).resolve().parents[1] / "RESULTS.md"
+STACK = ("torch", "transformers", "peft", "trl", "unsloth", "training-hub", "tokenizers", "polars", "python")
+DETAILS = {  # extra figures shown in the details column, with their format
+    "max_window_gap": "worst 10-step window gap {:.2%}", "scaling_efficiency": "scaling {:.2f}",
+    "loss_max_abs_gap_vs_1gpu": "loss gap vs 1 GPU {:.5f}", "resume_max_abs_gap_after_10": "resume loss gap {:.5f}",
+    "fault_names_rank_1": "dead rank named: {}", "fault_exit_s": "launcher exit {:.0f} s",
+    "fault_resumed_from": "{}", "bf16_matmul_tflops": "bf16 matmul {:.0f} TFLOP/s", "copy_tb_s": "copy {:.2f} TB/s",
+    "peak_alloc_gib_per_gpu": "peak per GPU {}", "speedup_vs_trl": "{:.2f}x TRL's preparation",
+    "packing_efficiency": "packing efficiency {:.4f}", "records": "{} records", "note": "{}",
+}
+OTHER = {
+    "prepare": "CPU data preparation (pytest-benchmark `benchmarks/test_prepare.py`): `lora_data.prepare` against "
+               "TRL SFTTrainer's own preparation of the same generated chat corpus (same template, assistant-only "
+               "mask, best-fit-decreasing packing, rows of 4,096; both produce the same tokens). tokens/s here is "
+               "prepared tokens per second.",
+    "train-step": "One optimizer step of a backend on 8 packed rows x 2048 (pytest-benchmark `benchmarks/"
+                  "test_train.py`), Qwen2.5-1.5B shape.",
+}
 
 
-def table(rows: list[dict]) -> str:
-    ref = {r["name"]: r.get("tokens_per_s") for r in rows}
-    th = ref.get("th")
-    out = ["| run | tok/s | x TH | peak alloc GiB | warm-up s | tok/step | MFU(6N) | note |", "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        tps = r.get("tokens_per_s")
-        ratio = f"{tps / th:.2f}" if tps and th else ""
-        mfu = r.get("mfu_6N", r.get("mfu_matmul"))
-        iso = r.get("isolation") or {}
-        note = (r.get("error") or "")[:90]
-        if iso:
-            note = f"iso gap {iso.get('packed_gap', 0):.1e} vs {iso.get('contaminated_gap', 0):.1e} " + note
-        if r.get("scaling_efficiency"):
-            note += f" scaling eff {r['scaling_efficiency']:.2f} ({r.get('tokens_per_s_per_gpu', 0):,.0f}/GPU)"
-        if r.get("note"):
-            note += " " + r["note"][:80]
-        if r.get("varlen_patch"):
-            note += " " + r["varlen_patch"][:20]
-        out.append(
-            f"| {r['name']} | {tps or 0:,.0f} | {ratio} | {r.get('peak_alloc_gib') or r.get('peak_memory_gib_rank0') or 0:.1f} | "
-            f"{r.get('warmup_s') or 0:.1f} | {r.get('tokens_per_step') or 0:,.0f} | {mfu or 0:.2f} | {note} |"
-        )
+def _num(v, fmt: str = "{:,.0f}") -> str:
+    return "" if v is None else fmt.format(v)
+
+
+def _details(r: dict) -> str:
+    out = []
+    for k, fmt in DETAILS.items():
+        v = r.get(k)
+        if v is None or v == "":
+            continue
+        if isinstance(v, list):
+            v = "/".join(f"{x:.1f}" for x in v)
+        try:
+            out.append(fmt.format(v))
+        except (ValueError, TypeError):
+            out.append(f"{k} {v}")
+    cfg = r.get("config") or {}
+    if isinstance(cfg, dict):
+        picked = {k: v for k, v in cfg.items() if k in ("resolved_micro_batch_size", "resolved_gradient_checkpointing",
+                                                         "micro_batch", "caches", "fit_tried") and v not in (None, [])}
+        out += [f"{k.replace('resolved_', '')} {v}" for k, v in picked.items()]
+    if r.get("error"):
+        out.append("**error**: " + str(r["error"]).replace("|", "/").replace("\n", " ")[:160])
+    return "; ".join(out)
+
+
+def table(rs: list[dict], scenario_column: bool = True) -> str:
+    """Markdown table of rows (one scenario run or several)."""
+    sc, sep = ("| scenario ", "|---") if scenario_column else ("", "")
+    lines = [f"{sc}| run | role | shape | budget GiB | tok/s | × best peer | peak GiB | start-up s | warm-up s "
+             f"| details |", f"{sep}|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rs:
+        budget = "card" if r.get("budget_gib") is None else f"{r['budget_gib']:g}"
+        if str(r.get("card") or "").startswith("cpu") or r.get("role") == "card":
+            budget = ""
+        first = f"| {r.get('scenario')} " if scenario_column else ""
+        lines.append(
+            f"{first}| {r.get('name')} | {r.get('role')} | {r.get('shape') or ''}"
+            f"{'@' + str(r['seq_len']) if r.get('seq_len') else ''} | {budget} | {_num(r.get('tokens_per_s'))} "
+            f"| {_num(r.get('vs_best_peer'), '{:.2f}')} | {_num(r.get('peak_gib'), '{:.1f}')} "
+            f"| {_num(r.get('startup_s'), '{:.1f}')} | {_num(r.get('warmup_s'), '{:.1f}')} | {_details(r)} |")
+    return "\n".join(lines)
+
+
+def _stack(r: dict) -> str:
+    v = r.get("versions") or {}
+    return ", ".join(f"{k} {v[k]}" for k in STACK if k in v)
+
+
+def _describe(scenario: str) -> str:
+    from benchmarks.gpu.__main__ import SCENARIOS
+
+    if scenario in SCENARIOS:
+        return " ".join((SCENARIOS[scenario][0].__doc__ or "").split())
+    return OTHER.get(scenario, "")
+
+
+def render(rs: list[dict]) -> str:
+    out = ["# Benchmark results", "",
+           "Generated from `benchmarks/results.jsonl` by `python -m benchmarks.gpu report`: edit the data, not this "
+           "file. Run a scenario with `python -m benchmarks.gpu SCENARIO` (a GPU machine without network: `bash "
+           "benchmarks/gpu/run.sh SCENARIO`); its rows are appended to the results file with the card, the package "
+           "versions, the command and the date.", "",
+           "Columns: **tok/s** real (non-pad) tokens a second over the timed steps after warm-up; **× best peer** "
+           "ours over the fastest peer measured in the same run that fits the same memory budget; **peak GiB** "
+           "`torch.cuda.max_memory_allocated` (weights included); **start-up s** process start to the first "
+           "optimizer step (imports, load, compilation: only a process's first run has one); **warm-up s** train "
+           "start to the end of the warm-up steps (compilation, autotuning). A budget caps the process with "
+           "`torch.cuda.set_per_process_memory_fraction`. Peers are fed the same records; the details column and "
+           "the results file say how each was configured.", ""]
+    order = list(dict.fromkeys(r["scenario"] for r in rs))
+    for scenario in order:
+        mine = [r for r in rs if r["scenario"] == scenario]
+        out += [f"## {scenario}", "", _describe(scenario), ""]
+        runs = list(dict.fromkeys(r["run_id"] for r in sorted(mine, key=lambda r: r.get("date") or "", reverse=True)))
+        for run_id in runs:
+            group = [r for r in mine if r["run_id"] == run_id]
+            first = group[0]
+            commands = list(dict.fromkeys(r.get("command") for r in group if r.get("command")))
+            out += [f"### {(first.get('date') or '')[:16].replace('T', ' ')} UTC · {first.get('card')}", "",
+                    f"Stack: {_stack(first)}.", ""]
+            out += ([f"Command: `{commands[0]}`"] if len(commands) == 1 else
+                    ["Commands (one process each; the row's own is in the results file):",
+                     *(f"- `{c}`" for c in commands)])
+            out += ["", table(group, scenario_column=False), ""]
     return "\n".join(out)
 
 
-def main() -> None:
-    rows = load(sys.argv[1])
-    if len(sys.argv) > 2:
-        Path(sys.argv[2]).write_text(json.dumps(rows, indent=1))
-    print(table(rows))
-
-
-if __name__ == "__main__":
-    main()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu report")
+    ap.add_argument("--results", default=str(rows.RESULTS))
+    ap.add_argument("--out", default=str(MD))
+    a = ap.parse_args(argv)
+    Path(a.out).write_text(render(rows.read(a.results)), encoding="utf-8")
+    print(f"wrote {a.out}")

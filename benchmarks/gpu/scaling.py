@@ -23,16 +23,20 @@ from benchmarks.gpu import common
 
 
 def run(model: str, shards: str, gpus: int, backend: str, steps: int, micro: int, log: Path,
-        ebs: int | None = None) -> dict:
+        ebs: int | None = None, extra: tuple[str, ...] = (), timeout: float = 300) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "lora_cli", "train", "--model", model, "--shards", shards, "--output", out,
                "--gpus", str(gpus), "--backend", backend, "--micro-batch-size", str(micro), "--max-steps",
                str(steps), "--save-steps", "1000000", "--logging-steps", "1", "--lora-r", "16", "--lora-alpha", "32"]
         if ebs:
             cmd += ["--effective-batch-size", str(ebs)]
+        cmd += list(extra)
         t0 = time.perf_counter()
         with open(log, "w") as f:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=300).returncode
+            try:
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = 124
         wall = time.perf_counter() - t0
         rows = []
         metrics = Path(out) / "metrics.jsonl"

@@ -11,7 +11,7 @@ Phases, each timed and each leaving a result behind (`OUT/split_<shape>.json`, r
 4. lora_sft with a meter callback (steady tokens/s after --warmup steps, losses) and a budget guard that ends
    training early, after a whole step, when the rest would not fit in --budget-s; per-GPU peak memory;
 5. the adapter is checked (adapter_model.safetensors), the weights dir is deleted (unless --keep-weights).
-`--shape tiny-llama --cpu` runs the same code on a CPU (tests/lora_runtime/test_bench_split_smoke.py).
+`--shape tiny-llama --cpu` runs the same code on a CPU (benchmarks/test_split_smoke.py).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from benchmarks.gpu import common
 SHAPES = {  # Llama-3.1-70B: 70.55 G parameters
     "llama70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                      num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=131072),
+    "llama8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072),
     "tiny-llama": dict(vocab_size=1152, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
 }
@@ -311,6 +313,7 @@ def parse_args(argv=None):
     ap.add_argument("--min-train-s", type=float, default=150, help="skip training when less is left after writing")
     ap.add_argument("--weights-dir", default=None, help="instead of /dev/shm/SHAPE, /tmp/models/SHAPE")
     ap.add_argument("--keep-weights", action="store_true")
+    ap.add_argument("--reuse-weights", action="store_true", help="train on a complete checkpoint already in the dir")
     ap.add_argument("--cpu", action="store_true", help="draw the weights on the CPU (tiny shapes)")
     ap.add_argument("--no-train", action="store_true", help="write the checkpoint only")
     return ap.parse_args(argv)
@@ -357,7 +360,11 @@ def _phases(a, name: str, payload: dict, deadline: float, weights: list[Path]) -
         return
     weights.append(chosen)
     _save(a, name, payload, final=False)
-    payload["phases"]["checkpoint"] = ck = write_checkpoint(chosen, cfg, Path(a.tok), devices, specs=specs)
+    if a.reuse_weights and (chosen / "config.json").exists():
+        ck = {"weights_bytes": total, "params": total // 2, "reused": True}
+    else:
+        ck = write_checkpoint(chosen, cfg, Path(a.tok), devices, specs=specs)
+    payload["phases"]["checkpoint"] = ck
     card = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     seq = a.seq_len or json.loads((Path(a.shards) / "manifest.json").read_text())["seq_len"]
     payload["fit"] = fit_arithmetic(cfg, seq, ck["weights_bytes"], card)
@@ -376,7 +383,7 @@ def _phases(a, name: str, payload: dict, deadline: float, weights: list[Path]) -
 
 
 def _save(a, name: str, payload: dict, final: bool) -> dict:
-    """Partial results are written silently; the final one prints lib.sh's `RESULT` line and a summary line."""
+    """Partial results are written silently; the final one prints the `RESULT` line and a summary line."""
     import contextlib
     import io
 

@@ -1,4 +1,4 @@
-"""CPU smoke tests of benchmarks/gpu/split.py (issue 6): the random checkpoint it writes is what
+"""CPU smoke tests of benchmarks/gpu/split.py (the model-splitting scenario): the random checkpoint it writes is what
 `AutoModelForCausalLM.from_pretrained` expects, key for key, and the whole script trains a tiny llama with
 `enable_model_splitting=True` (device_map="balanced" puts everything on the CPU here), saves a PEFT adapter, stops
 early within its time budget and deletes the weights."""
@@ -6,12 +6,9 @@ early within its time budget and deletes the weights."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: `benchmarks` is not an installed package
 
 from benchmarks.gpu import split
 

@@ -1,0 +1,123 @@
+"""Named benchmark scenarios for a GPU machine; each appends rows to one results file.
+
+    python -m benchmarks.gpu SCENARIO [SCENARIO...] [--out benchmarks/results.jsonl] [--data .gpu] [--budget-s 560]
+    python -m benchmarks.gpu prepare .gpu        # on a CPU machine: tokenizers, records, lora-data shards, parity set
+    python -m benchmarks.gpu report              # RESULTS.md from the results file
+    python -m benchmarks.gpu table RESULTS.jsonl # the short table of one results file
+
+Scenarios: throughput, frontier, startup, parity (one GPU); ddp-scaling, resume-dead-rank, model-splitting, fsdp
+(several GPUs); ceilings. `--cpu` runs the single-GPU scenarios on a tiny shape on the CPU (the harness's smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+
+from benchmarks.gpu import report, rows, scenarios, scenarios_multi, sides
+from benchmarks.gpu.runner import Session
+
+SCENARIOS = {**scenarios.SCENARIOS, **scenarios_multi.SCENARIOS}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
+    ap.add_argument("scenarios", nargs="+", choices=sorted(SCENARIOS), metavar="SCENARIO",
+                    help="one or more of: " + ", ".join(SCENARIOS))
+    ap.add_argument("--out", default=str(rows.RESULTS), help="results file the rows are appended to")
+    ap.add_argument("--data", default=".gpu", help="prepared inputs (python -m benchmarks.gpu prepare DATA)")
+    ap.add_argument("--work", default="/tmp/lora_bench", help="models, per-process results, logs, compile caches")
+    ap.add_argument("--budget-s", type=float, default=560, help="deadline for the whole invocation")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps of each run, after --warmup steps")
+    ap.add_argument("--warmup", type=int, default=3, help="steps left out of tokens/s (compilation, autotuning)")
+    ap.add_argument("--parity-steps", type=int, default=100)
+    ap.add_argument("--lanes", type=int, default=1, help="run independent processes side by side, one GPU each")
+    ap.add_argument("--gpus", type=int, default=None, help="multi-GPU scenarios: N (default: every GPU)")
+    ap.add_argument("--cpu", action="store_true", help="tiny shape on the CPU, peft backend (a smoke test)")
+    a = ap.parse_args(argv)
+    a.argv = argv
+    return a
+
+
+def run(argv: list[str]) -> list[dict]:
+    """Plan every scenario, run the processes they need, append their rows; returns the rows."""
+    a = parse_args(argv)
+    if a.cpu and not (Path(a.data) / "shards_tiny_2048" / "manifest.json").exists():
+        prepare(Path(a.data), (("tiny", 2048),), n_records=60, parity_set=False)
+    s = Session(a, a.scenarios)
+    for name in a.scenarios:
+        SCENARIOS[name][0](s)
+    if a.lanes > 1:
+        _run_lanes(s, a.lanes)
+    s.execute(sides.ORDER)
+    out = []
+    for name in a.scenarios:
+        try:
+            out += SCENARIOS[name][1](s)
+        except Exception as e:  # one scenario's bad rows must not lose the others'
+            out.append(s.row(name, name, None, name, "ours", error=f"rows: {type(e).__name__}: {e}"))
+    rows.append(out, a.out)
+    print(report.table(out))
+    return out
+
+
+def _run_lanes(s: Session, lanes: int) -> None:
+    """Spread the groups of single-GPU processes over `lanes` GPUs (CUDA_VISIBLE_DEVICES), the longest group first to
+    the least busy lane; the processes of a group run in turn. The Qwen model is built before."""
+    import os
+
+    for key in ("build_qwen1.5b", "build_tiny"):
+        if key in s.wanted:
+            s.run(key)
+    groups = [[k for k in g if k in s.wanted] for g in sides.GROUPS]
+    cost = {tuple(g): sum(s.sides[k].est_s + s.sides[k].per_run_s * len(s.wanted[k]) for k in g) for g in groups if g}
+    plan: list[list[str]] = [[] for _ in range(lanes)]
+    load = [0.0] * lanes
+    for g, c in sorted(cost.items(), key=lambda x: -x[1]):
+        i = load.index(min(load))
+        plan[i] += list(g)
+        load[i] += c
+
+    def lane(i: int, keys: list[str]) -> None:
+        for k in keys:
+            s.gpu_of[k] = str(i)
+            s.run(k)
+
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    threads = [threading.Thread(target=lane, args=(i, keys)) for i, keys in enumerate(plan) if keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "report":
+        report.main(argv[1:])
+    elif argv and argv[0] == "table":
+        print(report.table(rows.read(argv[1] if len(argv) > 1 else rows.RESULTS)))
+    elif argv and argv[0] == "prepare":
+        prepare(Path(argv[1] if len(argv) > 1 else ".gpu"))
+    else:
+        run(argv)
+
+
+def prepare(out: Path, shapes=(("qwen1.5b", 2048), ("llama8b", 8192)), n_records: int = 900,
+            parity_set: bool = True) -> None:
+    """Everything the device cannot build (it has no polars): tokenizers, records, shards, the parity set."""
+    from benchmarks.gpu import make_data, make_shards, parity
+
+    make_data.main(str(out), n_records)
+    make_shards.main(str(out), shapes)
+    if not parity_set:
+        return
+    (out / "parity").mkdir(parents=True, exist_ok=True)
+    records_path, model_dir = parity.build(out / "parity")
+    parity.prepare(records_path, model_dir, out / "parity")
+
+
+if __name__ == "__main__":
+    main()

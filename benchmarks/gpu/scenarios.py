@@ -1,0 +1,231 @@
+"""Single-GPU scenarios: each is `plan(session)` (which runs of which side it needs) and `rows(session)` (the rows
+it writes once every process has run). The docstring of each plan function is what RESULTS.md says it measures.
+
+Shapes: Qwen2.5-1.5B (rows of 2048) and Llama-3.1-8B (rows of 8192), random bf16 weights; LoRA r=16 alpha=32 on
+q,k,v,o,gate,up,down; AdamW lr 2e-4; tokens/s counts real (non-pad) tokens over the timed steps after warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from benchmarks.gpu import rows, sides
+from benchmarks.gpu.runner import Session
+
+BUDGETS = (8, 16, 24, 40)  # GiB; None = the whole card
+FEED_OURS = "lora-data shards prepared on a CPU from DATA/records.jsonl (rows of {seq}, best-fit-decreasing)"
+FEED_LOOP = ("the same records tokenized with the model's tokenizer, packed best-fit-decreasing into rows of {seq}; "
+             "[micro, {seq}] batches, pads masked from the loss, Unsloth's fused cross-entropy, AdamW fused")
+FEED_TH = "the same raw records.jsonl given to training-hub (its tokenization, sample packing, micro 8, max_seq_len 2048)"
+
+
+def _backend(s: Session) -> str:
+    return "peft" if s.cpu else "unsloth"
+
+
+def _ours_run(s: Session, gc: str = "auto", micro: str = "auto", budget: float | None = None, q4: bool = False) -> str:
+    name = f"{_backend(s)}_{gc}_mb{micro}" + ("_q4" if q4 else "")
+    return name + (f"_b{budget:g}" if budget else "")
+
+
+def _ours_label(run: str) -> str:
+    from benchmarks.gpu.ours import parse
+
+    kw = parse(run)
+    args = [f"{k}={v!r}" for k, v in kw.items() if k != "backend" and v != "auto"]
+    return f"ours lora_sft({', '.join(args)})" if args else "ours lora_sft() defaults"
+
+
+def _ours_config(payload: dict) -> dict:
+    keys = ("backend_used", "micro_batch_size", "resolved_micro_batch_size", "gradient_checkpointing",
+            "resolved_gradient_checkpointing", "max_memory_gib", "load_in_4bit", "memory_fraction")
+    return {k: payload[k] for k in keys if k in payload}
+
+
+def _loop_config(payload: dict) -> dict:
+    keys = ("micro_batch", "gradient_checkpointing", "fit_tried", "memory_fraction", "load_s")
+    return {k: payload[k] for k in keys if k in payload}
+
+
+def _define_qwen(s: Session) -> None:
+    shape = _shape(s)
+    s.define(f"build_{shape}", sides.build(shape))
+    if not (sides.model_dir(s, shape) / "config.json").exists():
+        s.want(f"build_{shape}", [f"build_{shape}"])
+    s.define("ours", sides.ours(shape, 2048))
+    s.define("loop", sides.loop(shape, 2048))
+
+
+def _shape(s: Session) -> str:
+    return "tiny" if s.cpu else "qwen1.5b"
+
+
+# ---- throughput ------------------------------------------------------------------------------------------------
+def throughput_plan(s: Session) -> None:
+    """Whole card, Qwen2.5-1.5B shape, rows of 2048: ours with the usage guide's defaults, with checkpointing forced
+    on, and QLoRA, beside the Unsloth hand loop (micro 8, checkpointing on) and training-hub's lora_sft, all fed the
+    same records, in the same invocation."""
+    _define_qwen(s)
+    runs = [_ours_run(s)] + ([] if s.cpu else [_ours_run(s, "gc", "8"), _ours_run(s, "gc", "8", q4=True)])
+    s.want("ours", runs)
+    s.want("loop", ["rows8_gc"])
+    key = "th" if "frontier" not in s.scenarios else "th_b8"  # a config that fits 8 GiB runs the same on the card
+    s.define(key, sides.th(8 if key == "th_b8" else None, _shape(s)))
+    s.want(key, [key])
+
+
+def throughput_rows(s: Session) -> list[dict]:
+    shape, seq = _shape(s), 2048
+    th_key = "th" if "frontier" not in s.scenarios else "th_b8"
+    out = [_ours_row(s, "throughput", r, "ours", seq) for r in s.wanted["ours"] if "_b" not in r and "mb2" not in r]
+    out.append(s.row("throughput", "loop", "rows8_gc", "Unsloth hand loop, micro 8, checkpointing on", "peer",
+                     feed=FEED_LOOP.format(seq=seq), config=_loop_config(s.result("loop", "rows8_gc")[0])))
+    out.append(s.row("throughput", th_key, None, "training-hub lora_sft, micro 8", "peer", feed=FEED_TH,
+                     config={"micro_batch_size": 8, "gradient_checkpointing": "unsloth"}))
+    for r in out:
+        r["shape"], r["seq_len"] = r["shape"] or shape, seq
+        if r["role"] == "peer":
+            r["budget_gib"] = None  # compared at the whole card
+    return rows.add_ratios(out)
+
+
+def _ours_row(s: Session, scenario: str, run: str, key: str, seq: int) -> dict:
+    payload = s.result(key, run)[0]
+    return s.row(scenario, key, run, _ours_label(run), "ours", feed=FEED_OURS.format(seq=seq),
+                 config=_ours_config(payload))
+
+
+# ---- frontier --------------------------------------------------------------------------------------------------
+def frontier_plan(s: Session) -> None:
+    """Speed at a memory budget (8, 16, 24, 40 GiB and the whole card), Qwen2.5-1.5B shape, rows of 2048: ours via
+    `lora_sft(max_memory_gib=B)` (the plan picks micro batch and checkpointing) against the Unsloth hand loop with
+    checkpointing at the largest micro batch (of 16, 8, 4, 2, 1) that fits and training-hub's lora_sft (micro 8),
+    every process capped at B with torch.cuda.set_per_process_memory_fraction. training-hub runs once under the
+    smallest cap: a fixed configuration that fits 8 GiB runs unchanged under a larger one. Plus ours with
+    `micro_batch_size=2`, and the Llama-3.1-8B shape at 8,192 tokens under a 24 GiB budget against the Unsloth loop
+    under the same cap."""
+    _define_qwen(s)
+    s.want("ours", [_ours_run(s)] + [_ours_run(s, budget=b) for b in BUDGETS] + [_ours_run(s, micro="2")])
+    s.want("loop", ["rowsfit16_gc"] + [f"rowsfit16_gc_b{b}" for b in BUDGETS])
+    s.define("th_b8", sides.th(8, _shape(s)))
+    s.want("th_b8", ["th_b8"])
+    if s.cpu:
+        return
+    s.define("build_llama8b", sides.build("llama8b"))
+    if not (sides.model_dir(s, "llama8b") / "config.json").exists():
+        s.want("build_llama8b", ["build_llama8b"])
+    s.define("ours8b", sides.ours("llama8b", 8192, steps=s.a.warmup + 6))
+    s.define("loop8b", sides.loop("llama8b", 8192, steps=s.a.warmup + 6))
+    s.want("ours8b", [_ours_run(s, budget=24)])
+    s.want("loop8b", ["rowsfit4_gc_b24"])
+
+
+def frontier_rows(s: Session) -> list[dict]:
+    shape = _shape(s)
+    out = [_ours_row(s, "frontier", r, "ours", 2048) for r in s.wanted["ours"]
+           if "_b" in r or r == _ours_run(s) or "mb2" in r]
+    for run in s.wanted["loop"]:
+        if run.startswith("rowsfit16"):
+            payload = s.result("loop", run)[0]
+            out.append(s.row("frontier", "loop", run, "Unsloth hand loop, checkpointing on, largest micro that fits",
+                             "peer", feed=FEED_LOOP.format(seq=2048), config=_loop_config(payload)))
+    out.append(s.row("frontier", "th_b8", None, "training-hub lora_sft, micro 8 (capped at 8 GiB)", "peer",
+                     feed=FEED_TH, config={"micro_batch_size": 8}, budget_gib=8))
+    for r in out:
+        r["shape"], r["seq_len"] = r["shape"] or shape, 2048
+    if "ours8b" in s.wanted:
+        big = [_ours_row(s, "frontier", _ours_run(s, budget=24), "ours8b", 8192),
+               s.row("frontier", "loop8b", "rowsfit4_gc_b24", "Unsloth hand loop, checkpointing on, largest micro "
+                     "that fits", "peer", feed=FEED_LOOP.format(seq=8192),
+                     config=_loop_config(s.result("loop8b", "rowsfit4_gc_b24")[0]))]
+        for r in big:
+            r["shape"], r["seq_len"] = "llama8b", 8192
+        out += big
+    return rows.add_ratios(out)
+
+
+# ---- startup ---------------------------------------------------------------------------------------------------
+def startup_plan(s: Session) -> None:
+    """Start-up, process start to the first optimizer step (imports, model load, compilation), caches cold and warm:
+    ours with the usage guide's defaults and the Unsloth hand loop (micro 8, checkpointing on), each first in a
+    fresh process with empty compile caches (cold), then once more in a new process with the caches the first left
+    (warm)."""
+    _define_qwen(s)
+    shape = _shape(s)
+    s.want("ours", [_ours_run(s)])
+    s.want("loop", ["rows8_gc"])
+    s.define("ours_warm", sides.ours(shape, 2048, steps=s.a.warmup + 2))
+    s.define("loop_warm", sides.loop(shape, 2048, steps=s.a.warmup + 2))
+    s.want("ours_warm", [_ours_run(s)])
+    s.want("loop_warm", ["rows8_gc"])
+
+
+def startup_rows(s: Session) -> list[dict]:
+    out = []
+    for key, run, name, role in (("ours", _ours_run(s), "ours lora_sft() defaults", "ours"),
+                                 ("loop", "rows8_gc", "Unsloth hand loop, micro 8", "peer")):
+        first = s.procs.get(key)
+        if first and first.runs and first.runs[0] != run:  # startup belongs to the first run of a process
+            run = first.runs[0]
+        for k, cache in ((key, "cold"), (f"{key}_warm", "warm")):
+            r = s.row("startup", k, run if cache == "cold" else s.wanted[k][0], f"{name}, caches {cache}", role,
+                      feed=FEED_OURS.format(seq=2048) if role == "ours" else FEED_LOOP.format(seq=2048),
+                      config={"caches": cache, "first_run": run})
+            r["shape"], r["seq_len"], r["budget_gib"] = r["shape"] or _shape(s), 2048, None
+            out.append(r)
+    return out
+
+
+# ---- parity ----------------------------------------------------------------------------------------------------
+def parity_plan(s: Session) -> None:
+    """Loss parity of ours against TRL SFTTrainer + PEFT: 310 stdlib docstrings as chat records, a 4-layer random
+    Llama with a BPE tokenizer trained on them, 100 steps of 4 x 512-token rows, LoRA r=16 on the 7 projections, the
+    same optimizer and schedule, each side in its own process; 10-step window means compared (packing and data order
+    differ, so single steps do not line up). Stated tolerance: 3% per window."""
+    src, dst = s.data / "parity", s.work / "parity"
+    shutil.rmtree(dst, ignore_errors=True)
+    if (src / "shards" / "manifest.json").exists():
+        shutil.copytree(src, dst)
+    else:  # the CPU side builds it (the device has no polars): `python -m benchmarks.gpu prepare DATA`
+        from benchmarks.gpu import parity
+
+        dst.mkdir(parents=True)
+        records_path, model_dir = parity.build(dst)
+        parity.prepare(records_path, model_dir, dst)
+    for side in ("ours", "trl"):
+        s.define(f"parity_{side}", sides.parity_side(side))
+        s.want(f"parity_{side}", [f"parity_{side}"])
+
+
+def parity_rows(s: Session) -> list[dict]:
+    from benchmarks.gpu import parity
+
+    work = s.work / "parity"
+    sides_ = {}
+    for side in ("ours", "trl"):
+        p = work / f"losses_{side}.json"
+        sides_[side] = json.loads(p.read_text()) if p.exists() else None
+    payload: dict = {"shape": "parity-llama-4l", "seq_len": parity.SEQ_LEN}
+    if sides_["ours"] and sides_["trl"]:
+        cmp = parity.compare(sides_["ours"]["losses"], sides_["trl"]["losses"])
+        payload.update(max_window_gap=cmp["max_gap_after_first"], first=cmp["first"], last_window=cmp["last_window"],
+                       steps=len(sides_["ours"]["losses"]), wall_s={k: v["wall_s"] for k, v in sides_.items()})
+    else:
+        missing = [k for k, v in sides_.items() if not v]
+        payload["error"] = "; ".join(f"{k}: {s.result('parity_' + k)[0].get('error')}" for k in missing)
+    row = s.row("parity", "parity_ours", None, f"ours ({_backend(s)}) vs TRL SFTTrainer + PEFT", "ours",
+                feed="the same records.jsonl; ours from lora-data shards, TRL from its bfd packing (padding-free)",
+                config={"backend": _backend(s), "tolerance": 0.03})
+    row.update({k: v for k, v in payload.items() if k not in ("date",)})
+    if sides_["ours"] and sides_["trl"]:
+        row["error"] = None
+    return [row]
+
+
+SCENARIOS = {
+    "throughput": (throughput_plan, throughput_rows),
+    "frontier": (frontier_plan, frontier_rows),
+    "startup": (startup_plan, startup_rows),
+    "parity": (parity_plan, parity_rows),
+}

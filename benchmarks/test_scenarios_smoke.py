@@ -1,0 +1,125 @@
+"""CPU smoke tests of the scenario harness (`python -m benchmarks.gpu`): what each scenario asks for, the rows it
+writes (required keys, errors of peers that cannot run, ratios against the fastest peer that fits a budget), and
+RESULTS.md generated from the results file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pytest
+
+from benchmarks.gpu import loops, ours, report, rows
+from benchmarks.gpu.__main__ import SCENARIOS, parse_args, run
+from benchmarks.gpu.runner import Session, Side
+
+
+def _session(tmp_path, *scenarios: str, cpu: bool = False, budget_s: float = 560) -> Session:
+    a = parse_args([*scenarios, "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data"),
+                    "--budget-s", str(budget_s), *(["--cpu"] if cpu else [])])
+    s = Session(a, a.scenarios)
+    for name in a.scenarios:
+        SCENARIOS[name][0](s)
+    return s
+
+
+def test_run_names_carry_the_budget():
+    assert ours.parse("unsloth_auto_mbauto_b16") == {
+        "backend": "unsloth", "micro_batch_size": "auto", "gradient_checkpointing": "auto", "max_memory_gib": 16.0}
+    assert ours.parse("unsloth_gc_mb8_q4") == {
+        "backend": "unsloth", "micro_batch_size": 8, "gradient_checkpointing": True, "load_in_4bit": True}
+    assert loops.parse_variant("rowsfit16_gc_b24") == {"layout": "rows", "micro": 16, "fit": True, "gc": True,
+                                                       "budget_gib": 24.0}
+    assert loops.parse_variant("rows8_gc")["budget_gib"] is None
+
+
+def test_frontier_asks_every_budget_of_both_sides_and_shares_processes_with_throughput(tmp_path):
+    s = _session(tmp_path, "frontier", "throughput", "startup")
+    assert s.wanted["ours"] == ["unsloth_auto_mbauto", "unsloth_auto_mbauto_b8", "unsloth_auto_mbauto_b16",
+                                "unsloth_auto_mbauto_b24", "unsloth_auto_mbauto_b40", "unsloth_auto_mb2",
+                                "unsloth_gc_mb8", "unsloth_gc_mb8_q4"]
+    assert s.wanted["loop"] == ["rowsfit16_gc", "rowsfit16_gc_b8", "rowsfit16_gc_b16", "rowsfit16_gc_b24",
+                                "rowsfit16_gc_b40", "rows8_gc"]
+    assert "th" not in s.wanted and s.wanted["th_b8"] == ["th_b8"]  # training-hub once, under the smallest cap
+    assert s.wanted["ours8b"] == ["unsloth_auto_mbauto_b24"] and s.wanted["loop8b"] == ["rowsfit4_gc_b24"]
+    assert s.wanted["ours_warm"] == ["unsloth_auto_mbauto"] and s.wanted["loop_warm"] == ["rows8_gc"]
+    argv = s.sides["th_b8"].argv(s, ["th_b8"], tmp_path, 100)
+    assert argv[argv.index("--cap-gib") + 1] == 8
+
+
+def _row(name, role, tps, budget, peak, **kw):
+    return {"name": name, "role": role, "tokens_per_s": tps, "budget_gib": budget, "peak_gib": peak, "error": None,
+            "shape": "qwen1.5b", "seq_len": 2048, **kw}
+
+
+def test_ours_is_compared_with_the_fastest_peer_that_fits_its_budget():
+    rs = rows.add_ratios([
+        _row("ours b16", "ours", 60.0, 16, 15.0), _row("ours card", "ours", 80.0, None, 40.0),
+        _row("loop b16", "peer", 40.0, 16, 9.0), _row("loop b24", "peer", 50.0, 24, 20.0),
+        _row("th b8", "peer", 30.0, 8, 6.0), _row("loop card", "peer", 55.0, None, 30.0),
+        _row("broken b8", "peer", 99.0, 8, 1.0, error="boom"),
+        _row("other shape", "peer", 99.0, 8, 1.0, shape="llama8b"),
+    ])
+    assert (rs[0]["best_peer"], rs[0]["vs_best_peer"]) == ("loop b16", 1.5)
+    assert (rs[1]["best_peer"], rs[1]["vs_best_peer"]) == ("loop card", 80.0 / 55.0)
+    assert rows.add_ratios([_row("ours b4", "ours", 1.0, 4, 3.0), _row("th", "peer", 2.0, 8, 6.0)])[0][
+        "vs_best_peer"] is None
+
+
+def test_out_of_time_processes_still_answer_with_a_row_each(tmp_path):
+    s = _session(tmp_path, "throughput", budget_s=20)  # < 30 s left: every process is skipped
+    s.execute(["ours", "loop"])
+    out = SCENARIOS["throughput"][1](s)
+    assert [r["role"] for r in out] == ["ours", "ours", "ours", "peer", "peer"]
+    assert all(r["error"].startswith("skipped") for r in out)
+    assert all(set(rows.REQUIRED) <= set(r) for r in out)
+
+
+def test_a_process_result_gets_its_start_up_from_launch_to_first_step(tmp_path):
+    s = _session(tmp_path, "throughput")
+    code = ("import json, sys, time; time.sleep(0.3); json.dump({'run': 'a', 'first_step_unix': time.time(), "
+            "'tokens_per_s': 5.0}, open(sys.argv[1] + '/a.json', 'w'))")
+    s.define("stub", Side(lambda s_, runs, res, cap: [sys.executable, "-c", code, res], cap_s=60, run_field="run",
+                          family="stub"))
+    s.want("stub", ["a", "b"])
+    s.run("stub")
+    assert 0.3 <= s.result("stub", "a")[0]["startup_s"] < 30
+    assert "no result for b" in s.result("stub", "b")[0]["error"]
+    row = s.row("throughput", "stub", "a", "stub a", "peer")
+    assert row["tokens_per_s"] == 5.0 and row["run_id"] == s.run_id and row["card"] == "cpu"
+
+
+@pytest.mark.slow
+def test_throughput_on_the_cpu_writes_rows_and_results_md(tmp_path, tiny_bench):
+    out = tmp_path / "results.jsonl"
+    data, work = tiny_bench
+    args = ["throughput", "--cpu", "--data", str(data), "--work", str(work), "--out", str(out), "--steps", "1",
+            "--warmup", "1"]
+    written = run(args)
+    saved = rows.read(out)
+    assert saved == json.loads(json.dumps(written, default=str)) and len(saved) == 3
+    for r in saved:
+        assert set(rows.REQUIRED) <= set(r), set(rows.REQUIRED) - set(r)
+        assert r["scenario"] == "throughput" and r["card"] == "cpu" and r["shape"] == "tiny"
+        assert r["command"].startswith("python -m benchmarks.gpu throughput --cpu") and r["versions"]["torch"]
+    mine, loop, th = saved
+    assert mine["role"] == "ours" and mine["error"] is None and mine["tokens_per_s"] > 0
+    assert mine["startup_s"] > mine["warmup_s"] > 0 and mine["config"]["resolved_micro_batch_size"] == 2
+    assert "unsloth" in loop["error"] and "training_hub" in th["error"]  # peers that cannot run: rows, not a crash
+    assert mine["vs_best_peer"] is None
+
+    md = tmp_path / "RESULTS.md"
+    report.main(["--results", str(out), "--out", str(md)])
+    text = md.read_text()
+    assert "## throughput" in text and "Whole card, Qwen2.5-1.5B shape" in text
+    assert f"Command: `{mine['command']}`" in text and "no module 'unsloth'" in text
+    assert text.count("| ours lora_sft() defaults | ours | tiny@2048 |  |") == 1
+
+
+def test_cli_names_every_scenario():
+    with pytest.raises(SystemExit):
+        parse_args(["no-such-scenario"])
+    assert set(SCENARIOS) >= {"throughput", "frontier", "startup", "parity", "ddp-scaling", "resume-dead-rank",
+                              "model-splitting", "fsdp"}
+    assert isinstance(parse_args(["fsdp", "--gpus", "4"]), argparse.Namespace)
