@@ -249,3 +249,95 @@ def test_a_million_records_are_all_accounted_for(tmp_path, counts):
     assert reader.counts["lines_read"] == n == valid + rejected + reader.counts["blank"]
     assert reader.counts["blank"] == blank and rejected == sum(1 for x in lines if x and x != good)
     counts["million_records_lines"] = n
+
+
+def _records(n: int, system: bool = False) -> list[bytes]:
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    if system:
+        turns.insert(0, {"role": "system", "content": "be brief"})
+    return [json.dumps({"messages": turns}).encode()] * n
+
+
+def test_an_integer_past_pythons_digit_limit_is_a_reject_with_its_line(tokenizer, tmp_path, counts):
+    from lora_data import prepare
+
+    good = _records(1)[0]
+    big = b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "n": ' + \
+        b"9" * 5000 + b"}"
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join([good, big, good]) + b"\n")
+    m = prepare(path, tmp_path / "out", tokenizer, max_seq_len=64, verbose=False)
+    (reject,) = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert reject["line"] == 2 and reject["code"] == "number_too_long" and "digits" in reject["reason"]
+    assert m.counts["valid"] == 2 and m.counts["rejected"] == 1
+    counts.add("hostile_numbers_rejected")
+
+
+def test_a_chunk_the_template_refuses_whole_is_rejected_and_later_chunks_still_prepared(tokenizer, tmp_path,
+                                                                                       monkeypatch, counts):
+    """A Mistral/Llama-2-style template that raises on a system turn, over a whole chunk of such records."""
+    import copy
+
+    import lora_data._run
+    from lora_data import prepare
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                         "supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}")
+    monkeypatch.setattr(lora_data._run, "CHUNK_RECORDS", 4)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(_records(8, system=True) + _records(5)) + b"\n")
+    m = prepare(path, tmp_path / "out", tok, max_seq_len=64, verbose=False)
+    rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rejects] == list(range(1, 9))
+    assert all(r["code"] == "render_error" and "System role not supported" in r["reason"] for r in rejects)
+    assert m.counts["valid"] == 5 and m.counts["samples"] == 5
+    counts.add("template_refusing_chunks_survived")
+
+
+def test_a_template_that_would_run_for_hours_is_bounded(tokenizer, tmp_path, monkeypatch, counts):
+    import copy
+
+    import lora_data.sandbox
+    from click.testing import CliRunner
+    from lora_data.cli import cli
+
+    monkeypatch.setattr(lora_data.sandbox, "TIME_LIMIT", 0.2)
+    tok = copy.deepcopy(tokenizer)
+    hang = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+    tok.chat_template = ("{% for m in messages %}{% if m['content'] == 'slow' %}" + hang + "{% endif %}"
+                         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    tok_dir = tmp_path / "tok"
+    tok.save_pretrained(tok_dir)
+    slow = json.dumps({"messages": [{"role": "user", "content": "slow"}, {"role": "assistant", "content": "a"}]})
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join([*_records(2), slow.encode(), *_records(2)]) + b"\n")
+    res = CliRunner().invoke(cli, ["prepare", str(path), str(tmp_path / "out"), "--tokenizer", str(tok_dir),
+                                   "--max-seq-len", "64"])
+    assert res.exit_code == 0, res.output
+    (reject,) = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert reject["line"] == 3 and reject["code"] == "render_limit" and "longer than 0.2 s" in reject["reason"]
+    # a template that never finishes on any record: one error line, not hours of rejects
+    path.write_bytes(b"\n".join([slow.encode()] * 8) + b"\n")
+    res = CliRunner().invoke(cli, ["prepare", str(path), str(tmp_path / "out2"), "--tokenizer", str(tok_dir),
+                                   "--max-seq-len", "64"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+    assert res.output.startswith(f"error: {path}:5: the chat template ran longer than 0.2 s") and "in a row" in res.output
+    counts.add("template_time_limits_held")
+
+
+@pytest.mark.parametrize("blob", [b'{"format_version": 1, "seq_len": ' + b"7" * 5000 + b"}",
+                                  b'{"format_version": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"],
+                         ids=["5000-digit number", "100000-deep nesting"])
+def test_a_hostile_manifest_is_one_error_line_in_inspect_and_on_load(blob, tmp_path, counts):
+    from click.testing import CliRunner
+    from lora_data import Manifest, ManifestError
+    from lora_data.cli import cli
+
+    (tmp_path / "manifest.json").write_bytes(blob)
+    with pytest.raises(ManifestError, match=r"manifest\.json: (unreadable number|JSON nested too deeply)"):
+        Manifest.load(tmp_path)
+    res = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and res.output.startswith("error: "), res.output
+    counts.add("hostile_manifests_refused")

@@ -114,3 +114,14 @@ def test_credentials_in_config_values_are_redacted_where_configs_are_shown_or_sa
         text = (PACKAGES / path).read_text()
         assert "redacted(config.to_dict())" in text or "redacted(self.run_config.to_dict())" in text, path
     counts.add("secret_redaction_checks")
+
+
+def test_deleting_the_manifest_checksum_is_an_error_not_no_check(shard_dir, counts):
+    """A missing checksum must not switch the integrity check off."""
+    path = shard_dir / "manifest.json"
+    data = json.loads(path.read_text())
+    del data["checksum"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ShardError, match=r"manifest\.json: checksum: no checksum"):
+        ShardReader(shard_dir)
+    counts.add("manifest_checksum_removals_refused")

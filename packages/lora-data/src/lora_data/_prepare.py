@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import stat
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,10 @@ def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: boo
                            progress=sys.stderr.isatty() if progress is None else progress,
                            spill=staging.dir / SPILL_NAME)
             staging.commit(manifest)
-        except DataError:
-            staging.keep_rejects()  # --strict, or nothing trainable: the message points at rejects.jsonl
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)  # drops the spill memmaps, so discard() frees their space now
+            if isinstance(e, DataError):
+                staging.keep_rejects()  # --strict, or nothing trainable: the message points at rejects.jsonl
             raise
         finally:
             staging.discard()

@@ -12,11 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DataError
 from .pack import cut_overlong
 from .records import Record, Rejection
 from .render import Renderer, RenderError
 from .tokenize import Encoder
 
+LIMITED_IN_A_ROW = 5  # then the template, not the data, is at fault: stop with one error
 COLUMNS = {"sample_id": np.uint64, "offset": np.int64, "length": np.int64, "loss_tokens": np.int64}
 Table = dict[str, np.ndarray]  # one column per COLUMNS key, all of one length
 
@@ -27,8 +29,10 @@ def chunk_table(sample_ids: list[int], mask: np.ndarray, lengths: np.ndarray) ->
     >>> t = chunk_table([7, 9], np.array([0, 1, 1, 0, 0], np.uint8), np.array([3, 2]))
     >>> t["offset"].tolist(), t["loss_tokens"].tolist()
     ([0, 3], [2, 0])
+    >>> len(chunk_table([], np.zeros(0, np.uint8), np.zeros(0, np.int64))["offset"])  # a chunk where all failed
+    0
     """
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])[:-1].astype(np.int64)
     loss = np.add.reduceat(mask.astype(np.int64), offsets) if len(mask) else np.zeros(len(lengths), np.int64)
     loss = np.where(lengths > 0, loss, 0)
     return _table(sample_id=sample_ids, offset=offsets, length=lengths, loss_tokens=loss)
@@ -55,6 +59,7 @@ class TokenizeStage:
         self._ids = open(self.ids_path, "wb")  # noqa: SIM115 - closed in finish()
         self._mask = open(self.mask_path, "wb")  # noqa: SIM115
         self._pos = 0
+        self._limited = 0  # records in a row whose render ran past the template's time limit
         self.tables: list[Table] = []
         # The Rust tokenizer releases the GIL: chunk k is tokenized in a worker thread while the main thread reads,
         # validates and renders chunk k+1. Results are consumed in order, so the output stays deterministic.
@@ -65,8 +70,13 @@ class TokenizeStage:
         rendered, kept = [], []
         for rec, r in zip(records, self.renderer.render_batch([r.messages for r in records]), strict=True):
             if isinstance(r, RenderError):
-                self._reject(rec, r.field, r.message, "render_error")
+                self._reject(rec, r.field, r.message, r.code)
+                self._limited = self._limited + 1 if r.code == "render_limit" else 0
+                if self._limited == LIMITED_IN_A_ROW:
+                    raise DataError(f"{r.message} on {LIMITED_IN_A_ROW} records in a row; it does not finish in "
+                                    "time: fix the chat template", path=rec.path, line=rec.line)
             else:
+                self._limited = 0
                 rendered.append(r)
                 kept.append(rec)
         job = self._pool.submit(self.encoder.encode_flat, rendered)

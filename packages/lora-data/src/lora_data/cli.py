@@ -17,9 +17,9 @@ from .pack import OVERLONG
 from .records import FORMATS, Fields
 
 _OS_HINTS = {errno.ENOSPC: "the disk is full: free some space or prepare elsewhere",
-             errno.EDQUOT: "over the disk quota: free some space or prepare elsewhere",
-             errno.EROFS: "read-only file system: choose a writable output directory",
-             errno.EACCES: "permission denied: choose a directory you can write to"}
+             errno.EDQUOT: "free some space or prepare elsewhere",
+             errno.EROFS: "choose a writable output directory",
+             errno.EACCES: "choose a directory you can write to"}
 
 
 def _fail(e: Exception) -> None:

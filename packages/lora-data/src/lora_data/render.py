@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from . import sandbox
 from .errors import DataError
 from .fingerprint import template_source
 from .templates import DEFAULT_CHAT_TEMPLATE
@@ -27,7 +28,12 @@ _SEP = "\ue002"  # ends each conversation when a whole chunk is rendered in one 
 
 
 class RenderError(DataError):
-    """The template changed a message's content in a way we cannot locate (reported per record, never silent)."""
+    """The template failed on a record, ran past its limit (`code` "render_limit"), or changed a message's content
+    in a way we cannot locate: reported per record, never silent."""
+
+    def __init__(self, message: str, *, field: str | None = None, code: str = "render_error") -> None:
+        self.code = code
+        super().__init__(message, field=field)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,18 +42,6 @@ class Rendered:
 
     text: str
     spans: tuple[tuple[int, int], ...]
-
-
-def _compile(template: str):
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
-        return _compile_jinja_template(template)
-    except ImportError:  # pragma: no cover - transformers moved it; plain jinja handles templates without extensions
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(template)
 
 
 class Renderer:
@@ -60,11 +54,12 @@ class Renderer:
         self.template_source = template_source(tokenizer)
         self.train_on_inputs = train_on_inputs
         try:
-            self._template = _compile(template)
+            self._template = sandbox.compile_template(template)
         except Exception as e:  # jinja2.TemplateSyntaxError and friends
             raise DataError(f"the chat template does not compile: {e}", field="tokenizer.chat_template") from None
         try:  # a template that cannot sit inside a loop (e.g. uses {% extends %}) is rendered one record at a time
-            self._batch_template = _compile("{% for messages in lora_data_batch %}" + template + _SEP + "{% endfor %}")
+            self._batch_template = sandbox.compile_template(
+                "{% for messages in lora_data_batch %}" + template + _SEP + "{% endfor %}")
         except Exception:
             self._batch_template = None
         specials = {k: v for k, v in getattr(tokenizer, "special_tokens_map", {}).items() if isinstance(v, str)}
@@ -75,15 +70,17 @@ class Renderer:
         self._scaffolds: dict[tuple, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def text(self, messages: list[dict]) -> str:
-        return self._template.render(messages=messages, **self._kwargs)
+        return sandbox.render(self._template, messages=messages, **self._kwargs)
 
     def texts(self, batch: list[list[dict]]) -> list[str] | None:
         """Render a whole chunk in one template call (5× faster than one call each); None if that is not exact."""
         if self._batch_template is None:
             return None
         try:
-            out = self._batch_template.render(lora_data_batch=batch, **self._kwargs).split(_SEP)
-        except Exception:  # a template error in some record: the caller renders one by one and reports it
+            limit = sandbox.TIME_LIMIT + 0.002 * len(batch)
+            out = sandbox.render(self._batch_template, time_limit=limit, lora_data_batch=batch, **self._kwargs)
+            out = out.split(_SEP)
+        except Exception:  # a template error or limit in some record: the caller renders one by one and reports it
             return None
         if len(out) != len(batch) + 1 or out[-1] or (batch and out[0] != self.text(batch[0])):
             return None
@@ -98,6 +95,8 @@ class Renderer:
                 out.append(self.render(messages, text=None if texts is None else texts[i]))
             except RenderError as e:
                 out.append(e)
+            except sandbox.TemplateLimitError as e:
+                out.append(RenderError(str(e), code="render_limit"))
             except Exception as e:  # the template raised (raise_exception) or failed on this record
                 out.append(RenderError(f"the chat template failed on this record: {e}"))
         return out
