@@ -1,16 +1,24 @@
 """Data-prep benchmark: lora_data.prepare vs the way TRL's SFTTrainer prepares the same corpus.
 
-Fast by default (2,000 records, so CI's `--benchmark-disable` run stays quick); LORA_BENCH_FULL=1 uses 100,000.
+Fast by default (2,000 records, so CI's `--benchmark-disable` run stays quick: one round, no memory probe);
+LORA_BENCH_FULL=1 uses 100,000. With the benchmark enabled, prepare runs ROUNDS times (a fresh output folder each)
+and its peak resident memory is measured once in a fresh process (extra_info `peak_rss_mib`).
 Both paths render the same template, mask to assistant tokens, and pack best-fit-decreasing to the same length:
   lora-data: lora_data.prepare(...) → shards on disk (validation, rejects, sha256, manifest included)
   TRL:       datasets JSON load → SFTTrainer._prepare_dataset(packing=True, packing_strategy="bfd",
              assistant_only_loss=True), i.e. map(apply_chat_template) + labels + trl.data_utils.pack_dataset
 Run: LORA_BENCH_FULL=1 uv run pytest benchmarks/test_prepare.py --benchmark-enable -s
+Regression gate against the kept baseline (recorded on a 2-core x86_64 CPU, see benchmarks/baselines/README.md):
+    uv run pytest benchmarks/test_prepare.py --benchmark-enable --benchmark-json new.json
+    uv run python -m benchmarks.compare benchmarks/baselines/prepare_cpu-2core.json new.json
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +34,22 @@ from _corpus import build_bench_tokenizer, write_corpus
 FULL = os.environ.get("LORA_BENCH_FULL") == "1"
 N_RECORDS = 100_000 if FULL else 2_000
 SEQ_LEN = 4096
+ROUNDS = 5
+
+PEAK_RSS = """
+import resource, sys
+import lora_data
+from transformers import AutoTokenizer
+lora_data.prepare(sys.argv[1], sys.argv[2], AutoTokenizer.from_pretrained(sys.argv[3]), max_seq_len=int(sys.argv[4]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def peak_rss_mib(path: Path, out: Path, tokenizer_dir: Path) -> float:
+    """Peak resident memory (MiB) of a fresh process that imports lora_data and prepares the corpus."""
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path), str(out), str(tokenizer_dir), str(SEQ_LEN)],
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +89,22 @@ def test_prepare_vs_trl(benchmark, corpus, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    out = tmp_path / "shards"
-    t0 = time.perf_counter()
-    manifest = benchmark.pedantic(lora_data.prepare, args=(path, out, tok), kwargs={"max_seq_len": SEQ_LEN},
-                                  rounds=1, iterations=1)
-    ours = time.perf_counter() - t0
+    outs = (tmp_path / f"shards{i}" for i in itertools.count())
+    seconds: list[float] = []
+
+    def timed_prepare(*args, **kwargs):
+        t0 = time.perf_counter()
+        manifest = lora_data.prepare(*args, **kwargs)
+        seconds.append(time.perf_counter() - t0)
+        return manifest
+
+    def fresh_output():
+        out = next(outs)
+        return (path, out, tok), {"max_seq_len": SEQ_LEN}
+
+    manifest = benchmark.pedantic(timed_prepare, setup=fresh_output, rounds=ROUNDS, iterations=1)
+    out = tmp_path / f"shards{len(seconds) - 1}"
+    ours = statistics.median(seconds)
     c = manifest.counts
     assert c["valid"] == N_RECORDS and c["overlong"] == 0 and c["rows"] == len(lora_data.ShardReader(out))
 
@@ -81,7 +116,10 @@ def test_prepare_vs_trl(benchmark, corpus, tmp_path):
         "packing_efficiency": manifest.packing_efficiency, "rows": c["rows"],
         "trl_s": round(trl_s, 2), "trl_records_per_s": round(N_RECORDS / trl_s), "trl_rows": trl_rows,
         "trl_packing_efficiency": round(trl_eff, 6), "speedup_vs_trl": round(trl_s / ours, 2),
+        "rounds": len(seconds), "load_avg_1m": round(os.getloadavg()[0], 2),
     }
+    if not benchmark.disabled:
+        info["peak_rss_mib"] = round(peak_rss_mib(path, tmp_path / "shards_rss", tok_dir), 1)
     benchmark.extra_info.update(info)
     print("\n" + "\n".join(f"  {k}: {v}" for k, v in info.items()))
     assert trl_tokens == c["tokens"], "both paths must tokenize the corpus to the same number of tokens"

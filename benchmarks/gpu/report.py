@@ -25,8 +25,8 @@ OTHER = {
                "TRL SFTTrainer's own preparation of the same generated chat corpus (same template, assistant-only "
                "mask, best-fit-decreasing packing, rows of 4,096; both produce the same tokens). tokens/s here is "
                "prepared tokens per second.",
-    "train-step": "One optimizer step of a backend on 8 packed rows x 2048 (pytest-benchmark `benchmarks/"
-                  "test_train.py`), Qwen2.5-1.5B shape.",
+    "train-step": "One optimizer step of a backend on packed rows of 2048 tokens (pytest-benchmark `benchmarks/"
+                  "test_train.py`: the regression gate's training cases), Qwen2.5-1.5B shape.",
 }
 
 
