@@ -70,7 +70,7 @@ def new_manifest(opts: Options, tok: Any) -> Manifest:
         seq_len=options.pop("max_seq_len"), pad_id=pad_id_of(tok), created_by=f"lora-data {VERSION}",
         packing=options.pop("packing"), seed=options.pop("seed"), options=options, counts=empty_counts(),
         tokenizer={"fingerprint": tokenizer_fingerprint(tok), "name_or_path": str(getattr(tok, "name_or_path", "")),
-                   "class": type(tok).__name__, "eos": tok.eos_token, "bos": tok.bos_token, "pad": tok.pad_token,
+                   "class": getattr(tok, "class_name", type(tok).__name__), "eos": tok.eos_token, "bos": tok.bos_token, "pad": tok.pad_token,
                    "chat_template_source": template_source(tok)},
     )
 

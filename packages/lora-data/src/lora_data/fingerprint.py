@@ -54,6 +54,14 @@ def fingerprint_parts(tokenizer: Any) -> dict[str, Any]:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A short sha256 hex digest (16 chars) of `fingerprint_parts(tokenizer)`; equal digests mean equal ids."""
+    """A short sha256 hex digest (16 chars) of `fingerprint_parts(tokenizer)`; equal digests mean equal ids.
+
+    A tokenizer that can answer from a cache keyed by its own files (`lora_data.tokenizer.FastTokenizer`) does.
+    """
+    cached = getattr(tokenizer, "cached_fingerprint", None)
+    return cached() if callable(cached) else compute_fingerprint(tokenizer)
+
+
+def compute_fingerprint(tokenizer: Any) -> str:
     blob = json.dumps(fingerprint_parts(tokenizer), sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:FINGERPRINT_CHARS]

@@ -15,7 +15,6 @@ normalizer changed the text; byte counts disagree) and tokenizers of other kinds
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any
@@ -41,9 +40,10 @@ class Encoder:
         if self.backend is None:
             raise DataError(f"{type(tokenizer).__name__} has no fast (Rust) backend; lora-data needs a tokenizer.json "
                             "(save the tokenizer with a fast class, e.g. PreTrainedTokenizerFast)", field="tokenizer")
-        spec = json.loads(self.backend.to_str())
-        decoder = (spec.get("decoder") or {}).get("type")
-        self.byte_level = decoder == "ByteLevel" and (spec.get("model") or {}).get("type") == "BPE"
+        from tokenizers import decoders, models
+
+        self.byte_level = isinstance(self.backend.decoder, decoders.ByteLevel) and isinstance(self.backend.model,
+                                                                                               models.BPE)
         self.normalizer = self.backend.normalizer
         self._batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         if self.byte_level:
