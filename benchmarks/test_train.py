@@ -77,10 +77,10 @@ def test_train_step(benchmark, bench_model_dir, backend, budget_gib):
                         lora_alpha=32, resume=False, **budget)
     fraction = common.cap_memory(budget_gib)
     impl, _ = select_backend(backend)
-    cfg = resolve(cfg, impl, rows=10**6)
-    micro = cfg.micro_batch_size
-    model, _tok = impl.load(cfg)
-    model = impl.add_lora(model, cfg)
+    plan = resolve(cfg, impl, rows=10**6)
+    micro = plan.micro
+    model, _tok = impl.load(cfg, plan)
+    model = impl.add_lora(model, cfg, plan)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
     batches = [collate_packed(packed_rows(micro, seed=s)) for s in range(4)]
@@ -110,6 +110,7 @@ def test_train_step(benchmark, bench_model_dir, backend, budget_gib):
         "tokens_per_s": real_per_step / benchmark.stats.stats.median,
         "real_tokens_per_step": real_per_step,
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / 1024**3,
+        "gradient_checkpointing": plan.recomputation(),
         "card": torch.cuda.get_device_name(0),
         "versions": {p: metadata.version(p) for p in ("torch", "transformers", "peft", "unsloth")
                      if importlib.util.find_spec(p.replace("-", "_"))},

@@ -20,15 +20,15 @@ def run(args, **kw):
 
 @pytest.fixture
 def fake_sft(monkeypatch, tmp_path):
-    """Replace lora_sft with a recorder (the CLI's plumbing is under test here, not training)."""
+    """Replace the runtime's front door with a recorder (the CLI's plumbing is under test here, not training)."""
     calls = []
 
-    def lora_sft(**kw):
-        calls.append(kw)
-        return SimpleNamespace(adapter_dir=kw["ckpt_output_dir"], merged_dir=None, metrics_path="m.jsonl",
+    def run(config):
+        calls.append({**config.to_dict(), "callbacks": config.callbacks})
+        return SimpleNamespace(adapter_dir=config.ckpt_output_dir, merged_dir=None, metrics_path="m.jsonl",
                                backend="peft", steps=3, final_loss=1.25)
 
-    monkeypatch.setattr(lora_runtime, "lora_sft", lora_sft)
+    monkeypatch.setattr(lora_runtime, "run", run)
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     return calls
@@ -119,7 +119,7 @@ def test_dry_run_prints_the_multi_node_torchrun_command():
     res = run([*BASE, "--gpus", "8", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29400",
                "--effective-batch-size", "256", "--micro-batch-size", "2", "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert "batch: micro 2 x 16 process(es) x accumulation 8 = effective 256" in res.output
+    assert "batch: micro 2 × 16 processes × accumulation 8 = effective 256 rows/step" in res.output
     cmd = res.output.split("would run: ", 1)[1].split()
     assert cmd[1:17] == ["-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1",
                          "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "lora-cli", "-m",
@@ -176,10 +176,10 @@ def test_model_path_is_checked_before_anything_loads(tmp_path):
 
 
 def test_errors_from_loading_are_one_line(fake_sft, monkeypatch):
-    def broken(**kw):
+    def broken(config):
         raise OSError("Can't load tokenizer for 'm'.\nMake sure that:\n- 'm' is a correct model identifier")
 
-    monkeypatch.setattr(lora_runtime, "lora_sft", broken)
+    monkeypatch.setattr(lora_runtime, "run", broken)
     res = CliRunner().invoke(main, BASE)
     assert res.exit_code == 1
     assert res.output == ("error: Can't load tokenizer for 'm'. Make sure that: - 'm' is a correct model "
@@ -194,10 +194,10 @@ def test_runtime_errors_with_a_fix_are_one_line_exit_1(monkeypatch, error):
                                          "another --output"),
            "oom": OutOfMemoryHint("out of memory in training step 4. Lower micro_batch_size (now 8)")}[error]
 
-    def lora_sft(**kw):
+    def run(config):
         raise exc
 
-    monkeypatch.setattr(lora_runtime, "lora_sft", lora_sft)
+    monkeypatch.setattr(lora_runtime, "run", run)
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     res = CliRunner().invoke(main, BASE)
@@ -205,7 +205,8 @@ def test_runtime_errors_with_a_fix_are_one_line_exit_1(monkeypatch, error):
     assert res.output.strip().splitlines()[-1] == f"error: {exc}" and "Traceback" not in res.output
 
 
-def test_shards_lend_their_row_length_unless_max_seq_len_is_given(fake_sft, tmp_path):
+def test_shard_row_length_is_left_to_the_runtime(fake_sft, tmp_path):
+    """`--shards D` and `lora_sft(model, D, out)` resolve the row length in one place (lora_runtime.data)."""
     from lora_data import Manifest, ShardWriter
 
     w = ShardWriter(tmp_path / "shards", seq_len=8, pad_id=0)
@@ -213,8 +214,8 @@ def test_shards_lend_their_row_length_unless_max_seq_len_is_given(fake_sft, tmp_
     Manifest(seq_len=8, pad_id=0, shards=[s.to_dict() for s in w.close()], tokenizer={"fingerprint": "x"}).save(
         tmp_path / "shards")
     base = ["train", "--model", "m", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "o")]
-    assert run(base).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 8
-    assert run([*base, "--max-seq-len", "16"]).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 16  # runtime refuses
+    assert run(base).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 2048
+    assert run([*base, "--max-seq-len", "16"]).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 16
 
 
 def test_merge_never_deletes_a_directory_it_did_not_write(tmp_path):

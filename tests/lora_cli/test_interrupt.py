@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -27,19 +28,19 @@ def shards(tmp_path, tiny_llama_dir):
 def test_sigint_saves_a_checkpoint_and_the_same_command_resumes(tiny_llama_dir, shards, tmp_path, monkeypatch):
     from transformers import TrainerCallback
 
-    real = lora_runtime.lora_sft
+    real = lora_runtime.run
 
     class SigintAtStep3(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3:
                 os.kill(os.getpid(), signal.SIGINT)  # what a Ctrl-C on the terminal delivers
 
-    def with_sigint(**kw):
-        return real(**{**kw, "callbacks": [SigintAtStep3(), *kw["callbacks"]]})
+    def with_sigint(config):
+        return real(dataclasses.replace(config, callbacks=[SigintAtStep3(), *config.callbacks]))
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(lora_runtime, "lora_sft", with_sigint)
+    monkeypatch.setattr(lora_runtime, "run", with_sigint)
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_llama_dir), "--shards", str(shards), "--output", str(out), "--backend",
             "peft", "--no-bf16", "--micro-batch-size", "1", "--max-steps", "6", "--save-steps", "100"]
@@ -51,7 +52,7 @@ def test_sigint_saves_a_checkpoint_and_the_same_command_resumes(tiny_llama_dir, 
     assert "adapter:  (none yet: stopped early" in res.output
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
 
-    monkeypatch.setattr(lora_runtime, "lora_sft", real)
+    monkeypatch.setattr(lora_runtime, "run", real)
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "6 steps" in res.output

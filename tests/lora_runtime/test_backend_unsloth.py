@@ -15,9 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lora_runtime.backends.unsloth import GIB, choose_gradient_checkpointing
+from lora_runtime.batching import GIB, plan_batch, unsloth_footprint
 from lora_runtime.collate import flatten_packed_batch
-from lora_runtime.config import LoraSftConfig
 
 QWEN15 = SimpleNamespace(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
@@ -54,22 +53,22 @@ def test_flatten_refuses_rows_not_starting_at_position_zero():
 
 
 @pytest.mark.parametrize(("model", "seq_len", "micro", "free_gib", "on"), [
-    (QWEN15, 2048, 8, 139, False),  # 16k tokens ≈ 35 GiB of activations: fits an H200
-    (QWEN15, 2048, 8, 24, True),  # a 24 GB card: recompute
-    (LLAMA8, 8192, 1, 139, False),  # 8B at 8k context, one row: ≈ 41 GiB + 15 GiB weights
+    (QWEN15, 2048, 8, 139, False),  # 16k tokens ≈ 30 GiB of activations: fits an H200
+    (QWEN15, 2048, 8, 24, True),  # a 24 GB card: recompute (some layers)
+    (LLAMA8, 8192, 1, 139, False),  # 8B at 8k context, one row: ≈ 36 GiB + 15 GiB weights
     (LLAMA8, 8192, 8, 139, True),  # 64k tokens of 8B activations do not fit
 ])
 def test_auto_gradient_checkpointing_follows_free_memory(model, seq_len, micro, free_gib, on):
-    cfg = LoraSftConfig("m", "d", "o", micro_batch_size=micro, max_seq_len=seq_len)
-    got, why = choose_gradient_checkpointing(cfg, model, free_gib * GIB)
-    assert got is on and ("auto → on" if on else "auto → off") in why and "GiB free" in why
+    choice = plan_batch(unsloth_footprint(model, False), seq_len=seq_len, budget=free_gib * GIB, micro=micro,
+                        gc="auto", quota=None, rows_per_rank=micro)
+    assert (choice.recomputed > 0) is on and ("auto → off" not in choice.reason) is on and "GiB of" in choice.reason
 
 
 @pytest.mark.parametrize("requested", [True, False])
 def test_explicit_gradient_checkpointing_is_obeyed(requested):
-    cfg = LoraSftConfig("m", "d", "o", gradient_checkpointing=requested)
-    assert choose_gradient_checkpointing(cfg, QWEN15, 1 * GIB) == (requested, f"gradient_checkpointing={requested} "
-                                                                             "requested")
+    choice = plan_batch(unsloth_footprint(QWEN15, False), seq_len=2048, budget=1 * GIB, micro=8, gc=requested,
+                        quota=None, rows_per_rank=8)
+    assert choice.recomputed == (QWEN15.num_hidden_layers if requested else 0)
 
 
 # ---------------------------------------------------------------------------------------------------- on a GPU

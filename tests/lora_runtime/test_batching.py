@@ -1,5 +1,7 @@
-"""micro_batch_size="auto" (lora_runtime.batching): sized from free GPU memory, 2 on a CPU, the optimizer math kept
-when effective_batch_size is set, the checkpoint's choice reused on resume (the CLI side: tests/lora_cli/test_micro_auto.py)."""
+"""The batch plan (lora_runtime.batching): micro_batch_size="auto" and gradient_checkpointing="auto" sized from the
+memory budget (free memory or max_memory_gib), recomputing only as many layers as needed; 2 rows on a CPU; the
+optimizer math kept when effective_batch_size is set; the checkpoint's choice reused on resume (the CLI side:
+tests/lora_cli/test_micro_auto.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from lora_runtime import ConfigError, LoraSftConfig
 from lora_runtime.backends.peft import PeftBackend
 from lora_runtime.batching import (
     GIB,
+    BatchPlan,
     Footprint,
     checkpointed_micro,
     peft_footprint,
@@ -27,43 +30,63 @@ LLAMA8 = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_l
 
 
 def plan(fp, free_gib, *, seq_len=2048, micro="auto", gc="auto", quota=None, rows=900):
-    return plan_batch(fp, seq_len=seq_len, free=free_gib * GIB, micro=micro, gc=gc, quota=quota, rows_per_rank=rows)
+    return plan_batch(fp, seq_len=seq_len, budget=free_gib * GIB, micro=micro, gc=gc, quota=quota, rows_per_rank=rows)
 
 
 @pytest.mark.parametrize(("model", "seq_len", "free_gib", "expect"), [
-    (QWEN15, 2048, 139, (8, False)),  # an H200: 16k tokens a pass without recomputation (measured 53.5k tok/s)
-    (QWEN15, 2048, 22, (8, True)),  # a 24 GB card: same pass, recompute
-    (QWEN15, 2048, 10, (3, True)),  # 10 GiB left: fewer rows, still recomputed
-    (LLAMA8, 8192, 139, (2, False)),  # 8B at 8k context: 2 rows = 16k tokens fit an H200 without recomputation
-    (LLAMA8, 8192, 60, (2, True)),
-    (LLAMA8, 2048, 24, (4, True)),  # 15 GiB of 8B weights on a 24 GB card
+    (QWEN15, 2048, 139, (8, 0)),  # an H200: 16k tokens a pass without recomputation (measured 53.5k tok/s)
+    (QWEN15, 2048, 24, (8, 14)),  # a 24 GB card: same pass, 14 of 28 layers recompute
+    (QWEN15, 2048, 16, (8, 21)),  # 16 GiB: 21 layers
+    (QWEN15, 2048, 7, (8, 28)),  # 7 GiB: every layer
+    (QWEN15, 2048, 6, (4, 28)),  # 6 GiB: fewer rows, every layer recomputed
+    (LLAMA8, 8192, 139, (2, 0)),  # 8B at 8k context: 2 rows = 16k tokens fit an H200 without recomputation
+    (LLAMA8, 8192, 40, (2, 25)),
+    (LLAMA8, 2048, 24, (8, 32)),  # 15 GiB of 8B weights on a 24 GB card
 ])
-def test_unsloth_auto_takes_the_largest_pass_that_fits(model, seq_len, free_gib, expect):
-    micro, on, why = plan(unsloth_footprint(model, False), free_gib, seq_len=seq_len)
-    assert (micro, on) == expect, why
-    assert f"micro_batch_size auto → {micro}" in why and f"{free_gib:.1f} GiB free" in why
+def test_unsloth_auto_takes_the_fastest_plan_that_fits(model, seq_len, free_gib, expect):
+    choice = plan(unsloth_footprint(model, False), free_gib, seq_len=seq_len)
+    assert (choice.micro, choice.recomputed) == expect, choice.reason
+    assert f"micro_batch_size auto → {choice.micro}" in choice.reason and f"of {free_gib:.1f} GiB" in choice.reason
+    fp = unsloth_footprint(model, False)
+    assert fp.need(choice.micro * seq_len, choice.recomputed) <= free_gib * GIB
+
+
+def test_more_memory_never_plans_a_slower_step():
+    """Every budget's plan recomputes no more layers (for the same rows) and passes no fewer rows than a smaller one."""
+    fp = unsloth_footprint(QWEN15, False)
+    plans = [plan(fp, gib) for gib in range(8, 60, 2)]
+    speeds = [c.micro / (8192 + c.micro * 2048 * (1 + 0.4 * c.recomputed / 28)) for c in plans]
+    assert speeds == sorted(speeds)
+    assert [c.recomputed for c in plans][-1] == 0 and plans[0].recomputed == 28
 
 
 def test_4bit_weights_leave_room_for_more():
-    bf16 = plan(unsloth_footprint(LLAMA8, False), 24)
-    four = plan(unsloth_footprint(LLAMA8, True), 24)
-    assert four[0] > bf16[0], (bf16, four)
+    bf16 = plan(unsloth_footprint(LLAMA8, False), 20)
+    four = plan(unsloth_footprint(LLAMA8, True), 20)
+    assert (four.micro, -four.recomputed) > (bf16.micro, -bf16.recomputed), (bf16, four)
 
 
 def test_nothing_fits_falls_back_to_one_row_recomputed_and_says_so():
-    micro, on, why = plan(unsloth_footprint(LLAMA8, False), 10)
-    assert (micro, on) == (1, True) and why.endswith("(does not fit: may OOM)")
+    choice = plan(unsloth_footprint(LLAMA8, False), 10)
+    assert (choice.micro, choice.recomputed) == (1, 32) and choice.reason.endswith("(does not fit: may OOM)")
 
 
 def test_effective_batch_size_gets_a_divisor_so_the_optimizer_step_is_unchanged():
-    fp = Footprint(weights=3 * GIB, per_token_off=2e6, per_token_on=1e5)
-    assert plan(fp, 139, quota=12)[:2] == (6, False)  # 12 rows per step per GPU → 6 a pass × accumulation 2
+    fp = Footprint(weights=3 * GIB, layers=28, per_token_layer=7e4, per_token_recomputed=0, per_token_working=1e5)
+    assert plan(fp, 139, quota=12)[:2] == (6, 0)  # 12 rows per step per GPU → 6 a pass × accumulation 2
+
+
+def test_footprint_counts_kept_and_recomputed_layers():
+    fp = Footprint(weights=0, layers=4, per_token_layer=10, per_token_recomputed=1, per_token_working=20,
+                   per_token_base=100)
+    assert [fp.per_token(k) for k in range(5)] == [140, 151, 142, 133, 124]
+    assert fp.peak(1000, True) == fp.peak(1000, 4) and fp.peak(1000, False) == fp.peak(1000, 0)
     assert plan(fp, 139, quota=7)[:2] == (7, False)
     assert plan(fp, 139, quota=5, seq_len=8192)[:2] == (1, False)  # cap 2 rows of 8k; 5 has no divisor 2
 
 
 def test_without_effective_batch_size_an_epoch_keeps_16_steps():
-    fp = Footprint(weights=0, per_token_off=1, per_token_on=1)
+    fp = Footprint(weights=0, layers=2, per_token_layer=1, per_token_recomputed=1, per_token_working=1)
     assert plan(fp, 139, rows=64)[0] == 4  # 64 rows / 16 steps
     assert plan(fp, 139, rows=10)[0] == 2  # never below training-hub's 2 for that reason
     assert plan(fp, 139, rows=10**6, seq_len=512)[0] == 32  # 16k tokens of short rows
@@ -71,27 +94,27 @@ def test_without_effective_batch_size_an_epoch_keeps_16_steps():
 
 def test_explicit_values_are_obeyed():
     fp = unsloth_footprint(QWEN15, False)
-    assert plan(fp, 139, micro=2, gc=True)[:2] == (2, True)
-    assert plan(fp, 10, micro=16, gc=False)[:2] == (16, False)  # asked for: kept, with the warning
-    assert plan(fp, 139, micro=16)[:2] == (16, False)
+    assert plan(fp, 139, micro=2, gc=True)[:2] == (2, 28)
+    assert plan(fp, 10, micro=16, gc=False)[:2] == (16, 0)  # asked for: kept, with the warning
+    assert plan(fp, 139, micro=16)[:2] == (16, 0)
 
 
 def test_peft_footprint_matches_its_h200_measurement():
     # backend="peft", micro 8 × 2048, checkpointing on: 32.4 GiB peak on the H200 (benchmarks/RESULTS.md)
-    need = peft_footprint(QWEN15, False).need(8 * 2048, True) / GIB
-    assert 32.4 <= need <= 32.4 * 1.4, need
+    peak = peft_footprint(QWEN15, False).peak(8 * 2048, True) / GIB
+    assert 32.4 * 0.85 <= peak <= 32.4 * 1.15, peak
 
 
 def test_resolve_on_cpu_is_training_hubs_two(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = resolve(LoraSftConfig("m", "d", str(tmp_path / "o")), PeftBackend(), rows=100)
-    assert out.micro_batch_size == 2 and out.gradient_checkpointing == "auto"
+    assert isinstance(out, BatchPlan) and (out.micro, out.accumulation, out.gradient_checkpointing) == (2, 1, False)
     assert "micro_batch_size: auto → 2 (training-hub's default" in capsys.readouterr().out
 
 
 def test_resolve_keeps_an_explicit_micro_batch(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve(LoraSftConfig("m", "d", str(tmp_path), micro_batch_size=5), PeftBackend(), 100).micro_batch_size == 5
+    assert resolve(LoraSftConfig("m", "d", str(tmp_path), micro_batch_size=5), PeftBackend(), 100).micro == 5
 
 
 def test_resume_reuses_the_micro_batch_the_checkpoint_recorded(tmp_path, capsys, monkeypatch):
@@ -99,12 +122,13 @@ def test_resume_reuses_the_micro_batch_the_checkpoint_recorded(tmp_path, capsys,
 
     root = checkpoint.checkpoints_dir(tmp_path)
     tmp = checkpoint.staging_dir(root, 3)
-    (tmp / "lora_sft_config.json").write_text(json.dumps({"micro_batch_size": 8}))
+    (tmp / "lora_sft_config.json").write_text(json.dumps({"micro_batch_size": "auto",
+                                                          "resolved": {"micro_batch_size": 8}}))
     checkpoint.commit(tmp, 3)
     cfg = LoraSftConfig("m", "d", str(tmp_path))
     assert checkpointed_micro(cfg) == 8
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # even where auto would say 2
-    assert resolve(cfg, PeftBackend(), rows=100).micro_batch_size == 8
+    assert resolve(cfg, PeftBackend(), rows=100).micro == 8
     assert "auto → 8, as recorded by the checkpoint" in capsys.readouterr().out
     assert checkpointed_micro(LoraSftConfig("m", "d", str(tmp_path / "fresh"))) is None
 
@@ -120,16 +144,17 @@ def test_auto_validation(kw, world, needle):
         LoraSftConfig("m", "d", "o", **kw).validate(world_size=world)
 
 
-def test_batch_plan_refuses_an_unresolved_auto():
+def test_a_fixed_plan_refuses_an_unresolved_auto():
+    from lora_runtime.batching import fixed_plan
+
     with pytest.raises(ValueError, match="decided when training starts"):
-        LoraSftConfig("m", "d", "o").batch_plan(1)
+        fixed_plan(LoraSftConfig("m", "d", "o"), 1)
 
 
 def test_effective_batch_size_is_honoured_on_a_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = resolve(LoraSftConfig("m", "d", str(tmp_path), effective_batch_size=9), PeftBackend(), rows=100)
-    micro, accum, effective = out.batch_plan(1)
-    assert (micro, accum, effective) == (1, 9, 9)  # 2 does not divide 9: training-hub's 2 → its largest divisor
+    assert (out.micro, out.accumulation, out.effective) == (1, 9, 9)  # 2 does not divide 9: training-hub's 2 → its largest divisor
 
 
 def test_with_effective_batch_size_resume_replans_instead_of_pinning(tmp_path, monkeypatch):
@@ -140,14 +165,16 @@ def test_with_effective_batch_size_resume_replans_instead_of_pinning(tmp_path, m
     checkpoint.commit(tmp, 3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = LoraSftConfig("m", "d", str(tmp_path), effective_batch_size=16)
-    assert resolve(cfg, PeftBackend(), rows=100).batch_plan(1) == (2, 8, 16)  # same rows per step as 8 × 2
+    out = resolve(cfg, PeftBackend(), rows=100)
+    assert (out.micro, out.accumulation, out.effective) == (2, 8, 16)  # same rows per step as 8 × 2
 
 
 def _fake_gpu(monkeypatch, free_gib):
     import lora_runtime.batching as batching
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(batching, "free_gpu_bytes", lambda config: free_gib * GIB)
+    monkeypatch.setattr(batching, "memory_budget", lambda config: (
+        free_gib * GIB if config.max_memory_gib is None else min(free_gib, config.max_memory_gib) * GIB, "free"))
 
 
 def test_resolve_on_a_gpu_plans_micro_and_checkpointing_for_unsloth(monkeypatch, capsys, tmp_path):
@@ -158,11 +185,15 @@ def test_resolve_on_a_gpu_plans_micro_and_checkpointing_for_unsloth(monkeypatch,
                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True).save_pretrained(tmp_path / "m")
     _fake_gpu(monkeypatch, 139)
     out = resolve(LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o")), UnslothBackend(), rows=900)
-    assert (out.micro_batch_size, out.gradient_checkpointing) == (8, False)
-    assert "memory plan: micro_batch_size auto → 8" in capsys.readouterr().out
-    _fake_gpu(monkeypatch, 10)
+    assert (out.micro, out.gradient_checkpointing, out.recomputed_layers) == (8, False, None)
+    assert "memory plan (free): micro_batch_size auto → 8" in capsys.readouterr().out
+    _fake_gpu(monkeypatch, 16)
     out = resolve(LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o")), UnslothBackend(), rows=900)
-    assert (out.micro_batch_size, out.gradient_checkpointing) == (3, True)
+    assert (out.micro, out.gradient_checkpointing, out.recomputed_layers) == (8, True, 21)
+    assert out.to_dict()["recomputed_layers"] == 21 and 0 < out.to_dict()["estimated_peak_gib"] < 16
+    _fake_gpu(monkeypatch, 6)
+    out = resolve(LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o")), UnslothBackend(), rows=900)
+    assert (out.micro, out.gradient_checkpointing, out.recomputed_layers) == (4, True, None)  # None: every layer
 
 
 def test_a_config_it_cannot_size_falls_back_to_two_and_says_why(monkeypatch, capsys, tmp_path):
@@ -171,13 +202,13 @@ def test_a_config_it_cannot_size_falls_back_to_two_and_says_why(monkeypatch, cap
     GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(tmp_path / "gpt2")  # no intermediate_size
     _fake_gpu(monkeypatch, 139)
     out = resolve(LoraSftConfig(str(tmp_path / "gpt2"), "d", str(tmp_path / "o")), PeftBackend(), rows=900)
-    assert out.micro_batch_size == 2 and "cannot size GPT2Config" in capsys.readouterr().out
+    assert out.micro == 2 and "cannot size GPT2Config" in capsys.readouterr().out
 
 
 def test_explicit_values_on_a_gpu_skip_the_plan(monkeypatch, tmp_path):
     _fake_gpu(monkeypatch, 139)  # a peft backend with micro given never reads the model config (none exists here)
     out = resolve(LoraSftConfig("no-such-model", "d", str(tmp_path), micro_batch_size=4), PeftBackend(), rows=9)
-    assert out.micro_batch_size == 4
+    assert out.micro == 4
 
 
 @pytest.mark.slow
@@ -196,7 +227,7 @@ def test_a_real_resume_with_auto_takes_the_interrupted_runs_micro_batch(tiny_lla
     assert "micro_batch_size: auto → 3, as recorded by the checkpoint" in log and "resuming from" in log
     assert resumed.steps == 4
     saved = json.loads((out / "lora_sft_config.json").read_text())
-    assert saved["micro_batch_size"] == 3 and saved["resolved"]["micro_batch_size"] == 3
+    assert saved["micro_batch_size"] == "auto" and saved["resolved"]["micro_batch_size"] == 3
 
 
 def test_moe_weights_count_every_expert():

@@ -83,8 +83,12 @@ def test_wrong_types_are_named():
 
 
 def test_batch_plan_derives_accumulation():
-    assert cfg(effective_batch_size=8, micro_batch_size=2).validate(world_size=1).batch_plan(1) == (2, 4, 8)
-    assert cfg(micro_batch_size=4, gradient_accumulation_steps=2).batch_plan(2) == (4, 2, 16)
+    from lora_runtime.batching import fixed_plan
+
+    plan = fixed_plan(cfg(effective_batch_size=8, micro_batch_size=2), 1)
+    assert (plan.micro, plan.accumulation, plan.effective) == (2, 4, 8)
+    plan = fixed_plan(cfg(micro_batch_size=4, gradient_accumulation_steps=2), 2)
+    assert (plan.micro, plan.accumulation, plan.effective) == (4, 2, 16)
     with pytest.raises(ConfigError, match="drop one of the two"):
         cfg(effective_batch_size=8, micro_batch_size=2, gradient_accumulation_steps=2).validate(world_size=1)
 

@@ -18,13 +18,15 @@ LENGTHS = (11, 17, 9)  # 37 tokens + 11 padding
 
 def _model(model_dir, attn: str):
     from lora_runtime.backends.peft import PeftBackend
+    from lora_runtime.batching import fixed_plan
 
     cfg = LoraSftConfig(str(model_dir), "unused", "unused", lora_r=4, init_lora_weights="gaussian", seed=1)
     backend = PeftBackend()
-    model, _ = backend.load(cfg)
+    plan = fixed_plan(cfg, 1, micro=1)
+    model, _ = backend.load(cfg, plan)
     if attn != "sdpa":
         model.set_attn_implementation(attn)
-    model = backend.add_lora(model, cfg)
+    model = backend.add_lora(model, cfg, plan)
     # gaussian init still leaves B at zero; give B values so the adapters change the outputs
     torch.manual_seed(0)
     with torch.no_grad():
@@ -98,14 +100,14 @@ def test_control_without_position_restart_leaks(tiny_llama_dir):
 def test_flattening_for_flash_varlen_keeps_every_token_loss(tiny_llama_dir):
     """flash_attention_2 is varlen only for one row, so the peft backend flattens [b, n] → [1, b·n] first; the hook
     must leave each token's loss unchanged (checked here on SDPA, which handles both shapes)."""
-    from lora_runtime.backends.peft import flatten_for_varlen
+    from lora_runtime.backends.base import flatten_hook
 
     model = _model(tiny_llama_dir, "sdpa")
     rows = [_packed_row(_samples()), _packed_row(_samples()[::-1])]
     batch = {k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "labels", "position_ids")}
     with torch.no_grad():
         plain = model(**batch).logits.reshape(1, -1, model.config.vocab_size)
-        handle = model.register_forward_pre_hook(flatten_for_varlen, with_kwargs=True)
+        handle = model.register_forward_pre_hook(flatten_hook(keep_seq_lengths=False), with_kwargs=True)
         flat = model(**batch)
         handle.remove()
     assert flat.logits.shape[:2] == (1, 2 * SEQ_LEN)

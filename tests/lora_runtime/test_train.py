@@ -169,6 +169,20 @@ def test_shards_packed_to_another_length_are_refused_before_training(tiny_llama_
     assert not (tmp_path / "out").exists()
 
 
+def test_the_default_max_seq_len_defers_to_the_shards(tiny_llama_dir, llama_shards, tmp_path, capsys):
+    """`lora_sft(model, SHARD_DIR, out)` trains at the shards' row length, as `lora-cli train --shards` does."""
+    import json
+
+    from lora_data import Manifest
+
+    run = {k: v for k, v in _runs.RUN.items() if k != "max_seq_len"}
+    result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "out"), **{**run, "max_steps": 1})
+    seq_len = Manifest.load(llama_shards).seq_len
+    assert result.steps == 1 and seq_len != 2048
+    assert f"max_seq_len={seq_len}, the row length the shards in {llama_shards} were packed to" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "lora_sft_config.json").read_text())["max_seq_len"] == seq_len
+
+
 @pytest.mark.parametrize("option", [{"train_on_inputs": True}, {"sample_packing": False}, {"overlong": "split"},
                                     {"field_messages": "conversation"}])
 def test_prepare_options_a_shard_dir_cannot_honour_are_refused(tiny_llama_dir, tmp_path, option):
@@ -200,7 +214,7 @@ def test_two_cpu_ranks_match_one_process(llama_run, tiny_llama_dir, llama_shards
            str(Path(__file__).parent / "_ddp_worker.py"), str(tiny_llama_dir), str(llama_shards), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("batch: micro 2 × 2 GPUs × accum 1 = effective 4") == 1  # rank 0 logs, rank 1 quiet
+    assert proc.stdout.count("batch: micro 2 × 2 processes × accumulation 1 = effective 4") == 1  # rank 0 logs, rank 1 quiet
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 25))  # one writer
     assert [r["loss"] for r in rows] == pytest.approx(_losses(llama_run[0]), abs=1e-4)

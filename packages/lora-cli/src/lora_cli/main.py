@@ -24,7 +24,6 @@ from lora_cli.options import (
     REQUIRED,
     ConfigFileError,
     config_options,
-    given_on_command_line,
     load_config_file,
     merge_values,
     passthrough_args,
@@ -150,8 +149,9 @@ def _print_plan(ctx: click.Context, cfg: LoraSftConfig, plan: launch.LaunchPlan,
                    f"{plan.world_size} process(es)" + (f", effective {cfg.effective_batch_size}"
                                                        if cfg.effective_batch_size else ""))
     else:
-        micro, accum, effective = cfg.batch_plan(plan.world_size)
-        click.echo(f"batch: micro {micro} x {plan.world_size} process(es) x accumulation {accum} = effective {effective}")
+        from lora_runtime.batching import fixed_plan
+
+        click.echo(f"batch: {fixed_plan(cfg, plan.world_size).describe()}")
     if launch.needs_launch(plan):
         click.echo("would run: " + " ".join(launch.torchrun_command(plan, passthrough_args(ctx, params))))
     else:
@@ -170,27 +170,12 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
             raise UserError(f"--shards {shards}: no manifest.json there; prepare it first with "
                             "`lora-cli prepare DATA.jsonl OUT_DIR --tokenizer MODEL_DIR --max-seq-len N`")
         kw["data_path"] = str(shards)
-    _inherit_seq_len(ctx, kw, file_values)
     missing = [n for n in REQUIRED if not kw.get(n)]
     if missing:
         names = {"model_path": "--model", "data_path": "--data or --shards", "ckpt_output_dir": "--output"}
         raise click.UsageError("missing " + ", ".join(names[n] for n in missing) + " (or set it in --config)")
     _check_model_path(kw["model_path"])
     return LoraSftConfig.from_dict(kw)
-
-
-def _inherit_seq_len(ctx: click.Context, kw: dict, file_values: dict) -> None:
-    """Shards are packed to one row length: unless --max-seq-len (or the config file) says otherwise, train at it.
-
-    An explicit value that differs is refused later by the runtime (records over the shards' length were dropped).
-    """
-    data = Path(str(kw.get("data_path", "")))
-    if given_on_command_line(ctx, "max_seq_len") or "max_seq_len" in file_values or not (data / "manifest.json").is_file():
-        return
-    from lora_data import Manifest
-
-    kw["max_seq_len"] = Manifest.load(data).seq_len
-    log.info("max_seq_len=%d inherited from %s/manifest.json", kw["max_seq_len"], data)
 
 
 def _check_model_path(model_path: str) -> None:
@@ -205,16 +190,18 @@ def _check_model_path(model_path: str) -> None:
 
 
 def _train_in_process(cfg: LoraSftConfig) -> int:
+    import dataclasses
     import os
 
     import lora_runtime
+    from lora_runtime.distributed import dist_env
 
-    if os.environ.get("LORA_CLI_CPU_WORKERS") and os.environ.get("RANK") == "0":
-        log.info("lora-cli: %s CPU worker processes with gloo (no GPU visible)", os.environ.get("WORLD_SIZE"))
+    rank0 = dist_env().is_main
+    if os.environ.get("LORA_CLI_CPU_WORKERS") and rank0:
+        log.info("lora-cli: %s CPU worker processes with gloo (no GPU visible)", dist_env().world_size)
     with StopRequest() as stop:
         callbacks = [*(cfg.callbacks or []), progress_callback(), stop.callback()]
-        result = lora_runtime.lora_sft(**{**cfg.to_dict(), "callbacks": callbacks})
-    rank0 = os.environ.get("RANK", "0") == "0"
+        result = lora_runtime.run(dataclasses.replace(cfg, callbacks=callbacks))
     if rank0:
         _print_result(result)
     if stop.requested:

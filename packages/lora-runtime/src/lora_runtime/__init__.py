@@ -10,9 +10,10 @@ from typing import Any
 
 from lora_runtime.config import ConfigError, LoraSftConfig
 
-__all__ = ["ConfigError", "LoraSftConfig", "TrainResult", "lora_sft", "merge_adapter"]
+__all__ = ["ConfigError", "LoraSftConfig", "TrainResult", "lora_sft", "merge_adapter", "run"]
 
-_LAZY = {"lora_sft": "lora_runtime.api", "TrainResult": "lora_runtime.api", "merge_adapter": "lora_runtime.merge"}
+_LAZY = {"lora_sft": "lora_runtime.api", "run": "lora_runtime.api", "TrainResult": "lora_runtime.api",
+         "merge_adapter": "lora_runtime.merge"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
-"""`lora_sft(model_path, data_path, ckpt_output_dir, **params) -> TrainResult`: the one-call entry point.
+"""`lora_sft(model_path, data_path, ckpt_output_dir, **params) -> TrainResult`: the one-call entry point, and
+`run(config)`, the front door it and `lora-cli train` both go through.
 
 Parameter names and defaults are training-hub's `lora_sft` (see LoraSftConfig for one line of help each), plus
 `backend`, `resume`, `save_merged`, `train_on_inputs`, `overlong`, `max_steps`, `gradient_checkpointing`, `optim`,
@@ -14,7 +15,7 @@ from typing import Any
 from lora_runtime.config import LoraSftConfig, check_known_keys
 from lora_runtime.loop import TrainResult
 
-__all__ = ["TrainResult", "lora_sft"]
+__all__ = ["TrainResult", "lora_sft", "run"]
 
 
 def _reject_unknown_kwargs(fn: Any) -> Any:
@@ -47,7 +48,8 @@ def lora_sft(
     bf16: bool = True, fp16: bool = False, tf32: bool | None = None, load_in_4bit: bool = False,
     load_in_8bit: bool = False, bnb_4bit_quant_type: str | None = None, bnb_4bit_compute_dtype: str | None = None,
     bnb_4bit_use_double_quant: bool | None = None, flash_attention: bool | None = None,
-    gradient_checkpointing: bool | str = "auto", enable_model_splitting: bool = False, sharding: str = "auto",
+    gradient_checkpointing: bool | str = "auto", max_memory_gib: float | None = None,
+    enable_model_splitting: bool = False, sharding: str = "auto",
     trust_remote_code: bool = False, finetune_vision_layers: bool = False, finetune_language_layers: bool = True,
     save_steps: int = 500, save_total_limit: int | None = 3, resume: bool = True, save_model: bool = True,
     save_merged: bool = False, eval_steps: int = 500, logging_steps: int = 1,
@@ -64,7 +66,15 @@ def lora_sft(
     Config → shards → backend → train. Raises ConfigError (every config problem at once), TokenizerMismatchError
     (shards prepared with another tokenizer), CheckpointError (resume=False on a directory with checkpoints).
     """
-    config = LoraSftConfig(**locals()).validate()  # first line: locals() are exactly the parameters here
+    return run(LoraSftConfig(**locals()))  # first line: locals() are exactly the parameters here
+
+
+def run(config: LoraSftConfig) -> TrainResult:
+    """Train as `config` says: validate → data (prepared and cached when raw) → backend → batch plan → train.
+
+    Raises ConfigError (every config problem at once), TokenizerMismatchError (shards prepared with another
+    tokenizer), CheckpointError (resume=False on a directory with checkpoints).
+    """
     from lora_runtime.backends import select_backend
     from lora_runtime.batching import resolve
     from lora_runtime.data import ensure_shards, open_datasets
@@ -72,11 +82,10 @@ def lora_sft(
     from lora_runtime.loop import train
     from lora_runtime.sharding import resolve_sharding
 
-    check_launch(config)
-    shards = ensure_shards(config)
+    check_launch(config.validate())
+    config, shards = ensure_shards(config)
     config = resolve_sharding(config)
-    backend_impl, reason = select_backend(config.backend, splitting=config.enable_model_splitting,
-                                          sharding=config.sharding)
-    config = resolve(config, backend_impl, rows=shards.manifest.rows)
-    train_data, eval_data = open_datasets(config, shards)
-    return train(config, backend_impl, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)
+    backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting, sharding=config.sharding)
+    plan = resolve(config, backend, rows=shards.manifest.rows)
+    train_data, eval_data = open_datasets(config, shards, plan)
+    return train(config, plan, backend, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)

@@ -1,10 +1,14 @@
-"""`micro_batch_size="auto"` and `gradient_checkpointing="auto"`, decided from the memory actually free.
+"""The batch plan: one `BatchPlan` (micro batch, accumulation, world size, which layers recompute) decided once per
+run, from the memory budget, and taken as given by the data path, the loop and the backends.
 
 Why a GPU wants bigger forward passes than training-hub's fixed micro batch of 2 (one H200, Qwen2.5-1.5B shape,
-rows of 2048 tokens, benchmarks/gpu/NOTES.md): 2 rows a pass ran 21.2k tokens/s, host-bound (~190 ms of Python and
-kernel launches a step for ~75 ms of GPU work); 8 rows ran 53.5k and 16 rows 55.6k. So on a GPU "auto" takes the
-largest micro batch of up to `TARGET_TOKENS` tokens a pass that fits, without recomputation when that fits too
-(recomputation is a third of the FLOPs). On a CPU, auto is training-hub's 2: a larger pass only costs RAM there.
+rows of 2048 tokens, benchmarks/RESULTS.md): 2 rows a pass is host-bound; 8 rows ran 2.2× faster. So on a GPU
+`micro_batch_size="auto"` takes the largest pass of up to `TARGET_TOKENS` tokens that fits the budget
+(`max_memory_gib`, default: the free memory), and `gradient_checkpointing="auto"` recomputes only as many decoder
+layers as the budget needs (recomputing a layer costs about `RECOMPUTE_COST` of its forward+backward time): between
+"recompute everything" and "recompute nothing" every count of layers is a step. The plan scores each
+(rows, recomputed layers) that fits by its estimated tokens/s and logs the winner with its arithmetic. On a CPU,
+auto is training-hub's 2 rows and no recomputation (a larger pass only costs RAM there).
 
 What it does to the optimizer step (rows per step = micro × accumulation × world):
 - with `effective_batch_size` set, nothing: auto picks a divisor of effective_batch_size / world, and the
@@ -14,13 +18,13 @@ What it does to the optimizer step (rows per step = micro × accumulation × wor
 A resumed run without effective_batch_size takes the micro batch its checkpoint recorded (the data order depends on
 it); with it, only micro × accumulation matters, so auto re-plans for the memory free now.
 
-    >>> fp = Footprint(weights=3e9, per_token_off=2.3e6, per_token_on=1.6e5)
-    >>> plan_batch(fp, seq_len=2048, free=139 * GIB, micro="auto", gc="auto", quota=None, rows_per_rank=900)[:2]
-    (8, False)
-    >>> plan_batch(fp, seq_len=2048, free=24 * GIB, micro="auto", gc="auto", quota=None, rows_per_rank=900)[:2]
-    (8, True)
-    >>> plan_batch(fp, seq_len=2048, free=139 * GIB, micro="auto", gc="auto", quota=12, rows_per_rank=900)[:2]
-    (6, False)
+    >>> fp = Footprint(weights=3e9, layers=28, per_token_layer=6e4, per_token_recomputed=0, per_token_working=1e5)
+    >>> plan_batch(fp, seq_len=2048, budget=139 * GIB, micro="auto", gc="auto", quota=None, rows_per_rank=900)[:2]
+    (8, 0)
+    >>> plan_batch(fp, seq_len=2048, budget=16 * GIB, micro="auto", gc="auto", quota=None, rows_per_rank=900)[:2]
+    (8, 19)
+    >>> plan_batch(fp, seq_len=2048, budget=139 * GIB, micro="auto", gc="auto", quota=12, rows_per_rank=900)[:2]
+    (6, 0)
 """
 
 from __future__ import annotations
@@ -29,26 +33,114 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from lora_runtime.config import LoraSftConfig
 
 GIB = 1024**3
-HEADROOM_BYTES = 6 * GIB  # CUDA context, allocator fragmentation, optimizer state, CE chunks
-ACT_MARGIN = 1.15  # over the estimates below, which matched measured H200 runs to ~4-15%
+CONTEXT_BYTES = 1 * GIB  # CUDA context + cuBLAS/flash workspaces: outside torch's allocator statistics
+FRAGMENTATION = 1.08  # allocator slack over the allocated peak the estimate predicts
+OVERHEAD_BYTES = 0.5 * GIB  # LoRA weights, their gradients and AdamW state, loss chunks, kernels' scratch
 TARGET_TOKENS = 16_384  # tokens a forward pass: past it the H200 measured +4% for 2× the memory
+STEP_OVERHEAD_TOKENS = 8_192  # a step's fixed host cost (launches, optimizer), in tokens of compute it equals
+RECOMPUTE_COST = 0.4  # one recomputed layer adds this fraction of its forward+backward time (measured 0.72× at all)
 MIN_STEPS_PER_EPOCH = 16
 CPU_MICRO = 2  # training-hub's default
 
 
 @dataclass(frozen=True)
+class BatchPlan:
+    """What one run trains with: rows per pass and per step, and which layers recompute their activations.
+
+    >>> p = BatchPlan(micro=4, accumulation=2, world_size=2, gradient_checkpointing=True, recomputed_layers=10)
+    >>> p.effective, p.describe(), p.recomputation()
+    (16, 'micro 4 × 2 processes × accumulation 2 = effective 16 rows/step', '10 layer(s)')
+    """
+
+    micro: int
+    accumulation: int
+    world_size: int
+    gradient_checkpointing: bool
+    recomputed_layers: int | None = None  # with checkpointing: how many decoder layers recompute (None: all)
+    reason: str = ""
+    estimated_peak_bytes: float | None = None  # the memory plan's estimate of torch's allocated peak
+
+    @property
+    def effective(self) -> int:
+        return self.micro * self.accumulation * self.world_size
+
+    def describe(self) -> str:
+        procs = f"{self.world_size} process{'es' if self.world_size > 1 else ''}"
+        return f"micro {self.micro} × {procs} × accumulation {self.accumulation} = effective {self.effective} rows/step"
+
+    def recomputation(self) -> str:
+        if not self.gradient_checkpointing:
+            return "off"
+        return "every layer" if self.recomputed_layers is None else f"{self.recomputed_layers} layer(s)"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved numbers, as recorded in lora_sft_config.json (`resolved`) and in every checkpoint."""
+        return {"micro_batch_size": self.micro, "gradient_accumulation_steps": self.accumulation,
+                "effective_batch_size": self.effective, "world_size": self.world_size,
+                "gradient_checkpointing": self.gradient_checkpointing, "recomputed_layers": self.recomputed_layers,
+                "estimated_peak_gib": None if self.estimated_peak_bytes is None
+                else round(self.estimated_peak_bytes / GIB, 2)}
+
+
+def fixed_plan(config: LoraSftConfig, world_size: int, micro: int | None = None, gc: bool | None = None,
+               recomputed_layers: int | None = None, reason: str = "",
+               estimated_peak_bytes: float | None = None) -> BatchPlan:
+    """The plan for a concrete micro batch (the config's when `micro` is None): accumulation derived from
+    effective_batch_size where set, and the whole batch arithmetic validated (ConfigError on a mismatch).
+
+    >>> from lora_runtime.config import LoraSftConfig
+    >>> fixed_plan(LoraSftConfig("m", "d", "o", effective_batch_size=8, micro_batch_size=2), 1).accumulation
+    4
+    """
+    micro = config.micro_batch_size if micro is None else micro
+    if micro == "auto":
+        raise ValueError("micro_batch_size='auto' is decided when training starts (lora_runtime.batching.resolve)")
+    dataclasses.replace(config, micro_batch_size=micro).validate(world_size=world_size)
+    if config.effective_batch_size is None:
+        accumulation = config.gradient_accumulation_steps
+    else:
+        accumulation = max(1, config.effective_batch_size // (micro * world_size))
+    on = bool(config.gradient_checkpointing is True) if gc is None else gc
+    return BatchPlan(int(micro), accumulation, world_size, on, recomputed_layers if on else None, reason,
+                     estimated_peak_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------- memory model
+@dataclass(frozen=True)
 class Footprint:
-    """GPU bytes of one training process: fixed (weights) + per token of a micro-batch, with and without checkpointing."""
+    """Bytes of one training process: weights + per token of a micro-batch, by how many layers recompute.
+
+    A kept layer holds `per_token_layer` bytes a token until backward; a recomputed one `per_token_recomputed`
+    (its input, or nothing when that is offloaded); while any layer recomputes, `per_token_working` more is live
+    (the layer being recomputed and its gradient). `per_token_base` is what no checkpointing saves (logits).
+    """
 
     weights: float
-    per_token_off: float
-    per_token_on: float
+    layers: int
+    per_token_layer: float
+    per_token_recomputed: float
+    per_token_working: float
+    per_token_base: float = 0.0
 
-    def need(self, tokens: int, gc: bool) -> float:
-        return self.weights + HEADROOM_BYTES + tokens * (self.per_token_on if gc else self.per_token_off)
+    def per_token(self, recomputed: int) -> float:
+        kept = self.layers - recomputed
+        return (self.per_token_base + kept * self.per_token_layer + recomputed * self.per_token_recomputed
+                + (self.per_token_working if recomputed else 0.0))
+
+    def peak(self, tokens: int, recomputed: int | bool) -> float:
+        """Estimated allocated peak (torch.cuda.max_memory_allocated) for a pass of `tokens`; True = every layer."""
+        k = self.layers if recomputed is True else int(recomputed)
+        return self.weights + OVERHEAD_BYTES + tokens * self.per_token(k)
+
+    def need(self, tokens: int, recomputed: int | bool) -> float:
+        """Device memory to reserve: the peak, allocator slack and the CUDA context."""
+        return self.peak(tokens, recomputed) * FRAGMENTATION + CONTEXT_BYTES
 
 
 def _dims(model_config: Any) -> tuple[int, int, int, int]:
@@ -57,11 +149,9 @@ def _dims(model_config: Any) -> tuple[int, int, int, int]:
 
 
 def layer_bytes_per_token(model_config: Any) -> float:
-    """bf16 activations one decoder layer keeps per token for backward (Unsloth's kernels).
-
-    Calibrated on an H200: Qwen2.5-1.5B shape, 16,384 tokens a step, no recomputation, peak 34.1 GiB with 3.3 GiB of
-    weights → 2.0 MB/token for 28 layers, against 28 × (10 × 1536 + 2.2 × 8960) × 2 B = 1.96 MB/token here.
-    """
+    """bf16 activations one decoder layer keeps per token for backward: the normed inputs of the attention and MLP
+    projections, q/k/v and the attention output and statistics (~10 × hidden), the MLP's gate and up outputs and
+    the SwiGLU product (~2.2 × intermediate with Unsloth's fused kernel), 2 bytes each."""
     h, i, _, _ = _dims(model_config)
     return (10 * h + 2.2 * i) * 2
 
@@ -81,60 +171,80 @@ def weight_bytes(model_config: Any, four_bit: bool) -> float:
 
 
 def unsloth_footprint(model_config: Any, four_bit: bool) -> Footprint:
-    """Unsloth: fused chunked cross-entropy (no full logits); with checkpointing, offloaded layer inputs, so about
-    two layers' activations live at once (measured: 1.7 GiB over the weights for 16k tokens of the 1.5B shape)."""
+    """Unsloth: fused chunked cross-entropy (no full logits); a recomputed layer's input is offloaded to the host, so
+    about two layers' activations are live while recomputing."""
     layer = layer_bytes_per_token(model_config)
-    n = _dims(model_config)[2]
-    return Footprint(weight_bytes(model_config, four_bit), n * layer * ACT_MARGIN, 2 * layer * ACT_MARGIN)
+    return Footprint(weight_bytes(model_config, four_bit), _dims(model_config)[2], per_token_layer=layer,
+                     per_token_recomputed=0.0, per_token_working=2 * layer)
 
 
 def peft_footprint(model_config: Any, four_bit: bool) -> Footprint:
     """transformers + PEFT: full logits in bf16, their fp32 copy and gradient (~12 B × vocab a token) dominate
-    (measured 32.4 GiB for 16k tokens of the 1.5B shape with checkpointing, where this says 35 GiB)."""
+    (measured 32.4 GiB for 16k tokens of the 1.5B shape with checkpointing); a recomputed layer keeps its input."""
     h, _, n, vocab = _dims(model_config)
-    layer, logits = layer_bytes_per_token(model_config), 12 * vocab
-    return Footprint(weight_bytes(model_config, four_bit), 1.5 * n * layer + logits, n * h * 2 + 2 * layer + logits)
+    layer = layer_bytes_per_token(model_config)
+    return Footprint(weight_bytes(model_config, four_bit), n, per_token_layer=1.5 * layer, per_token_recomputed=2 * h,
+                     per_token_working=2 * layer, per_token_base=12 * vocab)
 
 
-def plan_batch(footprint: Footprint, *, seq_len: int, free: float, micro: int | str, gc: bool | str,
-               quota: int | None, rows_per_rank: int) -> tuple[int, bool, str]:
-    """(micro, gradient checkpointing on?, reason). `quota` = effective_batch_size / world when that is set."""
+# ---------------------------------------------------------------------------------------------------- the search
+class Choice(NamedTuple):
+    micro: int
+    recomputed: int  # decoder layers that recompute (0: checkpointing off)
+    reason: str
+    peak: float  # estimated allocated peak, bytes
+
+
+def step_cost(tokens: int, recomputed: int, layers: int) -> float:
+    """A step's time in units of one token's forward+backward without recomputation."""
+    return STEP_OVERHEAD_TOKENS + tokens * (1 + RECOMPUTE_COST * recomputed / max(layers, 1))
+
+
+def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int | str, gc: bool | str,
+               quota: int | None, rows_per_rank: int) -> Choice:
+    """The fastest (micro, recomputed layers) whose `need` fits `budget` bytes. `quota` = effective_batch_size /
+    world when that is set (micro must divide it); gc True recomputes every layer, False none, "auto" any count."""
     if micro == "auto":
         cap = max(1, TARGET_TOKENS // seq_len)
         if quota is not None:
-            candidates = [m for m in range(min(cap, quota), 0, -1) if quota % m == 0]
+            rows = [m for m in range(min(cap, quota), 0, -1) if quota % m == 0]
             why_cap = f"a divisor of effective_batch_size/world = {quota}, up to {cap} rows = {TARGET_TOKENS:,} tokens"
         else:
             cap = min(cap, max(CPU_MICRO, rows_per_rank // MIN_STEPS_PER_EPOCH))
-            candidates = list(range(cap, 0, -1))
+            rows = list(range(cap, 0, -1))
             why_cap = (f"up to {cap} rows ({TARGET_TOKENS:,} tokens a pass, ≥ {MIN_STEPS_PER_EPOCH} steps an epoch "
                        f"of {rows_per_rank:,} rows)")
     else:
-        candidates, why_cap = [int(micro)], ""
-    modes = [False, True] if gc == "auto" else [bool(gc)]
-    for m in candidates:
-        for on in modes:
-            need = footprint.need(m * seq_len, on)
-            if need <= free:
-                return m, on, _reason(footprint, m, seq_len, on, need, free, micro, gc, why_cap)
-    m, on = candidates[-1], modes[-1]
-    need = footprint.need(m * seq_len, on)
-    return m, on, _reason(footprint, m, seq_len, on, need, free, micro, gc, why_cap) + " (does not fit: may OOM)"
+        rows, why_cap = [int(micro)], ""
+    n = footprint.layers
+    counts = list(range(n + 1)) if gc == "auto" else [n if gc else 0]
+    fits = [(m, k) for m in rows for k in counts if footprint.need(m * seq_len, k) <= budget]
+    if fits:  # fastest tokens/s; on a tie the larger pass, then the fewer recomputed layers
+        m, k = max(fits, key=lambda mk: (mk[0] * seq_len / step_cost(mk[0] * seq_len, mk[1], n), mk[0], -mk[1]))
+        tail = ""
+    else:
+        m, k, tail = rows[-1], counts[-1], " (does not fit: may OOM)"
+    return Choice(m, k, _reason(footprint, m, k, seq_len, budget, micro, gc, why_cap) + tail,
+                  footprint.peak(m * seq_len, k))
 
 
-def _reason(fp: Footprint, m: int, seq_len: int, on: bool, need: float, free: float, micro: Any, gc: Any,
-            why_cap: str) -> str:
-    parts = [f"micro_batch_size {'auto → ' if micro == 'auto' else ''}{m}"
-             + (f" ({why_cap})" if why_cap else ""),
-             f"gradient checkpointing {'auto → ' if gc == 'auto' else ''}{'on' if on else 'off'}"]
-    act = need - fp.weights - HEADROOM_BYTES
+def _reason(fp: Footprint, m: int, k: int, seq_len: int, budget: float, micro: Any, gc: Any, why_cap: str) -> str:
+    tokens = m * seq_len
+    parts = [f"micro_batch_size {'auto → ' if micro == 'auto' else ''}{m}" + (f" ({why_cap})" if why_cap else ""),
+             f"gradient checkpointing {'auto → ' if gc == 'auto' else ''}"
+             + ("off" if k == 0 else "on" if k == fp.layers else f"{k} of {fp.layers} layers")]
+    act = tokens * fp.per_token(k)
+    peak = fp.peak(tokens, k)
     numbers = (f"activations for {m} × {seq_len} tokens ≈ {act / GIB:.1f} GiB + weights {fp.weights / GIB:.1f} GiB + "
-               f"{HEADROOM_BYTES / GIB:.0f} GiB headroom = {need / GIB:.1f} GiB vs {free / GIB:.1f} GiB free")
+               f"{OVERHEAD_BYTES / GIB:.1f} GiB LoRA/optimizer = peak ≈ {peak / GIB:.1f} GiB; × {FRAGMENTATION} slack + "
+               f"{CONTEXT_BYTES / GIB:.0f} GiB context = {fp.need(tokens, k) / GIB:.1f} GiB of {budget / GIB:.1f} GiB")
     return "; ".join(parts) + f": {numbers}"
 
 
-def free_gpu_bytes(config: Any) -> float:
-    """Free memory this rank's GPU (all visible GPUs with model splitting), min over ranks under torchrun."""
+# ---------------------------------------------------------------------------------------------------- resolve
+def memory_budget(config: LoraSftConfig) -> tuple[float, str]:
+    """(bytes, words): max_memory_gib where set (never above the memory free), else the free memory of this rank's
+    GPU (all visible GPUs with model splitting); the minimum over ranks under torchrun."""
     import torch
 
     from lora_runtime.distributed import all_reduce_min, dist_env
@@ -143,15 +253,18 @@ def free_gpu_bytes(config: Any) -> float:
         free = sum(torch.cuda.mem_get_info(d)[0] for d in range(torch.cuda.device_count()))
     else:
         free = torch.cuda.mem_get_info(dist_env().local_rank)[0]
-    return all_reduce_min(float(free))
+    free = all_reduce_min(float(free))
+    if config.max_memory_gib is None:
+        return free, "free"
+    return min(free, config.max_memory_gib * GIB), f"max_memory_gib={config.max_memory_gib:g}"
 
 
-def resolve(config: Any, backend: Any, rows: int) -> Any:
-    """The config with micro_batch_size="auto" made concrete (and, where the backend decides it by memory, i.e.
-    unsloth on CUDA, gradient_checkpointing="auto" too), validated again and logged on rank 0.
+def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
+    """The run's BatchPlan: micro_batch_size="auto" and gradient_checkpointing="auto" made concrete from the memory
+    budget (on a GPU, where the backend can estimate its footprint), validated, and logged on rank 0.
 
-    Explicit values come back as given; a model config this module cannot size (no `intermediate_size`, ...) falls
-    back to training-hub's 2 with the reason logged.
+    Explicit values are kept; a model config this module cannot size (no `intermediate_size`, ...) gets
+    training-hub's 2 rows and the reason in the log.
     """
     from lora_runtime.distributed import dist_env, print0
 
@@ -163,12 +276,16 @@ def resolve(config: Any, backend: Any, rows: int) -> Any:
         if recorded is not None:
             print0(f"micro_batch_size: auto → {recorded}, as recorded by the checkpoint this run resumes")
             micro = recorded
-    gc = backend.checkpointing_mode(config) if hasattr(backend, "checkpointing_mode") else config.gradient_checkpointing
-    if micro != "auto" and gc != "auto":
-        return dataclasses.replace(config, micro_batch_size=micro).validate(world_size=world)
+    gc = config.gradient_checkpointing
     import torch
 
-    if torch.cuda.is_available() and hasattr(backend, "footprint"):
+    cuda = torch.cuda.is_available()
+    if gc == "auto" and not getattr(backend, "checkpointing_by_memory", False):
+        gc = cuda  # this backend's auto: on where CUDA memory is the limit, off on a CPU
+    if micro != "auto" and gc != "auto" and config.max_memory_gib is None:
+        return fixed_plan(config, world, micro, bool(gc), reason="as configured")
+    why = "no CUDA GPU to size it by"
+    if cuda and hasattr(backend, "footprint"):
         from transformers import AutoConfig
 
         model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
@@ -177,25 +294,30 @@ def resolve(config: Any, backend: Any, rows: int) -> Any:
         except AttributeError as e:  # a config without the fields the estimate reads (GPT-2 style names)
             why = f"cannot size {type(model_config).__name__} ({e})"
         else:
-            m, on, plan = plan_batch(footprint, seq_len=config.max_seq_len, free=free_gpu_bytes(config), micro=micro,
-                                     gc=gc, quota=quota, rows_per_rank=max(1, rows // world))
-            print0(f"memory plan: {plan}")
-            return dataclasses.replace(config, micro_batch_size=m, gradient_checkpointing=on).validate(world_size=world)
-    else:
-        why = "no CUDA GPU to size it by"
+            budget, source = memory_budget(config)
+            if config.max_memory_gib is not None:  # a hard cap too: this process cannot allocate past the budget
+                cap = torch.cuda.mem_get_info(dist_env().local_rank)[1]
+                torch.cuda.set_per_process_memory_fraction(min(1.0, budget / cap), dist_env().local_rank)
+            choice = plan_batch(footprint, seq_len=config.max_seq_len, budget=budget, micro=micro, gc=gc, quota=quota,
+                                rows_per_rank=max(1, rows // world))
+            print0(f"memory plan ({source}): {choice.reason}")
+            recomputed = None if choice.recomputed == footprint.layers else choice.recomputed
+            return fixed_plan(config, world, choice.micro, choice.recomputed > 0, recomputed, choice.reason,
+                              choice.peak)
     if micro == "auto":
         micro = max(m for m in range(1, CPU_MICRO + 1) if quota is None or quota % m == 0)
         print0(f"micro_batch_size: auto → {micro} (training-hub's default{' that divides the batch' if quota else ''}; "
                f"{why})")
-    return dataclasses.replace(config, micro_batch_size=micro).validate(world_size=world)
+    return fixed_plan(config, world, micro, gc is True, reason=why)
 
 
-def checkpointed_micro(config: Any) -> int | None:
+def checkpointed_micro(config: LoraSftConfig) -> int | None:
     """The micro batch stored in the checkpoint a resume would start from (None for a fresh run)."""
     from lora_runtime import checkpoint
 
     found = checkpoint.resume_point(config.ckpt_output_dir, resume=config.resume)
-    if found is None or not (found / "lora_sft_config.json").is_file():
+    if found is None or not (found / checkpoint.CONFIG_NAME).is_file():
         return None
-    value = json.loads(Path(found / "lora_sft_config.json").read_text()).get("micro_batch_size")
+    saved = json.loads(Path(found / checkpoint.CONFIG_NAME).read_text())
+    value = (saved.get("resolved") or {}).get("micro_batch_size", saved.get("micro_batch_size"))
     return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from lora_data.manifest import fsync_dir as _fsync_dir  # a module global, so fault-injection tests can patch it
 from lora_data.shards import sha256_file
@@ -31,6 +32,7 @@ MARKER = "COMPLETE"
 ADAPTER_SUMS = "adapter_checksums.json"  # next to the final adapter: sizes + sha256, checked before a merge
 ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json"]
 SUBDIR = "checkpoints"
+CONFIG_NAME = "lora_sft_config.json"  # the run's config + its resolved batch plan, in the run dir and every checkpoint
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -167,15 +169,28 @@ def rotate(root: str | Path, keep: int | None) -> list[Path]:
         os.replace(p, trash)
     _fsync_dir(Path(root))
     leftovers = [p for p in Path(root).glob(".deleting-checkpoint-*")]
-    leftovers += [p for p in Path(root).glob(".tmp-checkpoint-*") if _step(p) < complete[-1][0]]  # crashed saves
+    leftovers += [p for p in Path(root).glob(".tmp-checkpoint-*") if step_of(p) < complete[-1][0]]  # crashed saves
     for p in leftovers:
         shutil.rmtree(p, ignore_errors=True)
     return removed
 
 
-def _step(p: Path) -> int:
-    tail = p.name.rsplit("-", 1)[-1]
+def step_of(path: str | Path) -> int:
+    """The step in a `checkpoint-<step>` (or `.tmp-checkpoint-<step>`) name; -1 for any other name.
+
+    >>> step_of("out/checkpoints/checkpoint-40"), step_of(".tmp-checkpoint-7"), step_of("adapter")
+    (40, 7, -1)
+    """
+    tail = Path(path).name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else -1
+
+
+def run_record(config: Any, plan: Any, **resolved: Any) -> dict[str, Any]:
+    """What CONFIG_NAME holds: the config as given (secrets redacted), and under `resolved` the batch plan
+    (`BatchPlan.to_dict()`) and whatever else the run decided (backend, versions)."""
+    from lora_runtime.config import redacted
+
+    return {**redacted(config.to_dict()), "resolved": {**plan.to_dict(), **resolved}}
 
 
 def write_json_atomic(path: str | Path, obj: object) -> Path:

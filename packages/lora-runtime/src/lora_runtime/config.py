@@ -113,8 +113,12 @@ class LoraSftConfig:
     bnb_4bit_use_double_quant: bool | None = _f(None, "nested quantization of the 4-bit constants (default True)")
     flash_attention: bool | None = _f(
         None, "True: require FlashAttention varlen; False: SDPA with block-diagonal masks; None: best available")
-    gradient_checkpointing: bool | str = _f("auto", "recompute activations; auto = on for CUDA, off on CPU",
-                                            ["auto", True, False])
+    gradient_checkpointing: bool | str = _f(
+        "auto", "recompute activations; auto = as many layers as the memory budget needs on a GPU, off on a CPU",
+        ["auto", True, False])
+    max_memory_gib: float | None = _f(
+        None, "GPU memory budget per process in GiB; the batch plan fits it and the process is capped to it "
+        "(default: the free memory)")
     enable_model_splitting: bool = _f(False, "split one model across the visible GPUs (device_map='balanced')")
     sharding: str = _f("auto", "ddp: a full replica per GPU; fsdp: FSDP2 shards of weights, LoRA and optimizer state "
                        "per decoder layer; auto = fsdp when the bf16 base does not fit one GPU",
@@ -157,27 +161,11 @@ class LoraSftConfig:
             if isinstance(getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
 
-    # ------------------------------------------------------------------ batch arithmetic
+    # ------------------------------------------------------------------ launch size
     def world_size(self) -> int:
-        """WORLD_SIZE under torchrun, else nproc_per_node x nnodes, else 1."""
-        if os.environ.get("WORLD_SIZE"):
-            return int(os.environ["WORLD_SIZE"])
+        """The processes this config asks for before launch (nproc_per_node x nnodes); a running job's world size is
+        `lora_runtime.distributed.dist_env().world_size`, and its batch arithmetic `lora_runtime.batching.BatchPlan`."""
         return (self.nproc_per_node or 1) * (self.nnodes or 1)
-
-    def batch_plan(self, world_size: int | None = None) -> tuple[int, int, int]:
-        """(micro, accumulation, effective) with effective = micro x world x accumulation.
-
-        >>> LoraSftConfig("m", "d", "o", effective_batch_size=8, micro_batch_size=2).batch_plan(1)
-        (2, 4, 8)
-        """
-        world = world_size or self.world_size()
-        micro = self.micro_batch_size
-        if micro == "auto":
-            raise ValueError("micro_batch_size='auto' is decided when training starts (lora_runtime.batching.resolve); "
-                             "batch_plan needs the resolved config")
-        if self.effective_batch_size is None:
-            return micro, self.gradient_accumulation_steps, micro * world * self.gradient_accumulation_steps
-        return micro, max(1, self.effective_batch_size // (micro * world)), self.effective_batch_size
 
     # ------------------------------------------------------------------ validation
     def validate(self, world_size: int | None = None) -> LoraSftConfig:
@@ -191,7 +179,7 @@ class LoraSftConfig:
         if self.micro_batch_size != "auto" and (isinstance(self.micro_batch_size, str) or self.micro_batch_size <= 0):
             issues.append(f"`micro_batch_size` must be > 0 or 'auto', got {self.micro_batch_size!r}")
         for name in ["max_steps", "effective_batch_size", "save_total_limit", "per_device_eval_batch_size",
-                     "nproc_per_node", "nnodes"]:
+                     "nproc_per_node", "nnodes", "max_memory_gib"]:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 issues.append(f"`{name}` must be > 0 (or None), got {getattr(self, name)}")
         for name in ["warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers"]:

@@ -1,6 +1,7 @@
-"""`ensure_shards(config)`: make `data_path` a verified shard directory before any model is loaded.
+"""`ensure_shards(config) -> (config, Shards)`: make `data_path` a verified shard directory before any model is loaded.
 
-- a directory with `manifest.json` is used as is;
+- a directory with `manifest.json` is used as is; its row length is the run's `max_seq_len` unless the config asks
+  for another (the default defers to the shards, as `lora-cli train --shards` and `lora_sft(model, DIR, out)` both do);
 - a raw JSONL file is prepared through `lora_data.prepare` into `<cache>/<key>/`, where key = lora-data's cache key
   (sha256 of the file content, the tokenizer fingerprint and every preparation option); a second run reuses it;
 - either way the manifest's tokenizer fingerprint must equal the model tokenizer's (TokenizerMismatchError shows
@@ -16,10 +17,13 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_runtime.config import ConfigError, LoraSftConfig
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
+
+if TYPE_CHECKING:
+    from lora_runtime.batching import BatchPlan
 
 
 @dataclass(frozen=True)
@@ -29,17 +33,35 @@ class Shards:
     eval_dir: Path | None = None
 
 
-def ensure_shards(config: LoraSftConfig) -> Shards:
-    """Resolve train (and eval) data to verified shard dirs; prepares and caches raw JSONL."""
+def ensure_shards(config: LoraSftConfig) -> tuple[LoraSftConfig, Shards]:
+    """Resolve train (and eval) data to verified shard dirs (raw JSONL is prepared and cached); returns the config
+    with the shards' row length where it inherits it."""
     from transformers import AutoTokenizer
 
     init_process_group()
+    config = inherit_seq_len(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
     train_dir = resolve(config.data_path, "data_path", config, tokenizer)
     eval_dir = resolve(config.eval_data_path, "eval_data_path", config, tokenizer) if config.eval_data_path else None
     from lora_data import Manifest
 
-    return Shards(train_dir, Manifest.load(train_dir), eval_dir)
+    return config, Shards(train_dir, Manifest.load(train_dir), eval_dir)
+
+
+def inherit_seq_len(config: LoraSftConfig) -> LoraSftConfig:
+    """A shard dir is packed to one row length: train at it unless max_seq_len was set to something else (an explicit
+    other value is refused by `check_shards`: records over the shards' length were dropped or cut)."""
+    shard_dir = Path(config.data_path)
+    if not (shard_dir / "manifest.json").is_file():
+        return config
+    from lora_data import Manifest
+
+    seq_len = Manifest.load(shard_dir).seq_len
+    default = next(f.default for f in dataclasses.fields(LoraSftConfig) if f.name == "max_seq_len")
+    if seq_len == config.max_seq_len or config.max_seq_len != default:
+        return config
+    print0(f"max_seq_len={seq_len}, the row length the shards in {shard_dir} were packed to")
+    return dataclasses.replace(config, max_seq_len=seq_len)
 
 
 def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path:
@@ -158,14 +180,14 @@ def _cached(out: Path, key: str) -> bool:
     return (out / "manifest.json").is_file() and Manifest.load(out).cache_key == key
 
 
-def open_datasets(config: LoraSftConfig, shards: Shards) -> tuple[Any, Any]:
-    """(train, eval|None) PackedShardDatasets for this rank, laid out by the config's batch plan."""
+def open_datasets(config: LoraSftConfig, shards: Shards, plan: BatchPlan) -> tuple[Any, Any]:
+    """(train, eval|None) PackedShardDatasets for this rank, laid out by the batch plan."""
     from lora_runtime.dataset import PackedShardDataset
 
     env = dist_env()
-    micro, accum, _ = config.batch_plan(env.world_size)
+    micro = plan.micro
     train = PackedShardDataset(shards.train_dir, rank=env.rank, world_size=env.world_size, seed=config.seed,
-                               micro_batch_size=micro, grad_accum=accum)
+                               micro_batch_size=micro, grad_accum=plan.accumulation)
     evals = None
     if shards.eval_dir is not None:
         evals = PackedShardDataset(shards.eval_dir, rank=env.rank, world_size=env.world_size, seed=config.seed,

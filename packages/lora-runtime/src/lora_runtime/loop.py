@@ -1,4 +1,4 @@
-"""`train(config, backend, dataset) -> TrainResult`: transformers' Trainer on pre-packed rows.
+"""`train(config, plan, backend, dataset) -> TrainResult`: transformers' Trainer on pre-packed rows.
 
 The rows are already tokenized, masked and packed by lora-data; nothing here re-tokenizes or re-packs. The Trainer
 brings the LR schedule, warmup, clipping, weight decay, mixed precision, DDP and report_to integrations; this module
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_runtime import checkpoint
-from lora_runtime.config import LoraSftConfig, redacted
+from lora_runtime.config import LoraSftConfig
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
 from lora_runtime.metrics import (
     MetricsWriter,
@@ -28,9 +28,8 @@ from lora_runtime.metrics import (
 
 if TYPE_CHECKING:  # torch-heavy; imported where used so `import lora_runtime.api` stays light
     from lora_runtime.backends.base import Backend
+    from lora_runtime.batching import BatchPlan
     from lora_runtime.dataset import PackedShardDataset
-
-CONFIG_NAME = "lora_sft_config.json"
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class TrainResult:
     manifest: Any = None
 
 
-def train(config: LoraSftConfig, backend: Backend, dataset: PackedShardDataset,
+def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: PackedShardDataset,
           eval_dataset: PackedShardDataset | None = None, *, manifest: Any = None,
           backend_reason: str = "") -> TrainResult:
     """Load → LoRA → log the plan → Trainer.train (resuming when a complete checkpoint exists) → save outputs."""
@@ -59,30 +58,30 @@ def train(config: LoraSftConfig, backend: Backend, dataset: PackedShardDataset,
     start = time.time()
     env = init_process_group()
     resume_from = checkpoint.resume_point(config.ckpt_output_dir, resume=config.resume)
-    model, tokenizer = backend.load(config)
-    model = backend.add_lora(model, config)
+    model, tokenizer = backend.load(config, plan)
+    model = backend.add_lora(model, config, plan)
     precision = decide_precision(config)
     if config.sharding == "fsdp":
         from lora_runtime.sharding import shard_model
 
         model = shard_model(model, precision)
-    log_plan(config, backend, backend_reason, dataset, manifest, precision)
+    log_plan(config, plan, backend, backend_reason, dataset, manifest, precision)
     resume_step = None
     if resume_from is not None:
         data_state = json.loads((resume_from / "data_state.json").read_text())
         dataset.load_state_dict(data_state)
-        resume_step = int(resume_from.name.rsplit("-", 1)[1])
+        resume_step = checkpoint.step_of(resume_from)
         print0(f"resuming from {resume_from} (step {resume_step}, epoch {data_state['epoch']}, "
                f"row offset {data_state['offset']} on each rank)")
     metrics = MetricsWriter(Path(config.ckpt_output_dir) / "metrics.jsonl", resume_step=resume_step,
                             enabled=env.is_main)
     with reporting_env(config):
-        trainer = PackedTrainer(config=config, metrics=metrics, model=model, train_dataset=dataset,
-                                args=training_arguments(config, precision), eval_dataset=eval_dataset,
+        trainer = PackedTrainer(config=config, plan=plan, metrics=metrics, model=model, train_dataset=dataset,
+                                args=training_arguments(config, plan, precision), eval_dataset=eval_dataset,
                                 processing_class=tokenizer, callbacks=_callbacks(config.callbacks))
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.flush_tokens()
-    return finish(config, backend, trainer, tokenizer, manifest, start)
+    return finish(config, plan, backend, trainer, tokenizer, manifest, start)
 
 
 def decide_precision(config: LoraSftConfig) -> str:
@@ -109,18 +108,16 @@ def decide_precision(config: LoraSftConfig) -> str:
     return "fp32"
 
 
-def log_plan(config: LoraSftConfig, backend: Backend, reason: str, dataset: PackedShardDataset, manifest: Any,
-             precision: str) -> None:
+def log_plan(config: LoraSftConfig, plan: BatchPlan, backend: Backend, reason: str, dataset: PackedShardDataset,
+             manifest: Any, precision: str) -> None:
     """Rank 0 says what it decided: backend and why, batch arithmetic, tokens per step, packing, steps."""
-    env = dist_env()
-    micro, accum, effective = config.batch_plan(env.world_size)
+    effective = plan.effective
     seq_len = dataset.reader.seq_len
     eff = getattr(manifest, "packing_efficiency", None) or dataset.reader.manifest.packing_efficiency
     steps = dataset.steps_per_epoch()
     total = config.max_steps or steps * config.num_epochs
     print0(f"backend: {backend.name} ({reason or 'given'}); precision {precision}")
-    print0(f"batch: micro {micro} × {env.world_size} {'GPU' if env.world_size == 1 else 'GPUs'} × accum {accum} "
-           f"= effective {effective} rows/step")
+    print0(f"batch: {plan.describe()}; activation recomputation: {plan.recomputation()}")
     print0(f"tokens/step: {effective * seq_len:,} slots of seq_len {seq_len}, ~{int(effective * seq_len * eff):,} real "
            f"at packing efficiency {eff:.3f}")
     print0(f"data: {len(dataset.reader):,} rows → {steps:,} steps/epoch ({dataset.repeated_rows()} row(s) repeated to "
@@ -129,12 +126,12 @@ def log_plan(config: LoraSftConfig, backend: Backend, reason: str, dataset: Pack
         print0(f"reporting to: {', '.join(report_targets(config))}")
 
 
-def training_arguments(config: LoraSftConfig, precision: str) -> Any:
+def training_arguments(config: LoraSftConfig, plan: BatchPlan, precision: str) -> Any:
     """TrainingArguments for the packed path; checkpoint rotation and data skipping are ours."""
     import torch
     from transformers import TrainingArguments
 
-    micro, accum, _ = config.batch_plan(dist_env().world_size)
+    micro, accum = plan.micro, plan.accumulation
     targets = report_targets(config)
     return TrainingArguments(
         output_dir=str(checkpoint.checkpoints_dir(config.ckpt_output_dir)),
@@ -155,7 +152,7 @@ def training_arguments(config: LoraSftConfig, precision: str) -> Any:
     )
 
 
-def finish(config: LoraSftConfig, backend: Backend, trainer: Any, tokenizer: Any, manifest: Any,
+def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: Any, tokenizer: Any, manifest: Any,
            start: float) -> TrainResult:
     """Rank 0 writes adapter, tokenizer, resolved config, loss plot and (optionally) the merged model."""
     out = Path(config.ckpt_output_dir)
@@ -179,11 +176,8 @@ def finish(config: LoraSftConfig, backend: Backend, trainer: Any, tokenizer: Any
                 backend.save_adapter(trainer.model, out)
             checkpoint.seal(out, checkpoint.ADAPTER_FILES)
             tokenizer.save_pretrained(out)
-        micro, accum, effective = config.batch_plan(dist_env().world_size)
-        checkpoint.write_json_atomic(out / CONFIG_NAME, {
-            **redacted(config.to_dict()), "resolved": {"backend": backend.name, "micro_batch_size": micro,
-                                             "gradient_accumulation_steps": accum, "effective_batch_size": effective,
-                                             "world_size": dist_env().world_size, "versions": _versions()}})
+        checkpoint.write_json_atomic(out / checkpoint.CONFIG_NAME, checkpoint.run_record(
+            config, plan, backend=backend.name, versions=_versions()))
         plot = plot_loss(metrics_path, out / "loss.png")
         if config.save_merged and not stopped:
             source = adapter_dir or checkpoint.newest_complete(checkpoint.checkpoints_dir(out))

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_runtime.distributed import dist_env
+
 if TYPE_CHECKING:
     from lora_runtime.config import LoraSftConfig
 
@@ -148,7 +150,7 @@ def reporting_env(config: LoraSftConfig):
     old = {k: os.environ.get(k) for k in new}
     os.environ.update(new)
     try:
-        if "wandb" in report_targets(config) and int(os.environ.get("RANK", "0")) == 0:
+        if "wandb" in report_targets(config) and dist_env().is_main:
             _start_wandb(config)
         yield
     finally:

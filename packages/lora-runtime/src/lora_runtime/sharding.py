@@ -76,7 +76,7 @@ def decide(config: Any, world_size: int, *, cuda: bool, model_config: Any = None
         return "ddp", "auto: enable_model_splitting places the layers instead"
     if model_config is None or free_bytes is None:
         return "ddp", "auto: no model config or free memory to size it by (ddp)"
-    from lora_runtime.batching import GIB, HEADROOM_BYTES, peft_footprint
+    from lora_runtime.batching import GIB, peft_footprint
 
     try:
         fp = peft_footprint(model_config, four_bit=False)
@@ -85,10 +85,9 @@ def decide(config: Any, world_size: int, *, cuda: bool, model_config: Any = None
     micro = config.micro_batch_size if isinstance(config.micro_batch_size, int) else 1
     gc = config.gradient_checkpointing in ("auto", True)
     need = fp.need(micro * config.max_seq_len, gc)
-    act = need - fp.weights - HEADROOM_BYTES
+    act = fp.peak(micro * config.max_seq_len, gc) - fp.peak(0, gc)
     numbers = (f"bf16 base {fp.weights / GIB:.1f} GiB + activations of {micro} × {config.max_seq_len} tokens "
-               f"{act / GIB:.1f} GiB + {HEADROOM_BYTES / GIB:.0f} GiB headroom = {need / GIB:.1f} GiB vs "
-               f"{free_bytes / GIB:.1f} GiB free on one GPU")
+               f"{act / GIB:.1f} GiB, with overheads {need / GIB:.1f} GiB vs {free_bytes / GIB:.1f} GiB on one GPU")
     if need <= free_bytes:
         return "ddp", f"auto: a replica fits ({numbers}), so ddp"
     shard = per_gpu_weight_bytes(model_config, world_size, four_bit=False)
@@ -107,10 +106,10 @@ def resolve_sharding(config: Any) -> Any:
     if config.sharding == "auto" and cuda and world > 1 and not (config.load_in_4bit or config.load_in_8bit):
         from transformers import AutoConfig
 
-        from lora_runtime.batching import free_gpu_bytes
+        from lora_runtime.batching import memory_budget
 
         model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-        free = free_gpu_bytes(config)
+        free = memory_budget(config)[0]
     mode, reason = decide(config, world, cuda=cuda, model_config=model_config, free_bytes=free)
     print0(f"sharding: {mode} ({reason})")
     return dataclasses.replace(config, sharding=mode).validate(world_size=world)

@@ -29,8 +29,10 @@ from typing import Any
 from transformers import Trainer
 
 from lora_runtime import checkpoint, sharding
+from lora_runtime.batching import BatchPlan
+from lora_runtime.checkpoint import run_record
 from lora_runtime.collate import collate_packed
-from lora_runtime.config import LoraSftConfig, redacted
+from lora_runtime.config import LoraSftConfig
 from lora_runtime.dataset import EpochDataLoader
 from lora_runtime.distributed import all_reduce_sum, barrier
 from lora_runtime.errors import OutOfMemoryHint
@@ -38,9 +40,10 @@ from lora_runtime.metrics import MetricsWriter, metrics_row, peak_memory_bytes
 
 
 class PackedTrainer(Trainer):
-    def __init__(self, *args: Any, config: LoraSftConfig, metrics: MetricsWriter, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, config: LoraSftConfig, plan: BatchPlan, metrics: MetricsWriter,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.run_config, self.metrics = config, metrics
+        self.run_config, self.plan, self.metrics = config, plan, metrics
         self._tokens_local = 0  # real tokens on this rank since the last flush
         self._last_log: tuple[float, int] | None = None  # (time, tokens) at the last log; set at the first step
         self._paused, self._logged_at = 0.0, None  # eval/checkpoint seconds since the last log; when it was written
@@ -100,7 +103,7 @@ class PackedTrainer(Trainer):
         killed after saving it, before writing the adapter) would train a step past the end. Restore it instead."""
         planned = self.args.max_steps if self.args.max_steps > 0 else (
             self.train_dataset.steps_per_epoch() * math.ceil(self.args.num_train_epochs))
-        if resume_from_checkpoint and int(Path(resume_from_checkpoint).name.rsplit("-", 1)[1]) >= planned:
+        if resume_from_checkpoint and checkpoint.step_of(resume_from_checkpoint) >= planned:
             from transformers.trainer import TRAINER_STATE_NAME
             from transformers.trainer_callback import TrainerState
 
@@ -129,7 +132,7 @@ class PackedTrainer(Trainer):
         try:
             return super().training_step(*args, **kwargs)
         except torch.OutOfMemoryError as e:
-            raise OutOfMemoryHint(oom_hint(self.run_config, self.state.global_step + 1, e)) from e
+            raise OutOfMemoryHint(oom_hint(self.run_config, self.plan, self.state.global_step + 1, e)) from e
 
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
         n = inputs.pop("num_tokens", 0)
@@ -226,7 +229,7 @@ class PackedTrainer(Trainer):
         if self.args.should_save:
             self.state.save_to_json(str(tmp / TRAINER_STATE_NAME))
             checkpoint.write_json_atomic(tmp / "data_state.json", self.train_dataset.state_at(step))
-            checkpoint.write_json_atomic(tmp / "lora_sft_config.json", redacted(self.run_config.to_dict()))
+            checkpoint.write_json_atomic(tmp / checkpoint.CONFIG_NAME, run_record(self.run_config, self.plan))
         barrier()
         if self.args.should_save:
             checkpoint.commit(tmp, step)
@@ -234,12 +237,15 @@ class PackedTrainer(Trainer):
         barrier()
 
 
-def oom_hint(config: LoraSftConfig, step: int, error: BaseException) -> str:
+def oom_hint(config: LoraSftConfig, plan: BatchPlan, step: int, error: BaseException) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     quant = "" if config.load_in_4bit else "; load_in_4bit=True (QLoRA) to quarter the base weights' memory"
-    return (f"out of memory in training step {step} ({first}). Lower micro_batch_size (now {config.micro_batch_size}; "
+    budget = ("" if plan.estimated_peak_bytes is None else
+              f" The memory plan estimated a peak of {plan.estimated_peak_bytes / 1024**3:.1f} GiB; pass a lower "
+              "max_memory_gib to plan for less.")
+    return (f"out of memory in training step {step} ({first}). Lower micro_batch_size (now {plan.micro}; "
             f"set effective_batch_size to keep the optimizer step the same), lower max_seq_len (now "
-            f"{config.max_seq_len}; rows are packed to it){quant}; or gradient_checkpointing=True")
+            f"{config.max_seq_len}; rows are packed to it){quant}; or gradient_checkpointing=True.{budget}")
 
 
 def _allow_indexed_cpu_locations() -> None:

@@ -1,20 +1,23 @@
-"""The backend seam: how a model is loaded, gets LoRA adapters, is saved and merged.
+"""The backend seam: how a model is loaded and gets LoRA adapters. What both backends do alike lives here too.
 
 The training loop (`lora_runtime.loop`) only talks to this protocol; the peft backend (transformers + PEFT, CPU and
-CUDA) and the unsloth backend (FastLanguageModel, CUDA) implement it.
+CUDA) and the unsloth backend (FastLanguageModel, CUDA) implement it, and inherit from `BackendBase` what does not
+differ between them: saving the adapter, the merge, the bitsandbytes config, the batch-flattening hook and the
+per-layer recomputation switch.
 
 Contract for implementers:
-- `load(config)` returns `(model, tokenizer)`: a causal LM whose forward honours packed `position_ids` without an
-  attention mask (samples restart at position 0 and must not attend across; see lora_runtime.collate), with
+- `load(config, plan)` returns `(model, tokenizer)`: a causal LM whose forward honours packed `position_ids` without
+  an attention mask (samples restart at position 0 and must not attend across; see lora_runtime.collate), with
   `config.use_cache = False`, on the device it trains on; and the tokenizer saved next to the adapter.
-- `add_lora(model, config)` returns a `peft.PeftModel` with only LoRA parameters trainable, seeded by `config.seed`,
-  and gradient checkpointing set up as `config.gradient_checkpointing` asks (the loop never turns it on itself).
+- `add_lora(model, config, plan)` returns a `peft.PeftModel` with only LoRA parameters trainable, seeded by
+  `config.seed`, recomputing activations exactly as `plan` says (`plan.gradient_checkpointing`, and only
+  `plan.recomputed_layers` decoder layers where that is set); the loop never turns checkpointing on itself.
 - `save_adapter(model, out_dir)` writes `adapter_model.safetensors` + `adapter_config.json`, loadable with
   `peft.PeftModel.from_pretrained(base, out_dir)`.
 - `merge(adapter_dir, out_dir, config)` writes the merged full model (safetensors) + tokenizer to `out_dir`.
-- optional, for `micro_batch_size="auto"` on a GPU (lora_runtime.batching): `footprint(model_config, four_bit)`
-  → a `Footprint` (bytes: weights, per token with and without checkpointing), and `checkpointing_mode(config)` →
-  True / False, or "auto" where the backend lets the memory plan decide. Without them auto is 2.
+- for the memory plan on a GPU (lora_runtime.batching): `footprint(model_config, four_bit)` → a `Footprint`, and
+  `checkpointing_by_memory`: True where gradient_checkpointing="auto" may recompute any number of layers (else auto
+  is simply on with CUDA). Without `footprint`, micro_batch_size="auto" is 2.
 """
 
 from __future__ import annotations
@@ -22,20 +25,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from lora_runtime.collate import flatten_packed_batch
+
 if TYPE_CHECKING:
+    from lora_runtime.batching import BatchPlan, Footprint
     from lora_runtime.config import LoraSftConfig
+
+# Unsloth's default LoRA targets (every attention and MLP projection); used when target_modules is None.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @runtime_checkable
 class Backend(Protocol):
     name: str  # "peft" | "unsloth": recorded in TrainResult.backend and the logs
+    checkpointing_by_memory: bool
 
-    def load(self, config: LoraSftConfig) -> tuple[Any, Any]:
+    def load(self, config: LoraSftConfig, plan: BatchPlan) -> tuple[Any, Any]:
         """Base model (frozen, use_cache=False) and its tokenizer, from `config.model_path`."""
         ...
 
-    def add_lora(self, model: Any, config: LoraSftConfig) -> Any:
+    def add_lora(self, model: Any, config: LoraSftConfig, plan: BatchPlan) -> Any:
         """Wrap `model` in LoRA adapters (r, alpha, dropout, target_modules, rslora/dora, init, patterns)."""
+        ...
+
+    def footprint(self, model_config: Any, four_bit: bool) -> Footprint:
+        """GPU bytes of training this model: weights, and per token by how many layers recompute."""
         ...
 
     def save_adapter(self, model: Any, out_dir: str | Path) -> Path:
@@ -47,14 +61,71 @@ class Backend(Protocol):
         ...
 
 
-# Unsloth's default LoRA targets (every attention and MLP projection); used when target_modules is None.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+class BackendBase:
+    """What the backends share."""
+
+    name = "base"
+    checkpointing_by_memory = False
+
+    def save_adapter(self, model: Any, out_dir: str | Path) -> Path:
+        # Base weights never train (no modules_to_save), so a LoRA on lm_head/embeddings needs no copy of them.
+        model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
+        return Path(out_dir)
+
+    def merge(self, adapter_dir: str | Path, out_dir: str | Path, config: LoraSftConfig) -> Path:
+        """PEFT merge into the original (bf16) base: also right for a QLoRA adapter, and no 4-bit round trip."""
+        from lora_runtime.merge import merge_adapter
+
+        return merge_adapter(adapter_dir, config.model_path, out_dir, trust_remote_code=config.trust_remote_code)
 
 
-def wants_gradient_checkpointing(config: LoraSftConfig) -> bool:
-    """`auto`: on where CUDA memory is the limit, off on a CPU (where it only costs time)."""
-    if config.gradient_checkpointing == "auto":
-        import torch
+def quantization_config(config: LoraSftConfig, *, defaults_apply: bool = True) -> Any:
+    """A BitsAndBytesConfig for load_in_4bit / load_in_8bit (None without either). With `defaults_apply=False`, None
+    also when no bnb_4bit_* option is set (the backend's own 4-bit defaults are used then)."""
+    if not (config.load_in_4bit or config.load_in_8bit):
+        return None
+    bnb = (config.bnb_4bit_quant_type, config.bnb_4bit_compute_dtype, config.bnb_4bit_use_double_quant)
+    if not defaults_apply and all(v is None for v in bnb):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
 
-        return torch.cuda.is_available()
-    return bool(config.gradient_checkpointing)
+    if not torch.cuda.is_available():
+        raise RuntimeError("load_in_4bit/load_in_8bit need a CUDA GPU (bitsandbytes kernels); drop them on a CPU")
+    if config.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=config.bnb_4bit_quant_type or "nf4",
+        bnb_4bit_compute_dtype=getattr(torch, config.bnb_4bit_compute_dtype or "bfloat16"),
+        bnb_4bit_use_double_quant=True if config.bnb_4bit_use_double_quant is None else config.bnb_4bit_use_double_quant)
+
+
+def flatten_hook(*, keep_seq_lengths: bool) -> Any:
+    """A forward pre-hook: packed rows [b, n] → one padding-free row [1, b·n] (lora_runtime.collate). Unsloth reads the
+    boundaries from `packed_seq_lengths`; transformers' varlen path from the restarting `position_ids`."""
+
+    def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        new = None if args else flatten_packed_batch(kwargs)  # positional input_ids: leave the call alone
+        if new is None:
+            return None
+        if not keep_seq_lengths:
+            new.pop("packed_seq_lengths")
+        return args, new
+
+    return hook
+
+
+def limit_recomputation(model: Any, recomputed: int | None) -> int:
+    """Keep checkpointing on only the first `recomputed` decoder layers that have it (None: leave all); returns how
+    many layers recompute. Transformers' decoder layers (`GradientCheckpointingLayer`) read a per-layer flag.
+
+    The later layers keep their activations: backward reaches them first, so their memory is freed first.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if recomputed is None:
+        return len(layers)
+    for layer in layers[recomputed:]:
+        layer.gradient_checkpointing = False
+    return min(recomputed, len(layers))

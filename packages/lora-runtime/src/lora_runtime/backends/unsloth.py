@@ -12,9 +12,9 @@ plus three things of ours that make the packed path fast and correct:
 2. GQA varlen flash attention on torch builds whose `varlen_attn` lacks `enable_gqa` (torch 2.11): there Unsloth
    falls back to one SDPA launch per run of equal-length samples, 2.6× slower on real length spreads (measured on
    an H200, benchmarks/gpu/NOTES.md). We route it to aten's flash varlen kernel, which takes GQA natively.
-3. Gradient checkpointing "auto" decided from the memory actually free: recomputation is a third of the FLOPs, so
-   when the no-recompute activations of one micro-batch fit, it is off (×1.39 tokens/s measured), else Unsloth's
-   offloaded checkpointing. The decision and its numbers are logged.
+3. Recomputation as the batch plan decided it (lora_runtime.batching: from the memory budget, possibly only some
+   layers): Unsloth's offloaded checkpointing on `plan.recomputed_layers` layers, none when the activations fit
+   (×1.39 tokens/s measured without recomputation).
 
 Under torchrun, unsloth_zoo's patched `Trainer.get_batch_samples` all-gathers the batch's token count over NCCL;
 counted from CPU batches it failed on 2 H200s ("Tensors must be CUDA and dense"), so PackedTrainer moves each batch
@@ -28,41 +28,17 @@ from __future__ import annotations
 
 import importlib
 import sys
-from pathlib import Path
 from typing import Any
 
-from lora_runtime.backends.base import DEFAULT_TARGETS
-from lora_runtime.batching import GIB, Footprint, plan_batch, unsloth_footprint  # noqa: F401  (GIB: the doctest)
-from lora_runtime.collate import flatten_packed_batch
+from lora_runtime.backends.base import (
+    DEFAULT_TARGETS,
+    BackendBase,
+    flatten_hook,
+    quantization_config,
+)
+from lora_runtime.batching import BatchPlan, Footprint, unsloth_footprint
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.distributed import dist_env, print0
-
-
-def choose_gradient_checkpointing(config: LoraSftConfig, model_config: Any, free_bytes: int) -> tuple[bool, str]:
-    """(on?, reason) for a concrete micro batch. True/False are obeyed; "auto" is off when weights + one
-    micro-batch's activations fit (`lora_runtime.batching`, which also sizes micro_batch_size="auto").
-
-    >>> from types import SimpleNamespace as NS
-    >>> qwen = NS(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-    ...           num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
-    >>> cfg = LoraSftConfig("m", "d", "o", micro_batch_size=8)
-    >>> choose_gradient_checkpointing(cfg, qwen, 139 * GIB)[0], choose_gradient_checkpointing(cfg, qwen, 24 * GIB)[0]
-    (False, True)
-    """
-    if config.gradient_checkpointing != "auto":
-        on = bool(config.gradient_checkpointing)
-        return on, f"gradient_checkpointing={on} requested"
-    micro = config.batch_plan(dist_env().world_size)[0]
-    _, on, why = plan_batch(unsloth_footprint(model_config, config.load_in_4bit), seq_len=config.max_seq_len,
-                            free=free_bytes, micro=micro, gc="auto", quota=None, rows_per_rank=micro)
-    return on, why
-
-
-def _flatten_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    if args:  # positional input_ids: leave the call alone (the loop passes keywords)
-        return None
-    new = flatten_packed_batch(kwargs)
-    return None if new is None else (args, new)
 
 
 def patch_gqa_varlen() -> str:
@@ -87,47 +63,35 @@ def patch_gqa_varlen() -> str:
     return f"torch {torch.__version__}: varlen_attn lacks enable_gqa, packed attention → aten flash varlen (GQA)"
 
 
-class UnslothBackend:
+class UnslothBackend(BackendBase):
     name = "unsloth"
-
-    def __init__(self) -> None:
-        self.gradient_checkpointing: bool | None = None
+    checkpointing_by_memory = True
 
     def footprint(self, model_config: Any, four_bit: bool) -> Footprint:
         return unsloth_footprint(model_config, four_bit)
 
-    def checkpointing_mode(self, config: LoraSftConfig) -> bool | str:
-        return config.gradient_checkpointing  # "auto" is decided by memory
-
-    def load(self, config: LoraSftConfig) -> tuple[Any, Any]:
+    def load(self, config: LoraSftConfig, plan: BatchPlan) -> tuple[Any, Any]:
         import torch
 
         if not torch.cuda.is_available():
             raise RuntimeError("the unsloth backend needs a CUDA GPU; use backend='peft' on a CPU")
         import unsloth  # noqa: F401  (first: patches transformers/TRL in this process)
-        from transformers import AutoConfig
         from unsloth import FastLanguageModel
 
         print0(f"attention: {patch_gqa_varlen()}")
-        model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-        if config.gradient_checkpointing == "auto":  # lora_sft resolves it with the micro batch (batching.resolve)
-            free, _ = torch.cuda.mem_get_info()
-            self.gradient_checkpointing, why = choose_gradient_checkpointing(config, model_config, free)
-            print0(f"gradient checkpointing: {why}")
-        else:
-            self.gradient_checkpointing = bool(config.gradient_checkpointing)
+        quantization = quantization_config(config, defaults_apply=False)  # else Unsloth's own 4-bit defaults
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=config.model_path, max_seq_length=config.max_seq_len, dtype=self._dtype(config),
             load_in_4bit=config.load_in_4bit, load_in_8bit=config.load_in_8bit,
-            use_gradient_checkpointing="unsloth" if self.gradient_checkpointing else False,
+            use_gradient_checkpointing="unsloth" if plan.gradient_checkpointing else False,
             trust_remote_code=config.trust_remote_code, device_map=self._device_map(config),
-            **self._quantization(config))
+            **({"quantization_config": quantization} if quantization is not None else {}))
         model.config.use_cache = False
         print0(f"model: {type(model).__name__} from {config.model_path} via Unsloth "
                f"({'4-bit' if config.load_in_4bit else '8-bit' if config.load_in_8bit else 'bf16'} base)")
         return model, tokenizer
 
-    def add_lora(self, model: Any, config: LoraSftConfig) -> Any:
+    def add_lora(self, model: Any, config: LoraSftConfig, plan: BatchPlan) -> Any:
         from unsloth import FastLanguageModel
 
         targets = config.target_modules or DEFAULT_TARGETS
@@ -138,27 +102,25 @@ class UnslothBackend:
             extra["rank_pattern"] = dict(config.rank_pattern)
         if config.alpha_pattern:
             extra["alpha_pattern"] = dict(config.alpha_pattern)
+        layers = (getattr(model.config, "text_config", None) or model.config).num_hidden_layers
+        if plan.gradient_checkpointing and plan.recomputed_layers is not None:
+            # Unsloth's own partial checkpointing: these many layers (evenly spaced, ending at the last) keep their
+            # activations; its per-layer switch survives the re-arming that a plain per-layer flag would not
+            extra["checkpoint_skip_layers"] = layers - plan.recomputed_layers
         model = FastLanguageModel.get_peft_model(
             model, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
             target_modules=list(targets) if isinstance(targets, tuple | list) else targets,
-            use_gradient_checkpointing="unsloth" if self.gradient_checkpointing else False,
+            use_gradient_checkpointing="unsloth" if plan.gradient_checkpointing else False,
             random_state=config.seed, use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
             loftq_config=dict(config.loftq_config or {}), **extra)
-        model.register_forward_pre_hook(_flatten_hook, with_kwargs=True)
+        model.register_forward_pre_hook(flatten_hook(keep_seq_lengths=True), with_kwargs=True)
+        recomputing = "off" if not plan.gradient_checkpointing else (
+            f"on for {plan.recomputed_layers if plan.recomputed_layers is not None else layers} of {layers} layers")
         trainable, total = model.get_nb_trainable_parameters()
         print0(f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {sorted(targets)}: {trainable:,} trainable of "
-               f"{total:,}; packed rows flattened to one padding-free row per micro-batch")
+               f"{total:,}; packed rows flattened to one padding-free row per micro-batch; gradient checkpointing "
+               f"{recomputing}")
         return model
-
-    def save_adapter(self, model: Any, out_dir: str | Path) -> Path:
-        model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
-        return Path(out_dir)
-
-    def merge(self, adapter_dir: str | Path, out_dir: str | Path, config: LoraSftConfig) -> Path:
-        """PEFT merge into the original (bf16) base: also right for a QLoRA adapter, and no 4-bit round trip."""
-        from lora_runtime.merge import merge_adapter
-
-        return merge_adapter(adapter_dir, config.model_path, out_dir, trust_remote_code=config.trust_remote_code)
 
     @staticmethod
     def _dtype(config: LoraSftConfig) -> Any:
@@ -173,18 +135,3 @@ class UnslothBackend:
         if config.enable_model_splitting:
             return "balanced"
         return {"": dist_env().local_rank}
-
-    @staticmethod
-    def _quantization(config: LoraSftConfig) -> dict[str, Any]:
-        """An explicit BitsAndBytesConfig only when a bnb_4bit_* option is set (else Unsloth's own defaults)."""
-        if not config.load_in_4bit or all(v is None for v in (config.bnb_4bit_quant_type, config.bnb_4bit_compute_dtype,
-                                                               config.bnb_4bit_use_double_quant)):
-            return {}
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        return {"quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=config.bnb_4bit_quant_type or "nf4",
-            bnb_4bit_compute_dtype=getattr(torch, config.bnb_4bit_compute_dtype or "bfloat16"),
-            bnb_4bit_use_double_quant=True if config.bnb_4bit_use_double_quant is None
-            else config.bnb_4bit_use_double_quant)}
