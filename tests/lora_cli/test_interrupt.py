@@ -29,6 +29,7 @@ def test_sigint_saves_a_checkpoint_and_the_same_command_resumes(tiny_llama_dir, 
     from transformers import TrainerCallback
 
     real = lora_runtime.run
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN where the suite runs as a background job
 
     class SigintAtStep3(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -50,7 +51,7 @@ def test_sigint_saves_a_checkpoint_and_the_same_command_resumes(tiny_llama_dir, 
     assert (out / "checkpoints" / "checkpoint-3" / "COMPLETE").is_file()
     assert not (out / "adapter_model.safetensors").exists(), "a stopped run must not leave an adapter that looks final"
     assert "adapter:  (none yet: stopped early" in res.output
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the handler was put back
 
     monkeypatch.setattr(lora_runtime, "run", real)
     res = CliRunner().invoke(main, args)
