@@ -33,10 +33,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-if TYPE_CHECKING:
-    from lora_runtime.config import LoraSftConfig
+from lora_runtime.config import LoraSftConfig
 
 GIB = 1024**3
 CONTEXT_BYTES = 1 * GIB  # CUDA context + cuBLAS/flash workspaces: outside torch's allocator statistics
@@ -244,19 +243,38 @@ def _reason(fp: Footprint, m: int, k: int, seq_len: int, budget: float, micro: A
 # ---------------------------------------------------------------------------------------------------- resolve
 def memory_budget(config: LoraSftConfig) -> tuple[float, str]:
     """(bytes, words): max_memory_gib where set (never above the memory free), else the free memory of this rank's
-    GPU (all visible GPUs with model splitting); the minimum over ranks under torchrun."""
+    GPU (of the fullest visible GPU with model splitting: see `per_gpu`); the minimum over ranks under torchrun."""
     import torch
 
     from lora_runtime.distributed import all_reduce_min, dist_env
 
     if config.enable_model_splitting:
-        free = sum(torch.cuda.mem_get_info(d)[0] for d in range(torch.cuda.device_count()))
+        free = min(torch.cuda.mem_get_info(d)[0] for d in range(torch.cuda.device_count()))
     else:
         free = torch.cuda.mem_get_info(dist_env().local_rank)[0]
     free = all_reduce_min(float(free))
     if config.max_memory_gib is None:
         return free, "free"
     return min(free, config.max_memory_gib * GIB), f"max_memory_gib={config.max_memory_gib:g}"
+
+
+def per_gpu(footprint: Footprint, config: LoraSftConfig, model_config: Any, world: int) -> Footprint:
+    """What one GPU holds. FSDP: its shard of the weights (sharding.per_gpu_weight_bytes). Model splitting over n
+    GPUs: 1/n of the weights and of the layers' activations, and the logits whole, on the last GPU.
+
+    >>> fp = Footprint(weights=8e9, layers=32, per_token_layer=1e5, per_token_recomputed=0, per_token_working=2e5,
+    ...                per_token_base=1e6)
+    >>> four = per_gpu(fp, LoraSftConfig("m", "d", "o", enable_model_splitting=True), None, world=4)
+    >>> four.weights, four.per_token(0) == 1e6 + 8 * 1e5
+    (2000000000.0, True)
+    """
+    if config.sharding == "fsdp":
+        from lora_runtime.sharding import per_gpu_weight_bytes
+
+        return dataclasses.replace(footprint, weights=per_gpu_weight_bytes(model_config, world, config.load_in_4bit))
+    if config.enable_model_splitting and world > 1:
+        return dataclasses.replace(footprint, weights=footprint.weights / world, layers=-(-footprint.layers // world))
+    return footprint
 
 
 def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
@@ -290,7 +308,8 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
 
         model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
         try:
-            footprint = backend.footprint(model_config, config.load_in_4bit)
+            gpus = torch.cuda.device_count() if config.enable_model_splitting else world
+            footprint = per_gpu(backend.footprint(model_config, config.load_in_4bit), config, model_config, gpus)
         except AttributeError as e:  # a config without the fields the estimate reads (GPT-2 style names)
             why = f"cannot size {type(model_config).__name__} ({e})"
         else:

@@ -87,7 +87,7 @@ def decide(config: Any, world_size: int, *, cuda: bool, model_config: Any = None
     need = fp.need(micro * config.max_seq_len, gc)
     act = fp.peak(micro * config.max_seq_len, gc) - fp.peak(0, gc)
     numbers = (f"bf16 base {fp.weights / GIB:.1f} GiB + activations of {micro} × {config.max_seq_len} tokens "
-               f"{act / GIB:.1f} GiB, with overheads {need / GIB:.1f} GiB vs {free_bytes / GIB:.1f} GiB on one GPU")
+               f"{act / GIB:.1f} GiB, with overheads {need / GIB:.1f} GiB vs {free_bytes / GIB:.1f} GiB free on one GPU")
     if need <= free_bytes:
         return "ddp", f"auto: a replica fits ({numbers}), so ddp"
     shard = per_gpu_weight_bytes(model_config, world_size, four_bit=False)
