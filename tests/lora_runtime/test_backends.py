@@ -3,6 +3,7 @@ backend never imports unsloth in this process (it patches transformers/TRL)."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -76,3 +77,41 @@ def test_the_unsloth_probe_sees_only_this_ranks_gpu(monkeypatch, env, visible):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert backends._probe_env()["CUDA_VISIBLE_DEVICES"] == visible
+
+
+def test_the_unsloth_probe_runs_once_per_environment(monkeypatch, tmp_path):
+    """The child `import unsloth` (15-40 s) is cached by interpreter and package versions, not repeated per run."""
+    import subprocess
+
+    calls = []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(backends, "importlib_util_find_spec", lambda name: object())
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a) or subprocess.CompletedProcess(a, 0, "", ""))
+    monkeypatch.setattr(backends, "_probe_key", lambda: "python torch==2 unsloth==1")
+    try:
+        for _ in range(3):
+            backends.unsloth_importable.cache_clear()
+            ok, detail = backends.unsloth_importable()
+            assert ok and detail.startswith("unsloth imports cleanly")
+        assert len(calls) == 1 and "same versions" in detail
+        monkeypatch.setattr(backends, "_probe_key", lambda: "python torch==2 unsloth==2")  # an upgrade probes again
+        backends.unsloth_importable.cache_clear()
+        backends.unsloth_importable()
+        assert len(calls) == 2 and len(json.loads(backends.probe_cache_path().read_text())) == 2
+    finally:
+        backends.unsloth_importable.cache_clear()
+
+
+def test_unsloth_is_not_imported_first_where_the_run_may_not_use_it(monkeypatch):
+    """import_unsloth_first never patches a process that may train with peft (and on a CPU never tries)."""
+    import sys
+
+    from lora_runtime import LoraSftConfig
+
+    monkeypatch.setattr(backends, "unsloth_importable", lambda: pytest.fail("must not probe"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for kw in ({"backend": "peft"}, {"enable_model_splitting": True}, {"sharding": "fsdp"}):
+        backends.import_unsloth_first(LoraSftConfig("m", "d", "o", **kw))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # sharding="auto" under torchrun is decided later, from the model's size
+    backends.import_unsloth_first(LoraSftConfig("m", "d", "o"))
+    assert "unsloth" not in sys.modules

@@ -194,11 +194,13 @@ def _train_in_process(cfg: LoraSftConfig) -> int:
     import os
 
     import lora_runtime
+    import lora_runtime.backends
     from lora_runtime.distributed import dist_env
 
     rank0 = dist_env().is_main
     if os.environ.get("LORA_CLI_CPU_WORKERS") and rank0:
         log.info("lora-cli: %s CPU worker processes with gloo (no GPU visible)", dist_env().world_size)
+    lora_runtime.backends.import_unsloth_first(cfg)  # before the callbacks below import transformers
     with StopRequest() as stop:
         callbacks = [*(cfg.callbacks or []), progress_callback(), stop.callback()]
         result = lora_runtime.run(dataclasses.replace(cfg, callbacks=callbacks))

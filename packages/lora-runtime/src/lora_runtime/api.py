@@ -75,7 +75,7 @@ def run(config: LoraSftConfig) -> TrainResult:
     Raises ConfigError (every config problem at once), TokenizerMismatchError (shards prepared with another
     tokenizer), CheckpointError (resume=False on a directory with checkpoints).
     """
-    from lora_runtime.backends import select_backend
+    from lora_runtime.backends import import_unsloth_first, select_backend
     from lora_runtime.batching import resolve
     from lora_runtime.data import ensure_shards, open_datasets
     from lora_runtime.distributed import check_launch
@@ -83,6 +83,7 @@ def run(config: LoraSftConfig) -> TrainResult:
     from lora_runtime.sharding import resolve_sharding
 
     check_launch(config.validate())
+    import_unsloth_first(config)
     config, shards = ensure_shards(config)
     config = resolve_sharding(config)
     backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting, sharding=config.sharding)

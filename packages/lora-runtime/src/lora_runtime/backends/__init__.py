@@ -2,34 +2,118 @@
 
 `auto` picks unsloth only when CUDA is available AND unsloth imports cleanly (under torchrun too), and peft with
 enable_model_splitting (measured with transformers+PEFT only). Importing unsloth patches
-transformers and TRL process-wide, so the probe for `auto` runs in a subprocess when CUDA is present, and a peft
-run never imports it. (Unsloth also imports on a CPU, where it silently turns packing off: CUDA is checked first.)
+transformers and TRL process-wide, so the probe for `auto` runs in a subprocess when CUDA is present (once per
+environment: its answer is cached by package versions), and a peft run never imports it. A run that will use
+unsloth imports it before transformers (`import_unsloth_first`), as Unsloth asks. (Unsloth also imports on a CPU, where it silently turns packing off: CUDA is checked first.)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from functools import lru_cache
 from importlib.util import find_spec as importlib_util_find_spec
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_runtime.backends.base import Backend
 
-__all__ = ["Backend", "select_backend"]
+if TYPE_CHECKING:
+    from lora_runtime.config import LoraSftConfig
+
+__all__ = ["Backend", "import_unsloth_first", "select_backend"]
+
+
+PROBED_PACKAGES = ("unsloth", "unsloth_zoo", "torch", "transformers", "peft", "trl", "bitsandbytes", "triton")
 
 
 @lru_cache(maxsize=1)
 def unsloth_importable() -> tuple[bool, str]:
-    """(ok, detail) from `import unsloth` in a child process, so this process stays unpatched."""
+    """(ok, detail) from `import unsloth` in a child process, so this process stays unpatched. The answer is kept in
+    the user's cache (`probe_cache_path`) keyed by this interpreter and the versions of the packages involved, so
+    the 15-40 s child import happens once per environment, not once per run."""
+    if "unsloth" in sys.modules:
+        return True, "unsloth is imported in this process"
     if importlib_util_find_spec("unsloth") is None:
         return False, "unsloth is not installed (pip install 'lora-runtime[gpu]')"
+    key = _probe_key()
+    cached = _read_probe_cache().get(key)
+    if cached is not None:
+        return bool(cached["ok"]), f"{cached['detail']} (probed {cached['when']}, same versions)"
     probe = subprocess.run([sys.executable, "-c", "import unsloth"], capture_output=True, text=True, timeout=600,
                            env=_probe_env())
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        return False, f"`import unsloth` failed: {last}"
-    return True, "unsloth imports cleanly"
+        ok, detail = False, f"`import unsloth` failed: {last}"
+    else:
+        ok, detail = True, "unsloth imports cleanly"
+    _write_probe_cache(key, ok, detail)
+    return ok, detail
+
+
+def probe_cache_path() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "lora-sft" / "backend-probe.json"
+
+
+def _probe_key() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = []
+    for pkg in PROBED_PACKAGES:
+        try:
+            versions.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            versions.append(f"{pkg}==none")
+    return " ".join([sys.executable, *versions])
+
+
+def _read_probe_cache() -> dict:
+    try:
+        data = json.loads(probe_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_probe_cache(key: str, ok: bool, detail: str) -> None:
+    """Best effort (a read-only home only costs the next run another probe); written atomically."""
+    import datetime
+
+    data = {**_read_probe_cache(), key: {"ok": ok, "detail": detail,
+                                         "when": datetime.date.today().isoformat()}}
+    path = probe_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def import_unsloth_first(config: LoraSftConfig) -> None:
+    """Import unsloth before transformers, peft or trl are, where this run will train with it: Unsloth patches
+    them on import and warns ("should be imported before transformers, peft") that patches may not apply otherwise.
+
+    Only where the backend is already certain (CUDA, no model splitting, no sharding to decide) and the probe says
+    unsloth imports: a run that ends up on the peft backend must never carry Unsloth's patches.
+    """
+    from lora_runtime.distributed import dist_env
+
+    if config.backend == "peft" or config.enable_model_splitting or "unsloth" in sys.modules:
+        return
+    if config.sharding == "fsdp" or (config.sharding == "auto" and dist_env().world_size > 1):
+        return
+    if any(m in sys.modules for m in ("transformers", "peft", "trl")):
+        return  # too late to matter
+    import torch
+
+    if not torch.cuda.is_available() or (config.backend == "auto" and not unsloth_importable()[0]):
+        return
+    import unsloth  # noqa: F401
 
 
 def _probe_env() -> dict[str, str]:
