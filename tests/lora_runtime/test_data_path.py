@@ -110,3 +110,18 @@ def test_commit_never_overwrites_a_complete_checkpoint(tmp_path):
         final = checkpoint.commit(tmp, 3)
     assert (final / "f").read_bytes() == b"first"
     assert list(itertools.chain(tmp_path.glob(".tmp*"))) == []
+
+
+@pytest.mark.parametrize("lens", [[[3, 4], [8]], [[1, 1, 1], [2, 5]], [[6], [1]]])
+def test_collated_segment_lengths_equal_what_the_positions_say(lens):
+    """The collator's host-side `packed_seq_lengths` (no GPU sync) are exactly the restarts of `position_ids`."""
+    import torch
+    from lora_runtime.collate import flatten_packed_batch
+
+    rows = [{"input_ids": np.arange(8), "loss_mask": np.ones(8), "seq_lens": np.array(r)} for r in lens]
+    batch = collate_packed(rows)
+    derived = flatten_packed_batch({k: batch[k] for k in ("input_ids", "position_ids", "labels")})
+    assert batch["packed_seq_lengths"].dtype == torch.int32 and batch["packed_seq_lengths"].device.type == "cpu"
+    assert batch["packed_seq_lengths"].tolist() == derived["packed_seq_lengths"].tolist()
+    given = flatten_packed_batch({k: batch[k] for k in ("input_ids", "position_ids", "labels", "packed_seq_lengths")})
+    assert given["packed_seq_lengths"] is batch["packed_seq_lengths"] and given["input_ids"].shape == (1, 16)

@@ -14,6 +14,9 @@ One row of seq_len 8 holding sample A (3 tokens) and sample B (4 tokens), then o
   and no KV cache, transformers turns these restarts into a block-diagonal causal mask (SDPA/eager) or varlen
   `cu_seq_lens` (FlashAttention), so B never attends to A. tests/lora_runtime/test_packing.py proves it.
 - `num_tokens` counts the real (non-pad) tokens of the batch, for tokens/s; the trainer pops it before forward.
+- `packed_seq_lengths` lists every segment of the batch, row after row (pad tails included), as an int32 CPU tensor:
+  what a padding-free forward over the flattened batch needs (`flatten_packed_batch`), computed here on the host so
+  the GPU never has to be asked for it (a device-to-host sync in every forward). The trainer keeps it on the CPU.
 """
 
 from __future__ import annotations
@@ -62,12 +65,22 @@ def collate_packed(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     lab = np.stack([labels(r["input_ids"], r["loss_mask"], r["seq_lens"]) for r in rows])
     pos = np.stack([position_ids(r["seq_lens"], seq_len) for r in rows])
     real = int(sum(int(np.sum(r["seq_lens"])) for r in rows))
+    segments = [n for r in rows for n in _segments(r["seq_lens"], seq_len)]
     return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(lab),
-            "position_ids": torch.from_numpy(pos), "num_tokens": real}
+            "position_ids": torch.from_numpy(pos), "num_tokens": real,
+            "packed_seq_lengths": torch.tensor(segments, dtype=torch.int32)}
+
+
+def _segments(seq_lens: Sequence[int], seq_len: int) -> list[int]:
+    """A row's samples and its padding tail (one more segment), as `position_ids` restarts mark them."""
+    lens = [int(n) for n in seq_lens]
+    used = sum(lens)
+    return [*lens, seq_len - used] if used < seq_len else lens
 
 
 def flatten_packed_batch(kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """Rows [b, n] with per-sample `position_ids` → one row [1, b·n] + `packed_seq_lengths` (int32, CPU).
+    """Rows [b, n] with per-sample `position_ids` → one row [1, b·n] + `packed_seq_lengths` (int32, CPU). Lengths
+    the collator computed are kept; only without them are they read off `position_ids` (a sync on a GPU).
 
     None when there is nothing to do (no position ids, an attention mask, already one row with lengths).
 
@@ -82,18 +95,21 @@ def flatten_packed_batch(kwargs: dict[str, Any]) -> dict[str, Any] | None:
     ids, pos = kwargs.get("input_ids"), kwargs.get("position_ids")
     if ids is None or pos is None or ids.dim() != 2 or kwargs.get("attention_mask") is not None:
         return None
-    if kwargs.get("packed_seq_lengths") is not None:
+    given = kwargs.get("packed_seq_lengths")
+    if given is not None and ids.shape[0] == 1:
         return None
+    out = dict(kwargs)
+    out["input_ids"] = ids.reshape(1, -1)
+    out["position_ids"] = pos.reshape(1, -1)
+    if kwargs.get("labels") is not None:
+        out["labels"] = kwargs["labels"].reshape(1, -1)
+    if given is not None:
+        return out
     flat_pos = pos.reshape(-1)
     starts = torch.nonzero(flat_pos == 0).flatten()
     if starts.numel() == 0 or int(starts[0]) != 0:
         raise ValueError("packed rows: position_ids must start each row at 0 (lora_runtime.collate builds them); "
                          f"got {pos[:, :4].tolist()}")
     ends = torch.cat([starts[1:], starts.new_tensor([flat_pos.numel()])])
-    out = dict(kwargs)
-    out["input_ids"] = ids.reshape(1, -1)
-    out["position_ids"] = pos.reshape(1, -1)
-    if kwargs.get("labels") is not None:
-        out["labels"] = kwargs["labels"].reshape(1, -1)
     out["packed_seq_lengths"] = (ends - starts).to("cpu", torch.int32)
     return out

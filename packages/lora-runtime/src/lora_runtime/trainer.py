@@ -51,7 +51,8 @@ class PackedTrainer(Trainer):
     # ------------------------------------------------------------------ data
     def _loader(self, dataset: Any, batch_size: int) -> EpochDataLoader:
         return EpochDataLoader(dataset, batch_size=batch_size, collate_fn=collate_packed,
-                               num_workers=self.args.dataloader_num_workers, pin_memory=False)
+                               num_workers=self.args.dataloader_num_workers,
+                               pin_memory=self.args.device.type == "cuda")
 
     def get_train_dataloader(self) -> EpochDataLoader:
         return self._loader(self.train_dataset, self.args.per_device_train_batch_size)
@@ -59,6 +60,23 @@ class PackedTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset: Any = None) -> EpochDataLoader:
         return self._loader(eval_dataset if eval_dataset is not None else self.eval_dataset,
                             self.args.per_device_eval_batch_size)
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`packed_seq_lengths` stays on the CPU, where the padding-free forward reads it (no device sync)."""
+        inputs = dict(inputs)
+        lengths = inputs.pop("packed_seq_lengths", None)
+        out = super()._prepare_inputs(inputs)
+        if lengths is not None:
+            out["packed_seq_lengths"] = lengths
+        return out
+
+    def _prepare_input(self, data: Any) -> Any:
+        """Pinned batches go to the GPU without blocking the host (the copy is ordered on the compute stream)."""
+        import torch
+
+        if isinstance(data, torch.Tensor) and data.device.type == "cpu" and self.args.device.type == "cuda":
+            return data.to(self.args.device, non_blocking=data.is_pinned())
+        return super()._prepare_input(data)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any = None, *args: Any,
                           **kwargs: Any) -> Any:

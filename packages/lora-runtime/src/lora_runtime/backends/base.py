@@ -100,16 +100,22 @@ def quantization_config(config: LoraSftConfig, *, defaults_apply: bool = True) -
         bnb_4bit_use_double_quant=True if config.bnb_4bit_use_double_quant is None else config.bnb_4bit_use_double_quant)
 
 
-def flatten_hook(*, keep_seq_lengths: bool) -> Any:
+def flatten_hook(*, keep_seq_lengths: bool, flatten: bool = True) -> Any:
     """A forward pre-hook: packed rows [b, n] → one padding-free row [1, b·n] (lora_runtime.collate). Unsloth reads the
-    boundaries from `packed_seq_lengths`; transformers' varlen path from the restarting `position_ids`."""
+    boundaries from `packed_seq_lengths`; transformers' varlen path from the restarting `position_ids`. With
+    `flatten=False` the rows stay as they are (SDPA/eager derive block-diagonal masks per row) and the collator's
+    `packed_seq_lengths` is only taken out of the call."""
 
     def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        new = None if args else flatten_packed_batch(kwargs)  # positional input_ids: leave the call alone
-        if new is None:
+        if args:  # positional input_ids: leave the call alone
             return None
+        new = flatten_packed_batch(kwargs) if flatten else None
+        if new is None:
+            if "packed_seq_lengths" not in kwargs or keep_seq_lengths:
+                return None
+            new = dict(kwargs)
         if not keep_seq_lengths:
-            new.pop("packed_seq_lengths")
+            new.pop("packed_seq_lengths", None)
         return args, new
 
     return hook

@@ -80,8 +80,9 @@ class PeftBackend(BackendBase):
             rank_pattern=dict(config.rank_pattern or {}), alpha_pattern=dict(config.alpha_pattern or {}),
             loftq_config=LoftQConfig(**config.loftq_config) if config.loftq_config else {})
         model = get_peft_model(model, lora)
-        if getattr(model.config, "_attn_implementation", None) == "flash_attention_2":
-            model.register_forward_pre_hook(flatten_hook(keep_seq_lengths=False), with_kwargs=True)
+        varlen = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
+        model.register_forward_pre_hook(flatten_hook(keep_seq_lengths=False, flatten=varlen), with_kwargs=True)
+        if varlen:
             print0("attention: flash_attention_2 varlen; each micro-batch is flattened to one padding-free row")
         recomputing = "off"
         if gc:
