@@ -106,11 +106,10 @@ def test_train_step(benchmark, bench_model_dir, backend, budget_gib):
     real_per_step = state["tokens"] / 8
     benchmark.extra_info.update({
         "budget_gib": budget_gib, "memory_fraction": fraction, "micro_batch_size": micro,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "gradient_checkpointing": plan.recomputation(), "estimated_peak_gib": plan.to_dict()["estimated_peak_gib"],
         "tokens_per_s": real_per_step / benchmark.stats.stats.median,
         "real_tokens_per_step": real_per_step,
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / 1024**3,
-        "gradient_checkpointing": plan.recomputation(),
         "card": torch.cuda.get_device_name(0),
         "versions": {p: metadata.version(p) for p in ("torch", "transformers", "peft", "unsloth")
                      if importlib.util.find_spec(p.replace("-", "_"))},
