@@ -41,7 +41,7 @@ def test_raw_jsonl_is_prepared_once_and_reused_with_eval_and_reporting(raw, tiny
     mtime = (cached[0] / "manifest.json").stat().st_mtime_ns
     capsys.readouterr()
     config = LoraSftConfig(str(tiny_llama_dir), str(jsonl), str(d / "run2"), **kw)
-    assert ensure_shards(config).train_dir == cached[0]
+    assert ensure_shards(config)[1].train_dir == cached[0]
     assert "reusing prepared shards" in capsys.readouterr().out
     assert (cached[0] / "manifest.json").stat().st_mtime_ns == mtime
     # another option → another key → another entry (prepare runs, no training needed)
