@@ -5,6 +5,7 @@ RESULTS.md generated from the results file."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 
@@ -16,6 +17,9 @@ from benchmarks.gpu.runner import Session, Side
 
 
 def _session(tmp_path, *scenarios: str, cpu: bool = False, budget_s: float = 560) -> Session:
+    prepared = tmp_path / "data" / "parity" / "shards"  # as `prepare` leaves it (parity's plan copies, not builds)
+    prepared.mkdir(parents=True, exist_ok=True)
+    (prepared / "manifest.json").write_text("{}")
     a = parse_args([*scenarios, "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data"),
                     "--budget-s", str(budget_s), *(["--cpu"] if cpu else [])])
     s = Session(a, a.scenarios)
@@ -46,6 +50,36 @@ def test_frontier_asks_every_budget_of_both_sides_and_shares_processes_with_thro
     assert s.wanted["ours_warm"] == ["unsloth_auto_mbauto"] and s.wanted["loop_warm"] == ["rows8_gc"]
     argv = s.sides["th_b8"].argv(s, ["th_b8"], tmp_path, 100)
     assert argv[argv.index("--cap-gib") + 1] == 8
+
+
+def test_frontier_rows_compare_each_budget_with_the_peers_that_fit_it(tmp_path):
+    from benchmarks.gpu.runner import Proc
+
+    s = _session(tmp_path, "frontier")
+    ours_tps = {None: 70.0, 8: 45.0, 16: 55.0, 24: 60.0, 40: 65.0}
+    loop = {None: (16, 44.0, 9.0), 8: (8, 40.0, 5.5), 16: (16, 44.0, 9.0), 24: (16, 44.0, 9.0), 40: (16, 44.0, 9.0)}
+    s.procs["ours"] = Proc("ours", s.wanted["ours"], payloads={
+        **{f"unsloth_auto_mbauto{'' if b is None else f'_b{b}'}": {"tokens_per_s": t, "peak_alloc_gib": 0.9 * (b or 60),
+                                                                  "max_memory_gib": b, "shape": "qwen1.5b"}
+           for b, t in ours_tps.items()},
+        "unsloth_auto_mb2": {"error": "boom"}})
+    s.procs["loop"] = Proc("loop", s.wanted["loop"], payloads={
+        f"rowsfit16_gc{'' if b is None else f'_b{b}'}": {"tokens_per_s": t, "peak_alloc_gib": p, "micro_batch": m,
+                                                         "budget_gib": b, "shape": "qwen1.5b"}
+        for b, (m, t, p) in loop.items()})
+    s.procs["th_b8"] = Proc("th_b8", ["th_b8"], payloads={"th_b8": {"tokens_per_s": 13.0, "peak_alloc_gib": 5.9,
+                                                                    "budget_gib": 8, "shape": "qwen1.5b"}})
+    out = SCENARIOS["frontier"][1](s)
+    ours_rows = {r["budget_gib"]: r for r in out if r["role"] == "ours" and r["shape"] == "qwen1.5b" and not r["error"]}
+    assert {b: round(r["vs_best_peer"], 3) for b, r in ours_rows.items()} == {
+        None: round(70 / 44, 3), 8: round(45 / 40, 3), 16: 1.25, 24: round(60 / 44, 3), 40: round(65 / 44, 3)}
+    assert ours_rows[8]["best_peer"] == "Unsloth hand loop, checkpointing on, largest micro that fits"
+    assert [r["budget_gib"] for r in out if r["role"] == "peer" and r["shape"] == "qwen1.5b"] == [
+        None, 8, 16, 24, 40, 8]
+    assert [r["error"] for r in out if "micro_batch_size=2" in r["name"]] == ["boom"]
+    big = [r for r in out if r["shape"] == "llama8b"]  # never ran here: rows that say so
+    assert [(r["role"], r["budget_gib"], r["seq_len"]) for r in big] == [("ours", 24, 8192), ("peer", 24, 8192)]
+    assert all(r["error"] for r in big)
 
 
 def _row(name, role, tps, budget, peak, **kw):
@@ -115,6 +149,19 @@ def test_throughput_on_the_cpu_writes_rows_and_results_md(tmp_path, tiny_bench):
     assert "## throughput" in text and "Whole card, Qwen2.5-1.5B shape" in text
     assert f"Command: `{mine['command']}`" in text and "no module 'unsloth'" in text
     assert text.count("| ours lora_sft() defaults | ours | tiny@2048 |  |") == 1
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_every_scenario_plans_runnable_commands(tmp_path, scenario):
+    s = _session(tmp_path, scenario)
+    assert s.wanted
+    for key, runs in s.wanted.items():
+        argv = [str(x) for x in s.sides[key].argv(s, runs, tmp_path / "res", 300)]
+        assert argv[0] == sys.executable and all(argv), (key, argv)
+        if "-m" in argv:
+            module = argv[argv.index("-m") + 1]
+            assert importlib.util.find_spec(module), module
+    assert "--work" not in s.command and s.command.startswith(f"python -m benchmarks.gpu {scenario}")
 
 
 def test_cli_names_every_scenario():

@@ -170,7 +170,9 @@ def _largest_micro_that_fits(model, opt, data, layout: str, top: int) -> tuple[i
             _one_step(model, opt, make_batches(ids, lens, micro, layout, pad_id))
             common.sync()
             return micro, tried
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # Triton kernels report OOM as a RuntimeError
+            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
+                raise
             tried.append(f"micro {micro}: out of memory")
             opt.zero_grad(set_to_none=True)
             _gc.collect()

@@ -56,6 +56,23 @@ class Proc:
     payloads: dict = field(default_factory=dict)
 
 
+def _portable(argv: list[str]) -> list[str]:
+    """The command line without the options naming this machine's folders (--out, --work, --data).
+
+    >>> _portable(["frontier", "--out", "/tmp/o.jsonl", "--work=/w", "--lanes", "4"])
+    ['frontier', '--lanes', '4']
+    """
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in ("--out", "--work", "--data"):
+            skip = True
+        elif not x.startswith(("--out=", "--work=", "--data=")):
+            out.append(x)
+    return out
+
+
 class Session:
     """One invocation: the options, the folders, the deadline, the wanted runs and what each process returned."""
 
@@ -66,7 +83,7 @@ class Session:
         self.data = Path(a.data).resolve()
         self.deadline = time.monotonic() + a.budget_s
         self.run_id = rows.now().replace(":", "").replace("-", "") + f"-{os.getpid()}"
-        self.command = "python -m benchmarks.gpu " + " ".join(shlex.quote(x) for x in a.argv)
+        self.command = "python -m benchmarks.gpu " + " ".join(shlex.quote(x) for x in _portable(a.argv))
         self.card = rows.card(self.cpu)
         self.versions = common.versions()
         self.wanted: dict[str, list[str]] = {}

@@ -79,8 +79,7 @@ def throughput_rows(s: Session) -> list[dict]:
     shape, seq = _shape(s), 2048
     th_key = "th" if "frontier" not in s.scenarios else "th_b8"
     out = [_ours_row(s, "throughput", r, "ours", seq) for r in s.wanted["ours"] if "_b" not in r and "mb2" not in r]
-    out.append(s.row("throughput", "loop", "rows8_gc", "Unsloth hand loop, micro 8, checkpointing on", "peer",
-                     feed=FEED_LOOP.format(seq=seq), config=_loop_config(s.result("loop", "rows8_gc")[0])))
+    out.append(_loop_row(s, "throughput", "loop", "rows8_gc", "Unsloth hand loop, micro 8, checkpointing on", seq))
     out.append(s.row("throughput", th_key, None, "training-hub lora_sft, micro 8", "peer", feed=FEED_TH,
                      config={"micro_batch_size": 8, "gradient_checkpointing": "unsloth"}))
     for r in out:
@@ -91,9 +90,18 @@ def throughput_rows(s: Session) -> list[dict]:
 
 
 def _ours_row(s: Session, scenario: str, run: str, key: str, seq: int) -> dict:
+    from benchmarks.gpu.ours import parse
+
     payload = s.result(key, run)[0]
     return s.row(scenario, key, run, _ours_label(run), "ours", feed=FEED_OURS.format(seq=seq),
-                 config=_ours_config(payload))
+                 config=_ours_config(payload), budget_gib=parse(run).get("max_memory_gib"))
+
+
+def _loop_row(s: Session, scenario: str, key: str, run: str, name: str, seq: int) -> dict:
+    from benchmarks.gpu.loops import parse_variant
+
+    return s.row(scenario, key, run, name, "peer", feed=FEED_LOOP.format(seq=seq),
+                 config=_loop_config(s.result(key, run)[0]), budget_gib=parse_variant(run)["budget_gib"])
 
 
 # ---- frontier --------------------------------------------------------------------------------------------------
@@ -125,20 +133,15 @@ def frontier_rows(s: Session) -> list[dict]:
     shape = _shape(s)
     out = [_ours_row(s, "frontier", r, "ours", 2048) for r in s.wanted["ours"]
            if "_b" in r or r == _ours_run(s) or "mb2" in r]
-    for run in s.wanted["loop"]:
-        if run.startswith("rowsfit16"):
-            payload = s.result("loop", run)[0]
-            out.append(s.row("frontier", "loop", run, "Unsloth hand loop, checkpointing on, largest micro that fits",
-                             "peer", feed=FEED_LOOP.format(seq=2048), config=_loop_config(payload)))
+    fit = "Unsloth hand loop, checkpointing on, largest micro that fits"
+    out += [_loop_row(s, "frontier", "loop", run, fit, 2048) for run in s.wanted["loop"] if run.startswith("rowsfit")]
     out.append(s.row("frontier", "th_b8", None, "training-hub lora_sft, micro 8 (capped at 8 GiB)", "peer",
                      feed=FEED_TH, config={"micro_batch_size": 8}, budget_gib=8))
     for r in out:
         r["shape"], r["seq_len"] = r["shape"] or shape, 2048
     if "ours8b" in s.wanted:
         big = [_ours_row(s, "frontier", _ours_run(s, budget=24), "ours8b", 8192),
-               s.row("frontier", "loop8b", "rowsfit4_gc_b24", "Unsloth hand loop, checkpointing on, largest micro "
-                     "that fits", "peer", feed=FEED_LOOP.format(seq=8192),
-                     config=_loop_config(s.result("loop8b", "rowsfit4_gc_b24")[0]))]
+               _loop_row(s, "frontier", "loop8b", "rowsfit4_gc_b24", fit, 8192)]
         for r in big:
             r["shape"], r["seq_len"] = "llama8b", 8192
         out += big
