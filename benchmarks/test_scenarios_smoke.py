@@ -82,6 +82,14 @@ def test_frontier_rows_compare_each_budget_with_the_peers_that_fit_it(tmp_path):
     assert all(r["error"] for r in big)
 
 
+def test_frontier_runs_one_shape_when_asked(tmp_path):
+    qwen = _session(tmp_path / "q", "frontier", "--shape", "qwen1.5b")
+    assert "ours8b" not in qwen.wanted and "ours" in qwen.wanted
+    llama = _session(tmp_path / "l", "frontier", "--shape", "llama8b")
+    assert set(llama.wanted) == {"build_llama8b", "ours8b", "loop8b"}
+    assert [r["shape"] for r in SCENARIOS["frontier"][1](llama)] == ["llama8b", "llama8b"]
+
+
 def _row(name, role, tps, budget, peak, **kw):
     return {"name": name, "role": role, "tokens_per_s": tps, "budget_gib": budget, "peak_gib": peak, "error": None,
             "shape": "qwen1.5b", "seq_len": 2048, **kw}

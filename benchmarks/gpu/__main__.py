@@ -35,6 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--parity-steps", type=int, default=100)
     ap.add_argument("--lanes", type=int, default=1, help="run independent processes side by side, one GPU each")
     ap.add_argument("--gpus", type=int, default=None, help="multi-GPU scenarios: N (default: every GPU)")
+    ap.add_argument("--shape", choices=("qwen1.5b", "llama8b"), default=None,
+                    help="frontier: only this shape's rows (default: both; one H200 runs each in under 9 minutes)")
     ap.add_argument("--cpu", action="store_true", help="tiny shape on the CPU, peft backend (a smoke test)")
     a = ap.parse_args(argv)
     a.argv = argv

@@ -74,8 +74,10 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
         saved = json.loads((Path(out) / "lora_sft_config.json").read_text())
     payload = {"run": name, **{k: v for k, v in kw.items()}, "backend_used": result.backend, "steps": result.steps,
                "final_loss": result.final_loss, "total_s": time.perf_counter() - t0, "seq_len": seq_len,
-               "resolved_micro_batch_size": saved["resolved"]["micro_batch_size"],
-               "resolved_gradient_checkpointing": saved["gradient_checkpointing"], "memory_fraction": fraction}
+               "memory_fraction": fraction}
+    resolved = saved.get("resolved") or {}  # the batch plan lora_sft ran with (batching.BatchPlan.to_dict)
+    for key in ("micro_batch_size", "gradient_checkpointing", "recomputed_layers", "estimated_peak_gib"):
+        payload[f"resolved_{key}"] = resolved.get(key)
     payload.update(meter.summary())
     payload.update(common.memory())
     del result

@@ -48,8 +48,9 @@ def _details(r: dict) -> str:
             out.append(f"{k} {v}")
     cfg = r.get("config") or {}
     if isinstance(cfg, dict):
-        picked = {k: v for k, v in cfg.items() if k in ("resolved_micro_batch_size", "resolved_gradient_checkpointing",
-                                                         "micro_batch", "caches", "fit_tried") and v not in (None, [])}
+        shown = ("resolved_micro_batch_size", "resolved_gradient_checkpointing", "resolved_recomputed_layers",
+                 "resolved_estimated_peak_gib", "micro_batch", "caches", "fit_tried")
+        picked = {k: v for k, v in cfg.items() if k in shown and v not in (None, [])}
         out += [f"{k.replace('resolved_', '')} {v}" for k, v in picked.items()]
     if r.get("error"):
         out.append("**error**: " + str(r["error"]).replace("|", "/").replace("\n", " ")[:160])

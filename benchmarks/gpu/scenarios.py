@@ -39,7 +39,8 @@ def _ours_label(run: str) -> str:
 
 def _ours_config(payload: dict) -> dict:
     keys = ("backend_used", "micro_batch_size", "resolved_micro_batch_size", "gradient_checkpointing",
-            "resolved_gradient_checkpointing", "max_memory_gib", "load_in_4bit", "memory_fraction")
+            "resolved_gradient_checkpointing", "resolved_recomputed_layers", "resolved_estimated_peak_gib",
+            "max_memory_gib", "load_in_4bit", "memory_fraction")
     return {k: payload[k] for k in keys if k in payload}
 
 
@@ -112,13 +113,14 @@ def frontier_plan(s: Session) -> None:
     every process capped at B with torch.cuda.set_per_process_memory_fraction. training-hub runs once under the
     smallest cap: a fixed configuration that fits 8 GiB runs unchanged under a larger one. Plus ours with
     `micro_batch_size=2`, and the Llama-3.1-8B shape at 8,192 tokens under a 24 GiB budget against the Unsloth loop
-    under the same cap."""
-    _define_qwen(s)
-    s.want("ours", [_ours_run(s)] + [_ours_run(s, budget=b) for b in BUDGETS] + [_ours_run(s, micro="2")])
-    s.want("loop", ["rowsfit16_gc"] + [f"rowsfit16_gc_b{b}" for b in BUDGETS])
-    s.define("th_b8", sides.th(8, _shape(s)))
-    s.want("th_b8", ["th_b8"])
-    if s.cpu:
+    under the same cap. `--shape qwen1.5b` or `--shape llama8b` runs one part."""
+    if s.a.shape != "llama8b":
+        _define_qwen(s)
+        s.want("ours", [_ours_run(s)] + [_ours_run(s, budget=b) for b in BUDGETS] + [_ours_run(s, micro="2")])
+        s.want("loop", ["rowsfit16_gc"] + [f"rowsfit16_gc_b{b}" for b in BUDGETS])
+        s.define("th_b8", sides.th(8, _shape(s)))
+        s.want("th_b8", ["th_b8"])
+    if s.cpu or s.a.shape == "qwen1.5b":
         return
     s.define("build_llama8b", sides.build("llama8b"))
     if not (sides.model_dir(s, "llama8b") / "config.json").exists():
@@ -131,12 +133,14 @@ def frontier_plan(s: Session) -> None:
 
 def frontier_rows(s: Session) -> list[dict]:
     shape = _shape(s)
-    out = [_ours_row(s, "frontier", r, "ours", 2048) for r in s.wanted["ours"]
-           if "_b" in r or r == _ours_run(s) or "mb2" in r]
     fit = "Unsloth hand loop, checkpointing on, largest micro that fits"
-    out += [_loop_row(s, "frontier", "loop", run, fit, 2048) for run in s.wanted["loop"] if run.startswith("rowsfit")]
-    out.append(s.row("frontier", "th_b8", None, "training-hub lora_sft, micro 8 (capped at 8 GiB)", "peer",
-                     feed=FEED_TH, config={"micro_batch_size": 8}, budget_gib=8))
+    out = []
+    if s.a.shape != "llama8b":
+        out += [_ours_row(s, "frontier", r, "ours", 2048) for r in s.wanted["ours"]
+                if "_b" in r or r == _ours_run(s) or "mb2" in r]
+        out += [_loop_row(s, "frontier", "loop", run, fit, 2048) for run in s.wanted["loop"] if "fit" in run]
+        out.append(s.row("frontier", "th_b8", None, "training-hub lora_sft, micro 8 (capped at 8 GiB)", "peer",
+                         feed=FEED_TH, config={"micro_batch_size": 8}, budget_gib=8))
     for r in out:
         r["shape"], r["seq_len"] = r["shape"] or shape, 2048
     if "ours8b" in s.wanted:
