@@ -209,3 +209,18 @@ def test_optimizer_state_round_trips_through_rank_0(one_rank_group, tiny_llama_d
     sharding.load_optimizer(model, opt2, sched2, tmp_path)
     assert all(torch.equal(opt2.state[p]["exp_avg"].full_tensor(), exp_avg[id(p)]) for p in params)
     assert sched2.state_dict()["last_epoch"] == 1 and opt2.param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
+def test_ranks_other_than_0_build_the_model_on_the_meta_device(tiny_llama_dir):
+    """Only rank 0 reads the weights (one copy in host memory); the others' twin has the same names and shapes."""
+    from lora_runtime.backends.peft import PeftBackend
+    from lora_runtime.batching import BatchPlan
+    from lora_runtime.sharding import _meta_model
+
+    config = LoraSftConfig(model_path=str(tiny_llama_dir), data_path="d", ckpt_output_dir="o", bf16=False)
+    twin, _ = _meta_model(config)
+    real, _ = PeftBackend().load(config, BatchPlan(micro=1, accumulation=1, world_size=1, gradient_checkpointing=False))
+    assert all(p.device.type == "meta" for p in twin.parameters())
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    assert {k: v.dtype for k, v in twin.state_dict().items()} == {k: v.dtype for k, v in real.state_dict().items()}
+    assert twin.config.use_cache is False and twin.config._attn_implementation == real.config._attn_implementation

@@ -91,7 +91,7 @@ def test_a_sigkilled_fsdp_rank_resumes_and_the_run_equals_one_process(one_proces
     out, killed, resumed = two_ranks
     assert "Signal 9 (SIGKILL)" in killed and "a worker failed" in killed, killed[-5000:]
     assert killed.count("sharding: FSDP2 over 2 rank(s), 2 decoder layers + root; fp32 throughout") == 1
-    assert "batch: micro 2 × 2 GPUs × accum 1 = effective 4" in resumed
+    assert "batch: micro 2 × 2 processes × accumulation 1 = effective 4 rows/step" in resumed
     assert f"resuming from {out / 'checkpoints' / 'checkpoint-2'}" in resumed  # step 3 died before its checkpoint
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == list(range(1, 9))
     assert _losses(out) == pytest.approx(_losses(one_process), abs=LOSS_TOL)
@@ -132,7 +132,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(one_process, two_ranks, ti
         teardown()
     log = capsys.readouterr().out
     assert f"resuming from {out / 'checkpoints' / 'checkpoint-4'}" in log and "sharding: FSDP2 over 1 rank(s)" in log
-    assert "batch: micro 2 × 1 GPU × accum 2 = effective 4" in log
+    assert "batch: micro 2 × 1 process × accumulation 2 = effective 4 rows/step" in log
     assert json.loads((out / "checkpoints" / "checkpoint-8" / "data_state.json").read_text())["world_size"] == 1
     assert _losses(out)[-4:] == pytest.approx(_losses(one_process)[-4:], abs=LOSS_TOL)
     _assert_same_adapter(out, one_process)

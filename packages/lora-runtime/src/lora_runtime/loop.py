@@ -58,13 +58,14 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
     start = time.time()
     env = init_process_group()
     resume_from = checkpoint.resume_point(config.ckpt_output_dir, resume=config.resume)
-    model, tokenizer = backend.load(config, plan)
-    model = backend.add_lora(model, config, plan)
     precision = decide_precision(config)
-    if config.sharding == "fsdp":
-        from lora_runtime.sharding import shard_model
+    if config.sharding == "fsdp":  # rank 0 loads, the others build on the meta device, all keep their shards
+        from lora_runtime.sharding import load_sharded
 
-        model = shard_model(model, precision)
+        model, tokenizer = load_sharded(backend, config, plan, precision)
+    else:
+        model, tokenizer = backend.load(config, plan)
+        model = backend.add_lora(model, config, plan)
     log_plan(config, plan, backend, backend_reason, dataset, manifest, precision)
     resume_step = None
     if resume_from is not None:

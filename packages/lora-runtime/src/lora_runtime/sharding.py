@@ -161,6 +161,51 @@ def shard_model(model: Any, precision: str) -> Any:
     return model
 
 
+def load_sharded(backend: Any, config: Any, plan: Any, precision: str) -> tuple[Any, Any]:
+    """(sharded LoRA model, tokenizer) with ONE copy of the weights in host memory however many ranks: rank 0 loads
+    them (backend.load + add_lora, on the CPU); every other rank builds the same model on the meta device (no
+    memory); all shard it, the others allocate their shards (`to_empty`), and rank 0's full weights (base, LoRA
+    init) and buffers (rotary tables) are broadcast into every rank's shards."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    ensure_process_group()
+    main = dist_env().is_main
+    if dist_env().world_size == 1:
+        model, tokenizer = backend.load(config, plan)
+        return shard_model(backend.add_lora(model, config, plan), precision), tokenizer
+    model, tokenizer = backend.load(config, plan) if main else _meta_model(config)
+    model = backend.add_lora(model, config, plan)
+    full = dict(model.state_dict()) if main else {}
+    model = shard_model(model, precision)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if not main:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    return model, tokenizer
+
+
+def _meta_model(config: Any) -> tuple[Any, Any]:
+    """What the peft backend's `load` builds (fsdp runs only with it), on the meta device: shapes, no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lora_runtime.backends.peft import attn_implementation
+
+    cuda = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+    model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+    dtype = torch.bfloat16 if cuda and config.bf16 and torch.cuda.is_bf16_supported() else torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn_implementation(
+            config), trust_remote_code=config.trust_remote_code)
+    model.config.use_cache = False
+    return model, tokenizer
+
+
 def is_sharded(model: Any) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
