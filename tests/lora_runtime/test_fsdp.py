@@ -224,3 +224,25 @@ def test_ranks_other_than_0_build_the_model_on_the_meta_device(tiny_llama_dir):
     assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
     assert {k: v.dtype for k, v in twin.state_dict().items()} == {k: v.dtype for k, v in real.state_dict().items()}
     assert twin.config.use_cache is False and twin.config._attn_implementation == real.config._attn_implementation
+
+
+def test_per_layer_recomputation_composes_with_the_shards(one_rank_group, tiny_llama_dir):
+    """transformers' per-layer checkpointing inside FSDP2's per-layer wrap: a recomputed layer is all-gathered again
+    in backward, and the LoRA gradients are those of the plain model without recomputation."""
+    from lora_runtime import sharding
+
+    ids = torch.tensor([[5, 17, 123, 400, 9, 77, 301, 64]])
+    plain = _lora_model(tiny_llama_dir)
+    plain(input_ids=ids, labels=ids).loss.backward()
+    want = {n: p.grad.clone() for n, p in plain.named_parameters() if p.requires_grad}
+    model = _lora_model(tiny_llama_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = sharding.shard_model(model, "fp32")
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(layer.gradient_checkpointing for layer in sharding.decoder_layers(model))
+    got = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5, msg=n)
