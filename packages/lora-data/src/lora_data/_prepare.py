@@ -21,7 +21,7 @@ from .locks import locked
 from .manifest import Manifest
 from .options import Options
 from .records import STDIN
-from .shards import sha256_file
+from .rows import is_dataset, source_sha256
 from .tokenizer import load_tokenizer
 
 
@@ -32,12 +32,15 @@ def cache_key(inputs, tokenizer: Any, **options: Any) -> str:
     """
     paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     opts = Options.from_kwargs(**options)
-    return opts.cache_key([sha256_file(p) for p in paths], tokenizer_fingerprint(load_tokenizer(tokenizer)))
+    return opts.cache_key([source_sha256(p) for p in paths], tokenizer_fingerprint(load_tokenizer(tokenizer)))
 
 
 def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: bool = False, progress: bool | None = None,
             verbose: bool = True, **options: Any) -> Manifest:
-    """Prepare JSONL `inputs` (a path or a list; a FIFO or `-` for stdin too) into `output_dir`; return the Manifest.
+    """Prepare `inputs` (a path or a list) into `output_dir`; return the Manifest.
+
+    Inputs: JSONL (also .jsonl.gz, a FIFO, `-` for stdin), or parquet / CSV / arrow files and `save_to_disk` folders
+    (read with `datasets`, see `rows`).
 
     options: format ("auto"|"messages"|"alpaca"), field_messages/field_instruction/field_input/field_output, overlong
     ("drop"|"truncate"|"split"), packing, train_on_inputs, seed, rows_per_shard. `strict`: any line in rejects.jsonl
@@ -74,7 +77,7 @@ def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: boo
 
 
 def _check_input(p: Path) -> None:
-    """A regular file, a FIFO / character device (read as a stream), or `-` (stdin)."""
+    """A regular file, a save_to_disk folder, a FIFO / character device (read as a stream), or `-` (stdin)."""
     if str(p) == STDIN:
         return
     try:
@@ -83,7 +86,7 @@ def _check_input(p: Path) -> None:
         raise DataError("input file not found", path=p) from None
     except OSError as e:
         raise DataError(f"cannot read: {e.strerror}", path=p) from None
-    if stat.S_ISDIR(mode):
-        raise DataError("is a directory; pass JSONL files", path=p)
-    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+    if stat.S_ISDIR(mode) and not is_dataset(p):
+        raise DataError("is a directory; pass JSONL files or a folder written by datasets' save_to_disk", path=p)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
         raise DataError("not a regular file, FIFO or character device", path=p)

@@ -19,6 +19,7 @@ from .manifest import Manifest, empty_counts
 from .options import VERSION, Options
 from .pack import pack_bfd
 from .records import Record, Rejection, read_records
+from .rows import is_dataset, source_sha256
 from .shards import ShardWriter
 
 CHUNK_RECORDS = 2048
@@ -88,7 +89,8 @@ def _stream(paths, opts: Options, stage: TokenizeStage, reject: RejectLog, manif
     bar = _bar(sum(_size(p) for p in paths)) if progress else None
     formats = []
     for index, path in enumerate(paths):
-        hasher = hashlib.sha256()
+        streamed = not (is_dataset(path) or str(path).endswith(".gz"))  # else: hash the stored bytes, not the rows
+        hasher = hashlib.sha256() if streamed else None
         reader = read_records(path, format=opts.format, fields=opts.fields, source_index=index, hasher=hasher)
         chunk: list[Record] = []
         seen = 0
@@ -110,7 +112,8 @@ def _stream(paths, opts: Options, stage: TokenizeStage, reject: RejectLog, manif
         counts["lines_read"] += reader.counts["lines_read"]
         counts["blank"] += reader.counts["blank"]
         formats.append(reader.detected or opts.format)
-        manifest.sources.append({"path": str(path), "sha256": hasher.hexdigest(), "bytes": reader.counts["bytes"],
+        digest = hasher.hexdigest() if hasher is not None else source_sha256(path)
+        manifest.sources.append({"path": str(path), "sha256": digest, "bytes": reader.counts["bytes"],
                                  "format": reader.detected})
     if bar is not None:
         bar.close()

@@ -46,7 +46,7 @@ def _field_options(command):
 
 
 @click.command("prepare")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(allow_dash=True))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--tokenizer", required=True,
               help="Tokenizer (or model) directory, or a Hugging Face hub id such as Qwen/Qwen2.5-1.5B-Instruct.")
@@ -64,7 +64,10 @@ def _field_options(command):
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 def prepare_command(inputs, out_dir, tokenizer, max_seq_len, format_, overlong, no_packing, train_on_inputs, seed,
                     strict, rows_per_shard, progress, **fields):
-    """Prepare INPUT.jsonl [INPUT2.jsonl ...] into OUT_DIR (shards, manifest.json, rejects.jsonl); `-` reads stdin."""
+    """Prepare INPUT.jsonl [INPUT2.jsonl ...] into OUT_DIR (shards, manifest.json, rejects.jsonl).
+
+    An input may also be .jsonl.gz, `-` (stdin), a parquet/CSV/arrow file or a datasets save_to_disk folder.
+    """
     from ._prepare import prepare
 
     try:

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import json
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._schema import Schema
+from .errors import DataError
+from .rows import is_dataset, iter_rows
 
 FORMATS = ("auto", "messages", "alpaca")
 MAX_LINE_BYTES = 32 << 20
@@ -130,6 +134,15 @@ class RecordReader:
 
     def __iter__(self):
         path = str(self.path)
+        if is_dataset(path):
+            yield from self._rows(path)
+            return
+        try:
+            yield from self._lines(path)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a truncated or corrupt .gz
+            raise DataError(f"not a readable gzip file: {e}", path=path) from None
+
+    def _lines(self, path: str):
         with _open_input(self.path) as fh:
             for number, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
                 self.counts["lines_read"] += 1
@@ -144,6 +157,14 @@ class RecordReader:
                     self.counts["blank"] += 1
                     continue
                 yield self._parse(path, number, raw)
+
+    def _rows(self, path: str):
+        """A parquet/CSV/arrow file or a save_to_disk folder, row by row (`line` = the 1-based row number)."""
+        for number, row in enumerate(iter_rows(path), start=1):
+            self.counts["lines_read"] += 1
+            text = json.dumps(row, ensure_ascii=False, default=str)
+            self.counts["bytes"] += len(text)
+            yield self._check(path, number, row, text)
 
     def _count(self, raw: bytes) -> None:
         self.counts["bytes"] += len(raw)
@@ -182,6 +203,10 @@ class RecordReader:
             return Rejection(path, number, None, "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
                              "without its pair): not valid Unicode text, no tokenizer can encode it", text,
                              "lone_surrogate")
+        return self._check(path, number, obj, text)
+
+    def _check(self, path: str, number: int, obj: Any, text: str) -> Record | Rejection:
+        """A parsed line (or dataset row) → Record or Rejection."""
         if not isinstance(obj, dict):
             return Rejection(path, number, None, f"expected a JSON object, got {type(obj).__name__}", text,
                              "not_an_object")
@@ -228,15 +253,18 @@ STDIN = "-"  # as an input path: read standard input
 
 
 def _open_input(path: str | Path):
-    """A file, a FIFO, or `-` (standard input, left open when done)."""
+    """A file (gzip-compressed if it ends in .gz), a FIFO, or `-` (standard input, left open when done)."""
     if str(path) == STDIN:
         return contextlib.nullcontext(sys.stdin.buffer)
+    if str(path).endswith(".gz"):
+        return gzip.open(path, "rb")
     return open(path, "rb")
 
 
 def read_records(path: str | Path, *, format: str = "auto", fields: Fields | None = None, source_index: int = 0,
                  hasher: Any = None, **field_options: str) -> RecordReader:
-    """Records and rejections of one JSONL file (or FIFO, or `-` for stdin), in line order (see the module docstring).
+    """Records and rejections of one JSONL file (or .jsonl.gz, FIFO, `-` for stdin; or a parquet/CSV/arrow file or
+    save_to_disk folder, see `rows`), in line order (see the module docstring).
 
     Field names come as `fields=Fields(...)` or as training-hub's options (`field_messages="conversation"`, ...).
     """
