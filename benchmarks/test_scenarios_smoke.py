@@ -40,14 +40,14 @@ def test_run_names_carry_the_budget():
 
 def test_frontier_asks_every_budget_of_both_sides_and_shares_processes_with_throughput(tmp_path):
     s = _session(tmp_path, "frontier", "throughput", "startup")
-    assert s.wanted["ours"] == ["unsloth_auto_mbauto", "unsloth_auto_mbauto_b8", "unsloth_auto_mbauto_b16",
-                                "unsloth_auto_mbauto_b24", "unsloth_auto_mbauto_b40", "unsloth_auto_mb2",
-                                "unsloth_gc_mb8", "unsloth_gc_mb8_q4"]
-    assert s.wanted["loop"] == ["rowsfit16_gc", "rowsfit16_gc_b8", "rowsfit16_gc_b16", "rowsfit16_gc_b24",
-                                "rowsfit16_gc_b40", "rows8_gc"]
+    assert s.wanted["ours"] == ["auto_auto_mbauto", "auto_auto_mbauto_b8", "auto_auto_mbauto_b16",
+                                "auto_auto_mbauto_b24", "auto_auto_mbauto_b40", "auto_auto_mb2", "auto_gc_mb8",
+                                "auto_gc_mb8_q4"]
+    assert s.wanted["loop"] == ["rows8_gc", "rowsfit16_gc", "rowsfit16_gc_b8", "rowsfit16_gc_b16",
+                                "rowsfit16_gc_b24", "rowsfit16_gc_b40"]  # start-up's run first: cold vs warm alike
     assert "th" not in s.wanted and s.wanted["th_b8"] == ["th_b8"]  # training-hub once, under the smallest cap
-    assert s.wanted["ours8b"] == ["unsloth_auto_mbauto_b24"] and s.wanted["loop8b"] == ["rowsfit4_gc_b24"]
-    assert s.wanted["ours_warm"] == ["unsloth_auto_mbauto"] and s.wanted["loop_warm"] == ["rows8_gc"]
+    assert s.wanted["ours8b"] == ["auto_auto_mbauto_b24"] and s.wanted["loop8b"] == ["rowsfit4_gc_b24"]
+    assert s.wanted["ours_warm"] == ["auto_auto_mbauto"] and s.wanted["loop_warm"] == ["rows8_gc"]
     argv = s.sides["th_b8"].argv(s, ["th_b8"], tmp_path, 100)
     assert argv[argv.index("--cap-gib") + 1] == 8
 
@@ -59,10 +59,10 @@ def test_frontier_rows_compare_each_budget_with_the_peers_that_fit_it(tmp_path):
     ours_tps = {None: 70.0, 8: 45.0, 16: 55.0, 24: 60.0, 40: 65.0}
     loop = {None: (16, 44.0, 9.0), 8: (8, 40.0, 5.5), 16: (16, 44.0, 9.0), 24: (16, 44.0, 9.0), 40: (16, 44.0, 9.0)}
     s.procs["ours"] = Proc("ours", s.wanted["ours"], payloads={
-        **{f"unsloth_auto_mbauto{'' if b is None else f'_b{b}'}": {"tokens_per_s": t, "peak_alloc_gib": 0.9 * (b or 60),
+        **{f"auto_auto_mbauto{'' if b is None else f'_b{b}'}": {"tokens_per_s": t, "peak_alloc_gib": 0.9 * (b or 60),
                                                                   "max_memory_gib": b, "shape": "qwen1.5b"}
            for b, t in ours_tps.items()},
-        "unsloth_auto_mb2": {"error": "boom"}})
+        "auto_auto_mb2": {"error": "boom"}})
     s.procs["loop"] = Proc("loop", s.wanted["loop"], payloads={
         f"rowsfit16_gc{'' if b is None else f'_b{b}'}": {"tokens_per_s": t, "peak_alloc_gib": p, "micro_batch": m,
                                                          "budget_gib": b, "shape": "qwen1.5b"}

@@ -98,9 +98,14 @@ class Session:
     def define(self, key: str, side: Side) -> None:
         self.sides.setdefault(key, side)
 
-    def want(self, key: str, runs: list[str]) -> None:
+    def want(self, key: str, runs: list[str], first: bool = False) -> None:
+        """Ask for `runs` of side `key` (once each); `first`: before the others (a process's first run carries its
+        start-up)."""
         have = self.wanted.setdefault(key, [])
-        have += [r for r in runs if r not in have]
+        if first:
+            have[:] = runs + [r for r in have if r not in runs]
+        else:
+            have += [r for r in runs if r not in have]
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
