@@ -57,6 +57,7 @@ def packed_rows(n_rows: int, seed: int = 0) -> list[dict]:
 @pytest.mark.parametrize(("backend", "budget_gib"), CASES, ids=IDS)
 def test_train_step(benchmark, bench_model_dir, backend, budget_gib):
     import dataclasses
+    import gc
 
     import torch
     from lora_runtime.backends import select_backend
@@ -75,6 +76,9 @@ def test_train_step(benchmark, bench_model_dir, backend, budget_gib):
         budget = {"max_memory_gib": budget_gib}
     cfg = LoraSftConfig(str(bench_model_dir), "unused", "unused", backend=backend, max_seq_len=SEQ_LEN, lora_r=16,
                         lora_alpha=32, resume=False, **budget)
+    gc.collect()  # the previous case's model and optimizer must not count against this budget
+    torch.cuda.empty_cache()
+    left_over = torch.cuda.memory_allocated() / 1024**3
     fraction = common.cap_memory(budget_gib)
     impl, _ = select_backend(backend)
     plan = resolve(cfg, impl, rows=10**6)
@@ -105,7 +109,8 @@ def test_train_step(benchmark, bench_model_dir, backend, budget_gib):
     benchmark.pedantic(step, rounds=8, iterations=1)
     real_per_step = state["tokens"] / 8
     benchmark.extra_info.update({
-        "budget_gib": budget_gib, "memory_fraction": fraction, "micro_batch_size": micro,
+        "budget_gib": budget_gib, "memory_fraction": fraction, "allocated_before_gib": left_over,
+        "micro_batch_size": micro,
         "gradient_checkpointing": plan.recomputation(), "estimated_peak_gib": plan.to_dict()["estimated_peak_gib"],
         "tokens_per_s": real_per_step / benchmark.stats.stats.median,
         "real_tokens_per_step": real_per_step,
