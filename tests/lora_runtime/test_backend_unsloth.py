@@ -1,7 +1,7 @@
 """The unsloth backend: its pure pieces on the CPU (batch flattening, the gradient-checkpointing decision), and on a
 CUDA GPU with unsloth installed, end to end through `lora_sft`: the model learns with only LoRA moving, the adapter
 reloads with plain PEFT (in a process that never imported unsloth) to the same logits, and resume continues the run.
-The GPU tests skip, saying why, where there is no CUDA or no unsloth; they ran on an H200 (benchmarks/gpu/NOTES.md).
+The GPU tests skip, saying why, where there is no CUDA or no unsloth; they ran on an H200.
 """
 
 from __future__ import annotations

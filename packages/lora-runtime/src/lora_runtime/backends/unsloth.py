@@ -11,7 +11,7 @@ plus three things of ours that make the packed path fast and correct:
    Attention then runs per sample (varlen), never across samples; labels and the token count are unchanged.
 2. GQA varlen flash attention on torch builds whose `varlen_attn` lacks `enable_gqa` (torch 2.11): there Unsloth
    falls back to one SDPA launch per run of equal-length samples, 2.6× slower on real length spreads (measured on
-   an H200, benchmarks/gpu/NOTES.md). We route it to aten's flash varlen kernel, which takes GQA natively.
+   an H200, benchmarks/RESULTS.md). We route it to aten's flash varlen kernel, which takes GQA natively.
 3. Recomputation as the batch plan decided it (lora_runtime.batching: from the memory budget, possibly only some
    layers): Unsloth's offloaded checkpointing on `plan.recomputed_layers` layers, none when the activations fit
    (×1.39 tokens/s measured without recomputation).
