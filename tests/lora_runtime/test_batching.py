@@ -20,6 +20,7 @@ from lora_runtime.batching import (
     peft_footprint,
     plan_batch,
     resolve,
+    step_cost,
     unsloth_footprint,
 )
 
@@ -34,14 +35,15 @@ def plan(fp, free_gib, *, seq_len=2048, micro="auto", gc="auto", quota=None, row
 
 
 @pytest.mark.parametrize(("model", "seq_len", "free_gib", "expect"), [
-    (QWEN15, 2048, 139, (8, 0)),  # an H200: 16k tokens a pass without recomputation (measured 53.5k tok/s)
-    (QWEN15, 2048, 24, (8, 14)),  # a 24 GB card: same pass, 14 of 28 layers recompute
-    (QWEN15, 2048, 16, (8, 21)),  # 16 GiB: 21 layers
-    (QWEN15, 2048, 7, (8, 28)),  # 7 GiB: every layer
-    (QWEN15, 2048, 6, (4, 28)),  # 6 GiB: fewer rows, every layer recomputed
+    (QWEN15, 2048, 139, (8, 0)),  # an H200: 16k tokens a pass without recomputation (measured 50.9k tok/s)
+    (QWEN15, 2048, 40, (8, 0)),
+    (QWEN15, 2048, 24, (16, 20)),  # a 24 GB card: recomputing anyway, so a 32k-token pass, 20 of 28 layers
+    (QWEN15, 2048, 16, (16, 24)),  # 16 GiB: 24 layers
+    (QWEN15, 2048, 8, (16, 28)),  # 8 GiB: every layer
+    (QWEN15, 2048, 6, (8, 28)),  # 6 GiB: fewer rows, every layer recomputed
     (LLAMA8, 8192, 139, (2, 0)),  # 8B at 8k context: 2 rows = 16k tokens fit an H200 without recomputation
-    (LLAMA8, 8192, 40, (2, 25)),
-    (LLAMA8, 2048, 24, (8, 32)),  # 15 GiB of 8B weights on a 24 GB card
+    (LLAMA8, 8192, 40, (4, 29)),
+    (LLAMA8, 2048, 24, (16, 32)),  # 15 GiB of 8B weights on a 24 GB card
 ])
 def test_unsloth_auto_takes_the_fastest_plan_that_fits(model, seq_len, free_gib, expect):
     choice = plan(unsloth_footprint(model, False), free_gib, seq_len=seq_len)
@@ -55,7 +57,7 @@ def test_more_memory_never_plans_a_slower_step():
     """Every budget's plan recomputes no more layers (for the same rows) and passes no fewer rows than a smaller one."""
     fp = unsloth_footprint(QWEN15, False)
     plans = [plan(fp, gib) for gib in range(8, 60, 2)]
-    speeds = [c.micro / (8192 + c.micro * 2048 * (1 + 0.4 * c.recomputed / 28)) for c in plans]
+    speeds = [c.micro * 2048 / step_cost(c.micro * 2048, c.recomputed, 28) for c in plans]
     assert speeds == sorted(speeds)
     assert [c.recomputed for c in plans][-1] == 0 and plans[0].recomputed == 28
 
@@ -189,11 +191,11 @@ def test_resolve_on_a_gpu_plans_micro_and_checkpointing_for_unsloth(monkeypatch,
     assert "memory plan (free): micro_batch_size auto → 8" in capsys.readouterr().out
     _fake_gpu(monkeypatch, 16)
     out = resolve(LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o")), UnslothBackend(), rows=900)
-    assert (out.micro, out.gradient_checkpointing, out.recomputed_layers) == (8, True, 21)
-    assert out.to_dict()["recomputed_layers"] == 21 and 0 < out.to_dict()["estimated_peak_gib"] < 16
+    assert (out.micro, out.gradient_checkpointing, out.recomputed_layers) == (16, True, 24)
+    assert out.to_dict()["recomputed_layers"] == 24 and 0 < out.to_dict()["estimated_peak_gib"] < 16
     _fake_gpu(monkeypatch, 6)
     out = resolve(LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o")), UnslothBackend(), rows=900)
-    assert (out.micro, out.gradient_checkpointing, out.recomputed_layers) == (4, True, None)  # None: every layer
+    assert (out.micro, out.gradient_checkpointing, out.recomputed_layers) == (8, True, None)  # None: every layer
 
 
 def test_a_config_it_cannot_size_falls_back_to_two_and_says_why(monkeypatch, capsys, tmp_path):

@@ -51,7 +51,7 @@ def _grads_and_calls(model_dir: Path, gc: bool, recomputed: int | None) -> tuple
     for i, layer in enumerate(layers):
         layer.register_forward_pre_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
     model.train()
-    model(**_batch()).loss.backward()
+    model(**{k: v.to(model.device) if hasattr(v, "to") else v for k, v in _batch().items()}).loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, calls
 
 
