@@ -246,3 +246,22 @@ def test_per_layer_recomputation_composes_with_the_shards(one_rank_group, tiny_l
     assert got.keys() == want.keys()
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_accumulation_passes_skip_the_reduce_scatter_until_the_last(one_rank_group, tiny_llama_dir):
+    """`model.no_sync()` (what accelerate enters for every accumulation pass but the last): no sharded gradient
+    yet, and the next synchronised backward yields the sum of both passes."""
+    from lora_runtime import sharding
+
+    ids = torch.tensor([[5, 17, 123, 400, 9, 77, 301, 64]])
+    model = sharding.shard_model(_lora_model(tiny_llama_dir), "fp32")
+    model(input_ids=ids, labels=ids).loss.backward()
+    once = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    with model.no_sync():
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is None for p in model.parameters() if p.requires_grad)
+    model(input_ids=ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad.full_tensor(), 2 * once[n], atol=1e-6, rtol=1e-5, msg=n)

@@ -26,6 +26,9 @@ QLoRA: bitsandbytes' 4/8-bit weights are refused with fsdp (config.py says what 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +159,7 @@ def shard_model(model: Any, precision: str) -> Any:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model._is_accelerate_prepared = True  # accelerate's prepare_model returns it as is: no DDP around FSDP
+    model.no_sync = functools.partial(_no_gradient_sync, model)  # what accelerate calls between accumulation passes
     print0(f"sharding: FSDP2 over {dist_env().world_size} rank(s), {len(layers)} decoder layers + root; "
            f"{'bf16 compute, fp32 gradient reduction' if precision == 'bf16' else f'{precision} throughout'}")
     return model
@@ -204,6 +208,17 @@ def _meta_model(config: Any) -> tuple[Any, Any]:
             config), trust_remote_code=config.trust_remote_code)
     model.config.use_cache = False
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _no_gradient_sync(model: Any) -> Iterator[None]:
+    """Accumulation passes before the last keep their (LoRA-only, small) unsharded gradients and skip the
+    reduce-scatter; the last pass reduces the sum once."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def is_sharded(model: Any) -> bool:
