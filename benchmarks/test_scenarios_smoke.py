@@ -132,6 +132,24 @@ def test_a_process_result_gets_its_start_up_from_launch_to_first_step(tmp_path):
     assert row["tokens_per_s"] == 5.0 and row["run_id"] == s.run_id and row["card"] == "cpu"
 
 
+def test_lanes_run_the_groups_side_by_side_one_gpu_each(tmp_path):
+    from benchmarks.gpu.__main__ import _run_lanes
+
+    s = _session(tmp_path, "throughput")
+    code = ("import json, os, sys, time; time.sleep(1); json.dump({'gpu': os.environ.get('CUDA_VISIBLE_DEVICES'), "
+            "'t': time.time()}, open(sys.argv[1] + '/r.json', 'w'))")
+    s.wanted = {}
+    for key in ("ours", "loop", "ours_warm"):
+        s.sides[key] = Side(lambda s_, runs, res, cap: [sys.executable, "-c", code, res], cap_s=60, run_field=None,
+                            family=key)
+        s.want(key, [key])
+    _run_lanes(s, 2)
+    gpu = {k: s.result(k)[0]["gpu"] for k in ("ours", "loop", "ours_warm")}
+    assert gpu["ours"] == gpu["ours_warm"] != gpu["loop"] and {gpu["ours"], gpu["loop"]} == {"0", "1"}
+    assert s.result("ours_warm")[0]["t"] > s.result("ours")[0]["t"]  # a group's processes in turn
+    assert s.row("throughput", "loop", None, "loop", "peer")["gpu"] == gpu["loop"]
+
+
 @pytest.mark.slow
 def test_throughput_on_the_cpu_writes_rows_and_results_md(tmp_path, tiny_bench):
     out = tmp_path / "results.jsonl"

@@ -51,8 +51,9 @@ def run(argv: list[str]) -> list[dict]:
     s = Session(a, a.scenarios)
     for name in a.scenarios:
         SCENARIOS[name][0](s)
-    if a.lanes > 1:
-        _run_lanes(s, a.lanes)
+    lanes = min(a.lanes, scenarios_multi.visible_gpus(s))
+    if lanes > 1:
+        _run_lanes(s, lanes)
     s.execute(sides.ORDER)
     out = []
     for name in a.scenarios:

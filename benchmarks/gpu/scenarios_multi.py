@@ -7,13 +7,16 @@ from benchmarks.gpu import sides
 from benchmarks.gpu.runner import Session
 
 
-def _gpus(s: Session) -> int:
-    if s.a.gpus:
-        return s.a.gpus
+def visible_gpus(s: Session) -> int:
+    """GPUs on this machine, from the card line ('NVIDIA H200 x4'); 1 on a CPU."""
     try:
         return int(s.card.rsplit("x", 1)[1])
     except (IndexError, ValueError):
         return 1
+
+
+def _gpus(s: Session) -> int:
+    return s.a.gpus or visible_gpus(s)
 
 
 def _qwen(s: Session) -> tuple:
