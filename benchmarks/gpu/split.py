@@ -279,7 +279,7 @@ def train(a, model_dir: Path, deadline: float) -> dict:
     meter, info = common.StepMeter(warmup=a.warmup), {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="split_out_") as tmp:
-        res = lora_sft(str(model_dir), a.shards, tmp, backend=a.backend, enable_model_splitting=True, lora_r=LORA_R,
+        res = lora_sft(str(model_dir), a.shards, tmp, backend=a.backend, enable_model_splitting=not a.cpu, lora_r=LORA_R,
                        lora_alpha=2 * LORA_R, target_modules=common.LORA_TARGETS, max_seq_len=seq_len,
                        micro_batch_size=1, gradient_checkpointing=True, max_steps=a.steps, save_steps=10**6,
                        logging_steps=1, save_model=True, callbacks=[_callback(meter, deadline, a.reserve_s, info)])

@@ -18,7 +18,8 @@ def test_there_are_examples():
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_shipped_config_is_valid(path):
+def test_shipped_config_is_valid(path, monkeypatch):
+    monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: True)  # qlora.yaml is for a GPU
     values = load_config_file(path)
     assert values, f"{path} is empty"
     cfg = LoraSftConfig(model_path="m", data_path="d", ckpt_output_dir="o", **values).validate()

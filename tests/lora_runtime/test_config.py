@@ -63,7 +63,8 @@ def test_signature_equals_fields_with_the_keyword_only_trio():
     assert [n for n in list(sig.parameters)[-3:]] == ["eval_data_path", "per_device_eval_batch_size", "callbacks"]
 
 
-def test_validate_collects_every_problem():
+def test_validate_collects_every_problem(monkeypatch):
+    monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: True)  # CUDA-only options: test_preflight.py
     bad = cfg(lora_alpha=0, load_in_4bit=True, load_in_8bit=True, fp16=True, effective_batch_size=10,
               micro_batch_size=4, lr_scheduler="cosine_annealing", lora_dropout=1.5, bnb_4bit_quant_type=None)
     with pytest.raises(ConfigError) as e:
@@ -132,6 +133,7 @@ def test_multi_process_settings_without_torchrun_are_refused(tmp_path, monkeypat
 
 
 def test_model_splitting_under_torchrun_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: True)  # on a CPU it is refused earlier
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="from ONE process, but torchrun started 2"):
         lora_sft("no-model", "no-data", str(tmp_path), enable_model_splitting=True)

@@ -24,9 +24,11 @@ from lora_cli.options import (
     REQUIRED,
     ConfigFileError,
     config_options,
-    load_config_file,
+    given_on_command_line,
     merge_values,
+    name_file_keys,
     passthrough_args,
+    read_config_file,
 )
 from lora_cli.progress import progress_callback
 from lora_cli.stop import EXIT_INTERRUPTED, StopRequest
@@ -130,8 +132,7 @@ def train(ctx: click.Context, config: Path | None, shards: Path | None, dry_run:
     if dry_run:
         _print_plan(ctx, cfg, plan, {"config": config, "shards": shards, **params})
         return
-    if launch.needs_launch(plan):
-        cfg.validate(world_size=plan.world_size)  # fail here, once, not in N workers
+    if launch.needs_launch(plan):  # the config was validated for plan.world_size: fail here, once, not in N workers
         device = launch.check_devices(plan.nproc_per_node, cfg.backend)
         args = passthrough_args(ctx, {"config": config, "shards": shards, **params})
         ctx.exit(launch.run_torchrun(plan, args, device))
@@ -142,7 +143,6 @@ def _print_plan(ctx: click.Context, cfg: LoraSftConfig, plan: launch.LaunchPlan,
     """--dry-run: everything `train` would decide before touching a GPU or the data."""
     import json
 
-    cfg.validate(world_size=plan.world_size)
     click.echo(json.dumps(redacted(cfg.to_dict()), indent=1, default=str))
     if cfg.micro_batch_size == "auto":
         click.echo(f"batch: micro auto (2 on a CPU; on a GPU sized from free memory when training starts) x "
@@ -153,15 +153,19 @@ def _print_plan(ctx: click.Context, cfg: LoraSftConfig, plan: launch.LaunchPlan,
 
         click.echo(f"batch: {fixed_plan(cfg, plan.world_size).describe()}")
     if launch.needs_launch(plan):
+        launch.check_devices(plan.nproc_per_node, cfg.backend)  # refuse what the real launch refuses
         click.echo("would run: " + " ".join(launch.torchrun_command(plan, passthrough_args(ctx, params))))
     else:
         click.echo("would train in this process")
 
 
 def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, params: dict) -> LoraSftConfig:
+    """The validated config: defaults < --config file < typed options. Every problem is reported at once, a key
+    from the file as `FILE:LINE: key ...`, a typed option as `--option ...`."""
     if config is not None and not config.is_file():
         raise UserError(f"--config {config}: no such file")
-    file_values = load_config_file(config) if config else {}
+    file = read_config_file(config) if config else None
+    file_values = file.values if file else {}
     kw = merge_values(ctx, params, file_values)
     if shards is not None:
         if params.get("data_path") is not None:
@@ -171,11 +175,21 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
                             "`lora-cli prepare DATA.jsonl OUT_DIR --tokenizer MODEL_DIR --max-seq-len N`")
         kw["data_path"] = str(shards)
     missing = [n for n in REQUIRED if not kw.get(n)]
-    if missing:
+    if missing and not (file and file.issues):
         names = {"model_path": "--model", "data_path": "--data or --shards", "ckpt_output_dir": "--output"}
         raise click.UsageError("missing " + ", ".join(names[n] for n in missing) + " (or set it in --config)")
-    _check_model_path(kw["model_path"])
-    return LoraSftConfig.from_dict(kw)
+    if not missing:
+        _check_model_path(kw["model_path"])
+    issues = list(file.issues) if file else []
+    cfg = None
+    try:
+        cfg = LoraSftConfig(**kw).validate() if not missing else None
+    except ConfigError as e:
+        issues += e.issues
+    if issues:
+        typed = {n for n in params if given_on_command_line(ctx, n)}
+        raise ConfigError(name_file_keys(issues, file, typed) if file else issues)
+    return cfg
 
 
 def _check_model_path(model_path: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 import click
 import yaml
 from click.core import ParameterSource
-from lora_runtime.config import LoraSftConfig, check_known_keys
+from lora_runtime.config import ConfigError, LoraSftConfig, check_known_keys
 
 # Extra (usually shorter) names for some fields; the --kebab-case name of the field itself always exists too.
 ALIASES = {
@@ -170,25 +171,104 @@ def cli_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(LoraSftConfig) if f.name not in NOT_GENERATED]
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or TOML run config into a dict of `LoraSftConfig` field values (kebab-case keys are accepted).
+MAX_YAML_NODES = 100_000  # a YAML alias bomb expands to billions of values; a real config has a few dozen
 
-    Raises ConfigFileError naming the file (and the line, for parse errors), or ConfigError for unknown keys.
-    """
+
+@dataclasses.dataclass(frozen=True)
+class ConfigFile:
+    """A --config file read without raising for its keys: `values` (known keys), `issues` (unknown keys, a
+    `callbacks` key), `lines` (key → line number, where the format tells us)."""
+
+    path: Path
+    values: dict[str, Any]
+    issues: list[str]
+    lines: dict[str, int]
+
+    def where(self, key: str) -> str:
+        return f"{self.path}:{self.lines[key]}" if key in self.lines else str(self.path)
+
+
+def read_config_file(path: str | Path) -> ConfigFile:
+    """Read a YAML or TOML run config (snake_case or kebab-case keys). Raises ConfigFileError only when the file
+    cannot be parsed (naming the file and line); key problems are collected in `.issues`."""
     p = Path(path)
     text = p.read_text(encoding="utf-8")
     try:
-        data = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
+        if p.suffix == ".toml":
+            data, lines = tomllib.loads(text), _toml_lines(text)
+        else:
+            data, lines = _load_yaml(p, text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:  # both messages carry the line and column
         raise ConfigFileError(f"{p}: cannot parse: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise ConfigFileError(f"{p}: expected a mapping of option: value, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    check_known_keys(data)
-    for name in ("target_modules",):
-        if isinstance(data.get(name), list):
-            data[name] = tuple(data[name])
-    return data
+    lines = {str(k).replace("-", "_"): n for k, n in lines.items()}
+    issues = []
+    if "callbacks" in data:
+        data.pop("callbacks")
+        issues.append("`callbacks` holds live Python objects (transformers TrainerCallbacks), which a config file "
+                      "cannot: pass callbacks=[...] to lora_runtime.lora_sft() in Python, or drop the key")
+    try:
+        check_known_keys(data)
+    except ConfigError as e:
+        issues += e.issues
+    known = set(cli_field_names())
+    values = {k: tuple(v) if k == "target_modules" and isinstance(v, list) else v for k, v in data.items() if k in known}
+    return ConfigFile(p, values, issues, lines)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The values of a --config file; ConfigFileError (unparsable) or ConfigError (every bad key) otherwise."""
+    file = read_config_file(path)
+    if file.issues:
+        raise ConfigError(file.issues)
+    return file.values
+
+
+def _load_yaml(path: Path, text: str) -> tuple[Any, dict[str, int]]:
+    """yaml.safe_load, bounded: the composed graph (aliases not expanded) is walked once, counting values."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is None:
+        return {}, {}
+    stack, seen = [node], 0
+    while stack:
+        n = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise ConfigFileError(f"{path}: more than {MAX_YAML_NODES:,} values once its aliases (&x / *x) are "
+                                  "expanded; a run config is a flat mapping of options")
+        if isinstance(n, yaml.MappingNode):
+            stack += [x for pair in n.value for x in pair]
+        elif isinstance(n, yaml.SequenceNode):
+            stack += n.value
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    return yaml.safe_load(text), lines
+
+
+def _toml_lines(text: str) -> dict[str, int]:
+    lines = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        m = re.match(r"""\s*["']?([A-Za-z0-9_-]+)["']?\s*=""", line)
+        if m and m[1] not in lines:
+            lines[m[1]] = number
+    return lines
+
+
+def name_file_keys(issues: list[str], file: ConfigFile, typed: set[str]) -> list[str]:
+    """Prefix an issue about a key the file set (and the command line did not) with `file:line: `, spelling the
+    key as the file does; the rest keep their `field` form (shown as --options)."""
+    out = []
+    for issue in issues:
+        m = re.search(r"`(\w+)`|\b(\w+)=", issue)
+        key = m and (m[1] or m[2])
+        unknown = issue.startswith(("unknown parameter", "`callbacks`")) or "ignored by training-hub" in issue
+        if key and (unknown or (key in file.values and key not in typed)):
+            issue = f"{file.where(key)}: " + re.sub(r"`(\w+)`", r"\1", issue)
+        out.append(issue)
+    return out
 
 
 def given_on_command_line(ctx: click.Context, name: str) -> bool:

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # training-hub parameters whose LoRA path accepts and then ignores them: say what to use instead.
@@ -25,7 +26,8 @@ IGNORED_BY_TRAINING_HUB = {
     "checkpoint_at_epoch": "checkpoints are taken by optimizer step; use save_steps (steps per epoch are logged at start)",
 }
 
-PATH_FIELDS = ("model_path", "data_path", "ckpt_output_dir", "data_output_dir", "eval_data_path", "tensorboard_log_dir")
+PATH_FIELDS = ("model_path", "data_path", "ckpt_output_dir", "data_output_dir", "eval_data_path", "tensorboard_log_dir",
+               "resume_from")
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
 OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor",
@@ -81,6 +83,7 @@ class LoraSftConfig:
     learning_rate: float = _f(2e-4, "peak learning rate")
     lr_scheduler: str = _f("linear", "learning-rate schedule after warmup", LR_SCHEDULERS)
     warmup_steps: int = _f(10, "linear warmup in optimizer steps")
+    warmup_ratio: float | None = _f(None, "linear warmup as a fraction of all optimizer steps (wins over warmup_steps)")
     weight_decay: float = _f(0.01, "AdamW weight decay on the LoRA parameters")
     max_grad_norm: float = _f(0.3, "gradient clipping norm (0 disables)")
     optim: str = _f("adamw_torch", "optimizer (transformers name)", OPTIMIZERS)
@@ -91,6 +94,11 @@ class LoraSftConfig:
     # --- data ---
     max_seq_len: int = _f(2048, "packed row length in tokens; longer samples follow `overlong`")
     sample_packing: bool = _f(True, "pack several samples per row (best-fit decreasing); False = one sample per row")
+    chat_template: str | None = _f(
+        None, "chat template to render the data with instead of the tokenizer's: a Jinja file, 'chatml', or the "
+        "name of one of the tokenizer's own templates; saved with the adapter's tokenizer")
+    eval_split_ratio: float | None = _f(
+        None, "hold out this fraction of the training JSONL's lines (seeded) as eval data (instead of eval_data_path)")
     dataset_type: str = _f("chat_template", "record format of raw JSONL", ["chat_template", "alpaca", "passthrough"])
     field_messages: str = _f("messages", "JSONL field holding the chat messages")
     field_instruction: str = _f("instruction", "alpaca: instruction field")
@@ -130,6 +138,7 @@ class LoraSftConfig:
     save_steps: int = _f(500, "checkpoint every N optimizer steps")
     save_total_limit: int | None = _f(3, "keep the newest N complete checkpoints (None keeps all)")
     resume: bool = _f(True, "resume from the newest complete checkpoint; False refuses a dir that has checkpoints")
+    resume_from: str | None = _f(None, "resume from this checkpoint directory (a checkpoints/checkpoint-<step> dir)")
     save_model: bool = _f(True, "write the final adapter + tokenizer to ckpt_output_dir")
     save_merged: bool = _f(False, "also write the merged full model (safetensors) to <ckpt_output_dir>/merged")
     eval_steps: int = _f(500, "evaluate every N steps (with eval_data_path)")
@@ -188,6 +197,7 @@ class LoraSftConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             issues.append(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}")
         issues += _choice_issues(self) + _combination_issues(self) + _batch_issues(self, world_size)
+        issues += _option_issues(self) + _machine_issues(self) + _model_issues(self)
         if issues:
             raise ConfigError(issues)
         return self
@@ -349,3 +359,50 @@ def _batch_issues(cfg: LoraSftConfig, world_size: int | None) -> list[str]:
                       f"means gradient_accumulation_steps={ebs // per_pass}, but {cfg.gradient_accumulation_steps} was "
                       "given: drop one of the two")
     return issues
+
+
+def _option_issues(cfg: LoraSftConfig) -> list[str]:
+    """warmup_ratio, eval_split_ratio, chat_template and resume_from: ranges, exclusions, paths that must exist."""
+    issues = []
+    if cfg.warmup_ratio is not None and not 0.0 <= cfg.warmup_ratio < 1.0:
+        issues.append(f"`warmup_ratio` must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.eval_split_ratio is not None:
+        if not 0.0 < cfg.eval_split_ratio < 1.0:
+            issues.append(f"`eval_split_ratio` must be in (0, 1), got {cfg.eval_split_ratio}")
+        if cfg.eval_data_path:
+            issues.append("`eval_split_ratio` and `eval_data_path` both name the eval data: pass one of them")
+        if (Path(cfg.data_path) / "manifest.json").is_file():
+            issues.append(f"`eval_split_ratio` splits a raw JSONL file, but `data_path`={cfg.data_path} is a prepared "
+                          "shard dir: pass the JSONL file, or prepare an eval file and pass it as eval_data_path")
+    template = cfg.chat_template
+    if template and "{" not in template and template not in NAMED_TEMPLATES and _looks_like_path(template) \
+            and not Path(template).expanduser().is_file():
+        issues.append(f"`chat_template`={template} is neither a file nor one of {sorted(NAMED_TEMPLATES)} (or a name "
+                      "of one of the tokenizer's own templates)")
+    if cfg.resume_from is not None:
+        ckpt = Path(cfg.resume_from)
+        if not cfg.resume:
+            issues.append(f"`resume_from`={cfg.resume_from} with resume=False: drop one of the two")
+        elif not (ckpt / "COMPLETE").is_file():
+            issues.append(f"`resume_from`={cfg.resume_from} is not a complete checkpoint (a checkpoints/checkpoint-"
+                          "<step> dir with its COMPLETE marker)" + ("" if ckpt.is_dir() else ": no such directory"))
+    return issues
+
+
+NAMED_TEMPLATES = ("chatml", "default")  # built in (lora_runtime.data.chat_template_text); the tokenizer may add more
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or os.sep in text or text.endswith((".jinja", ".j2", ".txt", ".tmpl"))
+
+
+def _machine_issues(cfg: LoraSftConfig) -> list[str]:
+    from lora_runtime.preflight import machine_issues
+
+    return machine_issues(cfg)
+
+
+def _model_issues(cfg: LoraSftConfig) -> list[str]:
+    from lora_runtime.preflight import model_issues
+
+    return model_issues(cfg)

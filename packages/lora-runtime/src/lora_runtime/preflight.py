@@ -1,0 +1,119 @@
+"""What `LoraSftConfig.validate()` checks against this machine and the model directory, before any data is prepared
+or any model loaded: options that need CUDA, logging integrations whose package is missing, a model that ships its
+own code, and `target_modules` the model does not have.
+
+Cheap on purpose: torch is imported only when an option needs CUDA (and not at all with CUDA_VISIBLE_DEVICES=""),
+transformers never. The model's module names are read from its safetensors headers (a few KB per file):
+
+    model.layers.0.self_attn.q_proj.weight  [64, 64]   →  modules model, model.layers, ..., model.layers.0.self_attn.q_proj
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+# option → (is it on, why it needs CUDA, what to do instead)
+_NEEDS_CUDA = {
+    "load_in_4bit": (lambda c: c.load_in_4bit, "bitsandbytes 4-bit", "drop it to train the base model unquantized"),
+    "load_in_8bit": (lambda c: c.load_in_8bit, "bitsandbytes 8-bit", "drop it to train the base model unquantized"),
+    "flash_attention": (lambda c: c.flash_attention is True, "FlashAttention kernels",
+                        "pass flash_attention=None (or False) for SDPA"),
+    "backend": (lambda c: c.backend == "unsloth", "Unsloth's Triton kernels", "pass backend='peft' (or 'auto')"),
+    "enable_model_splitting": (lambda c: c.enable_model_splitting, "it spreads one model over GPUs",
+                               "drop it (a CPU run keeps the whole model in RAM anyway)"),
+}
+# integration → (config fields / env vars that turn it on, import names that satisfy it, install hint)
+_INTEGRATIONS = {
+    "mlflow": (("mlflow_tracking_uri", "mlflow_experiment_name"), ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"),
+               ("mlflow",), "`uv pip install mlflow` (or `pip install mlflow`)"),
+    "wandb": (("wandb_project",), ("WANDB_PROJECT",), ("wandb",), "`uv pip install wandb`"),
+    "tensorboard": (("tensorboard_log_dir",), (), ("tensorboard", "tensorboardX"), "`uv pip install tensorboard`"),
+}
+
+
+def cuda_available() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def machine_issues(cfg: Any) -> list[str]:
+    """Options this machine cannot honour (no CUDA; a logging package not installed), one issue each."""
+    issues = []
+    wanted = {name: why for name, (on, *why) in _NEEDS_CUDA.items() if on(cfg)}
+    if wanted and not cuda_available():
+        where = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = "no CUDA GPU is visible" + (f" (CUDA_VISIBLE_DEVICES={where!r})" if where is not None else "")
+        for name, (why, fix) in wanted.items():
+            issues.append(f"`{name}`={getattr(cfg, name)!r} needs CUDA ({why}) but {seen}: {fix}")
+    for name, (fields, env, modules, hint) in _INTEGRATIONS.items():
+        asked = [f"`{f}`" for f in fields if getattr(cfg, f)] + [v for v in env if os.environ.get(v)]
+        if asked and not any(importlib.util.find_spec(m) for m in modules):
+            issues.append(f"{' and '.join(asked)} asks for {name} logging but the {modules[0]} package is not "
+                          f"installed: {hint}, or drop the option")
+    return issues
+
+
+def model_issues(cfg: Any) -> list[str]:
+    """A local model dir whose config.json wants its own code, or that lacks a target module (hub ids: skipped)."""
+    d = Path(str(cfg.model_path)).expanduser()
+    try:
+        model_config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # not a local model dir (a hub id), or one the loader will report on
+    if not isinstance(model_config, dict):
+        return []
+    issues = []
+    if model_config.get("auto_map") and not cfg.trust_remote_code:
+        issues.append(f"`model_path` {d}: config.json has auto_map (the model ships its own Python code), which is "
+                      "never run unless you set `trust_remote_code` to True (only for a model you trust); or delete "
+                      f"auto_map from config.json to train transformers' built-in {model_config.get('model_type')!r} "
+                      "class")
+    if cfg.target_modules is not None and cfg.target_modules != "all-linear":
+        issues += _target_issues(cfg.target_modules, d)
+    return issues
+
+
+def _target_issues(targets: tuple[str, ...] | str, model_dir: Path) -> list[str]:
+    shapes = weight_shapes(model_dir)
+    if not shapes:
+        return []  # .bin weights or an unreadable header: PEFT will say it
+    modules = {".".join(k.split(".")[:i]) for k in shapes for i in range(1, k.count(".") + 1)} | {"lm_head"}
+    if isinstance(targets, str):  # PEFT: a string is a regex matched against the whole module name
+        missing = [] if any(re.fullmatch(targets, m) for m in modules) else [targets]
+    else:
+        missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if not missing:
+        return []
+    linear = sorted({k.split(".")[-2] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2
+                     and k.count(".") >= 1} - {"embed_tokens", "wte", "wpe", "embed_in"})
+    return [f"`target_modules` names {', '.join(repr(t) for t in missing)}, which {model_dir} does not have; its "
+            f"linear layers are {', '.join(linear)} (or pass target_modules=None for all attention and MLP "
+            "projections, or 'all-linear')"]
+
+
+def weight_shapes(model_dir: Path) -> dict[str, list[int]]:
+    """Tensor name → shape from the safetensors headers of a model dir ({} when there are none)."""
+    index = model_dir / "model.safetensors.index.json"
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+            sorted(p.name for p in model_dir.glob("*.safetensors") if not p.name.startswith("adapter_"))
+        shapes: dict[str, list[int]] = {}
+        for name in files:
+            with open(model_dir / name, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                if size > 100 * 2**20:
+                    return {}
+                header = json.loads(f.read(size))
+            shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+        return shapes
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return {}

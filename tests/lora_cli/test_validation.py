@@ -1,0 +1,115 @@
+"""Issue 18.4: problems are found with the config, before any data is prepared or a model is loaded, all at once;
+config-file problems are named by the file's key and line; --dry-run refuses what the launch refuses."""
+
+from __future__ import annotations
+
+import lora_runtime
+import pytest
+from click.testing import CliRunner
+from lora_cli import launch
+from lora_cli.main import main
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(lora_runtime, "lora_sft", lambda **kw: pytest.fail("reached lora_sft: validation missed it"))
+
+
+def invoke(args):
+    return CliRunner().invoke(main, args)
+
+
+def test_cuda_only_options_on_a_cpu_are_all_refused_at_once(no_training, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    res = invoke(["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path / "o"), "--load-in-4bit",
+                  "--flash-attention", "--backend", "unsloth", "--enable-model-splitting"])
+    lines = res.output.splitlines()
+    assert res.exit_code == 1 and all(line.startswith("error: ") for line in lines), res.output
+    for option in ("--load-in-4bit", "--flash-attention", "--backend", "--enable-model-splitting"):
+        assert any(line.startswith(f"error: {option}=") and "needs CUDA" in line for line in lines), (option, lines)
+    assert len(lines) == 4 and "Traceback" not in res.output
+    res = invoke(["train", "--model", "m", "--data", "d.jsonl", "--output", "o", "--load-in-8bit", "--dry-run"])
+    assert res.exit_code == 1 and "error: --load-in-8bit=True needs CUDA (bitsandbytes 8-bit)" in res.output
+
+
+def test_mlflow_without_its_package(no_training, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    res = invoke(["train", "--model", "m", "--data", "d.jsonl", "--output", "o", "--mlflow-tracking-uri",
+                  "file:///tmp/mlruns", "--dry-run"])
+    assert res.exit_code == 1
+    assert res.output.startswith("error: --mlflow-tracking-uri asks for mlflow logging but the mlflow package is not "
+                                 "installed"), res.output
+
+
+def test_target_modules_the_model_lacks_is_one_line(no_training, tiny_llama_dir):
+    res = invoke(["train", "--model", str(tiny_llama_dir), "--data", "d.jsonl", "--output", "o", "--target-modules",
+                  "q_proj,query_key_value", "--dry-run"])
+    assert res.exit_code == 1 and len(res.output.splitlines()) == 1, res.output
+    assert "error: --target-modules names 'query_key_value', which" in res.output
+    assert "its linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in res.output
+    ok = invoke(["train", "--model", str(tiny_llama_dir), "--data", "d.jsonl", "--output", "o", "--target-modules",
+                 "q_proj,v_proj", "--dry-run"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_a_model_with_its_own_code_is_refused_unless_trusted(no_training, tiny_llama_dir, tmp_path):
+    import json
+    import shutil
+
+    model = tmp_path / "remote"
+    shutil.copytree(tiny_llama_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModelForCausalLM": "m.MyModel"}}))
+    args = ["train", "--model", str(model), "--data", "d.jsonl", "--output", "o", "--dry-run"]
+    res = invoke(args)
+    assert res.exit_code == 1 and "config.json has auto_map" in res.output and "set --trust-remote-code to True" in res.output
+    assert invoke([*args, "--trust-remote-code"]).exit_code == 0
+
+
+def test_config_file_problems_are_named_by_key_and_line_all_at_once(no_training, tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("model_path: m\nlora_r: 0\nlearning_rate: -1.0\ncallbacks: [x]\nlora_rank: 4\n")
+    res = invoke(["train", "--config", str(run), "--data", "d.jsonl", "--output", "o", "--lora-alpha", "0"])
+    assert res.exit_code == 1, res.output
+    assert sorted(res.output.splitlines()) == sorted([
+        f"error: {run}:2: lora_r must be > 0, got 0",
+        f"error: {run}:3: learning_rate must be > 0, got -1.0",
+        f"error: {run}:4: callbacks holds live Python objects (transformers TrainerCallbacks), which a config file "
+        "cannot: pass callbacks=[...] to lora_runtime.lora_sft() in Python, or drop the key",
+        f"error: {run}:5: unknown parameter lora_rank; did you mean lora_r?",
+        "error: --lora-alpha must be > 0, got 0.0",
+    ])
+
+
+def test_toml_keys_have_lines_too(no_training, tmp_path):
+    run = tmp_path / "run.toml"
+    run.write_text('model_path = "m"\n\n"lora-dropout" = 2.0\n')
+    res = invoke(["train", "--config", str(run), "--data", "d.jsonl", "--output", "o", "--dry-run"])
+    assert res.output == f"error: {run}:3: lora_dropout must be in [0, 1), got 2.0\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(no_training, tmp_path):
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    levels = ['a0: &a0 ["x","x","x","x","x","x","x","x","x","x"]'] + [
+        f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    bomb.write_text("\n".join(levels) + "\n")
+    t0 = time.monotonic()
+    res = invoke(["train", "--config", str(bomb), "--model", "m", "--data", "d.jsonl", "--output", "o", "--dry-run"])
+    assert time.monotonic() - t0 < 10
+    assert res.exit_code == 1 and "more than 100,000 values once its aliases" in res.output, res.output
+
+
+def test_dry_run_with_gpus_refuses_what_the_launch_refuses(no_training, monkeypatch):
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
+    res = invoke(["train", "--model", "m", "--data", "d.jsonl", "--output", "o", "--gpus", "2", "--dry-run"])
+    assert res.exit_code == 1 and "error: --gpus 2 asks for 2 GPUs but 0 GPU(s) are visible" in res.output
+    res = invoke(["train", "--model", "m", "--data", "d.jsonl", "--output", "o", "--gpus", "2", "--backend", "peft",
+                  "--dry-run"])
+    assert res.exit_code == 0 and "would run: " in res.output
