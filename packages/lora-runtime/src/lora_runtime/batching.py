@@ -351,7 +351,7 @@ def checkpointed_micro(config: LoraSftConfig) -> int | None:
     """The micro batch stored in the checkpoint a resume would start from (None for a fresh run)."""
     from lora_runtime import checkpoint
 
-    found = checkpoint.resume_point(config.ckpt_output_dir, resume=config.resume)
+    found = checkpoint.resume_checkpoint(config)
     if found is None or not (found / checkpoint.CONFIG_NAME).is_file():
         return None
     saved = json.loads(Path(found / checkpoint.CONFIG_NAME).read_text())

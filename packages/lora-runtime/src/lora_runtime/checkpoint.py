@@ -74,6 +74,13 @@ def resume_point(ckpt_output_dir: str | Path, *, resume: bool) -> Path | None:
     return found
 
 
+def resume_checkpoint(config: Any) -> Path | None:
+    """The checkpoint a run of `config` resumes from: `resume_from` when given (verified), else `resume_point`."""
+    if config.resume_from and config.resume:
+        return verify(config.resume_from)
+    return resume_point(config.ckpt_output_dir, resume=config.resume)
+
+
 def verify(path: str | Path, marker_name: str = MARKER, fix: str | None = None) -> Path:
     """Check every file the marker lists (size, then sha256); CheckpointError naming the first bad file."""
     path = Path(path)
@@ -209,3 +216,66 @@ def write_json_atomic(path: str | Path, obj: object) -> Path:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------- changed settings
+# What a checkpoint fixes: the adapter's shape and init, the base model, what the optimizer state means, and the
+# data and its order. Every other setting may change on resume (max_steps, num_epochs, the learning-rate schedule,
+# logging / eval / save cadence, save_total_limit, ...): it is applied, and logged as changed.
+FIXED = ("model_path", "lora_r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "init_lora_weights",
+         "rank_pattern", "alpha_pattern", "loftq_config", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
+         "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant", "optim", "weight_decay", "adam_beta1", "adam_beta2",
+         "adam_epsilon", "seed", "max_seq_len", "sample_packing", "dataset_type", "field_messages",
+         "field_instruction", "field_input", "field_output", "train_on_inputs", "overlong", "chat_template",
+         "eval_split_ratio")
+# Not compared: where the run lives, how it is launched, and the batch split (its product is compared instead).
+_NOT_COMPARED = ("ckpt_output_dir", "data_path", "data_output_dir", "resume", "resume_from", "micro_batch_size",
+                 "gradient_accumulation_steps", "effective_batch_size", "nproc_per_node", "nnodes", "node_rank",
+                 "rdzv_id", "rdzv_endpoint", "master_addr", "master_port", "backend")
+
+
+def data_identity(manifest: Any) -> str | None:
+    """The shards' cache key (source bytes + tokenizer + options), else the manifest's own checksum."""
+    return getattr(manifest, "cache_key", None) or getattr(manifest, "checksum", None)
+
+
+def check_resume(ckpt: Path, config: Any, plan: Any, dataset: Any) -> list[str]:
+    """Compare `config` with the one `ckpt` was trained with. A fixed setting that differs is a ConfigError (one
+    issue per setting: both values and how to start fresh); returns the changed settings ("name: old → new")."""
+    import dataclasses
+
+    from lora_runtime.config import ConfigError, redacted
+
+    try:
+        saved = json.loads((Path(ckpt) / "lora_sft_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    resolved = saved.pop("resolved", {}) if isinstance(saved, dict) else {}
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    fresh = ("; it cannot change on resume: pass the checkpoint's value to continue that run, or start fresh with the "
+             "new one in a new `ckpt_output_dir` (resume=False refuses a dir that already has checkpoints)")
+    issues, changed = [], []
+    for name, new in redacted(config.to_dict()).items():
+        old = saved.get(name, defaults.get(name))
+        if name in _NOT_COMPARED or _same(old, new):
+            continue
+        if name in FIXED:
+            issues.append(f"`{name}` is {new!r} now but {ckpt} was trained with {old!r}{fresh}")
+        else:
+            changed.append(f"{name}: {old!r} → {new!r}")
+    data = data_identity(dataset.reader.manifest)
+    if resolved.get("data") and resolved["data"] != data:
+        issues.append(f"`data_path` {config.data_path} holds other data than {ckpt} was trained on (shards "
+                      f"{str(resolved['data'])[:12]}, now {str(data)[:12]}){fresh}")
+    rows = resolved.get("effective_batch_size")  # absent in older checkpoints: the dataset's state check guards them
+    if isinstance(rows, int) and rows != plan.effective:
+        issues.append(f"rows per optimizer step (micro_batch_size x gradient accumulation x processes) are "
+                      f"{plan.effective} now but {ckpt} was trained with {rows}; they fix the data order: pass "
+                      f"`effective_batch_size`={rows} to continue that run, or start fresh in a new `ckpt_output_dir`")
+    if issues:
+        raise ConfigError(issues)
+    return changed
+
+
+def _same(a: Any, b: Any) -> bool:
+    return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)

@@ -41,8 +41,12 @@ def ensure_shards(config: LoraSftConfig) -> tuple[LoraSftConfig, Shards]:
     init_process_group()
     config = inherit_seq_len(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-    train_dir = resolve(config.data_path, "data_path", config, tokenizer)
-    eval_dir = resolve(config.eval_data_path, "eval_data_path", config, tokenizer) if config.eval_data_path else None
+    apply_chat_template(config, tokenizer)
+    train_path, eval_path = config.data_path, config.eval_data_path
+    if config.eval_split_ratio:
+        train_path, eval_path = split_eval(Path(config.data_path), config)
+    train_dir = resolve(train_path, "data_path", config, tokenizer)
+    eval_dir = resolve(eval_path, "eval_data_path", config, tokenizer) if eval_path else None
     from lora_data import Manifest
 
     return config, Shards(train_dir, Manifest.load(train_dir), eval_dir)
@@ -62,6 +66,74 @@ def inherit_seq_len(config: LoraSftConfig) -> LoraSftConfig:
         return config
     print0(f"max_seq_len={seq_len}, the row length the shards in {shard_dir} were packed to")
     return dataclasses.replace(config, max_seq_len=seq_len)
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def chat_template_text(name: str, tokenizer: Any) -> str:
+    """`chat_template=`: inline Jinja, a file, 'chatml', 'default' (lora-data's), or one of the tokenizer's own
+    named templates."""
+    from lora_data.templates import DEFAULT_CHAT_TEMPLATE
+
+    own = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), dict) else {}
+    if "{{" in name or "{%" in name:
+        return name
+    if Path(name).expanduser().is_file():
+        return Path(name).expanduser().read_text(encoding="utf-8")
+    if name in own:
+        return own[name]
+    builtin = {"chatml": CHATML_TEMPLATE, "default": DEFAULT_CHAT_TEMPLATE}
+    if name in builtin:
+        return builtin[name]
+    raise ConfigError([f"`chat_template`={name!r} is not a file, inline Jinja, one of {sorted(builtin)}"
+                       + (f" or one of the tokenizer's templates {sorted(own)}" if own else "")])
+
+
+def apply_chat_template(config: LoraSftConfig, tokenizer: Any) -> Any:
+    """Put the config's chat template on `tokenizer` (the data is rendered with it and it is saved with the adapter,
+    so inference formats prompts the way training did)."""
+    if config.chat_template:
+        tokenizer.chat_template = chat_template_text(config.chat_template, tokenizer)
+        print0(f"chat template: {config.chat_template if len(config.chat_template) < 80 else 'inline'} "
+               "(chat_template=), instead of the tokenizer's")
+    return tokenizer
+
+
+def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
+    """`eval_split_ratio`: a seeded choice of the file's non-blank lines goes to eval, the rest to training; the two
+    files live in the data cache, named by the content, ratio and seed (the same inputs give the same split)."""
+    import hashlib
+    import random
+
+    if not data_file.is_file():
+        raise ConfigError([f"`data_path`={data_file} does not exist (eval_split_ratio needs a JSONL file)"])
+    raw = data_file.read_bytes()
+    key = hashlib.sha256(raw + f"|{config.eval_split_ratio}|{config.seed}".encode()).hexdigest()[:20]
+    out = cache_root(config) / "splits" / key
+    lines = raw.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(b"\n"):
+        lines[-1] += b"\n"
+    used = [i for i, line in enumerate(lines) if line.strip()]
+    n_eval = max(1, round(len(used) * config.eval_split_ratio))
+    if n_eval >= len(used):
+        raise ConfigError([f"`eval_split_ratio`={config.eval_split_ratio} leaves no training line of the "
+                           f"{len(used)} in {data_file}"])
+    held = set(random.Random(config.seed).sample(used, n_eval))
+    for name, keep in (("train.jsonl", lambda i: i not in held), ("eval.jsonl", lambda i: i in held)):
+        if not (out / name).is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / f".{name}.{os.getpid()}.tmp"
+            tmp.write_bytes(b"".join(line for i, line in enumerate(lines) if keep(i) and line.strip()))
+            os.replace(tmp, out / name)
+    print0(f"data: eval_split_ratio={config.eval_split_ratio}: {n_eval} of {len(used)} lines of {data_file} held "
+           f"out for eval (seed {config.seed}) → {out}")
+    return str(out / "train.jsonl"), str(out / "eval.jsonl")
 
 
 def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path:

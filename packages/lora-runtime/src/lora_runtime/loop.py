@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_runtime import checkpoint
 from lora_runtime.config import LoraSftConfig
+from lora_runtime.data import apply_chat_template
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
 from lora_runtime.metrics import (
     MetricsWriter,
@@ -57,7 +58,11 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
 
     start = time.time()
     env = init_process_group()
-    resume_from = checkpoint.resume_point(config.ckpt_output_dir, resume=config.resume)
+    resume_from = checkpoint.resume_checkpoint(config)
+    if resume_from is not None:  # a setting the checkpoint fixes is refused here, before the model loads
+        changed = checkpoint.check_resume(resume_from, config, plan, dataset)
+        if changed:
+            print0(f"resume: changed since {resume_from.name}, applied: {'; '.join(changed)}")
     precision = decide_precision(config)
     if config.sharding == "fsdp":  # rank 0 loads, the others build on the meta device, all keep their shards
         from lora_runtime.sharding import load_sharded
@@ -66,6 +71,7 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
     else:
         model, tokenizer = backend.load(config, plan)
         model = backend.add_lora(model, config, plan)
+    apply_chat_template(config, tokenizer)
     log_plan(config, plan, backend, backend_reason, dataset, manifest, precision)
     resume_step = None
     if resume_from is not None:
@@ -139,7 +145,8 @@ def training_arguments(config: LoraSftConfig, plan: BatchPlan, precision: str) -
         per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
         per_device_eval_batch_size=config.per_device_eval_batch_size or micro,
         num_train_epochs=config.num_epochs, max_steps=config.max_steps or -1,
-        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_steps,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps if config.warmup_ratio is None else config.warmup_ratio,  # < 1: a fraction
         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, optim=config.optim,
         adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not torch.cuda.is_available(),

@@ -137,12 +137,22 @@ class PackedTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """On the CPU under gloo, transformers maps the optimizer state to args.device ("cpu:0"), a location
-        torch.load cannot restore to; let "cpu:<n>" mean the CPU. (Found by lora-cli's SIGTERM-then-resume test.)"""
+        torch.load cannot restore to; let "cpu:<n>" mean the CPU. (Found by lora-cli's SIGTERM-then-resume test.)
+        Then the learning rate follows this run's schedule, not the checkpoint's (see `follow_schedule`)."""
         if checkpoint and sharding.is_sharded(self.model):
-            return sharding.load_optimizer(self.model, self.optimizer, self.lr_scheduler, checkpoint)
-        if checkpoint and self.args.world_size > 1 and self.args.device.type == "cpu":
-            _allow_indexed_cpu_locations()
-        return super()._load_optimizer_and_scheduler(checkpoint)
+            sharding.load_optimizer(self.model, self.optimizer, self.lr_scheduler, checkpoint)
+        else:
+            if checkpoint and self.args.world_size > 1 and self.args.device.type == "cpu":
+                _allow_indexed_cpu_locations()
+            super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint:
+            follow_schedule(self.optimizer, self.lr_scheduler, self.args.learning_rate)
+
+    def _init_training_state(self, max_steps: int, *args: Any, **kwargs: Any) -> Any:
+        """A resumed TrainerState carries the checkpoint's logging / eval / save cadence: this run's settings win."""
+        out = super()._init_training_state(max_steps, *args, **kwargs)
+        self.state.compute_steps(self.args, max_steps)
+        return out
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         import torch
@@ -247,12 +257,29 @@ class PackedTrainer(Trainer):
         if self.args.should_save:
             self.state.save_to_json(str(tmp / TRAINER_STATE_NAME))
             checkpoint.write_json_atomic(tmp / "data_state.json", self.train_dataset.state_at(step))
-            checkpoint.write_json_atomic(tmp / checkpoint.CONFIG_NAME, run_record(self.run_config, self.plan))
+            checkpoint.write_json_atomic(tmp / checkpoint.CONFIG_NAME, run_record(
+                self.run_config, self.plan, data=checkpoint.data_identity(self.train_dataset.reader.manifest)))
         barrier()
         if self.args.should_save:
             checkpoint.commit(tmp, step)
             checkpoint.rotate(root, self.run_config.save_total_limit)
         barrier()
+
+
+def follow_schedule(optimizer: Any, scheduler: Any, learning_rate: float) -> None:
+    """After loading a checkpoint's optimizer and scheduler state: the peak LR is this run's `learning_rate` and the
+    LR of the next step is this run's schedule at the resumed step. The schedule's shape (its lambda, built for this
+    run's max_steps and warmup) is never restored by torch, but `base_lrs` and the optimizer's current lr are: so a
+    changed learning_rate would be ignored, and a max_steps extended past the old end would run a step at lr 0.
+    With nothing changed this recomputes exactly the lr the checkpoint holds (same formula, same step)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None or len(lambdas) != len(optimizer.param_groups):
+        return
+    scheduler.base_lrs = [learning_rate] * len(optimizer.param_groups)
+    for group, fn in zip(optimizer.param_groups, lambdas, strict=True):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def oom_hint(config: LoraSftConfig, plan: BatchPlan, step: int, error: BaseException) -> str:

@@ -1,0 +1,64 @@
+"""Issue 18.6: options peers' users reach for: warmup_ratio, eval_split_ratio, chat_template (resume_from:
+test_resume_changes.py)."""
+
+from __future__ import annotations
+
+import json
+
+import _tiny
+import pytest
+from lora_runtime import ConfigError, LoraSftConfig
+
+
+def test_warmup_ratio_is_a_fraction_of_all_steps():
+    from lora_runtime.loop import training_arguments
+
+    cfg = LoraSftConfig("m", "d", "o", max_steps=40, warmup_ratio=0.25, micro_batch_size=2)
+    assert training_arguments(cfg, "fp32").get_warmup_steps(40) == 10
+    assert training_arguments(LoraSftConfig("m", "d", "o", micro_batch_size=2), "fp32").get_warmup_steps(40) == 10
+    with pytest.raises(ConfigError, match=r"`warmup_ratio` must be in \[0, 1\), got 1.5"):
+        LoraSftConfig("m", "d", "o", warmup_ratio=1.5).validate()
+
+
+def test_eval_split_ratio_holds_out_a_seeded_share_of_the_lines(tmp_path):
+    from lora_runtime.data import split_eval
+
+    records = _tiny.chat_records(40, seed=1)
+    data = _tiny.write_jsonl(tmp_path / "chat.jsonl", [*records[:20], "", *records[20:]])
+    cfg = LoraSftConfig("m", str(data), "o", eval_split_ratio=0.1, data_output_dir=str(tmp_path / "cache"))
+    train, evals = split_eval(data, cfg)
+    lines = lambda p: [json.loads(x) for x in open(p, encoding="utf-8") if x.strip()]  # noqa: E731
+    assert len(lines(evals)) == 4 and len(lines(train)) == 36
+    assert sorted(map(json.dumps, lines(train) + lines(evals))) == sorted(map(json.dumps, records))
+    assert split_eval(data, cfg) == (train, evals)  # the same inputs give the same files
+    other = split_eval(data, LoraSftConfig("m", str(data), "o", eval_split_ratio=0.1, seed=1,
+                                           data_output_dir=str(tmp_path / "cache")))[1]
+    assert lines(other) != lines(evals)  # the seed picks them
+    with pytest.raises(ConfigError, match="`eval_split_ratio` and `eval_data_path` both name the eval data"):
+        LoraSftConfig("m", str(data), "o", eval_split_ratio=0.1, eval_data_path=str(data)).validate()
+
+
+def test_ensure_shards_prepares_the_split_and_the_chat_template(tmp_path, tiny_llama_dir):
+    from lora_data import ShardReader
+    from lora_runtime.data import ensure_shards
+    from transformers import AutoTokenizer
+
+    data = _tiny.write_jsonl(tmp_path / "chat.jsonl", _tiny.chat_records(30, seed=2))
+    cfg = LoraSftConfig(str(tiny_llama_dir), str(data), str(tmp_path / "o"), max_seq_len=256, eval_split_ratio=0.2,
+                        chat_template="chatml", data_output_dir=str(tmp_path / "cache"))
+    shards = ensure_shards(cfg)
+    assert shards.eval_dir is not None and shards.manifest.counts["valid"] == 24
+    text = AutoTokenizer.from_pretrained(tiny_llama_dir).decode(ShardReader(shards.train_dir)[0].input_ids)
+    assert "<|im_start|>user" in text and "<|start_header_id|>" not in text  # rendered with ChatML, not Llama-3
+
+    template = tmp_path / "my.jinja"
+    template.write_text("{% for m in messages %}{{ '### ' + m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}")
+    cfg = LoraSftConfig(str(tiny_llama_dir), str(data), str(tmp_path / "o"), max_seq_len=256,
+                        chat_template=str(template), data_output_dir=str(tmp_path / "cache"))
+    text = AutoTokenizer.from_pretrained(tiny_llama_dir).decode(ShardReader(ensure_shards(cfg).train_dir)[0].input_ids)
+    assert "### user: " in text
+
+
+def test_an_unknown_chat_template_is_named():
+    with pytest.raises(ConfigError, match="`chat_template`=templates/nope.jinja is neither a file nor one of"):
+        LoraSftConfig("m", "d", "o", chat_template="templates/nope.jinja").validate()

@@ -1,0 +1,100 @@
+"""Issue 18.2: a resumed run compares its config with the checkpoint's. What may change (max_steps, the learning-rate
+schedule, logging cadence, ...) is applied and logged; what the checkpoint fixes (rank, targets, model, data, seed,
+rows per step, ...) is one issue per setting, naming both values and how to start fresh, before the model loads."""
+
+from __future__ import annotations
+
+import _runs
+import _shards
+import pytest
+from lora_runtime import ConfigError
+from lora_runtime.api import lora_sft
+from lora_runtime.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+BASE = {**_runs.RUN, "save_steps": 4, "save_total_limit": None, "warmup_steps": 2}
+
+
+def _lrs(result) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in read_metrics(result.metrics_path) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def finished_at_4(tmp_path_factory, tiny_llama_dir, llama_shards):
+    out = tmp_path_factory.mktemp("resume_changes") / "run"
+    lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**BASE, "max_steps": 4})
+    return out
+
+
+def test_a_longer_run_with_a_new_learning_rate_follows_the_new_schedule(finished_at_4, tiny_llama_dir, llama_shards,
+                                                                       tmp_path, capsys):
+    """Extending max_steps 4 → 8 and raising learning_rate: steps 5-8 get exactly the learning rates of an
+    uninterrupted 8-step run at the new rate (before: step 5 ran at lr 0 and the old rate was kept)."""
+    import shutil
+
+    new = {**BASE, "max_steps": 8, "learning_rate": 1e-2}
+    whole = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "whole"), **new)
+    out = tmp_path / "extended"
+    shutil.copytree(finished_at_4, out)
+    capsys.readouterr()
+    resumed = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **new)
+    log = capsys.readouterr().out
+    assert "resume: changed since checkpoint-4, applied: " in log
+    assert "max_steps: 4 → 8" in log and "learning_rate: 0.005 → 0.01" in log
+    expected, got = _lrs(whole), _lrs(resumed)  # the lr each step ran at
+    assert sorted(got) == list(range(1, 9))
+    for step in range(5, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-9), (step, got, expected)
+    assert got[5] > 0
+
+
+def test_a_new_logging_cadence_applies_after_the_resume(finished_at_4, tiny_llama_dir, llama_shards, tmp_path):
+    import shutil
+
+    out = tmp_path / "cadence"
+    shutil.copytree(finished_at_4, out)
+    resumed = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**BASE, "max_steps": 8, "logging_steps": 2})
+    assert sorted(_lrs(resumed)) == [1, 2, 3, 4, 6, 8]  # the checkpoint's trainer state said every step
+
+
+@pytest.mark.parametrize(("change", "name", "old", "new"), [
+    ({"lora_r": 8}, "lora_r", 16, 8),
+    ({"target_modules": ["q_proj", "v_proj"]}, "target_modules", _runs.TARGETS, ["q_proj", "v_proj"]),
+    ({"seed": 1}, "seed", 0, 1),
+])
+def test_a_setting_the_checkpoint_fixes_is_one_issue_naming_both_values(finished_at_4, tiny_llama_dir, llama_shards,
+                                                                        change, name, old, new):
+    before = sorted(p.name for p in finished_at_4.rglob("*"))
+    with pytest.raises(ConfigError) as e:
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(finished_at_4), **{**BASE, "max_steps": 8, **change})
+    (issue,) = e.value.issues
+    assert issue.startswith(f"`{name}` is {new!r} now but {finished_at_4 / 'checkpoints' / 'checkpoint-4'} was "
+                            f"trained with {old!r}; it cannot change on resume"), issue
+    assert "start fresh with the new one in a new `ckpt_output_dir`" in issue
+    assert sorted(p.name for p in finished_at_4.rglob("*")) == before
+
+
+def test_other_data_is_refused(finished_at_4, tiny_llama_dir, tmp_path):
+    other = _shards.chat_shards(tmp_path / "other", tiny_llama_dir, n=30, seq_len=128, seed=7)
+    with pytest.raises(ConfigError, match=r"`data_path` .* holds other data than .*checkpoint-4 was trained on"):
+        lora_sft(str(tiny_llama_dir), str(other), str(finished_at_4), **{**BASE, "max_steps": 8})
+
+
+def test_rows_per_step_are_fixed(finished_at_4, tiny_llama_dir, llama_shards):
+    with pytest.raises(ConfigError, match=r"rows per optimizer step .* are 2 now but .* trained with 4; .*"
+                                          "pass `effective_batch_size`=4"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(finished_at_4),
+                 **{**BASE, "max_steps": 8, "gradient_accumulation_steps": 1})
+
+
+def test_resume_from_an_explicit_checkpoint(finished_at_4, tiny_llama_dir, llama_shards, tmp_path):
+    """resume_from=PATH continues another directory's checkpoint in a new output dir."""
+    ckpt = finished_at_4 / "checkpoints" / "checkpoint-4"
+    out = tmp_path / "continued"
+    res = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**BASE, "max_steps": 6},
+                   resume_from=str(ckpt))
+    assert res.steps == 6
+    assert [r["step"] for r in read_metrics(res.metrics_path) if "loss" in r] == [5, 6]
+    assert (finished_at_4 / "checkpoints" / "checkpoint-4" / "COMPLETE").is_file()
+    with pytest.raises(ConfigError, match="is not a complete checkpoint"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **BASE, resume_from=str(tmp_path))
