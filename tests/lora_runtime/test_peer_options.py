@@ -4,6 +4,7 @@ test_resume_changes.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import _tiny
 import pytest
@@ -27,7 +28,9 @@ def test_eval_split_ratio_holds_out_a_seeded_share_of_the_lines(tmp_path):
     data = _tiny.write_jsonl(tmp_path / "chat.jsonl", [*records[:20], "", *records[20:]])
     cfg = LoraSftConfig("m", str(data), "o", eval_split_ratio=0.1, data_output_dir=str(tmp_path / "cache"))
     train, evals = split_eval(data, cfg)
-    lines = lambda p: [json.loads(x) for x in open(p, encoding="utf-8") if x.strip()]  # noqa: E731
+    def lines(p):
+        return [json.loads(x) for x in Path(p).read_text(encoding="utf-8").splitlines() if x.strip()]
+
     assert len(lines(evals)) == 4 and len(lines(train)) == 36
     assert sorted(map(json.dumps, lines(train) + lines(evals))) == sorted(map(json.dumps, records))
     assert split_eval(data, cfg) == (train, evals)  # the same inputs give the same files
@@ -60,5 +63,5 @@ def test_ensure_shards_prepares_the_split_and_the_chat_template(tmp_path, tiny_l
 
 
 def test_an_unknown_chat_template_is_named():
-    with pytest.raises(ConfigError, match="`chat_template`=templates/nope.jinja is neither a file nor one of"):
+    with pytest.raises(ConfigError, match=r"`chat_template`=templates/nope\.jinja is neither a file nor one of"):
         LoraSftConfig("m", "d", "o", chat_template="templates/nope.jinja").validate()
