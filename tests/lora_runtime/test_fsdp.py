@@ -83,7 +83,8 @@ def test_per_gpu_weights_fall_with_more_gpus_and_4bit_is_not_sharded():
     ({"load_in_4bit": True}, "sharding='ddp' to train QLoRA replicas, or enable_model_splitting=True"),
     ({"load_in_8bit": True}, "drop load_in_4bit/load_in_8bit to shard a bf16 base"),
 ])
-def test_fsdp_refuses_what_it_cannot_shard_naming_the_way_out(kw, way_out):
+def test_fsdp_refuses_what_it_cannot_shard_naming_the_way_out(kw, way_out, monkeypatch):
+    monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: True)  # these options need CUDA anyway
     with pytest.raises(ConfigError, match="sharding='fsdp'") as e:
         _config(sharding="fsdp", **kw).validate()
     assert way_out in str(e.value)
