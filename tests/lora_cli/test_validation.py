@@ -14,7 +14,7 @@ from lora_cli.main import main
 def no_training(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(lora_runtime, "lora_sft", lambda **kw: pytest.fail("reached lora_sft: validation missed it"))
+    monkeypatch.setattr(lora_runtime, "run", lambda cfg: pytest.fail("reached lora_runtime.run: validation missed it"))
 
 
 def invoke(args):

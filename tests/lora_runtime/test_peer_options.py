@@ -12,11 +12,15 @@ from lora_runtime import ConfigError, LoraSftConfig
 
 
 def test_warmup_ratio_is_a_fraction_of_all_steps():
+    from lora_runtime.batching import fixed_plan
     from lora_runtime.loop import training_arguments
 
-    cfg = LoraSftConfig("m", "d", "o", max_steps=40, warmup_ratio=0.25, micro_batch_size=2)
-    assert training_arguments(cfg, "fp32").get_warmup_steps(40) == 10
-    assert training_arguments(LoraSftConfig("m", "d", "o", micro_batch_size=2), "fp32").get_warmup_steps(40) == 10
+    def args(cfg):
+        return training_arguments(cfg, fixed_plan(cfg, 1), "fp32")
+
+    assert args(LoraSftConfig("m", "d", "o", max_steps=40, warmup_ratio=0.25, micro_batch_size=2)).get_warmup_steps(40) == 10
+    assert args(LoraSftConfig("m", "d", "o", max_steps=40, warmup_ratio=0.5, micro_batch_size=2)).get_warmup_steps(40) == 20
+    assert args(LoraSftConfig("m", "d", "o", micro_batch_size=2)).get_warmup_steps(40) == 10  # warmup_steps
     with pytest.raises(ConfigError, match=r"`warmup_ratio` must be in \[0, 1\), got 1.5"):
         LoraSftConfig("m", "d", "o", warmup_ratio=1.5).validate()
 
@@ -49,7 +53,7 @@ def test_ensure_shards_prepares_the_split_and_the_chat_template(tmp_path, tiny_l
     data = _tiny.write_jsonl(tmp_path / "chat.jsonl", _tiny.chat_records(30, seed=2))
     cfg = LoraSftConfig(str(tiny_llama_dir), str(data), str(tmp_path / "o"), max_seq_len=256, eval_split_ratio=0.2,
                         chat_template="chatml", data_output_dir=str(tmp_path / "cache"))
-    shards = ensure_shards(cfg)
+    _, shards = ensure_shards(cfg)
     assert shards.eval_dir is not None and shards.manifest.counts["valid"] == 24
     text = AutoTokenizer.from_pretrained(tiny_llama_dir).decode(ShardReader(shards.train_dir)[0].input_ids)
     assert "<|im_start|>user" in text and "<|start_header_id|>" not in text  # rendered with ChatML, not Llama-3
@@ -58,7 +62,7 @@ def test_ensure_shards_prepares_the_split_and_the_chat_template(tmp_path, tiny_l
     template.write_text("{% for m in messages %}{{ '### ' + m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}")
     cfg = LoraSftConfig(str(tiny_llama_dir), str(data), str(tmp_path / "o"), max_seq_len=256,
                         chat_template=str(template), data_output_dir=str(tmp_path / "cache"))
-    text = AutoTokenizer.from_pretrained(tiny_llama_dir).decode(ShardReader(ensure_shards(cfg).train_dir)[0].input_ids)
+    text = AutoTokenizer.from_pretrained(tiny_llama_dir).decode(ShardReader(ensure_shards(cfg)[1].train_dir)[0].input_ids)
     assert "### user: " in text
 
 
