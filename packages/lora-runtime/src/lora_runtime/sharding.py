@@ -6,7 +6,11 @@ weights and of their AdamW state, and all-gathers one layer at a time. On CUDA t
 LoRA gradients are reduce-scattered in fp32 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`); the LoRA
 weights themselves stay fp32 (PEFT creates them so). On a CPU (gloo) everything is fp32. Activation checkpointing is
 the backend's own (transformers' per-layer checkpointing, as the memory plan decided): FSDP2's hooks sit inside it,
-so a recomputed layer is all-gathered again in backward.
+so a recomputed layer is all-gathered again in backward. Accumulation passes before the last skip the
+reduce-scatter (the model's `no_sync`, which accelerate enters), keeping only the small LoRA gradients unsharded.
+
+Loading (`load_sharded`): rank 0 reads the weights into host memory; the other ranks build the model on the meta
+device, allocate only their shards, and receive rank 0's weights by broadcast: one copy in host RAM, not world.
 
 Why we call `fully_shard` ourselves instead of letting the Trainer/accelerate do FSDP (`fsdp_config={"fsdp_version":
 2}`): accelerate's path takes over model loading, the checkpoint format and the optimizer saving (its own FSDP
