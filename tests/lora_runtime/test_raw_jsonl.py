@@ -59,3 +59,26 @@ def test_passthrough_is_refused_with_the_alternative(raw, tiny_llama_dir, tmp_pa
 def test_missing_data_path_is_named(tiny_llama_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"`data_path`=.*nope.jsonl does not exist"):
         lora_sft(str(tiny_llama_dir), str(tmp_path / "nope.jsonl"), str(tmp_path / "o"))
+
+
+def test_a_cache_entry_another_process_holds_is_waited_for(tmp_path, capsys):
+    """Two runs preparing the same raw file: the second waits for the first's lock, then reuses what it wrote."""
+    import subprocess
+    import sys
+    import time
+
+    from lora_runtime.data import cache_entry
+
+    entry = tmp_path / "entry"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, lora_data\n"
+        f"with lora_data.locked({str(entry)!r}, what='the other run'):\n"
+        "    print('held', flush=True); time.sleep(3)\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    start = time.monotonic()
+    with cache_entry(entry, poll_s=0.2):
+        waited = time.monotonic() - start
+    holder.wait(timeout=30)
+    assert waited > 1.0, waited
+    out = capsys.readouterr().out
+    assert out.count("waiting for another run preparing the same data") == 1 and f"pid {holder.pid}" in out

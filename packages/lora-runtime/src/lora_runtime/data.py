@@ -13,11 +13,16 @@ cache directory, its local rank 0 prepares the same (byte-identical) shards afte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lora_data import MANIFEST_NAME, Manifest
 
 from lora_runtime.config import ConfigError, LoraSftConfig
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
@@ -47,8 +52,6 @@ def ensure_shards(config: LoraSftConfig) -> tuple[LoraSftConfig, Shards]:
         train_path, eval_path = split_eval(Path(config.data_path), config)
     train_dir = resolve(train_path, "data_path", config, tokenizer)
     eval_dir = resolve(eval_path, "eval_data_path", config, tokenizer) if eval_path else None
-    from lora_data import Manifest
-
     return config, Shards(train_dir, Manifest.load(train_dir), eval_dir)
 
 
@@ -56,9 +59,8 @@ def inherit_seq_len(config: LoraSftConfig) -> LoraSftConfig:
     """A shard dir is packed to one row length: train at it unless max_seq_len was set to something else (an explicit
     other value is refused by `check_shards`: records over the shards' length were dropped or cut)."""
     shard_dir = Path(config.data_path)
-    if not (shard_dir / "manifest.json").is_file():
+    if not (shard_dir / MANIFEST_NAME).is_file():
         return config
-    from lora_data import Manifest
 
     seq_len = Manifest.load(shard_dir).seq_len
     default = next(f.default for f in dataclasses.fields(LoraSftConfig) if f.name == "max_seq_len")
@@ -140,7 +142,7 @@ def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path
     """One data path → a checked shard dir."""
     p = Path(path)
     if p.is_dir():
-        if not (p / "manifest.json").is_file():
+        if not (p / MANIFEST_NAME).is_file():
             raise ConfigError([f"`{name}`={path} is a directory without manifest.json; pass a JSONL file, or a "
                                "directory made by `lora-cli prepare`"])
         shard_dir = p
@@ -154,12 +156,12 @@ def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path
 
 def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None:
     """Same tokenizer, rows packed to exactly max_seq_len; raise before training otherwise."""
-    from lora_data import Manifest, TokenizerMismatchError, tokenizer_fingerprint
+    from lora_data import TokenizerMismatchError, tokenizer_fingerprint
 
     manifest = Manifest.load(shard_dir)
     expected, actual = manifest.fingerprint, tokenizer_fingerprint(tokenizer)
     if expected != actual:
-        raise TokenizerMismatchError(str(expected), actual, path=shard_dir / "manifest.json",
+        raise TokenizerMismatchError(str(expected), actual, path=shard_dir / MANIFEST_NAME,
                                      hint=f"model_path={config.model_path}")
     if manifest.seq_len != config.max_seq_len:  # shorter rows too: records over their length were dropped or cut
         raise ConfigError([f"{shard_dir}: rows are packed to {manifest.seq_len} tokens but max_seq_len="
@@ -232,13 +234,19 @@ def prepare_cached(data_file: Path, config: LoraSftConfig, tokenizer: Any) -> Pa
         return out
     env = dist_env()
     if env.is_main:
-        print0(f"data: preparing {data_file} → {out}")
-        lora_data.prepare(data_file, out, tokenizer, **options)
+        with cache_entry(out):
+            if _cached(out, key):  # another run prepared it while this one waited
+                print0(f"data: reusing prepared shards {out} (prepared by another run meanwhile)")
+            else:
+                print0(f"data: preparing {data_file} → {out}")
+                lora_data.prepare(data_file, out, tokenizer, **options)
     barrier()
     if env.local_rank == 0 and not env.is_main and not _cached(out, key):  # another node, its own (unshared) cache
         print(f"[lora_runtime] rank {env.rank}: {out} is not shared with rank 0's node; preparing it here "
               "(byte-identical: same file, tokenizer and options)", flush=True)
-        lora_data.prepare(data_file, out, tokenizer, verbose=False, **options)
+        with cache_entry(out):
+            if not _cached(out, key):
+                lora_data.prepare(data_file, out, tokenizer, verbose=False, **options)
     barrier()
     if not _cached(out, key):
         raise RuntimeError(f"{out}: prepared shards are missing or carry another cache key after prepare; is another "
@@ -246,10 +254,28 @@ def prepare_cached(data_file: Path, config: LoraSftConfig, tokenizer: Any) -> Pa
     return out
 
 
-def _cached(out: Path, key: str) -> bool:
-    from lora_data import Manifest
+@contextlib.contextmanager
+def cache_entry(out: Path, *, poll_s: float = 2.0) -> Iterator[Path]:
+    """Hold the cache entry's lock (lora_data.locked: released by the OS if this process dies); while another run
+    holds it (preparing the same file with the same tokenizer and options), wait for it, saying so once."""
+    import lora_data
 
-    return (out / "manifest.json").is_file() and Manifest.load(out).cache_key == key
+    waited = False
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(lora_data.locked(out, what="lora_sft data cache"))
+                break
+            except lora_data.LockedError as e:
+                if not waited:
+                    print0(f"data: waiting for another run preparing the same data into {out} ({e})")
+                    waited = True
+                time.sleep(poll_s)
+        yield out
+
+
+def _cached(out: Path, key: str) -> bool:
+    return (out / MANIFEST_NAME).is_file() and Manifest.load(out).cache_key == key
 
 
 def open_datasets(config: LoraSftConfig, shards: Shards, plan: BatchPlan) -> tuple[Any, Any]:
