@@ -198,12 +198,23 @@ def run_variant(model, opt, data, name: str, steps: int, warmup: int) -> dict:
     if v["fit"]:
         micro, tried = _largest_micro_that_fits(model, opt, data, v["layout"], v["micro"])
     probe_s = time.perf_counter() - t_probe
-    batches = make_batches(ids, lens, micro, v["layout"], pad_id)
-    meter = common.StepMeter(warmup=warmup)
-    meter.start()
-    for _ in range(steps):
-        real, loss = _one_step(model, opt, batches)
-        meter.step(real, loss.detach())
+    while True:  # one step fitting does not make every step fit (batches differ): the fitting search goes on
+        batches = make_batches(ids, lens, micro, v["layout"], pad_id)
+        meter = common.StepMeter(warmup=warmup)
+        meter.start()
+        try:
+            for _ in range(steps):
+                real, loss = _one_step(model, opt, batches)
+                meter.step(real, loss.detach())
+            break
+        except torch.OutOfMemoryError:
+            if not v["fit"] or micro == 1:
+                raise
+            tried.append(f"micro {micro}: out of memory after the probe step")
+            opt.zero_grad(set_to_none=True)
+            _gc.collect()
+            torch.cuda.empty_cache()
+            micro //= 2
     out = {"variant": name, "layout": v["layout"], "micro_batch": micro, "gradient_checkpointing": v["gc"],
            "budget_gib": v["budget_gib"], "memory_fraction": fraction}
     if v["fit"]:
