@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_runtime import checkpoint
+from lora_runtime import checkpoint, model_card
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.data import apply_chat_template
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
@@ -187,6 +187,8 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
         checkpoint.write_json_atomic(out / checkpoint.CONFIG_NAME, checkpoint.run_record(
             config, plan, backend=backend.name, versions=_versions()))
         plot = plot_loss(metrics_path, out / "loss.png")
+        if adapter_dir is not None:
+            model_card.write_model_card(out, manifest)
         if config.save_merged and not stopped:
             source = adapter_dir or checkpoint.newest_complete(checkpoint.checkpoints_dir(out))
             merged_dir = backend.merge(source, out / "merged", config)
