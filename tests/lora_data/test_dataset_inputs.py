@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import _tiny
 import lora_data
@@ -83,3 +86,64 @@ def test_a_plain_directory_is_still_refused(tmp_path, chatml_tokenizer_dir):
     (tmp_path / "d").mkdir()
     with pytest.raises(lora_data.DataError, match="is a directory; pass JSONL files or a folder written by"):
         lora_data.prepare(tmp_path / "d", tmp_path / "o", chatml_tokenizer_dir, max_seq_len=SEQ)
+
+
+HUB_NAME = "some-org/some-dataset"
+
+
+def test_a_hub_dataset_name_streams_through_load_dataset(records, reference, tmp_path, chatml_tokenizer_dir,
+                                                         monkeypatch):
+    calls = []
+
+    def load_dataset(name, config=None, **kwargs):
+        calls.append((name, config, kwargs))
+        return datasets.Dataset.from_list(records)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)  # no local some-org/ folder: the name is the hub's
+    res = CliRunner().invoke(cli, ["prepare", HUB_NAME, "out", "--tokenizer", str(chatml_tokenizer_dir),
+                                   "--max-seq-len", str(SEQ), "--data-split", "validation", "--data-config", "chat"])
+    assert res.exit_code == 0, res.output
+    assert calls == [(HUB_NAME, "chat", {"split": "validation", "streaming": True})]
+    m, want = lora_data.Manifest.load(tmp_path / "out"), reference[0]
+    assert m.counts == want.counts and [s["sha256"] for s in m.shards] == [s["sha256"] for s in want.shards]
+    assert (m.sources[0]["path"], m.sources[0]["split"], m.sources[0]["config"]) == (HUB_NAME, "validation", "chat")
+    got = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    want_rejects = [json.loads(x) for x in reference[1].splitlines()]
+    assert [(r["line"], r["code"]) for r in got] == [(r["line"], r["code"]) for r in want_rejects]
+    assert (HUB_NAME, BAD_ROW, "messages[0].role") in [(r["source"], r["line"], r["field"]) for r in got]
+    assert lora_data.is_hub_dataset(HUB_NAME)
+    key = lora_data.cache_key(HUB_NAME, chatml_tokenizer_dir, max_seq_len=SEQ, data_split="validation",
+                              data_config="chat")
+    assert key == m.cache_key
+
+
+def test_a_local_path_shaped_like_a_hub_name_stays_local(records, reference, tmp_path, chatml_tokenizer_dir,
+                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "some-org").mkdir()
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / HUB_NAME))
+    assert not lora_data.is_hub_dataset(HUB_NAME)
+    _same_as_reference(tmp_path / HUB_NAME, tmp_path / "o", chatml_tokenizer_dir, reference)
+
+
+def test_data_split_picks_a_saved_dataset_dicts_split(records, tmp_path, chatml_tokenizer_dir):
+    ds = datasets.Dataset.from_list(records)
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(10, 15))}).save_to_disk(str(tmp_path / "dict"))
+    m = lora_data.prepare(tmp_path / "dict", tmp_path / "o", chatml_tokenizer_dir, max_seq_len=SEQ, verbose=False,
+                          data_split="test")
+    assert m.counts["lines_read"] == 5 and m.sources[0]["split"] == "test"
+    assert lora_data.cache_key(tmp_path / "dict", chatml_tokenizer_dir, max_seq_len=SEQ, data_split="test") == m.cache_key
+    with pytest.raises(lora_data.DataError, match="no split 'dev'; its splits: train, test"):
+        lora_data.prepare(tmp_path / "dict", tmp_path / "o2", chatml_tokenizer_dir, max_seq_len=SEQ, data_split="dev")
+
+
+def test_a_hub_dataset_offline_is_one_error_line(tmp_path, chatml_tokenizer_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "lora_data.cli", "prepare", HUB_NAME, "out", "--tokenizer",
+                           str(chatml_tokenizer_dir), "--max-seq-len", str(SEQ)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {HUB_NAME}: cannot load the hub dataset (split 'train') (HF_HUB_OFFLINE is set"), line
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -25,6 +25,7 @@ _LAZY = {
     "Record": "lora_data.records",
     "Rejection": "lora_data.records",
     "pack_bfd": "lora_data.pack",
+    "is_hub_dataset": "lora_data.rows",
 }
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "ShardWriter",
     "TokenizerMismatchError",
     "cache_key",
+    "is_hub_dataset",
     "load_tokenizer",
     "locked",
     "pack_bfd",

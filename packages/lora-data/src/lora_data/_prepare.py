@@ -21,26 +21,32 @@ from .locks import locked
 from .manifest import Manifest
 from .options import Options
 from .records import STDIN
-from .rows import is_dataset, source_sha256
+from .rows import is_dataset, is_hub_dataset, source_sha256
 from .tokenizer import load_tokenizer
 
 
-def cache_key(inputs, tokenizer: Any, **options: Any) -> str:
+def cache_key(inputs, tokenizer: Any, *, data_split: str | None = None, data_config: str | None = None,
+              **options: Any) -> str:
     """Content hash of the inputs' bytes + the tokenizer's fingerprint + every option: equal keys, equal shards.
 
-    The runtime compares it with `Manifest.load(dir).cache_key` to reuse prepared shards.
+    The runtime compares it with `Manifest.load(dir).cache_key` to reuse prepared shards. A hub dataset's hash is
+    over its rows, so this streams the whole split.
     """
     paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     opts = Options.from_kwargs(**options)
-    return opts.cache_key([source_sha256(p) for p in paths], tokenizer_fingerprint(load_tokenizer(tokenizer)))
+    hashes = [source_sha256(p, split=data_split, config=data_config) for p in paths]
+    return opts.cache_key(hashes, tokenizer_fingerprint(load_tokenizer(tokenizer)))
 
 
 def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: bool = False, progress: bool | None = None,
-            verbose: bool = True, **options: Any) -> Manifest:
+            verbose: bool = True, data_split: str | None = None, data_config: str | None = None,
+            **options: Any) -> Manifest:
     """Prepare `inputs` (a path or a list) into `output_dir`; return the Manifest.
 
-    Inputs: JSONL (also .jsonl.gz, a FIFO, `-` for stdin), or parquet / CSV / arrow files and `save_to_disk` folders
-    (read with `datasets`, see `rows`).
+    Inputs: JSONL (also .jsonl.gz, a FIFO, `-` for stdin), or parquet / CSV / arrow files, `save_to_disk` folders and
+    Hugging Face hub dataset names such as `org/name` that are not local paths (read with `datasets`, see `rows`).
+    `data_split` (hub default "train"; a saved DatasetDict's: "train" or its only split) and `data_config` (a hub
+    dataset's configuration) apply to those inputs.
 
     options: format ("auto"|"messages"|"alpaca"), field_messages/field_instruction/field_input/field_output, overlong
     ("drop"|"truncate"|"split"), packing, train_on_inputs, seed, rows_per_shard. `strict`: any line in rejects.jsonl
@@ -62,7 +68,7 @@ def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: boo
         try:
             manifest = run(paths, staging.dir, tok, opts, strict=strict, rejects_shown=out / staging.rejects.name,
                            progress=sys.stderr.isatty() if progress is None else progress,
-                           spill=staging.dir / SPILL_NAME)
+                           spill=staging.dir / SPILL_NAME, split=data_split, config=data_config)
             staging.commit(manifest)
         except BaseException as e:
             traceback.clear_frames(e.__traceback__)  # drops the spill memmaps, so discard() frees their space now
@@ -77,8 +83,9 @@ def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: boo
 
 
 def _check_input(p: Path) -> None:
-    """A regular file, a save_to_disk folder, a FIFO / character device (read as a stream), or `-` (stdin)."""
-    if str(p) == STDIN:
+    """A regular file, a save_to_disk folder, a FIFO / character device (read as a stream), `-` (stdin), or a hub
+    dataset name (`org/name`, not a local path; loading it is checked when it is read)."""
+    if str(p) == STDIN or is_hub_dataset(p):
         return
     try:
         mode = p.stat().st_mode

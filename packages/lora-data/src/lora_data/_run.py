@@ -19,7 +19,7 @@ from .manifest import Manifest, empty_counts
 from .options import VERSION, Options
 from .pack import pack_bfd
 from .records import Record, Rejection, read_records
-from .rows import is_dataset, source_sha256
+from .rows import is_dataset, is_hub_dataset, source_sha256
 from .shards import ShardWriter
 
 CHUNK_RECORDS = 2048
@@ -45,14 +45,14 @@ class RejectLog:
 
 
 def run(paths: list[Path], staging: Path, tok: Any, opts: Options, *, strict: bool, progress: bool,
-        rejects_shown: Path, spill: Path) -> Manifest:
+        rejects_shown: Path, spill: Path, split: str | None = None, config: str | None = None) -> Manifest:
     """Prepare `paths` into `staging` (shards + rejects.jsonl); return the manifest, not yet saved."""
     manifest = new_manifest(opts, tok)
     with open(staging / rejects_shown.name, "w", encoding="utf-8") as fh:
         log = RejectLog(fh, manifest.counts)
         stage = TokenizeStage(tok, spill, seq_len=opts.max_seq_len, overlong=opts.overlong,
                               train_on_inputs=opts.train_on_inputs, counts=manifest.counts, reject=log)
-        _stream(paths, opts, stage, log, manifest, progress)
+        _stream(paths, opts, stage, log, manifest, progress, split=split, config=config)
         table, ids, mask = stage.finish()
     if strict and log.first:
         r = log.first
@@ -84,14 +84,17 @@ def pad_id_of(tok: Any) -> int:
     return int(pid)
 
 
-def _stream(paths, opts: Options, stage: TokenizeStage, reject: RejectLog, manifest: Manifest, progress: bool) -> None:
+def _stream(paths, opts: Options, stage: TokenizeStage, reject: RejectLog, manifest: Manifest, progress: bool, *,
+            split: str | None, config: str | None) -> None:
     counts = manifest.counts
     bar = _bar(sum(_size(p) for p in paths)) if progress else None
     formats = []
     for index, path in enumerate(paths):
-        streamed = not (is_dataset(path) or str(path).endswith(".gz"))  # else: hash the stored bytes, not the rows
+        hub = is_hub_dataset(path)  # hashed over its rows as they stream (no stored bytes to hash)
+        streamed = hub or not (is_dataset(path) or str(path).endswith(".gz"))  # else: hash the stored bytes
         hasher = hashlib.sha256() if streamed else None
-        reader = read_records(path, format=opts.format, fields=opts.fields, source_index=index, hasher=hasher)
+        reader = read_records(path, format=opts.format, fields=opts.fields, source_index=index, hasher=hasher,
+                              split=split, config=config)
         chunk: list[Record] = []
         seen = 0
         for item in reader:
@@ -112,9 +115,11 @@ def _stream(paths, opts: Options, stage: TokenizeStage, reject: RejectLog, manif
         counts["lines_read"] += reader.counts["lines_read"]
         counts["blank"] += reader.counts["blank"]
         formats.append(reader.detected or opts.format)
-        digest = hasher.hexdigest() if hasher is not None else source_sha256(path)
-        manifest.sources.append({"path": str(path), "sha256": digest, "bytes": reader.counts["bytes"],
-                                 "format": reader.detected})
+        digest = hasher.hexdigest() if hasher is not None else source_sha256(path, split=split, config=config)
+        source = {"path": str(path), "sha256": digest, "bytes": reader.counts["bytes"], "format": reader.detected}
+        if is_dataset(path):
+            source.update({k: v for k, v in (("split", split), ("config", config)) if v is not None})
+        manifest.sources.append(source)
     if bar is not None:
         bar.close()
     manifest.dataset_format = formats[0] if len(set(formats)) == 1 else "mixed"

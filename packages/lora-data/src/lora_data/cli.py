@@ -62,18 +62,22 @@ def _field_options(command):
 @click.option("--strict", is_flag=True, help="Any rejected line is an error (exit 1, no shards written).")
 @click.option("--rows-per-shard", type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
+@click.option("--data-split", default=None,
+              help="Split of a hub dataset (default train) or of a saved DatasetDict folder.")
+@click.option("--data-config", default=None, help="Configuration name of a hub dataset.")
 def prepare_command(inputs, out_dir, tokenizer, max_seq_len, format_, overlong, no_packing, train_on_inputs, seed,
-                    strict, rows_per_shard, progress, **fields):
+                    strict, rows_per_shard, progress, data_split, data_config, **fields):
     """Prepare INPUT.jsonl [INPUT2.jsonl ...] into OUT_DIR (shards, manifest.json, rejects.jsonl).
 
-    An input may also be .jsonl.gz, `-` (stdin), a parquet/CSV/arrow file or a datasets save_to_disk folder.
+    An input may also be .jsonl.gz, `-` (stdin), a parquet/CSV/arrow file, a datasets save_to_disk folder, or a
+    Hugging Face hub dataset name (org/name, not a local path; needs the datasets extra).
     """
     from ._prepare import prepare
 
     try:
         prepare(list(inputs), out_dir, tokenizer, max_seq_len=max_seq_len, strict=strict, progress=progress,
                 format=format_, overlong=overlong, packing=not no_packing, train_on_inputs=train_on_inputs, seed=seed,
-                rows_per_shard=rows_per_shard, **fields)
+                rows_per_shard=rows_per_shard, data_split=data_split, data_config=data_config, **fields)
     except (DataError, OSError) as e:
         _fail(e)
 

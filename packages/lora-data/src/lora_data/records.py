@@ -29,7 +29,7 @@ from typing import Any
 
 from ._schema import Schema
 from .errors import DataError
-from .rows import is_dataset, iter_rows
+from .rows import is_dataset, iter_rows, row_text
 
 FORMATS = ("auto", "messages", "alpaca")
 MAX_LINE_BYTES = 32 << 20
@@ -120,6 +120,8 @@ class RecordReader:
     counts: dict[str, int] = field(default_factory=lambda: {"lines_read": 0, "blank": 0, "bytes": 0})
     detected: str | None = None
     hasher: Any = None  # e.g. hashlib.sha256(): fed every byte of the file as it streams by
+    split: str | None = None  # of a hub dataset or a saved DatasetDict (see `rows.iter_rows`)
+    config: str | None = None  # of a hub dataset
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -159,11 +161,15 @@ class RecordReader:
                 yield self._parse(path, number, raw)
 
     def _rows(self, path: str):
-        """A parquet/CSV/arrow file or a save_to_disk folder, row by row (`line` = the 1-based row number)."""
-        for number, row in enumerate(iter_rows(path), start=1):
+        """A parquet/CSV/arrow file, a save_to_disk folder or a hub dataset, row by row (`line` = the 1-based row
+        number); the hasher gets each row's JSON text and a newline."""
+        for number, row in enumerate(iter_rows(path, split=self.split, config=self.config), start=1):
             self.counts["lines_read"] += 1
-            text = json.dumps(row, ensure_ascii=False, default=str)
+            text = row_text(row)
             self.counts["bytes"] += len(text)
+            if self.hasher is not None:
+                self.hasher.update(text.encode())
+                self.hasher.update(b"\n")
             yield self._check(path, number, row, text)
 
     def _count(self, raw: bytes) -> None:
@@ -262,13 +268,16 @@ def _open_input(path: str | Path):
 
 
 def read_records(path: str | Path, *, format: str = "auto", fields: Fields | None = None, source_index: int = 0,
-                 hasher: Any = None, **field_options: str) -> RecordReader:
-    """Records and rejections of one JSONL file (or .jsonl.gz, FIFO, `-` for stdin; or a parquet/CSV/arrow file or
-    save_to_disk folder, see `rows`), in line order (see the module docstring).
+                 hasher: Any = None, split: str | None = None, config: str | None = None,
+                 **field_options: str) -> RecordReader:
+    """Records and rejections of one JSONL file (or .jsonl.gz, FIFO, `-` for stdin; or a parquet/CSV/arrow file,
+    save_to_disk folder or hub dataset name with its `split` / `config`, see `rows`), in line order (see the module
+    docstring).
 
     Field names come as `fields=Fields(...)` or as training-hub's options (`field_messages="conversation"`, ...).
     """
     unknown = set(field_options) - set(Fields.option_names())
     if unknown:
         raise TypeError(f"read_records() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
-    return RecordReader(path, format, fields or Fields.from_options(field_options), source_index, hasher=hasher)
+    return RecordReader(path, format, fields or Fields.from_options(field_options), source_index, hasher=hasher,
+                        split=split, config=config)
