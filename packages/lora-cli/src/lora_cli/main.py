@@ -67,7 +67,8 @@ class LoraCli(click.Group):
     `train` and `--help`).
     """
 
-    LAZY: ClassVar[dict[str, tuple[str, str]]] = {"prepare": ("lora_data.cli", "prepare_command"), "inspect": ("lora_data.cli", "inspect_command")}
+    LAZY: ClassVar[dict[str, tuple[str, str]]] = {"prepare": ("lora_data.cli", "prepare_command"), "inspect": ("lora_data.cli", "inspect_command"),
+                                                  "chat": ("lora_cli.chat", "chat_command")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.LAZY])

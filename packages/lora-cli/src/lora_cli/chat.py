@@ -1,0 +1,104 @@
+"""`lora-cli chat ADAPTER_DIR`: talk to a trained adapter (base + LoRA through transformers and PEFT, CPU or GPU).
+
+With --prompt it answers once and exits (scripts, tests); otherwise it reads one user turn per stdin line until EOF,
+keeping the conversation, and answers each through the tokenizer's chat template. Decoding is greedy unless
+--temperature is above 0, so the same prompt gives the same answer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+class ChatError(OSError):
+    """A problem with the adapter or the base model the user can fix (reported as one line, exit code 1)."""
+
+
+def base_model_of(adapter_dir: Path, model: str | None) -> str:
+    """--model when given, else the adapter's base_model_name_or_path."""
+    config = adapter_dir / "adapter_config.json"
+    if not config.is_file():
+        raise ChatError(f"{adapter_dir}: no adapter_config.json there; pass a run's output directory (the "
+                        "`adapter:` line that `lora-cli train` printed)")
+    if model:
+        return model
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ChatError(f"{config}: no base_model_name_or_path; pass --model BASE")
+    return str(base)
+
+
+class Chat:
+    """A loaded base + adapter and the conversation so far."""
+
+    def __init__(self, adapter_dir: Path, base: str, *, device: str | None = None, system: str | None = None):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the weight-loading bar would land between the turns
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        has_tokenizer = any((adapter_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir) if has_tokenizer else base)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ChatError(f"the tokenizer of {adapter_dir if has_tokenizer else base} has no chat template")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        self.model = PeftModel.from_pretrained(model, str(adapter_dir)).to(self.device).eval()
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+
+    def reply(self, text: str, *, max_new_tokens: int = 256, temperature: float = 0.0) -> str:
+        """Answer one user turn (added, with the answer, to the conversation)."""
+        import torch
+
+        self.messages.append({"role": "user", "content": text})
+        inputs = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, return_tensors="pt",
+                                                    return_dict=True)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        sampling: dict[str, Any] = ({"do_sample": True, "temperature": temperature} if temperature > 0
+                                    else {"do_sample": False})
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+        answer = self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+
+@click.command("chat", context_settings={"max_content_width": 120})
+@click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", "model_path", default=None,
+              help="base model (hub id or directory); default: base_model_name_or_path in adapter_config.json")
+@click.option("--prompt", default=None, help="answer this one prompt and exit (default: read stdin lines until EOF)")
+@click.option("--system", default=None, help="a system message opening the conversation")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="0 decodes greedily (the same prompt, the same answer)")
+def chat_command(adapter_dir: Path, model_path: str | None, prompt: str | None, system: str | None,
+                 max_new_tokens: int, temperature: float) -> None:
+    """Talk to a trained adapter: ADAPTER_DIR is a run's output directory (base model from its adapter_config)."""
+    session = Chat(adapter_dir, base_model_of(adapter_dir, model_path), system=system)
+    if prompt is not None:
+        click.echo(session.reply(prompt, max_new_tokens=max_new_tokens, temperature=temperature))
+        return
+    stdin = click.get_text_stream("stdin")
+    interactive = stdin.isatty()
+    if interactive:
+        click.echo("type a message and press Enter; Ctrl-D ends the chat", err=True)
+    while True:
+        if interactive:
+            click.echo("> ", nl=False, err=True)
+        line = stdin.readline()
+        if not line:
+            break
+        if line.strip():
+            click.echo(session.reply(line.strip(), max_new_tokens=max_new_tokens, temperature=temperature))
+            sys.stdout.flush()
+    if interactive:
+        click.echo("", err=True)
