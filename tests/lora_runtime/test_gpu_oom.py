@@ -1,0 +1,40 @@
+"""Out of GPU memory on a real GPU, on purpose: the run fails with the hint that names the knobs (not a traceback of
+the allocator), the checkpoints written before it are intact, and the same call without the excess resumes from them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_runtime import lora_sft
+from lora_runtime.errors import OutOfMemoryHint
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+RUN = dict(backend="peft", lora_r=8, lora_alpha=16, max_steps=5, micro_batch_size=2, gradient_accumulation_steps=1,
+           save_steps=1, save_total_limit=None, seed=0, logging_steps=1, max_seq_len=128)
+
+
+def _oom_at_step(step: int):
+    """A callback that, from `step` on, makes every forward ask for far more memory than any GPU has."""
+    from transformers import TrainerCallback
+
+    class OomFrom(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step + 1 == step and model is not None:
+                model.register_forward_pre_hook(lambda *_: torch.empty(2**44, dtype=torch.uint8, device="cuda"))
+
+    return OomFrom()
+
+
+def test_a_real_oom_names_the_fix_and_keeps_the_checkpoints(tiny_llama_dir, llama_shards, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(OutOfMemoryHint) as caught:
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **RUN, callbacks=[_oom_at_step(3)])
+    message = str(caught.value)
+    assert message.startswith("out of memory in training step 3") and "Lower micro_batch_size (now 2" in message
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").is_file())
+    assert kept == ["checkpoint-1", "checkpoint-2"]
+    torch.cuda.empty_cache()
+    resumed = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **RUN)
+    assert resumed.steps == 5 and resumed.adapter_dir is not None
