@@ -82,7 +82,11 @@ class Chat:
               help="0 decodes greedily (the same prompt, the same answer)")
 def chat_command(adapter_dir: Path, model_path: str | None, prompt: str | None, system: str | None,
                  max_new_tokens: int, temperature: float) -> None:
-    """Talk to a trained adapter: ADAPTER_DIR is a run's output directory (base model from its adapter_config)."""
+    """Talk to a trained adapter (--prompt once, or stdin until EOF).
+
+    ADAPTER_DIR is a run's output directory; the base model is the one in its adapter_config.json unless --model
+    names another.
+    """
     session = Chat(adapter_dir, base_model_of(adapter_dir, model_path), system=system)
     if prompt is not None:
         click.echo(session.reply(prompt, max_new_tokens=max_new_tokens, temperature=temperature))

@@ -32,6 +32,7 @@ from lora_cli.options import (
 )
 from lora_cli.progress import progress_callback
 from lora_cli.stop import EXIT_INTERRUPTED, StopRequest
+from lora_cli.versions import version_option
 
 log = logging.getLogger("lora_cli")
 
@@ -107,8 +108,9 @@ debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eage
 
 @click.group(cls=LoraCli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @debug_option
+@version_option
 def main() -> None:
-    """LoRA / QLoRA supervised fine-tuning: prepare data, train (on 1..N GPUs or nodes), merge, inspect, demo."""
+    """LoRA / QLoRA supervised fine-tuning: prepare data, train (on 1..N GPUs or nodes), merge, chat, inspect, demo."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
@@ -245,7 +247,11 @@ def _print_result(result: Any) -> None:
               help="where to write the merged model (safetensors + tokenizer)")
 @debug_option
 def merge(adapter_dir: Path, model_path: str, out_dir: Path) -> None:
-    """Merge ADAPTER_DIR (e.g. RUN_DIR/adapter) into the base model and save a full model to --out."""
+    """Merge ADAPTER_DIR into the base model and write it to --out.
+
+    ADAPTER_DIR is a run's output directory (where `lora-cli train` wrote the adapter); the merged model is saved in
+    safetensors with the tokenizer.
+    """
     import lora_runtime
 
     if not (adapter_dir / "adapter_config.json").is_file():
