@@ -245,8 +245,10 @@ def _print_result(result: Any) -> None:
 @click.option("--model", "model_path", required=True, help="the base model the adapter was trained on")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="where to write the merged model (safetensors + tokenizer)")
+@click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID",
+              help="also upload the merged model to this Hugging Face repo (token from HF_TOKEN)")
 @debug_option
-def merge(adapter_dir: Path, model_path: str, out_dir: Path) -> None:
+def merge(adapter_dir: Path, model_path: str, out_dir: Path, push_to_hub: str | None) -> None:
     """Merge ADAPTER_DIR into the base model and write it to --out.
 
     ADAPTER_DIR is a run's output directory (where `lora-cli train` wrote the adapter); the merged model is saved in
@@ -257,8 +259,14 @@ def merge(adapter_dir: Path, model_path: str, out_dir: Path) -> None:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir}: no adapter_config.json there; pass the adapter directory of a run "
                         "(the `adapter:` line that `lora-cli train` printed)")
+    from lora_runtime import hub
+
+    if issues := hub.push_issues(push_to_hub, "--push-to-hub"):
+        raise UserError(issues[0])
     out = lora_runtime.merge_adapter(adapter_dir, model_path, out_dir)
     click.echo(f"merged model: {out}")
+    if push_to_hub:
+        click.echo(f"pushed to {hub.push(push_to_hub, out, what='merged model')}")
 
 
 @main.command(context_settings={"max_content_width": 120})

@@ -55,7 +55,7 @@ def lora_sft(
     trust_remote_code: bool = False, finetune_vision_layers: bool = False, finetune_language_layers: bool = True,
     save_steps: int = 500, save_total_limit: int | None = 3, resume: bool = True,
     resume_from: str | None = None, save_model: bool = True,
-    save_merged: bool = False, eval_steps: int = 500, logging_steps: int = 1,
+    save_merged: bool = False, push_to_hub: str | None = None, eval_steps: int = 500, logging_steps: int = 1,
     wandb_project: str | None = None, wandb_entity: str | None = None, wandb_run_name: str | None = None,
     tensorboard_log_dir: str | None = None, mlflow_tracking_uri: str | None = None,
     mlflow_experiment_name: str | None = None, mlflow_run_name: str | None = None,

@@ -141,6 +141,8 @@ class LoraSftConfig:
     resume_from: str | None = _f(None, "resume from this checkpoint directory (a checkpoints/checkpoint-<step> dir)")
     save_model: bool = _f(True, "write the final adapter + tokenizer to ckpt_output_dir")
     save_merged: bool = _f(False, "also write the merged full model (safetensors) to <ckpt_output_dir>/merged")
+    push_to_hub: str | None = _f(None, "after training, upload the adapter to this Hugging Face repo (ORG/NAME) and the "
+                                 "merged model (save_merged) to ORG/NAME-merged; token from HF_TOKEN", compare=False)
     eval_steps: int = _f(500, "evaluate every N steps (with eval_data_path)")
     logging_steps: int = _f(1, "log metrics every N optimizer steps")
     wandb_project: str | None = _f(None, "Weights & Biases project (or env WANDB_PROJECT)")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_runtime import checkpoint, model_card
+from lora_runtime import checkpoint, hub, model_card
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.data import apply_chat_template
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
@@ -193,6 +193,8 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
             source = adapter_dir or checkpoint.newest_complete(checkpoint.checkpoints_dir(out))
             merged_dir = backend.merge(source, out / "merged", config)
             print0(f"merged model written to {merged_dir}")
+        if config.push_to_hub and not stopped:
+            hub.push_run(config, adapter_dir, merged_dir)
     barrier()
     losses = [r["loss"] for r in read_metrics(metrics_path) if "loss" in r] if metrics_path.exists() else []
     return TrainResult(adapter_dir=adapter_dir, merged_dir=merged_dir, metrics_path=metrics_path, loss_plot=plot,

@@ -59,7 +59,9 @@ def machine_issues(cfg: Any) -> list[str]:
         if asked and not any(importlib.util.find_spec(m) for m in modules):
             issues.append(f"{' and '.join(asked)} asks for {name} logging but the {modules[0]} package is not "
                           f"installed: {hint}, or drop the option")
-    return issues
+    from lora_runtime.hub import push_issues
+
+    return issues + push_issues(cfg.push_to_hub)
 
 
 def model_issues(cfg: Any) -> list[str]:

@@ -1,0 +1,61 @@
+"""push_to_hub: the adapter (and merged model) go through HfApi.upload_folder after training; what cannot work
+(offline, no token, a malformed repo id) is one config issue before anything is prepared or loaded."""
+
+from __future__ import annotations
+
+import _runs
+import pytest
+from lora_runtime import hub, lora_sft
+from lora_runtime.config import ConfigError
+
+
+@pytest.fixture
+def uploads(monkeypatch, tmp_path):
+    """HfApi with a token and no network: upload_folder / create_repo record their arguments."""
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id)))
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        calls.append(("upload", repo_id, folder_path, kw.get("ignore_patterns")))
+        assert self.token is None or self.token == "hf_test_token"
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_issues(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no stored login
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert hub.push_issues(None) == []
+    assert "not a Hugging Face repo id" in hub.push_issues("no spaces allowed/x y")[0]
+    assert "needs a Hugging Face token" in hub.push_issues("org/name")[0]
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    assert hub.push_issues("org/name") == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.push_issues("org/name") == [
+        "`push_to_hub`='org/name' needs the Hugging Face Hub but HF_HUB_OFFLINE is set: unset it, or drop "
+        "`push_to_hub` and upload later (`hf upload org/name OUTPUT_DIR`)"]
+
+
+def test_offline_is_refused_before_anything_is_prepared(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    with pytest.raises(ConfigError) as e:
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "out"), **_runs.RUN, push_to_hub="org/name")
+    assert [i for i in e.value.issues if "push_to_hub" in i] == [hub.push_issues("org/name")[0]]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_training_uploads_the_adapter_and_the_merged_model(tiny_llama_dir, llama_shards, tmp_path, uploads):
+    out = tmp_path / "out"
+    result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**_runs.RUN, "max_steps": 2},
+                      save_merged=True, push_to_hub="org/tiny-lora")
+    assert uploads == [("create", "org/tiny-lora"), ("upload", "org/tiny-lora", str(out), hub.ADAPTER_IGNORE),
+                       ("create", "org/tiny-lora-merged"), ("upload", "org/tiny-lora-merged", str(result.merged_dir), None)]
+    assert 'PeftModel.from_pretrained(base, "org/tiny-lora")' in (out / "README.md").read_text()
