@@ -251,3 +251,29 @@ def test_progress_bar_and_summary_go_to_stderr(good_file, tmp_path, chatml_token
     assert captured.out == ""
     assert "lora-data prepare" in captured.err and "400 lines read: 400 valid" in captured.err
     assert "B/s" in captured.err or "it/s" in captured.err or "%" in captured.err  # the tqdm bar
+
+
+def test_render_workers_give_byte_identical_output(tmp_path, chatml_tokenizer_dir, monkeypatch):
+    """Chunks rendered in worker processes: same shards, manifest and rejects.jsonl (order included) as one process."""
+    import lora_data._run
+    import lora_data._stage
+
+    monkeypatch.setattr(lora_data._run, "CHUNK_RECORDS", 16)  # many chunks, so several are in flight at once
+    started = []
+    real_start = lora_data._stage.TokenizeStage._start_workers
+    monkeypatch.setattr(lora_data._stage.TokenizeStage, "_start_workers",
+                        lambda self: (started.append(self.workers), real_start(self)))
+    recs: list = _tiny.chat_records(150, seed=3)
+    for i in range(5, 150, 23):  # validation rejects between chunks, overlong rejects inside them
+        recs[i] = '{"messages": [' if i % 2 else LONG
+    path = _tiny.write_jsonl(tmp_path / "d.jsonl", recs)
+    outs = {}
+    for workers in (1, 2, 3):
+        out = tmp_path / f"o{workers}"
+        lora_data.prepare(path, out, chatml_tokenizer_dir, max_seq_len=128, overlong="split", verbose=False,
+                          workers=workers)
+        outs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if not p.name.startswith(".")}
+    assert started == [2, 3]  # the one-process run never started a pool
+    assert outs[1] == outs[2] == outs[3]
+    rejects = outs[1]["rejects.jsonl"].decode().splitlines()
+    assert {json.loads(x)["code"] for x in rejects} == {"invalid_json", "overlong_split"}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ._run import run
+from ._stage import default_workers
 from ._staging import SPILL_NAME, Staging
 from .errors import DataError
 from .fingerprint import tokenizer_fingerprint
@@ -40,13 +41,15 @@ def cache_key(inputs, tokenizer: Any, *, data_split: str | None = None, data_con
 
 def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: bool = False, progress: bool | None = None,
             verbose: bool = True, data_split: str | None = None, data_config: str | None = None,
-            **options: Any) -> Manifest:
+            workers: int | None = None, **options: Any) -> Manifest:
     """Prepare `inputs` (a path or a list) into `output_dir`; return the Manifest.
 
     Inputs: JSONL (also .jsonl.gz, a FIFO, `-` for stdin), or parquet / CSV / arrow files, `save_to_disk` folders and
     Hugging Face hub dataset names such as `org/name` that are not local paths (read with `datasets`, see `rows`).
     `data_split` (hub default "train"; a saved DatasetDict's: "train" or its only split) and `data_config` (a hub
     dataset's configuration) apply to those inputs.
+    `workers`: processes rendering the chat template (default: the CPU cores available; 1 = none); the output is
+    byte-identical whatever the number. Not an option of the cache key.
 
     options: format ("auto"|"messages"|"alpaca"), field_messages/field_instruction/field_input/field_output, overlong
     ("drop"|"truncate"|"split"), packing, train_on_inputs, seed, rows_per_shard. `strict`: any line in rejects.jsonl
@@ -68,7 +71,8 @@ def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: boo
         try:
             manifest = run(paths, staging.dir, tok, opts, strict=strict, rejects_shown=out / staging.rejects.name,
                            progress=sys.stderr.isatty() if progress is None else progress,
-                           spill=staging.dir / SPILL_NAME, split=data_split, config=data_config)
+                           spill=staging.dir / SPILL_NAME, split=data_split, config=data_config,
+                           workers=default_workers() if workers is None else max(1, int(workers)))
             staging.commit(manifest)
         except BaseException as e:
             traceback.clear_frames(e.__traceback__)  # drops the spill memmaps, so discard() frees their space now

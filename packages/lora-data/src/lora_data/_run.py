@@ -45,15 +45,19 @@ class RejectLog:
 
 
 def run(paths: list[Path], staging: Path, tok: Any, opts: Options, *, strict: bool, progress: bool,
-        rejects_shown: Path, spill: Path, split: str | None = None, config: str | None = None) -> Manifest:
+        rejects_shown: Path, spill: Path, split: str | None = None, config: str | None = None,
+        workers: int = 1) -> Manifest:
     """Prepare `paths` into `staging` (shards + rejects.jsonl); return the manifest, not yet saved."""
     manifest = new_manifest(opts, tok)
     with open(staging / rejects_shown.name, "w", encoding="utf-8") as fh:
         log = RejectLog(fh, manifest.counts)
         stage = TokenizeStage(tok, spill, seq_len=opts.max_seq_len, overlong=opts.overlong,
-                              train_on_inputs=opts.train_on_inputs, counts=manifest.counts, reject=log)
-        _stream(paths, opts, stage, log, manifest, progress, split=split, config=config)
-        table, ids, mask = stage.finish()
+                              train_on_inputs=opts.train_on_inputs, counts=manifest.counts, reject=log, workers=workers)
+        try:
+            _stream(paths, opts, stage, manifest, progress, split=split, config=config)
+            table, ids, mask = stage.finish()
+        finally:
+            stage.close()
     if strict and log.first:
         r = log.first
         raise DataError(f"{r.reason} (--strict: {log.listed} line(s) in {rejects_shown}; no shards written)",
@@ -84,7 +88,7 @@ def pad_id_of(tok: Any) -> int:
     return int(pid)
 
 
-def _stream(paths, opts: Options, stage: TokenizeStage, reject: RejectLog, manifest: Manifest, progress: bool, *,
+def _stream(paths, opts: Options, stage: TokenizeStage, manifest: Manifest, progress: bool, *,
             split: str | None, config: str | None) -> None:
     counts = manifest.counts
     bar = _bar(sum(_size(p) for p in paths)) if progress else None
@@ -99,7 +103,7 @@ def _stream(paths, opts: Options, stage: TokenizeStage, reject: RejectLog, manif
         seen = 0
         for item in reader:
             if isinstance(item, Rejection):
-                reject(item)
+                stage.reject_read(item)
                 continue
             chunk.append(item)
             if len(chunk) == CHUNK_RECORDS:

@@ -6,6 +6,9 @@ small per-sample table (sample_id, offset, length, loss_tokens: four numpy colum
 
 from __future__ import annotations
 
+import os
+import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,10 +18,27 @@ import numpy as np
 from .errors import DataError
 from .pack import cut_overlong
 from .records import Record, Rejection
-from .render import Renderer, RenderError
+from .render import Rendered, Renderer, RenderError
 from .tokenize import Encoder
 
 LIMITED_IN_A_ROW = 5  # then the template, not the data, is at fault: stop with one error
+_RENDERER: Renderer | None = None  # in a render worker: the parent's Renderer, inherited through fork
+
+
+def default_workers() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _render_chunk(batch: list[list[dict]]) -> list:
+    """In a worker: render a chunk; (text, spans) or (None, message, field, code) per record (cheap to pickle)."""
+    assert _RENDERER is not None
+    return [(r.text, r.spans) if isinstance(r, Rendered) else (None, r.message, r.field, r.code)
+            for r in _RENDERER.render_batch(batch)]
+
+
+def _unpack(item: tuple) -> Rendered | RenderError:
+    return Rendered(item[0], item[1]) if item[0] is not None else RenderError(item[1], field=item[2], code=item[3])
 COLUMNS = {"sample_id": np.uint64, "offset": np.int64, "length": np.int64, "loss_tokens": np.int64}
 Table = dict[str, np.ndarray]  # one column per COLUMNS key, all of one length
 
@@ -47,10 +67,16 @@ def _concat(tables: list[Table]) -> Table:
 
 
 class TokenizeStage:
-    """Feed it chunks of `Record`s; it writes rejects through `reject(Rejection)` and counts into `counts`."""
+    """Feed it chunks of `Record`s; it writes rejects through `reject(Rejection)` and counts into `counts`.
+
+    With `workers` > 1 (Linux), chunks are rendered (template + span location) in that many forked processes while
+    the main process reads and validates the next ones and a thread tokenizes (the Rust tokenizer uses every core).
+    Chunks are consumed in order and the rejects of the reading stage (`reject_read`) are queued between them, so
+    shards, manifest and rejects.jsonl are byte-identical whatever the number of workers.
+    """
 
     def __init__(self, tokenizer: Any, tmp_dir: Path, *, seq_len: int, overlong: str, train_on_inputs: bool,
-                 counts: dict, reject) -> None:
+                 counts: dict, reject, workers: int = 1) -> None:
         self.renderer = Renderer(tokenizer, train_on_inputs=train_on_inputs)
         self.encoder = Encoder(tokenizer)
         self.seq_len, self.overlong, self.counts, self.reject = seq_len, overlong, counts, reject
@@ -65,10 +91,66 @@ class TokenizeStage:
         # validates and renders chunk k+1. Results are consumed in order, so the output stays deterministic.
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._pending = None
+        self.workers = workers if sys.platform.startswith("linux") else 1  # fork: the workers inherit the renderer
+        self._procs = None  # multiprocessing Pool, started with the second chunk (one chunk needs none)
+        self._queue: deque = deque()  # ("rejects", [Rejection]) | ("chunk", records, AsyncResult), in input order
+        self._chunks = 0
+
+    def reject_read(self, r: Rejection) -> None:
+        """A reading/validation reject: written now, or after the chunks still rendering (to keep the order)."""
+        if not self._queue:
+            self.reject(r)
+        elif self._queue[-1][0] == "rejects":
+            self._queue[-1][1].append(r)
+        else:
+            self._queue.append(("rejects", [r]))
 
     def add(self, records: list[Record]) -> None:
+        self._chunks += 1
+        if self.workers > 1 and self._chunks == 2:
+            self._start_workers()
+        if self._procs is None:
+            self._process(records, self.renderer.render_batch([r.messages for r in records]))
+            return
+        self._queue.append(("chunk", records, self._procs.apply_async(_render_chunk, ([r.messages for r in records],))))
+        while sum(e[0] == "chunk" for e in self._queue) > self.workers + 1:
+            self._pop()
+
+    def _pop(self) -> None:
+        entry = self._queue.popleft()
+        if entry[0] == "rejects":
+            for r in entry[1]:
+                self.reject(r)
+        else:
+            self._process(entry[1], [_unpack(x) for x in entry[2].get()])
+
+    def _start_workers(self) -> None:
+        global _RENDERER
+        import multiprocessing
+
+        if self._pending is not None:
+            self._pending[1].result()  # fork with the tokenize thread idle (its result is consumed later, in order)
+        _RENDERER = self.renderer
+        env = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = env or "true"  # the workers never tokenize: no fork warning
+        try:
+            self._procs = multiprocessing.get_context("fork").Pool(self.workers)
+        finally:
+            _RENDERER = None
+            if env is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+
+    def close(self) -> None:
+        """Stop the render workers and the tokenize thread (also after an error)."""
+        if self._procs is not None:
+            self._procs.terminate()
+            self._procs.join()
+            self._procs = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _process(self, records: list[Record], results: list[Rendered | RenderError]) -> None:
         rendered, kept = [], []
-        for rec, r in zip(records, self.renderer.render_batch([r.messages for r in records]), strict=True):
+        for rec, r in zip(records, results, strict=True):
             if isinstance(r, RenderError):
                 self._reject(rec, r.field, r.message, r.code)
                 self._limited = self._limited + 1 if r.code == "render_limit" else 0
@@ -137,8 +219,10 @@ class TokenizeStage:
 
     def finish(self) -> tuple[Table, np.ndarray, np.ndarray]:
         """Close the spill files; return (samples table, ids memmap, mask memmap)."""
+        while self._queue:
+            self._pop()
         self._drain()
-        self._pool.shutdown()
+        self.close()
         self._ids.close()
         self._mask.close()
         # np.asarray drops the memmap subclass (its per-slice overhead) but keeps the mapping: no copy in memory

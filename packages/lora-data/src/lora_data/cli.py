@@ -65,8 +65,10 @@ def _field_options(command):
 @click.option("--data-split", default=None,
               help="Split of a hub dataset (default train) or of a saved DatasetDict folder.")
 @click.option("--data-config", default=None, help="Configuration name of a hub dataset.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes rendering the chat template (default: the CPU cores available). Same output for any N.")
 def prepare_command(inputs, out_dir, tokenizer, max_seq_len, format_, overlong, no_packing, train_on_inputs, seed,
-                    strict, rows_per_shard, progress, data_split, data_config, **fields):
+                    strict, rows_per_shard, progress, data_split, data_config, workers, **fields):
     """Prepare INPUT.jsonl [INPUT2.jsonl ...] into OUT_DIR (shards, manifest.json, rejects.jsonl).
 
     An input may also be .jsonl.gz, `-` (stdin), a parquet/CSV/arrow file, a datasets save_to_disk folder, or a
@@ -77,7 +79,8 @@ def prepare_command(inputs, out_dir, tokenizer, max_seq_len, format_, overlong, 
     try:
         prepare(list(inputs), out_dir, tokenizer, max_seq_len=max_seq_len, strict=strict, progress=progress,
                 format=format_, overlong=overlong, packing=not no_packing, train_on_inputs=train_on_inputs, seed=seed,
-                rows_per_shard=rows_per_shard, data_split=data_split, data_config=data_config, **fields)
+                rows_per_shard=rows_per_shard, data_split=data_split, data_config=data_config, workers=workers,
+                **fields)
     except (DataError, OSError) as e:
         _fail(e)
 
