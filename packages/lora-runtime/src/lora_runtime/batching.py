@@ -88,7 +88,7 @@ class BatchPlan:
                 else round(self.estimated_peak_bytes / GIB, 2)}
 
 
-def fixed_plan(config: LoraSftConfig, world_size: int, micro: int | None = None, gc: bool | None = None,
+def fixed_plan(config: LoraSftConfig, world_size: int, micro: int | str | None = None, gc: bool | None = None,
                recomputed_layers: int | None = None, reason: str = "",
                estimated_peak_bytes: float | None = None) -> BatchPlan:
     """The plan for a concrete micro batch (the config's when `micro` is None): accumulation derived from
@@ -98,16 +98,16 @@ def fixed_plan(config: LoraSftConfig, world_size: int, micro: int | None = None,
     >>> fixed_plan(LoraSftConfig("m", "d", "o", effective_batch_size=8, micro_batch_size=2), 1).accumulation
     4
     """
-    micro = config.micro_batch_size if micro is None else micro
-    if micro == "auto":
+    asked = config.micro_batch_size if micro is None else micro
+    if not isinstance(asked, int):
         raise ValueError("micro_batch_size='auto' is decided when training starts (lora_runtime.batching.resolve)")
-    dataclasses.replace(config, micro_batch_size=micro).validate(world_size=world_size)
+    dataclasses.replace(config, micro_batch_size=asked).validate(world_size=world_size)
     if config.effective_batch_size is None:
         accumulation = config.gradient_accumulation_steps
     else:
-        accumulation = max(1, config.effective_batch_size // (micro * world_size))
+        accumulation = max(1, config.effective_batch_size // (asked * world_size))
     on = bool(config.gradient_checkpointing is True) if gc is None else gc
-    return BatchPlan(int(micro), accumulation, world_size, on, recomputed_layers if on else None, reason,
+    return BatchPlan(asked, accumulation, world_size, on, recomputed_layers if on else None, reason,
                      estimated_peak_bytes)
 
 
@@ -270,10 +270,10 @@ def memory_budget(config: LoraSftConfig) -> tuple[float, str]:
         free = min(torch.cuda.mem_get_info(d)[0] for d in range(torch.cuda.device_count()))
     else:
         free = torch.cuda.mem_get_info(dist_env().local_rank)[0]
-    free = all_reduce_min(float(free))
+    budget = all_reduce_min(float(free))
     if config.max_memory_gib is None:
-        return free, "free"
-    return min(free, config.max_memory_gib * GIB), f"max_memory_gib={config.max_memory_gib:g}"
+        return budget, "free"
+    return min(budget, config.max_memory_gib * GIB), f"max_memory_gib={config.max_memory_gib:g}"
 
 
 def per_gpu(footprint: Footprint, config: LoraSftConfig, model_config: Any, world: int) -> Footprint:

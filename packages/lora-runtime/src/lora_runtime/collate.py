@@ -49,7 +49,7 @@ def labels(input_ids: np.ndarray, loss_mask: np.ndarray, seq_lens: Sequence[int]
     [-100, 12, 13, -100, -100, 23, 24, -100]
     """
     out = np.where(np.asarray(loss_mask) > 0, np.asarray(input_ids, dtype=np.int64), IGNORE_INDEX)
-    starts = np.concatenate([[0], np.cumsum(seq_lens)[:-1]]).astype(np.int64) if len(seq_lens) else []
+    starts = np.concatenate([[0], np.cumsum(seq_lens)[:-1]]).astype(np.int64) if len(seq_lens) else np.zeros(0, np.int64)
     out[starts] = IGNORE_INDEX
     used = int(sum(seq_lens))
     out[used:] = IGNORE_INDEX

@@ -264,7 +264,7 @@ def check_known_keys(keys: Any) -> None:
 def _type_issues(cfg: LoraSftConfig) -> list[str]:
     """Check each value against its annotation's basic types (bool is not accepted as int/float)."""
     issues = []
-    simple = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None),
+    simple: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None),
               "tuple[str, ...]": tuple, "dict[str, int]": dict, "dict[str, float]": dict, "dict[str, Any]": dict}
     for f in dataclasses.fields(cfg):
         if f.type == "Any":

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,7 +122,7 @@ def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
     if lines and not lines[-1].endswith(b"\n"):
         lines[-1] += b"\n"
     used = [i for i, line in enumerate(lines) if line.strip()]
-    n_eval = max(1, round(len(used) * config.eval_split_ratio))
+    n_eval = max(1, round(len(used) * (config.eval_split_ratio or 0.0)))
     if n_eval >= len(used):
         raise ConfigError([f"`eval_split_ratio`={config.eval_split_ratio} leaves no training line of the "
                            f"{len(used)} in {data_file}"])
@@ -169,11 +169,15 @@ def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None
     check_data_options(shard_dir, manifest, config)
 
 
+def _option(name: str) -> Callable[[Any], Any]:
+    return lambda manifest: manifest.options.get(name)
+
+
 # config field → how the manifest records it (prepare-time choices a shard directory has already made)
-_BAKED_IN = {"train_on_inputs": lambda m: m.options.get("train_on_inputs"), "overlong": lambda m: m.options.get("overlong"),
-             "sample_packing": lambda m: m.packing,
-             **{f: (lambda m, f=f: m.options.get(f)) for f in ("field_messages", "field_instruction", "field_input",
-                                                                "field_output")}}
+_BAKED_IN: dict[str, Callable[[Any], Any]] = {
+    "sample_packing": lambda manifest: manifest.packing,
+    **{f: _option(f) for f in ("train_on_inputs", "overlong", "field_messages", "field_instruction", "field_input",
+                               "field_output")}}
 
 
 def check_data_options(shard_dir: Path, manifest: Any, config: LoraSftConfig) -> None:

@@ -142,4 +142,4 @@ class EpochDataLoader(DataLoader):
     """A DataLoader whose `set_epoch` reaches the dataset (the HF Trainer calls it before every epoch)."""
 
     def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]  # a PackedShardDataset

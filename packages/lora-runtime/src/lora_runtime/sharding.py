@@ -266,7 +266,7 @@ def load_adapter(model: Any, checkpoint_dir: str | Path) -> None:
     tags = {n: torch.empty(0) for n in names}
     renamed = get_peft_model_state_dict(model, state_dict=tags, save_embedding_layers=False)
     by_id = {id(t): n for n, t in tags.items()}
-    state = {by_id[id(t)]: saved[key] for key, t in renamed.items()}
+    state: dict[str, Any] = {by_id[id(t)]: saved[key] for key, t in renamed.items()}
     missing = sorted(set(names) - set(state))
     if missing:
         raise RuntimeError(f"{checkpoint_dir}: the adapter lacks {len(missing)} LoRA weight(s), e.g. {missing[0]}")

@@ -73,12 +73,14 @@ class PeftBackend(BackendBase):
         if config.load_in_4bit or config.load_in_8bit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
         torch.manual_seed(config.seed)
-        lora = LoraConfig(
+        targets = _targets(model, config.target_modules)
+        options: dict[str, Any] = dict(  # PEFT annotates alpha as int and init as a Literal; it takes ours as given
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
-            target_modules=_targets(model, config.target_modules), task_type="CAUSAL_LM",
+            target_modules=targets, task_type="CAUSAL_LM",
             use_rslora=config.use_rslora, use_dora=config.use_dora, init_lora_weights=config.init_lora_weights,
             rank_pattern=dict(config.rank_pattern or {}), alpha_pattern=dict(config.alpha_pattern or {}),
             loftq_config=LoftQConfig(**config.loftq_config) if config.loftq_config else {})
+        lora = LoraConfig(**options)
         model = get_peft_model(model, lora)
         varlen = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
         model.register_forward_pre_hook(flatten_hook(keep_seq_lengths=False, flatten=varlen), with_kwargs=True)
@@ -90,7 +92,7 @@ class PeftBackend(BackendBase):
             model.enable_input_require_grads()
             recomputing = f"on for {limit_recomputation(model, plan.recomputed_layers)} layer(s)"
         trainable, total = model.get_nb_trainable_parameters()
-        print0(f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {sorted(lora.target_modules)}: "
+        print0(f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {targets if isinstance(targets, str) else sorted(targets)}: "
                f"{trainable:,} trainable of {total:,} parameters; gradient checkpointing {recomputing}")
         return model
 

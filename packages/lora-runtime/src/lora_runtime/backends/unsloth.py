@@ -57,9 +57,9 @@ def patch_gqa_varlen() -> str:
         left, right = tuple(window_size)
         return ad._LeanFlashVarlen.apply(q, k, v, cu_q, max_q, (left, right) == (-1, 0), scale, left, right)
 
-    ad._TORCH_VARLEN_ATTN = varlen
-    ad._LEAN_VARLEN = True
-    ad._varlen_can_use_cudnn = lambda *a, **k: False
+    setattr(ad, "_TORCH_VARLEN_ATTN", varlen)  # noqa: B010  (unsloth's private module globals)
+    setattr(ad, "_LEAN_VARLEN", True)  # noqa: B010
+    setattr(ad, "_varlen_can_use_cudnn", lambda *a, **k: False)  # noqa: B010
     return f"torch {torch.__version__}: varlen_attn lacks enable_gqa, packed attention → aten flash varlen (GQA)"
 
 
