@@ -58,15 +58,15 @@ class Chat:
         import torch
 
         self.messages.append({"role": "user", "content": text})
-        inputs = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        encoded: Any = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True,
+                                                          return_tensors="pt", return_dict=True)
+        inputs = {k: v.to(self.device) for k, v in encoded.items()}
         sampling: dict[str, Any] = ({"do_sample": True, "temperature": temperature} if temperature > 0
                                     else {"do_sample": False})
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
-        answer = self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        answer = str(self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)).strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 
@@ -91,8 +91,8 @@ def chat_command(adapter_dir: Path, model_path: str | None, prompt: str | None, 
     if prompt is not None:
         click.echo(session.reply(prompt, max_new_tokens=max_new_tokens, temperature=temperature))
         return
-    stdin = click.get_text_stream("stdin")
-    interactive = stdin.isatty()
+    stdin = sys.stdin  # CliRunner's input in tests
+    interactive = bool(stdin.isatty())
     if interactive:
         click.echo("type a message and press Enter; Ctrl-D ends the chat", err=True)
     while True:

@@ -36,7 +36,7 @@ def _type_name(value: Any) -> str:
 
 def compile_check(schema: dict) -> Callable[[Any], bool]:
     """A fast pass/fail function for `schema` (the keywords in _KNOWN only), built once as nested closures."""
-    t = _TYPES.get(schema.get("type", ""), object)
+    t: Any = _TYPES.get(schema.get("type", ""), object)  # checked with isinstance; Any lets the branches index
     enum = frozenset(schema["enum"]) if "enum" in schema else None
     required = tuple(schema.get("required", ()))
     props = tuple((k, compile_check(v)) for k, v in schema.get("properties", {}).items())

@@ -82,9 +82,9 @@ class Staging:
             raise
         fsync_dir(self.out)
         for entry in old.shards if old else ():
-            name = entry.get("file")
-            if isinstance(name, str) and _OUR_SHARD.match(name) and name not in names:
-                (self.out / name).unlink(missing_ok=True)
+            file = entry.get("file")
+            if isinstance(file, str) and _OUR_SHARD.match(file) and file not in names:
+                (self.out / file).unlink(missing_ok=True)
         self.discard()
 
     def keep_rejects(self) -> None:

@@ -23,10 +23,11 @@ _OS_HINTS = {errno.ENOSPC: "the disk is full: free some space or prepare elsewhe
 
 
 def _fail(e: Exception) -> None:
+    message = str(e)
     if isinstance(e, OSError) and not isinstance(e, DataError):
         where = f"{e.filename}: " if e.filename else ""
-        e = f"{where}{e.strerror or e}" + (f" ({_OS_HINTS[e.errno]})" if e.errno in _OS_HINTS else "")
-    click.echo(f"error: {e}", err=True)
+        message = f"{where}{e.strerror or e}" + (f" ({_OS_HINTS[e.errno]})" if e.errno in _OS_HINTS else "")
+    click.echo(f"error: {message}", err=True)
     sys.exit(1)
 
 

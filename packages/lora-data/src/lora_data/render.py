@@ -63,7 +63,7 @@ class Renderer:
         except Exception:
             self._batch_template = None
         specials = {k: v for k, v in getattr(tokenizer, "special_tokens_map", {}).items() if isinstance(v, str)}
-        self._kwargs = {"add_generation_prompt": False, **specials}
+        self._kwargs: dict[str, Any] = {"add_generation_prompt": False, **specials}
         eos = getattr(tokenizer, "eos_token", None)
         markers = {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         self._markers = sorted(markers | ({eos} if eos else set()), key=len, reverse=True)
@@ -78,8 +78,8 @@ class Renderer:
             return None
         try:
             limit = sandbox.TIME_LIMIT + 0.002 * len(batch)
-            out = sandbox.render(self._batch_template, time_limit=limit, lora_data_batch=batch, **self._kwargs)
-            out = out.split(_SEP)
+            out = sandbox.render(self._batch_template, time_limit=limit, lora_data_batch=batch,
+                                 **self._kwargs).split(_SEP)
         except Exception:  # a template error or limit in some record: the caller renders one by one and reports it
             return None
         if len(out) != len(batch) + 1 or out[-1] or (batch and out[0] != self.text(batch[0])):

@@ -36,7 +36,7 @@ class Encoder:
     """Tokenize rendered records in batches; `encode_flat` returns concatenated ids, mask and per-record lengths."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend: Any = getattr(tokenizer, "backend_tokenizer", None)
         if self.backend is None:
             raise DataError(f"{type(tokenizer).__name__} has no fast (Rust) backend; lora-data needs a tokenizer.json "
                             "(save the tokenizer with a fast class, e.g. PreTrainedTokenizerFast)", field="tokenizer")

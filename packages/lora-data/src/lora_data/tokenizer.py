@@ -105,7 +105,7 @@ class FastTokenizer:
         state = {"backend": (directory / "tokenizer.json").read_text(encoding="utf-8"), "special": special,
                  "class": config.get("tokenizer_class") or "TokenizersBackend",
                  "chat_template": template,
-                 "all_special": sorted({v for v in special.values() if v} | {_content(t) for t in extra})}
+                 "all_special": sorted({v for v in special.values() if v} | {c for c in map(_content, extra) if c})}
         return cls(state, name_or_path=name_or_path)
 
     def __getattr__(self, name: str) -> Any:
