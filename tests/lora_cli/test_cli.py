@@ -143,8 +143,8 @@ def test_under_torchrun_trains_in_process_instead_of_launching_again(fake_sft, m
 def test_launch_path_hands_the_typed_options_to_torchrun(fake_sft, monkeypatch):
     seen = {}
 
-    def fake_run(plan, args, device):
-        seen.update(plan=plan, args=args, device=device)
+    def fake_run(plan, args, device, output_dir):
+        seen.update(plan=plan, args=args, device=device, output_dir=output_dir)
         return 0
 
     monkeypatch.setattr(launch, "run_torchrun", fake_run)

@@ -98,6 +98,29 @@ def test_gpus_2_launches_two_gloo_processes_stops_on_sigterm_and_resumes(tiny_ll
     _check_outputs(out, even_shards, log)
 
 
+@pytest.mark.parametrize(("signals", "name"), [
+    ("SIGINT:launcher,launcher", "SIGINT"),  # `uv run` without a terminal: the group's signal plus uv's copy
+    ("SIGTERM:launcher,group", "SIGTERM"),  # a scheduler signalling every process of the job
+])
+def test_a_stop_delivered_several_times_still_saves(tiny_llama_dir, even_shards, tmp_path, signals, name):
+    """Before: the launcher passed every copy on, torchrun answered the second with SIGTERM to the workers, and they
+    aborted without saving while the message still promised a checkpoint."""
+    from lora_cli.stop import FAULT_SIGNALS_ENV
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lora_cli", "train", *_train_args(tiny_llama_dir, even_shards, out), "--gpus", "2"]
+    proc = subprocess.run(cmd, env=_env() | {FAULT_SIGNALS_ENV: f"3:{signals}"}, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 130, log[-5000:]
+    stopped = re.findall(rf"stopped by {name} after step (\d+); a checkpoint is saved in {out} \(checkpoint-\1\)",
+                         log)
+    assert len(stopped) == 1, log[-5000:]
+    ckpt = out / "checkpoints" / f"checkpoint-{stopped[0]}"
+    assert (ckpt / "COMPLETE").is_file()
+    assert f"the same command resumes from {ckpt} (step {stopped[0]})" in log  # the launcher's closing line
+
+
 def _two_nodes(args: list[str], rdzv_id: str, env_for=lambda rank: {}) -> tuple[list[int], list[str], str]:
     """Two `lora-cli train --gpus 1 --nnodes 2` launchers at a localhost c10d rendezvous: (exit codes, logs, endpoint)."""
     endpoint = f"127.0.0.1:{_free_port()}"

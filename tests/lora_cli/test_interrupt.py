@@ -59,3 +59,54 @@ def test_sigint_saves_a_checkpoint_and_the_same_command_resumes(tiny_llama_dir, 
     assert "6 steps" in res.output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # resumed at 4, nothing doubled
+
+
+def _signals_at_step_3(monkeypatch, pause_s: float):
+    """Patch lora_runtime.run: after step 3, SIGINT, `pause_s` seconds, SIGINT again (to this process)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    real = lora_runtime.run
+
+    class TwoSigints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(pause_s)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(lora_runtime, "run",
+                        lambda config: real(dataclasses.replace(config, callbacks=[TwoSigints(), *config.callbacks])))
+
+
+def _args(model, shards, out, *extra):
+    return ["train", "--model", str(model), "--shards", str(shards), "--output", str(out), "--backend", "peft",
+            "--no-bf16", "--micro-batch-size", "1", "--max-steps", "6", *extra]
+
+
+def test_a_stop_delivered_twice_still_saves(tiny_llama_dir, shards, tmp_path, monkeypatch):
+    """`uv run` without a terminal: the process group's SIGINT and uv's forwarded copy arrive together."""
+    _signals_at_step_3(monkeypatch, pause_s=0.1)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, _args(tiny_llama_dir, shards, out, "--save-steps", "100"))
+    assert res.exit_code == 130, res.output
+    assert "SIGINT again: already stopping after this step" in res.output
+    assert f"stopped by SIGINT after step 3; a checkpoint is saved in {out} (checkpoint-3)" in res.output
+    assert (out / "checkpoints" / "checkpoint-3" / "COMPLETE").is_file()
+
+
+def test_a_later_repeat_aborts_and_names_the_step_the_next_run_resumes_from(tiny_llama_dir, shards, tmp_path,
+                                                                            monkeypatch):
+    from lora_cli import stop
+
+    monkeypatch.setattr(stop, "DUPLICATE_S", 0.2)
+    _signals_at_step_3(monkeypatch, pause_s=0.5)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, _args(tiny_llama_dir, shards, out, "--save-steps", "2"))
+    assert res.exit_code == 130, res.output
+    assert ("aborted by a repeated SIGINT before a checkpoint was written; the same command resumes from "
+            f"{out / 'checkpoints' / 'checkpoint-2'} (step 2)") in res.output
+    assert not (out / "checkpoints" / "checkpoint-3").exists()

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from lora_cli.stop import EXIT_INTERRUPTED, LAUNCHER_PID_ENV
+from lora_cli.stop import EXIT_INTERRUPTED, LAUNCHER_PID_ENV, resume_note
 
 log = logging.getLogger("lora_cli")
 
@@ -123,10 +123,13 @@ def _worker_env(device: str) -> dict[str, str]:
     return env
 
 
-def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str) -> int:
-    """Run torchrun in the foreground; forward SIGINT/SIGTERM to it; return its exit code.
+def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_dir: str | None = None) -> int:
+    """Run torchrun in the foreground; forward the first SIGINT/SIGTERM to it; return its exit code.
 
-    torchrun passes a signal on to every worker, and each worker's trainer saves a checkpoint before it exits.
+    torchrun passes the signal on to every worker, and the workers save a checkpoint before they exit. Repeats are not
+    passed on: torchrun answers a second signal by sending SIGTERM to the workers, and a stop delivered twice (by the
+    process group and by `uv run`, or by a scheduler to every process) must still save. The closing message names the
+    step the next run resumes from, read from `output_dir`.
     """
     cmd = torchrun_command(plan, train_args)
     log.info("launching %d process(es) on this node (%d in all): %s", plan.nproc_per_node, plan.world_size,
@@ -138,8 +141,12 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         forwarded.append(signal.Signals(signum).name)
-        log.warning("got %s: asking the workers to save a checkpoint and stop", forwarded[-1])
-        proc.send_signal(signum)
+        if len(forwarded) == 1:
+            log.warning("got %s: asking the workers to save a checkpoint and stop", forwarded[-1])
+            proc.send_signal(signum)
+        else:
+            log.warning("got %s again: already stopping, the workers are writing the checkpoint (to abort without "
+                        "it: kill -KILL %d)", forwarded[-1], proc.pid)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -147,11 +154,11 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    where = f"; {resume_note(output_dir)}" if output_dir else ""
     if forwarded and rc != 0:
-        log.warning("stopped by %s (torchrun exit code %d); run the same command again to resume from the last "
-                    "checkpoint", forwarded[0], rc)
+        log.warning("stopped by %s (torchrun exit code %d)%s", forwarded[0], rc, where)
         return EXIT_INTERRUPTED
     if rc != 0:  # torchrun stopped the other workers and printed the failed rank ("Root Cause ... rank: N") above
-        log.error("a worker failed (torchrun exit code %d; its 'Root Cause' above names the rank); the run stopped. "
-                  "Run the same command again to resume from the last complete checkpoint", rc)
+        log.error("a worker failed (torchrun exit code %d; its 'Root Cause' above names the rank); the run "
+                  "stopped%s", rc, where or ". Run the same command again to resume from the last complete checkpoint")
     return rc

@@ -31,7 +31,7 @@ from lora_cli.options import (
     read_config_file,
 )
 from lora_cli.progress import progress_callback
-from lora_cli.stop import EXIT_INTERRUPTED, StopRequest
+from lora_cli.stop import EXIT_INTERRUPTED, StopRequest, resume_note
 from lora_cli.versions import version_option
 
 log = logging.getLogger("lora_cli")
@@ -138,7 +138,7 @@ def train(ctx: click.Context, config: Path | None, shards: Path | None, dry_run:
     if launch.needs_launch(plan):  # the config was validated for plan.world_size: fail here, once, not in N workers
         device = launch.check_devices(plan.nproc_per_node, cfg.backend)
         args = passthrough_args(ctx, {"config": config, "shards": shards, **params})
-        ctx.exit(launch.run_torchrun(plan, args, device))
+        ctx.exit(launch.run_torchrun(plan, args, device, cfg.ckpt_output_dir))
     ctx.exit(_train_in_process(cfg))
 
 
@@ -220,15 +220,30 @@ def _train_in_process(cfg: LoraSftConfig) -> int:
     lora_runtime.backends.import_unsloth_first(cfg)  # before the callbacks below import transformers
     with StopRequest() as stop:
         callbacks = [*(cfg.callbacks or []), progress_callback(), stop.callback()]
-        result = lora_runtime.run(dataclasses.replace(cfg, callbacks=callbacks))
+        try:
+            result = lora_runtime.run(dataclasses.replace(cfg, callbacks=callbacks))
+        except KeyboardInterrupt:  # a repeated signal: abort without waiting for the checkpoint
+            if rank0:
+                click.echo(f"aborted by a repeated {stop.signal_name or 'SIGINT'} before a checkpoint was written; "
+                           f"{resume_note(cfg.ckpt_output_dir)}", err=True)
+            return EXIT_INTERRUPTED
     if rank0:
         _print_result(result)
     if stop.requested:
         if rank0:
-            click.echo(f"stopped by {stop.signal_name} after step {result.steps}; a checkpoint is saved in "
-                       f"{cfg.ckpt_output_dir}: run the same command again to resume", err=True)
+            click.echo(f"stopped by {stop.signal_name} after step {result.steps}; {_saved(cfg, result.steps)}", err=True)
         return EXIT_INTERRUPTED
     return 0
+
+
+def _saved(cfg: LoraSftConfig, step: int) -> str:
+    """What a stop left on disk: the checkpoint of `step`, or (never claimed when absent) the one the next run uses."""
+    from lora_runtime import checkpoint
+
+    ckpt = checkpoint.checkpoints_dir(cfg.ckpt_output_dir) / f"checkpoint-{step}"
+    if (ckpt / checkpoint.MARKER).is_file():
+        return f"a checkpoint is saved in {cfg.ckpt_output_dir} ({ckpt.name}): run the same command again to resume"
+    return resume_note(cfg.ckpt_output_dir)
 
 
 def _print_result(result: Any) -> None:

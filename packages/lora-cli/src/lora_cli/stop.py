@@ -2,22 +2,35 @@
 
 The first SIGINT or SIGTERM only raises a flag. A transformers `TrainerCallback` (handed to `lora_sft` through its
 `callbacks` field) reads the flag after every optimizer step; under torchrun the ranks agree on it with one tiny
-all-reduce, so every rank stops after the same step and rank 0 writes the checkpoint. A second signal interrupts at
-once (KeyboardInterrupt), for when saving itself hangs.
+all-reduce, so every rank stops after the same step and rank 0 writes the checkpoint.
 
     step 41 ... step 42 │ SIGINT │ step 43 ends → should_save + should_training_stop → checkpoint-43 → exit 130
+
+One stop often arrives as several signals: `uv run` passes a SIGINT on to its child that the process group already
+delivered; a scheduler (Slurm) signals every process of the job while lora-cli's launcher and torchrun pass it on;
+torchrun answers a second signal by sending SIGTERM to the workers. So a repeat never loses the checkpoint: under
+torchrun a worker ignores repeats (torchrun's shutdown timeout, or the scheduler's SIGKILL after its grace period, ends
+a save that hangs), and a single process ignores them for `DUPLICATE_S`; a later one aborts at once (for a save that
+hangs), and the message names the step the next run resumes from, read from the checkpoints on disk.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 EXIT_INTERRUPTED = 130
+DUPLICATE_S = 2.0  # a repeat within this long after the first signal is the same stop, delivered twice
 # Fault injection for tests: after optimizer step N, rank 0 sends SIGTERM to the lora-cli launcher (its pid is in
 # LORA_CLI_LAUNCHER_PID under torchrun) or to its own process, exercising the whole path a scheduler's kill takes.
 FAULT_STEP_ENV = "LORA_CLI_FAULT_SIGTERM_AFTER_STEP"
+# "STEP:SIGNAL:TARGET,TARGET,...": after STEP rank 0 sends SIGNAL to each target in turn, 0.3 s apart; a target is
+# `launcher`, `group` (torchrun's process group: torchrun and every worker) or `self`.
+FAULT_SIGNALS_ENV = "LORA_CLI_FAULT_SIGNALS"
 FAULT_KILL_RANK_ENV = "LORA_CLI_FAULT_SIGKILL_RANK"  # tests: "RANK:STEP" → that rank SIGKILLs itself after STEP
 LAUNCHER_PID_ENV = "LORA_CLI_LAUNCHER_PID"
 
@@ -28,6 +41,8 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+        self._first_at = 0.0
+        self._repeats_ignored = 0
 
     def __enter__(self) -> StopRequest:
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -43,13 +58,19 @@ class StopRequest:
         return self.signal_name is not None
 
     def _handle(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
         if self.requested:
+            under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+            if under_torchrun or time.monotonic() - self._first_at < DUPLICATE_S:
+                self._repeats_ignored += 1
+                if self._repeats_ignored == 1 and os.environ.get("RANK", "0") == "0":
+                    print(f"{name} again: already stopping after this step, the checkpoint is being written",
+                          file=sys.stderr, flush=True)
+                return
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        import sys
-
-        print(f"\n{self.signal_name}: stopping after this step and saving a checkpoint (send it again to abort "
-              "without saving)", file=sys.stderr, flush=True)
+        self.signal_name, self._first_at = name, time.monotonic()
+        print(f"\n{name}: stopping after this step and saving a checkpoint (send it again after {DUPLICATE_S:.0f} s "
+              "to abort without saving)", file=sys.stderr, flush=True)
 
     def callback(self) -> Any:
         """A `transformers.TrainerCallback` that turns the flag into save + stop at the next step end."""
@@ -58,6 +79,7 @@ class StopRequest:
         stop = self
         fault_step = int(os.environ.get(FAULT_STEP_ENV, "0"))
         kill_rank, _, kill_step = os.environ.get(FAULT_KILL_RANK_ENV, ":").partition(":")
+        signals_step, _, signals = os.environ.get(FAULT_SIGNALS_ENV, ":").partition(":")
 
         class SaveAndStopOnSignal(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -65,12 +87,38 @@ class StopRequest:
                     os.kill(int(os.environ.get(LAUNCHER_PID_ENV, os.getpid())), signal.SIGTERM)
                 if kill_step and str(state.global_step) == kill_step and os.environ.get("RANK", "0") == kill_rank:
                     os.kill(os.getpid(), signal.SIGKILL)
+                if signals_step and str(state.global_step) == signals_step and os.environ.get("RANK", "0") == "0":
+                    _send_fault_signals(signals)
                 if _any_rank(stop.requested):
                     control.should_save = True
                     control.should_training_stop = True
                 return control
 
         return SaveAndStopOnSignal()
+
+
+def resume_note(output_dir: str | Path) -> str:
+    """Which step the same command resumes from, read from the complete checkpoints on disk (never assumed)."""
+    from lora_runtime import checkpoint
+
+    newest = checkpoint.newest_complete(checkpoint.checkpoints_dir(output_dir))
+    if newest is None:
+        return f"no complete checkpoint in {Path(output_dir) / checkpoint.SUBDIR}: the same command starts from step 0"
+    return f"the same command resumes from {newest} (step {checkpoint.step_of(newest)})"
+
+
+def _send_fault_signals(spec: str) -> None:
+    """Tests: `SIGNAL:TARGET,...` (see FAULT_SIGNALS_ENV)."""
+    name, _, targets = spec.partition(":")
+    sig = signal.Signals[name]
+    for target in targets.split(","):
+        if target == "launcher":
+            os.kill(int(os.environ[LAUNCHER_PID_ENV]), sig)
+        elif target == "group":
+            os.killpg(os.getpgid(0), sig)
+        else:
+            os.kill(os.getpid(), sig)
+        time.sleep(0.3)
 
 
 def _any_rank(flag: bool) -> bool:
