@@ -98,3 +98,38 @@ def test_resume_from_an_explicit_checkpoint(finished_at_4, tiny_llama_dir, llama
     assert (finished_at_4 / "checkpoints" / "checkpoint-4" / "COMPLETE").is_file()
     with pytest.raises(ConfigError, match="is not a complete checkpoint"):
         lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **BASE, resume_from=str(tmp_path))
+
+
+def test_summary_figures_cover_the_whole_run_after_a_resume(tiny_llama_dir, llama_shards, tmp_path, capsys):
+    """Issue 18.3: stopped after step 3 and resumed to 6: train_loss (TrainResult, and the summary transformers hands
+    the integrations) is the mean of all 6 logged losses, not this session's sum over all steps; no raw dicts."""
+    from transformers import TrainerCallback
+
+    summaries = []
+
+    class Summary(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "train_loss" in logs:
+                summaries.append(logs["train_loss"])
+
+    out = tmp_path / "run"
+    run = {**BASE, "max_steps": 6, "save_steps": 100}
+    lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **run, callbacks=[_runs.StopAt(3)])
+    capsys.readouterr()
+    result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **run, callbacks=[Summary()])
+    captured = capsys.readouterr()
+    losses = [r["loss"] for r in read_metrics(result.metrics_path) if "loss" in r]
+    assert len(losses) == 6
+    assert result.train_loss == pytest.approx(sum(losses) / 6, rel=1e-9)
+    assert summaries == [pytest.approx(sum(losses) / 6, rel=1e-9)]
+    assert result["train_loss"] == result.train_loss and result["final_loss"] == losses[-1] == result.final_loss
+    assert "{'loss'" not in captured.out and "train_runtime" not in captured.out  # PrinterCallback is gone
+    assert "step 6/6: loss " in captured.err and "tokens/s" in captured.err  # progress lines, stderr not a TTY
+
+
+def test_a_result_is_readable_by_key(finished_at_4, tiny_llama_dir, llama_shards):
+    result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(finished_at_4), **{**BASE, "max_steps": 4})
+    assert result["steps"] == 4 and result.get("eval_loss") is None and "final_loss" in result
+    assert dict(result)["backend"] == "peft" and "model" not in result
+    with pytest.raises(KeyError, match="training-hub's live 'model'"):
+        result["model"]

@@ -85,10 +85,7 @@ def train(model_dir: Path, shards: Path, out: Path, options: dict[str, Any]) -> 
     import lora_runtime
 
     click.echo(f"[3/4] training a LoRA adapter on the CPU → {out}")
-    from lora_cli.progress import progress_callback
-
-    return lora_runtime.lora_sft(model_path=str(model_dir), data_path=str(shards), ckpt_output_dir=str(out),
-                                 callbacks=[progress_callback()], **options)
+    return lora_runtime.lora_sft(model_path=str(model_dir), data_path=str(shards), ckpt_output_dir=str(out), **options)
 
 
 def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 16) -> list[str]:

@@ -30,7 +30,6 @@ from lora_cli.options import (
     passthrough_args,
     read_config_file,
 )
-from lora_cli.progress import progress_callback
 from lora_cli.stop import EXIT_INTERRUPTED, StopRequest, resume_note
 from lora_cli.versions import version_option
 
@@ -219,7 +218,7 @@ def _train_in_process(cfg: LoraSftConfig) -> int:
         log.info("lora-cli: %s CPU worker processes with gloo (no GPU visible)", dist_env().world_size)
     lora_runtime.backends.import_unsloth_first(cfg)  # before the callbacks below import transformers
     with StopRequest() as stop:
-        callbacks = [*(cfg.callbacks or []), progress_callback(), stop.callback()]
+        callbacks = [*(cfg.callbacks or []), stop.callback()]  # the runtime draws the progress bar
         try:
             result = lora_runtime.run(dataclasses.replace(cfg, callbacks=callbacks))
         except KeyboardInterrupt:  # a repeated signal: abort without waiting for the checkpoint
@@ -252,7 +251,9 @@ def _print_result(result: Any) -> None:
         click.echo(f"merged:   {result.merged_dir}")
     click.echo(f"metrics:  {result.metrics_path}")
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
-    click.echo(f"backend:  {result.backend}, {result.steps} steps, final loss {loss}")
+    mean = getattr(result, "train_loss", None)
+    over = "" if mean is None else f", mean loss {mean:.4f} over all {result.steps} steps"
+    click.echo(f"backend:  {result.backend}, {result.steps} steps, final loss {loss}{over}")
 
 
 @main.command(context_settings={"max_content_width": 120})

@@ -8,6 +8,7 @@ metrics.jsonl, and the start-up log of every decision.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -22,10 +23,11 @@ from lora_runtime.metrics import (
     MetricsWriter,
     peak_memory_bytes,
     plot_loss,
-    read_metrics,
     report_targets,
     reporting_env,
+    run_summary,
 )
+from lora_runtime.progress import progress_callback
 
 if TYPE_CHECKING:  # torch-heavy; imported where used so `import lora_runtime.api` stays light
     from lora_runtime.backends.base import Backend
@@ -35,7 +37,9 @@ if TYPE_CHECKING:  # torch-heavy; imported where used so `import lora_runtime.ap
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a run produced (paths under ckpt_output_dir) and how it went."""
+    """What a run produced (paths under ckpt_output_dir) and how it went. Every figure is over the whole run, also
+    after a resume (the losses come from metrics.jsonl). Also readable by key, for scripts written against a dict:
+    `result["final_loss"]`, `result.keys()`, `result.get("eval_loss")`, `dict(result)`."""
 
     adapter_dir: Path | None  # None when save_model=False (checkpoints still hold adapters)
     merged_dir: Path | None
@@ -48,6 +52,23 @@ class TrainResult:
     wall_time_s: float
     peak_memory_bytes: int
     manifest: Any = None
+    train_loss: float | None = None  # mean loss over every step of the run (resumed or not), weighted by steps
+    eval_loss: float | None = None  # the last evaluation's
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)]
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys():
+            raise KeyError(f"{key!r}: a TrainResult has {', '.join(self.keys())} (training-hub's live 'model', "
+                           "'tokenizer' and 'trainer' are not kept: load the adapter from result['adapter_dir'])")
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
 
 
 def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: PackedShardDataset,
@@ -85,7 +106,8 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
     with reporting_env(config):
         trainer = PackedTrainer(config=config, plan=plan, metrics=metrics, model=model, train_dataset=dataset,
                                 args=training_arguments(config, plan, precision), eval_dataset=eval_dataset,
-                                processing_class=tokenizer, callbacks=_callbacks(config.callbacks))
+                                processing_class=tokenizer,
+                                callbacks=[*(_callbacks(config.callbacks) or []), progress_callback()])
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.flush_tokens()
     return finish(config, plan, backend, trainer, tokenizer, manifest, start)
@@ -196,11 +218,12 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
         if config.push_to_hub and not stopped:
             hub.push_run(config, adapter_dir, merged_dir)
     barrier()
-    losses = [r["loss"] for r in read_metrics(metrics_path) if "loss" in r] if metrics_path.exists() else []
+    summary = run_summary(metrics_path)
     return TrainResult(adapter_dir=adapter_dir, merged_dir=merged_dir, metrics_path=metrics_path, loss_plot=plot,
                        backend=backend.name, steps=trainer.state.global_step,
-                       tokens_seen=int(trainer.state.num_input_tokens_seen), final_loss=losses[-1] if losses else None,
-                       wall_time_s=time.time() - start, peak_memory_bytes=peak_memory_bytes(), manifest=manifest)
+                       tokens_seen=int(trainer.state.num_input_tokens_seen), final_loss=summary["final_loss"],
+                       wall_time_s=time.time() - start, peak_memory_bytes=peak_memory_bytes(), manifest=manifest,
+                       train_loss=summary["train_loss"], eval_loss=summary["eval_loss"])
 
 
 def _callbacks(callbacks: Any) -> list | None:

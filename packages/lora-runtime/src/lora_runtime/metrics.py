@@ -90,6 +90,32 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def run_summary(path: str | Path) -> dict[str, float | None]:
+    """Summary figures over the whole run, read from metrics.jsonl (so a resumed run counts its earlier steps):
+    final_loss (the last logged), train_loss (every step's loss weighted alike: a row logged every k steps is the
+    mean of k steps), eval_loss (the last evaluation).
+
+    >>> # rows at steps 2 and 6 (logging every 2, then 4 steps): (1.0 * 2 + 0.5 * 4) / 6
+    """
+    rows = read_metrics(path) if Path(path).is_file() else []
+    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), int | float)]
+    evals = [r["eval_loss"] for r in rows if isinstance(r.get("eval_loss"), int | float)]
+    weighted, covered, prev = 0.0, 0, 0
+    for step, loss in train:
+        weighted, covered, prev = weighted + loss * (step - prev), covered + step - prev, step
+    return {"final_loss": train[-1][1] if train else None, "train_loss": weighted / covered if covered else None,
+            "eval_loss": evals[-1] if evals else None}
+
+
+def whole_run_summary(logs: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """transformers' end-of-run summary with `train_loss` over the whole run: its own divides the loss summed in this
+    session by every step, resumed ones included (a resumed run reported 0.45 where every logged loss was ~11.8)."""
+    if "train_loss" not in logs:
+        return logs
+    loss = run_summary(path)["train_loss"]
+    return {**logs, "train_loss": loss} if loss is not None else {k: v for k, v in logs.items() if k != "train_loss"}
+
+
 def plot_loss(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     """Training (and eval) loss against step, as a PNG (matplotlib Agg); None when there is no loss to plot."""
     rows = read_metrics(metrics_path)

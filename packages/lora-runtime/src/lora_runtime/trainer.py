@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer
+from transformers.trainer_callback import PrinterCallback
 
 from lora_runtime import checkpoint, sharding
 from lora_runtime.batching import BatchPlan
@@ -36,13 +37,14 @@ from lora_runtime.config import LoraSftConfig
 from lora_runtime.dataset import EpochDataLoader
 from lora_runtime.distributed import all_reduce_sum, barrier
 from lora_runtime.errors import OutOfMemoryHint
-from lora_runtime.metrics import MetricsWriter, metrics_row, peak_memory_bytes
+from lora_runtime.metrics import MetricsWriter, metrics_row, peak_memory_bytes, whole_run_summary
 
 
 class PackedTrainer(Trainer):
     def __init__(self, *args: Any, config: LoraSftConfig, plan: BatchPlan, metrics: MetricsWriter,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.remove_callback(PrinterCallback)  # disable_tqdm installs it: raw log dicts; lora_runtime.progress instead
         self.run_config, self.plan, self.metrics = config, plan, metrics
         self._tokens_local = 0  # real tokens on this rank since the last flush
         self._last_log: tuple[float, int] | None = None  # (time, tokens) at the last log; set at the first step
@@ -200,8 +202,8 @@ class PackedTrainer(Trainer):
             logs["peak_memory_bytes"] = peak_memory_bytes()
             super().log(logs, start_time)
             self.metrics.write(metrics_row(logs, self.state.global_step))
-        else:  # the end-of-run summary (train_runtime, ...) goes to the integrations only
-            super().log(logs, start_time)
+        else:  # the end-of-run summary (train_runtime, ...) goes to the integrations only, over the whole run
+            super().log(whole_run_summary(logs, self.metrics.path), start_time)
         if "loss" in logs:
             self._logged_at = time.perf_counter()
 

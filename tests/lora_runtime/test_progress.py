@@ -1,0 +1,36 @@
+"""The progress bar `lora_sft` and `lora-cli train` share: on a terminal one bar with loss and tokens/s (tqdm adds
+the ETA), else one plain line per log; rank 0 only."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from lora_runtime.progress import progress_callback
+
+
+def _drive(cb, logs):
+    state = SimpleNamespace(global_step=0, max_steps=4)
+    cb.on_train_begin(None, state, None)
+    for step in range(1, 5):
+        state.global_step = step
+        cb.on_step_end(None, state, None)
+        cb.on_log(None, state, None, logs={**logs, "loss": 1.0 / step})
+    cb.on_train_end(None, state, None)
+
+
+def test_a_bar_on_a_terminal(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    _drive(progress_callback(terminal=True), {"tokens_per_s": 1234.5, "learning_rate": 2e-4})
+    err = capsys.readouterr().err
+    assert "training: 100%" in err and "4/4" in err and "loss=0.250, tok/s=1,234" in err
+    assert "step 4/4" not in err
+
+
+def test_plain_lines_elsewhere_and_nothing_on_other_ranks(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    _drive(progress_callback(terminal=False), {"tokens_per_s": 1234.5, "learning_rate": 2e-4})
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("step 4/4: loss 0.2500, lr 0.0002, 1,234 tokens/s, 0:00:00 left")
+    monkeypatch.setenv("RANK", "1")
+    _drive(progress_callback(terminal=True), {})
+    assert capsys.readouterr().err == ""
