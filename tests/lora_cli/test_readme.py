@@ -107,14 +107,15 @@ class _OneStep(ast.NodeTransformer):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", PYTHON, ids=[f"README.md:{b.line}" for b in PYTHON])
-def test_python_block(block, session_dir, tiny_llama_dir):
+def test_python_block(block, session_dir, tiny_llama_dir, monkeypatch):
     from lora_runtime import LoraSftConfig
 
     source = block.code.replace(MODEL_ID, str(tiny_llama_dir))
     transform = _OneStep()
     tree = ast.fix_missing_locations(transform.visit(ast.parse(source)))
     assert len(transform.calls) == 1, f"README.md:{block.line}: expected one lora_runtime.lora_sft(...) call"
-    if block.mode == "config-only":
+    if block.mode == "config-only":  # what a GPU machine would check: pretend CUDA (refused on a CPU, rightly)
+        monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: True)
         LoraSftConfig(**transform.calls[0]).validate(world_size=block.world_size)
         return
     namespace: dict = {}
@@ -137,12 +138,16 @@ def test_json_blocks_are_valid_records(tmp_path):
 
 
 def _lora_cli(argv: list[str], line: int) -> None:
+    from unittest import mock
+
+    from lora_cli import launch
     from lora_cli.main import main
 
     if argv[0] == "train":
         distributed = any(a in argv for a in ("--gpus", "--nnodes"))
         argv = [*argv, "--dry-run"] if distributed else argv + ([] if "--max-steps" in argv else ["--max-steps", "1"])
-    res = CliRunner().invoke(main, argv)
+    with mock.patch.object(launch, "visible_gpus", lambda: 8):  # a --gpus 8 dry run, as on the machine it is for
+        res = CliRunner().invoke(main, argv)
     assert res.exit_code == 0, f"README.md:{line}: lora-cli {' '.join(argv)}\n{res.output}"
 
 
