@@ -1,7 +1,11 @@
 """Data-prep benchmark: lora_data.prepare vs the way TRL's SFTTrainer prepares the same corpus.
 
 Fast by default (2,000 records, so CI's `--benchmark-disable` run stays quick: one round, no memory probe);
-LORA_BENCH_FULL=1 uses 100,000. With the benchmark enabled, prepare runs ROUNDS times (a fresh output folder each)
+LORA_BENCH_FULL=1 uses 100,000, LORA_BENCH_RECORDS=N any number; LORA_BENCH_WORKERS=N sets prepare's workers. The default corpus is generated text with the tests'
+1,000-token tokenizer (the kept baseline's definition); LORA_BENCH_CORPUS=docstrings uses real English instead:
+Python docstrings as chat records (`_corpus.write_docstring_corpus`) with a BPE trained on them and padded to a
+151,643-entry vocabulary (`_corpus.build_vocab_tokenizer`). extra_info also has the bare `encode_batch` time of the
+same rendered texts on all cores (`encode_batch_s`, `vs_encode_batch` = its throughput ratio, ours ÷ bare). With the benchmark enabled, prepare runs ROUNDS times (a fresh output folder each)
 and its peak resident memory is measured once in a fresh process (extra_info `peak_rss_mib`).
 Both paths render the same template, mask to assistant tokens, and pack best-fit-decreasing to the same length:
   lora-data: lora_data.prepare(...) → shards on disk (validation, rejects, sha256, manifest included)
@@ -29,10 +33,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
-from _corpus import build_bench_tokenizer, write_corpus
+from _corpus import build_bench_tokenizer, build_vocab_tokenizer, docstrings, write_corpus, write_docstring_corpus
 
 FULL = os.environ.get("LORA_BENCH_FULL") == "1"
-N_RECORDS = 100_000 if FULL else 2_000
+N_RECORDS = int(os.environ.get("LORA_BENCH_RECORDS") or (100_000 if FULL else 2_000))
+CORPUS = os.environ.get("LORA_BENCH_CORPUS", "generated")
+WORKERS = int(os.environ.get("LORA_BENCH_WORKERS") or 0) or None  # prepare's render processes (default: all cores)
 SEQ_LEN = 4096
 ROUNDS = 5
 
@@ -57,7 +63,24 @@ def corpus(tmp_path_factory):
     import _tiny
 
     d = tmp_path_factory.mktemp("bench_prepare")
+    if CORPUS == "docstrings":
+        docs = docstrings()
+        path = write_docstring_corpus(d / "chat.jsonl", N_RECORDS, docs=docs)
+        return path, build_vocab_tokenizer(d / "tok", [doc for _, doc in docs])
     return write_corpus(d / "chat.jsonl", N_RECORDS, vocab=_tiny._WORDS.split()), build_bench_tokenizer(d / "tok")
+
+
+def bare_encode_s(path: Path, tok) -> float:
+    """Seconds of the tokenizer's own `encode_batch` (all cores) over the texts prepare renders from `path`."""
+    from lora_data.records import Record, read_records
+    from lora_data.render import Renderer
+
+    messages = [r.messages for r in read_records(path) if isinstance(r, Record)]
+    renderer = Renderer(tok)
+    texts = [r.text for i in range(0, len(messages), 2048) for r in renderer.render_batch(messages[i : i + 2048])]
+    t0 = time.perf_counter()
+    tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    return time.perf_counter() - t0
 
 
 def trl_prepare(path: Path, tokenizer_dir: Path, seq_len: int):
@@ -100,7 +123,7 @@ def test_prepare_vs_trl(benchmark, corpus, tmp_path):
 
     def fresh_output():
         out = next(outs)
-        return (path, out, tok), {"max_seq_len": SEQ_LEN}
+        return (path, out, tok), {"max_seq_len": SEQ_LEN, "workers": WORKERS}
 
     manifest = benchmark.pedantic(timed_prepare, setup=fresh_output, rounds=ROUNDS, iterations=1)
     out = tmp_path / f"shards{len(seconds) - 1}"
@@ -108,14 +131,17 @@ def test_prepare_vs_trl(benchmark, corpus, tmp_path):
     c = manifest.counts
     assert c["valid"] == N_RECORDS and c["overlong"] == 0 and c["rows"] == len(lora_data.ShardReader(out))
 
+    encode_s = bare_encode_s(path, tok)
     trl_s, trl_tokens, trl_rows = trl_prepare(path, tok_dir, SEQ_LEN)
     trl_eff = trl_tokens / (trl_rows * SEQ_LEN)
     info = {
+        "corpus": CORPUS, "vocab": len(tok), "cores": len(os.sched_getaffinity(0)), "workers": WORKERS or "cores",
         "records": N_RECORDS, "seq_len": SEQ_LEN, "tokens": c["tokens"], "loss_tokens": c["loss_tokens"],
         "lora_data_s": round(ours, 2), "records_per_s": round(N_RECORDS / ours), "tokens_per_s": round(c["tokens"] / ours),
         "packing_efficiency": manifest.packing_efficiency, "rows": c["rows"],
         "trl_s": round(trl_s, 2), "trl_records_per_s": round(N_RECORDS / trl_s), "trl_rows": trl_rows,
         "trl_packing_efficiency": round(trl_eff, 6), "speedup_vs_trl": round(trl_s / ours, 2),
+        "encode_batch_s": round(encode_s, 2), "vs_encode_batch": round(encode_s / ours, 2),
         "rounds": len(seconds), "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     if not benchmark.disabled:
