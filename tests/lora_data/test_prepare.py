@@ -277,3 +277,19 @@ def test_render_workers_give_byte_identical_output(tmp_path, chatml_tokenizer_di
     assert outs[1] == outs[2] == outs[3]
     rejects = outs[1]["rejects.jsonl"].decode().splitlines()
     assert {json.loads(x)["code"] for x in rejects} == {"invalid_json", "overlong_split"}
+
+
+def test_workers_fall_back_to_one_process_inside_a_daemonic_process(tmp_path, chatml_tokenizer_dir, monkeypatch):
+    """A pool's worker (daemonic) may not start processes: prepare renders in its own process there."""
+    import multiprocessing
+
+    import lora_data._run
+
+    monkeypatch.setattr(lora_data._run, "CHUNK_RECORDS", 16)
+    path = _tiny.write_jsonl(tmp_path / "d.jsonl", _tiny.chat_records(60, seed=4))
+    proc = multiprocessing.get_context("fork").Process(
+        target=lora_data.prepare, args=(path, tmp_path / "o", chatml_tokenizer_dir),
+        kwargs={"max_seq_len": 128, "workers": 2, "verbose": False}, daemon=True)
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0 and Manifest.load(tmp_path / "o").counts["valid"] == 60

@@ -91,7 +91,11 @@ class TokenizeStage:
         # validates and renders chunk k+1. Results are consumed in order, so the output stays deterministic.
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._pending = None
-        self.workers = workers if sys.platform.startswith("linux") else 1  # fork: the workers inherit the renderer
+        # fork: the workers inherit the renderer (Linux); a daemonic process (a pool's worker) may not have children
+        import multiprocessing
+
+        forkable = sys.platform.startswith("linux") and not multiprocessing.current_process().daemon
+        self.workers = workers if forkable else 1
         self._procs = None  # multiprocessing Pool, started with the second chunk (one chunk needs none)
         self._queue: deque = deque()  # ("rejects", [Rejection]) | ("chunk", records, AsyncResult), in input order
         self._chunks = 0
