@@ -10,16 +10,12 @@ the values), built once per session on the GPU and saved, so the benchmark loads
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
+import _tiny
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import _tiny  # noqa: E402
 
 
 def cuda_reason() -> str | None:

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 import _tiny
+import pytest
 
 # lora-data's tokenizer cache goes to a temporary folder, never under the user's home (set before any test imports it)
 os.environ.setdefault("LORA_DATA_TOKENIZER_CACHE", tempfile.mkdtemp(prefix="lora-data-tok-cache-"))

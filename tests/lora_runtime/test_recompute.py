@@ -4,18 +4,15 @@ gradients equal those of no recomputation exactly (fp32, CPU), as they do with e
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import _tiny
 import pytest
 import torch
 from lora_runtime.backends.peft import PeftBackend
 from lora_runtime.batching import fixed_plan
 from lora_runtime.collate import collate_packed
 from lora_runtime.config import LoraSftConfig
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-import _tiny
 
 
 @pytest.fixture(scope="module")
