@@ -7,6 +7,7 @@ interrupted (after saving a checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -137,7 +138,11 @@ def train(ctx: click.Context, config: Path | None, shards: Path | None, dry_run:
     if launch.needs_launch(plan):  # the config was validated for plan.world_size: fail here, once, not in N workers
         device = launch.check_devices(plan.nproc_per_node, cfg.backend)
         args = passthrough_args(ctx, {"config": config, "shards": shards, **params})
-        ctx.exit(launch.run_torchrun(plan, args, device, cfg.ckpt_output_dir))
+        from lora_runtime.checkpoint import output_lock
+
+        with output_lock(cfg.ckpt_output_dir) if plan.nnodes == 1 else contextlib.nullcontext():  # else rank 0's
+            rc = launch.run_torchrun(plan, args, device, cfg.ckpt_output_dir)
+        ctx.exit(rc)
     ctx.exit(_train_in_process(cfg))
 
 

@@ -80,16 +80,19 @@ def run(config: LoraSftConfig) -> TrainResult:
     """
     from lora_runtime.backends import import_unsloth_first, select_backend
     from lora_runtime.batching import resolve
+    from lora_runtime.checkpoint import output_lock
     from lora_runtime.data import ensure_shards, open_datasets
     from lora_runtime.distributed import check_launch
     from lora_runtime.loop import train
     from lora_runtime.sharding import resolve_sharding
 
     check_launch(config.validate())
-    import_unsloth_first(config)
-    config, shards = ensure_shards(config)
-    config = resolve_sharding(config)
-    backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting, sharding=config.sharding)
-    plan = resolve(config, backend, rows=shards.manifest.rows)
-    train_data, eval_data = open_datasets(config, shards, plan)
-    return train(config, plan, backend, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)
+    with output_lock(config.ckpt_output_dir):  # one run per output dir: a second one fails here, naming the first
+        import_unsloth_first(config)
+        config, shards = ensure_shards(config)
+        config = resolve_sharding(config)
+        backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting,
+                                         sharding=config.sharding)
+        plan = resolve(config, backend, rows=shards.manifest.rows)
+        train_data, eval_data = open_datasets(config, shards, plan)
+        return train(config, plan, backend, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)

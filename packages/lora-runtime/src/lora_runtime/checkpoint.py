@@ -15,11 +15,13 @@ leaves a half-deleted directory that still looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,34 @@ def resume_point(ckpt_output_dir: str | Path, *, resume: bool) -> Path | None:
     if found is not None:
         verify(found)
     return found
+
+
+OUTPUT_LOCK_ENV = "LORA_SFT_OUTPUT_LOCKED"  # set (to its pid) by the process holding the output dir's lock
+
+
+@contextlib.contextmanager
+def output_lock(ckpt_output_dir: str | Path) -> Iterator[None]:
+    """One training run per output dir: an advisory flock on `<dir>/.lock` (lora_data.locked) held by the live
+    process, released by the OS when it dies, so a SIGKILL never leaves a stale lock. A second run fails at once with
+    lora_data.LockedError naming the holder's pid. Taken by global rank 0 (or by lora-cli's launcher for its torchrun,
+    which passes OUTPUT_LOCK_ENV on to the workers). A dir this call created and left with only the lock is removed."""
+    from lora_data import locked
+
+    from lora_runtime.distributed import dist_env
+
+    if os.environ.get(OUTPUT_LOCK_ENV) or not dist_env().is_main:
+        yield
+        return
+    out = Path(ckpt_output_dir)
+    created = not out.exists()
+    os.environ[OUTPUT_LOCK_ENV] = str(os.getpid())
+    try:
+        with locked(out, what="training"):
+            yield
+    finally:
+        os.environ.pop(OUTPUT_LOCK_ENV, None)
+        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def resume_checkpoint(config: Any) -> Path | None:
