@@ -125,3 +125,23 @@ def test_deleting_the_manifest_checksum_is_an_error_not_no_check(shard_dir, coun
     with pytest.raises(ShardError, match=r"manifest\.json: checksum: no checksum"):
         ShardReader(shard_dir)
     counts.add("manifest_checksum_removals_refused")
+
+
+def test_tokens_in_url_user_info_and_query_strings_are_masked(tmp_path):
+    """Issue 17.6: a token as the URL's user (https://TOKEN@host) or in its query string (?token=...) is masked in
+    --dry-run and in what a run saves (checkpoint.run_record)."""
+    from click.testing import CliRunner
+    from lora_cli.main import main
+    from lora_runtime import LoraSftConfig
+    from lora_runtime.batching import fixed_plan
+    from lora_runtime.checkpoint import run_record
+
+    uri = "https://ghp_usertoken@mlflow.example/api?token=qs_secret&user=me"
+    res = CliRunner().invoke(main, ["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path),
+                                    "--mlflow-tracking-uri", uri, "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "ghp_usertoken" not in res.output and "qs_secret" not in res.output
+    assert "https://***@mlflow.example/api?token=***&user=***" in res.output
+    cfg = LoraSftConfig("m", "d.jsonl", str(tmp_path), mlflow_tracking_uri=uri, micro_batch_size=2)
+    saved = json.dumps(run_record(cfg, fixed_plan(cfg, 1)))
+    assert "ghp_usertoken" not in saved and "qs_secret" not in saved

@@ -220,21 +220,26 @@ class LoraSftConfig:
 
 
 _SECRET_KEY = re.compile(r"(token|key|secret|password|passwd|credentials?)$", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s]+):([^/@\s]+)@")
+_URL_USERINFO = re.compile(r"(?<=://)([^/@:\s]+)(?::([^/@\s]+))?@")
+_URL_QUERY_VALUE = re.compile(r"(?<=[?&])([^=&#\s]+)=([^&#\s]*)")
 
 
 def redacted(value: Any) -> Any:
-    """A copy safe to log or save: URL passwords and values under *_token/*_key/*secret/*password keys → "***".
+    """A copy safe to log or save: secrets in URLs (the password in user info, a user-info-only token, every query
+    value) and values under *_token/*_key/*secret/*password keys → "***".
 
     >>> redacted({"mlflow_tracking_uri": "https://me:hunter2@mlflow.example", "hf_token": "hf_abc", "lora_r": 16})
     {'mlflow_tracking_uri': 'https://me:***@mlflow.example', 'hf_token': '***', 'lora_r': 16}
+    >>> redacted(["https://ghp_abc@host/x", "https://host/x?token=abc&v=1"])
+    ['https://***@host/x', 'https://host/x?token=***&v=***']
     """
     if isinstance(value, dict):
         return {k: "***" if isinstance(k, str) and v and _SECRET_KEY.search(k) else redacted(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(redacted(v) for v in value)
-    if isinstance(value, str):
-        return _URL_PASSWORD.sub(r"\1:***@", value)
+    if isinstance(value, str) and "://" in value:
+        value = _URL_USERINFO.sub(lambda m: f"{m[1]}:***@" if m[2] else "***@", value)
+        return _URL_QUERY_VALUE.sub(r"\1=***", value) if "?" in value else value
     return value
 
 

@@ -9,6 +9,7 @@ and one that is or holds the adapter or the base model, is refused before anythi
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 MARKER = "MERGED_BY_LORA_SFT"
@@ -35,13 +36,17 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_path
-    AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code).save_pretrained(tmp)
-    (tmp / MARKER).write_text(f"adapter: {adapter_dir}\nbase: {model_path}\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # ours alone: no sibling is touched
+    try:
+        tmp.chmod(0o755)
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_path
+        AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+        (tmp / MARKER).write_text(f"adapter: {adapter_dir}\nbase: {model_path}\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
