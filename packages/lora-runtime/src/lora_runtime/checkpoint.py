@@ -157,7 +157,13 @@ def _fix(path: Path) -> str:
 
 
 def is_disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    """ENOSPC / EDQUOT, also from libraries that raise a plain Exception with the OS's words (the tokenizers
+    library's Rust save: `Exception("No space left on device (os error 28)")`)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return any(words in text for words in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),
+                                           f"os error {errno.ENOSPC})", f"os error {errno.EDQUOT})"))
 
 
 def staging_dir(root: str | Path, step: int) -> Path:

@@ -226,14 +226,14 @@ class PackedTrainer(Trainer):
         root, step = Path(self.args.output_dir), self.state.global_step
         try:
             self._write_checkpoint(root, step)
-        except OSError as e:
+        except Exception as e:  # OSError, or a library's plain Exception carrying ENOSPC's words (is_disk_full)
             if not checkpoint.is_disk_full(e):
                 raise
             shutil.rmtree(root / f".tmp-checkpoint-{step}", ignore_errors=True)
             kept = checkpoint.newest_complete(root)
             intact = f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists"
             raise checkpoint.CheckpointError(
-                f"disk full ({e.strerror}) while writing checkpoint-{step} under {root}; the partial write was "
+                f"disk full ({getattr(e, 'strerror', None) or e}) while writing checkpoint-{step} under {root}; the partial write was "
                 f"removed and {intact}. Free space (or move ckpt_output_dir, or lower save_total_limit) and run "
                 "the same command again to resume") from e
 
