@@ -113,3 +113,13 @@ def test_dry_run_with_gpus_refuses_what_the_launch_refuses(no_training, monkeypa
     res = invoke(["train", "--model", "m", "--data", "d.jsonl", "--output", "o", "--gpus", "2", "--backend", "peft",
                   "--dry-run"])
     assert res.exit_code == 0 and "would run: " in res.output
+
+
+def test_a_suggested_torchrun_command_never_says_none(tmp_path, monkeypatch):
+    from lora_runtime import ConfigError, LoraSftConfig
+    from lora_runtime.distributed import check_launch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError) as e:
+        check_launch(LoraSftConfig("m", "d", str(tmp_path), nnodes=2, rdzv_endpoint="h:1"))
+    assert "None" not in str(e.value) and "torchrun --nproc-per-node 1 --nnodes 2 your_script.py" in str(e.value)

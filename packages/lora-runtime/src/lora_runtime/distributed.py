@@ -41,7 +41,7 @@ def check_launch(config: Any) -> DistEnv:
     if asked > 1 and "WORLD_SIZE" not in os.environ:
         raise ConfigError([f"nproc_per_node={config.nproc_per_node} x nnodes={config.nnodes or 1} asks for {asked} "
                            "processes, but this process was not started by torchrun: run `lora-cli train ...` "
-                           f"(it launches torchrun) or `torchrun --nproc-per-node {config.nproc_per_node} your_script.py`"])
+                           f"(it launches torchrun) or `torchrun --nproc-per-node {config.nproc_per_node or 1} --nnodes {config.nnodes or 1} your_script.py`"])
     if asked > 1 and env.world_size != asked:
         raise ConfigError([f"torchrun started WORLD_SIZE={env.world_size} processes but the config asks for {asked} "
                            f"(nproc_per_node={config.nproc_per_node} x nnodes={config.nnodes or 1}); make them agree"])
