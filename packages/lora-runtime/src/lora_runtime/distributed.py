@@ -39,9 +39,10 @@ def check_launch(config: Any) -> DistEnv:
     env = dist_env()
     asked = (config.nproc_per_node or 1) * (config.nnodes or 1)
     if asked > 1 and "WORLD_SIZE" not in os.environ:
-        raise ConfigError([f"nproc_per_node={config.nproc_per_node} x nnodes={config.nnodes or 1} asks for {asked} "
-                           "processes, but this process was not started by torchrun: run `lora-cli train ...` "
-                           f"(it launches torchrun) or `torchrun --nproc-per-node {config.nproc_per_node or 1} --nnodes {config.nnodes or 1} your_script.py`"])
+        per_node, nodes = config.nproc_per_node or 1, config.nnodes or 1
+        raise ConfigError([f"nproc_per_node={per_node} x nnodes={nodes} asks for {asked} processes, but this process "
+                           "was not started by torchrun: run `lora-cli train ...` (it launches torchrun) or "
+                           f"`torchrun --nproc-per-node {per_node} --nnodes {nodes} your_script.py`"])
     if asked > 1 and env.world_size != asked:
         raise ConfigError([f"torchrun started WORLD_SIZE={env.world_size} processes but the config asks for {asked} "
                            f"(nproc_per_node={config.nproc_per_node} x nnodes={config.nnodes or 1}); make them agree"])
