@@ -53,6 +53,8 @@ def _grads_and_calls(model_dir: Path, gc: bool, recomputed: int | None) -> tuple
 
 
 @pytest.mark.parametrize("recomputed", [1, 3, None])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bitwise equality is a CPU property: on a GPU a recompute may run "
+                    "other cuBLAS kernels (the GPU side is measured by the frontier benchmark)")
 def test_partial_recomputation_gives_the_same_gradients_exactly(four_layer_llama, recomputed):
     plain, plain_calls = _grads_and_calls(four_layer_llama, gc=False, recomputed=None)
     grads, calls = _grads_and_calls(four_layer_llama, gc=True, recomputed=recomputed)
