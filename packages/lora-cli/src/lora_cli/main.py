@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import click
-from lora_data import DataError
+from lora_data import MANIFEST_NAME, DataError
 from lora_runtime.config import ConfigError, LoraSftConfig, field_names, redacted
 from lora_runtime.errors import CheckpointError, OutOfMemoryHint
 
@@ -177,7 +177,7 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
     if shards is not None:
         if params.get("data_path") is not None:
             raise click.UsageError("--shards and --data are two spellings of the training data: pass one")
-        if not (shards / "manifest.json").is_file():
+        if not (shards / MANIFEST_NAME).is_file():
             raise UserError(f"--shards {shards}: no manifest.json there; prepare it first with "
                             "`lora-cli prepare DATA.jsonl OUT_DIR --tokenizer MODEL_DIR --max-seq-len N`")
         kw["data_path"] = str(shards)
@@ -193,7 +193,7 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
         cfg = LoraSftConfig(**kw).validate() if not missing else None
     except ConfigError as e:
         issues += e.issues
-    if issues:
+    if issues or cfg is None:
         typed = {n for n in params if given_on_command_line(ctx, n)}
         raise ConfigError(name_file_keys(issues, file, typed) if file else issues)
     return cfg

@@ -90,13 +90,13 @@ class TokenizeStage:
         # The Rust tokenizer releases the GIL: chunk k is tokenized in a worker thread while the main thread reads,
         # validates and renders chunk k+1. Results are consumed in order, so the output stays deterministic.
         self._pool = ThreadPoolExecutor(max_workers=1)
-        self._pending = None
+        self._pending: tuple[list, Any] | None = None
         # fork: the workers inherit the renderer (Linux); a daemonic process (a pool's worker) may not have children
         import multiprocessing
 
         forkable = sys.platform.startswith("linux") and not multiprocessing.current_process().daemon
         self.workers = workers if forkable else 1
-        self._procs = None  # multiprocessing Pool, started with the second chunk (one chunk needs none)
+        self._procs: Any = None  # a multiprocessing Pool, started with the second chunk (one chunk needs none)
         self._queue: deque = deque()  # ("rejects", [Rejection]) | ("chunk", records, AsyncResult), in input order
         self._chunks = 0
 

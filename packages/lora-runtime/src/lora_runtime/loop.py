@@ -200,7 +200,7 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
     trainable = sharding.gather_trainable(trainer.model) if sharded and adapter_dir is not None else None
     if dist_env().is_main:
         if adapter_dir is not None:
-            if sharded:
+            if trainable is not None:  # sharded: the gathered LoRA weights
                 sharding.save_adapter(trainer.model, out, trainable)
             else:
                 backend.save_adapter(trainer.model, out)
@@ -213,6 +213,8 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
             model_card.write_model_card(out, manifest)
         if config.save_merged and not stopped:
             source = adapter_dir or checkpoint.newest_complete(checkpoint.checkpoints_dir(out))
+            if source is None:
+                raise checkpoint.CheckpointError(f"{out}: no adapter and no complete checkpoint to merge")
             merged_dir = backend.merge(source, out / "merged", config)
             print0(f"merged model written to {merged_dir}")
         if config.push_to_hub and not stopped:

@@ -24,7 +24,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
@@ -34,7 +34,7 @@ from lora_runtime.batching import BatchPlan
 from lora_runtime.checkpoint import run_record
 from lora_runtime.collate import collate_packed
 from lora_runtime.config import LoraSftConfig
-from lora_runtime.dataset import EpochDataLoader
+from lora_runtime.dataset import EpochDataLoader, PackedShardDataset
 from lora_runtime.distributed import all_reduce_sum, barrier
 from lora_runtime.errors import OutOfMemoryHint
 from lora_runtime.metrics import MetricsWriter, metrics_row, peak_memory_bytes, whole_run_summary
@@ -48,7 +48,8 @@ class PackedTrainer(Trainer):
         self.run_config, self.plan, self.metrics = config, plan, metrics
         self._tokens_local = 0  # real tokens on this rank since the last flush
         self._last_log: tuple[float, int] | None = None  # (time, tokens) at the last log; set at the first step
-        self._paused, self._logged_at = 0.0, None  # eval/checkpoint seconds since the last log; when it was written
+        self._paused = 0.0  # eval/checkpoint seconds since the last log
+        self._logged_at: float | None = None  # when the last log was written
 
     # ------------------------------------------------------------------ data
     def _loader(self, dataset: Any, batch_size: int) -> EpochDataLoader:
@@ -96,7 +97,7 @@ class PackedTrainer(Trainer):
 
         from lora_runtime.collate import IGNORE_INDEX
 
-        start, model = time.perf_counter(), self.model
+        start, model = time.perf_counter(), cast(Any, self.model)
         total = count = 0.0
         was_training = model.training
         model.eval()
@@ -118,19 +119,26 @@ class PackedTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
+    @property
+    def packed(self) -> PackedShardDataset:
+        """The training rows: always our PackedShardDataset (the Trainer types it as any dataset)."""
+        return cast("PackedShardDataset", self.train_dataset)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None) -> Any:
         """transformers' loop runs one step before it checks max_steps: a resume from the final checkpoint (a run
         killed after saving it, before writing the adapter) would train a step past the end. Restore it instead."""
         planned = self.args.max_steps if self.args.max_steps > 0 else (
-            self.train_dataset.steps_per_epoch() * math.ceil(self.args.num_train_epochs))
-        if resume_from_checkpoint and checkpoint.step_of(resume_from_checkpoint) >= planned:
+            self.packed.steps_per_epoch() * math.ceil(self.args.num_train_epochs))
+        if isinstance(resume_from_checkpoint, str) and checkpoint.step_of(resume_from_checkpoint) >= planned:
             from transformers.trainer import TRAINER_STATE_NAME
             from transformers.trainer_callback import TrainerState
 
             self._load_from_checkpoint(resume_from_checkpoint)
             self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_NAME))
             return None
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         if sharding.is_sharded(self.model):
@@ -197,7 +205,7 @@ class PackedTrainer(Trainer):
             self._last_log, self._paused = (now, seen), 0.0
         # transformers counts the epoch from where a resumed run re-entered its loop; ours is exact, and the
         # integrations (wandb, TensorBoard, ...) read it from the state in super().log
-        self.state.epoch = self.state.global_step / max(self.train_dataset.steps_per_epoch(), 1)
+        self.state.epoch = self.state.global_step / max(self.packed.steps_per_epoch(), 1)
         if "loss" in logs or "eval_loss" in logs:
             logs["peak_memory_bytes"] = peak_memory_bytes()
             super().log(logs, start_time)
@@ -216,14 +224,14 @@ class PackedTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not isinstance(model, PeftModel):
             return super()._save(output_dir, state_dict)
-        out = output_dir or self.args.output_dir
+        out = str(output_dir or self.args.output_dir)
         model.save_pretrained(out, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(out)
         return None
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        root, step = Path(self.args.output_dir), self.state.global_step
+        root, step = Path(str(self.args.output_dir)), self.state.global_step
         try:
             self._write_checkpoint(root, step)
         except Exception as e:  # OSError, or a library's plain Exception carrying ENOSPC's words (is_disk_full)
@@ -258,9 +266,9 @@ class PackedTrainer(Trainer):
         self._save_rng_state(str(tmp))
         if self.args.should_save:
             self.state.save_to_json(str(tmp / TRAINER_STATE_NAME))
-            checkpoint.write_json_atomic(tmp / "data_state.json", self.train_dataset.state_at(step))
+            checkpoint.write_json_atomic(tmp / "data_state.json", self.packed.state_at(step))
             checkpoint.write_json_atomic(tmp / checkpoint.CONFIG_NAME, run_record(
-                self.run_config, self.plan, data=checkpoint.data_identity(self.train_dataset.reader.manifest)))
+                self.run_config, self.plan, data=checkpoint.data_identity(self.packed.reader.manifest)))
         barrier()
         if self.args.should_save:
             checkpoint.commit(tmp, step)
