@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 import click
+from lora_runtime.versions import installed
 
 PACKAGES = ("lora-cli", "lora-runtime", "lora-data")
 
 
 def version_text() -> str:
-    lines = []
-    for name in PACKAGES:
-        try:
-            lines.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            lines.append(f"{name} (not installed)")
-    return "\n".join(lines)
+    return "\n".join(f"{name} {v or '(not installed)'}" for name, v in installed(PACKAGES).items())
 
 
 def _print(ctx: click.Context, _param: click.Parameter, value: bool) -> None:

@@ -235,12 +235,7 @@ def _callbacks(callbacks: Any) -> list | None:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    from lora_runtime.versions import installed
 
-    out = {}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "lora-data", "lora-runtime", "unsloth"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    return out
+    packages = ("torch", "transformers", "peft", "accelerate", "lora-data", "lora-runtime", "unsloth")
+    return {pkg: v for pkg, v in installed(packages).items() if v is not None}

@@ -59,15 +59,9 @@ def probe_cache_path() -> Path:
 
 
 def _probe_key() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from lora_runtime.versions import installed
 
-    versions = []
-    for pkg in PROBED_PACKAGES:
-        try:
-            versions.append(f"{pkg}=={version(pkg)}")
-        except PackageNotFoundError:
-            versions.append(f"{pkg}==none")
-    return " ".join([sys.executable, *versions])
+    return " ".join([sys.executable, *(f"{pkg}=={v or 'none'}" for pkg, v in installed(PROBED_PACKAGES).items())])
 
 
 def _read_probe_cache() -> dict:
