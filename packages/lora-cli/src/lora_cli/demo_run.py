@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from lora_runtime.collate import IGNORE_INDEX
 
 MARKER = ".lora-cli-demo"
 MODEL_SEED = 0
@@ -104,7 +105,7 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_token
 
 
 def answer_batch(tokenizer: Any, records: list[dict]) -> dict[str, Any]:
-    """Records → one right-padded batch {input_ids, attention_mask, labels}, labels -100 off the assistant tokens.
+    """Records → one right-padded batch {input_ids, attention_mask, labels}, labels IGNORE_INDEX off the assistant tokens.
 
     Rendered and masked by lora-data's own renderer and encoder, so "answer tokens" mean what they mean in training.
     """
@@ -117,12 +118,12 @@ def answer_batch(tokenizer: Any, records: list[dict]) -> dict[str, Any]:
     width = max(len(i) for i in ids)
     batch = {"input_ids": torch.full((len(ids), width), tokenizer.pad_token_id),
              "attention_mask": torch.zeros((len(ids), width), dtype=torch.long),
-             "labels": torch.full((len(ids), width), -100)}
+             "labels": torch.full((len(ids), width), IGNORE_INDEX)}
     for row, (i, m) in enumerate(zip(ids, masks, strict=True)):
         t = torch.from_numpy(i.astype("int64"))
         batch["input_ids"][row, : len(t)] = t
         batch["attention_mask"][row, : len(t)] = 1
-        batch["labels"][row, : len(t)] = torch.where(torch.from_numpy(m.astype(bool)), t, -100)
+        batch["labels"][row, : len(t)] = torch.where(torch.from_numpy(m.astype(bool)), t, IGNORE_INDEX)
     return batch
 
 

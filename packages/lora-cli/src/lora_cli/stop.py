@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lora_runtime.distributed import dist_env
+
 EXIT_INTERRUPTED = 130
 DUPLICATE_S = 2.0  # a repeat within this long after the first signal is the same stop, delivered twice
 # Fault injection for tests: after optimizer step N, rank 0 sends SIGTERM to the lora-cli launcher (its pid is in
@@ -60,10 +62,10 @@ class StopRequest:
     def _handle(self, signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
         if self.requested:
-            under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+            under_torchrun = dist_env().world_size > 1
             if under_torchrun or time.monotonic() - self._first_at < DUPLICATE_S:
                 self._repeats_ignored += 1
-                if self._repeats_ignored == 1 and os.environ.get("RANK", "0") == "0":
+                if self._repeats_ignored == 1 and dist_env().is_main:
                     print(f"{name} again: already stopping after this step, the checkpoint is being written",
                           file=sys.stderr, flush=True)
                 return
@@ -83,11 +85,11 @@ class StopRequest:
 
         class SaveAndStopOnSignal(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-                if fault_step and state.global_step == fault_step and os.environ.get("RANK", "0") == "0":
+                if fault_step and state.global_step == fault_step and dist_env().is_main:
                     os.kill(int(os.environ.get(LAUNCHER_PID_ENV, os.getpid())), signal.SIGTERM)
-                if kill_step and str(state.global_step) == kill_step and os.environ.get("RANK", "0") == kill_rank:
+                if kill_step and str(state.global_step) == kill_step and str(dist_env().rank) == kill_rank:
                     os.kill(os.getpid(), signal.SIGKILL)
-                if signals_step and str(state.global_step) == signals_step and os.environ.get("RANK", "0") == "0":
+                if signals_step and str(state.global_step) == signals_step and dist_env().is_main:
                     _send_fault_signals(signals)
                 if _any_rank(stop.requested):
                     control.should_save = True

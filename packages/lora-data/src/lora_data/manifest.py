@@ -59,8 +59,9 @@ class Manifest:
     def fingerprint(self) -> str | None:
         return self.tokenizer.get("fingerprint")
 
-    def check_tokenizer(self, tokenizer: Any) -> None:
-        """Raise TokenizerMismatchError (both fingerprints shown) unless `tokenizer` encodes like the one used here.
+    def check_tokenizer(self, tokenizer: Any, *, path: str | Path = MANIFEST_NAME, hint: str | None = None) -> None:
+        """Raise TokenizerMismatchError (both fingerprints shown, `path` and `hint` named) unless `tokenizer` encodes
+        like the one used here.
 
         Call it with the tokenizer the model was loaded with (transformers may load another class than was saved).
         """
@@ -68,8 +69,8 @@ class Manifest:
 
         actual = tokenizer_fingerprint(tokenizer)
         if actual != self.fingerprint:
-            hint = f"prepared with {self.tokenizer.get('name_or_path')!r}"
-            raise TokenizerMismatchError(str(self.fingerprint), actual, path=MANIFEST_NAME, hint=hint)
+            hint = hint or f"prepared with {self.tokenizer.get('name_or_path')!r}"
+            raise TokenizerMismatchError(str(self.fingerprint), actual, path=path, hint=hint)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -156,13 +156,8 @@ def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path
 
 def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None:
     """Same tokenizer, rows packed to exactly max_seq_len; raise before training otherwise."""
-    from lora_data import TokenizerMismatchError, tokenizer_fingerprint
-
     manifest = Manifest.load(shard_dir)
-    expected, actual = manifest.fingerprint, tokenizer_fingerprint(tokenizer)
-    if expected != actual:
-        raise TokenizerMismatchError(str(expected), actual, path=shard_dir / MANIFEST_NAME,
-                                     hint=f"model_path={config.model_path}")
+    manifest.check_tokenizer(tokenizer, path=shard_dir / MANIFEST_NAME, hint=f"model_path={config.model_path}")
     if manifest.seq_len != config.max_seq_len:  # shorter rows too: records over their length were dropped or cut
         raise ConfigError([f"{shard_dir}: rows are packed to {manifest.seq_len} tokens but max_seq_len="
                            f"{config.max_seq_len}; pass max_seq_len={manifest.seq_len} or prepare the data again"])

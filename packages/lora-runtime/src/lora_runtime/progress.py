@@ -14,10 +14,11 @@ transformers' own output is switched off: its tqdm bar (`disable_tqdm=True`) and
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any
+
+from lora_runtime.distributed import dist_env
 
 
 def progress_callback(terminal: bool | None = None) -> Any:
@@ -29,7 +30,7 @@ def progress_callback(terminal: bool | None = None) -> Any:
         started: tuple[float, int] | None = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if os.environ.get("RANK", "0") != "0":
+            if not dist_env().is_main:
                 return
             self.started = (time.monotonic(), state.global_step)
             if terminal if terminal is not None else sys.stderr.isatty():
