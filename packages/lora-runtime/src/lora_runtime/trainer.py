@@ -116,7 +116,8 @@ class PackedTrainer(Trainer):
         metrics = {f"{metric_key_prefix}_loss": total / count if count else float("nan"),
                    f"{metric_key_prefix}_tokens": int(count), f"{metric_key_prefix}_runtime": time.perf_counter() - start}
         self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self.control = self.callback_handler.on_evaluate(  # type: ignore[has-type]  # transformers is not followed
+            self.args, self.state, self.control, metrics)  # type: ignore[has-type]
         return metrics
 
     @property
