@@ -158,6 +158,17 @@ def _one_step(model, opt, batches) -> tuple[int, object]:
     return real, loss
 
 
+def _halve_after_oom(opt, micro: int, tried: list[str], what: str) -> int:
+    """Free what the failed step held and try half the micro batch next."""
+    import torch
+
+    tried.append(f"micro {micro}: {what}")
+    opt.zero_grad(set_to_none=True)
+    _gc.collect()
+    torch.cuda.empty_cache()
+    return micro // 2
+
+
 def _largest_micro_that_fits(model, opt, data, layout: str, top: int) -> tuple[int, list[str]]:
     """Try one step at micro `top`, top/2, ... 1 under the current cap; the first that runs is the answer."""
     import torch
@@ -173,11 +184,7 @@ def _largest_micro_that_fits(model, opt, data, layout: str, top: int) -> tuple[i
         except (torch.OutOfMemoryError, RuntimeError) as e:  # Triton kernels report OOM as a RuntimeError
             if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
                 raise
-            tried.append(f"micro {micro}: out of memory")
-            opt.zero_grad(set_to_none=True)
-            _gc.collect()
-            torch.cuda.empty_cache()
-            micro //= 2
+            micro = _halve_after_oom(opt, micro, tried, "out of memory")
     raise RuntimeError("no micro batch fits the budget: " + "; ".join(tried))
 
 
@@ -210,11 +217,7 @@ def run_variant(model, opt, data, name: str, steps: int, warmup: int) -> dict:
         except torch.OutOfMemoryError:
             if not v["fit"] or micro == 1:
                 raise
-            tried.append(f"micro {micro}: out of memory after the probe step")
-            opt.zero_grad(set_to_none=True)
-            _gc.collect()
-            torch.cuda.empty_cache()
-            micro //= 2
+            micro = _halve_after_oom(opt, micro, tried, "out of memory after the probe step")
     out = {"variant": name, "layout": v["layout"], "micro_batch": micro, "gradient_checkpointing": v["gc"],
            "budget_gib": v["budget_gib"], "memory_fraction": fraction}
     if v["fit"]:
