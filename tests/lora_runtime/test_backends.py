@@ -115,3 +115,37 @@ def test_unsloth_is_not_imported_first_where_the_run_may_not_use_it(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "2")  # sharding="auto" under torchrun is decided later, from the model's size
     backends.import_unsloth_first(LoraSftConfig("m", "d", "o"))
     assert "unsloth" not in sys.modules
+
+
+def _fake_unsloth(tmp_path, monkeypatch, name: str) -> list:
+    """A module that records UNSLOTH_ALLOW_CPU as it is imported (the real Unsloth reads it at import)."""
+    import sys
+
+    seen: list = []
+    (tmp_path / f"{name}.py").write_text("import os, builtins\nbuiltins._seen.append(os.environ.get('UNSLOTH_ALLOW_CPU'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("builtins._seen", seen, raising=False)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return seen
+
+
+@pytest.mark.parametrize("case, expected", [("cuda", "1"), ("cpu", None), ("asked", None), ("rocm", None)])
+def test_unsloth_is_imported_without_its_trl_rewrite_on_cuda_only(tmp_path, monkeypatch, case, expected):
+    """Unsloth's rewrite of TRL's trainers (12 s of start-up; this runtime uses transformers' Trainer) is skipped
+    through UNSLOTH_ALLOW_CPU=1 for the import only, on CUDA hosts; not on ROCm, not on CPUs, not when asked for."""
+    import os
+
+    import torch
+
+    from lora_runtime.backends.unsloth import TRL_PATCHES_ENV, import_unsloth
+
+    name = f"fake_unsloth_{case}"
+    seen = _fake_unsloth(tmp_path, monkeypatch, name)
+    monkeypatch.delenv("UNSLOTH_ALLOW_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: case != "cpu")
+    monkeypatch.setattr(torch.version, "hip", "6.2" if case == "rocm" else None)
+    if case == "asked":
+        monkeypatch.setenv(TRL_PATCHES_ENV, "1")
+    import_unsloth(name)
+    import_unsloth(name)  # imported once
+    assert seen == [expected] and "UNSLOTH_ALLOW_CPU" not in os.environ

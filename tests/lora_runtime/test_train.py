@@ -284,3 +284,28 @@ def test_eval_loss_counts_each_row_once_whatever_the_eval_batch(tiny_llama_dir, 
                 count += n
     assert runs[1]["eval_tokens"] == count
     assert runs[1]["eval_loss"] == pytest.approx(total / count, abs=1e-4)
+
+
+def test_metrics_rows_are_synced_with_each_checkpoint_not_per_row(tiny_llama_dir, llama_shards, tmp_path,
+                                                                   monkeypatch):
+    """metrics.jsonl is flushed per row but fsynced only before a checkpoint is committed (an fsync per logged step
+    stalled the host): every row up to the checkpoint's step is durable when the checkpoint appears."""
+    import os
+
+    import lora_runtime.checkpoint as checkpoint_module
+    import lora_runtime.metrics as metrics_module
+
+    events: list = []
+    real_fsync, real_commit = os.fsync, checkpoint_module.commit
+    def fsync(fd):  # only the metrics file's fsyncs (checkpoints fsync their own files)
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == "metrics.jsonl":
+            events.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(metrics_module.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint_module, "commit", lambda tmp, step: events.append(("commit", step)) or
+                        real_commit(tmp, step))
+    out = tmp_path / "run"
+    lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**_runs.RUN, "max_steps": 4, "save_steps": 2})
+    assert events == ["fsync", ("commit", 2), "fsync", ("commit", 4)]
+    assert len([r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]) == 4

@@ -272,6 +272,7 @@ class PackedTrainer(Trainer):
                 self.run_config, self.plan, data=checkpoint.data_identity(self.packed.reader.manifest)))
         barrier()
         if self.args.should_save:
+            self.metrics.sync()  # the logged rows up to this step are durable before the checkpoint that covers them
             checkpoint.commit(tmp, step)
             checkpoint.rotate(root, self.run_config.save_total_limit)
         barrier()

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["Backend", "import_unsloth_first", "select_backend"]
 
 
+PROBE = "from lora_runtime.backends.unsloth import import_unsloth; import_unsloth()"  # as the run will import it
 PROBED_PACKAGES = ("unsloth", "unsloth_zoo", "torch", "transformers", "peft", "trl", "bitsandbytes", "triton")
 
 
@@ -42,7 +43,7 @@ def unsloth_importable() -> tuple[bool, str]:
     cached = _read_probe_cache().get(key)
     if cached is not None:
         return bool(cached["ok"]), f"{cached['detail']} (probed {cached['when']}, same versions)"
-    probe = subprocess.run([sys.executable, "-c", "import unsloth"], capture_output=True, text=True, timeout=600,
+    probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=600,
                            env=_probe_env())
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
@@ -107,7 +108,9 @@ def import_unsloth_first(config: LoraSftConfig) -> None:
 
     if not torch.cuda.is_available() or (config.backend == "auto" and not unsloth_importable()[0]):
         return
-    import unsloth  # noqa: F401
+    from lora_runtime.backends.unsloth import import_unsloth
+
+    import_unsloth()
 
 
 def _probe_env() -> dict[str, str]:

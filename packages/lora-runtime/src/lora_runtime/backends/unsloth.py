@@ -20,13 +20,14 @@ Under torchrun, unsloth_zoo's patched `Trainer.get_batch_samples` all-gathers th
 counted from CPU batches it failed on 2 H200s ("Tensors must be CUDA and dense"), so PackedTrainer moves each batch
 to the GPU before that count (`PackedTrainer.get_batch_samples`).
 
-`import unsloth` happens in `load` only: it patches transformers and TRL process-wide, and a peft run never
-reaches this module's code.
+`import unsloth` happens in `load` only (or earlier through `import_unsloth`, the one place that imports it): it
+patches transformers process-wide, and a peft run never reaches this module's code.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -39,6 +40,34 @@ from lora_runtime.backends.base import (
 from lora_runtime.batching import BatchPlan, Footprint, unsloth_footprint
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.distributed import dist_env, print0
+
+
+TRL_PATCHES_ENV = "LORA_SFT_UNSLOTH_TRL_PATCHES"
+
+
+def import_unsloth(name: str = "unsloth") -> None:
+    """`import unsloth`, without its rewriting of TRL's trainers (SFT, DPO, GRPO, ... regenerated from source), which
+    took 12 s of every run's start-up on an H200 host (py-spy, benchmarks/gpu/profile.py) for classes this runtime
+    never uses: the loop is transformers' Trainer.
+
+    Unsloth skips that rewriting under UNSLOTH_ALLOW_CPU=1. On a CUDA host the variable changes nothing else at import
+    (every other use of it is guarded by `not torch.cuda.is_available()`), so it is set for the import only, and
+    not on ROCm (where Unsloth would call the device "cuda"), nor where the user set it, nor with
+    LORA_SFT_UNSLOTH_TRL_PATCHES=1 (for scripts that train with TRL's trainers in the same process).
+    """
+    if name in sys.modules:
+        return
+    import torch
+
+    skip = (os.environ.get(TRL_PATCHES_ENV) != "1" and "UNSLOTH_ALLOW_CPU" not in os.environ
+            and torch.cuda.is_available() and getattr(torch.version, "hip", None) is None)
+    if skip:
+        os.environ["UNSLOTH_ALLOW_CPU"] = "1"
+    try:
+        importlib.import_module(name)
+    finally:
+        if skip:
+            del os.environ["UNSLOTH_ALLOW_CPU"]
 
 
 def patch_gqa_varlen() -> str:
@@ -75,7 +104,7 @@ class UnslothBackend(BackendBase):
 
         if not torch.cuda.is_available():
             raise RuntimeError("the unsloth backend needs a CUDA GPU; use backend='peft' on a CPU")
-        import unsloth  # noqa: F401  (first: patches transformers/TRL in this process)
+        import_unsloth()  # first: patches transformers in this process
         from unsloth import FastLanguageModel
 
         print0(f"attention: {patch_gqa_varlen()}")
