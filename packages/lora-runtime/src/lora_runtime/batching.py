@@ -2,12 +2,14 @@
 run, from the memory budget, and taken as given by the data path, the loop and the backends.
 
 Why a GPU wants bigger forward passes than training-hub's fixed micro batch of 2 (one H200, Qwen2.5-1.5B shape,
-rows of 2048 tokens, benchmarks/RESULTS.md): 2 rows a pass is host-bound; 8 rows ran 2.2× faster. So on a GPU
-`micro_batch_size="auto"` takes the largest pass of up to `TARGET_TOKENS` tokens that fits the budget
-(`max_memory_gib`, default: the free memory), and `gradient_checkpointing="auto"` recomputes only as many decoder
-layers as the budget needs (recomputing a layer costs about `RECOMPUTE_COST` of its forward+backward time): between
-"recompute everything" and "recompute nothing" every count of layers is a step. The plan scores each
-(rows, recomputed layers) that fits by its estimated tokens/s and logs the winner with its arithmetic. On a CPU,
+rows of 2048 tokens, benchmarks/RESULTS.md): 2 rows a pass is host-bound; 8 rows ran 3.5× faster. A pass takes the
+longer of the host's time (about constant a pass: `HOST_PASS_TOKENS`) and the GPU's (its tokens, plus
+`RECOMPUTE_COST` of them for recomputed layers). So on a GPU `micro_batch_size="auto"` and
+`gradient_checkpointing="auto"` search every (rows, recomputed layers) that fits the budget (`max_memory_gib`,
+default: the free memory) up to `TARGET_TOKENS` a pass (`RECOMPUTING_TOKENS` where layers recompute): between
+"recompute everything" and "recompute nothing" every count of layers is a step, and a pass just large enough to keep
+the GPU the longer side with fewer layers recomputed beats a large pass that recomputes many. The plan scores each
+by its estimated tokens/s and logs the winner with its arithmetic. On a CPU,
 auto is training-hub's 2 rows and no recomputation (a larger pass only costs RAM there).
 
 What it does to the optimizer step (rows per step = micro × accumulation × world):
@@ -18,11 +20,12 @@ What it does to the optimizer step (rows per step = micro × accumulation × wor
 A resumed run without effective_batch_size takes the micro batch its checkpoint recorded (the data order depends on
 it); with it, only micro × accumulation matters, so auto re-plans for the memory free now.
 
-    >>> fp = Footprint(weights=3e9, layers=28, per_token_layer=6e4, per_token_recomputed=0, per_token_working=1e5)
+    >>> fp = Footprint(weights=3e9, layers=28, per_token_layer=6e4, per_token_recomputed=0, per_token_working=1e5,
+    ...                host_pass_tokens=13_000)
     >>> plan_batch(fp, seq_len=2048, budget=139 * GIB, micro="auto", gc="auto", quota=None, rows_per_rank=900)[:2]
     (8, 0)
     >>> plan_batch(fp, seq_len=2048, budget=16 * GIB, micro="auto", gc="auto", quota=None, rows_per_rank=900)[:2]
-    (16, 24)
+    (6, 15)
     >>> plan_batch(fp, seq_len=2048, budget=139 * GIB, micro="auto", gc="auto", quota=12, rows_per_rank=900)[:2]
     (6, 0)
 """
@@ -43,8 +46,13 @@ FRAGMENTATION = 1.08  # allocator slack over the allocated peak the estimate pre
 OVERHEAD_BYTES = 0.5 * GIB  # LoRA weights, their gradients and AdamW state, loss chunks, kernels' scratch
 TARGET_TOKENS = 16_384  # tokens a forward pass: past it the H200 measured +4% for 2× the memory
 RECOMPUTING_TOKENS = 32_768  # ...but where layers recompute, a larger pass still amortises the step (+6% measured)
-STEP_OVERHEAD_TOKENS = 4_096  # a step's fixed host cost (launches, optimizer), in tokens of compute it equals
-RECOMPUTE_COST = 0.28  # all layers recomputed: 1.28× the step time (H200, Qwen2.5-1.5B shape: 38.7k vs 49.4k tok/s)
+# A pass's host time (Unsloth's per-layer Python, kernel launches, the optimizer step), in tokens of GPU work it
+# equals: the host runs ahead of the GPU, so a pass takes the longer of the two, and a smaller pass waits for the host.
+# With RECOMPUTE_COST, fitted to one H200 (Qwen2.5-1.5B shape, rows of 2048, Unsloth): 2 rows 15.3k tok/s (model
+# 17.3k), 8 rows 53.5k (54.8k), 16 rows with 20 / 24 / 28 of 28 layers recomputed 44.8k / 42.8k / 40.8k (44.1k /
+# 42.4k / 40.9k), every figure against 54.8k for a GPU-bound pass without recomputation.
+HOST_PASS_TOKENS = 13_000
+RECOMPUTE_COST = 0.34  # all layers recomputed: 1.34× the GPU time of the pass
 MIN_STEPS_PER_EPOCH = 16
 CPU_MICRO = 2  # training-hub's default
 
@@ -127,6 +135,7 @@ class Footprint:
     per_token_recomputed: float
     per_token_working: float
     per_token_base: float = 0.0
+    host_pass_tokens: float = 0.0  # a pass's host time in tokens of this model's GPU work (see `step_cost`)
 
     def per_token(self, recomputed: int) -> float:
         kept = self.layers - recomputed
@@ -156,18 +165,36 @@ def layer_bytes_per_token(model_config: Any) -> float:
     return (10 * h + 2.2 * i) * 2
 
 
-def weight_bytes(model_config: Any, four_bit: bool) -> float:
+def layer_params(model_config: Any, *, active: bool = False) -> int:
+    """Weights of one decoder layer's projections: every expert of an MoE layer (resident), or with `active` only
+    the experts a token goes through (its compute)."""
     c = getattr(model_config, "text_config", None) or model_config
-    h, i, n, vocab = _dims(model_config)
+    h, i, _, _ = _dims(model_config)
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or h // heads
     experts = next((int(getattr(c, k)) for k in ("num_local_experts", "num_experts", "n_routed_experts")
-                    if isinstance(getattr(c, k, None), int) and getattr(c, k) > 1), 1)  # MoE: every expert is resident
-    mlp = 3 * h * (getattr(c, "moe_intermediate_size", None) or i if experts > 1 else i) * experts
-    layers = n * (2 * h * heads * head_dim + 2 * h * kv * head_dim + mlp)
-    embed = vocab * h * (1 if getattr(c, "tie_word_embeddings", False) else 2)
-    return layers * (0.56 if four_bit else 2.0) + embed * 2.0
+                    if isinstance(getattr(c, k, None), int) and getattr(c, k) > 1), 1)
+    if experts > 1:
+        i = getattr(c, "moe_intermediate_size", None) or i
+        experts = int(getattr(c, "num_experts_per_tok", None) or 1) if active else experts
+    return 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * i * experts
+
+
+def weight_bytes(model_config: Any, four_bit: bool) -> float:
+    _, _, n, vocab = _dims(model_config)
+    c = getattr(model_config, "text_config", None) or model_config
+    embed = vocab * c.hidden_size * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    return n * layer_params(model_config) * (0.56 if four_bit else 2.0) + embed * 2.0
+
+
+QWEN15_LAYER_PARAMS = 46_792_704  # layer_params of the Qwen2.5-1.5B shape, where HOST_PASS_TOKENS was measured
+
+
+def host_pass_tokens(model_config: Any) -> float:
+    """HOST_PASS_TOKENS for this model: the host's time a layer is about the same for any width, the GPU's time a
+    token grows with the layer's weights, so a wider model needs fewer tokens to keep the GPU the longer side."""
+    return HOST_PASS_TOKENS * QWEN15_LAYER_PARAMS / max(layer_params(model_config, active=True), 1)
 
 
 UNSLOTH_LAYER_SCALE = 0.885  # Unsloth's fused kernels keep less than `layer_bytes_per_token` says (H200, measured)
@@ -183,7 +210,8 @@ def unsloth_footprint(model_config: Any, four_bit: bool) -> Footprint:
     """
     layer = layer_bytes_per_token(model_config) * UNSLOTH_LAYER_SCALE
     return Footprint(weight_bytes(model_config, four_bit), _dims(model_config)[2], per_token_layer=layer,
-                     per_token_recomputed=0.0, per_token_working=1.1 * layer)
+                     per_token_recomputed=0.0, per_token_working=1.1 * layer,
+                     host_pass_tokens=host_pass_tokens(model_config))
 
 
 def peft_footprint(model_config: Any, four_bit: bool) -> Footprint:
@@ -192,7 +220,8 @@ def peft_footprint(model_config: Any, four_bit: bool) -> Footprint:
     h, _, n, vocab = _dims(model_config)
     layer = layer_bytes_per_token(model_config)
     return Footprint(weight_bytes(model_config, four_bit), n, per_token_layer=1.5 * layer, per_token_recomputed=2 * h,
-                     per_token_working=2 * layer, per_token_base=12 * vocab)
+                     per_token_working=2 * layer, per_token_base=12 * vocab,
+                     host_pass_tokens=host_pass_tokens(model_config))
 
 
 # ---------------------------------------------------------------------------------------------------- the search
@@ -203,9 +232,14 @@ class Choice(NamedTuple):
     peak: float  # estimated allocated peak, bytes
 
 
-def step_cost(tokens: int, recomputed: int, layers: int) -> float:
-    """A step's time in units of one token's forward+backward without recomputation."""
-    return STEP_OVERHEAD_TOKENS + tokens * (1 + RECOMPUTE_COST * recomputed / max(layers, 1))
+def step_cost(tokens: int, recomputed: int, layers: int, host_tokens: float = HOST_PASS_TOKENS) -> float:
+    """A pass's time in units of one token's forward+backward without recomputation: the GPU's work or the host's
+    (`host_tokens`), whichever is longer.
+
+    >>> [round(n * 2048 / step_cost(n * 2048, k, 28), 2) for n, k in ((2, 0), (4, 0), (8, 0), (8, 14), (16, 28))]
+    [0.32, 0.63, 1.0, 0.85, 0.75]
+    """
+    return max(host_tokens, tokens * (1 + RECOMPUTE_COST * recomputed / max(layers, 1)))
 
 
 def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int | str, gc: bool | str,
@@ -231,8 +265,10 @@ def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int 
         fits = [(m, k) for m in rows for k in counts
                 if m * seq_len <= max_tokens and footprint.need(m * seq_len, k) <= budget]
         # fastest tokens/s; on a tie the larger pass, then the fewer recomputed layers
-        return max(fits, key=lambda mk: (mk[0] * seq_len / step_cost(mk[0] * seq_len, mk[1], n), mk[0], -mk[1]),
-                   default=None)
+        def speed(mk: tuple[int, int]) -> float:
+            return mk[0] * seq_len / step_cost(mk[0] * seq_len, mk[1], n, footprint.host_pass_tokens)
+
+        return max(fits, key=lambda mk: (speed(mk), mk[0], -mk[1]), default=None)
 
     best = fastest(TARGET_TOKENS if micro == "auto" else float("inf"))
     if best is None or best[1] > 0:  # recomputing anyway: a larger pass may pay for it
