@@ -99,3 +99,36 @@ def test_sample_id_traces_back_to_file_and_line():
     from lora_data.records import sample_id, sample_origin
 
     assert sample_origin(sample_id(3, 17)) == (3, 17)
+
+
+def test_is_alpaca_file_only_when_every_record_is_alpaca(tmp_path):
+    import gzip
+
+    from lora_data import Fields, is_alpaca_file
+
+    alpaca = {"instruction": "Add", "input": "2+2", "output": "4"}
+
+    def write(name, lines):
+        data = b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
+        p = tmp_path / name
+        p.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+        return p
+
+    assert is_alpaca_file(write("a.jsonl", [b"\xef\xbb\xbf" + json.dumps(alpaca).encode(), b"", b"{oops", alpaca]))
+    assert is_alpaca_file(write("a.jsonl.gz", [alpaca, {"output": "only an output"}]))
+    assert not is_alpaca_file(write("chat.jsonl", [{"messages": [USER, BOT]}, alpaca]))
+    assert not is_alpaca_file(write("late.jsonl", [alpaca, {**alpaca, "messages": [USER, BOT]}]))
+    assert not is_alpaca_file(write("neither.jsonl", [alpaca, {"text": "x"}]))
+    assert not is_alpaca_file(write("empty.jsonl", [b"", b"[1]"]))
+    assert not is_alpaca_file(tmp_path / "missing.jsonl")
+    renamed = write("renamed.jsonl", [{"q": "Add", "a": "4"}])
+    assert not is_alpaca_file(renamed) and is_alpaca_file(renamed, Fields(instruction="q", output="a"))
+
+
+def test_a_record_of_the_other_format_says_which_it_is(tmp_path):
+    items, _ = _items(tmp_path, [{"instruction": "Add", "output": "4"}, {"text": "x"}], format="messages")
+    assert items[0].reason.startswith('missing required field (an Alpaca record: "instruction"/"output" keys; '
+                                      'prepare it with --format alpaca, or train with dataset_type="alpaca")')
+    assert items[1].reason == "missing required field"  # neither format: nothing to suggest
+    items, _ = _items(tmp_path, [{"messages": [USER, BOT]}], format="alpaca")
+    assert 'a chat record: "messages" key; prepare it with --format messages' in items[0].reason

@@ -63,10 +63,20 @@ def run(paths: list[Path], staging: Path, tok: Any, opts: Options, *, strict: bo
         raise DataError(f"{r.reason} (--strict: {log.listed} line(s) in {rejects_shown}; no shards written)",
                         path=r.path, line=r.line, field=r.field)
     if len(table["length"]) == 0:
-        raise DataError(f"no trainable record in {', '.join(map(str, paths))}; see {rejects_shown}")
+        raise DataError(f"no trainable record in {', '.join(map(str, paths))}{_first_reason(log)}; see {rejects_shown}")
     _write(staging, manifest, opts, table, ids, mask)
     manifest.cache_key = opts.cache_key([s["sha256"] for s in manifest.sources], manifest.tokenizer["fingerprint"])
     return manifest
+
+
+def _first_reason(log: RejectLog) -> str:
+    """The first rejection, where and why: when every line fails alike (a whole file in another format), this one
+    line is the explanation, without opening rejects.jsonl."""
+    r = log.first
+    if r is None:
+        return ""
+    where = f"{r.path}:{r.line}" + (f" ({r.field})" if r.field else "")
+    return f" ({log.listed} line(s) rejected; the first, {where}: {r.reason})"
 
 
 def new_manifest(opts: Options, tok: Any) -> Manifest:

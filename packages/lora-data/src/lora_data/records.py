@@ -224,7 +224,7 @@ class RecordReader:
         self.detected = fmt
         bad = self._schemas[fmt].check(obj)
         if bad:
-            return Rejection(path, number, bad[0], bad[1], text, bad[2])
+            return Rejection(path, number, bad[0], bad[1] + self._other_format(fmt, obj), text, bad[2])
         messages = obj[self.fields.messages] if fmt == "messages" else self._alpaca_to_messages(obj)
         if not any(m["role"] == "assistant" for m in messages):
             return Rejection(path, number, self.fields.messages, "no assistant turn: nothing to learn from", text,
@@ -232,11 +232,19 @@ class RecordReader:
         return Record(path, number, messages, fmt, sample_id(self.source_index, number), text)
 
     def _detect(self, obj: dict) -> str | None:
-        if self.fields.messages in obj:
-            return "messages"
-        if self.fields.instruction in obj or self.fields.output in obj:
-            return "alpaca"
-        return None
+        return detect_format(obj, self.fields)
+
+    def _other_format(self, fmt: str, obj: dict) -> str:
+        """A record of the other format read under an explicit one fails the schema on every line; say which format
+        it is, in both tools' words, so the one rejects.jsonl line explains the whole file."""
+        other = detect_format(obj, self.fields)
+        if other is None or other == fmt:
+            return ""
+        if other == "alpaca":
+            return (f' (an Alpaca record: "{self.fields.instruction}"/"{self.fields.output}" keys; prepare it with '
+                    "--format alpaca, or train with dataset_type=\"alpaca\")")
+        return (f' (a chat record: "{self.fields.messages}" key; prepare it with --format messages, or train with '
+                'dataset_type="chat_template")')
 
     def _alpaca_to_messages(self, obj: dict) -> list[dict[str, str]]:
         prompt = obj[self.fields.instruction]
@@ -244,6 +252,54 @@ class RecordReader:
         if extra:
             prompt = f"{prompt}\n\n{extra}"
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj[self.fields.output]}]
+
+
+def detect_format(obj: dict, fields: Fields) -> str | None:
+    """The format a record's keys say: "messages" (the messages key), "alpaca" (instruction or output), else None."""
+    if fields.messages in obj:
+        return "messages"
+    if fields.instruction in obj or fields.output in obj:
+        return "alpaca"
+    return None
+
+
+def is_alpaca_file(path: str | Path, fields: Fields | None = None, *, split: str | None = None,
+                   config: str | None = None) -> bool:
+    """True when every record of a file (or dataset) is an Alpaca record and none is a chat record: a file that can
+    only be meant as Alpaca, whatever format a default named. Stops at the first record that is not Alpaca, so a chat
+    file costs one line. Lines that are not JSON objects are skipped (every format rejects them); an unreadable file
+    is not Alpaca (prepare then names the problem).
+    """
+    fields = fields or Fields()
+    found = False
+    try:
+        for obj in _objects(path, split=split, config=config):
+            if not isinstance(obj, dict):
+                continue
+            if detect_format(obj, fields) != "alpaca":
+                return False
+            found = True
+    except (OSError, EOFError, zlib.error, DataError):
+        return False
+    return found
+
+
+def _objects(path: str | Path, *, split: str | None, config: str | None):
+    """The parsed JSON value of each line of a (gzipped) JSONL file, or each row of a dataset; unparsable and
+    over-long lines skipped."""
+    if is_dataset(str(path)):
+        yield from iter_rows(path, split=split, config=config)
+        return
+    with _open_input(path) as fh:
+        for raw in iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""):
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):
+                    raw = fh.readline(_PIECE)
+                continue
+            try:
+                yield json.loads(raw.removeprefix(b"\xef\xbb\xbf"))
+            except (ValueError, RecursionError):
+                continue
 
 
 def _has_lone_surrogate(obj: Any) -> bool:

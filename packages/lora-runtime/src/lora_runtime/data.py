@@ -200,16 +200,37 @@ def check_data_options(shard_dir: Path, manifest: Any, config: LoraSftConfig) ->
 FORMATS = {"chat_template": "messages", "alpaca": "alpaca"}  # our dataset_type → lora-data's format
 
 
-def prepare_options(config: LoraSftConfig) -> dict[str, Any]:
-    """The `lora_data.prepare` options that the config decides (every one is part of lora-data's cache key)."""
+def prepare_options(config: LoraSftConfig, data_file: Path | None = None) -> dict[str, Any]:
+    """The `lora_data.prepare` options that the config decides (every one is part of lora-data's cache key); with
+    `data_file`, its record format as `record_format` settles it."""
     if config.dataset_type not in FORMATS:
         raise ConfigError([f"dataset_type={config.dataset_type!r} (pre-rendered text, tokenized by the trainer) is not "
                            "supported: lora-data renders and masks records itself; use 'chat_template' (messages) or "
                            "'alpaca', or pass a prepared shard directory as data_path"])
-    return {"max_seq_len": config.max_seq_len, "format": FORMATS[config.dataset_type],
+    fmt = FORMATS[config.dataset_type] if data_file is None else record_format(data_file, config)
+    return {"max_seq_len": config.max_seq_len, "format": fmt,
             "field_messages": config.field_messages, "field_instruction": config.field_instruction,
             "field_input": config.field_input, "field_output": config.field_output, "overlong": config.overlong,
             "packing": config.sample_packing, "train_on_inputs": config.train_on_inputs, "seed": config.seed}
+
+
+def record_format(data_file: Path, config: LoraSftConfig) -> str:
+    """lora-data's format for `data_file`: the dataset_type's, except that the default (chat_template) yields to a
+    file whose every record is Alpaca (instruction/output keys, none with the messages key), which the chat format
+    would reject line by line; logged when it does. A dataset_type other than the default is never second-guessed."""
+    import lora_data
+
+    default = next(f.default for f in dataclasses.fields(LoraSftConfig) if f.name == "dataset_type")
+    fmt = FORMATS[config.dataset_type]
+    if config.dataset_type != default:
+        return fmt
+    fields = lora_data.Fields(messages=config.field_messages, instruction=config.field_instruction,
+                              input=config.field_input, output=config.field_output)
+    if not lora_data.is_alpaca_file(data_file, fields):
+        return fmt
+    print0(f"data: {data_file} holds Alpaca records ({config.field_instruction!r}/{config.field_output!r} keys, no "
+           f"{config.field_messages!r}): training it as dataset_type='alpaca'")
+    return "alpaca"
 
 
 def cache_root(config: LoraSftConfig) -> Path:
@@ -225,7 +246,7 @@ def prepare_cached(data_file: Path, config: LoraSftConfig, tokenizer: Any) -> Pa
     """Prepare `data_file` once per (content, tokenizer, options) key; reuse the cached shards afterwards."""
     import lora_data
 
-    options = prepare_options(config)
+    options = prepare_options(config, data_file)
     key = lora_data.cache_key(data_file, tokenizer, **options)
     out = cache_root(config) / key[:20]
     if _cached(out, key):
