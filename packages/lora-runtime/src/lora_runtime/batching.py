@@ -21,11 +21,11 @@ A resumed run without effective_batch_size takes the micro batch its checkpoint 
 it); with it, only micro × accumulation matters, so auto re-plans for the memory free now.
 
     >>> fp = Footprint(weights=3e9, layers=28, per_token_layer=6e4, per_token_recomputed=0, per_token_working=1e5,
-    ...                host_pass_tokens=13_000)
+    ...                host_pass_tokens=13_900)
     >>> plan_batch(fp, seq_len=2048, budget=139 * GIB, micro="auto", gc="auto", quota=None, rows_per_rank=900)[:2]
     (8, 0)
     >>> plan_batch(fp, seq_len=2048, budget=16 * GIB, micro="auto", gc="auto", quota=None, rows_per_rank=900)[:2]
-    (6, 15)
+    (7, 17)
     >>> plan_batch(fp, seq_len=2048, budget=139 * GIB, micro="auto", gc="auto", quota=12, rows_per_rank=900)[:2]
     (6, 0)
 """
@@ -48,11 +48,16 @@ TARGET_TOKENS = 16_384  # tokens a forward pass: past it the H200 measured +4% f
 RECOMPUTING_TOKENS = 32_768  # ...but where layers recompute, a larger pass still amortises the step (+6% measured)
 # A pass's host time (Unsloth's per-layer Python, kernel launches, the optimizer step), in tokens of GPU work it
 # equals: the host runs ahead of the GPU, so a pass takes the longer of the two, and a smaller pass waits for the host.
-# With RECOMPUTE_COST, fitted to one H200 (Qwen2.5-1.5B shape, rows of 2048, Unsloth): 2 rows 15.3k tok/s (model
-# 17.3k), 8 rows 53.5k (54.8k), 16 rows with 20 / 24 / 28 of 28 layers recomputed 44.8k / 42.8k / 40.8k (44.1k /
-# 42.4k / 40.9k), every figure against 54.8k for a GPU-bound pass without recomputation.
-HOST_PASS_TOKENS = 13_000
-RECOMPUTE_COST = 0.34  # all layers recomputed: 1.34× the GPU time of the pass
+# A recomputed layer runs its forward again on both: RECOMPUTE_COST more GPU time, HOST_RECOMPUTE_COST more host time
+# (all layers). Fitted to one H200 (Qwen2.5-1.5B shape, rows of 2048, Unsloth), tokens/s measured (model):
+#   rows  recomputed  measured  model        rows  recomputed  measured  model
+#     2        0         16.1k    16.1k          6        4         47.2k    46.8k
+#     8        0         54.0k    54.8k          6       15         41.8k    42.9k
+#    16       20         44.8k    43.8k          5       24         33.5k    33.5k
+#    16       24         42.8k    42.2k         16       28         40.8k    40.6k
+HOST_PASS_TOKENS = 13_900
+HOST_RECOMPUTE_COST = 0.24
+RECOMPUTE_COST = 0.35  # all layers recomputed: 1.35× the GPU time of the pass
 MIN_STEPS_PER_EPOCH = 16
 CPU_MICRO = 2  # training-hub's default
 
@@ -234,12 +239,13 @@ class Choice(NamedTuple):
 
 def step_cost(tokens: int, recomputed: int, layers: int, host_tokens: float = HOST_PASS_TOKENS) -> float:
     """A pass's time in units of one token's forward+backward without recomputation: the GPU's work or the host's
-    (`host_tokens`), whichever is longer.
+    (`host_tokens` a pass), whichever is longer; recomputed layers add to both.
 
     >>> [round(n * 2048 / step_cost(n * 2048, k, 28), 2) for n, k in ((2, 0), (4, 0), (8, 0), (8, 14), (16, 28))]
-    [0.32, 0.63, 1.0, 0.85, 0.75]
+    [0.29, 0.59, 1.0, 0.85, 0.74]
     """
-    return max(host_tokens, tokens * (1 + RECOMPUTE_COST * recomputed / max(layers, 1)))
+    share = recomputed / max(layers, 1)
+    return max(host_tokens * (1 + HOST_RECOMPUTE_COST * share), tokens * (1 + RECOMPUTE_COST * share))
 
 
 def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int | str, gc: bool | str,
