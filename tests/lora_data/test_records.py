@@ -89,6 +89,16 @@ def test_every_bad_line_names_line_field_and_reason(tmp_path):
     assert items[0].raw == '{"messages": ['
 
 
+@pytest.mark.parametrize(("line", "reason"), [
+    (b'{"messages": "abc', "invalid JSON: Unterminated string starting at column 14"),
+    (b'{"messages": "a\x01"}', "invalid JSON: Invalid control character at column 16"),
+    (b'{"messages": [1,]}', "invalid JSON: Expecting value at column 17"),
+])
+def test_an_invalid_json_reason_names_the_column_once(tmp_path, line, reason):
+    (item,), _ = _items(tmp_path, [line])
+    assert item.reason == reason
+
+
 def test_auto_format_from_first_recognisable_record(tmp_path):
     items, reader = _items(tmp_path, [{"foo": 1}, {"instruction": "a", "output": "b"}, {"messages": [USER, BOT]}])
     assert [getattr(i, "code", "ok") for i in items] == ["unknown_format", "ok", "missing_instruction"]

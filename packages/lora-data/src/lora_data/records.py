@@ -199,7 +199,8 @@ class RecordReader:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            return Rejection(path, number, None, f"invalid JSON: {e.msg} at column {e.colno}", text, "invalid_json")
+            msg = e.msg.removesuffix(" at")  # "Unterminated string starting at" would read "... at at column 1"
+            return Rejection(path, number, None, f"invalid JSON: {msg} at column {e.colno}", text, "invalid_json")
         except ValueError as e:  # an integer longer than sys.get_int_max_str_digits() (4,300 by default)
             return Rejection(path, number, None, f"a number Python cannot read: {e}", text, "number_too_long")
         except RecursionError:
