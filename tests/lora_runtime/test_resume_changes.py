@@ -74,6 +74,18 @@ def test_a_setting_the_checkpoint_fixes_is_one_issue_naming_both_values(finished
     assert sorted(p.name for p in finished_at_4.rglob("*")) == before
 
 
+def test_another_base_model_is_refused(finished_at_4, tiny_llama_dir, llama_shards, tmp_path):
+    import shutil
+
+    other = tmp_path / "other-model"  # the same tokenizer, so the shards pass: only the resume check can refuse it
+    shutil.copytree(tiny_llama_dir, other)
+    with pytest.raises(ConfigError) as e:
+        lora_sft(str(other), str(llama_shards), str(finished_at_4), **{**BASE, "max_steps": 8})
+    (issue,) = e.value.issues
+    assert issue.startswith(f"`model_path` is {str(other)!r} now but {finished_at_4 / 'checkpoints' / 'checkpoint-4'} "
+                            f"was trained with {str(tiny_llama_dir)!r}; it cannot change on resume"), issue
+
+
 def test_other_data_is_refused(finished_at_4, tiny_llama_dir, tmp_path):
     other = _shards.chat_shards(tmp_path / "other", tiny_llama_dir, n=30, seq_len=128, seed=7)
     with pytest.raises(ConfigError, match=r"`data_path` .* holds other data than .*checkpoint-4 was trained on"):
