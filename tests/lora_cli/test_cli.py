@@ -157,6 +157,13 @@ def test_launch_path_hands_the_typed_options_to_torchrun(fake_sft, monkeypatch):
                             "peft", "--lora-r", "4", "--nproc-per-node", "2"]
 
 
+def test_merge_help_names_the_run_directory_where_train_writes_the_adapter():
+    """`lora-cli train --output DIR` writes the adapter into DIR itself, so merge takes DIR (not DIR/adapter)."""
+    out = run(["merge", "--help"], terminal_width=200).output
+    assert "ADAPTER_DIR is a run's output directory (where `lora-cli train` wrote the adapter)" in out
+    assert "/adapter" not in out
+
+
 def test_merge_refuses_a_dir_without_adapter(tmp_path):
     res = CliRunner().invoke(main, ["merge", str(tmp_path), "--model", "m", "--out", str(tmp_path / "merged")])
     assert res.exit_code == 1 and "no adapter_config.json there" in res.output

@@ -70,6 +70,14 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     assert ci[-1] == "uv run pytest"
 
 
+def test_the_bare_commands_come_after_how_to_run_them():
+    """The opening block says `uv run lora-cli`; the later ones say `lora-cli` bare, so the text between must say how
+    (prefix `uv run`, or activate the environment)."""
+    bare = next(b for b in BLOCKS[1:] if b.lang == "bash")
+    before = "\n".join(README.read_text(encoding="utf-8").splitlines()[BLOCKS[0].line:bare.line])
+    assert "prefix them with `uv run`" in before and "source .venv/bin/activate" in before
+
+
 def test_every_block_is_a_kind_this_test_runs():
     assert {b.lang for b in BLOCKS} <= {"bash", "python", "json"}
     assert {b.mode for b in BLOCKS} <= {"run", "config-only"}
