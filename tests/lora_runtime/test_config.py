@@ -64,7 +64,7 @@ def test_signature_equals_fields_with_the_keyword_only_trio():
 
 
 def test_validate_collects_every_problem(monkeypatch):
-    monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: True)  # CUDA-only options: test_preflight.py
+    monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: True)  # CUDA-only options: below
     bad = cfg(lora_alpha=0, load_in_4bit=True, load_in_8bit=True, fp16=True, effective_batch_size=10,
               micro_batch_size=4, lr_scheduler="cosine_annealing", lora_dropout=1.5, bnb_4bit_quant_type=None)
     with pytest.raises(ConfigError) as e:
@@ -121,6 +121,21 @@ def test_lora_sft_reports_all_config_problems_before_loading(tmp_path):
     with pytest.raises(ConfigError) as e:
         lora_sft("no-model", "no-data", str(tmp_path), lora_r=0, bf16=True, fp16=True)
     assert len(e.value.issues) == 2
+
+
+def test_lora_sft_refuses_what_a_cpu_cannot_honour_before_any_data_or_model(tmp_path, monkeypatch):
+    """Issue 18.4 through the Python API: every CUDA-only option at once, from the config alone (the data path and
+    the model do not even exist)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError) as e:
+        lora_sft("no-model", "no-data.jsonl", str(tmp_path / "o"), load_in_4bit=True, flash_attention=True,
+                 backend="unsloth", enable_model_splitting=True)
+    names = sorted(i.split("`")[1] for i in e.value.issues)
+    assert names == ["backend", "enable_model_splitting", "flash_attention", "load_in_4bit"], e.value.issues
+    assert all("needs CUDA" in i for i in e.value.issues)
+    with pytest.raises(ConfigError, match=r"`load_in_8bit`=True needs CUDA"):
+        lora_sft("no-model", "no-data.jsonl", str(tmp_path / "o"), load_in_8bit=True)
+    assert not (tmp_path / "o").exists()
 
 
 def test_multi_process_settings_without_torchrun_are_refused(tmp_path, monkeypatch):
