@@ -99,7 +99,8 @@ class LoraSftConfig:
         "name of one of the tokenizer's own templates; saved with the adapter's tokenizer")
     eval_split_ratio: float | None = _f(
         None, "hold out this fraction of the training JSONL's lines (seeded) as eval data (instead of eval_data_path)")
-    dataset_type: str = _f("chat_template", "record format of raw JSONL", ["chat_template", "alpaca", "passthrough"])
+    dataset_type: str = _f("chat_template", "record format of raw JSONL (under the default, a file of Alpaca records "
+                           "only trains as alpaca, logged)", ["chat_template", "alpaca", "passthrough"])
     field_messages: str = _f("messages", "JSONL field holding the chat messages")
     field_instruction: str = _f("instruction", "alpaca: instruction field")
     field_input: str = _f("input", "alpaca: optional input field")
