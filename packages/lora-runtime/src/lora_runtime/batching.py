@@ -47,17 +47,22 @@ OVERHEAD_BYTES = 0.5 * GIB  # LoRA weights, their gradients and AdamW state, los
 TARGET_TOKENS = 16_384  # tokens a forward pass: past it the H200 measured +4% for 2× the memory
 RECOMPUTING_TOKENS = 32_768  # ...but where layers recompute, a larger pass still amortises the step (+6% measured)
 # A pass's host time (Unsloth's per-layer Python, kernel launches, the optimizer step), in tokens of GPU work it
-# equals: the host runs ahead of the GPU, so a pass takes the longer of the two, and a smaller pass waits for the host.
-# A recomputed layer runs its forward again on both: RECOMPUTE_COST more GPU time, HOST_RECOMPUTE_COST more host time
-# (all layers). Fitted to one H200 (Qwen2.5-1.5B shape, rows of 2048, Unsloth), tokens/s measured (model):
+# equals: the host runs ahead of the GPU, so a pass takes about the longer of the two (plus OVERLAP_LOSS of the
+# shorter: each logged step waits for the GPU), and a smaller pass waits for the host. A recomputed layer runs its
+# forward again on both: RECOMPUTE_COST more GPU time, HOST_RECOMPUTE_COST more host time (all layers). Fitted to one
+# H200 (Qwen2.5-1.5B shape, rows of 2048, Unsloth; benchmarks/RESULTS.md, frontier), tokens/s measured (model):
 #   rows  recomputed  measured  model        rows  recomputed  measured  model
-#     2        0         16.1k    16.1k          6        4         47.2k    46.8k
-#     8        0         54.0k    54.8k          6       15         41.8k    42.9k
-#    16       20         44.8k    43.8k          5       24         33.5k    33.5k
-#    16       24         42.8k    42.2k         16       28         40.8k    40.6k
-HOST_PASS_TOKENS = 13_900
-HOST_RECOMPUTE_COST = 0.24
-RECOMPUTE_COST = 0.35  # all layers recomputed: 1.35× the GPU time of the pass
+#     2        0         15.8k    16.2k          6        4         47.2k    45.0k
+#     8        0         53.8k    53.4k          6       15         41.8k    42.2k
+#    16       20         44.8k    43.9k          7        8         46.9k    47.8k
+#    16       24         42.8k    42.2k          7       17         41.1k    43.3k
+#    16       28         40.8k    40.6k          8       26         40.2k    39.9k
+#     5       24         33.5k    33.9k
+# Under 16-24 GiB the fastest plans lie within 3% of each other (a flat frontier): the plan's pick is one of them.
+HOST_PASS_TOKENS = 14_200
+HOST_RECOMPUTE_COST = 0.16
+RECOMPUTE_COST = 0.38  # all layers recomputed: 1.38× the GPU time of the pass
+OVERLAP_LOSS = 0.1
 MIN_STEPS_PER_EPOCH = 16
 CPU_MICRO = 2  # training-hub's default
 
@@ -242,10 +247,11 @@ def step_cost(tokens: int, recomputed: int, layers: int, host_tokens: float = HO
     (`host_tokens` a pass), whichever is longer; recomputed layers add to both.
 
     >>> [round(n * 2048 / step_cost(n * 2048, k, 28), 2) for n, k in ((2, 0), (4, 0), (8, 0), (8, 14), (16, 28))]
-    [0.29, 0.59, 1.0, 0.85, 0.74]
+    [0.28, 0.55, 0.92, 0.78, 0.7]
     """
     share = recomputed / max(layers, 1)
-    return max(host_tokens * (1 + HOST_RECOMPUTE_COST * share), tokens * (1 + RECOMPUTE_COST * share))
+    host, gpu = host_tokens * (1 + HOST_RECOMPUTE_COST * share), tokens * (1 + RECOMPUTE_COST * share)
+    return max(host, gpu) + OVERLAP_LOSS * min(host, gpu)
 
 
 def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int | str, gc: bool | str,
