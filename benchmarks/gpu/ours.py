@@ -2,10 +2,11 @@
 
     python -m benchmarks.gpu.ours MODEL SHARDS OUT --runs unsloth_auto_mb8,unsloth_gc_mb8 [--steps 20]
 
-Run names: <backend>_<gc>_mb<micro|auto>[_q4][_notf32][_b<GiB>] (auto_auto_mbauto = the usage guide's literal
+Run names: <backend>_<gc>_mb<micro|auto>[_q4][_notf32][_liger|_plain][_b<GiB>] (auto_auto_mbauto = the usage guide's literal
 call). backend auto | unsloth | peft (never unsloth and peft in one process: importing unsloth patches
 transformers); gc auto | gc (forced on) | nogc; _b16 = a 16 GiB budget: `max_memory_gib=16` and the process capped at
-16 GiB (`torch.cuda.set_per_process_memory_fraction`), so the run cannot use more. Everything else is lora_sft's defaults as training-hub's
+16 GiB (`torch.cuda.set_per_process_memory_fraction`), so the run cannot use more; _liger / _plain = kernels="liger" /
+"none" (the peft backend's fused kernels on or off). Everything else is lora_sft's defaults as training-hub's
 (lr 2e-4 linear, warmup 10, weight decay 0.01, clip 0.3, logging every step), LoRA r=16 alpha=32 on all linear
 projections. A TrainerCallback marks each logged step (device synchronised) with the trainer's own real-token count.
 """
@@ -53,6 +54,9 @@ def parse(name: str) -> dict:
         kw["load_in_4bit"] = True
     if "notf32" in parts[3:]:
         kw["tf32"] = False
+    for part, kernels in (("liger", "liger"), ("plain", "none")):
+        if part in parts[3:]:
+            kw["kernels"] = kernels
     budget = [p for p in parts[3:] if p.startswith("b") and p[1:].replace(".", "").isdigit()]
     if budget:
         kw["max_memory_gib"] = float(budget[0][1:])

@@ -233,7 +233,29 @@ def parity_rows(s: Session) -> list[dict]:
     return [row]
 
 
+# ---- kernels ---------------------------------------------------------------------------------------------------
+KERNEL_RUNS = ("peft_gc_mb8_plain", "peft_gc_mb8_liger", "peft_nogc_mb8_liger")
+
+
+def kernels_plan(s: Session) -> None:
+    """The peft backend (transformers + PEFT: the path of FSDP sharding, model splitting and machines where Unsloth
+    does not import) with liger-kernel's RoPE, RMSNorm, SwiGLU and fused linear + cross-entropy (`kernels="liger"`)
+    and without (`kernels="none"`), Qwen2.5-1.5B shape, rows of 2048, micro 8, SDPA attention with block-diagonal
+    masks: with checkpointing (the peft backend's default on a GPU) and, with liger, without."""
+    _define_qwen(s)
+    s.define("ours_peft", sides.ours(_shape(s), 2048))
+    s.want("ours_peft", list(KERNEL_RUNS))
+
+
+def kernels_rows(s: Session) -> list[dict]:
+    out = [_ours_row(s, "kernels", run, "ours_peft", 2048) for run in KERNEL_RUNS]
+    for r in out:
+        r["shape"], r["seq_len"] = r["shape"] or _shape(s), 2048
+    return out
+
+
 SCENARIOS = {
+    "kernels": (kernels_plan, kernels_rows),
     "throughput": (throughput_plan, throughput_rows),
     "frontier": (frontier_plan, frontier_rows),
     "startup": (startup_plan, startup_rows),

@@ -25,6 +25,7 @@ _NEEDS_CUDA = {
     "flash_attention": (lambda c: c.flash_attention is True, "FlashAttention kernels",
                         "pass flash_attention=None (or False) for SDPA"),
     "backend": (lambda c: c.backend == "unsloth", "Unsloth's Triton kernels", "pass backend='peft' (or 'auto')"),
+    "kernels": (lambda c: c.kernels == "liger", "liger-kernel's Triton kernels", "pass kernels='auto' (or 'none')"),
     "enable_model_splitting": (lambda c: c.enable_model_splitting, "it spreads one model over GPUs",
                                "drop it (a CPU run keeps the whole model in RAM anyway)"),
 }
@@ -54,6 +55,9 @@ def machine_issues(cfg: Any) -> list[str]:
         seen = "no CUDA GPU is visible" + (f" (CUDA_VISIBLE_DEVICES={where!r})" if where is not None else "")
         for name, (why, fix) in wanted.items():
             issues.append(f"`{name}`={getattr(cfg, name)!r} needs CUDA ({why}) but {seen}: {fix}")
+    if cfg.kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        issues.append("`kernels`='liger' needs the liger-kernel package, which is not installed: `uv pip install "
+                      "liger-kernel` (or pass kernels='auto')")
     for name, (fields, env, modules, hint) in _INTEGRATIONS.items():
         asked = [f"`{f}`" for f in fields if getattr(cfg, f)] + [v for v in env if os.environ.get(v)]
         if asked and not any(importlib.util.find_spec(m) for m in modules):

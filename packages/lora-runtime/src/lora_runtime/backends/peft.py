@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lora_runtime import kernels
 from lora_runtime.backends.base import (
     DEFAULT_TARGETS,
     BackendBase,
@@ -63,6 +64,8 @@ class PeftBackend(BackendBase):
             quantization_config=quantization_config(config), trust_remote_code=config.trust_remote_code)
         model.config.use_cache = False  # a KV cache disables transformers' packed-sequence mask
         print0(f"model: {type(model).__name__} from {config.model_path}, weights {dtype}, attention {attn}")
+        use_liger, why = kernels.choose(config, self.name, getattr(model.config, "model_type", None), cuda)
+        print0(kernels.apply_liger(model, config.target_modules) if use_liger else f"kernels: {why}")
         return model, tokenizer
 
     def add_lora(self, model: Any, config: LoraSftConfig, plan: BatchPlan) -> Any:

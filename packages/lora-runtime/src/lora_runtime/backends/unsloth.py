@@ -108,6 +108,7 @@ class UnslothBackend(BackendBase):
         from unsloth import FastLanguageModel
 
         print0(f"attention: {patch_gqa_varlen()}")
+        print0("kernels: Unsloth's own (fused chunked cross-entropy, RMSNorm, SwiGLU, RoPE, LoRA MLP/QKV)")
         quantization = quantization_config(config, defaults_apply=False)  # else Unsloth's own 4-bit defaults
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=config.model_path, max_seq_length=config.max_seq_len, dtype=self._dtype(config),

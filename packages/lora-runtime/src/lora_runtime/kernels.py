@@ -1,0 +1,77 @@
+"""Fused kernels for the transformers + PEFT backend: liger-kernel's RoPE, RMSNorm, SwiGLU and fused linear +
+cross-entropy (the loss is computed chunk by chunk from the last hidden states, so the [tokens, vocab] logits, their
+fp32 copy and their gradient, about 12 bytes × vocab a token, are never materialised).
+
+`kernels="auto"` takes liger where it is known to help and to be right, and says in the log why it did or did not:
+
+- the unsloth backend has its own fused cross-entropy, RMSNorm, SwiGLU and RoPE (liger on top broke its loss and its
+  LoRA MLP kernel): never liger there;
+- on a CPU there are no Triton kernels; without the liger-kernel package, nothing to apply;
+- under FSDP2 sharding (not measured there) and for model types liger does not patch: the plain path.
+
+`kernels="liger"` asks for it (refused at validation where it cannot run); `"none"` keeps the plain path. With
+`lm_head` among the LoRA targets the fused loss is left out (it reads lm_head's base weight, not its adapter); the
+other kernels still apply. liger patches a model type's RoPE function module-wide: every model of that type in the
+process uses it. tests/lora_runtime/test_kernels_gpu.py checks the loss and LoRA gradients against the plain path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from lora_runtime.config import LoraSftConfig
+
+PARTS = ("rope", "rms_norm", "swiglu", "fused_linear_cross_entropy")
+
+
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def choose(config: LoraSftConfig, backend: str, model_type: str | None, cuda: bool) -> tuple[bool, str]:
+    """(use liger, why) for this run. Only an explicit kernels="liger" can raise (where validation let it through)."""
+    if config.kernels == "none":
+        return False, "kernels='none': the plain transformers path"
+    reasons = []
+    if backend != "peft":
+        reasons.append(f"the {backend} backend runs its own fused kernels")
+    if not cuda:
+        reasons.append("liger's Triton kernels need CUDA")
+    if not liger_installed():
+        reasons.append("the liger-kernel package is not installed (pip install liger-kernel)")
+    if model_type is not None and liger_installed() and model_type not in _liger_model_types():
+        reasons.append(f"liger has no kernels for model type {model_type!r}")
+    if config.kernels == "auto" and config.sharding == "fsdp":
+        reasons.append("sharding='fsdp' runs the plain path (liger is not measured under FSDP2); kernels='liger' "
+                       "asks for it")
+    if reasons and config.kernels == "liger":
+        raise RuntimeError(f"kernels='liger' cannot run here: {'; '.join(reasons)}")
+    if reasons:
+        return False, f"kernels='auto' → plain path: {'; '.join(reasons)}"
+    return True, f"kernels={config.kernels!r} → liger-kernel"
+
+
+def apply_liger(model: Any, targets: Any) -> str:
+    """Patch `model` (a transformers model, before LoRA is added) in place; returns the log line."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    parts = {p: True for p in PARTS}
+    skipped = ""
+    if _targets_lm_head(targets):
+        parts["fused_linear_cross_entropy"] = False
+        skipped = " (fused linear cross-entropy left out: lm_head is a LoRA target)"
+    _apply_liger_kernel_to_instance(model=model, cross_entropy=False, **parts)
+    return f"kernels: liger {', '.join(p for p, on in parts.items() if on)}{skipped}"
+
+
+def _targets_lm_head(targets: Any) -> bool:
+    if isinstance(targets, str):  # a regex, or "all-linear" (which PEFT never applies to the output layer)
+        return "lm_head" in targets
+    return any(t == "lm_head" or str(t).endswith(".lm_head") for t in targets or ())
+
+
+def _liger_model_types() -> set[str]:
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return set(MODEL_TYPE_TO_APPLY_LIGER_FN)

@@ -1,0 +1,81 @@
+"""kernels="auto" | "liger" | "none": which runs where, and why (the log line); refusals at validation. The kernels'
+numbers against the plain path: test_kernels_gpu.py (CUDA + liger-kernel)."""
+
+from __future__ import annotations
+
+import pytest
+from lora_runtime import ConfigError, LoraSftConfig
+from lora_runtime import kernels as k
+
+
+def cfg(**kw) -> LoraSftConfig:
+    return LoraSftConfig("m", "d", "o", **kw)
+
+
+@pytest.fixture
+def liger_here(monkeypatch):
+    monkeypatch.setattr(k, "liger_installed", lambda: True)
+    monkeypatch.setattr(k, "_liger_model_types", lambda: {"llama", "qwen2"})
+
+
+def test_auto_takes_liger_on_cuda_with_peft(liger_here):
+    assert k.choose(cfg(), "peft", "qwen2", cuda=True) == (True, "kernels='auto' → liger-kernel")
+
+
+@pytest.mark.parametrize(("kw", "backend", "model_type", "cuda", "why"), [
+    ({}, "unsloth", "qwen2", True, "the unsloth backend runs its own fused kernels"),
+    ({}, "peft", "qwen2", False, "liger's Triton kernels need CUDA"),
+    ({}, "peft", "gpt_neox", True, "liger has no kernels for model type 'gpt_neox'"),
+    ({"sharding": "fsdp"}, "peft", "qwen2", True, "liger is not measured under FSDP2"),
+])
+def test_auto_falls_back_to_the_plain_path_and_says_why(liger_here, kw, backend, model_type, cuda, why):
+    use, reason = k.choose(cfg(**kw), backend, model_type, cuda)
+    assert not use and reason.startswith("kernels='auto' → plain path: ") and why in reason
+
+
+def test_auto_without_the_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(k, "liger_installed", lambda: False)
+    use, reason = k.choose(cfg(), "peft", "qwen2", cuda=True)
+    assert not use and "pip install liger-kernel" in reason
+
+
+def test_none_is_the_plain_path_everywhere(liger_here):
+    assert k.choose(cfg(kernels="none"), "peft", "qwen2", cuda=True)[0] is False
+
+
+def test_an_explicit_liger_that_cannot_run_raises_with_every_reason(liger_here):
+    with pytest.raises(RuntimeError, match="need CUDA.*no kernels for model type 'gpt_neox'"):
+        k.choose(cfg(kernels="liger"), "peft", "gpt_neox", cuda=False)
+
+
+@pytest.mark.parametrize(("targets", "fused"), [
+    (None, True), (("q_proj", "v_proj"), True), ("all-linear", True), (("q_proj", "lm_head"), False),
+    (r".*(q_proj|lm_head)", False),
+])
+def test_the_fused_loss_is_left_out_when_lm_head_carries_lora(targets, fused):
+    assert k._targets_lm_head(targets) is not fused
+
+
+def test_validation_refuses_liger_where_it_cannot_run(monkeypatch):
+    """All at once, before any data or model: no CUDA, no package, and the unsloth backend."""
+    import importlib.util
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    with pytest.raises(ConfigError) as e:
+        cfg(kernels="liger", backend="unsloth").validate()
+    text = "\n".join(e.value.issues)
+    assert "`kernels`='liger' needs CUDA (liger-kernel's Triton kernels)" in text
+    assert "needs the liger-kernel package" in text and "applies to the peft backend" in text
+
+
+def test_a_cpu_run_logs_which_kernels_ran(tiny_llama_dir, tmp_path, capsys):
+    from lora_runtime.backends.peft import PeftBackend
+    from lora_runtime.batching import fixed_plan
+
+    config = LoraSftConfig(str(tiny_llama_dir), "d", str(tmp_path), backend="peft", micro_batch_size=2)
+    PeftBackend().load(config, fixed_plan(config, 1))
+    assert "kernels: kernels='auto' → plain path: liger's Triton kernels need CUDA" in capsys.readouterr().out
