@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -36,3 +37,25 @@ def tiny_llama_dir(tmp_path_factory, llama3_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory, chatml_tokenizer_dir) -> Path:
     return _tiny.build_model(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2", tokenizer_dir=chatml_tokenizer_dir)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """`tmpfs("2m")` mounts a fresh tmpfs of that size, a real small filesystem to fill (root only; the test is
+    skipped, saying why, where mounting is not permitted). Unmounted after the test."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"tmpfs-{len(mounted)}"
+        mnt.mkdir()
+        try:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True,
+                           capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            pytest.skip(f"cannot mount a tmpfs here (needs root and mount permission): {e}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -189,16 +189,9 @@ def test_a_directory_or_missing_input_is_one_clear_error(tmp_path, chatml_tokeni
 
 
 @pytest.fixture
-def small_fs(tmp_path):
-    """A 2 MiB tmpfs (root only); skipped where mounting is not permitted."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot mount a tmpfs here (needs root and mount permission): {e}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_fs(tmpfs):
+    """A 2 MiB tmpfs (the shared `tmpfs` fixture: skipped where mounting is not permitted)."""
+    return tmpfs("2m")
 
 
 def test_a_real_full_disk_and_a_read_only_one_end_in_one_error_line(small_fs, tmp_path, chatml_tokenizer_dir):

@@ -166,6 +166,34 @@ def is_disk_full(e: BaseException) -> bool:
                                            f"os error {errno.ENOSPC})", f"os error {errno.EDQUOT})"))
 
 
+LOW_SPACE_BYTES = 1 << 20  # a write that failed with less than this left on its filesystem failed for want of space
+
+
+def disk_full_reason(e: BaseException, where: str | Path) -> str | None:
+    """Why the failed write `e` under `where` means a full disk, else None.
+
+    Either ENOSPC / EDQUOT somewhere in its cause / context chain (`is_disk_full`), or, because torch.save's zip
+    writer loses the errno on its way up ("[enforce fail at inline_container.cc] unexpected pos 84736 vs 84624", with
+    "basic_ios::clear: iostream error" as its context), any failure on a filesystem with less than LOW_SPACE_BYTES
+    left. The original error stays in the reason, so nothing it said is hidden."""
+    seen: set[int] = set()
+    link: BaseException | None = e
+    while link is not None and id(link) not in seen:
+        if is_disk_full(link):
+            return str(getattr(link, "strerror", None) or link)
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    if free >= LOW_SPACE_BYTES:
+        return None
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{free:,} bytes left on the filesystem; the save failed with {type(e).__name__}: {first}"
+
+
 def staging_dir(root: str | Path, step: int) -> Path:
     """A fresh (emptied) staging dir for the checkpoint of `step`."""
     tmp = Path(root) / f".tmp-checkpoint-{step}"

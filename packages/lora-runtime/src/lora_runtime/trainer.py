@@ -235,14 +235,15 @@ class PackedTrainer(Trainer):
         root, step = Path(str(self.args.output_dir)), self.state.global_step
         try:
             self._write_checkpoint(root, step)
-        except Exception as e:  # OSError, or a library's plain Exception carrying ENOSPC's words (is_disk_full)
-            if not checkpoint.is_disk_full(e):
+        except Exception as e:  # OSError, a library's plain Exception with ENOSPC's words, torch.save's RuntimeError
+            reason = checkpoint.disk_full_reason(e, root)  # measured before the partial write is removed
+            if reason is None:
                 raise
             shutil.rmtree(root / f".tmp-checkpoint-{step}", ignore_errors=True)
             kept = checkpoint.newest_complete(root)
             intact = f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists"
             raise checkpoint.CheckpointError(
-                f"disk full ({getattr(e, 'strerror', None) or e}) while writing checkpoint-{step} under {root}; the partial write was "
+                f"disk full ({reason}) while writing checkpoint-{step} under {root}; the partial write was "
                 f"removed and {intact}. Free space (or move ckpt_output_dir, or lower save_total_limit) and run "
                 "the same command again to resume") from e
 
