@@ -276,8 +276,9 @@ def merge(adapter_dir: Path, model_path: str, out_dir: Path, push_to_hub: str | 
     safetensors with the tokenizer.
     """
     import lora_runtime
+    from lora_runtime.checkpoint import holds_an_adapter
 
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not holds_an_adapter(adapter_dir):
         raise UserError(f"{adapter_dir}: no adapter_config.json there; pass the adapter directory of a run "
                         "(the `adapter:` line that `lora-cli train` printed)")
     from lora_runtime import hub

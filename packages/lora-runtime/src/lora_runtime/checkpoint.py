@@ -141,13 +141,61 @@ def seal(out_dir: str | Path, names: list[str]) -> Path:
 
 
 def check_adapter(adapter_dir: str | Path) -> None:
-    """Before loading an adapter: a checkpoint is checked against COMPLETE, a final adapter against ADAPTER_SUMS."""
+    """Before loading an adapter: a checkpoint is checked against COMPLETE, a final adapter against ADAPTER_SUMS,
+    and an adapter with neither (another tool's, or one torn by a kill during the final save, which comes before the
+    seal) must at least be whole: its config parses and its safetensors holds what its header promises."""
     d = Path(adapter_dir)
     if (d / MARKER).is_file():
         verify(d)
     elif (d / ADAPTER_SUMS).is_file():
         newest = newest_complete(checkpoints_dir(d))
         verify(d, ADAPTER_SUMS, "restore it from a backup" + (f", or use the adapter in {newest}" if newest else ""))
+    else:
+        _check_unsealed(d)
+
+
+def holds_an_adapter(adapter_dir: str | Path) -> bool:
+    """An adapter's files are there (whole or torn), or the run dir's complete checkpoints are: `check_adapter` then
+    names what is wrong and what to merge instead, where a plain "no adapter here" would not."""
+    d = Path(adapter_dir)
+    return any((d / name).is_file() for name in ADAPTER_FILES) or newest_complete(checkpoints_dir(d)) is not None
+
+
+def _check_unsealed(d: Path) -> None:
+    newest = newest_complete(checkpoints_dir(d))
+    fix = (f"merge the newest complete checkpoint instead ({newest}), or run the same train command again to write "
+           "the final adapter anew" if newest else "train it again or restore it from a backup")
+    torn = "the adapter is incomplete (as a run stopped during its final save leaves it)"
+    config = d / ADAPTER_FILES[1]
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        raise CheckpointError(f"{config}: missing; {torn}; {fix}") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config}: unreadable ({e}); {torn}; {fix}") from None
+    weights = d / ADAPTER_FILES[0]
+    if weights.is_file() and (problem := _safetensors_problem(weights)):
+        raise CheckpointError(f"{weights}: {problem}; {torn}; {fix}")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's framing (8-byte header length, JSON header, tensor data as long as
+    the header's offsets say), or None. Reads the header only."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            return f"truncated ({size:,} bytes, too short for its header)"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            return f"unreadable header ({e})"
+    if size - 8 - n != end:
+        return f"truncated or padded ({size - 8 - n:,} bytes of tensor data, its header says {end:,})"
+    return None
 
 
 def _fix(path: Path) -> str:

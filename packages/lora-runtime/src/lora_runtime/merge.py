@@ -22,13 +22,13 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
     dtype: "auto" keeps the base checkpoint's dtype; or "float32" / "bfloat16" / "float16".
     """
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
+    from lora_runtime.checkpoint import check_adapter, holds_an_adapter
+
     _check_out_dir(out, adapter_dir, Path(model_path))
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not holds_an_adapter(adapter_dir):
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; pass the directory lora_sft wrote the "
                                 "adapter to (its ckpt_output_dir, or a checkpoints/checkpoint-<step> dir)")
-    from lora_runtime.checkpoint import check_adapter
-
-    check_adapter(adapter_dir)  # a truncated or flipped adapter file is an error naming it, before any import
+    check_adapter(adapter_dir)  # a torn, truncated or flipped adapter file is an error naming it, before any import
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
