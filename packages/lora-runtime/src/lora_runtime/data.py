@@ -149,9 +149,21 @@ def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path
     elif p.is_file():
         shard_dir = prepare_cached(p, config, tokenizer)
     else:
-        raise ConfigError([f"`{name}`={path} does not exist"])
+        raise ConfigError([f"`{name}`={path} {_why_not_a_file(p)}"])
     check_shards(shard_dir, config, tokenizer)
     return shard_dir
+
+
+def _why_not_a_file(p: Path) -> str:
+    """A data path that is neither a file nor a directory: stdin and named pipes are not read by training, which
+    reads its data twice (the data cache's key is the bytes' hash, then the records are prepared); prepare reads them."""
+    how = ("save it to a file, or prepare it first (`lora-cli prepare - OUT --tokenizer MODEL` reads stdin, and "
+           "prepare reads a named pipe too) and train on OUT")
+    if str(p) == "-":
+        return f"(stdin) is not read by train; {how}"
+    if p.exists():
+        return f"is not a regular file (a named pipe, socket or device), which train cannot read twice; {how}"
+    return "does not exist"
 
 
 def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None:
