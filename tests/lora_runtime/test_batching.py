@@ -111,6 +111,13 @@ def test_peft_footprint_matches_its_h200_measurement():
     assert 32.4 * 0.85 <= peak <= 32.4 * 1.15, peak
 
 
+@pytest.mark.parametrize(("gc", "measured_gib"), [(True, 6.9), (False, 44.8)])
+def test_peft_footprint_with_the_fused_loss_matches_its_h200_measurement(gc, measured_gib):
+    # backend="peft", kernels="liger", micro 8 × 2048 (benchmarks/RESULTS.md, kernels)
+    peak = peft_footprint(QWEN15, False, fused_loss=True).peak(8 * 2048, gc) / GIB
+    assert measured_gib * 0.85 <= peak <= measured_gib * 1.15, peak
+
+
 def test_resolve_on_cpu_is_training_hubs_two(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = resolve(LoraSftConfig("m", "d", str(tmp_path / "o")), PeftBackend(), rows=100)

@@ -53,7 +53,7 @@ def test_an_explicit_liger_that_cannot_run_raises_with_every_reason(liger_here):
     (r".*(q_proj|lm_head)", False),
 ])
 def test_the_fused_loss_is_left_out_when_lm_head_carries_lora(targets, fused):
-    assert k._targets_lm_head(targets) is not fused
+    assert k.targets_lm_head(targets) is not fused
 
 
 def test_validation_refuses_liger_where_it_cannot_run(monkeypatch):
@@ -79,3 +79,26 @@ def test_a_cpu_run_logs_which_kernels_ran(tiny_llama_dir, tmp_path, capsys):
     config = LoraSftConfig(str(tiny_llama_dir), "d", str(tmp_path), backend="peft", micro_batch_size=2)
     PeftBackend().load(config, fixed_plan(config, 1))
     assert "kernels: kernels='auto' → plain path: liger's Triton kernels need CUDA" in capsys.readouterr().out
+
+
+def test_with_the_fused_loss_the_peft_plan_fits_the_budget_instead_of_always_recomputing(liger_here, monkeypatch,
+                                                                                        tiny_qwen2_dir):
+    """liger's fused loss keeps no logits: the peft backend's footprint drops them, and gradient_checkpointing="auto"
+    is planned from the memory budget (measured on an H200: 35.9k tok/s without recomputation, 26.9k with)."""
+    import torch
+    from lora_runtime.backends.peft import PeftBackend
+    from lora_runtime.batching import GIB, resolve
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("lora_runtime.batching.memory_budget", lambda config: (139 * GIB, "free"))
+    backend = PeftBackend()
+    fused = LoraSftConfig(str(tiny_qwen2_dir), "d", "o", backend="peft")
+    plain = LoraSftConfig(str(tiny_qwen2_dir), "d", "o", backend="peft", kernels="none")
+    assert backend.checkpointing_by_memory(fused) and not backend.checkpointing_by_memory(plain)
+    assert not backend.checkpointing_by_memory(LoraSftConfig(str(tiny_qwen2_dir), "d", "o", target_modules=("lm_head",)))
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(tiny_qwen2_dir)
+    assert backend.footprint(model_config, fused).per_token_base == 0 < backend.footprint(model_config, plain).per_token_base
+    assert resolve(fused, backend, rows=900).gradient_checkpointing is False  # a tiny model fits: no recomputation
+    assert resolve(plain, backend, rows=900).gradient_checkpointing is True

@@ -58,14 +58,14 @@ def apply_liger(model: Any, targets: Any) -> str:
 
     parts = {p: True for p in PARTS}
     skipped = ""
-    if _targets_lm_head(targets):
+    if targets_lm_head(targets):
         parts["fused_linear_cross_entropy"] = False
         skipped = " (fused linear cross-entropy left out: lm_head is a LoRA target)"
     _apply_liger_kernel_to_instance(model=model, cross_entropy=False, **parts)
     return f"kernels: liger {', '.join(p for p, on in parts.items() if on)}{skipped}"
 
 
-def _targets_lm_head(targets: Any) -> bool:
+def targets_lm_head(targets: Any) -> bool:
     if isinstance(targets, str):  # a regex, or "all-linear" (which PEFT never applies to the output layer)
         return "lm_head" in targets
     return any(t == "lm_head" or str(t).endswith(".lm_head") for t in targets or ())

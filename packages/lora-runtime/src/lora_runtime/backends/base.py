@@ -15,9 +15,9 @@ Contract for implementers:
 - `save_adapter(model, out_dir)` writes `adapter_model.safetensors` + `adapter_config.json`, loadable with
   `peft.PeftModel.from_pretrained(base, out_dir)`.
 - `merge(adapter_dir, out_dir, config)` writes the merged full model (safetensors) + tokenizer to `out_dir`.
-- for the memory plan on a GPU (lora_runtime.batching): `footprint(model_config, four_bit)` → a `Footprint`, and
-  `checkpointing_by_memory`: True where gradient_checkpointing="auto" may recompute any number of layers (else auto
-  is simply on with CUDA). Without `footprint`, micro_batch_size="auto" is 2.
+- for the memory plan on a GPU (lora_runtime.batching): `footprint(model_config, config)` → a `Footprint`, and
+  `checkpointing_by_memory(config)`: True where gradient_checkpointing="auto" may recompute any number of layers
+  (else auto is simply on with CUDA). Without `footprint`, micro_batch_size="auto" is 2.
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 @runtime_checkable
 class Backend(Protocol):
     name: str  # "peft" | "unsloth": recorded in TrainResult.backend and the logs
-    checkpointing_by_memory: bool
+    def checkpointing_by_memory(self, config: LoraSftConfig) -> bool:
+        """Whether gradient_checkpointing="auto" is planned from the memory budget (else: on with CUDA)."""
+        ...
+
 
     def load(self, config: LoraSftConfig, plan: BatchPlan) -> tuple[Any, Any]:
         """Base model (frozen, use_cache=False) and its tokenizer, from `config.model_path`."""
@@ -48,7 +51,7 @@ class Backend(Protocol):
         """Wrap `model` in LoRA adapters (r, alpha, dropout, target_modules, rslora/dora, init, patterns)."""
         ...
 
-    def footprint(self, model_config: Any, four_bit: bool) -> Footprint:
+    def footprint(self, model_config: Any, config: LoraSftConfig) -> Footprint:
         """GPU bytes of training this model: weights, and per token by how many layers recompute."""
         ...
 
@@ -65,7 +68,9 @@ class BackendBase:
     """What the backends share."""
 
     name = "base"
-    checkpointing_by_memory = False
+
+    def checkpointing_by_memory(self, config: LoraSftConfig) -> bool:
+        return False
 
     def save_adapter(self, model: Any, out_dir: str | Path) -> Path:
         # Base weights never train (no modules_to_save), so a LoRA on lm_head/embeddings needs no copy of them.

@@ -94,10 +94,11 @@ def patch_gqa_varlen() -> str:
 
 class UnslothBackend(BackendBase):
     name = "unsloth"
-    checkpointing_by_memory = True
+    def checkpointing_by_memory(self, config: LoraSftConfig) -> bool:
+        return True
 
-    def footprint(self, model_config: Any, four_bit: bool) -> Footprint:
-        return unsloth_footprint(model_config, four_bit)
+    def footprint(self, model_config: Any, config: LoraSftConfig) -> Footprint:
+        return unsloth_footprint(model_config, config.load_in_4bit)
 
     def load(self, config: LoraSftConfig, plan: BatchPlan) -> tuple[Any, Any]:
         import torch
