@@ -201,7 +201,7 @@ def versions() -> dict:
 
     out = {"python": sys.version.split()[0]}
     for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes",
-                "training-hub", "triton"):
+                "training-hub", "triton", "liger-kernel"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
     return out

@@ -11,7 +11,7 @@ from pathlib import Path
 from benchmarks.gpu import rows
 
 MD = Path(__file__).resolve().parents[1] / "RESULTS.md"
-STACK = ("torch", "transformers", "peft", "trl", "unsloth", "training-hub", "tokenizers", "polars", "python")
+STACK = ("torch", "transformers", "peft", "trl", "unsloth", "training-hub", "liger-kernel", "tokenizers", "polars", "python")
 DETAILS = {  # extra figures shown in the details column, with their format
     "max_window_gap": "worst 10-step window gap {:.2%}", "scaling_efficiency": "scaling {:.2f}",
     "loss_max_abs_gap_vs_1gpu": "loss gap vs 1 GPU {:.5f}", "resume_max_abs_gap_after_10": "resume loss gap {:.5f}",
