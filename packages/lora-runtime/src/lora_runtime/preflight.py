@@ -65,7 +65,37 @@ def machine_issues(cfg: Any) -> list[str]:
                           f"installed: {hint}, or drop the option")
     from lora_runtime.hub import push_issues
 
-    return issues + push_issues(cfg.push_to_hub)
+    return issues + mlflow_store_issues(cfg) + push_issues(cfg.push_to_hub)
+
+
+def mlflow_store_issues(cfg: Any) -> list[str]:
+    """A tracking URI the installed MLflow cannot use, which it says only when training starts, after the model has
+    loaded, as a traceback: a file store (a plain path or a file: URI), refused by MLflow 3 unless
+    MLFLOW_ALLOW_FILE_STORE is set, or a database without SQLAlchemy (mlflow-skinny). Imports mlflow (~3 s), so
+    only for a tracking URI that names a file store."""
+    from urllib.parse import urlparse
+
+    uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri or importlib.util.find_spec("mlflow") is None:
+        return []
+    where = "`mlflow_tracking_uri`" if cfg.mlflow_tracking_uri else "MLFLOW_TRACKING_URI"
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme in ("sqlite", "postgresql", "mysql", "mssql"):
+        if importlib.util.find_spec("sqlalchemy") is None:
+            return [f"{where}={uri} is a database, which MLflow reaches through SQLAlchemy, not installed here "
+                    "(mlflow-skinny lacks it): `uv pip install mlflow` (the full package)"]
+        return []
+    if not (scheme == "file" or (scheme == "" and not uri.startswith("databricks"))):
+        return []
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:  # an MLflow from before the refusal
+        return []
+    if MLFLOW_ALLOW_FILE_STORE.get():
+        return []
+    return [f"{where}={uri} is a file store, which the installed MLflow refuses (its filesystem backend is in "
+            "maintenance mode): set MLFLOW_ALLOW_FILE_STORE=true to keep it, or pass a database (sqlite:///PATH.db, "
+            "with the full mlflow package) or an MLflow server's http(s):// address"]
 
 
 def model_issues(cfg: Any) -> list[str]:

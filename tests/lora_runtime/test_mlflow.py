@@ -1,0 +1,64 @@
+"""Issue 17.7: a run reports to MLflow in a local file store: the named experiment and run, each logged step's loss
+as metrics.jsonl has it, the run closed, and nothing of the MLflow settings left in the environment after it. MLflow 3
+refuses a file store unless MLFLOW_ALLOW_FILE_STORE is set, and a database URI without SQLAlchemy (mlflow-skinny):
+each is one error at validation (they were tracebacks after the model had loaded)."""
+
+from __future__ import annotations
+
+import os
+
+import _runs
+import pytest
+from click.testing import CliRunner
+from lora_runtime.api import lora_sft
+from lora_runtime.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_NAME", "MLFLOW_ALLOW_FILE_STORE")
+
+
+@pytest.fixture
+def mlflow(monkeypatch):
+    for name in MLFLOW_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return pytest.importorskip("mlflow", reason="MLflow is an optional extra (`uv pip install mlflow`)")
+
+
+def test_a_run_logs_its_losses_to_a_local_mlflow_store(mlflow, tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"),
+                      **{**_runs.RUN, "max_steps": 4, "save_steps": 4}, mlflow_tracking_uri=uri,
+                      mlflow_experiment_name="lora-tests", mlflow_run_name="tiny")
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("lora-tests")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tiny" and run.info.status == "FINISHED", run.info
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    ours = {row["step"]: row["loss"] for row in read_metrics(result.metrics_path) if "loss" in row}
+    assert sorted(logged) == [1, 2, 3, 4] and logged == pytest.approx(ours), (logged, ours)
+    assert mlflow.active_run() is None
+    assert not set(MLFLOW_ENV[:3]) & set(os.environ)
+
+
+def test_a_store_the_installed_mlflow_cannot_use_is_one_error_line_before_training(mlflow, tmp_path,
+                                                                                     monkeypatch):
+    import importlib.util
+
+    from lora_cli.main import main
+
+    store = tmp_path / "mlruns"
+    args = ["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path / "o"), "--dry-run"]
+    res = CliRunner().invoke(main, [*args, "--mlflow-tracking-uri", store.as_uri()])
+    assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+    assert res.output.startswith(f"error: --mlflow-tracking-uri={store.as_uri()} is a file store, which the "
+                                 "installed MLflow refuses") and "MLFLOW_ALLOW_FILE_STORE=true" in res.output
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's way to keep it
+    assert CliRunner().invoke(main, [*args, "--mlflow-tracking-uri", str(store)]).exit_code == 0
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
+    res = CliRunner().invoke(main, [*args, "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+    assert "SQLAlchemy, not installed here" in res.output and "`uv pip install mlflow`" in res.output, res.output
