@@ -63,18 +63,37 @@ def parse(name: str) -> dict:
     return kw
 
 
+def train(model_dir: str, shards: str, out: str, kw: dict, steps: int, seq_len: int, callbacks: list):
+    """lora_sft as every run of the harness calls it: LoRA r=16 alpha=32 on the 7 projections, a log every step, no
+    checkpoint before the end; `kw` from `parse`."""
+    from lora_runtime import lora_sft
+
+    return lora_sft(model_dir, shards, out, lora_r=16, lora_alpha=32, target_modules=common.LORA_TARGETS,
+                    max_steps=steps, max_seq_len=seq_len, save_steps=10**6, logging_steps=1, callbacks=callbacks,
+                    **kw)
+
+
+def arguments(steps: int) -> argparse.ArgumentParser:
+    """The command line shared with profile.py: MODEL SHARDS OUT --runs A,B [--steps N] [--seq-len L]."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir")
+    ap.add_argument("shards")
+    ap.add_argument("out")
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    return ap
+
+
 def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq_len: int) -> dict:
     import torch
-    from lora_runtime import lora_sft
 
     meter = common.StepMeter(warmup=warmup)
     kw = parse(name)
     fraction = common.cap_memory(kw.get("max_memory_gib"))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        result = lora_sft(model_dir, shards, out, lora_r=16, lora_alpha=32, target_modules=common.LORA_TARGETS,
-                          max_steps=steps, max_seq_len=seq_len, save_steps=10**6, logging_steps=1,
-                          callbacks=[_meter_callback(meter)], **kw)
+        result = train(model_dir, shards, out, kw, steps, seq_len, [_meter_callback(meter)])
         saved = json.loads((Path(out) / "lora_sft_config.json").read_text())
     payload = {"run": name, **{k: v for k, v in kw.items()}, "backend_used": result.backend, "steps": result.steps,
                "final_loss": result.final_loss, "total_s": time.perf_counter() - t0, "seq_len": seq_len,
@@ -92,15 +111,9 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model_dir")
-    ap.add_argument("shards")
-    ap.add_argument("out")
-    ap.add_argument("--runs", required=True)
-    ap.add_argument("--steps", type=int, default=20)
+    ap = arguments(steps=20)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--shape", default="qwen1.5b")
-    ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--prefix", default="ours")
     ap.add_argument("--budget-s", type=float, default=1e9)
     a = ap.parse_args()

@@ -10,14 +10,13 @@ the Python stacks they came from, and the operators by self CPU time. One summar
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.gpu import common
-from benchmarks.gpu.ours import parse
+from benchmarks.gpu.ours import arguments, parse, train
 
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
          "cudaMemcpy", "aten::nonzero")
@@ -77,17 +76,9 @@ def _analyse(name: str, report: dict, steps: int) -> tuple[str, dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model_dir")
-    ap.add_argument("shards")
-    ap.add_argument("out")
-    ap.add_argument("--runs", required=True)
-    ap.add_argument("--steps", type=int, default=14)
+    ap = arguments(steps=14)
     ap.add_argument("--window", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=2048)
     a = ap.parse_args()
-    from lora_runtime import lora_sft
-
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in a.runs.split(","):
@@ -97,9 +88,7 @@ def main() -> None:
         last = a.steps - 1
         callback = _profiler_callback(last - a.window, last, report)
         with tempfile.TemporaryDirectory() as tmp:
-            lora_sft(a.model_dir, a.shards, tmp, lora_r=16, lora_alpha=32, target_modules=common.LORA_TARGETS,
-                     max_steps=a.steps, max_seq_len=a.seq_len, save_steps=10**6, logging_steps=1,
-                     callbacks=[callback], **kw)
+            train(a.model_dir, a.shards, tmp, kw, a.steps, a.seq_len, [callback])
         text, summary = _analyse(name, report, a.window)
         (out / f"{name}.txt").write_text(text)
 

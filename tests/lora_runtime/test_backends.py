@@ -136,7 +136,6 @@ def test_unsloth_is_imported_without_its_trl_rewrite_on_cuda_only(tmp_path, monk
     import os
 
     import torch
-
     from lora_runtime.backends.unsloth import TRL_PATCHES_ENV, import_unsloth
 
     name = f"fake_unsloth_{case}"

@@ -44,7 +44,7 @@ def test_none_is_the_plain_path_everywhere(liger_here):
 
 
 def test_an_explicit_liger_that_cannot_run_raises_with_every_reason(liger_here):
-    with pytest.raises(RuntimeError, match="need CUDA.*no kernels for model type 'gpt_neox'"):
+    with pytest.raises(RuntimeError, match=r"need CUDA.*no kernels for model type 'gpt_neox'"):
         k.choose(cfg(kernels="liger"), "peft", "gpt_neox", cuda=False)
 
 

@@ -41,7 +41,6 @@ from lora_runtime.batching import BatchPlan, Footprint, unsloth_footprint
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.distributed import dist_env, print0
 
-
 TRL_PATCHES_ENV = "LORA_SFT_UNSLOTH_TRL_PATCHES"
 
 
