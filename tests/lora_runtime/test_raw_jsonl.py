@@ -82,3 +82,36 @@ def test_a_cache_entry_another_process_holds_is_waited_for(tmp_path, capsys):
     assert waited > 1.0, waited
     out = capsys.readouterr().out
     assert out.count("waiting for another run preparing the same data") == 1 and f"pid {holder.pid}" in out
+
+
+def test_a_second_run_on_the_same_raw_file_waits_for_the_first_and_uses_its_shards(raw, tiny_llama_dir, tmp_path,
+                                                                                    capsys):
+    """Issue 17.3: two runs preparing the same raw file into one data cache. The second waits on the entry's lock
+    while the first prepares (here: a process that holds it, then puts finished shards in place), and then trains
+    on those shards instead of preparing (or clobbering) them again."""
+    import subprocess
+    import sys
+
+    from lora_runtime.config import LoraSftConfig
+    from lora_runtime.data import ensure_shards
+
+    jsonl, _ = raw
+    kw = {**_runs.RUN, "data_output_dir": str(tmp_path / "elsewhere")}
+    (prepared,) = [ensure_shards(LoraSftConfig(str(tiny_llama_dir), str(jsonl), str(tmp_path / "o"), **kw))[1].train_dir]
+    entry = tmp_path / "cache" / prepared.name  # the same key: the same file, tokenizer and options
+    first = subprocess.Popen([sys.executable, "-c", (
+        "import shutil, sys, time, lora_data\n"
+        f"with lora_data.locked({str(entry)!r}, what='the first run'):\n"
+        "    print('held', flush=True); time.sleep(2)\n"
+        f"    shutil.copytree({str(prepared)!r}, {str(entry)!r}, dirs_exist_ok=True, "
+        "ignore=shutil.ignore_patterns('.lock'))\n")], stdout=subprocess.PIPE, text=True)
+    assert first.stdout.readline().strip() == "held"
+    capsys.readouterr()
+    config = LoraSftConfig(str(tiny_llama_dir), str(jsonl), str(tmp_path / "o"), **{**kw, "data_output_dir": str(
+        tmp_path / "cache")})
+    assert ensure_shards(config)[1].train_dir == entry
+    assert first.wait(timeout=30) == 0
+    out = capsys.readouterr().out
+    assert f"waiting for another run preparing the same data into {entry}" in out and f"pid {first.pid}" in out, out
+    assert f"reusing prepared shards {entry} (prepared by another run meanwhile)" in out, out
+    assert "preparing" not in out.replace("preparing the same data", ""), out
