@@ -87,6 +87,35 @@ def test_a_real_full_disk_keeps_the_last_checkpoint_and_the_same_call_resumes(si
     _assert_resumed_and_finished(out, capsys)
 
 
+# with checkpoint-2 and checkpoint-4 on it (~1,480 KiB), this much tmpfs is full in the final save at:
+FINAL_AT_WEIGHTS = "1550k"  # the adapter's safetensors (a SafetensorError)
+FINAL_AT_TOKENIZER = "1720k"  # the tokenizer, after the adapter (a plain Exception)
+
+
+@pytest.mark.parametrize("size", [FINAL_AT_WEIGHTS, FINAL_AT_TOKENIZER], ids=["adapter-save", "tokenizer-save"])
+def test_a_real_full_disk_in_the_final_save_leaves_no_torn_adapter_and_the_same_call_writes_it(
+        size, tmpfs, tiny_llama_dir, llama_shards, capsys):
+    mnt = tmpfs(size)
+    out = mnt / "run"
+    with pytest.raises(CheckpointError) as info:
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **RUN)
+    message = str(info.value)
+    assert message.startswith("disk full (") and f"while writing the final adapter in {out}" in message, message
+    assert f"it resumes from the complete {out / 'checkpoints' / 'checkpoint-4'}" in message, message
+    left = {p.name for p in out.iterdir()}
+    assert not left & {"adapter_model.safetensors", "adapter_config.json", checkpoint.ADAPTER_SUMS, "tokenizer.json",
+                       checkpoint.FINAL_STAGING}, left  # no torn final adapter, no staging dir
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+    _grow(mnt, "4m")
+    capsys.readouterr()
+    result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **RUN)
+    assert result.steps == 4 and result.adapter_dir == out
+    checkpoint.check_adapter(out)  # written whole and sealed
+    assert (out / "tokenizer.json").is_file() and not (out / checkpoint.FINAL_STAGING).exists()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
 def test_lora_cli_train_on_a_real_full_disk_prints_one_error_line(tmpfs, tiny_llama_dir, llama_shards, monkeypatch,
                                                                    capsys):
     from lora_cli.main import main

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,29 @@ def seal(out_dir: str | Path, names: list[str]) -> Path:
     files = [n for n in names if (out / n).is_file()]
     return write_json_atomic(out / ADAPTER_SUMS, {"files": files, "bytes": {n: (out / n).stat().st_size for n in files},
                                                   "sha256": {n: sha256_file(out / n) for n in files}})
+
+
+FINAL_STAGING = ".tmp-final-adapter"
+
+
+def write_final_adapter(out_dir: str | Path, save: Callable[[Path], Any], tokenizer: Any) -> Path:
+    """The final adapter (`save(dir)`) and the tokenizer are written into a staging dir, moved into `out_dir` file by
+    file, and sealed (ADAPTER_SUMS) last; an earlier seal goes first. A run killed meanwhile leaves no seal, which
+    `check_adapter` reports as a torn adapter; a failed write (a full disk) leaves nothing: the staging dir is removed."""
+    out = Path(out_dir)
+    (out / ADAPTER_SUMS).unlink(missing_ok=True)
+    tmp = out / FINAL_STAGING
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return seal(out, ADAPTER_FILES)
 
 
 def check_adapter(adapter_dir: str | Path) -> None:
@@ -316,12 +339,16 @@ def write_json_atomic(path: str | Path, obj: object) -> Path:
     """Write JSON to a temp file, fsync, rename over `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk (or a kill's KeyboardInterrupt) leaves no half-written temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -199,18 +199,24 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
     sharded = sharding.is_sharded(trainer.model)
     trainable = sharding.gather_trainable(trainer.model) if sharded and adapter_dir is not None else None
     if dist_env().is_main:
-        if adapter_dir is not None:
+        def save(d: Path) -> Any:
             if trainable is not None:  # sharded: the gathered LoRA weights
-                sharding.save_adapter(trainer.model, out, trainable)
-            else:
-                backend.save_adapter(trainer.model, out)
-            checkpoint.seal(out, checkpoint.ADAPTER_FILES)
-            tokenizer.save_pretrained(out)
-        checkpoint.write_json_atomic(out / checkpoint.CONFIG_NAME, checkpoint.run_record(
-            config, plan, backend=backend.name, versions=_versions()))
-        plot = plot_loss(metrics_path, out / "loss.png")
-        if adapter_dir is not None:
-            model_card.write_model_card(out, manifest)
+                return sharding.save_adapter(trainer.model, d, trainable)
+            return backend.save_adapter(trainer.model, d)
+
+        try:
+            if adapter_dir is not None:
+                checkpoint.write_final_adapter(out, save, tokenizer)
+            checkpoint.write_json_atomic(out / checkpoint.CONFIG_NAME, checkpoint.run_record(
+                config, plan, backend=backend.name, versions=_versions()))
+            plot = plot_loss(metrics_path, out / "loss.png")
+            if adapter_dir is not None:
+                model_card.write_model_card(out, manifest)
+        except Exception as e:  # a full disk here is one error naming the complete checkpoint, as during training
+            reason = checkpoint.disk_full_reason(e, out)
+            if reason is None:
+                raise
+            raise checkpoint.CheckpointError(_final_disk_full(out, reason)) from e
         if config.save_merged and not stopped:
             source = adapter_dir or checkpoint.newest_complete(checkpoint.checkpoints_dir(out))
             if source is None:
@@ -226,6 +232,14 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
                        tokens_seen=int(trainer.state.num_input_tokens_seen), final_loss=summary["final_loss"],
                        wall_time_s=time.time() - start, peak_memory_bytes=peak_memory_bytes(), manifest=manifest,
                        train_loss=summary["train_loss"], eval_loss=summary["eval_loss"])
+
+
+def _final_disk_full(out: Path, reason: str) -> str:
+    newest = checkpoint.newest_complete(checkpoint.checkpoints_dir(out))
+    then = (f"it resumes from the complete {newest} and writes the adapter (or merge that checkpoint)" if newest
+            else "no checkpoint was kept, so it trains again")
+    return (f"disk full ({reason}) while writing the final adapter in {out}; the partial write was removed. Free "
+            f"space and run the same command again: {then}")
 
 
 def _callbacks(callbacks: Any) -> list | None:
