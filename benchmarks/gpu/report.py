@@ -18,13 +18,14 @@ DETAILS = {  # extra figures shown in the details column, with their format
     "fault_names_rank_1": "dead rank named: {}", "fault_exit_s": "launcher exit {:.0f} s",
     "fault_resumed_from": "{}", "bf16_matmul_tflops": "bf16 matmul {:.0f} TFLOP/s", "copy_tb_s": "copy {:.2f} TB/s",
     "peak_alloc_gib_per_gpu": "peak per GPU {}", "speedup_vs_trl": "{:.2f}x TRL's preparation",
-    "packing_efficiency": "packing efficiency {:.4f}", "records": "{} records", "note": "{}",
+    "packing_efficiency": "packing efficiency {:.4f}", "vs_encode_batch": "{:.2f}x the bare encode_batch",
+    "records": "{} records", "note": "{}",
 }
 OTHER = {
     "prepare": "CPU data preparation (pytest-benchmark `benchmarks/test_prepare.py`): `lora_data.prepare` against "
-               "TRL SFTTrainer's own preparation of the same generated chat corpus (same template, assistant-only "
-               "mask, best-fit-decreasing packing, rows of 4,096; both produce the same tokens). tokens/s here is "
-               "prepared tokens per second.",
+               "TRL SFTTrainer's own preparation of the same chat corpus, generated text or real docstrings (same template, "
+               "assistant-only mask, best-fit-decreasing packing, rows of 4,096; both produce the same tokens). "
+               "tokens/s here is prepared tokens per second.",
     "train-step": "One optimizer step of a backend on packed rows of 2048 tokens (pytest-benchmark `benchmarks/"
                   "test_train.py`: the regression gate's training cases), Qwen2.5-1.5B shape.",
 }
