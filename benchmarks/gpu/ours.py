@@ -63,6 +63,15 @@ def parse(name: str) -> dict:
     return kw
 
 
+def import_unsloth_first(model_dir: str, shards: str, kw: dict) -> None:
+    """What lora_sft does first in a user's script, done before the harness's own callbacks import transformers (else
+    Unsloth warns that it was imported after transformers and some of its patches may not apply)."""
+    from lora_runtime import LoraSftConfig
+    from lora_runtime.backends import import_unsloth_first as first
+
+    first(LoraSftConfig(model_dir, shards, tempfile.gettempdir(), **kw))
+
+
 def train(model_dir: str, shards: str, out: str, kw: dict, steps: int, seq_len: int, callbacks: list):
     """lora_sft as every run of the harness calls it: LoRA r=16 alpha=32 on the 7 projections, a log every step, no
     checkpoint before the end; `kw` from `parse`."""
@@ -90,6 +99,7 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
 
     meter = common.StepMeter(warmup=warmup)
     kw = parse(name)
+    import_unsloth_first(model_dir, shards, kw)
     fraction = common.cap_memory(kw.get("max_memory_gib"))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from benchmarks.gpu import common
-from benchmarks.gpu.ours import arguments, parse, train
+from benchmarks.gpu.ours import arguments, import_unsloth_first, parse, train
 
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
          "cudaMemcpy", "aten::nonzero")
@@ -83,6 +83,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in a.runs.split(","):
         kw = parse(name)
+        import_unsloth_first(a.model_dir, a.shards, kw)
         common.cap_memory(kw.get("max_memory_gib"))
         report: dict = {}
         last = a.steps - 1
