@@ -27,6 +27,7 @@ def test_auto_takes_liger_on_cuda_with_peft(liger_here):
     ({}, "peft", "qwen2", False, "liger's Triton kernels need CUDA"),
     ({}, "peft", "gpt_neox", True, "liger has no kernels for model type 'gpt_neox'"),
     ({"sharding": "fsdp"}, "peft", "qwen2", True, "liger is not measured under FSDP2"),
+    ({"enable_model_splitting": True}, "peft", "qwen2", True, "not measured across split devices"),
 ])
 def test_auto_falls_back_to_the_plain_path_and_says_why(liger_here, kw, backend, model_type, cuda, why):
     use, reason = k.choose(cfg(**kw), backend, model_type, cuda)

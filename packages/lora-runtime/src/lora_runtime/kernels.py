@@ -7,7 +7,8 @@ fp32 copy and their gradient, about 12 bytes × vocab a token, are never materia
 - the unsloth backend has its own fused cross-entropy, RMSNorm, SwiGLU and RoPE (liger on top broke its loss and its
   LoRA MLP kernel): never liger there;
 - on a CPU there are no Triton kernels; without the liger-kernel package, nothing to apply;
-- under FSDP2 sharding (not measured there) and for model types liger does not patch: the plain path.
+- under FSDP2 sharding and with model splitting (not measured there) and for model types liger does not patch: the
+  plain path.
 
 `kernels="liger"` asks for it (refused at validation where it cannot run); `"none"` keeps the plain path. With
 `lm_head` among the LoRA targets the fused loss is left out (it reads lm_head's base weight, not its adapter); the
@@ -45,6 +46,9 @@ def choose(config: LoraSftConfig, backend: str, model_type: str | None, cuda: bo
     if config.kernels == "auto" and config.sharding == "fsdp":
         reasons.append("sharding='fsdp' runs the plain path (liger is not measured under FSDP2); kernels='liger' "
                        "asks for it")
+    if config.kernels == "auto" and config.enable_model_splitting:
+        reasons.append("enable_model_splitting runs the plain path (liger is not measured across split devices); "
+                       "kernels='liger' asks for it")
     if reasons and config.kernels == "liger":
         raise RuntimeError(f"kernels='liger' cannot run here: {'; '.join(reasons)}")
     if reasons:
