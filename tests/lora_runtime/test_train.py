@@ -309,3 +309,44 @@ def test_metrics_rows_are_synced_with_each_checkpoint_not_per_row(tiny_llama_dir
     lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**_runs.RUN, "max_steps": 4, "save_steps": 2})
     assert events == ["fsync", ("commit", 2), "fsync", ("commit", 4)]
     assert len([r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]) == 4
+
+
+def test_a_nan_loss_is_logged_as_nan_not_hidden(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
+    """transformers' logging_nan_inf_filter would log the mean of earlier losses in place of a NaN (and wait for the
+    GPU after every backward to test for it): a diverging run must show its NaN."""
+    import math
+
+    from lora_runtime.trainer import PackedTrainer
+
+    real = PackedTrainer.compute_loss
+
+    def poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = real(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        return loss * float("nan") if self.state.global_step == 2 else loss
+
+    monkeypatch.setattr(PackedTrainer, "compute_loss", poisoned)
+    result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"),
+                      **{**_runs.RUN, "max_steps": 4, "save_steps": 100})
+    losses = [r["loss"] for r in read_metrics(result.metrics_path) if "loss" in r]
+    assert [math.isnan(x) for x in losses] == [False, False, True, True], losses
+
+
+def test_total_flos_counts_the_parameters_once(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
+    """transformers' estimate of total_flos, with the parameters counted once, not walked again every micro-step."""
+    from transformers import PreTrainedModel, TrainerCallback
+
+    calls = []
+    real = PreTrainedModel.num_parameters
+    monkeypatch.setattr(PreTrainedModel, "num_parameters",
+                        lambda self, *a, **k: calls.append(k) or real(self, *a, **k))
+    captured = {}
+
+    class Keep(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kw):
+            captured["flos"], captured["params"] = state.total_flos, real(model, exclude_embeddings=True)
+
+    lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"),
+             **{**_runs.RUN, "max_steps": 3, "save_steps": 100}, callbacks=[Keep()])
+    assert calls.count({"exclude_embeddings": True}) == 1
+    rows = _runs.RUN["micro_batch_size"] * _runs.RUN["gradient_accumulation_steps"] * 3
+    assert captured["flos"] == 6 * captured["params"] * rows * _runs.RUN["max_seq_len"]

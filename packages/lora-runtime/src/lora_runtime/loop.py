@@ -179,6 +179,9 @@ def training_arguments(config: LoraSftConfig, plan: BatchPlan, precision: str) -
         seed=config.seed, data_seed=config.seed, dataloader_num_workers=config.dataloader_num_workers,
         dataloader_pin_memory=False, ignore_data_skip=True, remove_unused_columns=False,
         ddp_find_unused_parameters=False, gradient_checkpointing=False, disable_tqdm=True,
+        # a NaN or inf loss is logged as it is, not replaced by the mean of earlier ones (the filter also waited for
+        # the GPU after every backward, to test the loss)
+        logging_nan_inf_filter=False,
     )
 
 

@@ -50,6 +50,7 @@ class PackedTrainer(Trainer):
         self._last_log: tuple[float, int] | None = None  # (time, tokens) at the last log; set at the first step
         self._paused = 0.0  # eval/checkpoint seconds since the last log
         self._logged_at: float | None = None  # when the last log was written
+        self._flops_per_token: int | None = None  # see floating_point_ops
 
     # ------------------------------------------------------------------ data
     def _loader(self, dataset: Any, batch_size: int) -> EpochDataLoader:
@@ -181,6 +182,15 @@ class PackedTrainer(Trainer):
             self._tokens_local += int(n)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """transformers' estimate (6 × tokens × non-embedding parameters) for total_flos, with the parameter count
+        taken once: transformers walks every parameter of the model again on every step to count them."""
+        if self._flops_per_token is None:
+            count = getattr(self.model, "num_parameters", None)
+            self._flops_per_token = 6 * count(exclude_embeddings=True) if count else 0
+        ids = inputs.get("input_ids")
+        return self._flops_per_token * (ids.numel() if ids is not None else 0)
 
     # ------------------------------------------------------------------ metrics
     def flush_tokens(self) -> int:
