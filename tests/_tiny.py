@@ -140,6 +140,20 @@ def build_model(out_dir: str | Path, *, arch: str = "llama", tokenizer_dir: str 
     return out
 
 
+def write_shards(out_dir: str | Path, rows: list, *, seq_len: int, rows_per_shard: int = 4096,
+                 fingerprint: str = "toy", **manifest) -> Path:
+    """A shard set written with lora-data's own writer from `rows` of (input_ids, loss_mask, seq_lens), pad id 0,
+    and its manifest (`manifest`: more of its fields, e.g. packing_efficiency)."""
+    from lora_data import Manifest, ShardWriter
+
+    w = ShardWriter(out_dir, seq_len=seq_len, pad_id=0, rows_per_shard=rows_per_shard)
+    for ids, mask, lens in rows:
+        w.add_row(ids, mask, seq_lens=lens)
+    Manifest(seq_len=seq_len, pad_id=0, shards=[s.to_dict() for s in w.close()], tokenizer={"fingerprint": fingerprint},
+             **manifest).save(out_dir)
+    return Path(out_dir)
+
+
 def write_jsonl(path: str | Path, records: list) -> Path:
     """Write `records` one per line; a `str` entry is written verbatim (for broken lines)."""
     p = Path(path)

@@ -215,12 +215,9 @@ def test_runtime_errors_with_a_fix_are_one_line_exit_1(monkeypatch, error):
 
 def test_shard_row_length_is_left_to_the_runtime(fake_sft, tmp_path):
     """`--shards D` and `lora_sft(model, D, out)` resolve the row length in one place (lora_runtime.data)."""
-    from lora_data import Manifest, ShardWriter
+    import _tiny
 
-    w = ShardWriter(tmp_path / "shards", seq_len=8, pad_id=0)
-    w.add_row([1, 2, 3], [0, 1, 1], seq_lens=[3])
-    Manifest(seq_len=8, pad_id=0, shards=[s.to_dict() for s in w.close()], tokenizer={"fingerprint": "x"}).save(
-        tmp_path / "shards")
+    _tiny.write_shards(tmp_path / "shards", [([1, 2, 3], [0, 1, 1], [3])], seq_len=8)
     base = ["train", "--model", "m", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "o")]
     assert run(base).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 2048
     assert run([*base, "--max-seq-len", "16"]).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 16

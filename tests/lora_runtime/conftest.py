@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import _shards
+import _tiny
 import pytest
 
 
@@ -21,12 +22,5 @@ def qwen2_shards(tmp_path_factory, tiny_qwen2_dir) -> Path:
 @pytest.fixture
 def toy_shards(tmp_path) -> Path:
     """10 rows of seq_len 8 whose first token is the row index (so order is visible)."""
-    from lora_data import Manifest, ShardWriter
-
-    w = ShardWriter(tmp_path / "toy", seq_len=8, pad_id=0, rows_per_shard=4)
-    for i in range(10):
-        w.add_row([100 + i, 1, 2, 3, 4], [0, 1, 1, 0, 1], seq_lens=[3, 2])
-    infos = w.close()
-    Manifest(seq_len=8, pad_id=0, shards=[s.to_dict() for s in infos], tokenizer={"fingerprint": "toy"},
-             packing_efficiency=5 / 8).save(tmp_path / "toy")
-    return tmp_path / "toy"
+    rows = [([100 + i, 1, 2, 3, 4], [0, 1, 1, 0, 1], [3, 2]) for i in range(10)]
+    return _tiny.write_shards(tmp_path / "toy", rows, seq_len=8, rows_per_shard=4, packing_efficiency=5 / 8)

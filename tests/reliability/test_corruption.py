@@ -8,8 +8,9 @@ import random
 import shutil
 from pathlib import Path
 
+import _tiny
 import pytest
-from lora_data import Manifest, ShardError, ShardReader, ShardWriter
+from lora_data import ShardError, ShardReader
 from lora_runtime import checkpoint
 
 SEED = 8
@@ -29,14 +30,12 @@ def truncate(path: Path, size: int) -> None:
 def shard_dir(tmp_path) -> Path:
     """3 shards of packed rows (the last one partial) and their manifest."""
     rng = random.Random(SEED)
-    d = tmp_path / "shards"
-    w = ShardWriter(d, seq_len=32, pad_id=0, rows_per_shard=5)
+    rows = []
     for _ in range(12):
         lens = [rng.randint(1, 10) for _ in range(rng.randint(1, 3))]
         ids = [rng.randrange(1, 1000) for _ in range(sum(lens))]
-        w.add_row(ids, [rng.randint(0, 1) for _ in ids], seq_lens=lens)
-    infos = w.close()
-    Manifest(seq_len=32, pad_id=0, shards=[s.to_dict() for s in infos], tokenizer={"fingerprint": "f" * 16}).save(d)
+        rows.append((ids, [rng.randint(0, 1) for _ in ids], lens))
+    d = _tiny.write_shards(tmp_path / "shards", rows, seq_len=32, rows_per_shard=5, fingerprint="f" * 16)
     ShardReader(d)  # whole before any damage
     return d
 

@@ -8,8 +8,9 @@ import json
 import re
 from pathlib import Path
 
+import _tiny
 import pytest
-from lora_data import Manifest, ShardError, ShardReader, ShardWriter
+from lora_data import ShardError, ShardReader
 
 PACKAGES = Path(__file__).parents[2] / "packages"
 
@@ -64,12 +65,8 @@ def test_no_unsafe_deserialization_in_our_code():
 
 @pytest.fixture
 def shard_dir(tmp_path) -> Path:
-    d = tmp_path / "shards"
-    w = ShardWriter(d, seq_len=8, pad_id=0, rows_per_shard=2)
-    for i in range(4):
-        w.add_row([1 + i, 2, 3], [0, 1, 1], seq_lens=[3])
-    Manifest(seq_len=8, pad_id=0, shards=[s.to_dict() for s in w.close()], tokenizer={"fingerprint": "x"}).save(d)
-    return d
+    return _tiny.write_shards(tmp_path / "shards", [([1 + i, 2, 3], [0, 1, 1], [3]) for i in range(4)], seq_len=8,
+                              rows_per_shard=2)
 
 
 ESCAPES = ["../shard-00000.bin", "/etc/passwd", "sub/shard-00000.bin", "..", ".", "", "shard-00000.bin/../../x",
