@@ -30,10 +30,13 @@ from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-
-from _corpus import build_bench_tokenizer, build_vocab_tokenizer, docstrings, write_corpus, write_docstring_corpus
+from benchmarks._corpus import (
+    build_bench_tokenizer,
+    build_vocab_tokenizer,
+    docstrings,
+    write_corpus,
+    write_docstring_corpus,
+)
 
 FULL = os.environ.get("LORA_BENCH_FULL") == "1"
 N_RECORDS = int(os.environ.get("LORA_BENCH_RECORDS") or (100_000 if FULL else 2_000))
