@@ -148,3 +148,12 @@ def test_unsloth_is_imported_without_its_trl_rewrite_on_cuda_only(tmp_path, monk
     import_unsloth(name)
     import_unsloth(name)  # imported once
     assert seen == [expected] and "UNSLOTH_ALLOW_CPU" not in os.environ
+
+
+def test_the_probe_cache_key_names_the_probe_and_the_variables_it_depends_on(monkeypatch):
+    """A changed probe command, or LORA_SFT_UNSLOTH_TRL_PATCHES / UNSLOTH_ALLOW_CPU, must probe again."""
+    monkeypatch.delenv("LORA_SFT_UNSLOTH_TRL_PATCHES", raising=False)
+    key = backends._probe_key()
+    assert backends.PROBE in key
+    monkeypatch.setenv("LORA_SFT_UNSLOTH_TRL_PATCHES", "1")
+    assert backends._probe_key() != key

@@ -45,13 +45,24 @@ def test_none_is_the_plain_path_everywhere(liger_here):
 
 
 def test_an_explicit_liger_that_cannot_run_raises_with_every_reason(liger_here):
-    with pytest.raises(RuntimeError, match=r"need CUDA.*no kernels for model type 'gpt_neox'"):
-        k.choose(cfg(kernels="liger"), "peft", "gpt_neox", cuda=False)
+    with pytest.raises(RuntimeError, match=r"runs its own fused kernels.*no kernels for model type 'gpt_neox'"):
+        k.choose(cfg(kernels="liger"), "unsloth", "gpt_neox", cuda=True)
+
+
+def test_a_liger_that_does_not_import_is_the_plain_path_with_the_reason(monkeypatch):
+    monkeypatch.setattr(k, "liger_installed", lambda: True)
+
+    def broken():
+        raise ImportError("cannot import name 'x' from 'triton'")
+
+    monkeypatch.setattr(k, "_liger_model_types", broken)
+    use, reason = k.choose(cfg(), "peft", "qwen2", cuda=True)
+    assert not use and "liger-kernel does not import (cannot import name 'x' from 'triton')" in reason
 
 
 @pytest.mark.parametrize(("targets", "fused"), [
     (None, True), (("q_proj", "v_proj"), True), ("all-linear", True), (("q_proj", "lm_head"), False),
-    (r".*(q_proj|lm_head)", False),
+    (r".*(q_proj|lm_head)", False), ("lm_.*", False), (r".*_head", False), (r".*\.(q|v)_proj", True),
 ])
 def test_the_fused_loss_is_left_out_when_lm_head_carries_lora(targets, fused):
     assert k.targets_lm_head(targets) is not fused
@@ -103,3 +114,28 @@ def test_with_the_fused_loss_the_peft_plan_fits_the_budget_instead_of_always_rec
     assert backend.footprint(model_config, fused).per_token_base == 0 < backend.footprint(model_config, plain).per_token_base
     assert resolve(fused, backend, rows=900).gradient_checkpointing is False  # a tiny model fits: no recomputation
     assert resolve(plain, backend, rows=900).gradient_checkpointing is True
+
+
+def test_evaluation_asks_the_fused_loss_to_skip_the_logits(tiny_llama_dir, llama_shards, tmp_path):
+    """liger's fused loss builds the full logits in eval mode unless told; the memory plan left them out, so the
+    trainer's evaluation passes skip_logits=True to a model carrying the fused loss (and nothing to any other)."""
+    from lora_runtime import lora_sft
+    from transformers import TrainerCallback
+
+    seen: list = []
+
+    class Fused(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            base = model.get_base_model()
+            setattr(base, k.FUSED_FLAG, True)
+            forward = base.forward
+
+            def recording(*a, skip_logits=None, **kwargs):
+                seen.append((base.training, skip_logits))
+                return forward(*a, **kwargs)
+
+            base.forward = recording
+
+    lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"), backend="peft", max_steps=2,
+             micro_batch_size=2, eval_data_path=str(llama_shards), eval_steps=2, save_steps=100, callbacks=[Fused()])
+    assert (True, None) in seen and (False, True) in seen and (False, None) not in seen

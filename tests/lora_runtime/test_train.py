@@ -289,7 +289,8 @@ def test_eval_loss_counts_each_row_once_whatever_the_eval_batch(tiny_llama_dir, 
 def test_metrics_rows_are_synced_with_each_checkpoint_not_per_row(tiny_llama_dir, llama_shards, tmp_path,
                                                                    monkeypatch):
     """metrics.jsonl is flushed per row but fsynced only before a checkpoint is committed (an fsync per logged step
-    stalled the host): every row up to the checkpoint's step is durable when the checkpoint appears."""
+    stalled the host): every row up to the checkpoint's step is durable when the checkpoint appears, and the
+    rows after the last checkpoint at the end of the run."""
     import os
 
     import lora_runtime.checkpoint as checkpoint_module
@@ -307,13 +308,14 @@ def test_metrics_rows_are_synced_with_each_checkpoint_not_per_row(tiny_llama_dir
                         real_commit(tmp, step))
     out = tmp_path / "run"
     lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**_runs.RUN, "max_steps": 4, "save_steps": 2})
-    assert events == ["fsync", ("commit", 2), "fsync", ("commit", 4)]
+    assert events == ["fsync", ("commit", 2), "fsync", ("commit", 4), "fsync"]  # the last: at the end of the run
     assert len([r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]) == 4
 
 
 def test_a_nan_loss_is_logged_as_nan_not_hidden(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
-    """transformers' logging_nan_inf_filter would log the mean of earlier losses in place of a NaN (and wait for the
-    GPU after every backward to test for it): a diverging run must show its NaN."""
+    """transformers' logging_nan_inf_filter logged 0.0 in place of a NaN (and waited for the GPU after every backward
+    to test for it): the step shows its NaN, and the steps after it (here the weights stay whole: the NaN is a
+    constant, without gradient) show their own losses, not a NaN carried over."""
     import math
 
     from lora_runtime.trainer import PackedTrainer
@@ -322,13 +324,13 @@ def test_a_nan_loss_is_logged_as_nan_not_hidden(tiny_llama_dir, llama_shards, tm
 
     def poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = real(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        return loss * float("nan") if self.state.global_step == 2 else loss
+        return loss + torch.tensor(float("nan")) if self.state.global_step == 2 else loss
 
     monkeypatch.setattr(PackedTrainer, "compute_loss", poisoned)
     result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"),
                       **{**_runs.RUN, "max_steps": 4, "save_steps": 100})
     losses = [r["loss"] for r in read_metrics(result.metrics_path) if "loss" in r]
-    assert [math.isnan(x) for x in losses] == [False, False, True, True], losses
+    assert [math.isnan(x) for x in losses] == [False, False, True, False], losses
 
 
 def test_total_flos_counts_the_parameters_once(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):

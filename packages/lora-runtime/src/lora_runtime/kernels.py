@@ -12,8 +12,9 @@ fp32 copy and their gradient, about 12 bytes × vocab a token, are never materia
 
 `kernels="liger"` asks for it (refused at validation where it cannot run); `"none"` keeps the plain path. With
 `lm_head` among the LoRA targets the fused loss is left out (it reads lm_head's base weight, not its adapter); the
-other kernels still apply. liger patches a model type's RoPE function module-wide: every model of that type in the
-process uses it. tests/lora_runtime/test_kernels_gpu.py checks the loss and LoRA gradients against the plain path.
+other kernels still apply. liger patches a model type's module, not only this model: its RoPE function and its
+RMSNorm and MLP classes, so every model of that type built later in the process uses liger's kernels too. The fused
+loss skips the logits in training mode only; evaluation asks for it (`fused_loss_applied`). tests/lora_runtime/test_kernels_gpu.py checks the loss and LoRA gradients against the plain path.
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ def choose(config: LoraSftConfig, backend: str, model_type: str | None, cuda: bo
         reasons.append("liger's Triton kernels need CUDA")
     if not liger_installed():
         reasons.append("the liger-kernel package is not installed (pip install liger-kernel)")
-    if model_type is not None and liger_installed() and model_type not in _liger_model_types():
-        reasons.append(f"liger has no kernels for model type {model_type!r}")
+    if cuda and model_type is not None and liger_installed():
+        try:
+            if model_type not in _liger_model_types():
+                reasons.append(f"liger has no kernels for model type {model_type!r}")
+        except ImportError as e:  # liger installed beside a Triton it cannot import
+            reasons.append(f"liger-kernel does not import ({e})")
     if config.kernels == "auto" and config.sharding == "fsdp":
         reasons.append("sharding='fsdp' runs the plain path (liger is not measured under FSDP2); kernels='liger' "
                        "asks for it")
@@ -56,9 +61,15 @@ def choose(config: LoraSftConfig, backend: str, model_type: str | None, cuda: bo
     return True, f"kernels={config.kernels!r} → liger-kernel"
 
 
+FUSED_FLAG = "lora_sft_fused_loss"  # set on the base model where liger's fused loss replaced its forward
+
+
 def apply_liger(model: Any, targets: Any) -> str:
     """Patch `model` (a transformers model, before LoRA is added) in place; returns the log line."""
+    import inspect
+
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     parts = {p: True for p in PARTS}
     skipped = ""
@@ -66,12 +77,30 @@ def apply_liger(model: Any, targets: Any) -> str:
         parts["fused_linear_cross_entropy"] = False
         skipped = " (fused linear cross-entropy left out: lm_head is a LoRA target)"
     _apply_liger_kernel_to_instance(model=model, cross_entropy=False, **parts)
-    return f"kernels: liger {', '.join(p for p, on in parts.items() if on)}{skipped}"
+    accepted = inspect.signature(MODEL_TYPE_TO_APPLY_LIGER_FN[model.config.model_type]).parameters
+    applied = [p for p, on in parts.items() if on and p in accepted]  # liger drops what a model type lacks
+    setattr(model, FUSED_FLAG, "fused_linear_cross_entropy" in applied)
+    return f"kernels: liger {', '.join(applied)}{skipped}"
+
+
+def fused_loss_applied(model: Any) -> bool:
+    """Whether `model` (a PeftModel or the model under it) computes its loss with liger's fused kernel."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, FUSED_FLAG, False))
 
 
 def targets_lm_head(targets: Any) -> bool:
-    if isinstance(targets, str):  # a regex, or "all-linear" (which PEFT never applies to the output layer)
-        return "lm_head" in targets
+    """Whether LoRA `targets` reach the output layer: a name list naming it, or a regex (PEFT matches it against the
+    whole module name) that matches "lm_head"; "all-linear" never includes the output layer."""
+    import re
+
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return False
+        try:
+            return "lm_head" in targets or re.fullmatch(targets, "lm_head") is not None
+        except re.error:
+            return "lm_head" in targets
     return any(t == "lm_head" or str(t).endswith(".lm_head") for t in targets or ())
 
 

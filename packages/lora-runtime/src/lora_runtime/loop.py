@@ -190,6 +190,7 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
     """Rank 0 writes adapter, tokenizer, resolved config, loss plot and (optionally) the merged model."""
     out = Path(config.ckpt_output_dir)
     metrics_path = out / "metrics.jsonl"
+    trainer.metrics.sync()  # rows past the last checkpoint: no resume would log them again
     # Stopped early (a signal, a callback): the newest checkpoint holds the state; nothing may look like a final result.
     stopped = trainer.state.max_steps > 0 and trainer.state.global_step < trainer.state.max_steps
     if stopped:

@@ -29,7 +29,7 @@ from typing import Any, cast
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
-from lora_runtime import checkpoint, sharding
+from lora_runtime import checkpoint, kernels, sharding
 from lora_runtime.batching import BatchPlan
 from lora_runtime.checkpoint import run_record
 from lora_runtime.collate import collate_packed
@@ -100,6 +100,9 @@ class PackedTrainer(Trainer):
 
         start, model = time.perf_counter(), cast(Any, self.model)
         total = count = 0.0
+        # liger's fused loss skips the logits only in training mode unless told: evaluation must not build the
+        # [tokens, vocab] logits the memory plan left out
+        fused = {"skip_logits": True} if kernels.fused_loss_applied(model) else {}
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -109,7 +112,7 @@ class PackedTrainer(Trainer):
                 if n == 0:
                     continue
                 with self.compute_loss_context_manager():
-                    loss = model(**self._prepare_inputs(batch)).loss
+                    loss = model(**self._prepare_inputs(batch), **fused).loss
                 total += float(loss) * n
                 count += n
         model.train(was_training)
@@ -203,7 +206,12 @@ class PackedTrainer(Trainer):
         """Time spent evaluating and checkpointing (after this step's log) is left out of the next tokens/s window."""
         start = time.perf_counter()
         self._logged_at = None
+        logged_before = self._globalstep_last_logged
         super()._maybe_log_save_evaluate(*args, **kwargs)
+        if self._globalstep_last_logged != logged_before:
+            # transformers resets the running loss with `tr_loss -= tr_loss`: a NaN logged once would stay NaN in
+            # every later log (and a skipped fp16 overflow step would poison the rest of the run's numbers)
+            self._tr_loss.zero_()
         self._paused += time.perf_counter() - (self._logged_at or start)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -60,9 +60,12 @@ def probe_cache_path() -> Path:
 
 
 def _probe_key() -> str:
+    from lora_runtime.backends.unsloth import TRL_PATCHES_ENV
     from lora_runtime.versions import installed
 
-    return " ".join([sys.executable, *(f"{pkg}=={v or 'none'}" for pkg, v in installed(PROBED_PACKAGES).items())])
+    env = [f"{v}={os.environ.get(v, '')}" for v in (TRL_PATCHES_ENV, "UNSLOTH_ALLOW_CPU")]
+    return " ".join([sys.executable, *(f"{pkg}=={v or 'none'}" for pkg, v in installed(PROBED_PACKAGES).items()),
+                     *env, PROBE])
 
 
 def _read_probe_cache() -> dict:
