@@ -72,3 +72,17 @@ def test_a_directory_without_an_adapter_is_one_line(tmp_path):
     assert res.exit_code == 1
     assert res.output.strip().splitlines() == [f"error: {tmp_path}: no adapter_config.json there; pass a run's "
                                                "output directory (the `adapter:` line that `lora-cli train` printed)"]
+
+
+def test_an_unfinished_final_save_is_refused_in_one_line(tmp_path, adapter_dir):
+    """A run whose final save did not finish may still hold an earlier run's whole adapter: chat refuses it."""
+    import shutil
+
+    from lora_runtime.checkpoint import FINAL_INCOMPLETE
+
+    run = tmp_path / "run"
+    shutil.copytree(adapter_dir, run)
+    (run / FINAL_INCOMPLETE).write_text("{}")
+    res = CliRunner().invoke(main, ["chat", str(run), "--prompt", "hi"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1].startswith(f"error: {run}: the final adapter's save did not finish")

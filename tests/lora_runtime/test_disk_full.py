@@ -142,3 +142,28 @@ def test_lora_cli_train_on_a_real_full_disk_prints_one_error_line(tmpfs, tiny_ll
     assert res.exit_code == 0, res.output
     assert f"resuming from {out / 'checkpoints' / 'checkpoint-2'} (step 2" in res.output + capsys.readouterr().out
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_final_save_that_did_not_finish_is_refused_even_over_an_earlier_runs_whole_adapter(tmp_path):
+    """A resumed, finished run whose final save fails keeps the previous run's adapter files in the directory:
+    they are whole, so without a mark a merge would take them for this run's adapter."""
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def first(d):
+        (d / "adapter_config.json").write_text("{}")
+        (d / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+
+    checkpoint.write_final_adapter(out, first, None)
+    checkpoint.check_adapter(out)  # the first run's adapter: whole and sealed
+
+    def failing(d):
+        raise RuntimeError("the save failed")
+
+    with pytest.raises(RuntimeError, match="the save failed"):
+        checkpoint.write_final_adapter(out, failing, None)
+    assert (out / "adapter_config.json").is_file() and not (out / checkpoint.FINAL_STAGING).exists()
+    with pytest.raises(CheckpointError, match="the final adapter's save did not finish"):
+        checkpoint.check_adapter(out)
+    checkpoint.write_final_adapter(out, first, None)  # the same call again
+    checkpoint.check_adapter(out)

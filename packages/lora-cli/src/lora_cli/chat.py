@@ -38,9 +38,12 @@ class Chat:
 
     def __init__(self, adapter_dir: Path, base: str, *, device: str | None = None, system: str | None = None):
         import torch
+        from lora_runtime.checkpoint import check_adapter
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
+
+        check_adapter(adapter_dir)  # torn, corrupted, or an unfinished final save: one error naming what to use
 
         hf_logging.disable_progress_bar()  # the weight-loading bar would land between the turns
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -141,13 +142,19 @@ def seal(out_dir: str | Path, names: list[str]) -> Path:
 
 
 FINAL_STAGING = ".tmp-final-adapter"
+FINAL_INCOMPLETE = ".final-adapter-incomplete"  # from the start of a final save until its seal
 
 
 def write_final_adapter(out_dir: str | Path, save: Callable[[Path], Any], tokenizer: Any) -> Path:
     """The final adapter (`save(dir)`) and the tokenizer are written into a staging dir, moved into `out_dir` file by
-    file, and sealed (ADAPTER_SUMS) last; an earlier seal goes first. A run killed meanwhile leaves no seal, which
-    `check_adapter` reports as a torn adapter; a failed write (a full disk) leaves nothing: the staging dir is removed."""
+    file, fsynced, and sealed (ADAPTER_SUMS) last.
+
+    FINAL_INCOMPLETE is written before anything else is touched (and an earlier seal removed) and removed after the
+    seal: a run killed or failing meanwhile leaves it, and `check_adapter` refuses the directory, which may still
+    hold the adapter of an earlier run, so a merge never takes that one for this run's. A failed write (a full disk)
+    removes the staging dir and raises OSError(ENOSPC) with the reason, measured before the cleanup freed space."""
     out = Path(out_dir)
+    write_json_atomic(out / FINAL_INCOMPLETE, {"started": time.time()})
     (out / ADAPTER_SUMS).unlink(missing_ok=True)
     tmp = out / FINAL_STAGING
     shutil.rmtree(tmp, ignore_errors=True)
@@ -157,10 +164,27 @@ def write_final_adapter(out_dir: str | Path, save: Callable[[Path], Any], tokeni
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for f in sorted(tmp.iterdir()):
+            _fsync(f)
             os.replace(f, out / f.name)
-    finally:
+        tmp.rmdir()
+        _fsync_dir(out)
+    except Exception as e:
+        reason = disk_full_reason(e, out)
         shutil.rmtree(tmp, ignore_errors=True)
-    return seal(out, ADAPTER_FILES)
+        if reason is not None:
+            raise OSError(errno.ENOSPC, reason) from e
+        raise
+    sealed = seal(out, ADAPTER_FILES)
+    (out / FINAL_INCOMPLETE).unlink()
+    return sealed
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_adapter(adapter_dir: str | Path) -> None:
@@ -170,6 +194,12 @@ def check_adapter(adapter_dir: str | Path) -> None:
     d = Path(adapter_dir)
     if (d / MARKER).is_file():
         verify(d)
+    elif (d / FINAL_INCOMPLETE).is_file():
+        newest = newest_complete(checkpoints_dir(d))
+        fix = (f"merge the newest complete checkpoint instead ({newest}), or run the same train command again to "
+               "write the final adapter" if newest else "run the same train command again")
+        raise CheckpointError(f"{d}: the final adapter's save did not finish ({FINAL_INCOMPLETE} is there); any "
+                              f"adapter files in it may be an earlier run's or torn; {fix}")
     elif (d / ADAPTER_SUMS).is_file():
         newest = newest_complete(checkpoints_dir(d))
         verify(d, ADAPTER_SUMS, "restore it from a backup" + (f", or use the adapter in {newest}" if newest else ""))

@@ -208,9 +208,11 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
                 return sharding.save_adapter(trainer.model, d, trainable)
             return backend.save_adapter(trainer.model, d)
 
+        adapter_written = False
         try:
             if adapter_dir is not None:
                 checkpoint.write_final_adapter(out, save, tokenizer)
+                adapter_written = True
             checkpoint.write_json_atomic(out / checkpoint.CONFIG_NAME, checkpoint.run_record(
                 config, plan, backend=backend.name, versions=_versions()))
             plot = plot_loss(metrics_path, out / "loss.png")
@@ -220,7 +222,7 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
             reason = checkpoint.disk_full_reason(e, out)
             if reason is None:
                 raise
-            raise checkpoint.CheckpointError(_final_disk_full(out, reason)) from e
+            raise checkpoint.CheckpointError(_final_disk_full(out, reason, adapter_written)) from e
         if config.save_merged and not stopped:
             source = adapter_dir or checkpoint.newest_complete(checkpoint.checkpoints_dir(out))
             if source is None:
@@ -238,7 +240,11 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
                        train_loss=summary["train_loss"], eval_loss=summary["eval_loss"])
 
 
-def _final_disk_full(out: Path, reason: str) -> str:
+def _final_disk_full(out: Path, reason: str, adapter_written: bool = False) -> str:
+    if adapter_written:
+        return (f"disk full ({reason}) in {out} after the final adapter was written and sealed (it is complete); "
+                "the run record, loss plot or model card may be missing: free space and run the same command again "
+                "to write them")
     newest = checkpoint.newest_complete(checkpoint.checkpoints_dir(out))
     then = (f"it resumes from the complete {newest} and writes the adapter (or merge that checkpoint)" if newest
             else "no checkpoint was kept, so it trains again")
