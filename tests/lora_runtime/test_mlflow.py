@@ -62,3 +62,22 @@ def test_a_store_the_installed_mlflow_cannot_use_is_one_error_line_before_traini
     res = CliRunner().invoke(main, [*args, "--mlflow-tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
     assert "SQLAlchemy, not installed here" in res.output and "`uv pip install mlflow`" in res.output, res.output
+
+
+def test_an_experiment_name_alone_checks_mlflows_default_store(mlflow, tmp_path, monkeypatch):
+    """MLflow turned on by an experiment name only writes to its default URI (a local sqlite database in MLflow 3):
+    where that store cannot work here, it is one error at validation too."""
+    import importlib.util
+
+    from lora_cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: f"sqlite:///{tmp_path / 'mlflow.db'}")
+    args = ["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path / "o"), "--dry-run"]
+    res = CliRunner().invoke(main, [*args, "--mlflow-experiment-name", "x"])
+    assert res.exit_code == 1 and "MLflow's default tracking URI" in res.output, res.output
+    assert "SQLAlchemy, not installed here" in res.output
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://mlflow.example:5000")
+    assert CliRunner().invoke(main, [*args, "--mlflow-experiment-name", "x"]).exit_code == 0

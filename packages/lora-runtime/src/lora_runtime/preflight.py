@@ -71,14 +71,21 @@ def machine_issues(cfg: Any) -> list[str]:
 def mlflow_store_issues(cfg: Any) -> list[str]:
     """A tracking URI the installed MLflow cannot use, which it says only when training starts, after the model has
     loaded, as a traceback: a file store (a plain path or a file: URI), refused by MLflow 3 unless
-    MLFLOW_ALLOW_FILE_STORE is set, or a database without SQLAlchemy (mlflow-skinny). Imports mlflow (~3 s), so
-    only for a tracking URI that names a file store."""
+    MLFLOW_ALLOW_FILE_STORE is set, or a database without SQLAlchemy (mlflow-skinny). With MLflow asked for by an
+    experiment name alone, MLflow's own default URI is checked (a local sqlite database or ./mlruns). Imports mlflow
+    (~3 s), so only where MLflow logging is asked for."""
     from urllib.parse import urlparse
 
-    uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri or importlib.util.find_spec("mlflow") is None:
+    if importlib.util.find_spec("mlflow") is None:
         return []
+    uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     where = "`mlflow_tracking_uri`" if cfg.mlflow_tracking_uri else "MLFLOW_TRACKING_URI"
+    if not uri:
+        if not (cfg.mlflow_experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")):
+            return []
+        import mlflow
+
+        uri, where = str(mlflow.get_tracking_uri()), "MLflow's default tracking URI"
     scheme = urlparse(uri).scheme.split("+")[0]
     if scheme in ("sqlite", "postgresql", "mysql", "mssql"):
         if importlib.util.find_spec("sqlalchemy") is None:
@@ -91,8 +98,12 @@ def mlflow_store_issues(cfg: Any) -> list[str]:
         from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
     except ImportError:  # an MLflow from before the refusal
         return []
-    if MLFLOW_ALLOW_FILE_STORE.get():
-        return []
+    try:
+        if MLFLOW_ALLOW_FILE_STORE.get():
+            return []
+    except ValueError:
+        return [f"MLFLOW_ALLOW_FILE_STORE={os.environ.get('MLFLOW_ALLOW_FILE_STORE')!r} is not a boolean MLflow reads: "
+                "set it to true or false"]
     return [f"{where}={uri} is a file store, which the installed MLflow refuses (its filesystem backend is in "
             "maintenance mode): set MLFLOW_ALLOW_FILE_STORE=true to keep it, or pass a database (sqlite:///PATH.db, "
             "with the full mlflow package) or an MLflow server's http(s):// address"]
