@@ -15,7 +15,7 @@ def cfg(**kw) -> LoraSftConfig:
 @pytest.fixture
 def liger_here(monkeypatch):
     monkeypatch.setattr(k, "liger_installed", lambda: True)
-    monkeypatch.setattr(k, "_liger_model_types", lambda: {"llama", "qwen2"})
+    monkeypatch.setattr(k, "_apply_fns", lambda: {"llama": None, "qwen2": None})
 
 
 def test_auto_takes_liger_on_cuda_with_peft(liger_here):
@@ -55,7 +55,7 @@ def test_a_liger_that_does_not_import_is_the_plain_path_with_the_reason(monkeypa
     def broken():
         raise ImportError("cannot import name 'x' from 'triton'")
 
-    monkeypatch.setattr(k, "_liger_model_types", broken)
+    monkeypatch.setattr(k, "_apply_fns", broken)
     use, reason = k.choose(cfg(), "peft", "qwen2", cuda=True)
     assert not use and "liger-kernel does not import (cannot import name 'x' from 'triton')" in reason
 

@@ -164,7 +164,7 @@ def write_final_adapter(out_dir: str | Path, save: Callable[[Path], Any], tokeni
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for f in sorted(tmp.iterdir()):
-            _fsync(f)
+            _fsync_file(f)
             os.replace(f, out / f.name)
         tmp.rmdir()
         _fsync_dir(out)
@@ -179,14 +179,6 @@ def write_final_adapter(out_dir: str | Path, save: Callable[[Path], Any], tokeni
     return sealed
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_adapter(adapter_dir: str | Path) -> None:
     """Before loading an adapter: a checkpoint is checked against COMPLETE, a final adapter against ADAPTER_SUMS,
     and an adapter with neither (another tool's, or one torn by a kill during the final save, which comes before the
@@ -195,11 +187,9 @@ def check_adapter(adapter_dir: str | Path) -> None:
     if (d / MARKER).is_file():
         verify(d)
     elif (d / FINAL_INCOMPLETE).is_file():
-        newest = newest_complete(checkpoints_dir(d))
-        fix = (f"merge the newest complete checkpoint instead ({newest}), or run the same train command again to "
-               "write the final adapter" if newest else "run the same train command again")
         raise CheckpointError(f"{d}: the final adapter's save did not finish ({FINAL_INCOMPLETE} is there); any "
-                              f"adapter files in it may be an earlier run's or torn; {fix}")
+                              f"adapter files in it may be an earlier run's or torn; "
+                              f"{_merge_instead(d, 'run the same train command again')}")
     elif (d / ADAPTER_SUMS).is_file():
         newest = newest_complete(checkpoints_dir(d))
         verify(d, ADAPTER_SUMS, "restore it from a backup" + (f", or use the adapter in {newest}" if newest else ""))
@@ -214,10 +204,17 @@ def holds_an_adapter(adapter_dir: str | Path) -> bool:
     return any((d / name).is_file() for name in ADAPTER_FILES) or newest_complete(checkpoints_dir(d)) is not None
 
 
-def _check_unsealed(d: Path) -> None:
+def _merge_instead(d: Path, otherwise: str) -> str:
+    """What to do about a run dir whose final adapter cannot be used: its newest complete checkpoint, if any."""
     newest = newest_complete(checkpoints_dir(d))
-    fix = (f"merge the newest complete checkpoint instead ({newest}), or run the same train command again to write "
-           "the final adapter anew" if newest else "train it again or restore it from a backup")
+    if newest is None:
+        return otherwise
+    return (f"merge the newest complete checkpoint instead ({newest}), or run the same train command again to write "
+            "the final adapter anew")
+
+
+def _check_unsealed(d: Path) -> None:
+    fix = _merge_instead(d, "train it again or restore it from a backup")
     torn = "the adapter is incomplete (as a run stopped during its final save leaves it)"
     config = d / ADAPTER_FILES[1]
     try:

@@ -14,7 +14,8 @@ fp32 copy and their gradient, about 12 bytes × vocab a token, are never materia
 `lm_head` among the LoRA targets the fused loss is left out (it reads lm_head's base weight, not its adapter); the
 other kernels still apply. liger patches a model type's module, not only this model: its RoPE function and its
 RMSNorm and MLP classes, so every model of that type built later in the process uses liger's kernels too. The fused
-loss skips the logits in training mode only; evaluation asks for it (`fused_loss_applied`). tests/lora_runtime/test_kernels_gpu.py checks the loss and LoRA gradients against the plain path.
+loss skips the logits in training mode only; evaluation asks for it (`fused_loss_applied`).
+tests/lora_runtime/test_kernels_gpu.py checks the loss and LoRA gradients against the plain path.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def choose(config: LoraSftConfig, backend: str, model_type: str | None, cuda: bo
         reasons.append("the liger-kernel package is not installed (pip install liger-kernel)")
     if cuda and model_type is not None and liger_installed():
         try:
-            if model_type not in _liger_model_types():
+            if model_type not in _apply_fns():
                 reasons.append(f"liger has no kernels for model type {model_type!r}")
         except ImportError as e:  # liger installed beside a Triton it cannot import
             reasons.append(f"liger-kernel does not import ({e})")
@@ -69,7 +70,6 @@ def apply_liger(model: Any, targets: Any) -> str:
     import inspect
 
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     parts = {p: True for p in PARTS}
     skipped = ""
@@ -77,7 +77,7 @@ def apply_liger(model: Any, targets: Any) -> str:
         parts["fused_linear_cross_entropy"] = False
         skipped = " (fused linear cross-entropy left out: lm_head is a LoRA target)"
     _apply_liger_kernel_to_instance(model=model, cross_entropy=False, **parts)
-    accepted = inspect.signature(MODEL_TYPE_TO_APPLY_LIGER_FN[model.config.model_type]).parameters
+    accepted = inspect.signature(_apply_fns()[model.config.model_type]).parameters
     applied = [p for p, on in parts.items() if on and p in accepted]  # liger drops what a model type lacks
     setattr(model, FUSED_FLAG, "fused_linear_cross_entropy" in applied)
     return f"kernels: liger {', '.join(applied)}{skipped}"
@@ -104,7 +104,8 @@ def targets_lm_head(targets: Any) -> bool:
     return any(t == "lm_head" or str(t).endswith(".lm_head") for t in targets or ())
 
 
-def _liger_model_types() -> set[str]:
+def _apply_fns() -> dict[str, Any]:
+    """liger's patch function of each model type it supports."""
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
-    return set(MODEL_TYPE_TO_APPLY_LIGER_FN)
+    return MODEL_TYPE_TO_APPLY_LIGER_FN

@@ -75,11 +75,8 @@ class MetricsWriter:
         """fsync the rows written so far (called before a checkpoint is committed)."""
         if not self.enabled or not self.path.exists():
             return
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(self.path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def _whole_lines(path: Path) -> list[str]:

@@ -55,7 +55,9 @@ def machine_issues(cfg: Any) -> list[str]:
         seen = "no CUDA GPU is visible" + (f" (CUDA_VISIBLE_DEVICES={where!r})" if where is not None else "")
         for name, (why, fix) in wanted.items():
             issues.append(f"`{name}`={getattr(cfg, name)!r} needs CUDA ({why}) but {seen}: {fix}")
-    if cfg.kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
+    from lora_runtime.kernels import liger_installed
+
+    if cfg.kernels == "liger" and not liger_installed():
         issues.append("`kernels`='liger' needs the liger-kernel package, which is not installed: `uv pip install "
                       "liger-kernel` (or pass kernels='auto')")
     for name, (fields, env, modules, hint) in _INTEGRATIONS.items():

@@ -9,6 +9,7 @@ for a batch of ONE row: with flash_attention_2 a forward pre-hook flattens [micr
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from lora_runtime import kernels
@@ -57,12 +58,8 @@ class PeftBackend(BackendBase):
         if (not torch.cuda.is_available() or config.kernels == "none" or not kernels.liger_installed()
                 or kernels.targets_lm_head(config.target_modules)):
             return False
-        from transformers import AutoConfig
-
-        try:
-            model_type = AutoConfig.from_pretrained(config.model_path,
-                                                    trust_remote_code=config.trust_remote_code).model_type
-        except (OSError, ValueError):  # loading the model will say what is wrong with it
+        model_type = _model_type(config.model_path, config.trust_remote_code)
+        if model_type is None:
             return False
         try:
             return kernels.choose(config, PeftBackend.name, model_type, cuda=True)[0]
@@ -121,6 +118,18 @@ class PeftBackend(BackendBase):
         print0(f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {targets if isinstance(targets, str) else sorted(targets)}: "
                f"{trainable:,} trainable of {total:,} parameters; gradient checkpointing {recomputing}")
         return model
+
+
+@functools.lru_cache(maxsize=8)
+def _model_type(model_path: str, trust_remote_code: bool) -> str | None:
+    """The model's config.json model_type, read once for the plan's several questions (None: unreadable; loading
+    the model will say what is wrong with it)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).model_type
+    except (OSError, ValueError):
+        return None
 
 
 def _targets(model: Any, requested: tuple[str, ...] | str | None) -> Any:
