@@ -2,11 +2,11 @@
 
     python -m benchmarks.gpu.ours MODEL SHARDS OUT --runs unsloth_auto_mb8,unsloth_gc_mb8 [--steps 20]
 
-Run names: <backend>_<gc>_mb<micro|auto>[_q4][_notf32][_liger|_plain][_b<GiB>] (auto_auto_mbauto = the usage guide's literal
-call). backend auto | unsloth | peft (never unsloth and peft in one process: importing unsloth patches
+Run names: <backend>_<gc>_mb<micro|auto>[_q4][_notf32][_liger|_plain|_compile][_b<GiB>] (auto_auto_mbauto = the usage
+guide's literal call; backend auto may run either backend: lora_runtime.compiled.prefers decides by the budget). backend auto | unsloth | peft (never unsloth and peft in one process: importing unsloth patches
 transformers); gc auto | gc (forced on) | nogc; _b16 = a 16 GiB budget: `max_memory_gib=16` and the process capped at
 16 GiB (`torch.cuda.set_per_process_memory_fraction`), so the run cannot use more; _liger / _plain = kernels="liger" /
-"none" (the peft backend's fused kernels on or off). Everything else is lora_sft's defaults as training-hub's
+"none" (the peft backend's fused kernels on or off), _compile = kernels="compile" (its compiled path). Everything else is lora_sft's defaults as training-hub's
 (lr 2e-4 linear, warmup 10, weight decay 0.01, clip 0.3, logging every step), LoRA r=16 alpha=32 on all linear
 projections. A TrainerCallback marks each logged step (device synchronised) with the trainer's own real-token count.
 """
@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -54,7 +56,7 @@ def parse(name: str) -> dict:
         kw["load_in_4bit"] = True
     if "notf32" in parts[3:]:
         kw["tf32"] = False
-    for part, kernels in (("liger", "liger"), ("plain", "none")):
+    for part, kernels in (("liger", "liger"), ("plain", "none"), ("compile", "compile")):
         if part in parts[3:]:
             kw["kernels"] = kernels
     budget = [p for p in parts[3:] if p.startswith("b") and p[1:].replace(".", "").isdigit()]
@@ -112,6 +114,7 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
     for key in ("micro_batch_size", "gradient_checkpointing", "recomputed_layers", "estimated_peak_gib"):
         payload[f"resolved_{key}"] = resolved.get(key)
     payload.update(meter.summary())
+    payload["step_s"] = [round(b - a, 4) for a, b in zip(meter.marks, meter.marks[1:], strict=False)]
     payload.update(common.memory())
     del result
     gc.collect()
@@ -128,7 +131,14 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=1e9)
     a = ap.parse_args()
     t0 = time.perf_counter()
-    for name in a.runs.split(","):
+    names = a.runs.split(",")
+    unsloth = [n for n in names if not _stays_off_unsloth(a.model_dir, a.shards, n)]
+    if unsloth and len(unsloth) < len(names):  # Unsloth patches transformers for good: its runs get a process of
+        # their own, run first and to its end (never two processes on the GPU at once)
+        budget = ["--budget-s", str(max(10.0, a.budget_s - (time.perf_counter() - t0)))]
+        subprocess.run([sys.executable, "-m", "benchmarks.gpu.ours", *_argv_with_runs(unsloth), *budget], check=False)
+        names = [n for n in names if n not in unsloth]
+    for name in names:
         tag = f"{a.prefix}_{name}"
         if time.perf_counter() - t0 > a.budget_s:
             common.write_result(a.out, tag, {"run": name, "error": "skipped: out of budget"})
@@ -143,6 +153,25 @@ def main() -> None:
             traceback.print_exc()
             payload = {"run": name, "shape": a.shape, "error": f"{type(e).__name__}: {e}"[:2000], **common.memory()}
         common.write_result(a.out, tag, payload)
+
+
+def _stays_off_unsloth(model_dir: str, shards: str, name: str) -> bool:
+    """Whether run `name` trains without importing Unsloth (the peft backend, or auto's compiled path), decided as
+    lora_sft decides it."""
+    from lora_runtime import LoraSftConfig
+    from lora_runtime.compiled import prefers
+
+    kw = parse(name)
+    if kw["backend"] == "peft":
+        return True
+    return kw["backend"] == "auto" and prefers(LoraSftConfig(model_dir, shards, tempfile.gettempdir(), **kw))[0]
+
+
+def _argv_with_runs(runs: list[str]) -> list[str]:
+    argv = list(sys.argv[1:])
+    at = argv.index("--runs")
+    argv[at + 1] = ",".join(runs)
+    return argv
 
 
 if __name__ == "__main__":

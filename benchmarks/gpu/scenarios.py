@@ -254,7 +254,40 @@ def kernels_rows(s: Session) -> list[dict]:
     return out
 
 
+# ---- compiled --------------------------------------------------------------------------------------------------
+COMPILED_BUDGETS = (40, 24)
+
+
+def compiled_plan(s: Session) -> None:
+    """The peft backend's compiled path (lora_runtime.compiled), which `backend="auto"` takes where a pass of 8,192
+    tokens fits the budget without recomputation, Qwen2.5-1.5B shape, rows of 2048: ours with the usage guide's
+    defaults on the whole card and under 40 and 24 GiB, and with `micro_batch_size=2`, against the Unsloth hand loop
+    with checkpointing at the largest micro batch that fits under the same cap, and the hand loop at micro 2 without
+    checkpointing (packed rows, flash varlen: its fastest micro 2)."""
+    _define_qwen(s)
+    s.want("ours", [_ours_run(s)] + [_ours_run(s, budget=b) for b in COMPILED_BUDGETS] + [_ours_run(s, micro="2")])
+    s.want("loop", ["rowsfit16_gc"] + [f"rowsfit16_gc_b{b}" for b in COMPILED_BUDGETS] + ["packed2_nogc_varlen"])
+
+
+def compiled_rows(s: Session) -> list[dict]:
+    fit = "Unsloth hand loop, checkpointing on, largest micro that fits"
+    out = [_ours_row(s, "compiled", r, "ours", 2048) for r in s.wanted["ours"]]
+    out += [_loop_row(s, "compiled", "loop", run, fit, 2048) for run in s.wanted["loop"] if "fit" in run]
+    for r in out:
+        r["shape"], r["seq_len"] = r["shape"] or _shape(s), 2048
+    out = rows.add_ratios(out)
+    micro2 = _loop_row(s, "compiled", "loop", "packed2_nogc_varlen",
+                       "Unsloth hand loop, micro 2, checkpointing off, packed rows", 2048)
+    micro2["shape"], micro2["seq_len"] = micro2["shape"] or _shape(s), 2048
+    for r in out:  # micro 2 against micro 2 (the peers above are compared at the memory budget)
+        two = (r.get("config") or {}).get("micro_batch_size") == 2
+        if r.get("role") == "ours" and two and micro2.get("tokens_per_s") and r.get("tokens_per_s"):
+            r["vs_micro2_peer"] = r["tokens_per_s"] / micro2["tokens_per_s"]
+    return [*out, micro2]
+
+
 SCENARIOS = {
+    "compiled": (compiled_plan, compiled_rows),
     "kernels": (kernels_plan, kernels_rows),
     "throughput": (throughput_plan, throughput_rows),
     "frontier": (frontier_plan, frontier_rows),

@@ -81,6 +81,7 @@ def run(config: LoraSftConfig) -> TrainResult:
     from lora_runtime.backends import import_unsloth_first, select_backend
     from lora_runtime.batching import resolve
     from lora_runtime.checkpoint import output_lock
+    from lora_runtime.compiled import prefers
     from lora_runtime.data import ensure_shards, open_datasets
     from lora_runtime.distributed import check_launch
     from lora_runtime.loop import train
@@ -88,11 +89,12 @@ def run(config: LoraSftConfig) -> TrainResult:
 
     check_launch(config.validate())
     with output_lock(config.ckpt_output_dir):  # one run per output dir: a second one fails here, naming the first
-        import_unsloth_first(config)
+        fast = prefers(config)
+        import_unsloth_first(config, compiled=fast[0])
         config, shards = ensure_shards(config)
         config = resolve_sharding(config)
         backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting,
-                                         sharding=config.sharding)
+                                         sharding=config.sharding, compiled=fast)
         plan = resolve(config, backend, rows=shards.manifest.rows)
         train_data, eval_data = open_datasets(config, shards, plan)
         return train(config, plan, backend, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)

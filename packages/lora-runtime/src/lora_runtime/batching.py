@@ -146,6 +146,15 @@ class Footprint:
     per_token_working: float
     per_token_base: float = 0.0
     host_pass_tokens: float = 0.0  # a pass's host time in tokens of this model's GPU work (see `step_cost`)
+    extra: float = 0.0  # bytes live once whatever the pass's size (the chunked loss's logits of one chunk)
+    overlap_loss: float = OVERLAP_LOSS  # the rest of this path's cost model (`step_cost`)
+    recompute_cost: float = RECOMPUTE_COST
+    host_recompute_cost: float = HOST_RECOMPUTE_COST
+    target_tokens: int = TARGET_TOKENS  # micro_batch_size="auto" grows a pass without recomputation up to this
+
+    def step_cost(self, tokens: int, recomputed: int) -> float:
+        return step_cost(tokens, recomputed, self.layers, self.host_pass_tokens, overlap=self.overlap_loss,
+                         recompute=self.recompute_cost, host_recompute=self.host_recompute_cost)
 
     def per_token(self, recomputed: int) -> float:
         kept = self.layers - recomputed
@@ -155,7 +164,7 @@ class Footprint:
     def peak(self, tokens: int, recomputed: int | bool) -> float:
         """Estimated allocated peak (torch.cuda.max_memory_allocated) for a pass of `tokens`; True = every layer."""
         k = self.layers if recomputed is True else int(recomputed)
-        return self.weights + OVERHEAD_BYTES + tokens * self.per_token(k)
+        return self.weights + OVERHEAD_BYTES + self.extra + tokens * self.per_token(k)
 
     def need(self, tokens: int, recomputed: int | bool) -> float:
         """Device memory to reserve: the peak, allocator slack and the CUDA context."""
@@ -236,6 +245,37 @@ def peft_footprint(model_config: Any, four_bit: bool, fused_loss: bool = False) 
                      host_pass_tokens=host_pass_tokens(model_config))
 
 
+COMPILED_LAYER_SCALE = 1.07  # compiled decoder layers keep a little more than `layer_bytes_per_token` (H200, measured)
+# The compiled path's cost model (`step_cost`), fitted to one H200 (Qwen2.5-1.5B shape, rows of 2048; benchmarks/
+# RESULTS.md): 2, 4 and 16 rows without recomputation ran 34.3k, 48.5k and 60.0k tokens/s (the model: 34.0k, 48.2k,
+# 60.0k); 8 rows recomputing every layer 33.2k (33.2k). The host's share of a pass is smaller than Unsloth's (the
+# layers run as compiled graphs) but overlaps the GPU less, and a recomputed layer reruns a whole compiled forward.
+COMPILED_HOST_PASS_TOKENS = 5_860
+COMPILED_OVERLAP_LOSS = 0.48
+COMPILED_RECOMPUTE_COST = 0.62
+COMPILED_HOST_RECOMPUTE_COST = 1.0
+COMPILED_TARGET_TOKENS = 32_768  # 16 rows of 2048 ran 8% faster than 8 (the model's estimate)
+
+
+def compiled_footprint(model_config: Any) -> Footprint:
+    """The peft backend's compiled path (lora_runtime.compiled): no logits but one chunk of them (the chunked loss),
+    a recomputed layer keeps its input, one layer's activations live while recomputing.
+
+    Calibrated on an H200 (Qwen2.5-1.5B shape, rows of 2048, torch.cuda.max_memory_allocated against the estimate):
+    2 rows 12.8 / 12.8 GiB, 4 rows 20.7 / 20.8, 16 rows 68.7 / 68.8, all without recomputation; 8 rows recomputing
+    every layer 7.0 / 7.0.
+    """
+    from lora_runtime.chunked_loss import chunk_tokens
+
+    h, _, n, vocab = _dims(model_config)
+    layer = layer_bytes_per_token(model_config) * COMPILED_LAYER_SCALE
+    return Footprint(weight_bytes(model_config, False), n, per_token_layer=layer, per_token_recomputed=2 * h,
+                     per_token_working=layer, extra=chunk_tokens(vocab) * vocab * 8.0,
+                     host_pass_tokens=host_pass_tokens(model_config) * COMPILED_HOST_PASS_TOKENS / HOST_PASS_TOKENS,
+                     overlap_loss=COMPILED_OVERLAP_LOSS, recompute_cost=COMPILED_RECOMPUTE_COST,
+                     host_recompute_cost=COMPILED_HOST_RECOMPUTE_COST, target_tokens=COMPILED_TARGET_TOKENS)
+
+
 # ---------------------------------------------------------------------------------------------------- the search
 class Choice(NamedTuple):
     micro: int
@@ -244,16 +284,18 @@ class Choice(NamedTuple):
     peak: float  # estimated allocated peak, bytes
 
 
-def step_cost(tokens: int, recomputed: int, layers: int, host_tokens: float = HOST_PASS_TOKENS) -> float:
+def step_cost(tokens: int, recomputed: int, layers: int, host_tokens: float = HOST_PASS_TOKENS, *,
+              overlap: float = OVERLAP_LOSS, recompute: float = RECOMPUTE_COST,
+              host_recompute: float = HOST_RECOMPUTE_COST) -> float:
     """A pass's time in units of one token's forward+backward without recomputation: the GPU's work or the host's
-    (`host_tokens` a pass), whichever is longer; recomputed layers add to both.
+    (`host_tokens` a pass), whichever is longer, plus `overlap` of the shorter; recomputed layers add to both.
 
     >>> [round(n * 2048 / step_cost(n * 2048, k, 28), 2) for n, k in ((2, 0), (4, 0), (8, 0), (8, 14), (16, 28))]
     [0.28, 0.55, 0.92, 0.78, 0.7]
     """
     share = recomputed / max(layers, 1)
-    host, gpu = host_tokens * (1 + HOST_RECOMPUTE_COST * share), tokens * (1 + RECOMPUTE_COST * share)
-    return max(host, gpu) + OVERLAP_LOSS * min(host, gpu)
+    host, gpu = host_tokens * (1 + host_recompute * share), tokens * (1 + recompute * share)
+    return max(host, gpu) + overlap * min(host, gpu)
 
 
 def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int | str, gc: bool | str,
@@ -261,7 +303,7 @@ def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int 
     """The fastest (micro, recomputed layers) whose `need` fits `budget` bytes. `quota` = effective_batch_size /
     world when that is set (micro must divide it); gc True recomputes every layer, False none, "auto" any count."""
     if micro == "auto":
-        cap = max(1, (RECOMPUTING_TOKENS if gc is not False else TARGET_TOKENS) // seq_len)
+        cap = max(1, max(RECOMPUTING_TOKENS if gc is not False else 0, footprint.target_tokens) // seq_len)
         if quota is not None:
             rows = [m for m in range(min(cap, quota), 0, -1) if quota % m == 0]
             why_cap = f"a divisor of effective_batch_size/world = {quota}, up to {cap} rows = {cap * seq_len:,} tokens"
@@ -280,11 +322,11 @@ def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int 
                 if m * seq_len <= max_tokens and footprint.need(m * seq_len, k) <= budget]
         # fastest tokens/s; on a tie the larger pass, then the fewer recomputed layers
         def speed(mk: tuple[int, int]) -> float:
-            return mk[0] * seq_len / step_cost(mk[0] * seq_len, mk[1], n, footprint.host_pass_tokens)
+            return mk[0] * seq_len / footprint.step_cost(mk[0] * seq_len, mk[1])
 
         return max(fits, key=lambda mk: (speed(mk), mk[0], -mk[1]), default=None)
 
-    best = fastest(TARGET_TOKENS if micro == "auto" else float("inf"))
+    best = fastest(footprint.target_tokens if micro == "auto" else float("inf"))
     if best is None or best[1] > 0:  # recomputing anyway: a larger pass may pay for it
         best = fastest(float("inf")) or best
     if best is not None:
@@ -302,8 +344,9 @@ def _reason(fp: Footprint, m: int, k: int, seq_len: int, budget: float, micro: A
              + ("off" if k == 0 else "on" if k == fp.layers else f"{k} of {fp.layers} layers")]
     act = tokens * fp.per_token(k)
     peak = fp.peak(tokens, k)
+    extra = f" + loss chunk {fp.extra / GIB:.1f} GiB" if fp.extra else ""
     numbers = (f"activations for {m} × {seq_len} tokens ≈ {act / GIB:.1f} GiB + weights {fp.weights / GIB:.1f} GiB + "
-               f"{OVERHEAD_BYTES / GIB:.1f} GiB LoRA/optimizer = peak ≈ {peak / GIB:.1f} GiB; × {FRAGMENTATION} slack + "
+               f"{OVERHEAD_BYTES / GIB:.1f} GiB LoRA/optimizer{extra} = peak ≈ {peak / GIB:.1f} GiB; × {FRAGMENTATION} slack + "
                f"{CONTEXT_BYTES / GIB:.0f} GiB context = {fp.need(tokens, k) / GIB:.1f} GiB of {budget / GIB:.1f} GiB")
     return "; ".join(parts) + f": {numbers}"
 

@@ -123,9 +123,11 @@ class LoraSftConfig:
     flash_attention: bool | None = _f(
         None, "True: require FlashAttention varlen; False: SDPA with block-diagonal masks; None: best available")
     kernels: str = _f(
-        "auto", "fused kernels on the peft backend: liger (liger-kernel's RoPE, RMSNorm, SwiGLU and fused linear + "
-        "cross-entropy: no full logits), none, or auto = liger on CUDA where installed (unsloth runs its own)",
-        ["auto", "liger", "none"])
+        "auto", "the peft backend's fast paths: compile (decoder layers compiled, packed flash attention, chunked loss; "
+        "backend auto then runs peft), liger (liger-kernel's RoPE, RMSNorm, SwiGLU and fused linear + cross-entropy), "
+        "none, or auto = compile where the memory budget fits a large pass without recomputation, else Unsloth "
+        "(its own kernels), liger on the peft backend where installed",
+        ["auto", "compile", "liger", "none"])
     gradient_checkpointing: bool | str = _f(
         "auto", "recompute activations; auto = as many layers as the memory budget needs on a GPU, off on a CPU",
         ["auto", True, False])
@@ -316,9 +318,9 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
     if cfg.enable_model_splitting and (cfg.nproc_per_node or 1) * (cfg.nnodes or 1) > 1:
         issues.append("`enable_model_splitting` runs one process over all GPUs; it cannot be combined with "
                       f"nproc_per_node={cfg.nproc_per_node} / nnodes={cfg.nnodes}")
-    if cfg.kernels == "liger" and cfg.backend == "unsloth":
-        issues.append("kernels='liger' applies to the peft backend; backend='unsloth' runs Unsloth's own fused kernels "
-                      "(pass backend='peft', or kernels='auto')")
+    if cfg.kernels in ("liger", "compile") and cfg.backend == "unsloth":
+        issues.append(f"kernels={cfg.kernels!r} applies to the peft backend; backend='unsloth' runs Unsloth's own fused "
+                      "kernels (pass backend='peft' or 'auto', or kernels='auto')")
     if cfg.sharding == "fsdp":
         issues += _fsdp_issues(cfg)
     if cfg.node_rank is not None and not 0 <= cfg.node_rank < (cfg.nnodes or 1):

@@ -25,7 +25,9 @@ _NEEDS_CUDA = {
     "flash_attention": (lambda c: c.flash_attention is True, "FlashAttention kernels",
                         "pass flash_attention=None (or False) for SDPA"),
     "backend": (lambda c: c.backend == "unsloth", "Unsloth's Triton kernels", "pass backend='peft' (or 'auto')"),
-    "kernels": (lambda c: c.kernels == "liger", "liger-kernel's Triton kernels", "pass kernels='auto' (or 'none')"),
+    "kernels": (lambda c: c.kernels in ("liger", "compile"),
+                lambda c: "liger-kernel's Triton kernels" if c.kernels == "liger" else "Triton and FlashAttention-2",
+                "pass kernels='auto' (or 'none')"),
     "enable_model_splitting": (lambda c: c.enable_model_splitting, "it spreads one model over GPUs",
                                "drop it (a CPU run keeps the whole model in RAM anyway)"),
 }
@@ -54,6 +56,7 @@ def machine_issues(cfg: Any) -> list[str]:
         where = os.environ.get("CUDA_VISIBLE_DEVICES")
         seen = "no CUDA GPU is visible" + (f" (CUDA_VISIBLE_DEVICES={where!r})" if where is not None else "")
         for name, (why, fix) in wanted.items():
+            why = why(cfg) if callable(why) else why
             issues.append(f"`{name}`={getattr(cfg, name)!r} needs CUDA ({why}) but {seen}: {fix}")
     from lora_runtime.kernels import liger_installed
 

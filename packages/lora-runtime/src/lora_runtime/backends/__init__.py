@@ -1,7 +1,8 @@
 """`select_backend("auto"|"unsloth"|"peft")` → (Backend, reason). The reason is logged by the loop on rank 0.
 
 `auto` picks unsloth only when CUDA is available AND unsloth imports cleanly (under torchrun too), and peft with
-enable_model_splitting (measured with transformers+PEFT only). Importing unsloth patches
+enable_model_splitting (measured with transformers+PEFT only) and where the peft backend's compiled path is the faster
+one for the memory budget (`lora_runtime.compiled.prefers`: decided before anything imports Unsloth). Importing unsloth patches
 transformers and TRL process-wide, so the probe for `auto` runs in a subprocess when CUDA is present (once per
 environment: its answer is cached by package versions), and a peft run never imports it. A run that will use
 unsloth imports it before transformers (`import_unsloth_first`), as Unsloth asks. (Unsloth also imports on a CPU, where it silently turns packing off: CUDA is checked first.)
@@ -92,7 +93,7 @@ def _write_probe_cache(key: str, ok: bool, detail: str) -> None:
         pass
 
 
-def import_unsloth_first(config: LoraSftConfig) -> None:
+def import_unsloth_first(config: LoraSftConfig, compiled: bool | None = None) -> None:
     """Import unsloth before transformers, peft or trl are, where this run will train with it: Unsloth patches
     them on import and warns ("should be imported before transformers, peft") that patches may not apply otherwise.
 
@@ -109,7 +110,13 @@ def import_unsloth_first(config: LoraSftConfig) -> None:
         return  # too late to matter
     import torch
 
-    if not torch.cuda.is_available() or (config.backend == "auto" and not unsloth_importable()[0]):
+    if not torch.cuda.is_available():
+        return
+    if compiled is None:
+        from lora_runtime.compiled import prefers
+
+        compiled = prefers(config)[0]
+    if compiled or (config.backend == "auto" and not unsloth_importable()[0]):
         return
     from lora_runtime.backends.unsloth import import_unsloth
 
@@ -127,9 +134,11 @@ def _probe_env() -> dict[str, str]:
     return env
 
 
-def select_backend(name: str = "auto", *, splitting: bool = False, sharding: str = "ddp") -> tuple[Backend, str]:
+def select_backend(name: str = "auto", *, splitting: bool = False, sharding: str = "ddp",
+                   compiled: tuple[bool, str] = (False, "")) -> tuple[Backend, str]:
     """The backend object and a one-line reason for choosing it (`splitting`: enable_model_splitting is on;
-    `sharding`: the resolved "ddp" | "fsdp")."""
+    `sharding`: the resolved "ddp" | "fsdp"; `compiled`: lora_runtime.compiled.prefers, decided before Unsloth's
+    import)."""
     if name not in ("auto", "unsloth", "peft"):
         raise ValueError(f"backend must be one of auto, unsloth, peft; got {name!r}")
     if name == "peft":
@@ -149,10 +158,13 @@ def select_backend(name: str = "auto", *, splitting: bool = False, sharding: str
     if splitting:
         return _peft(), ("auto: enable_model_splitting (accelerate's device map over the GPUs) is measured with "
                          "transformers+PEFT only")
+    if compiled[0]:
+        return _peft(), f"auto: {compiled[1]}"
     ok, detail = unsloth_importable()
     if not ok:
         return _peft(), f"auto: CUDA available but {detail}, so transformers+PEFT"
-    return _unsloth(), f"auto: CUDA available and {detail}"
+    tail = f"; {compiled[1]}" if compiled[1] else ""
+    return _unsloth(), f"auto: CUDA available and {detail}{tail}"
 
 
 def _peft() -> Backend:

@@ -105,15 +105,19 @@ def quantization_config(config: LoraSftConfig, *, defaults_apply: bool = True) -
         bnb_4bit_use_double_quant=True if config.bnb_4bit_use_double_quant is None else config.bnb_4bit_use_double_quant)
 
 
-def flatten_hook(*, keep_seq_lengths: bool, flatten: bool = True) -> Any:
+def flatten_hook(*, keep_seq_lengths: bool, flatten: bool = True, boundaries: bool = False) -> Any:
     """A forward pre-hook: packed rows [b, n] → one padding-free row [1, b·n] (lora_runtime.collate). Unsloth reads the
-    boundaries from `packed_seq_lengths`; transformers' varlen path from the restarting `position_ids`. With
-    `flatten=False` the rows stay as they are (SDPA/eager derive block-diagonal masks per row) and the collator's
-    `packed_seq_lengths` is only taken out of the call."""
+    boundaries from `packed_seq_lengths`; transformers' varlen path from the restarting `position_ids`; with
+    `boundaries`, lora_runtime.attention from `cu_seq_lens_q`/`max_length_q` made here (the longest sample bounded by
+    the row length: one value for every batch, so compiled layers need not recompile). With `flatten=False` the
+    rows stay as they are (SDPA/eager derive block-diagonal masks per row) and the collator's `packed_seq_lengths`
+    is only taken out of the call."""
 
     def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:  # positional input_ids: leave the call alone
             return None
+        if boundaries:
+            return args, _with_boundaries(kwargs)
         new = flatten_packed_batch(kwargs) if flatten else None
         if new is None:
             if "packed_seq_lengths" not in kwargs or keep_seq_lengths:
@@ -124,6 +128,24 @@ def flatten_hook(*, keep_seq_lengths: bool, flatten: bool = True) -> Any:
         return args, new
 
     return hook
+
+
+def _with_boundaries(kwargs: dict) -> dict:
+    from lora_runtime import attention
+
+    ids = kwargs.get("input_ids")
+    if ids is None or kwargs.get("attention_mask") is not None:
+        raise ValueError("packed flash attention takes packed rows (input_ids with restarting position_ids) and no "
+                         "attention mask")
+    row = int(ids.shape[-1])
+    new = flatten_packed_batch(kwargs) or dict(kwargs)
+    lengths = new.pop("packed_seq_lengths", None)
+    if lengths is None:  # one row without lengths: one sample
+        import torch
+
+        lengths = torch.tensor([row], dtype=torch.int32)
+    new.update(attention.boundaries(lengths, ids.device, max_len=row))
+    return new
 
 
 def limit_recomputation(model: Any, recomputed: int | None) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from lora_runtime import kernels
+from lora_runtime import attention, compiled, kernels
 from lora_runtime.backends.base import (
     DEFAULT_TARGETS,
     BackendBase,
@@ -20,7 +20,7 @@ from lora_runtime.backends.base import (
     limit_recomputation,
     quantization_config,
 )
-from lora_runtime.batching import BatchPlan, Footprint, peft_footprint
+from lora_runtime.batching import BatchPlan, Footprint, compiled_footprint, peft_footprint
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.distributed import dist_env, print0
 
@@ -43,19 +43,36 @@ def attn_implementation(config: LoraSftConfig) -> str:
 class PeftBackend(BackendBase):
     name = "peft"
     def checkpointing_by_memory(self, config: LoraSftConfig) -> bool:
-        """With liger's fused loss the footprint is measured on both sides (no recomputation: 44.8 GiB for 16k tokens
-        of the Qwen2.5-1.5B shape, estimated 48.4), so the budget decides; without it auto is simply on with CUDA."""
-        return self.fused_loss(config)
+        """With a loss that keeps no logits (the compiled path's, liger's) the footprint is measured on both sides
+        (liger, no recomputation: 44.8 GiB for 16k tokens of the Qwen2.5-1.5B shape, estimated 48.4), so the budget
+        decides; without one auto is simply on with CUDA."""
+        return self.compiled(config) or self.fused_loss(config)
 
     def footprint(self, model_config: Any, config: LoraSftConfig) -> Footprint:
+        if self.compiled(config):
+            return compiled_footprint(model_config)
         return peft_footprint(model_config, config.load_in_4bit, fused_loss=self.fused_loss(config))
+
+    @staticmethod
+    def compiled(config: LoraSftConfig) -> bool:
+        """Whether the compiled path runs (lora_runtime.compiled): kernels="compile", or "auto" where eligible on
+        CUDA. kernels="compile" where it cannot run raises, naming why."""
+        import torch
+
+        if config.kernels not in ("auto", "compile") or not torch.cuda.is_available():
+            return False
+        ok, why = compiled.eligible(config, _model_type(config.model_path, config.trust_remote_code),
+                                    auto=config.kernels == "auto")
+        if not ok and config.kernels == "compile":
+            raise RuntimeError(f"kernels='compile' cannot run here: {why}")
+        return ok
 
     @staticmethod
     def fused_loss(config: LoraSftConfig) -> bool:
         """Whether liger's fused linear + cross-entropy will run (no [tokens, vocab] logits in memory)."""
         import torch
 
-        if (not torch.cuda.is_available() or config.kernels == "none" or not kernels.liger_installed()
+        if (not torch.cuda.is_available() or config.kernels in ("none", "compile") or not kernels.liger_installed()
                 or kernels.targets_lm_head(config.target_modules)):
             return False
         model_type = _model_type(config.model_path, config.trust_remote_code)
@@ -77,13 +94,17 @@ class PeftBackend(BackendBase):
             device_map = "balanced"
         elif cuda and config.sharding != "fsdp":  # fsdp: loaded on the CPU, fully_shard moves each GPU its shards
             device_map = {"": dist_env().local_rank}
-        attn = attn_implementation(config)
+        fast = self.compiled(config)
+        attn = attention.register() if fast else attn_implementation(config)
         dtype = torch.bfloat16 if cuda and config.bf16 and torch.cuda.is_bf16_supported() else torch.float32
         model = AutoModelForCausalLM.from_pretrained(
             config.model_path, dtype=dtype, attn_implementation=attn, device_map=device_map,
             quantization_config=quantization_config(config), trust_remote_code=config.trust_remote_code)
         model.config.use_cache = False  # a KV cache disables transformers' packed-sequence mask
         print0(f"model: {type(model).__name__} from {config.model_path}, weights {dtype}, attention {attn}")
+        if fast:
+            print0(compiled.prepare(model, config.target_modules))
+            return model, tokenizer
         use_liger, why = kernels.choose(config, self.name, getattr(model.config, "model_type", None), cuda)
         print0(kernels.apply_liger(model, config.target_modules) if use_liger else f"kernels: {why}")
         return model, tokenizer
@@ -105,8 +126,10 @@ class PeftBackend(BackendBase):
             loftq_config=LoftQConfig(**config.loftq_config) if config.loftq_config else {})
         lora = LoraConfig(**options)
         model = get_peft_model(model, lora)
+        fast = getattr(model.config, "_attn_implementation", None) == attention.ATTENTION
         varlen = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
-        model.register_forward_pre_hook(flatten_hook(keep_seq_lengths=False, flatten=varlen), with_kwargs=True)
+        model.register_forward_pre_hook(flatten_hook(keep_seq_lengths=False, flatten=varlen, boundaries=fast),
+                                        with_kwargs=True)
         if varlen:
             print0("attention: flash_attention_2 varlen; each micro-batch is flattened to one padding-free row")
         recomputing = "off"
@@ -114,6 +137,8 @@ class PeftBackend(BackendBase):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
             recomputing = f"on for {limit_recomputation(model, plan.recomputed_layers)} layer(s)"
+        if fast:
+            recomputing += f"; {compiled.finish(model)} decoder layers compiled"
         trainable, total = model.get_nb_trainable_parameters()
         print0(f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {targets if isinstance(targets, str) else sorted(targets)}: "
                f"{trainable:,} trainable of {total:,} parameters; gradient checkpointing {recomputing}")

@@ -1,0 +1,194 @@
+"""The transformers + PEFT path with its host overhead taken out, measured variant by variant in one process:
+
+    python -m benchmarks.gpu.compiled MODEL RECORDS OUT [--variants liger_v_m2,flce_v_c_m8_gc,...]
+
+Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>]
+  kernels   liger (RoPE, RMSNorm, SwiGLU, fused linear + cross-entropy), flce (liger's fused loss only),
+            ck (lora_runtime.chunked_loss), none (transformers' loss over the whole logits)
+  _v        packed attention through lora_runtime.attention (aten FlashAttention-2 varlen over one flattened row);
+            without it: SDPA over [micro, 2048] rows with transformers' block-diagonal masks from position_ids
+  _c        each decoder layer compiled on its own (torch.compile, one graph shared by all layers)
+  _a        bf16 autocast with PEFT's cast of each LoRA input to the fp32 adapter dtype turned off (bf16 LoRA
+            matmuls on fp32 adapter weights); without it, PEFT runs the LoRA matmuls in fp32
+  _m8       8 packed rows of 2048 a step; _gc: non-reentrant checkpointing on every layer; _b24: capped at 24 GiB
+Every variant loads the model afresh (liger patches a model type's module; compile wraps layer instances). The first
+step's loss is the same for every variant up to bf16 noise (LoRA B starts at zero): `loss_first` is the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+import traceback
+
+from benchmarks.gpu import common, loops
+
+SEQ_LEN = 2048
+
+
+def parse(name: str) -> dict:
+    """A variant's name → its settings.
+
+    >>> parse("flce_v_c_m8_gc_b24")
+    {'kernels': 'flce', 'varlen': True, 'compile': True, 'autocast': False, 'micro': 8, 'gc': True, 'budget_gib': 24.0}
+    """
+    parts = name.split("_")
+    micro = next(int(p[1:]) for p in parts if p.startswith("m") and p[1:].isdigit())
+    budget = [float(p[1:]) for p in parts if p.startswith("b") and p[1:].replace(".", "").isdigit()]
+    return {"kernels": parts[0], "varlen": "v" in parts, "compile": "c" in parts, "autocast": "a" in parts,
+            "micro": micro,
+            "gc": "gc" in parts, "budget_gib": budget[0] if budget else None}
+
+
+def build(model_dir: str, v: dict):
+    import torch
+    from lora_runtime import attention
+    from lora_runtime.backends.base import flatten_hook
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    attn = attention.register() if v["varlen"] else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attn,
+                                                 device_map={"": 0})
+    model.config.use_cache = False
+    if v["kernels"] == "ck":
+        from lora_runtime import chunked_loss
+
+        chunked_loss.apply(model)
+    elif v["kernels"] != "none":
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        every = v["kernels"] == "liger"
+        _apply_liger_kernel_to_instance(model=model, rope=every, rms_norm=every, swiglu=every, cross_entropy=False,
+                                        fused_linear_cross_entropy=True)
+    torch.manual_seed(3407)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
+                                             target_modules=common.LORA_TARGETS, task_type="CAUSAL_LM"))
+    if v["autocast"]:
+        for module in model.modules():
+            if hasattr(module, "lora_A"):
+                module.cast_input_dtype_enabled = False
+    if v["varlen"]:
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            kwargs.update(attention.boundaries(kwargs.pop("packed_seq_lengths"), "cuda"))
+            if v["compile"]:  # one bound for every batch: no recompilation on a new longest sample
+                kwargs["max_length_q"] = SEQ_LEN
+            return args, kwargs
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+    else:
+        model.register_forward_pre_hook(flatten_hook(keep_seq_lengths=False, flatten=False), with_kwargs=True)
+    if v["gc"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()  # from_pretrained leaves eval mode: no checkpointing, and liger's loss would build the logits
+    if v["compile"]:
+        for layer in model.base_model.model.model.layers:
+            layer.compile()
+    return model
+
+
+def batches(data, micro: int, varlen: bool):
+    """loops' packed batches ([1, micro·2048]) for varlen; the same rows as [micro, 2048] for SDPA masks."""
+    ids, lens, pad_id = data
+    for kw, real in loops.make_batches(ids, lens, micro, "packed", pad_id):
+        if not varlen:
+            kw = {k: (t.reshape(micro, -1) if k != "packed_seq_lengths" else t) for k, t in kw.items()}
+        yield kw, real
+
+
+def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str | None = None) -> dict:
+    import torch
+
+    v = parse(name)
+    fraction = common.cap_memory(v["budget_gib"])
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model = build(model_dir, v)
+    build_s = time.perf_counter() - t0
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0, fused=True)
+    feed = batches(data, v["micro"], v["varlen"])
+    meter = common.StepMeter(warmup=warmup)
+    meter.start()
+    host = []  # seconds the host spends issuing a step (before the meter waits for the GPU)
+    try:
+        for _ in range(steps):
+            t = time.perf_counter()
+            kw, real = next(feed)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=v["autocast"]):
+                loss = model(**kw).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            host.append(time.perf_counter() - t)
+            meter.step(real, loss.detach())
+        steady = sorted(host[warmup + 1:]) or [0.0]
+        out = {"variant": name, **v, "memory_fraction": fraction, "build_s": build_s, **meter.summary(),
+               "host_s_median": steady[len(steady) // 2], **common.memory()}
+        if profile:
+            _profile(model, opt, feed, profile)
+    finally:
+        del model, opt
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    out["mfu_matmul"] = out.get("tokens_per_s", 0) * common.flops_per_token("qwen1.5b", v["gc"]) / 790e12
+    return out
+
+
+def _profile(model, opt, feed, path: str) -> None:
+    """Two steps under torch.profiler: ops by host time and by GPU time, into `path`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            kw, _real = next(feed)
+            model(**kw).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    avg = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(avg.table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70))
+        f.write(avg.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir")
+    ap.add_argument("records")
+    ap.add_argument("out")
+    ap.add_argument("--variants", default="liger_m2,liger_v_m2,flce_v_c_m2,liger_v_m8,flce_v_c_m8,flce_v_c_m8_gc")
+    ap.add_argument("--steps", type=int, default=14)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--profile", help="VARIANT=PATH: two more steps of VARIANT under torch.profiler, tables to PATH")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    samples = common.tokenize(tok, common.read_records(a.records))
+    ids, lens = common.pack_rows(samples, SEQ_LEN, tok.pad_token_id)
+    for name in a.variants.split(","):
+        if time.perf_counter() - t0 > a.budget_s:
+            common.write_result(a.out, f"compiled_{name}", {"variant": name, "error": "skipped: out of budget"})
+            continue
+        try:
+            target, _, path = (a.profile or "").partition("=")
+            payload = run(a.model_dir, (ids, lens, tok.pad_token_id), name, a.steps, a.warmup,
+                          path if target == name else None)
+        except Exception as e:
+            traceback.print_exc()
+            payload = {"variant": name, "error": f"{type(e).__name__}: {e}"[:2000], **common.memory()}
+        print({k: payload.get(k) for k in ("variant", "tokens_per_s", "peak_alloc_gib", "step_s_median", "host_s_median", "loss_first",
+                                           "error")}, flush=True)
+        common.write_result(a.out, f"compiled_{name}", payload)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Causal-LM cross-entropy straight from the last hidden states, chunk by chunk, without a device-to-host sync.
+
+transformers builds the [tokens, vocab] logits, an fp32 copy and its gradient: about 10 bytes × vocab a token, 6 GiB
+for 4k tokens of a 152k vocabulary. liger's fused kernel avoids that but asks the GPU for the number of targets
+(`.item()`) in every forward, which stalls the host once a step and made a small pass host-bound (measured on an
+H200, benchmarks/RESULTS.md). Here each chunk of `chunk_tokens` rows makes its logits, their loss and, at once, the
+gradient of the loss with respect to its hidden states (the output layer is frozen under LoRA), so only one chunk's
+logits exist at a time and backward is a multiply. The divisor stays a tensor on the device throughout.
+
+Loss and gradient equal transformers' `ForCausalLMLoss` (`test_chunked_loss.py`: fp32 rounding apart): labels shifted by
+one, IGNORE_INDEX skipped, mean over the targets or, with `num_items_in_batch`, their sum divided by it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 1 << 30  # transient logits of one chunk: fp32 [chunk, vocab] plus its bf16 matmul output
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Rows a chunk, a power of two whose logits (6 bytes × vocab a row) stay within CHUNK_BYTES.
+
+    >>> chunk_tokens(151_936), chunk_tokens(32_000)
+    (1024, 4096)
+    """
+    rows = max(1, CHUNK_BYTES // (6 * vocab_size))
+    return max(128, min(8192, 1 << (rows.bit_length() - 1)))
+
+
+def _function() -> Any:
+    import torch
+
+    class ChunkedLinearCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any, divisor: Any, chunk: int) -> Any:
+            grad = torch.empty_like(hidden) if hidden.requires_grad else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk):
+                h, y = hidden[start:start + chunk], targets[start:start + chunk]
+                logits = (h @ weight.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                keep = y != IGNORE_INDEX
+                safe = torch.where(keep, y, 0).unsqueeze(1)
+                total += torch.where(keep, lse - logits.gather(1, safe).squeeze(1), 0.0).sum()
+                if grad is not None:  # d loss_sum / d logits = softmax − one-hot, on kept rows only
+                    probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                    probs.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=probs.dtype))
+                    probs.mul_(keep.unsqueeze(1))
+                    torch.mm(probs.to(weight.dtype), weight, out=grad[start:start + chunk])
+            ctx.save_for_backward(grad, divisor)
+            return total / divisor
+
+        @staticmethod
+        def backward(ctx: Any, grad_out: Any) -> Any:
+            grad, divisor = ctx.saved_tensors
+            return (grad * (grad_out / divisor).to(grad.dtype)), None, None, None, None
+
+    return ChunkedLinearCrossEntropy
+
+
+_FN: Any = None
+
+
+def causal_lm_loss(hidden: Any, weight: Any, labels: Any, num_items_in_batch: Any = None,
+                   chunk: int | None = None) -> Any:
+    """transformers' ForCausalLMLoss(hidden @ weight.T, labels) without the logits: hidden [..., n, H], labels
+    [..., n]. `weight` (the output layer's) gets no gradient."""
+    import torch
+
+    global _FN
+    if _FN is None:
+        _FN = _function()
+    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if num_items_in_batch is None:
+        divisor = (targets != IGNORE_INDEX).sum().clamp_min(1).float()
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
+    return _FN.apply(hidden, weight.detach(), targets.to(hidden.device), divisor, chunk or chunk_tokens(weight.shape[0]))
+
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # logits = lm_head(hidden), no softcap or scale in between
+
+
+def applicable(model: Any) -> tuple[bool, str]:
+    """(usable, why not) for this transformers causal LM, before LoRA wraps it."""
+    import torch
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        return False, f"model type {model_type!r} is not one whose logits are lm_head(hidden) alone"
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None or not hasattr(model, "model"):
+        return False, "the output layer is not a plain bias-free Linear"
+    return True, ""
+
+
+def apply(model: Any) -> None:
+    """Give `model` (a transformers causal LM, before LoRA wraps it) a forward that computes a training loss with
+    `causal_lm_loss` (no logits returned); evaluation gets it too with `skip_logits=True`. Everything else, and a
+    LoRA-wrapped output layer, goes through the model's own forward."""
+    import types
+
+    import torch
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    own = type(model).forward
+
+    def forward(self: Any, *args: Any, labels: Any = None, skip_logits: bool | None = None, **kwargs: Any) -> Any:
+        head = self.get_output_embeddings()
+        fused = self.training if skip_logits is None else skip_logits
+        if args or labels is None or not fused or type(head) is not torch.nn.Linear:
+            return own(self, *args, labels=labels, **kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("logits_to_keep", None)
+        out = self.model(**kwargs)
+        loss = causal_lm_loss(out.last_hidden_state, head.weight, labels, num_items)
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values)
+
+    model.forward = types.MethodType(forward, model)

@@ -1,0 +1,149 @@
+"""The compiled path of the peft backend (`kernels="compile"`): transformers + PEFT with the host's work per layer
+taken out, for CUDA GPUs with FlashAttention-2 (compute capability 8.0+) and bf16.
+
+Four parts, each plain PyTorch:
+- every decoder layer is compiled on its own (`torch.compile`, one graph shared by all layers): Inductor fuses the
+  RMSNorms, RoPE, SwiGLU and LoRA's scale-and-add, and a layer's forward and backward are each one call from Python;
+- packed rows are flattened to one padding-free row and attend per sample through aten's FlashAttention-2 varlen
+  kernel (`lora_runtime.attention`), the boundaries taken from the collator on the host;
+- the loss is `lora_runtime.chunked_loss`: no [tokens, vocab] logits and no device-to-host sync in a step;
+- the LoRA matmuls run in bf16 under autocast on fp32 adapter weights (PEFT would cast each activation to fp32
+  first: fp32 matmuls without tensor cores, about a quarter of the GPU time of a step).
+
+Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048, benchmarks/RESULTS.md): 2 rows a pass 34.3k tokens/s
+(Unsloth's own loop: 17.1k; the same path without compilation: 16.5k), 16 rows 60.0k (Unsloth without
+recomputation: 53.8k). Recomputing layers costs it more than it costs Unsloth (8 rows, every layer: 33.2k against
+Unsloth's 42.5k), so `backend="auto"` takes this path where the memory budget fits a pass of at least
+`AUTO_MIN_TOKENS` without recomputation, and Unsloth below that (`prefers`). Compilation adds 10-20 s to the first
+steps; the layers recompile once when evaluation first runs (no gradients) and when a pass changes shape.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lora_runtime.config import LoraSftConfig
+
+AUTO_MIN_TOKENS = 8_192  # micro_batch_size="auto": the smallest pass without recomputation worth leaving Unsloth for
+
+
+def eligible(config: LoraSftConfig, model_type: str | None, *, auto: bool) -> tuple[bool, str]:
+    """(can run, why not). `auto`: for kernels="auto" (only where it was measured), else for kernels="compile"."""
+    import torch
+
+    from lora_runtime import attention, chunked_loss
+    from lora_runtime.distributed import dist_env
+
+    reasons = []
+    usable, why = attention.available()
+    if not usable:
+        reasons.append(f"packed flash attention: {why}")
+    elif not torch.cuda.is_bf16_supported():
+        reasons.append("the GPU has no bf16")
+    if config.load_in_4bit or config.load_in_8bit:
+        reasons.append("bitsandbytes-quantized layers are not compiled here")
+    if config.use_dora:
+        reasons.append("DoRA is not compiled here")
+    if config.sharding == "fsdp" or config.enable_model_splitting:
+        reasons.append("sharding and model splitting run the plain path")
+    if not config.bf16:
+        reasons.append("bf16=False")
+    if auto:
+        if model_type not in chunked_loss.MODEL_TYPES:
+            reasons.append(f"model type {model_type!r} is not one the compiled path was measured on "
+                           f"({', '.join(chunked_loss.MODEL_TYPES)}); kernels='compile' asks for it")
+        if dist_env().world_size > 1:
+            reasons.append("several processes: not measured (kernels='compile' asks for it)")
+        if config.kernels == "liger" or config.kernels == "none":
+            reasons.append(f"kernels={config.kernels!r}")
+    return not reasons, "; ".join(reasons)
+
+
+def read_model_config(config: LoraSftConfig) -> Any:
+    """config.json as attributes, read without importing transformers (Unsloth must be imported before it where the
+    run goes to Unsloth); None where it cannot be read (loading the model will say why)."""
+    from types import SimpleNamespace
+
+    try:
+        raw = json.loads((Path(config.model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    text = raw.get("text_config")
+    if isinstance(text, dict):
+        raw = {**raw, "text_config": SimpleNamespace(**text)}
+    return SimpleNamespace(**raw)
+
+
+def prefers(config: LoraSftConfig) -> tuple[bool, str]:
+    """Whether backend="auto" runs the compiled peft path, and why. kernels="compile" always; kernels="auto" on a
+    CUDA GPU where it is eligible and the memory budget fits a pass of `AUTO_MIN_TOKENS` (or the micro batch given)
+    without recomputation; gradient_checkpointing=True stays with Unsloth, whose recomputation is cheaper."""
+    if config.backend != "auto":
+        return False, ""
+    if config.kernels == "compile":
+        return True, "kernels='compile' runs on the peft backend"
+    if config.kernels != "auto":
+        return False, ""
+    import sys
+
+    import torch
+
+    if "unsloth" in sys.modules:
+        return False, "compiled path not taken: Unsloth is imported in this process (its patches are on)"
+
+    if not torch.cuda.is_available():
+        return False, ""
+    model_config = read_model_config(config)
+    ok, why = eligible(config, getattr(model_config, "model_type", None), auto=True)
+    if not ok or model_config is None:
+        return False, f"compiled path not taken: {why or 'config.json unreadable'}"
+    if config.gradient_checkpointing is True:
+        return False, "compiled path not taken: gradient_checkpointing=True (Unsloth recomputes layers faster)"
+    from lora_runtime.batching import GIB, compiled_footprint, memory_budget
+
+    try:
+        footprint = compiled_footprint(model_config)
+    except AttributeError as e:
+        return False, f"compiled path not taken: cannot size the model ({e})"
+    micro = config.micro_batch_size
+    tokens = micro * config.max_seq_len if isinstance(micro, int) else max(AUTO_MIN_TOKENS, config.max_seq_len)
+    budget, source = memory_budget(config)
+    need = footprint.need(tokens, 0)
+    fits = f"{tokens:,} tokens a pass without recomputation need {need / GIB:.1f} GiB of {budget / GIB:.1f} ({source})"
+    if need > budget:
+        return False, f"compiled path not taken: {fits}"
+    return True, f"compiled peft path: {fits}"
+
+
+def prepare(model: Any, targets: Any) -> str:
+    """Before LoRA: the chunked loss where the model's logits are lm_head(hidden) alone and lm_head gets no adapter
+    (LoRA `targets`). Returns the log line."""
+    from lora_runtime import chunked_loss
+    from lora_runtime.kernels import FUSED_FLAG, targets_lm_head
+
+    ok, why = chunked_loss.applicable(model)
+    if targets_lm_head(targets):
+        ok, why = False, "lm_head is a LoRA target"
+    if ok:
+        chunked_loss.apply(model)
+        setattr(model, FUSED_FLAG, True)
+    loss = "chunked loss (no logits, no sync)" if ok else f"transformers' loss ({why})"
+    return f"kernels: compiled path: layers compiled one by one, packed flash varlen attention, {loss}, bf16 LoRA matmuls"
+
+
+def finish(model: Any) -> int:
+    """After LoRA and checkpointing are set: LoRA inputs stay bf16 (autocast runs the matmuls on the fp32 adapters)
+    and every decoder layer is compiled. Returns how many layers were compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            module.cast_input_dtype_enabled = False
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)

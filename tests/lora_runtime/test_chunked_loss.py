@@ -1,0 +1,76 @@
+"""The chunked, sync-free causal-LM loss equals transformers' own, value and gradient, in fp32 on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_runtime import chunked_loss
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+VOCAB, HIDDEN = 97, 16
+
+
+def _inputs(seed: int = 0, rows: int = 2, n: int = 37):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, n, HIDDEN, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    weight = torch.randn(VOCAB, HIDDEN, generator=g)
+    labels = torch.randint(0, VOCAB, (rows, n), generator=g)
+    labels[torch.rand(rows, n, generator=g) < 0.3] = chunked_loss.IGNORE_INDEX  # prompts, sample starts, padding
+    return hidden, weight, labels
+
+
+def _reference(hidden, weight, labels, num_items=None):
+    h = hidden.detach().clone().requires_grad_(True)
+    loss = ForCausalLMLoss(h @ weight.t(), labels, VOCAB, num_items_in_batch=num_items)
+    loss.backward()
+    return loss.detach(), h.grad
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 1000])  # several chunks with a ragged last one; one chunk
+@pytest.mark.parametrize("num_items", [None, 23])  # mean over targets; gradient accumulation's sum ÷ N
+def test_loss_and_gradient_equal_transformers(chunk, num_items):
+    hidden, weight, labels = _inputs()
+    want_loss, want_grad = _reference(hidden, weight, labels, num_items)
+    loss = chunked_loss.causal_lm_loss(hidden, weight, labels, num_items, chunk=chunk)
+    (loss * 3).backward()  # an upstream gradient other than 1 is carried through
+    torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, 3 * want_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_ignored_targets_get_no_gradient_and_an_all_ignored_batch_is_zero():
+    hidden, weight, labels = _inputs()
+    labels[:, :20] = chunked_loss.IGNORE_INDEX
+    chunked_loss.causal_lm_loss(hidden, weight, labels, chunk=8).backward()
+    assert hidden.grad[:, :19].abs().max() == 0  # position t predicts label t+1: t < 19 all ignored
+    assert hidden.grad[:, 19:].abs().max() > 0
+    hidden.grad = None
+    labels[:] = chunked_loss.IGNORE_INDEX
+    loss = chunked_loss.causal_lm_loss(hidden, weight, labels, chunk=8)
+    loss.backward()
+    assert loss.item() == 0 and hidden.grad.abs().max() == 0
+
+
+def test_a_model_trains_on_it_and_evaluates_with_logits(tiny_qwen2_dir):
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).train()
+    fused = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).train()
+    assert chunked_loss.applicable(fused) == (True, "")
+    chunked_loss.apply(fused)
+    ids = torch.randint(5, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :6] = chunked_loss.IGNORE_INDEX
+    want, got = plain(input_ids=ids, labels=labels), fused(input_ids=ids, labels=labels)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    want.loss.backward()
+    got.loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        if name != "lm_head.weight":  # frozen under LoRA: the fused loss gives it no gradient
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    fused.eval()
+    with torch.no_grad():
+        evaluated = fused(input_ids=ids, labels=labels)
+        skipped = fused(input_ids=ids, labels=labels, skip_logits=True)
+    assert evaluated.logits is not None and skipped.logits is None
+    torch.testing.assert_close(skipped.loss, evaluated.loss, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,134 @@
+"""The compiled path's parts that a CPU can check: the packed-batch hook and the attention function registered with
+transformers (the flash kernel replaced by per-sample SDPA, the GPU test covers the kernel itself), and when
+backend="auto" takes the path (the memory budget rule)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from lora_runtime import LoraSftConfig, attention, compiled
+from lora_runtime.backends.base import flatten_hook
+from lora_runtime.collate import collate_packed
+
+
+def _per_sample_sdpa(q, k, v, cu, max_len, scale):
+    """The reference for aten's flash varlen kernel: causal attention within each [cu[i], cu[i+1]) span."""
+    assert max_len >= int((cu[1:] - cu[:-1]).max())
+    rep = q.shape[1] // k.shape[1]
+    out = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            qs, ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0), is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(out)
+
+
+def _rows():
+    rng = np.random.default_rng(0)
+    rows = []
+    for lens in ([11, 17, 9], [20, 28]):  # a pad tail in the first row, none in the second
+        ids = np.concatenate([rng.integers(10, 900, n) for n in lens])
+        rows.append({"input_ids": np.pad(ids, (0, 48 - len(ids)), constant_values=7),
+                     "loss_mask": np.pad(np.ones(len(ids), np.uint8), (0, 48 - len(ids))), "seq_lens": np.array(lens)})
+    batch = collate_packed(rows)
+    batch.pop("num_tokens")
+    return batch
+
+
+def _loss_and_grads(model_dir, attn: str, hook) -> tuple[torch.Tensor, torch.Tensor]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    model.config.use_cache = False
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                             init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    loss = model(**_rows()).loss
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_qwen2_dir", "tiny_llama_dir"])
+def test_packed_varlen_attention_equals_block_diagonal_sdpa(request, monkeypatch, model_fixture):
+    """Flattened rows + cu_seq_lens through the registered attention give the loss and gradients of transformers'
+    own block-diagonal masks over the rows: the boundaries reach every layer, pad tails included."""
+    model_dir = request.getfixturevalue(model_fixture)
+    monkeypatch.setattr(attention, "_FLASH", type("Reference", (), {"apply": staticmethod(_per_sample_sdpa)}))
+    want = _loss_and_grads(model_dir, "sdpa", flatten_hook(keep_seq_lengths=False, flatten=False))
+    got = _loss_and_grads(model_dir, attention.register(), flatten_hook(keep_seq_lengths=False, boundaries=True))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
+
+
+def test_the_hook_bounds_the_longest_sample_by_the_row_and_refuses_a_mask():
+    kwargs = flatten_hook(keep_seq_lengths=False, boundaries=True)(None, (), _rows())[1]
+    assert kwargs["input_ids"].shape == (1, 96) and "packed_seq_lengths" not in kwargs
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 11, 28, 37, 48, 68, 96] and kwargs["max_length_q"] == 48
+    with pytest.raises(ValueError, match="no attention mask"):
+        flatten_hook(keep_seq_lengths=False, boundaries=True)(None, (), {**_rows(), "attention_mask": torch.ones(2, 48)})
+
+
+@pytest.fixture
+def a_gpu_with(monkeypatch):
+    """Pretend to be a bf16 CUDA GPU with flash attention and `gib` of free memory."""
+    from lora_runtime import batching
+
+    def set_free(gib: float) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        monkeypatch.setattr(attention, "available", lambda: (True, ""))
+        monkeypatch.setattr(batching, "memory_budget", lambda config: (gib * batching.GIB, "free"))
+
+    return set_free
+
+
+def _qwen15b_shaped(tmp_path) -> str:
+    """A config.json of the Qwen2.5-1.5B shape (no weights: the rule reads the config only)."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+        "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}))
+    return str(tmp_path)
+
+
+def test_auto_takes_the_compiled_path_where_a_large_pass_fits_without_recomputation(tmp_path, a_gpu_with):
+    model = _qwen15b_shaped(tmp_path)
+    a_gpu_with(139)
+    ok, why = compiled.prefers(LoraSftConfig(model, "d", "o"))
+    assert ok and "8,192 tokens a pass without recomputation need 23.2 GiB of 139.0" in why
+    assert compiled.prefers(LoraSftConfig(model, "d", "o", micro_batch_size=2))[0]
+    a_gpu_with(16)  # 4 rows of 2048 need 23.2 GiB: Unsloth, recomputing, is the faster there
+    ok, why = compiled.prefers(LoraSftConfig(model, "d", "o"))
+    assert not ok and "need 23.2 GiB of 16.0" in why
+    assert compiled.prefers(LoraSftConfig(model, "d", "o", micro_batch_size=2))[0]  # 14.6 GiB fits
+    assert compiled.prefers(LoraSftConfig(model, "d", "o", kernels="compile"))[0]  # asked for: any budget
+
+
+@pytest.mark.parametrize("option, words", [
+    ({"gradient_checkpointing": True}, "Unsloth recomputes layers faster"),
+    ({"load_in_4bit": True}, "bitsandbytes-quantized"),
+    ({"use_dora": True}, "DoRA"),
+    ({"kernels": "liger"}, ""),
+    ({"backend": "unsloth"}, ""),
+])
+def test_auto_leaves_the_compiled_path_where_it_was_not_measured(tmp_path, a_gpu_with, option, words):
+    a_gpu_with(139)
+    ok, why = compiled.prefers(LoraSftConfig(_qwen15b_shaped(tmp_path), "d", "o", **option))
+    assert not ok and words in why
+
+
+def test_auto_leaves_the_compiled_path_for_model_types_it_was_not_measured_on(tmp_path, a_gpu_with):
+    model = _qwen15b_shaped(tmp_path)
+    text = (tmp_path / "config.json").read_text().replace('"qwen2"', '"gemma2"')
+    (tmp_path / "config.json").write_text(text)
+    a_gpu_with(139)
+    ok, why = compiled.prefers(LoraSftConfig(model, "d", "o"))
+    assert not ok and "model type 'gemma2'" in why
