@@ -22,6 +22,10 @@ DETAILS = {  # extra figures shown in the details column, with their format
     "records": "{} records", "note": "{}",
 }
 OTHER = {
+    "compiled-parts": "What each part of the compiled path is worth, without the Trainer around it (`python -m "
+                      "benchmarks.gpu.compiled MODEL RECORDS OUT --variants ...`, MODEL from `common.build_model`): "
+                      "Qwen2.5-1.5B shape, rows of 2048, LoRA r=16 on the 7 projections, AdamW fused, one process a "
+                      "variant set, every step synchronised. The note gives the host's time issuing a step.",
     "prepare": "CPU data preparation (pytest-benchmark `benchmarks/test_prepare.py`): `lora_data.prepare` against "
                "TRL SFTTrainer's own preparation of the same chat corpus, generated text or real docstrings (same template, "
                "assistant-only mask, best-fit-decreasing packing, rows of 4,096; both produce the same tokens). "
