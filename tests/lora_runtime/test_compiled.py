@@ -132,3 +132,26 @@ def test_auto_leaves_the_compiled_path_for_model_types_it_was_not_measured_on(tm
     a_gpu_with(139)
     ok, why = compiled.prefers(LoraSftConfig(model, "d", "o"))
     assert not ok and "model type 'gemma2'" in why
+
+
+def test_the_decision_reaches_the_backend_and_keeps_unsloth_unimported(tmp_path, a_gpu_with, monkeypatch):
+    """backend="auto" with the compiled path preferred: the peft backend, with the reason in the log, and no
+    `import unsloth` (its patches would change transformers for the whole process)."""
+    import sys
+
+    from lora_runtime import backends
+
+    a_gpu_with(139)
+    config = LoraSftConfig(_qwen15b_shaped(tmp_path), "d", "o")
+    fast = compiled.prefers(config)
+    backend, why = backends.select_backend("auto", compiled=fast)
+    assert backend.name == "peft" and why.startswith("auto: compiled peft path")
+    imported = []
+    monkeypatch.setattr("lora_runtime.backends.unsloth.import_unsloth", lambda *a: imported.append(a))
+    monkeypatch.setattr(backends, "unsloth_importable", lambda: (True, "unsloth imports cleanly"))
+    for name in ("transformers", "peft", "trl"):  # as if nothing had imported them yet
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    backends.import_unsloth_first(config)
+    assert imported == []
+    backends.import_unsloth_first(LoraSftConfig(config.model_path, "d", "o", gradient_checkpointing=True))
+    assert len(imported) == 1  # the control: where Unsloth will run, it is imported first

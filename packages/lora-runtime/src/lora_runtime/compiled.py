@@ -10,12 +10,14 @@ Four parts, each plain PyTorch:
 - the LoRA matmuls run in bf16 under autocast on fp32 adapter weights (PEFT would cast each activation to fp32
   first: fp32 matmuls without tensor cores, about a quarter of the GPU time of a step).
 
-Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048, benchmarks/RESULTS.md): 2 rows a pass 34.3k tokens/s
-(Unsloth's own loop: 17.1k; the same path without compilation: 16.5k), 16 rows 60.0k (Unsloth without
-recomputation: 53.8k). Recomputing layers costs it more than it costs Unsloth (8 rows, every layer: 33.2k against
-Unsloth's 42.5k), so `backend="auto"` takes this path where the memory budget fits a pass of at least
-`AUTO_MIN_TOKENS` without recomputation, and Unsloth below that (`prefers`). Compilation adds 10-20 s to the first
-steps; the layers recompile once when evaluation first runs (no gradients) and when a pass changes shape.
+Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048; benchmarks/RESULTS.md, scenarios `compiled-parts` and
+`compiled`): without the Trainer, 2 rows a pass ran 34.3k tokens/s (16.5k without compilation), 16 rows 60.0k;
+through `lora_sft`, 24.9k with micro_batch_size=2 (Unsloth through it: 15.4k, `frontier`) and 53.5k on the whole
+card, 1.36× the Unsloth hand loop in the same run. Recomputation costs this path more than Unsloth (8 rows, every
+layer recomputed: 33.2k), so `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS`
+without recomputation, and Unsloth below that (`prefers`). Compilation adds 10-30 s to the first steps; the layers
+compile again for the first layer (its input needs no gradient), when the number of packed samples first changes
+(then with a dynamic size), and when evaluation first runs.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 cross-entropy (the loss is computed chunk by chunk from the last hidden states, so the [tokens, vocab] logits, their
 fp32 copy and their gradient, about 12 bytes × vocab a token, are never materialised).
 
-`kernels="auto"` takes liger where it is known to help and to be right, and says in the log why it did or did not:
+`kernels="auto"` on the peft backend first takes the compiled path where it is eligible (lora_runtime.compiled: its
+own attention, loss and compiled layers, no liger), else liger where it is known to help and to be right, and says in
+the log why it did or did not:
 
 - the unsloth backend has its own fused cross-entropy, RMSNorm, SwiGLU and RoPE (liger on top broke its loss and its
   LoRA MLP kernel): never liger there;

@@ -5,6 +5,10 @@ attention mask; with `use_cache=False`, transformers 5 derives from them a block
 (`masking_utils.find_packed_sequence_indices`), and `cu_seq_lens` for FlashAttention-2 varlen, but the latter only
 for a batch of ONE row: with flash_attention_2 a forward pre-hook flattens [micro, n] rows to [1, micro·n]
 (`backends.base.flatten_hook`). `test_packed_row_loss_equals_samples_alone` checks the SDPA/eager paths on the CPU.
+
+On CUDA the compiled path (`lora_runtime.compiled`, kernels="compile", or "auto" where eligible) replaces all of this
+with its own attention over flattened rows (`lora_runtime.attention`), compiled layers and a chunked loss; otherwise
+liger-kernel's fused kernels apply where installed (`lora_runtime.kernels`).
 """
 
 from __future__ import annotations
