@@ -1,5 +1,6 @@
 """GPU training benchmarks, the memory-budget rows of the frontier scenario as a regression gate: one optimizer step
-of our unsloth backend at each budget (8, 16, 24, 40 GiB and the whole card) and of the peft backend on the whole card,
+of our unsloth backend at each budget (8, 16, 24, 40 GiB and the whole card) and of the peft backend (its compiled
+path, which kernels="auto" takes there: lora_runtime.compiled) at 24 and 40 GiB and on the whole card,
 on packed rows of 2048 tokens (Qwen2.5-1.5B shape, random bf16 weights, LoRA r=16 alpha=32 on the 7 projections,
 AdamW), timed by pytest-benchmark (8 rounds after 3 warm-up steps).
 
@@ -28,7 +29,7 @@ import pytest
 
 SEQ_LEN = 2048
 BUDGETS = (8, 16, 24, 40, None)  # GiB; None = the whole card
-CASES = [("unsloth", b) for b in BUDGETS] + [("peft", None)]
+CASES = [("unsloth", b) for b in BUDGETS] + [("peft", b) for b in (24, 40, None)]
 IDS = [f"{backend}-{'card' if b is None else f'{b}gib'}" for backend, b in CASES]
 
 
