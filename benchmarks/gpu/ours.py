@@ -132,7 +132,7 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.perf_counter()
     names = a.runs.split(",")
-    unsloth = [n for n in names if not _stays_off_unsloth(a.model_dir, a.shards, n)]
+    unsloth = _unsloth_runs(a.model_dir, a.shards, names)
     if unsloth and len(unsloth) < len(names):  # Unsloth patches transformers for good: its runs get a process of
         # their own, run first and to its end (never two processes on the GPU at once)
         budget = ["--budget-s", str(max(10.0, a.budget_s - (time.perf_counter() - t0)))]
@@ -155,16 +155,23 @@ def main() -> None:
         common.write_result(a.out, tag, payload)
 
 
-def _stays_off_unsloth(model_dir: str, shards: str, name: str) -> bool:
-    """Whether run `name` trains without importing Unsloth (the peft backend, or auto's compiled path), decided as
-    lora_sft decides it."""
-    from lora_runtime import LoraSftConfig
-    from lora_runtime.compiled import prefers
-
-    kw = parse(name)
-    if kw["backend"] == "peft":
-        return True
-    return kw["backend"] == "auto" and prefers(LoraSftConfig(model_dir, shards, tempfile.gettempdir(), **kw))[0]
+def _unsloth_runs(model_dir: str, shards: str, names: list[str]) -> list[str]:
+    """The runs that train with Unsloth, decided as lora_sft decides (lora_runtime.compiled.prefers reads the free
+    GPU memory), in a process of its own: this one must not hold a CUDA context while another trains."""
+    code = ("import json, sys, tempfile\n"
+            "from benchmarks.gpu.ours import parse\n"
+            "from lora_runtime import LoraSftConfig\n"
+            "from lora_runtime.compiled import prefers\n"
+            "out = []\n"
+            "for name in sys.argv[3:]:\n"
+            "    kw = parse(name)\n"
+            "    peft = kw['backend'] == 'peft' or kw['backend'] == 'auto' and prefers(\n"
+            "        LoraSftConfig(sys.argv[1], sys.argv[2], tempfile.gettempdir(), **kw))[0]\n"
+            "    out += [] if peft else [name]\n"
+            "print(json.dumps(out))\n")
+    done = subprocess.run([sys.executable, "-c", code, model_dir, shards, *names], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _argv_with_runs(runs: list[str]) -> list[str]:

@@ -116,6 +116,9 @@ def test_auto_takes_the_compiled_path_where_a_large_pass_fits_without_recomputat
     ({"gradient_checkpointing": True}, "Unsloth recomputes layers faster"),
     ({"load_in_4bit": True}, "bitsandbytes-quantized"),
     ({"use_dora": True}, "DoRA"),
+    ({"target_modules": ("q_proj", "lm_head")}, "adapter on lm_head"),  # transformers' loss: full logits
+    ({"flash_attention": False}, "flash_attention=False"),
+    ({"trust_remote_code": True}, "remote modeling code"),
     ({"kernels": "liger"}, ""),
     ({"backend": "unsloth"}, ""),
 ])
@@ -155,3 +158,41 @@ def test_the_decision_reaches_the_backend_and_keeps_unsloth_unimported(tmp_path,
     assert imported == []
     backends.import_unsloth_first(LoraSftConfig(config.model_path, "d", "o", gradient_checkpointing=True))
     assert len(imported) == 1  # the control: where Unsloth will run, it is imported first
+
+
+def test_a_sliding_window_shorter_than_the_rows_keeps_the_model_off_the_compiled_path(tmp_path, a_gpu_with):
+    import json
+
+    model = _qwen15b_shaped(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "model_type": "mistral", "sliding_window": 4096}))
+    a_gpu_with(139)
+    ok, why = compiled.prefers(LoraSftConfig(model, "d", "o", max_seq_len=8192))
+    assert not ok and "sliding window of 4096 tokens, shorter than max_seq_len=8192" in why
+    assert compiled.prefers(LoraSftConfig(model, "d", "o", max_seq_len=4096))[0]
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "sliding_window": 4096, "use_sliding_window": False}))
+    assert compiled.prefers(LoraSftConfig(model, "d", "o", max_seq_len=8192))[0]  # Qwen2's window switched off
+
+
+def test_without_the_chunked_loss_the_plan_counts_the_full_logits(tmp_path, a_gpu_with):
+    """kernels="compile" with an adapter on lm_head runs transformers' loss: the memory plan must count its logits."""
+    from lora_runtime.backends.peft import PeftBackend, _model_config
+
+    model = _qwen15b_shaped(tmp_path)
+    a_gpu_with(139)
+    _model_config.cache_clear()
+    model_config = _model_config(model, False)
+    chunked = PeftBackend().footprint(model_config, LoraSftConfig(model, "d", "o", kernels="compile"))
+    full = PeftBackend().footprint(model_config, LoraSftConfig(model, "d", "o", kernels="compile",
+                                                               target_modules=("q_proj", "lm_head")))
+    assert chunked.per_token_base == 0 and chunked.extra > 0
+    assert full.per_token_base == 12 * 151936 and full.extra == 0
+
+
+def test_kernels_compile_that_cannot_run_is_refused_before_any_data_work(tmp_path, a_gpu_with):
+    from lora_runtime.preflight import machine_issues
+
+    a_gpu_with(139)
+    issues = machine_issues(LoraSftConfig(_qwen15b_shaped(tmp_path), "d", "o", kernels="compile", use_dora=True))
+    assert any("`kernels`='compile' cannot run here: DoRA is not compiled here" in i for i in issues)
+    assert not any("kernels" in i for i in machine_issues(LoraSftConfig(str(tmp_path), "d", "o", kernels="compile")))

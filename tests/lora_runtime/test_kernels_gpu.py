@@ -49,7 +49,8 @@ def _loss_and_grads(model_dir, tmp_path, kernels: str, targets) -> tuple[float, 
     batch = _batch(model.config.vocab_size)
     n = int((batch["labels"] != -100).sum())
     with torch.autocast("cuda", dtype=torch.bfloat16):  # as the trainer runs it (bf16 mixed precision)
-        out = model(**batch, num_items_in_batch=torch.tensor(n, device="cuda"))
+        # a divisor other than the targets' count (gradient accumulation's): a loss that ignored it would differ
+        out = model(**batch, num_items_in_batch=torch.tensor(n + 7, device="cuda"))
     out.loss.backward()
     grads = {name: p.grad.float().clone() for name, p in model.named_parameters() if p.requires_grad}
     return float(out.loss), grads

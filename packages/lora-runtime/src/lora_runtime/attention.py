@@ -65,9 +65,13 @@ _FLASH: Any = None
 
 
 def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
-                     dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
-    """transformers' attention interface: [1, heads, tokens, dim] in, [1, tokens, heads, dim] out."""
+                     dropout: float = 0.0, sliding_window: int | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """transformers' attention interface: [1, heads, tokens, dim] in, [1, tokens, heads, dim] out. Full causal
+    attention within each sample: a sliding window shorter than the longest sample is refused, not ignored."""
     cu = kwargs.get("cu_seq_lens_q")
+    if sliding_window is not None and sliding_window < int(kwargs.get("max_length_q") or 0):
+        raise RuntimeError(f"{ATTENTION} runs full attention; this layer attends within a window of {sliding_window} "
+                           "tokens: train it with kernels='none'")
     if cu is None or query.shape[0] != 1:
         raise RuntimeError(f"{ATTENTION} needs one flattened row and cu_seq_lens_q (the packed-batch hook makes "
                            f"them); got a batch of {query.shape[0]} row(s)")

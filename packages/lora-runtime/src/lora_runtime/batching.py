@@ -257,9 +257,10 @@ COMPILED_HOST_RECOMPUTE_COST = 1.0
 COMPILED_TARGET_TOKENS = 32_768  # 16 rows of 2048 ran 8% faster than 8 (the model's estimate)
 
 
-def compiled_footprint(model_config: Any) -> Footprint:
-    """The peft backend's compiled path (lora_runtime.compiled): no logits but one chunk of them (the chunked loss),
-    a recomputed layer keeps its input, one layer's activations live while recomputing.
+def compiled_footprint(model_config: Any, fused_loss: bool = True) -> Footprint:
+    """The peft backend's compiled path (lora_runtime.compiled): no logits but one chunk of them (the chunked loss;
+    without it, `fused_loss=False`, transformers' full logits as in `peft_footprint`), a recomputed layer keeps its
+    input, one layer's activations live while recomputing.
 
     Calibrated on an H200 (Qwen2.5-1.5B shape, rows of 2048, torch.cuda.max_memory_allocated against the estimate):
     2 rows 12.8 / 12.8 GiB, 4 rows 20.7 / 20.8, 16 rows 68.7 / 68.8, all without recomputation; 8 rows recomputing
@@ -270,7 +271,8 @@ def compiled_footprint(model_config: Any) -> Footprint:
     h, _, n, vocab = _dims(model_config)
     layer = layer_bytes_per_token(model_config) * COMPILED_LAYER_SCALE
     return Footprint(weight_bytes(model_config, False), n, per_token_layer=layer, per_token_recomputed=2 * h,
-                     per_token_working=layer, extra=chunk_tokens(vocab) * vocab * 8.0,
+                     per_token_working=layer, extra=chunk_tokens(vocab) * vocab * 8.0 if fused_loss else 0.0,
+                     per_token_base=0.0 if fused_loss else 12 * vocab,
                      host_pass_tokens=host_pass_tokens(model_config) * COMPILED_HOST_PASS_TOKENS / HOST_PASS_TOKENS,
                      overlap_loss=COMPILED_OVERLAP_LOSS, recompute_cost=COMPILED_RECOMPUTE_COST,
                      host_recompute_cost=COMPILED_HOST_RECOMPUTE_COST, target_tokens=COMPILED_TARGET_TOKENS)

@@ -31,11 +31,14 @@ from lora_runtime.config import LoraSftConfig
 AUTO_MIN_TOKENS = 8_192  # micro_batch_size="auto": the smallest pass without recomputation worth leaving Unsloth for
 
 
-def eligible(config: LoraSftConfig, model_type: str | None, *, auto: bool) -> tuple[bool, str]:
-    """(can run, why not). `auto`: for kernels="auto" (only where it was measured), else for kernels="compile"."""
+def eligible(config: LoraSftConfig, model_config: Any, *, auto: bool) -> tuple[bool, str]:
+    """(can run, why not) on this host for this model (`model_config`: its config, None where unknown yet).
+    `auto`: for kernels="auto", only where it was measured; else for kernels="compile"."""
+    import sys
+
     import torch
 
-    from lora_runtime import attention, chunked_loss
+    from lora_runtime import attention
     from lora_runtime.distributed import dist_env
 
     reasons = []
@@ -52,15 +55,45 @@ def eligible(config: LoraSftConfig, model_type: str | None, *, auto: bool) -> tu
         reasons.append("sharding and model splitting run the plain path")
     if not config.bf16:
         reasons.append("bf16=False")
+    if config.flash_attention is False:
+        reasons.append("flash_attention=False asks for SDPA")
+    if config.trust_remote_code:
+        reasons.append("remote modeling code may not honour the packed attention (samples would see each other)")
+    window = sliding_window(model_config)
+    if window is not None and window < config.max_seq_len:
+        reasons.append(f"the model attends within a sliding window of {window} tokens, shorter than "
+                       f"max_seq_len={config.max_seq_len}")
     if auto:
-        if model_type not in chunked_loss.MODEL_TYPES:
-            reasons.append(f"model type {model_type!r} is not one the compiled path was measured on "
-                           f"({', '.join(chunked_loss.MODEL_TYPES)}); kernels='compile' asks for it")
+        if not fused_loss(config, model_config):
+            reasons.append(f"model type {getattr(model_config, 'model_type', None)!r} or an adapter on lm_head: "
+                           "not measured without the chunked loss (kernels='compile' asks for it)")
         if dist_env().world_size > 1:
             reasons.append("several processes: not measured (kernels='compile' asks for it)")
-        if config.kernels == "liger" or config.kernels == "none":
+        if config.kernels in ("liger", "none"):
             reasons.append(f"kernels={config.kernels!r}")
+        if "unsloth" in sys.modules:
+            reasons.append("Unsloth is imported in this process (its patches are on)")
     return not reasons, "; ".join(reasons)
+
+
+def fused_loss(config: LoraSftConfig, model_config: Any) -> bool:
+    """Whether the chunked loss will run: a model whose logits are lm_head(hidden) alone, lm_head without an adapter
+    (else transformers' loss builds the full logits, and the memory plan counts them)."""
+    from lora_runtime import chunked_loss
+    from lora_runtime.kernels import targets_lm_head
+
+    return getattr(model_config, "model_type", None) in chunked_loss.MODEL_TYPES and not targets_lm_head(
+        config.target_modules)
+
+
+def sliding_window(model_config: Any) -> int | None:
+    """The attention window the model's layers use (None: full attention). Qwen2 configs carry one but switch it on
+    with use_sliding_window; Mistral's applies as set."""
+    c = getattr(model_config, "text_config", None) or model_config
+    window = getattr(c, "sliding_window", None)
+    if not isinstance(window, int) or getattr(c, "use_sliding_window", True) is False:
+        return None
+    return window
 
 
 def read_model_config(config: LoraSftConfig) -> Any:
@@ -90,25 +123,23 @@ def prefers(config: LoraSftConfig) -> tuple[bool, str]:
         return True, "kernels='compile' runs on the peft backend"
     if config.kernels != "auto":
         return False, ""
-    import sys
-
     import torch
 
-    if "unsloth" in sys.modules:
-        return False, "compiled path not taken: Unsloth is imported in this process (its patches are on)"
 
     if not torch.cuda.is_available():
         return False, ""
     model_config = read_model_config(config)
-    ok, why = eligible(config, getattr(model_config, "model_type", None), auto=True)
-    if not ok or model_config is None:
-        return False, f"compiled path not taken: {why or 'config.json unreadable'}"
+    if model_config is None:
+        return False, "compiled path not taken: config.json unreadable here (a hub id is resolved later)"
+    ok, why = eligible(config, model_config, auto=True)
+    if not ok:
+        return False, f"compiled path not taken: {why}"
     if config.gradient_checkpointing is True:
         return False, "compiled path not taken: gradient_checkpointing=True (Unsloth recomputes layers faster)"
     from lora_runtime.batching import GIB, compiled_footprint, memory_budget
 
     try:
-        footprint = compiled_footprint(model_config)
+        footprint = compiled_footprint(model_config, fused_loss=True)
     except AttributeError as e:
         return False, f"compiled path not taken: cannot size the model ({e})"
     micro = config.micro_batch_size
@@ -145,7 +176,14 @@ def finish(model: Any) -> int:
     for module in model.modules():
         if hasattr(module, "lora_A"):
             module.cast_input_dtype_enabled = False
+    import torch._dynamo
+
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    # every layer shares one compiled code object; its variants (first layer without input gradient, training and
+    # evaluation, recomputed or not, a pass of another shape) must stay under the limit or layers fall back to eager
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 32))
     for layer in layers:
         layer.compile()
     return len(layers)

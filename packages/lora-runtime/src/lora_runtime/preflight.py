@@ -60,6 +60,12 @@ def machine_issues(cfg: Any) -> list[str]:
             issues.append(f"`{name}`={getattr(cfg, name)!r} needs CUDA ({why}) but {seen}: {fix}")
     from lora_runtime.kernels import liger_installed
 
+    if cfg.kernels == "compile" and cuda_available():
+        from lora_runtime.compiled import eligible
+
+        ok, why = eligible(cfg, None, auto=False)
+        if not ok:
+            issues.append(f"`kernels`='compile' cannot run here: {why} (pass kernels='auto')")
     if cfg.kernels == "liger" and not liger_installed():
         issues.append("`kernels`='liger' needs the liger-kernel package, which is not installed: `uv pip install "
                       "liger-kernel` (or pass kernels='auto')")

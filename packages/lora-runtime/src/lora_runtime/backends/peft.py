@@ -54,7 +54,7 @@ class PeftBackend(BackendBase):
 
     def footprint(self, model_config: Any, config: LoraSftConfig) -> Footprint:
         if self.compiled(config):
-            return compiled_footprint(model_config)
+            return compiled_footprint(model_config, fused_loss=compiled.fused_loss(config, model_config))
         return peft_footprint(model_config, config.load_in_4bit, fused_loss=self.fused_loss(config))
 
     @staticmethod
@@ -65,7 +65,7 @@ class PeftBackend(BackendBase):
 
         if config.kernels not in ("auto", "compile") or not torch.cuda.is_available():
             return False
-        ok, why = compiled.eligible(config, _model_type(config.model_path, config.trust_remote_code),
+        ok, why = compiled.eligible(config, _model_config(config.model_path, config.trust_remote_code),
                                     auto=config.kernels == "auto")
         if not ok and config.kernels == "compile":
             raise RuntimeError(f"kernels='compile' cannot run here: {why}")
@@ -150,15 +150,19 @@ class PeftBackend(BackendBase):
 
 
 @functools.lru_cache(maxsize=8)
-def _model_type(model_path: str, trust_remote_code: bool) -> str | None:
-    """The model's config.json model_type, read once for the plan's several questions (None: unreadable; loading
-    the model will say what is wrong with it)."""
+def _model_config(model_path: str, trust_remote_code: bool) -> Any:
+    """The model's config, read once for the plan's several questions (None: unreadable; loading the model will say
+    what is wrong with it)."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).model_type
+        return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
+
+
+def _model_type(model_path: str, trust_remote_code: bool) -> str | None:
+    return getattr(_model_config(model_path, trust_remote_code), "model_type", None)
 
 
 def _targets(model: Any, requested: tuple[str, ...] | str | None) -> Any:
