@@ -151,6 +151,17 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def profiled(step, n: int = 2):
+    """`n` calls of `step` under torch.profiler (host and CUDA activity), the device synchronised at the end."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    return prof
+
+
 @dataclass
 class StepMeter:
     """Wall time per optimizer step (device synchronised), real tokens per step; the first `warmup` steps

@@ -112,26 +112,31 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0, fused=True)
     feed = batches(data, v["micro"], v["varlen"])
     meter = common.StepMeter(warmup=warmup)
+
+    def step():
+        kw, real = next(feed)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=v["autocast"]):
+            loss = model(**kw).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return real, loss
+
     meter.start()
     host = []  # seconds the host spends issuing a step (before the meter waits for the GPU)
     try:
         for _ in range(steps):
             t = time.perf_counter()
-            kw, real = next(feed)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=v["autocast"]):
-                loss = model(**kw).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            real, loss = step()
             host.append(time.perf_counter() - t)
             meter.step(real, loss.detach())
         steady = sorted(host[warmup + 1:]) or [0.0]
         out = {"variant": name, **v, "memory_fraction": fraction, "build_s": build_s, **meter.summary(),
                "host_s_median": steady[len(steady) // 2], **common.memory()}
         if profile:
-            _profile(model, opt, feed, profile)
+            _profile(step, profile)
     finally:
-        del model, opt
+        model = opt = None  # the step closure holds them too
         gc.collect()
         torch.cuda.empty_cache()
         torch._dynamo.reset()
@@ -139,19 +144,9 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
     return out
 
 
-def _profile(model, opt, feed, path: str) -> None:
-    """Two steps under torch.profiler: ops by host time and by GPU time, into `path`."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            kw, _real = next(feed)
-            model(**kw).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-    avg = prof.key_averages()
+def _profile(step, path: str) -> None:
+    """Two more steps under torch.profiler: ops by host time and by GPU time, into `path`."""
+    avg = common.profiled(step).key_averages()
     with open(path, "w") as f:
         f.write(avg.table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70))
         f.write(avg.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))

@@ -304,22 +304,13 @@ def profile(model, opt, data, name: str, path: str) -> None:
     """Two steps under torch.profiler: GPU time by kernel category, top kernels, and the host-side step time."""
     import json
 
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprofile
-
     layout = "rows" if name.startswith("rows") else "packed"
     micro = int("".join(c for c in name.split("_")[0] if c.isdigit()))
     ids, lens, pad_id = data
     batches = make_batches(ids, lens, micro, layout, pad_id)
     common.sync()
     t0 = time.perf_counter()
-    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            kw, _real = next(batches)
-            model(**kw).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        common.sync()
+    prof = common.profiled(lambda: _one_step(model, opt, batches))
     wall = (time.perf_counter() - t0) / 2
     kernels = [(e.key, e.self_device_time_total) for e in prof.key_averages()
                if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0]
