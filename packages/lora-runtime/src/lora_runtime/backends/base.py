@@ -145,6 +145,10 @@ def _with_boundaries(kwargs: dict) -> dict:
 
         lengths = torch.tensor([row], dtype=torch.int32)
     new.update(attention.boundaries(lengths, ids.device, max_len=row))
+    import torch
+
+    # the number of samples changes from batch to batch: compiled layers take it as a dynamic size from the start
+    torch._dynamo.maybe_mark_dynamic(new["cu_seq_lens_q"], 0)
     return new
 
 
