@@ -13,9 +13,9 @@ from benchmarks.gpu.runner import PY, Session, Side
 # the processes of a group run one after another, so a warm process follows its cold one.
 # The order without lanes: what a budget needs most first (training-hub, never the fastest peer, last).
 GROUPS = [["ours", "ours_warm"], ["ours_peft"], ["loop", "loop_warm"], ["build_llama8b", "ours8b", "loop8b"],
-          ["parity_ours", "parity_trl"], ["th", "th_b8"]]
+          ["parity_ours", "parity_ours_compile", "parity_trl"], ["th", "th_b8"]]
 ORDER = ["build_qwen1.5b", "build_tiny", "ours", "ours_peft", "loop", "build_llama8b", "ours8b", "loop8b", "parity_ours",
-         "parity_trl", "ours_warm", "loop_warm", "th", "th_b8"]
+         "parity_ours_compile", "parity_trl", "ours_warm", "loop_warm", "th", "th_b8"]
 
 
 def model_dir(s: Session, shape: str):
@@ -63,14 +63,16 @@ def th(cap_gib: float | None, shape: str = "qwen1.5b") -> Side:
     return Side(argv, cap_s=180, run_field=None, family="th", est_s=90)
 
 
-def parity_side(which: str) -> Side:
-    """One side of the loss-parity run (parity.py side DIR ours|trl), 100 steps on a 4-layer model."""
+def parity_side(which: str, compiled: bool = False) -> Side:
+    """One side of the loss-parity run (parity.py side DIR ours|trl), 100 steps on a 4-layer model; `compiled`: ours
+    on the peft backend's compiled path (kernels="compile")."""
     def argv(s: Session, runs, res, cap):
-        backend = "peft" if s.cpu else "unsloth"
+        backend = "peft" if s.cpu or compiled else "unsloth"
+        extra = ["--kernels", "compile"] if compiled else []
         return [PY, "-m", "benchmarks.gpu.parity", "side", s.work / "parity", which, "--backend", backend,
-                "--steps", s.a.parity_steps, "--no-lm-head"]
+                "--steps", s.a.parity_steps, "--no-lm-head", *extra]
 
-    return Side(argv, cap_s=180, run_field=None, family=f"parity_{which}", est_s=65)
+    return Side(argv, cap_s=180, run_field=None, family=f"parity_{which}{'_compile' if compiled else ''}", est_s=65)
 
 
 def module(name: str, *args, cap_s: float = 590, family: str = "multi") -> Side:
