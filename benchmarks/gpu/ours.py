@@ -65,13 +65,20 @@ def parse(name: str) -> dict:
     return kw
 
 
-def import_unsloth_first(model_dir: str, shards: str, kw: dict) -> None:
+def config(model_dir: str, shards: str, kw: dict, seq_len: int):
+    """The LoraSftConfig `train` hands lora_sft, for the decisions taken before it (which backend, Unsloth first)."""
+    from lora_runtime import LoraSftConfig
+
+    return LoraSftConfig(model_dir, shards, tempfile.gettempdir(), max_seq_len=seq_len,
+                         target_modules=common.LORA_TARGETS, **kw)
+
+
+def import_unsloth_first(model_dir: str, shards: str, kw: dict, seq_len: int = 2048) -> None:
     """What lora_sft does first in a user's script, done before the harness's own callbacks import transformers (else
     Unsloth warns that it was imported after transformers and some of its patches may not apply)."""
-    from lora_runtime import LoraSftConfig
     from lora_runtime.backends import import_unsloth_first as first
 
-    first(LoraSftConfig(model_dir, shards, tempfile.gettempdir(), **kw))
+    first(config(model_dir, shards, kw, seq_len))
 
 
 def train(model_dir: str, shards: str, out: str, kw: dict, steps: int, seq_len: int, callbacks: list):
@@ -101,7 +108,7 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
 
     meter = common.StepMeter(warmup=warmup)
     kw = parse(name)
-    import_unsloth_first(model_dir, shards, kw)
+    import_unsloth_first(model_dir, shards, kw, seq_len)
     fraction = common.cap_memory(kw.get("max_memory_gib"))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
@@ -132,7 +139,7 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.perf_counter()
     names = a.runs.split(",")
-    unsloth = _unsloth_runs(a.model_dir, a.shards, names)
+    unsloth = _unsloth_runs(a.model_dir, a.shards, names, a.seq_len)
     if unsloth and len(unsloth) < len(names):  # Unsloth patches transformers for good: its runs get a process of
         # their own, run first and to its end (never two processes on the GPU at once)
         budget = ["--budget-s", str(max(10.0, a.budget_s - (time.perf_counter() - t0)))]
@@ -155,22 +162,24 @@ def main() -> None:
         common.write_result(a.out, tag, payload)
 
 
-def _unsloth_runs(model_dir: str, shards: str, names: list[str]) -> list[str]:
+def _unsloth_runs(model_dir: str, shards: str, names: list[str], seq_len: int) -> list[str]:
     """The runs that train with Unsloth, decided as lora_sft decides (lora_runtime.compiled.prefers reads the free
     GPU memory), in a process of its own: this one must not hold a CUDA context while another trains."""
-    code = ("import json, sys, tempfile\n"
-            "from benchmarks.gpu.ours import parse\n"
-            "from lora_runtime import LoraSftConfig\n"
+    code = ("import json, sys\n"
+            "from benchmarks.gpu.ours import config, parse\n"
             "from lora_runtime.compiled import prefers\n"
+            "model, shards, seq_len, names = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]\n"
             "out = []\n"
-            "for name in sys.argv[3:]:\n"
+            "for name in names:\n"
             "    kw = parse(name)\n"
             "    peft = kw['backend'] == 'peft' or kw['backend'] == 'auto' and prefers(\n"
-            "        LoraSftConfig(sys.argv[1], sys.argv[2], tempfile.gettempdir(), **kw))[0]\n"
+            "        config(model, shards, kw, seq_len))[0]\n"
             "    out += [] if peft else [name]\n"
             "print(json.dumps(out))\n")
-    done = subprocess.run([sys.executable, "-c", code, model_dir, shards, *names], capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run([sys.executable, "-c", code, model_dir, shards, str(seq_len), *names], stdout=subprocess.PIPE,
+                          text=True)  # its errors go to this process's log
+    if done.returncode != 0:
+        raise RuntimeError(f"deciding the runs' backends failed (exit {done.returncode}; the traceback is above)")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

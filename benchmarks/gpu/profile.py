@@ -83,7 +83,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in a.runs.split(","):
         kw = parse(name)
-        import_unsloth_first(a.model_dir, a.shards, kw)
+        import_unsloth_first(a.model_dir, a.shards, kw, a.seq_len)
         common.cap_memory(kw.get("max_memory_gib"))
         report: dict = {}
         last = a.steps - 1

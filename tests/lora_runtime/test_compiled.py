@@ -82,6 +82,7 @@ def a_gpu_with(monkeypatch):
 
     def set_free(gib: float) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
         monkeypatch.setattr(attention, "available", lambda: (True, ""))
         monkeypatch.setattr(batching, "memory_budget", lambda config: (gib * batching.GIB, "free"))
@@ -172,6 +173,26 @@ def test_a_sliding_window_shorter_than_the_rows_keeps_the_model_off_the_compiled
     assert compiled.prefers(LoraSftConfig(model, "d", "o", max_seq_len=4096))[0]
     (tmp_path / "config.json").write_text(json.dumps({**raw, "sliding_window": 4096, "use_sliding_window": False}))
     assert compiled.prefers(LoraSftConfig(model, "d", "o", max_seq_len=8192))[0]  # Qwen2's window switched off
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "sliding_window": 4096}))
+    assert compiled.prefers(LoraSftConfig(model, "d", "o", max_seq_len=8192))[0]  # ...and off by default
+
+
+@pytest.mark.parametrize("fields", [{"model_type": "mistral"}, {"model_type": "mistral", "sliding_window": 4096},
+                                    {"sliding_window": 4096}, {"sliding_window": 4096, "use_sliding_window": True},
+                                    {"model_type": "llama"}])
+def test_the_window_read_from_config_json_is_the_one_transformers_loads(tmp_path, fields):
+    """The decision reads config.json raw (before transformers may be imported), the backend through AutoConfig,
+    which fills in its class defaults: both must see the same window."""
+    import json
+
+    from transformers import AutoConfig
+
+    _qwen15b_shaped(tmp_path)
+    raw = {**json.loads((tmp_path / "config.json").read_text()), **fields}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = LoraSftConfig(str(tmp_path), "d", "o")
+    assert compiled.sliding_window(compiled.read_model_config(config)) == compiled.sliding_window(
+        AutoConfig.from_pretrained(tmp_path))
 
 
 def test_without_the_chunked_loss_the_plan_counts_the_full_logits(tmp_path, a_gpu_with):

@@ -86,14 +86,21 @@ def fused_loss(config: LoraSftConfig, model_config: Any) -> bool:
         config.target_modules)
 
 
+# transformers' defaults where config.json leaves them out (the config classes fill them in on loading)
+WINDOW_DEFAULTS = {"mistral": 4096}
+WINDOW_SWITCHED = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")  # a window that applies only with use_sliding_window
+
+
 def sliding_window(model_config: Any) -> int | None:
-    """The attention window the model's layers use (None: full attention). Qwen2 configs carry one but switch it on
-    with use_sliding_window; Mistral's applies as set."""
+    """The attention window the model's layers use (None: full attention), the same from a raw config.json as from
+    transformers' config object: Qwen2/Qwen3 carry a window but switch it on with use_sliding_window (default off);
+    Mistral's applies as set (default 4096)."""
     c = getattr(model_config, "text_config", None) or model_config
-    window = getattr(c, "sliding_window", None)
-    if not isinstance(window, int) or getattr(c, "use_sliding_window", True) is False:
+    model_type = getattr(c, "model_type", None) or getattr(model_config, "model_type", None)
+    window = getattr(c, "sliding_window", WINDOW_DEFAULTS.get(str(model_type)))
+    if model_type in WINDOW_SWITCHED and not getattr(c, "use_sliding_window", False):
         return None
-    return window
+    return window if isinstance(window, int) else None
 
 
 def read_model_config(config: LoraSftConfig) -> Any:
