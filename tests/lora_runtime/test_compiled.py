@@ -231,7 +231,7 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
     monkeypatch.setattr(attention, "_FLASH", type("Reference", (), {"apply": staticmethod(_per_sample_sdpa)}))
     compiled_with = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile",
-                        lambda self, **kw: compiled_with(self, backend="aot_eager", dynamic=False))
+                        lambda self, **kw: compiled_with(self, backend="aot_eager"))
 
     def step(kernels: str, fast: bool):
         monkeypatch.setattr(PeftBackend, "compiled", staticmethod(lambda config: fast))
