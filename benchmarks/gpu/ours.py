@@ -163,24 +163,25 @@ def main() -> None:
 
 
 def _unsloth_runs(model_dir: str, shards: str, names: list[str], seq_len: int) -> list[str]:
-    """The runs that train with Unsloth, decided as lora_sft decides (lora_runtime.compiled.prefers reads the free
-    GPU memory), in a process of its own: this one must not hold a CUDA context while another trains."""
-    code = ("import json, sys\n"
-            "from benchmarks.gpu.ours import config, parse\n"
-            "from lora_runtime.compiled import prefers\n"
-            "model, shards, seq_len, names = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]\n"
-            "out = []\n"
-            "for name in names:\n"
-            "    kw = parse(name)\n"
-            "    peft = kw['backend'] == 'peft' or kw['backend'] == 'auto' and prefers(\n"
-            "        config(model, shards, kw, seq_len))[0]\n"
-            "    out += [] if peft else [name]\n"
-            "print(json.dumps(out))\n")
+    """The runs that train with Unsloth (`trains_with_unsloth`), decided in a process of its own: the decision reads
+    the free GPU memory, and this process must not hold a CUDA context while another trains."""
+    code = ("import json, sys; from benchmarks.gpu.ours import trains_with_unsloth as u; "
+            "print(json.dumps([n for n in sys.argv[4:] if u(sys.argv[1], sys.argv[2], n, int(sys.argv[3]))]))")
     done = subprocess.run([sys.executable, "-c", code, model_dir, shards, str(seq_len), *names], stdout=subprocess.PIPE,
                           text=True)  # its errors go to this process's log
     if done.returncode != 0:
         raise RuntimeError(f"deciding the runs' backends failed (exit {done.returncode}; the traceback is above)")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def trains_with_unsloth(model_dir: str, shards: str, name: str, seq_len: int) -> bool:
+    """Whether run `name` trains with Unsloth, decided as lora_sft decides (lora_runtime.compiled.prefers)."""
+    from lora_runtime.compiled import prefers
+
+    kw = parse(name)
+    if kw["backend"] != "auto":
+        return kw["backend"] == "unsloth"
+    return not prefers(config(model_dir, shards, kw, seq_len))[0]
 
 
 def _argv_with_runs(runs: list[str]) -> list[str]:

@@ -132,7 +132,6 @@ def prefers(config: LoraSftConfig) -> tuple[bool, str]:
         return False, ""
     import torch
 
-
     if not torch.cuda.is_available():
         return False, ""
     model_config = read_model_config(config)
@@ -178,13 +177,12 @@ def prepare(model: Any, targets: Any) -> str:
 def finish(model: Any) -> int:
     """After LoRA and checkpointing are set: LoRA inputs stay bf16 (autocast runs the matmuls on the fp32 adapters)
     and every decoder layer is compiled. Returns how many layers were compiled."""
+    import torch._dynamo
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     for module in model.modules():
         if hasattr(module, "lora_A"):
             module.cast_input_dtype_enabled = False
-    import torch._dynamo
-
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     # every layer shares one compiled code object; its variants (first layer without input gradient, training and
     # evaluation, recomputed or not, a pass of another shape) must stay under the limit or layers fall back to eager

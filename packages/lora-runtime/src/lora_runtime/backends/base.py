@@ -131,6 +131,8 @@ def flatten_hook(*, keep_seq_lengths: bool, flatten: bool = True, boundaries: bo
 
 
 def _with_boundaries(kwargs: dict) -> dict:
+    import torch
+
     from lora_runtime import attention
 
     ids = kwargs.get("input_ids")
@@ -141,12 +143,8 @@ def _with_boundaries(kwargs: dict) -> dict:
     new = flatten_packed_batch(kwargs) or dict(kwargs)
     lengths = new.pop("packed_seq_lengths", None)
     if lengths is None:  # one row without lengths: one sample
-        import torch
-
         lengths = torch.tensor([row], dtype=torch.int32)
     new.update(attention.boundaries(lengths, ids.device, max_len=row))
-    import torch
-
     # the number of samples changes from batch to batch: compiled layers take it as a dynamic size from the start
     torch._dynamo.maybe_mark_dynamic(new["cu_seq_lens_q"], 0)
     return new
