@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu.compiled MODEL RECORDS OUT [--variants liger_v_m2,flce_v_c_m8_gc,...]
 
-Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>]
+Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off]
   kernels   liger (RoPE, RMSNorm, SwiGLU, fused linear + cross-entropy), flce (liger's fused loss only),
             ck (lora_runtime.chunked_loss), none (transformers' loss over the whole logits)
   _v        packed attention through lora_runtime.attention (aten FlashAttention-2 varlen over one flattened row);
@@ -11,6 +11,10 @@ Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>]
   _a        bf16 autocast with PEFT's cast of each LoRA input to the fp32 adapter dtype turned off (bf16 LoRA
             matmuls on fp32 adapter weights); without it, PEFT runs the LoRA matmuls in fp32
   _m8       8 packed rows of 2048 a step; _gc: non-reentrant checkpointing on every layer; _b24: capped at 24 GiB
+  _ab50     the compiled layers save at most 50% of the activations they would (torch._functorch.config.
+            activation_memory_budget: the partitioner recomputes the cheapest ops first)
+  _off      the compiled layers offload saved activations to the host (torch._functorch.config.
+            enable_activation_offloading, on a side stream, reloads prefetched)
 Every variant loads the model afresh (liger patches a model type's module; compile wraps layer instances). The first
 step's loss is the same for every variant up to bf16 noise (LoRA B starts at zero): `loss_first` is the check.
 """
@@ -30,15 +34,26 @@ SEQ_LEN = 2048
 def parse(name: str) -> dict:
     """A variant's name → its settings.
 
-    >>> parse("flce_v_c_m8_gc_b24")
-    {'kernels': 'flce', 'varlen': True, 'compile': True, 'autocast': False, 'micro': 8, 'gc': True, 'budget_gib': 24.0}
+    >>> parse("flce_v_c_m8_gc_b24_ab40")
+    {'kernels': 'flce', 'varlen': True, 'compile': True, 'autocast': False, 'micro': 8, 'gc': True, \
+'budget_gib': 24.0, 'activation_budget': 0.4, 'offload': False}
     """
     parts = name.split("_")
     micro = next(int(p[1:]) for p in parts if p.startswith("m") and p[1:].isdigit())
     budget = [float(p[1:]) for p in parts if p.startswith("b") and p[1:].replace(".", "").isdigit()]
+    act = [int(p[2:]) / 100 for p in parts if p.startswith("ab") and p[2:].isdigit()]
     return {"kernels": parts[0], "varlen": "v" in parts, "compile": "c" in parts, "autocast": "a" in parts,
-            "micro": micro,
-            "gc": "gc" in parts, "budget_gib": budget[0] if budget else None}
+            "micro": micro, "gc": "gc" in parts, "budget_gib": budget[0] if budget else None,
+            "activation_budget": act[0] if act else 1.0, "offload": "off" in parts}
+
+
+def partitioner(v: dict) -> dict:
+    """torch._functorch.config settings for the variant's compiled layers."""
+    out: dict = {"activation_memory_budget": v["activation_budget"]}
+    if v["offload"]:
+        out.update(enable_activation_offloading=True, activation_offload_separate_stream=True,
+                   activation_offload_sink_wait=True, activation_reload_prefetch=True)
+    return out
 
 
 def build(model_dir: str, v: dict):
@@ -109,6 +124,10 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
     t0 = time.perf_counter()
     model = build(model_dir, v)
     build_s = time.perf_counter() - t0
+    import torch._functorch.config as functorch_config
+
+    patch = functorch_config.patch(**partitioner(v))  # read when the layers compile, at the first steps
+    patch.__enter__()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0, fused=True)
     feed = batches(data, v["micro"], v["varlen"])
     meter = common.StepMeter(warmup=warmup)
@@ -136,6 +155,7 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
         if profile:
             _profile(step, profile)
     finally:
+        patch.__exit__(None, None, None)
         model = opt = None  # the step closure holds them too
         gc.collect()
         torch.cuda.empty_cache()

@@ -25,6 +25,18 @@ def test_warmup_ratio_is_a_fraction_of_all_steps():
         LoraSftConfig("m", "d", "o", warmup_ratio=1.5).validate()
 
 
+def test_adamw_torch_runs_fused_on_a_gpu_and_other_optimizers_as_named(monkeypatch):
+    import torch
+    from lora_runtime.loop import optimizer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert optimizer(LoraSftConfig("m", "d", "o")) == ("adamw_torch", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert optimizer(LoraSftConfig("m", "d", "o"))[0] == "adamw_torch_fused"
+    for name in ("adamw_8bit", "sgd", "adamw_torch_fused"):
+        assert optimizer(LoraSftConfig("m", "d", "o", optim=name)) == (name, "")
+
+
 def test_eval_split_ratio_holds_out_a_seeded_share_of_the_lines(tmp_path):
     from lora_runtime.data import split_eval
 

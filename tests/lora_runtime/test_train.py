@@ -250,6 +250,35 @@ def test_tokens_per_s_leaves_out_checkpoint_time(tiny_llama_dir, llama_shards, t
         assert r["tokens_per_s"] == pytest.approx(r["tokens_seen"] - before), rows
 
 
+def test_a_log_read_one_step_late_equals_one_read_at_once(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
+    """On a GPU a step's loss is read a step later (no wait for the device); forced on here, every logged number,
+    its step and the checkpoint's log history equal those of the log read at once. Steps 3 and 9 are read late
+    (9 is written while step 10, the last, runs); 6 saves, so it logs at once."""
+    import lora_runtime.trainer as trainer_module
+
+    settings = {**_runs.RUN, "max_steps": 10, "logging_steps": 3, "save_steps": 6}
+    late = []
+    read_later = trainer_module.PackedTrainer._read_later
+
+    def counted(self, *args):
+        late.append(self.state.global_step)
+        return read_later(self, *args)
+
+    runs = {}
+    for name, devices in (("late", ("cuda", "cpu")), ("at_once", ())):
+        monkeypatch.setattr(trainer_module, "DEFERRED_LOG_DEVICES", devices)
+        monkeypatch.setattr(trainer_module.PackedTrainer, "_read_later", counted)
+        result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / name), **settings)
+        history = json.loads((tmp_path / name / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+        rows = [{k: r.get(k) for k in ("step", "loss", "grad_norm", "learning_rate", "tokens_seen", "epoch")}
+                for r in read_metrics(result.metrics_path) if "loss" in r]
+        runs[name] = (rows, [(h["step"], h["loss"]) for h in history["log_history"] if "loss" in h],
+                      result.train_loss)
+    assert late == [3, 9]
+    assert [r["step"] for r in runs["late"][0]] == [3, 6, 9]
+    assert runs["late"] == runs["at_once"]
+
+
 def test_eval_loss_counts_each_row_once_whatever_the_eval_batch(tiny_llama_dir, llama_shards, tmp_path):
     """Token-weighted eval_loss: the same with 1 row a batch as with a batch size that makes the set wrap (the
     repeated rows carry no loss), and equal to the loss over every eval row's targets computed by hand."""
