@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu.compiled MODEL RECORDS OUT [--variants liger_v_m2,flce_v_c_m8_gc,...]
 
-Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off]
+Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][_cpp][_sg]
   kernels   liger (RoPE, RMSNorm, SwiGLU, fused linear + cross-entropy), flce (liger's fused loss only),
             ck (lora_runtime.chunked_loss), none (transformers' loss over the whole logits)
   _v        packed attention through lora_runtime.attention (aten FlashAttention-2 varlen over one flattened row);
@@ -15,6 +15,9 @@ Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off]
             activation_memory_budget: the partitioner recomputes the cheapest ops first)
   _off      the compiled layers offload saved activations to the host (torch._functorch.config.
             enable_activation_offloading, on a side stream, reloads prefetched)
+  _cpp      Inductor's C++ wrapper launches the compiled layers' kernels (torch._inductor.config.cpp_wrapper)
+  _sg       after warm-up, compiled layers check only the guards that tell their variants apart
+            (torch.compiler.set_stance(skip_guard_eval_unsafe=True))
 Every variant loads the model afresh (liger patches a model type's module; compile wraps layer instances). The first
 step's loss is the same for every variant up to bf16 noise (LoRA B starts at zero): `loss_first` is the check.
 """
@@ -36,7 +39,7 @@ def parse(name: str) -> dict:
 
     >>> parse("flce_v_c_m8_gc_b24_ab40")
     {'kernels': 'flce', 'varlen': True, 'compile': True, 'autocast': False, 'micro': 8, 'gc': True, \
-'budget_gib': 24.0, 'activation_budget': 0.4, 'offload': False}
+'budget_gib': 24.0, 'activation_budget': 0.4, 'offload': False, 'cpp': False, 'skip_guards': False}
     """
     parts = name.split("_")
     micro = next(int(p[1:]) for p in parts if p.startswith("m") and p[1:].isdigit())
@@ -44,7 +47,8 @@ def parse(name: str) -> dict:
     act = [int(p[2:]) / 100 for p in parts if p.startswith("ab") and p[2:].isdigit()]
     return {"kernels": parts[0], "varlen": "v" in parts, "compile": "c" in parts, "autocast": "a" in parts,
             "micro": micro, "gc": "gc" in parts, "budget_gib": budget[0] if budget else None,
-            "activation_budget": act[0] if act else 1.0, "offload": "off" in parts}
+            "activation_budget": act[0] if act else 1.0, "offload": "off" in parts, "cpp": "cpp" in parts,
+            "skip_guards": "sg" in parts}
 
 
 def partitioner(v: dict) -> dict:
@@ -125,9 +129,14 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
     model = build(model_dir, v)
     build_s = time.perf_counter() - t0
     import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
 
     patch = functorch_config.patch(**partitioner(v))  # read when the layers compile, at the first steps
     patch.__enter__()
+    cpp = inductor_config.patch(cpp_wrapper=v["cpp"])
+    cpp.__enter__()
+    if v["activation_budget"] < 1.0:
+        _gqa_flop_counts()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0, fused=True)
     feed = batches(data, v["micro"], v["varlen"])
     meter = common.StepMeter(warmup=warmup)
@@ -144,7 +153,9 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
     meter.start()
     host = []  # seconds the host spends issuing a step (before the meter waits for the GPU)
     try:
-        for _ in range(steps):
+        for i in range(steps):
+            if v["skip_guards"] and i == warmup:
+                torch.compiler.set_stance(skip_guard_eval_unsafe=True)
             t = time.perf_counter()
             real, loss = step()
             host.append(time.perf_counter() - t)
@@ -155,6 +166,8 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
         if profile:
             _profile(step, profile)
     finally:
+        torch.compiler.set_stance(skip_guard_eval_unsafe=False)
+        cpp.__exit__(None, None, None)
         patch.__exit__(None, None, None)
         model = opt = None  # the step closure holds them too
         gc.collect()
@@ -162,6 +175,20 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
         torch._dynamo.reset()
     out["mfu_matmul"] = out.get("tokens_per_s", 0) * common.flops_per_token("qwen1.5b", v["gc"]) / 790e12
     return out
+
+
+def _gqa_flop_counts() -> None:
+    """The partitioner's flop estimate of the flash attention op, for grouped-query attention: torch 2.11's formula
+    asserts as many key/value heads as query heads (later versions broadcast them, as done here)."""
+    from torch.utils import flop_counter
+
+    forward, backward = flop_counter.sdpa_flop_count, flop_counter.sdpa_backward_flop_count
+
+    def heads(shape, like):
+        return (*shape[:1], like[1], *shape[2:])
+
+    flop_counter.sdpa_flop_count = lambda q, k, v: forward(q, heads(k, q), heads(v, q))
+    flop_counter.sdpa_backward_flop_count = lambda g, q, k, v: backward(g, q, heads(k, q), heads(v, q))
 
 
 def _profile(step, path: str) -> None:

@@ -41,7 +41,9 @@ def _meter_callback(meter: common.StepMeter):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 seen = int(logs.get("tokens_seen", state.num_input_tokens_seen))
-                meter.step(seen - self.seen, logs["loss"])
+                # the trainer reads a step's loss once the step is done on the device, a step late where it can
+                # (lora_runtime.trainer): waiting here as well would stall the step queued since
+                meter.step(seen - self.seen, logs["loss"], synced=True)
                 self.seen = seen
 
     return Meter()

@@ -41,7 +41,6 @@ from lora_runtime.distributed import all_reduce_sum, barrier
 from lora_runtime.errors import OutOfMemoryHint
 from lora_runtime.metrics import MetricsWriter, metrics_row, peak_memory_bytes, whole_run_summary
 
-
 DEFERRED_LOG_DEVICES = ("cuda",)  # where the host runs ahead of the device (on a CPU a late log gains nothing)
 
 
