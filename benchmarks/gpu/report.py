@@ -26,6 +26,10 @@ OTHER = {
                       "benchmarks.gpu.compiled MODEL RECORDS OUT --variants ...`, MODEL from `common.build_model`): "
                       "Qwen2.5-1.5B shape, rows of 2048, LoRA r=16 on the 7 projections, AdamW fused, one process a "
                       "variant set, every step synchronised. The note gives the host's time issuing a step.",
+    "trainer-overhead": "Where `lora_sft` on the compiled path loses time against the same path without the Trainer "
+                        "(`compiled-parts`): `python -m benchmarks.gpu.profile` (the run under torch.profiler, GPU busy "
+                        "time against wall time, host waits by stack) and `benchmarks.gpu.ours` with another logging "
+                        "cadence. Qwen2.5-1.5B shape, rows of 2048, the harness's lora_sft call.",
     "prepare": "CPU data preparation (pytest-benchmark `benchmarks/test_prepare.py`): `lora_data.prepare` against "
                "TRL SFTTrainer's own preparation of the same chat corpus, generated text or real docstrings (same template, "
                "assistant-only mask, best-fit-decreasing packing, rows of 4,096; both produce the same tokens). "

@@ -1,4 +1,5 @@
-"""torchrun worker for test_train.py::test_two_cpu_ranks_match_one_process: python _ddp_worker.py MODEL SHARDS OUT."""
+"""torchrun worker for test_train.py::test_two_cpu_ranks_match_one_process: python _ddp_worker.py MODEL SHARDS OUT.
+Logs are read a step late as on a GPU (summed over ranks on the device), which a CPU run would not do by itself."""
 
 import sys
 from pathlib import Path
@@ -6,7 +7,10 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
 
 import _runs  # noqa: E402
+import lora_runtime.trainer  # noqa: E402
 from lora_runtime import lora_sft  # noqa: E402
+
+lora_runtime.trainer.DEFERRED_LOG_DEVICES = ("cuda", "cpu")
 
 if __name__ == "__main__":
     model, shards, out = sys.argv[1:4]

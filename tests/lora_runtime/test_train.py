@@ -201,7 +201,8 @@ def test_prepare_options_a_shard_dir_cannot_honour_are_refused(tiny_llama_dir, t
 
 def test_two_cpu_ranks_match_one_process(llama_run, tiny_llama_dir, llama_shards, tmp_path):
     """torchrun, 2 gloo ranks × micro 2 × accum 1 == 1 process × micro 2 × accum 2: same rows per step, same result;
-    ranks read disjoint rows (else the losses would differ) and only rank 0 writes."""
+    ranks read disjoint rows (else the losses would differ) and only rank 0 writes. The workers read each log a step
+    late, as on a GPU: the ranks' numbers are summed on the device, in step."""
     import os
     import subprocess
     import sys
@@ -218,6 +219,9 @@ def test_two_cpu_ranks_match_one_process(llama_run, tiny_llama_dir, llama_shards
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 25))  # one writer
     assert [r["loss"] for r in rows] == pytest.approx(_losses(llama_run[0]), abs=1e-4)
+    one = [r for r in read_metrics(llama_run[0].metrics_path) if "loss" in r]
+    assert [r["tokens_seen"] for r in rows] == [r["tokens_seen"] for r in one]
+    assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in one], rel=1e-3)
     want = load_file(Path(llama_run[0].adapter_dir) / "adapter_model.safetensors")
     got = load_file(out / "adapter_model.safetensors")
     for k in want:

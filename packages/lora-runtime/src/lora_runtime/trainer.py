@@ -257,6 +257,8 @@ class PackedTrainer(Trainer):
         import torch.distributed as dist
 
         device = tr_loss.device
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         norm = grad_norm.detach().reshape(1) if isinstance(grad_norm, torch.Tensor) else None
         tokens = torch.tensor([self._tokens_local], dtype=torch.float64, pin_memory=device.type == "cuda")
         values = torch.cat([tr_loss.detach().reshape(1).double(), (norm if norm is not None else tr_loss.new_zeros(1)
