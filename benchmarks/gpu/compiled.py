@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu.compiled MODEL RECORDS OUT [--variants liger_v_m2,flce_v_c_m8_gc,...]
 
-Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][_cpp][_sg]
+Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][_cpp][_sg][_cg]
   kernels   liger (RoPE, RMSNorm, SwiGLU, fused linear + cross-entropy), flce (liger's fused loss only),
             ck (lora_runtime.chunked_loss), none (transformers' loss over the whole logits)
   _v        packed attention through lora_runtime.attention (aten FlashAttention-2 varlen over one flattened row);
@@ -18,6 +18,8 @@ Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][
   _cpp      Inductor's C++ wrapper launches the compiled layers' kernels (torch._inductor.config.cpp_wrapper)
   _sg       after warm-up, compiled layers check only the guards that tell their variants apart
             (torch.compiler.set_stance(skip_guard_eval_unsafe=True))
+  _cg       the compiled layers replay CUDA graphs (mode="reduce-overhead"); every pass has one shape: the sample
+            boundaries are padded to `CU_CAPACITY` a row with empty samples
 Every variant loads the model afresh (liger patches a model type's module; compile wraps layer instances). The first
 step's loss is the same for every variant up to bf16 noise (LoRA B starts at zero): `loss_first` is the check.
 """
@@ -32,14 +34,18 @@ import traceback
 from benchmarks.gpu import common, loops
 
 SEQ_LEN = 2048
+CU_CAPACITY = 128  # sample boundaries a row under _cg (a row holding more samples fails the variant)
 
 
 def parse(name: str) -> dict:
     """A variant's name → its settings.
 
-    >>> parse("flce_v_c_m8_gc_b24_ab40")
+    >>> v = parse("flce_v_c_m8_gc_b24_ab40")
+    >>> {k: v[k] for k in ("kernels", "varlen", "compile", "autocast", "micro", "gc", "budget_gib", "activation_budget")}
     {'kernels': 'flce', 'varlen': True, 'compile': True, 'autocast': False, 'micro': 8, 'gc': True, \
-'budget_gib': 24.0, 'activation_budget': 0.4, 'offload': False, 'cpp': False, 'skip_guards': False}
+'budget_gib': 24.0, 'activation_budget': 0.4}
+    >>> sorted(k for k, on in parse("ck_v_c_a_m2_off_cpp_sg_cg").items() if on is True)
+    ['autocast', 'compile', 'cpp', 'cudagraphs', 'offload', 'skip_guards', 'varlen']
     """
     parts = name.split("_")
     micro = next(int(p[1:]) for p in parts if p.startswith("m") and p[1:].isdigit())
@@ -48,7 +54,7 @@ def parse(name: str) -> dict:
     return {"kernels": parts[0], "varlen": "v" in parts, "compile": "c" in parts, "autocast": "a" in parts,
             "micro": micro, "gc": "gc" in parts, "budget_gib": budget[0] if budget else None,
             "activation_budget": act[0] if act else 1.0, "offload": "off" in parts, "cpp": "cpp" in parts,
-            "skip_guards": "sg" in parts}
+            "skip_guards": "sg" in parts, "cudagraphs": "cg" in parts}
 
 
 def partitioner(v: dict) -> dict:
@@ -94,6 +100,12 @@ def build(model_dir: str, v: dict):
             kwargs.update(attention.boundaries(kwargs.pop("packed_seq_lengths"), "cuda"))
             if v["compile"]:  # one bound for every batch: no recompilation on a new longest sample
                 kwargs["max_length_q"] = SEQ_LEN
+            if v["cudagraphs"]:  # one shape for every pass: trailing empty samples
+                cu = kwargs["cu_seq_lens_q"]
+                room = v["micro"] * CU_CAPACITY + 1 - cu.numel()
+                if room < 0:
+                    raise ValueError(f"{cu.numel() - 1} samples in a pass: more than {CU_CAPACITY} a row")
+                kwargs["cu_seq_lens_q"] = torch.cat([cu, cu[-1:].expand(room)])
             return args, kwargs
         model.register_forward_pre_hook(hook, with_kwargs=True)
     else:
@@ -104,7 +116,7 @@ def build(model_dir: str, v: dict):
     model.train()  # from_pretrained leaves eval mode: no checkpointing, and liger's loss would build the logits
     if v["compile"]:
         for layer in model.base_model.model.model.layers:
-            layer.compile()
+            layer.compile(mode="reduce-overhead" if v["cudagraphs"] else None)
     return model
 
 
@@ -143,6 +155,8 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
 
     def step():
         kw, real = next(feed)
+        if v["cudagraphs"]:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=v["autocast"]):
             loss = model(**kw).loss
         loss.backward()
