@@ -32,6 +32,7 @@ def _meter_callback(meter: common.StepMeter):
     from transformers import TrainerCallback
 
     class Meter(TrainerCallback):
+        late_log_ok = True  # it only records: the trainer may log a step while the next one runs
         def on_train_begin(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()

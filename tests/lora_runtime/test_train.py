@@ -216,6 +216,8 @@ def test_two_cpu_ranks_match_one_process(llama_run, tiny_llama_dir, llama_shards
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("batch: micro 2 × 2 processes × accumulation 1 = effective 4") == 1  # rank 0 logs, rank 1 quiet
+    late = [n for n in range(1, 24) if n % 8]  # every logged step but the checkpoints' (8, 16) and the last
+    assert proc.stdout.count(f"read late: {late}") == 2, proc.stdout[-3000:]
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 25))  # one writer
     assert [r["loss"] for r in rows] == pytest.approx(_losses(llama_run[0]), abs=1e-4)
@@ -254,13 +256,11 @@ def test_tokens_per_s_leaves_out_checkpoint_time(tiny_llama_dir, llama_shards, t
         assert r["tokens_per_s"] == pytest.approx(r["tokens_seen"] - before), rows
 
 
-def test_a_log_read_one_step_late_equals_one_read_at_once(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
-    """On a GPU a step's loss is read a step later (no wait for the device); forced on here, every logged number,
-    its step and the checkpoint's log history equal those of the log read at once. Steps 3 and 9 are read late
-    (9 is written while step 10, the last, runs); 6 saves, so it logs at once."""
+def _late_and_at_once(tiny_llama_dir, llama_shards, tmp_path, monkeypatch, callbacks=(), **extra):
+    """The same run with logs read a step late (forced on, as on a GPU) and at once: (steps read late, results)."""
     import lora_runtime.trainer as trainer_module
 
-    settings = {**_runs.RUN, "max_steps": 10, "logging_steps": 3, "save_steps": 6}
+    settings = {**_runs.RUN, "max_steps": 10, "logging_steps": 3, "save_steps": 6, "save_total_limit": 10, **extra}
     late = []
     read_later = trainer_module.PackedTrainer._read_later
 
@@ -268,19 +268,58 @@ def test_a_log_read_one_step_late_equals_one_read_at_once(tiny_llama_dir, llama_
         late.append(self.state.global_step)
         return read_later(self, *args)
 
+    monkeypatch.setattr(trainer_module.PackedTrainer, "_read_later", counted)
     runs = {}
     for name, devices in (("late", ("cuda", "cpu")), ("at_once", ())):
         monkeypatch.setattr(trainer_module, "DEFERRED_LOG_DEVICES", devices)
-        monkeypatch.setattr(trainer_module.PackedTrainer, "_read_later", counted)
-        result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / name), **settings)
-        history = json.loads((tmp_path / name / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
-        rows = [{k: r.get(k) for k in ("step", "loss", "grad_norm", "learning_rate", "tokens_seen", "epoch")}
-                for r in read_metrics(result.metrics_path) if "loss" in r]
-        runs[name] = (rows, [(h["step"], h["loss"]) for h in history["log_history"] if "loss" in h],
-                      result.train_loss)
-    assert late == [3, 9]
+        result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / name), **settings,
+                          callbacks=[cb() for cb in callbacks])
+        keys = ("step", "loss", "grad_norm", "learning_rate", "tokens_seen", "epoch")  # not timings, peak memory
+        states = {}
+        for c in (tmp_path / name / "checkpoints").iterdir():
+            state = json.loads((c / "trainer_state.json").read_text())
+            states[c.name] = {"history": [{k: h.get(k) for k in keys} for h in state["log_history"]],
+                              **{k: state[k] for k in ("epoch", "global_step", "total_flos", "num_input_tokens_seen")}}
+        rows = [{k: r.get(k) for k in keys} for r in read_metrics(result.metrics_path) if "loss" in r]
+        runs[name] = (rows, states, result.train_loss, result.steps)
+    return late, runs
+
+
+def test_a_log_read_one_step_late_equals_one_read_at_once(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
+    """On a GPU a step's loss is read a step later (no wait for the device); forced on here, every logged number,
+    its step and epoch, and the checkpoints' states (log history, epoch, flos, tokens) equal those of the log read at
+    once. 4 steps an epoch, a log every 3, a checkpoint every 4: step 3 is written while step 4 runs, which saves
+    without logging (its epoch must be 1.0, not the log's 0.75); 6 during 7; 9 during 10, the last."""
+    late, runs = _late_and_at_once(tiny_llama_dir, llama_shards, tmp_path, monkeypatch, logging_steps=3,
+                                   save_steps=4, max_steps=10)
+    assert late == [3, 6, 9]
     assert [r["step"] for r in runs["late"][0]] == [3, 6, 9]
+    assert runs["late"][1]["checkpoint-4"]["epoch"] == 1.0
     assert runs["late"] == runs["at_once"]
+
+
+def test_a_callback_acting_on_logs_keeps_them_read_at_once(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
+    """A user's on_log may stop (or save) at the step it was given: with one, no log is read late, and it stops
+    where it would have; a callback marked late_log_ok only records, and logs are read late again."""
+    from transformers import TrainerCallback
+
+    class StopAtThree(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    class Record(TrainerCallback):
+        late_log_ok = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            pass
+
+    late, runs = _late_and_at_once(tiny_llama_dir, llama_shards, tmp_path / "stop", monkeypatch, callbacks=[StopAtThree],
+                                   logging_steps=1)
+    assert late == [] and runs["late"][3] == 3
+    late, _ = _late_and_at_once(tiny_llama_dir, llama_shards, tmp_path / "record", monkeypatch, callbacks=[Record],
+                                logging_steps=1, max_steps=4)
+    assert late == [1, 2, 3]
 
 
 def test_eval_loss_counts_each_row_once_whatever_the_eval_batch(tiny_llama_dir, llama_shards, tmp_path):

@@ -84,6 +84,8 @@ class StopRequest:
         signals_step, _, signals = os.environ.get(FAULT_SIGNALS_ENV, ":").partition(":")
 
         class SaveAndStopOnSignal(TrainerCallback):
+            any_rank = _AnyRank()
+
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
                 if fault_step and state.global_step == fault_step and dist_env().is_main:
                     os.kill(int(os.environ.get(LAUNCHER_PID_ENV, os.getpid())), signal.SIGTERM)
@@ -91,7 +93,7 @@ class StopRequest:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if signals_step and str(state.global_step) == signals_step and dist_env().is_main:
                     _send_fault_signals(signals)
-                if _any_rank(stop.requested):
+                if self.any_rank(stop.requested):
                     control.should_save = True
                     control.should_training_stop = True
                 return control
@@ -123,15 +125,34 @@ def _send_fault_signals(spec: str) -> None:
         time.sleep(0.3)
 
 
-def _any_rank(flag: bool) -> bool:
-    """True when `flag` is set on any rank (an all-reduce MAX under torch.distributed; the local flag otherwise)."""
-    import torch.distributed as dist
+class _AnyRank:
+    """Whether a flag is set on any rank: an all-reduce MAX under torch.distributed, the local flag otherwise. Under
+    NCCL the answer is a step late: reading the reduced flag at once (`.item()`) would make the host wait for the
+    GPU to finish the step, every step; read a step later, its copy has long landed. Every rank reads the same
+    reduction at the same step, so they all stop at the same one."""
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    import torch
+    def __init__(self) -> None:
+        self._previous: tuple[Any, Any] | None = None  # (host tensor, CUDA event) of the last step's reduction
 
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    def __call__(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return flag
+        import torch
+
+        on_gpu = dist.get_backend() == "nccl"
+        local = torch.tensor([1.0 if flag else 0.0], pin_memory=on_gpu)
+        t = local.to("cuda", non_blocking=True) if on_gpu else local
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if not on_gpu:
+            return bool(t.item())
+        host = torch.empty(1, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        previous, self._previous = self._previous, (host, event)
+        if previous is None:
+            return False
+        previous[1].synchronize()
+        return bool(previous[0].item())

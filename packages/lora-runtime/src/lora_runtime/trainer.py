@@ -9,6 +9,9 @@ Overrides, each small:
 - `log`: adds tokens_seen, tokens_per_s (training time only: evaluation and checkpoint time are left out, via
   `_maybe_log_save_evaluate`), peak memory and an exact epoch (also what the integrations see), and writes
   metrics.jsonl on rank 0.
+- `_maybe_log_save_evaluate`: on a GPU a step's numbers are copied to the host without waiting and logged during the
+  next step, under their own step and epoch (callbacks then see on_step_end of step N+1 before on_log of step N);
+  the last step, steps that evaluate, save or stop, and runs with a user callback acting on logs log at once.
 - `_save_checkpoint`: every rank writes into a staging dir, rank 0 commits it (fsync, marker, rename), adds
   `data_state.json` (the data position) and the resolved config, and rotates to `save_total_limit`. A full disk
   removes the staging dir and raises CheckpointError saying which complete checkpoint is still intact.
@@ -47,15 +50,18 @@ DEFERRED_LOG_DEVICES = ("cuda",)  # where the host runs ahead of the device (on 
 @dataclass
 class _PendingLog:
     step: int
+    epoch: float | None
     steps: int  # optimizer steps the loss sums over
     values: Any  # loss sum, grad norm, real tokens (a host tensor, filled once `event` has passed)
     event: Any
     world: int
-    learning_rate: float | None
+    learning_rate: float
     grad_norm: float | str | None  # "device": in `values`; else what the Trainer handed (a float or None)
 
 
 class PackedTrainer(Trainer):
+    _globalstep_last_logged: int  # transformers' (set in its training loop)
+
     def __init__(self, *args: Any, config: LoraSftConfig, plan: BatchPlan, metrics: MetricsWriter,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -164,7 +170,7 @@ class PackedTrainer(Trainer):
                                  ignore_keys_for_eval=ignore_keys_for_eval)
         finally:  # a step that failed after a late-read log: that finished step's numbers are still written
             with contextlib.suppress(Exception):
-                self._emit_pending()
+                self._emit_pending(wait=False)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         if sharding.is_sharded(self.model):
@@ -241,14 +247,26 @@ class PackedTrainer(Trainer):
         self._paused += time.perf_counter() - (self._logged_at or start)
 
     def _defer_log(self, tr_loss: Any) -> bool:
-        """Whether this step's log waits for the next step. Reading the loss (`.item()`) at once would wait for the
-        device to finish the step, leaving it idle while the host logs, loads the next batch and starts the next
+        """Whether this step's log is written during the next step. Reading the loss (`.item()`) at once waits for
+        the device to finish the step, leaving it idle while the host logs, loads the next batch and starts the next
         forward: with a small pass (2 rows of 2048 on the compiled path) that was a quarter of the time. Read one
-        step later, the copy has long landed. The last step, and steps that evaluate, save or stop, log at once."""
+        step later, the copy has long landed. The last step, and steps that evaluate, save or stop, log at once; so
+        does every step where a callback of the user's reads logs (`reads_logs_at_once`)."""
         control, state = self.control, self.state
-        return bool(tr_loss.device.type in DEFERRED_LOG_DEVICES and control.should_log and state.global_step > self._globalstep_last_logged
+        return bool(tr_loss.device.type in DEFERRED_LOG_DEVICES and control.should_log
+                    and state.global_step > self._globalstep_last_logged
                     and not (control.should_evaluate or control.should_save or control.should_training_stop)
-                    and 0 < state.global_step < state.max_steps)
+                    and 0 < state.global_step < state.max_steps and not self._reads_logs_at_once())
+
+    def _reads_logs_at_once(self) -> bool:
+        """A callback may act on a log by setting control flags (stop, save, evaluate), which must apply to the
+        step logged: any `on_log` outside transformers and this package keeps logs read at once, unless its class
+        says `late_log_ok = True` (it only records what it is given)."""
+        from transformers import TrainerCallback
+
+        return any(type(cb).on_log is not TrainerCallback.on_log and not getattr(cb, "late_log_ok", False)
+                   and not type(cb).__module__.startswith(("transformers.", "lora_runtime.", "lora_cli."))
+                   for cb in self.callback_handler.callbacks)
 
     def _read_later(self, tr_loss: Any, grad_norm: Any, learning_rate: float | None) -> _PendingLog:
         """Starts copying this step's loss sum, grad norm and token count to the host (summed over ranks on the
@@ -257,34 +275,41 @@ class PackedTrainer(Trainer):
         import torch.distributed as dist
 
         device = tr_loss.device
+        on_gpu = device.type == "cuda"
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        norm = grad_norm.detach().reshape(1) if isinstance(grad_norm, torch.Tensor) else None
-        tokens = torch.tensor([self._tokens_local], dtype=torch.float64, pin_memory=device.type == "cuda")
+        norm = grad_norm.detach().reshape(1).to(device) if isinstance(grad_norm, torch.Tensor) else None
+        tokens = torch.tensor([self._tokens_local], dtype=torch.float64, pin_memory=on_gpu)
         values = torch.cat([tr_loss.detach().reshape(1).double(), (norm if norm is not None else tr_loss.new_zeros(1)
                             ).double(), tokens.to(device, non_blocking=True)])
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
             dist.all_reduce(values)  # loss: summed (÷ world below); grad norm: the same on every rank; tokens: summed
-        host = values.to("cpu", non_blocking=True) if device.type == "cuda" else values.clone()
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=on_gpu)
+        host.copy_(values, non_blocking=on_gpu)
         event = None
-        if device.type == "cuda":
+        if on_gpu:
             event = torch.cuda.Event()
             event.record()
-        pending = _PendingLog(step=self.state.global_step, steps=self.state.global_step - self._globalstep_last_logged,
-                              values=host, event=event, world=world, learning_rate=learning_rate,
+        pending = _PendingLog(step=self.state.global_step, epoch=self.state.epoch,
+                              steps=self.state.global_step - self._globalstep_last_logged, values=host, event=event,
+                              world=world,
+                              learning_rate=learning_rate if learning_rate is not None else self._get_learning_rate(),
                               grad_norm="device" if norm is not None else grad_norm)
         tr_loss.zero_()
         self._tokens_local = 0
         self._globalstep_last_logged = self.state.global_step  # transformers' own log skips this step
         return pending  # total_flos is stored at the next log or checkpoint that waits anyway (it syncs under DDP)
 
-    def _emit_pending(self) -> None:
-        """Writes the log `_read_later` started, under the step it belongs to."""
+    def _emit_pending(self, wait: bool = True) -> None:
+        """Writes the log `_read_later` started, under the step (and epoch) it belongs to; with `wait=False` only
+        if its copy has landed (after a failure the device may never finish)."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
         if pending.event is not None:
+            if not wait and not pending.event.query():
+                return
             pending.event.synchronize()
         loss_sum, norm, tokens = pending.values.tolist()
         loss_sum /= pending.world
@@ -293,14 +318,14 @@ class PackedTrainer(Trainer):
         logs: dict[str, float] = {"loss": loss_sum / pending.steps}
         if pending.grad_norm is not None:
             logs["grad_norm"] = norm / pending.world if pending.grad_norm == "device" else float(pending.grad_norm)
-        logs["learning_rate"] = (pending.learning_rate if pending.learning_rate is not None
-                                 else self._get_learning_rate())
-        now_step, self.state.global_step = self.state.global_step, pending.step
+        logs["learning_rate"] = pending.learning_rate
+        now = self.state.global_step, self.state.epoch
+        self.state.global_step, self.state.epoch = pending.step, pending.epoch
         should_log, self._tokens_flushed = self.control.should_log, True
         try:
             self.log(logs)  # the callback handler clears control.should_log, which is this step's to use
         finally:
-            self.state.global_step, self._tokens_flushed = now_step, False
+            (self.state.global_step, self.state.epoch), self._tokens_flushed = now, False
             self.control.should_log = should_log
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
