@@ -170,7 +170,8 @@ class LoraSftConfig:
     # --- keyword-only in lora_sft ---
     eval_data_path: str | None = _f(None, "eval JSONL or shard dir; enables eval every eval_steps")
     per_device_eval_batch_size: int | None = _f(None, "eval rows per GPU (default: micro_batch_size)")
-    callbacks: Any = _f(None, "transformers TrainerCallback(s); not serialized", cli=False, compare=False)
+    callbacks: Any = _f(None, "transformers TrainerCallback(s); not serialized (one with on_log keeps logs read at "
+                        "once on a GPU unless its class sets late_log_ok = True)", cli=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
