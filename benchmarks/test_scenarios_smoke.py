@@ -34,6 +34,9 @@ def test_run_names_carry_the_budget():
     assert ours.parse("unsloth_gc_mb8_q4") == {
         "backend": "unsloth", "micro_batch_size": 8, "gradient_checkpointing": True, "load_in_4bit": True}
     assert ours.parse("peft_gc_mb8_liger")["kernels"] == "liger" and ours.parse("peft_gc_mb8_plain")["kernels"] == "none"
+    assert ours.parse("auto_auto_mbauto_pw_b16_log10") == {
+        "backend": "auto", "micro_batch_size": "auto", "gradient_checkpointing": "auto", "max_memory_gib": 16.0,
+        "selective_recompute": "pointwise", "logging_steps": 10}
     assert loops.parse_variant("rowsfit16_gc_b24") == {"layout": "rows", "micro": 16, "fit": True, "gc": True,
                                                        "budget_gib": 24.0}
     assert loops.parse_variant("rows8_gc")["budget_gib"] is None

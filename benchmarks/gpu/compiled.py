@@ -148,7 +148,9 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
     cpp = inductor_config.patch(cpp_wrapper=v["cpp"])
     cpp.__enter__()
     if v["activation_budget"] < 1.0:
-        _gqa_flop_counts()
+        from lora_runtime.compiled import grouped_query_flop_counts
+
+        grouped_query_flop_counts()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0, fused=True)
     feed = batches(data, v["micro"], v["varlen"])
     meter = common.StepMeter(warmup=warmup)
@@ -189,20 +191,6 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
         torch._dynamo.reset()
     out["mfu_matmul"] = out.get("tokens_per_s", 0) * common.flops_per_token("qwen1.5b", v["gc"]) / 790e12
     return out
-
-
-def _gqa_flop_counts() -> None:
-    """The partitioner's flop estimate of the flash attention op, for grouped-query attention: torch 2.11's formula
-    asserts as many key/value heads as query heads (later versions broadcast them, as done here)."""
-    from torch.utils import flop_counter
-
-    forward, backward = flop_counter.sdpa_flop_count, flop_counter.sdpa_backward_flop_count
-
-    def heads(shape, like):
-        return (*shape[:1], like[1], *shape[2:])
-
-    flop_counter.sdpa_flop_count = lambda q, k, v: forward(q, heads(k, q), heads(v, q))
-    flop_counter.sdpa_backward_flop_count = lambda g, q, k, v: backward(g, q, heads(k, q), heads(v, q))
 
 
 def _profile(step, path: str) -> None:

@@ -50,7 +50,7 @@ def lora_sft(
     bf16: bool = True, fp16: bool = False, tf32: bool | None = None, load_in_4bit: bool = False,
     load_in_8bit: bool = False, bnb_4bit_quant_type: str | None = None, bnb_4bit_compute_dtype: str | None = None,
     bnb_4bit_use_double_quant: bool | None = None, flash_attention: bool | None = None, kernels: str = "auto",
-    gradient_checkpointing: bool | str = "auto", max_memory_gib: float | None = None,
+    gradient_checkpointing: bool | str = "auto", selective_recompute: str = "off", max_memory_gib: float | None = None,
     enable_model_splitting: bool = False, sharding: str = "auto",
     trust_remote_code: bool = False, finetune_vision_layers: bool = False, finetune_language_layers: bool = True,
     save_steps: int = 500, save_total_limit: int | None = 3, resume: bool = True,

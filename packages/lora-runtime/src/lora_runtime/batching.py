@@ -151,10 +151,12 @@ class Footprint:
     recompute_cost: float = RECOMPUTE_COST
     host_recompute_cost: float = HOST_RECOMPUTE_COST
     target_tokens: int = TARGET_TOKENS  # micro_batch_size="auto" grows a pass without recomputation up to this
+    token_cost: float = 1.0  # GPU time a token relative to this path's without in-layer recomputation
 
     def step_cost(self, tokens: int, recomputed: int) -> float:
-        return step_cost(tokens, recomputed, self.layers, self.host_pass_tokens, overlap=self.overlap_loss,
-                         recompute=self.recompute_cost, host_recompute=self.host_recompute_cost)
+        return step_cost(round(tokens * self.token_cost), recomputed, self.layers, self.host_pass_tokens,
+                         overlap=self.overlap_loss, recompute=self.recompute_cost,
+                         host_recompute=self.host_recompute_cost)
 
     def per_token(self, recomputed: int) -> float:
         kept = self.layers - recomputed
@@ -258,27 +260,41 @@ COMPILED_OVERLAP_LOSS = 0.48
 COMPILED_RECOMPUTE_COST = 0.62
 COMPILED_HOST_RECOMPUTE_COST = 1.0
 COMPILED_TARGET_TOKENS = 32_768  # 16 rows of 2048 ran 8% faster than 8 (the model's estimate)
+# selective_recompute="pointwise": what a layer no longer keeps (SwiGLU's product and the two RMSNorm outputs, read
+# back from the partitioner's saved tensors on a CPU: 74.0 → 49.9 kB a token for the Qwen2.5-1.5B shape, 140.1 →
+# 86.8 kB for Llama-3.1-8B's, which drops more than this counts), and what recomputing them costs: re-reading gate,
+# up and the residual stream, about 3% of a token's GPU time (an estimate from bandwidth, not measured).
+POINTWISE_TOKEN_COST = 1.03
 
 
-def compiled_footprint(model_config: Any, fused_loss: bool = True) -> Footprint:
+def pointwise_bytes_per_token(model_config: Any) -> float:
+    """Bytes a token one layer stops keeping under selective_recompute="pointwise" (a lower bound)."""
+    h, i, _, _ = _dims(model_config)
+    return 2.0 * (i + 2 * h)
+
+
+def compiled_footprint(model_config: Any, fused_loss: bool = True, pointwise: bool = False) -> Footprint:
     """The peft backend's compiled path (lora_runtime.compiled): no logits but one chunk of them (the chunked loss;
     without it, `fused_loss=False`, transformers' full logits as in `peft_footprint`), a recomputed layer keeps its
     input, one layer's activations live while recomputing.
 
     Calibrated on an H200 (Qwen2.5-1.5B shape, rows of 2048, torch.cuda.max_memory_allocated against the estimate):
     2 rows 12.8 / 12.8 GiB, 4 rows 20.7 / 20.8, 16 rows 68.7 / 68.8, all without recomputation; 8 rows recomputing
-    every layer 7.0 / 7.0.
+    every layer 7.0 / 7.0. `pointwise`: each layer recomputes its pointwise work (`pointwise_bytes_per_token` less
+    kept, `POINTWISE_TOKEN_COST`).
     """
     from lora_runtime.chunked_loss import chunk_tokens
 
     h, _, n, vocab = _dims(model_config)
     layer = layer_bytes_per_token(model_config) * COMPILED_LAYER_SCALE
-    return Footprint(weight_bytes(model_config, False), n, per_token_layer=layer, per_token_recomputed=2 * h,
+    kept = layer - pointwise_bytes_per_token(model_config) if pointwise else layer
+    return Footprint(weight_bytes(model_config, False), n, per_token_layer=kept, per_token_recomputed=2 * h,
                      per_token_working=layer, extra=chunk_tokens(vocab) * vocab * 8.0 if fused_loss else 0.0,
                      per_token_base=0.0 if fused_loss else LOGIT_BYTES_PER_VOCAB * vocab,
                      host_pass_tokens=host_pass_tokens(model_config) * COMPILED_HOST_PASS_TOKENS / HOST_PASS_TOKENS,
                      overlap_loss=COMPILED_OVERLAP_LOSS, recompute_cost=COMPILED_RECOMPUTE_COST,
-                     host_recompute_cost=COMPILED_HOST_RECOMPUTE_COST, target_tokens=COMPILED_TARGET_TOKENS)
+                     host_recompute_cost=COMPILED_HOST_RECOMPUTE_COST, target_tokens=COMPILED_TARGET_TOKENS,
+                     token_cost=POINTWISE_TOKEN_COST if pointwise else 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------- the search

@@ -15,7 +15,10 @@ Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048; benchmarks/RESULTS.md, s
 through `lora_sft`, 24.9k with micro_batch_size=2 (Unsloth through it: 15.4k, `frontier`) and 53.5k on the whole
 card, 1.36× the Unsloth hand loop in the same run. Recomputation costs this path more than Unsloth (8 rows, every
 layer recomputed: 33.2k), so `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS`
-without recomputation, and Unsloth below that (`prefers`). Compilation adds 10-30 s to the first steps; the layers
+without recomputation, and Unsloth below that (`prefers`). `selective_recompute="pointwise"` lowers the partitioner's activation memory budget
+(`POINTWISE_BUDGET`): each layer recomputes its pointwise work in backward, keeping about a third less, no matmul
+recomputed (read from the saved tensors on a CPU; its speed on a GPU is not measured yet, so it is not the default).
+Compilation adds 10-30 s to the first steps; the layers
 compile again for the first layer (its input needs no gradient), when the number of packed samples first changes
 (then with a dynamic size), and when evaluation first runs.
 """
@@ -145,14 +148,16 @@ def prefers(config: LoraSftConfig) -> tuple[bool, str]:
     from lora_runtime.batching import GIB, compiled_footprint, memory_budget
 
     try:
-        footprint = compiled_footprint(model_config, fused_loss=True)
+        footprint = compiled_footprint(model_config, fused_loss=True,
+                                       pointwise=config.selective_recompute == "pointwise")
     except AttributeError as e:
         return False, f"compiled path not taken: cannot size the model ({e})"
     micro = config.micro_batch_size
     tokens = micro * config.max_seq_len if isinstance(micro, int) else max(AUTO_MIN_TOKENS, config.max_seq_len)
     budget, source = memory_budget(config)
     need = footprint.need(tokens, 0)
-    fits = f"{tokens:,} tokens a pass without recomputation need {need / GIB:.1f} GiB of {budget / GIB:.1f} ({source})"
+    how = "pointwise work recomputed" if config.selective_recompute == "pointwise" else "without recomputation"
+    fits = f"{tokens:,} tokens a pass {how} need {need / GIB:.1f} GiB of {budget / GIB:.1f} ({source})"
     if need > budget:
         return False, f"compiled path not taken: {fits}"
     return True, f"compiled peft path: {fits}"
@@ -174,10 +179,19 @@ def prepare(model: Any, targets: Any) -> str:
     return f"kernels: compiled path: layers compiled one by one, packed flash varlen attention, {loss}, bf16 LoRA matmuls"
 
 
-def finish(model: Any) -> int:
+# selective_recompute="pointwise": the partitioner keeps at most this share of what it would keep by default,
+# recomputing the cheapest ops first (no matmul below ~0.65 for the Qwen2.5-1.5B and Llama-3.1-8B shapes, read from
+# its saved tensors on a CPU; `batching.pointwise_bytes_per_token` counts what that saves)
+POINTWISE_BUDGET = 0.7
+
+
+def finish(model: Any, selective_recompute: str = "off") -> str:
     """After LoRA and checkpointing are set: LoRA inputs stay bf16 (autocast runs the matmuls on the fp32 adapters)
-    and every decoder layer is compiled. Returns how many layers were compiled."""
+    and every decoder layer is compiled, with `selective_recompute="pointwise"` under the partitioner's activation
+    memory budget (a process-wide setting of torch._functorch.config, read when the layers compile). Returns the
+    log's words."""
     import torch._dynamo
+    import torch._functorch.config
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     for module in model.modules():
@@ -189,6 +203,32 @@ def finish(model: Any) -> int:
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 32))
+    words = f"{len(layers)} decoder layers compiled"
+    if selective_recompute == "pointwise":
+        grouped_query_flop_counts()  # the budget's solver counts each op's flops
+        torch._functorch.config.activation_memory_budget = POINTWISE_BUDGET
+        words += (f", their pointwise work recomputed in backward (torch._functorch.config.activation_memory_budget="
+                  f"{POINTWISE_BUDGET} for this process)")
     for layer in layers:
         layer.compile()
-    return len(layers)
+    return words
+
+
+def grouped_query_flop_counts() -> None:
+    """torch.utils.flop_counter's attention formulas for grouped-query attention (fewer key/value heads than query
+    heads), where this torch asserts equal counts (later versions broadcast the key/value heads, as done here); the
+    partitioner's memory budget counts flops with them."""
+    from torch.utils import flop_counter
+
+    try:
+        flop_counter.sdpa_flop_count((1, 4, 2, 8), (1, 2, 2, 8), (1, 2, 2, 8))
+        return
+    except AssertionError:
+        pass
+    forward, backward = flop_counter.sdpa_flop_count, flop_counter.sdpa_backward_flop_count
+
+    def heads(shape: Any, like: Any) -> tuple:
+        return (shape[0], like[1], *shape[2:])
+
+    flop_counter.sdpa_flop_count = lambda q, k, v: forward(q, heads(k, q), heads(v, q))
+    flop_counter.sdpa_backward_flop_count = lambda g, q, k, v: backward(g, q, heads(k, q), heads(v, q))

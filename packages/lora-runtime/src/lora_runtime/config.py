@@ -131,6 +131,10 @@ class LoraSftConfig:
     gradient_checkpointing: bool | str = _f(
         "auto", "recompute activations; auto = as many layers as the memory budget needs on a GPU, off on a CPU",
         ["auto", True, False])
+    selective_recompute: str = _f(
+        "off", "the compiled path's decoder layers recompute their pointwise work (RMSNorm, SwiGLU's product) in "
+        "backward instead of keeping its outputs: a third less activation memory a layer, no matmul recomputed; the "
+        "memory plan counts it (CUDA, peft backend, kernels compile or auto)", ["off", "pointwise"])
     max_memory_gib: float | None = _f(
         None, "GPU memory budget per process in GiB; the batch plan fits it and the process is capped to it "
         "(default: the free memory)")
@@ -322,6 +326,11 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
     if cfg.kernels in ("liger", "compile") and cfg.backend == "unsloth":
         issues.append(f"kernels={cfg.kernels!r} applies to the peft backend; backend='unsloth' runs Unsloth's own fused "
                       "kernels (pass backend='peft' or 'auto', or kernels='auto')")
+    if cfg.selective_recompute != "off" and (cfg.backend == "unsloth" or cfg.kernels in ("liger", "none")):
+        issues.append(f"selective_recompute={cfg.selective_recompute!r} applies to the compiled path (kernels="
+                      f"'compile' or 'auto', backend 'peft' or 'auto'), not to backend={cfg.backend!r} with "
+                      f"kernels={cfg.kernels!r}; pass selective_recompute='off' (gradient_checkpointing recomputes "
+                      "whole layers on every path)")
     if cfg.sharding == "fsdp":
         issues += _fsdp_issues(cfg)
     if cfg.node_rank is not None and not 0 <= cfg.node_rank < (cfg.nnodes or 1):

@@ -28,6 +28,8 @@ _NEEDS_CUDA = {
     "kernels": (lambda c: c.kernels in ("liger", "compile"),
                 lambda c: "liger-kernel's Triton kernels" if c.kernels == "liger" else "Triton and FlashAttention-2",
                 "pass kernels='auto' (or 'none')"),
+    "selective_recompute": (lambda c: c.selective_recompute != "off", "the compiled decoder layers",
+                            "pass selective_recompute='off'"),
     "enable_model_splitting": (lambda c: c.enable_model_splitting, "it spreads one model over GPUs",
                                "drop it (a CPU run keeps the whole model in RAM anyway)"),
 }

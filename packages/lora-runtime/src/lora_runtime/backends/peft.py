@@ -54,7 +54,8 @@ class PeftBackend(BackendBase):
 
     def footprint(self, model_config: Any, config: LoraSftConfig) -> Footprint:
         if self.compiled(config):
-            return compiled_footprint(model_config, fused_loss=compiled.fused_loss(config, model_config))
+            return compiled_footprint(model_config, fused_loss=compiled.fused_loss(config, model_config),
+                                      pointwise=config.selective_recompute == "pointwise")
         return peft_footprint(model_config, config.load_in_4bit, fused_loss=self.fused_loss(config))
 
     @staticmethod
@@ -142,7 +143,7 @@ class PeftBackend(BackendBase):
             model.enable_input_require_grads()
             recomputing = f"on for {limit_recomputation(model, plan.recomputed_layers)} layer(s)"
         if fast:
-            recomputing += f"; {compiled.finish(model)} decoder layers compiled"
+            recomputing += f"; {compiled.finish(model, config.selective_recompute)}"
         trainable, total = model.get_nb_trainable_parameters()
         print0(f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {targets if isinstance(targets, str) else sorted(targets)}: "
                f"{trainable:,} trainable of {total:,} parameters; gradient checkpointing {recomputing}")
