@@ -136,9 +136,9 @@ def kept(shape: dict, budget: float) -> dict:  # (no `from __future__ import ann
                            partition_fn=min_cut_rematerialization_partition)
     x = torch.randn(TOKENS, shape["hidden_size"], dtype=torch.bfloat16, requires_grad=True)
     saved: list = []
-    with functorch_config.patch(activation_memory_budget=budget), torch.autocast("cpu", dtype=torch.bfloat16):
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            y = torch.compile(layer, backend=backend)(x, cos, sin)
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)
+    with functorch_config.patch(activation_memory_budget=budget), torch.autocast("cpu", dtype=torch.bfloat16), hooks:
+        y = torch.compile(layer, backend=backend)(x, cos, sin)
     y.float().sum().backward()
     per_token = [t for t in saved if t.dim() and TOKENS in t.shape[:2]]  # not weights, not RoPE tables
     matmuls = sum(1 for n in graphs["backward"].graph.nodes if n.op == "call_function" and "mm" in str(n.target))
