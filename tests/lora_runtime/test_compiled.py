@@ -113,20 +113,26 @@ def test_auto_takes_the_compiled_path_where_a_large_pass_fits_without_recomputat
     assert compiled.prefers(LoraSftConfig(model, "d", "o", kernels="compile"))[0]  # asked for: any budget
 
 
+def _footprints(tmp_path, a_gpu_with, gib: float, *variants: dict):
+    """The Qwen2.5-1.5B shape's config dir and its footprints on the compiled path (kernels="compile" plus each
+    variant's options) with `gib` GiB free."""
+    from lora_runtime.backends.peft import PeftBackend, _model_config
+
+    model = _qwen15b_shaped(tmp_path)
+    a_gpu_with(gib)
+    _model_config.cache_clear()
+    model_config = _model_config(model, False)
+    return model, [PeftBackend().footprint(model_config, LoraSftConfig(model, "d", "o", kernels="compile", **v))
+                   for v in variants]
+
+
 def test_pointwise_recompute_keeps_less_a_layer_and_moves_the_compiled_path_to_smaller_budgets(tmp_path, a_gpu_with):
     """selective_recompute="pointwise": a layer keeps SwiGLU's product and the two RMSNorm outputs no longer (2 ×
     (8960 + 2 × 1536) bytes a token for this shape), costs an estimated 3% more GPU time a token, and a pass of
     8,192 tokens that needs 23.2 GiB without it needs 17.7 GiB with it."""
-    from lora_runtime.backends.peft import PeftBackend, _model_config
     from lora_runtime.batching import GIB
 
-    model = _qwen15b_shaped(tmp_path)
-    a_gpu_with(20)
-    _model_config.cache_clear()
-    model_config = _model_config(model, False)
-    keep = PeftBackend().footprint(model_config, LoraSftConfig(model, "d", "o", kernels="compile"))
-    lean = PeftBackend().footprint(model_config, LoraSftConfig(model, "d", "o", kernels="compile",
-                                                               selective_recompute="pointwise"))
+    model, (keep, lean) = _footprints(tmp_path, a_gpu_with, 20, {}, {"selective_recompute": "pointwise"})
     assert keep.per_token_layer - lean.per_token_layer == 2 * (8960 + 2 * 1536)
     assert lean.step_cost(8192, 0) > keep.step_cost(8192, 0)
     assert round(lean.need(8192, 0) / GIB, 1) == 17.7
@@ -242,15 +248,7 @@ def test_the_window_read_from_config_json_is_the_one_transformers_loads(tmp_path
 
 def test_without_the_chunked_loss_the_plan_counts_the_full_logits(tmp_path, a_gpu_with):
     """kernels="compile" with an adapter on lm_head runs transformers' loss: the memory plan must count its logits."""
-    from lora_runtime.backends.peft import PeftBackend, _model_config
-
-    model = _qwen15b_shaped(tmp_path)
-    a_gpu_with(139)
-    _model_config.cache_clear()
-    model_config = _model_config(model, False)
-    chunked = PeftBackend().footprint(model_config, LoraSftConfig(model, "d", "o", kernels="compile"))
-    full = PeftBackend().footprint(model_config, LoraSftConfig(model, "d", "o", kernels="compile",
-                                                               target_modules=("q_proj", "lm_head")))
+    _, (chunked, full) = _footprints(tmp_path, a_gpu_with, 139, {}, {"target_modules": ("q_proj", "lm_head")})
     assert chunked.per_token_base == 0 and chunked.extra > 0
     assert full.per_token_base == 12 * 151936 and full.extra == 0
 
