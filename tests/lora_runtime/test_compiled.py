@@ -126,10 +126,11 @@ def _footprints(tmp_path, a_gpu_with, gib: float, *variants: dict):
                    for v in variants]
 
 
-def test_pointwise_recompute_keeps_less_a_layer_and_moves_the_compiled_path_to_smaller_budgets(tmp_path, a_gpu_with):
+def test_pointwise_recompute_keeps_less_a_layer_and_asks_for_the_compiled_path(tmp_path, a_gpu_with):
     """selective_recompute="pointwise": a layer keeps SwiGLU's product and the two RMSNorm outputs no longer (2 ×
     (8960 + 2 × 1536) bytes a token for this shape), costs an estimated 3% more GPU time a token, and a pass of
-    8,192 tokens that needs 23.2 GiB without it needs 17.7 GiB with it."""
+    8,192 tokens that needs 23.2 GiB without it needs 17.7 GiB with it. It is the compiled path's own: backend
+    auto takes that path for it whatever the budget (and with gradient_checkpointing=True)."""
     from lora_runtime.batching import GIB
 
     model, (keep, lean) = _footprints(tmp_path, a_gpu_with, 20, {}, {"selective_recompute": "pointwise"})
@@ -137,8 +138,9 @@ def test_pointwise_recompute_keeps_less_a_layer_and_moves_the_compiled_path_to_s
     assert lean.step_cost(8192, 0) > keep.step_cost(8192, 0)
     assert round(lean.need(8192, 0) / GIB, 1) == 17.7
     assert not compiled.prefers(LoraSftConfig(model, "d", "o"))[0]
-    ok, why = compiled.prefers(LoraSftConfig(model, "d", "o", selective_recompute="pointwise"))
-    assert ok and "8,192 tokens a pass pointwise work recomputed need 17.7 GiB of 20.0" in why
+    for options in ({}, {"gradient_checkpointing": True}):
+        ok, why = compiled.prefers(LoraSftConfig(model, "d", "o", selective_recompute="pointwise", **options))
+        assert ok and why == "selective_recompute='pointwise' runs on the compiled peft path"
 
 
 def test_pointwise_recompute_is_refused_off_the_compiled_path(tmp_path, a_gpu_with):
@@ -151,9 +153,14 @@ def test_pointwise_recompute_is_refused_off_the_compiled_path(tmp_path, a_gpu_wi
             LoraSftConfig(model, "d", "o", selective_recompute="pointwise", **other).validate()
     with pytest.raises(ConfigError, match="`selective_recompute` must be one of"):
         LoraSftConfig(model, "d", "o", selective_recompute="everything").validate()
+    with pytest.raises(ConfigError, match="would draw a new dropout mask in backward"):
+        LoraSftConfig(model, "d", "o", selective_recompute="pointwise", lora_dropout=0.05).validate()
     from lora_runtime.preflight import machine_issues
 
     assert not machine_issues(LoraSftConfig(model, "d", "o", selective_recompute="pointwise"))
+    issues = machine_issues(LoraSftConfig(model, "d", "o", selective_recompute="pointwise", use_dora=True))
+    assert issues == ["`selective_recompute`='pointwise' cannot run here: DoRA is not compiled here (pass "
+                      "selective_recompute='off')"]
 
 
 def test_pointwise_recompute_needs_cuda(tmp_path, monkeypatch):
@@ -263,7 +270,7 @@ def test_kernels_compile_that_cannot_run_is_refused_before_any_data_work(tmp_pat
 
 
 @pytest.mark.parametrize("recompute", [False, True, "pointwise"])
-def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch, capsys, request, recompute):
+def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch, capsys, recompute):
     """The whole compiled path through the peft backend on a CPU, fp32: load (registered attention, chunked loss),
     add_lora (boundaries hook, layers compiled, with and without recomputation), a training step and an evaluation
     give the plain path's loss and LoRA gradients. Dynamo traces every layer (aot_eager: no code generation, so it
@@ -275,18 +282,17 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
     from lora_runtime.batching import fixed_plan, pointwise_bytes_per_token
     from transformers import AutoConfig
 
-    restore = torch._functorch.config.patch(activation_memory_budget=1.0)  # finish() sets it process-wide
-    restore.__enter__()
-    request.addfinalizer(lambda: restore.__exit__(None, None, None))
-
     monkeypatch.setattr(attention, "_FLASH", type("Reference", (), {"apply": staticmethod(_per_sample_sdpa)}))
+    monkeypatch.setattr(compiled, "INNER_COMPILER", "aot_eager")
     compiled_with = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile",
-                        lambda self, **kw: compiled_with(self, backend="aot_eager"))
+                        lambda self, **kw: compiled_with(self, backend=kw.get("backend", "aot_eager")))
 
     def step(kernels: str, fast: bool, pointwise: bool = False):
         monkeypatch.setattr(PeftBackend, "compiled", staticmethod(lambda config: fast))
-        monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: pointwise)  # it asks for CUDA
+        monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: pointwise)  # it asks for CUDA,
+        monkeypatch.setattr(attention, "available", lambda: (pointwise, "no CUDA"))  # flash attention and bf16
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: pointwise)
         config = LoraSftConfig(str(tiny_qwen2_dir), "d", "o", backend="peft", kernels=kernels, lora_r=4,
                                init_lora_weights="gaussian", gradient_checkpointing=recompute is True, seed=1,
                                selective_recompute="pointwise" if pointwise else "off")
@@ -303,7 +309,7 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                       lambda t: t):
             loss = model(**_rows()).loss
-        saved_bytes[pointwise] = sum(saved)
+        saved_bytes.append(sum(saved))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         model.eval()
@@ -313,26 +319,53 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
 
     from torch._dynamo.utils import counters
 
-    saved_bytes: dict[bool, int] = {}
+    saved_bytes: list[int] = []
     want_loss, want_grads, want_eval = step("none", fast=False)
     torch._dynamo.reset()
-    if recompute == "pointwise":
-        step("auto", fast=True)  # what the compiled layers keep without it
-        torch._dynamo.reset()
+    if recompute == "pointwise":  # one process: without it, with it, without it (no layer compiled for the other
+        step("auto", fast=True)  # setting may be served, and none of it may stay set)
     counters.clear()
     loss, grads, evaluated = step("auto", fast=True, pointwise=recompute == "pointwise")  # "compile" is refused
     traced = counters["stats"]["unique_graphs"]  # without CUDA
-    torch._dynamo.reset()
     log = capsys.readouterr().out
     assert "chunked loss" in log and "2 decoder layers compiled" in log and traced >= 2  # training and evaluation
     if recompute == "pointwise":
+        step("auto", fast=True)
         assert "pointwise work recomputed in backward" in log
         shape = AutoConfig.from_pretrained(tiny_qwen2_dir)
         tokens = _rows()["input_ids"].numel()
         less = 2 * pointwise_bytes_per_token(shape) * tokens * shape.num_hidden_layers
-        assert saved_bytes[False] - saved_bytes[True] >= less, (saved_bytes, less)
+        off, pointwise, off_again = saved_bytes[1:]
+        assert off - pointwise >= less and off_again == off, (saved_bytes, less)
+        assert torch._functorch.config.activation_memory_budget == 1.0
+    torch._dynamo.reset()
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(evaluated, want_eval, rtol=1e-5, atol=1e-6)
     assert grads.keys() == want_grads.keys() and grads
     for name, g in grads.items():
         torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_grouped_query_flop_counts_where_torch_asserts_equal_heads(monkeypatch):
+    """torch 2.11's attention flop formulas assert as many key/value heads as query heads, and the partitioner's
+    memory budget counts flops with them: patched, they count a grouped-query call as its broadcast equivalent."""
+    from torch.utils import flop_counter
+
+    def equal_heads_only(formula):
+        def counted(*shapes):
+            q, k, v = shapes[-3:]
+            assert q[1] == k[1] == v[1], "query/key/value shapes are incompatible"
+            return formula(*shapes)
+        return counted
+
+    forward, backward = flop_counter.sdpa_flop_count, flop_counter.sdpa_backward_flop_count
+    monkeypatch.setattr(flop_counter, "sdpa_flop_count", equal_heads_only(forward))
+    monkeypatch.setattr(flop_counter, "sdpa_backward_flop_count", equal_heads_only(backward))
+    q, kv = (1, 4, 16, 8), (1, 2, 16, 8)
+    with pytest.raises(AssertionError):
+        flop_counter.sdpa_flop_count(q, kv, kv)
+    compiled.grouped_query_flop_counts()
+    assert flop_counter.sdpa_flop_count(q, kv, kv) == forward(q, q, q)
+    assert flop_counter.sdpa_backward_flop_count(q, q, kv, kv) == backward(q, q, q, q)
+    compiled.grouped_query_flop_counts()  # patched once: a second call changes nothing
+    assert flop_counter.sdpa_flop_count(q, kv, kv) == forward(q, q, q)

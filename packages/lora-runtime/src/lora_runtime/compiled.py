@@ -25,6 +25,7 @@ compile again for the first layer (its input needs no gradient), when the number
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,15 @@ def eligible(config: LoraSftConfig, model_config: Any, *, auto: bool) -> tuple[b
     return not reasons, "; ".join(reasons)
 
 
+def asked_for(config: LoraSftConfig) -> str:
+    """The option that asks for the compiled path explicitly ("" where none does)."""
+    if config.kernels == "compile":
+        return "kernels='compile'"
+    if config.selective_recompute != "off":
+        return f"selective_recompute={config.selective_recompute!r}"
+    return ""
+
+
 def fused_loss(config: LoraSftConfig, model_config: Any) -> bool:
     """Whether the chunked loss will run: a model whose logits are lm_head(hidden) alone, lm_head without an adapter
     (else transformers' loss builds the full logits, and the memory plan counts them)."""
@@ -124,13 +134,14 @@ def read_model_config(config: LoraSftConfig) -> Any:
 
 
 def prefers(config: LoraSftConfig) -> tuple[bool, str]:
-    """Whether backend="auto" runs the compiled peft path, and why. kernels="compile" always; kernels="auto" on a
+    """Whether backend="auto" runs the compiled peft path, and why. kernels="compile" and selective_recompute=
+    "pointwise" (that path's own) always; kernels="auto" on a
     CUDA GPU where it is eligible and the memory budget fits a pass of `AUTO_MIN_TOKENS` (or the micro batch given)
     without recomputation; gradient_checkpointing=True stays with Unsloth, whose recomputation is cheaper."""
     if config.backend != "auto":
         return False, ""
-    if config.kernels == "compile":
-        return True, "kernels='compile' runs on the peft backend"
+    if asked_for(config):
+        return True, f"{asked_for(config)} runs on the compiled peft path"
     if config.kernels != "auto":
         return False, ""
     import torch
@@ -148,16 +159,14 @@ def prefers(config: LoraSftConfig) -> tuple[bool, str]:
     from lora_runtime.batching import GIB, compiled_footprint, memory_budget
 
     try:
-        footprint = compiled_footprint(model_config, fused_loss=True,
-                                       pointwise=config.selective_recompute == "pointwise")
+        footprint = compiled_footprint(model_config, fused_loss=True)
     except AttributeError as e:
         return False, f"compiled path not taken: cannot size the model ({e})"
     micro = config.micro_batch_size
     tokens = micro * config.max_seq_len if isinstance(micro, int) else max(AUTO_MIN_TOKENS, config.max_seq_len)
     budget, source = memory_budget(config)
     need = footprint.need(tokens, 0)
-    how = "pointwise work recomputed" if config.selective_recompute == "pointwise" else "without recomputation"
-    fits = f"{tokens:,} tokens a pass {how} need {need / GIB:.1f} GiB of {budget / GIB:.1f} ({source})"
+    fits = f"{tokens:,} tokens a pass without recomputation need {need / GIB:.1f} GiB of {budget / GIB:.1f} ({source})"
     if need > budget:
         return False, f"compiled path not taken: {fits}"
     return True, f"compiled peft path: {fits}"
@@ -187,11 +196,9 @@ POINTWISE_BUDGET = 0.7
 
 def finish(model: Any, selective_recompute: str = "off") -> str:
     """After LoRA and checkpointing are set: LoRA inputs stay bf16 (autocast runs the matmuls on the fp32 adapters)
-    and every decoder layer is compiled, with `selective_recompute="pointwise"` under the partitioner's activation
-    memory budget (a process-wide setting of torch._functorch.config, read when the layers compile). Returns the
-    log's words."""
+    and every decoder layer is compiled; with `selective_recompute="pointwise"` by `pointwise_backend` (the
+    partitioner's activation memory budget for these layers' graphs only). Returns the log's words."""
     import torch._dynamo
-    import torch._functorch.config
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     for module in model.modules():
@@ -204,14 +211,37 @@ def finish(model: Any, selective_recompute: str = "off") -> str:
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 32))
     words = f"{len(layers)} decoder layers compiled"
+    options: dict[str, Any] = {}
     if selective_recompute == "pointwise":
         grouped_query_flop_counts()  # the budget's solver counts each op's flops
-        torch._functorch.config.activation_memory_budget = POINTWISE_BUDGET
-        words += (f", their pointwise work recomputed in backward (torch._functorch.config.activation_memory_budget="
-                  f"{POINTWISE_BUDGET} for this process)")
+        options["backend"] = pointwise_backend()
+        words += f", their pointwise work recomputed in backward (activation memory budget {POINTWISE_BUDGET})"
     for layer in layers:
-        layer.compile()
+        layer.compile(**options)
     return words
+
+
+INNER_COMPILER = "inductor"  # what `pointwise_backend` compiles with (the CPU tests: "aot_eager")
+
+
+@functools.cache
+def _budget_backend(budget: float, inner: str) -> Any:
+    def backend(graph: Any, example_inputs: Any) -> Any:
+        import torch._dynamo
+        import torch._functorch.config
+
+        with torch._functorch.config.patch(activation_memory_budget=budget):  # read while AOTAutograd partitions
+            return torch._dynamo.lookup_backend(inner)(graph, example_inputs)
+
+    return backend
+
+
+def pointwise_backend() -> Any:
+    """A torch.compile backend: `INNER_COMPILER` with the partitioner's activation memory budget at
+    `POINTWISE_BUDGET` while it compiles, so the setting is these layers' alone (not the process's) and Dynamo never
+    serves one run's layers compiled with the other setting (its cache checks the backend). One object per setting:
+    compiled layers are reused across runs with the same one."""
+    return _budget_backend(POINTWISE_BUDGET, INNER_COMPILER)
 
 
 def grouped_query_flop_counts() -> None:

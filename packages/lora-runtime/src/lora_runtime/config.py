@@ -134,7 +134,8 @@ class LoraSftConfig:
     selective_recompute: str = _f(
         "off", "the compiled path's decoder layers recompute their pointwise work (RMSNorm, SwiGLU's product) in "
         "backward instead of keeping its outputs: a third less activation memory a layer, no matmul recomputed; the "
-        "memory plan counts it (CUDA, peft backend, kernels compile or auto)", ["off", "pointwise"])
+        "memory plan counts it; runs the compiled path (CUDA, backend peft or auto, kernels compile or auto, "
+        "lora_dropout 0)", ["off", "pointwise"])
     max_memory_gib: float | None = _f(
         None, "GPU memory budget per process in GiB; the batch plan fits it and the process is capped to it "
         "(default: the free memory)")
@@ -331,6 +332,10 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
                       f"'compile' or 'auto', backend 'peft' or 'auto'), not to backend={cfg.backend!r} with "
                       f"kernels={cfg.kernels!r}; pass selective_recompute='off' (gradient_checkpointing recomputes "
                       "whole layers on every path)")
+    if cfg.selective_recompute != "off" and cfg.lora_dropout > 0:
+        issues.append(f"selective_recompute={cfg.selective_recompute!r} with lora_dropout={cfg.lora_dropout}: the "
+                      "recomputed work would draw a new dropout mask in backward (wrong gradients); pass "
+                      "lora_dropout=0.0 or selective_recompute='off'")
     if cfg.sharding == "fsdp":
         issues += _fsdp_issues(cfg)
     if cfg.node_rank is not None and not 0 <= cfg.node_rank < (cfg.nnodes or 1):

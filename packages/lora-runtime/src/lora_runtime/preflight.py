@@ -60,14 +60,14 @@ def machine_issues(cfg: Any) -> list[str]:
         for name, (why, fix) in wanted.items():
             why = why(cfg) if callable(why) else why
             issues.append(f"`{name}`={getattr(cfg, name)!r} needs CUDA ({why}) but {seen}: {fix}")
+    from lora_runtime.compiled import asked_for, eligible
     from lora_runtime.kernels import liger_installed
 
-    if cfg.kernels == "compile" and cuda_available():
-        from lora_runtime.compiled import eligible
-
+    if asked_for(cfg) and cuda_available():
         ok, why = eligible(cfg, None, auto=False)
         if not ok:
-            issues.append(f"`kernels`='compile' cannot run here: {why} (pass kernels='auto')")
+            way_out = "kernels='auto'" if cfg.kernels == "compile" else "selective_recompute='off'"
+            issues.append(f"`{asked_for(cfg).replace('=', '`=', 1)} cannot run here: {why} (pass {way_out})")
     if cfg.kernels == "liger" and not liger_installed():
         issues.append("`kernels`='liger' needs the liger-kernel package, which is not installed: `uv pip install "
                       "liger-kernel` (or pass kernels='auto')")

@@ -60,16 +60,18 @@ class PeftBackend(BackendBase):
 
     @staticmethod
     def compiled(config: LoraSftConfig) -> bool:
-        """Whether the compiled path runs (lora_runtime.compiled): kernels="compile", or "auto" where eligible on
-        CUDA. kernels="compile" where it cannot run raises, naming why."""
+        """Whether the compiled path runs (lora_runtime.compiled): kernels="compile" or selective_recompute=
+        "pointwise" (asked for), or kernels="auto" where eligible on CUDA. Asked for where it cannot run raises,
+        naming why."""
         import torch
 
         if config.kernels not in ("auto", "compile") or not torch.cuda.is_available():
             return False
+        asked = compiled.asked_for(config)
         ok, why = compiled.eligible(config, _model_config(config.model_path, config.trust_remote_code),
-                                    auto=config.kernels == "auto")
-        if not ok and config.kernels == "compile":
-            raise RuntimeError(f"kernels='compile' cannot run here: {why}")
+                                    auto=not asked)
+        if not ok and asked:
+            raise RuntimeError(f"{asked} cannot run here: {why}")
         return ok
 
     @staticmethod
