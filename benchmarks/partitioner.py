@@ -1,6 +1,6 @@
 """What a compiled decoder layer keeps for backward, by the partitioner's activation memory budget (CPU only):
 
-    python -m benchmarks.partitioner [--shape qwen1.5b] [--budgets 1.0,0.7,0.5,0.3]
+    python -m benchmarks.partitioner [--shape qwen1.5b] [--budgets 1.0,0.7,0.5,0.3] [--out benchmarks/results.jsonl]
 
 One decoder layer of the shape (RMSNorm, q/k/v/o with RoPE, grouped-query attention, SwiGLU MLP) with LoRA r=16 on
 the 7 projections (frozen bf16 base, fp32 adapters under bf16 autocast) is compiled through AOTAutograd's min-cut
@@ -152,12 +152,31 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.partitioner", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen1.5b")
     ap.add_argument("--budgets", default="1.0,0.7,0.5,0.3")
+    ap.add_argument("--out", help="also append one row a budget to this results file (scenario `partitioner`)")
     a = ap.parse_args(argv)
     print(f"| budget | kept B/token a layer | tensors | backward matmuls |  ({a.shape}, {TOKENS} tokens)")
     print("|---:|---:|---:|---:|")
+    found = []
     for budget in map(float, a.budgets.split(",")):
         k = kept(SHAPES[a.shape], budget)
+        found.append((budget, k))
         print(f"| {budget:g} | {k['bytes_per_token']:,.0f} | {k['tensors']} | {k['backward_matmuls']} |", flush=True)
+    if a.out:
+        _append(a, found)
+
+
+def _append(a: argparse.Namespace, found: list) -> None:
+    import sys
+
+    from benchmarks.gpu import common, rows
+
+    payload = {"date": rows.now(), "card": "cpu", "versions": common.versions(), "shape": a.shape}
+    command = "python -m benchmarks.partitioner " + " ".join(sys.argv[1:])
+    rows.append([rows.make_row(
+        "partitioner", f"one compiled decoder layer, activation memory budget {budget:g}", "ours", payload,
+        command=command, feed=f"{TOKENS} tokens, random weights", config={"activation_memory_budget": budget},
+        note=f"kept {k['bytes_per_token']:,.0f} B a token in {k['tensors']} tensors; {k['backward_matmuls']} "
+             "matmuls in backward") for budget, k in found], a.out)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ OTHER = {
                         "(`compiled-parts`): `python -m benchmarks.gpu.profile` (the run under torch.profiler, GPU busy "
                         "time against wall time, host waits by stack) and `benchmarks.gpu.ours` with another logging "
                         "cadence. Qwen2.5-1.5B shape, rows of 2048, the harness's lora_sft call.",
+    "partitioner": "What one compiled decoder layer keeps for backward by the partitioner's activation memory "
+                   "budget, on a CPU (`python -m benchmarks.partitioner --shape SHAPE --budgets ... --out ...`): the "
+                   "shape's layer with LoRA r=16 on the 7 projections, frozen bf16 base under bf16 autocast, "
+                   "attention as an opaque op keeping what FlashAttention-2 keeps. More backward matmuls than at "
+                   "budget 1 mean a projection is recomputed. `selective_recompute=\"pointwise\"` uses 0.7.",
     "prepare": "CPU data preparation (pytest-benchmark `benchmarks/test_prepare.py`): `lora_data.prepare` against "
                "TRL SFTTrainer's own preparation of the same chat corpus, generated text or real docstrings (same template, "
                "assistant-only mask, best-fit-decreasing packing, rows of 4,096; both produce the same tokens). "

@@ -189,8 +189,9 @@ def prepare(model: Any, targets: Any) -> str:
 
 
 # selective_recompute="pointwise": the partitioner keeps at most this share of what it would keep by default,
-# recomputing the cheapest ops first (no matmul below ~0.65 for the Qwen2.5-1.5B and Llama-3.1-8B shapes, read from
-# its saved tensors on a CPU; `batching.pointwise_bytes_per_token` counts what that saves)
+# recomputing the cheapest ops first (a matmul only below 0.65 for the Qwen2.5-1.5B shape and 0.62 for Llama-3.1-8B's
+# at 512 tokens, read from its saved tensors on a CPU: benchmarks/RESULTS.md, partitioner;
+# `batching.pointwise_bytes_per_token` counts what 0.7 saves)
 POINTWISE_BUDGET = 0.7
 
 
