@@ -140,7 +140,8 @@ def kept(shape: dict, budget: float) -> dict:  # (no `from __future__ import ann
     with functorch_config.patch(activation_memory_budget=budget), torch.autocast("cpu", dtype=torch.bfloat16), hooks:
         y = torch.compile(layer, backend=backend)(x, cos, sin)
     y.float().sum().backward()
-    per_token = [t for t in saved if t.dim() and TOKENS in t.shape[:2]]  # not weights, not RoPE tables
+    tables = {cos.data_ptr(), sin.data_ptr()}  # RoPE's, an input of every layer: not the layer's activations
+    per_token = [t for t in saved if t.dim() and TOKENS in t.shape[:2] and t.data_ptr() not in tables]  # no weights
     matmuls = sum(1 for n in graphs["backward"].graph.nodes if n.op == "call_function" and "mm" in str(n.target))
     return {"bytes_per_token": sum(t.numel() * t.element_size() for t in per_token) / TOKENS,
             "tensors": len(per_token), "backward_matmuls": matmuls}

@@ -18,8 +18,8 @@ Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][
   _cpp      Inductor's C++ wrapper launches the compiled layers' kernels (torch._inductor.config.cpp_wrapper)
   _sg       after warm-up, compiled layers check only the guards that tell their variants apart
             (torch.compiler.set_stance(skip_guard_eval_unsafe=True))
-  _cg       the compiled layers replay CUDA graphs (mode="reduce-overhead"); every pass has one shape: the sample
-            boundaries are padded to `CU_CAPACITY` a row with empty samples
+  _cg       the compiled layers replay CUDA graphs (mode="reduce-overhead"; needs _v and _c); every pass has one
+            shape: the sample boundaries are padded with empty samples to micro × `CU_CAPACITY`
 Every variant loads the model afresh (liger patches a model type's module; compile wraps layer instances). The first
 step's loss is the same for every variant up to bf16 noise (LoRA B starts at zero): `loss_first` is the check.
 """
@@ -34,7 +34,7 @@ import traceback
 from benchmarks.gpu import common, loops
 
 SEQ_LEN = 2048
-CU_CAPACITY = 128  # sample boundaries a row under _cg (a row holding more samples fails the variant)
+CU_CAPACITY = 128  # under _cg a pass holds at most micro × this many samples (more fail the variant)
 
 
 def parse(name: str) -> dict:
@@ -51,6 +51,8 @@ def parse(name: str) -> dict:
     micro = next(int(p[1:]) for p in parts if p.startswith("m") and p[1:].isdigit())
     budget = [float(p[1:]) for p in parts if p.startswith("b") and p[1:].replace(".", "").isdigit()]
     act = [int(p[2:]) / 100 for p in parts if p.startswith("ab") and p[2:].isdigit()]
+    if "cg" in parts and not {"v", "c"} <= set(parts):
+        raise ValueError(f"{name}: _cg replays the compiled layers' graphs over padded boundaries: it needs _v and _c")
     return {"kernels": parts[0], "varlen": "v" in parts, "compile": "c" in parts, "autocast": "a" in parts,
             "micro": micro, "gc": "gc" in parts, "budget_gib": budget[0] if budget else None,
             "activation_budget": act[0] if act else 1.0, "offload": "off" in parts, "cpp": "cpp" in parts,
@@ -104,7 +106,7 @@ def build(model_dir: str, v: dict):
                 cu = kwargs["cu_seq_lens_q"]
                 room = v["micro"] * CU_CAPACITY + 1 - cu.numel()
                 if room < 0:
-                    raise ValueError(f"{cu.numel() - 1} samples in a pass: more than {CU_CAPACITY} a row")
+                    raise ValueError(f"{cu.numel() - 1} samples in a pass: more than micro × {CU_CAPACITY}")
                 kwargs["cu_seq_lens_q"] = torch.cat([cu, cu[-1:].expand(room)])
             return args, kwargs
         model.register_forward_pre_hook(hook, with_kwargs=True)
@@ -140,17 +142,16 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
     t0 = time.perf_counter()
     model = build(model_dir, v)
     build_s = time.perf_counter() - t0
+    import contextlib
+
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    patch = functorch_config.patch(**partitioner(v))  # read when the layers compile, at the first steps
-    patch.__enter__()
-    cpp = inductor_config.patch(cpp_wrapper=v["cpp"])
-    cpp.__enter__()
     if v["activation_budget"] < 1.0:
         from lora_runtime.compiled import grouped_query_flop_counts
 
         grouped_query_flop_counts()
+    settings = contextlib.ExitStack()  # read when the layers compile, at the first steps
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0, fused=True)
     feed = batches(data, v["micro"], v["varlen"])
     meter = common.StepMeter(warmup=warmup)
@@ -166,9 +167,11 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
         opt.zero_grad(set_to_none=True)
         return real, loss
 
-    meter.start()
     host = []  # seconds the host spends issuing a step (before the meter waits for the GPU)
     try:
+        settings.enter_context(functorch_config.patch(**partitioner(v)))
+        settings.enter_context(inductor_config.patch(cpp_wrapper=v["cpp"]))
+        meter.start()
         for i in range(steps):
             if v["skip_guards"] and i == warmup:
                 torch.compiler.set_stance(skip_guard_eval_unsafe=True)
@@ -183,8 +186,7 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
             _profile(step, profile)
     finally:
         torch.compiler.set_stance(skip_guard_eval_unsafe=False)
-        cpp.__exit__(None, None, None)
-        patch.__exit__(None, None, None)
+        settings.close()
         model = opt = None  # the step closure holds them too
         gc.collect()
         torch.cuda.empty_cache()

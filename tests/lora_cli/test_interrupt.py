@@ -110,3 +110,21 @@ def test_a_later_repeat_aborts_and_names_the_step_the_next_run_resumes_from(tiny
     assert ("aborted by a repeated SIGINT before a checkpoint was written; the same command resumes from "
             f"{out / 'checkpoints' / 'checkpoint-2'} (step 2)") in res.output
     assert not (out / "checkpoints" / "checkpoint-3").exists()
+
+
+def test_ranks_agree_on_a_stop_a_step_late_except_at_the_end(monkeypatch):
+    """Over NCCL the agreed stop flag is read a step late (no step waits for the device): the first step reads
+    nothing, a flag raised at step 2 stops step 3; read at once (the run's last two steps, and gloo) it stops at
+    once. Two ranks are faked here: the all-reduce of one process's flag is that flag."""
+    import torch.distributed as dist
+    from lora_cli.stop import _AnyRank
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: None)
+    late = _AnyRank(late=True)
+    assert [late(flag) for flag in (False, True, True)] == [False, False, True]
+    late = _AnyRank(late=True)
+    assert late(False) is False and late(True, at_once=True) is True
+    assert _AnyRank()(True) is True  # gloo: at once

@@ -27,14 +27,36 @@ def test_warmup_ratio_is_a_fraction_of_all_steps():
 
 def test_adamw_torch_runs_fused_on_a_gpu_and_other_optimizers_as_named(monkeypatch):
     import torch
-    from lora_runtime.loop import optimizer
+    from lora_runtime.loop import optimizer_name
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert optimizer(LoraSftConfig("m", "d", "o")) == ("adamw_torch", "")
+    assert optimizer_name(LoraSftConfig("m", "d", "o")) == ("adamw_torch", "")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert optimizer(LoraSftConfig("m", "d", "o"))[0] == "adamw_torch_fused"
+    assert optimizer_name(LoraSftConfig("m", "d", "o"))[0] == "adamw_torch_fused"
     for name in ("adamw_8bit", "sgd", "adamw_torch_fused"):
-        assert optimizer(LoraSftConfig("m", "d", "o", optim=name)) == (name, "")
+        assert optimizer_name(LoraSftConfig("m", "d", "o", optim=name)) == (name, "")
+
+
+def test_fused_adamw_loads_the_multi_tensor_state_and_steps_alike():
+    """A checkpoint of the multi-tensor AdamW (adamw_torch before, or on a CPU) resumes under the fused one: the same
+    state, and the next step moves the parameters alike."""
+    import torch
+
+    def run(fused: bool, state=None):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(4, 3))
+        opt = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.01, foreach=not fused, fused=fused or None)
+        if state is not None:
+            opt.load_state_dict(state)
+        for _ in range(2 if state is None else 1):
+            p.grad = torch.arange(12.0).reshape(4, 3) / 10
+            opt.step()
+        return p.detach().clone(), opt.state_dict()
+
+    _, state = run(False)
+    multi, _ = run(False, state)
+    fused, _ = run(True, state)
+    torch.testing.assert_close(fused, multi)
 
 
 def test_eval_split_ratio_holds_out_a_seeded_share_of_the_lines(tmp_path):

@@ -2,7 +2,8 @@
 
 The first SIGINT or SIGTERM only raises a flag. A transformers `TrainerCallback` (handed to `lora_sft` through its
 `callbacks` field) reads the flag after every optimizer step; under torchrun the ranks agree on it with one tiny
-all-reduce, so every rank stops after the same step and rank 0 writes the checkpoint.
+all-reduce, so every rank stops after the same step and rank 0 writes the checkpoint. Over NCCL (several GPUs) the
+agreed flag is read one step later (`_AnyRank`), except in the last two steps, so such a run stops one step later.
 
     step 41 ... step 42 │ SIGINT │ step 43 ends → should_save + should_training_stop → checkpoint-43 → exit 130
 
@@ -84,7 +85,8 @@ class StopRequest:
         signals_step, _, signals = os.environ.get(FAULT_SIGNALS_ENV, ":").partition(":")
 
         class SaveAndStopOnSignal(TrainerCallback):
-            any_rank = _AnyRank()
+            def __init__(self) -> None:
+                self.any_rank = _AnyRank()
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
                 if fault_step and state.global_step == fault_step and dist_env().is_main:
@@ -93,7 +95,8 @@ class StopRequest:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if signals_step and str(state.global_step) == signals_step and dist_env().is_main:
                     _send_fault_signals(signals)
-                if self.any_rank(stop.requested):
+                # the last two steps read at once: a late answer would come after the run had ended
+                if self.any_rank(stop.requested, at_once=state.global_step >= state.max_steps - 1):
                     control.should_save = True
                     control.should_training_stop = True
                 return control
@@ -127,14 +130,16 @@ def _send_fault_signals(spec: str) -> None:
 
 class _AnyRank:
     """Whether a flag is set on any rank: an all-reduce MAX under torch.distributed, the local flag otherwise. Under
-    NCCL the answer is a step late: reading the reduced flag at once (`.item()`) would make the host wait for the
-    GPU to finish the step, every step; read a step later, its copy has long landed. Every rank reads the same
-    reduction at the same step, so they all stop at the same one."""
+    NCCL the answer is a step late unless `at_once`: reading the reduced flag at once (`.item()`) would make the host
+    wait for the GPU to finish the step, every step; read a step later, its copy has long landed. Every rank reads
+    the same reduction at the same step, so they all stop at the same one. `late` (default: under NCCL) is for
+    tests."""
 
-    def __init__(self) -> None:
-        self._previous: tuple[Any, Any] | None = None  # (host tensor, CUDA event) of the last step's reduction
+    def __init__(self, late: bool | None = None) -> None:
+        self.late = late
+        self._previous: tuple[Any, Any] | None = None  # (host tensor, CUDA event or None) of the last reduction
 
-    def __call__(self, flag: bool) -> bool:
+    def __call__(self, flag: bool, *, at_once: bool = False) -> bool:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -142,17 +147,22 @@ class _AnyRank:
         import torch
 
         on_gpu = dist.get_backend() == "nccl"
+        late = (on_gpu if self.late is None else self.late) and not at_once
         local = torch.tensor([1.0 if flag else 0.0], pin_memory=on_gpu)
         t = local.to("cuda", non_blocking=True) if on_gpu else local
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if not on_gpu:
+        if not late:
+            self._previous = None
             return bool(t.item())
-        host = torch.empty(1, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        host = torch.empty(1, pin_memory=on_gpu)
+        host.copy_(t, non_blocking=on_gpu)
+        event = None
+        if on_gpu:
+            event = torch.cuda.Event()
+            event.record()
         previous, self._previous = self._previous, (host, event)
         if previous is None:
             return False
-        previous[1].synchronize()
+        if previous[1] is not None:
+            previous[1].synchronize()
         return bool(previous[0].item())

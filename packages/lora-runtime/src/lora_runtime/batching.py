@@ -261,8 +261,8 @@ COMPILED_RECOMPUTE_COST = 0.62
 COMPILED_HOST_RECOMPUTE_COST = 1.0
 COMPILED_TARGET_TOKENS = 32_768  # 16 rows of 2048 ran 8% faster than 8 (the model's estimate)
 # selective_recompute="pointwise": what a layer no longer keeps (SwiGLU's product and the two RMSNorm outputs; read
-# back from the partitioner's saved tensors on a CPU by `python -m benchmarks.partitioner`, 512 tokens: 74.0 → 49.9
-# kB a token for the Qwen2.5-1.5B shape, 140.1 → 95.1 kB for Llama-3.1-8B's, both exactly this count; benchmarks/
+# back from the partitioner's saved tensors on a CPU by `python -m benchmarks.partitioner`, 512 tokens: 73.5 → 49.4
+# kB a token for the Qwen2.5-1.5B shape, 139.6 → 94.6 kB for Llama-3.1-8B's, both exactly this count; benchmarks/
 # RESULTS.md, partitioner), and what recomputing them costs: re-reading gate, up and the residual stream, about 3%
 # of a token's GPU time (an estimate from bandwidth, not measured).
 POINTWISE_TOKEN_COST = 1.03

@@ -17,7 +17,7 @@ card, 1.36× the Unsloth hand loop in the same run. Recomputation costs this pat
 layer recomputed: 33.2k), so `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS`
 without recomputation, and Unsloth below that (`prefers`). `selective_recompute="pointwise"` lowers the partitioner's activation memory budget
 (`POINTWISE_BUDGET`): each layer recomputes its pointwise work in backward, keeping about a third less, no matmul
-recomputed (read from the saved tensors on a CPU; its speed on a GPU is not measured yet, so it is not the default).
+recomputed (read from the saved tensors on a CPU); off by default, as its GPU time is an estimate.
 Compilation adds 10-30 s to the first steps; the layers
 compile again for the first layer (its input needs no gradient), when the number of packed samples first changes
 (then with a dynamic size), and when evaluation first runs.

@@ -146,7 +146,7 @@ def log_plan(config: LoraSftConfig, plan: BatchPlan, backend: Backend, reason: s
     steps = dataset.steps_per_epoch()
     total = config.max_steps or steps * config.num_epochs
     print0(f"backend: {backend.name} ({reason or 'given'}); precision {precision}")
-    name, why = optimizer(config)
+    name, why = optimizer_name(config)
     if why:
         print0(f"optimizer: {config.optim} → {name} ({why})")
     print0(f"batch: {plan.describe()}; activation recomputation: {plan.recomputation()}")
@@ -158,15 +158,15 @@ def log_plan(config: LoraSftConfig, plan: BatchPlan, backend: Backend, reason: s
         print0(f"reporting to: {', '.join(report_targets(config))}")
 
 
-def optimizer(config: LoraSftConfig) -> tuple[str, str]:
+def optimizer_name(config: LoraSftConfig) -> tuple[str, str]:
     """The transformers optimizer name that runs `config.optim`, and why where it differs: on a CUDA GPU adamw_torch
-    runs as torch's fused AdamW, the same update in one kernel for all parameters (the multi-tensor version launches
-    several per group and reads each parameter's step count on the host, twice a parameter a step: 784 reads for
-    LoRA on 28 layers). Its checkpoints load either way."""
+    runs as torch's fused AdamW, the same update in a few fused launches (the multi-tensor version launches several
+    per group and reads each parameter's step count on the host, twice a parameter a step: 784 reads for LoRA on 28
+    layers). Either one loads the other's optimizer state."""
     import torch
 
     if config.optim == "adamw_torch" and torch.cuda.is_available():
-        return "adamw_torch_fused", "the same AdamW update, fused into one kernel on the GPU"
+        return "adamw_torch_fused", "the same AdamW update in a few fused launches on the GPU"
     return config.optim, ""
 
 
@@ -184,7 +184,7 @@ def training_arguments(config: LoraSftConfig, plan: BatchPlan, precision: str) -
         num_train_epochs=config.num_epochs, max_steps=config.max_steps or -1,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_steps if config.warmup_ratio is None else config.warmup_ratio,  # < 1: a fraction
-        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, optim=optimizer(config)[0],
+        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, optim=optimizer_name(config)[0],
         adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not torch.cuda.is_available(),
         logging_strategy="steps", logging_steps=config.logging_steps,

@@ -249,7 +249,8 @@ class PackedTrainer(Trainer):
     def _defer_log(self, tr_loss: Any) -> bool:
         """Whether this step's log is written during the next step. Reading the loss (`.item()`) at once waits for
         the device to finish the step, leaving it idle while the host logs, loads the next batch and starts the next
-        forward: with a small pass (2 rows of 2048 on the compiled path) that was a quarter of the time. Read one
+        forward: with a small pass (2 rows of 2048 on the compiled path, a log every step) a quarter of the step
+        time on an H200 (benchmarks/RESULTS.md, trainer-overhead). Read one
         step later, the copy has long landed. The last step, and steps that evaluate, save or stop, log at once; so
         does every step where a callback of the user's reads logs (`reads_logs_at_once`)."""
         control, state = self.control, self.state
