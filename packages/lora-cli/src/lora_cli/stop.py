@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_runtime.distributed import dist_env
+from lora_runtime.distributed import HostCopy, dist_env, to_device
 
 EXIT_INTERRUPTED = 130
 DUPLICATE_S = 2.0  # a repeat within this long after the first signal is the same stop, delivered twice
@@ -137,32 +137,19 @@ class _AnyRank:
 
     def __init__(self, late: bool | None = None) -> None:
         self.late = late
-        self._previous: tuple[Any, Any] | None = None  # (host tensor, CUDA event or None) of the last reduction
+        self._previous: HostCopy | None = None  # the last step's reduction, on its way to the host
 
     def __call__(self, flag: bool, *, at_once: bool = False) -> bool:
+        import torch
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return flag
-        import torch
-
         on_gpu = dist.get_backend() == "nccl"
-        late = (on_gpu if self.late is None else self.late) and not at_once
-        local = torch.tensor([1.0 if flag else 0.0], pin_memory=on_gpu)
-        t = local.to("cuda", non_blocking=True) if on_gpu else local
+        t = to_device([1.0 if flag else 0.0], torch.float32, "cuda" if on_gpu else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if not late:
+        if at_once or not (on_gpu if self.late is None else self.late):
             self._previous = None
             return bool(t.item())
-        host = torch.empty(1, pin_memory=on_gpu)
-        host.copy_(t, non_blocking=on_gpu)
-        event = None
-        if on_gpu:
-            event = torch.cuda.Event()
-            event.record()
-        previous, self._previous = self._previous, (host, event)
-        if previous is None:
-            return False
-        if previous[1] is not None:
-            previous[1].synchronize()
-        return bool(previous[0].item())
+        previous, self._previous = self._previous, HostCopy(t)
+        return previous is not None and bool(previous.tolist()[0])

@@ -107,6 +107,40 @@ def _all_reduce(value: float, op: str) -> float:
     return float(t.item())
 
 
+class HostCopy:
+    """A tensor's copy to the host, started without waiting for the device: on a GPU into pinned memory, ordered on
+    the current stream behind the work that produces the tensor, with an event that says when it has landed. Read it
+    a step later and the host never waits for the GPU (reading a device value at once, `.item()`, would)."""
+
+    def __init__(self, tensor: Any) -> None:
+        import torch
+
+        on_gpu = tensor.device.type == "cuda"
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=on_gpu)
+        self.host.copy_(tensor, non_blocking=on_gpu)
+        self.event = None
+        if on_gpu:
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def landed(self) -> bool:
+        return self.event is None or bool(self.event.query())
+
+    def tolist(self) -> list:
+        """The values (waits for the copy where it has not landed yet)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+def to_device(values: list[float], dtype: Any, device: Any) -> Any:
+    """Host numbers as a tensor on `device`, copied without the host waiting (pinned memory on a GPU)."""
+    import torch
+
+    on_gpu = torch.device(device).type == "cuda"
+    return torch.tensor(values, dtype=dtype, pin_memory=on_gpu).to(device, non_blocking=on_gpu)
+
+
 def print0(*parts: object) -> None:
     """Print on rank 0 only (stdout, prefixed `[lora_runtime]`); other ranks stay quiet."""
     if dist_env().is_main:

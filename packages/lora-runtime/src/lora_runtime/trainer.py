@@ -40,7 +40,7 @@ from lora_runtime.checkpoint import run_record
 from lora_runtime.collate import collate_packed
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.dataset import EpochDataLoader, PackedShardDataset
-from lora_runtime.distributed import all_reduce_sum, barrier
+from lora_runtime.distributed import HostCopy, all_reduce_sum, barrier, to_device
 from lora_runtime.errors import OutOfMemoryHint
 from lora_runtime.metrics import MetricsWriter, metrics_row, peak_memory_bytes, whole_run_summary
 
@@ -52,11 +52,10 @@ class _PendingLog:
     step: int
     epoch: float | None
     steps: int  # optimizer steps the loss sums over
-    values: Any  # loss sum, grad norm, real tokens (a host tensor, filled once `event` has passed)
-    event: Any
+    values: HostCopy  # loss, grad norm and real tokens, each summed over the `world` ranks
     world: int
     learning_rate: float
-    grad_norm: float | str | None  # "device": in `values`; else what the Trainer handed (a float or None)
+    has_grad_norm: bool
 
 
 class PackedTrainer(Trainer):
@@ -276,27 +275,22 @@ class PackedTrainer(Trainer):
         import torch.distributed as dist
 
         device = tr_loss.device
-        on_gpu = device.type == "cuda"
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        norm = grad_norm.detach().reshape(1).to(device) if isinstance(grad_norm, torch.Tensor) else None
-        tokens = torch.tensor([self._tokens_local], dtype=torch.float64, pin_memory=on_gpu)
-        values = torch.cat([tr_loss.detach().reshape(1).double(), (norm if norm is not None else tr_loss.new_zeros(1)
-                            ).double(), tokens.to(device, non_blocking=True)])
+        on_device = isinstance(grad_norm, torch.Tensor)
+        host_norm = 0.0 if on_device or grad_norm is None else float(grad_norm)
+        values = torch.cat([tr_loss.detach().reshape(1).double(),
+                            to_device([host_norm, self._tokens_local], torch.float64, device)])
+        if on_device:
+            values[1] += grad_norm.detach().to(device, torch.float64)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
             dist.all_reduce(values)  # loss: summed (÷ world below); grad norm: the same on every rank; tokens: summed
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=on_gpu)
-        host.copy_(values, non_blocking=on_gpu)
-        event = None
-        if on_gpu:
-            event = torch.cuda.Event()
-            event.record()
         pending = _PendingLog(step=self.state.global_step, epoch=self.state.epoch,
-                              steps=self.state.global_step - self._globalstep_last_logged, values=host, event=event,
+                              steps=self.state.global_step - self._globalstep_last_logged, values=HostCopy(values),
                               world=world,
                               learning_rate=learning_rate if learning_rate is not None else self._get_learning_rate(),
-                              grad_norm="device" if norm is not None else grad_norm)
+                              has_grad_norm=grad_norm is not None)
         tr_loss.zero_()
         self._tokens_local = 0
         self._globalstep_last_logged = self.state.global_step  # transformers' own log skips this step
@@ -308,17 +302,15 @@ class PackedTrainer(Trainer):
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        if pending.event is not None:
-            if not wait and not pending.event.query():
-                return
-            pending.event.synchronize()
+        if not wait and not pending.values.landed():
+            return
         loss_sum, norm, tokens = pending.values.tolist()
-        loss_sum /= pending.world
+        loss_sum /= pending.world  # the ranks' mean, as transformers logs it
         self._total_loss_scalar += loss_sum
         self.state.num_input_tokens_seen += int(tokens)
         logs: dict[str, float] = {"loss": loss_sum / pending.steps}
-        if pending.grad_norm is not None:
-            logs["grad_norm"] = norm / pending.world if pending.grad_norm == "device" else float(pending.grad_norm)
+        if pending.has_grad_norm:
+            logs["grad_norm"] = norm / pending.world
         logs["learning_rate"] = pending.learning_rate
         now = self.state.global_step, self.state.epoch
         self.state.global_step, self.state.epoch = pending.step, pending.epoch
