@@ -200,3 +200,14 @@ def test_cli_names_every_scenario():
     assert set(SCENARIOS) >= {"throughput", "frontier", "startup", "parity", "ddp-scaling", "resume-dead-rank",
                               "model-splitting", "fsdp"}
     assert isinstance(parse_args(["fsdp", "--gpus", "4"]), argparse.Namespace)
+
+
+def test_offload_compares_each_budget_with_and_without_it(tmp_path):
+    s = _session(tmp_path, "offload")
+    assert s.wanted["ours"] == ["auto_auto_mbauto_b16", "auto_auto_mbauto_off_b16", "auto_auto_mbauto_pw_off_b16",
+                                "auto_auto_mbauto_b24", "auto_auto_mbauto_off_b24", "auto_auto_mbauto_pw_off_b24"]
+    assert s.wanted["loop"] == ["rowsfit16_gc_b16", "rowsfit16_gc_b24"]
+    assert s.wanted["ours8b"] == ["auto_auto_mbauto_b24", "auto_auto_mbauto_pw_off_b24"]
+    assert ours.parse("auto_auto_mbauto_pw_off_b24") == {
+        "backend": "auto", "micro_batch_size": "auto", "gradient_checkpointing": "auto", "max_memory_gib": 24.0,
+        "selective_recompute": "pointwise", "activation_offload": True}

@@ -27,9 +27,9 @@ def _backend(s: Session) -> str:
 
 
 def _ours_run(s: Session, gc: str = "auto", micro: str = "auto", budget: float | None = None, q4: bool = False,
-              pointwise: bool = False) -> str:
+              pointwise: bool = False, offload: bool = False) -> str:
     name = f"{_backend(s)}_{gc}_mb{micro}" + ("_q4" if q4 else "") + ("_pw" if pointwise else "")
-    return name + (f"_b{budget:g}" if budget else "")
+    return name + ("_off" if offload else "") + (f"_b{budget:g}" if budget else "")
 
 
 def _ours_label(run: str) -> str:
@@ -42,7 +42,8 @@ def _ours_label(run: str) -> str:
 
 def _ours_config(payload: dict) -> dict:
     keys = ("backend_used", "micro_batch_size", "resolved_micro_batch_size", "gradient_checkpointing",
-            "resolved_gradient_checkpointing", "resolved_recomputed_layers", "resolved_estimated_peak_gib",
+            "resolved_gradient_checkpointing", "resolved_recomputed_layers", "resolved_offloaded_layers",
+            "resolved_estimated_peak_gib",
             "max_memory_gib", "load_in_4bit", "memory_fraction")
     return {k: payload[k] for k in keys if k in payload}
 
@@ -300,8 +301,53 @@ def compiled_rows(s: Session) -> list[dict]:
     return [*out, micro2]
 
 
+# ---- offload ---------------------------------------------------------------------------------------------------
+OFFLOAD_BUDGETS = (16, 24)
+
+
+def offload_plan(s: Session) -> None:
+    """`activation_offload=True` (decoder layers' saved activations in pinned host memory, copied on a side stream
+    while the GPU computes; the memory plan picks how many layers from the budget and the link's measured
+    bandwidth), Qwen2.5-1.5B shape, rows of 2048, under 16 and 24 GiB: ours with it, with it and
+    `selective_recompute="pointwise"`, and without either, against the Unsloth hand loop with checkpointing at the
+    largest micro batch that fits under the same cap; and the Llama-3.1-8B shape at 8,192 tokens under 24 GiB, ours
+    with both against ours without and the Unsloth loop. `--shape qwen1.5b` or `--shape llama8b` runs one part."""
+    if s.a.shape != "llama8b":
+        _define_qwen(s)
+        s.want("ours", [_ours_run(s, budget=b, **kw) for b in OFFLOAD_BUDGETS
+                        for kw in ({}, {"offload": True}, {"offload": True, "pointwise": True})])
+        s.want("loop", [f"rowsfit16_gc_b{b}" for b in OFFLOAD_BUDGETS])
+    if s.cpu or s.a.shape == "qwen1.5b":
+        return
+    s.define("build_llama8b", sides.build("llama8b"))
+    if not (sides.model_dir(s, "llama8b") / "config.json").exists():
+        s.want("build_llama8b", ["build_llama8b"])
+    s.define("ours8b", sides.ours("llama8b", 8192, steps=s.a.warmup + 6))
+    s.define("loop8b", sides.loop("llama8b", 8192, steps=s.a.warmup + 6))
+    s.want("ours8b", [_ours_run(s, budget=24), _ours_run(s, budget=24, offload=True, pointwise=True)])
+    s.want("loop8b", ["rowsfit4_gc_b24"])
+
+
+def offload_rows(s: Session) -> list[dict]:
+    fit = "Unsloth hand loop, checkpointing on, largest micro that fits"
+    out = []
+    if s.a.shape != "llama8b":
+        out += [_ours_row(s, "offload", r, "ours", 2048) for r in s.wanted["ours"]]
+        out += [_loop_row(s, "offload", "loop", run, fit, 2048) for run in s.wanted["loop"]]
+        for r in out:
+            r["shape"], r["seq_len"] = r["shape"] or _shape(s), 2048
+    if "ours8b" in s.wanted:
+        big = [_ours_row(s, "offload", r, "ours8b", 8192) for r in s.wanted["ours8b"]]
+        big.append(_loop_row(s, "offload", "loop8b", "rowsfit4_gc_b24", fit, 8192))
+        for r in big:
+            r["shape"], r["seq_len"] = "llama8b", 8192
+        out += big
+    return rows.add_ratios(out)
+
+
 SCENARIOS = {
     "compiled": (compiled_plan, compiled_rows),
+    "offload": (offload_plan, offload_rows),
     "kernels": (kernels_plan, kernels_rows),
     "throughput": (throughput_plan, throughput_rows),
     "frontier": (frontier_plan, frontier_rows),

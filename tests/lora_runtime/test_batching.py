@@ -250,3 +250,71 @@ def test_moe_weights_count_every_expert():
                               num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False, num_local_experts=8)
     assert 85 < weight_bytes(mixtral, False) / GIB < 89  # Mixtral-8x7B: 46.7 B parameters in bf16
     assert weight_bytes(LLAMA8, False) / GIB == pytest.approx(15.0, abs=0.1)
+
+
+def _offloading(fp: Footprint, model, bandwidth: float, host_gib: float = 100) -> Footprint:
+    import dataclasses
+
+    from lora_runtime.batching import offload_speed
+
+    return dataclasses.replace(fp, offload_bandwidth=bandwidth, gpu_tokens_per_s=offload_speed(model),
+                               host_budget=host_gib * GIB)
+
+
+def test_offload_counts_the_layers_in_flight_and_the_links_time():
+    from lora_runtime.batching import compiled_footprint
+    from lora_runtime.offload import IN_FLIGHT
+
+    fp = _offloading(compiled_footprint(QWEN15), QWEN15, 50e9)
+    layer = fp.per_token_layer
+    assert fp.per_token(0, 10) == pytest.approx(fp.per_token(0) - (10 - IN_FLIGHT) * layer)
+    assert fp.per_token(0, 1) == fp.per_token(0)  # one layer in flight saves nothing
+    assert fp.host_bytes(16384, 10) == 10 * layer * 16384
+    # 50 GB/s: 3 layers' copies (3.7 GB, 74 ms) hide under the forward (40% of ~270 ms), 6 (147 ms) do not;
+    # 5 GB/s makes the GPU wait for 3 layers
+    assert fp.step_cost(16384, 0, 3) == pytest.approx(fp.step_cost(16384, 0, 0), rel=0.01)
+    assert fp.step_cost(16384, 0, 6) > 1.1 * fp.step_cost(16384, 0, 0)
+    slow = _offloading(compiled_footprint(QWEN15), QWEN15, 5e9)
+    assert slow.step_cost(16384, 0, 3) > 1.5 * fp.step_cost(16384, 0, 3)
+
+
+def test_offload_takes_layers_off_the_gpu_where_the_link_keeps_pace():
+    """The plan offloads where the link hides the copies and recomputes (or shrinks the pass) where it cannot; never
+    past the budget, nor past the pinned host memory it may take."""
+    from lora_runtime.batching import compiled_footprint
+
+    base = compiled_footprint(QWEN15, pointwise=True)
+    fast, slow = _offloading(base, QWEN15, 50e9), _offloading(base, QWEN15, 2e9)
+    without = plan(base, 16)
+    with_fast, with_slow = plan(fast, 16), plan(slow, 16)
+    assert without.offloaded == 0 and with_slow.offloaded == 0
+    assert with_fast.offloaded > 0
+    assert fast.need(with_fast.micro * 2048, with_fast.recomputed, with_fast.offloaded) <= 16 * GIB
+
+    def speed(fp, c):
+        return c.micro * 2048 / fp.step_cost(c.micro * 2048, c.recomputed, c.offloaded)
+
+    assert speed(fast, with_fast) > 1.05 * speed(base, without)
+    assert f"activation offload → {with_fast.offloaded} of 28 layers (" in with_fast.reason
+    assert "activation offload → 0 of 28 layers:" in with_slow.reason
+    tight = _offloading(base, QWEN15, 50e9, host_gib=0.5)  # little host memory: fewer layers
+    c = plan(tight, 16)
+    assert tight.host_bytes(c.micro * 2048, c.offloaded) <= 0.5 * GIB and c.offloaded < with_fast.offloaded
+
+
+def test_offload_lets_an_8b_model_at_8k_tokens_recompute_fewer_layers_in_24_gib():
+    from lora_runtime.batching import compiled_footprint
+
+    llama = SimpleNamespace(**vars(LLAMA8), model_type="llama")
+    base = compiled_footprint(llama, pointwise=True)
+    fast = _offloading(base, llama, 50e9)
+    without, offloading = plan(base, 24, seq_len=8192), plan(fast, 24, seq_len=8192)
+    assert offloading.offloaded > 0 and offloading.recomputed < without.recomputed
+    assert fast.step_cost(8192, offloading.recomputed, offloading.offloaded) < base.step_cost(8192, without.recomputed)
+
+
+def test_the_plan_records_its_offloaded_layers():
+    p = BatchPlan(micro=4, accumulation=1, world_size=1, gradient_checkpointing=True, recomputed_layers=3,
+                  offloaded_layers=5)
+    assert p.to_dict()["offloaded_layers"] == 5
+    assert BatchPlan(2, 1, 1, False).to_dict()["offloaded_layers"] == 0

@@ -369,3 +369,50 @@ def test_grouped_query_flop_counts_where_torch_asserts_equal_heads(monkeypatch):
     assert flop_counter.sdpa_backward_flop_count(q, q, kv, kv) == backward(q, q, q, q)
     compiled.grouped_query_flop_counts()  # patched once: a second call changes nothing
     assert flop_counter.sdpa_flop_count(q, kv, kv) == forward(q, q, q)
+
+
+def test_activation_offload_sizes_the_plan_by_the_measured_link(tmp_path, a_gpu_with, monkeypatch, capsys):
+    """activation_offload: the footprint takes the link's measured bandwidth and the host memory it may use, the
+    compiled path is taken where a pass of 8,192 tokens fits with every layer offloaded (not without), backend auto
+    goes to peft for it, and the plan's offloaded layers reach the BatchPlan and the log."""
+    from lora_runtime import backends, offload
+    from lora_runtime.backends.peft import PeftBackend
+    from lora_runtime.batching import GIB, resolve
+
+    monkeypatch.setattr(offload, "host_link_bandwidth", lambda device_index=0: 50e9)
+    monkeypatch.setattr(offload, "host_memory_budget", lambda local_processes=1: 64 * GIB)
+    model, (plain, offloading) = _footprints(tmp_path, a_gpu_with, 16, {}, {"activation_offload": True})
+    assert (plain.offload_bandwidth, offloading.offload_bandwidth, offloading.host_budget) == (0.0, 50e9, 64 * GIB)
+    assert offloading.gpu_tokens_per_s > 0
+    assert not compiled.prefers(LoraSftConfig(model, "d", "o"))[0]
+    config = LoraSftConfig(model, "d", "o", activation_offload=True)
+    fast = compiled.prefers(config)
+    assert fast[0] and "(every layer offloaded)" in fast[1]
+    backend, why = backends.select_backend("auto", compiled=fast, offload=True)
+    assert backend.name == "peft" and why.startswith("auto: compiled peft path")
+    backend, why = backends.select_backend("auto", offload=True)  # not on the compiled path: still peft
+    assert backend.name == "peft" and "activation_offload=True runs on transformers+PEFT" in why
+    out = resolve(config, PeftBackend(), rows=900)
+    assert out.offloaded_layers > 0 and out.to_dict()["offloaded_layers"] == out.offloaded_layers
+    assert f"activation offload → {out.offloaded_layers} of 28 layers" in capsys.readouterr().out
+    # explicit micro batch and checkpointing: the plan still decides the offload (nothing else would)
+    out = resolve(LoraSftConfig(model, "d", "o", activation_offload=True, micro_batch_size=4,
+                                gradient_checkpointing=False), PeftBackend(), rows=900)
+    assert (out.micro, out.gradient_checkpointing) == (4, False) and out.offloaded_layers > 0
+
+
+def test_activation_offload_is_refused_where_it_cannot_apply(tmp_path, monkeypatch):
+    from lora_runtime.config import ConfigError
+    from lora_runtime.preflight import machine_issues
+
+    model = _qwen15b_shaped(tmp_path)
+    for other, words in (({"backend": "unsloth"}, "offloads its own checkpointed layers"),
+                         ({"sharding": "fsdp"}, "sharded and split models"),
+                         ({"enable_model_splitting": True}, "sharded and split models"),
+                         ({"gradient_checkpointing": True}, "leaving nothing to offload")):
+        with pytest.raises(ConfigError, match=words):
+            LoraSftConfig(model, "d", "o", activation_offload=True, **other).validate()
+    monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: False)
+    issues = machine_issues(LoraSftConfig(model, "d", "o", activation_offload=True))
+    assert any(i.startswith("`activation_offload`=True needs CUDA (a copy stream to pinned host memory)")
+               for i in issues)

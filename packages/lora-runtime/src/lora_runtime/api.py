@@ -50,7 +50,8 @@ def lora_sft(
     bf16: bool = True, fp16: bool = False, tf32: bool | None = None, load_in_4bit: bool = False,
     load_in_8bit: bool = False, bnb_4bit_quant_type: str | None = None, bnb_4bit_compute_dtype: str | None = None,
     bnb_4bit_use_double_quant: bool | None = None, flash_attention: bool | None = None, kernels: str = "auto",
-    gradient_checkpointing: bool | str = "auto", selective_recompute: str = "off", max_memory_gib: float | None = None,
+    gradient_checkpointing: bool | str = "auto", selective_recompute: str = "off",
+    activation_offload: bool = False, max_memory_gib: float | None = None,
     enable_model_splitting: bool = False, sharding: str = "auto",
     trust_remote_code: bool = False, finetune_vision_layers: bool = False, finetune_language_layers: bool = True,
     save_steps: int = 500, save_total_limit: int | None = 3, resume: bool = True,
@@ -94,7 +95,8 @@ def run(config: LoraSftConfig) -> TrainResult:
         config, shards = ensure_shards(config)
         config = resolve_sharding(config)
         backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting,
-                                         sharding=config.sharding, compiled=fast)
+                                         sharding=config.sharding, compiled=fast,
+                                         offload=config.activation_offload)
         plan = resolve(config, backend, rows=shards.manifest.rows)
         train_data, eval_data = open_datasets(config, shards, plan)
         return train(config, plan, backend, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)

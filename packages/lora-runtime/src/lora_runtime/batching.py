@@ -83,6 +83,7 @@ class BatchPlan:
     recomputed_layers: int | None = None  # with checkpointing: how many decoder layers recompute (None: all)
     reason: str = ""
     estimated_peak_bytes: float | None = None  # the memory plan's estimate of torch's allocated peak
+    offloaded_layers: int = 0  # decoder layers after the recomputed ones whose activations wait in host memory
 
     @property
     def effective(self) -> int:
@@ -102,13 +103,13 @@ class BatchPlan:
         return {"micro_batch_size": self.micro, "gradient_accumulation_steps": self.accumulation,
                 "effective_batch_size": self.effective, "world_size": self.world_size,
                 "gradient_checkpointing": self.gradient_checkpointing, "recomputed_layers": self.recomputed_layers,
-                "estimated_peak_gib": None if self.estimated_peak_bytes is None
+                "offloaded_layers": self.offloaded_layers, "estimated_peak_gib": None if self.estimated_peak_bytes is None
                 else round(self.estimated_peak_bytes / GIB, 2)}
 
 
 def fixed_plan(config: LoraSftConfig, world_size: int, micro: int | str | None = None, gc: bool | None = None,
                recomputed_layers: int | None = None, reason: str = "",
-               estimated_peak_bytes: float | None = None) -> BatchPlan:
+               estimated_peak_bytes: float | None = None, offloaded_layers: int = 0) -> BatchPlan:
     """The plan for a concrete micro batch (the config's when `micro` is None): accumulation derived from
     effective_batch_size where set, and the whole batch arithmetic validated (ConfigError on a mismatch).
 
@@ -126,7 +127,7 @@ def fixed_plan(config: LoraSftConfig, world_size: int, micro: int | str | None =
         accumulation = max(1, config.effective_batch_size // (asked * world_size))
     on = bool(config.gradient_checkpointing is True) if gc is None else gc
     return BatchPlan(asked, accumulation, world_size, on, recomputed_layers if on else None, reason,
-                     estimated_peak_bytes)
+                     estimated_peak_bytes, offloaded_layers)
 
 
 # ---------------------------------------------------------------------------------------------------- memory model
@@ -137,6 +138,8 @@ class Footprint:
     A kept layer holds `per_token_layer` bytes a token until backward; a recomputed one `per_token_recomputed`
     (its input, or nothing when that is offloaded); while any layer recomputes, `per_token_working` more is live
     (the layer being recomputed and its gradient). `per_token_base` is what no checkpointing saves (logits).
+    Where `offload_bandwidth` is set (activation_offload), a layer may instead keep its activations in host memory
+    (lora_runtime.offload): none on the GPU but `offload.IN_FLIGHT` such layers, and the host link's time.
     """
 
     weights: float
@@ -152,25 +155,37 @@ class Footprint:
     host_recompute_cost: float = HOST_RECOMPUTE_COST
     target_tokens: int = TARGET_TOKENS  # micro_batch_size="auto" grows a pass without recomputation up to this
     token_cost: float = 1.0  # GPU time a token relative to this path's without in-layer recomputation
+    offload_bandwidth: float = 0.0  # bytes/s to and from pinned host memory (0: no layer offloads)
+    gpu_tokens_per_s: float = 0.0  # this path's GPU speed, to put the link's time in tokens of GPU work
+    host_budget: float = 0.0  # bytes of pinned host memory the offloaded layers may take
 
-    def step_cost(self, tokens: int, recomputed: int) -> float:
+    def step_cost(self, tokens: int, recomputed: int, offloaded: int = 0) -> float:
+        link = 0.0
+        if offloaded:  # one way, in tokens of GPU time
+            link = offloaded * self.per_token_layer * tokens / self.offload_bandwidth * self.gpu_tokens_per_s
         return step_cost(round(tokens * self.token_cost), recomputed, self.layers, self.host_pass_tokens,
                          overlap=self.overlap_loss, recompute=self.recompute_cost,
-                         host_recompute=self.host_recompute_cost)
+                         host_recompute=self.host_recompute_cost, link=link, offloaded=offloaded)
 
-    def per_token(self, recomputed: int) -> float:
-        kept = self.layers - recomputed
+    def per_token(self, recomputed: int, offloaded: int = 0) -> float:
+        from lora_runtime.offload import IN_FLIGHT
+
+        kept = self.layers - recomputed - offloaded + min(offloaded, IN_FLIGHT)
         return (self.per_token_base + kept * self.per_token_layer + recomputed * self.per_token_recomputed
                 + (self.per_token_working if recomputed else 0.0))
 
-    def peak(self, tokens: int, recomputed: int | bool) -> float:
+    def peak(self, tokens: int, recomputed: int | bool, offloaded: int = 0) -> float:
         """Estimated allocated peak (torch.cuda.max_memory_allocated) for a pass of `tokens`; True = every layer."""
         k = self.layers if recomputed is True else int(recomputed)
-        return self.weights + OVERHEAD_BYTES + self.extra + tokens * self.per_token(k)
+        return self.weights + OVERHEAD_BYTES + self.extra + tokens * self.per_token(k, offloaded)
 
-    def need(self, tokens: int, recomputed: int | bool) -> float:
+    def need(self, tokens: int, recomputed: int | bool, offloaded: int = 0) -> float:
         """Device memory to reserve: the peak, allocator slack and the CUDA context."""
-        return self.peak(tokens, recomputed) * FRAGMENTATION + CONTEXT_BYTES
+        return self.peak(tokens, recomputed, offloaded) * FRAGMENTATION + CONTEXT_BYTES
+
+    def host_bytes(self, tokens: int, offloaded: int) -> float:
+        """Pinned host memory the offloaded layers take (an upper bound: a layer may save less than it keeps)."""
+        return offloaded * self.per_token_layer * tokens
 
 
 def _dims(model_config: Any) -> tuple[int, int, int, int]:
@@ -298,25 +313,45 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, pointwise: bo
                      token_cost=POINTWISE_TOKEN_COST if pointwise else 1.0)
 
 
+# activation_offload: the GPU speed a layer's copies must keep pace with (the compiled path's on one H200, 16 rows of
+# the Qwen2.5-1.5B shape: benchmarks/RESULTS.md, compiled-parts; scaled by the layer's weights as `host_pass_tokens`
+# is). A slower GPU leaves the link more time than the plan assumes.
+GPU_TOKENS_PER_S = 60_000
+FORWARD_SHARE = 0.4  # of a LoRA step's GPU time (frozen weights: backward makes input gradients, no weight gradients)
+HOST_OFFLOAD_COST = 0.05  # the host's extra work a pass with every layer offloaded (an event and a copy a tensor)
+
+
+def offload_speed(model_config: Any) -> float:
+    """`GPU_TOKENS_PER_S` for this model."""
+    return GPU_TOKENS_PER_S * QWEN15_LAYER_PARAMS / max(layer_params(model_config, active=True), 1)
+
+
 # ---------------------------------------------------------------------------------------------------- the search
 class Choice(NamedTuple):
     micro: int
     recomputed: int  # decoder layers that recompute (0: checkpointing off)
     reason: str
     peak: float  # estimated allocated peak, bytes
+    offloaded: int = 0  # decoder layers whose activations wait in host memory
 
 
 def step_cost(tokens: int, recomputed: int, layers: int, host_tokens: float = HOST_PASS_TOKENS, *,
               overlap: float = OVERLAP_LOSS, recompute: float = RECOMPUTE_COST,
-              host_recompute: float = HOST_RECOMPUTE_COST) -> float:
+              host_recompute: float = HOST_RECOMPUTE_COST, link: float = 0.0, offloaded: int = 0) -> float:
     """A pass's time in units of one token's forward+backward without recomputation: the GPU's work or the host's
     (`host_tokens` a pass), whichever is longer, plus `overlap` of the shorter; recomputed layers add to both.
+    `offloaded` layers copy `link` tokens' worth of time each way, out during the forward (`FORWARD_SHARE` of the
+    GPU's time) and back during the backward; the GPU waits for what does not fit.
 
     >>> [round(n * 2048 / step_cost(n * 2048, k, 28), 2) for n, k in ((2, 0), (4, 0), (8, 0), (8, 14), (16, 28))]
     [0.28, 0.55, 0.92, 0.78, 0.7]
+    >>> [round(16384 / step_cost(16384, 0, 28, link=t, offloaded=14), 2) for t in (0, 6000, 12000)]
+    [0.92, 0.92, 0.64]
     """
     share = recomputed / max(layers, 1)
-    host, gpu = host_tokens * (1 + host_recompute * share), tokens * (1 + recompute * share)
+    host = host_tokens * (1 + host_recompute * share + HOST_OFFLOAD_COST * offloaded / max(layers, 1))
+    gpu = tokens * (1 + recompute * share)
+    gpu += max(0.0, link - FORWARD_SHARE * gpu) + max(0.0, link - (1 - FORWARD_SHARE) * gpu)
     return max(host, gpu) + overlap * min(host, gpu)
 
 
@@ -339,37 +374,48 @@ def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int 
     n = footprint.layers
     counts = list(range(n + 1)) if gc == "auto" else [n if gc else 0]
 
-    def fastest(max_tokens: float) -> tuple[int, int] | None:
-        fits = [(m, k) for m in rows for k in counts
-                if m * seq_len <= max_tokens and footprint.need(m * seq_len, k) <= budget]
-        # fastest tokens/s; on a tie the larger pass, then the fewer recomputed layers
-        def speed(mk: tuple[int, int]) -> float:
-            return mk[0] * seq_len / footprint.step_cost(mk[0] * seq_len, mk[1])
+    def offloads(k: int) -> range:  # any of the layers left after the recomputed ones
+        return range(n - k + 1) if footprint.offload_bandwidth else range(1)
 
-        return max(fits, key=lambda mk: (speed(mk), mk[0], -mk[1]), default=None)
+    def fastest(max_tokens: float) -> tuple[int, int, int] | None:
+        fits = [(m, k, o) for m in rows if m * seq_len <= max_tokens for k in counts for o in offloads(k)
+                if footprint.need(m * seq_len, k, o) <= budget
+                and (o == 0 or footprint.host_bytes(m * seq_len, o) <= footprint.host_budget)]
+        # fastest tokens/s; on a tie the larger pass, then the fewer recomputed layers, then the fewer offloaded
+        def speed(mko: tuple[int, int, int]) -> float:
+            return mko[0] * seq_len / footprint.step_cost(mko[0] * seq_len, mko[1], mko[2])
+
+        return max(fits, key=lambda mko: (speed(mko), mko[0], -mko[1], -mko[2]), default=None)
 
     best = fastest(footprint.target_tokens if micro == "auto" else float("inf"))
-    if best is None or best[1] > 0:  # recomputing anyway: a larger pass may pay for it
+    if best is None or best[1] > 0 or best[2] > 0:  # recomputing or offloading anyway: a larger pass may pay for it
         best = fastest(float("inf")) or best
     if best is not None:
-        (m, k), tail = best, ""
+        (m, k, o), tail = best, ""
     else:
-        m, k, tail = rows[-1], counts[-1], " (does not fit: may OOM)"
-    return Choice(m, k, _reason(footprint, m, k, seq_len, budget, micro, gc, why_cap) + tail,
-                  footprint.peak(m * seq_len, k))
+        m, k, o, tail = rows[-1], counts[-1], 0, " (does not fit: may OOM)"
+    return Choice(m, k, _reason(footprint, m, k, o, seq_len, budget, micro, gc, why_cap) + tail,
+                  footprint.peak(m * seq_len, k, o), o)
 
 
-def _reason(fp: Footprint, m: int, k: int, seq_len: int, budget: float, micro: Any, gc: Any, why_cap: str) -> str:
+def _reason(fp: Footprint, m: int, k: int, o: int, seq_len: int, budget: float, micro: Any, gc: Any,
+            why_cap: str) -> str:
     tokens = m * seq_len
     parts = [f"micro_batch_size {'auto → ' if micro == 'auto' else ''}{m}" + (f" ({why_cap})" if why_cap else ""),
              f"gradient checkpointing {'auto → ' if gc == 'auto' else ''}"
              + ("off" if k == 0 else "on" if k == fp.layers else f"{k} of {fp.layers} layers")]
-    act = tokens * fp.per_token(k)
-    peak = fp.peak(tokens, k)
+    if fp.offload_bandwidth:
+        moved = fp.host_bytes(tokens, o)
+        parts.append(f"activation offload → {o} of {fp.layers} layers" + (
+            f" ({moved / GIB:.1f} GiB each way a pass at {fp.offload_bandwidth / 1e9:.1f} GB/s measured, "
+            f"{moved / fp.offload_bandwidth * 1e3:.0f} ms against ~{tokens / fp.gpu_tokens_per_s * 1e3:.0f} ms of "
+            f"GPU work; pinned host memory {moved / GIB:.1f} of {fp.host_budget / GIB:.1f} GiB)" if o else ""))
+    act = tokens * fp.per_token(k, o)
+    peak = fp.peak(tokens, k, o)
     extra = f" + loss chunk {fp.extra / GIB:.1f} GiB" if fp.extra else ""
     numbers = (f"activations for {m} × {seq_len} tokens ≈ {act / GIB:.1f} GiB + weights {fp.weights / GIB:.1f} GiB + "
                f"{OVERHEAD_BYTES / GIB:.1f} GiB LoRA/optimizer{extra} = peak ≈ {peak / GIB:.1f} GiB; × {FRAGMENTATION} slack + "
-               f"{CONTEXT_BYTES / GIB:.0f} GiB context = {fp.need(tokens, k) / GIB:.1f} GiB of {budget / GIB:.1f} GiB")
+               f"{CONTEXT_BYTES / GIB:.0f} GiB context = {fp.need(tokens, k, o) / GIB:.1f} GiB of {budget / GIB:.1f} GiB")
     return "; ".join(parts) + f": {numbers}"
 
 
@@ -434,7 +480,7 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
     by_memory = getattr(backend, "checkpointing_by_memory", None)
     if gc == "auto" and not (cuda and by_memory is not None and by_memory(config)):
         gc = cuda  # this backend's auto: on where CUDA memory is the limit, off on a CPU
-    if micro != "auto" and gc != "auto" and config.max_memory_gib is None:
+    if micro != "auto" and gc != "auto" and config.max_memory_gib is None and not config.activation_offload:
         return fixed_plan(config, world, micro, bool(gc), reason="as configured")
     why = "no CUDA GPU to size it by"
     if cuda and hasattr(backend, "footprint"):
@@ -456,7 +502,7 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
             print0(f"memory plan ({source}): {choice.reason}")
             recomputed = None if choice.recomputed == footprint.layers else choice.recomputed
             return fixed_plan(config, world, choice.micro, choice.recomputed > 0, recomputed, choice.reason,
-                              choice.peak)
+                              choice.peak, choice.offloaded)
     if micro == "auto":
         micro = max(m for m in range(1, CPU_MICRO + 1) if quota is None or quota % m == 0)
         print0(f"micro_batch_size: auto → {micro} (training-hub's default{' that divides the batch' if quota else ''}; "

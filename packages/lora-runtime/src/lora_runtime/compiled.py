@@ -165,8 +165,10 @@ def prefers(config: LoraSftConfig) -> tuple[bool, str]:
     micro = config.micro_batch_size
     tokens = micro * config.max_seq_len if isinstance(micro, int) else max(AUTO_MIN_TOKENS, config.max_seq_len)
     budget, source = memory_budget(config)
-    need = footprint.need(tokens, 0)
-    fits = f"{tokens:,} tokens a pass without recomputation need {need / GIB:.1f} GiB of {budget / GIB:.1f} ({source})"
+    offloaded = footprint.layers if config.activation_offload else 0  # the least it can keep (the plan picks)
+    need = footprint.need(tokens, 0, offloaded)
+    fits = (f"{tokens:,} tokens a pass without recomputation{' (every layer offloaded)' if offloaded else ''} need "
+            f"{need / GIB:.1f} GiB of {budget / GIB:.1f} ({source})")
     if need > budget:
         return False, f"compiled path not taken: {fits}"
     return True, f"compiled peft path: {fits}"

@@ -136,6 +136,11 @@ class LoraSftConfig:
         "backward instead of keeping its outputs: a third less activation memory a layer, no matmul recomputed; the "
         "memory plan counts it; runs the compiled path (CUDA, backend peft or auto, kernels compile or auto, "
         "lora_dropout 0)", ["off", "pointwise"])
+    activation_offload: bool = _f(
+        False, "the peft backend may keep decoder layers' saved activations in pinned host memory between forward "
+        "and backward, copied on a side stream while the GPU computes, instead of recomputing them; the memory plan "
+        "chooses how many layers from the budget, the host link's measured bandwidth and the free host memory "
+        "(CUDA; backend auto then runs peft)")
     max_memory_gib: float | None = _f(
         None, "GPU memory budget per process in GiB; the batch plan fits it and the process is capped to it "
         "(default: the free memory)")
@@ -306,6 +311,18 @@ def _choice_issues(cfg: LoraSftConfig) -> list[str]:
     return issues
 
 
+def _offload_issues(cfg: LoraSftConfig) -> list[str]:
+    why = ""
+    if cfg.backend == "unsloth":
+        why = "backend='unsloth' offloads its own checkpointed layers' inputs; pass backend='peft' or 'auto'"
+    elif cfg.sharding == "fsdp" or cfg.enable_model_splitting:
+        why = "sharded and split models run without it; drop one of the two"
+    elif cfg.gradient_checkpointing is True:
+        why = ("gradient_checkpointing=True recomputes every layer, leaving nothing to offload; pass "
+               "gradient_checkpointing='auto' (or False) to let the plan offload layers instead")
+    return [f"activation_offload=True: {why}"] if why else []
+
+
 def _combination_issues(cfg: LoraSftConfig) -> list[str]:
     issues = []
     if cfg.load_in_4bit and cfg.load_in_8bit:
@@ -336,6 +353,8 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
         issues.append(f"selective_recompute={cfg.selective_recompute!r} with lora_dropout={cfg.lora_dropout}: the "
                       "recomputed work would draw a new dropout mask in backward (wrong gradients); pass "
                       "lora_dropout=0.0 or selective_recompute='off'")
+    if cfg.activation_offload:
+        issues += _offload_issues(cfg)
     if cfg.sharding == "fsdp":
         issues += _fsdp_issues(cfg)
     if cfg.node_rank is not None and not 0 <= cfg.node_rank < (cfg.nnodes or 1):

@@ -30,6 +30,8 @@ _NEEDS_CUDA = {
                 "pass kernels='auto' (or 'none')"),
     "selective_recompute": (lambda c: c.selective_recompute != "off", "the compiled decoder layers",
                             "pass selective_recompute='off'"),
+    "activation_offload": (lambda c: c.activation_offload, "a copy stream to pinned host memory",
+                           "drop it (on a CPU the activations are in host memory already)"),
     "enable_model_splitting": (lambda c: c.enable_model_splitting, "it spreads one model over GPUs",
                                "drop it (a CPU run keeps the whole model in RAM anyway)"),
 }

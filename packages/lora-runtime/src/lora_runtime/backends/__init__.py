@@ -102,7 +102,7 @@ def import_unsloth_first(config: LoraSftConfig, compiled: bool | None = None) ->
     """
     from lora_runtime.distributed import dist_env
 
-    if config.backend == "peft" or config.enable_model_splitting or "unsloth" in sys.modules:
+    if config.backend == "peft" or config.enable_model_splitting or config.activation_offload or "unsloth" in sys.modules:
         return
     if config.sharding == "fsdp" or (config.sharding == "auto" and dist_env().world_size > 1):
         return
@@ -135,10 +135,10 @@ def _probe_env() -> dict[str, str]:
 
 
 def select_backend(name: str = "auto", *, splitting: bool = False, sharding: str = "ddp",
-                   compiled: tuple[bool, str] = (False, "")) -> tuple[Backend, str]:
+                   compiled: tuple[bool, str] = (False, ""), offload: bool = False) -> tuple[Backend, str]:
     """The backend object and a one-line reason for choosing it (`splitting`: enable_model_splitting is on;
     `sharding`: the resolved "ddp" | "fsdp"; `compiled`: lora_runtime.compiled.prefers, decided before Unsloth's
-    import)."""
+    import; `offload`: activation_offload, which the peft backend does)."""
     if name not in ("auto", "unsloth", "peft"):
         raise ValueError(f"backend must be one of auto, unsloth, peft; got {name!r}")
     if name == "peft":
@@ -160,6 +160,9 @@ def select_backend(name: str = "auto", *, splitting: bool = False, sharding: str
                          "transformers+PEFT only")
     if compiled[0]:
         return _peft(), f"auto: {compiled[1]}"
+    if offload:
+        tail = f"; {compiled[1]}" if compiled[1] else ""
+        return _peft(), f"auto: activation_offload=True runs on transformers+PEFT (Unsloth offloads its own way){tail}"
     ok, detail = unsloth_importable()
     if not ok:
         return _peft(), f"auto: CUDA available but {detail}, so transformers+PEFT"

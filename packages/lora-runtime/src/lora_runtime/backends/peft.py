@@ -13,10 +13,11 @@ liger-kernel's fused kernels apply where installed (`lora_runtime.kernels`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
-from lora_runtime import attention, compiled, kernels
+from lora_runtime import attention, compiled, kernels, offload
 from lora_runtime.backends.base import (
     DEFAULT_TARGETS,
     BackendBase,
@@ -54,9 +55,20 @@ class PeftBackend(BackendBase):
 
     def footprint(self, model_config: Any, config: LoraSftConfig) -> Footprint:
         if self.compiled(config):
-            return compiled_footprint(model_config, fused_loss=compiled.fused_loss(config, model_config),
-                                      pointwise=config.selective_recompute == "pointwise")
-        return peft_footprint(model_config, config.load_in_4bit, fused_loss=self.fused_loss(config))
+            footprint = compiled_footprint(model_config, fused_loss=compiled.fused_loss(config, model_config),
+                                           pointwise=config.selective_recompute == "pointwise")
+        else:
+            footprint = peft_footprint(model_config, config.load_in_4bit, fused_loss=self.fused_loss(config))
+        if not config.activation_offload:
+            return footprint
+        import os
+
+        from lora_runtime.batching import offload_speed
+        from lora_runtime.offload import host_link_bandwidth, host_memory_budget
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's: the node's processes share its memory
+        return dataclasses.replace(footprint, offload_bandwidth=host_link_bandwidth(dist_env().local_rank),
+                                   gpu_tokens_per_s=offload_speed(model_config), host_budget=host_memory_budget(local))
 
     @staticmethod
     def compiled(config: LoraSftConfig) -> bool:
@@ -146,6 +158,11 @@ class PeftBackend(BackendBase):
             recomputing = f"on for {limit_recomputation(model, plan.recomputed_layers)} layer(s)"
         if fast:
             recomputing += f"; {compiled.finish(model, config.selective_recompute)}"
+        if plan.offloaded_layers:  # after compiling: the copies run around each compiled layer, not inside it
+            first = (plan.recomputed_layers or 0) if gc else 0
+            offload.attach(model, first, plan.offloaded_layers)
+            recomputing += (f"; activations of layers {first}-{first + plan.offloaded_layers - 1} offloaded to pinned "
+                            "host memory")
         trainable, total = model.get_nb_trainable_parameters()
         print0(f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {targets if isinstance(targets, str) else sorted(targets)}: "
                f"{trainable:,} trainable of {total:,} parameters; gradient checkpointing {recomputing}")

@@ -1,0 +1,336 @@
+"""Activation offload (`activation_offload=True`, the peft backend): chosen decoder layers keep the tensors they save
+for backward in pinned host memory instead of on the GPU, a step between keeping a layer's activations and
+recomputing them. A recomputed layer runs its forward twice; an offloaded one costs no GPU work, only the host link,
+which copies while the GPU computes other layers.
+
+How, on CUDA (`ActivationOffload`):
+- forward: an offloaded layer runs under `torch.autograd.graph.saved_tensors_hooks`, which also sees what compiled
+  layers save (AOTAutograd's runtime calls the hooks). Each saved tensor of `MIN_BYTES` or more that is not a
+  parameter (a frozen weight stays where it is) is copied, strides kept (a compiled backward reads them as it saved
+  them), into a pinned host buffer on a side stream once the compute stream has made it. The same tensor saved twice
+  in a layer is copied once. The buffers are reused every step.
+- the device memory goes back to the allocator `IN_FLIGHT` offloaded layers later: the compute stream first waits
+  for that layer's copies (an event, never the host), so the freed blocks, reused in stream order, are only
+  overwritten once copied. Memory stays bounded by the layers in flight whatever the host's lead; where the link is
+  slower than the forward, the GPU waits for it (the memory plan's cost model counts that time).
+- backward: a gradient hook on the output of the layer after each offloaded one starts copying that layer's tensors
+  back one layer ahead, on the side stream, into memory taken on the compute stream; unpacking makes the compute
+  stream wait for them. A tensor is dropped here once every handle to it is unpacked.
+On a CPU the copies are clones (no stream, no pinning): the same bookkeeping and the same gradients, which is what
+the CPU tests check (`test_offload.py`: gradients equal to a run without offload, exactly in fp32).
+
+Only one forward may run before its backward (a second forward through the same layers would overwrite the host
+buffers): the trainer's steps do that; otherwise unpacking raises instead of returning another step's values.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from typing import Any
+
+MIN_BYTES = 1 << 20  # smaller saved tensors stay on the device: sample boundaries, RNG state, a small pass's stats
+IN_FLIGHT = 2  # offloaded layers whose device copies may still be alive in forward (the memory plan counts them)
+MEASURE_BYTES = 256 << 20  # `host_link_bandwidth`'s copy
+
+
+class _Layer:
+    """One offloaded layer's buffers and the state of its current step."""
+
+    def __init__(self) -> None:
+        self.slots: list[Any] = []  # pinned host buffers, in save order, reused every step
+        self.generation = 0  # forwards run through this layer (a handle of an older one is stale)
+        self.used = 0  # slots filled by the current forward
+        self.handles: list[int] = []  # handles per slot not yet unpacked (the same tensor saved twice: two)
+        self.ids: dict[int, tuple[int, Any]] = {}  # id(tensor) → (slot, tensor), while the layer's forward runs
+        self.on_device: list[Any] = []  # the forward's device tensors until their copy is done
+        self.copied: Any = None  # event after the layer's copies to the host
+        self.fetched: dict[int, Any] | None = None  # slot → device tensor copied back (None: not asked yet)
+        self.arrived: Any = None  # event after those copies
+
+
+class _Handle:
+    """What the autograd graph holds instead of an offloaded tensor."""
+
+    __slots__ = ("generation", "layer", "slot")
+
+    def __init__(self, layer: int, slot: int, generation: int) -> None:
+        self.layer, self.slot, self.generation = layer, slot, generation
+
+
+class ActivationOffload:
+    """Offload the saved activations of `layers` (decoder layers in forward order, none of them recomputed) to host
+    memory. `params`: the model's parameters (kept where they are); `device`: where the layers run."""
+
+    def __init__(self, layers: list[Any], params: Any, device: Any, min_bytes: int | None = None) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream: Any = torch.cuda.Stream(self.device) if self.cuda else None  # the copies
+        self.compute: Any = None  # the stream forward ran on
+        self.min_bytes = MIN_BYTES if min_bytes is None else min_bytes
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+        self.layers = [_Layer() for _ in layers]
+        self.pending: deque[int] = deque()  # offloaded layers whose device tensors are still referenced
+        self.bytes_per_step = 0  # bytes the last forward copied out (each way)
+        for i, layer in enumerate(layers):
+            if getattr(layer, "gradient_checkpointing", False):
+                raise ValueError(f"decoder layer {i} recomputes its activations: it has nothing to offload")
+            _wrap_call(layer, self._offloading(i))
+        self.follower: Any = None
+
+    def follow(self, layer: Any) -> None:
+        """`layer` runs right after the last offloaded one: its output's gradient starts bringing that one back."""
+        self.follower = layer
+        _wrap_call(layer, self._prefetching(len(self.layers)))
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def _offloading(self, i: int) -> Any:
+        import torch
+
+        pack = functools.partial(self._pack, i)
+
+        def around(call: Any, *args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return call(*args, **kwargs)
+            self._begin(i)
+            with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
+                out = call(*args, **kwargs)
+            self._end(i)
+            self._fetch_on_gradient(out, i - 1)
+            return out
+
+        return around
+
+    def _prefetching(self, i: int) -> Any:
+        import torch
+
+        def around(call: Any, *args: Any, **kwargs: Any) -> Any:
+            out = call(*args, **kwargs)
+            if torch.is_grad_enabled():
+                self._fetch_on_gradient(out, i - 1)
+            return out
+
+        return around
+
+    def _begin(self, i: int) -> None:
+        if i == 0:
+            self.bytes_per_step = 0
+        if self.cuda:
+            import torch
+
+            self.compute = torch.cuda.current_stream(self.device)
+        state = self.layers[i]
+        state.generation += 1
+        state.used, state.handles, state.ids, state.fetched, state.arrived = 0, [], {}, None, None
+        while len(self.pending) >= IN_FLIGHT:
+            self._release(self.pending.popleft())
+
+    def _pack(self, i: int, tensor: Any) -> Any:
+        if not self._offloads(tensor):
+            return tensor
+        state = self.layers[i]
+        seen = state.ids.get(id(tensor))
+        if seen is not None and seen[1] is tensor:
+            slot = seen[0]
+        else:  # held until the layer ends, so that its id is not another tensor's meanwhile
+            slot = state.used
+            state.ids[id(tensor)] = (slot, tensor)
+            state.used += 1
+            state.handles.append(0)
+            self._copy_out(state, slot, tensor)
+        state.handles[slot] += 1
+        return _Handle(i, slot, state.generation)
+
+    def _offloads(self, tensor: Any) -> bool:
+        try:
+            return (tensor.device == self.device and tensor.numel() * tensor.element_size() >= self.min_bytes
+                    and _dense(tensor) and tensor.untyped_storage().data_ptr() not in self.params)
+        except (RuntimeError, NotImplementedError):  # a tensor without plain storage: left alone
+            return False
+
+    def _copy_out(self, state: _Layer, slot: int, tensor: Any) -> None:
+        import torch
+
+        if slot == len(state.slots):
+            state.slots.append(None)
+        host = state.slots[slot]
+        if host is None or host.shape != tensor.shape or host.stride() != tensor.stride() or host.dtype != tensor.dtype:
+            host = state.slots[slot] = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
+                                                           device="cpu", pin_memory=self.cuda)
+        self.bytes_per_step += tensor.numel() * tensor.element_size()
+        if not self.cuda:
+            host.copy_(tensor)
+            return
+        self.stream.wait_stream(self.compute)  # the tensor is made
+        with torch.cuda.stream(self.stream):
+            host.copy_(tensor, non_blocking=True)
+        state.on_device.append(tensor)
+
+    def _end(self, i: int) -> None:
+        state = self.layers[i]
+        state.ids = {}
+        if self.cuda and state.on_device:
+            import torch
+
+            state.copied = torch.cuda.Event()
+            state.copied.record(self.stream)
+            self.pending.append(i)
+
+    def _release(self, i: int) -> None:
+        """Hand layer i's device tensors back: the compute stream waits for their copies, so whatever reuses the
+        memory (allocated on that stream) runs after them."""
+        state = self.layers[i]
+        if state.copied is not None:
+            self.compute.wait_event(state.copied)
+            state.copied = None
+        state.on_device = []
+
+    # ------------------------------------------------------------------------------------------------ backward
+    def _fetch_on_gradient(self, out: Any, i: int) -> None:
+        if i < 0:
+            return
+        tensor = out[0] if isinstance(out, (tuple, list)) else out
+        if getattr(tensor, "requires_grad", False):
+            generation = self.layers[i].generation
+
+            def hook(grad: Any) -> None:
+                if self.layers[i].generation == generation:
+                    self._fetch(i)
+
+            tensor.register_hook(hook)
+
+    def _fetch(self, i: int) -> None:
+        """Start copying layer i's tensors back (the whole layer: its backward unpacks them together)."""
+        state = self.layers[i]
+        if state.fetched is not None:
+            return
+        while self.pending:  # backward has begun: the forward's copies are all needed done
+            self._release(self.pending.popleft())
+        wanted = [s for s in range(state.used) if state.handles[s] > 0]
+        state.fetched = self._copy_in(state, wanted)
+        if self.cuda:
+            import torch
+
+            state.arrived = torch.cuda.Event()
+            state.arrived.record(self.stream)
+
+    def _copy_in(self, state: _Layer, slots: list[int]) -> dict[int, Any]:
+        import torch
+
+        if not self.cuda:
+            return {s: state.slots[s].clone() for s in slots}
+        with torch.cuda.stream(self.compute):  # freed after use on the compute stream, in its order
+            out = {s: torch.empty_strided(state.slots[s].shape, state.slots[s].stride(), dtype=state.slots[s].dtype,
+                                          device=self.device) for s in slots}
+        self.stream.wait_stream(self.compute)  # the blocks' earlier users are done
+        with torch.cuda.stream(self.stream):
+            for s, tensor in out.items():
+                tensor.copy_(state.slots[s], non_blocking=True)
+        return out
+
+    def _unpack(self, packed: Any) -> Any:
+        if not isinstance(packed, _Handle):
+            return packed
+        state = self.layers[packed.layer]
+        if packed.generation != state.generation:
+            raise RuntimeError(
+                f"activation offload: decoder layer {packed.layer}'s saved activations were overwritten by a later "
+                "forward before this backward; with activation_offload run each forward's backward before the "
+                "next forward")
+        self._fetch(packed.layer)
+        fetched: dict[int, Any] = state.fetched or {}
+        tensor = fetched.get(packed.slot)
+        if tensor is None:  # unpacked again after its last handle (backward with retain_graph): bring it back alone
+            tensor = self._copy_in(state, [packed.slot])[packed.slot]
+            if self.cuda:
+                self.compute.wait_stream(self.stream)
+            return tensor
+        if self.cuda and state.arrived is not None:
+            import torch
+
+            torch.cuda.current_stream(self.device).wait_event(state.arrived)
+        state.handles[packed.slot] -= 1
+        if state.handles[packed.slot] <= 0:
+            del fetched[packed.slot]
+        return tensor
+
+
+def _dense(tensor: Any) -> bool:
+    """Whether the tensor's elements fill its memory once each, in some order of its dimensions (a copy keeping its
+    strides is then one block); an expanded or sliced view stays on the device.
+
+    >>> import torch
+    >>> _dense(torch.ones(3, 4).t()), _dense(torch.ones(3, 1).expand(3, 4)), _dense(torch.ones(4, 4)[:, :2])
+    (True, False, False)
+    """
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape, strict=True) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _wrap_call(layer: Any, around: Any) -> None:
+    """Run `around(call, *args, **kwargs)` in place of the layer's call, outside its compiled graph where it has one
+    (torch.nn.Module.compile keeps it in `_compiled_call_impl`), else around its forward."""
+    name = "_compiled_call_impl" if getattr(layer, "_compiled_call_impl", None) is not None else "forward"
+    inner = getattr(layer, name)
+    setattr(layer, name, functools.partial(around, inner))
+
+
+def attach(model: Any, first: int, count: int) -> ActivationOffload | None:
+    """Offload decoder layers first .. first + count - 1 of `model` (the plan's: after the recomputed ones). Call after
+    the layers are compiled. None when count is 0; else the offload, also kept as `model.activation_offload`."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if count <= 0:
+        return None
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not 0 <= first <= first + count <= len(layers):
+        raise ValueError(f"cannot offload layers {first}-{first + count - 1} of a model with {len(layers)} decoder layers")
+    chosen = layers[first:first + count]
+    device = next(p.device for p in chosen[0].parameters())
+    offload = ActivationOffload(chosen, model.parameters(), device)
+    if first + count < len(layers):
+        offload.follow(layers[first + count])
+    model.activation_offload = offload
+    return offload
+
+
+@functools.lru_cache(maxsize=4)
+def host_link_bandwidth(device_index: int = 0) -> float:
+    """Bytes/s this GPU copies to and from pinned host memory, the slower direction, measured once a process on
+    `MEASURE_BYTES` (the best of three copies each way)."""
+    import time
+
+    import torch
+
+    device = torch.device("cuda", device_index)
+    gpu = torch.empty(MEASURE_BYTES, dtype=torch.uint8, device=device)
+    host = torch.empty(MEASURE_BYTES, dtype=torch.uint8, pin_memory=True)
+    best = {"out": float("inf"), "in": float("inf")}
+    for _ in range(3):
+        for way, (dst, src) in (("out", (host, gpu)), ("in", (gpu, host))):
+            torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            best[way] = min(best[way], time.perf_counter() - t)
+    return MEASURE_BYTES / max(best.values())
+
+
+def host_memory_budget(local_processes: int = 1) -> float:
+    """Bytes of pinned host memory this process may take: half the memory the kernel calls available, shared by the
+    node's training processes."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = float(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        import os
+
+        available = float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return available / 2 / max(1, local_processes)

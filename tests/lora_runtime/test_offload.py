@@ -1,0 +1,198 @@
+"""Activation offload (lora_runtime.offload) on a CPU, where its copies are clones: the LoRA gradients equal those of
+a run without it exactly (fp32), on the peft backend's model with and without recomputed layers before the offloaded
+ones, and on compiled layers (whose saved tensors AOTAutograd's runtime hands to the hooks); the bookkeeping (one
+copy of a tensor saved twice, strides kept, layers brought back ahead of their backward, a second forward refused)
+on a stack of small blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import _tiny
+import pytest
+import torch
+from lora_runtime import offload
+from lora_runtime.backends.peft import PeftBackend
+from lora_runtime.batching import fixed_plan
+from lora_runtime.collate import collate_packed
+from lora_runtime.config import LoraSftConfig
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="bitwise equality is a CPU property (the GPU "
+                                "side: test_kernels_gpu.py)")
+
+
+@pytest.fixture(scope="module")
+def four_layer_llama(tmp_path_factory, llama3_tokenizer_dir) -> Path:
+    return _tiny.build_model(tmp_path_factory.mktemp("llama4"), arch="llama", tokenizer_dir=llama3_tokenizer_dir,
+                             num_layers=4)
+
+
+def _batch() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for lengths in ((20, 30, 14), (40, 24)):
+        ids = torch.randint(10, 900, (64,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "loss_mask": [1] * 64, "seq_lens": list(lengths)})
+    batch = collate_packed(rows)
+    batch.pop("num_tokens", None)
+    return batch
+
+
+def _grads(model_dir: Path, recomputed: int, offloaded: int) -> tuple[dict, object]:
+    cfg = LoraSftConfig(str(model_dir), "unused", "unused", lora_r=4, init_lora_weights="gaussian", seed=1,
+                        bf16=False, micro_batch_size=2)
+    plan = fixed_plan(cfg, 1, gc=recomputed > 0, recomputed_layers=recomputed or None, offloaded_layers=offloaded)
+    backend = PeftBackend()
+    model, _ = backend.load(cfg, plan)
+    model = backend.add_lora(model, cfg, plan)
+    with torch.no_grad():  # B starts at zero: give it values so every LoRA weight gets a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.linspace(-0.1, 0.1, p.numel()).view_as(p))
+    model.train()
+    model(**_batch()).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, getattr(
+        model, "activation_offload", None)
+
+
+@pytest.mark.parametrize(("recomputed", "offloaded"), [(0, 1), (0, 4), (1, 2), (2, 2)])
+def test_offloaded_layers_give_the_same_gradients_exactly(four_layer_llama, monkeypatch, recomputed, offloaded):
+    plain, none = _grads(four_layer_llama, 0, 0)
+    assert none is None
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's tensors are all small
+    grads, used = _grads(four_layer_llama, recomputed, offloaded)
+    assert len(used.layers) == offloaded and used.bytes_per_step > 0
+    assert all(state.used > 0 for state in used.layers)  # every offloaded layer copied its tensors out
+    assert all(state.fetched == {} for state in used.layers)  # ... and each came back, every handle unpacked
+    assert plain.keys() == grads.keys() and len(plain) == 4 * 7 * 2
+    for name, g in plain.items():
+        torch.testing.assert_close(grads[name], g, atol=0, rtol=0, msg=name)
+
+
+class Block(torch.nn.Module):
+    """A residual MLP block whose backward saves a transposed tensor and the same tensor twice."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(width, 2 * width)
+        self.down = torch.nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(self.up(x))
+        return x + self.down(h * h) + (x.t() @ x).sum() * 1e-3
+
+
+def _stack(compiled: bool = False) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    stack = torch.nn.Sequential(*(Block(8) for _ in range(4)))
+    if compiled:
+        for block in stack:
+            block.compile(backend="aot_eager")
+    return stack
+
+
+def _run(stack: torch.nn.Sequential, x: torch.Tensor) -> dict:
+    stack(x).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in stack.named_parameters()}
+    stack.zero_grad(set_to_none=True)
+    return grads
+
+
+class Recording(offload.ActivationOffload):
+    """Records when layers are brought back and unpacked."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[tuple[str, int]] = []
+
+    def _fetch(self, i: int) -> None:
+        if self.layers[i].fetched is None:
+            self.events.append(("fetch", i))
+        super()._fetch(i)
+
+    def _unpack(self, packed):
+        if isinstance(packed, offload._Handle):
+            self.events.append(("unpack", packed.layer))
+        return super()._unpack(packed)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_offload_keeps_gradients_and_brings_each_layer_back_ahead_of_its_backward(compiled):
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    plain = _run(_stack(compiled), x)
+    stack = _stack(compiled)
+    off = Recording(list(stack[:3]), stack.parameters(), "cpu", min_bytes=0)
+    off.follow(stack[3])
+    for _ in range(2):  # the second step reuses the host buffers
+        grads = _run(stack, x)
+        assert grads.keys() == plain.keys()
+        for name, g in plain.items():
+            torch.testing.assert_close(grads[name], g, atol=0, rtol=0, msg=name)
+    fetches = [i for what, i in off.events if what == "fetch"]
+    assert fetches == [2, 1, 0] * 2  # last offloaded layer first, every step
+    for i in range(3):  # each layer was asked for before its first unpack, by the gradient of the next layer's output
+        first_unpack = off.events.index(("unpack", i))
+        assert ("fetch", i) in off.events[:first_unpack]
+    assert all(state.fetched == {} for state in off.layers)
+
+
+def test_a_tensor_saved_twice_is_copied_once_with_its_strides():
+    stack = _stack()
+    off = offload.ActivationOffload([stack[0]], stack.parameters(), "cpu", min_bytes=0)
+    x = torch.randn(16, 8, requires_grad=True)
+    stack[0](x)
+    state = off.layers[0]
+    assert state.used == len(state.slots) and max(state.handles) >= 2  # h * h saves h twice: one slot, two handles
+    assert sum(state.handles) > state.used
+    layouts = {(tuple(s.shape), s.stride()) for s in state.slots}
+    assert ((8, 16), (1, 8)) in layouts  # x.t() saved by the matmul: copied column-major, as saved
+    parameters = {p.untyped_storage().data_ptr() for p in stack.parameters()}
+    assert not parameters & {s.untyped_storage().data_ptr() for s in state.slots}
+
+
+def test_parameters_small_tensors_and_no_grad_forwards_stay_put():
+    stack = _stack()
+    off = offload.ActivationOffload([stack[0]], stack.parameters(), "cpu", min_bytes=16 * 8 * 4)
+    x = torch.randn(16, 8, requires_grad=True)
+    with torch.no_grad():
+        stack[0](x)
+    assert off.layers[0].used == 0 and off.bytes_per_step == 0
+    stack[0](x)
+    state = off.layers[0]
+    assert state.used > 0 and all(s.numel() * s.element_size() >= 16 * 8 * 4 for s in state.slots)
+    assert off.bytes_per_step == sum(s.numel() * s.element_size() for s in state.slots)
+
+
+def test_a_second_forward_before_the_backward_is_refused():
+    stack = _stack()
+    offload.ActivationOffload(list(stack[:2]), stack.parameters(), "cpu", min_bytes=0)
+    x = torch.randn(16, 8)
+    first = stack(x).sum()
+    stack(x).sum().backward()  # overwrites the host buffers of the first forward
+    with pytest.raises(RuntimeError, match="overwritten by a later forward"):
+        first.backward()
+
+
+def test_a_graph_kept_for_a_second_backward_gives_the_same_gradients():
+    x = torch.randn(16, 8)
+    stack = _stack()
+    offload.ActivationOffload(list(stack[:2]), stack.parameters(), "cpu", min_bytes=0)
+    loss = stack(x).square().sum()
+    loss.backward(retain_graph=True)
+    once = {n: p.grad.clone() for n, p in stack.named_parameters()}
+    loss.backward()
+    for name, p in stack.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * once[name], msg=name)
+
+
+def test_recomputed_layers_and_out_of_range_layers_are_refused(four_layer_llama):
+    stack = _stack()
+    stack[1].gradient_checkpointing = True
+    with pytest.raises(ValueError, match="decoder layer 1 recomputes"):
+        offload.ActivationOffload(list(stack[:2]), stack.parameters(), "cpu")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(four_layer_llama)
+    with pytest.raises(ValueError, match="layers 3-4 of a model with 4 decoder layers"):
+        offload.attach(model, 3, 2)
+    assert offload.attach(model, 0, 0) is None
