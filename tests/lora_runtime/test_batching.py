@@ -269,7 +269,7 @@ def test_offload_counts_the_layers_in_flight_and_the_links_time():
     layer = fp.per_token_layer
     assert fp.per_token(0, 10) == pytest.approx(fp.per_token(0) - (10 - IN_FLIGHT) * layer)
     assert fp.per_token(0, 1) == fp.per_token(0)  # one layer in flight saves nothing
-    assert fp.host_bytes(16384, 10) == 10 * layer * 16384
+    assert fp.host_bytes(16384, 10) == 10 * layer * 16384 * 2  # torch rounds pinned buffers to a power of two
     # 50 GB/s: 3 layers' copies (3.7 GB, 74 ms) hide under the forward (40% of ~270 ms), 6 (147 ms) do not;
     # 5 GB/s makes the GPU wait for 3 layers
     assert fp.step_cost(16384, 0, 3) == pytest.approx(fp.step_cost(16384, 0, 0), rel=0.01)
@@ -318,3 +318,17 @@ def test_the_plan_records_its_offloaded_layers():
                   offloaded_layers=5)
     assert p.to_dict()["offloaded_layers"] == 5
     assert BatchPlan(2, 1, 1, False).to_dict()["offloaded_layers"] == 0
+
+
+def test_a_plan_that_cannot_fit_offloads_every_layer_where_that_needs_less():
+    import dataclasses
+
+    from lora_runtime.batching import compiled_footprint
+
+    fp = _offloading(compiled_footprint(QWEN15), QWEN15, 50e9)
+    for per_token_working in (fp.per_token_working, 4 * fp.per_token_working):
+        fp = dataclasses.replace(fp, per_token_working=per_token_working)
+        c = plan(fp, 3)  # not even the weights and one row fit: the least memory of the two ways
+        assert "does not fit" in c.reason and c.micro == 1
+        assert fp.need(2048, c.recomputed, c.offloaded) == min(fp.need(2048, 28), fp.need(2048, 0, 28))
+    assert (c.recomputed, c.offloaded) == (0, 28)  # an expensive recompute: every layer offloaded instead

@@ -392,6 +392,8 @@ def test_activation_offload_sizes_the_plan_by_the_measured_link(tmp_path, a_gpu_
     assert backend.name == "peft" and why.startswith("auto: compiled peft path")
     backend, why = backends.select_backend("auto", offload=True)  # not on the compiled path: still peft
     assert backend.name == "peft" and "activation_offload=True runs on transformers+PEFT" in why
+    assert PeftBackend().checkpointing_by_memory(LoraSftConfig(model, "d", "o", kernels="none", activation_offload=True))
+    assert not PeftBackend().checkpointing_by_memory(LoraSftConfig(model, "d", "o", kernels="none"))
     out = resolve(config, PeftBackend(), rows=900)
     assert out.offloaded_layers > 0 and out.to_dict()["offloaded_layers"] == out.offloaded_layers
     assert f"activation offload → {out.offloaded_layers} of 28 layers" in capsys.readouterr().out

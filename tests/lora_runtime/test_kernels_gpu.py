@@ -33,7 +33,8 @@ def _batch(vocab: int) -> dict:
     return {name: t if name == "packed_seq_lengths" else t.cuda() for name, t in batch.items()}
 
 
-def _loss_and_grads(model_dir, tmp_path, kernels: str, targets, offloaded: int = 0) -> tuple[float, dict]:
+def _loss_and_grads(model_dir, tmp_path, kernels: str, targets, offloaded: int = 0, seen: list | None = None,
+                    ) -> tuple[float, dict]:
     config = LoraSftConfig(str(model_dir), "d", str(tmp_path / kernels), backend="peft", kernels=kernels,
                            target_modules=targets, micro_batch_size=2, gradient_checkpointing=False,
                            activation_offload=offloaded > 0)
@@ -53,6 +54,8 @@ def _loss_and_grads(model_dir, tmp_path, kernels: str, targets, offloaded: int =
         out = model(**batch, num_items_in_batch=torch.tensor(n + 7, device="cuda"))
     out.loss.backward()
     grads = {name: p.grad.float().clone() for name, p in model.named_parameters() if p.requires_grad}
+    if seen is not None:
+        seen.append(getattr(model, "activation_offload", None))
     return float(out.loss), grads
 
 
@@ -91,16 +94,18 @@ def test_loss_and_lora_gradients_match_the_plain_path(request, tmp_path, capsys,
 @pytest.mark.parametrize("offloaded", [1, 2])  # 1: the second layer's gradient brings the first back early
 def test_offloaded_layers_give_the_same_loss_and_gradients(tiny_qwen2_dir, tmp_path, monkeypatch, kernels, offloaded):
     """activation_offload on CUDA: the layers' saved tensors go to pinned host memory on a side stream and come back
-    for backward; the copies are exact, so loss and LoRA gradients equal the run without (same kernels)."""
+    for backward; the copies are exact, so loss and LoRA gradients equal the run without (same kernels; the
+    tolerance is FlashAttention's backward, which accumulates in a varying order)."""
     from lora_runtime import offload
 
     monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's tensors are all small
     plain_loss, plain = _loss_and_grads(tiny_qwen2_dir, tmp_path, kernels, None)
-    loss, grads = _loss_and_grads(tiny_qwen2_dir, tmp_path, kernels, None, offloaded=offloaded)
-    assert loss == plain_loss
-    assert grads.keys() == plain.keys() and plain
-    for name, g in plain.items():
-        torch.testing.assert_close(grads[name], g, atol=0, rtol=0, msg=name)
+    seen: list = []
+    loss, grads = _loss_and_grads(tiny_qwen2_dir, tmp_path, kernels, None, offloaded=offloaded, seen=seen)
+    assert len(seen[0].layers) == offloaded and seen[0].bytes_per_step > 0
+    assert all(state.fetched == {} for state in seen[0].layers)  # every copy came back and was used
+    assert loss == pytest.approx(plain_loss, rel=1e-3)
+    _assert_close(plain, grads)
 
 
 def test_offload_lowers_the_peak_by_the_layers_it_takes_off_the_gpu():

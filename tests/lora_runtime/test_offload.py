@@ -146,8 +146,22 @@ def test_a_tensor_saved_twice_is_copied_once_with_its_strides():
     assert sum(state.handles) > state.used
     layouts = {(tuple(s.shape), s.stride()) for s in state.slots}
     assert ((8, 16), (1, 8)) in layouts  # x.t() saved by the matmul: copied column-major, as saved
-    parameters = {p.untyped_storage().data_ptr() for p in stack.parameters()}
-    assert not parameters & {s.untyped_storage().data_ptr() for s in state.slots}
+
+
+
+def test_parameters_and_views_that_do_not_fill_their_memory_stay_on_the_device(capsys):
+    stack = _stack()
+    off = offload.ActivationOffload([stack[0]], stack.parameters(), "cpu", min_bytes=0)
+    weight = stack[0].up.weight
+    activation = torch.randn(16, 8)
+    assert not off._offloads(weight) and not off._offloads(weight.t())  # frozen weights and their views stay
+    assert off._offloads(activation) and off._offloads(activation.t())
+    assert off.kept_bytes == 0
+    assert not off._offloads(activation[:, :4]) and not off._offloads(torch.ones(16, 1).expand(16, 8))
+    assert off.kept_bytes == 16 * 4 * 4 + 16 * 8 * 4  # counted, and said once at the next step
+    stack[0](torch.randn(16, 8, requires_grad=True))
+    stack[0](torch.randn(16, 8, requires_grad=True))
+    assert capsys.readouterr().out.count("of saved views that do not fill their memory") == 1
 
 
 def test_parameters_small_tensors_and_no_grad_forwards_stay_put():
@@ -193,6 +207,6 @@ def test_recomputed_layers_and_out_of_range_layers_are_refused(four_layer_llama)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(four_layer_llama)
-    with pytest.raises(ValueError, match="layers 3-4 of a model with 4 decoder layers"):
+    with pytest.raises(ValueError, match="cannot offload 2 layers from layer 3 of a model with 4 decoder layers"):
         offload.attach(model, 3, 2)
     assert offload.attach(model, 0, 0) is None

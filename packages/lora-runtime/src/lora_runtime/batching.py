@@ -184,8 +184,9 @@ class Footprint:
         return self.peak(tokens, recomputed, offloaded) * FRAGMENTATION + CONTEXT_BYTES
 
     def host_bytes(self, tokens: int, offloaded: int) -> float:
-        """Pinned host memory the offloaded layers take (an upper bound: a layer may save less than it keeps)."""
-        return offloaded * self.per_token_layer * tokens
+        """Pinned host memory the offloaded layers take, an upper bound: a layer may save less than it keeps, and
+        torch's pinned-memory cache rounds each buffer up to a power of two (`PINNED_ROUNDING`)."""
+        return offloaded * self.per_token_layer * tokens * PINNED_ROUNDING
 
 
 def _dims(model_config: Any) -> tuple[int, int, int, int]:
@@ -318,6 +319,7 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, pointwise: bo
 # is). A slower GPU leaves the link more time than the plan assumes.
 GPU_TOKENS_PER_S = 60_000
 FORWARD_SHARE = 0.4  # of a LoRA step's GPU time (frozen weights: backward makes input gradients, no weight gradients)
+PINNED_ROUNDING = 2.0  # torch's pinned-memory cache rounds a buffer up to the next power of two (at worst 2×)
 HOST_OFFLOAD_COST = 0.05  # the host's extra work a pass with every layer offloaded (an event and a copy a tensor)
 
 
@@ -340,8 +342,9 @@ def step_cost(tokens: int, recomputed: int, layers: int, host_tokens: float = HO
               host_recompute: float = HOST_RECOMPUTE_COST, link: float = 0.0, offloaded: int = 0) -> float:
     """A pass's time in units of one token's forward+backward without recomputation: the GPU's work or the host's
     (`host_tokens` a pass), whichever is longer, plus `overlap` of the shorter; recomputed layers add to both.
-    `offloaded` layers copy `link` tokens' worth of time each way, out during the forward (`FORWARD_SHARE` of the
-    GPU's time) and back during the backward; the GPU waits for what does not fit.
+    `offloaded` layers (spread over the layers that do not recompute: lora_runtime.offload) copy `link` tokens' worth
+    of time each way, out during the forward of those layers (`FORWARD_SHARE` of their GPU time) and back during
+    their backward; the GPU waits for what does not fit.
 
     >>> [round(n * 2048 / step_cost(n * 2048, k, 28), 2) for n, k in ((2, 0), (4, 0), (8, 0), (8, 14), (16, 28))]
     [0.28, 0.55, 0.92, 0.78, 0.7]
@@ -351,7 +354,8 @@ def step_cost(tokens: int, recomputed: int, layers: int, host_tokens: float = HO
     share = recomputed / max(layers, 1)
     host = host_tokens * (1 + host_recompute * share + HOST_OFFLOAD_COST * offloaded / max(layers, 1))
     gpu = tokens * (1 + recompute * share)
-    gpu += max(0.0, link - FORWARD_SHARE * gpu) + max(0.0, link - (1 - FORWARD_SHARE) * gpu)
+    window = tokens * (1 - share)  # the GPU time of the layers the copies overlap
+    gpu += max(0.0, link - FORWARD_SHARE * window) + max(0.0, link - (1 - FORWARD_SHARE) * window)
     return max(host, gpu) + overlap * min(host, gpu)
 
 
@@ -392,8 +396,10 @@ def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int 
         best = fastest(float("inf")) or best
     if best is not None:
         (m, k, o), tail = best, ""
-    else:
+    else:  # the least memory: every layer recomputed or, where layers may offload, every one offloaded
         m, k, o, tail = rows[-1], counts[-1], 0, " (does not fit: may OOM)"
+        if footprint.offload_bandwidth and footprint.need(m * seq_len, 0, n) < footprint.need(m * seq_len, k):
+            k, o = 0, n
     return Choice(m, k, _reason(footprint, m, k, o, seq_len, budget, micro, gc, why_cap) + tail,
                   footprint.peak(m * seq_len, k, o), o)
 
@@ -492,6 +498,8 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
             footprint = per_gpu(backend.footprint(model_config, config), config, model_config, gpus)
         except AttributeError as e:  # a config without the fields the estimate reads (GPT-2 style names)
             why = f"cannot size {type(model_config).__name__} ({e})"
+            if config.activation_offload:
+                why += "; activation_offload needs that estimate: no layer is offloaded"
         else:
             budget, source = memory_budget(config)
             if config.max_memory_gib is not None:  # a hard cap too: this process cannot allocate past the budget

@@ -9,13 +9,16 @@ How, on CUDA (`ActivationOffload`):
   parameter (a frozen weight stays where it is) is copied, strides kept (a compiled backward reads them as it saved
   them), into a pinned host buffer on a side stream once the compute stream has made it. The same tensor saved twice
   in a layer is copied once. The buffers are reused every step.
+- the offloaded layers are spread evenly over the layers that are not recomputed (`spread`): a layer's copy takes
+  longer than its own forward, so each copy overlaps the layers kept between two offloaded ones.
 - the device memory goes back to the allocator `IN_FLIGHT` offloaded layers later: the compute stream first waits
   for that layer's copies (an event, never the host), so the freed blocks, reused in stream order, are only
   overwritten once copied. Memory stays bounded by the layers in flight whatever the host's lead; where the link is
   slower than the forward, the GPU waits for it (the memory plan's cost model counts that time).
-- backward: a gradient hook on the output of the layer after each offloaded one starts copying that layer's tensors
-  back one layer ahead, on the side stream, into memory taken on the compute stream; unpacking makes the compute
-  stream wait for them. A tensor is dropped here once every handle to it is unpacked.
+- backward: when an offloaded layer's backward begins (its first unpack), the previous offloaded layer starts coming
+  back, on the side stream, into memory taken on the compute stream, so it has the backward of the layers between
+  them to arrive; the last one starts at the gradient of the model's last decoder layer. Unpacking makes the compute
+  stream wait for the copies. A tensor is dropped here once every handle to it is unpacked.
 On a CPU the copies are clones (no stream, no pinning): the same bookkeeping and the same gradients, which is what
 the CPU tests check (`test_offload.py`: gradients equal to a run without offload, exactly in fp32).
 
@@ -45,6 +48,7 @@ class _Layer:
         self.ids: dict[int, tuple[int, Any]] = {}  # id(tensor) → (slot, tensor), while the layer's forward runs
         self.on_device: list[Any] = []  # the forward's device tensors until their copy is done
         self.copied: Any = None  # event after the layer's copies to the host
+        self.started = False  # its backward has begun
         self.fetched: dict[int, Any] | None = None  # slot → device tensor copied back (None: not asked yet)
         self.arrived: Any = None  # event after those copies
 
@@ -67,6 +71,8 @@ class ActivationOffload:
 
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:  # tensors say cuda:N; a bare "cuda" would match none of them
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream: Any = torch.cuda.Stream(self.device) if self.cuda else None  # the copies
         self.compute: Any = None  # the stream forward ran on
         self.min_bytes = MIN_BYTES if min_bytes is None else min_bytes
@@ -74,6 +80,8 @@ class ActivationOffload:
         self.layers = [_Layer() for _ in layers]
         self.pending: deque[int] = deque()  # offloaded layers whose device tensors are still referenced
         self.bytes_per_step = 0  # bytes the last forward copied out (each way)
+        self.kept_bytes = 0  # ...and left on the device: views that do not fill their memory (see `_dense`)
+        self.said_kept = False
         for i, layer in enumerate(layers):
             if getattr(layer, "gradient_checkpointing", False):
                 raise ValueError(f"decoder layer {i} recomputes its activations: it has nothing to offload")
@@ -81,9 +89,10 @@ class ActivationOffload:
         self.follower: Any = None
 
     def follow(self, layer: Any) -> None:
-        """`layer` runs right after the last offloaded one: its output's gradient starts bringing that one back."""
+        """`layer` runs after the last offloaded one (the model's last decoder layer): the gradient of its output,
+        at the start of backward, starts bringing that one back."""
         self.follower = layer
-        _wrap_call(layer, self._prefetching(len(self.layers)))
+        _wrap_call(layer, self._prefetching(len(self.layers) - 1))
 
     # ------------------------------------------------------------------------------------------------ forward
     def _offloading(self, i: int) -> Any:
@@ -98,7 +107,6 @@ class ActivationOffload:
             with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
                 out = call(*args, **kwargs)
             self._end(i)
-            self._fetch_on_gradient(out, i - 1)
             return out
 
         return around
@@ -109,21 +117,30 @@ class ActivationOffload:
         def around(call: Any, *args: Any, **kwargs: Any) -> Any:
             out = call(*args, **kwargs)
             if torch.is_grad_enabled():
-                self._fetch_on_gradient(out, i - 1)
+                self._fetch_on_gradient(out, i)
             return out
 
         return around
 
     def _begin(self, i: int) -> None:
         if i == 0:
-            self.bytes_per_step = 0
+            if self.kept_bytes and not self.said_kept:
+                from lora_runtime.distributed import print0
+
+                print0(f"activation offload: {self.kept_bytes / 2**20:,.0f} MiB a step of saved views that do not fill "
+                       "their memory (slices of a fused projection, expanded tensors) stay on the GPU")
+                self.said_kept = True
+            self.bytes_per_step = self.kept_bytes = 0
         if self.cuda:
             import torch
 
             self.compute = torch.cuda.current_stream(self.device)
         state = self.layers[i]
+        if state.arrived is not None:  # copies back that no backward waited for (one that stopped early)
+            self.compute.wait_event(state.arrived)
         state.generation += 1
         state.used, state.handles, state.ids, state.fetched, state.arrived = 0, [], {}, None, None
+        state.started = False
         while len(self.pending) >= IN_FLIGHT:
             self._release(self.pending.popleft())
 
@@ -145,10 +162,15 @@ class ActivationOffload:
 
     def _offloads(self, tensor: Any) -> bool:
         try:
-            return (tensor.device == self.device and tensor.numel() * tensor.element_size() >= self.min_bytes
-                    and _dense(tensor) and tensor.untyped_storage().data_ptr() not in self.params)
+            if (tensor.device != self.device or tensor.numel() * tensor.element_size() < self.min_bytes
+                    or tensor.untyped_storage().data_ptr() in self.params):
+                return False
         except (RuntimeError, NotImplementedError):  # a tensor without plain storage: left alone
             return False
+        if not _dense(tensor):
+            self.kept_bytes += tensor.numel() * tensor.element_size()
+            return False
+        return True
 
     def _copy_out(self, state: _Layer, slot: int, tensor: Any) -> None:
         import torch
@@ -204,7 +226,7 @@ class ActivationOffload:
     def _fetch(self, i: int) -> None:
         """Start copying layer i's tensors back (the whole layer: its backward unpacks them together)."""
         state = self.layers[i]
-        if state.fetched is not None:
+        if state.fetched is not None or state.used == 0:
             return
         while self.pending:  # backward has begun: the forward's copies are all needed done
             self._release(self.pending.popleft())
@@ -239,7 +261,11 @@ class ActivationOffload:
                 f"activation offload: decoder layer {packed.layer}'s saved activations were overwritten by a later "
                 "forward before this backward; with activation_offload run each forward's backward before the "
                 "next forward")
-        self._fetch(packed.layer)
+        if not state.started:  # this layer's backward begins: the previous offloaded layer starts coming back
+            state.started = True
+            self._fetch(packed.layer)
+            if packed.layer > 0:
+                self._fetch(packed.layer - 1)
         fetched: dict[int, Any] = state.fetched or {}
         tensor = fetched.get(packed.slot)
         if tensor is None:  # unpacked again after its last handle (backward with retain_graph): bring it back alone
@@ -281,21 +307,33 @@ def _wrap_call(layer: Any, around: Any) -> None:
     setattr(layer, name, functools.partial(around, inner))
 
 
+def spread(first: int, count: int, total: int) -> list[int]:
+    """`count` layer indices spread evenly over first .. total - 1.
+
+    >>> spread(0, 4, 28), spread(3, 2, 8), spread(2, 6, 8)
+    ([3, 10, 17, 24], [4, 6], [2, 3, 4, 5, 6, 7])
+    """
+    room = total - first
+    return [first + (2 * j + 1) * room // (2 * count) for j in range(count)]
+
+
 def attach(model: Any, first: int, count: int) -> ActivationOffload | None:
-    """Offload decoder layers first .. first + count - 1 of `model` (the plan's: after the recomputed ones). Call after
-    the layers are compiled. None when count is 0; else the offload, also kept as `model.activation_offload`."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    """Offload `count` of the model's decoder layers from `first` on (the plan's: after the recomputed ones), spread
+    over them. Call after the layers are compiled. None when count is 0; else the offload, also kept as
+    `model.activation_offload`."""
+    from lora_runtime.backends.base import decoder_layers
 
     if count <= 0:
         return None
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     if not 0 <= first <= first + count <= len(layers):
-        raise ValueError(f"cannot offload layers {first}-{first + count - 1} of a model with {len(layers)} decoder layers")
-    chosen = layers[first:first + count]
+        raise ValueError(f"cannot offload {count} layers from layer {first} of a model with {len(layers)} decoder "
+                         "layers")
+    chosen = [layers[i] for i in spread(first, count, len(layers))]
     device = next(p.device for p in chosen[0].parameters())
     offload = ActivationOffload(chosen, model.parameters(), device)
-    if first + count < len(layers):
-        offload.follow(layers[first + count])
+    if chosen[-1] is not layers[-1]:
+        offload.follow(layers[-1])
     model.activation_offload = offload
     return offload
 
@@ -319,6 +357,8 @@ def host_link_bandwidth(device_index: int = 0) -> float:
             dst.copy_(src, non_blocking=True)
             torch.cuda.synchronize(device)
             best[way] = min(best[way], time.perf_counter() - t)
+    del gpu, host
+    torch.cuda.empty_cache()  # the memory budget is read next
     return MEASURE_BYTES / max(best.values())
 
 

@@ -150,15 +150,29 @@ def _with_boundaries(kwargs: dict) -> dict:
     return new
 
 
+def decoder_layers(model: Any) -> list[Any]:
+    """The text decoder's layers, in order: the `GradientCheckpointingLayer`s of the module list that holds them (a
+    vision tower's blocks are such layers too), else every such layer."""
+    import torch
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    config = getattr(model, "config", None)
+    wanted = getattr(getattr(config, "text_config", None) or config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if (isinstance(module, torch.nn.ModuleList) and len(module) and len(module) == (wanted or len(module))
+                and "vision" not in name and "visual" not in name
+                and all(isinstance(m, GradientCheckpointingLayer) for m in module)):
+            return list(module)
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def limit_recomputation(model: Any, recomputed: int | None) -> int:
     """Keep checkpointing on only the first `recomputed` decoder layers that have it (None: leave all); returns how
     many layers recompute. Transformers' decoder layers (`GradientCheckpointingLayer`) read a per-layer flag.
 
     The later layers keep their activations: backward reaches them first, so their memory is freed first.
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    layers = [m for m in decoder_layers(model) if m.gradient_checkpointing]
     if recomputed is None:
         return len(layers)
     for layer in layers[recomputed:]:

@@ -27,7 +27,7 @@ from lora_runtime.backends.base import (
 )
 from lora_runtime.batching import BatchPlan, Footprint, compiled_footprint, peft_footprint
 from lora_runtime.config import LoraSftConfig
-from lora_runtime.distributed import dist_env, print0
+from lora_runtime.distributed import all_reduce_min, dist_env, print0
 
 
 def attn_implementation(config: LoraSftConfig) -> str:
@@ -50,8 +50,8 @@ class PeftBackend(BackendBase):
     def checkpointing_by_memory(self, config: LoraSftConfig) -> bool:
         """With a loss that keeps no logits (the compiled path's, liger's) the footprint is measured on both sides
         (liger, no recomputation: 44.8 GiB for 16k tokens of the Qwen2.5-1.5B shape, estimated 48.4), so the budget
-        decides; without one auto is simply on with CUDA."""
-        return self.compiled(config) or self.fused_loss(config)
+        decides; without one auto is simply on with CUDA, unless layers may offload (the plan weighs the two)."""
+        return config.activation_offload or self.compiled(config) or self.fused_loss(config)
 
     def footprint(self, model_config: Any, config: LoraSftConfig) -> Footprint:
         if self.compiled(config):
@@ -67,8 +67,10 @@ class PeftBackend(BackendBase):
         from lora_runtime.offload import host_link_bandwidth, host_memory_budget
 
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's: the node's processes share its memory
-        return dataclasses.replace(footprint, offload_bandwidth=host_link_bandwidth(dist_env().local_rank),
-                                   gpu_tokens_per_s=offload_speed(model_config), host_budget=host_memory_budget(local))
+        # every rank plans alike (the batch arithmetic must agree): the slowest link, the least host memory
+        return dataclasses.replace(footprint, gpu_tokens_per_s=offload_speed(model_config),
+                                   offload_bandwidth=all_reduce_min(host_link_bandwidth(dist_env().local_rank)),
+                                   host_budget=all_reduce_min(host_memory_budget(local)))
 
     @staticmethod
     def compiled(config: LoraSftConfig) -> bool:
