@@ -5,7 +5,7 @@
     python -m benchmarks.gpu report              # RESULTS.md from the results file
     python -m benchmarks.gpu table RESULTS.jsonl # the short table of one results file
 
-Scenarios: throughput, frontier, compiled, startup, parity, kernels (one GPU); ddp-scaling, resume-dead-rank, model-splitting, fsdp
+Scenarios: throughput, frontier, compiled, offload, startup, parity, kernels (one GPU); ddp-scaling, resume-dead-rank, model-splitting, fsdp
 (several GPUs); ceilings. `--cpu` runs the single-GPU scenarios on a tiny shape on the CPU (the harness's smoke test).
 """
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu.compiled MODEL RECORDS OUT [--variants liger_v_m2,flce_v_c_m8_gc,...]
 
-Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][_cpp][_sg][_cg]
+Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][_ol<N>][_cpp][_sg][_cg]
   kernels   liger (RoPE, RMSNorm, SwiGLU, fused linear + cross-entropy), flce (liger's fused loss only),
             ck (lora_runtime.chunked_loss), none (transformers' loss over the whole logits)
   _v        packed attention through lora_runtime.attention (aten FlashAttention-2 varlen over one flattened row);
@@ -15,6 +15,8 @@ Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][
             activation_memory_budget: the partitioner recomputes the cheapest ops first)
   _off      the compiled layers offload saved activations to the host (torch._functorch.config.
             enable_activation_offloading, on a side stream, reloads prefetched)
+  _ol6      6 decoder layers, spread over the model, keep their saved activations in pinned host memory
+            (lora_runtime.offload, what activation_offload=True runs); the link's bandwidth is reported with it
   _cpp      Inductor's C++ wrapper launches the compiled layers' kernels (torch._inductor.config.cpp_wrapper)
   _sg       after warm-up, compiled layers check only the guards that tell their variants apart
             (torch.compiler.set_stance(skip_guard_eval_unsafe=True))
@@ -46,17 +48,21 @@ def parse(name: str) -> dict:
 'budget_gib': 24.0, 'activation_budget': 0.4}
     >>> sorted(k for k, on in parse("ck_v_c_a_m2_off_cpp_sg_cg").items() if on is True)
     ['autocast', 'compile', 'cpp', 'cudagraphs', 'offload', 'skip_guards', 'varlen']
+    >>> parse("ck_v_c_a_m4_ol6")["offloaded_layers"], parse("ck_v_c_a_m4")["offloaded_layers"]
+    (6, 0)
     """
     parts = name.split("_")
     micro = next(int(p[1:]) for p in parts if p.startswith("m") and p[1:].isdigit())
     budget = [float(p[1:]) for p in parts if p.startswith("b") and p[1:].replace(".", "").isdigit()]
     act = [int(p[2:]) / 100 for p in parts if p.startswith("ab") and p[2:].isdigit()]
+    offloaded = [int(p[2:]) for p in parts if p.startswith("ol") and p[2:].isdigit()]
     if "cg" in parts and not {"v", "c"} <= set(parts):
         raise ValueError(f"{name}: _cg replays the compiled layers' graphs over padded boundaries: it needs _v and _c")
     return {"kernels": parts[0], "varlen": "v" in parts, "compile": "c" in parts, "autocast": "a" in parts,
             "micro": micro, "gc": "gc" in parts, "budget_gib": budget[0] if budget else None,
             "activation_budget": act[0] if act else 1.0, "offload": "off" in parts, "cpp": "cpp" in parts,
-            "skip_guards": "sg" in parts, "cudagraphs": "cg" in parts}
+            "skip_guards": "sg" in parts, "cudagraphs": "cg" in parts,
+            "offloaded_layers": offloaded[0] if offloaded else 0}
 
 
 def partitioner(v: dict) -> dict:
@@ -119,6 +125,10 @@ def build(model_dir: str, v: dict):
     if v["compile"]:
         for layer in model.base_model.model.model.layers:
             layer.compile(mode="reduce-overhead" if v["cudagraphs"] else None)
+    if v["offloaded_layers"]:  # after compiling: the copies run around each compiled layer
+        from lora_runtime import offload
+
+        offload.attach(model, 0, v["offloaded_layers"])
     return model
 
 
@@ -182,6 +192,11 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
         steady = sorted(host[warmup + 1:]) or [0.0]
         out = {"variant": name, **v, "memory_fraction": fraction, "build_s": build_s, **meter.summary(),
                "host_s_median": steady[len(steady) // 2], **common.memory()}
+        if v["offloaded_layers"]:
+            from lora_runtime.offload import host_link_bandwidth
+
+            off = getattr(model, "activation_offload", None)
+            out.update(link_gb_s=host_link_bandwidth(0) / 1e9, offloaded_gib_per_step=(off.bytes_per_step / 2**30) if off else None)
         if profile:
             _profile(step, profile)
     finally:
@@ -231,8 +246,8 @@ def main() -> None:
         except Exception as e:
             traceback.print_exc()
             payload = {"variant": name, "error": f"{type(e).__name__}: {e}"[:2000], **common.memory()}
-        print({k: payload.get(k) for k in ("variant", "tokens_per_s", "peak_alloc_gib", "step_s_median", "host_s_median", "loss_first",
-                                           "error")}, flush=True)
+        print({k: payload.get(k) for k in ("variant", "tokens_per_s", "peak_alloc_gib", "step_s_median", "host_s_median",
+                                           "loss_first", "link_gb_s", "offloaded_gib_per_step", "error")}, flush=True)
         common.write_result(a.out, f"compiled_{name}", payload)
 
 
