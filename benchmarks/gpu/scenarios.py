@@ -62,6 +62,15 @@ def _define_qwen(s: Session) -> None:
     s.define("loop", sides.loop(shape, 2048))
 
 
+def _define_llama8b(s: Session) -> None:
+    """The Llama-3.1-8B shape's processes (rows of 8192, a few steps: one is slow), built first where missing."""
+    s.define("build_llama8b", sides.build("llama8b"))
+    if not (sides.model_dir(s, "llama8b") / "config.json").exists():
+        s.want("build_llama8b", ["build_llama8b"])
+    s.define("ours8b", sides.ours("llama8b", 8192, steps=s.a.warmup + 6))
+    s.define("loop8b", sides.loop("llama8b", 8192, steps=s.a.warmup + 6))
+
+
 def _shape(s: Session) -> str:
     return "tiny" if s.cpu else "qwen1.5b"
 
@@ -126,11 +135,7 @@ def frontier_plan(s: Session) -> None:
         s.want("th_b8", ["th_b8"])
     if s.cpu or s.a.shape == "qwen1.5b":
         return
-    s.define("build_llama8b", sides.build("llama8b"))
-    if not (sides.model_dir(s, "llama8b") / "config.json").exists():
-        s.want("build_llama8b", ["build_llama8b"])
-    s.define("ours8b", sides.ours("llama8b", 8192, steps=s.a.warmup + 6))
-    s.define("loop8b", sides.loop("llama8b", 8192, steps=s.a.warmup + 6))
+    _define_llama8b(s)
     s.want("ours8b", [_ours_run(s, budget=24)])
     s.want("loop8b", ["rowsfit4_gc_b24"])
 
@@ -319,11 +324,7 @@ def offload_plan(s: Session) -> None:
         s.want("loop", [f"rowsfit16_gc_b{b}" for b in OFFLOAD_BUDGETS])
     if s.cpu or s.a.shape == "qwen1.5b":
         return
-    s.define("build_llama8b", sides.build("llama8b"))
-    if not (sides.model_dir(s, "llama8b") / "config.json").exists():
-        s.want("build_llama8b", ["build_llama8b"])
-    s.define("ours8b", sides.ours("llama8b", 8192, steps=s.a.warmup + 6))
-    s.define("loop8b", sides.loop("llama8b", 8192, steps=s.a.warmup + 6))
+    _define_llama8b(s)
     s.want("ours8b", [_ours_run(s, budget=24), _ours_run(s, budget=24, offload=True, pointwise=True)])
     s.want("loop8b", ["rowsfit4_gc_b24"])
 

@@ -24,3 +24,10 @@ def toy_shards(tmp_path) -> Path:
     """10 rows of seq_len 8 whose first token is the row index (so order is visible)."""
     rows = [([100 + i, 1, 2, 3, 4], [0, 1, 1, 0, 1], [3, 2]) for i in range(10)]
     return _tiny.write_shards(tmp_path / "toy", rows, seq_len=8, rows_per_shard=4, packing_efficiency=5 / 8)
+
+
+@pytest.fixture(scope="session")
+def four_layer_llama(tmp_path_factory, llama3_tokenizer_dir) -> Path:
+    """A random 4-layer Llama: enough layers to recompute or offload some and keep others."""
+    return _tiny.build_model(tmp_path_factory.mktemp("llama4"), arch="llama", tokenizer_dir=llama3_tokenizer_dir,
+                             num_layers=4)

@@ -6,61 +6,24 @@ on a stack of small blocks."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import _tiny
 import pytest
 import torch
+from _grads import lora_grads
 from lora_runtime import offload
-from lora_runtime.backends.peft import PeftBackend
-from lora_runtime.batching import fixed_plan
-from lora_runtime.collate import collate_packed
-from lora_runtime.config import LoraSftConfig
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="bitwise equality is a CPU property (the GPU "
                                 "side: test_kernels_gpu.py)")
 
 
-@pytest.fixture(scope="module")
-def four_layer_llama(tmp_path_factory, llama3_tokenizer_dir) -> Path:
-    return _tiny.build_model(tmp_path_factory.mktemp("llama4"), arch="llama", tokenizer_dir=llama3_tokenizer_dir,
-                             num_layers=4)
-
-
-def _batch() -> dict:
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for lengths in ((20, 30, 14), (40, 24)):
-        ids = torch.randint(10, 900, (64,), generator=gen).tolist()
-        rows.append({"input_ids": ids, "loss_mask": [1] * 64, "seq_lens": list(lengths)})
-    batch = collate_packed(rows)
-    batch.pop("num_tokens", None)
-    return batch
-
-
-def _grads(model_dir: Path, recomputed: int, offloaded: int) -> tuple[dict, object]:
-    cfg = LoraSftConfig(str(model_dir), "unused", "unused", lora_r=4, init_lora_weights="gaussian", seed=1,
-                        bf16=False, micro_batch_size=2)
-    plan = fixed_plan(cfg, 1, gc=recomputed > 0, recomputed_layers=recomputed or None, offloaded_layers=offloaded)
-    backend = PeftBackend()
-    model, _ = backend.load(cfg, plan)
-    model = backend.add_lora(model, cfg, plan)
-    with torch.no_grad():  # B starts at zero: give it values so every LoRA weight gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.linspace(-0.1, 0.1, p.numel()).view_as(p))
-    model.train()
-    model(**_batch()).loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, getattr(
-        model, "activation_offload", None)
-
 
 @pytest.mark.parametrize(("recomputed", "offloaded"), [(0, 1), (0, 4), (1, 2), (2, 2)])
 def test_offloaded_layers_give_the_same_gradients_exactly(four_layer_llama, monkeypatch, recomputed, offloaded):
-    plain, none = _grads(four_layer_llama, 0, 0)
+    plain, _, none = lora_grads(four_layer_llama, gc=False, recomputed=None)
     assert none is None
     monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's tensors are all small
-    grads, used = _grads(four_layer_llama, recomputed, offloaded)
+    grads, calls, used = lora_grads(four_layer_llama, gc=recomputed > 0, recomputed=recomputed or None,
+                                    offloaded=offloaded)
+    assert calls == [2] * recomputed + [1] * (4 - recomputed)  # offloaded layers run once
     assert len(used.layers) == offloaded and used.bytes_per_step > 0
     assert all(state.used > 0 for state in used.layers)  # every offloaded layer copied its tensors out
     assert all(state.fetched == {} for state in used.layers)  # ... and each came back, every handle unpacked
