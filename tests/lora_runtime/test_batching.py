@@ -332,3 +332,22 @@ def test_a_plan_that_cannot_fit_offloads_every_layer_where_that_needs_less():
         assert "does not fit" in c.reason and c.micro == 1
         assert fp.need(2048, c.recomputed, c.offloaded) == min(fp.need(2048, 28), fp.need(2048, 0, 28))
     assert (c.recomputed, c.offloaded) == (0, 28)  # an expensive recompute: every layer offloaded instead
+
+
+def test_a_plan_that_cannot_fit_offloads_no_more_than_host_memory_takes():
+    from lora_runtime.batching import compiled_footprint
+
+    fp = _offloading(compiled_footprint(QWEN15), QWEN15, 50e9, host_gib=0.1)
+    c = plan(fp, 3, gc=False)  # nothing fits, no recomputation allowed: only what host memory holds is offloaded
+    assert "does not fit" in c.reason and c.recomputed == 0
+    assert fp.host_bytes(c.micro * 2048, c.offloaded) <= 0.1 * GIB
+
+
+def test_the_reason_gives_the_bytes_each_way_and_the_pinned_memory_apart():
+    from lora_runtime.batching import compiled_footprint
+
+    fp = _offloading(compiled_footprint(QWEN15, pointwise=True), QWEN15, 50e9)
+    c = plan(fp, 16)
+    moved = c.offloaded * fp.per_token_layer * c.micro * 2048
+    assert c.offloaded and f"({moved / GIB:.1f} GiB each way a pass at 50.0 GB/s measured" in c.reason
+    assert f"pinned host memory up to {2 * moved / GIB:.1f} of 100.0 GiB" in c.reason

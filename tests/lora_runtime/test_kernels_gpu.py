@@ -91,18 +91,19 @@ def test_loss_and_lora_gradients_match_the_plain_path(request, tmp_path, capsys,
 
 
 @pytest.mark.parametrize("kernels", ["compile", "none"])
-@pytest.mark.parametrize("offloaded", [1, 2])  # 1: the second layer's gradient brings the first back early
-def test_offloaded_layers_give_the_same_loss_and_gradients(tiny_qwen2_dir, tmp_path, monkeypatch, kernels, offloaded):
+@pytest.mark.parametrize("offloaded", [1, 2])  # of 4: layer 2 (the last layer's gradient brings it back), 1 and 3
+def test_offloaded_layers_give_the_same_loss_and_gradients(four_layer_llama, tmp_path, monkeypatch, kernels, offloaded):
     """activation_offload on CUDA: the layers' saved tensors go to pinned host memory on a side stream and come back
     for backward; the copies are exact, so loss and LoRA gradients equal the run without (same kernels; the
     tolerance is FlashAttention's backward, which accumulates in a varying order)."""
     from lora_runtime import offload
 
     monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's tensors are all small
-    plain_loss, plain = _loss_and_grads(tiny_qwen2_dir, tmp_path, kernels, None)
+    plain_loss, plain = _loss_and_grads(four_layer_llama, tmp_path, kernels, None)
     seen: list = []
-    loss, grads = _loss_and_grads(tiny_qwen2_dir, tmp_path, kernels, None, offloaded=offloaded, seen=seen)
-    assert len(seen[0].layers) == offloaded and seen[0].bytes_per_step > 0
+    loss, grads = _loss_and_grads(four_layer_llama, tmp_path, kernels, None, offloaded=offloaded, seen=seen)
+    assert seen[0].indices == offload.spread(0, offloaded, 4) and seen[0].bytes_per_step > 0
+    assert (seen[0].follower is not None) == (offloaded == 1)
     assert all(state.fetched == {} for state in seen[0].layers)  # every copy came back and was used
     assert loss == pytest.approx(plain_loss, rel=1e-3)
     _assert_close(plain, grads)

@@ -62,11 +62,17 @@ def _run(stack: torch.nn.Sequential, x: torch.Tensor) -> dict:
 
 
 class Recording(offload.ActivationOffload):
-    """Records when layers are brought back and unpacked."""
+    """Records when layers are brought back and unpacked, and how many offloaded layers hold device tensors."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.events: list[tuple[str, int]] = []
+        self.alive: list[int] = []  # after each offloaded layer's forward: layers whose tensors are still held
+        self.back: list[int] = []  # at each unpack: layers brought back and not yet used up
+
+    def _end(self, i: int) -> None:
+        super()._end(i)
+        self.alive.append(sum(1 for state in self.layers if state.on_device))
 
     def _fetch(self, i: int) -> None:
         if self.layers[i].fetched is None:
@@ -76,7 +82,9 @@ class Recording(offload.ActivationOffload):
     def _unpack(self, packed):
         if isinstance(packed, offload._Handle):
             self.events.append(("unpack", packed.layer))
-        return super()._unpack(packed)
+        out = super()._unpack(packed)
+        self.back.append(sum(1 for state in self.layers if state.fetched))
+        return out
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -97,6 +105,46 @@ def test_offload_keeps_gradients_and_brings_each_layer_back_ahead_of_its_backwar
         first_unpack = off.events.index(("unpack", i))
         assert ("fetch", i) in off.events[:first_unpack]
     assert all(state.fetched == {} for state in off.layers)
+    # never more than IN_FLIGHT offloaded layers' tensors on the device in forward, nor two brought back at once
+    assert off.alive == [1, 2, 2] * 2 and max(off.back) <= offload.IN_FLIGHT
+
+
+def test_a_forward_without_backward_leaves_nothing_behind():
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    plain = _run(_stack(), x)
+    stack = _stack()
+    off = Recording(list(stack[:3]), stack.parameters(), "cpu", min_bytes=0)
+    off.follow(stack[3])
+    stack(x).sum()  # say an evaluation with gradients on: no backward
+    assert len(off.pending) == 2
+    grads = _run(stack, x)  # the next step releases what the first left
+    assert off.alive[3:] == [1, 2, 2] and not off.pending
+    for name, g in plain.items():
+        torch.testing.assert_close(grads[name], g, atol=0, rtol=0, msg=name)
+
+
+class Rotary(torch.nn.Module):
+    """Reads a table every layer shares (like the rotary cos/sin) and saves a slice of its own activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(-1, 1, 64).view(8, 8))
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        y = (x * table).exp()  # saves the table (another input: stays) and y (whole: offloaded)
+        return y[:8] @ self.w  # saves y[:8] for w's gradient: a slice, which would free nothing (stays, counted)
+
+
+def test_other_inputs_of_the_layer_and_slices_stay_on_the_device():
+    x, table = torch.randn(16, 8, requires_grad=True), torch.randn(16, 8)
+    block = Rotary()
+    block(x, table=table).square().sum().backward()
+    plain = (x.grad.clone(), block.w.grad.clone())
+    x.grad = block.w.grad = None
+    off = offload.ActivationOffload([block], block.parameters(), "cpu", min_bytes=0)
+    block(x, table=table).square().sum().backward()
+    assert (off.layers[0].used, off.bytes_per_step, off.kept_bytes) == (1, 16 * 8 * 4, 8 * 8 * 4)
+    torch.testing.assert_close((x.grad, block.w.grad), plain, atol=0, rtol=0)
 
 
 def test_a_tensor_saved_twice_is_copied_once_with_its_strides():

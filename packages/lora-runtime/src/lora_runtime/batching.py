@@ -161,7 +161,7 @@ class Footprint:
 
     def step_cost(self, tokens: int, recomputed: int, offloaded: int = 0) -> float:
         link = 0.0
-        if offloaded:  # one way, in tokens of GPU time
+        if offloaded and self.offload_bandwidth:  # one way, in tokens of GPU time
             link = offloaded * self.per_token_layer * tokens / self.offload_bandwidth * self.gpu_tokens_per_s
         return step_cost(round(tokens * self.token_cost), recomputed, self.layers, self.host_pass_tokens,
                          overlap=self.overlap_loss, recompute=self.recompute_cost,
@@ -396,10 +396,11 @@ def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int 
         best = fastest(float("inf")) or best
     if best is not None:
         (m, k, o), tail = best, ""
-    else:  # the least memory: every layer recomputed or, where layers may offload, every one offloaded
-        m, k, o, tail = rows[-1], counts[-1], 0, " (does not fit: may OOM)"
-        if footprint.offload_bandwidth and footprint.need(m * seq_len, 0, n) < footprint.need(m * seq_len, k):
-            k, o = 0, n
+    else:  # the least memory the options allow (host memory permitting the offloaded layers)
+        m, tail = rows[-1], " (does not fit: may OOM)"
+        k, o = min(((k, o) for k in counts for o in offloads(k)
+                    if o == 0 or footprint.host_bytes(m * seq_len, o) <= footprint.host_budget),
+                   key=lambda ko: (footprint.need(m * seq_len, *ko), -ko[0]))
     return Choice(m, k, _reason(footprint, m, k, o, seq_len, budget, micro, gc, why_cap) + tail,
                   footprint.peak(m * seq_len, k, o), o)
 
@@ -411,11 +412,12 @@ def _reason(fp: Footprint, m: int, k: int, o: int, seq_len: int, budget: float, 
              f"gradient checkpointing {'auto → ' if gc == 'auto' else ''}"
              + ("off" if k == 0 else "on" if k == fp.layers else f"{k} of {fp.layers} layers")]
     if fp.offload_bandwidth:
-        moved = fp.host_bytes(tokens, o)
+        moved = o * fp.per_token_layer * tokens
         parts.append(f"activation offload → {o} of {fp.layers} layers" + (
             f" ({moved / GIB:.1f} GiB each way a pass at {fp.offload_bandwidth / 1e9:.1f} GB/s measured, "
             f"{moved / fp.offload_bandwidth * 1e3:.0f} ms against ~{tokens / fp.gpu_tokens_per_s * 1e3:.0f} ms of "
-            f"GPU work; pinned host memory {moved / GIB:.1f} of {fp.host_budget / GIB:.1f} GiB)" if o else ""))
+            f"GPU work; pinned host memory up to {fp.host_bytes(tokens, o) / GIB:.1f} of "
+            f"{fp.host_budget / GIB:.1f} GiB)" if o else ""))
     act = tokens * fp.per_token(k, o)
     peak = fp.peak(tokens, k, o)
     extra = f" + loss chunk {fp.extra / GIB:.1f} GiB" if fp.extra else ""

@@ -6,7 +6,8 @@ which copies while the GPU computes other layers.
 How, on CUDA (`ActivationOffload`):
 - forward: an offloaded layer runs under `torch.autograd.graph.saved_tensors_hooks`, which also sees what compiled
   layers save (AOTAutograd's runtime calls the hooks). Each saved tensor of `MIN_BYTES` or more that is not a
-  parameter (a frozen weight stays where it is) is copied, strides kept (a compiled backward reads them as it saved
+  parameter (a frozen weight stays where it is), nor another input of the layer (the rotary tables every layer
+  reads), and that fills its memory alone (a slice would free nothing) is copied, strides kept (a compiled backward reads them as it saved
   them), into a pinned host buffer on a side stream once the compute stream has made it. The same tensor saved twice
   in a layer is copied once. The buffers are reused every step.
 - the offloaded layers are spread evenly over the layers that are not recomputed (`spread`): a layer's copy takes
@@ -28,6 +29,7 @@ buffers): the trainer's steps do that; otherwise unpacking raises instead of ret
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import deque
 from typing import Any
@@ -82,6 +84,8 @@ class ActivationOffload:
         self.bytes_per_step = 0  # bytes the last forward copied out (each way)
         self.kept_bytes = 0  # ...and left on the device: views that do not fill their memory (see `_dense`)
         self.said_kept = False
+        self.inputs: set[int] = set()  # storages of the running layer's inputs other than its hidden states
+        self.indices: list[int] = []  # the offloaded layers' places in the model (`attach`)
         for i, layer in enumerate(layers):
             if getattr(layer, "gradient_checkpointing", False):
                 raise ValueError(f"decoder layer {i} recomputes its activations: it has nothing to offload")
@@ -104,10 +108,13 @@ class ActivationOffload:
             if not torch.is_grad_enabled():
                 return call(*args, **kwargs)
             self._begin(i)
-            with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
-                out = call(*args, **kwargs)
-            self._end(i)
-            return out
+            self.inputs = _storages([*args[1:], *(v for k, v in kwargs.items() if k != "hidden_states")])
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
+                    return call(*args, **kwargs)
+            finally:
+                self._end(i)
+                self.inputs = set()
 
         return around
 
@@ -131,11 +138,15 @@ class ActivationOffload:
                        "their memory (slices of a fused projection, expanded tensors) stay on the GPU")
                 self.said_kept = True
             self.bytes_per_step = self.kept_bytes = 0
+            while self.pending:  # a forward whose backward never ran: nothing will claim its copies
+                self._release(self.pending.popleft())
         if self.cuda:
             import torch
 
             self.compute = torch.cuda.current_stream(self.device)
         state = self.layers[i]
+        if state.on_device:
+            self._release(i)
         if state.arrived is not None:  # copies back that no backward waited for (one that stopped early)
             self.compute.wait_event(state.arrived)
         state.generation += 1
@@ -162,13 +173,14 @@ class ActivationOffload:
 
     def _offloads(self, tensor: Any) -> bool:
         try:
-            if (tensor.device != self.device or tensor.numel() * tensor.element_size() < self.min_bytes
-                    or tensor.untyped_storage().data_ptr() in self.params):
+            size = tensor.numel() * tensor.element_size()
+            storage = tensor.untyped_storage()
+            if tensor.device != self.device or size < self.min_bytes or storage.data_ptr() in self.params | self.inputs:
                 return False
         except (RuntimeError, NotImplementedError):  # a tensor without plain storage: left alone
             return False
-        if not _dense(tensor):
-            self.kept_bytes += tensor.numel() * tensor.element_size()
+        if not _dense(tensor) or storage.nbytes() != size:
+            self.kept_bytes += size
             return False
         return True
 
@@ -182,22 +194,23 @@ class ActivationOffload:
             host = state.slots[slot] = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
                                                            device="cpu", pin_memory=self.cuda)
         self.bytes_per_step += tensor.numel() * tensor.element_size()
+        state.on_device.append(tensor)  # until the copy is done (on a CPU: until released, the same bookkeeping)
         if not self.cuda:
             host.copy_(tensor)
             return
         self.stream.wait_stream(self.compute)  # the tensor is made
         with torch.cuda.stream(self.stream):
             host.copy_(tensor, non_blocking=True)
-        state.on_device.append(tensor)
 
     def _end(self, i: int) -> None:
         state = self.layers[i]
         state.ids = {}
-        if self.cuda and state.on_device:
-            import torch
+        if state.on_device:
+            if self.cuda:
+                import torch
 
-            state.copied = torch.cuda.Event()
-            state.copied.record(self.stream)
+                state.copied = torch.cuda.Event()
+                state.copied.record(self.stream)
             self.pending.append(i)
 
     def _release(self, i: int) -> None:
@@ -283,6 +296,20 @@ class ActivationOffload:
         return tensor
 
 
+def _storages(values: Any) -> set[int]:
+    """Storage addresses of the tensors among `values` (one level of tuples and lists: transformers passes the
+    rotary tables as a pair)."""
+    import torch
+
+    out = set()
+    for v in values:
+        for t in v if isinstance(v, (tuple, list)) else (v,):
+            if isinstance(t, torch.Tensor):
+                with contextlib.suppress(RuntimeError, NotImplementedError):  # no plain storage: nothing to keep
+                    out.add(t.untyped_storage().data_ptr())
+    return out
+
+
 def _dense(tensor: Any) -> bool:
     """Whether the tensor's elements fill its memory once each, in some order of its dimensions (a copy keeping its
     strides is then one block); an expanded or sliced view stays on the device.
@@ -329,9 +356,11 @@ def attach(model: Any, first: int, count: int) -> ActivationOffload | None:
     if not 0 <= first <= first + count <= len(layers):
         raise ValueError(f"cannot offload {count} layers from layer {first} of a model with {len(layers)} decoder "
                          "layers")
-    chosen = [layers[i] for i in spread(first, count, len(layers))]
+    indices = spread(first, count, len(layers))
+    chosen = [layers[i] for i in indices]
     device = next(p.device for p in chosen[0].parameters())
     offload = ActivationOffload(chosen, model.parameters(), device)
+    offload.indices = indices
     if chosen[-1] is not layers[-1]:
         offload.follow(layers[-1])
     model.activation_offload = offload

@@ -162,8 +162,8 @@ class PeftBackend(BackendBase):
             recomputing += f"; {compiled.finish(model, config.selective_recompute)}"
         if plan.offloaded_layers:  # after compiling: the copies run around each compiled layer, not inside it
             first = (plan.recomputed_layers or 0) if gc else 0
-            offload.attach(model, first, plan.offloaded_layers)
-            recomputing += (f"; activations of layers {first}-{first + plan.offloaded_layers - 1} offloaded to pinned "
+            offloading = offload.attach(model, first, plan.offloaded_layers)
+            recomputing += (f"; activations of layers {offloading.indices if offloading else []} offloaded to pinned "
                             "host memory")
         trainable, total = model.get_nb_trainable_parameters()
         print0(f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {targets if isinstance(targets, str) else sorted(targets)}: "
