@@ -1,7 +1,7 @@
 """GPU training benchmarks, the memory-budget rows of the frontier scenario as a regression gate: one optimizer step
 of our unsloth backend at each budget (8, 16, 24, 40 GiB and the whole card) and of the peft backend (its compiled
-path, which kernels="auto" takes there: lora_runtime.compiled) at 24 and 40 GiB and on the whole card,
-on packed rows of 2048 tokens (Qwen2.5-1.5B shape, random bf16 weights, LoRA r=16 alpha=32 on the 7 projections,
+path, which kernels="auto" takes there: lora_runtime.compiled) at 24 and 40 GiB and on the whole card, and with
+selective_recompute="pointwise" and activation_offload=True at 16 and 24 GiB, on packed rows of 2048 tokens (Qwen2.5-1.5B shape, random bf16 weights, LoRA r=16 alpha=32 on the 7 projections,
 AdamW), timed by pytest-benchmark (8 rounds after 3 warm-up steps).
 
 A budget case is what `lora_sft(max_memory_gib=B)` trains with: the config goes through `batching.resolve` (the memory
@@ -29,8 +29,13 @@ import pytest
 
 SEQ_LEN = 2048
 BUDGETS = (8, 16, 24, 40, None)  # GiB; None = the whole card
-CASES = [("unsloth", b) for b in BUDGETS] + [("peft", b) for b in (24, 40, None)]
-IDS = [f"{backend}-{'card' if b is None else f'{b}gib'}" for backend, b in CASES]
+# (backend, budget, options): the peft backend also with its memory levers (pointwise recomputation and activation
+# offload, opt-in) under 16 and 24 GiB
+LEVERS = {"selective_recompute": "pointwise", "activation_offload": True}
+CASES = ([("unsloth", b, {}) for b in BUDGETS] + [("peft", b, {}) for b in (24, 40, None)]
+         + [("peft", b, LEVERS) for b in (16, 24)])
+IDS = [f"{backend}-{'card' if b is None else f'{b}gib'}{'-pw-offload' if options else ''}"
+       for backend, b, options in CASES]
 
 
 def packed_rows(n_rows: int, seed: int = 0) -> list[dict]:
@@ -55,8 +60,8 @@ def packed_rows(n_rows: int, seed: int = 0) -> list[dict]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("backend", "budget_gib"), CASES, ids=IDS)
-def test_train_step(benchmark, bench_model_dir, backend, budget_gib):
+@pytest.mark.parametrize(("backend", "budget_gib", "options"), CASES, ids=IDS)
+def test_train_step(benchmark, bench_model_dir, backend, budget_gib, options):
     import dataclasses
     import gc
 
@@ -76,7 +81,7 @@ def test_train_step(benchmark, bench_model_dir, backend, budget_gib):
             pytest.skip("this lora_runtime has no max_memory_gib")
         budget = {"max_memory_gib": budget_gib}
     cfg = LoraSftConfig(str(bench_model_dir), "unused", "unused", backend=backend, max_seq_len=SEQ_LEN, lora_r=16,
-                        lora_alpha=32, resume=False, **budget)
+                        lora_alpha=32, resume=False, **budget, **options)
     gc.collect()  # the previous case's model and optimizer must not count against this budget
     torch.cuda.empty_cache()
     left_over = torch.cuda.memory_allocated() / 1024**3
@@ -113,6 +118,7 @@ def test_train_step(benchmark, bench_model_dir, backend, budget_gib):
         "budget_gib": budget_gib, "memory_fraction": fraction, "allocated_before_gib": left_over,
         "micro_batch_size": micro,
         "gradient_checkpointing": plan.recomputation(), "estimated_peak_gib": plan.to_dict()["estimated_peak_gib"],
+        "offloaded_layers": plan.offloaded_layers, "options": options,
         "tokens_per_s": real_per_step / benchmark.stats.stats.median,
         "real_tokens_per_step": real_per_step,
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / 1024**3,
