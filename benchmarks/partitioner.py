@@ -112,7 +112,8 @@ def _layer(shape: dict):
 
 
 def kept(shape: dict, budget: float) -> dict:  # (no `from __future__ import annotations`: custom_op reads them)
-    """{"bytes_per_token", "tensors", "backward_matmuls"} of one layer compiled at `budget`."""
+    """{"bytes_per_token", "tensors", "backward_matmuls", "tensor_bytes_per_token"} of one layer compiled at
+    `budget`."""
     import torch
     import torch._functorch.config as functorch_config
     from functorch.compile import make_boxed_func
@@ -144,7 +145,8 @@ def kept(shape: dict, budget: float) -> dict:  # (no `from __future__ import ann
     per_token = [t for t in saved if t.dim() and TOKENS in t.shape[:2] and t.data_ptr() not in tables]  # no weights
     matmuls = sum(1 for n in graphs["backward"].graph.nodes if n.op == "call_function" and "mm" in str(n.target))
     return {"bytes_per_token": sum(t.numel() * t.element_size() for t in per_token) / TOKENS,
-            "tensors": len(per_token), "backward_matmuls": matmuls}
+            "tensors": len(per_token), "backward_matmuls": matmuls,
+            "tensor_bytes_per_token": [t.numel() * t.element_size() / TOKENS for t in per_token]}
 
 
 def main(argv: list[str] | None = None) -> None:

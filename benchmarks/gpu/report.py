@@ -35,6 +35,10 @@ OTHER = {
                    "shape's layer with LoRA r=16 on the 7 projections, frozen bf16 base under bf16 autocast, "
                    "attention as an opaque op keeping what FlashAttention-2 keeps. More backward matmuls than at "
                    "budget 1 mean a projection is recomputed. `selective_recompute=\"pointwise\"` uses 0.7.",
+    "offload-host": "What activation offload costs the host, on a CPU (`python -m benchmarks.offload_host --shape "
+                    "SHAPE --out ...`): the Python of lora_runtime.offload a saved tensor (28 small compiled blocks "
+                    "with and without it), and how many tensors of at least offload.MIN_BYTES one compiled decoder "
+                    "layer of the shape saves in a pass (the partitioner's saved tensors). CUDA calls are not in it.",
     "prepare": "CPU data preparation (pytest-benchmark `benchmarks/test_prepare.py`): `lora_data.prepare` against "
                "TRL SFTTrainer's own preparation of the same chat corpus, generated text or real docstrings (same template, "
                "assistant-only mask, best-fit-decreasing packing, rows of 4,096; both produce the same tokens). "

@@ -385,8 +385,10 @@ def test_activation_offload_sizes_the_plan_by_the_measured_link(tmp_path, a_gpu_
     assert (plain.offload_bandwidth, offloading.offload_bandwidth, offloading.host_budget) == (0.0, 50e9, 64 * GIB)
     assert offloading.gpu_tokens_per_s > 0
     assert not compiled.prefers(LoraSftConfig(model, "d", "o"))[0]
-    config = LoraSftConfig(model, "d", "o", activation_offload=True)
+    config = LoraSftConfig(model, "d", "o", activation_offload=True, selective_recompute="pointwise")
     fast = compiled.prefers(config)
+    assert fast[0] and "selective_recompute='pointwise' runs on the compiled peft path" in fast[1]
+    fast = compiled.prefers(LoraSftConfig(model, "d", "o", activation_offload=True))
     assert fast[0] and "(every layer offloaded)" in fast[1]
     backend, why = backends.select_backend("auto", compiled=fast, offload=True)
     assert backend.name == "peft" and why.startswith("auto: compiled peft path")
@@ -398,8 +400,8 @@ def test_activation_offload_sizes_the_plan_by_the_measured_link(tmp_path, a_gpu_
     assert out.offloaded_layers > 0 and out.to_dict()["offloaded_layers"] == out.offloaded_layers
     assert f"activation offload → {out.offloaded_layers} of 28 layers" in capsys.readouterr().out
     # explicit micro batch and checkpointing: the plan still decides the offload (nothing else would)
-    out = resolve(LoraSftConfig(model, "d", "o", activation_offload=True, micro_batch_size=4,
-                                gradient_checkpointing=False), PeftBackend(), rows=900)
+    out = resolve(LoraSftConfig(model, "d", "o", activation_offload=True, selective_recompute="pointwise",
+                                micro_batch_size=4, gradient_checkpointing=False), PeftBackend(), rows=900)
     assert (out.micro, out.gradient_checkpointing) == (4, False) and out.offloaded_layers > 0
 
 

@@ -320,7 +320,11 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, pointwise: bo
 GPU_TOKENS_PER_S = 60_000
 FORWARD_SHARE = 0.4  # of a LoRA step's GPU time (frozen weights: backward makes input gradients, no weight gradients)
 PINNED_ROUNDING = 2.0  # torch's pinned-memory cache rounds a buffer up to the next power of two (at worst 2×)
-HOST_OFFLOAD_COST = 0.05  # the host's extra work a pass with every layer offloaded (an event and a copy a tensor)
+# the host's extra work a pass with every layer offloaded, as a share of the compiled path's host time (about 0.12 s
+# a pass on an H200): 19.6 µs of Python a saved tensor on a CPU and 11 tensors a Qwen2.5-1.5B layer at 8,192 tokens
+# (benchmarks/RESULTS.md, offload-host), plus an estimated 25 µs of CUDA calls a tensor (a stream wait, a copy each
+# way, an event): about 0.5 ms a layer, 28 layers
+HOST_OFFLOAD_COST = 0.12
 
 
 def offload_speed(model_config: Any) -> float:
