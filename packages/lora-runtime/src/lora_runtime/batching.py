@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from lora_runtime.config import LoraSftConfig
+from lora_runtime.offload import IN_FLIGHT
 
 GIB = 1024**3
 CONTEXT_BYTES = 1 * GIB  # CUDA context + cuBLAS/flash workspaces: outside torch's allocator statistics
@@ -168,8 +169,6 @@ class Footprint:
                          host_recompute=self.host_recompute_cost, link=link, offloaded=offloaded)
 
     def per_token(self, recomputed: int, offloaded: int = 0) -> float:
-        from lora_runtime.offload import IN_FLIGHT
-
         kept = self.layers - recomputed - offloaded + min(offloaded, IN_FLIGHT)
         return (self.per_token_base + kept * self.per_token_layer + recomputed * self.per_token_recomputed
                 + (self.per_token_working if recomputed else 0.0))

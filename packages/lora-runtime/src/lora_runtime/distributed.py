@@ -16,6 +16,7 @@ class DistEnv:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1  # processes on this node (they share its host memory)
 
     @property
     def is_main(self) -> bool:
@@ -25,7 +26,7 @@ class DistEnv:
 def dist_env() -> DistEnv:
     """Read torchrun's variables; a plain `python script.py` is rank 0 of 1."""
     return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                   int(os.environ.get("WORLD_SIZE", 1)))
+                   int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def check_launch(config: Any) -> DistEnv:

@@ -175,7 +175,8 @@ class ActivationOffload:
         try:
             size = tensor.numel() * tensor.element_size()
             storage = tensor.untyped_storage()
-            if tensor.device != self.device or size < self.min_bytes or storage.data_ptr() in self.params | self.inputs:
+            ptr = storage.data_ptr()
+            if tensor.device != self.device or size < self.min_bytes or ptr in self.params or ptr in self.inputs:
                 return False
         except (RuntimeError, NotImplementedError):  # a tensor without plain storage: left alone
             return False

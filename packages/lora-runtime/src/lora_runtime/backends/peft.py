@@ -61,16 +61,14 @@ class PeftBackend(BackendBase):
             footprint = peft_footprint(model_config, config.load_in_4bit, fused_loss=self.fused_loss(config))
         if not config.activation_offload:
             return footprint
-        import os
-
         from lora_runtime.batching import offload_speed
         from lora_runtime.offload import host_link_bandwidth, host_memory_budget
 
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's: the node's processes share its memory
+        env = dist_env()
         # every rank plans alike (the batch arithmetic must agree): the slowest link, the least host memory
         return dataclasses.replace(footprint, gpu_tokens_per_s=offload_speed(model_config),
-                                   offload_bandwidth=all_reduce_min(host_link_bandwidth(dist_env().local_rank)),
-                                   host_budget=all_reduce_min(host_memory_budget(local)))
+                                   offload_bandwidth=all_reduce_min(host_link_bandwidth(env.local_rank)),
+                                   host_budget=all_reduce_min(host_memory_budget(env.local_world_size)))
 
     @staticmethod
     def compiled(config: LoraSftConfig) -> bool:
