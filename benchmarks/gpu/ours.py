@@ -70,6 +70,9 @@ def parse(name: str) -> dict:
         kw["selective_recompute"] = "pointwise"
     if "off" in parts[3:]:
         kw["activation_offload"] = True
+    for part, graphs in (("cg", True), ("nocg", False)):
+        if part in parts[3:]:
+            kw["cuda_graphs"] = graphs
     every = [int(p[3:]) for p in parts[3:] if p.startswith("log") and p[3:].isdigit()]
     if every:
         kw["logging_steps"] = every[0]

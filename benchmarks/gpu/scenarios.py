@@ -27,8 +27,9 @@ def _backend(s: Session) -> str:
 
 
 def _ours_run(s: Session, gc: str = "auto", micro: str = "auto", budget: float | None = None, q4: bool = False,
-              pointwise: bool = False, offload: bool = False) -> str:
+              pointwise: bool = False, offload: bool = False, graphs: bool | None = None) -> str:
     name = f"{_backend(s)}_{gc}_mb{micro}" + ("_q4" if q4 else "") + ("_pw" if pointwise else "")
+    name += {None: "", True: "_cg", False: "_nocg"}[graphs]
     return name + ("_off" if offload else "") + (f"_b{budget:g}" if budget else "")
 
 
@@ -281,12 +282,16 @@ def compiled_plan(s: Session) -> None:
     tokens fits the budget without recomputation, Qwen2.5-1.5B shape, rows of 2048: ours with the usage guide's
     defaults on the whole card and under 40 and 24 GiB, and with `micro_batch_size=2`, against the Unsloth hand loop
     with checkpointing at the largest micro batch that fits under the same cap, and the hand loop at micro 2 without
-    checkpointing (packed rows, flash varlen: its fastest micro 2); and ours with `selective_recompute="pointwise"`
-    under 24 and 16 GiB (each layer's pointwise work recomputed: larger passes in the same memory)."""
+    checkpointing (packed rows, flash varlen: its fastest micro 2); ours with `selective_recompute="pointwise"`
+    under 24 and 16 GiB (each layer's pointwise work recomputed: larger passes in the same memory); and the
+    defaults and `micro_batch_size=2` again with `cuda_graphs=False` (what the layers' CUDA graphs are worth)."""
     _define_qwen(s)
     s.want("ours", [_ours_run(s)] + [_ours_run(s, budget=b) for b in COMPILED_BUDGETS] + [_ours_run(s, micro="2")]
-           + [_ours_run(s, budget=b, pointwise=True) for b in (24, 16)])
-    s.want("loop", ["rowsfit16_gc"] + [f"rowsfit16_gc_b{b}" for b in (*COMPILED_BUDGETS, 16)] + ["packed2_nogc_varlen"])
+           + [_ours_run(s, budget=b, pointwise=True) for b in (24, 16)]
+           + ([] if s.cpu else [_ours_run(s, micro="2", graphs=False), _ours_run(s, graphs=False)]))
+    # the hand loop's micro 16 fits 16 GiB: that row is its configuration under every larger budget too
+    s.want("loop", ["rowsfit16_gc_b16", "packed2_nogc_varlen", "rowsfit16_gc"]
+           + [f"rowsfit16_gc_b{b}" for b in COMPILED_BUDGETS])
 
 
 def compiled_rows(s: Session) -> list[dict]:

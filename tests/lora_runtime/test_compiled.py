@@ -4,6 +4,8 @@ backend="auto" takes the path (the memory budget rule)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +75,79 @@ def test_the_hook_bounds_the_longest_sample_by_the_row_and_refuses_a_mask():
     assert kwargs["cu_seq_lens_q"].tolist() == [0, 11, 28, 37, 48, 68, 96] and kwargs["max_length_q"] == 48
     with pytest.raises(ValueError, match="no attention mask"):
         flatten_hook(keep_seq_lengths=False, boundaries=True)(None, (), {**_rows(), "attention_mask": torch.ones(2, 48)})
+
+
+def test_under_cuda_graphs_the_hook_pads_the_boundaries_to_a_fixed_count():
+    """Every pass of two rows gets 2 × GRAPH_SAMPLES_PER_ROW boundaries (one graph replays them all); a pass with
+    more samples pads to the next power of two."""
+    hook = functools.partial(flatten_hook(keep_seq_lengths=False, boundaries=True, graphs=True), torch.nn.Module())
+    cu = hook((), _rows())[1]["cu_seq_lens_q"].tolist()
+    assert len(cu) == 2 * compiled.GRAPH_SAMPLES_PER_ROW + 1
+    assert cu[:7] == [0, 11, 28, 37, 48, 68, 96] and set(cu[7:]) == {96}
+    ones = {"input_ids": np.arange(150), "loss_mask": np.ones(150, np.uint8), "seq_lens": np.ones(150, np.int64)}
+    many = collate_packed([ones, ones])  # 300 samples of one token
+    many.pop("num_tokens")
+    cu = hook((), many)[1]["cu_seq_lens_q"].tolist()
+    assert len(cu) == 512 + 1 and cu[:3] == [0, 1, 2] and set(cu[300:]) == {300}
+
+
+def test_before_a_replay_every_trainable_parameter_has_a_gradient_buffer_of_its_own():
+    """Under CUDA graphs autograd must accumulate into `.grad` buffers outside the graphs' pool: made once, zeroed
+    where the trainer set `.grad` to None, left alone within a gradient accumulation; none in evaluation."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    model[0].weight.requires_grad_(False)
+    compiled.before_replay(model)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert len(grads) == 3 and all(g is not None and not g.any() for g in grads) and model[0].weight.grad is None
+    model(torch.ones(2, 3)).sum().backward()
+    compiled.before_replay(model)  # the next pass of an accumulation: the sums stay
+    assert [p.grad for p in model.parameters() if p.requires_grad] == grads and model[1].bias.grad.item() == 2.0
+    model.zero_grad(set_to_none=True)
+    compiled.before_replay(model)  # after the optimizer step: the same buffers, zeroed
+    again = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(a is b for a, b in zip(again, grads, strict=True)) and not any(g.any() for g in again)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    compiled.before_replay(model)
+    assert all(p.grad is None for p in model.parameters())
+    compiled.release(model)  # after training: the buffers go
+    assert "_lora_grad_buffers" not in model.__dict__
+
+
+def test_cuda_graphs_follow_the_plan_and_refuse_what_they_cannot_replay(tmp_path, monkeypatch):
+    from lora_runtime.batching import BatchPlan
+    from lora_runtime.config import ConfigError
+    from lora_runtime.distributed import DistEnv
+    from lora_runtime.preflight import machine_issues
+
+    model = _qwen15b_shaped(tmp_path)
+    plain = BatchPlan(micro=2, accumulation=1, world_size=1, gradient_checkpointing=False)
+    some = BatchPlan(micro=8, accumulation=1, world_size=1, gradient_checkpointing=True, recomputed_layers=5)
+    offloading = BatchPlan(micro=8, accumulation=1, world_size=1, gradient_checkpointing=False, offloaded_layers=3)
+    auto = LoraSftConfig(model, "d", "o")
+    assert compiled.graphs(auto, plain) == (True, "each layer replays CUDA graphs")
+    assert compiled.graphs(auto, some) == (False, "CUDA graphs off: the plan recomputes 5 layer(s)")
+    assert compiled.graphs(auto, offloading) == (False, "CUDA graphs off: the plan offloads 3 layer(s)")
+    assert compiled.graphs(LoraSftConfig(model, "d", "o", cuda_graphs=False), plain)[0] is False
+    with pytest.raises(RuntimeError, match="cuda_graphs=True cannot run: the plan recomputes 5 layer"):
+        compiled.graphs(LoraSftConfig(model, "d", "o", cuda_graphs=True), some)
+    monkeypatch.setattr("lora_runtime.distributed.dist_env", lambda: DistEnv(rank=0, local_rank=0, world_size=2))
+    assert compiled.graphs(auto, plain) == (False, "CUDA graphs off: several processes (DDP's gradient buckets "
+                                                   "are not replayed)")
+    with pytest.raises(RuntimeError, match="cuda_graphs=True cannot run: several processes"):
+        compiled.graphs(LoraSftConfig(model, "d", "o", cuda_graphs=True), plain)
+    for other, words in (({"selective_recompute": "pointwise"}, "selective_recompute='pointwise'"),
+                         ({"activation_offload": True}, "activation_offload=True"),
+                         ({"gradient_checkpointing": True}, "gradient_checkpointing=True"),
+                         ({"kernels": "liger"}, "kernels='liger'"),
+                         ({"backend": "unsloth"}, "backend='unsloth'")):
+        with pytest.raises(ConfigError, match=f"cuda_graphs=True cannot run with {words}"):
+            LoraSftConfig(model, "d", "o", cuda_graphs=True, **other).validate()
+    assert compiled.asked_for(LoraSftConfig(model, "d", "o", cuda_graphs=True)) == "cuda_graphs=True"
+    monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: False)
+    issues = machine_issues(LoraSftConfig(model, "d", "o", cuda_graphs=True))
+    assert any(i.startswith("`cuda_graphs`=True needs CUDA (CUDA graphs of the compiled decoder layers)")
+               for i in issues)
 
 
 @pytest.fixture
@@ -329,6 +404,10 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
     traced = counters["stats"]["unique_graphs"]  # without CUDA
     log = capsys.readouterr().out
     assert "chunked loss" in log and "2 decoder layers compiled" in log and traced >= 2  # training and evaluation
+    # no layer recomputed: CUDA graphs (auto), the boundaries padded with empty samples (the same numbers)
+    assert ("each replaying CUDA graphs" in log) == (recompute is not True)  # pointwise: its run without, first
+    assert ("CUDA graphs off: the plan recomputes every layer" in log) == (recompute is True)
+    assert ("CUDA graphs off: selective_recompute='pointwise'" in log) == (recompute == "pointwise")
     if recompute == "pointwise":
         step("auto", fast=True)
         assert "pointwise work recomputed in backward" in log

@@ -34,10 +34,12 @@ def _batch(vocab: int) -> dict:
 
 
 def _loss_and_grads(model_dir, tmp_path, kernels: str, targets, offloaded: int = 0, seen: list | None = None,
-                    ) -> tuple[float, dict]:
+                    cuda_graphs: bool | str = "auto", steps: int = 1, accumulation: int = 1) -> tuple[float, dict]:
+    """The loss and LoRA gradients of the last of `steps` steps, each after an SGD update (so a replayed graph must
+    read the updated weights) and each of `accumulation` passes over the batch, their gradients summed."""
     config = LoraSftConfig(str(model_dir), "d", str(tmp_path / kernels), backend="peft", kernels=kernels,
                            target_modules=targets, micro_batch_size=2, gradient_checkpointing=False,
-                           activation_offload=offloaded > 0)
+                           activation_offload=offloaded > 0, cuda_graphs=cuda_graphs)
     plan = fixed_plan(config, 1, offloaded_layers=offloaded)
     backend = PeftBackend()
     model, _ = backend.load(config, plan)
@@ -49,10 +51,18 @@ def _loss_and_grads(model_dir, tmp_path, kernels: str, targets, offloaded: int =
     model.train()
     batch = _batch(model.config.vocab_size)
     n = int((batch["labels"] != -100).sum())
-    with torch.autocast("cuda", dtype=torch.bfloat16):  # as the trainer runs it (bf16 mixed precision)
-        # a divisor other than the targets' count (gradient accumulation's): a loss that ignored it would differ
-        out = model(**batch, num_items_in_batch=torch.tensor(n + 7, device="cuda"))
-    out.loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for step in range(steps):
+        if step:
+            with torch.no_grad():
+                for p in trained:
+                    p -= 0.5 * p.grad
+                    p.grad = None
+        for _ in range(accumulation):
+            with torch.autocast("cuda", dtype=torch.bfloat16):  # as the trainer runs it (bf16 mixed precision)
+                # a divisor other than the targets' count (gradient accumulation's): a loss ignoring it would differ
+                out = model(**batch, num_items_in_batch=torch.tensor(n + 7, device="cuda"))
+            out.loss.backward()
     grads = {name: p.grad.float().clone() for name, p in model.named_parameters() if p.requires_grad}
     if seen is not None:
         seen.append(getattr(model, "activation_offload", None))
@@ -88,6 +98,23 @@ def test_loss_and_lora_gradients_match_the_plain_path(request, tmp_path, capsys,
     assert (only_without_head_adapter in log) == (targets is None)
     assert loss == pytest.approx(plain_loss, rel=1e-2)
     _assert_close(plain, fused)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_qwen2_dir", "tiny_llama_dir"])
+def test_cuda_graphs_replay_the_compiled_layers_with_the_same_numbers(request, tmp_path, capsys, model_fixture):
+    """cuda_graphs (auto: on where no layer recomputes): four steps, each after an update of the LoRA weights, so the
+    graphs are recorded and then replayed on the updated weights, each of two passes whose gradients add up (the
+    second pass's replay must not overwrite the first's); loss and gradients equal the compiled path without
+    graphs."""
+    model_dir = request.getfixturevalue(model_fixture)
+    plain_loss, plain = _loss_and_grads(model_dir, tmp_path, "compile", None, cuda_graphs=False, steps=4,
+                                        accumulation=2)
+    torch._dynamo.reset()
+    loss, graphed = _loss_and_grads(model_dir, tmp_path, "compile", None, steps=4, accumulation=2)
+    log = capsys.readouterr().out
+    assert "each replaying CUDA graphs" in log and "CUDA graphs off (cuda_graphs=False)" in log
+    assert loss == pytest.approx(plain_loss, rel=1e-3)
+    _assert_close(plain, graphed)
 
 
 @pytest.mark.parametrize("kernels", ["compile", "none"])

@@ -51,7 +51,7 @@ def lora_sft(
     load_in_8bit: bool = False, bnb_4bit_quant_type: str | None = None, bnb_4bit_compute_dtype: str | None = None,
     bnb_4bit_use_double_quant: bool | None = None, flash_attention: bool | None = None, kernels: str = "auto",
     gradient_checkpointing: bool | str = "auto", selective_recompute: str = "off",
-    activation_offload: bool = False, max_memory_gib: float | None = None,
+    activation_offload: bool = False, cuda_graphs: bool | str = "auto", max_memory_gib: float | None = None,
     enable_model_splitting: bool = False, sharding: str = "auto",
     trust_remote_code: bool = False, finetune_vision_layers: bool = False, finetune_language_layers: bool = True,
     save_steps: int = 500, save_total_limit: int | None = 3, resume: bool = True,

@@ -93,20 +93,27 @@ def register() -> str:
     return ATTENTION
 
 
-def boundaries(seq_lengths: Any, device: Any, max_len: int | None = None) -> dict[str, Any]:
+def boundaries(seq_lengths: Any, device: Any, max_len: int | None = None, samples: int | None = None,
+               ) -> dict[str, Any]:
     """`packed_seq_lengths` (int32, CPU) → the keyword arguments `varlen_attention` reads, copied without a sync.
-    `max_len` bounds the longest sample (default: the longest given).
+    `max_len` bounds the longest sample (default: the longest given); `samples` pads the boundaries with empty
+    samples at the end to that many (a fixed shape for CUDA graphs; FlashAttention skips an empty sample).
 
     >>> import torch
     >>> b = boundaries(torch.tensor([3, 4, 1], dtype=torch.int32), "cpu")
     >>> b["cu_seq_lens_q"].tolist(), b["max_length_q"]
     ([0, 3, 7, 8], 4)
+    >>> boundaries(torch.tensor([3, 4, 1], dtype=torch.int32), "cpu", samples=5)["cu_seq_lens_q"].tolist()
+    [0, 3, 7, 8, 8, 8]
     """
     import torch
 
     lengths = torch.as_tensor(seq_lengths, dtype=torch.int32, device="cpu")
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    torch.cumsum(lengths, 0, out=cu[1:])
+    if samples is not None and samples < len(lengths):
+        raise ValueError(f"{len(lengths)} samples do not fit {samples} boundary slots")
+    cu = torch.zeros((samples or len(lengths)) + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=cu[1:len(lengths) + 1])
+    cu[len(lengths) + 1:] = cu[len(lengths)]
     if torch.device(device).type == "cuda":
         cu = cu.pin_memory().to(device, non_blocking=True)
     return {"cu_seq_lens_q": cu, "max_length_q": int(lengths.max()) if max_len is None else int(max_len)}

@@ -86,6 +86,8 @@ def asked_for(config: LoraSftConfig) -> str:
         return "kernels='compile'"
     if config.selective_recompute != "off":
         return f"selective_recompute={config.selective_recompute!r}"
+    if config.cuda_graphs is True:
+        return "cuda_graphs=True"
     return ""
 
 
@@ -197,10 +199,72 @@ def prepare(model: Any, targets: Any) -> str:
 POINTWISE_BUDGET = 0.7
 
 
-def finish(model: Any, selective_recompute: str = "off") -> str:
+def graphs(config: LoraSftConfig, plan: Any) -> tuple[bool, str]:
+    """Whether the compiled layers replay CUDA graphs (`cuda_graphs`), and the log's words. A graph replays one fixed
+    forward and backward of a layer: not where a layer recomputes (its forward runs again inside backward) or
+    offloads (its saved tensors would stay in the graphs' memory pool), nor with selective_recompute (its own
+    compiler backend). cuda_graphs=True where one of those holds raises, naming it."""
+    from lora_runtime.distributed import dist_env
+
+    if config.cuda_graphs is False:
+        return False, "CUDA graphs off (cuda_graphs=False)"
+    clash = []
+    if plan.gradient_checkpointing and plan.recomputed_layers != 0:
+        clash.append(f"the plan recomputes {plan.recomputation()}")
+    if plan.offloaded_layers:
+        clash.append(f"the plan offloads {plan.offloaded_layers} layer(s)")
+    if config.selective_recompute != "off":
+        clash.append(f"selective_recompute={config.selective_recompute!r}")
+    if dist_env().world_size > 1:  # DDP hands gradients over in buckets of its own
+        clash.append("several processes (DDP's gradient buckets are not replayed)")
+    if config.cuda_graphs is True and clash:
+        raise RuntimeError(f"cuda_graphs=True cannot run: {'; '.join(clash)}. Raise max_memory_gib, lower "
+                           "micro_batch_size, or pass cuda_graphs='auto'")
+    if clash:
+        return False, f"CUDA graphs off: {'; '.join(clash)}"
+    return True, "each layer replays CUDA graphs"
+
+
+def before_replay(model: Any) -> None:
+    """Before each forward of a model whose layers replay CUDA graphs: a new step of the graph trees (the outputs of
+    the last one are done with, and their memory is reused), and every trainable parameter given a stable `.grad`
+    where it has none. Autograd would otherwise take a layer's gradient from the graphs' memory pool as `.grad`
+    itself, and the next pass of a gradient accumulation would overwrite it; accumulated into a buffer of its own
+    it stays. The buffers are made once and zeroed where the trainer set `.grad` to None."""
+    import torch
+
+    if torch.is_grad_enabled() and model.training:
+        buffers = model.__dict__.get("_lora_grad_buffers")
+        if buffers is None:
+            buffers = [(p, torch.zeros_like(p)) for p in model.parameters() if p.requires_grad]
+            model.__dict__["_lora_grad_buffers"] = buffers
+        unset = [(p, b) for p, b in buffers if p.grad is None]
+        if unset:
+            torch._foreach_zero_([b for _, b in unset])
+            for p, b in unset:
+                p.grad = b
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+def release(model: Any) -> None:
+    """After training with CUDA graphs: the gradient buffers and the graph trees' memory pool go (a second run in the
+    same process records its own graphs)."""
+    if model.__dict__.pop("_lora_grad_buffers", None) is not None:
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()
+
+
+# under CUDA graphs a pass's sample boundaries are padded with empty samples to rows × this many (a pass with more
+# pads to the next power of two: one more graph), so every pass of a given size has one shape
+GRAPH_SAMPLES_PER_ROW = 64
+
+
+def finish(model: Any, selective_recompute: str = "off", cuda_graphs: bool = False) -> str:
     """After LoRA and checkpointing are set: LoRA inputs stay bf16 (autocast runs the matmuls on the fp32 adapters)
     and every decoder layer is compiled; with `selective_recompute="pointwise"` by `pointwise_backend` (the
-    partitioner's activation memory budget for these layers' graphs only). Returns the log's words."""
+    partitioner's activation memory budget for these layers' graphs only); with `cuda_graphs`, in Inductor's
+    reduce-overhead mode (CUDA graph trees: each layer's kernels launched as one graph). Returns the log's words."""
     import torch._dynamo
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -219,6 +283,9 @@ def finish(model: Any, selective_recompute: str = "off") -> str:
         grouped_query_flop_counts()  # the budget's solver counts each op's flops
         options["backend"] = pointwise_backend()
         words += f", their pointwise work recomputed in backward (activation memory budget {POINTWISE_BUDGET})"
+    elif cuda_graphs:
+        options["mode"] = "reduce-overhead"
+        words += ", each replaying CUDA graphs"
     for layer in layers:
         layer.compile(**options)
     return words

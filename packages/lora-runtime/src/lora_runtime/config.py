@@ -141,6 +141,11 @@ class LoraSftConfig:
         "and backward, copied on a side stream while the GPU computes, instead of recomputing them; the memory plan "
         "chooses how many layers from the budget, the host link's measured bandwidth and the free host memory "
         "(CUDA; backend auto then runs peft)")
+    cuda_graphs: bool | str = _f(
+        "auto", "the compiled path's decoder layers replay CUDA graphs (torch.compile mode reduce-overhead; sample "
+        "boundaries padded to a fixed count): one launch a layer instead of one a kernel, for passes the host cannot "
+        "keep up with; auto = on where the compiled path runs in one process with no layer recomputed or offloaded "
+        "and no selective_recompute; True asks for the compiled path", ["auto", True, False])
     max_memory_gib: float | None = _f(
         None, "GPU memory budget per process in GiB; the batch plan fits it and the process is capped to it "
         "(default: the free memory)")
@@ -323,6 +328,18 @@ def _offload_issues(cfg: LoraSftConfig) -> list[str]:
     return [f"activation_offload=True: {why}"] if why else []
 
 
+def _graph_issues(cfg: LoraSftConfig) -> list[str]:
+    """What cuda_graphs=True cannot combine with: a graph replays one fixed forward of the compiled layers."""
+    clash = [(cfg.backend == "unsloth", "backend='unsloth' (graphs are the compiled peft path's)"),
+             (cfg.kernels in ("liger", "none"), f"kernels={cfg.kernels!r} (graphs replay compiled layers)"),
+             (cfg.selective_recompute != "off", f"selective_recompute={cfg.selective_recompute!r}"),
+             (cfg.activation_offload, "activation_offload=True"),
+             (cfg.gradient_checkpointing is True, "gradient_checkpointing=True"),
+             (cfg.sharding == "fsdp" or cfg.enable_model_splitting, "sharding='fsdp' or model splitting")]
+    return [f"cuda_graphs=True cannot run with {what}: pass cuda_graphs='auto' (on where it applies) or drop the "
+            "other option" for bad, what in clash if bad]
+
+
 def _combination_issues(cfg: LoraSftConfig) -> list[str]:
     issues = []
     if cfg.load_in_4bit and cfg.load_in_8bit:
@@ -355,6 +372,8 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
                       "lora_dropout=0.0 or selective_recompute='off'")
     if cfg.activation_offload:
         issues += _offload_issues(cfg)
+    if cfg.cuda_graphs is True:
+        issues += _graph_issues(cfg)
     if cfg.sharding == "fsdp":
         issues += _fsdp_issues(cfg)
     if cfg.node_rank is not None and not 0 <= cfg.node_rank < (cfg.nnodes or 1):

@@ -110,7 +110,11 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
                                 callbacks=[*(_callbacks(config.callbacks) or []), progress_callback()])
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.flush_tokens()
-    return finish(config, plan, backend, trainer, tokenizer, manifest, start)
+    result = finish(config, plan, backend, trainer, tokenizer, manifest, start)
+    from lora_runtime.compiled import release
+
+    release(model)
+    return result
 
 
 def decide_precision(config: LoraSftConfig) -> str:

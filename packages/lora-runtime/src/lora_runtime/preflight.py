@@ -30,6 +30,8 @@ _NEEDS_CUDA = {
                 "pass kernels='auto' (or 'none')"),
     "selective_recompute": (lambda c: c.selective_recompute != "off", "the compiled decoder layers",
                             "pass selective_recompute='off'"),
+    "cuda_graphs": (lambda c: c.cuda_graphs is True, "CUDA graphs of the compiled decoder layers",
+                    "pass cuda_graphs='auto'"),
     "activation_offload": (lambda c: c.activation_offload, "a copy stream to pinned host memory",
                            "drop it (on a CPU the activations are in host memory already)"),
     "enable_model_splitting": (lambda c: c.enable_model_splitting, "it spreads one model over GPUs",
@@ -68,7 +70,8 @@ def machine_issues(cfg: Any) -> list[str]:
     if asked_for(cfg) and cuda_available():
         ok, why = eligible(cfg, None, auto=False)
         if not ok:
-            way_out = "kernels='auto'" if cfg.kernels == "compile" else "selective_recompute='off'"
+            way_out = {"kernels": "kernels='auto'", "selective_recompute": "selective_recompute='off'",
+                       "cuda_graphs": "cuda_graphs='auto'"}[asked_for(cfg).partition("=")[0]]
             issues.append(f"`{asked_for(cfg).replace('=', '`=', 1)} cannot run here: {why} (pass {way_out})")
     if cfg.kernels == "liger" and not liger_installed():
         issues.append("`kernels`='liger' needs the liger-kernel package, which is not installed: `uv pip install "

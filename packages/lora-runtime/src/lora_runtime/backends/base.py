@@ -105,19 +105,25 @@ def quantization_config(config: LoraSftConfig, *, defaults_apply: bool = True) -
         bnb_4bit_use_double_quant=True if config.bnb_4bit_use_double_quant is None else config.bnb_4bit_use_double_quant)
 
 
-def flatten_hook(*, keep_seq_lengths: bool, flatten: bool = True, boundaries: bool = False) -> Any:
+def flatten_hook(*, keep_seq_lengths: bool, flatten: bool = True, boundaries: bool = False,
+                 graphs: bool = False) -> Any:
     """A forward pre-hook: packed rows [b, n] → one padding-free row [1, b·n] (lora_runtime.collate). Unsloth reads the
     boundaries from `packed_seq_lengths`; transformers' varlen path from the restarting `position_ids`; with
     `boundaries`, lora_runtime.attention from `cu_seq_lens_q`/`max_length_q` made here (the longest sample bounded by
     the row length: one value for every batch, so compiled layers need not recompile). With `flatten=False` the
     rows stay as they are (SDPA/eager derive block-diagonal masks per row) and the collator's `packed_seq_lengths`
-    is only taken out of the call."""
+    is only taken out of the call. With `graphs` (the compiled layers replay CUDA graphs) the boundaries are padded
+    to a fixed count and each forward is a new step of the graph trees (`compiled.before_replay`)."""
 
     def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:  # positional input_ids: leave the call alone
             return None
         if boundaries:
-            return args, _with_boundaries(kwargs)
+            if graphs:
+                from lora_runtime.compiled import before_replay
+
+                before_replay(module)
+            return args, _with_boundaries(kwargs, graphs)
         new = flatten_packed_batch(kwargs) if flatten else None
         if new is None:
             if "packed_seq_lengths" not in kwargs or keep_seq_lengths:
@@ -130,10 +136,11 @@ def flatten_hook(*, keep_seq_lengths: bool, flatten: bool = True, boundaries: bo
     return hook
 
 
-def _with_boundaries(kwargs: dict) -> dict:
+def _with_boundaries(kwargs: dict, graphs: bool = False) -> dict:
     import torch
 
     from lora_runtime import attention
+    from lora_runtime.compiled import GRAPH_SAMPLES_PER_ROW
 
     ids = kwargs.get("input_ids")
     if ids is None or kwargs.get("attention_mask") is not None:
@@ -144,9 +151,11 @@ def _with_boundaries(kwargs: dict) -> dict:
     lengths = new.pop("packed_seq_lengths", None)
     if lengths is None:  # one row without lengths: one sample
         lengths = torch.tensor([row], dtype=torch.int32)
-    new.update(attention.boundaries(lengths, ids.device, max_len=row))
-    # the number of samples changes from batch to batch: compiled layers take it as a dynamic size from the start
-    torch._dynamo.maybe_mark_dynamic(new["cu_seq_lens_q"], 0)
+    rows = ids.shape[0] if ids.dim() > 1 else 1
+    slots = max(GRAPH_SAMPLES_PER_ROW * rows, 1 << (len(lengths) - 1).bit_length()) if graphs else None
+    new.update(attention.boundaries(lengths, ids.device, max_len=row, samples=slots))
+    if not graphs:  # the number of samples changes from batch to batch: compiled layers take it as a dynamic size
+        torch._dynamo.maybe_mark_dynamic(new["cu_seq_lens_q"], 0)
     return new
 
 

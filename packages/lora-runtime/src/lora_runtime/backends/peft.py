@@ -147,8 +147,9 @@ class PeftBackend(BackendBase):
         model = get_peft_model(model, lora)
         fast = getattr(model.config, "_attn_implementation", None) == attention.ATTENTION
         varlen = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
-        model.register_forward_pre_hook(flatten_hook(keep_seq_lengths=False, flatten=varlen, boundaries=fast),
-                                        with_kwargs=True)
+        graphs, graph_words = compiled.graphs(config, plan) if fast else (False, "")
+        model.register_forward_pre_hook(
+            flatten_hook(keep_seq_lengths=False, flatten=varlen, boundaries=fast, graphs=graphs), with_kwargs=True)
         if varlen:
             print0("attention: flash_attention_2 varlen; each micro-batch is flattened to one padding-free row")
         recomputing = "off"
@@ -157,7 +158,9 @@ class PeftBackend(BackendBase):
             model.enable_input_require_grads()
             recomputing = f"on for {limit_recomputation(model, plan.recomputed_layers)} layer(s)"
         if fast:
-            recomputing += f"; {compiled.finish(model, config.selective_recompute)}"
+            recomputing += f"; {compiled.finish(model, config.selective_recompute, graphs)}"
+            if not graphs:
+                recomputing += f" ({graph_words})"
         if plan.offloaded_layers:  # after compiling: the copies run around each compiled layer, not inside it
             first = (plan.recomputed_layers or 0) if gc else 0
             offloading = offload.attach(model, first, plan.offloaded_layers)
