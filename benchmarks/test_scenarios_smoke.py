@@ -204,10 +204,13 @@ def test_cli_names_every_scenario():
 
 def test_offload_compares_each_budget_with_and_without_it(tmp_path):
     s = _session(tmp_path, "offload")
-    assert s.wanted["ours"] == ["auto_auto_mbauto_b16", "auto_auto_mbauto_off_b16", "auto_auto_mbauto_pw_off_b16",
-                                "auto_auto_mbauto_b24", "auto_auto_mbauto_off_b24", "auto_auto_mbauto_pw_off_b24"]
+    assert s.wanted["ours"] == [f"auto_auto_mbauto_{levers}_b{b}" for b in (16, 24)
+                                for levers in ("nopw_nooff", "nopw_off", "pw_off")]
     assert s.wanted["loop"] == ["rowsfit16_gc_b16", "rowsfit16_gc_b24"]
-    assert s.wanted["ours8b"] == ["auto_auto_mbauto_b24", "auto_auto_mbauto_pw_off_b24"]
+    assert s.wanted["ours8b"] == ["auto_auto_mbauto_nopw_nooff_b24", "auto_auto_mbauto_pw_off_b24"]
+    assert ours.parse("auto_auto_mbauto_nopw_nooff_b24") == {
+        "backend": "auto", "micro_batch_size": "auto", "gradient_checkpointing": "auto", "max_memory_gib": 24.0,
+        "selective_recompute": "off", "activation_offload": False}
     assert ours.parse("auto_auto_mbauto_pw_off_b24") == {
         "backend": "auto", "micro_batch_size": "auto", "gradient_checkpointing": "auto", "max_memory_gib": 24.0,
         "selective_recompute": "pointwise", "activation_offload": True}

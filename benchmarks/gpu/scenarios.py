@@ -27,10 +27,11 @@ def _backend(s: Session) -> str:
 
 
 def _ours_run(s: Session, gc: str = "auto", micro: str = "auto", budget: float | None = None, q4: bool = False,
-              pointwise: bool = False, offload: bool = False, graphs: bool | None = None) -> str:
-    name = f"{_backend(s)}_{gc}_mb{micro}" + ("_q4" if q4 else "") + ("_pw" if pointwise else "")
-    name += {None: "", True: "_cg", False: "_nocg"}[graphs]
-    return name + ("_off" if offload else "") + (f"_b{budget:g}" if budget else "")
+              pointwise: bool | None = None, offload: bool | None = None, graphs: bool | None = None) -> str:
+    """The run's name for benchmarks.gpu.ours; pointwise, offload and graphs: None = their "auto"."""
+    name = f"{_backend(s)}_{gc}_mb{micro}" + ("_q4" if q4 else "") + {None: "", True: "_pw", False: "_nopw"}[pointwise]
+    name += {None: "", True: "_cg", False: "_nocg"}[graphs] + {None: "", True: "_off", False: "_nooff"}[offload]
+    return name + (f"_b{budget:g}" if budget else "")
 
 
 def _ours_label(run: str) -> str:
@@ -282,12 +283,12 @@ def compiled_plan(s: Session) -> None:
     tokens fits the budget without recomputation, Qwen2.5-1.5B shape, rows of 2048: ours with the usage guide's
     defaults on the whole card and under 40 and 24 GiB, and with `micro_batch_size=2`, against the Unsloth hand loop
     with checkpointing at the largest micro batch that fits under the same cap, and the hand loop at micro 2 without
-    checkpointing (packed rows, flash varlen: its fastest micro 2); ours with `selective_recompute="pointwise"`
-    under 24 and 16 GiB (each layer's pointwise work recomputed: larger passes in the same memory); and the
+    checkpointing (packed rows, flash varlen: its fastest micro 2); ours with `selective_recompute="pointwise"` (and
+    `activation_offload=False`) under 24 and 16 GiB (each layer's pointwise work recomputed: larger passes in the same memory); and the
     defaults and `micro_batch_size=2` again with `cuda_graphs=False` (what the layers' CUDA graphs are worth)."""
     _define_qwen(s)
     s.want("ours", [_ours_run(s)] + [_ours_run(s, budget=b) for b in COMPILED_BUDGETS] + [_ours_run(s, micro="2")]
-           + [_ours_run(s, budget=b, pointwise=True) for b in (24, 16)]
+           + [_ours_run(s, budget=b, pointwise=True, offload=False) for b in (24, 16)]
            + ([] if s.cpu else [_ours_run(s, micro="2", graphs=False), _ours_run(s, graphs=False)]))
     # the hand loop's micro 16 fits 16 GiB: that row is its configuration under every larger budget too
     s.want("loop", ["rowsfit16_gc_b16", "packed2_nogc_varlen", "rowsfit16_gc"]
@@ -319,18 +320,20 @@ def offload_plan(s: Session) -> None:
     """`activation_offload=True` (decoder layers' saved activations in pinned host memory, copied on a side stream
     while the GPU computes; the memory plan picks how many layers from the budget and the link's measured
     bandwidth), Qwen2.5-1.5B shape, rows of 2048, under 16 and 24 GiB: ours with it, with it and
-    `selective_recompute="pointwise"`, and without either, against the Unsloth hand loop with checkpointing at the
+    `selective_recompute="pointwise"`, and without either (both "off", not their "auto"), against the Unsloth hand loop with checkpointing at the
     largest micro batch that fits under the same cap; and the Llama-3.1-8B shape at 8,192 tokens under 24 GiB, ours
     with both against ours without and the Unsloth loop. `--shape qwen1.5b` or `--shape llama8b` runs one part."""
     if s.a.shape != "llama8b":
         _define_qwen(s)
         s.want("ours", [_ours_run(s, budget=b, **kw) for b in OFFLOAD_BUDGETS
-                        for kw in ({}, {"offload": True}, {"offload": True, "pointwise": True})])
+                        for kw in ({"pointwise": False, "offload": False}, {"pointwise": False, "offload": True},
+                                   {"offload": True, "pointwise": True})])
         s.want("loop", [f"rowsfit16_gc_b{b}" for b in OFFLOAD_BUDGETS])
     if s.cpu or s.a.shape == "qwen1.5b":
         return
     _define_llama8b(s)
-    s.want("ours8b", [_ours_run(s, budget=24), _ours_run(s, budget=24, offload=True, pointwise=True)])
+    s.want("ours8b", [_ours_run(s, budget=24, pointwise=False, offload=False),
+                      _ours_run(s, budget=24, offload=True, pointwise=True)])
     s.want("loop8b", ["rowsfit4_gc_b24"])
 
 

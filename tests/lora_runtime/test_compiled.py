@@ -181,11 +181,52 @@ def test_auto_takes_the_compiled_path_where_a_large_pass_fits_without_recomputat
     ok, why = compiled.prefers(LoraSftConfig(model, "d", "o"))
     assert ok and "8,192 tokens a pass without recomputation need 23.2 GiB of 139.0" in why
     assert compiled.prefers(LoraSftConfig(model, "d", "o", micro_batch_size=2))[0]
-    a_gpu_with(16)  # 4 rows of 2048 need 23.2 GiB: Unsloth, recomputing, is the faster there
-    ok, why = compiled.prefers(LoraSftConfig(model, "d", "o"))
+    a_gpu_with(16)  # 4 rows of 2048 need 23.2 GiB: Unsloth, recomputing, is the faster there without the levers
+    ok, why = compiled.prefers(LoraSftConfig(model, "d", "o", selective_recompute="off"))
     assert not ok and "need 23.2 GiB of 16.0" in why
     assert compiled.prefers(LoraSftConfig(model, "d", "o", micro_batch_size=2))[0]  # 14.6 GiB fits
     assert compiled.prefers(LoraSftConfig(model, "d", "o", kernels="compile"))[0]  # asked for: any budget
+
+
+def test_auto_levers_take_the_compiled_path_where_only_they_make_a_large_pass_fit(tmp_path, a_gpu_with):
+    """selective_recompute/activation_offload="auto": off where the compiled path fits as it is (139, 24 GiB) or
+    where nothing fits (8 GiB); pointwise alone where it makes 8,192 tokens fit; pointwise and offload where only
+    both do (16 GiB: the combination measured 1.35x the Unsloth loop there); never offload alone."""
+    from lora_runtime.batching import GIB, compiled_footprint
+
+    model = _qwen15b_shaped(tmp_path)
+    shape = compiled.read_model_config(LoraSftConfig(model, "d", "o"))
+    plain, pointwise = (compiled_footprint(shape, pointwise=p).need(8192, 0) / GIB for p in (False, True))
+    for gib, want in ((139, ("off", False)), (24, ("off", False)), ((plain + pointwise) / 2, ("pointwise", False)),
+                      (16, ("pointwise", True)), (8, ("off", False))):
+        a_gpu_with(gib)
+        chosen, why = compiled.choose_levers(LoraSftConfig(model, "d", "o"))
+        assert (chosen.selective_recompute, chosen.activation_offload) == want, gib
+        assert bool(why) == (want[0] == "pointwise") and compiled.prefers(LoraSftConfig(model, "d", "o"))[0] == (
+            gib != 8), gib
+    a_gpu_with(16)
+    ok, why = compiled.prefers(LoraSftConfig(model, "d", "o"))
+    assert ok and why.startswith("compiled peft path with selective_recompute='pointwise' (auto) and "
+                                 "activation_offload=True (auto): 8,192 tokens a pass without recomputation "
+                                 "(pointwise work recomputed, 6 layers offloaded) need ")
+    # asked for one of them: the other follows; pointwise with offload asked for, at any budget
+    chosen, why = compiled.choose_levers(LoraSftConfig(model, "d", "o", selective_recompute="pointwise"))
+    assert chosen.activation_offload is True and "activation_offload=True (auto)" in why
+    a_gpu_with(139)
+    chosen, why = compiled.choose_levers(LoraSftConfig(model, "d", "o", activation_offload=True))
+    assert chosen.selective_recompute == "pointwise" and why.endswith("(pointwise work recomputed, every layer "
+                                                                      "offloaded) need 6.7 GiB of 139.0 (free)")
+    a_gpu_with(16)
+    for other in ({"lora_dropout": 0.05}, {"backend": "peft"}, {"gradient_checkpointing": True},
+                  {"cuda_graphs": True}, {"kernels": "liger"}, {"selective_recompute": "off"}, {"use_dora": True}):
+        chosen, why = compiled.choose_levers(LoraSftConfig(model, "d", "o", **other))
+        assert chosen.activation_offload is False and chosen.selective_recompute in ("off",) and not why, other
+
+
+def test_auto_levers_are_off_without_cuda(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    chosen, why = compiled.choose_levers(LoraSftConfig(_qwen15b_shaped(tmp_path), "d", "o", max_memory_gib=16))
+    assert (chosen.selective_recompute, chosen.activation_offload, why) == ("off", False, "")
 
 
 def _footprints(tmp_path, a_gpu_with, gib: float, *variants: dict):
@@ -212,7 +253,7 @@ def test_pointwise_recompute_keeps_less_a_layer_and_asks_for_the_compiled_path(t
     assert keep.per_token_layer - lean.per_token_layer == 2 * (8960 + 2 * 1536)
     assert lean.step_cost(8192, 0) > keep.step_cost(8192, 0)
     assert round(lean.need(8192, 0) / GIB, 1) == 17.7
-    assert not compiled.prefers(LoraSftConfig(model, "d", "o"))[0]
+    assert not compiled.prefers(LoraSftConfig(model, "d", "o", selective_recompute="off"))[0]
     for options in ({}, {"gradient_checkpointing": True}):
         ok, why = compiled.prefers(LoraSftConfig(model, "d", "o", selective_recompute="pointwise", **options))
         assert ok and why == "selective_recompute='pointwise' runs on the compiled peft path"
@@ -463,11 +504,11 @@ def test_activation_offload_sizes_the_plan_by_the_measured_link(tmp_path, a_gpu_
     model, (plain, offloading) = _footprints(tmp_path, a_gpu_with, 16, {}, {"activation_offload": True})
     assert (plain.offload_bandwidth, offloading.offload_bandwidth, offloading.host_budget) == (0.0, 50e9, 64 * GIB)
     assert offloading.gpu_tokens_per_s > 0
-    assert not compiled.prefers(LoraSftConfig(model, "d", "o"))[0]
+    assert not compiled.prefers(LoraSftConfig(model, "d", "o", selective_recompute="off"))[0]
     config = LoraSftConfig(model, "d", "o", activation_offload=True, selective_recompute="pointwise")
     fast = compiled.prefers(config)
     assert fast[0] and "selective_recompute='pointwise' runs on the compiled peft path" in fast[1]
-    fast = compiled.prefers(LoraSftConfig(model, "d", "o", activation_offload=True))
+    fast = compiled.prefers(LoraSftConfig(model, "d", "o", activation_offload=True, selective_recompute="off"))
     assert fast[0] and "(every layer offloaded)" in fast[1]
     backend, why = backends.select_backend("auto", compiled=fast, offload=True)
     assert backend.name == "peft" and why.startswith("auto: compiled peft path")

@@ -50,8 +50,8 @@ def lora_sft(
     bf16: bool = True, fp16: bool = False, tf32: bool | None = None, load_in_4bit: bool = False,
     load_in_8bit: bool = False, bnb_4bit_quant_type: str | None = None, bnb_4bit_compute_dtype: str | None = None,
     bnb_4bit_use_double_quant: bool | None = None, flash_attention: bool | None = None, kernels: str = "auto",
-    gradient_checkpointing: bool | str = "auto", selective_recompute: str = "off",
-    activation_offload: bool = False, cuda_graphs: bool | str = "auto", max_memory_gib: float | None = None,
+    gradient_checkpointing: bool | str = "auto", selective_recompute: str = "auto",
+    activation_offload: bool | str = "auto", cuda_graphs: bool | str = "auto", max_memory_gib: float | None = None,
     enable_model_splitting: bool = False, sharding: str = "auto",
     trust_remote_code: bool = False, finetune_vision_layers: bool = False, finetune_language_layers: bool = True,
     save_steps: int = 500, save_total_limit: int | None = 3, resume: bool = True,
@@ -82,7 +82,7 @@ def run(config: LoraSftConfig) -> TrainResult:
     from lora_runtime.backends import import_unsloth_first, select_backend
     from lora_runtime.batching import resolve
     from lora_runtime.checkpoint import output_lock
-    from lora_runtime.compiled import prefers
+    from lora_runtime.compiled import choose_levers, prefers
     from lora_runtime.data import ensure_shards, open_datasets
     from lora_runtime.distributed import check_launch
     from lora_runtime.loop import train
@@ -90,13 +90,14 @@ def run(config: LoraSftConfig) -> TrainResult:
 
     check_launch(config.validate())
     with output_lock(config.ckpt_output_dir):  # one run per output dir: a second one fails here, naming the first
-        fast = prefers(config)
+        config, levers = choose_levers(config)  # selective_recompute/activation_offload "auto" made concrete
+        fast = (True, levers) if levers else prefers(config)
         import_unsloth_first(config, compiled=fast[0])
         config, shards = ensure_shards(config)
         config = resolve_sharding(config)
         backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting,
                                          sharding=config.sharding, compiled=fast,
-                                         offload=config.activation_offload)
+                                         offload=config.activation_offload is True)
         plan = resolve(config, backend, rows=shards.manifest.rows)
         train_data, eval_data = open_datasets(config, shards, plan)
         return train(config, plan, backend, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)

@@ -491,7 +491,7 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
     by_memory = getattr(backend, "checkpointing_by_memory", None)
     if gc == "auto" and not (cuda and by_memory is not None and by_memory(config)):
         gc = cuda  # this backend's auto: on where CUDA memory is the limit, off on a CPU
-    if micro != "auto" and gc != "auto" and config.max_memory_gib is None and not config.activation_offload:
+    if micro != "auto" and gc != "auto" and config.max_memory_gib is None and config.activation_offload is not True:
         return fixed_plan(config, world, micro, bool(gc), reason="as configured")
     why = "no CUDA GPU to size it by"
     if cuda and hasattr(backend, "footprint"):
@@ -503,7 +503,7 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
             footprint = per_gpu(backend.footprint(model_config, config), config, model_config, gpus)
         except AttributeError as e:  # a config without the fields the estimate reads (GPT-2 style names)
             why = f"cannot size {type(model_config).__name__} ({e})"
-            if config.activation_offload:
+            if config.activation_offload is True:
                 why += "; activation_offload needs that estimate: no layer is offloaded"
         else:
             budget, source = memory_budget(config)

@@ -25,6 +25,7 @@ compile again for the first layer (its input needs no gradient), when the number
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -84,8 +85,8 @@ def asked_for(config: LoraSftConfig) -> str:
     """The option that asks for the compiled path explicitly ("" where none does)."""
     if config.kernels == "compile":
         return "kernels='compile'"
-    if config.selective_recompute != "off":
-        return f"selective_recompute={config.selective_recompute!r}"
+    if config.selective_recompute == "pointwise":
+        return "selective_recompute='pointwise'"
     if config.cuda_graphs is True:
         return "cuda_graphs=True"
     return ""
@@ -136,44 +137,118 @@ def read_model_config(config: LoraSftConfig) -> Any:
 
 
 def prefers(config: LoraSftConfig) -> tuple[bool, str]:
-    """Whether backend="auto" runs the compiled peft path, and why. kernels="compile" and selective_recompute=
-    "pointwise" (that path's own) always; kernels="auto" on a
-    CUDA GPU where it is eligible and the memory budget fits a pass of `AUTO_MIN_TOKENS` (or the micro batch given)
-    without recomputation; gradient_checkpointing=True stays with Unsloth, whose recomputation is cheaper."""
+    """Whether backend="auto" runs the compiled peft path, and why. kernels="compile", selective_recompute=
+    "pointwise" (that path's own) and cuda_graphs=True always, and so where `choose_levers` turns pointwise on;
+    kernels="auto" on a CUDA GPU where it is eligible and the memory budget fits a pass of `AUTO_MIN_TOKENS` (or the
+    micro batch given) without recomputation; gradient_checkpointing=True stays with Unsloth, whose recomputation is
+    cheaper."""
     if config.backend != "auto":
         return False, ""
+    config, levers = choose_levers(config)
+    if levers:
+        return True, levers
     if asked_for(config):
         return True, f"{asked_for(config)} runs on the compiled peft path"
+    model_config, why = _auto_model_config(config)
+    if model_config is None:
+        return False, why and f"compiled path not taken: {why}"
+    try:
+        fits, words = _pass_fits(config, model_config)
+    except AttributeError as e:
+        return False, f"compiled path not taken: cannot size the model ({e})"
+    return fits, f"compiled peft path: {words}" if fits else f"compiled path not taken: {words}"
+
+
+def _auto_model_config(config: LoraSftConfig) -> tuple[Any, str]:
+    """The model's config where kernels="auto" may take the compiled path (CUDA, eligible, checkpointing not forced),
+    else None and why ("" where nothing needs saying)."""
     if config.kernels != "auto":
-        return False, ""
+        return None, ""
     import torch
 
     if not torch.cuda.is_available():
-        return False, ""
+        return None, ""
     model_config = read_model_config(config)
     if model_config is None:
-        return False, "compiled path not taken: config.json unreadable here (a hub id is resolved later)"
+        return None, "config.json unreadable here (a hub id is resolved later)"
     ok, why = eligible(config, model_config, auto=True)
     if not ok:
-        return False, f"compiled path not taken: {why}"
+        return None, why
     if config.gradient_checkpointing is True:
-        return False, "compiled path not taken: gradient_checkpointing=True (Unsloth recomputes layers faster)"
+        return None, "gradient_checkpointing=True (Unsloth recomputes layers faster)"
+    return model_config, ""
+
+
+def _pass_fits(config: LoraSftConfig, model_config: Any, offloaded: int | None = None) -> tuple[bool, str]:
+    """Whether a pass of `AUTO_MIN_TOKENS` (or the micro batch given) fits the memory budget on the compiled path
+    without recomputing a layer, with `config`'s pointwise recomputation and `offloaded` layers offloaded (default:
+    every layer where activation_offload=True, the least the plan can keep), and the arithmetic in words."""
     from lora_runtime.batching import GIB, compiled_footprint, memory_budget
 
-    try:
-        footprint = compiled_footprint(model_config, fused_loss=True)
-    except AttributeError as e:
-        return False, f"compiled path not taken: cannot size the model ({e})"
+    pointwise = config.selective_recompute == "pointwise"
+    footprint = compiled_footprint(model_config, fused_loss=True, pointwise=pointwise)
+    if offloaded is None:
+        offloaded = footprint.layers if config.activation_offload is True else 0
+    offloaded = min(offloaded, footprint.layers)
     micro = config.micro_batch_size
     tokens = micro * config.max_seq_len if isinstance(micro, int) else max(AUTO_MIN_TOKENS, config.max_seq_len)
     budget, source = memory_budget(config)
-    offloaded = footprint.layers if config.activation_offload else 0  # the least it can keep (the plan picks)
     need = footprint.need(tokens, 0, offloaded)
-    fits = (f"{tokens:,} tokens a pass without recomputation{' (every layer offloaded)' if offloaded else ''} need "
-            f"{need / GIB:.1f} GiB of {budget / GIB:.1f} ({source})")
-    if need > budget:
-        return False, f"compiled path not taken: {fits}"
-    return True, f"compiled peft path: {fits}"
+    how = ("every layer offloaded" if offloaded == footprint.layers else
+           f"{offloaded} layers offloaded" if offloaded else "")
+    how = ", ".join(w for w in ("pointwise work recomputed" if pointwise else "", how) if w)
+    return need <= budget, (f"{tokens:,} tokens a pass without recomputation{f' ({how})' if how else ''} need "
+                            f"{need / GIB:.1f} GiB of {budget / GIB:.1f} ({source})")
+
+
+# selective_recompute/activation_offload="auto": at most this many layers offloaded for the pass to fit. Measured on
+# one H200 (benchmarks/RESULTS.md, offload and compiled-parts), Qwen2.5-1.5B shape under 16 GiB: pointwise
+# recomputation with 6 of 28 layers offloaded ran 54.1k tokens/s against 49.6k for Unsloth recomputing 17 layers (the
+# plan without them), 1.35x the Unsloth hand loop; offload alone ran 42.6k (not chosen by auto); 6 layers offloaded
+# at 8,192 tokens a pass cost 10% of a step, 3 nothing, 10 at 16,384 tokens 37%
+AUTO_MAX_OFFLOADED = 6
+
+
+def choose_levers(config: LoraSftConfig) -> tuple[LoraSftConfig, str]:
+    """selective_recompute="auto" and activation_offload="auto" made concrete, and the reason where they are on.
+
+    On only where backend="auto" would otherwise leave the compiled path for Unsloth because a pass of
+    `AUTO_MIN_TOKENS` does not fit without recomputation: pointwise recomputation where that makes the pass fit,
+    plus offload where pointwise alone does not and at most `AUTO_MAX_OFFLOADED` offloaded layers do (the plan then
+    picks how many). activation_offload=True with selective_recompute="auto" adds pointwise (offload alone ran
+    slower than both together). Everywhere else both are off: offload alone is never chosen."""
+    sr, ao = config.selective_recompute, config.activation_offload
+    if sr != "auto" and ao != "auto":
+        return config, ""
+    base = dataclasses.replace(config, selective_recompute="off" if sr == "auto" else sr,
+                               activation_offload=False if ao == "auto" else ao)
+    if sr == "auto":
+        candidates = [(True, None)] if ao is True else [(False, 0)] + (
+            [(True, AUTO_MAX_OFFLOADED)] if ao == "auto" else [])
+    elif sr == "pointwise":  # activation_offload="auto"
+        candidates = [(True, AUTO_MAX_OFFLOADED)]
+    else:
+        return base, ""
+    if (config.backend != "auto" or config.lora_dropout > 0 or config.cuda_graphs is True
+            or config.sharding == "fsdp" or config.enable_model_splitting):
+        return base, ""
+    model_config, _ = _auto_model_config(base)
+    if model_config is None:
+        return base, ""
+    try:
+        if ao is not True and _pass_fits(base, model_config)[0]:
+            return base, ""  # the compiled path fits as it is
+        for offload, most in candidates:
+            chosen = dataclasses.replace(base, selective_recompute="pointwise", activation_offload=offload)
+            fits, words = _pass_fits(chosen, model_config, most)
+            if fits:
+                on = [f"selective_recompute='pointwise'{' (auto)' if sr == 'auto' else ''}"]
+                if offload:
+                    on.append(f"activation_offload=True{' (auto)' if ao == 'auto' else ''}")
+                return chosen, f"compiled peft path with {' and '.join(on)}: {words}"
+    except AttributeError:  # a config that cannot be sized: prefers says so
+        return base, ""
+    return base, ""
 
 
 def prepare(model: Any, targets: Any) -> str:
@@ -213,8 +288,8 @@ def graphs(config: LoraSftConfig, plan: Any) -> tuple[bool, str]:
         clash.append(f"the plan recomputes {plan.recomputation()}")
     if plan.offloaded_layers:
         clash.append(f"the plan offloads {plan.offloaded_layers} layer(s)")
-    if config.selective_recompute != "off":
-        clash.append(f"selective_recompute={config.selective_recompute!r}")
+    if config.selective_recompute == "pointwise":
+        clash.append("selective_recompute='pointwise'")
     if dist_env().world_size > 1:  # DDP hands gradients over in buckets of its own
         clash.append("several processes (DDP's gradient buckets are not replayed)")
     if config.cuda_graphs is True and clash:

@@ -132,15 +132,17 @@ class LoraSftConfig:
         "auto", "recompute activations; auto = as many layers as the memory budget needs on a GPU, off on a CPU",
         ["auto", True, False])
     selective_recompute: str = _f(
-        "off", "the compiled path's decoder layers recompute their pointwise work (RMSNorm, SwiGLU's product) in "
-        "backward instead of keeping its outputs: a third less activation memory a layer, no matmul recomputed; the "
-        "memory plan counts it; runs the compiled path (CUDA, backend peft or auto, kernels compile or auto, "
-        "lora_dropout 0)", ["off", "pointwise"])
-    activation_offload: bool = _f(
-        False, "the peft backend may keep decoder layers' saved activations in pinned host memory between forward "
+        "auto", "pointwise: the compiled path's decoder layers recompute their pointwise work (RMSNorm, SwiGLU's "
+        "product) in backward instead of keeping its outputs: a third less activation memory a layer, no matmul "
+        "recomputed; the memory plan counts it; runs the compiled path (CUDA, backend peft or auto, kernels compile "
+        "or auto, lora_dropout 0); auto = pointwise where backend auto would otherwise leave the compiled path for "
+        "lack of memory and a large pass fits with it (see activation_offload), else off", ["auto", "off", "pointwise"])
+    activation_offload: bool | str = _f(
+        "auto", "the peft backend may keep decoder layers' saved activations in pinned host memory between forward "
         "and backward, copied on a side stream while the GPU computes, instead of recomputing them; the memory plan "
         "chooses how many layers from the budget, the host link's measured bandwidth and the free host memory "
-        "(CUDA; backend auto then runs peft)")
+        "(CUDA; backend auto then runs peft); auto = on with pointwise recomputation where that alone does not fit "
+        "a large pass and a few offloaded layers do, else off", ["auto", True, False])
     cuda_graphs: bool | str = _f(
         "auto", "the compiled path's decoder layers replay CUDA graphs (torch.compile mode reduce-overhead; sample "
         "boundaries padded to a fixed count): one launch a layer instead of one a kernel, for passes the host cannot "
@@ -332,8 +334,8 @@ def _graph_issues(cfg: LoraSftConfig) -> list[str]:
     """What cuda_graphs=True cannot combine with: a graph replays one fixed forward of the compiled layers."""
     clash = [(cfg.backend == "unsloth", "backend='unsloth' (graphs are the compiled peft path's)"),
              (cfg.kernels in ("liger", "none"), f"kernels={cfg.kernels!r} (graphs replay compiled layers)"),
-             (cfg.selective_recompute != "off", f"selective_recompute={cfg.selective_recompute!r}"),
-             (cfg.activation_offload, "activation_offload=True"),
+             (cfg.selective_recompute == "pointwise", "selective_recompute='pointwise'"),
+             (cfg.activation_offload is True, "activation_offload=True"),
              (cfg.gradient_checkpointing is True, "gradient_checkpointing=True"),
              (cfg.sharding == "fsdp" or cfg.enable_model_splitting, "sharding='fsdp' or model splitting")]
     return [f"cuda_graphs=True cannot run with {what}: pass cuda_graphs='auto' (on where it applies) or drop the "
@@ -361,16 +363,16 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
     if cfg.kernels in ("liger", "compile") and cfg.backend == "unsloth":
         issues.append(f"kernels={cfg.kernels!r} applies to the peft backend; backend='unsloth' runs Unsloth's own fused "
                       "kernels (pass backend='peft' or 'auto', or kernels='auto')")
-    if cfg.selective_recompute != "off" and (cfg.backend == "unsloth" or cfg.kernels in ("liger", "none")):
+    if cfg.selective_recompute == "pointwise" and (cfg.backend == "unsloth" or cfg.kernels in ("liger", "none")):
         issues.append(f"selective_recompute={cfg.selective_recompute!r} applies to the compiled path (kernels="
                       f"'compile' or 'auto', backend 'peft' or 'auto'), not to backend={cfg.backend!r} with "
                       f"kernels={cfg.kernels!r}; pass selective_recompute='off' (gradient_checkpointing recomputes "
                       "whole layers on every path)")
-    if cfg.selective_recompute != "off" and cfg.lora_dropout > 0:
+    if cfg.selective_recompute == "pointwise" and cfg.lora_dropout > 0:
         issues.append(f"selective_recompute={cfg.selective_recompute!r} with lora_dropout={cfg.lora_dropout}: the "
                       "recomputed work would draw a new dropout mask in backward (wrong gradients); pass "
                       "lora_dropout=0.0 or selective_recompute='off'")
-    if cfg.activation_offload:
+    if cfg.activation_offload is True:
         issues += _offload_issues(cfg)
     if cfg.cuda_graphs is True:
         issues += _graph_issues(cfg)

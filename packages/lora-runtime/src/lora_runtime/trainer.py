@@ -423,7 +423,7 @@ def follow_schedule(optimizer: Any, scheduler: Any, learning_rate: float) -> Non
 def oom_hint(config: LoraSftConfig, plan: BatchPlan, step: int, error: BaseException) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     quant = "" if config.load_in_4bit else "; load_in_4bit=True (QLoRA) to quarter the base weights' memory"
-    last = ("activation_offload=False with gradient_checkpointing=True" if config.activation_offload
+    last = ("activation_offload=False with gradient_checkpointing=True" if config.activation_offload is True
             else "gradient_checkpointing=True")
     budget = ("" if plan.estimated_peak_bytes is None else
               f" The memory plan estimated a peak of {plan.estimated_peak_bytes / 1024**3:.1f} GiB; pass a lower "

@@ -102,7 +102,7 @@ def import_unsloth_first(config: LoraSftConfig, compiled: bool | None = None) ->
     """
     from lora_runtime.distributed import dist_env
 
-    if config.backend == "peft" or config.enable_model_splitting or config.activation_offload or "unsloth" in sys.modules:
+    if config.backend == "peft" or config.enable_model_splitting or config.activation_offload is True or "unsloth" in sys.modules:
         return
     if config.sharding == "fsdp" or (config.sharding == "auto" and dist_env().world_size > 1):
         return

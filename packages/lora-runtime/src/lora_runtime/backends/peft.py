@@ -51,7 +51,7 @@ class PeftBackend(BackendBase):
         """With a loss that keeps no logits (the compiled path's, liger's) the footprint is measured on both sides
         (liger, no recomputation: 44.8 GiB for 16k tokens of the Qwen2.5-1.5B shape, estimated 48.4), so the budget
         decides; without one auto is simply on with CUDA, unless layers may offload (the plan weighs the two)."""
-        return config.activation_offload or self.compiled(config) or self.fused_loss(config)
+        return config.activation_offload is True or self.compiled(config) or self.fused_loss(config)
 
     def footprint(self, model_config: Any, config: LoraSftConfig) -> Footprint:
         if self.compiled(config):
@@ -59,7 +59,7 @@ class PeftBackend(BackendBase):
                                            pointwise=config.selective_recompute == "pointwise")
         else:
             footprint = peft_footprint(model_config, config.load_in_4bit, fused_loss=self.fused_loss(config))
-        if not config.activation_offload:
+        if config.activation_offload is not True:
             return footprint
         from lora_runtime.batching import offload_speed
         from lora_runtime.offload import host_link_bandwidth, host_memory_budget
