@@ -78,8 +78,8 @@ def test_the_hook_bounds_the_longest_sample_by_the_row_and_refuses_a_mask():
 
 
 def test_under_cuda_graphs_the_hook_pads_the_boundaries_to_a_fixed_count():
-    """Every pass of two rows gets 2 × GRAPH_SAMPLES_PER_ROW boundaries (one graph replays them all); a pass with
-    more samples pads to the next power of two."""
+    """A pass of two rows with few samples gets 2 × GRAPH_SAMPLES_PER_ROW boundaries (one graph replays them all);
+    a pass with more samples pads to the next power of two."""
     hook = functools.partial(flatten_hook(keep_seq_lengths=False, boundaries=True, graphs=True), torch.nn.Module())
     cu = hook((), _rows())[1]["cu_seq_lens_q"].tolist()
     assert len(cu) == 2 * compiled.GRAPH_SAMPLES_PER_ROW + 1
@@ -124,16 +124,15 @@ def test_cuda_graphs_follow_the_plan_and_refuse_what_they_cannot_replay(tmp_path
     plain = BatchPlan(micro=2, accumulation=1, world_size=1, gradient_checkpointing=False)
     some = BatchPlan(micro=8, accumulation=1, world_size=1, gradient_checkpointing=True, recomputed_layers=5)
     offloading = BatchPlan(micro=8, accumulation=1, world_size=1, gradient_checkpointing=False, offloaded_layers=3)
-    auto = LoraSftConfig(model, "d", "o")
-    assert compiled.graphs(auto, plain) == (True, "each layer replays CUDA graphs")
-    assert compiled.graphs(auto, some) == (False, "CUDA graphs off: the plan recomputes 5 layer(s)")
-    assert compiled.graphs(auto, offloading) == (False, "CUDA graphs off: the plan offloads 3 layer(s)")
+    auto, asked = LoraSftConfig(model, "d", "o"), LoraSftConfig(model, "d", "o", cuda_graphs=True)
+    assert compiled.graphs(auto, plain) == (False, "CUDA graphs off (cuda_graphs=True asks for them)")
+    assert compiled.graphs(asked, plain) == (True, "each layer replays CUDA graphs")
+    with pytest.raises(RuntimeError, match="cuda_graphs=True cannot run: the plan offloads 3 layer"):
+        compiled.graphs(asked, offloading)
     assert compiled.graphs(LoraSftConfig(model, "d", "o", cuda_graphs=False), plain)[0] is False
     with pytest.raises(RuntimeError, match="cuda_graphs=True cannot run: the plan recomputes 5 layer"):
         compiled.graphs(LoraSftConfig(model, "d", "o", cuda_graphs=True), some)
     monkeypatch.setattr("lora_runtime.distributed.dist_env", lambda: DistEnv(rank=0, local_rank=0, world_size=2))
-    assert compiled.graphs(auto, plain) == (False, "CUDA graphs off: several processes (DDP's gradient buckets "
-                                                   "are not replayed)")
     with pytest.raises(RuntimeError, match="cuda_graphs=True cannot run: several processes"):
         compiled.graphs(LoraSftConfig(model, "d", "o", cuda_graphs=True), plain)
     for other, words in (({"selective_recompute": "pointwise"}, "selective_recompute='pointwise'"),
@@ -406,12 +405,14 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
 
     def step(kernels: str, fast: bool, pointwise: bool = False):
         monkeypatch.setattr(PeftBackend, "compiled", staticmethod(lambda config: fast))
-        monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: pointwise)  # it asks for CUDA,
-        monkeypatch.setattr(attention, "available", lambda: (pointwise, "no CUDA"))  # flash attention and bf16
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: pointwise)
+        cuda = pointwise or (fast and recompute is False)  # pointwise and cuda_graphs ask for CUDA,
+        monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: cuda)
+        monkeypatch.setattr(attention, "available", lambda: (cuda, "no CUDA"))  # flash attention and bf16
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda)
         config = LoraSftConfig(str(tiny_qwen2_dir), "d", "o", backend="peft", kernels=kernels, lora_r=4,
                                init_lora_weights="gaussian", gradient_checkpointing=recompute is True, seed=1,
-                               selective_recompute="pointwise" if pointwise else "off")
+                               selective_recompute="pointwise" if pointwise else "off",
+                               cuda_graphs=fast and recompute is False)
         plan = fixed_plan(config, 1, micro=2)
         backend = PeftBackend()
         model, _ = backend.load(config, plan)
@@ -445,10 +446,8 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
     traced = counters["stats"]["unique_graphs"]  # without CUDA
     log = capsys.readouterr().out
     assert "chunked loss" in log and "2 decoder layers compiled" in log and traced >= 2  # training and evaluation
-    # no layer recomputed: CUDA graphs (auto), the boundaries padded with empty samples (the same numbers)
-    assert ("each replaying CUDA graphs" in log) == (recompute is not True)  # pointwise: its run without, first
-    assert ("CUDA graphs off: the plan recomputes every layer" in log) == (recompute is True)
-    assert ("CUDA graphs off: selective_recompute='pointwise'" in log) == (recompute == "pointwise")
+    # no layer recomputed: CUDA graphs asked for, the boundaries padded with empty samples (the same numbers)
+    assert ("each replaying CUDA graphs" in log) == (recompute is False)
     if recompute == "pointwise":
         step("auto", fast=True)
         assert "pointwise work recomputed in backward" in log

@@ -17,7 +17,7 @@ card, 1.36× the Unsloth hand loop in the same run. Recomputation costs this pat
 layer recomputed: 33.2k), so `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS`
 without recomputation, and Unsloth below that (`prefers`). `selective_recompute="pointwise"` lowers the partitioner's activation memory budget
 (`POINTWISE_BUDGET`): each layer recomputes its pointwise work in backward, keeping about a third less, no matmul
-recomputed (read from the saved tensors on a CPU); off by default, as its GPU time is an estimate.
+recomputed (read from the saved tensors on a CPU); "auto" turns it on where only it makes a large pass fit.
 Compilation adds 10-30 s to the first steps; the layers
 compile again for the first layer (its input needs no gradient), when the number of packed samples first changes
 (then with a dynamic size), and when evaluation first runs.
@@ -283,6 +283,8 @@ def graphs(config: LoraSftConfig, plan: Any) -> tuple[bool, str]:
 
     if config.cuda_graphs is False:
         return False, "CUDA graphs off (cuda_graphs=False)"
+    if config.cuda_graphs == "auto":  # measured without the Trainer only (benchmarks/RESULTS.md, compiled-parts)
+        return False, "CUDA graphs off (cuda_graphs=True asks for them)"
     clash = []
     if plan.gradient_checkpointing and plan.recomputed_layers != 0:
         clash.append(f"the plan recomputes {plan.recomputation()}")
@@ -325,14 +327,14 @@ def release(model: Any) -> None:
     """After training with CUDA graphs: the gradient buffers and the graph trees' memory pool go (a second run in the
     same process records its own graphs)."""
     if model.__dict__.pop("_lora_grad_buffers", None) is not None:
-        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+        import torch._dynamo
 
-        reset_cudagraph_trees()
+        torch._dynamo.reset()  # the graph trees and the compiled layers bound to them (a graph outlives no tree)
 
 
-# under CUDA graphs a pass's sample boundaries are padded with empty samples to rows × this many (a pass with more
-# pads to the next power of two: one more graph), so every pass of a given size has one shape
-GRAPH_SAMPLES_PER_ROW = 64
+# under CUDA graphs a pass's sample boundaries are padded with empty samples to the next power of two, at least rows ×
+# this many: a few shapes, each recorded once (FlashAttention's varlen backward sizes a buffer by the slot count)
+GRAPH_SAMPLES_PER_ROW = 8
 
 
 def finish(model: Any, selective_recompute: str = "off", cuda_graphs: bool = False) -> str:

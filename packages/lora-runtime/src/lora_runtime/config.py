@@ -146,8 +146,9 @@ class LoraSftConfig:
     cuda_graphs: bool | str = _f(
         "auto", "the compiled path's decoder layers replay CUDA graphs (torch.compile mode reduce-overhead; sample "
         "boundaries padded to a fixed count): one launch a layer instead of one a kernel, for passes the host cannot "
-        "keep up with; auto = on where the compiled path runs in one process with no layer recomputed or offloaded "
-        "and no selective_recompute; True asks for the compiled path", ["auto", True, False])
+        "keep up with; True asks for the compiled path, in one process with no layer recomputed or offloaded and no "
+        "selective_recompute (pass gradient_checkpointing=False); auto = off until measured through the trainer",
+        ["auto", True, False])
     max_memory_gib: float | None = _f(
         None, "GPU memory budget per process in GiB; the batch plan fits it and the process is capped to it "
         "(default: the free memory)")

@@ -109,12 +109,13 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
                                 processing_class=tokenizer,
                                 callbacks=[*(_callbacks(config.callbacks) or []), progress_callback()])
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    trainer.flush_tokens()
-    result = finish(config, plan, backend, trainer, tokenizer, manifest, start)
     from lora_runtime.compiled import release
 
-    release(model)
-    return result
+    try:
+        trainer.flush_tokens()
+        return finish(config, plan, backend, trainer, tokenizer, manifest, start)
+    finally:
+        release(model)
 
 
 def decide_precision(config: LoraSftConfig) -> str:
