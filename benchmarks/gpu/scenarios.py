@@ -289,7 +289,7 @@ def compiled_plan(s: Session) -> None:
     _define_qwen(s)
     s.want("ours", [_ours_run(s)] + [_ours_run(s, budget=b) for b in COMPILED_BUDGETS] + [_ours_run(s, micro="2")]
            + [_ours_run(s, budget=b, pointwise=True, offload=False) for b in (24, 16)]
-           + ([] if s.cpu else [_ours_run(s, micro="2", graphs=True), _ours_run(s, graphs=True, gc="nogc")]))
+           + ([] if s.cpu else [_ours_run(s, "nogc", "2", graphs=True), _ours_run(s, "nogc", graphs=True)]))
     # the hand loop's micro 16 fits 16 GiB: that row is its configuration under every larger budget too
     s.want("loop", ["rowsfit16_gc_b16", "packed2_nogc_varlen", "rowsfit16_gc"]
            + [f"rowsfit16_gc_b{b}" for b in COMPILED_BUDGETS])

@@ -138,6 +138,8 @@ def test_cuda_graphs_follow_the_plan_and_refuse_what_they_cannot_replay(tmp_path
     for other, words in (({"selective_recompute": "pointwise"}, "selective_recompute='pointwise'"),
                          ({"activation_offload": True}, "activation_offload=True"),
                          ({"gradient_checkpointing": True}, "gradient_checkpointing=True"),
+                         ({}, "gradient_checkpointing='auto' \\(pass False"),
+                         ({"nproc_per_node": 2}, "2 processes"),
                          ({"kernels": "liger"}, "kernels='liger'"),
                          ({"backend": "unsloth"}, "backend='unsloth'")):
         with pytest.raises(ConfigError, match=f"cuda_graphs=True cannot run with {words}"):

@@ -337,7 +337,9 @@ def _graph_issues(cfg: LoraSftConfig) -> list[str]:
              (cfg.kernels in ("liger", "none"), f"kernels={cfg.kernels!r} (graphs replay compiled layers)"),
              (cfg.selective_recompute == "pointwise", "selective_recompute='pointwise'"),
              (cfg.activation_offload is True, "activation_offload=True"),
-             (cfg.gradient_checkpointing is True, "gradient_checkpointing=True"),
+             (cfg.gradient_checkpointing is not False,
+              f"gradient_checkpointing={cfg.gradient_checkpointing!r} (pass False: the plan may not recompute)"),
+             (cfg.world_size() > 1, f"{cfg.world_size()} processes (DDP's gradient buckets are not replayed)"),
              (cfg.sharding == "fsdp" or cfg.enable_model_splitting, "sharding='fsdp' or model splitting")]
     return [f"cuda_graphs=True cannot run with {what}: pass cuda_graphs='auto' (on where it applies) or drop the "
             "other option" for bad, what in clash if bad]
