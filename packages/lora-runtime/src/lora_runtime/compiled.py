@@ -278,7 +278,7 @@ def graphs(config: LoraSftConfig, plan: Any) -> tuple[bool, str]:
     """Whether the compiled layers replay CUDA graphs (`cuda_graphs`), and the log's words. A graph replays one fixed
     forward and backward of a layer: not where a layer recomputes (its forward runs again inside backward) or
     offloads (its saved tensors would stay in the graphs' memory pool), nor with selective_recompute (its own
-    compiler backend). cuda_graphs=True where one of those holds raises, naming it."""
+    compiler backend). Only cuda_graphs=True turns them on; where one of those holds it raises, naming it."""
     from lora_runtime.distributed import dist_env
 
     if config.cuda_graphs is False:
@@ -294,11 +294,8 @@ def graphs(config: LoraSftConfig, plan: Any) -> tuple[bool, str]:
         clash.append("selective_recompute='pointwise'")
     if dist_env().world_size > 1:  # DDP hands gradients over in buckets of its own
         clash.append("several processes (DDP's gradient buckets are not replayed)")
-    if config.cuda_graphs is True and clash:
-        raise RuntimeError(f"cuda_graphs=True cannot run: {'; '.join(clash)}. Raise max_memory_gib, lower "
-                           "micro_batch_size, or pass cuda_graphs='auto'")
-    if clash:
-        return False, f"CUDA graphs off: {'; '.join(clash)}"
+    if clash:  # the config refuses these up front; a plan or launch that still has one is refused here
+        raise RuntimeError(f"cuda_graphs=True cannot run: {'; '.join(clash)}; pass cuda_graphs='auto' (off)")
     return True, "each layer replays CUDA graphs"
 
 

@@ -341,8 +341,8 @@ def _graph_issues(cfg: LoraSftConfig) -> list[str]:
               f"gradient_checkpointing={cfg.gradient_checkpointing!r} (pass False: the plan may not recompute)"),
              (cfg.world_size() > 1, f"{cfg.world_size()} processes (DDP's gradient buckets are not replayed)"),
              (cfg.sharding == "fsdp" or cfg.enable_model_splitting, "sharding='fsdp' or model splitting")]
-    return [f"cuda_graphs=True cannot run with {what}: pass cuda_graphs='auto' (on where it applies) or drop the "
-            "other option" for bad, what in clash if bad]
+    return [f"cuda_graphs=True cannot run with {what}: pass cuda_graphs='auto' (off) or drop the other option"
+            for bad, what in clash if bad]
 
 
 def _combination_issues(cfg: LoraSftConfig) -> list[str]:
