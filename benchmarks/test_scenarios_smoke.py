@@ -214,3 +214,11 @@ def test_offload_compares_each_budget_with_and_without_it(tmp_path):
     assert ours.parse("auto_auto_mbauto_pw_off_b24") == {
         "backend": "auto", "micro_batch_size": "auto", "gradient_checkpointing": "auto", "max_memory_gib": 24.0,
         "selective_recompute": "pointwise", "activation_offload": True}
+
+
+def test_only_keeps_the_named_runs_and_the_model_builds(tmp_path):
+    s = _session(tmp_path, "compiled", "--only", "auto_auto_mb2,auto_auto_mb2_nocg,packed2_nogc_varlen")
+    assert s.wanted == {"build_qwen1.5b": ["build_qwen1.5b"], "ours": ["auto_auto_mb2", "auto_auto_mb2_nocg"],
+                        "loop": ["packed2_nogc_varlen"]}
+    s = _session(tmp_path, "compiled", "--only", "packed2_nogc_varlen")
+    assert "ours" not in s.wanted  # a process with none of its runs named is not started

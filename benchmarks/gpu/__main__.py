@@ -37,6 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--gpus", type=int, default=None, help="multi-GPU scenarios: N (default: every GPU)")
     ap.add_argument("--shape", choices=("qwen1.5b", "llama8b"), default=None,
                     help="frontier: only this shape's rows (default: both; one H200 runs each in under 9 minutes)")
+    ap.add_argument("--only", default=None, metavar="RUN,RUN",
+                    help="only these runs of the scenarios' processes (names as in the results' `run` column); "
+                         "the rest are left out, not skipped")
     ap.add_argument("--cpu", action="store_true", help="tiny shape on the CPU, peft backend (a smoke test)")
     a = ap.parse_args(argv)
     a.argv = argv

@@ -100,7 +100,13 @@ class Session:
 
     def want(self, key: str, runs: list[str], first: bool = False) -> None:
         """Ask for `runs` of side `key` (once each); `first`: before the others (a process's first run carries its
-        start-up)."""
+        start-up). With `--only`, runs not named there are left out (a side left with none is not started; the
+        model builds stay)."""
+        only = getattr(self.a, "only", None)
+        if only and not key.startswith("build_"):
+            runs = [r for r in runs if r in only.split(",")]
+            if not runs and key not in self.wanted:
+                return
         have = self.wanted.setdefault(key, [])
         if first:
             have[:] = runs + [r for r in have if r not in runs]

@@ -125,14 +125,25 @@ def test_cuda_graphs_follow_the_plan_and_refuse_what_they_cannot_replay(tmp_path
     some = BatchPlan(micro=8, accumulation=1, world_size=1, gradient_checkpointing=True, recomputed_layers=5)
     offloading = BatchPlan(micro=8, accumulation=1, world_size=1, gradient_checkpointing=False, offloaded_layers=3)
     auto, asked = LoraSftConfig(model, "d", "o"), LoraSftConfig(model, "d", "o", cuda_graphs=True)
-    assert compiled.graphs(auto, plain) == (False, "CUDA graphs off (cuda_graphs=True asks for them)")
-    assert compiled.graphs(asked, plain) == (True, "each layer replays CUDA graphs")
+    # auto: on for a small pass (the host sets its pace) with nothing a graph cannot replay, else off, never raising
+    assert compiled.graphs(auto, plain) == (True, "auto: a pass of 4,096 tokens, host-bound without them")
+    large = BatchPlan(micro=8, accumulation=1, world_size=1, gradient_checkpointing=False)
+    assert compiled.graphs(auto, large) == (
+        False, "CUDA graphs off (auto: a pass of 16,384 tokens keeps the GPU busy (auto replays passes of up to 4,096))")
+    assert compiled.graphs(auto, offloading)[1].startswith("CUDA graphs off (auto: the plan offloads 3 layer(s); a pass")
+    for other, words in (({"lora_dropout": 0.05}, "lora_dropout=0.05"), ({"eval_split_ratio": 0.1}, "evaluation"),
+                         ({"selective_recompute": "pointwise"}, "selective_recompute='pointwise'")):
+        assert compiled.graphs(LoraSftConfig(model, "d", "o", **other), plain) == (
+            False, f"CUDA graphs off (auto: {words})")
+    assert compiled.graphs(asked, plain) == (True, "cuda_graphs=True")
     with pytest.raises(RuntimeError, match="cuda_graphs=True cannot run: the plan offloads 3 layer"):
         compiled.graphs(asked, offloading)
     assert compiled.graphs(LoraSftConfig(model, "d", "o", cuda_graphs=False), plain)[0] is False
     with pytest.raises(RuntimeError, match="cuda_graphs=True cannot run: the plan recomputes 5 layer"):
         compiled.graphs(LoraSftConfig(model, "d", "o", cuda_graphs=True), some)
     monkeypatch.setattr("lora_runtime.distributed.dist_env", lambda: DistEnv(rank=0, local_rank=0, world_size=2))
+    assert compiled.graphs(auto, plain) == (
+        False, "CUDA graphs off (auto: several processes (DDP's gradient buckets are not replayed))")
     with pytest.raises(RuntimeError, match="cuda_graphs=True cannot run: several processes"):
         compiled.graphs(LoraSftConfig(model, "d", "o", cuda_graphs=True), plain)
     for other, words in (({"selective_recompute": "pointwise"}, "selective_recompute='pointwise'"),

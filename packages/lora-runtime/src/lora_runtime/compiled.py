@@ -12,8 +12,8 @@ Four parts, each plain PyTorch:
 
 Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048; benchmarks/RESULTS.md, scenarios `compiled-parts` and
 `compiled`): without the Trainer, 2 rows a pass ran 34.3k tokens/s (16.5k without compilation), 16 rows 60.0k;
-through `lora_sft`, 24.9k with micro_batch_size=2 (Unsloth through it: 15.4k, `frontier`) and 53.5k on the whole
-card, 1.36× the Unsloth hand loop in the same run. Recomputation costs this path more than Unsloth (8 rows, every
+through `lora_sft`, 43.0k with micro_batch_size=2 (50.0k with CUDA graphs, which `cuda_graphs="auto"` turns on for
+such small passes) and 61.2k on the whole card (16 rows a pass), 1.55× the Unsloth hand loop in the same run. Recomputation costs this path more than Unsloth (8 rows, every
 layer recomputed: 33.2k), so `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS`
 without recomputation, and Unsloth below that (`prefers`). `selective_recompute="pointwise"` lowers the partitioner's activation memory budget
 (`POINTWISE_BUDGET`): each layer recomputes its pointwise work in backward, keeping about a third less, no matmul
@@ -34,6 +34,10 @@ from typing import Any
 from lora_runtime.config import LoraSftConfig
 
 AUTO_MIN_TOKENS = 8_192  # micro_batch_size="auto": the smallest pass without recomputation worth leaving Unsloth for
+# cuda_graphs="auto": the largest pass that replays CUDA graphs. Through lora_sft on one H200 (Qwen2.5-1.5B shape,
+# benchmarks/RESULTS.md, `compiled`): 4,096 tokens a pass ran 50.0k tokens/s with graphs against 43.0k without,
+# 32,768 tokens 59.4k against 61.2k
+GRAPH_AUTO_MAX_TOKENS = 4_096
 
 
 def eligible(config: LoraSftConfig, model_config: Any, *, auto: bool) -> tuple[bool, str]:
@@ -278,13 +282,13 @@ def graphs(config: LoraSftConfig, plan: Any) -> tuple[bool, str]:
     """Whether the compiled layers replay CUDA graphs (`cuda_graphs`), and the log's words. A graph replays one fixed
     forward and backward of a layer: not where a layer recomputes (its forward runs again inside backward) or
     offloads (its saved tensors would stay in the graphs' memory pool), nor with selective_recompute (its own
-    compiler backend). Only cuda_graphs=True turns them on; where one of those holds it raises, naming it."""
+    compiler backend), nor in several processes. cuda_graphs=True where one of those holds raises, naming it; "auto"
+    turns them on only for a pass of at most `GRAPH_AUTO_MAX_TOKENS` tokens (where the host, not the GPU, sets the
+    pace), with none of those, no dropout and no evaluation (both unmeasured under graphs)."""
     from lora_runtime.distributed import dist_env
 
     if config.cuda_graphs is False:
         return False, "CUDA graphs off (cuda_graphs=False)"
-    if config.cuda_graphs == "auto":  # measured without the Trainer only (benchmarks/RESULTS.md, compiled-parts)
-        return False, "CUDA graphs off (cuda_graphs=True asks for them)"
     clash = []
     if plan.gradient_checkpointing and plan.recomputed_layers != 0:
         clash.append(f"the plan recomputes {plan.recomputation()}")
@@ -294,9 +298,21 @@ def graphs(config: LoraSftConfig, plan: Any) -> tuple[bool, str]:
         clash.append("selective_recompute='pointwise'")
     if dist_env().world_size > 1:  # DDP hands gradients over in buckets of its own
         clash.append("several processes (DDP's gradient buckets are not replayed)")
+    if config.cuda_graphs == "auto":
+        tokens = plan.micro * config.max_seq_len
+        if tokens > GRAPH_AUTO_MAX_TOKENS:
+            clash.append(f"a pass of {tokens:,} tokens keeps the GPU busy (auto replays passes of up to "
+                         f"{GRAPH_AUTO_MAX_TOKENS:,})")
+        if config.lora_dropout > 0:
+            clash.append(f"lora_dropout={config.lora_dropout}")
+        if config.eval_data_path or config.eval_split_ratio:
+            clash.append("evaluation")
+        if clash:
+            return False, f"CUDA graphs off (auto: {'; '.join(clash)})"
+        return True, f"auto: a pass of {tokens:,} tokens, host-bound without them"
     if clash:  # the config refuses these up front; a plan or launch that still has one is refused here
-        raise RuntimeError(f"cuda_graphs=True cannot run: {'; '.join(clash)}; pass cuda_graphs='auto' (off)")
-    return True, "each layer replays CUDA graphs"
+        raise RuntimeError(f"cuda_graphs=True cannot run: {'; '.join(clash)}; pass cuda_graphs='auto'")
+    return True, "cuda_graphs=True"
 
 
 def before_replay(model: Any) -> None:

@@ -147,7 +147,8 @@ class LoraSftConfig:
         "auto", "the compiled path's decoder layers replay CUDA graphs (torch.compile mode reduce-overhead; sample "
         "boundaries padded to a fixed count): one launch a layer instead of one a kernel, for passes the host cannot "
         "keep up with; True asks for the compiled path, in one process with no layer recomputed or offloaded and no "
-        "selective_recompute (pass gradient_checkpointing=False); auto = off until measured through the trainer",
+        "selective_recompute (pass gradient_checkpointing=False); auto = on for a pass of at most 4,096 tokens "
+        "without those, dropout or evaluation (the host sets the pace there), else off",
         ["auto", True, False])
     max_memory_gib: float | None = _f(
         None, "GPU memory budget per process in GiB; the batch plan fits it and the process is capped to it "
@@ -341,7 +342,7 @@ def _graph_issues(cfg: LoraSftConfig) -> list[str]:
               f"gradient_checkpointing={cfg.gradient_checkpointing!r} (pass False: the plan may not recompute)"),
              (cfg.world_size() > 1, f"{cfg.world_size()} processes (DDP's gradient buckets are not replayed)"),
              (cfg.sharding == "fsdp" or cfg.enable_model_splitting, "sharding='fsdp' or model splitting")]
-    return [f"cuda_graphs=True cannot run with {what}: pass cuda_graphs='auto' (off) or drop the other option"
+    return [f"cuda_graphs=True cannot run with {what}: pass cuda_graphs='auto' or drop the other option"
             for bad, what in clash if bad]
 
 

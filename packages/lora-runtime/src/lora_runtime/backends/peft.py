@@ -158,9 +158,7 @@ class PeftBackend(BackendBase):
             model.enable_input_require_grads()
             recomputing = f"on for {limit_recomputation(model, plan.recomputed_layers)} layer(s)"
         if fast:
-            recomputing += f"; {compiled.finish(model, config.selective_recompute, graphs)}"
-            if not graphs:
-                recomputing += f" ({graph_words})"
+            recomputing += f"; {compiled.finish(model, config.selective_recompute, graphs)} ({graph_words})"
         if plan.offloaded_layers:  # after compiling: the copies run around each compiled layer, not inside it
             first = (plan.recomputed_layers or 0) if gc else 0
             offloading = offload.attach(model, first, plan.offloaded_layers)
