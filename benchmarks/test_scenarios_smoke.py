@@ -222,3 +222,28 @@ def test_only_keeps_the_named_runs_and_the_model_builds(tmp_path):
                         "loop": ["packed2_nogc_varlen"]}
     s = _session(tmp_path, "compiled", "--only", "packed2_nogc_varlen")
     assert "ours" not in s.wanted  # a process with none of its runs named is not started
+    assert not s.unknown_only()
+    assert _session(tmp_path, "compiled", "--only", "packed2_nogc_varlen,auto_nogc_mb2_cg").unknown_only() == [
+        "auto_nogc_mb2_cg"]
+
+
+def test_only_writes_the_rows_of_the_named_runs_alone(tmp_path, monkeypatch):
+    """Every scenario's rows under --only: no KeyError for a process left out, and no row (not even an error row) for
+    a run or a peer that was not named; the named runs' rows are all there."""
+    from benchmarks.gpu import __main__ as main
+
+    monkeypatch.setattr(Session, "execute", lambda self, order: None)  # nothing runs: each row carries "not run"
+    wrote = []
+    monkeypatch.setattr(main.rows, "append", lambda out, path: wrote.extend(out))
+    for scenario, only in (("compiled", "packed2_nogc_varlen"), ("compiled", "auto_auto_mb2"),
+                           ("throughput", "rows8_gc"), ("frontier", "rowsfit16_gc_b16"),
+                           ("offload", "rowsfit16_gc_b16"), ("startup", "rows8_gc"), ("parity", "parity_ours")):
+        wrote.clear()
+        s = _session(tmp_path, scenario)
+        out = main.run([scenario, "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data"), "--only", only])
+        assert out == wrote and out, (scenario, only)
+        assert all("rows:" not in (r.get("error") or "") for r in out), (scenario, out)
+        assert len(out) < len(SCENARIOS[scenario][1](s)), (scenario, only)
+    with pytest.raises(SystemExit, match="auto_nogc_mb2_cg"):
+        main.run(["compiled", "--work", str(tmp_path / "work"), "--data", str(tmp_path / "data"),
+                  "--only", "auto_nogc_mb2_cg"])

@@ -38,8 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--shape", choices=("qwen1.5b", "llama8b"), default=None,
                     help="frontier: only this shape's rows (default: both; one H200 runs each in under 9 minutes)")
     ap.add_argument("--only", default=None, metavar="RUN,RUN",
-                    help="only these runs of the scenarios' processes (names as in the results' `run` column); "
-                         "the rest are left out, not skipped")
+                    help="only these runs of the scenarios' processes (the run ids the processes are given, e.g. "
+                         "auto_auto_mb2 or rowsfit16_gc_b16: an unknown one is an error listing them); the rest are "
+                         "left out, not skipped, and write no row")
     ap.add_argument("--cpu", action="store_true", help="tiny shape on the CPU, peft backend (a smoke test)")
     a = ap.parse_args(argv)
     a.argv = argv
@@ -54,6 +55,9 @@ def run(argv: list[str]) -> list[dict]:
     s = Session(a, a.scenarios)
     for name in a.scenarios:
         SCENARIOS[name][0](s)
+    if s.unknown_only():
+        raise SystemExit(f"--only names no run of {', '.join(a.scenarios)}: {', '.join(s.unknown_only())} (its runs: "
+                         f"{', '.join(sorted(s.offered))})")
     lanes = min(a.lanes, scenarios_multi.visible_gpus(s))
     if lanes > 1:
         _run_lanes(s, lanes)
@@ -64,6 +68,7 @@ def run(argv: list[str]) -> list[dict]:
             out += SCENARIOS[name][1](s)
         except Exception as e:  # one scenario's bad rows must not lose the others'
             out.append(s.row(name, name, None, name, "ours", error=f"rows: {type(e).__name__}: {e}"))
+    out = [r for r in out if not r.pop("left_out", False)]
     rows.append(out, a.out)
     print(report.table(out))
     return out

@@ -132,8 +132,10 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
                "memory_fraction": fraction}
     resolved = saved.get("resolved") or {}  # the batch plan lora_sft ran with (batching.BatchPlan.to_dict)
     for key in ("micro_batch_size", "gradient_checkpointing", "recomputed_layers", "offloaded_layers",
-                "estimated_peak_gib"):
+                "estimated_peak_gib", "cuda_graphs"):
         payload[f"resolved_{key}"] = resolved.get(key)
+    for key in ("selective_recompute", "activation_offload"):  # the saved config is the one "auto" was made into
+        payload[f"resolved_{key}"] = saved.get(key)
     payload.update(meter.summary())
     payload["step_s"] = [round(b - a, 4) for a, b in zip(meter.marks, meter.marks[1:], strict=False)]
     payload.update(common.memory())

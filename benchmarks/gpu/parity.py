@@ -3,7 +3,7 @@
     python -m benchmarks.gpu.parity OUT [--backend peft|unsloth] [--steps 100]      # all in one process (CPU)
     python -m benchmarks.gpu.parity build DIR                                       # CPU side: corpus, model, shards
     python -m benchmarks.gpu.parity side DIR ours|trl [--backend unsloth] [--kernels compile] [--steps 100]  # one
-                                                                                         # side, one process
+        [--lever KEY=VALUE ...] [--tag _NAME]                                            # side, one process
     python -m benchmarks.gpu.parity compare DIR OUT.json                            # both sides' losses → result
 
 On a GPU each side runs in its own process: importing unsloth patches TRL, which would make the reference Unsloth's.
@@ -98,14 +98,15 @@ def prepare(records_path: Path, model_dir: Path, out: Path) -> Path:
     return shards
 
 
-def ours(records_path: Path, model_dir: Path, out: Path, backend: str, steps: int, kernels: str = "auto") -> list[float]:
+def ours(records_path: Path, model_dir: Path, out: Path, backend: str, steps: int, kernels: str = "auto",
+         **levers: object) -> list[float]:
     from lora_runtime import lora_sft
     from lora_runtime.metrics import read_metrics
 
     shards = out / "shards" if (out / "shards" / "manifest.json").is_file() else prepare(records_path, model_dir, out)
     result = lora_sft(str(model_dir), str(shards), str(out / "ours"), backend=backend, lora_r=16, lora_alpha=32,
                       target_modules=TARGETS, max_steps=steps, micro_batch_size=MICRO, max_seq_len=SEQ_LEN,
-                      logging_steps=1, save_steps=10**6, kernels=kernels, **COMMON)
+                      logging_steps=1, save_steps=10**6, kernels=kernels, **levers, **COMMON)
     return [r["loss"] for r in read_metrics(result.metrics_path) if "loss" in r]
 
 
@@ -161,8 +162,12 @@ def split_main(argv: list[str]) -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--no-lm-head", action="store_true")
     ap.add_argument("--kernels", default="auto", help="ours: lora_sft's kernels (compile: the compiled peft path)")
+    ap.add_argument("--lever", action="append", default=[], metavar="KEY=VALUE",
+                    help="ours: another lora_sft option, e.g. cuda_graphs=false or selective_recompute=pointwise")
+    ap.add_argument("--tag", default=None, help="the losses file's suffix (default: _KERNELS where not auto)")
     a = ap.parse_args(argv[2:])
-    tag = "" if a.kernels == "auto" else f"_{a.kernels}"
+    levers = dict(_lever(item) for item in a.lever)
+    tag = a.tag if a.tag is not None else ("" if a.kernels == "auto" else f"_{a.kernels}")
     if a.no_lm_head:
         TARGETS.remove("lm_head")
     if cmd == "side":
@@ -171,19 +176,26 @@ def split_main(argv: list[str]) -> None:
             t0 = time.perf_counter()
             if side == "ours":
                 (Path(tmp) / "shards").symlink_to((work / "shards").resolve())
-                losses = ours(work / "records.jsonl", work / "model", Path(tmp), a.backend, a.steps, a.kernels)
+                losses = ours(work / "records.jsonl", work / "model", Path(tmp), a.backend, a.steps, a.kernels,
+                              **levers)
             else:
                 losses = trl(work / "records.jsonl", work / "model", Path(tmp), a.steps)
         name = f"losses_{side}{tag if side == 'ours' else ''}.json"
-        (work / name).write_text(json.dumps({"side": side, "backend": a.backend, "kernels": a.kernels, "losses": losses,
-                                                               "targets": TARGETS,
-                                                               "wall_s": time.perf_counter() - t0}))
+        (work / name).write_text(json.dumps({"side": side, "backend": a.backend, "kernels": a.kernels, "levers": levers,
+                                             "losses": losses, "targets": TARGETS,
+                                             "wall_s": time.perf_counter() - t0}))
         return
     mine, ref = (json.loads((work / f"losses_{s}.json").read_text()) for s in (f"ours{tag}", "trl"))
     res = {"backend": mine["backend"], "steps": len(mine["losses"]), "targets": mine.get("targets"), "ours": mine["losses"], "trl_peft": ref["losses"],
            "wall_s": {"ours": mine["wall_s"], "trl": ref["wall_s"]}, **compare(mine["losses"], ref["losses"])}
     print("PARITY", json.dumps({k: res[k] for k in ("backend", "max_gap_after_first", "first", "last_window")}))
     Path(a.rest[0]).write_text(json.dumps(res, indent=1))
+
+
+def _lever(item: str) -> tuple[str, object]:
+    """KEY=VALUE of --lever: true/false as booleans, anything else as written."""
+    key, _, value = item.partition("=")
+    return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def main() -> None:

@@ -87,6 +87,7 @@ class Session:
         self.card = rows.card(self.cpu)
         self.versions = common.versions()
         self.wanted: dict[str, list[str]] = {}
+        self.offered: set[str] = set()  # every run the scenarios asked for, before --only
         self.procs: dict[str, Proc] = {}
         self.sides: dict[str, Side] = {}
         self.gpu_of: dict[str, str] = {}  # key → CUDA_VISIBLE_DEVICES, when processes run side by side (--lanes)
@@ -103,6 +104,7 @@ class Session:
         start-up). With `--only`, runs not named there are left out (a side left with none is not started; the
         model builds stay)."""
         only = getattr(self.a, "only", None)
+        self.offered.update(runs)
         if only and not key.startswith("build_"):
             runs = [r for r in runs if r in only.split(",")]
             if not runs and key not in self.wanted:
@@ -112,6 +114,17 @@ class Session:
             have[:] = runs + [r for r in have if r not in runs]
         else:
             have += [r for r in runs if r not in have]
+
+    def unknown_only(self) -> list[str]:
+        """The --only names no scenario of this invocation has (a typo would otherwise run nothing)."""
+        only = getattr(self.a, "only", None)
+        return [r for r in only.split(",") if r not in self.offered] if only else []
+
+    def left_out(self, key: str, run: str | None) -> bool:
+        """Whether --only left this run (or this side's process) out: its row is not written."""
+        if not getattr(self.a, "only", None):
+            return False
+        return key not in self.wanted or (run is not None and run != key and run not in self.wanted[key])
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -210,4 +223,6 @@ class Session:
         row["date"] = row["date"] or rows.now()
         row["card"] = row["card"] or self.card
         row["versions"] = row["versions"] or self.versions
+        if self.left_out(key, run):
+            row["left_out"] = True  # dropped before the rows are written (--only)
         return row

@@ -63,16 +63,20 @@ def th(cap_gib: float | None, shape: str = "qwen1.5b") -> Side:
     return Side(argv, cap_s=180, run_field=None, family="th", est_s=90)
 
 
-def parity_side(which: str, compiled: bool = False) -> Side:
+def parity_side(which: str, compiled: bool = False, levers: dict | None = None, tag: str = "") -> Side:
     """One side of the loss-parity run (parity.py side DIR ours|trl), 100 steps on a 4-layer model; `compiled`: ours
-    on the peft backend's compiled path (kernels="compile")."""
+    on the peft backend's compiled path (kernels="compile"), with `levers` (more lora_sft options) under the losses
+    file's suffix `_compile{tag}`."""
     def argv(s: Session, runs, res, cap):
         backend = "peft" if s.cpu or compiled else "unsloth"
-        extra = ["--kernels", "compile"] if compiled else []
+        extra = ["--kernels", "compile", "--tag", f"_compile{tag}"] if compiled else []
+        for key, value in (levers or {}).items():
+            extra += ["--lever", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
         return [PY, "-m", "benchmarks.gpu.parity", "side", s.work / "parity", which, "--backend", backend,
                 "--steps", s.a.parity_steps, "--no-lm-head", *extra]
 
-    return Side(argv, cap_s=180, run_field=None, family=f"parity_{which}{'_compile' if compiled else ''}", est_s=65)
+    return Side(argv, cap_s=180, run_field=None, family=f"parity_{which}{'_compile' + tag if compiled else ''}",
+                est_s=65)
 
 
 def module(name: str, *args, cap_s: float = 590, family: str = "multi") -> Side:

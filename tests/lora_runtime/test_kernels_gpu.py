@@ -34,7 +34,7 @@ def _batch(vocab: int) -> dict:
 
 
 def _loss_and_grads(model_dir, tmp_path, kernels: str, targets, offloaded: int = 0, seen: list | None = None,
-                    cuda_graphs: bool | str = "auto", steps: int = 1, accumulation: int = 1) -> tuple[float, dict]:
+                    cuda_graphs: bool | str = False, steps: int = 1, accumulation: int = 1) -> tuple[float, dict]:
     """The loss and LoRA gradients of the last of `steps` steps, each after an SGD update (so a replayed graph must
     read the updated weights) and each of `accumulation` passes over the batch, their gradients summed."""
     config = LoraSftConfig(str(model_dir), "d", str(tmp_path / kernels), backend="peft", kernels=kernels,

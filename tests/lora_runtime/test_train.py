@@ -110,6 +110,7 @@ def test_outputs_result_and_metrics(llama_run):
     assert rows[-1]["tokens_seen"] == result.tokens_seen and rows[-1]["epoch"] == pytest.approx(6.0)
     saved = json.loads((out / "lora_sft_config.json").read_text())
     assert saved["resolved"]["gradient_accumulation_steps"] == 2 and saved["lora_r"] == 16
+    assert saved["resolved"]["cuda_graphs"] is False  # the compiled path's CUDA graphs: a decision of the GPU
 
 
 def test_golden_loss_trajectory(llama_run):

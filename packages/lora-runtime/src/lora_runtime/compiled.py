@@ -36,8 +36,10 @@ from lora_runtime.config import LoraSftConfig
 AUTO_MIN_TOKENS = 8_192  # micro_batch_size="auto": the smallest pass without recomputation worth leaving Unsloth for
 # cuda_graphs="auto": the largest pass that replays CUDA graphs. Through lora_sft on one H200 (Qwen2.5-1.5B shape,
 # benchmarks/RESULTS.md, `compiled`): 4,096 tokens a pass ran 50.0k tokens/s with graphs against 43.0k without,
-# 32,768 tokens 59.4k against 61.2k
+# 32,768 tokens 59.4k against 61.2k. A larger model does more work a pass (the GPU sets the pace sooner): auto also
+# keeps tokens × base parameters within what was measured
 GRAPH_AUTO_MAX_TOKENS = 4_096
+GRAPH_AUTO_MAX_PARAMETERS = 1.6e9
 
 
 def eligible(config: LoraSftConfig, model_config: Any, *, auto: bool) -> tuple[bool, str]:
@@ -278,13 +280,14 @@ def prepare(model: Any, targets: Any) -> str:
 POINTWISE_BUDGET = 0.7
 
 
-def graphs(config: LoraSftConfig, plan: Any) -> tuple[bool, str]:
+def graphs(config: LoraSftConfig, plan: Any, parameters: int | None = None) -> tuple[bool, str]:
     """Whether the compiled layers replay CUDA graphs (`cuda_graphs`), and the log's words. A graph replays one fixed
     forward and backward of a layer: not where a layer recomputes (its forward runs again inside backward) or
     offloads (its saved tensors would stay in the graphs' memory pool), nor with selective_recompute (its own
     compiler backend), nor in several processes. cuda_graphs=True where one of those holds raises, naming it; "auto"
-    turns them on only for a pass of at most `GRAPH_AUTO_MAX_TOKENS` tokens (where the host, not the GPU, sets the
-    pace), with none of those, no dropout and no evaluation (both unmeasured under graphs)."""
+    turns them on only for a pass of at most `GRAPH_AUTO_MAX_TOKENS` tokens through a model of `parameters` (the
+    base's, where known) at most that many tokens' worth of `GRAPH_AUTO_MAX_PARAMETERS` (where the host, not the
+    GPU, sets the pace), with none of those, no dropout and no evaluation (both unmeasured under graphs)."""
     from lora_runtime.distributed import dist_env
 
     if config.cuda_graphs is False:
@@ -303,6 +306,10 @@ def graphs(config: LoraSftConfig, plan: Any) -> tuple[bool, str]:
         if tokens > GRAPH_AUTO_MAX_TOKENS:
             clash.append(f"a pass of {tokens:,} tokens keeps the GPU busy (auto replays passes of up to "
                          f"{GRAPH_AUTO_MAX_TOKENS:,})")
+        elif parameters and tokens * parameters > GRAPH_AUTO_MAX_TOKENS * GRAPH_AUTO_MAX_PARAMETERS:
+            clash.append(f"a pass of {tokens:,} tokens through {parameters / 1e9:.1f}B parameters keeps the GPU busy "
+                         f"(auto replays up to {GRAPH_AUTO_MAX_TOKENS:,} tokens' worth of "
+                         f"{GRAPH_AUTO_MAX_PARAMETERS / 1e9:.1f}B)")
         if config.lora_dropout > 0:
             clash.append(f"lora_dropout={config.lora_dropout}")
         if config.eval_data_path or config.eval_split_ratio:

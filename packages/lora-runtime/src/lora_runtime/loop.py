@@ -103,15 +103,15 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
                f"row offset {data_state['offset']} on each rank)")
     metrics = MetricsWriter(Path(config.ckpt_output_dir) / "metrics.jsonl", resume_step=resume_step,
                             enabled=env.is_main)
-    with reporting_env(config):
-        trainer = PackedTrainer(config=config, plan=plan, metrics=metrics, model=model, train_dataset=dataset,
-                                args=training_arguments(config, plan, precision), eval_dataset=eval_dataset,
-                                processing_class=tokenizer,
-                                callbacks=[*(_callbacks(config.callbacks) or []), progress_callback()])
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     from lora_runtime.compiled import release
 
-    try:
+    try:  # CUDA graphs' memory pool goes however training ends (a retry in this process starts without it)
+        with reporting_env(config):
+            trainer = PackedTrainer(config=config, plan=plan, metrics=metrics, model=model, train_dataset=dataset,
+                                    args=training_arguments(config, plan, precision), eval_dataset=eval_dataset,
+                                    processing_class=tokenizer,
+                                    callbacks=[*(_callbacks(config.callbacks) or []), progress_callback()])
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         trainer.flush_tokens()
         return finish(config, plan, backend, trainer, tokenizer, manifest, start)
     finally:
@@ -234,7 +234,8 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
                 checkpoint.write_final_adapter(out, save, tokenizer)
                 adapter_written = True
             checkpoint.write_json_atomic(out / checkpoint.CONFIG_NAME, checkpoint.run_record(
-                config, plan, backend=backend.name, versions=_versions()))
+                config, plan, backend=backend.name, cuda_graphs=bool(getattr(trainer.model, "cuda_graphs", False)),
+                versions=_versions()))
             plot = plot_loss(metrics_path, out / "loss.png")
             if adapter_dir is not None:
                 model_card.write_model_card(out, manifest)

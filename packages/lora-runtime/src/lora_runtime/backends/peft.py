@@ -147,7 +147,9 @@ class PeftBackend(BackendBase):
         model = get_peft_model(model, lora)
         fast = getattr(model.config, "_attn_implementation", None) == attention.ATTENTION
         varlen = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
-        graphs, graph_words = compiled.graphs(config, plan) if fast else (False, "")
+        base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        graphs, graph_words = compiled.graphs(config, plan, base) if fast else (False, "")
+        model.cuda_graphs = graphs  # what the run decided, recorded with the resolved plan (loop.finish)
         model.register_forward_pre_hook(
             flatten_hook(keep_seq_lengths=False, flatten=varlen, boundaries=fast, graphs=graphs), with_kwargs=True)
         if varlen:
