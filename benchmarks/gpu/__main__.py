@@ -55,8 +55,9 @@ def run(argv: list[str]) -> list[dict]:
     s = Session(a, a.scenarios)
     for name in a.scenarios:
         SCENARIOS[name][0](s)
-    if s.unknown_only():
-        raise SystemExit(f"--only names no run of {', '.join(a.scenarios)}: {', '.join(s.unknown_only())} (its runs: "
+    unknown = s.unknown_only()
+    if unknown:
+        raise SystemExit(f"--only names no run of {', '.join(a.scenarios)}: {', '.join(unknown)} (its runs: "
                          f"{', '.join(sorted(s.offered))})")
     lanes = min(a.lanes, scenarios_multi.visible_gpus(s))
     if lanes > 1:

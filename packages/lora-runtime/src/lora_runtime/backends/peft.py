@@ -147,8 +147,8 @@ class PeftBackend(BackendBase):
         model = get_peft_model(model, lora)
         fast = getattr(model.config, "_attn_implementation", None) == attention.ATTENTION
         varlen = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
-        base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        graphs, graph_words = compiled.graphs(config, plan, base) if fast else (False, "")
+        trainable, total = model.get_nb_trainable_parameters()
+        graphs, graph_words = compiled.graphs(config, plan, total - trainable) if fast else (False, "")
         model.cuda_graphs = graphs  # what the run decided, recorded with the resolved plan (loop.finish)
         model.register_forward_pre_hook(
             flatten_hook(keep_seq_lengths=False, flatten=varlen, boundaries=fast, graphs=graphs), with_kwargs=True)
@@ -166,7 +166,6 @@ class PeftBackend(BackendBase):
             offloading = offload.attach(model, first, plan.offloaded_layers)
             recomputing += (f"; activations of layers {offloading.indices if offloading else []} offloaded to pinned "
                             "host memory")
-        trainable, total = model.get_nb_trainable_parameters()
         print0(f"LoRA r={config.lora_r} alpha={config.lora_alpha} on {targets if isinstance(targets, str) else sorted(targets)}: "
                f"{trainable:,} trainable of {total:,} parameters; gradient checkpointing {recomputing}")
         return model
