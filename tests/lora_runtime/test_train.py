@@ -231,8 +231,11 @@ def test_two_cpu_ranks_match_one_process(llama_run, tiny_llama_dir, llama_shards
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
 
 
-def test_tokens_per_s_leaves_out_checkpoint_time(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
-    """A fake clock: each optimizer step takes 1 s, each checkpoint 100 s; tokens/s must be the step's tokens / 1 s."""
+@pytest.mark.parametrize("late", [False, True], ids=["at_once", "late"])
+def test_tokens_per_s_leaves_out_checkpoint_time(tiny_llama_dir, llama_shards, tmp_path, monkeypatch, late):
+    """A fake clock: each optimizer step takes 1 s, each checkpoint 100 s; tokens/s must be the step's tokens / 1 s.
+    `late`: logs read a step late (as on a GPU) where a step does not save: the step that saves logs at once right
+    after the late log of the step before, and still gets its own 1 s."""
     from types import SimpleNamespace
 
     import lora_runtime.trainer as trainer_module
@@ -240,6 +243,12 @@ def test_tokens_per_s_leaves_out_checkpoint_time(tiny_llama_dir, llama_shards, t
 
     clock = [1000.0]
     monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    if late:
+        monkeypatch.setattr(trainer_module, "DEFERRED_LOG_DEVICES", ("cuda", "cpu"))
+    read_late = []
+    read_later = trainer_module.PackedTrainer._read_later
+    monkeypatch.setattr(trainer_module.PackedTrainer, "_read_later",
+                        lambda self, *a: read_late.append(self.state.global_step) or read_later(self, *a))
 
     class Tick(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -249,9 +258,10 @@ def test_tokens_per_s_leaves_out_checkpoint_time(tiny_llama_dir, llama_shards, t
             clock[0] += 100.0
 
     result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"),
-                      **{**_runs.RUN, "max_steps": 4, "save_steps": 1}, callbacks=[Tick()])
+                      **{**_runs.RUN, "max_steps": 4, "save_steps": 2}, callbacks=[Tick()])
     rows = [r for r in read_metrics(result.metrics_path) if "loss" in r]
     seen = [0] + [r["tokens_seen"] for r in rows]
+    assert read_late == ([1, 3] if late else [])
     assert len(rows) == 4
     for r, before in zip(rows, seen, strict=False):
         assert r["tokens_per_s"] == pytest.approx(r["tokens_seen"] - before), rows

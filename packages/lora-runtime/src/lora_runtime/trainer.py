@@ -56,6 +56,7 @@ class _PendingLog:
     world: int
     learning_rate: float
     has_grad_norm: bool
+    ended: tuple[float, float]  # (time, eval/checkpoint seconds paused so far) when the host finished the step
 
 
 class PackedTrainer(Trainer):
@@ -69,6 +70,7 @@ class PackedTrainer(Trainer):
         self._tokens_local = 0  # real tokens on this rank since the last flush
         self._last_log: tuple[float, int] | None = None  # (time, tokens) at the last log; set at the first step
         self._paused = 0.0  # eval/checkpoint seconds since the last log
+        self._ended: tuple[float, float] | None = None  # `_PendingLog.ended` of the log being written
         self._logged_at: float | None = None  # when the last log was written
         self._flops_per_token: int | None = None  # see floating_point_ops
         self._pending: _PendingLog | None = None  # a step's log waiting for its numbers (`_defer_log`)
@@ -290,7 +292,7 @@ class PackedTrainer(Trainer):
                               steps=self.state.global_step - self._globalstep_last_logged, values=HostCopy(values),
                               world=world,
                               learning_rate=learning_rate if learning_rate is not None else self._get_learning_rate(),
-                              has_grad_norm=grad_norm is not None)
+                              has_grad_norm=grad_norm is not None, ended=(time.perf_counter(), self._paused))
         tr_loss.zero_()
         self._tokens_local = 0
         self._globalstep_last_logged = self.state.global_step  # transformers' own log skips this step
@@ -314,21 +316,23 @@ class PackedTrainer(Trainer):
         logs["learning_rate"] = pending.learning_rate
         now = self.state.global_step, self.state.epoch
         self.state.global_step, self.state.epoch = pending.step, pending.epoch
-        should_log, self._tokens_flushed = self.control.should_log, True
+        should_log, self._tokens_flushed, self._ended = self.control.should_log, True, pending.ended
         try:
             self.log(logs)  # the callback handler clears control.should_log, which is this step's to use
         finally:
             (self.state.global_step, self.state.epoch), self._tokens_flushed = now, False
-            self.control.should_log = should_log
+            self.control.should_log, self._ended = should_log, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             seen = int(self.state.num_input_tokens_seen) if self._tokens_flushed else self.flush_tokens()
-            now = time.perf_counter()
+            # a log written a step late ends its window where its step ended, not now: a step that logs at once
+            # right after it (the last, one that saves) must not get a window of the moments between the two
+            now, paused = self._ended or (time.perf_counter(), self._paused)
             t0, seen0 = self._last_log or (now, seen)
             logs["tokens_seen"] = seen
-            logs["tokens_per_s"] = (seen - seen0) / max(now - t0 - self._paused, 1e-9)
-            self._last_log, self._paused = (now, seen), 0.0
+            logs["tokens_per_s"] = (seen - seen0) / max(now - t0 - paused, 1e-9)
+            self._last_log, self._paused = (now, seen), self._paused - paused
         # transformers counts the epoch from where a resumed run re-entered its loop; ours is exact, and the
         # integrations (wandb, TensorBoard, ...) read it from the state in super().log
         self.state.epoch = self.state.global_step / max(self.packed.steps_per_epoch(), 1)
