@@ -14,9 +14,11 @@ Skipped, with the reason, without CUDA (and the unsloth cases without unsloth).
 Unsloth patches transformers on import, so run the two backends in separate processes:
     pytest benchmarks/test_train.py -k unsloth --benchmark-enable --benchmark-json new_unsloth.json
     pytest benchmarks/test_train.py -k peft --benchmark-enable --benchmark-json new_peft.json
-The gate against the kept H200 baselines (benchmarks/baselines/, recorded with the same commands):
+The gate against the kept baselines of the same card (benchmarks/baselines/, recorded with the same commands: the
+unsloth cases on an H200, the peft cases on an H100):
     python -m benchmarks.compare benchmarks/baselines/train_h200_unsloth.json new_unsloth.json \
         --max-slowdown 10% --max-memory-increase 5%
+    python -m benchmarks.compare benchmarks/baselines/train_h100_peft.json new_peft.json
 """
 
 from __future__ import annotations
