@@ -56,7 +56,7 @@ class _PendingLog:
     world: int
     learning_rate: float
     has_grad_norm: bool
-    ended: tuple[float, float]  # (time, eval/checkpoint seconds paused so far) when the host finished the step
+    ended: tuple[float, float]  # (time, eval/checkpoint seconds paused so far) when the host had queued the step
 
 
 class PackedTrainer(Trainer):
@@ -69,7 +69,7 @@ class PackedTrainer(Trainer):
         self.run_config, self.plan, self.metrics = config, plan, metrics
         self._tokens_local = 0  # real tokens on this rank since the last flush
         self._last_log: tuple[float, int] | None = None  # (time, tokens) at the last log; set at the first step
-        self._paused = 0.0  # eval/checkpoint seconds since the last log
+        self._paused = 0.0  # eval/checkpoint seconds since the last log's window ended
         self._ended: tuple[float, float] | None = None  # `_PendingLog.ended` of the log being written
         self._logged_at: float | None = None  # when the last log was written
         self._flops_per_token: int | None = None  # see floating_point_ops
@@ -240,6 +240,7 @@ class PackedTrainer(Trainer):
         if self._defer_log(tr_loss):
             learning_rate = kwargs.get("learning_rate", args[5] if len(args) > 5 else None)
             self._pending = self._read_later(tr_loss, grad_norm, learning_rate)
+            self._logged_at = self._pending.ended[0]  # the rest of this call is paused time of the next window
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
         if self._globalstep_last_logged != logged_before:
             # transformers resets the running loss with `tr_loss -= tr_loss`: a NaN logged once would stay NaN in
@@ -304,7 +305,8 @@ class PackedTrainer(Trainer):
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        if not wait and not pending.values.landed():
+        landed = pending.values.landed()
+        if not wait and not landed:
             return
         loss_sum, norm, tokens = pending.values.tolist()
         loss_sum /= pending.world  # the ranks' mean, as transformers logs it
@@ -316,7 +318,10 @@ class PackedTrainer(Trainer):
         logs["learning_rate"] = pending.learning_rate
         now = self.state.global_step, self.state.epoch
         self.state.global_step, self.state.epoch = pending.step, pending.epoch
-        should_log, self._tokens_flushed, self._ended = self.control.should_log, True, pending.ended
+        # its tokens/s window ends where the step did: when the host had queued it if the device was done by now
+        # (the host sets the pace), else now, having waited for the device (the device sets it)
+        ended = pending.ended if landed else (time.perf_counter(), self._paused)
+        should_log, self._tokens_flushed, self._ended = self.control.should_log, True, ended
         try:
             self.log(logs)  # the callback handler clears control.should_log, which is this step's to use
         finally:
@@ -326,8 +331,8 @@ class PackedTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             seen = int(self.state.num_input_tokens_seen) if self._tokens_flushed else self.flush_tokens()
-            # a log written a step late ends its window where its step ended, not now: a step that logs at once
-            # right after it (the last, one that saves) must not get a window of the moments between the two
+            # a log written a step late ends its window where its step ended (`_emit_pending`), not now: a step
+            # that logs at once right after it (the last, one that saves) must not get the moments between the two
             now, paused = self._ended or (time.perf_counter(), self._paused)
             t0, seen0 = self._last_log or (now, seen)
             logs["tokens_seen"] = seen
