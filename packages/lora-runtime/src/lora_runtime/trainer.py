@@ -70,11 +70,11 @@ class PackedTrainer(Trainer):
         self._tokens_local = 0  # real tokens on this rank since the last flush
         self._last_log: tuple[float, int] | None = None  # (time, tokens) at the last log; set at the first step
         self._paused = 0.0  # eval/checkpoint seconds since the last log's window ended
-        self._ended: tuple[float, float] | None = None  # `_PendingLog.ended` of the log being written
+        # while `_emit_pending` writes a late log: where its window ended (its tokens are already counted)
+        self._ended: tuple[float, float] | None = None
         self._logged_at: float | None = None  # when the last log was written
         self._flops_per_token: int | None = None  # see floating_point_ops
         self._pending: _PendingLog | None = None  # a step's log waiting for its numbers (`_defer_log`)
-        self._tokens_flushed = False  # log(): the pending log's tokens are already counted
 
     # ------------------------------------------------------------------ data
     def _loader(self, dataset: Any, batch_size: int) -> EpochDataLoader:
@@ -321,16 +321,16 @@ class PackedTrainer(Trainer):
         # its tokens/s window ends where the step did: when the host had queued it if the device was done by now
         # (the host sets the pace), else now, having waited for the device (the device sets it)
         ended = pending.ended if landed else (time.perf_counter(), self._paused)
-        should_log, self._tokens_flushed, self._ended = self.control.should_log, True, ended
+        should_log, self._ended = self.control.should_log, ended
         try:
             self.log(logs)  # the callback handler clears control.should_log, which is this step's to use
         finally:
-            (self.state.global_step, self.state.epoch), self._tokens_flushed = now, False
-            self.control.should_log, self._ended = should_log, None
+            (self.state.global_step, self.state.epoch), self._ended = now, None
+            self.control.should_log = should_log
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            seen = int(self.state.num_input_tokens_seen) if self._tokens_flushed else self.flush_tokens()
+            seen = int(self.state.num_input_tokens_seen) if self._ended else self.flush_tokens()
             # a log written a step late ends its window where its step ended (`_emit_pending`), not now: a step
             # that logs at once right after it (the last, one that saves) must not get the moments between the two
             now, paused = self._ended or (time.perf_counter(), self._paused)
