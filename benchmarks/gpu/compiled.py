@@ -215,7 +215,25 @@ def _profile(step, path: str) -> None:
     avg = common.profiled(step).key_averages()
     with open(path, "w") as f:
         f.write(avg.table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70))
-        f.write(avg.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+        f.write(avg.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=70))
+        f.write("\nGPU time by kind of kernel (self time of kernels, both steps):\n")
+        kinds: dict[str, float] = {}
+        for e in avg:
+            if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
+                kinds[_kind(e.key)] = kinds.get(_kind(e.key), 0.0) + e.self_device_time_total
+        total = sum(kinds.values()) or 1.0
+        for k, us in sorted(kinds.items(), key=lambda x: -x[1]):
+            f.write(f"{k:<28} {us / 1e3:10.1f} ms {100 * us / total:5.1f}%\n")
+
+
+KERNEL_KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas")), ("attention", ("flash", "fmha")),
+                ("fused (Triton)", ("triton_",)), ("copy", ("memcpy", "memset", "copy_")),
+                ("reduction", ("reduce",)), ("elementwise (aten)", ("elementwise", "vectorized")))
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
 def main() -> None:

@@ -1,6 +1,12 @@
-"""The chunked, sync-free causal-LM loss equals transformers' own, value and gradient, in fp32 on the CPU."""
+"""The chunked, sync-free causal-LM loss equals transformers' own, value and gradient, in fp32 on the CPU: through the
+aten steps and through the Triton kernel a CUDA GPU runs (here in Triton's interpreter)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +14,17 @@ from lora_runtime import chunked_loss
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 VOCAB, HIDDEN = 97, 16
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the Triton kernel's run of this file (the last test)
+
+
+@pytest.fixture
+def path():
+    """Which way a chunk's loss and gradient are computed: aten (a CPU's), or, in the run under Triton's interpreter,
+    the Triton kernel a CUDA GPU runs."""
+    assert chunked_loss.kernel_usable(torch.device("cpu")) == INTERPRETED
+    return "triton" if INTERPRETED else "aten"
 
 
 def _inputs(seed: int = 0, rows: int = 2, n: int = 37):
@@ -28,7 +45,7 @@ def _reference(hidden, weight, labels, num_items=None):
 
 @pytest.mark.parametrize("chunk", [5, 16, 1000])  # several chunks with a ragged last one; one chunk
 @pytest.mark.parametrize("num_items", [None, 23])  # mean over targets; gradient accumulation's sum ÷ N
-def test_loss_and_gradient_equal_transformers(chunk, num_items):
+def test_loss_and_gradient_equal_transformers(path, chunk, num_items):
     hidden, weight, labels = _inputs()
     want_loss, want_grad = _reference(hidden, weight, labels, num_items)
     loss = chunked_loss.causal_lm_loss(hidden, weight, labels, num_items, chunk=chunk)
@@ -37,7 +54,7 @@ def test_loss_and_gradient_equal_transformers(chunk, num_items):
     torch.testing.assert_close(hidden.grad, 3 * want_grad, rtol=1e-5, atol=1e-6)
 
 
-def test_ignored_targets_get_no_gradient_and_an_all_ignored_batch_is_zero():
+def test_ignored_targets_get_no_gradient_and_an_all_ignored_batch_is_zero(path):
     hidden, weight, labels = _inputs()
     labels[:, :20] = chunked_loss.IGNORE_INDEX
     chunked_loss.causal_lm_loss(hidden, weight, labels, chunk=8).backward()
@@ -74,3 +91,37 @@ def test_a_model_trains_on_it_and_evaluates_with_logits(tiny_qwen2_dir):
         skipped = fused(input_ids=ids, labels=labels, skip_logits=True)
     assert evaluated.logits is not None and skipped.logits is None
     torch.testing.assert_close(skipped.loss, evaluated.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_the_triton_kernel_passes_these_tests_in_its_interpreter():
+    """This file again under TRITON_INTERPRET=1 (it must be set before Triton is imported: a process of its own):
+    the loss tests above through the kernel, and the kernel's own test below."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not interpreter",
+                          str(Path(__file__))], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "10 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-1000:]
+
+
+if INTERPRETED:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_kernel_alone_in_place_over_several_blocks(dtype):
+        """A vocabulary of several blocks with a ragged last one, rows of large logits (the online max must hold):
+        per-row losses and the in-place gradient equal logsumexp − target and softmax − one-hot."""
+        g = torch.Generator().manual_seed(2)
+        logits = (torch.randn(6, 1000, generator=g) * 30).to(dtype)
+        targets = torch.randint(0, 1000, (6,), generator=g)
+        targets[3] = chunked_loss.IGNORE_INDEX
+        ref = logits.float()
+        keep = targets != chunked_loss.IGNORE_INDEX
+        safe = targets.clamp_min(0)
+        want = torch.where(keep, torch.logsumexp(ref, -1) - ref[torch.arange(6), safe], 0.0)
+        want_grad = torch.softmax(ref, -1)
+        want_grad[torch.arange(6), safe] -= 1
+        want_grad[~keep] = 0
+        loss = chunked_loss.softmax_loss_(logits, targets, grad=True, block=128)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-4)
+        tol = 1e-5 if dtype == torch.float32 else 4e-3  # bf16 holds the gradient to 2^-8 of its magnitude (≤ 1)
+        torch.testing.assert_close(logits.float(), want_grad, rtol=0, atol=tol)
+        assert logits[3].abs().max() == 0
