@@ -8,9 +8,10 @@ gradient of the loss with respect to its hidden states (the output layer is froz
 logits exist at a time and backward is a multiply. The divisor stays a tensor on the device throughout.
 
 On a CUDA GPU one Triton kernel (`_softmax_grad_kernel`) turns a chunk's bf16 logits into each row's loss and, in
-place, the gradient: two reads and one write of the bf16 logits. The same steps in aten (an fp32 copy, logsumexp,
-subtract, exp, scatter, mask, cast back) take about nine passes over fp32: on one H100 (Qwen2.5-1.5B shape, 16 rows
-of 2048 a step, `python -m benchmarks.gpu.compiled --profile`) they were 197 ms of a 645 ms step.
+place, the gradient: two reads and one write of the bf16 logits, where the same steps in aten (an fp32 copy,
+logsumexp, subtract, exp, scatter, mask, cast back) make about nine passes over fp32 logits. With it the compiled
+path's whole-card default went from 54.3k to 63.6k tokens/s on one H100 (Qwen2.5-1.5B shape, 16 rows of 2048 a step;
+benchmarks/RESULTS.md, `frontier`, 2026-12-05). Elsewhere (a CPU) the aten steps run.
 
 Loss and gradient equal transformers' `ForCausalLMLoss` (`test_chunked_loss.py`: fp32 rounding apart): labels shifted by
 one, IGNORE_INDEX skipped, mean over the targets or, with `num_items_in_batch`, their sum divided by it.
@@ -97,6 +98,8 @@ def softmax_loss_(logits: Any, targets: Any, grad: bool, block: int = 4096) -> A
     in place (the Triton kernel)."""
     import torch
 
+    if logits.stride(1) != 1 or not targets.is_contiguous():
+        raise ValueError("softmax_loss_ needs rows of adjacent logits and contiguous targets")
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     if logits.shape[0]:
         block = min(block, 1 << (logits.shape[1] - 1).bit_length())
@@ -120,7 +123,8 @@ def _function() -> Any:
                     logits = h @ weight.t()
                     total += softmax_loss_(logits, y.contiguous(), grad is not None).sum()
                     if grad is not None:
-                        torch.mm(logits, weight, out=grad[start:start + chunk])
+                        _into(grad[start:start + chunk], logits, weight)
+                    del logits  # before the next chunk's: one chunk's logits at a time
                     continue
                 logits = (h @ weight.t()).float()
                 lse = torch.logsumexp(logits, dim=-1)
@@ -131,7 +135,9 @@ def _function() -> Any:
                     probs = logits.sub_(lse.unsqueeze(1)).exp_()
                     probs.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=probs.dtype))
                     probs.mul_(keep.unsqueeze(1))
-                    torch.mm(probs.to(weight.dtype), weight, out=grad[start:start + chunk])
+                    _into(grad[start:start + chunk], probs.to(weight.dtype), weight)
+                    del probs
+                del logits
             ctx.save_for_backward(grad, divisor)
             return total / divisor
 
@@ -140,6 +146,13 @@ def _function() -> Any:
             grad, divisor = ctx.saved_tensors
             scale = grad_out.float() / divisor  # in fp32: a bf16 scale would be off by up to 0.4% for a whole step
             return (grad.float() * scale).to(grad.dtype), None, None, None, None
+
+    def _into(out: Any, d_logits: Any, weight: Any) -> None:
+        """out = d_logits @ weight, without a temporary where the dtypes agree (under autocast they may not)."""
+        if d_logits.dtype == weight.dtype == out.dtype:
+            torch.mm(d_logits, weight, out=out)
+        else:
+            out.copy_(d_logits.to(weight.dtype) @ weight)
 
     return ChunkedLinearCrossEntropy
 
@@ -162,7 +175,12 @@ def causal_lm_loss(hidden: Any, weight: Any, labels: Any, num_items_in_batch: An
         divisor = (targets != IGNORE_INDEX).sum().clamp_min(1).float()
     else:
         divisor = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
-    return _FN.apply(hidden, weight.detach(), targets.to(hidden.device), divisor, chunk or chunk_tokens(weight.shape[0]))
+    # a target outside the vocabulary (tokens added to a tokenizer, embeddings not resized) stops the run as aten's
+    # gather would, without waiting for the device (the kernel would read past its row)
+    targets = targets.to(hidden.device)
+    torch._assert_async(((targets >= 0) & (targets < weight.shape[0]) | (targets == IGNORE_INDEX)).all(),
+                        "a label is outside the output layer's vocabulary")
+    return _FN.apply(hidden, weight.detach(), targets, divisor, chunk or chunk_tokens(weight.shape[0]))
 
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # logits = lm_head(hidden), no softcap or scale in between
