@@ -10,8 +10,8 @@ logits exist at a time and backward is a multiply. The divisor stays a tensor on
 On a CUDA GPU one Triton kernel (`_softmax_grad_kernel`) turns a chunk's bf16 logits into each row's loss and, in
 place, the gradient: two reads and one write of the bf16 logits, where the same steps in aten (an fp32 copy,
 logsumexp, subtract, exp, scatter, mask, cast back) make about nine passes over fp32 logits. With it the compiled
-path's whole-card default went from 54.3k to 63.6k tokens/s on one H100 (Qwen2.5-1.5B shape, 16 rows of 2048 a step;
-benchmarks/RESULTS.md, `frontier`, 2026-12-05). Elsewhere (a CPU) the aten steps run.
+path's whole-card default went from 54.3k to 64.0k tokens/s on one H100 (Qwen2.5-1.5B shape, 16 rows of 2048 a step;
+under 16 GiB from 47.2k to 60.5k; benchmarks/RESULTS.md, `frontier`, 2026-12-05). Elsewhere (a CPU) the aten steps run.
 
 Loss and gradient equal transformers' `ForCausalLMLoss` (`test_chunked_loss.py`: fp32 rounding apart): labels shifted by
 one, IGNORE_INDEX skipped, mean over the targets or, with `num_items_in_batch`, their sum divided by it.
