@@ -227,6 +227,7 @@ def _profile(step, path: str) -> None:
 
 
 KERNEL_KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas")), ("attention", ("flash", "fmha")),
+                ("loss (Triton)", ("softmax_grad",)),
                 ("fused (Triton)", ("triton_",)), ("copy", ("memcpy", "memset", "copy_")),
                 ("reduction", ("reduce",)), ("elementwise (aten)", ("elementwise", "vectorized")))
 
