@@ -220,7 +220,8 @@ def _profile(step, path: str) -> None:
         kinds: dict[str, float] = {}
         for e in avg:
             if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
-                kinds[_kind(e.key)] = kinds.get(_kind(e.key), 0.0) + e.self_device_time_total
+                kind = _kind(e.key)
+                kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
         total = sum(kinds.values()) or 1.0
         for k, us in sorted(kinds.items(), key=lambda x: -x[1]):
             f.write(f"{k:<28} {us / 1e3:10.1f} ms {100 * us / total:5.1f}%\n")

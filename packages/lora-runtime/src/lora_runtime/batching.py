@@ -306,8 +306,9 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, pointwise: bo
     h, _, n, vocab = _dims(model_config)
     layer = layer_bytes_per_token(model_config) * COMPILED_LAYER_SCALE
     kept = layer - pointwise_bytes_per_token(model_config) if pointwise else layer
+    loss_chunk = chunk_tokens(vocab) * vocab * TRANSIENT_BYTES[kernel_usable("cuda")] if fused_loss else 0.0
     return Footprint(weight_bytes(model_config, False), n, per_token_layer=kept, per_token_recomputed=2 * h,
-                     per_token_working=layer, extra=chunk_tokens(vocab) * vocab * TRANSIENT_BYTES[kernel_usable("cuda")] if fused_loss else 0.0,
+                     per_token_working=layer, extra=loss_chunk,
                      per_token_base=0.0 if fused_loss else LOGIT_BYTES_PER_VOCAB * vocab,
                      host_pass_tokens=host_pass_tokens(model_config) * COMPILED_HOST_PASS_TOKENS / HOST_PASS_TOKENS,
                      overlap_loss=COMPILED_OVERLAP_LOSS, recompute_cost=COMPILED_RECOMPUTE_COST,

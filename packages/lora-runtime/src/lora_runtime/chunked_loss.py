@@ -11,7 +11,8 @@ On a CUDA GPU one Triton kernel (`_softmax_grad_kernel`) turns a chunk's bf16 lo
 place, the gradient: two reads and one write of the bf16 logits, where the same steps in aten (an fp32 copy,
 logsumexp, subtract, exp, scatter, mask, cast back) make about nine passes over fp32 logits. With it the compiled
 path's whole-card default on one H100 (Qwen2.5-1.5B shape, 16 rows of 2048 a step) went from 1.54× to 1.71× the
-Unsloth hand loop measured in the same run (54.3k to 64.0k tokens/s; benchmarks/RESULTS.md, `frontier`, 2026-12-05). Elsewhere (a CPU) the aten steps run.
+Unsloth hand loop measured in the same run (54.3k to 64.0k tokens/s; benchmarks/RESULTS.md, `frontier`,
+2026-12-05). Elsewhere (a CPU) the aten steps run.
 
 Loss and gradient equal transformers' `ForCausalLMLoss` (`test_chunked_loss.py`: fp32 rounding apart): labels shifted by
 one, IGNORE_INDEX skipped, mean over the targets or, with `num_items_in_batch`, their sum divided by it.
@@ -120,28 +121,10 @@ def _function() -> Any:
         def forward(ctx: Any, hidden: Any, weight: Any, targets: Any, divisor: Any, chunk: int) -> Any:
             grad = torch.empty_like(hidden) if hidden.requires_grad else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            fused = kernel_usable(hidden.device)
+            loss_of = _kernel_chunk if kernel_usable(hidden.device) else _aten_chunk
             for start in range(0, hidden.shape[0], chunk):
-                h, y = hidden[start:start + chunk], targets[start:start + chunk]
-                if fused:  # the matmul's own output, in place: loss and gradient in one kernel
-                    logits = h @ weight.t()
-                    total += softmax_loss_(logits, y.contiguous(), grad is not None).sum()
-                    if grad is not None:
-                        _into(grad[start:start + chunk], logits, weight)
-                    del logits  # before the next chunk's: one chunk's logits at a time
-                    continue
-                logits = (h @ weight.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                keep = y != IGNORE_INDEX
-                safe = torch.where(keep, y, 0).unsqueeze(1)
-                total += torch.where(keep, lse - logits.gather(1, safe).squeeze(1), 0.0).sum()
-                if grad is not None:  # d loss_sum / d logits = softmax − one-hot, on kept rows only
-                    probs = logits.sub_(lse.unsqueeze(1)).exp_()
-                    probs.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=probs.dtype))
-                    probs.mul_(keep.unsqueeze(1))
-                    _into(grad[start:start + chunk], probs.to(weight.dtype), weight)
-                    del probs
-                del logits
+                rows = slice(start, start + chunk)  # a chunk's logits die with its call: one chunk's at a time
+                total += loss_of(hidden[rows], targets[rows], weight, None if grad is None else grad[rows])
             ctx.save_for_backward(grad, divisor)
             return total / divisor
 
@@ -150,6 +133,29 @@ def _function() -> Any:
             grad, divisor = ctx.saved_tensors
             scale = grad_out.float() / divisor  # in fp32: a bf16 scale would be off by up to 0.4% for a whole step
             return (grad.float() * scale).to(grad.dtype), None, None, None, None
+
+    def _kernel_chunk(h: Any, y: Any, weight: Any, out: Any) -> Any:
+        """A chunk's summed loss through the Triton kernel, on the matmul's own output; with `out`, d loss_sum / d h
+        into it."""
+        logits = h @ weight.t()
+        total = softmax_loss_(logits, y, out is not None).sum()
+        if out is not None:
+            _into(out, logits, weight)
+        return total
+
+    def _aten_chunk(h: Any, y: Any, weight: Any, out: Any) -> Any:
+        """The same through aten's steps, in fp32."""
+        logits = (h @ weight.t()).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        keep = y != IGNORE_INDEX
+        safe = torch.where(keep, y, 0).unsqueeze(1)
+        total = torch.where(keep, lse - logits.gather(1, safe).squeeze(1), 0.0).sum()
+        if out is not None:  # d loss_sum / d logits = softmax − one-hot, on kept rows only
+            probs = logits.sub_(lse.unsqueeze(1)).exp_()
+            probs.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=probs.dtype))
+            probs.mul_(keep.unsqueeze(1))
+            _into(out, probs.to(weight.dtype), weight)
+        return total
 
     def _into(out: Any, d_logits: Any, weight: Any) -> None:
         """out = d_logits @ weight, without a temporary where the dtypes agree (under autocast they may not)."""

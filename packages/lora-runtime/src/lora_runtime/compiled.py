@@ -14,8 +14,8 @@ Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048; benchmarks/RESULTS.md, s
 `compiled`): without the Trainer, 2 rows a pass ran 34.3k tokens/s (16.5k without compilation), 16 rows 60.0k;
 through `lora_sft`, 43.0k with micro_batch_size=2 (50.0k with CUDA graphs, which `cuda_graphs="auto"` turns on for
 such small passes) and 61.2k on the whole card (16 rows a pass), 1.55× the Unsloth hand loop in the same run (on one
-H100, since the chunked loss's Triton kernel: 64.0k, 1.71×; 60.9k under 24 GiB, 60.5k under 16 GiB). Recomputation costs this path more than Unsloth (8 rows, every
-layer recomputed: 33.2k), so `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS`
+H100, since the chunked loss's Triton kernel: 64.0k, 1.71×; 60.9k under 24 GiB, 60.5k under 16 GiB).
+Recomputation costs this path more than Unsloth (8 rows, every layer recomputed: 33.2k), so `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS`
 without recomputation, and Unsloth below that (`prefers`). `selective_recompute="pointwise"` lowers the partitioner's activation memory budget
 (`POINTWISE_BUDGET`): each layer recomputes its pointwise work in backward, keeping about a third less, no matmul
 recomputed (read from the saved tensors on a CPU); "auto" turns it on where only it makes a large pass fit.
