@@ -46,7 +46,7 @@ def test_frontier_asks_every_budget_of_both_sides_and_shares_processes_with_thro
     s = _session(tmp_path, "frontier", "throughput", "startup")
     assert s.wanted["ours"] == ["auto_auto_mbauto", "auto_auto_mbauto_b8", "auto_auto_mbauto_b16",
                                 "auto_auto_mbauto_b24", "auto_auto_mbauto_b40", "auto_auto_mb2",
-                                "auto_auto_mbauto_off_b8", "auto_gc_mb8", "auto_gc_mb8_q4"]
+                                "auto_auto_mbauto_nooff_b8", "auto_gc_mb8", "auto_gc_mb8_q4"]
     assert s.wanted["loop"] == ["rows8_gc", "rowsfit16_gc", "rowsfit16_gc_b8", "rowsfit16_gc_b16",
                                 "rowsfit16_gc_b24", "rowsfit16_gc_b40"]  # start-up's run first: cold vs warm alike
     assert "th" not in s.wanted and s.wanted["th_b8"] == ["th_b8"]  # training-hub once, under the smallest cap

@@ -2,12 +2,12 @@
 
     python -m benchmarks.gpu.ours MODEL SHARDS OUT --runs unsloth_auto_mb8,unsloth_gc_mb8 [--steps 20]
 
-Run names: <backend>_<gc>_mb<micro|auto>[_q4][_notf32][_liger|_plain|_compile][_pw|_nopw][_cg|_nocg][_off|_nooff][_b<GiB>][_log<N>] (auto_auto_mbauto = the usage
+Run names: <backend>_<gc>_mb<micro|auto>[_q4][_notf32][_liger|_plain|_compile][_pw|_most|_nopw][_cg|_nocg][_off|_nooff][_b<GiB>][_log<N>] (auto_auto_mbauto = the usage
 guide's literal call; backend auto may run either backend: lora_runtime.compiled.prefers decides by the budget). backend auto | unsloth | peft (never unsloth and peft in one process: importing unsloth patches
 transformers); gc auto | gc (forced on) | nogc; _b16 = a 16 GiB budget: `max_memory_gib=16` and the process capped at
 16 GiB (`torch.cuda.set_per_process_memory_fraction`), so the run cannot use more; _liger / _plain = kernels="liger" /
 "none" (the peft backend's fused kernels on or off), _compile = kernels="compile" (its compiled path), _pw / _nopw =
-selective_recompute="pointwise" / "off", _off / _nooff = activation_offload=True / False, _cg / _nocg = cuda_graphs=True
+selective_recompute="pointwise" / "most" / "off", _off / _nooff = activation_offload=True / False, _cg / _nocg = cuda_graphs=True
 / False (each "auto" where not named), _log10 = logging_steps=10. Everything else is lora_sft's defaults as training-hub's (lr 2e-4 linear, warmup 10, weight decay
 0.01, clip 0.3, logging every step), LoRA r=16 alpha=32 on all linear
 projections. A TrainerCallback marks each logged step (device synchronised) with the trainer's own real-token count.
@@ -67,7 +67,8 @@ def parse(name: str) -> dict:
     budget = [p for p in parts[3:] if p.startswith("b") and p[1:].replace(".", "").isdigit()]
     if budget:
         kw["max_memory_gib"] = float(budget[0][1:])
-    for part, key, value in (("pw", "selective_recompute", "pointwise"), ("nopw", "selective_recompute", "off"),
+    for part, key, value in (("pw", "selective_recompute", "pointwise"), ("most", "selective_recompute", "most"),
+                             ("nopw", "selective_recompute", "off"),
                              ("off", "activation_offload", True), ("nooff", "activation_offload", False),
                              ("cg", "cuda_graphs", True), ("nocg", "cuda_graphs", False)):
         if part in parts[3:]:

@@ -283,7 +283,7 @@ def test_offload_takes_layers_off_the_gpu_where_the_link_keeps_pace():
     past the budget, nor past the pinned host memory it may take."""
     from lora_runtime.batching import compiled_footprint
 
-    base = compiled_footprint(QWEN15, pointwise=True)
+    base = compiled_footprint(QWEN15, level="pointwise")
     fast, slow = _offloading(base, QWEN15, 50e9), _offloading(base, QWEN15, 2e9)
     without = plan(base, 16)
     with_fast, with_slow = plan(fast, 16), plan(slow, 16)
@@ -306,7 +306,7 @@ def test_offload_lets_an_8b_model_at_8k_tokens_recompute_fewer_layers_in_24_gib(
     from lora_runtime.batching import compiled_footprint
 
     llama = SimpleNamespace(**vars(LLAMA8), model_type="llama")
-    base = compiled_footprint(llama, pointwise=True)
+    base = compiled_footprint(llama, level="pointwise")
     fast = _offloading(base, llama, 50e9)
     without, offloading = plan(base, 24, seq_len=8192), plan(fast, 24, seq_len=8192)
     assert offloading.offloaded > 0 and offloading.recomputed < without.recomputed
@@ -346,7 +346,7 @@ def test_a_plan_that_cannot_fit_offloads_no_more_than_host_memory_takes():
 def test_the_reason_gives_the_bytes_each_way_and_the_pinned_memory_apart():
     from lora_runtime.batching import compiled_footprint
 
-    fp = _offloading(compiled_footprint(QWEN15, pointwise=True), QWEN15, 50e9)
+    fp = _offloading(compiled_footprint(QWEN15, level="pointwise"), QWEN15, 50e9)
     c = plan(fp, 16)
     moved = c.offloaded * fp.per_token_layer * c.micro * 2048
     assert c.offloaded and f"({moved / GIB:.1f} GiB each way a pass at 50.0 GB/s measured" in c.reason

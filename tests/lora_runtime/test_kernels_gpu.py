@@ -34,12 +34,13 @@ def _batch(vocab: int) -> dict:
 
 
 def _loss_and_grads(model_dir, tmp_path, kernels: str, targets, offloaded: int = 0, seen: list | None = None,
-                    cuda_graphs: bool | str = False, steps: int = 1, accumulation: int = 1) -> tuple[float, dict]:
+                    cuda_graphs: bool | str = False, steps: int = 1, accumulation: int = 1,
+                    selective: str = "off") -> tuple[float, dict]:
     """The loss and LoRA gradients of the last of `steps` steps, each after an SGD update (so a replayed graph must
     read the updated weights) and each of `accumulation` passes over the batch, their gradients summed."""
     config = LoraSftConfig(str(model_dir), "d", str(tmp_path / kernels), backend="peft", kernels=kernels,
                            target_modules=targets, micro_batch_size=2, gradient_checkpointing=False,
-                           activation_offload=offloaded > 0, cuda_graphs=cuda_graphs)
+                           activation_offload=offloaded > 0, cuda_graphs=cuda_graphs, selective_recompute=selective)
     plan = fixed_plan(config, 1, offloaded_layers=offloaded)
     backend = PeftBackend()
     model, _ = backend.load(config, plan)
@@ -132,6 +133,22 @@ def test_offloaded_layers_give_the_same_loss_and_gradients(four_layer_llama, tmp
     assert seen[0].indices == offload.spread(0, offloaded, 4) and seen[0].bytes_per_step > 0
     assert (seen[0].follower is not None) == (offloaded == 1)
     assert all(state.fetched == {} for state in seen[0].layers)  # every copy came back and was used
+    assert loss == pytest.approx(plain_loss, rel=1e-3)
+    _assert_close(plain, grads)
+
+
+@pytest.mark.parametrize(("level", "offloaded"), [("pointwise", 0), ("most", 0), ("most", 2)])
+def test_selective_recompute_gives_the_same_loss_and_gradients(four_layer_llama, tmp_path, monkeypatch, capsys, level,
+                                                               offloaded):
+    """selective_recompute on the GPU (Inductor partitions each compiled layer at the level's activation memory
+    budget and recomputes the rest inside its backward), alone and with offloaded layers: loss and LoRA gradients
+    equal the compiled path keeping everything."""
+    from lora_runtime import compiled, offload
+
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    plain_loss, plain = _loss_and_grads(four_layer_llama, tmp_path, "compile", None)
+    loss, grads = _loss_and_grads(four_layer_llama, tmp_path, "compile", None, offloaded=offloaded, selective=level)
+    assert f"{compiled.LEVEL_WORDS[level]} in their backward" in capsys.readouterr().out
     assert loss == pytest.approx(plain_loss, rel=1e-3)
     _assert_close(plain, grads)
 

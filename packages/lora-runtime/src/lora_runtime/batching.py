@@ -281,6 +281,17 @@ COMPILED_TARGET_TOKENS = 32_768  # 16 rows of 2048 ran 8% faster than 8 (the mod
 # RESULTS.md, partitioner), and what recomputing them costs: re-reading gate, up and the residual stream, about 3%
 # of a token's GPU time (an estimate from bandwidth, not measured).
 POINTWISE_TOKEN_COST = 1.03
+# While a compiled layer recomputes under checkpointing, its activations and their gradients' temporaries are live:
+# about 2 layers' worth (H100: 8 rows recomputing every layer peaked at 7.05 GiB; 9 rows with pointwise recompute ran
+# out of memory above 7.6 GiB, where 1 layer's worth estimated 6.4).
+COMPILED_WORKING_SCALE = 2.0
+# selective_recompute="most" (compiled.LEVEL_BUDGETS): a layer's backward recomputes its projections, RoPE and
+# pointwise work in one compiled graph; with its recomputed activations and their gradients it holds about 3 layers'
+# worth at once (H100, Qwen2.5-1.5B shape: 4 rows peaked at 6.78 GiB; the partitioner at 0 keeps 3 kB a token a layer,
+# and 8 and 16 rows at 0 peaked at 7.87 and 12.59 GiB: 200 kB a token beyond what the layers keep). Its GPU time a
+# token against the same pass without recomputation: MOST_TOKEN_COST (H100, 4 rows of 2048, without the Trainer).
+MOST_WORKING_SCALE = 3.0
+MOST_TOKEN_COST = 1.2
 
 
 def pointwise_bytes_per_token(model_config: Any) -> float:
@@ -289,31 +300,40 @@ def pointwise_bytes_per_token(model_config: Any) -> float:
     return 2.0 * (i + 2 * h)
 
 
-def compiled_footprint(model_config: Any, fused_loss: bool = True, pointwise: bool = False) -> Footprint:
+def most_bytes_per_token(model_config: Any) -> float:
+    """Bytes a token one layer keeps under selective_recompute="most": its input and attention's output (bf16)."""
+    return 4.0 * _dims(model_config)[0]
+
+
+def compiled_footprint(model_config: Any, fused_loss: bool = True, level: str = "off") -> Footprint:
     """The peft backend's compiled path (lora_runtime.compiled): no logits but one chunk of them (the chunked loss;
     without it, `fused_loss=False`, transformers' full logits as in `peft_footprint`), a recomputed layer keeps its
-    input, one layer's activations live while recomputing.
+    input, `COMPILED_WORKING_SCALE` layers' activations live while recomputing.
 
     Calibrated on an H200 (Qwen2.5-1.5B shape, rows of 2048, torch.cuda.max_memory_allocated against the estimate):
-    2 rows 12.8 / 12.8 GiB, 4 rows 20.7 / 20.8, 16 rows 68.7 / 68.8, all without recomputation; 8 rows recomputing
-    every layer 7.0 / 7.0. With the chunked loss's Triton kernel (2 bytes a logit of a chunk, not 8), on an H100: 4 rows
-    19.6 / 19.7, 16 rows 68.7 / 67.8, 4 rows with pointwise recompute and 4 layers offloaded 13.6 / 13.8.
-    `pointwise`: each layer recomputes its pointwise work (`pointwise_bytes_per_token` less kept,
-    `POINTWISE_TOKEN_COST`).
+    2 rows 12.8 / 12.8 GiB, 4 rows 20.7 / 20.8, 16 rows 68.7 / 68.8, all without recomputation. With the chunked
+    loss's Triton kernel (2 bytes a logit of a chunk, not 8), on an H100: 4 rows 19.6 / 19.7, 16 rows 68.7 / 67.8,
+    4 rows with pointwise recompute and 4 layers offloaded 13.6 / 13.8, 8 rows recomputing every layer 7.05 / 7.3,
+    4 rows with `level="most"` 6.78 / 6.8.
+    `level` (selective_recompute): "pointwise", each layer recomputes its pointwise work (`pointwise_bytes_per_token`
+    less kept, `POINTWISE_TOKEN_COST`); "most", it keeps `most_bytes_per_token` and its backward holds
+    `MOST_WORKING_SCALE` layers' activations while it recomputes the rest (`MOST_TOKEN_COST`).
     """
     from lora_runtime.chunked_loss import TRANSIENT_BYTES, chunk_tokens, kernel_usable
 
     h, _, n, vocab = _dims(model_config)
     layer = layer_bytes_per_token(model_config) * COMPILED_LAYER_SCALE
-    kept = layer - pointwise_bytes_per_token(model_config) if pointwise else layer
+    kept = {"off": layer, "pointwise": layer - pointwise_bytes_per_token(model_config),
+            "most": most_bytes_per_token(model_config)}[level]
+    base = (0.0 if fused_loss else LOGIT_BYTES_PER_VOCAB * vocab) + (MOST_WORKING_SCALE * layer if level == "most"
+                                                                     else 0.0)
     loss_chunk = chunk_tokens(vocab) * vocab * TRANSIENT_BYTES[kernel_usable("cuda")] if fused_loss else 0.0
     return Footprint(weight_bytes(model_config, False), n, per_token_layer=kept, per_token_recomputed=2 * h,
-                     per_token_working=layer, extra=loss_chunk,
-                     per_token_base=0.0 if fused_loss else LOGIT_BYTES_PER_VOCAB * vocab,
+                     per_token_working=COMPILED_WORKING_SCALE * layer, extra=loss_chunk, per_token_base=base,
                      host_pass_tokens=host_pass_tokens(model_config) * COMPILED_HOST_PASS_TOKENS / HOST_PASS_TOKENS,
                      overlap_loss=COMPILED_OVERLAP_LOSS, recompute_cost=COMPILED_RECOMPUTE_COST,
                      host_recompute_cost=COMPILED_HOST_RECOMPUTE_COST, target_tokens=COMPILED_TARGET_TOKENS,
-                     token_cost=POINTWISE_TOKEN_COST if pointwise else 1.0)
+                     token_cost={"off": 1.0, "pointwise": POINTWISE_TOKEN_COST, "most": MOST_TOKEN_COST}[level])
 
 
 # activation_offload: the GPU speed a layer's copies must keep pace with (the compiled path's on one H200, 16 rows of

@@ -15,10 +15,14 @@ Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048; benchmarks/RESULTS.md, s
 through `lora_sft`, 43.0k with micro_batch_size=2 (50.0k with CUDA graphs, which `cuda_graphs="auto"` turns on for
 such small passes) and 61.2k on the whole card (16 rows a pass), 1.55× the Unsloth hand loop in the same run (on one
 H100, since the chunked loss's Triton kernel: 64.0k, 1.71×; 60.9k under 24 GiB, 60.5k under 16 GiB).
-Recomputation costs this path more than Unsloth (8 rows, every layer recomputed: 33.2k), so `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS`
-without recomputation, and Unsloth below that (`prefers`). `selective_recompute="pointwise"` lowers the partitioner's activation memory budget
-(`POINTWISE_BUDGET`): each layer recomputes its pointwise work in backward, keeping about a third less, no matmul
-recomputed (read from the saved tensors on a CPU); "auto" turns it on where only it makes a large pass fit.
+Checkpointing whole layers costs this path more than Unsloth (8 rows, every layer recomputed: 33.2k on the H200), so
+`backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS` without checkpointing, and
+Unsloth below that (`prefers`). `selective_recompute` lowers the partitioner's activation memory budget
+(`LEVEL_BUDGETS`): each layer recomputes part of its forward inside its own compiled backward. "pointwise": its
+pointwise work, keeping about a third less, no matmul recomputed (read from the saved tensors on a CPU); "most": all
+but attention, keeping about a twelfth (on one H100 without the Trainer, 4 rows a pass ran 47.8k tokens/s at a
+6.8 GiB peak, 8 rows checkpointing every layer 43.1k at 7.05 GiB). "auto" turns on the lighter one with which a
+large pass fits (`choose_levers`).
 Compilation adds 10-30 s to the first steps; the layers
 compile again for the first layer (its input needs no gradient), when the number of packed samples first changes
 (then with a dynamic size), and when evaluation first runs.
@@ -32,7 +36,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lora_runtime.config import LoraSftConfig
+from lora_runtime.config import RECOMPUTE_LEVELS, LoraSftConfig
 
 AUTO_MIN_TOKENS = 8_192  # micro_batch_size="auto": the smallest pass without recomputation worth leaving Unsloth for
 # cuda_graphs="auto": the largest pass that replays CUDA graphs. Through lora_sft on one H200 (Qwen2.5-1.5B shape,
@@ -92,11 +96,17 @@ def asked_for(config: LoraSftConfig) -> str:
     """The option that asks for the compiled path explicitly ("" where none does)."""
     if config.kernels == "compile":
         return "kernels='compile'"
-    if config.selective_recompute == "pointwise":
-        return "selective_recompute='pointwise'"
+    if config.selective_recompute in RECOMPUTE_LEVELS:
+        return f"selective_recompute={config.selective_recompute!r}"
     if config.cuda_graphs is True:
         return "cuda_graphs=True"
     return ""
+
+
+def recompute_level(config: LoraSftConfig) -> str:
+    """The selective_recompute level the compiled layers run ("off" where none is set yet: "auto" before
+    `choose_levers`)."""
+    return config.selective_recompute if config.selective_recompute in RECOMPUTE_LEVELS else "off"
 
 
 def fused_loss(config: LoraSftConfig, model_config: Any) -> bool:
@@ -188,12 +198,12 @@ def _auto_model_config(config: LoraSftConfig) -> tuple[Any, str]:
 
 def _pass_fits(config: LoraSftConfig, model_config: Any, offloaded: int | None = None) -> tuple[bool, str]:
     """Whether a pass of `AUTO_MIN_TOKENS` (or the micro batch given) fits the memory budget on the compiled path
-    without recomputing a layer, with `config`'s pointwise recomputation and `offloaded` layers offloaded (default:
+    without checkpointing a layer, with `config`'s selective recomputation and `offloaded` layers offloaded (default:
     every layer where activation_offload=True, the least the plan can keep), and the arithmetic in words."""
     from lora_runtime.batching import GIB, compiled_footprint, memory_budget
 
-    pointwise = config.selective_recompute == "pointwise"
-    footprint = compiled_footprint(model_config, fused_loss=True, pointwise=pointwise)
+    level = recompute_level(config)
+    footprint = compiled_footprint(model_config, fused_loss=True, level=level)
     if offloaded is None:
         offloaded = footprint.layers if config.activation_offload is True else 0
     offloaded = min(offloaded, footprint.layers)
@@ -203,16 +213,17 @@ def _pass_fits(config: LoraSftConfig, model_config: Any, offloaded: int | None =
     need = footprint.need(tokens, 0, offloaded)
     how = ("every layer offloaded" if offloaded == footprint.layers else
            f"{offloaded} layers offloaded" if offloaded else "")
-    how = ", ".join(w for w in ("pointwise work recomputed" if pointwise else "", how) if w)
-    return need <= budget, (f"{tokens:,} tokens a pass without recomputation{f' ({how})' if how else ''} need "
+    how = ", ".join(w for w in (LEVEL_WORDS.get(level, ""), how) if w)
+    return need <= budget, (f"{tokens:,} tokens a pass without checkpointing{f' ({how})' if how else ''} need "
                             f"{need / GIB:.1f} GiB of {budget / GIB:.1f} ({source})")
 
 
-# selective_recompute/activation_offload="auto": at most this many layers offloaded for the pass to fit. Measured on
-# one H200 (benchmarks/RESULTS.md, offload and compiled-parts), Qwen2.5-1.5B shape under 16 GiB: pointwise
-# recomputation with 6 of 28 layers offloaded ran 54.1k tokens/s against 49.6k for Unsloth recomputing 17 layers (the
-# plan without them), 1.35x the Unsloth hand loop; offload alone ran 42.6k (not chosen by auto); 6 layers offloaded
-# at 8,192 tokens a pass cost 10% of a step, 3 nothing, 10 at 16,384 tokens 37%
+# selective_recompute/activation_offload="auto": at most this many layers offloaded for the pass to fit with pointwise
+# recomputation. Measured on one H200 (benchmarks/RESULTS.md, offload and compiled-parts), Qwen2.5-1.5B shape under
+# 16 GiB: pointwise recomputation with 6 of 28 layers offloaded ran 54.1k tokens/s against 49.6k for Unsloth
+# recomputing 17 layers (the plan without them), 1.35x the Unsloth hand loop; offload alone ran 42.6k (not chosen by
+# auto); 6 layers offloaded at 8,192 tokens a pass cost 10% of a step, 3 nothing, 10 at 16,384 tokens 37%. Under
+# "most" a layer keeps a twelfth as much, so offloading every layer costs the link little: no limit there.
 AUTO_MAX_OFFLOADED = 6
 
 
@@ -220,22 +231,24 @@ def choose_levers(config: LoraSftConfig) -> tuple[LoraSftConfig, str]:
     """selective_recompute="auto" and activation_offload="auto" made concrete, and the reason where they are on.
 
     On only where backend="auto" would otherwise leave the compiled path for Unsloth because a pass of
-    `AUTO_MIN_TOKENS` does not fit without recomputation: pointwise recomputation where that makes the pass fit,
-    plus offload where pointwise alone does not and at most `AUTO_MAX_OFFLOADED` offloaded layers do (the plan then
-    picks how many). activation_offload=True with selective_recompute="auto" adds pointwise (offload alone ran
-    slower than both together). Everywhere else both are off: offload alone is never chosen."""
+    `AUTO_MIN_TOKENS` does not fit without recomputation. The first that makes the pass fit, lightest first:
+    pointwise recomputation; pointwise plus at most `AUTO_MAX_OFFLOADED` offloaded layers; "most" (the layers
+    recompute all but attention in their backward); "most" with offload (the plan then picks how many layers). An
+    option given keeps its value: activation_offload=True with selective_recompute="auto" tries pointwise, then
+    "most" (offload alone ran slower than with either), False never offloads. Everywhere else both are off: offload
+    alone is never chosen."""
     sr, ao = config.selective_recompute, config.activation_offload
     if sr != "auto" and ao != "auto":
         return config, ""
     base = dataclasses.replace(config, selective_recompute="off" if sr == "auto" else sr,
                                activation_offload=False if ao == "auto" else ao)
-    if sr == "auto":
-        candidates = [(True, None)] if ao is True else [(False, 0)] + (
-            [(True, AUTO_MAX_OFFLOADED)] if ao == "auto" else [])
-    elif sr == "pointwise":  # activation_offload="auto"
-        candidates = [(True, AUTO_MAX_OFFLOADED)]
-    else:
+    if sr == "off":
         return base, ""
+    # (level, offload, most offloaded layers for the pass to fit: None = every layer)
+    ladder = [("pointwise", False, 0), ("pointwise", True, AUTO_MAX_OFFLOADED), ("most", False, 0),
+              ("most", True, None)]
+    candidates = [(level, offload, most) for level, offload, most in ladder
+                  if (sr == "auto" or level == sr) and (ao == "auto" or offload == ao)]
     if (config.backend != "auto" or config.lora_dropout > 0 or config.cuda_graphs is True
             or config.sharding == "fsdp" or config.enable_model_splitting):
         return base, ""
@@ -245,11 +258,11 @@ def choose_levers(config: LoraSftConfig) -> tuple[LoraSftConfig, str]:
     try:
         if ao is not True and _pass_fits(base, model_config)[0]:
             return base, ""  # the compiled path fits as it is
-        for offload, most in candidates:
-            chosen = dataclasses.replace(base, selective_recompute="pointwise", activation_offload=offload)
+        for level, offload, most in candidates:
+            chosen = dataclasses.replace(base, selective_recompute=level, activation_offload=offload)
             fits, words = _pass_fits(chosen, model_config, most)
             if fits:
-                on = [f"selective_recompute='pointwise'{' (auto)' if sr == 'auto' else ''}"]
+                on = [f"selective_recompute={level!r}{' (auto)' if sr == 'auto' else ''}"]
                 if offload:
                     on.append(f"activation_offload=True{' (auto)' if ao == 'auto' else ''}")
                 return chosen, f"compiled peft path with {' and '.join(on)}: {words}"
@@ -274,12 +287,14 @@ def prepare(model: Any, targets: Any) -> str:
     return f"kernels: compiled path: layers compiled one by one, packed flash varlen attention, {loss}, bf16 LoRA matmuls"
 
 
-# selective_recompute="pointwise": the partitioner keeps at most this share of what it would keep by default,
-# recomputing the cheapest ops first (a matmul only below 0.65 for the Qwen2.5-1.5B shape and 0.62 for Llama-3.1-8B's
-# at 512 tokens, read from its saved tensors on a CPU: benchmarks/RESULTS.md, partitioner;
-# `batching.pointwise_bytes_per_token` counts what 0.7 saves)
-POINTWISE_BUDGET = 0.7
-
+# selective_recompute's levels: the partitioner keeps at most this share of what it would keep by default,
+# recomputing the cheapest ops first. "pointwise": a matmul is recomputed only below 0.65 for the Qwen2.5-1.5B shape
+# and 0.62 for Llama-3.1-8B's at 512 tokens (read from its saved tensors on a CPU: benchmarks/RESULTS.md,
+# partitioner; `batching.pointwise_bytes_per_token` counts what 0.7 saves). "most": at 0.05 a layer keeps its input and
+# attention's output (and LoRA's rank-sized products), recomputing the projections (`batching.most_bytes_per_token`);
+# at 0 it keeps only its input and recomputes attention too
+LEVEL_BUDGETS = {"pointwise": 0.7, "most": 0.05}
+LEVEL_WORDS = {"pointwise": "pointwise work recomputed", "most": "all but attention recomputed"}
 
 def graphs(config: LoraSftConfig, plan: Any, parameters: int | None = None) -> tuple[bool, str]:
     """Whether the compiled layers replay CUDA graphs (`cuda_graphs`), and the log's words. A graph replays one fixed
@@ -298,8 +313,8 @@ def graphs(config: LoraSftConfig, plan: Any, parameters: int | None = None) -> t
         clash.append(f"the plan recomputes {plan.recomputation()}")
     if plan.offloaded_layers:
         clash.append(f"the plan offloads {plan.offloaded_layers} layer(s)")
-    if config.selective_recompute == "pointwise":
-        clash.append("selective_recompute='pointwise'")
+    if config.selective_recompute in RECOMPUTE_LEVELS:
+        clash.append(f"selective_recompute={config.selective_recompute!r}")
     if dist_env().world_size > 1:  # DDP hands gradients over in buckets of its own
         clash.append("several processes (DDP's gradient buckets are not replayed)")
     if config.cuda_graphs == "auto":
@@ -360,7 +375,7 @@ GRAPH_SAMPLES_PER_ROW = 8
 
 def finish(model: Any, selective_recompute: str = "off", cuda_graphs: bool = False) -> str:
     """After LoRA and checkpointing are set: LoRA inputs stay bf16 (autocast runs the matmuls on the fp32 adapters)
-    and every decoder layer is compiled; with `selective_recompute="pointwise"` by `pointwise_backend` (the
+    and every decoder layer is compiled; with a `selective_recompute` level by `recompute_backend` (the
     partitioner's activation memory budget for these layers' graphs only); with `cuda_graphs`, in Inductor's
     reduce-overhead mode (CUDA graph trees: each layer's kernels launched as one graph). Returns the log's words."""
     import torch._dynamo
@@ -377,10 +392,11 @@ def finish(model: Any, selective_recompute: str = "off", cuda_graphs: bool = Fal
     setattr(config, name, max(getattr(config, name), 32))
     words = f"{len(layers)} decoder layers compiled"
     options: dict[str, Any] = {}
-    if selective_recompute == "pointwise":
+    if selective_recompute in LEVEL_BUDGETS:
         grouped_query_flop_counts()  # the budget's solver counts each op's flops
-        options["backend"] = pointwise_backend()
-        words += f", their pointwise work recomputed in backward (activation memory budget {POINTWISE_BUDGET})"
+        options["backend"] = recompute_backend(selective_recompute)
+        words += (f", {LEVEL_WORDS[selective_recompute].replace('recomputed', 'recomputed in their backward')} "
+                  f"(activation memory budget {LEVEL_BUDGETS[selective_recompute]})")
     elif cuda_graphs:
         options["mode"] = "reduce-overhead"
         words += ", each replaying CUDA graphs"
@@ -389,7 +405,7 @@ def finish(model: Any, selective_recompute: str = "off", cuda_graphs: bool = Fal
     return words
 
 
-INNER_COMPILER = "inductor"  # what `pointwise_backend` compiles with (the CPU tests: "aot_eager")
+INNER_COMPILER = "inductor"  # what `recompute_backend` compiles with (the CPU tests: "aot_eager")
 
 
 @functools.cache
@@ -404,12 +420,12 @@ def _budget_backend(budget: float, inner: str) -> Any:
     return backend
 
 
-def pointwise_backend() -> Any:
-    """A torch.compile backend: `INNER_COMPILER` with the partitioner's activation memory budget at
-    `POINTWISE_BUDGET` while it compiles, so the setting is these layers' alone (not the process's) and Dynamo never
-    serves one run's layers compiled with the other setting (its cache checks the backend). One object per setting:
+def recompute_backend(level: str) -> Any:
+    """A torch.compile backend: `INNER_COMPILER` with the partitioner's activation memory budget at the `level`'s
+    (`LEVEL_BUDGETS`) while it compiles, so the setting is these layers' alone (not the process's) and Dynamo never
+    serves one run's layers compiled with another setting (its cache checks the backend). One object per setting:
     compiled layers are reused across runs with the same one."""
-    return _budget_backend(POINTWISE_BUDGET, INNER_COMPILER)
+    return _budget_backend(LEVEL_BUDGETS[level], INNER_COMPILER)
 
 
 def grouped_query_flop_counts() -> None:

@@ -30,6 +30,8 @@ PATH_FIELDS = ("model_path", "data_path", "ckpt_output_dir", "data_output_dir", 
                "resume_from")
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
+# selective_recompute's levels, lightest first: what the compiled path's decoder layers recompute in their backward
+RECOMPUTE_LEVELS = ("pointwise", "most")
 OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor",
               "sgd"]
 
@@ -132,11 +134,14 @@ class LoraSftConfig:
         "auto", "recompute activations; auto = as many layers as the memory budget needs on a GPU, off on a CPU",
         ["auto", True, False])
     selective_recompute: str = _f(
-        "auto", "pointwise: the compiled path's decoder layers recompute their pointwise work (RMSNorm, SwiGLU's "
-        "product) in backward instead of keeping its outputs: a third less activation memory a layer, no matmul "
-        "recomputed; the memory plan counts it; runs the compiled path (CUDA, backend peft or auto, kernels compile "
-        "or auto, lora_dropout 0); auto = pointwise where backend auto would otherwise leave the compiled path for "
-        "lack of memory and a large pass fits with it (see activation_offload), else off", ["auto", "off", "pointwise"])
+        "auto", "the compiled path's decoder layers recompute part of their forward inside their own backward "
+        "instead of keeping its outputs, with no checkpointing: pointwise = their pointwise work (RMSNorm, SwiGLU's "
+        "product), a third less activation memory a layer, no matmul recomputed; most = everything but attention "
+        "(projections included), keeping the layer's input and attention's output, about a twelfth of a layer; the "
+        "memory plan counts either; runs the compiled path (CUDA, backend peft or auto, kernels compile or auto, "
+        "lora_dropout 0); auto = the lighter of the two with which a large pass fits where backend auto would "
+        "otherwise leave the compiled path for lack of memory (see activation_offload), else off",
+        ["auto", "off", *RECOMPUTE_LEVELS])
     activation_offload: bool | str = _f(
         "auto", "the peft backend may keep decoder layers' saved activations in pinned host memory between forward "
         "and backward, copied on a side stream while the GPU computes, instead of recomputing them; the memory plan "
@@ -336,7 +341,7 @@ def _graph_issues(cfg: LoraSftConfig) -> list[str]:
     """What cuda_graphs=True cannot combine with: a graph replays one fixed forward of the compiled layers."""
     clash = [(cfg.backend == "unsloth", "backend='unsloth' (graphs are the compiled peft path's)"),
              (cfg.kernels in ("liger", "none"), f"kernels={cfg.kernels!r} (graphs replay compiled layers)"),
-             (cfg.selective_recompute == "pointwise", "selective_recompute='pointwise'"),
+             (cfg.selective_recompute in RECOMPUTE_LEVELS, f"selective_recompute={cfg.selective_recompute!r}"),
              (cfg.activation_offload is True, "activation_offload=True"),
              (cfg.gradient_checkpointing is not False,
               f"gradient_checkpointing={cfg.gradient_checkpointing!r} (pass False: the plan may not recompute)"),
@@ -367,12 +372,12 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
     if cfg.kernels in ("liger", "compile") and cfg.backend == "unsloth":
         issues.append(f"kernels={cfg.kernels!r} applies to the peft backend; backend='unsloth' runs Unsloth's own fused "
                       "kernels (pass backend='peft' or 'auto', or kernels='auto')")
-    if cfg.selective_recompute == "pointwise" and (cfg.backend == "unsloth" or cfg.kernels in ("liger", "none")):
+    if cfg.selective_recompute in RECOMPUTE_LEVELS and (cfg.backend == "unsloth" or cfg.kernels in ("liger", "none")):
         issues.append(f"selective_recompute={cfg.selective_recompute!r} applies to the compiled path (kernels="
                       f"'compile' or 'auto', backend 'peft' or 'auto'), not to backend={cfg.backend!r} with "
                       f"kernels={cfg.kernels!r}; pass selective_recompute='off' (gradient_checkpointing recomputes "
                       "whole layers on every path)")
-    if cfg.selective_recompute == "pointwise" and cfg.lora_dropout > 0:
+    if cfg.selective_recompute in RECOMPUTE_LEVELS and cfg.lora_dropout > 0:
         issues.append(f"selective_recompute={cfg.selective_recompute!r} with lora_dropout={cfg.lora_dropout}: the "
                       "recomputed work would draw a new dropout mask in backward (wrong gradients); pass "
                       "lora_dropout=0.0 or selective_recompute='off'")

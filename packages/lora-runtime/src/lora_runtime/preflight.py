@@ -18,6 +18,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from lora_runtime.config import RECOMPUTE_LEVELS
+
 # option → (is it on, why it needs CUDA, what to do instead)
 _NEEDS_CUDA = {
     "load_in_4bit": (lambda c: c.load_in_4bit, "bitsandbytes 4-bit", "drop it to train the base model unquantized"),
@@ -28,7 +30,7 @@ _NEEDS_CUDA = {
     "kernels": (lambda c: c.kernels in ("liger", "compile"),
                 lambda c: "liger-kernel's Triton kernels" if c.kernels == "liger" else "Triton and FlashAttention-2",
                 "pass kernels='auto' (or 'none')"),
-    "selective_recompute": (lambda c: c.selective_recompute == "pointwise", "the compiled decoder layers",
+    "selective_recompute": (lambda c: c.selective_recompute in RECOMPUTE_LEVELS, "the compiled decoder layers",
                             "pass selective_recompute='off'"),
     "cuda_graphs": (lambda c: c.cuda_graphs is True, "CUDA graphs of the compiled decoder layers",
                     "pass cuda_graphs='auto'"),

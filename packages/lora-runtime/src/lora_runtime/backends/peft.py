@@ -56,7 +56,7 @@ class PeftBackend(BackendBase):
     def footprint(self, model_config: Any, config: LoraSftConfig) -> Footprint:
         if self.compiled(config):
             footprint = compiled_footprint(model_config, fused_loss=compiled.fused_loss(config, model_config),
-                                           pointwise=config.selective_recompute == "pointwise")
+                                           level=compiled.recompute_level(config))
         else:
             footprint = peft_footprint(model_config, config.load_in_4bit, fused_loss=self.fused_loss(config))
         if config.activation_offload is not True:
@@ -72,8 +72,8 @@ class PeftBackend(BackendBase):
 
     @staticmethod
     def compiled(config: LoraSftConfig) -> bool:
-        """Whether the compiled path runs (lora_runtime.compiled): kernels="compile" or selective_recompute=
-        "pointwise" (asked for), or kernels="auto" where eligible on CUDA. Asked for where it cannot run raises,
+        """Whether the compiled path runs (lora_runtime.compiled): kernels="compile" or a selective_recompute level
+        (asked for), or kernels="auto" where eligible on CUDA. Asked for where it cannot run raises,
         naming why."""
         import torch
 
