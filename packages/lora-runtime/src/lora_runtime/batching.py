@@ -287,9 +287,10 @@ POINTWISE_TOKEN_COST = 1.03
 COMPILED_WORKING_SCALE = 2.0
 # selective_recompute="most" (compiled.LEVEL_BUDGETS): a layer's backward recomputes its projections, RoPE and
 # pointwise work in one compiled graph; with its recomputed activations and their gradients it holds about 3 layers'
-# worth at once (H100, Qwen2.5-1.5B shape: 4 rows peaked at 6.78 GiB; the partitioner at 0 keeps 3 kB a token a layer,
-# and 8 and 16 rows at 0 peaked at 7.87 and 12.59 GiB: 200 kB a token beyond what the layers keep). Its GPU time a
-# token against the same pass without recomputation: MOST_TOKEN_COST (H100, 4 rows of 2048, without the Trainer).
+# worth at once (Qwen2.5-1.5B shape, without the Trainer: 4 rows peaked at 6.78 GiB on an H100, 6 rows at 8.59 on an
+# H200; at budget 0, where a layer keeps 3 kB a token, 8 and 16 rows peaked at 7.87 and 12.59 GiB: 200 kB a token
+# beyond what the layers keep). Its GPU time a token against a pass without recomputation: on the H200, 6 rows ran
+# 53.7k tokens/s, 4 rows without recomputation 61.7k (benchmarks/RESULTS.md, compiled-parts).
 MOST_WORKING_SCALE = 3.0
 MOST_TOKEN_COST = 1.2
 
@@ -314,7 +315,8 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, level: str = 
     2 rows 12.8 / 12.8 GiB, 4 rows 20.7 / 20.8, 16 rows 68.7 / 68.8, all without recomputation. With the chunked
     loss's Triton kernel (2 bytes a logit of a chunk, not 8), on an H100: 4 rows 19.6 / 19.7, 16 rows 68.7 / 67.8,
     4 rows with pointwise recompute and 4 layers offloaded 13.6 / 13.8, 8 rows recomputing every layer 7.05 / 7.3,
-    4 rows with `level="most"` 6.78 / 6.8.
+    4 rows with `level="most"` 6.78 / 6.7; on an H200, 6 rows with "most" 8.59 / 8.2, and through lora_sft with 27
+    layers offloaded 6.0 / 6.45.
     `level` (selective_recompute): "pointwise", each layer recomputes its pointwise work (`pointwise_bytes_per_token`
     less kept, `POINTWISE_TOKEN_COST`); "most", it keeps `most_bytes_per_token` and its backward holds
     `MOST_WORKING_SCALE` layers' activations while it recomputes the rest (`MOST_TOKEN_COST`).

@@ -13,8 +13,8 @@ Four parts, each plain PyTorch:
 Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048; benchmarks/RESULTS.md, scenarios `compiled-parts` and
 `compiled`): without the Trainer, 2 rows a pass ran 34.3k tokens/s (16.5k without compilation), 16 rows 60.0k;
 through `lora_sft`, 43.0k with micro_batch_size=2 (50.0k with CUDA graphs, which `cuda_graphs="auto"` turns on for
-such small passes) and 61.2k on the whole card (16 rows a pass), 1.55× the Unsloth hand loop in the same run (on one
-H100, since the chunked loss's Triton kernel: 64.0k, 1.71×; 60.9k under 24 GiB, 60.5k under 16 GiB).
+such small passes) and 61.2k on the whole card (16 rows a pass), 1.55× the Unsloth hand loop in the same run; since
+the chunked loss's Triton kernel 72.6k, 1.72× (on one H100: 64.0k, 1.71×; 60.9k under 24 GiB, 60.5k under 16 GiB).
 Checkpointing whole layers costs this path more than Unsloth (8 rows, every layer recomputed: 33.2k on the H200), so
 `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS` without checkpointing, and
 Unsloth below that (`prefers`). `selective_recompute` lowers the partitioner's activation memory budget
@@ -22,7 +22,9 @@ Unsloth below that (`prefers`). `selective_recompute` lowers the partitioner's a
 pointwise work, keeping about a third less, no matmul recomputed (read from the saved tensors on a CPU); "most": all
 but attention, keeping about a twelfth (on one H100 without the Trainer, 4 rows a pass ran 47.8k tokens/s at a
 6.8 GiB peak, 8 rows checkpointing every layer 43.1k at 7.05 GiB). "auto" turns on the lighter one with which a
-large pass fits (`choose_levers`).
+large pass fits (`choose_levers`). Under 8 GiB that is "most" with 27 of 28 layers' few saved tensors offloaded, 6
+rows a pass: 56.5k tokens/s on the H200, 1.38× the Unsloth loop under the same cap in the same run (40.8k); the
+Llama-3.1-8B shape at 8,192 tokens under 24 GiB, "most" with 18 of 32 layers offloaded: 16.1k, 1.60× (10.0k).
 Compilation adds 10-30 s to the first steps; the layers
 compile again for the first layer (its input needs no gradient), when the number of packed samples first changes
 (then with a dynamic size), and when evaluation first runs.
