@@ -54,6 +54,8 @@ def compare(base: dict, new: dict, *, max_slowdown: float, max_memory_increase: 
     old, cur = cases(base), cases(new)
     for name in sorted(old.keys() - cur.keys()):
         notes.append(f"{name}: in the baseline, not in this run (not compared)")
+    for name in sorted(cur.keys() - old.keys()):
+        notes.append(f"{name}: in this run, not in the baseline (not compared until a baseline records it)")
     for name in sorted(old.keys() & cur.keys()):
         a, b = old[name], cur[name]
         rounds = (a["stats"]["rounds"], b["stats"]["rounds"])

@@ -52,10 +52,11 @@ def test_too_few_rounds_and_a_lost_memory_figure_fail(tmp_path):
     checks, _ = compare.compare(BASE, report(("test_train_step[b16]", 0.3, {"peak_alloc_gib": 15.0}), rounds=1),
                                 max_slowdown=0.1, max_memory_increase=0.05)
     assert [c.ok for c in checks] == [False] and "rounds" in checks[0].figure
-    checks, notes = compare.compare(BASE, report(("test_train_step[b16]", 0.3, {})), max_slowdown=0.1,
-                                    max_memory_increase=0.05)
+    checks, notes = compare.compare(BASE, report(("test_train_step[b16]", 0.3, {}), ("test_train_step[b8]", 0.3, {})),
+                                    max_slowdown=0.1, max_memory_increase=0.05)
     assert [(c.figure, c.ok) for c in checks] == [("median s", True), ("peak_alloc_gib missing from the new run", False)]
-    assert notes == ["test_prepare_vs_trl: in the baseline, not in this run (not compared)"]
+    assert notes == ["test_prepare_vs_trl: in the baseline, not in this run (not compared)",
+                     "test_train_step[b8]: in this run, not in the baseline (not compared until a baseline records it)"]
 
 
 def test_no_common_case_fails(tmp_path):

@@ -1,7 +1,8 @@
 """GPU training benchmarks, the memory-budget rows of the frontier scenario as a regression gate: one optimizer step
 of our unsloth backend at each budget (8, 16, 24, 40 GiB and the whole card) and of the peft backend (its compiled
-path, which kernels="auto" takes there: lora_runtime.compiled) at 24 and 40 GiB and on the whole card, and with
-selective_recompute="pointwise" and activation_offload=True at 16 and 24 GiB, on packed rows of 2048 tokens (Qwen2.5-1.5B shape, random bf16 weights, LoRA r=16 alpha=32 on the 7 projections,
+path, which kernels="auto" takes there: lora_runtime.compiled) at 24 and 40 GiB and on the whole card, with
+selective_recompute="pointwise" and activation_offload=True at 16 and 24 GiB, and with "most" and offload at 8 GiB,
+on packed rows of 2048 tokens (Qwen2.5-1.5B shape, random bf16 weights, LoRA r=16 alpha=32 on the 7 projections,
 AdamW), timed by pytest-benchmark (8 rounds after 3 warm-up steps).
 
 A budget case is what `lora_sft(max_memory_gib=B)` trains with: the config goes through `batching.resolve` (the memory
@@ -34,9 +35,11 @@ BUDGETS = (8, 16, 24, 40, None)  # GiB; None = the whole card
 # (backend, budget, options): the peft backend also with its memory levers (pointwise recomputation and activation
 # offload, opt-in) under 16 and 24 GiB
 LEVERS = {"selective_recompute": "pointwise", "activation_offload": True}
+MOST = {"selective_recompute": "most", "activation_offload": True}
 CASES = ([("unsloth", b, {}) for b in BUDGETS] + [("peft", b, {}) for b in (24, 40, None)]
-         + [("peft", b, LEVERS) for b in (16, 24)])
-IDS = [f"{backend}-{'card' if b is None else f'{b}gib'}{'-pw-offload' if options else ''}"
+         + [("peft", b, LEVERS) for b in (16, 24)] + [("peft", 8, MOST)])
+IDS = [f"{backend}-{'card' if b is None else f'{b}gib'}"
+       + {"": "", "pointwise": "-pw-offload", "most": "-most-offload"}[options.get("selective_recompute", "")]
        for backend, b, options in CASES]
 
 
