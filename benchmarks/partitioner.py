@@ -7,7 +7,7 @@ the 7 projections (frozen bf16 base, fp32 adapters under bf16 autocast) is compi
 partitioner (what Inductor uses) at each `torch._functorch.config.activation_memory_budget`; attention is an opaque
 op that keeps q, k, v, its output and the log-sum-exp, as FlashAttention-2 does. For each budget: the bytes a token
 kept for backward (read through saved-tensor hooks) and the matmuls the backward graph runs (more than at 1.0: a
-projection is recomputed). `selective_recompute="pointwise"` (lora_runtime.compiled.POINTWISE_BUDGET) rests on it.
+projection is recomputed). selective_recompute's levels (lora_runtime.compiled.LEVEL_BUDGETS) rest on it.
 """
 
 import argparse

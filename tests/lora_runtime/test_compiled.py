@@ -12,6 +12,7 @@ import torch
 from lora_runtime import LoraSftConfig, attention, compiled
 from lora_runtime.backends.base import flatten_hook
 from lora_runtime.collate import collate_packed
+from lora_runtime.config import RECOMPUTE_LEVELS
 
 
 def _per_sample_sdpa(q, k, v, cu, max_len, scale):
@@ -244,6 +245,18 @@ def test_auto_levers_take_the_compiled_path_where_only_they_make_a_large_pass_fi
                                                                  "offloaded) need 6.9 GiB of 8.0 (free)")
     chosen, why = compiled.choose_levers(LoraSftConfig(model, "d", "o", activation_offload=False))
     assert (chosen.selective_recompute, chosen.activation_offload, why) == ("off", False, "")
+    a_gpu_with(6.5)  # offload asked for where "most" holds too much at its backward: pointwise, every layer offloaded
+    chosen, why = compiled.choose_levers(LoraSftConfig(model, "d", "o", activation_offload=True))
+    assert chosen.selective_recompute == "pointwise" and why.endswith("(pointwise work recomputed, every layer "
+                                                                      "offloaded) need 5.8 GiB of 6.5 (free)")
+    chosen, why = compiled.choose_levers(LoraSftConfig(model, "d", "o"))  # not asked for: never that slow rung
+    assert (chosen.selective_recompute, chosen.activation_offload, why) == ("off", False, "")
+    # "most" asked for: offload follows only where the pass needs it
+    for gib, offload in ((139, False), (10, False), (8, True)):
+        a_gpu_with(gib)
+        chosen, why = compiled.choose_levers(LoraSftConfig(model, "d", "o", selective_recompute="most"))
+        assert (chosen.selective_recompute, chosen.activation_offload) == ("most", offload), gib
+        assert ("activation_offload=True (auto)" in why) == offload and (why == "") == (not offload), gib
     a_gpu_with(16)
     for other in ({"lora_dropout": 0.05}, {"backend": "peft"}, {"gradient_checkpointing": True},
                   {"cuda_graphs": True}, {"kernels": "liger"}, {"selective_recompute": "off"}, {"use_dora": True}):
@@ -282,37 +295,64 @@ def test_pointwise_recompute_keeps_less_a_layer_and_asks_for_the_compiled_path(t
     assert lean.step_cost(8192, 0) > keep.step_cost(8192, 0)
     assert round(lean.need(8192, 0) / GIB, 1) == 16.7
     assert not compiled.prefers(LoraSftConfig(model, "d", "o", selective_recompute="off"))[0]
+
+
+def test_most_recompute_keeps_a_layers_input_and_attention_output(tmp_path, a_gpu_with):
+    """selective_recompute="most": a layer keeps 2 hidden states a token (4 × 1536 bytes), its backward holds 3
+    layers' activations while it recomputes, a pass of 8,192 tokens needs 8.2 GiB (6.9 with every layer's few tensors
+    offloaded), and checkpointing on top adds no working set (the checkpointed forward keeps what it keeps anyway),
+    only saves the attention output: never more memory than without."""
+    from lora_runtime.batching import GIB
+
+    _, (keep, most) = _footprints(tmp_path, a_gpu_with, 20, {}, {"selective_recompute": "most"})
+    assert most.per_token_layer == 4 * 1536 and most.per_token_base == pytest.approx(3 * keep.per_token_layer)
+    assert most.step_cost(8192, 0) > keep.step_cost(8192, 0)
+    assert (round(most.need(8192, 0) / GIB, 1), round(most.need(8192, 0, 28) / GIB, 1)) == (8.2, 6.9)
+    assert all(most.peak(8192, k) <= most.peak(8192, 0) for k in (1, 14, 28))
+
+
+@pytest.mark.parametrize("level", RECOMPUTE_LEVELS)
+def test_a_recompute_level_asks_for_the_compiled_path(tmp_path, a_gpu_with, level):
+    """A selective_recompute level is the compiled path's own: backend auto takes that path for it whatever the
+    budget (and with gradient_checkpointing=True)."""
+    model = _qwen15b_shaped(tmp_path)
+    a_gpu_with(20)
     for options in ({}, {"gradient_checkpointing": True}):
-        ok, why = compiled.prefers(LoraSftConfig(model, "d", "o", selective_recompute="pointwise", **options))
-        assert ok and why == "selective_recompute='pointwise' runs on the compiled peft path"
+        ok, why = compiled.prefers(LoraSftConfig(model, "d", "o", selective_recompute=level, **options))
+        assert ok and why == f"selective_recompute={level!r} runs on the compiled peft path"
 
 
-def test_pointwise_recompute_is_refused_off_the_compiled_path(tmp_path, a_gpu_with):
+@pytest.mark.parametrize("level", RECOMPUTE_LEVELS)
+def test_a_recompute_level_is_refused_off_the_compiled_path(tmp_path, a_gpu_with, level):
     from lora_runtime.config import ConfigError
 
     model = _qwen15b_shaped(tmp_path)
     a_gpu_with(139)
     for other in ({"kernels": "liger"}, {"kernels": "none"}, {"backend": "unsloth"}):
-        with pytest.raises(ConfigError, match="selective_recompute='pointwise' applies to the compiled path"):
-            LoraSftConfig(model, "d", "o", selective_recompute="pointwise", **other).validate()
+        with pytest.raises(ConfigError, match=f"selective_recompute={level!r} applies to the compiled path"):
+            LoraSftConfig(model, "d", "o", selective_recompute=level, **other).validate()
     with pytest.raises(ConfigError, match="`selective_recompute` must be one of"):
         LoraSftConfig(model, "d", "o", selective_recompute="everything").validate()
     with pytest.raises(ConfigError, match="would draw a new dropout mask in backward"):
-        LoraSftConfig(model, "d", "o", selective_recompute="pointwise", lora_dropout=0.05).validate()
+        LoraSftConfig(model, "d", "o", selective_recompute=level, lora_dropout=0.05).validate()
+    with pytest.raises(ConfigError, match=f"cuda_graphs=True cannot run with selective_recompute={level!r}"):
+        LoraSftConfig(model, "d", "o", selective_recompute=level, cuda_graphs=True,
+                      gradient_checkpointing=False).validate()
     from lora_runtime.preflight import machine_issues
 
-    assert not machine_issues(LoraSftConfig(model, "d", "o", selective_recompute="pointwise"))
-    issues = machine_issues(LoraSftConfig(model, "d", "o", selective_recompute="pointwise", use_dora=True))
-    assert issues == ["`selective_recompute`='pointwise' cannot run here: DoRA is not compiled here (pass "
+    assert not machine_issues(LoraSftConfig(model, "d", "o", selective_recompute=level))
+    issues = machine_issues(LoraSftConfig(model, "d", "o", selective_recompute=level, use_dora=True))
+    assert issues == [f"`selective_recompute`={level!r} cannot run here: DoRA is not compiled here (pass "
                       "selective_recompute='off')"]
 
 
-def test_pointwise_recompute_needs_cuda(tmp_path, monkeypatch):
+@pytest.mark.parametrize("level", RECOMPUTE_LEVELS)
+def test_a_recompute_level_needs_cuda(tmp_path, monkeypatch, level):
     from lora_runtime.preflight import machine_issues
 
     monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: False)
-    issues = machine_issues(LoraSftConfig(_qwen15b_shaped(tmp_path), "d", "o", selective_recompute="pointwise"))
-    assert any("`selective_recompute`='pointwise' needs CUDA" in i for i in issues)
+    issues = machine_issues(LoraSftConfig(_qwen15b_shaped(tmp_path), "d", "o", selective_recompute=level))
+    assert any(f"`selective_recompute`={level!r} needs CUDA" in i for i in issues)
 
 
 @pytest.mark.parametrize("option, words", [

@@ -138,7 +138,8 @@ class Footprint:
 
     A kept layer holds `per_token_layer` bytes a token until backward; a recomputed one `per_token_recomputed`
     (its input, or nothing when that is offloaded); while any layer recomputes, `per_token_working` more is live
-    (the layer being recomputed and its gradient). `per_token_base` is what no checkpointing saves (logits).
+    (the layer being recomputed and its gradient). `per_token_base` is what no checkpointing saves (logits; the
+    working set of a layer that recomputes inside its own backward, selective_recompute="most").
     Where `offload_bandwidth` is set (activation_offload), a layer may instead keep its activations in host memory
     (lora_runtime.offload): none on the GPU but `offload.IN_FLIGHT` such layers, and the host link's time.
     """
@@ -290,9 +291,10 @@ COMPILED_WORKING_SCALE = 2.0
 # worth at once (Qwen2.5-1.5B shape, without the Trainer: 4 rows peaked at 6.78 GiB on an H100, 6 rows at 8.59 on an
 # H200; at budget 0, where a layer keeps 3 kB a token, 8 and 16 rows peaked at 7.87 and 12.59 GiB: 200 kB a token
 # beyond what the layers keep). Its GPU time a token against a pass without recomputation: on the H200, 6 rows ran
-# 53.7k tokens/s, 4 rows without recomputation 61.7k (benchmarks/RESULTS.md, compiled-parts).
+# 53.7k tokens/s, 4 rows without recomputation 61.7k (benchmarks/RESULTS.md, compiled-parts): 1.15, a lower bound
+# (6 rows without recomputation would run a little faster than 4).
 MOST_WORKING_SCALE = 3.0
-MOST_TOKEN_COST = 1.2
+MOST_TOKEN_COST = 1.15
 
 
 def pointwise_bytes_per_token(model_config: Any) -> float:
@@ -319,7 +321,9 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, level: str = 
     layers offloaded 6.0 / 6.45.
     `level` (selective_recompute): "pointwise", each layer recomputes its pointwise work (`pointwise_bytes_per_token`
     less kept, `POINTWISE_TOKEN_COST`); "most", it keeps `most_bytes_per_token` and its backward holds
-    `MOST_WORKING_SCALE` layers' activations while it recomputes the rest (`MOST_TOKEN_COST`).
+    `MOST_WORKING_SCALE` layers' activations while it recomputes the rest (`MOST_TOKEN_COST`), with checkpointing
+    too: a checkpointed layer's forward runs again keeping what it keeps anyway, then the same backward (the larger
+    of the two working sets, not their sum; an estimate, not measured).
     """
     from lora_runtime.chunked_loss import TRANSIENT_BYTES, chunk_tokens, kernel_usable
 
@@ -330,8 +334,9 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, level: str = 
     base = (0.0 if fused_loss else LOGIT_BYTES_PER_VOCAB * vocab) + (MOST_WORKING_SCALE * layer if level == "most"
                                                                      else 0.0)
     loss_chunk = chunk_tokens(vocab) * vocab * TRANSIENT_BYTES[kernel_usable("cuda")] if fused_loss else 0.0
+    working = max(0.0, COMPILED_WORKING_SCALE - MOST_WORKING_SCALE if level == "most" else COMPILED_WORKING_SCALE)
     return Footprint(weight_bytes(model_config, False), n, per_token_layer=kept, per_token_recomputed=2 * h,
-                     per_token_working=COMPILED_WORKING_SCALE * layer, extra=loss_chunk, per_token_base=base,
+                     per_token_working=working * layer, extra=loss_chunk, per_token_base=base,
                      host_pass_tokens=host_pass_tokens(model_config) * COMPILED_HOST_PASS_TOKENS / HOST_PASS_TOKENS,
                      overlap_loss=COMPILED_OVERLAP_LOSS, recompute_cost=COMPILED_RECOMPUTE_COST,
                      host_recompute_cost=COMPILED_HOST_RECOMPUTE_COST, target_tokens=COMPILED_TARGET_TOKENS,

@@ -20,7 +20,7 @@ Checkpointing whole layers costs this path more than Unsloth (8 rows, every laye
 Unsloth below that (`prefers`). `selective_recompute` lowers the partitioner's activation memory budget
 (`LEVEL_BUDGETS`): each layer recomputes part of its forward inside its own compiled backward. "pointwise": its
 pointwise work, keeping about a third less, no matmul recomputed (read from the saved tensors on a CPU); "most": all
-but attention, keeping about a twelfth (on one H100 without the Trainer, 4 rows a pass ran 47.8k tokens/s at a
+but attention, keeping about a tenth (on one H100 without the Trainer, 4 rows a pass ran 47.8k tokens/s at a
 6.8 GiB peak, 8 rows checkpointing every layer 43.1k at 7.05 GiB). "auto" turns on the lighter one with which a
 large pass fits (`choose_levers`). Under 8 GiB that is "most" with 27 of 28 layers' few saved tensors offloaded, 6
 rows a pass: 56.5k tokens/s on the H200, 1.38× the Unsloth loop under the same cap in the same run (40.8k); the
@@ -156,8 +156,8 @@ def read_model_config(config: LoraSftConfig) -> Any:
 
 
 def prefers(config: LoraSftConfig) -> tuple[bool, str]:
-    """Whether backend="auto" runs the compiled peft path, and why. kernels="compile", selective_recompute=
-    "pointwise" (that path's own) and cuda_graphs=True always, and so where `choose_levers` turns pointwise on;
+    """Whether backend="auto" runs the compiled peft path, and why. kernels="compile", a selective_recompute level
+    (that path's own) and cuda_graphs=True always, and so where `choose_levers` turns a level on;
     kernels="auto" on a CUDA GPU where it is eligible and the memory budget fits a pass of `AUTO_MIN_TOKENS` (or the
     micro batch given) without recomputation; gradient_checkpointing=True stays with Unsloth, whose recomputation is
     cheaper."""
@@ -225,7 +225,7 @@ def _pass_fits(config: LoraSftConfig, model_config: Any, offloaded: int | None =
 # 16 GiB: pointwise recomputation with 6 of 28 layers offloaded ran 54.1k tokens/s against 49.6k for Unsloth
 # recomputing 17 layers (the plan without them), 1.35x the Unsloth hand loop; offload alone ran 42.6k (not chosen by
 # auto); 6 layers offloaded at 8,192 tokens a pass cost 10% of a step, 3 nothing, 10 at 16,384 tokens 37%. Under
-# "most" a layer keeps a twelfth as much, so offloading every layer costs the link little: no limit there.
+# "most" a layer keeps about a tenth as much, so offloading every layer costs the link little: no limit there.
 AUTO_MAX_OFFLOADED = 6
 
 
@@ -235,10 +235,12 @@ def choose_levers(config: LoraSftConfig) -> tuple[LoraSftConfig, str]:
     On only where backend="auto" would otherwise leave the compiled path for Unsloth because a pass of
     `AUTO_MIN_TOKENS` does not fit without recomputation. The first that makes the pass fit, lightest first:
     pointwise recomputation; pointwise plus at most `AUTO_MAX_OFFLOADED` offloaded layers; "most" (the layers
-    recompute all but attention in their backward); "most" with offload (the plan then picks how many layers). An
-    option given keeps its value: activation_offload=True with selective_recompute="auto" tries pointwise, then
-    "most" (offload alone ran slower than with either), False never offloads. Everywhere else both are off: offload
-    alone is never chosen."""
+    recompute all but attention in their backward); "most" with offload (the plan then picks how many layers); and
+    where offload is asked for (activation_offload=True), pointwise with every layer offloaded, the least memory of
+    all ("most" holds more at its backward) and the slowest (each layer's copies outlast its work). An option given
+    keeps its value: activation_offload=True with selective_recompute="auto" climbs the rungs with offload (offload
+    alone ran slower than with either level), False never offloads. Everywhere else both are off: offload alone is
+    never chosen."""
     sr, ao = config.selective_recompute, config.activation_offload
     if sr != "auto" and ao != "auto":
         return config, ""
@@ -248,7 +250,7 @@ def choose_levers(config: LoraSftConfig) -> tuple[LoraSftConfig, str]:
         return base, ""
     # (level, offload, most offloaded layers for the pass to fit: None = every layer)
     ladder = [("pointwise", False, 0), ("pointwise", True, AUTO_MAX_OFFLOADED), ("most", False, 0),
-              ("most", True, None)]
+              ("most", True, None)] + ([("pointwise", True, None)] if ao is True else [])
     candidates = [(level, offload, most) for level, offload, most in ladder
                   if (sr == "auto" or level == sr) and (ao == "auto" or offload == ao)]
     if (config.backend != "auto" or config.lora_dropout > 0 or config.cuda_graphs is True

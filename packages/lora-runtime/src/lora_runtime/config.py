@@ -137,7 +137,7 @@ class LoraSftConfig:
         "auto", "the compiled path's decoder layers recompute part of their forward inside their own backward "
         "instead of keeping its outputs, with no checkpointing: pointwise = their pointwise work (RMSNorm, SwiGLU's "
         "product), a third less activation memory a layer, no matmul recomputed; most = everything but attention "
-        "(projections included), keeping the layer's input and attention's output, about a twelfth of a layer; the "
+        "(projections included), keeping the layer's input and attention's output, about a tenth of a layer; the "
         "memory plan counts either; runs the compiled path (CUDA, backend peft or auto, kernels compile or auto, "
         "lora_dropout 0); auto = the lighter of the two with which a large pass fits where backend auto would "
         "otherwise leave the compiled path for lack of memory (see activation_offload), else off",
@@ -146,8 +146,9 @@ class LoraSftConfig:
         "auto", "the peft backend may keep decoder layers' saved activations in pinned host memory between forward "
         "and backward, copied on a side stream while the GPU computes, instead of recomputing them; the memory plan "
         "chooses how many layers from the budget, the host link's measured bandwidth and the free host memory "
-        "(CUDA; backend auto then runs peft); auto = on with pointwise recomputation where that alone does not fit "
-        "a large pass and a few offloaded layers do, else off", ["auto", True, False])
+        "(CUDA; backend auto then runs peft); auto = on with a selective_recompute level where that alone does not "
+        "fit a large pass and offloaded layers do (pointwise with a few, most with any number), else off",
+        ["auto", True, False])
     cuda_graphs: bool | str = _f(
         "auto", "the compiled path's decoder layers replay CUDA graphs (torch.compile mode reduce-overhead; sample "
         "boundaries padded to a fixed count): one launch a layer instead of one a kernel, for passes the host cannot "
