@@ -214,7 +214,8 @@ def test_auto_levers_take_the_compiled_path_where_only_they_make_a_large_pass_fi
     """selective_recompute/activation_offload="auto": off where the compiled path fits as it is (139, 24 GiB) or
     where nothing fits (5 GiB); pointwise alone where it makes 8,192 tokens fit; pointwise and offload where only
     both do (16 GiB: the combination measured 1.35x the Unsloth loop there); "most" where pointwise with a few
-    offloaded layers does not (10 GiB), with offload where only both do (8 GiB); never offload alone."""
+    offloaded layers does not (10 GiB), with offload where only both do (8 GiB); never offload alone. Offload asked
+    for: pointwise with every layer offloaded, last, where "most" holds too much (6.5 GiB)."""
     from lora_runtime.batching import GIB, compiled_footprint
 
     model = _qwen15b_shaped(tmp_path)
@@ -309,6 +310,28 @@ def test_most_recompute_keeps_a_layers_input_and_attention_output(tmp_path, a_gp
     assert most.step_cost(8192, 0) > keep.step_cost(8192, 0)
     assert (round(most.need(8192, 0) / GIB, 1), round(most.need(8192, 0, 28) / GIB, 1)) == (8.2, 6.9)
     assert all(most.peak(8192, k) <= most.peak(8192, 0) for k in (1, 14, 28))
+
+
+
+def test_the_plan_checkpoints_most_layers_only_where_nothing_fits_without(tmp_path, a_gpu_with):
+    """Under "most" checkpointing a layer saves only its attention output for a whole forward more: a gain within
+    the cost model's error, so the plan takes it only where no pass fits without (rows of 4096 under 11.5 GiB: 3 rows,
+    not 4 with one layer checkpointed; one row of 16,384 under 10.5 GiB needs 11.5 without: 20 layers
+    checkpointed)."""
+    import dataclasses
+
+    from lora_runtime.batching import GIB, plan_batch
+
+    _, (most,) = _footprints(tmp_path, a_gpu_with, 20, {"selective_recompute": "most"})
+
+    def plan(fp, seq_len: int, gib: float) -> tuple[int, int]:
+        c = plan_batch(fp, seq_len=seq_len, budget=gib * GIB, micro="auto", gc="auto", quota=None,
+                       rows_per_rank=10**4)
+        return c.micro, c.recomputed
+
+    assert most.checkpoint_last and plan(most, 4096, 11.5) == (3, 0)
+    assert plan(dataclasses.replace(most, checkpoint_last=False), 4096, 11.5) == (4, 1)  # what it would pick
+    assert plan(most, 16384, 10.5) == (1, 20)
 
 
 @pytest.mark.parametrize("level", RECOMPUTE_LEVELS)

@@ -160,6 +160,7 @@ class Footprint:
     offload_bandwidth: float = 0.0  # bytes/s to and from pinned host memory (0: no layer offloads)
     gpu_tokens_per_s: float = 0.0  # this path's GPU speed, to put the link's time in tokens of GPU work
     host_budget: float = 0.0  # bytes of pinned host memory the offloaded layers may take
+    checkpoint_last: bool = False  # gradient_checkpointing="auto" checkpoints layers only where nothing fits without
 
     def step_cost(self, tokens: int, recomputed: int, offloaded: int = 0) -> float:
         link = 0.0
@@ -311,7 +312,8 @@ def most_bytes_per_token(model_config: Any) -> float:
 def compiled_footprint(model_config: Any, fused_loss: bool = True, level: str = "off") -> Footprint:
     """The peft backend's compiled path (lora_runtime.compiled): no logits but one chunk of them (the chunked loss;
     without it, `fused_loss=False`, transformers' full logits as in `peft_footprint`), a recomputed layer keeps its
-    input, `COMPILED_WORKING_SCALE` layers' activations live while recomputing.
+    input, `COMPILED_WORKING_SCALE` layers' activations live while recomputing (none beyond `per_token_base` under
+    "most").
 
     Calibrated on an H200 (Qwen2.5-1.5B shape, rows of 2048, torch.cuda.max_memory_allocated against the estimate):
     2 rows 12.8 / 12.8 GiB, 4 rows 20.7 / 20.8, 16 rows 68.7 / 68.8, all without recomputation. With the chunked
@@ -322,8 +324,10 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, level: str = 
     `level` (selective_recompute): "pointwise", each layer recomputes its pointwise work (`pointwise_bytes_per_token`
     less kept, `POINTWISE_TOKEN_COST`); "most", it keeps `most_bytes_per_token` and its backward holds
     `MOST_WORKING_SCALE` layers' activations while it recomputes the rest (`MOST_TOKEN_COST`), with checkpointing
-    too: a checkpointed layer's forward runs again keeping what it keeps anyway, then the same backward (the larger
-    of the two working sets, not their sum; an estimate, not measured).
+    too: a checkpointed layer's forward runs again keeping what it keeps anyway, then the same backward (an estimate,
+    not measured). Checkpointing saves such a layer only its attention output (under 1% of a token's footprint) for
+    a whole forward more, a gain within the cost model's error: the plan checkpoints only where nothing fits
+    without (`checkpoint_last`).
     """
     from lora_runtime.chunked_loss import TRANSIENT_BYTES, chunk_tokens, kernel_usable
 
@@ -334,9 +338,11 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, level: str = 
     base = (0.0 if fused_loss else LOGIT_BYTES_PER_VOCAB * vocab) + (MOST_WORKING_SCALE * layer if level == "most"
                                                                      else 0.0)
     loss_chunk = chunk_tokens(vocab) * vocab * TRANSIENT_BYTES[kernel_usable("cuda")] if fused_loss else 0.0
-    working = max(0.0, COMPILED_WORKING_SCALE - MOST_WORKING_SCALE if level == "most" else COMPILED_WORKING_SCALE)
+    # a checkpointed "most" layer's forward runs again keeping its 4h bytes a token, then the same backward: nothing
+    # live beyond the working set `base` counts already
+    working = 0.0 if level == "most" else COMPILED_WORKING_SCALE * layer
     return Footprint(weight_bytes(model_config, False), n, per_token_layer=kept, per_token_recomputed=2 * h,
-                     per_token_working=working * layer, extra=loss_chunk, per_token_base=base,
+                     per_token_working=working, extra=loss_chunk, per_token_base=base, checkpoint_last=level == "most",
                      host_pass_tokens=host_pass_tokens(model_config) * COMPILED_HOST_PASS_TOKENS / HOST_PASS_TOKENS,
                      overlap_loss=COMPILED_OVERLAP_LOSS, recompute_cost=COMPILED_RECOMPUTE_COST,
                      host_recompute_cost=COMPILED_HOST_RECOMPUTE_COST, target_tokens=COMPILED_TARGET_TOKENS,
@@ -395,7 +401,8 @@ def step_cost(tokens: int, recomputed: int, layers: int, host_tokens: float = HO
 def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int | str, gc: bool | str,
                quota: int | None, rows_per_rank: int) -> Choice:
     """The fastest (micro, recomputed layers) whose `need` fits `budget` bytes. `quota` = effective_batch_size /
-    world when that is set (micro must divide it); gc True recomputes every layer, False none, "auto" any count."""
+    world when that is set (micro must divide it); gc True recomputes every layer, False none, "auto" any count
+    (with `footprint.checkpoint_last`, a count above none only where nothing fits without)."""
     if micro == "auto":
         cap = max(1, max(RECOMPUTING_TOKENS if gc is not False else 0, footprint.target_tokens) // seq_len)
         if quota is not None:
@@ -414,7 +421,7 @@ def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int 
     def offloads(k: int) -> range:  # any of the layers left after the recomputed ones
         return range(n - k + 1) if footprint.offload_bandwidth else range(1)
 
-    def fastest(max_tokens: float) -> tuple[int, int, int] | None:
+    def fastest(max_tokens: float, counts: list[int]) -> tuple[int, int, int] | None:
         fits = [(m, k, o) for m in rows if m * seq_len <= max_tokens for k in counts for o in offloads(k)
                 if footprint.need(m * seq_len, k, o) <= budget
                 and (o == 0 or footprint.host_bytes(m * seq_len, o) <= footprint.host_budget)]
@@ -424,9 +431,14 @@ def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int 
 
         return max(fits, key=lambda mko: (speed(mko), mko[0], -mko[1], -mko[2]), default=None)
 
-    best = fastest(footprint.target_tokens if micro == "auto" else float("inf"))
-    if best is None or best[1] > 0 or best[2] > 0:  # recomputing or offloading anyway: a larger pass may pay for it
-        best = fastest(float("inf")) or best
+    def search(counts: list[int]) -> tuple[int, int, int] | None:
+        best = fastest(footprint.target_tokens if micro == "auto" else float("inf"), counts)
+        if best is None or best[1] > 0 or best[2] > 0:  # recomputing or offloading anyway: a larger pass may pay
+            best = fastest(float("inf"), counts) or best
+        return best
+
+    best = search([0]) if footprint.checkpoint_last and gc == "auto" else None
+    best = best or search(counts)
     if best is not None:
         (m, k, o), tail = best, ""
     else:  # the least memory the options allow (host memory permitting the offloaded layers)
