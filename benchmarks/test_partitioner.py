@@ -1,7 +1,8 @@
-"""The partitioner behaviour selective_recompute's levels rest on (benchmarks/partitioner.py), on the tiny shape, at
-lora_runtime.compiled.LEVEL_BUDGETS: under "pointwise" a compiled layer keeps at least what the memory plan
-subtracts less, and its backward recomputes no matmul; under "most" it keeps no more than the plan counts (its input
-and attention's output, plus LoRA's rank-sized products), and its backward recomputes projections."""
+"""The partitioner behaviour selective_recompute's levels rest on (benchmarks/partitioner.py), at
+lora_runtime.compiled.LEVEL_BUDGETS: under "pointwise" a compiled layer of the tiny shape keeps at least what the
+memory plan subtracts less, and its backward recomputes no matmul; under "most" one of the Qwen2.5-1.5B shape keeps
+no more than the plan counts (its input and attention's output, plus LoRA's rank-sized products), and its backward
+recomputes projections."""
 
 from types import SimpleNamespace
 

@@ -131,7 +131,8 @@ def frontier_plan(s: Session) -> None:
     smallest cap: a fixed configuration that fits 8 GiB runs unchanged under a larger one. Plus ours with
     `micro_batch_size=2`, ours under 8 GiB with `activation_offload=False` (auto fits the compiled path there with
     selective_recompute="most" and offloaded layers; without offload a pass of 8k tokens does not fit there and auto
-    runs Unsloth recomputing every layer), and the Llama-3.1-8B shape at 8,192 tokens under a 24 GiB budget against the Unsloth loop under the same cap.
+    runs Unsloth recomputing every layer), and the Llama-3.1-8B shape at 8,192 tokens under a 24 GiB budget against
+    the Unsloth loop under the same cap.
     `--shape qwen1.5b` or `--shape llama8b` runs one part."""
     if s.a.shape != "llama8b":
         _define_qwen(s)

@@ -312,7 +312,6 @@ def test_most_recompute_keeps_a_layers_input_and_attention_output(tmp_path, a_gp
     assert all(most.peak(8192, k) <= most.peak(8192, 0) for k in (1, 14, 28))
 
 
-
 def test_the_plan_checkpoints_most_layers_only_where_nothing_fits_without(tmp_path, a_gpu_with):
     """Under "most" checkpointing a layer saves only its attention output for a whole forward more: a gain within
     the cost model's error, so the plan takes it only where no pass fits without (rows of 4096 under 11.5 GiB: 3 rows,

@@ -335,8 +335,9 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, level: str = 
     layer = layer_bytes_per_token(model_config) * COMPILED_LAYER_SCALE
     kept = {"off": layer, "pointwise": layer - pointwise_bytes_per_token(model_config),
             "most": most_bytes_per_token(model_config)}[level]
-    base = (0.0 if fused_loss else LOGIT_BYTES_PER_VOCAB * vocab) + (MOST_WORKING_SCALE * layer if level == "most"
-                                                                     else 0.0)
+    base = 0.0 if fused_loss else LOGIT_BYTES_PER_VOCAB * vocab
+    if level == "most":
+        base += MOST_WORKING_SCALE * layer
     loss_chunk = chunk_tokens(vocab) * vocab * TRANSIENT_BYTES[kernel_usable("cuda")] if fused_loss else 0.0
     # a checkpointed "most" layer's forward runs again keeping its 4h bytes a token, then the same backward: nothing
     # live beyond the working set `base` counts already

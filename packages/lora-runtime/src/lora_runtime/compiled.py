@@ -21,8 +21,8 @@ Unsloth below that (`prefers`). `selective_recompute` lowers the partitioner's a
 (`LEVEL_BUDGETS`): each layer recomputes part of its forward inside its own compiled backward. "pointwise": its
 pointwise work, keeping about a third less, no matmul recomputed (read from the saved tensors on a CPU); "most": all
 but attention, keeping about a tenth (on one H100 without the Trainer, 4 rows a pass ran 47.8k tokens/s at a
-6.8 GiB peak, 8 rows checkpointing every layer 43.1k at 7.05 GiB). "auto" turns on the lighter one with which a
-large pass fits (`choose_levers`). Under 8 GiB that is "most" with 27 of 28 layers' few saved tensors offloaded, 6
+6.8 GiB peak, 8 rows checkpointing every layer 43.1k at 7.05 GiB). "auto" turns on the first of `choose_levers`'s
+rungs with which a large pass fits. Under 8 GiB that is "most" with 27 of 28 layers' few saved tensors offloaded, 6
 rows a pass: 56.5k tokens/s on the H200, 1.38× the Unsloth loop under the same cap in the same run (40.8k); the
 Llama-3.1-8B shape at 8,192 tokens under 24 GiB, "most" with 18 of 32 layers offloaded: 16.1k, 1.60× (10.0k).
 Compilation adds 10-30 s to the first steps; the layers
@@ -300,6 +300,7 @@ def prepare(model: Any, targets: Any) -> str:
 LEVEL_BUDGETS = {"pointwise": 0.7, "most": 0.05}
 LEVEL_WORDS = {"pointwise": "pointwise work recomputed", "most": "all but attention recomputed"}
 
+
 def graphs(config: LoraSftConfig, plan: Any, parameters: int | None = None) -> tuple[bool, str]:
     """Whether the compiled layers replay CUDA graphs (`cuda_graphs`), and the log's words. A graph replays one fixed
     forward and backward of a layer: not where a layer recomputes (its forward runs again inside backward) or
@@ -399,8 +400,8 @@ def finish(model: Any, selective_recompute: str = "off", cuda_graphs: bool = Fal
     if selective_recompute in LEVEL_BUDGETS:
         grouped_query_flop_counts()  # the budget's solver counts each op's flops
         options["backend"] = recompute_backend(selective_recompute)
-        words += (f", {LEVEL_WORDS[selective_recompute].replace('recomputed', 'recomputed in their backward')} "
-                  f"(activation memory budget {LEVEL_BUDGETS[selective_recompute]})")
+        words += (f", {LEVEL_WORDS[selective_recompute]} in their backward (activation memory budget "
+                  f"{LEVEL_BUDGETS[selective_recompute]})")
     elif cuda_graphs:
         options["mode"] = "reduce-overhead"
         words += ", each replaying CUDA graphs"
