@@ -21,6 +21,7 @@ one, IGNORE_INDEX skipped, mean over the targets or, with `num_items_in_batch`, 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 IGNORE_INDEX = -100
@@ -40,28 +41,30 @@ def chunk_tokens(vocab_size: int) -> int:
     return max(128, min(8192, 1 << (rows.bit_length() - 1)))
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def kernel_usable(device: Any) -> bool:
     """Whether chunks on `device` go through the Triton kernel: a CUDA device with Triton installed (or Triton's
-    interpreter asked for with TRITON_INTERPRET=1, the way the tests run it on a CPU)."""
-    import importlib.util
+    interpreter asked for with TRITON_INTERPRET=1, the way the tests run it on a CPU). Asked on every loss call:
+    the package lookup is made once."""
     import os
 
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return False
     return getattr(device, "type", device) == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_KERNEL: Any = None
-
-
+@functools.cache
 def _softmax_grad() -> Any:
     """The Triton kernel, built on first use: one program a row of logits [rows, vocab] (bf16 or fp32, contiguous
     rows). Pass one: an online max and sum of exponentials → logsumexp; the row's loss (logsumexp − target logit, 0
     for an ignored target) to `loss`. Pass two, with GRAD: the row becomes softmax − one-hot (zeros for an ignored
     target), in the logits' dtype, computed in fp32."""
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
     import triton
     import triton.language as tl
 
@@ -91,8 +94,7 @@ def _softmax_grad() -> Any:
                 p = tl.where(keep, p, 0.0)
                 tl.store(row + cols, p.to(row.dtype.element_ty), mask=cols < vocab)
 
-    _KERNEL = _softmax_grad_kernel
-    return _KERNEL
+    return _softmax_grad_kernel
 
 
 def softmax_loss_(logits: Any, targets: Any, grad: bool, block: int = 4096) -> Any:
