@@ -14,6 +14,8 @@ from lora_runtime.backends.base import flatten_hook
 from lora_runtime.collate import collate_packed
 from lora_runtime.config import RECOMPUTE_LEVELS
 
+LR = 1e-3  # test_the_compiled_path_trains_like_the_plain_one's SGD step (its gaussian LoRA B overshoots at 1e-2)
+
 
 def _per_sample_sdpa(q, k, v, cu, max_len, scale):
     """The reference for aten's flash varlen kernel: causal attention within each [cu[i], cu[i+1]) span."""
@@ -478,10 +480,11 @@ def test_kernels_compile_that_cannot_run_is_refused_before_any_data_work(tmp_pat
 @pytest.mark.parametrize("recompute", [False, True, "pointwise", "most"])
 def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch, capsys, recompute):
     """The whole compiled path through the peft backend on a CPU, fp32: load (registered attention, chunked loss),
-    add_lora (boundaries hook, layers compiled, with and without recomputation), a training step and an evaluation
-    give the plain path's loss and LoRA gradients. Dynamo traces every layer (aot_eager: no code generation, so it
-    stays fast); the flash kernel is the per-sample SDPA reference. "pointwise": no layer checkpointed, each layer's
-    pointwise work recomputed by the partitioner (aot_eager partitions as Inductor does), which must keep at least
+    add_lora (boundaries hook, layers compiled, with and without recomputation), a pass, a step of SGD, a second
+    pass (the compiled layers read the updated weights) and an evaluation give the plain path's losses, and the
+    first pass its LoRA gradients. Dynamo traces every layer (aot_eager: no code generation, so it stays fast); the
+    flash kernel is the per-sample SDPA reference. "pointwise": no layer checkpointed, each layer's pointwise work
+    recomputed by the partitioner (aot_eager partitions as Inductor does), which must keep at least
     `pointwise_bytes_per_token` a token and layer less (fp32 here: twice that) for the same numbers. "most": all but
     attention recomputed, the layers keeping less again: under 60% of what they keep without it (the reference
     attention's own tensors stay)."""
@@ -523,16 +526,24 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
             loss = model(**_rows()).loss
         saved_bytes.append(sum(saved))
         loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        grads = {n: p.grad.clone() for n, p in trainable.items()}
+        with torch.no_grad():  # a step of SGD, then the next pass: the compiled layers must read the new weights
+            for p in trainable.values():
+                p -= LR * p.grad
+        model.zero_grad()
+        again = model(**_rows()).loss
+        again.backward()
         model.eval()
         with torch.no_grad():
             evaluated = model(**_rows(), **({"skip_logits": True} if fast else {})).loss
-        return loss.detach(), grads, evaluated
+        return torch.stack([loss.detach(), again.detach()]), grads, evaluated
 
     from torch._dynamo.utils import counters
 
     saved_bytes: list[int] = []
     want_loss, want_grads, want_eval = step("none", fast=False)
+    assert want_loss[0] - want_loss[1] > 1e-3, want_loss  # far beyond the tolerance: stale weights would show
     torch._dynamo.reset()
     if level != "off":  # one process: without it, with it, without it (no layer compiled for the other setting may
         step("auto", fast=True)  # be served, and none of it may stay set)
