@@ -276,10 +276,9 @@ def given_on_command_line(ctx: click.Context, name: str) -> bool:
 
 
 def merge_values(ctx: click.Context, params: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
-    """Dataclass defaults < --config file < options typed on the command line. Returns `lora_sft` keyword arguments.
-
-    >>> # defaults: lora_r=16; file: lora_r=8, lora_alpha=16; command line: --lora-r 4   →   lora_r=4, lora_alpha=16
-    """
+    """Dataclass defaults < --config file < options typed on the command line. Returns `lora_sft` keyword arguments:
+    with the defaults lora_r=16, lora_alpha=32, a file giving lora_r=8, lora_alpha=16 and `--lora-r 4` typed, lora_r=4
+    and lora_alpha=16."""
     values = {name: params[name] for name in cli_field_names() if name in params}
     out = {name: v for name, v in values.items() if v is not None or name not in REQUIRED}
     out.update(file_values)

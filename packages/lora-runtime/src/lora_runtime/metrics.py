@@ -99,11 +99,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def run_summary(path: str | Path) -> dict[str, float | None]:
-    """Summary figures over the whole run, read from metrics.jsonl (so a resumed run counts its earlier steps):
+    r"""Summary figures over the whole run, read from metrics.jsonl (so a resumed run counts its earlier steps):
     final_loss (the last logged), train_loss (every step's loss weighted alike: a row logged every k steps is the
     mean of k steps), eval_loss (the last evaluation).
 
-    >>> # rows at steps 2 and 6 (logging every 2, then 4 steps): (1.0 * 2 + 0.5 * 4) / 6
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "metrics.jsonl"  # logged every 2, then every 4 steps
+    >>> _ = path.write_text('{"step": 2, "loss": 1.0}\n{"step": 6, "loss": 0.5}\n{"step": 6, "eval_loss": 0.7}\n')
+    >>> run_summary(path)  # train_loss (1.0 * 2 + 0.5 * 4) / 6
+    {'final_loss': 0.5, 'train_loss': 0.6666666666666666, 'eval_loss': 0.7}
     """
     rows = read_metrics(path) if Path(path).is_file() else []
     train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), int | float)]
