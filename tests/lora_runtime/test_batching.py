@@ -13,11 +13,14 @@ import torch
 from lora_runtime import ConfigError, LoraSftConfig
 from lora_runtime.backends.peft import PeftBackend
 from lora_runtime.batching import (
+    CONTEXT_BYTES,
+    FRAGMENTATION,
     GIB,
     BatchPlan,
     Footprint,
     checkpointed_micro,
     peft_footprint,
+    per_gpu,
     plan_batch,
     resolve,
     step_cost,
@@ -54,7 +57,8 @@ def test_unsloth_auto_takes_the_fastest_plan_that_fits(model, seq_len, free_gib,
 
 
 def test_more_memory_never_plans_a_slower_step():
-    """Every budget's plan recomputes no more layers (for the same rows) and passes no fewer rows than a smaller one."""
+    """Every budget's plan is estimated no slower than a smaller budget's (the rows may shrink where fewer layers
+    recompute: 16 rows at 8 GiB, 7 at 14)."""
     fp = unsloth_footprint(QWEN15, False)
     plans = [plan(fp, gib) for gib in range(8, 60, 2)]
     speeds = [c.micro * 2048 / step_cost(c.micro * 2048, c.recomputed, 28, fp.host_pass_tokens) for c in plans]
@@ -88,7 +92,7 @@ def test_footprint_counts_kept_and_recomputed_layers():
     assert [fp.per_token(k) for k in range(5)] == [140, 151, 142, 133, 124]
     assert fp.peak(1000, True) == fp.peak(1000, 4) and fp.peak(1000, False) == fp.peak(1000, 0)
     assert plan(fp, 139, quota=7)[:2] == (7, False)
-    assert plan(fp, 139, quota=5, seq_len=8192)[:2] == (1, False)  # cap 2 rows of 8k; 5 has no divisor 2
+    assert plan(fp, 139, quota=5, seq_len=8192)[:2] == (1, False)  # cap 4 rows of 8k; 5 has no divisor 2 to 4
 
 
 def test_without_effective_batch_size_an_epoch_keeps_16_steps():
@@ -101,7 +105,8 @@ def test_without_effective_batch_size_an_epoch_keeps_16_steps():
 def test_explicit_values_are_obeyed():
     fp = unsloth_footprint(QWEN15, False)
     assert plan(fp, 139, micro=2, gc=True)[:2] == (2, 28)
-    assert plan(fp, 10, micro=16, gc=False)[:2] == (16, 0)  # asked for: kept, with the warning
+    asked = plan(fp, 10, micro=16, gc=False)
+    assert asked[:2] == (16, 0) and asked.reason.endswith("(does not fit: may OOM)")  # kept, with the warning
     assert plan(fp, 139, micro=16)[:2] == (16, 0)
 
 
@@ -216,6 +221,64 @@ def test_a_config_it_cannot_size_falls_back_to_two_and_says_why(monkeypatch, cap
     _fake_gpu(monkeypatch, 139)
     out = resolve(LoraSftConfig(str(tmp_path / "gpt2"), "d", str(tmp_path / "o")), PeftBackend(), rows=900)
     assert out.micro == 2 and "cannot size GPT2Config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_max_memory_gib_caps_the_process_whether_or_not_the_model_can_be_sized(monkeypatch, tmp_path, sized):
+    from transformers import GPT2Config, Qwen2Config
+
+    (Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=1000) if sized else GPT2Config(n_layer=2, n_embd=64, n_head=2)
+     ).save_pretrained(tmp_path / "m")
+    _fake_gpu(monkeypatch, 70)
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    resolve(LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o"), max_memory_gib=16), PeftBackend(), rows=100)
+    assert fractions == [16 / 80]
+
+
+def test_under_model_splitting_auto_recomputes_every_layer_or_none(monkeypatch, tmp_path):
+    """A count of layers would checkpoint the first ones, all on the first GPU, while the plan counted a GPU's share."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256).save_pretrained(tmp_path / "m")
+    fp = peft_footprint(LLAMA8, False, fused_loss=True)
+    split = LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o"), enable_model_splitting=True)
+    share = plan(per_gpu(fp, split, LLAMA8, world=4), 12, seq_len=8192)
+    assert 0 < share.recomputed < 8  # what a GPU's share alone would take
+
+    class Backend:  # plans by memory, as the peft backend does with kernels="liger"
+        checkpointing_by_memory = staticmethod(lambda config: True)
+        footprint = staticmethod(lambda model_config, config: fp)
+
+    _fake_gpu(monkeypatch, 12)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    out = resolve(split, Backend(), rows=900)
+    assert out.gradient_checkpointing and out.recomputed_layers is None  # every layer, on every GPU
+    assert out.estimated_peak_bytes * FRAGMENTATION + CONTEXT_BYTES <= 12 * GIB
+
+
+def test_an_epoch_keeps_16_optimizer_steps_with_gradient_accumulation():
+    fp = Footprint(weights=0, layers=2, per_token_layer=1, per_token_recomputed=1, per_token_working=1)
+    c = plan_batch(fp, seq_len=2048, budget=139 * GIB, micro="auto", gc="auto", quota=None, rows_per_rank=256,
+                   accumulation=4)
+    assert c.micro == 4 and "≥ 16 steps an epoch of 256 rows at accumulation 4" in c.reason  # 4 × 4 × 16 = 256
+
+
+@pytest.mark.parametrize(("gc", "recomputed", "offload", "ends"), [
+    (False, None, "auto", "; or gradient_checkpointing=True."),
+    (True, 5, "auto", "; or gradient_checkpointing=True."),
+    (True, None, "auto", "(QLoRA) to quarter the base weights' memory."),  # every layer recomputes already
+    (False, None, True, "; or activation_offload=False with gradient_checkpointing=True."),
+])
+def test_the_oom_hint_names_only_what_is_not_on_already(gc, recomputed, offload, ends):
+    from lora_runtime.trainer import oom_hint
+
+    config = LoraSftConfig("m", "d", "o", activation_offload=offload)
+    message = oom_hint(config, BatchPlan(4, 1, 1, gc, recomputed), 3, RuntimeError("CUDA out of memory"))
+    assert message.startswith("out of memory in training step 3 (CUDA out of memory).") and message.endswith(ends)
 
 
 def test_explicit_values_on_a_gpu_skip_the_plan(monkeypatch, tmp_path):

@@ -62,7 +62,7 @@ def _run(stack: torch.nn.Sequential, x: torch.Tensor) -> dict:
 
 
 class Recording(offload.ActivationOffload):
-    """Records when layers are brought back and unpacked, and how many offloaded layers hold device tensors."""
+    """Records when layers are copied back and unpacked, and how many offloaded layers hold device tensors."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -74,10 +74,9 @@ class Recording(offload.ActivationOffload):
         super()._end(i)
         self.alive.append(sum(1 for state in self.layers if state.on_device))
 
-    def _fetch(self, i: int) -> None:
-        if self.layers[i].fetched is None:
-            self.events.append(("fetch", i))
-        super()._fetch(i)
+    def _copy_in(self, state, slots):
+        self.events.append(("copy_in", self.layers.index(state)))
+        return super()._copy_in(state, slots)
 
     def _unpack(self, packed):
         if isinstance(packed, offload._Handle):
@@ -89,23 +88,22 @@ class Recording(offload.ActivationOffload):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_offload_keeps_gradients_and_brings_each_layer_back_ahead_of_its_backward(compiled):
+    """The last `IN_FLIGHT` offloaded layers still hold their device tensors when backward begins and use them; the
+    others are copied back from the host when the next offloaded layer's backward begins."""
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
     plain = _run(_stack(compiled), x)
     stack = _stack(compiled)
     off = Recording(list(stack[:3]), stack.parameters(), "cpu", min_bytes=0)
-    off.follow(stack[3])
     for _ in range(2):  # the second step reuses the host buffers
         grads = _run(stack, x)
         assert grads.keys() == plain.keys()
         for name, g in plain.items():
             torch.testing.assert_close(grads[name], g, atol=0, rtol=0, msg=name)
-    fetches = [i for what, i in off.events if what == "fetch"]
-    assert fetches == [2, 1, 0] * 2  # last offloaded layer first, every step
-    for i in range(3):  # each layer was asked for before its first unpack, by the gradient of the next layer's output
-        first_unpack = off.events.index(("unpack", i))
-        assert ("fetch", i) in off.events[:first_unpack]
+        assert [i for what, i in off.events if what == "copy_in"] == [0]  # layers 1 and 2 were never copied back
+        assert off.events.index(("unpack", 1)) < off.events.index(("copy_in", 0)) < off.events.index(("unpack", 0))
+        off.events.clear()
     assert all(state.fetched == {} for state in off.layers)
-    # never more than IN_FLIGHT offloaded layers' tensors on the device in forward, nor two brought back at once
+    # never more than IN_FLIGHT offloaded layers' tensors on the device, in forward or in backward
     assert off.alive == [1, 2, 2] * 2 and max(off.back) <= offload.IN_FLIGHT
 
 
@@ -114,7 +112,6 @@ def test_a_forward_without_backward_leaves_nothing_behind():
     plain = _run(_stack(), x)
     stack = _stack()
     off = Recording(list(stack[:3]), stack.parameters(), "cpu", min_bytes=0)
-    off.follow(stack[3])
     stack(x).sum()  # say an evaluation with gradients on: no backward
     assert len(off.pending) == 2
     grads = _run(stack, x)  # the next step releases what the first left

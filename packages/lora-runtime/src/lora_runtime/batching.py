@@ -6,7 +6,8 @@ rows of 2048 tokens, benchmarks/RESULTS.md): 2 rows a pass is host-bound; 8 rows
 longer of the host's time (about constant a pass: `HOST_PASS_TOKENS`) and the GPU's (its tokens, plus
 `RECOMPUTE_COST` of them for recomputed layers). So on a GPU `micro_batch_size="auto"` and
 `gradient_checkpointing="auto"` search every (rows, recomputed layers) that fits the budget (`max_memory_gib`,
-default: the free memory) up to `TARGET_TOKENS` a pass (`RECOMPUTING_TOKENS` where layers recompute): between
+default: the free memory) up to `Footprint.target_tokens` a pass (`TARGET_TOKENS`, `COMPILED_TARGET_TOKENS` on the
+compiled path; `RECOMPUTING_TOKENS` where layers recompute): between
 "recompute everything" and "recompute nothing" every count of layers is a step, and a pass just large enough to keep
 the GPU the longer side with fewer layers recomputed beats a large pass that recomputes many. The plan scores each
 by its estimated tokens/s and logs the winner with its arithmetic. On a CPU,
@@ -82,7 +83,6 @@ class BatchPlan:
     world_size: int
     gradient_checkpointing: bool
     recomputed_layers: int | None = None  # with checkpointing: how many decoder layers recompute (None: all)
-    reason: str = ""
     estimated_peak_bytes: float | None = None  # the memory plan's estimate of torch's allocated peak
     offloaded_layers: int = 0  # decoder layers after the recomputed ones whose activations wait in host memory
 
@@ -109,8 +109,8 @@ class BatchPlan:
 
 
 def fixed_plan(config: LoraSftConfig, world_size: int, micro: int | str | None = None, gc: bool | None = None,
-               recomputed_layers: int | None = None, reason: str = "",
-               estimated_peak_bytes: float | None = None, offloaded_layers: int = 0) -> BatchPlan:
+               recomputed_layers: int | None = None, estimated_peak_bytes: float | None = None,
+               offloaded_layers: int = 0) -> BatchPlan:
     """The plan for a concrete micro batch (the config's when `micro` is None): accumulation derived from
     effective_batch_size where set, and the whole batch arithmetic validated (ConfigError on a mismatch).
 
@@ -127,8 +127,8 @@ def fixed_plan(config: LoraSftConfig, world_size: int, micro: int | str | None =
     else:
         accumulation = max(1, config.effective_batch_size // (asked * world_size))
     on = bool(config.gradient_checkpointing is True) if gc is None else gc
-    return BatchPlan(asked, accumulation, world_size, on, recomputed_layers if on else None, reason,
-                     estimated_peak_bytes, offloaded_layers)
+    return BatchPlan(asked, accumulation, world_size, on, recomputed_layers if on else None, estimated_peak_bytes,
+                     offloaded_layers)
 
 
 # ---------------------------------------------------------------------------------------------------- memory model
@@ -400,24 +400,26 @@ def step_cost(tokens: int, recomputed: int, layers: int, host_tokens: float = HO
 
 
 def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int | str, gc: bool | str,
-               quota: int | None, rows_per_rank: int) -> Choice:
+               quota: int | None, rows_per_rank: int, accumulation: int = 1, partial: bool = True) -> Choice:
     """The fastest (micro, recomputed layers) whose `need` fits `budget` bytes. `quota` = effective_batch_size /
-    world when that is set (micro must divide it); gc True recomputes every layer, False none, "auto" any count
-    (with `footprint.checkpoint_last`, a count above none only where nothing fits without)."""
+    world when that is set (micro must divide it), else an epoch of `rows_per_rank` keeps `MIN_STEPS_PER_EPOCH`
+    steps of micro × `accumulation` rows; gc True recomputes every layer, False none, "auto" any count (with
+    `footprint.checkpoint_last`, a count above none only where nothing fits without; without `partial`, none or
+    all: model splitting, where a count would checkpoint the first layers, all on the first GPU)."""
     if micro == "auto":
         cap = max(1, max(RECOMPUTING_TOKENS if gc is not False else 0, footprint.target_tokens) // seq_len)
         if quota is not None:
             rows = [m for m in range(min(cap, quota), 0, -1) if quota % m == 0]
             why_cap = f"a divisor of effective_batch_size/world = {quota}, up to {cap} rows = {cap * seq_len:,} tokens"
         else:
-            cap = min(cap, max(CPU_MICRO, rows_per_rank // MIN_STEPS_PER_EPOCH))
+            cap = min(cap, max(CPU_MICRO, rows_per_rank // (MIN_STEPS_PER_EPOCH * accumulation)))
             rows = list(range(cap, 0, -1))
             why_cap = (f"up to {cap} rows ({cap * seq_len:,} tokens a pass, ≥ {MIN_STEPS_PER_EPOCH} steps an epoch "
-                       f"of {rows_per_rank:,} rows)")
+                       f"of {rows_per_rank:,} rows{f' at accumulation {accumulation}' if accumulation > 1 else ''})")
     else:
         rows, why_cap = [int(micro)], ""
     n = footprint.layers
-    counts = list(range(n + 1)) if gc == "auto" else [n if gc else 0]
+    counts = ([n if gc else 0] if gc != "auto" else list(range(n + 1)) if partial else [0, n])
 
     def offloads(k: int) -> range:  # any of the layers left after the recomputed ones
         return range(n - k + 1) if footprint.offload_bandwidth else range(1)
@@ -535,35 +537,36 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
     if gc == "auto" and not (cuda and by_memory is not None and by_memory(config)):
         gc = cuda  # this backend's auto: on where CUDA memory is the limit, off on a CPU
     if micro != "auto" and gc != "auto" and config.max_memory_gib is None and config.activation_offload is not True:
-        return fixed_plan(config, world, micro, bool(gc), reason="as configured")
+        return fixed_plan(config, world, micro, bool(gc))
     why = "no CUDA GPU to size it by"
     if cuda and hasattr(backend, "footprint"):
         from transformers import AutoConfig
 
         model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+        budget, source = memory_budget(config)
+        if config.max_memory_gib is not None:  # a hard cap too: this process cannot allocate past the budget
+            cap = torch.cuda.mem_get_info(dist_env().local_rank)[1]
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / cap), dist_env().local_rank)
+        gpus = torch.cuda.device_count() if config.enable_model_splitting else world
         try:
-            gpus = torch.cuda.device_count() if config.enable_model_splitting else world
             footprint = per_gpu(backend.footprint(model_config, config), config, model_config, gpus)
         except AttributeError as e:  # a config without the fields the estimate reads (GPT-2 style names)
             why = f"cannot size {type(model_config).__name__} ({e})"
             if config.activation_offload is True:
                 why += "; activation_offload needs that estimate: no layer is offloaded"
         else:
-            budget, source = memory_budget(config)
-            if config.max_memory_gib is not None:  # a hard cap too: this process cannot allocate past the budget
-                cap = torch.cuda.mem_get_info(dist_env().local_rank)[1]
-                torch.cuda.set_per_process_memory_fraction(min(1.0, budget / cap), dist_env().local_rank)
             choice = plan_batch(footprint, seq_len=config.max_seq_len, budget=budget, micro=micro, gc=gc, quota=quota,
-                                rows_per_rank=max(1, rows // world))
+                                rows_per_rank=max(1, rows // world), accumulation=config.gradient_accumulation_steps,
+                                partial=not (config.enable_model_splitting and gpus > 1))
             print0(f"memory plan ({source}): {choice.reason}")
             recomputed = None if choice.recomputed == footprint.layers else choice.recomputed
-            return fixed_plan(config, world, choice.micro, choice.recomputed > 0, recomputed, choice.reason,
-                              choice.peak, choice.offloaded)
+            return fixed_plan(config, world, choice.micro, choice.recomputed > 0, recomputed, choice.peak,
+                              choice.offloaded)
     if micro == "auto":
         micro = max(m for m in range(1, CPU_MICRO + 1) if quota is None or quota % m == 0)
         print0(f"micro_batch_size: auto → {micro} (training-hub's default{' that divides the batch' if quota else ''}; "
                f"{why})")
-    return fixed_plan(config, world, micro, gc is True, reason=why)
+    return fixed_plan(config, world, micro, gc is True)
 
 
 def checkpointed_micro(config: LoraSftConfig) -> int | None:

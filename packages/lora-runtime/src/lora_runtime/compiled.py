@@ -233,7 +233,9 @@ def choose_levers(config: LoraSftConfig) -> tuple[LoraSftConfig, str]:
     """selective_recompute="auto" and activation_offload="auto" made concrete, and the reason where they are on.
 
     On only where backend="auto" would otherwise leave the compiled path for Unsloth because a pass of
-    `AUTO_MIN_TOKENS` does not fit without recomputation. The first that makes the pass fit, lightest first:
+    `AUTO_MIN_TOKENS` does not fit without recomputation, or where activation_offload=True is asked for (offload
+    alone ran slower than with either level: a level comes with it, and the plan may then offload no layer). The
+    first that makes the pass fit, lightest first:
     pointwise recomputation; pointwise plus at most `AUTO_MAX_OFFLOADED` offloaded layers; "most" (the layers
     recompute all but attention in their backward); "most" with offload (the plan then picks how many layers); and
     where offload is asked for (activation_offload=True), pointwise with every layer offloaded, the least memory of

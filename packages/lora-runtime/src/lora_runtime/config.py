@@ -80,7 +80,8 @@ class LoraSftConfig:
         None, "rows per optimizer step over all GPUs; sets accumulation = effective / (micro x world), must divide")
     micro_batch_size: int | str = _f(
         "auto", "packed rows per GPU per forward pass; auto = 2 on a CPU (training-hub's default), on a GPU the "
-        "largest of up to 16k tokens that fits the free memory (logged)")
+        "fastest plan that fits the memory budget (max_memory_gib, else the free memory), up to 16k tokens a pass "
+        "(32k where layers recompute and on the compiled path), keeping 16 optimizer steps an epoch (logged)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (derived when effective_batch_size is set)")
     learning_rate: float = _f(2e-4, "peak learning rate")
     lr_scheduler: str = _f("linear", "learning-rate schedule after warmup", LR_SCHEDULERS)
@@ -131,7 +132,9 @@ class LoraSftConfig:
         "(its own kernels), liger on the peft backend where installed",
         ["auto", "compile", "liger", "none"])
     gradient_checkpointing: bool | str = _f(
-        "auto", "recompute activations; auto = as many layers as the memory budget needs on a GPU, off on a CPU",
+        "auto", "recompute activations; auto = on a GPU, as many layers as the memory budget needs where the "
+        "backend plans by memory (Unsloth, the compiled path, liger, activation offload), else every layer; off on a "
+        "CPU",
         ["auto", True, False])
     selective_recompute: str = _f(
         "auto", "the compiled path's decoder layers recompute part of their forward inside their own backward "
@@ -156,7 +159,8 @@ class LoraSftConfig:
         "boundaries padded to a fixed count): one launch a layer instead of one a kernel, for passes the host cannot "
         "keep up with; True asks for the compiled path, in one process with no layer recomputed or offloaded and no "
         "selective_recompute (pass gradient_checkpointing=False); auto = on for a pass of at most 4,096 tokens "
-        "without those, dropout or evaluation (the host sets the pace there), else off",
+        "and 4,096 × 1.6B tokens × base parameters, without those, dropout or evaluation (the host sets the pace "
+        "there), else off",
         ["auto", True, False])
     max_memory_gib: float | None = _f(
         None, "GPU memory budget per process in GiB; the batch plan fits it and the process is capped to it "

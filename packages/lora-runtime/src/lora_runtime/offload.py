@@ -16,10 +16,11 @@ How, on CUDA (`ActivationOffload`):
   for that layer's copies (an event, never the host), so the freed blocks, reused in stream order, are only
   overwritten once copied. Memory stays bounded by the layers in flight whatever the host's lead; where the link is
   slower than the forward, the GPU waits for it (the memory plan's cost model counts that time).
-- backward: when an offloaded layer's backward begins (its first unpack), the previous offloaded layer starts coming
-  back, on the side stream, into memory taken on the compute stream, so it has the backward of the layers between
-  them to arrive; the last one starts at the gradient of the model's last decoder layer. Unpacking makes the compute
-  stream wait for the copies. A tensor is dropped here once every handle to it is unpacked.
+- backward: the last `IN_FLIGHT` offloaded layers still hold their device tensors when it begins, and use them (no
+  copy back). When an offloaded layer's backward begins (its first unpack), the previous offloaded layer starts
+  coming back, on the side stream, into memory taken on the compute stream, so it has the backward of the layers
+  between them to arrive. Unpacking makes the compute stream wait for the copies. A tensor is dropped here once every
+  handle to it is unpacked.
 On a CPU the copies are clones (no stream, no pinning): the same bookkeeping and the same gradients, which is what
 the CPU tests check (`test_offload.py`: gradients equal to a run without offload, exactly in fp32).
 
@@ -90,13 +91,6 @@ class ActivationOffload:
             if getattr(layer, "gradient_checkpointing", False):
                 raise ValueError(f"decoder layer {i} recomputes its activations: it has nothing to offload")
             _wrap_call(layer, self._offloading(i))
-        self.follower: Any = None
-
-    def follow(self, layer: Any) -> None:
-        """`layer` runs after the last offloaded one (the model's last decoder layer): the gradient of its output,
-        at the start of backward, starts bringing that one back."""
-        self.follower = layer
-        _wrap_call(layer, self._prefetching(len(self.layers) - 1))
 
     # ------------------------------------------------------------------------------------------------ forward
     def _offloading(self, i: int) -> Any:
@@ -115,17 +109,6 @@ class ActivationOffload:
             finally:
                 self._end(i)
                 self.inputs = set()
-
-        return around
-
-    def _prefetching(self, i: int) -> Any:
-        import torch
-
-        def around(call: Any, *args: Any, **kwargs: Any) -> Any:
-            out = call(*args, **kwargs)
-            if torch.is_grad_enabled():
-                self._fetch_on_gradient(out, i)
-            return out
 
         return around
 
@@ -224,26 +207,20 @@ class ActivationOffload:
         state.on_device = []
 
     # ------------------------------------------------------------------------------------------------ backward
-    def _fetch_on_gradient(self, out: Any, i: int) -> None:
-        if i < 0:
-            return
-        tensor = out[0] if isinstance(out, (tuple, list)) else out
-        if getattr(tensor, "requires_grad", False):
-            generation = self.layers[i].generation
-
-            def hook(grad: Any) -> None:
-                if self.layers[i].generation == generation:
-                    self._fetch(i)
-
-            tensor.register_hook(hook)
-
     def _fetch(self, i: int) -> None:
-        """Start copying layer i's tensors back (the whole layer: its backward unpacks them together)."""
+        """Start copying layer i's tensors back (the whole layer: its backward unpacks them together). At the first
+        fetch of a backward, the layers still holding their device tensors (the last `IN_FLIGHT`) keep them instead."""
         state = self.layers[i]
         if state.fetched is not None or state.used == 0:
             return
         while self.pending:  # backward has begun: the forward's copies are all needed done
-            self._release(self.pending.popleft())
+            j = self.pending.popleft()
+            held = self.layers[j].on_device  # in save order: one a slot
+            self._release(j)
+            if len(held) == self.layers[j].used:
+                self.layers[j].fetched = {s: held[s] for s in range(len(held)) if self.layers[j].handles[s] > 0}
+        if state.fetched is not None:
+            return
         wanted = [s for s in range(state.used) if state.handles[s] > 0]
         state.fetched = self._copy_in(state, wanted)
         if self.cuda:
@@ -362,8 +339,6 @@ def attach(model: Any, first: int, count: int) -> ActivationOffload | None:
     device = next(p.device for p in chosen[0].parameters())
     offload = ActivationOffload(chosen, model.parameters(), device)
     offload.indices = indices
-    if chosen[-1] is not layers[-1]:
-        offload.follow(layers[-1])
     model.activation_offload = offload
     return offload
 

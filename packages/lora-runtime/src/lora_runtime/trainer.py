@@ -432,14 +432,15 @@ def follow_schedule(optimizer: Any, scheduler: Any, learning_rate: float) -> Non
 def oom_hint(config: LoraSftConfig, plan: BatchPlan, step: int, error: BaseException) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     quant = "" if config.load_in_4bit else "; load_in_4bit=True (QLoRA) to quarter the base weights' memory"
-    last = ("activation_offload=False with gradient_checkpointing=True" if config.activation_offload is True
-            else "gradient_checkpointing=True")
+    every = plan.gradient_checkpointing and plan.recomputed_layers is None  # recomputing all already
+    last = ("; or activation_offload=False with gradient_checkpointing=True" if config.activation_offload is True
+            else "" if every else "; or gradient_checkpointing=True")
     budget = ("" if plan.estimated_peak_bytes is None else
               f" The memory plan estimated a peak of {plan.estimated_peak_bytes / 1024**3:.1f} GiB; pass a lower "
               "max_memory_gib to plan for less.")
     return (f"out of memory in training step {step} ({first}). Lower micro_batch_size (now {plan.micro}; "
             f"set effective_batch_size to keep the optimizer step the same), lower max_seq_len (now "
-            f"{config.max_seq_len}; rows are packed to it){quant}; or {last}.{budget}")
+            f"{config.max_seq_len}; rows are packed to it){quant}{last}.{budget}")
 
 
 def _allow_indexed_cpu_locations() -> None:
