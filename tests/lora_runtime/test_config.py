@@ -111,6 +111,20 @@ def test_unknown_and_ignored_keys_are_refused_by_name():
     assert "`checkpoint_at_epoch`" in text and "save_steps" in text
 
 
+def test_none_means_the_default_as_in_training_hub(monkeypatch):
+    """A script forwarding argparse's unset options (None) gets the defaults; save_total_limit=None keeps every
+    checkpoint, and the required paths stay required."""
+    import lora_runtime.api
+
+    monkeypatch.setattr(lora_runtime.api, "run", lambda config: config)
+    unset = {f.name: None for f in dataclasses.fields(LoraSftConfig)
+             if f.name not in ("model_path", "data_path", "ckpt_output_dir", "callbacks")}
+    got = lora_sft("m", "d", "o", **unset)
+    assert dataclasses.replace(got, save_total_limit=3) == LoraSftConfig("m", "d", "o") and got.save_total_limit is None
+    with pytest.raises(ConfigError, match="model_path"):
+        lora_sft(None, "d", "o").validate()
+
+
 def test_lora_sft_rejects_unknown_kwargs_before_doing_anything(tmp_path):
     with pytest.raises(ConfigError, match="save_samples"):
         lora_sft("no-model", "no-data", str(tmp_path / "out"), save_samples=100)

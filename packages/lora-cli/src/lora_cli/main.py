@@ -140,7 +140,8 @@ def train(ctx: click.Context, config: Path | None, shards: Path | None, dry_run:
         args = passthrough_args(ctx, {"config": config, "shards": shards, **params})
         from lora_runtime.checkpoint import output_lock
 
-        with output_lock(cfg.ckpt_output_dir) if plan.nnodes == 1 else contextlib.nullcontext():  # else rank 0's
+        lock = output_lock(cfg.ckpt_output_dir, cfg.model_path) if plan.nnodes == 1 else contextlib.nullcontext()
+        with lock:  # else rank 0's
             rc = launch.run_torchrun(plan, args, device, cfg.ckpt_output_dir)
         ctx.exit(rc)
     ctx.exit(_train_in_process(cfg))

@@ -4,7 +4,8 @@
 Parameter names and defaults are training-hub's `lora_sft` (see LoraSftConfig for one line of help each), plus
 `backend`, `resume`, `save_merged`, `train_on_inputs`, `overlong`, `max_steps`, `gradient_checkpointing`, `optim`,
 `adam_*` and `dataloader_num_workers`. One default differs on purpose: `micro_batch_size="auto"` is training-hub's 2
-on a CPU and, on a GPU, sized from the free memory (lora_runtime.batching). Unlike training-hub, an unknown or silently-ignored parameter is an error.
+on a CPU and, on a GPU, sized from the free memory (lora_runtime.batching). As in training-hub, None for a
+parameter means its default; unlike it, an unknown or silently-ignored parameter is an error.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def _reject_unknown_kwargs(fn: Any) -> Any:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+# None passed for a parameter means its default, as training-hub's lora_sft drops None values (a script forwarding
+# argparse's unset options works unchanged), except where None is itself a value: the required paths (their error
+# names them) and save_total_limit (keep every checkpoint)
+_NONE_IS_A_VALUE = {"model_path", "data_path", "ckpt_output_dir", "save_total_limit"}
 
 
 @_reject_unknown_kwargs
@@ -70,7 +77,8 @@ def lora_sft(
     Config → shards → backend → train. Raises ConfigError (every config problem at once), TokenizerMismatchError
     (shards prepared with another tokenizer), CheckpointError (resume=False on a directory with checkpoints).
     """
-    return run(LoraSftConfig(**locals()))  # first line: locals() are exactly the parameters here
+    given = locals()  # first line: exactly the parameters here
+    return run(LoraSftConfig(**{k: v for k, v in given.items() if v is not None or k in _NONE_IS_A_VALUE}))
 
 
 def run(config: LoraSftConfig) -> TrainResult:
@@ -89,7 +97,7 @@ def run(config: LoraSftConfig) -> TrainResult:
     from lora_runtime.sharding import resolve_sharding
 
     check_launch(config.validate())
-    with output_lock(config.ckpt_output_dir):  # one run per output dir: a second one fails here, naming the first
+    with output_lock(config.ckpt_output_dir, config.model_path):  # one run per output dir: a second one fails here, naming the first
         config, levers = choose_levers(config)  # selective_recompute/activation_offload "auto" made concrete
         fast = (True, levers) if levers else prefers(config)
         import_unsloth_first(config, compiled=fast[0])

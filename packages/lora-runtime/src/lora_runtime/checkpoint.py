@@ -80,12 +80,46 @@ def resume_point(ckpt_output_dir: str | Path, *, resume: bool) -> Path | None:
 OUTPUT_LOCK_ENV = "LORA_SFT_OUTPUT_LOCKED"  # set (to its pid) by the process holding the output dir's lock
 
 
+# what a run writes at the top of its output dir, beside the final adapter's and the tokenizer's own files
+RUN_FILES = {CONFIG_NAME, "metrics.jsonl", "loss.png", "README.md", SUBDIR, "merged", ADAPTER_SUMS, "config.json",
+             "chat_template.jinja", "chat_template.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+             "vocab.txt", "merges.txt", "spiece.model"}
+RUN_PREFIXES = ("adapter_", "tokenizer")
+
+
+def check_output_dir(ckpt_output_dir: str | Path, model_path: str | Path | None = None) -> None:
+    """Refuse an output dir a run would write into at a user's cost: a file, the base model's own directory (its
+    adapter_config.json would turn every later load of the model into base + adapter), or a directory that no
+    training run made (no run record, checkpoints or training lock) holding files a run writes (its README.md, a
+    tokenizer, metrics.jsonl, ...). A new or empty directory, a run's (to resume or replace), or one holding only
+    other files passes."""
+    from lora_data.locks import LOCK_NAME
+
+    out = Path(ckpt_output_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"ckpt_output_dir {out} is a file, not a directory; pass a directory for the run")
+    if not out.is_dir():
+        return
+    if model_path is not None and Path(model_path).is_dir() and out.resolve() == Path(model_path).resolve():
+        raise CheckpointError(f"ckpt_output_dir {out} is the base model's directory (model_path): the adapter written "
+                              "there would make every later load of it base + adapter; pass another directory")
+    lock = out / LOCK_NAME
+    if (out / CONFIG_NAME).is_file() or (out / SUBDIR).is_dir() or (
+            lock.is_file() and "(training:" in lock.read_text(encoding="utf-8", errors="replace")):
+        return  # a run's: resumed or replaced as the resume options say
+    clashes = sorted(p.name for p in out.iterdir() if p.name in RUN_FILES or p.name.startswith(RUN_PREFIXES))
+    if clashes:
+        raise CheckpointError(f"ckpt_output_dir {out} holds {', '.join(clashes)}, which a run writes, and no "
+                              "training run made it: pass a new or empty directory, or move those files out")
+
+
 @contextlib.contextmanager
-def output_lock(ckpt_output_dir: str | Path) -> Iterator[None]:
+def output_lock(ckpt_output_dir: str | Path, model_path: str | Path | None = None) -> Iterator[None]:
     """One training run per output dir: an advisory flock on `<dir>/.lock` (lora_data.locked) held by the live
     process, released by the OS when it dies, so a SIGKILL never leaves a stale lock. A second run fails at once with
     lora_data.LockedError naming the holder's pid. Taken by global rank 0 (or by lora-cli's launcher for its torchrun,
-    which passes OUTPUT_LOCK_ENV on to the workers). A dir this call created and left with only the lock is removed."""
+    which passes OUTPUT_LOCK_ENV on to the workers). A dir this call created and left with only the lock is removed.
+    First, `check_output_dir`: CheckpointError for a directory a run must not write into."""
     from lora_data import locked
 
     from lora_runtime.distributed import dist_env
@@ -93,6 +127,7 @@ def output_lock(ckpt_output_dir: str | Path) -> Iterator[None]:
     if os.environ.get(OUTPUT_LOCK_ENV) or not dist_env().is_main:
         yield
         return
+    check_output_dir(ckpt_output_dir, model_path)
     out = Path(ckpt_output_dir)
     created = not out.exists()
     os.environ[OUTPUT_LOCK_ENV] = str(os.getpid())

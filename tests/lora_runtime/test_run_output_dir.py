@@ -1,0 +1,55 @@
+"""A run never writes over a user's files: ckpt_output_dir may be new, empty, a training run's (resumed or replaced
+as the resume options say) or hold only files a run does not write; a directory of someone else's files that a run
+would overwrite, the base model's own directory, or a file are refused before anything is written."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from lora_runtime import lora_sft
+from lora_runtime.checkpoint import CONFIG_NAME, check_output_dir
+from lora_runtime.errors import CheckpointError
+
+
+@pytest.mark.parametrize("name", ["README.md", "metrics.jsonl", "tokenizer.json", "adapter_config.json", "config.json"])
+def test_a_users_file_that_a_run_would_write_is_refused(tmp_path, name):
+    (tmp_path / name).write_text("mine")
+    with pytest.raises(CheckpointError, match=re.escape(f"holds {name}, which a run writes, and no training run made it")):
+        check_output_dir(tmp_path)
+
+
+def test_new_empty_other_files_and_a_runs_directory_pass(tmp_path):
+    check_output_dir(tmp_path / "new")
+    check_output_dir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")  # nothing a run writes
+    check_output_dir(tmp_path)
+    for marker in (CONFIG_NAME, "checkpoints/"):
+        run = tmp_path / marker.rstrip("/")
+        run.mkdir() if marker.endswith("/") else run.write_text("{}")
+        (tmp_path / "README.md").write_text("the model card of the run")
+        check_output_dir(tmp_path)
+        (tmp_path / "README.md").unlink()
+        run.rmdir() if marker.endswith("/") else run.unlink()
+    (tmp_path / ".lock").write_text("pid 7 (training: lora-cli train --model m)")  # a run killed before its first save
+    (tmp_path / "metrics.jsonl").write_text("")
+    check_output_dir(tmp_path)
+
+
+def test_the_base_model_directory_and_a_file_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="is the base model's directory"):
+        check_output_dir(tmp_path, tmp_path / ".")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(CheckpointError, match="is a file, not a directory"):
+        check_output_dir(tmp_path / "f")
+
+
+def test_lora_sft_refuses_before_writing_anything(tiny_llama_dir, llama_shards, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("# My project")
+    with pytest.raises(CheckpointError, match=re.escape("holds README.md")):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), backend="peft", max_steps=1)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"] and (out / "README.md").read_text() == "# My project"
+    with pytest.raises(CheckpointError, match="is the base model's directory"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tiny_llama_dir), backend="peft", max_steps=1)
