@@ -128,6 +128,8 @@ def test_yaml_and_toml_config_files(tmp_path):
     t.write_text('lora_r = 8\ntarget_modules = ["q_proj", "v_proj"]\nlearning_rate = 1e-4\n')
     expected = {"lora_r": 8, "target_modules": ("q_proj", "v_proj"), "learning_rate": 1e-4}
     assert load_config_file(y) == expected == load_config_file(t)
+    y.write_text("learning_rate: 2e-4\nwarmup_ratio: .5E-1\nwandb_run_name: '1e3'\n")
+    assert load_config_file(y) == {"learning_rate": 2e-4, "warmup_ratio": 0.05, "wandb_run_name": "1e3"}  # YAML 1.2
 
 
 def test_config_file_unknown_key_names_it_and_suggests(tmp_path):

@@ -139,6 +139,24 @@ def test_resume_after_interruption_equals_uninterrupted(llama_run, tiny_llama_di
     assert _losses(resumed) == pytest.approx(_losses(llama_run[0]), abs=1e-5)
 
 
+def test_a_stop_between_logs_logs_its_step_so_the_resumed_metrics_read_as_uninterrupted(tiny_llama_dir, llama_shards,
+                                                                                        tmp_path):
+    """Logging every 4 steps, stopped (and saved) after step 6: the row at 6 holds steps 5-6, the resumed run's
+    row at 8 steps 7-8, so the whole run's mean loss is the uninterrupted run's (a row at 8 over steps 7-8 alone,
+    weighted as 4 steps, would not be)."""
+    from lora_runtime.metrics import run_summary
+
+    every4 = {"max_steps": 12, "logging_steps": 4, "save_steps": 100}
+    whole = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "whole"), **{**_runs.RUN, **every4})
+    out = tmp_path / "stopped"
+    lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**_runs.RUN, **every4}, callbacks=[_runs.StopAt(6)])
+    resumed = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**_runs.RUN, **every4})
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert steps == [4, 6, 8, 12] and [r["step"] for r in read_metrics(whole.metrics_path) if "loss" in r] == [4, 8, 12]
+    assert resumed.train_loss == pytest.approx(whole.train_loss, rel=1e-5)
+    assert run_summary(out / "metrics.jsonl")["train_loss"] == pytest.approx(whole.train_loss, rel=1e-5)
+
+
 def test_resume_false_refuses_a_directory_with_checkpoints(llama_run, tiny_llama_dir, llama_shards):
     out = Path(llama_run[0].adapter_dir)
     before = (out / "adapter_model.safetensors").read_bytes()

@@ -226,9 +226,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return file.values
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2's floats: `2e-4` is a number (YAML 1.1, PyYAML's, reads an exponent without a dot as a string)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
 def _load_yaml(path: Path, text: str) -> tuple[Any, dict[str, int]]:
-    """yaml.safe_load, bounded: the composed graph (aliases not expanded) is walked once, counting values."""
-    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    """yaml.safe_load (YAML 1.2's floats), bounded: the composed graph (aliases not expanded) is walked once,
+    counting values."""
+    node = yaml.compose(text, Loader=_Loader)
     if node is None:
         return {}, {}
     stack, seen = [node], 0
@@ -245,7 +254,7 @@ def _load_yaml(path: Path, text: str) -> tuple[Any, dict[str, int]]:
     lines = {}
     if isinstance(node, yaml.MappingNode):
         lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
-    return yaml.safe_load(text), lines
+    return yaml.load(text, Loader=_Loader), lines  # _Loader is a SafeLoader
 
 
 def _toml_lines(text: str) -> dict[str, int]:

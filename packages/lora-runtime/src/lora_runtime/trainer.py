@@ -237,6 +237,10 @@ class PackedTrainer(Trainer):
         self._logged_at = None
         self._emit_pending()
         logged_before = self._globalstep_last_logged
+        if (self.control.should_save or self.control.should_training_stop) and self.state.global_step > logged_before:
+            # a checkpoint (or the end) holds the loss of every step up to it: a run resumed from it logs the steps
+            # after it only, so metrics.jsonl and train_loss read the same as an uninterrupted run's
+            self.control.should_log = True
         if self._defer_log(tr_loss):
             learning_rate = kwargs.get("learning_rate", args[5] if len(args) > 5 else None)
             self._pending = self._read_later(tr_loss, grad_norm, learning_rate)
