@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import _tiny
 import lora_data
 import pytest
 from click.testing import CliRunner
-from lora_data import LockedError, ShardReader
+from lora_data import DataError, LockedError, ShardReader
 from lora_data.cli import cli
 
 SEQ = 128
@@ -61,14 +62,47 @@ def test_only_files_listed_in_our_manifest_are_removed(data, other, tmp_path, ch
 
 
 def test_a_manifest_lora_data_did_not_write_removes_nothing(data, tmp_path, chatml_tokenizer_dir):
+    """Its shard names stay untouched beside a set prepared around them once it is gone; the file itself is not
+    replaced: prepare refuses, naming it."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "shard-00000.bin").write_bytes(b"precious")
     (out / "manifest.json").write_text(json.dumps({"format_version": 1, "shards": [{"file": "shard-00000.bin"}]}))
+    before = _snapshot(out)
+    with pytest.raises(DataError, match=re.escape("manifest.json: was not written by lora-data")):
+        _prep(data, out, chatml_tokenizer_dir)
+    assert _snapshot(out) == before
+    (out / "manifest.json").unlink()
     m = _prep(data, out, chatml_tokenizer_dir)
     assert (out / "shard-00000.bin").read_bytes() == b"precious"  # the new set took names nothing had
     assert "shard-00000.bin" not in {s["file"] for s in m.shards}
     assert len(ShardReader(out)) == m.counts["rows"]
+
+
+def test_a_rejects_file_lora_data_did_not_write_is_refused(data, tmp_path, chatml_tokenizer_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "rejects.jsonl").write_text("keep me\n")
+    with pytest.raises(DataError, match=re.escape("rejects.jsonl: is not a lora-data rejects list")):
+        _prep(data, out, chatml_tokenizer_dir)
+    assert _snapshot(out) == {"rejects.jsonl": b"keep me\n"}
+
+
+def test_a_failed_run_keeps_its_rejects_apart_from_the_set_that_stays(data, tmp_path, chatml_tokenizer_dir):
+    """--strict fails on a bad line: the earlier set and its own rejects.jsonl stay as they were, the failed run's
+    rejects go to rejects.failed.jsonl (named in the error), which the next successful run removes."""
+    out = tmp_path / "out"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data.read_text() + '{"messages": "not a list"}\n')
+    _prep(bad, out, chatml_tokenizer_dir)
+    before = _snapshot(out)
+    with pytest.raises(DataError, match=re.escape(f"in {out / 'rejects.failed.jsonl'}; no shards written")):
+        _prep(bad, out, chatml_tokenizer_dir, strict=True)
+    after = _snapshot(out)
+    bad_line = len(data.read_text().splitlines()) + 1
+    assert f'"line": {bad_line}'.encode() in after.pop("rejects.failed.jsonl") and after == before
+    _prep(data, out, chatml_tokenizer_dir)
+    assert not (out / "rejects.failed.jsonl").exists()
 
 
 @pytest.mark.parametrize("name", ["rejects.jsonl", "manifest.json"])

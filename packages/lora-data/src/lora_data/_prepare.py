@@ -65,11 +65,13 @@ def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: boo
     out = Path(output_dir)
     staging = Staging(out)
     staging.refuse_inputs(paths)
+    staging.refuse_foreign()
     tok = load_tokenizer(tokenizer)
     with locked(out, what="lora-data prepare"):
         staging.begin()
+        failed_rejects = staging.failed_rejects()
         try:
-            manifest = run(paths, staging.dir, tok, opts, strict=strict, rejects_shown=out / staging.rejects.name,
+            manifest = run(paths, staging.dir, tok, opts, strict=strict, rejects_shown=failed_rejects,
                            progress=sys.stderr.isatty() if progress is None else progress,
                            spill=staging.dir / SPILL_NAME, split=data_split, config=data_config,
                            workers=default_workers() if workers is None else max(1, int(workers)))
@@ -77,7 +79,7 @@ def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: boo
         except BaseException as e:
             traceback.clear_frames(e.__traceback__)  # drops the spill memmaps, so discard() frees their space now
             if isinstance(e, DataError):
-                staging.keep_rejects()  # --strict, or nothing trainable: the message points at rejects.jsonl
+                staging.keep_rejects(failed_rejects)  # --strict, or nothing trainable: the message points there
             raise
         finally:
             staging.discard()

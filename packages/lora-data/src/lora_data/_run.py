@@ -13,6 +13,7 @@ from typing import IO, Any
 import numpy as np
 
 from ._stage import TokenizeStage
+from ._staging import REJECTS_NAME
 from .errors import DataError
 from .fingerprint import template_source, tokenizer_fingerprint
 from .manifest import Manifest, empty_counts
@@ -47,9 +48,10 @@ class RejectLog:
 def run(paths: list[Path], staging: Path, tok: Any, opts: Options, *, strict: bool, progress: bool,
         rejects_shown: Path, spill: Path, split: str | None = None, config: str | None = None,
         workers: int = 1) -> Manifest:
-    """Prepare `paths` into `staging` (shards + rejects.jsonl); return the manifest, not yet saved."""
+    """Prepare `paths` into `staging` (shards + rejects.jsonl); return the manifest, not yet saved. `rejects_shown`:
+    where a failure's message says the rejects are (where the caller keeps them)."""
     manifest = new_manifest(opts, tok)
-    with open(staging / rejects_shown.name, "w", encoding="utf-8") as fh:
+    with open(staging / REJECTS_NAME, "w", encoding="utf-8") as fh:
         log = RejectLog(fh, manifest.counts)
         stage = TokenizeStage(tok, spill, seq_len=opts.max_seq_len, overlong=opts.overlong,
                               train_on_inputs=opts.train_on_inputs, counts=manifest.counts, reject=log, workers=workers)

@@ -5,12 +5,13 @@
             → the files the old manifest listed (and only those) removed → the staging dir removed
 
 Until `manifest.json` is replaced, OUT still holds the old set, whole and readable: a failed or killed run changes
-nothing a reader sees. `prepare` removes only files that a checksummed lora-data manifest in OUT lists, never a
+nothing a reader sees (a failed run's rejects go to rejects.failed.jsonl beside it). `prepare` removes only files that a checksummed lora-data manifest in OUT lists, never a
 user's file, and refuses an input that is one of its output files.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from .manifest import MANIFEST_NAME, Manifest, fsync_dir
 
 STAGING_NAME = ".lora-data-staging"
 REJECTS_NAME = "rejects.jsonl"
+FAILED_REJECTS_NAME = "rejects.failed.jsonl"  # a failed run's, beside the shard set it left in place
 SPILL_NAME = "spill"  # token ids / masks of the tokenize stage, inside the staging dir
 _OUR_SHARD = re.compile(r"^shard(-[a-z])?-\d{5}\.bin$")
 _PREFIXES = ("shard", *(f"shard-{c}" for c in "bcdefgh"))
@@ -50,6 +52,25 @@ class Staging:
             if str(p) != "-" and _inode(p) in outputs - {None}:
                 raise DataError(f"is an output of this prepare (in {self.out}); it would be replaced while being "
                                 "read: copy it elsewhere or choose another output directory", path=p)
+
+    def refuse_foreign(self) -> None:
+        """DataError where OUT holds a manifest.json or rejects file that lora-data did not write: a run replaces
+        those, and a user's file of that name would be lost."""
+        if not self.out.is_dir():
+            return
+        manifest = self.out / MANIFEST_NAME
+        if manifest.exists() and not _written_by_lora_data(self.out):
+            raise DataError("was not written by lora-data, and prepare writes its manifest there: prepare into "
+                            "another directory, or move the file", path=manifest)
+        for name in (REJECTS_NAME, FAILED_REJECTS_NAME):
+            if (self.out / name).exists() and not _rejects_file(self.out / name):
+                raise DataError("is not a lora-data rejects list, and prepare writes one there: prepare into "
+                                "another directory, or move the file", path=self.out / name)
+
+    def failed_rejects(self) -> Path:
+        """Where a failed run leaves its rejects: rejects.jsonl, or beside a shard set that stays (whose rejects.jsonl
+        is that set's) FAILED_REJECTS_NAME."""
+        return self.out / (FAILED_REJECTS_NAME if _written_by_lora_data(self.out) else REJECTS_NAME)
 
     def begin(self) -> None:
         """Undo a dead run's half-done commit (files its journal moved in, not in the live manifest), then start clean."""
@@ -81,16 +102,17 @@ class Staging:
                 (self.out / name).unlink(missing_ok=True)
             raise
         fsync_dir(self.out)
+        (self.out / FAILED_REJECTS_NAME).unlink(missing_ok=True)  # an earlier failed run's: this one succeeded
         for entry in old.shards if old else ():
             file = entry.get("file")
             if isinstance(file, str) and _OUR_SHARD.match(file) and file not in names:
                 (self.out / file).unlink(missing_ok=True)
         self.discard()
 
-    def keep_rejects(self) -> None:
-        """After a failed run (e.g. --strict), leave its rejects.jsonl in OUT for the user to read."""
+    def keep_rejects(self, where: Path) -> None:
+        """After a failed run (e.g. --strict), leave its rejects at `where` (`failed_rejects`) for the user to read."""
         if self.rejects.exists():
-            os.replace(self.rejects, self.out / REJECTS_NAME)
+            os.replace(self.rejects, where)
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -110,6 +132,27 @@ def _inode(p: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _written_by_lora_data(d: Path) -> bool:
+    """Whether `d`'s manifest.json is lora-data's (its checksum may fail: a damaged set is still ours to replace)."""
+    try:
+        return Manifest.load(d).created_by.startswith("lora-data")
+    except DataError:
+        return False
+
+
+def _rejects_file(p: Path) -> bool:
+    """Whether `p` reads as a rejects list: empty, or its first line a rejection (source, line, reason)."""
+    try:
+        with open(p, encoding="utf-8") as f:
+            first = f.readline()
+        if not first.strip():
+            return True
+        row = json.loads(first)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(row, dict) and {"source", "line", "reason"} <= row.keys()
 
 
 def _our_manifest(d: Path) -> Manifest | None:
