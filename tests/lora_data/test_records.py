@@ -31,7 +31,7 @@ def _items(tmp_path, lines: list, **kw):
      ("messages[1].content", "expected string, got integer 3", "wrong_type_string")),
     ({"messages": [USER, {"role": "assistant"}]}, ("messages[1].content", "missing required field", "missing_content")),
     ({"messages": "hi"}, ("messages", 'expected array, got string "hi"', "wrong_type_array")),
-    ({"messages": [USER, None]}, ("messages[1]", "expected object, got null null", "wrong_type_object")),
+    ({"messages": [USER, None]}, ("messages[1]", "expected object, got null", "wrong_type_object")),
 ])
 def test_chat_schema_literals(obj, expected):
     schema = Schema.load("chat")
@@ -45,10 +45,24 @@ def test_chat_schema_literals(obj, expected):
     ({"instruction": "Add", "input": "2+2", "output": "4"}, None),
     ({"instruction": "", "output": "4"}, ("instruction", "must not be an empty string", "empty_instruction")),
     ({"instruction": "Add"}, ("output", "missing required field", "missing_output")),
-    ({"instruction": "Add", "input": 2, "output": "4"}, ("input", "expected string, got integer 2", "wrong_type_string")),
+    ({"instruction": "Add", "input": 2, "output": "4"},
+     ("input", "expected string or null, got integer 2", "wrong_type_string_or_null")),
+    ({"instruction": "Add", "input": None, "output": "4"}, None),  # training-hub's loader reads a null input as none
+    ({"instruction": "Add", "output": ""}, ("output", "must not be an empty string", "empty_output")),
 ])
 def test_alpaca_schema_literals(obj, expected):
-    assert Schema.load("alpaca").check(obj) == expected
+    schema = Schema.load("alpaca")
+    assert schema.check(obj) == expected
+    assert jsonschema.Draft202012Validator(schema.schema).is_valid(obj) == (expected is None)
+
+
+def test_a_record_whose_every_answer_is_empty_is_rejected(tmp_path):
+    empty = {"role": "assistant", "content": " \n"}
+    items, _ = _items(tmp_path, [{"messages": [USER, empty]}, {"messages": [USER, empty, USER, BOT]}])
+    items += _items(tmp_path, [{"instruction": "Say hi", "output": "  "}])[0]
+    assert [(getattr(i, "code", None), getattr(i, "field", None)) for i in items] == [
+        ("empty_answer", "messages"), (None, None), ("empty_answer", "output")]  # one answer is enough to learn from
+    assert items[0].reason == "every assistant turn is empty: it would teach the model to answer nothing"
 
 
 def test_alpaca_becomes_a_conversation(tmp_path):

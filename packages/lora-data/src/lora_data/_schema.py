@@ -16,7 +16,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-_TYPES = {"object": dict, "array": list, "string": str}
+_TYPES = {"object": dict, "array": list, "string": str, "null": type(None)}
 _KNOWN = {"$schema", "$id", "title", "description", "type", "required", "properties", "items", "enum", "minItems",
           "minLength"}
 
@@ -36,7 +36,8 @@ def _type_name(value: Any) -> str:
 
 def compile_check(schema: dict) -> Callable[[Any], bool]:
     """A fast pass/fail function for `schema` (the keywords in _KNOWN only), built once as nested closures."""
-    t: Any = _TYPES.get(schema.get("type", ""), object)  # checked with isinstance; Any lets the branches index
+    types = schema.get("type", [])
+    t: Any = tuple(_TYPES[x] for x in ([types] if isinstance(types, str) else types)) or object  # for isinstance
     enum = frozenset(schema["enum"]) if "enum" in schema else None
     required = tuple(schema.get("required", ()))
     props = tuple((k, compile_check(v)) for k, v in schema.get("properties", {}).items())
@@ -48,11 +49,11 @@ def compile_check(schema: dict) -> Callable[[Any], bool]:
             return False
         if enum is not None and (not isinstance(value, str) or value not in enum):
             return False
-        if t is dict:
+        if isinstance(value, dict):
             return all(k in value for k in required) and all(f(value[k]) for k, f in props if k in value)
-        if t is list:
+        if isinstance(value, list):
             return len(value) >= min_items and (items is None or all(map(items, value)))
-        return t is not str or len(value) >= min_len
+        return not isinstance(value, str) or len(value) >= min_len
 
     return ok
 
@@ -61,8 +62,9 @@ def _walk_keywords(schema: dict) -> None:
     unknown = set(schema) - _KNOWN
     if unknown:
         raise RuntimeError(f"schema keyword(s) {sorted(unknown)} are not handled by lora_data._schema.compile_check")
-    if "type" in schema and schema["type"] not in _TYPES:
-        raise RuntimeError(f"schema type {schema['type']!r} is not handled by lora_data._schema.compile_check")
+    types = schema.get("type", [])
+    if any(x not in _TYPES for x in ([types] if isinstance(types, str) else types)):
+        raise RuntimeError(f"schema type {types!r} is not handled by lora_data._schema.compile_check")
     for sub in schema.get("properties", {}).values():
         _walk_keywords(sub)
     if "items" in schema:
@@ -108,7 +110,10 @@ class Schema:
             code = "bad_role" if path and path[-1] == "role" else "bad_value"
             return json_path(path), f"expected one of {', '.join(arg)}; got {got}", code
         if kind == "type":
-            return json_path(path), f"expected {arg}, got {_type_name(inst)} {got}", f"wrong_type_{arg}"
+            wanted = " or ".join(arg) if isinstance(arg, list) else arg
+            shown = "" if inst is None else f" {got}"
+            code = "wrong_type_" + ("_or_".join(arg) if isinstance(arg, list) else arg)
+            return json_path(path), f"expected {wanted}, got {_type_name(inst)}{shown}", code
         if kind == "required":
             missing = next(k for k in arg if k not in inst)
             return json_path([*path, missing]), "missing required field", f"missing_{missing}"

@@ -227,9 +227,14 @@ class RecordReader:
         if bad:
             return Rejection(path, number, bad[0], bad[1] + self._other_format(fmt, obj), text, bad[2])
         messages = obj[self.fields.messages] if fmt == "messages" else self._alpaca_to_messages(obj)
-        if not any(m["role"] == "assistant" for m in messages):
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        if not answers:
             return Rejection(path, number, self.fields.messages, "no assistant turn: nothing to learn from", text,
                              "no_assistant")
+        if not any(a.strip() for a in answers):
+            where = self.fields.messages if fmt == "messages" else self.fields.output
+            return Rejection(path, number, where, "every assistant turn is empty: it would teach the model to answer "
+                             "nothing", text, "empty_answer")
         return Record(path, number, messages, fmt, sample_id(self.source_index, number), text)
 
     def _detect(self, obj: dict) -> str | None:
