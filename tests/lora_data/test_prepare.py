@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 import _tiny
 import lora_data
@@ -293,3 +295,60 @@ def test_workers_fall_back_to_one_process_inside_a_daemonic_process(tmp_path, ch
     proc.start()
     proc.join(120)
     assert proc.exitcode == 0 and Manifest.load(tmp_path / "o").counts["valid"] == 60
+
+
+def test_the_command_exits_130_on_ctrl_c_1_on_bad_data_2_on_usage(tmp_path, monkeypatch, capsys):
+    import lora_data._prepare
+    from lora_data.cli import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+
+    def exit_code(*argv: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["lora-data", *argv])
+        with pytest.raises(SystemExit) as e:
+            main()
+        return e.value.code
+
+    assert exit_code("prepare", str(empty), str(tmp_path / "out"), "--tokenizer", str(tmp_path), "--max-seq-len", "64") == 1
+    assert exit_code("prepare") == 2
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora_data._prepare, "prepare", interrupted)
+    capsys.readouterr()
+    assert exit_code("prepare", str(empty), str(tmp_path / "out"), "--tokenizer", str(tmp_path), "--max-seq-len", "64") == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+@pytest.mark.parametrize(("text", "words"), [("", "empty"), ("\n  \n", "2 blank line(s) only")])
+def test_a_file_without_records_says_so(tmp_path, chatml_tokenizer_dir, text, words):
+    p = tmp_path / "in.jsonl"
+    p.write_text(text)
+    with pytest.raises(lora_data.DataError, match=re.escape(f"no record in {p}: {words}")):
+        lora_data.prepare(p, tmp_path / "out", chatml_tokenizer_dir, max_seq_len=64, verbose=False)
+
+
+def test_a_gzip_file_is_read_whatever_its_name(tmp_path, chatml_tokenizer_dir):
+    import gzip
+
+    line = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]})
+    plain, packed = tmp_path / "plain.jsonl", tmp_path / "packed.jsonl"  # gzip inside, no .gz
+    plain.write_text(line + "\n")
+    packed.write_bytes(gzip.compress((line + "\n").encode()))
+    a = lora_data.prepare(plain, tmp_path / "a", chatml_tokenizer_dir, max_seq_len=64, verbose=False)
+    b = lora_data.prepare(packed, tmp_path / "b", chatml_tokenizer_dir, max_seq_len=64, verbose=False)
+    assert a.counts == b.counts and a.counts["valid"] == 1
+
+
+@pytest.mark.parametrize(("policy", "words"), [
+    ("drop", "dropped (use --overlong truncate|split to keep part of it)"),
+    ("truncate", "dropped: no loss token in its first --max-seq-len tokens (--overlong split keeps the pieces that "
+                 "have one)"),
+])
+def test_an_overlong_record_dropped_says_what_would_keep_it(tmp_path, chatml_tokenizer_dir, policy, words):
+    late = {"messages": [{"role": "user", "content": "word " * 200}, A]}  # the answer past the first 64 tokens
+    p = _tiny.write_jsonl(tmp_path / "late.jsonl", [late, {"messages": [U, A]}])
+    lora_data.prepare(p, tmp_path / "o", chatml_tokenizer_dir, max_seq_len=64, overlong=policy, verbose=False)
+    (reject,) = [json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]
+    assert reject["code"] == "overlong_dropped" and reject["reason"].endswith(words), reject["reason"]

@@ -65,7 +65,11 @@ def run(paths: list[Path], staging: Path, tok: Any, opts: Options, *, strict: bo
         raise DataError(f"{r.reason} (--strict: {log.listed} line(s) in {rejects_shown}; no shards written)",
                         path=r.path, line=r.line, field=r.field)
     if len(table["length"]) == 0:
-        raise DataError(f"no trainable record in {', '.join(map(str, paths))}{_first_reason(log)}; see {rejects_shown}")
+        where = ", ".join(map(str, paths))
+        if log.first is None:  # nothing rejected either: no record at all
+            lines = manifest.counts["lines_read"]
+            raise DataError(f"no record in {where}: " + ("empty" if not lines else f"{lines:,} blank line(s) only"))
+        raise DataError(f"no trainable record in {where}{_first_reason(log)}; see {rejects_shown}")
     _write(staging, manifest, opts, table, ids, mask)
     manifest.cache_key = opts.cache_key([s["sha256"] for s in manifest.sources], manifest.tokenizer["fingerprint"])
     return manifest

@@ -201,9 +201,10 @@ class TokenizeStage:
         where = f"{length} tokens > --max-seq-len {self.seq_len}"
         if not cuts:
             self.counts["dropped"] += 1
-            why = "dropped" if self.overlong == "drop" else f"dropped: no loss token left after --overlong {self.overlong}"
-            self._reject(rec, None, f"{where}; {why} (use --overlong truncate|split to keep part of it)",
-                         "overlong_dropped")
+            hint = {"drop": "dropped (use --overlong truncate|split to keep part of it)",
+                    "truncate": "dropped: no loss token in its first --max-seq-len tokens (--overlong split keeps "
+                                "the pieces that have one)"}.get(self.overlong, "dropped: no piece holds a loss token")
+            self._reject(rec, None, f"{where}; {hint}", "overlong_dropped")
         elif self.overlong == "truncate":
             self.counts["truncated"] += 1
             lost = int(sub[self.seq_len :].sum())

@@ -1,6 +1,7 @@
 """`lora-data prepare INPUT... OUT_DIR --tokenizer DIR --max-seq-len N` and `lora-data inspect OUT_DIR`.
 
-Exit codes: 0 ok; 1 a data or user error (one line naming file:line and field, no traceback); 2 usage.
+Exit codes: 0 ok; 1 a data or user error (one line naming file:line and field, no traceback); 2 usage; 130
+interrupted (Ctrl-C).
 lora-cli reuses `prepare_command` and `inspect_command`; `cli` is the click group.
 """
 
@@ -120,8 +121,19 @@ cli.add_command(prepare_command)
 cli.add_command(inspect_command)
 
 
+EXIT_INTERRUPTED = 130  # as lora-cli: Ctrl-C is not a data error
+
+
 def main() -> None:
-    cli(prog_name="lora-data")
+    try:
+        rc = cli.main(prog_name="lora-data", standalone_mode=False)
+    except click.exceptions.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort): the old set stays intact
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import gzip
 import json
+import os
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -321,12 +322,26 @@ STDIN = "-"  # as an input path: read standard input
 
 
 def _open_input(path: str | Path):
-    """A file (gzip-compressed if it ends in .gz), a FIFO, or `-` (standard input, left open when done)."""
+    """A file (gzip-compressed if it ends in .gz or starts with gzip's magic bytes), a FIFO, or `-` (standard input,
+    left open when done)."""
     if str(path) == STDIN:
         return contextlib.nullcontext(sys.stdin.buffer)
-    if str(path).endswith(".gz"):
+    if str(path).endswith(".gz") or _gzip_magic(path):
         return gzip.open(path, "rb")
     return open(path, "rb")
+
+
+def _gzip_magic(path: str | Path) -> bool:
+    """Whether a regular file starts with gzip's magic bytes (a FIFO is not peeked at: that would consume them)."""
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
 
 
 def read_records(path: str | Path, *, format: str = "auto", fields: Fields | None = None, source_index: int = 0,
