@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
-from lora_data import Record, Rejection, read_records
+from lora_data import DataError, Record, Rejection, read_records
 from lora_data._schema import Schema
 
 USER = {"role": "user", "content": "Hi"}
@@ -156,3 +157,39 @@ def test_a_record_of_the_other_format_says_which_it_is(tmp_path):
     assert items[1].reason == "missing required field"  # neither format: nothing to suggest
     items, _ = _items(tmp_path, [{"messages": [USER, BOT]}], format="alpaca")
     assert 'a chat record: "messages" key; prepare it with --format messages' in items[0].reason
+
+
+def test_a_file_holding_one_json_array_reads_its_elements_by_the_line_they_start_on(tmp_path):
+    """training-hub's `.json` files (`load_dataset("json")` reads an array too), pretty-printed or on one line."""
+    records = [{"messages": [USER, BOT]}, {"messages": [USER]}, {"instruction": "x", "output": "y"}]
+    pretty = tmp_path / "data.json"
+    pretty.write_text("\ufeff" + json.dumps(records, indent=2) + "\n")
+    items = list(read_records(pretty))
+    opens = [n for n, line in enumerate(pretty.read_text().splitlines(), start=1) if line == "  {"]
+    assert [i.line for i in items] == opens and len(opens) == 3
+    assert [getattr(i, "code", None) for i in items] == [None, "no_assistant", "missing_messages"]
+    one_line = tmp_path / "one.json"
+    one_line.write_text(json.dumps(records[:1] * 3))
+    reader = read_records(one_line)
+    assert [i.line for i in reader] == [1, 1, 1] and reader.counts["lines_read"] == 3
+
+
+def test_json_lines_whose_first_record_is_a_list_stay_json_lines(tmp_path):
+    """In a .json file (tried as one array first) as in a .jsonl file (JSON Lines only: an array line is a record
+    that is not an object, and a pretty-printed array's first line says to name the file .json)."""
+    lines = json.dumps([1, 2]) + "\n" + json.dumps({"messages": [USER, BOT]}) + "\n"
+    for name in ("data.json", "data.jsonl"):
+        (tmp_path / name).write_text(lines)
+        items = list(read_records(tmp_path / name))
+        assert [(i.line, getattr(i, "code", None)) for i in items] == [(1, "not_an_object"), (2, None)]
+    (tmp_path / "pretty.jsonl").write_text(json.dumps([{"messages": [USER, BOT]}], indent=2))
+    first = next(iter(read_records(tmp_path / "pretty.jsonl")))
+    assert first.reason.endswith("(the file looks like one JSON array: name it .json to read it as an array of records)")
+
+
+def test_an_array_spread_over_lines_that_is_not_valid_json_names_the_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n  {"messages": []},\n  {"messages": [}\n]\n')
+    with pytest.raises(DataError, match=re.escape(f"{bad}:3: invalid JSON: Expecting value at column 17 (a file "
+                                                  "starting with '[' is read as one JSON array of records)")):
+        list(read_records(bad))

@@ -12,7 +12,9 @@ Alpaca records become a two-turn conversation at read time::
 instruction/output keys (alpaca); earlier lines that have neither are rejected (`unknown_format`).
 
 A line longer than `MAX_LINE_BYTES` (32 MiB) is rejected (`line_too_long`) without being held in memory: it is read
-in 1 MiB pieces (still hashed), and rejects.jsonl keeps its first KiB. Memory stays bounded whatever the input.
+in 1 MiB pieces (still hashed), and rejects.jsonl keeps its first KiB. Memory stays bounded whatever the JSON Lines
+input. A `.json` file holding one JSON array of records (what training-hub's `load_dataset("json")` also reads) is
+read whole instead, each element numbered by the line it starts on.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
+import io
+import itertools
 import json
 import os
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,8 +151,21 @@ class RecordReader:
             raise DataError(f"not a readable gzip file: {e}", path=path) from None
 
     def _lines(self, path: str):
-        with _open_input(self.path) as fh:
-            for number, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
+        with _open_input(self.path) as stream:
+            fh: Any = stream
+            first = fh.readline(MAX_LINE_BYTES + 1)
+            rest = iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b"")
+            lines: Iterator[bytes] = itertools.chain([first] if first else [], rest)
+            if _json_suffix(path) and first.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):  # one JSON array?
+                data = first + fh.read()
+                records = self._array(path, data, first)
+                if records is not None:
+                    self._count(data)
+                    yield from records
+                    return
+                fh = io.BytesIO(data)  # JSON Lines whose first line is a list: each line judged on its own
+                lines = iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b"")
+            for number, raw in enumerate(lines, start=1):
                 self.counts["lines_read"] += 1
                 self._count(raw)
                 if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
@@ -160,6 +178,49 @@ class RecordReader:
                     self.counts["blank"] += 1
                     continue
                 yield self._parse(path, number, raw)
+
+    def _array(self, path: str, data: bytes, first: bytes) -> list[Record | Rejection] | None:
+        """The elements of a file holding one JSON array, each numbered by the line it starts on. None where the
+        first line is a JSON value of its own (JSON Lines whose first record is a list: read line by line); a
+        DataError naming the line and column where an array spread over lines is not valid JSON."""
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            self._not_an_array(path, first, data[:e.start].count(b"\n") + 1, f"invalid UTF-8 at byte {e.start}")
+            return None
+        decoder, out, line, at = json.JSONDecoder(), [], 1, 0
+        i = _skip_space(text, text.index("[") + 1)
+        try:
+            while i < len(text) and text[i] != "]":
+                obj, end = decoder.raw_decode(text, i)
+                line, at = line + text.count("\n", at, i), i
+                self.counts["lines_read"] += 1
+                out.append(self._checked(path, line, obj, text[i:end]))
+                i = _skip_space(text, end)
+                if i < len(text) and text[i] == ",":
+                    i = _skip_space(text, i + 1)
+                elif i < len(text) and text[i] != "]":
+                    raise json.JSONDecodeError("expected ',' or ']'", text, i)
+            if i >= len(text):
+                raise json.JSONDecodeError("the array is not closed", text, i)
+            if text[i + 1:].strip():
+                raise json.JSONDecodeError("more after the array", text, _skip_space(text, i + 1))
+        except json.JSONDecodeError as e:
+            self._not_an_array(path, first, e.lineno, f"invalid JSON: {e.msg} at column {e.colno}")
+            return None
+        except RecursionError:
+            self._not_an_array(path, first, line, "JSON nested too deeply to parse")
+            return None
+        return out
+
+    @staticmethod
+    def _not_an_array(path: str, first: bytes, line: int, why: str) -> None:
+        """DataError unless the first line is a JSON value of its own (then the file is JSON Lines)."""
+        try:
+            json.loads(first.decode("utf-8-sig"))
+        except (ValueError, RecursionError):
+            raise DataError(f"{why} (a file starting with '[' is read as one JSON array of records)", path=path,
+                            line=line) from None
 
     def _rows(self, path: str):
         """A parquet/CSV/arrow file, a save_to_disk folder or a hub dataset, row by row (`line` = the 1-based row
@@ -201,12 +262,19 @@ class RecordReader:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             msg = e.msg.removesuffix(" at")  # "Unterminated string starting at" would read "... at at column 1"
-            return Rejection(path, number, None, f"invalid JSON: {msg} at column {e.colno}", text, "invalid_json")
+            hint = (" (the file looks like one JSON array: name it .json to read it as an array of records)"
+                    if number == 1 and text.lstrip().startswith("[") else "")
+            return Rejection(path, number, None, f"invalid JSON: {msg} at column {e.colno}{hint}", text,
+                             "invalid_json")
         except ValueError as e:  # an integer longer than sys.get_int_max_str_digits() (4,300 by default)
             return Rejection(path, number, None, f"a number Python cannot read: {e}", text, "number_too_long")
         except RecursionError:
             return Rejection(path, number, None, "JSON nested too deeply to parse (Python's recursion limit)", text,
                              "too_deep")
+        return self._checked(path, number, obj, text)
+
+    def _checked(self, path: str, number: int, obj: Any, text: str) -> Record | Rejection:
+        """A parsed record: its strings valid Unicode, then `_check`."""
         if ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(obj):
             return Rejection(path, number, None, "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
                              "without its pair): not valid Unicode text, no tokenizer can encode it", text,
@@ -319,6 +387,18 @@ def _has_lone_surrogate(obj: Any) -> bool:
 
 
 STDIN = "-"  # as an input path: read standard input
+
+
+def _json_suffix(path: str | Path) -> bool:
+    """A `.json` (or `.json.gz`) file: training-hub's loader reads it as JSON Lines or as one JSON array."""
+    name = str(path).lower().removesuffix(".gz")
+    return name.endswith(".json")
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
 
 
 def _open_input(path: str | Path):
