@@ -131,3 +131,11 @@ def test_the_fingerprint_cache_is_keyed_by_the_tokenizer_state(chatml_tokenizer_
     tok = load_tokenizer(chatml_tokenizer_dir)
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert lora_data.tokenizer_fingerprint(tok) != want  # another template, another fingerprint: never a stale hit
+
+
+def test_a_directory_without_tokenizer_files_says_so(tmp_path):
+    from lora_data.tokenizer import load_tokenizer
+
+    (tmp_path / "config.json").write_text("{}")  # a model's config alone
+    with pytest.raises(lora_data.DataError, match=r"no tokenizer in .*: no tokenizer\.json, tokenizer_config\.json or "):
+        load_tokenizer(tmp_path)

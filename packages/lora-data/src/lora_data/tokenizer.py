@@ -211,6 +211,10 @@ def _write_atomic(path: Path, text: str) -> None:
 def _auto_tokenizer(directory: Path, name: str):
     from transformers import AutoTokenizer
 
+    if directory.is_dir() and not any(p.name.startswith("tokenizer") or p.suffix in (".model", ".tiktoken")
+                                      or p.name in ("vocab.json", "vocab.txt") for p in directory.iterdir()):
+        raise DataError(f"no tokenizer in {name}: no tokenizer.json, tokenizer_config.json or vocabulary file; pass "
+                        "the model's directory (or hub id) the tokenizer was saved with", field="tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as e:
