@@ -317,12 +317,12 @@ def _late_and_at_once(tiny_llama_dir, llama_shards, tmp_path, monkeypatch, callb
 def test_a_log_read_one_step_late_equals_one_read_at_once(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
     """On a GPU a step's loss is read a step later (no wait for the device); forced on here, every logged number,
     its step and epoch, and the checkpoints' states (log history, epoch, flos, tokens) equal those of the log read at
-    once. 4 steps an epoch, a log every 3, a checkpoint every 4: step 3 is written while step 4 runs, which saves
-    without logging (its epoch must be 1.0, not the log's 0.75); 6 during 7; 9 during 10, the last."""
+    once. 4 steps an epoch, a log every 3, a checkpoint every 4: step 3 is written while step 4 runs, which saves and
+    logs at once (its epoch must be 1.0, not step 3's 0.75); 6 during 7; 8 saves; 9 is written during 10, the last."""
     late, runs = _late_and_at_once(tiny_llama_dir, llama_shards, tmp_path, monkeypatch, logging_steps=3,
                                    save_steps=4, max_steps=10)
     assert late == [3, 6, 9]
-    assert [r["step"] for r in runs["late"][0]] == [3, 6, 9]
+    assert [r["step"] for r in runs["late"][0]] == [3, 4, 6, 8, 9, 10]  # steps that save or stop log too
     assert runs["late"][1]["checkpoint-4"]["epoch"] == 1.0
     assert runs["late"] == runs["at_once"]
 
