@@ -339,6 +339,7 @@ def test_a_gzip_file_is_read_whatever_its_name(tmp_path, chatml_tokenizer_dir):
     a = lora_data.prepare(plain, tmp_path / "a", chatml_tokenizer_dir, max_seq_len=64, verbose=False)
     b = lora_data.prepare(packed, tmp_path / "b", chatml_tokenizer_dir, max_seq_len=64, verbose=False)
     assert a.counts == b.counts and a.counts["valid"] == 1
+    assert b.cache_key == lora_data.cache_key(packed, chatml_tokenizer_dir, max_seq_len=64)  # lora_sft's cache finds it
 
 
 @pytest.mark.parametrize(("policy", "words"), [

@@ -159,19 +159,31 @@ def test_a_record_of_the_other_format_says_which_it_is(tmp_path):
     assert 'a chat record: "messages" key; prepare it with --format messages' in items[0].reason
 
 
-def test_a_file_holding_one_json_array_reads_its_elements_by_the_line_they_start_on(tmp_path):
-    """training-hub's `.json` files (`load_dataset("json")` reads an array too), pretty-printed or on one line."""
+def test_a_json_array_file_reads_its_elements_by_their_place(tmp_path):
+    """training-hub's `.json` files (`load_dataset("json")` reads an array too), pretty-printed or on one line: each
+    element numbered by its place (distinct sample ids), a rejection naming the line the element starts on."""
     records = [{"messages": [USER, BOT]}, {"messages": [USER]}, {"instruction": "x", "output": "y"}]
     pretty = tmp_path / "data.json"
     pretty.write_text("\ufeff" + json.dumps(records, indent=2) + "\n")
     items = list(read_records(pretty))
     opens = [n for n, line in enumerate(pretty.read_text().splitlines(), start=1) if line == "  {"]
-    assert [i.line for i in items] == opens and len(opens) == 3
+    assert [i.line for i in items] == [1, 2, 3] and len(opens) == 3
     assert [getattr(i, "code", None) for i in items] == [None, "no_assistant", "missing_messages"]
+    assert items[1].reason.endswith(f"(array element 2, from line {opens[1]})")
     one_line = tmp_path / "one.json"
     one_line.write_text(json.dumps(records[:1] * 3))
     reader = read_records(one_line)
-    assert [i.line for i in reader] == [1, 1, 1] and reader.counts["lines_read"] == 3
+    got = list(reader)
+    assert [i.line for i in got] == [1, 2, 3] and len({i.sample_id for i in got}) == 3
+    assert reader.counts["lines_read"] == 3
+
+
+def test_a_json_array_of_alpaca_records_is_alpaca(tmp_path):
+    from lora_data.records import is_alpaca_file
+
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps([{"instruction": "x", "output": "y"}] * 2, indent=1))
+    assert is_alpaca_file(p) and [i.format for i in read_records(p)] == ["alpaca", "alpaca"]
 
 
 def test_json_lines_whose_first_record_is_a_list_stay_json_lines(tmp_path):
@@ -180,8 +192,10 @@ def test_json_lines_whose_first_record_is_a_list_stay_json_lines(tmp_path):
     lines = json.dumps([1, 2]) + "\n" + json.dumps({"messages": [USER, BOT]}) + "\n"
     for name in ("data.json", "data.jsonl"):
         (tmp_path / name).write_text(lines)
-        items = list(read_records(tmp_path / name))
+        reader = read_records(tmp_path / name)
+        items = list(reader)
         assert [(i.line, getattr(i, "code", None)) for i in items] == [(1, "not_an_object"), (2, None)]
+        assert reader.counts["lines_read"] == 2  # the elements tried as an array first are not counted
     (tmp_path / "pretty.jsonl").write_text(json.dumps([{"messages": [USER, BOT]}], indent=2))
     first = next(iter(read_records(tmp_path / "pretty.jsonl")))
     assert first.reason.endswith("(the file looks like one JSON array: name it .json to read it as an array of records)")

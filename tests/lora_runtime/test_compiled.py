@@ -481,8 +481,8 @@ def test_kernels_compile_that_cannot_run_is_refused_before_any_data_work(tmp_pat
 def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch, capsys, recompute):
     """The whole compiled path through the peft backend on a CPU, fp32: load (registered attention, chunked loss),
     add_lora (boundaries hook, layers compiled, with and without recomputation), a pass, a step of SGD, a second
-    pass (the compiled layers read the updated weights) and an evaluation give the plain path's losses, and the
-    first pass its LoRA gradients. Dynamo traces every layer (aot_eager: no code generation, so it stays fast); the
+    pass (the compiled layers read the updated weights) and an evaluation give the plain path's losses and LoRA
+    gradients (those of the second pass within the rounding one step apart leaves). Dynamo traces every layer (aot_eager: no code generation, so it stays fast); the
     flash kernel is the per-sample SDPA reference. "pointwise": no layer checkpointed, each layer's pointwise work
     recomputed by the partitioner (aot_eager partitions as Inductor does), which must keep at least
     `pointwise_bytes_per_token` a token and layer less (fp32 here: twice that) for the same numbers. "most": all but
@@ -534,6 +534,7 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
         model.zero_grad()
         again = model(**_rows()).loss
         again.backward()
+        grads.update({f"{n} (second pass)": p.grad.clone() for n, p in trainable.items()})
         model.eval()
         with torch.no_grad():
             evaluated = model(**_rows(), **({"skip_logits": True} if fast else {})).loss
@@ -571,8 +572,9 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(evaluated, want_eval, rtol=1e-5, atol=1e-6)
     assert grads.keys() == want_grads.keys() and grads
-    for name, g in grads.items():
-        torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, g in grads.items():  # after a step, the two paths' rounding differences show in the gradients
+        tol = {"rtol": 1e-3, "atol": 1e-5} if name.endswith("(second pass)") else {"rtol": 1e-4, "atol": 1e-6}
+        torch.testing.assert_close(g, want_grads[name], **tol, msg=name)
 
 
 def test_grouped_query_flop_counts_where_torch_asserts_equal_heads(monkeypatch):

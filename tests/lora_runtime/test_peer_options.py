@@ -77,6 +77,12 @@ def test_eval_split_ratio_holds_out_a_seeded_share_of_the_lines(tmp_path):
     assert lines(other) != lines(evals)  # the seed picks them
     with pytest.raises(ConfigError, match="`eval_split_ratio` and `eval_data_path` both name the eval data"):
         LoraSftConfig("m", str(data), "o", eval_split_ratio=0.1, eval_data_path=str(data)).validate()
+    array = tmp_path / "chat.json"  # a .json array file splits by its elements, as its JSON Lines twin does
+    array.write_text(json.dumps(records, indent=2))
+    train_a, evals_a = split_eval(array, LoraSftConfig("m", str(array), "o", eval_split_ratio=0.1,
+                                                        data_output_dir=str(tmp_path / "cache")))
+    assert len(lines(evals_a)) == 4 and sorted(map(json.dumps, lines(train_a) + lines(evals_a))) == sorted(
+        map(json.dumps, records))
 
 
 def test_ensure_shards_prepares_the_split_and_the_chat_template(tmp_path, tiny_llama_dir):

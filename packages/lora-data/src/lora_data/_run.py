@@ -19,7 +19,7 @@ from .fingerprint import template_source, tokenizer_fingerprint
 from .manifest import Manifest, empty_counts
 from .options import VERSION, Options
 from .pack import pack_bfd
-from .records import Record, Rejection, read_records
+from .records import Record, Rejection, is_gzip, read_records
 from .rows import is_dataset, is_hub_dataset, source_sha256
 from .shards import ShardWriter
 
@@ -111,7 +111,7 @@ def _stream(paths, opts: Options, stage: TokenizeStage, manifest: Manifest, prog
     formats = []
     for index, path in enumerate(paths):
         hub = is_hub_dataset(path)  # hashed over its rows as they stream (no stored bytes to hash)
-        streamed = hub or not (is_dataset(path) or str(path).endswith(".gz"))  # else: hash the stored bytes
+        streamed = hub or not (is_dataset(path) or is_gzip(path))  # else: hash the stored bytes (`cache_key`'s)
         hasher = hashlib.sha256() if streamed else None
         reader = read_records(path, format=opts.format, fields=opts.fields, source_index=index, hasher=hasher,
                               split=split, config=config)

@@ -21,6 +21,9 @@ from .pack import OVERLONG
 from .records import FORMATS, Fields
 
 VERSION = "0.1.0"  # lora-data's version: in `created_by`, the cache key and `lora-data --version`
+# which records train and how they read (validation, formats): in the cache key, so that shards prepared under other
+# rules are prepared again. 2: an all-empty answer is rejected, a null Alpaca input reads as none, .json arrays
+RECORD_RULES = 2
 DATASET_TYPES = {"chat_template": "messages"}  # training-hub's `dataset_type` → our `format` (alpaca is alpaca)
 
 
@@ -68,5 +71,6 @@ class Options:
     def cache_key(self, source_hashes: list[str], fingerprint: str) -> str:
         """sha256 of the sources' hashes, the tokenizer fingerprint, every option and the format/tool versions."""
         blob = json.dumps({"sources": source_hashes, "tokenizer": fingerprint, "options": self.to_dict(),
-                           "format_version": FORMAT_VERSION, "lora_data": VERSION}, sort_keys=True)
+                           "format_version": FORMAT_VERSION, "lora_data": VERSION, "record_rules": RECORD_RULES},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()

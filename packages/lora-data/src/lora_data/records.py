@@ -14,7 +14,7 @@ instruction/output keys (alpaca); earlier lines that have neither are rejected (
 A line longer than `MAX_LINE_BYTES` (32 MiB) is rejected (`line_too_long`) without being held in memory: it is read
 in 1 MiB pieces (still hashed), and rejects.jsonl keeps its first KiB. Memory stays bounded whatever the JSON Lines
 input. A `.json` file holding one JSON array of records (what training-hub's `load_dataset("json")` also reads) is
-read whole instead, each element numbered by the line it starts on.
+read whole instead, each element numbered by its place in the array (a rejection names the line it starts on).
 """
 
 from __future__ import annotations
@@ -180,22 +180,28 @@ class RecordReader:
                 yield self._parse(path, number, raw)
 
     def _array(self, path: str, data: bytes, first: bytes) -> list[Record | Rejection] | None:
-        """The elements of a file holding one JSON array, each numbered by the line it starts on. None where the
-        first line is a JSON value of its own (JSON Lines whose first record is a list: read line by line); a
-        DataError naming the line and column where an array spread over lines is not valid JSON."""
+        """The elements of a file holding one JSON array, numbered by their place in it (a rejection also names the
+        line the element starts on). None where the first line is a JSON value of its own (JSON Lines whose first
+        record is a list: read line by line, nothing counted here); a DataError naming the line and column where an
+        array spread over lines is not valid JSON."""
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             self._not_an_array(path, first, data[:e.start].count(b"\n") + 1, f"invalid UTF-8 at byte {e.start}")
             return None
-        decoder, out, line, at = json.JSONDecoder(), [], 1, 0
+        decoder, line, at = json.JSONDecoder(), 1, 0
+        out: list[Record | Rejection] = []
+        detected = self.detected
         i = _skip_space(text, text.index("[") + 1)
         try:
             while i < len(text) and text[i] != "]":
                 obj, end = decoder.raw_decode(text, i)
                 line, at = line + text.count("\n", at, i), i
-                self.counts["lines_read"] += 1
-                out.append(self._checked(path, line, obj, text[i:end]))
+                item = self._checked(path, len(out) + 1, obj, text[i:end])
+                if isinstance(item, Rejection):
+                    item = dataclasses.replace(item, reason=f"{item.reason} (array element {item.line}, from line "
+                                                            f"{line})")
+                out.append(item)
                 i = _skip_space(text, end)
                 if i < len(text) and text[i] == ",":
                     i = _skip_space(text, i + 1)
@@ -205,12 +211,13 @@ class RecordReader:
                 raise json.JSONDecodeError("the array is not closed", text, i)
             if text[i + 1:].strip():
                 raise json.JSONDecodeError("more after the array", text, _skip_space(text, i + 1))
-        except json.JSONDecodeError as e:
-            self._not_an_array(path, first, e.lineno, f"invalid JSON: {e.msg} at column {e.colno}")
+        except (json.JSONDecodeError, RecursionError) as e:
+            self.detected = detected  # decided by elements now read again as lines
+            where = (e.lineno, f"invalid JSON: {e.msg} at column {e.colno}") if isinstance(e, json.JSONDecodeError) \
+                else (line, "JSON nested too deeply to parse")
+            self._not_an_array(path, first, *where)
             return None
-        except RecursionError:
-            self._not_an_array(path, first, line, "JSON nested too deeply to parse")
-            return None
+        self.counts["lines_read"] += len(out)
         return out
 
     @staticmethod
@@ -359,11 +366,31 @@ def is_alpaca_file(path: str | Path, fields: Fields | None = None, *, split: str
     return found
 
 
+def json_array(path: str | Path) -> list[Any] | None:
+    """The elements of a `.json` file holding one JSON array of records (read whole), else None: JSON Lines, another
+    kind of file, or not valid JSON (prepare then names the line)."""
+    if str(path) == STDIN or not _json_suffix(path):
+        return None
+    try:
+        with _open_input(path) as fh:
+            data = fh.read()
+        if not data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            return None
+        value = json.loads(data.decode("utf-8-sig"))
+    except (OSError, EOFError, zlib.error, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, list) else None
+
+
 def _objects(path: str | Path, *, split: str | None, config: str | None):
-    """The parsed JSON value of each line of a (gzipped) JSONL file, or each row of a dataset; unparsable and
-    over-long lines skipped."""
+    """The parsed JSON value of each line of a (gzipped) JSONL file, each element of a `.json` array file, or each
+    row of a dataset; unparsable and over-long lines skipped."""
     if is_dataset(str(path)):
         yield from iter_rows(path, split=split, config=config)
+        return
+    elements = json_array(path)
+    if elements is not None:
+        yield from elements
         return
     with _open_input(path) as fh:
         for raw in iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""):
@@ -406,15 +433,18 @@ def _open_input(path: str | Path):
     left open when done)."""
     if str(path) == STDIN:
         return contextlib.nullcontext(sys.stdin.buffer)
-    if str(path).endswith(".gz") or _gzip_magic(path):
+    if is_gzip(path):
         return gzip.open(path, "rb")
     return open(path, "rb")
 
 
-def _gzip_magic(path: str | Path) -> bool:
-    """Whether a regular file starts with gzip's magic bytes (a FIFO is not peeked at: that would consume them)."""
+def is_gzip(path: str | Path) -> bool:
+    """Whether a file is read through gzip: its name ends in .gz, or a regular file starts with gzip's magic bytes
+    (a FIFO is not peeked at: that would consume them)."""
     import stat
 
+    if str(path).endswith(".gz"):
+        return True
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False

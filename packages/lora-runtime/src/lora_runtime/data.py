@@ -108,14 +108,20 @@ def apply_chat_template(config: LoraSftConfig, tokenizer: Any) -> Any:
 
 
 def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
-    """`eval_split_ratio`: a seeded choice of the file's non-blank lines goes to eval, the rest to training; the two
-    files live in the data cache, named by the content, ratio and seed (the same inputs give the same split)."""
+    """`eval_split_ratio`: a seeded choice of the file's non-blank lines (of a `.json` array file: its elements) goes
+    to eval, the rest to training; the two files live in the data cache, named by the content, ratio and seed (the
+    same inputs give the same split)."""
     import hashlib
+    import json
     import random
+
+    from lora_data.records import json_array
 
     if not data_file.is_file():
         raise ConfigError([f"`data_path`={data_file} does not exist (eval_split_ratio needs a JSONL file)"])
-    raw = data_file.read_bytes()
+    elements = json_array(data_file)  # a .json array file: its elements split as lines
+    raw = data_file.read_bytes() if elements is None else b"".join(
+        json.dumps(e, ensure_ascii=False).encode() + b"\n" for e in elements)
     key = hashlib.sha256(raw + f"|{config.eval_split_ratio}|{config.seed}".encode()).hexdigest()[:20]
     out = cache_root(config) / "splits" / key
     lines = raw.splitlines(keepends=True)
