@@ -49,7 +49,7 @@ def test_chat_schema_literals(obj, expected):
     ({"instruction": "Add", "input": 2, "output": "4"},
      ("input", "expected string or null, got integer 2", "wrong_type_string_or_null")),
     ({"instruction": "Add", "input": None, "output": "4"}, None),  # training-hub's loader reads a null input as none
-    ({"instruction": "Add", "output": ""}, ("output", "must not be an empty string", "empty_output")),
+    ({"instruction": "Add", "output": ""}, None),  # the reader rejects it (empty_answer) unless prompts train too
 ])
 def test_alpaca_schema_literals(obj, expected):
     schema = Schema.load("alpaca")
@@ -64,6 +64,8 @@ def test_a_record_whose_every_answer_is_empty_is_rejected(tmp_path):
     assert [(getattr(i, "code", None), getattr(i, "field", None)) for i in items] == [
         ("empty_answer", "messages"), (None, None), ("empty_answer", "output")]  # one answer is enough to learn from
     assert items[0].reason == "every assistant turn is empty: it would teach the model to answer nothing"
+    kept = list(read_records(tmp_path / "in.jsonl", train_on_inputs=True))  # the prompt trains: kept
+    assert [type(i).__name__ for i in kept] == ["Record"]
 
 
 def test_alpaca_becomes_a_conversation(tmp_path):

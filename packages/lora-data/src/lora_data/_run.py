@@ -114,7 +114,7 @@ def _stream(paths, opts: Options, stage: TokenizeStage, manifest: Manifest, prog
         streamed = hub or not (is_dataset(path) or is_gzip(path))  # else: hash the stored bytes (`cache_key`'s)
         hasher = hashlib.sha256() if streamed else None
         reader = read_records(path, format=opts.format, fields=opts.fields, source_index=index, hasher=hasher,
-                              split=split, config=config)
+                              split=split, config=config, train_on_inputs=opts.train_on_inputs)
         chunk: list[Record] = []
         seen = 0
         for item in reader:

@@ -128,6 +128,7 @@ class RecordReader:
     hasher: Any = None  # e.g. hashlib.sha256(): fed every byte of the file as it streams by
     split: str | None = None  # of a hub dataset or a saved DatasetDict (see `rows.iter_rows`)
     config: str | None = None  # of a hub dataset
+    train_on_inputs: bool = False  # the prompts train too: a record whose answers are all empty still teaches
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -307,7 +308,7 @@ class RecordReader:
         if not answers:
             return Rejection(path, number, self.fields.messages, "no assistant turn: nothing to learn from", text,
                              "no_assistant")
-        if not any(a.strip() for a in answers):
+        if not self.train_on_inputs and not any(a.strip() for a in answers):
             where = self.fields.messages if fmt == "messages" else self.fields.output
             return Rejection(path, number, where, "every assistant turn is empty: it would teach the model to answer "
                              "nothing", text, "empty_answer")
@@ -456,7 +457,7 @@ def is_gzip(path: str | Path) -> bool:
 
 def read_records(path: str | Path, *, format: str = "auto", fields: Fields | None = None, source_index: int = 0,
                  hasher: Any = None, split: str | None = None, config: str | None = None,
-                 **field_options: str) -> RecordReader:
+                 train_on_inputs: bool = False, **field_options: str) -> RecordReader:
     """Records and rejections of one JSONL file (or .jsonl.gz, FIFO, `-` for stdin; or a parquet/CSV/arrow file,
     save_to_disk folder or hub dataset name with its `split` / `config`, see `rows`), in line order (see the module
     docstring).
@@ -467,4 +468,4 @@ def read_records(path: str | Path, *, format: str = "auto", fields: Fields | Non
     if unknown:
         raise TypeError(f"read_records() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
     return RecordReader(path, format, fields or Fields.from_options(field_options), source_index, hasher=hasher,
-                        split=split, config=config)
+                        split=split, config=config, train_on_inputs=train_on_inputs)
