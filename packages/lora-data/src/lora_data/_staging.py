@@ -5,8 +5,9 @@
             → the files the old manifest listed (and only those) removed → the staging dir removed
 
 Until `manifest.json` is replaced, OUT still holds the old set, whole and readable: a failed or killed run changes
-nothing a reader sees (a failed run's rejects go to rejects.failed.jsonl beside it). `prepare` removes only files that a checksummed lora-data manifest in OUT lists, never a
-user's file, and refuses an input that is one of its output files.
+nothing a reader sees (a failed run's rejects go to rejects.failed.jsonl beside it). `prepare` removes only files that
+a checksummed lora-data manifest in OUT lists, never a user's file; it refuses an input that is one of its output
+files, and a manifest.json or rejects file in OUT that lora-data did not write.
 """
 
 from __future__ import annotations

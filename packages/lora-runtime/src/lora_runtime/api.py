@@ -97,7 +97,8 @@ def run(config: LoraSftConfig) -> TrainResult:
     from lora_runtime.sharding import resolve_sharding
 
     check_launch(config.validate())
-    with output_lock(config.ckpt_output_dir, config.model_path):  # one run per output dir: a second one fails here, naming the first
+    # one run per output dir (a second one fails here, naming the first), and never one over a user's files
+    with output_lock(config.ckpt_output_dir, config.model_path):
         config, levers = choose_levers(config)  # selective_recompute/activation_offload "auto" made concrete
         fast = (True, levers) if levers else prefers(config)
         import_unsloth_first(config, compiled=fast[0])

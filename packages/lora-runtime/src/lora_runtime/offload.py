@@ -36,7 +36,7 @@ from collections import deque
 from typing import Any
 
 MIN_BYTES = 1 << 20  # smaller saved tensors stay on the device: sample boundaries, RNG state, a small pass's stats
-IN_FLIGHT = 2  # offloaded layers whose device copies may still be alive in forward (the memory plan counts them)
+IN_FLIGHT = 2  # offloaded layers whose device tensors may be alive at once, in forward and into backward (counted)
 MEASURE_BYTES = 256 << 20  # `host_link_bandwidth`'s copy
 
 
