@@ -34,10 +34,15 @@ def _type_name(value: Any) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
+def _type_names(schema: dict) -> list[str]:
+    """A schema's "type": one name or a list of them (none: any type)."""
+    types = schema.get("type", [])
+    return [types] if isinstance(types, str) else list(types)
+
+
 def compile_check(schema: dict) -> Callable[[Any], bool]:
     """A fast pass/fail function for `schema` (the keywords in _KNOWN only), built once as nested closures."""
-    types = schema.get("type", [])
-    t: Any = tuple(_TYPES[x] for x in ([types] if isinstance(types, str) else types)) or object  # for isinstance
+    t: Any = tuple(_TYPES[x] for x in _type_names(schema)) or object  # for isinstance
     enum = frozenset(schema["enum"]) if "enum" in schema else None
     required = tuple(schema.get("required", ()))
     props = tuple((k, compile_check(v)) for k, v in schema.get("properties", {}).items())
@@ -62,9 +67,8 @@ def _walk_keywords(schema: dict) -> None:
     unknown = set(schema) - _KNOWN
     if unknown:
         raise RuntimeError(f"schema keyword(s) {sorted(unknown)} are not handled by lora_data._schema.compile_check")
-    types = schema.get("type", [])
-    if any(x not in _TYPES for x in ([types] if isinstance(types, str) else types)):
-        raise RuntimeError(f"schema type {types!r} is not handled by lora_data._schema.compile_check")
+    if any(x not in _TYPES for x in _type_names(schema)):
+        raise RuntimeError(f"schema type {schema['type']!r} is not handled by lora_data._schema.compile_check")
     for sub in schema.get("properties", {}).values():
         _walk_keywords(sub)
     if "items" in schema:

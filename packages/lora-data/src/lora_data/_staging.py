@@ -60,7 +60,7 @@ class Staging:
         if not self.out.is_dir():
             return
         manifest = self.out / MANIFEST_NAME
-        if manifest.exists() and not _written_by_lora_data(self.out):
+        if manifest.exists() and _our_manifest(self.out, verified=False) is None:
             raise DataError("was not written by lora-data, and prepare writes its manifest there: prepare into "
                             "another directory, or move the file", path=manifest)
         for name in (REJECTS_NAME, FAILED_REJECTS_NAME):
@@ -71,7 +71,8 @@ class Staging:
     def failed_rejects(self) -> Path:
         """Where a failed run leaves its rejects: rejects.jsonl, or beside a shard set that stays (whose rejects.jsonl
         is that set's) FAILED_REJECTS_NAME."""
-        return self.out / (FAILED_REJECTS_NAME if _written_by_lora_data(self.out) else REJECTS_NAME)
+        ours = _our_manifest(self.out, verified=False) is not None
+        return self.out / (FAILED_REJECTS_NAME if ours else REJECTS_NAME)
 
     def begin(self) -> None:
         """Undo a dead run's half-done commit (files its journal moved in, not in the live manifest), then start clean."""
@@ -135,14 +136,6 @@ def _inode(p: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _written_by_lora_data(d: Path) -> bool:
-    """Whether `d`'s manifest.json is lora-data's (its checksum may fail: a damaged set is still ours to replace)."""
-    try:
-        return Manifest.load(d).created_by.startswith("lora-data")
-    except DataError:
-        return False
-
-
 def _rejects_file(p: Path) -> bool:
     """Whether `p` reads as a rejects list: empty, or its first line a rejection (source, line, reason)."""
     try:
@@ -156,11 +149,13 @@ def _rejects_file(p: Path) -> bool:
     return isinstance(row, dict) and {"source", "line", "reason"} <= row.keys()
 
 
-def _our_manifest(d: Path) -> Manifest | None:
-    """The manifest in `d` if lora-data wrote it (loads, and its checksum holds); None otherwise."""
+def _our_manifest(d: Path, *, verified: bool = True) -> Manifest | None:
+    """The manifest in `d` if lora-data wrote it (loads, and with `verified` its checksum holds: without, a damaged
+    set is still ours to replace); None otherwise."""
     try:
         m = Manifest.load(d)
-        m.verify_checksum()
+        if verified:
+            m.verify_checksum()
     except DataError:
         return None
     return m if m.created_by.startswith("lora-data") else None

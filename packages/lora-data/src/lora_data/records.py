@@ -157,7 +157,7 @@ class RecordReader:
             first = fh.readline(MAX_LINE_BYTES + 1)
             rest = iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b"")
             lines: Iterator[bytes] = itertools.chain([first] if first else [], rest)
-            if _json_suffix(path) and first.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):  # one JSON array?
+            if _array_file(path, first):
                 data = first + fh.read()
                 records = self._array(path, data, first)
                 if records is not None:
@@ -370,12 +370,12 @@ def is_alpaca_file(path: str | Path, fields: Fields | None = None, *, split: str
 def json_array(path: str | Path) -> list[Any] | None:
     """The elements of a `.json` file holding one JSON array of records (read whole), else None: JSON Lines, another
     kind of file, or not valid JSON (prepare then names the line)."""
-    if str(path) == STDIN or not _json_suffix(path):
+    if str(path) == STDIN or not _array_file(path, b"["):
         return None
     try:
         with _open_input(path) as fh:
             data = fh.read()
-        if not data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        if not _array_file(path, data):
             return None
         value = json.loads(data.decode("utf-8-sig"))
     except (OSError, EOFError, zlib.error, ValueError, RecursionError):
@@ -417,10 +417,11 @@ def _has_lone_surrogate(obj: Any) -> bool:
 STDIN = "-"  # as an input path: read standard input
 
 
-def _json_suffix(path: str | Path) -> bool:
-    """A `.json` (or `.json.gz`) file: training-hub's loader reads it as JSON Lines or as one JSON array."""
-    name = str(path).lower().removesuffix(".gz")
-    return name.endswith(".json")
+def _array_file(path: str | Path, head: bytes) -> bool:
+    """Whether a file may hold one JSON array of records: a `.json` (or `.json.gz`) file, which training-hub's loader
+    reads as JSON Lines or as one array, whose text (`head`, its start) opens with "["."""
+    json_file = str(path).lower().removesuffix(".gz").endswith(".json")
+    return json_file and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
 
 
 def _skip_space(text: str, i: int) -> int:

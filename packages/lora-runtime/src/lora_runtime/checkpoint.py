@@ -80,6 +80,7 @@ def resume_point(ckpt_output_dir: str | Path, *, resume: bool) -> Path | None:
 OUTPUT_LOCK_ENV = "LORA_SFT_OUTPUT_LOCKED"  # set (to its pid) by the process holding the output dir's lock
 
 
+LOCK_WHAT = "training"  # the output lock's holder says so (lora_data.locks): a directory a run made
 # what a run writes at the top of its output dir, beside the final adapter's and the tokenizer's own files
 RUN_FILES = {CONFIG_NAME, "metrics.jsonl", "loss.png", "README.md", SUBDIR, "merged", ADAPTER_SUMS, "config.json",
              "chat_template.jinja", "chat_template.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
@@ -105,7 +106,7 @@ def check_output_dir(ckpt_output_dir: str | Path, model_path: str | Path | None 
                               "there would make every later load of it base + adapter; pass another directory")
     lock = out / LOCK_NAME
     if (out / CONFIG_NAME).is_file() or (out / SUBDIR).is_dir() or (
-            lock.is_file() and "(training:" in lock.read_text(encoding="utf-8", errors="replace")):
+            lock.is_file() and f"({LOCK_WHAT}:" in lock.read_text(encoding="utf-8", errors="replace")):
         return  # a run's: resumed or replaced as the resume options say
     clashes = sorted(p.name for p in out.iterdir() if p.name in RUN_FILES or p.name.startswith(RUN_PREFIXES))
     if clashes:
@@ -132,7 +133,7 @@ def output_lock(ckpt_output_dir: str | Path, model_path: str | Path | None = Non
     created = not out.exists()
     os.environ[OUTPUT_LOCK_ENV] = str(os.getpid())
     try:
-        with locked(out, what="training"):
+        with locked(out, what=LOCK_WHAT):
             yield
     finally:
         os.environ.pop(OUTPUT_LOCK_ENV, None)

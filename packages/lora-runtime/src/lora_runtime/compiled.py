@@ -235,14 +235,13 @@ def choose_levers(config: LoraSftConfig) -> tuple[LoraSftConfig, str]:
     On only where backend="auto" would otherwise leave the compiled path for Unsloth because a pass of
     `AUTO_MIN_TOKENS` does not fit without recomputation, or where activation_offload=True is asked for (offload
     alone ran slower than with either level: a level comes with it, and the plan may then offload no layer). The
-    first that makes the pass fit, lightest first:
-    pointwise recomputation; pointwise plus at most `AUTO_MAX_OFFLOADED` offloaded layers; "most" (the layers
-    recompute all but attention in their backward); "most" with offload (the plan then picks how many layers); and
-    where offload is asked for (activation_offload=True), pointwise with every layer offloaded, the least memory of
-    all ("most" holds more at its backward) and the slowest (each layer's copies outlast its work). An option given
-    keeps its value: activation_offload=True with selective_recompute="auto" climbs the rungs with offload (offload
-    alone ran slower than with either level), False never offloads. Everywhere else both are off: offload alone is
-    never chosen."""
+    first that makes the pass fit, lightest first: pointwise recomputation; pointwise plus at most
+    `AUTO_MAX_OFFLOADED` offloaded layers; "most" (the layers recompute all but attention in their backward); "most"
+    with offload (the plan then picks how many layers); and where offload is asked for (activation_offload=True),
+    pointwise with every layer offloaded, the least memory of all ("most" holds more at its backward) and the slowest
+    (each layer's copies outlast its work). An option given keeps its value: activation_offload=True with
+    selective_recompute="auto" climbs the rungs with offload, False never offloads. Everywhere else both are off:
+    offload alone is never chosen."""
     sr, ao = config.selective_recompute, config.activation_offload
     if sr != "auto" and ao != "auto":
         return config, ""
