@@ -10,7 +10,8 @@ transformers); gc auto | gc (forced on) | nogc; _b16 = a 16 GiB budget: `max_mem
 selective_recompute="pointwise" / "most" / "off", _off / _nooff = activation_offload=True / False, _cg / _nocg = cuda_graphs=True
 / False (each "auto" where not named), _log10 = logging_steps=10. Everything else is lora_sft's defaults as training-hub's (lr 2e-4 linear, warmup 10, weight decay
 0.01, clip 0.3, logging every step), LoRA r=16 alpha=32 on all linear
-projections. A TrainerCallback marks each logged step (device synchronised) with the trainer's own real-token count.
+projections. A TrainerCallback times the steady window between the ends of step warmup + 1 and the last step (device
+synchronised there only) and counts the trainer's own real tokens in it (`Windows`).
 """
 
 from __future__ import annotations
@@ -28,25 +29,62 @@ from pathlib import Path
 from benchmarks.gpu import common
 
 
-def _meter_callback(meter: common.StepMeter):
+class Windows:
+    """The steady window of a lora_sft run, timed where the device is known to be done: each logged step's
+    cumulative real tokens (the trainer's own count), and the wall clock, device synchronised, at the end of step 1
+    (start-up), of step `warmup` + 1 and of the last step. The trainer logs a step's loss while the next step runs (a
+    step late), and the last step at once, so times taken when a log arrives would give the window one step too few."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.t_start = 0.0
+        self.ends: dict[int, float] = {}  # step → perf_counter at its end, device synchronised
+        self.seen: dict[int, int] = {}  # step → real tokens trained through it
+        self.losses: dict[int, float] = {}
+        self.first_step_unix: float | None = None
+        self.logged: list[float] = []  # the trainer's own tokens/s per logged step, as its log line shows it
+
+    def summary(self) -> dict:
+        first, last = self.warmup + 1, max(self.ends, default=0)
+        if last <= first or first not in self.seen or last not in self.seen:
+            return {"error": f"{last} step(s) timed, need more than {first} (warm-up {self.warmup} + 1)",
+                    "first_step_unix": self.first_step_unix}
+        steady_s, steady_tok, steps = self.ends[last] - self.ends[first], self.seen[last] - self.seen[first], last - first
+        return {"tokens_per_s": steady_tok / steady_s, "steady_steps": steps, "step_s_mean": steady_s / steps,
+                "tokens_per_step": steady_tok / steps, "first_step_s": self.ends[1] - self.t_start,
+                "first_step_unix": self.first_step_unix, "warmup_s": self.ends[first] - self.t_start,
+                "loss_first": self.losses.get(min(self.losses, default=0)),
+                "loss_last": self.losses.get(max(self.losses, default=0)),
+                "logged_tokens_per_s": self.logged}
+
+
+def _meter_callback(windows: Windows):
     import torch
     from transformers import TrainerCallback
 
     class Meter(TrainerCallback):
         late_log_ok = True  # it only records: the trainer may log a step while the next one runs
+
         def on_train_begin(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            meter.start()
-            self.seen = 0
+            common.sync()
+            windows.t_start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            step = state.global_step
+            if step in (1, windows.warmup + 1, state.max_steps):  # waits for the device at these three only
+                common.sync()
+                windows.ends[step] = time.perf_counter()
+                if step == 1:
+                    windows.first_step_unix = time.time()
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                seen = int(logs.get("tokens_seen", state.num_input_tokens_seen))
-                # the trainer reads a step's loss once the step is done on the device, a step late where it can
-                # (lora_runtime.trainer): waiting here as well would stall the step queued since
-                meter.step(seen - self.seen, logs["loss"], synced=True)
-                self.seen = seen
+            if logs and "loss" in logs:  # state.global_step is the logged step's while a late log is written
+                windows.seen[state.global_step] = int(logs.get("tokens_seen", state.num_input_tokens_seen))
+                windows.losses[state.global_step] = float(logs["loss"])
+                if "tokens_per_s" in logs:
+                    windows.logged.append(round(float(logs["tokens_per_s"])))
 
     return Meter()
 
@@ -120,13 +158,13 @@ def arguments(steps: int) -> argparse.ArgumentParser:
 def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq_len: int) -> dict:
     import torch
 
-    meter = common.StepMeter(warmup=warmup)
+    windows = Windows(warmup)
     kw = parse(name)
     import_unsloth_first(model_dir, shards, kw, seq_len)
     fraction = common.cap_memory(kw.get("max_memory_gib"))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        result = train(model_dir, shards, out, kw, steps, seq_len, [_meter_callback(meter)])
+        result = train(model_dir, shards, out, kw, steps, seq_len, [_meter_callback(windows)])
         saved = json.loads((Path(out) / "lora_sft_config.json").read_text())
     payload = {"run": name, **{k: v for k, v in kw.items()}, "backend_used": result.backend, "steps": result.steps,
                "final_loss": result.final_loss, "total_s": time.perf_counter() - t0, "seq_len": seq_len,
@@ -137,8 +175,7 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
         payload[f"resolved_{key}"] = resolved.get(key)
     for key in ("selective_recompute", "activation_offload"):  # the saved config is the one "auto" was made into
         payload[f"resolved_{key}"] = saved.get(key)
-    payload.update(meter.summary())
-    payload["step_s"] = [round(b - a, 4) for a, b in zip(meter.marks, meter.marks[1:], strict=False)]
+    payload.update(windows.summary())
     payload.update(common.memory())
     del result
     gc.collect()

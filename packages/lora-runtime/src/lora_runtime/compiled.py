@@ -11,10 +11,10 @@ Four parts, each plain PyTorch:
   first: fp32 matmuls without tensor cores, about a quarter of the GPU time of a step).
 
 Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048; benchmarks/RESULTS.md, scenarios `compiled-parts` and
-`compiled`): without the Trainer, 2 rows a pass ran 34.3k tokens/s (16.5k without compilation), 16 rows 60.0k;
-through `lora_sft`, 43.0k with micro_batch_size=2 (50.0k with CUDA graphs, which `cuda_graphs="auto"` turns on for
-such small passes) and 61.2k on the whole card (16 rows a pass), 1.55× the Unsloth hand loop in the same run; since
-the chunked loss's Triton kernel 72.6k, 1.72× (on one H100: 64.0k, 1.71×; 60.9k under 24 GiB, 60.5k under 16 GiB).
+`compiled`): without the Trainer, 2 rows a pass ran 34.3k tokens/s (16.5k without compilation), 16 rows 60.0k.
+Through `lora_sft` on one H100 (`frontier` and `startup`): 46.1k with micro_batch_size=2 (with CUDA graphs, which
+`cuda_graphs="auto"` turns on for such small passes), 56.2k on the whole card (16 rows a pass), 1.52× the Unsloth
+hand loop in the same run, 53.2k under 24 GiB and 53.3k under 16 GiB.
 Checkpointing whole layers costs this path more than Unsloth (8 rows, every layer recomputed: 33.2k on the H200), so
 `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS` without checkpointing, and
 Unsloth below that (`prefers`). `selective_recompute` lowers the partitioner's activation memory budget
@@ -23,8 +23,8 @@ pointwise work, keeping about a third less, no matmul recomputed (read from the 
 but attention, keeping about a tenth (on one H100 without the Trainer, 4 rows a pass ran 47.8k tokens/s at a
 6.8 GiB peak, 8 rows checkpointing every layer 43.1k at 7.05 GiB). "auto" turns on the first of `choose_levers`'s
 rungs with which a large pass fits. Under 8 GiB that is "most" with 27 of 28 layers' few saved tensors offloaded, 6
-rows a pass: 56.5k tokens/s on the H200, 1.38× the Unsloth loop under the same cap in the same run (40.8k); the
-Llama-3.1-8B shape at 8,192 tokens under 24 GiB, "most" with 18 of 32 layers offloaded: 16.1k, 1.60× (10.0k).
+rows a pass: 46.1k tokens/s on the H100, 1.24× the Unsloth loop under the same cap in the same run (37.1k); the
+Llama-3.1-8B shape at 8,192 tokens under 24 GiB, "most" with 18 of 32 layers offloaded: 12.3k, 1.28× (9.5k).
 Compilation adds 10-30 s to the first steps; the layers
 compile again for the first layer (its input needs no gradient), when the number of packed samples first changes
 (then with a dynamic size), and when evaluation first runs.
@@ -42,9 +42,9 @@ from lora_runtime.config import RECOMPUTE_LEVELS, LoraSftConfig
 
 AUTO_MIN_TOKENS = 8_192  # micro_batch_size="auto": the smallest pass without recomputation worth leaving Unsloth for
 # cuda_graphs="auto": the largest pass that replays CUDA graphs. Through lora_sft on one H200 (Qwen2.5-1.5B shape,
-# benchmarks/RESULTS.md, `compiled`): 4,096 tokens a pass ran 50.0k tokens/s with graphs against 43.0k without,
-# 32,768 tokens 59.4k against 61.2k. A larger model does more work a pass (the GPU sets the pace sooner): auto also
-# keeps tokens × base parameters within what was measured
+# benchmarks/RESULTS.md, `compiled`, runs of one process side by side): 4,096 tokens a pass ran 1.16× as fast with
+# graphs as without, 32,768 tokens 0.97×. A larger model does more work a pass (the GPU sets the pace sooner): auto
+# also keeps tokens × base parameters within what was measured
 GRAPH_AUTO_MAX_TOKENS = 4_096
 GRAPH_AUTO_MAX_PARAMETERS = 1.6e9
 
@@ -222,9 +222,9 @@ def _pass_fits(config: LoraSftConfig, model_config: Any, offloaded: int | None =
 
 # selective_recompute/activation_offload="auto": at most this many layers offloaded for the pass to fit with pointwise
 # recomputation. Measured on one H200 (benchmarks/RESULTS.md, offload and compiled-parts), Qwen2.5-1.5B shape under
-# 16 GiB: pointwise recomputation with 6 of 28 layers offloaded ran 54.1k tokens/s against 49.6k for Unsloth
-# recomputing 17 layers (the plan without them), 1.35x the Unsloth hand loop; offload alone ran 42.6k (not chosen by
-# auto); 6 layers offloaded at 8,192 tokens a pass cost 10% of a step, 3 nothing, 10 at 16,384 tokens 37%. Under
+# 16 GiB: pointwise recomputation with 6 of 28 layers offloaded ran 1.09× as fast as Unsloth recomputing 17 layers
+# (the plan without them), offload alone 0.86× (not chosen by auto), in the same run; 6 layers offloaded at 8,192
+# tokens a pass cost 10% of a step, 3 nothing, 10 at 16,384 tokens 37%. Under
 # "most" a layer keeps about a tenth as much, so offloading every layer costs the link little: no limit there.
 AUTO_MAX_OFFLOADED = 6
 
