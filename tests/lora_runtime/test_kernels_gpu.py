@@ -20,13 +20,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _batch(vocab: int) -> dict:
     """Two packed rows of 128 tokens (samples of 50+40+38 and 70+30, pad tail), loss on every real token."""
-    batch = _host_batch(vocab)
-    batch.pop("num_tokens")
-    return {name: t if name == "packed_seq_lengths" else t.cuda() for name, t in batch.items()}
-
-
-def _host_batch(vocab: int) -> dict:
-    """`_batch` as the collator hands it over: on the CPU, pageable, with its real-token count."""
     rng = np.random.default_rng(0)
     rows = []
     for lens in ([50, 40, 38], [70, 30]):
@@ -35,7 +28,9 @@ def _host_batch(vocab: int) -> dict:
         mask = np.zeros(128, dtype=np.uint8)
         mask[: sum(lens)] = 1
         rows.append({"input_ids": ids, "loss_mask": mask, "seq_lens": np.array(lens)})
-    return collate_packed(rows)
+    batch = collate_packed(rows)
+    batch.pop("num_tokens")
+    return {name: t if name == "packed_seq_lengths" else t.cuda() for name, t in batch.items()}
 
 
 def _loss_and_grads(model_dir, tmp_path, kernels: str, targets, offloaded: int = 0, seen: list | None = None,
@@ -223,27 +218,3 @@ def test_the_loss_kernel_equals_the_aten_steps_on_the_gpu(monkeypatch, vocab):
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, want_grad, rtol=2e-2, atol=1e-6)  # bf16 gradients of the logits, summed
     assert grad[:, :299].abs().max() == 0 and grad[:, 299:].abs().max() > 0
-
-
-def test_a_batch_goes_to_the_gpu_without_the_host_waiting_for_the_step_before():
-    """The trainer's copy of a batch to the GPU is queued behind the previous step's kernels without waiting for
-    them (torch's sync debug mode raises on a synchronizing call: a copy from pageable memory is one), and arrives
-    intact; `packed_seq_lengths` stays on the CPU."""
-    from types import SimpleNamespace
-
-    from lora_runtime.trainer import PackedTrainer
-
-    trainer = PackedTrainer.__new__(PackedTrainer)
-    trainer.args = SimpleNamespace(device=torch.device("cuda"))
-    batch = _host_batch(1000)
-    x = torch.randn(4096, 4096, device="cuda")
-    for _ in range(20):  # the previous step, still running
-        x = torch.tanh(x @ x)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = trainer._prepare_inputs(batch)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    for key in ("input_ids", "labels", "position_ids"):
-        assert out[key].is_cuda and torch.equal(out[key].cpu(), batch[key]), key
-    assert out["packed_seq_lengths"].device.type == "cpu" and out["num_tokens"] == batch["num_tokens"]

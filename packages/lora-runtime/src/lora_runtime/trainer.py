@@ -99,14 +99,11 @@ class PackedTrainer(Trainer):
         return out
 
     def _prepare_input(self, data: Any) -> Any:
-        """Batches go to the GPU through pinned memory without the host waiting (the copy is ordered on the compute
-        stream). A copy from pageable memory waits for every kernel queued before it, the whole previous step: the
-        host could not queue a step while the GPU runs the one before, and the GPU idled while the host started each
-        step."""
+        """Pinned batches go to the GPU without blocking the host (the copy is ordered on the compute stream)."""
         import torch
 
         if isinstance(data, torch.Tensor) and data.device.type == "cpu" and self.args.device.type == "cuda":
-            return data.pin_memory().to(self.args.device, non_blocking=True)
+            return data.to(self.args.device, non_blocking=data.is_pinned())
         return super()._prepare_input(data)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any = None, *args: Any,
