@@ -249,32 +249,38 @@ def test_only_writes_the_rows_of_the_named_runs_alone(tmp_path, monkeypatch):
                   "--only", "auto_nogc_mb2_cg"])
 
 
-def test_our_meter_times_whole_steps_when_logs_arrive_a_step_late(monkeypatch):
+@pytest.mark.parametrize(("every", "steady_steps"), [(1, 6), (3, 5)])  # logging_steps: the window starts at a log
+def test_our_meter_times_whole_steps_when_logs_arrive_a_step_late(monkeypatch, every, steady_steps):
     """The trainer logs step k while step k + 1 runs and the last step at once: the window is still timed between
-    the ends of step warm-up + 1 and the last step, and holds exactly the tokens of the steps between them (timing
-    the logs' arrival would give 5 steps' tokens 4 steps' time, 1.25× too high)."""
+    the ends of the first logged step after warm-up and the last step, and holds exactly the tokens of the steps
+    between them (timing the logs' arrival would give 5 steps' tokens 4 steps' time, 1.25x too high)."""
     from types import SimpleNamespace
 
     clock = [0.0]
     monkeypatch.setattr(ours.time, "perf_counter", lambda: clock[0])
-    windows = ours.Windows(warmup=2)
+    windows = ours.Windows(warmup=1)
     meter = ours._meter_callback(windows)
     state = SimpleNamespace(global_step=0, max_steps=8, num_input_tokens_seen=0)
-    meter.on_train_begin(None, state, None)
+    control = SimpleNamespace(should_log=False, should_training_stop=False)
+    meter.on_train_begin(None, state, control)
 
     def log(step: int) -> None:
         state.global_step, now = step, state.global_step
-        meter.on_log(None, state, None, logs={"loss": 1.0, "tokens_seen": 1000 * step, "tokens_per_s": 1000.0})
+        meter.on_log(None, state, control, logs={"loss": 1.0, "tokens_seen": 1000 * step, "tokens_per_s": 1000.0})
         state.global_step = now
 
+    pending = None
     for step in range(1, 9):
         clock[0] = 2.0 * step  # each step: 1,000 tokens in 2 s
         state.global_step = step
-        meter.on_step_end(None, state, None)
-        if step > 1:
-            clock[0] += 1.5  # the previous step's log arrives while this one runs
-            log(step - 1)
+        control.should_log = step % every == 0 or step == 8
+        control.should_training_stop = step == 8
+        meter.on_step_end(None, state, control)
+        if pending:
+            clock[0] += 1.5  # the previous logged step's log arrives while this one runs
+            log(pending)
+        pending = step if control.should_log and step < 8 else None
     log(8)
     got = windows.summary()
-    assert got["tokens_per_s"] == pytest.approx(500.0) and got["steady_steps"] == 5
-    assert got["warmup_s"] == pytest.approx(6.0) and got["first_step_s"] == pytest.approx(2.0)
+    assert got["tokens_per_s"] == pytest.approx(500.0) and got["steady_steps"] == steady_steps
+    assert got["first_step_s"] == pytest.approx(2.0)

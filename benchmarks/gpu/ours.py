@@ -32,11 +32,13 @@ from benchmarks.gpu import common
 class Windows:
     """The steady window of a lora_sft run, timed where the device is known to be done: each logged step's
     cumulative real tokens (the trainer's own count), and the wall clock, device synchronised, at the end of step 1
-    (start-up), of step `warmup` + 1 and of the last step. The trainer logs a step's loss while the next step runs (a
-    step late), and the last step at once, so times taken when a log arrives would give the window one step too few."""
+    (start-up), of the first logged step after `warmup` (`first`) and of the last step. The trainer logs a step's loss
+    while the next step runs (a step late), and the last step at once, so times taken when a log arrives would give
+    the window one step too few."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
+        self.first: int | None = None  # the window's first step: logged (its token count is known), after warm-up
         self.t_start = 0.0
         self.ends: dict[int, float] = {}  # step → perf_counter at its end, device synchronised
         self.seen: dict[int, int] = {}  # step → real tokens trained through it
@@ -45,9 +47,9 @@ class Windows:
         self.logged: list[float] = []  # the trainer's own tokens/s per logged step, as its log line shows it
 
     def summary(self) -> dict:
-        first, last = self.warmup + 1, max(self.ends, default=0)
-        if last <= first or first not in self.seen or last not in self.seen:
-            return {"error": f"{last} step(s) timed, need more than {first} (warm-up {self.warmup} + 1)",
+        first, last = self.first, max(self.ends, default=0)
+        if first is None or last <= first or first not in self.seen or last not in self.seen:
+            return {"error": f"no logged step after warm-up ({self.warmup} steps) and before the last ({last})",
                     "first_step_unix": self.first_step_unix}
         steady_s, steady_tok, steps = self.ends[last] - self.ends[first], self.seen[last] - self.seen[first], last - first
         return {"tokens_per_s": steady_tok / steady_s, "steady_steps": steps, "step_s_mean": steady_s / steps,
@@ -73,11 +75,16 @@ def _meter_callback(windows: Windows):
 
         def on_step_end(self, args, state, control, **kw):
             step = state.global_step
-            if step in (1, windows.warmup + 1, state.max_steps):  # waits for the device at these three only
+            last = step >= state.max_steps or control.should_training_stop
+            # transformers' flow callback, which runs first, has set should_log
+            starts = windows.first is None and step > windows.warmup and control.should_log and not last
+            if step == 1 or starts or last:  # the only steps that wait for the device
                 common.sync()
                 windows.ends[step] = time.perf_counter()
                 if step == 1:
                     windows.first_step_unix = time.time()
+                if starts:
+                    windows.first = step
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:  # state.global_step is the logged step's while a late log is written

@@ -71,6 +71,8 @@ def _details(r: dict) -> str:
                  "resolved_activation_offload", "resolved_cuda_graphs", "micro_batch", "caches", "fit_tried")
         picked = {k: v for k, v in cfg.items() if k in shown and v not in (None, [])}
         out += [f"{k.replace('resolved_', '')} {v}" for k, v in picked.items()]
+        if cfg.get("note"):  # what a correction of the row changed
+            out.append(str(cfg["note"]))
     if r.get("error"):
         out.append("**error**: " + str(r["error"]).replace("|", "/").replace("\n", " ")[:160])
     return "; ".join(out)

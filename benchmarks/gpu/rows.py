@@ -1,4 +1,5 @@
-"""The results file: one JSON object a line, one line a measured run (ours or a peer), appended, never rewritten.
+"""The results file: one JSON object a line, one line a measured run (ours or a peer), appended. A row is changed
+afterwards only to correct a figure, keeping the value it replaced and a note on why (`config.note`).
 
 Every row carries what is needed to trust and reproduce it: the scenario, the card, the package versions, the
 command, the date, and the figures (tokens/s, peak GiB, start-up s, warm-up/compile s). Rows of one invocation share

@@ -215,7 +215,7 @@ def test_auto_takes_the_compiled_path_where_a_large_pass_fits_without_recomputat
 def test_auto_levers_take_the_compiled_path_where_only_they_make_a_large_pass_fit(tmp_path, a_gpu_with):
     """selective_recompute/activation_offload="auto": off where the compiled path fits as it is (139, 24 GiB) or
     where nothing fits (5 GiB); pointwise alone where it makes 8,192 tokens fit; pointwise and offload where only
-    both do (16 GiB: the combination measured 1.35x the Unsloth loop there); "most" where pointwise with a few
+    both do (16 GiB: the combination measured 1.41x the Unsloth loop there on an H100); "most" where pointwise with a few
     offloaded layers does not (10 GiB), with offload where only both do (8 GiB); never offload alone. Offload asked
     for: pointwise with every layer offloaded, last, where "most" holds too much (6.5 GiB)."""
     from lora_runtime.batching import GIB, compiled_footprint

@@ -10,9 +10,10 @@ logits exist at a time and backward is a multiply. The divisor stays a tensor on
 On a CUDA GPU one Triton kernel (`_softmax_grad_kernel`) turns a chunk's bf16 logits into each row's loss and, in
 place, the gradient: two reads and one write of the bf16 logits, where the same steps in aten (an fp32 copy,
 logsumexp, subtract, exp, scatter, mask, cast back) make about nine passes over fp32 logits. With it the compiled
-path's whole-card default on one H100 (Qwen2.5-1.5B shape, 16 rows of 2048 a step) ran 1.18× as fast as before
-it, in two runs of the same scenario (benchmarks/RESULTS.md, `frontier`, 2026-12-05), and 1.52× the Unsloth hand
-loop measured in the same run (56.2k tokens/s; `startup`). Elsewhere (a CPU) the aten steps run.
+path's whole-card default on one H100 (Qwen2.5-1.5B shape, 16 rows of 2048 a step) ran about 1.18× as fast as
+before it, in two runs of the same scenario (benchmarks/RESULTS.md, `frontier`, 2026-12-05; a ratio of readings each
+about 8/7 high), and 1.50× the Unsloth hand loop measured in the same run (56.2k tokens/s). Elsewhere (a CPU) the
+aten steps run.
 
 Loss and gradient equal transformers' `ForCausalLMLoss` (`test_chunked_loss.py`: fp32 rounding apart): labels shifted by
 one, IGNORE_INDEX skipped, mean over the targets or, with `num_items_in_batch`, their sum divided by it.

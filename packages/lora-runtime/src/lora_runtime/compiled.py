@@ -12,8 +12,8 @@ Four parts, each plain PyTorch:
 
 Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048; benchmarks/RESULTS.md, scenarios `compiled-parts` and
 `compiled`): without the Trainer, 2 rows a pass ran 34.3k tokens/s (16.5k without compilation), 16 rows 60.0k.
-Through `lora_sft` on one H100 (`frontier` and `startup`): 46.1k with micro_batch_size=2 (with CUDA graphs, which
-`cuda_graphs="auto"` turns on for such small passes), 56.2k on the whole card (16 rows a pass), 1.52× the Unsloth
+Through `lora_sft` on one H100 (`frontier`): 46.1k with micro_batch_size=2 (with CUDA graphs, which
+`cuda_graphs="auto"` turns on for such small passes), 56.2k on the whole card (16 rows a pass), 1.50× the Unsloth
 hand loop in the same run, 53.2k under 24 GiB and 53.3k under 16 GiB.
 Checkpointing whole layers costs this path more than Unsloth (8 rows, every layer recomputed: 33.2k on the H200), so
 `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS` without checkpointing, and
@@ -42,9 +42,10 @@ from lora_runtime.config import RECOMPUTE_LEVELS, LoraSftConfig
 
 AUTO_MIN_TOKENS = 8_192  # micro_batch_size="auto": the smallest pass without recomputation worth leaving Unsloth for
 # cuda_graphs="auto": the largest pass that replays CUDA graphs. Through lora_sft on one H200 (Qwen2.5-1.5B shape,
-# benchmarks/RESULTS.md, `compiled`, runs of one process side by side): 4,096 tokens a pass ran 1.16× as fast with
-# graphs as without, 32,768 tokens 0.97×. A larger model does more work a pass (the GPU sets the pace sooner): auto
-# also keeps tokens × base parameters within what was measured
+# benchmarks/RESULTS.md, `compiled`): 4,096 tokens a pass ran about 1.16× as fast with graphs as without, 32,768
+# tokens about 0.97× (ratios of two runs of one process, each read by a meter since withdrawn there that read about
+# 8/7 high on both). A larger model does more work a pass (the GPU sets the pace sooner): auto also keeps tokens × base
+# parameters within what was measured
 GRAPH_AUTO_MAX_TOKENS = 4_096
 GRAPH_AUTO_MAX_PARAMETERS = 1.6e9
 
@@ -221,11 +222,13 @@ def _pass_fits(config: LoraSftConfig, model_config: Any, offloaded: int | None =
 
 
 # selective_recompute/activation_offload="auto": at most this many layers offloaded for the pass to fit with pointwise
-# recomputation. Measured on one H200 (benchmarks/RESULTS.md, offload and compiled-parts), Qwen2.5-1.5B shape under
-# 16 GiB: pointwise recomputation with 6 of 28 layers offloaded ran 1.09× as fast as Unsloth recomputing 17 layers
-# (the plan without them), offload alone 0.86× (not chosen by auto), in the same run; 6 layers offloaded at 8,192
-# tokens a pass cost 10% of a step, 3 nothing, 10 at 16,384 tokens 37%. Under
-# "most" a layer keeps about a tenth as much, so offloading every layer costs the link little: no limit there.
+# recomputation. Measured on one H200 (benchmarks/RESULTS.md, offload and compiled-parts), Qwen2.5-1.5B shape under 16
+# GiB: pointwise recomputation with 6 of 28 layers offloaded ran about 1.09× as fast as Unsloth recomputing 17 layers
+# (the plan without them), offload alone about 0.86× (not chosen by auto), in the same run (ratios of readings since
+# withdrawn there, each about 8/7 high; on one H100 pointwise with 4 offloaded ran 1.41× the Unsloth hand loop under the
+# same cap, `frontier`); 6 layers offloaded at 8,192 tokens a pass cost 10% of a step, 3 nothing, 10 at 16,384 tokens
+# 37%. Under "most" a layer keeps about a tenth as much, so offloading every layer costs the link little: no limit
+# there.
 AUTO_MAX_OFFLOADED = 6
 
 
