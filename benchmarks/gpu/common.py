@@ -261,6 +261,17 @@ def memory() -> dict:
     }
 
 
+def allocator_counts() -> dict:
+    """The CUDA caching allocator's running counts since the process began: allocations retried after freeing its
+    cache (`alloc_retries`, a device sync each) and memory taken from the driver (`device_allocs`). {} on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {"alloc_retries": stats.get("num_alloc_retries", 0), "device_allocs": stats.get("num_device_alloc", 0)}
+
+
 def write_result(out_dir: str | Path, name: str, payload: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -170,12 +170,15 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
     import_unsloth_first(model_dir, shards, kw, seq_len)
     fraction = common.cap_memory(kw.get("max_memory_gib"))
     t0 = time.perf_counter()
+    allocator = common.allocator_counts()
     with tempfile.TemporaryDirectory() as out:
         result = train(model_dir, shards, out, kw, steps, seq_len, [_meter_callback(windows)])
         saved = json.loads((Path(out) / "lora_sft_config.json").read_text())
     payload = {"run": name, **{k: v for k, v in kw.items()}, "backend_used": result.backend, "steps": result.steps,
                "final_loss": result.final_loss, "total_s": time.perf_counter() - t0, "seq_len": seq_len,
-               "memory_fraction": fraction}
+               "memory_fraction": fraction,
+               # each retry frees cached blocks and waits for the device; each cudaMalloc may too
+               **{k: v - allocator[k] for k, v in common.allocator_counts().items()}}
     resolved = saved.get("resolved") or {}  # the batch plan lora_sft ran with (batching.BatchPlan.to_dict)
     for key in ("micro_batch_size", "gradient_checkpointing", "recomputed_layers", "offloaded_layers",
                 "estimated_peak_gib", "cuda_graphs"):

@@ -68,7 +68,8 @@ def _details(r: dict) -> str:
     if isinstance(cfg, dict):
         shown = ("resolved_micro_batch_size", "resolved_gradient_checkpointing", "resolved_recomputed_layers",
                  "resolved_offloaded_layers", "resolved_estimated_peak_gib", "resolved_selective_recompute",
-                 "resolved_activation_offload", "resolved_cuda_graphs", "micro_batch", "caches", "fit_tried")
+                 "resolved_activation_offload", "resolved_cuda_graphs", "micro_batch", "caches", "fit_tried",
+                 "alloc_retries")
         picked = {k: v for k, v in cfg.items() if k in shown and v not in (None, [])}
         out += [f"{k.replace('resolved_', '')} {v}" for k, v in picked.items()]
         if cfg.get("note"):  # what a correction of the row changed

@@ -47,7 +47,7 @@ def _ours_config(payload: dict) -> dict:
             "resolved_gradient_checkpointing", "resolved_recomputed_layers", "resolved_offloaded_layers",
             "resolved_estimated_peak_gib", "resolved_selective_recompute", "resolved_activation_offload",
             "resolved_cuda_graphs",
-            "max_memory_gib", "load_in_4bit", "memory_fraction")
+            "max_memory_gib", "load_in_4bit", "memory_fraction", "alloc_retries", "device_allocs", "steady_steps")
     return {k: payload[k] for k in keys if k in payload}
 
 
