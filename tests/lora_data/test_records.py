@@ -68,6 +68,26 @@ def test_a_record_whose_every_answer_is_empty_is_rejected(tmp_path):
     assert [type(i).__name__ for i in kept] == ["Record"]
 
 
+def test_a_key_twice_in_one_object_is_rejected_with_its_path(tmp_path):
+    """JSON keeps a repeated key's last value: the first would vanish without a word. Strings holding `":` (JSON in
+    the content) and keys spaced from their colon are read as usual; a .json array's elements are checked too."""
+    lines = ['{"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "role": "assistant", "content": "x"}]}',
+             '{"messages": [], "messages": [' + json.dumps(USER) + ", " + json.dumps(BOT) + "]}",
+             json.dumps({"messages": [{"role": "user", "content": 'say {"a": 1}'}, BOT]}),
+             '{"instruction" : "Add", "output" : "4", "output" : "5"}',
+             json.dumps({"messages": [USER, BOT]}, indent=None, separators=(",", " : "))]
+    items, _ = _items(tmp_path, lines)
+    assert [(getattr(i, "code", None), getattr(i, "field", None)) for i in items] == [
+        ("duplicate_key", "messages[1].role"), ("duplicate_key", "messages"), (None, None),
+        ("duplicate_key", "output"), (None, None)]
+    assert items[0].reason.startswith("this key appears twice in one object: JSON keeps only the last value")
+    array = tmp_path / "in.json"
+    array.write_text("[\n" + lines[2] + ",\n" + lines[0] + "\n]\n")
+    found = list(read_records(array))
+    assert [(getattr(i, "code", None), getattr(i, "field", None)) for i in found] == [
+        (None, None), ("duplicate_key", "messages[1].role")]
+
+
 def test_alpaca_becomes_a_conversation(tmp_path):
     (a, b, c), _ = _items(tmp_path, [{"instruction": "Add", "input": "2+2", "output": "4"},
                                      {"instruction": "Say hi", "input": "", "output": "hi"},

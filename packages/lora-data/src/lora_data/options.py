@@ -22,8 +22,9 @@ from .records import FORMATS, Fields
 
 VERSION = "0.1.0"  # lora-data's version: in `created_by`, the cache key and `lora-data --version`
 # which records train and how they read (validation, formats): in the cache key, so that shards prepared under other
-# rules are prepared again. 2: an all-empty answer is rejected, a null Alpaca input reads as none, .json arrays
-RECORD_RULES = 2
+# rules are prepared again. 2: an all-empty answer is rejected, a null Alpaca input reads as none, .json arrays;
+# 3: a key twice in one object is rejected
+RECORD_RULES = 3
 DATASET_TYPES = {"chat_template": "messages"}  # training-hub's `dataset_type` → our `format` (alpaca is alpaca)
 
 

@@ -282,11 +282,16 @@ class RecordReader:
         return self._checked(path, number, obj, text)
 
     def _checked(self, path: str, number: int, obj: Any, text: str) -> Record | Rejection:
-        """A parsed record: its strings valid Unicode, then `_check`."""
+        """A parsed record: its strings valid Unicode, no key twice in an object, then `_check`."""
         if ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(obj):
             return Rejection(path, number, None, "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
                              "without its pair): not valid Unicode text, no tokenizer can encode it", text,
                              "lone_surrogate")
+        twice = _key_twice(obj, text)
+        if twice is not None:
+            return Rejection(path, number, twice, "this key appears twice in one object: JSON keeps only the last "
+                             "value, so the first would be dropped without a word; remove or rename one", text,
+                             "duplicate_key")
         return self._check(path, number, obj, text)
 
     def _check(self, path: str, number: int, obj: Any, text: str) -> Record | Rejection:
@@ -403,6 +408,56 @@ def _objects(path: str | Path, *, split: str | None, config: str | None):
                 yield json.loads(raw.removeprefix(b"\xef\xbb\xbf"))
             except (ValueError, RecursionError):
                 continue
+
+
+class _Twice(dict):
+    """A parsed object whose text held `key` twice."""
+
+    key = ""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) == len(pairs):
+        return out
+    twice, seen = _Twice(out), set()
+    for key, _ in pairs:
+        if key in seen:
+            twice.key = key
+            break
+        seen.add(key)
+    return twice
+
+
+def _key_twice(obj: Any, text: str) -> str | None:
+    """The JSON path of a key that an object of the record's text holds twice (`messages[1].role`), else None. The
+    text is parsed again, keeping each object's pairs, only where it has more `":` (or `" :`) than the parsed record
+    has keys, not counting `\\":` (JSON inside a string): a key written apart from its colon by a newline or tab, or
+    ending in a backslash, is not counted."""
+    keys, stack = 0, [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            keys += len(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    if text.count('":') + text.count('" :') - text.count('\\":') - text.count('\\" :') <= keys:
+        return None
+    try:
+        parsed = json.loads(text, object_pairs_hook=_pairs)
+    except (ValueError, RecursionError):
+        return None
+    found: list[tuple[Any, str]] = [(parsed, "")]
+    while found:
+        value, at = found.pop()
+        if isinstance(value, _Twice):
+            return f"{at}.{value.key}" if at else value.key
+        if isinstance(value, dict):
+            found.extend((v, f"{at}.{k}" if at else k) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            found.extend((v, f"{at}[{i}]") for i, v in reversed(list(enumerate(value))))
+    return None
 
 
 def _has_lone_surrogate(obj: Any) -> bool:
