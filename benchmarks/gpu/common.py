@@ -178,10 +178,9 @@ class StepMeter:
         sync()
         self.t_start = time.perf_counter()
 
-    def step(self, n_tokens: int, loss: float | None = None, *, synced: bool = False) -> None:
-        """Marks a step's end; `synced`: the caller already waited for the device (it read the step's loss)."""
-        if not synced:
-            sync()
+    def step(self, n_tokens: int, loss: float | None = None) -> None:
+        """Marks a step's end, once the device is done with it."""
+        sync()
         self.marks.append(time.perf_counter())
         if self.first_step_unix is None:
             self.first_step_unix = time.time()

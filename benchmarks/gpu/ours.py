@@ -10,8 +10,8 @@ transformers); gc auto | gc (forced on) | nogc; _b16 = a 16 GiB budget: `max_mem
 selective_recompute="pointwise" / "most" / "off", _off / _nooff = activation_offload=True / False, _cg / _nocg = cuda_graphs=True
 / False (each "auto" where not named), _log10 = logging_steps=10. Everything else is lora_sft's defaults as training-hub's (lr 2e-4 linear, warmup 10, weight decay
 0.01, clip 0.3, logging every step), LoRA r=16 alpha=32 on all linear
-projections. A TrainerCallback times the steady window between the ends of step warmup + 1 and the last step (device
-synchronised there only) and counts the trainer's own real tokens in it (`Windows`).
+projections. A TrainerCallback times the steady window between the ends of the first logged step after warm-up and
+the last step (device synchronised there only) and counts the trainer's own real tokens in it (`Windows`).
 """
 
 from __future__ import annotations
