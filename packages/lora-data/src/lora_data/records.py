@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._schema import Schema
+from ._schema import Schema, json_path
 from .errors import DataError
 from .rows import is_dataset, iter_rows, row_text
 
@@ -448,15 +448,15 @@ def _key_twice(obj: Any, text: str) -> str | None:
         parsed = json.loads(text, object_pairs_hook=_pairs)
     except (ValueError, RecursionError):
         return None
-    found: list[tuple[Any, str]] = [(parsed, "")]
+    found: list[tuple[Any, list]] = [(parsed, [])]
     while found:
         value, at = found.pop()
         if isinstance(value, _Twice):
-            return f"{at}.{value.key}" if at else value.key
+            return json_path([*at, value.key])
         if isinstance(value, dict):
-            found.extend((v, f"{at}.{k}" if at else k) for k, v in reversed(value.items()))
+            found.extend((v, [*at, k]) for k, v in reversed(value.items()))
         elif isinstance(value, list):
-            found.extend((v, f"{at}[{i}]") for i, v in reversed(list(enumerate(value))))
+            found.extend((v, [*at, i]) for i, v in reversed(list(enumerate(value))))
     return None
 
 
