@@ -167,3 +167,51 @@ def test_model_splitting_under_torchrun_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="from ONE process, but torchrun started 2"):
         lora_sft("no-model", "no-data", str(tmp_path), enable_model_splitting=True)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("model_config", "max_seq_len", "limit"), [
+    ({"max_position_embeddings": 1024}, 2048, 1024),
+    ({"max_position_embeddings": 1024}, 1024, None),
+    ({"n_positions": 512}, 1024, 512),
+    ({"text_config": {"max_position_embeddings": 4096}}, 8192, 4096),
+    ({"max_position_embeddings": 32768, "rope_scaling": {"type": "yarn", "factor": 4.0,
+                                                         "original_max_position_embeddings": 32768}}, 131072, None),
+    ({"max_position_embeddings": 32768, "rope_scaling": {"type": "yarn", "factor": 4.0}}, 262144, 131072),
+    ({"max_position_embeddings": 131072, "rope_parameters": {"rope_type": "llama3", "factor": 8.0,
+                                                             "original_max_position_embeddings": 8192}}, 131072, None),
+    ({}, 10**6, None),
+])
+def test_max_seq_len_past_the_models_positions_is_named(tmp_path, model_config, max_seq_len, limit):
+    from lora_runtime.preflight import position_note
+
+    (tmp_path / "config.json").write_text(json.dumps(model_config))
+    note = position_note(LoraSftConfig(str(tmp_path), "d.jsonl", "out", max_seq_len=max_seq_len))
+    if limit is None:
+        assert note is None
+    else:
+        assert f"max_seq_len={max_seq_len} is longer than the {limit} positions" in note
+        assert f"Pass max_seq_len={limit}" in note
+    assert position_note(LoraSftConfig("org/hub-id", "d.jsonl", "out", max_seq_len=10**6)) is None
+
+
+def test_lora_sft_warns_before_training_when_rows_pass_the_models_positions(tmp_path, tiny_llama_dir, llama_shards,
+                                                                           monkeypatch, capsys):
+    import lora_runtime.loop
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        if f.is_file():
+            (model / f.name).symlink_to(f)
+    (model / "config.json").unlink()
+    model_config = json.loads((tiny_llama_dir / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**model_config, "max_position_embeddings": 64}))
+
+    def stop(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora_runtime.loop, "train", stop)
+    with pytest.raises(KeyboardInterrupt):
+        lora_sft(str(model), str(llama_shards), str(tmp_path / "out"), backend="peft", max_steps=1)
+    out = capsys.readouterr().out
+    assert f"warning: max_seq_len=128 is longer than the 64 positions {model} was trained for" in out

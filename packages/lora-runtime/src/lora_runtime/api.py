@@ -92,8 +92,9 @@ def run(config: LoraSftConfig) -> TrainResult:
     from lora_runtime.checkpoint import output_lock
     from lora_runtime.compiled import choose_levers, prefers
     from lora_runtime.data import ensure_shards, open_datasets
-    from lora_runtime.distributed import check_launch
+    from lora_runtime.distributed import check_launch, print0
     from lora_runtime.loop import train
+    from lora_runtime.preflight import position_note
     from lora_runtime.sharding import resolve_sharding
 
     check_launch(config.validate())
@@ -103,6 +104,8 @@ def run(config: LoraSftConfig) -> TrainResult:
         fast = (True, levers) if levers else prefers(config)
         import_unsloth_first(config, compiled=fast[0])
         config, shards = ensure_shards(config)
+        if note := position_note(config):
+            print0(f"warning: {note}")
         config = resolve_sharding(config)
         backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting,
                                          sharding=config.sharding, compiled=fast,

@@ -149,6 +149,37 @@ def model_issues(cfg: Any) -> list[str]:
     return issues
 
 
+def position_note(cfg: Any) -> str | None:
+    """A warning when `max_seq_len` is longer than the positions the model was trained for (config.json's
+    max_position_embeddings, or n_positions); None otherwise, and for hub ids. Packed rows restart positions at each
+    record, so only a record longer than that goes past them. A rope scaling in config.json stretches the limit by
+    its factor."""
+    try:
+        model_config = json.loads((Path(str(cfg.model_path)).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(model_config, dict):
+        return None
+    text = model_config.get("text_config")
+    sources = [model_config] + ([text] if isinstance(text, dict) else [])
+    limit = next((c[k] for c in sources for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(c.get(k), int)), None)
+    if limit is None:
+        return None
+    for c in sources:  # a rope scaling (YaRN, llama3, linear, ...) stretches the original positions by its factor
+        for key in ("rope_scaling", "rope_parameters"):
+            scaling = c.get(key)
+            if isinstance(scaling, dict) and isinstance(scaling.get("factor"), int | float):
+                original = scaling.get("original_max_position_embeddings", limit)
+                limit = max(limit, int(original * scaling["factor"]))
+    if cfg.max_seq_len <= limit:
+        return None
+    return (f"max_seq_len={cfg.max_seq_len} is longer than the {limit} positions {cfg.model_path} was trained for "
+            "(config.json max_position_embeddings, with any rope scaling): a record longer than that trains at "
+            "positions the model has never seen (rotary models extrapolate, which degrades quality; learned position "
+            f"embeddings fail with an index error). Pass max_seq_len={limit}, or give config.json a rope_scaling that covers it")
+
+
 def _target_issues(targets: tuple[str, ...] | str, model_dir: Path) -> list[str]:
     shapes = weight_shapes(model_dir)
     if not shapes:
