@@ -284,3 +284,20 @@ def test_our_meter_times_whole_steps_when_logs_arrive_a_step_late(monkeypatch, e
     got = windows.summary()
     assert got["tokens_per_s"] == pytest.approx(500.0) and got["steady_steps"] == steady_steps
     assert got["first_step_s"] == pytest.approx(2.0)
+
+
+def test_peers_and_ours_read_the_same_records_or_nothing_runs(tmp_path):
+    import hashlib
+
+    from benchmarks.gpu.__main__ import check_feed
+
+    data = tmp_path / "data"
+    (data / "shards_qwen1.5b_2048").mkdir(parents=True)
+    (data / "records.jsonl").write_text('{"messages": []}\n' * 900)
+    digest = hashlib.sha256((data / "records.jsonl").read_bytes()).hexdigest()
+    (data / "shards_qwen1.5b_2048" / "manifest.json").write_text(json.dumps(
+        {"sources": [{"path": ".gpu/records.jsonl", "sha256": digest}]}))
+    check_feed(data)
+    (data / "records.jsonl").write_text('{"messages": []}\n' * 60)  # another prepare wrote fewer records
+    with pytest.raises(SystemExit, match=r"prepared from another .*records\.jsonl"):
+        check_feed(data)

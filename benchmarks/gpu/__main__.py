@@ -51,7 +51,11 @@ def run(argv: list[str]) -> list[dict]:
     """Plan every scenario, run the processes they need, append their rows; returns the rows."""
     a = parse_args(argv)
     if a.cpu and not (Path(a.data) / "shards_tiny_2048" / "manifest.json").exists():
-        prepare(Path(a.data), (("tiny", 2048),), n_records=60, parity_set=False)
+        if any(Path(a.data).glob("shards_*/manifest.json")):  # the GPU inputs' records.jsonl stays as it is
+            a.data = str(Path(a.data) / "cpu")
+        if not (Path(a.data) / "shards_tiny_2048" / "manifest.json").exists():
+            prepare(Path(a.data), (("tiny", 2048),), n_records=60, parity_set=False)
+    check_feed(Path(a.data))
     s = Session(a, a.scenarios)
     for name in a.scenarios:
         SCENARIOS[name][0](s)
@@ -115,6 +119,25 @@ def main(argv: list[str] | None = None) -> None:
         prepare(Path(argv[1] if len(argv) > 1 else ".gpu"))
     else:
         run(argv)
+
+
+def check_feed(data: Path) -> None:
+    """Ours reads the shards in DATA, the peers read DATA/records.jsonl: the same token stream only while that file is
+    the one every shard set was prepared from (its sha256 in their manifests). Refuses to run otherwise."""
+    import hashlib
+    import json
+
+    records = data / "records.jsonl"
+    if not records.is_file():
+        return
+    digest = hashlib.sha256(records.read_bytes()).hexdigest()
+    for manifest in sorted(data.glob("shards_*/manifest.json")):
+        sources = json.loads(manifest.read_text()).get("sources") or []
+        theirs = [s.get("sha256") for s in sources if Path(str(s.get("path", ""))).name == records.name]
+        if theirs and digest not in theirs:
+            raise SystemExit(f"{manifest.parent} was prepared from another {records} (sha256 {theirs[0][:12]}…, "
+                             f"now {digest[:12]}…): the peers would read other records than ours. Run `python -m "
+                             f"benchmarks.gpu prepare {data}` again")
 
 
 def prepare(out: Path, shapes=(("qwen1.5b", 2048), ("llama8b", 8192)), n_records: int = 900,
