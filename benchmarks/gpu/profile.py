@@ -2,10 +2,13 @@
 
     python -m benchmarks.gpu.profile MODEL SHARDS OUT --runs unsloth_nogc_mb2,unsloth_nogc_mb8 [--steps 14]
 
-Run names as in ours.py. For each run, OUT/<run>.txt gets: the wall time of each profiled step (device
+Run names as in ours.py. For each run, OUT/<shards dir name>_<run>.txt gets: the wall time of each profiled step (device
 synchronised), the GPU's busy time in the window (sum of kernel times; busy ≪ wall means the host is the limit),
 the host calls that wait for the device (stream/device synchronisations, blocking copies, `.item()`) per step with
 the Python stacks they came from, and the operators by self CPU time. One summary line per run is printed.
+Recording Python stacks slows the host several times over: a run whose host nearly keeps pace with the GPU (a pass
+of 8k tokens on the compiled path) reads as host-bound inside the window; its wall times before the window are the
+unprofiled ones.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             train(a.model_dir, a.shards, tmp, kw, a.steps, a.seq_len, [callback])
         text, summary = _analyse(name, report, a.window)
-        (out / f"{name}.txt").write_text(text)
+        (out / f"{Path(a.shards).name}_{name}.txt").write_text(text)  # runs of other shapes keep their own files
 
         print("PROFILE", json.dumps(summary), flush=True)
 
