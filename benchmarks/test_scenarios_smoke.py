@@ -301,3 +301,26 @@ def test_peers_and_ours_read_the_same_records_or_nothing_runs(tmp_path):
     (data / "records.jsonl").write_text('{"messages": []}\n' * 60)  # another prepare wrote fewer records
     with pytest.raises(SystemExit, match=r"prepared from another .*records\.jsonl"):
         check_feed(data)
+
+
+def test_the_cpu_smoke_test_never_prepares_over_gpu_inputs(tmp_path, monkeypatch):
+    import benchmarks.gpu.__main__ as cli
+
+    data = tmp_path / "data"
+    (data / "shards_qwen1.5b_2048").mkdir(parents=True)
+    (data / "shards_qwen1.5b_2048" / "manifest.json").write_text("{}")
+    (data / "records.jsonl").write_text('{"messages": []}\n' * 900)
+    prepared = []
+
+    class Stop(Exception):
+        pass
+
+    def session(a, scenarios):
+        raise Stop(a.data)
+
+    monkeypatch.setattr(cli, "prepare", lambda out, *args, **kw: prepared.append(out))
+    monkeypatch.setattr(cli, "Session", session)
+    with pytest.raises(Stop) as stopped:
+        cli.run(["throughput", "--cpu", "--data", str(data), "--work", str(tmp_path / "work")])
+    assert prepared == [data / "cpu"] and str(stopped.value) == str(data / "cpu")
+    assert (data / "records.jsonl").read_text() == '{"messages": []}\n' * 900

@@ -50,9 +50,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(argv: list[str]) -> list[dict]:
     """Plan every scenario, run the processes they need, append their rows; returns the rows."""
     a = parse_args(argv)
-    if a.cpu and not (Path(a.data) / "shards_tiny_2048" / "manifest.json").exists():
-        if any(Path(a.data).glob("shards_*/manifest.json")):  # the GPU inputs' records.jsonl stays as it is
-            a.data = str(Path(a.data) / "cpu")
+    if a.cpu:
+        if any(m.parent.name != "shards_tiny_2048" for m in Path(a.data).glob("shards_*/manifest.json")):
+            a.data = str(Path(a.data) / "cpu")  # beside the GPU inputs: their records.jsonl stays as it is
         if not (Path(a.data) / "shards_tiny_2048" / "manifest.json").exists():
             prepare(Path(a.data), (("tiny", 2048),), n_records=60, parity_set=False)
     check_feed(Path(a.data))
@@ -136,8 +136,9 @@ def check_feed(data: Path) -> None:
         theirs = [s.get("sha256") for s in sources if Path(str(s.get("path", ""))).name == records.name]
         if theirs and digest not in theirs:
             raise SystemExit(f"{manifest.parent} was prepared from another {records} (sha256 {theirs[0][:12]}…, "
-                             f"now {digest[:12]}…): the peers would read other records than ours. Run `python -m "
-                             f"benchmarks.gpu prepare {data}` again")
+                             f"now {digest[:12]}…): the peers would read other records than ours. On the CPU "
+                             f"machine, run `python -m benchmarks.gpu prepare {data}` again (it rebuilds the "
+                             f"qwen1.5b and llama8b shards), or delete {manifest.parent} if no scenario needs it")
 
 
 def prepare(out: Path, shapes=(("qwen1.5b", 2048), ("llama8b", 8192)), n_records: int = 900,

@@ -169,43 +169,54 @@ def test_model_splitting_under_torchrun_is_refused(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize(("model_config", "max_seq_len", "limit"), [
-    ({"max_position_embeddings": 1024}, 2048, 1024),
-    ({"max_position_embeddings": 1024}, 1024, None),
-    ({"n_positions": 512}, 1024, 512),
-    ({"text_config": {"max_position_embeddings": 4096}}, 8192, 4096),
+@pytest.mark.parametrize(("model_config", "limit"), [
+    ({"max_position_embeddings": 1024}, 1024),
+    ({"n_positions": 512}, 512),
+    ({"max_position_embeddings": 512, "text_config": {"max_position_embeddings": 4096}}, 4096),  # the text model's
     ({"max_position_embeddings": 32768, "rope_scaling": {"type": "yarn", "factor": 4.0,
-                                                         "original_max_position_embeddings": 32768}}, 131072, None),
-    ({"max_position_embeddings": 32768, "rope_scaling": {"type": "yarn", "factor": 4.0}}, 262144, 131072),
-    ({"max_position_embeddings": 131072, "rope_parameters": {"rope_type": "llama3", "factor": 8.0,
-                                                             "original_max_position_embeddings": 8192}}, 131072, None),
-    ({}, 10**6, None),
+                                                         "original_max_position_embeddings": 32768}}, 131072),
+    ({"max_position_embeddings": 131072, "rope_parameters": {"rope_type": "llama3", "factor": 32.0,  # Llama-3.2
+                                                             "original_max_position_embeddings": 8192}}, 131072),
+    ({"max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,  # Llama-3.1
+                                                          "original_max_position_embeddings": 8192}}, 131072),
+    ({"max_position_embeddings": 131072, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}, 131072),  # Gemma-3
+    ({"max_position_embeddings": 4096, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                        "original_max_position_embeddings": 4096},
+      "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}}, 16384),
+    ({}, None),
 ])
-def test_max_seq_len_past_the_models_positions_is_named(tmp_path, model_config, max_seq_len, limit):
-    from lora_runtime.preflight import position_note
+def test_the_models_positions_come_from_its_config(tmp_path, model_config, limit):
+    from lora_runtime.preflight import model_positions
 
     (tmp_path / "config.json").write_text(json.dumps(model_config))
-    note = position_note(LoraSftConfig(str(tmp_path), "d.jsonl", "out", max_seq_len=max_seq_len))
-    if limit is None:
-        assert note is None
-    else:
-        assert f"max_seq_len={max_seq_len} is longer than the {limit} positions" in note
-        assert f"Pass max_seq_len={limit}" in note
-    assert position_note(LoraSftConfig("org/hub-id", "d.jsonl", "out", max_seq_len=10**6)) is None
+    assert model_positions(str(tmp_path)) == limit
+    assert model_positions("org/not-in-the-cache") is None  # nothing is fetched
 
 
-def test_lora_sft_warns_before_training_when_rows_pass_the_models_positions(tmp_path, tiny_llama_dir, llama_shards,
-                                                                           monkeypatch, capsys):
+def test_records_past_the_models_positions_are_named(tmp_path):
+    from lora_runtime.preflight import position_note
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 1024}))
+    raw = LoraSftConfig(str(tmp_path), "d.jsonl", "out", max_seq_len=4096)
+    assert position_note(raw, [1024, 17, 900]) is None  # rows of 4096 whose records all fit: positions restart
+    note = position_note(raw, [1025, 17, 3000, 900])
+    assert note.startswith("2 record(s) of d.jsonl are longer than the 1,024 positions") and "longest 3,000" in note
+    assert "pass max_seq_len=1024" in note
+
+
+def test_lora_sft_warns_before_training_when_records_pass_the_models_positions(tmp_path, tiny_llama_dir,
+                                                                              llama_shards, monkeypatch, capsys):
     import lora_runtime.loop
+    from lora_data import ShardReader
 
+    longest = int(ShardReader(llama_shards).sample_lengths().max())
     model = tmp_path / "model"
     model.mkdir()
     for f in tiny_llama_dir.iterdir():
-        if f.is_file():
+        if f.is_file() and f.name != "config.json":
             (model / f.name).symlink_to(f)
-    (model / "config.json").unlink()
     model_config = json.loads((tiny_llama_dir / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**model_config, "max_position_embeddings": 64}))
+    (model / "config.json").write_text(json.dumps({**model_config, "max_position_embeddings": longest - 1}))
 
     def stop(*args, **kw):
         raise KeyboardInterrupt
@@ -214,4 +225,5 @@ def test_lora_sft_warns_before_training_when_rows_pass_the_models_positions(tmp_
     with pytest.raises(KeyboardInterrupt):
         lora_sft(str(model), str(llama_shards), str(tmp_path / "out"), backend="peft", max_steps=1)
     out = capsys.readouterr().out
-    assert f"warning: max_seq_len=128 is longer than the 64 positions {model} was trained for" in out
+    assert f"are longer than the {longest - 1:,} positions {model} was trained for" in out
+    assert f"prepare the data again with max_seq_len={longest - 1}" in out  # shards: max_seq_len is theirs

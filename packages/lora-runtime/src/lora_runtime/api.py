@@ -104,12 +104,12 @@ def run(config: LoraSftConfig) -> TrainResult:
         fast = (True, levers) if levers else prefers(config)
         import_unsloth_first(config, compiled=fast[0])
         config, shards = ensure_shards(config)
-        if note := position_note(config):
-            print0(f"warning: {note}")
         config = resolve_sharding(config)
         backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting,
                                          sharding=config.sharding, compiled=fast,
                                          offload=config.activation_offload is True)
         plan = resolve(config, backend, rows=shards.manifest.rows)
         train_data, eval_data = open_datasets(config, shards, plan)
+        if note := position_note(config, train_data.reader.sample_lengths()):
+            print0(f"warning: {note}")
         return train(config, plan, backend, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)

@@ -149,35 +149,60 @@ def model_issues(cfg: Any) -> list[str]:
     return issues
 
 
-def position_note(cfg: Any) -> str | None:
-    """A warning when `max_seq_len` is longer than the positions the model was trained for (config.json's
-    max_position_embeddings, or n_positions); None otherwise, and for hub ids. Packed rows restart positions at each
-    record, so only a record longer than that goes past them. A rope scaling in config.json stretches the limit by
-    its factor."""
+def model_positions(model_path: str) -> int | None:
+    """The positions the model was trained for, from its config.json (a local dir, or a hub id already in the local
+    cache; nothing is fetched): max_position_embeddings (or n_positions) of the text model, stretched where its rope
+    scaling names the pretraining length and max_position_embeddings is still that (× factor: YaRN added to a
+    Qwen2.5 config); Llama-3.x configs give the scaled length as max_position_embeddings already. A linear or
+    dynamic scaling without it is not counted: such configs mostly give the scaled length already. None: unknown."""
+    path = Path(str(model_path)).expanduser() / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(model_path), "config.json")
+        except Exception:  # not a repo id, or no huggingface_hub
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
     try:
-        model_config = json.loads((Path(str(cfg.model_path)).expanduser() / "config.json").read_text(encoding="utf-8"))
+        model_config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(model_config, dict):
         return None
     text = model_config.get("text_config")
-    sources = [model_config] + ([text] if isinstance(text, dict) else [])
-    limit = next((c[k] for c in sources for k in ("max_position_embeddings", "n_positions")
-                  if isinstance(c.get(k), int)), None)
+    c = text if isinstance(text, dict) else model_config
+    limit = next((c[k] for k in ("max_position_embeddings", "n_positions") if isinstance(c.get(k), int)), None)
     if limit is None:
         return None
-    for c in sources:  # a rope scaling (YaRN, llama3, linear, ...) stretches the original positions by its factor
-        for key in ("rope_scaling", "rope_parameters"):
-            scaling = c.get(key)
-            if isinstance(scaling, dict) and isinstance(scaling.get("factor"), int | float):
-                original = scaling.get("original_max_position_embeddings", limit)
-                limit = max(limit, int(original * scaling["factor"]))
-    if cfg.max_seq_len <= limit:
+    scaling: dict = next((c[k] for k in ("rope_parameters", "rope_scaling") if isinstance(c.get(k), dict)), {})
+    original = scaling.get("original_max_position_embeddings", c.get("original_max_position_embeddings"))
+    factor = scaling.get("factor")
+    if isinstance(original, int) and isinstance(factor, int | float) and limit <= original:
+        limit = int(original * factor)  # else max_position_embeddings is the scaled length already (Llama-3.x)
+    return limit
+
+
+def position_note(cfg: Any, sample_lengths: Any) -> str | None:
+    """A warning when records of the training data (`sample_lengths`: each packed sample's tokens) are longer than
+    the positions the model was trained for; None when none is, or when that is unknown. Packed rows restart
+    positions at each record, so only the records' own lengths count, not max_seq_len."""
+    import numpy as np
+
+    lengths = np.asarray(sample_lengths)
+    limit = model_positions(cfg.model_path)
+    if limit is None or not lengths.size or int(lengths.max()) <= limit:
         return None
-    return (f"max_seq_len={cfg.max_seq_len} is longer than the {limit} positions {cfg.model_path} was trained for "
-            "(config.json max_position_embeddings, with any rope scaling): a record longer than that trains at "
-            "positions the model has never seen (rotary models extrapolate, which degrades quality; learned position "
-            f"embeddings fail with an index error). Pass max_seq_len={limit}, or give config.json a rope_scaling that covers it")
+    over, longest = int((lengths > limit).sum()), int(lengths.max())
+    prepared = (Path(str(cfg.data_path)) / "manifest.json").is_file()
+    fix = (f"prepare the data again with max_seq_len={limit}" if prepared else f"pass max_seq_len={limit}")
+    return (f"{over:,} record(s) of {cfg.data_path} are longer than the {limit:,} positions {cfg.model_path} was "
+            f"trained for (config.json max_position_embeddings, with its rope scaling), the longest "
+            f"{longest:,} tokens: they train at positions the model has never seen (rotary models "
+            "extrapolate, which degrades quality; learned position embeddings fail with an index error). To cut or "
+            f"drop them, {fix}; or train at a longer context with the rope scaling the model's card documents")
 
 
 def _target_issues(targets: tuple[str, ...] | str, model_dir: Path) -> list[str]:
