@@ -1,6 +1,7 @@
 """What `LoraSftConfig.validate()` checks against this machine and the model directory, before any data is prepared
 or any model loaded: options that need CUDA, logging integrations whose package is missing, a model that ships its
-own code, and `target_modules` the model does not have.
+own code, and `target_modules` the model does not have. Once the data is prepared, `position_note` warns of records
+longer than the positions the model was trained for.
 
 Cheap on purpose: torch is imported only when an option needs CUDA (and not at all with CUDA_VISIBLE_DEVICES=""),
 transformers never. The model's module names are read from its safetensors headers (a few KB per file):
