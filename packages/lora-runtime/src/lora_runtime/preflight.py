@@ -133,12 +133,9 @@ def mlflow_store_issues(cfg: Any) -> list[str]:
 def model_issues(cfg: Any) -> list[str]:
     """A local model dir whose config.json wants its own code, or that lacks a target module (hub ids: skipped)."""
     d = Path(str(cfg.model_path)).expanduser()
-    try:
-        model_config = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    model_config = _config_json(d / "config.json")
+    if model_config is None:
         return []  # not a local model dir (a hub id), or one the loader will report on
-    if not isinstance(model_config, dict):
-        return []
     issues = []
     if model_config.get("auto_map") and not cfg.trust_remote_code:
         issues.append(f"`model_path` {d}: config.json has auto_map (the model ships its own Python code), which is "
@@ -148,6 +145,15 @@ def model_issues(cfg: Any) -> list[str]:
     if cfg.target_modules is not None and cfg.target_modules != "all-linear":
         issues += _target_issues(cfg.target_modules, d)
     return issues
+
+
+def _config_json(path: Path) -> dict | None:
+    """A model's config.json as a dict; None where it is missing, unreadable or not an object."""
+    try:
+        model_config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return model_config if isinstance(model_config, dict) else None
 
 
 def model_positions(model_path: str) -> int | None:
@@ -167,11 +173,8 @@ def model_positions(model_path: str) -> int | None:
         if not isinstance(cached, str):
             return None
         path = Path(cached)
-    try:
-        model_config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(model_config, dict):
+    model_config = _config_json(path)
+    if model_config is None:
         return None
     text = model_config.get("text_config")
     c = text if isinstance(text, dict) else model_config
