@@ -92,7 +92,7 @@ def run(config: LoraSftConfig) -> TrainResult:
     from lora_runtime.checkpoint import output_lock
     from lora_runtime.compiled import choose_levers, prefers
     from lora_runtime.data import ensure_shards, open_datasets
-    from lora_runtime.distributed import check_launch, print0
+    from lora_runtime.distributed import check_launch, dist_env, print0
     from lora_runtime.loop import train
     from lora_runtime.preflight import position_note
     from lora_runtime.sharding import resolve_sharding
@@ -110,6 +110,6 @@ def run(config: LoraSftConfig) -> TrainResult:
                                          offload=config.activation_offload is True)
         plan = resolve(config, backend, rows=shards.manifest.rows)
         train_data, eval_data = open_datasets(config, shards, plan)
-        if note := position_note(config, train_data.reader.sample_lengths()):
-            print0(f"warning: {note}")
+        if dist_env().is_main and (note := position_note(config, train_data.reader.sample_lengths())):
+            print0(f"warning: {note}")  # read on the rank that prints it
         return train(config, plan, backend, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)
