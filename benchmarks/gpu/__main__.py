@@ -12,6 +12,8 @@ Scenarios: throughput, frontier, compiled, offload, startup, parity, kernels (on
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import threading
 from pathlib import Path
@@ -124,9 +126,6 @@ def main(argv: list[str] | None = None) -> None:
 def check_feed(data: Path) -> None:
     """Ours reads the shards in DATA, the peers read DATA/records.jsonl: the same token stream only while that file is
     the one every shard set was prepared from (its sha256 in their manifests). Refuses to run otherwise."""
-    import hashlib
-    import json
-
     records = data / "records.jsonl"
     if not records.is_file():
         return
