@@ -1,0 +1,114 @@
+"""lora_runtime.fused_lora: LoRA's B product folded into the base GEMM gives PEFT's losses and gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lora_runtime import fused_lora
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _model(dropout: float = 0.0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)
+    model = get_peft_model(LlamaForCausalLM(config).to(dtype),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS))
+    with torch.no_grad():  # B starts at zero: give it values so every LoRA weight gets a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    return model
+
+
+def _grads(model, steps: int = 2) -> list[dict]:
+    """LoRA gradients of `steps` passes, a step of SGD between them (the fused forward must read updated weights)."""
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    out = []
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        out.append({"loss": loss.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.requires_grad}})
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p -= 0.5 * p.grad
+    return out
+
+
+def _assert_close(got: list[dict], want: list[dict], tol: float) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for name in w:
+            scale = w[name].abs().max().item() or 1.0
+            assert (g[name] - w[name]).abs().max().item() <= tol * scale, name
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_folded_lora_trains_like_peft_in_fp32(compiled):
+    """The widening projections (gate, up) take the folded GEMM; losses and every LoRA gradient of two passes match
+    PEFT's to fp32 rounding, eager and with each layer traced by Dynamo (aot_eager: the joint graph Inductor gets)."""
+    plain = _model()
+    folded = copy.deepcopy(plain)
+    names = fused_lora.apply(folded)
+    assert [n.split("layers.")[1] for n in names] == ["0.mlp.gate_proj", "0.mlp.up_proj", "1.mlp.gate_proj",
+                                                      "1.mlp.up_proj"]
+    if compiled:
+        torch._dynamo.reset()
+        for layer in folded.base_model.model.model.layers:
+            layer.compile(backend="aot_eager", fullgraph=True)
+    _assert_close(_grads(folded), _grads(plain), 1e-5)
+
+
+def test_every_projection_can_be_folded_and_a_frozen_weight_gets_no_gradient():
+    plain = _model()
+    folded = copy.deepcopy(plain)
+    assert len(fused_lora.apply(folded, min_widening=0.0)) == 2 * len(TARGETS)
+    _assert_close(_grads(folded), _grads(plain), 1e-5)
+    assert all(p.grad is None for p in folded.parameters() if not p.requires_grad)
+
+
+def test_folded_lora_under_bf16_autocast_stays_within_bf16_of_peft():
+    """What the compiled path runs: bf16 base weights, fp32 adapters, bf16 autocast (PEFT's cast of the LoRA input
+    to fp32 off, as lora_runtime.compiled sets it)."""
+    plain = _model(dtype=torch.bfloat16)
+    for name, p in plain.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    for module in plain.modules():
+        if hasattr(module, "lora_A"):
+            module.cast_input_dtype_enabled = False
+    folded = copy.deepcopy(plain)
+    fused_lora.apply(folded)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = _grads(folded, steps=1), _grads(plain, steps=1)
+    assert abs(got[0]["loss"].item() - want[0]["loss"].item()) < 0.02
+    assert all(g.dtype == torch.float32 for n, g in got[0].items() if "lora_" in n)
+    _assert_close(got, want, 0.05)
+
+
+def test_dropout_disabled_adapters_and_merged_weights_run_pefts_own_forward():
+    """A module with LoRA dropout keeps PEFT's forward (the dropout mask applies to LoRA's input only); disabled
+    adapters give the base model's output, merged ones the merged model's."""
+    with_dropout = _model(dropout=0.1)
+    assert fused_lora.apply(with_dropout)  # qualifies by shape ...
+    gate = with_dropout.base_model.model.model.layers[0].mlp.gate_proj
+    x = torch.randn(3, 64)
+    with_dropout.eval()  # ... and with dropout in eval mode (Identity is not what PEFT holds) still PEFT's numbers
+    torch.testing.assert_close(gate(x), type(gate).forward(gate, x))
+
+    model = _model()
+    fused_lora.apply(model)
+    gate = model.base_model.model.model.layers[0].mlp.gate_proj
+    with model.disable_adapter():
+        torch.testing.assert_close(gate(x), gate.base_layer(x))
+    before = gate(x)
+    gate.merge()
+    torch.testing.assert_close(gate(x), before, atol=1e-5, rtol=1e-5)
