@@ -13,12 +13,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _model(dropout: float = 0.0, dtype: torch.dtype = torch.float32):
+def _model(dtype: torch.dtype = torch.float32, **lora: object):
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128)
     model = get_peft_model(LlamaForCausalLM(config).to(dtype),
-                           LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS))
+                           LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, **lora))
     with torch.no_grad():  # B starts at zero: give it values so every LoRA weight gets a gradient
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -75,13 +75,18 @@ def test_every_projection_can_be_folded_and_a_frozen_weight_gets_no_gradient():
     assert all(p.grad is None for p in folded.parameters() if not p.requires_grad)
 
 
-def test_folded_lora_under_bf16_autocast_stays_within_bf16_of_peft():
-    """What the compiled path runs: bf16 base weights, fp32 adapters, bf16 autocast (PEFT's cast of the LoRA input
-    to fp32 off, as lora_runtime.compiled sets it)."""
-    plain = _model(dtype=torch.bfloat16)
-    for name, p in plain.named_parameters():
+def _mixed(**lora: object):
+    """What the compiled path trains: bf16 base weights, fp32 adapters."""
+    model = _model(dtype=torch.bfloat16, **lora)
+    for name, p in model.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
+    return model
+
+
+def test_folded_lora_under_bf16_autocast_stays_within_bf16_of_peft():
+    """As lora_runtime.compiled runs it: bf16 autocast with PEFT's cast of the LoRA input to fp32 turned off."""
+    plain = _mixed()
     for module in plain.modules():
         if hasattr(module, "lora_A"):
             module.cast_input_dtype_enabled = False
@@ -94,15 +99,60 @@ def test_folded_lora_under_bf16_autocast_stays_within_bf16_of_peft():
     _assert_close(got, want, 0.05)
 
 
-def test_dropout_disabled_adapters_and_merged_weights_run_pefts_own_forward():
-    """A module with LoRA dropout keeps PEFT's forward (the dropout mask applies to LoRA's input only); disabled
-    adapters give the base model's output, merged ones the merged model's."""
-    with_dropout = _model(dropout=0.1)
-    assert fused_lora.apply(with_dropout)  # qualifies by shape ...
-    gate = with_dropout.base_model.model.model.layers[0].mlp.gate_proj
+def test_without_autocast_the_lora_input_is_cast_as_peft_casts_it():
+    """PEFT's default: no autocast, the bf16 input cast to the fp32 adapter for the LoRA branch."""
+    plain = _mixed()
+    folded = copy.deepcopy(plain)
+    fused_lora.apply(folded)
+    got, want = _grads(folded, steps=1), _grads(plain, steps=1)
+    assert got[0]["loss"].dtype == want[0]["loss"].dtype
+    _assert_close(got, want, 0.05)
+
+
+def _saved_bytes(model) -> int:
+    """Bytes the decoder layers, compiled by Inductor as the compiled path compiles them, keep for backward (the
+    storages their saved tensors hold, each counted once). Inductor's own graph passes are what could share one joined weight between the forward
+    and backward graphs: AOTAutograd's partitioner alone does not show it."""
+    torch._dynamo.reset()
+    for layer in model.base_model.model.model.layers:
+        layer.compile(fullgraph=True)
+    saved: dict = {}
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t)
+    with torch.autocast("cpu", dtype=torch.bfloat16), hooks:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return sum(saved.values())
+
+
+def test_compiled_layers_keep_no_more_for_backward_than_under_pefts_forward():
+    """No joined [W, B] (nor anything else) outlives the forward: the memory plan's per-token counts stay true."""
+    plain = _mixed()
+    for module in plain.modules():
+        if hasattr(module, "lora_A"):
+            module.cast_input_dtype_enabled = False
+    folded = copy.deepcopy(plain)
+    fused_lora.apply(folded)
+    assert _saved_bytes(folded) <= _saved_bytes(plain)
+
+
+def test_dropout_a_lora_bias_and_other_adapters_run_pefts_own_forward():
+    """A module with LoRA dropout keeps PEFT's forward (the mask applies to LoRA's input only), as one with a LoRA
+    bias does; disabled adapters give the base model's output, merged ones the merged model's."""
     x = torch.randn(3, 64)
-    with_dropout.eval()  # ... and with dropout in eval mode (Identity is not what PEFT holds) still PEFT's numbers
-    torch.testing.assert_close(gate(x), type(gate).forward(gate, x))
+    for lora in ({"lora_dropout": 0.5}, {"lora_bias": True}):
+        model = _model(**lora)
+        assert fused_lora.apply(model)  # qualifies by shape ...
+        model.train()
+        gate = model.base_model.model.model.layers[0].mlp.gate_proj
+        torch.manual_seed(5)
+        got = gate(x)
+        torch.manual_seed(5)
+        torch.testing.assert_close(got, type(gate).forward(gate, x))  # ... and still runs PEFT's forward
 
     model = _model()
     fused_lora.apply(model)
@@ -112,3 +162,12 @@ def test_dropout_disabled_adapters_and_merged_weights_run_pefts_own_forward():
     before = gate(x)
     gate.merge()
     torch.testing.assert_close(gate(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_only_plain_lora_linears_over_plain_linears_qualify():
+    from peft import AdaLoraConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)
+    adalora = get_peft_model(LlamaForCausalLM(config), AdaLoraConfig(r=8, target_modules=TARGETS, total_step=10))
+    assert fused_lora.apply(adalora) == []

@@ -4,13 +4,14 @@
 
 one GEMM over K = in + r writes y once. PEFT's forward writes the base output and the LoRA output (each tokens ×
 out) and a pointwise kernel reads both back to add them; for an MLP's gate and up (out = 4-6 × in) those two extra
-passes over tokens × intermediate are most of the memory traffic of the SwiGLU kernels. The backward is its own:
-grad [x, s x A^T] = grad_y @ [W, B] (one GEMM), grad B = grad_y^T @ (s x A^T); no gradient of W is formed and x is
-not kept (LoRA A keeps it for its own gradient). The concatenated input costs a copy of x (in wide), which is why a
-projection qualifies only where out ≥ `MIN_WIDENING` × in.
+passes over tokens × intermediate are most of the memory traffic of the SwiGLU kernels. LoRA A runs inside the same
+autograd Function, whose backward is its own: no gradient of W is formed, and a layer keeps for backward what it
+keeps under PEFT's forward (x, which LoRA A's gradient needs anyway). The joined input costs a copy of x (in wide),
+which is why a projection qualifies only where out ≥ `MIN_WIDENING` × in.
 
 Plain PyTorch: `apply` swaps the forward of qualifying PEFT `lora.Linear` modules; a module with dropout, a LoRA
-variant (DoRA), several active adapters, or merged/disabled adapters runs PEFT's own forward.
+variant (DoRA), a LoRA bias, a trainable base bias, several active adapters, merged or disabled adapters, or, without
+autocast, an adapter of another dtype than its input (PEFT casts the input to it) runs PEFT's own forward.
 """
 
 from __future__ import annotations
@@ -24,50 +25,73 @@ import torch.nn.functional as F
 MIN_WIDENING = 2.0  # out_features / in_features at which the copy of x costs less than the two passes saved
 
 
-class _ConcatLinear(torch.autograd.Function):
-    """y = [x, xa] @ [W, B]^T with W frozen: gradients for x, xa and B only."""
+class _FoldedLora(torch.autograd.Function):
+    """y = [x, s x A^T] @ [W, B]^T + bias in `dtype` with W and bias frozen: gradients for x, A and B. It keeps x
+    and the weights alone (x A^T is recomputed in backward, a GEMM of rank r): a kept x A^T would be, under
+    Inductor, a view of the joined input, and would keep that whole copy of x until backward. The backward runs
+    grad @ W and grad @ B apart, not one GEMM over the joined weight, which one compiled graph would share with the
+    forward's and keep too."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor,
-                lora_b: torch.Tensor) -> torch.Tensor:
-        dtype = weight.dtype
-        ctx.save_for_backward(xa, weight, lora_b)
-        ctx.in_features = x.shape[-1]
-        return F.linear(torch.cat([x.to(dtype), xa.to(dtype)], -1), torch.cat([weight, lora_b.to(dtype)], 1))
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        ctx.scale, ctx.dtype = scale, dtype
+        x = x.to(dtype)
+        xa = F.linear(x, lora_a.to(dtype)) * scale
+        return F.linear(torch.cat([x, xa], -1), torch.cat([weight.to(dtype), lora_b.to(dtype)], 1),
+                        None if bias is None else bias.to(dtype))
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, torch.Tensor]:
-        xa, weight, lora_b = ctx.saved_tensors
-        dtype = weight.dtype
-        grad = grad.to(dtype)
-        grad_in = grad @ torch.cat([weight, lora_b.to(dtype)], 1)
-        grad_x, grad_xa = grad_in.split([ctx.in_features, grad_in.shape[-1] - ctx.in_features], -1)
-        grad_b = grad.reshape(-1, grad.shape[-1]).t() @ xa.reshape(-1, xa.shape[-1]).to(dtype)
-        return grad_x, grad_xa.to(xa.dtype), None, grad_b.to(lora_b.dtype)
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        dtype, scale = ctx.dtype, ctx.scale
+        grad, x, a = grad.to(dtype), x.to(dtype), lora_a.to(dtype)
+        rows = grad.reshape(-1, grad.shape[-1])
+        flat_x = x.reshape(-1, x.shape[-1])
+        grad_xa = (grad @ lora_b.to(dtype)) * scale  # the gradient of x A^T
+        grad_b = rows.t() @ (F.linear(flat_x, a) * scale)
+        grad_a = grad_xa.reshape(-1, grad_xa.shape[-1]).t() @ flat_x
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight.to(dtype) + grad_xa @ a).to(ctx.saved_tensors[0].dtype)
+        return grad_x, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None
 
 
-def concat_linear(x: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """[x, xa] @ [weight, lora_b]^T, in `weight`'s dtype, without a gradient for `weight`."""
-    with torch.autocast(x.device.type, enabled=False):
-        return _ConcatLinear.apply(x, xa, weight, lora_b)
+def folded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """x W^T + bias + scale (x A^T) B^T as one GEMM over [x, scale x A^T], without gradients for `weight` or
+    `bias`: in autocast's dtype where it is on (as F.linear would run), else in `weight`'s."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    with torch.autocast(device, enabled=False):
+        return _FoldedLora.apply(x, weight, bias, lora_a, lora_b, scale, dtype)
 
 
 def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     adapters = [a for a in self.active_adapters if a in self.lora_A]
-    if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1 or adapters[0] in self.lora_variant
-            or not isinstance(self.lora_dropout[adapters[0]], torch.nn.Identity)
-            or getattr(self.base_layer, "bias", None) is not None):
+    name = adapters[0] if len(adapters) == 1 else None
+    bias = self.base_layer.bias
+    device = x.device.type
+    if (args or kwargs or self.disable_adapters or self.merged or name is None or name in self.lora_variant
+            or not isinstance(self.lora_dropout[name], torch.nn.Identity)
+            or self.lora_B[name].bias is not None or (bias is not None and bias.requires_grad)
+            or not (torch.is_autocast_enabled(device) or self.lora_A[name].weight.dtype == x.dtype)):
+        # (without autocast, PEFT runs LoRA in the adapter's dtype where it differs from the input's)
         return type(self).forward(self, x, *args, **kwargs)
-    name = adapters[0]
-    xa = self.lora_A[name](x) * self.scaling[name]  # under autocast: bf16 on the fp32 adapter
-    return concat_linear(x, xa, self.base_layer.weight, self.lora_B[name].weight)
+    return folded_linear(x, self.base_layer.weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                         self.scaling[name])
 
 
 def qualifies(module: Any, min_widening: float = MIN_WIDENING) -> bool:
-    base = getattr(module, "base_layer", None)
-    weight = getattr(base, "weight", None)
-    return (hasattr(module, "lora_A") and isinstance(base, torch.nn.Linear) and weight is not None
-            and weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    """A PEFT LoRA `Linear` over a plain `nn.Linear` (not a quantized or otherwise wrapped one) whose output is at
+    least `min_widening` × its input."""
+    from peft.tuners.lora.layer import Linear
+
+    if type(module) is not Linear or type(module.base_layer) is not torch.nn.Linear:
+        return False
+    weight = module.base_layer.weight
+    return (type(weight) is torch.nn.Parameter and weight.dtype.is_floating_point
             and weight.shape[0] >= min_widening * weight.shape[1])
 
 
@@ -76,7 +100,7 @@ def apply(model: Any, min_widening: float = MIN_WIDENING) -> list[str]:
     their names."""
     names = []
     for name, module in model.named_modules():
-        if qualifies(module, min_widening):
+        if qualifies(module, min_widening) and "forward" not in module.__dict__:  # not over another instance forward
             module.forward = types.MethodType(_forward, module)
             names.append(name)
     return names
