@@ -36,7 +36,7 @@ class _FoldedLora(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
         ctx.save_for_backward(x, weight, lora_a, lora_b)
-        ctx.scale, ctx.dtype = scale, dtype
+        ctx.scale, ctx.dtype, ctx.x_dtype = scale, dtype, x.dtype
         x = x.to(dtype)
         xa = F.linear(x, lora_a.to(dtype)) * scale
         return F.linear(torch.cat([x, xa], -1), torch.cat([weight.to(dtype), lora_b.to(dtype)], 1),
@@ -54,7 +54,7 @@ class _FoldedLora(torch.autograd.Function):
         grad_a = grad_xa.reshape(-1, grad_xa.shape[-1]).t() @ flat_x
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight.to(dtype) + grad_xa @ a).to(ctx.saved_tensors[0].dtype)
+            grad_x = (grad @ weight.to(dtype) + grad_xa @ a).to(ctx.x_dtype)
         return grad_x, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None
 
 
