@@ -480,14 +480,14 @@ def test_kernels_compile_that_cannot_run_is_refused_before_any_data_work(tmp_pat
 @pytest.mark.parametrize("recompute", [False, True, "pointwise", "most"])
 def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch, capsys, recompute):
     """The whole compiled path through the peft backend on a CPU, fp32: load (registered attention, chunked loss),
-    add_lora (boundaries hook, layers compiled, with and without recomputation), a pass, a step of SGD, a second
-    pass (the compiled layers read the updated weights) and an evaluation give the plain path's losses and LoRA
-    gradients (those of the second pass within the rounding one step apart leaves). Dynamo traces every layer (aot_eager: no code generation, so it stays fast); the
-    flash kernel is the per-sample SDPA reference. "pointwise": no layer checkpointed, each layer's pointwise work
-    recomputed by the partitioner (aot_eager partitions as Inductor does), which must keep at least
-    `pointwise_bytes_per_token` a token and layer less (fp32 here: twice that) for the same numbers. "most": all but
-    attention recomputed, the layers keeping less again: under 60% of what they keep without it (the reference
-    attention's own tensors stay)."""
+    add_lora (boundaries hook, LoRA B folded into gate and up, layers compiled, with and without recomputation), a
+    pass, a step of SGD, a second pass (the compiled layers read the updated weights) and an evaluation give the plain
+    path's losses and LoRA gradients (those of the second pass within the rounding one step apart leaves). Dynamo
+    traces every layer (aot_eager: no code generation, so it stays fast); the flash kernel is the per-sample SDPA
+    reference. "pointwise": no layer checkpointed, each layer's pointwise work recomputed by the partitioner
+    (aot_eager partitions as Inductor does), which must keep at least `pointwise_bytes_per_token` a token and layer
+    less (fp32 here: twice that) for the same numbers. "most": all but attention recomputed, the layers keeping less
+    again: under 60% of what they keep without it (the reference attention's own tensors stay)."""
     import torch._functorch.config
     from lora_runtime.backends.peft import PeftBackend
     from lora_runtime.batching import fixed_plan, pointwise_bytes_per_token
@@ -553,6 +553,7 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
     traced = counters["stats"]["unique_graphs"]  # without CUDA
     log = capsys.readouterr().out
     assert "chunked loss" in log and "2 decoder layers compiled" in log and traced >= 2  # training and evaluation
+    assert "LoRA B folded into the GEMM of 4 widening projections" in log  # gate and up (intermediate = 2 × hidden)
     # no layer recomputed: CUDA graphs asked for, the boundaries padded with empty samples (the same numbers)
     assert ("each replaying CUDA graphs" in log) == (recompute is False)
     if level != "off":

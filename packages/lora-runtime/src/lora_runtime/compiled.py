@@ -1,20 +1,23 @@
 """The compiled path of the peft backend (`kernels="compile"`): transformers + PEFT with the host's work per layer
 taken out, for CUDA GPUs with FlashAttention-2 (compute capability 8.0+) and bf16.
 
-Four parts, each plain PyTorch:
+Five parts, each plain PyTorch:
 - every decoder layer is compiled on its own (`torch.compile`, one graph shared by all layers): Inductor fuses the
   RMSNorms, RoPE, SwiGLU and LoRA's scale-and-add, and a layer's forward and backward are each one call from Python;
 - packed rows are flattened to one padding-free row and attend per sample through aten's FlashAttention-2 varlen
   kernel (`lora_runtime.attention`), the boundaries taken from the collator on the host;
 - the loss is `lora_runtime.chunked_loss`: no [tokens, vocab] logits and no device-to-host sync in a step;
 - the LoRA matmuls run in bf16 under autocast on fp32 adapter weights (PEFT would cast each activation to fp32
-  first: fp32 matmuls without tensor cores, about a quarter of the GPU time of a step).
+  first: fp32 matmuls without tensor cores, about a quarter of the GPU time of a step);
+- LoRA's B product is folded into the base GEMM of the widening projections, gate and up (`lora_runtime.fused_lora`):
+  no tokens × intermediate LoRA outputs written and read back (without the Trainer on one H100, 16 rows a pass ran
+  64.0k tokens/s against 60.0k, 4 rows 59.2k against 55.9k; folding every projection, 62.0k).
 
 Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048; benchmarks/RESULTS.md, scenarios `compiled-parts` and
 `compiled`): without the Trainer, 2 rows a pass ran 34.3k tokens/s (16.5k without compilation), 16 rows 60.0k.
-Through `lora_sft` on one H100 (`frontier`): 46.1k with micro_batch_size=2 (with CUDA graphs, which
-`cuda_graphs="auto"` turns on for such small passes), 56.2k on the whole card (16 rows a pass), 1.50× the Unsloth
-hand loop in the same run, 53.2k under 24 GiB and 53.3k under 16 GiB.
+Through `lora_sft` on one H100 (`frontier`): 52.8k with micro_batch_size=2 (with CUDA graphs, which
+`cuda_graphs="auto"` turns on for such small passes), 60.3k on the whole card (16 rows a pass), 1.61× the Unsloth
+hand loop in the same run (37.6k), 57.4k under 24 GiB and 56.6k under 16 GiB.
 Checkpointing whole layers costs this path more than Unsloth (8 rows, every layer recomputed: 33.2k on the H200), so
 `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS` without checkpointing, and
 Unsloth below that (`prefers`). `selective_recompute` lowers the partitioner's activation memory budget
@@ -23,8 +26,8 @@ pointwise work, keeping about a third less, no matmul recomputed (read from the 
 but attention, keeping about a tenth (on one H100 without the Trainer, 4 rows a pass ran 47.8k tokens/s at a
 6.8 GiB peak, 8 rows checkpointing every layer 43.1k at 7.05 GiB). "auto" turns on the first of `choose_levers`'s
 rungs with which a large pass fits. Under 8 GiB that is "most" with 27 of 28 layers' few saved tensors offloaded, 6
-rows a pass: 46.1k tokens/s on the H100, 1.24× the Unsloth loop under the same cap in the same run (37.1k); the
-Llama-3.1-8B shape at 8,192 tokens under 24 GiB, "most" with 18 of 32 layers offloaded: 12.3k, 1.28× (9.5k).
+rows a pass: 48.3k tokens/s on the H100, 1.30× the Unsloth loop under the same cap in the same run (37.1k); the
+Llama-3.1-8B shape at 8,192 tokens under 24 GiB, "most" with 18 of 32 layers offloaded: 12.6k, 1.33× (9.5k).
 Compilation adds 10-30 s to the first steps; the layers
 compile again for the first layer (its input needs no gradient), when the number of packed samples first changes
 (then with a dynamic size), and when evaluation first runs.
@@ -383,16 +386,20 @@ GRAPH_SAMPLES_PER_ROW = 8
 
 
 def finish(model: Any, selective_recompute: str = "off", cuda_graphs: bool = False) -> str:
-    """After LoRA and checkpointing are set: LoRA inputs stay bf16 (autocast runs the matmuls on the fp32 adapters)
-    and every decoder layer is compiled; with a `selective_recompute` level by `recompute_backend` (the
+    """After LoRA and checkpointing are set: LoRA inputs stay bf16 (autocast runs the matmuls on the fp32 adapters),
+    LoRA B is folded into the base GEMM of the widening projections (`fused_lora`) and every decoder layer is
+    compiled; with a `selective_recompute` level by `recompute_backend` (the
     partitioner's activation memory budget for these layers' graphs only); with `cuda_graphs`, in Inductor's
     reduce-overhead mode (CUDA graph trees: each layer's kernels launched as one graph). Returns the log's words."""
     import torch._dynamo
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from lora_runtime import fused_lora
+
     for module in model.modules():
         if hasattr(module, "lora_A"):
             module.cast_input_dtype_enabled = False
+    folded = fused_lora.apply(model)
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     # every layer shares one compiled code object; its variants (first layer without input gradient, training and
     # evaluation, recomputed or not, a pass of another shape) must stay under the limit or layers fall back to eager
@@ -400,6 +407,8 @@ def finish(model: Any, selective_recompute: str = "off", cuda_graphs: bool = Fal
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 32))
     words = f"{len(layers)} decoder layers compiled"
+    if folded:
+        words += f", LoRA B folded into the GEMM of {len(folded)} widening projections"
     options: dict[str, Any] = {}
     if selective_recompute in LEVEL_BUDGETS:
         grouped_query_flop_counts()  # the budget's solver counts each op's flops
