@@ -51,8 +51,22 @@ def _assert_close(got: list[dict], want: list[dict], tol: float) -> None:
             assert (g[name] - w[name]).abs().max().item() <= tol * scale, name
 
 
+@pytest.fixture
+def folds(monkeypatch) -> list:
+    """Counts the folded GEMMs run (traced, under torch.compile): a fallback to PEFT's forward counts none."""
+    calls: list = []
+    folded = fused_lora.folded_linear
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return folded(*args, **kwargs)
+
+    monkeypatch.setattr(fused_lora, "folded_linear", spy)
+    return calls
+
+
 @pytest.mark.parametrize("compiled", [False, True])
-def test_folded_lora_trains_like_peft_in_fp32(compiled):
+def test_folded_lora_trains_like_peft_in_fp32(compiled, folds):
     """The widening projections (gate, up) take the folded GEMM; losses and every LoRA gradient of two passes match
     PEFT's to fp32 rounding, eager and with each layer traced by Dynamo (aot_eager: the joint graph Inductor gets)."""
     plain = _model()
@@ -65,13 +79,15 @@ def test_folded_lora_trains_like_peft_in_fp32(compiled):
         for layer in folded.base_model.model.model.layers:
             layer.compile(backend="aot_eager", fullgraph=True)
     _assert_close(_grads(folded), _grads(plain), 1e-5)
+    assert len(folds) >= (2 if compiled else 2 * 4)  # traced once per layer variant, or every call of 2 passes
 
 
-def test_every_projection_can_be_folded_and_a_frozen_weight_gets_no_gradient():
+def test_every_projection_can_be_folded_and_a_frozen_weight_gets_no_gradient(folds):
     plain = _model()
     folded = copy.deepcopy(plain)
     assert len(fused_lora.apply(folded, min_widening=0.0)) == 2 * len(TARGETS)
     _assert_close(_grads(folded), _grads(plain), 1e-5)
+    assert len(folds) == 2 * 2 * len(TARGETS)  # 2 passes, every projection of 2 layers
     assert all(p.grad is None for p in folded.parameters() if not p.requires_grad)
 
 
@@ -84,7 +100,7 @@ def _mixed(**lora: object):
     return model
 
 
-def test_folded_lora_under_bf16_autocast_stays_within_bf16_of_peft():
+def test_folded_lora_under_bf16_autocast_stays_within_bf16_of_peft(folds):
     """As lora_runtime.compiled runs it: bf16 autocast with PEFT's cast of the LoRA input to fp32 turned off."""
     plain = _mixed()
     for module in plain.modules():
@@ -97,6 +113,7 @@ def test_folded_lora_under_bf16_autocast_stays_within_bf16_of_peft():
     assert abs(got[0]["loss"].item() - want[0]["loss"].item()) < 0.02
     assert all(g.dtype == torch.float32 for n, g in got[0].items() if "lora_" in n)
     _assert_close(got, want, 0.05)
+    assert len(folds) == 4
 
 
 def test_without_autocast_the_lora_input_is_cast_as_peft_casts_it():
@@ -140,34 +157,53 @@ def test_compiled_layers_keep_no_more_for_backward_than_under_pefts_forward():
     assert _saved_bytes(folded) <= _saved_bytes(plain)
 
 
-def test_dropout_a_lora_bias_and_other_adapters_run_pefts_own_forward():
-    """A module with LoRA dropout keeps PEFT's forward (the mask applies to LoRA's input only), as one with a LoRA
-    bias does; disabled adapters give the base model's output, merged ones the merged model's."""
+def test_dropout_a_lora_bias_and_other_adapters_run_pefts_own_forward(folds):
+    """LoRA dropout (applied to LoRA's input alone) leaves a module unfolded; a LoRA bias keeps PEFT's forward at
+    the call; disabled adapters give the base model's output, merged ones the merged model's."""
     x = torch.randn(3, 64)
-    for lora in ({"lora_dropout": 0.5}, {"lora_bias": True}):
-        model = _model(**lora)
-        assert fused_lora.apply(model)  # qualifies by shape ...
-        model.train()
-        gate = model.base_model.model.model.layers[0].mlp.gate_proj
-        torch.manual_seed(5)
-        got = gate(x)
-        torch.manual_seed(5)
-        torch.testing.assert_close(got, type(gate).forward(gate, x))  # ... and still runs PEFT's forward
+    assert fused_lora.apply(_model(lora_dropout=0.5)) == []
+    model = _model(lora_bias=True)
+    assert fused_lora.apply(model)  # qualifies by shape ...
+    model.train()
+    gate = model.base_model.model.model.layers[0].mlp.gate_proj
+    torch.testing.assert_close(gate(x), type(gate).forward(gate, x))  # ... and still runs PEFT's forward
+    assert folds == []
 
     model = _model()
     fused_lora.apply(model)
     gate = model.base_model.model.model.layers[0].mlp.gate_proj
     with model.disable_adapter():
         torch.testing.assert_close(gate(x), gate.base_layer(x))
+    assert folds == []
     before = gate(x)
+    assert len(folds) == 1
     gate.merge()
     torch.testing.assert_close(gate(x), before, atol=1e-5, rtol=1e-5)
+    assert len(folds) == 1
 
 
-def test_only_plain_lora_linears_over_plain_linears_qualify():
+def test_only_plain_lora_linears_over_plain_unhooked_linears_qualify():
+    """The folded forward reads the base weight and skips the base layer's forward: a subclass of either (quantized
+    or wrapped layers), a hooked base layer, or another tuner's layer keeps PEFT's forward."""
     from peft import AdaLoraConfig
+    from peft.tuners.lora.layer import Linear
 
     config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128)
     adalora = get_peft_model(LlamaForCausalLM(config), AdaLoraConfig(r=8, target_modules=TARGETS, total_step=10))
     assert fused_lora.apply(adalora) == []
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    class OtherLora(Linear):
+        pass
+
+    model = _model()
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert fused_lora.qualifies(mlp.gate_proj) and fused_lora.qualifies(mlp.up_proj)
+    mlp.gate_proj.base_layer.__class__ = Wrapped
+    mlp.up_proj.__class__ = OtherLora
+    handle = model.base_model.model.model.layers[1].mlp.gate_proj.base_layer.register_forward_hook(lambda *a: None)
+    assert [n.split("layers.")[1] for n in fused_lora.apply(model)] == ["1.mlp.up_proj"]
+    handle.remove()

@@ -288,13 +288,16 @@ POINTWISE_TOKEN_COST = 1.03
 # out of memory above 7.6 GiB, where 1 layer's worth estimated 6.4).
 COMPILED_WORKING_SCALE = 2.0
 # selective_recompute="most" (compiled.LEVEL_BUDGETS): a layer's backward recomputes its projections, RoPE and
-# pointwise work in one compiled graph; with its recomputed activations and their gradients it holds about 3 layers'
-# worth at once (Qwen2.5-1.5B shape, without the Trainer: 4 rows peaked at 6.78 GiB on an H100, 6 rows at 8.59 on an
-# H200; at budget 0, where a layer keeps 3 kB a token, 8 and 16 rows peaked at 7.87 and 12.59 GiB: 200 kB a token
-# beyond what the layers keep). Its GPU time a token against a pass without recomputation: on the H200, 6 rows ran
+# pointwise work in one compiled graph; with its recomputed activations and their gradients it holds about 2 layers'
+# worth at once with LoRA B folded into gate and up (lora_runtime.fused_lora: no LoRA outputs as wide as the MLP among
+# them). Through lora_sft on one H100, measured peak against this estimate: Qwen2.5-1.5B shape, 6 rows with 27 layers
+# offloaded, 5.13 / 5.59 GiB; Llama-3.1-8B shape, one row of 8,192 with 18 layers offloaded, 19.85 / 20.07. Before the
+# fold the same runs peaked at 5.95 and 20.72 GiB, about 3 layers' worth (without the Trainer, 4 rows 6.78 GiB on an
+# H100, 6 rows 8.59 on an H200; at budget 0, where a layer keeps 3 kB a token, 8 and 16 rows 7.87 and 12.59 GiB: 200
+# kB a token beyond what the layers keep). Its GPU time a token against a pass without recomputation: on the H200, 6 rows ran
 # 53.7k tokens/s, 4 rows without recomputation 61.7k (benchmarks/RESULTS.md, compiled-parts): 1.15, a lower bound
 # (6 rows without recomputation would run a little faster than 4).
-MOST_WORKING_SCALE = 3.0
+MOST_WORKING_SCALE = 2.0
 MOST_TOKEN_COST = 1.15
 
 
@@ -319,8 +322,8 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, level: str = 
     2 rows 12.8 / 12.8 GiB, 4 rows 20.7 / 20.8, 16 rows 68.7 / 68.8, all without recomputation. With the chunked
     loss's Triton kernel (2 bytes a logit of a chunk, not 8), on an H100: 4 rows 19.6 / 19.7, 16 rows 68.7 / 67.8,
     4 rows with pointwise recompute and 4 layers offloaded 13.6 / 13.8, 8 rows recomputing every layer 7.05 / 7.3,
-    4 rows with `level="most"` 6.78 / 6.7; on an H200, 6 rows with "most" 8.59 / 8.2, and through lora_sft with 27
-    layers offloaded 6.0 / 6.45.
+    4 rows with `level="most"` 6.78 / 6.7 and on an H200 6 rows 8.59 / 8.2 (both before LoRA B was folded: with
+    `MOST_WORKING_SCALE` then at 3); with the fold, through lora_sft with 27 layers offloaded, 5.13 / 5.59.
     `level` (selective_recompute): "pointwise", each layer recomputes its pointwise work (`pointwise_bytes_per_token`
     less kept, `POINTWISE_TOKEN_COST`); "most", it keeps `most_bytes_per_token` and its backward holds
     `MOST_WORKING_SCALE` layers' activations while it recomputes the rest (`MOST_TOKEN_COST`), with checkpointing

@@ -53,12 +53,14 @@ class _FoldedLora(torch.autograd.Function):
         rows = grad.reshape(-1, grad.shape[-1])
         flat_x = x.reshape(-1, x.shape[-1])
         grad_xa = (grad @ lora_b.to(dtype)) * scale  # the gradient of x A^T
-        grad_b = rows.t() @ (F.linear(flat_x, a) * scale)
-        grad_a = grad_xa.reshape(-1, grad_xa.shape[-1]).t() @ flat_x
-        grad_x = None
+        grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad @ weight.to(dtype) + grad_xa @ a).to(ctx.x_dtype)
-        return grad_x, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None
+        if ctx.needs_input_grad[3]:
+            grad_a = (grad_xa.reshape(-1, grad_xa.shape[-1]).t() @ flat_x).to(lora_a.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = (rows.t() @ (F.linear(flat_x, a) * scale)).to(lora_b.dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 def folded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -87,13 +89,19 @@ def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Ten
 
 
 def qualifies(module: Any, min_widening: float = MIN_WIDENING) -> bool:
-    """A PEFT LoRA `Linear` over a plain `nn.Linear` (not a quantized or otherwise wrapped one) whose output is at
-    least `min_widening` × its input."""
+    """A PEFT LoRA `Linear` without dropout over a plain `nn.Linear` (not a quantized, otherwise wrapped or hooked
+    one: the folded forward reads its weight and skips its forward) whose output is at least `min_widening` × its
+    input."""
     from peft.tuners.lora.layer import Linear
 
     if type(module) is not Linear or type(module.base_layer) is not torch.nn.Linear:
         return False
-    weight = module.base_layer.weight
+    base = module.base_layer
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        return False
+    if not all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values()):
+        return False  # PEFT's forward applies the dropout to LoRA's input alone
+    weight = base.weight
     return (type(weight) is torch.nn.Parameter and weight.dtype.is_floating_point
             and weight.shape[0] >= min_widening * weight.shape[1])
 
