@@ -100,14 +100,21 @@ def _mixed(**lora: object):
     return model
 
 
-def test_folded_lora_under_bf16_autocast_stays_within_bf16_of_peft(folds):
-    """As lora_runtime.compiled runs it: bf16 autocast with PEFT's cast of the LoRA input to fp32 turned off."""
+def _as_compiled():
+    """(PEFT's model, a copy folded) as lora_runtime.compiled runs them: PEFT's cast of the LoRA input to the fp32
+    adapter turned off (bf16 autocast casts)."""
     plain = _mixed()
     for module in plain.modules():
         if hasattr(module, "lora_A"):
             module.cast_input_dtype_enabled = False
     folded = copy.deepcopy(plain)
     fused_lora.apply(folded)
+    return plain, folded
+
+
+def test_folded_lora_under_bf16_autocast_stays_within_bf16_of_peft(folds):
+    """As lora_runtime.compiled runs it: bf16 autocast with PEFT's cast of the LoRA input to fp32 turned off."""
+    plain, folded = _as_compiled()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = _grads(folded, steps=1), _grads(plain, steps=1)
     assert abs(got[0]["loss"].item() - want[0]["loss"].item()) < 0.02
@@ -148,12 +155,7 @@ def _saved_bytes(model) -> int:
 
 def test_compiled_layers_keep_no_more_for_backward_than_under_pefts_forward():
     """No joined [W, B] (nor anything else) outlives the forward: the memory plan's per-token counts stay true."""
-    plain = _mixed()
-    for module in plain.modules():
-        if hasattr(module, "lora_A"):
-            module.cast_input_dtype_enabled = False
-    folded = copy.deepcopy(plain)
-    fused_lora.apply(folded)
+    plain, folded = _as_compiled()
     assert _saved_bytes(folded) <= _saved_bytes(plain)
 
 
@@ -162,7 +164,8 @@ def test_dropout_a_lora_bias_and_other_adapters_run_pefts_own_forward(folds):
     the call; disabled adapters give the base model's output, merged ones the merged model's."""
     x = torch.randn(3, 64)
     assert fused_lora.apply(_model(lora_dropout=0.5)) == []
-    model = _model(lora_bias=True)
+    with pytest.warns(Warning, match="lora_bias=True"):  # PEFT's: a base layer without a bias cannot merge it
+        model = _model(lora_bias=True)
     assert fused_lora.apply(model)  # qualifies by shape ...
     model.train()
     gate = model.base_model.model.model.layers[0].mlp.gate_proj
