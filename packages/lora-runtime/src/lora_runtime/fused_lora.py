@@ -9,9 +9,10 @@ autograd Function, whose backward is its own: no gradient of W is formed, and a 
 keeps under PEFT's forward (x, which LoRA A's gradient needs anyway). The joined input costs a copy of x (in wide),
 which is why a projection qualifies only where out ≥ `MIN_WIDENING` × in.
 
-Plain PyTorch: `apply` swaps the forward of qualifying PEFT `lora.Linear` modules; a module with dropout, a LoRA
-variant (DoRA), a LoRA bias, a trainable base bias, several active adapters, merged or disabled adapters, or, without
-autocast, an adapter of another dtype than its input (PEFT casts the input to it) runs PEFT's own forward.
+Plain PyTorch: `apply` swaps the forward of qualifying PEFT `lora.Linear` modules (`qualifies`: not those with LoRA
+dropout, nor over a wrapped or hooked base layer). At a call, a LoRA variant (DoRA), a LoRA bias, a trainable base
+bias, several active adapters, merged or disabled adapters, or, without autocast, an adapter of another dtype than
+its input (PEFT casts the input to it) runs PEFT's own forward.
 """
 
 from __future__ import annotations
