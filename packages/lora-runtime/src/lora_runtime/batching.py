@@ -294,9 +294,9 @@ COMPILED_WORKING_SCALE = 2.0
 # offloaded, 5.13 / 5.59 GiB; Llama-3.1-8B shape, one row of 8,192 with 18 layers offloaded, 19.85 / 20.07. Before the
 # fold the same runs peaked at 5.95 and 20.72 GiB, about 3 layers' worth (without the Trainer, 4 rows 6.78 GiB on an
 # H100, 6 rows 8.59 on an H200; at budget 0, where a layer keeps 3 kB a token, 8 and 16 rows 7.87 and 12.59 GiB: 200
-# kB a token beyond what the layers keep). Its GPU time a token against a pass without recomputation: on the H200, 6 rows ran
-# 53.7k tokens/s, 4 rows without recomputation 61.7k (benchmarks/RESULTS.md, compiled-parts): 1.15, a lower bound
-# (6 rows without recomputation would run a little faster than 4).
+# kB a token beyond what the layers keep). Its GPU time a token against a pass without recomputation: on the H200,
+# 6 rows ran 53.7k tokens/s, 4 rows without recomputation 61.7k (benchmarks/RESULTS.md, compiled-parts): 1.15, a
+# lower bound (6 rows without recomputation would run a little faster than 4).
 MOST_WORKING_SCALE = 2.0
 MOST_TOKEN_COST = 1.15
 
