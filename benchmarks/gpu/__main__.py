@@ -12,11 +12,12 @@ Scenarios: throughput, frontier, compiled, offload, startup, parity, kernels (on
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import threading
 from pathlib import Path
+
+from lora_data.rows import source_sha256
 
 from benchmarks.gpu import report, rows, scenarios, scenarios_multi, sides
 from benchmarks.gpu.runner import Session
@@ -129,7 +130,7 @@ def check_feed(data: Path) -> None:
     records = data / "records.jsonl"
     if not records.is_file():
         return
-    digest = hashlib.sha256(records.read_bytes()).hexdigest()
+    digest = source_sha256(records)  # as prepare wrote it into the manifests
     for manifest in sorted(data.glob("shards_*/manifest.json")):
         sources = json.loads(manifest.read_text()).get("sources") or []
         theirs = [s.get("sha256") for s in sources if Path(str(s.get("path", ""))).name == records.name]
