@@ -194,13 +194,14 @@ def position_note(cfg: Any, sample_lengths: Any) -> str | None:
     the positions the model was trained for; None when none is, or when that is unknown. Packed rows restart
     positions at each record, so only the records' own lengths count, not max_seq_len."""
     import numpy as np
+    from lora_data import MANIFEST_NAME
 
     lengths = np.asarray(sample_lengths)
     limit = model_positions(cfg.model_path)
     if limit is None or not lengths.size or int(lengths.max()) <= limit:
         return None
     over, longest = int((lengths > limit).sum()), int(lengths.max())
-    prepared = (Path(str(cfg.data_path)) / "manifest.json").is_file()
+    prepared = (Path(str(cfg.data_path)) / MANIFEST_NAME).is_file()
     fix = (f"prepare the data again with max_seq_len={limit}" if prepared else f"pass max_seq_len={limit}")
     return (f"{over:,} record(s) of {cfg.data_path} are longer than the {limit:,} positions {cfg.model_path} was "
             f"trained for (config.json max_position_embeddings, with its rope scaling), the longest "
