@@ -65,7 +65,7 @@ def parse(name: str) -> dict:
             "activation_budget": act[0] if act else 1.0, "offload": "off" in parts, "cpp": "cpp" in parts,
             "skip_guards": "sg" in parts, "cudagraphs": "cg" in parts,
             "offloaded_layers": offloaded[0] if offloaded else 0,
-            "fuse_lora": 0.0 if "fl0" in parts else 2.0 if "fl" in parts else None}
+            "fuse_lora": "all" if "fl0" in parts else "widening" if "fl" in parts else None}
 
 
 def partitioner(v: dict) -> dict:
@@ -108,7 +108,7 @@ def build(model_dir: str, v: dict):
     if v["fuse_lora"] is not None:
         from lora_runtime import fused_lora
 
-        fused_lora.apply(model, v["fuse_lora"])
+        fused_lora.apply(model, 0.0 if v["fuse_lora"] == "all" else fused_lora.MIN_WIDENING)
     if v["varlen"]:
         def hook(module, args, kwargs):
             kwargs = dict(kwargs)
