@@ -129,10 +129,9 @@ def frontier_plan(s: Session) -> None:
     checkpointing at the largest micro batch (of 16, 8, 4, 2, 1) that fits and training-hub's lora_sft (micro 8),
     every process capped at B with torch.cuda.set_per_process_memory_fraction. training-hub runs once under the
     smallest cap: a fixed configuration that fits 8 GiB runs unchanged under a larger one. Plus ours with
-    `micro_batch_size=2`, ours under 8 GiB with `activation_offload=False` (auto fits the compiled path there with
-    selective_recompute="most" and offloaded layers; without offload a pass of 8k tokens does not fit there and auto
-    runs Unsloth recomputing every layer), and the Llama-3.1-8B shape at 8,192 tokens under a 24 GiB budget against
-    the Unsloth loop under the same cap.
+    `micro_batch_size=2`, ours under 8 GiB with `activation_offload=False` (auto runs selective_recompute="most" there
+    with offload for the plan to weigh: this is the smaller pass that fits without), and the Llama-3.1-8B shape at
+    8,192 tokens under a 24 GiB budget against the Unsloth loop under the same cap.
     `--shape qwen1.5b` or `--shape llama8b` runs one part."""
     if s.a.shape != "llama8b":
         _define_qwen(s)

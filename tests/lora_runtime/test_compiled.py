@@ -216,15 +216,16 @@ def test_auto_levers_take_the_compiled_path_where_only_they_make_a_large_pass_fi
     """selective_recompute/activation_offload="auto": off where the compiled path fits as it is (139, 24 GiB) or
     where nothing fits (5 GiB); pointwise alone where it makes 8,192 tokens fit; pointwise and offload where only
     both do (16 GiB: the combination measured 1.41x the Unsloth loop there on an H100); "most" where pointwise with a few
-    offloaded layers does not (10 GiB), with offload where only both do (7 GiB); never offload alone. Offload asked
-    for: pointwise with every layer offloaded, last, where "most" holds too much (6.1 GiB)."""
+    offloaded layers does not (10 and 7 GiB), with offload for the plan to weigh (a larger pass with layers
+    offloaded against a smaller one without); never offload alone. Offload asked for: pointwise with every layer
+    offloaded, last, where "most" holds too much (6.1 GiB)."""
     from lora_runtime.batching import GIB, compiled_footprint
 
     model = _qwen15b_shaped(tmp_path)
     shape = compiled.read_model_config(LoraSftConfig(model, "d", "o"))
     plain, pointwise = (compiled_footprint(shape, level=p).need(8192, 0) / GIB for p in ("off", "pointwise"))
     for gib, want in ((139, ("off", False)), (24, ("off", False)), ((plain + pointwise) / 2, ("pointwise", False)),
-                      (16, ("pointwise", True)), (10, ("most", False)), (7, ("most", True)), (5, ("off", False))):
+                      (16, ("pointwise", True)), (10, ("most", True)), (7, ("most", True)), (5, ("off", False))):
         a_gpu_with(gib)
         chosen, why = compiled.choose_levers(LoraSftConfig(model, "d", "o"))
         assert (chosen.selective_recompute, chosen.activation_offload) == want, gib
@@ -254,12 +255,17 @@ def test_auto_levers_take_the_compiled_path_where_only_they_make_a_large_pass_fi
                                                                       "offloaded) need 5.8 GiB of 6.1 (free)")
     chosen, why = compiled.choose_levers(LoraSftConfig(model, "d", "o"))  # not asked for: never that slow rung
     assert (chosen.selective_recompute, chosen.activation_offload, why) == ("off", False, "")
-    # "most" asked for: offload follows only where the pass needs it
-    for gib, offload in ((139, False), (10, False), (7, True)):
+    # "most" asked for: offload comes with it for the plan to weigh, also where the pass fits without; refused, never
+    for gib in (139, 10, 7):
         a_gpu_with(gib)
         chosen, why = compiled.choose_levers(LoraSftConfig(model, "d", "o", selective_recompute="most"))
-        assert (chosen.selective_recompute, chosen.activation_offload) == ("most", offload), gib
-        assert ("activation_offload=True (auto)" in why) == offload and (why == "") == (not offload), gib
+        assert (chosen.selective_recompute, chosen.activation_offload) == ("most", True), gib
+        assert why.startswith("compiled peft path with selective_recompute='most' and activation_offload=True "
+                              "(auto): 8,192 tokens a pass without checkpointing (all but attention recomputed, every "
+                              "layer offloaded) need "), (gib, why)
+        chosen, why = compiled.choose_levers(LoraSftConfig(model, "d", "o", selective_recompute="most",
+                                                           activation_offload=False))
+        assert (chosen.selective_recompute, chosen.activation_offload, why) == ("most", False, ""), gib
     a_gpu_with(16)
     for other in ({"lora_dropout": 0.05}, {"backend": "peft"}, {"gradient_checkpointing": True},
                   {"cuda_graphs": True}, {"kernels": "liger"}, {"selective_recompute": "off"}, {"use_dora": True}):
@@ -338,12 +344,15 @@ def test_the_plan_checkpoints_most_layers_only_where_nothing_fits_without(tmp_pa
 @pytest.mark.parametrize("level", RECOMPUTE_LEVELS)
 def test_a_recompute_level_asks_for_the_compiled_path(tmp_path, a_gpu_with, level):
     """A selective_recompute level is the compiled path's own: backend auto takes that path for it whatever the
-    budget (and with gradient_checkpointing=True)."""
+    budget (and with gradient_checkpointing=True); "most" brings offload for the plan to weigh, and says so."""
     model = _qwen15b_shaped(tmp_path)
     a_gpu_with(20)
     for options in ({}, {"gradient_checkpointing": True}):
         ok, why = compiled.prefers(LoraSftConfig(model, "d", "o", selective_recompute=level, **options))
-        assert ok and why == f"selective_recompute={level!r} runs on the compiled peft path"
+        levers = level == "most" and not options
+        assert ok and why.startswith("compiled peft path with selective_recompute='most' and activation_offload=True "
+                                     "(auto): " if levers else f"selective_recompute={level!r} runs on the compiled "
+                                     "peft path"), (options, why)
 
 
 @pytest.mark.parametrize("level", RECOMPUTE_LEVELS)
