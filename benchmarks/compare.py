@@ -3,8 +3,10 @@ peak-memory increase beyond the thresholds.
 
     python -m benchmarks.compare BASELINE.json NEW.json [--max-slowdown 10%] [--max-memory-increase 5%]
 
-Cases are matched by full name. Time is each case's median round; memory is every `peak_*` figure of its extra_info
-(`peak_alloc_gib` on a GPU, `peak_rss_mib` on the CPU). A case needs at least --min-rounds rounds on both sides, so
+Cases are matched by full name. Time is each case's median round, per real token where both sides record
+`real_tokens_per_step` in extra_info (a training step whose memory plan picked another micro batch does other work a
+round: the plan's change is noted, and the gate compares the time a token); memory is every `peak_*` figure of its
+extra_info (`peak_alloc_gib` on a GPU, `peak_rss_mib` on the CPU). A case needs at least --min-rounds rounds on both sides, so
 one noisy round cannot pass or fail the gate. A baseline case missing from NEW is listed, not failed (`-k` runs a
 part). Exit status 0 when every compared case is within bounds, 1 otherwise.
 """
@@ -30,6 +32,10 @@ class Check:
     @property
     def change(self) -> float:
         return self.new / self.base - 1 if self.base else 0.0
+
+
+TOKENS = "real_tokens_per_step"
+PLAN_KEYS = ("micro_batch_size", "gradient_checkpointing", "offloaded_layers")  # benchmarks/test_train.py's plan
 
 
 def fraction(text: str) -> float:
@@ -63,8 +69,15 @@ def compare(base: dict, new: dict, *, max_slowdown: float, max_memory_increase: 
             checks.append(Check(name, f"rounds (baseline {rounds[0]}, new {rounds[1]}) < {min_rounds}", 0, 0, 0, False))
             continue
         med_a, med_b = a["stats"]["median"], b["stats"]["median"]
-        checks.append(Check(name, "median s", med_a, med_b, max_slowdown, med_b <= med_a * (1 + max_slowdown)))
         info_a, info_b = a.get("extra_info") or {}, b.get("extra_info") or {}
+        figure = "median s"
+        tokens = (info_a.get(TOKENS), info_b.get(TOKENS))
+        if all(isinstance(t, int | float) and t > 0 for t in tokens):
+            med_a, med_b, figure = med_a / tokens[0] * 1e3, med_b / tokens[1] * 1e3, "median s per 1k real tokens"
+            plan = [f"{k} {info_a[k]} → {info_b[k]}" for k in PLAN_KEYS if k in info_a and info_a[k] != info_b.get(k)]
+            if plan:
+                notes.append(f"{name}: the plan changed ({', '.join(plan)}): time compared per real token")
+        checks.append(Check(name, figure, med_a, med_b, max_slowdown, med_b <= med_a * (1 + max_slowdown)))
         for key in sorted(k for k in info_a if k.startswith("peak_") and isinstance(info_a[k], int | float)):
             if not isinstance(info_b.get(key), int | float):
                 checks.append(Check(name, f"{key} missing from the new run", info_a[key], 0, 0, False))
