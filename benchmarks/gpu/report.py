@@ -30,6 +30,10 @@ OTHER = {
                         "(`compiled-parts`): `python -m benchmarks.gpu.profile` (the run under torch.profiler, GPU busy "
                         "time against wall time, host waits by stack) and `benchmarks.gpu.ours` with another logging "
                         "cadence. Qwen2.5-1.5B shape, rows of 2048, the harness's lora_sft call.",
+    "cuda-graphs": "lora_sft on the compiled path with `cuda_graphs=True` beside the same call without it "
+                   "(`python -m benchmarks.gpu.ours MODEL SHARDS OUT --runs auto_nogc_mbauto_cg_bB,auto_nogc_mbauto_bB`, "
+                   "MODEL from `common.build_model`): Qwen2.5-1.5B shape, rows of 2048, the harness's lora_sft call "
+                   "under a budget of B GiB.",
     "partitioner": "What one compiled decoder layer keeps for backward by the partitioner's activation memory "
                    "budget, on a CPU (`python -m benchmarks.partitioner --shape SHAPE --budgets ... --out ...`): the "
                    "shape's layer with LoRA r=16 on the 7 projections, frozen bf16 base under bf16 autocast, "

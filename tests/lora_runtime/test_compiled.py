@@ -132,13 +132,16 @@ def test_cuda_graphs_follow_the_plan_and_refuse_what_they_cannot_replay(tmp_path
     assert compiled.graphs(auto, plain) == (True, "auto: a pass of 4,096 tokens, host-bound without them")
     large = BatchPlan(micro=8, accumulation=1, world_size=1, gradient_checkpointing=False)
     assert compiled.graphs(auto, large) == (
-        False, "CUDA graphs off (auto: a pass of 16,384 tokens keeps the GPU busy (auto replays passes of up to 4,096))")
+        False, "CUDA graphs off (auto: a pass of 16,384 tokens keeps the GPU busy (auto replays passes of up to 8,192))")
+    four = BatchPlan(micro=4, accumulation=1, world_size=1, gradient_checkpointing=False)
+    assert compiled.graphs(auto, four, 1_543_714_304) == (True, "auto: a pass of 8,192 tokens, host-bound without them")
     assert compiled.graphs(auto, offloading)[1].startswith("CUDA graphs off (auto: the plan offloads 3 layer(s); a pass")
-    # the base model's size: 4,096 tokens of the measured 1.5B replay, of an 8B the GPU is busy; 2,048 tokens of 3B do
+    # the base model's size: 8,192 tokens of the measured 1.5B replay, 4,096 of an 8B keep the GPU busy; 2,048 of 3B
+    # replay
     assert compiled.graphs(auto, plain, 1_543_714_304)[0] is True
     assert compiled.graphs(auto, plain, 8_030_261_248) == (False, "CUDA graphs off (auto: a pass of 4,096 tokens "
                                                           "through 8.0B parameters keeps the GPU busy (auto replays up "
-                                                          "to 4,096 tokens' worth of 1.6B))")
+                                                          "to 8,192 tokens' worth of 1.6B))")
     one = BatchPlan(micro=1, accumulation=1, world_size=1, gradient_checkpointing=False)
     assert compiled.graphs(auto, one, 3_085_938_688)[0] is True
     assert compiled.graphs(asked, plain, 8_030_261_248) == (True, "cuda_graphs=True")  # asked: the size is the user's

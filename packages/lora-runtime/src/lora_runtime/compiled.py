@@ -47,9 +47,10 @@ AUTO_MIN_TOKENS = 8_192  # micro_batch_size="auto": the smallest pass without re
 # cuda_graphs="auto": the largest pass that replays CUDA graphs. Through lora_sft on one H200 (Qwen2.5-1.5B shape,
 # benchmarks/RESULTS.md, `compiled`): 4,096 tokens a pass ran about 1.16× as fast with graphs as without, 32,768
 # tokens about 0.97× (ratios of two runs of one process, each read by a meter since withdrawn there that read about
-# 8/7 high on both). A larger model does more work a pass (the GPU sets the pace sooner): auto also keeps tokens × base
-# parameters within what was measured
-GRAPH_AUTO_MAX_TOKENS = 4_096
+# 8/7 high on both); on one H100 (`cuda-graphs`) 8,192 tokens 1.04× (56.6k against 54.5k tokens/s, 0.14 GiB more at
+# the peak), 16,384 1.00×. A larger model does more work a pass (the GPU sets the pace sooner): auto also keeps
+# tokens × base parameters within what was measured
+GRAPH_AUTO_MAX_TOKENS = 8_192
 GRAPH_AUTO_MAX_PARAMETERS = 1.6e9
 
 

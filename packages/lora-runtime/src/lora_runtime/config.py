@@ -158,8 +158,8 @@ class LoraSftConfig:
         "auto", "the compiled path's decoder layers replay CUDA graphs (torch.compile mode reduce-overhead; sample "
         "boundaries padded to a fixed count): one launch a layer instead of one a kernel, for passes the host cannot "
         "keep up with; True asks for the compiled path, in one process with no layer recomputed or offloaded and no "
-        "selective_recompute (pass gradient_checkpointing=False); auto = on for a pass of at most 4,096 tokens "
-        "and 4,096 × 1.6B tokens × base parameters, without those, dropout or evaluation (the host sets the pace "
+        "selective_recompute (pass gradient_checkpointing=False); auto = on for a pass of at most 8,192 tokens "
+        "and 8,192 × 1.6B tokens × base parameters, without those, dropout or evaluation (the host sets the pace "
         "there), else off",
         ["auto", True, False])
     max_memory_gib: float | None = _f(
