@@ -5,8 +5,9 @@ peak-memory increase beyond the thresholds.
 
 Cases are matched by full name. Time is each case's median round, per real token where both sides record
 `real_tokens_per_step` in extra_info (a training step whose memory plan picked another micro batch does other work a
-round: the plan's change is noted, and the gate compares the time a token); memory is every `peak_*` figure of its
-extra_info (`peak_alloc_gib` on a GPU, `peak_rss_mib` on the CPU). A case needs at least --min-rounds rounds on both sides, so
+round: the plan's change is noted, the gate compares the time a token, and a GiB peak against the case's
+`budget_gib` where it records one); memory is every `peak_*` figure of its extra_info (`peak_alloc_gib` on a GPU,
+`peak_rss_mib` on the CPU). A case needs at least --min-rounds rounds on both sides, so
 one noisy round cannot pass or fail the gate. A baseline case missing from NEW is listed, not failed (`-k` runs a
 part). Exit status 0 when every compared case is within bounds, 1 otherwise.
 """
@@ -70,20 +71,24 @@ def compare(base: dict, new: dict, *, max_slowdown: float, max_memory_increase: 
             continue
         med_a, med_b = a["stats"]["median"], b["stats"]["median"]
         info_a, info_b = a.get("extra_info") or {}, b.get("extra_info") or {}
-        figure = "median s"
+        figure, plan = "median s", []
         tokens = (info_a.get(TOKENS), info_b.get(TOKENS))
         if all(isinstance(t, int | float) and t > 0 for t in tokens):
             med_a, med_b, figure = med_a / tokens[0] * 1e3, med_b / tokens[1] * 1e3, "median s per 1k real tokens"
             plan = [f"{k} {info_a[k]} → {info_b[k]}" for k in PLAN_KEYS if k in info_a and info_a[k] != info_b.get(k)]
             if plan:
-                notes.append(f"{name}: the plan changed ({', '.join(plan)}): time compared per real token")
+                notes.append(f"{name}: the plan changed ({', '.join(plan)}): time compared per real token, "
+                             "peak memory against the budget")
         checks.append(Check(name, figure, med_a, med_b, max_slowdown, med_b <= med_a * (1 + max_slowdown)))
+        budget = info_b.get("budget_gib")
         for key in sorted(k for k in info_a if k.startswith("peak_") and isinstance(info_a[k], int | float)):
             if not isinstance(info_b.get(key), int | float):
                 checks.append(Check(name, f"{key} missing from the new run", info_a[key], 0, 0, False))
-                continue
-            ok = info_b[key] <= info_a[key] * (1 + max_memory_increase)
-            checks.append(Check(name, key, info_a[key], info_b[key], max_memory_increase, ok))
+            elif plan and key.endswith("_gib") and isinstance(budget, int | float):  # another plan of the same budget
+                checks.append(Check(name, f"{key} against budget_gib", budget, info_b[key], 0.0, info_b[key] <= budget))
+            else:
+                ok = info_b[key] <= info_a[key] * (1 + max_memory_increase)
+                checks.append(Check(name, key, info_a[key], info_b[key], max_memory_increase, ok))
     return checks, notes
 
 

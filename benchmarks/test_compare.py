@@ -79,22 +79,29 @@ def test_the_kept_cpu_baseline_is_a_valid_gate_input():
 
 
 def test_a_step_of_another_plan_is_compared_per_real_token(tmp_path, capsys):
-    """The memory plan picked 9 rows where the baseline ran 6: 42% longer rounds with 43% more real tokens pass (and
-    the change is noted), the same rounds with the same rows 20% slower a token fail."""
+    """The memory plan picked 9 rows where the baseline ran 6: 42% longer rounds with 43% more real tokens pass, and
+    a peak 10% higher within the budget (the change is noted); the same rounds with the same rows 20% slower a token
+    fail, as does a peak past the budget under another plan."""
     base = report(("test_train_step[8gib]", 0.2638, {"peak_alloc_gib": 5.95, "real_tokens_per_step": 9631.5,
-                                                     "micro_batch_size": 6, "offloaded_layers": 27}))
-    new = report(("test_train_step[8gib]", 0.3744, {"peak_alloc_gib": 5.97, "real_tokens_per_step": 13739.25,
-                                                    "micro_batch_size": 9, "offloaded_layers": 28}))
+                                                     "micro_batch_size": 6, "offloaded_layers": 27, "budget_gib": 8}))
+    new = report(("test_train_step[8gib]", 0.3744, {"peak_alloc_gib": 6.55, "real_tokens_per_step": 13739.25,
+                                                    "micro_batch_size": 9, "offloaded_layers": 28, "budget_gib": 8}))
     (tmp_path / "base.json").write_text(json.dumps(base))
     (tmp_path / "new.json").write_text(json.dumps(new))
     assert compare.main([str(tmp_path / "base.json"), str(tmp_path / "new.json")]) == 0
     out = capsys.readouterr().out
     assert "ok  test_train_step[8gib] median s per 1k real tokens: 0.02739 → 0.02725 (-0.5%, limit +10%)" in out
+    assert "ok  test_train_step[8gib] peak_alloc_gib against budget_gib: 8 → 6.55" in out
     assert ("note test_train_step[8gib]: the plan changed (micro_batch_size 6 → 9, offloaded_layers 27 → 28): time "
-            "compared per real token") in out
+            "compared per real token, peak memory against the budget") in out
     slower = report(("test_train_step[8gib]", 0.2638 * 1.2, {"peak_alloc_gib": 5.95, "real_tokens_per_step": 9631.5,
                                                            "micro_batch_size": 6, "offloaded_layers": 27}))
     (tmp_path / "new.json").write_text(json.dumps(slower))
     assert compare.main([str(tmp_path / "base.json"), str(tmp_path / "new.json")]) == 1
     assert "FAIL test_train_step[8gib] median s per 1k real tokens" in capsys.readouterr().out
+    over = report(("test_train_step[8gib]", 0.3744, {"peak_alloc_gib": 8.2, "real_tokens_per_step": 13739.25,
+                                                     "micro_batch_size": 9, "offloaded_layers": 28, "budget_gib": 8}))
+    (tmp_path / "new.json").write_text(json.dumps(over))
+    assert compare.main([str(tmp_path / "base.json"), str(tmp_path / "new.json")]) == 1
+    assert "FAIL test_train_step[8gib] peak_alloc_gib against budget_gib: 8 → 8.2" in capsys.readouterr().out
 

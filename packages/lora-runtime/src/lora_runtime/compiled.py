@@ -25,9 +25,9 @@ Unsloth below that (`prefers`). `selective_recompute` lowers the partitioner's a
 pointwise work, keeping about a third less, no matmul recomputed (read from the saved tensors on a CPU); "most": all
 but attention, keeping about a tenth (on one H100 without the Trainer, 4 rows a pass ran 47.8k tokens/s at a
 6.8 GiB peak, 8 rows checkpointing every layer 43.1k at 7.05 GiB). "auto" turns on the first of `choose_levers`'s
-rungs with which a large pass fits. Under 8 GiB that is "most" with 27 of 28 layers' few saved tensors offloaded, 6
-rows a pass: 48.3k tokens/s on the H100, 1.30× the Unsloth loop under the same cap in the same run (37.1k); the
-Llama-3.1-8B shape at 8,192 tokens under 24 GiB, "most" with 18 of 32 layers offloaded: 12.6k, 1.33× (9.5k).
+rungs with which a large pass fits. Under 8 GiB that is "most" with 28 of 28 layers' few saved tensors offloaded, 9
+rows a pass: 48.8k tokens/s on an H100, 1.33× the Unsloth loop under the same cap in the same run (36.7k); the
+Llama-3.1-8B shape at 8,192 tokens under 24 GiB, "most" with 31 of 32 layers offloaded, 2 rows: 12.8k, 1.35× (9.4k).
 Compilation adds 10-30 s to the first steps; the layers
 compile again for the first layer (its input needs no gradient), when the number of packed samples first changes
 (then with a dynamic size), and when evaluation first runs.
@@ -248,8 +248,8 @@ def choose_levers(config: LoraSftConfig) -> tuple[LoraSftConfig, str]:
     offload is asked for (activation_offload=True), pointwise with every layer offloaded, the least memory of all
     ("most" holds more at its backward) and the slowest (each layer's copies outlast its work). An option given keeps
     its value: activation_offload=True with selective_recompute="auto" climbs the rungs with offload, False never
-    offloads; "most" asked for comes with offload for the plan to weigh where that is "auto". Everywhere else both are
-    off: offload alone is never chosen."""
+    offloads; "most" asked for comes with offload for the plan to weigh where that is "auto" (with backend="auto" and
+    the other conditions below, as every lever here). Everywhere else both are off: offload alone is never chosen."""
     sr, ao = config.selective_recompute, config.activation_offload
     if sr != "auto" and ao != "auto":
         return config, ""
@@ -259,8 +259,8 @@ def choose_levers(config: LoraSftConfig) -> tuple[LoraSftConfig, str]:
         return base, ""
     # (level, offload, most offloaded layers for the pass to fit: None = every layer). Under "most" offload goes to the
     # plan even where a pass fits without: offloaded layers let a larger pass fit, and `batching.plan_batch` weighs the
-    # two. On one H100 under 8 GiB (Qwen2.5-1.5B shape, through lora_sft, `frontier`), 6 rows with 27 of 28 layers
-    # offloaded ran 48.3k tokens/s, 4 rows without offload 46.8k (the Unsloth loop 37.1k and 36.9k in the same runs).
+    # two. On one H100 under 8 GiB (Qwen2.5-1.5B shape, through lora_sft, `frontier`, one run), 9 rows with all 28
+    # layers offloaded ran 48.8k tokens/s, 4 rows without offload (activation_offload=False) 42.3k.
     ladder = [("pointwise", False, 0), ("pointwise", True, AUTO_MAX_OFFLOADED), ("most", True, None),
               ("most", False, 0)] + ([("pointwise", True, None)] if ao is True else [])
     candidates = [(level, offload, most) for level, offload, most in ladder
@@ -278,10 +278,15 @@ def choose_levers(config: LoraSftConfig) -> tuple[LoraSftConfig, str]:
         for level, offload, most in candidates:
             chosen = dataclasses.replace(base, selective_recompute=level, activation_offload=offload)
             fits, words = _pass_fits(chosen, model_config, most)
+            weighed = level == "most" and offload and ao == "auto"
+            if fits and weighed:  # the arithmetic of the pass that needs no offload, where there is one
+                fits_without, without = _pass_fits(chosen, model_config, 0)
+                words = without if fits_without else words
             if fits:
                 on = [f"selective_recompute={level!r}{' (auto)' if sr == 'auto' else ''}"]
                 if offload:
-                    on.append(f"activation_offload=True{' (auto)' if ao == 'auto' else ''}")
+                    on.append("activation_offload=True (auto: the plan weighs how many layers, none included)"
+                              if weighed else f"activation_offload=True{' (auto)' if ao == 'auto' else ''}")
                 return chosen, f"compiled peft path with {' and '.join(on)}: {words}"
     except AttributeError:  # a config that cannot be sized: prefers says so
         return base, ""

@@ -143,16 +143,17 @@ class LoraSftConfig:
         "(projections included), keeping the layer's input and attention's output, about a tenth of a layer; the "
         "memory plan counts either; runs the compiled path (CUDA, backend peft or auto, kernels compile or auto, "
         "lora_dropout 0); auto = where backend auto would otherwise leave the compiled path for lack of memory, the "
-        "first with which a large pass fits: pointwise, with a few offloaded layers, most, most with offloaded layers "
-        "(see activation_offload), else off",
+        "first with which a large pass fits: pointwise, with a few offloaded layers, most (with offload for the plan to "
+        "weigh, see activation_offload), else off",
         ["auto", "off", *RECOMPUTE_LEVELS])
     activation_offload: bool | str = _f(
         "auto", "the peft backend may keep decoder layers' saved activations in pinned host memory between forward "
         "and backward, copied on a side stream while the GPU computes, instead of recomputing them; the memory plan "
         "chooses how many layers from the budget, the host link's measured bandwidth and the free host memory "
         "(CUDA; backend auto then runs peft); True with selective_recompute auto also tries pointwise with every layer "
-        "offloaded where most does not fit; auto = on with a selective_recompute level where that alone does not "
-        "fit a large pass and offloaded layers do (pointwise with a few, most with any number), else off",
+        "offloaded where most does not fit; auto = on with pointwise where that alone does not fit a large pass and a "
+        "few offloaded layers do, always with most (the plan weighs a larger pass with layers offloaded against a "
+        "smaller one without, and may offload none), else off",
         ["auto", True, False])
     cuda_graphs: bool | str = _f(
         "auto", "the compiled path's decoder layers replay CUDA graphs (torch.compile mode reduce-overhead; sample "
