@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import sys
 
 import pytest
@@ -37,6 +38,10 @@ def test_run_names_carry_the_budget():
     assert ours.parse("auto_auto_mbauto_pw_b16_log10") == {
         "backend": "auto", "micro_batch_size": "auto", "gradient_checkpointing": "auto", "max_memory_gib": 16.0,
         "selective_recompute": "pointwise", "logging_steps": 10}
+    for bad, words in (("auto_off_mbauto_b24", "expected BACKEND_auto|gc|nogc_mb(auto|N)"),
+                       ("auto_auto_mbauto_cgg_b24", "unknown: cgg")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            ours.parse(bad)
     assert loops.parse_variant("rowsfit16_gc_b24") == {"layout": "rows", "micro": 16, "fit": True, "gc": True,
                                                        "budget_gib": 24.0}
     assert loops.parse_variant("rows8_gc")["budget_gib"] is None

@@ -96,12 +96,25 @@ def _meter_callback(windows: Windows):
     return Meter()
 
 
+GC_TOKENS = {"auto": "auto", "gc": True, "nogc": False}
+OPTION_TOKENS = ("q4", "notf32", "liger", "plain", "compile", "pw", "most", "nopw", "off", "nooff", "cg", "nocg")
+
+
 def parse(name: str) -> dict:
+    """lora_sft's options from a run name, BACKEND_GC_mbMICRO[_OPTION...]; a part it does not know raises, naming it."""
     parts = name.split("_")
+
+    def known(p: str) -> bool:  # an option, a budget (b24) or a logging cadence (log10)
+        return (p in OPTION_TOKENS or (p[:1] == "b" and p[1:].replace(".", "").isdigit())
+                or (p[:3] == "log" and p[3:].isdigit()))
+
+    unknown = [p for p in parts[3:] if not known(p)]
+    if len(parts) < 3 or parts[1] not in GC_TOKENS or not parts[2].startswith("mb") or unknown:
+        raise ValueError(f"run name {name!r}: expected BACKEND_{'|'.join(GC_TOKENS)}_mb(auto|N) then any of "
+                         f"{', '.join(OPTION_TOKENS)}, bGIB, logN" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
     backend, gc_mode, micro = parts[0], parts[1], parts[2].removeprefix("mb")
     micro = micro if micro == "auto" else int(micro)
-    kw = dict(backend=backend, micro_batch_size=micro,
-              gradient_checkpointing={"auto": "auto", "gc": True, "nogc": False}[gc_mode])
+    kw = dict(backend=backend, micro_batch_size=micro, gradient_checkpointing=GC_TOKENS[gc_mode])
     if "q4" in parts[3:]:
         kw["load_in_4bit"] = True
     if "notf32" in parts[3:]:
