@@ -104,4 +104,3 @@ def test_a_step_of_another_plan_is_compared_per_real_token(tmp_path, capsys):
     (tmp_path / "new.json").write_text(json.dumps(over))
     assert compare.main([str(tmp_path / "base.json"), str(tmp_path / "new.json")]) == 1
     assert "FAIL test_train_step[8gib] peak_alloc_gib against budget_gib: 8 → 8.2" in capsys.readouterr().out
-
