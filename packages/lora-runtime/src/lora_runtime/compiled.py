@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -148,11 +147,10 @@ def read_model_config(config: LoraSftConfig) -> Any:
     run goes to Unsloth); None where it cannot be read (loading the model will say why)."""
     from types import SimpleNamespace
 
-    try:
-        raw = json.loads((Path(config.model_path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(raw, dict):
+    from lora_runtime.preflight import read_config_json
+
+    raw = read_config_json(Path(config.model_path) / "config.json")
+    if raw is None:
         return None
     text = raw.get("text_config")
     if isinstance(text, dict):

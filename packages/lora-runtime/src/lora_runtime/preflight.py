@@ -133,7 +133,7 @@ def mlflow_store_issues(cfg: Any) -> list[str]:
 def model_issues(cfg: Any) -> list[str]:
     """A local model dir whose config.json wants its own code, or that lacks a target module (hub ids: skipped)."""
     d = Path(str(cfg.model_path)).expanduser()
-    model_config = _config_json(d / "config.json")
+    model_config = read_config_json(d / "config.json")
     if model_config is None:
         return []  # not a local model dir (a hub id), or one the loader will report on
     issues = []
@@ -147,7 +147,7 @@ def model_issues(cfg: Any) -> list[str]:
     return issues
 
 
-def _config_json(path: Path) -> dict | None:
+def read_config_json(path: Path) -> dict | None:
     """A model's config.json as a dict; None where it is missing, unreadable or not an object."""
     try:
         model_config = json.loads(path.read_text(encoding="utf-8"))
@@ -173,7 +173,7 @@ def model_positions(model_path: str) -> int | None:
         if not isinstance(cached, str):
             return None
         path = Path(cached)
-    model_config = _config_json(path)
+    model_config = read_config_json(path)
     if model_config is None:
         return None
     text = model_config.get("text_config")
