@@ -97,44 +97,37 @@ def _meter_callback(windows: Windows):
 
 
 GC_TOKENS = {"auto": "auto", "gc": True, "nogc": False}
-OPTION_TOKENS = ("q4", "notf32", "liger", "plain", "compile", "pw", "most", "nopw", "off", "nooff", "cg", "nocg")
+OPTIONS = {"q4": ("load_in_4bit", True), "notf32": ("tf32", False), "liger": ("kernels", "liger"),
+           "plain": ("kernels", "none"), "compile": ("kernels", "compile"), "pw": ("selective_recompute", "pointwise"),
+           "most": ("selective_recompute", "most"), "nopw": ("selective_recompute", "off"),
+           "off": ("activation_offload", True), "nooff": ("activation_offload", False), "cg": ("cuda_graphs", True),
+           "nocg": ("cuda_graphs", False)}
+# the order of the options in a run's label (`scenarios._ours_label`), whatever their order in the name
+ORDER = ("load_in_4bit", "tf32", "kernels", "max_memory_gib", "selective_recompute", "activation_offload",
+         "cuda_graphs", "logging_steps")
 
 
 def parse(name: str) -> dict:
     """lora_sft's options from a run name, BACKEND_GC_mbMICRO[_OPTION...]; a part it does not know raises, naming it."""
     parts = name.split("_")
-
-    def known(p: str) -> bool:  # an option, a budget (b24) or a logging cadence (log10)
-        return (p in OPTION_TOKENS or (p[:1] == "b" and p[1:].replace(".", "").isdigit())
-                or (p[:3] == "log" and p[3:].isdigit()))
-
-    unknown = [p for p in parts[3:] if not known(p)]
+    kw: dict = {}
+    unknown = []
+    for p in parts[3:]:
+        if p in OPTIONS:
+            key, value = OPTIONS[p]
+            kw[key] = value
+        elif p[:1] == "b" and p[1:].replace(".", "").isdigit():
+            kw.setdefault("max_memory_gib", float(p[1:]))
+        elif p[:3] == "log" and p[3:].isdigit():
+            kw.setdefault("logging_steps", int(p[3:]))
+        else:
+            unknown.append(p)
     if len(parts) < 3 or parts[1] not in GC_TOKENS or not parts[2].startswith("mb") or unknown:
         raise ValueError(f"run name {name!r}: expected BACKEND_{'|'.join(GC_TOKENS)}_mb(auto|N) then any of "
-                         f"{', '.join(OPTION_TOKENS)}, bGIB, logN" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
-    backend, gc_mode, micro = parts[0], parts[1], parts[2].removeprefix("mb")
-    micro = micro if micro == "auto" else int(micro)
-    kw = dict(backend=backend, micro_batch_size=micro, gradient_checkpointing=GC_TOKENS[gc_mode])
-    if "q4" in parts[3:]:
-        kw["load_in_4bit"] = True
-    if "notf32" in parts[3:]:
-        kw["tf32"] = False
-    for part, kernels in (("liger", "liger"), ("plain", "none"), ("compile", "compile")):
-        if part in parts[3:]:
-            kw["kernels"] = kernels
-    budget = [p for p in parts[3:] if p.startswith("b") and p[1:].replace(".", "").isdigit()]
-    if budget:
-        kw["max_memory_gib"] = float(budget[0][1:])
-    for part, key, value in (("pw", "selective_recompute", "pointwise"), ("most", "selective_recompute", "most"),
-                             ("nopw", "selective_recompute", "off"),
-                             ("off", "activation_offload", True), ("nooff", "activation_offload", False),
-                             ("cg", "cuda_graphs", True), ("nocg", "cuda_graphs", False)):
-        if part in parts[3:]:
-            kw[key] = value
-    every = [int(p[3:]) for p in parts[3:] if p.startswith("log") and p[3:].isdigit()]
-    if every:
-        kw["logging_steps"] = every[0]
-    return kw
+                         f"{', '.join(OPTIONS)}, bGIB, logN" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    micro = parts[2].removeprefix("mb")
+    return dict(backend=parts[0], micro_batch_size=micro if micro == "auto" else int(micro),
+                gradient_checkpointing=GC_TOKENS[parts[1]], **{k: kw[k] for k in ORDER if k in kw})
 
 
 def config(model_dir: str, shards: str, kw: dict, seq_len: int):
