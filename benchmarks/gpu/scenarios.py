@@ -27,9 +27,11 @@ def _backend(s: Session) -> str:
 
 
 def _ours_run(s: Session, gc: str = "auto", micro: str = "auto", budget: float | None = None, q4: bool = False,
-              pointwise: bool | None = None, offload: bool | None = None, graphs: bool | None = None) -> str:
-    """The run's name for benchmarks.gpu.ours; pointwise, offload and graphs: None = their "auto"."""
-    name = f"{_backend(s)}_{gc}_mb{micro}" + ("_q4" if q4 else "") + {None: "", True: "_pw", False: "_nopw"}[pointwise]
+              level: str | None = None, offload: bool | None = None, graphs: bool | None = None) -> str:
+    """The run's name for benchmarks.gpu.ours; level (selective_recompute: "off", "pointwise", "most"), offload and
+    graphs: None = their "auto"."""
+    name = f"{_backend(s)}_{gc}_mb{micro}" + ("_q4" if q4 else "")
+    name += {None: "", "pointwise": "_pw", "most": "_most", "off": "_nopw"}[level]
     name += {None: "", True: "_cg", False: "_nocg"}[graphs] + {None: "", True: "_off", False: "_nooff"}[offload]
     return name + (f"_b{budget:g}" if budget else "")
 
@@ -292,7 +294,7 @@ def kernels_rows(s: Session) -> list[dict]:
 
 
 # ---- compiled --------------------------------------------------------------------------------------------------
-COMPILED_BUDGETS = (40, 24)
+COMPILED_BUDGETS = (40, 24, 16)
 
 
 def compiled_plan(s: Session) -> None:
@@ -301,16 +303,19 @@ def compiled_plan(s: Session) -> None:
     defaults on the whole card and under 40 and 24 GiB, and with `micro_batch_size=2`, against the Unsloth hand loop
     with checkpointing at the largest micro batch that fits under the same cap, and the hand loop at micro 2 without
     checkpointing (packed rows, flash varlen: its fastest micro 2); ours with `selective_recompute="pointwise"` (and
-    `activation_offload=False`) under 24 and 16 GiB (each layer's pointwise work recomputed: larger passes in the same memory);
-    `micro_batch_size=2` again with `cuda_graphs=False` (auto replays CUDA graphs for that pass: what they are worth)
-    and the defaults with `cuda_graphs=True` (auto leaves them off for a large pass)."""
+    `activation_offload=False`) under 24 and 16 GiB (each layer's pointwise work recomputed: larger passes in the same
+    memory), under 16 GiB also without CUDA graphs (auto replays them for its 3-row pass) and with "most" (its largest
+    pass, 16 rows); `micro_batch_size=2` again with `cuda_graphs=False` (auto replays CUDA graphs for that pass: what
+    they are worth) and the defaults with `cuda_graphs=True` (auto leaves them off for a large pass)."""
     _define_qwen(s)
     s.want("ours", [_ours_run(s)] + [_ours_run(s, budget=b) for b in COMPILED_BUDGETS] + [_ours_run(s, micro="2")]
-           + [_ours_run(s, budget=b, pointwise=True, offload=False) for b in (24, 16)]
-           + ([] if s.cpu else [_ours_run(s, micro="2", graphs=False), _ours_run(s, "nogc", graphs=True)]))
+           + [_ours_run(s, budget=b, level="pointwise", offload=False) for b in (24, 16)]
+           + ([] if s.cpu else [_ours_run(s, budget=16, level="pointwise", offload=False, graphs=False),
+                                _ours_run(s, budget=16, level="most", offload=False),
+                                _ours_run(s, micro="2", graphs=False), _ours_run(s, "nogc", graphs=True)]))
     # the hand loop's micro 16 fits 16 GiB: that row is its configuration under every larger budget too
     s.want("loop", ["rowsfit16_gc_b16", "packed2_nogc_varlen", "rowsfit16_gc"]
-           + [f"rowsfit16_gc_b{b}" for b in COMPILED_BUDGETS])
+           + [f"rowsfit16_gc_b{b}" for b in COMPILED_BUDGETS if b != 16])
 
 
 def compiled_rows(s: Session) -> list[dict]:
@@ -344,14 +349,14 @@ def offload_plan(s: Session) -> None:
     if s.a.shape != "llama8b":
         _define_qwen(s)
         s.want("ours", [_ours_run(s, budget=b, **kw) for b in OFFLOAD_BUDGETS
-                        for kw in ({"pointwise": False, "offload": False}, {"pointwise": False, "offload": True},
-                                   {"offload": True, "pointwise": True})])
+                        for kw in ({"level": "off", "offload": False}, {"level": "off", "offload": True},
+                                   {"offload": True, "level": "pointwise"})])
         s.want("loop", [f"rowsfit16_gc_b{b}" for b in OFFLOAD_BUDGETS])
     if s.cpu or s.a.shape == "qwen1.5b":
         return
     _define_llama8b(s)
-    s.want("ours8b", [_ours_run(s, budget=24, pointwise=False, offload=False),
-                      _ours_run(s, budget=24, offload=True, pointwise=True)])
+    s.want("ours8b", [_ours_run(s, budget=24, level="off", offload=False),
+                      _ours_run(s, budget=24, offload=True, level="pointwise")])
     s.want("loop8b", ["rowsfit4_gc_b24"])
 
 

@@ -146,10 +146,11 @@ def test_cuda_graphs_follow_the_plan_and_refuse_what_they_cannot_replay(tmp_path
     assert compiled.graphs(auto, one, 3_085_938_688)[0] is True
     assert compiled.graphs(asked, plain, 8_030_261_248) == (True, "cuda_graphs=True")  # asked: the size is the user's
     for other, words in (({"lora_dropout": 0.05}, "lora_dropout=0.05"), ({"eval_split_ratio": 0.1}, "evaluation"),
-                         ({"eval_data_path": "eval.jsonl"}, "evaluation"),
-                         ({"selective_recompute": "pointwise"}, "selective_recompute='pointwise'")):
+                         ({"eval_data_path": "eval.jsonl"}, "evaluation")):
         assert compiled.graphs(LoraSftConfig(model, "d", "o", **other), plain) == (
             False, f"CUDA graphs off (auto: {words})")
+    for level in ("pointwise", "most"):  # recomputed inside a layer's compiled backward: replayed with it
+        assert compiled.graphs(LoraSftConfig(model, "d", "o", selective_recompute=level), plain)[0] is True
     assert compiled.graphs(asked, plain) == (True, "cuda_graphs=True")
     with pytest.raises(RuntimeError, match="cuda_graphs=True cannot run: the plan offloads 3 layer"):
         compiled.graphs(asked, offloading)
@@ -161,8 +162,7 @@ def test_cuda_graphs_follow_the_plan_and_refuse_what_they_cannot_replay(tmp_path
         False, "CUDA graphs off (auto: several processes (DDP's gradient buckets are not replayed))")
     with pytest.raises(RuntimeError, match="cuda_graphs=True cannot run: several processes"):
         compiled.graphs(LoraSftConfig(model, "d", "o", cuda_graphs=True), plain)
-    for other, words in (({"selective_recompute": "pointwise"}, "selective_recompute='pointwise'"),
-                         ({"activation_offload": True}, "activation_offload=True"),
+    for other, words in (({"activation_offload": True}, "activation_offload=True"),
                          ({"gradient_checkpointing": True}, "gradient_checkpointing=True"),
                          ({}, "gradient_checkpointing='auto' \\(pass False"),
                          ({"nproc_per_node": 2}, "2 processes"),
@@ -375,9 +375,8 @@ def test_a_recompute_level_is_refused_off_the_compiled_path(tmp_path, a_gpu_with
         LoraSftConfig(model, "d", "o", selective_recompute="everything").validate()
     with pytest.raises(ConfigError, match="would draw a new dropout mask in backward"):
         LoraSftConfig(model, "d", "o", selective_recompute=level, lora_dropout=0.05).validate()
-    with pytest.raises(ConfigError, match=f"cuda_graphs=True cannot run with selective_recompute={level!r}"):
-        LoraSftConfig(model, "d", "o", selective_recompute=level, cuda_graphs=True,
-                      gradient_checkpointing=False).validate()
+    # its recomputation is part of a layer's compiled backward: CUDA graphs replay it
+    LoraSftConfig(model, "d", "o", selective_recompute=level, cuda_graphs=True, gradient_checkpointing=False).validate()
     from lora_runtime.preflight import machine_issues
 
     assert not machine_issues(LoraSftConfig(model, "d", "o", selective_recompute=level))

@@ -101,19 +101,23 @@ def test_loss_and_lora_gradients_match_the_plain_path(request, tmp_path, capsys,
     _assert_close(plain, fused)
 
 
+@pytest.mark.parametrize("selective", ["off", "pointwise", "most"])
 @pytest.mark.parametrize("model_fixture", ["tiny_qwen2_dir", "tiny_llama_dir"])
-def test_cuda_graphs_replay_the_compiled_layers_with_the_same_numbers(request, tmp_path, capsys, model_fixture):
-    """cuda_graphs=True (no layer recomputed): four steps, each after an update of the LoRA weights, so the
-    graphs are recorded and then replayed on the updated weights, each of two passes whose gradients add up (the
-    second pass's replay must not overwrite the first's); loss and gradients equal the compiled path without
-    graphs."""
+def test_cuda_graphs_replay_the_compiled_layers_with_the_same_numbers(request, tmp_path, capsys, model_fixture,
+                                                                      selective):
+    """cuda_graphs=True (no layer checkpointed; a selective_recompute level's recomputation inside the graphs): four
+    steps, each after an update of the LoRA weights, so the graphs are recorded and then replayed on the updated
+    weights, each of two passes whose gradients add up (the second pass's replay must not overwrite the first's);
+    loss and gradients equal the compiled path without graphs."""
     model_dir = request.getfixturevalue(model_fixture)
     plain_loss, plain = _loss_and_grads(model_dir, tmp_path, "compile", None, cuda_graphs=False, steps=4,
-                                        accumulation=2)
+                                        accumulation=2, selective=selective)
     torch._dynamo.reset()
-    loss, graphed = _loss_and_grads(model_dir, tmp_path, "compile", None, cuda_graphs=True, steps=4, accumulation=2)
+    loss, graphed = _loss_and_grads(model_dir, tmp_path, "compile", None, cuda_graphs=True, steps=4, accumulation=2,
+                                    selective=selective)
     log = capsys.readouterr().out
     assert "each replaying CUDA graphs" in log and "CUDA graphs off (cuda_graphs=False)" in log
+    assert selective == "off" or "recomputed in their backward" in log
     assert loss == pytest.approx(plain_loss, rel=1e-3)
     _assert_close(plain, graphed)
 

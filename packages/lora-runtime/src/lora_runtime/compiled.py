@@ -319,9 +319,10 @@ LEVEL_WORDS = {"pointwise": "pointwise work recomputed", "most": "all but attent
 
 def graphs(config: LoraSftConfig, plan: Any, parameters: int | None = None) -> tuple[bool, str]:
     """Whether the compiled layers replay CUDA graphs (`cuda_graphs`), and the log's words. A graph replays one fixed
-    forward and backward of a layer: not where a layer recomputes (its forward runs again inside backward) or
-    offloads (its saved tensors would stay in the graphs' memory pool), nor with selective_recompute (its own
-    compiler backend), nor in several processes. cuda_graphs=True where one of those holds raises, naming it; "auto"
+    forward and backward of a layer: not where a checkpointed layer recomputes (its whole forward runs again inside
+    backward, outside the graph) or a layer offloads (its saved tensors would stay in the graphs' memory pool), nor in
+    several processes. A selective_recompute level replays: its recomputation is part of the layer's compiled
+    backward. cuda_graphs=True where one of those holds raises, naming it; "auto"
     turns them on only for a pass of at most `GRAPH_AUTO_MAX_TOKENS` tokens through a model of `parameters` (the
     base's, where known) at most that many tokens' worth of `GRAPH_AUTO_MAX_PARAMETERS` (where the host, not the
     GPU, sets the pace), with none of those, no dropout and no evaluation (both unmeasured under graphs)."""
@@ -334,8 +335,6 @@ def graphs(config: LoraSftConfig, plan: Any, parameters: int | None = None) -> t
         clash.append(f"the plan recomputes {plan.recomputation()}")
     if plan.offloaded_layers:
         clash.append(f"the plan offloads {plan.offloaded_layers} layer(s)")
-    if config.selective_recompute in RECOMPUTE_LEVELS:
-        clash.append(f"selective_recompute={config.selective_recompute!r}")
     if dist_env().world_size > 1:  # DDP hands gradients over in buckets of its own
         clash.append("several processes (DDP's gradient buckets are not replayed)")
     if config.cuda_graphs == "auto":
@@ -385,8 +384,10 @@ def release(model: Any) -> None:
     same process records its own graphs)."""
     if model.__dict__.pop("_lora_grad_buffers", None) is not None:
         import torch._dynamo
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
-        torch._dynamo.reset()  # the graph trees and the compiled layers bound to them (a graph outlives no tree)
+        torch._dynamo.reset()  # the compiled layers bound to the graph trees (a graph outlives no tree)
+        reset_cudagraph_trees()  # the trees themselves (reset resets them only for mode="reduce-overhead")
 
 
 # under CUDA graphs a pass's sample boundaries are padded with empty samples to the next power of two, at least rows ×
@@ -421,11 +422,12 @@ def finish(model: Any, selective_recompute: str = "off", cuda_graphs: bool = Fal
     options: dict[str, Any] = {}
     if selective_recompute in LEVEL_BUDGETS:
         grouped_query_flop_counts()  # the budget's solver counts each op's flops
-        options["backend"] = recompute_backend(selective_recompute)
+        options["backend"] = recompute_backend(selective_recompute, cuda_graphs)
         words += (f", {LEVEL_WORDS[selective_recompute]} in their backward (activation memory budget "
                   f"{LEVEL_BUDGETS[selective_recompute]})")
     elif cuda_graphs:
         options["mode"] = "reduce-overhead"
+    if cuda_graphs:
         words += ", each replaying CUDA graphs"
     for layer in layers:
         layer.compile(**options)
@@ -436,23 +438,28 @@ INNER_COMPILER = "inductor"  # what `recompute_backend` compiles with (the CPU t
 
 
 @functools.cache
-def _budget_backend(budget: float, inner: str) -> Any:
+def _budget_backend(budget: float, inner: str, cuda_graphs: bool = False) -> Any:
     def backend(graph: Any, example_inputs: Any) -> Any:
         import torch._dynamo
         import torch._functorch.config
 
         with torch._functorch.config.patch(activation_memory_budget=budget):  # read while AOTAutograd partitions
+            if cuda_graphs:  # what mode="reduce-overhead" hands Inductor, for the backward compiled later too
+                from torch._inductor.compile_fx import compile_fx
+
+                return compile_fx(graph, example_inputs, config_patches={"triton.cudagraphs": True})
             return torch._dynamo.lookup_backend(inner)(graph, example_inputs)
 
     return backend
 
 
-def recompute_backend(level: str) -> Any:
+def recompute_backend(level: str, cuda_graphs: bool = False) -> Any:
     """A torch.compile backend: `INNER_COMPILER` with the partitioner's activation memory budget at the `level`'s
     (`LEVEL_BUDGETS`) while it compiles, so the setting is these layers' alone (not the process's) and Dynamo never
     serves one run's layers compiled with another setting (its cache checks the backend). One object per setting:
-    compiled layers are reused across runs with the same one."""
-    return _budget_backend(LEVEL_BUDGETS[level], INNER_COMPILER)
+    compiled layers are reused across runs with the same one. With `cuda_graphs`, Inductor whatever
+    `INNER_COMPILER` is, its layers replaying CUDA graph trees as in mode="reduce-overhead"."""
+    return _budget_backend(LEVEL_BUDGETS[level], INNER_COMPILER, cuda_graphs)
 
 
 def grouped_query_flop_counts() -> None:

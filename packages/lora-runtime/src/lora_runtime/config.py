@@ -158,8 +158,8 @@ class LoraSftConfig:
     cuda_graphs: bool | str = _f(
         "auto", "the compiled path's decoder layers replay CUDA graphs (torch.compile mode reduce-overhead; sample "
         "boundaries padded to a fixed count): one launch a layer instead of one a kernel, for passes the host cannot "
-        "keep up with; True asks for the compiled path, in one process with no layer recomputed or offloaded and no "
-        "selective_recompute (pass gradient_checkpointing=False); auto = on for a pass of at most 8,192 tokens "
+        "keep up with; True asks for the compiled path, in one process with no layer checkpointed or offloaded (pass "
+        "gradient_checkpointing=False; a selective_recompute level replays too); auto = on for a pass of at most 8,192 tokens "
         "and 8,192 × 1.6B tokens × base parameters, without those, dropout or evaluation (the host sets the pace "
         "there), else off",
         ["auto", True, False])
@@ -349,7 +349,6 @@ def _graph_issues(cfg: LoraSftConfig) -> list[str]:
     """What cuda_graphs=True cannot combine with: a graph replays one fixed forward of the compiled layers."""
     clash = [(cfg.backend == "unsloth", "backend='unsloth' (graphs are the compiled peft path's)"),
              (cfg.kernels in ("liger", "none"), f"kernels={cfg.kernels!r} (graphs replay compiled layers)"),
-             (cfg.selective_recompute in RECOMPUTE_LEVELS, f"selective_recompute={cfg.selective_recompute!r}"),
              (cfg.activation_offload is True, "activation_offload=True"),
              (cfg.gradient_checkpointing is not False,
               f"gradient_checkpointing={cfg.gradient_checkpointing!r} (pass False: the plan may not recompute)"),
