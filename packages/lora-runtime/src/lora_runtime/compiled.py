@@ -311,7 +311,8 @@ def prepare(model: Any, targets: Any) -> str:
 # recomputing the cheapest ops first. "pointwise": a matmul is recomputed only below 0.65 for the Qwen2.5-1.5B shape
 # and 0.62 for Llama-3.1-8B's at 512 tokens (read from its saved tensors on a CPU: benchmarks/RESULTS.md,
 # partitioner; `batching.pointwise_bytes_per_token` counts what 0.7 saves). "most": at 0.05 a layer keeps its input and
-# attention's output (and LoRA's rank-sized products), recomputing the projections (`batching.most_bytes_per_token`);
+# attention's output (and LoRA's rank-sized products; the folded gate/up keep their input besides:
+# `batching.most_bytes_per_token`), recomputing the projections;
 # at 0 it keeps only its input and recomputes attention too
 LEVEL_BUDGETS = {"pointwise": 0.7, "most": 0.05}
 LEVEL_WORDS = {"pointwise": "pointwise work recomputed", "most": "all but attention recomputed"}
@@ -321,8 +322,10 @@ def graphs(config: LoraSftConfig, plan: Any, parameters: int | None = None) -> t
     """Whether the compiled layers replay CUDA graphs (`cuda_graphs`), and the log's words. A graph replays one fixed
     forward and backward of a layer: not where a checkpointed layer recomputes (its whole forward runs again inside
     backward, outside the graph) or a layer offloads (its saved tensors would stay in the graphs' memory pool), nor in
-    several processes. A selective_recompute level replays: its recomputation is part of the layer's compiled
-    backward. cuda_graphs=True where one of those holds raises, naming it; "auto"
+    several processes. A selective_recompute level replays (its recomputation is part of the layer's compiled
+    backward) where asked for: through lora_sft on one H100 under 16 GiB (Qwen2.5-1.5B shape, 3 rows with pointwise
+    recompute, 40 steps) graphs ran 34.1k tokens/s against 54.0k without, every few steps one that took twice as
+    long, so auto leaves them off with a level. cuda_graphs=True where one of those holds raises, naming it; "auto"
     turns them on only for a pass of at most `GRAPH_AUTO_MAX_TOKENS` tokens through a model of `parameters` (the
     base's, where known) at most that many tokens' worth of `GRAPH_AUTO_MAX_PARAMETERS` (where the host, not the
     GPU, sets the pace), with none of those, no dropout and no evaluation (both unmeasured under graphs)."""
@@ -346,6 +349,8 @@ def graphs(config: LoraSftConfig, plan: Any, parameters: int | None = None) -> t
             clash.append(f"a pass of {tokens:,} tokens through {parameters / 1e9:.1f}B parameters keeps the GPU busy "
                          f"(auto replays up to {GRAPH_AUTO_MAX_TOKENS:,} tokens' worth of "
                          f"{GRAPH_AUTO_MAX_PARAMETERS / 1e9:.1f}B)")
+        if config.selective_recompute in RECOMPUTE_LEVELS:
+            clash.append(f"selective_recompute={config.selective_recompute!r}, measured slower with them")
         if config.lora_dropout > 0:
             clash.append(f"lora_dropout={config.lora_dropout}")
         if config.eval_data_path or config.eval_split_ratio:

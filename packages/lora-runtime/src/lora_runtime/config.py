@@ -159,9 +159,9 @@ class LoraSftConfig:
         "auto", "the compiled path's decoder layers replay CUDA graphs (torch.compile mode reduce-overhead; sample "
         "boundaries padded to a fixed count): one launch a layer instead of one a kernel, for passes the host cannot "
         "keep up with; True asks for the compiled path, in one process with no layer checkpointed or offloaded (pass "
-        "gradient_checkpointing=False; a selective_recompute level replays too); auto = on for a pass of at most 8,192 tokens "
-        "and 8,192 × 1.6B tokens × base parameters, without those, dropout or evaluation (the host sets the pace "
-        "there), else off",
+        "gradient_checkpointing=False; a selective_recompute level replays too); auto = on for a pass of at most "
+        "8,192 tokens and 8,192 × 1.6B tokens × base parameters, without those, a selective_recompute level "
+        "(measured slower with graphs), dropout or evaluation (the host sets the pace there), else off",
         ["auto", True, False])
     max_memory_gib: float | None = _f(
         None, "GPU memory budget per process in GiB; the batch plan fits it and the process is capped to it "
