@@ -290,10 +290,11 @@ COMPILED_WORKING_SCALE = 2.0
 # selective_recompute="most" (compiled.LEVEL_BUDGETS): a layer's backward recomputes its projections, RoPE and
 # pointwise work in one compiled graph; with its recomputed activations and their gradients it holds 1.86 layers'
 # worth at once with LoRA B folded into gate and up (lora_runtime.fused_lora: no LoRA outputs as wide as the MLP among
-# them): fitted with `most_bytes_per_token` to the peaks' growth a row without offload. Through lora_sft on one H100,
-# measured peak against this estimate (every one above): Qwen2.5-1.5B shape without offload, 4, 8 and 16 rows 6.23 /
-# 6.70, 9.31 / 9.73 and 15.48 / 15.80 GiB; 9 rows with 28 layers offloaded 5.97 / 6.38, 6 rows with 27 5.13 / 5.58;
-# Llama-3.1-8B shape, 2 rows of 8,192 with 31 layers offloaded, 20.14 / 21.23, one row with 18 19.85 / 20.90. Before the
+# them): fitted with `most_bytes_per_token` to the peaks' growth a row without offload; no loss chunk beside it (the
+# peak falls in a layer's backward, after the loss). Through lora_sft on one H100, measured peak against this
+# estimate (every one above): Qwen2.5-1.5B shape without offload, 4, 8 and 16 rows 6.23 / 6.41, 9.31 / 9.44 and
+# 15.48 / 15.51 GiB; 10 rows with 28 layers offloaded 6.3 / 6.39, 9 rows 5.97 / 6.09, 6 rows with 27 5.13 / 5.29;
+# Llama-3.1-8B shape, 2 rows of 8,192 with 31 layers offloaded, 20.14 / 20.99, one row with 18 19.85 / 20.66. Before the
 # fold the same runs peaked at 5.95 and 20.72 GiB, about 3 layers' worth (without the Trainer, 4 rows 6.78 GiB on an
 # H100, 6 rows 8.59 on an H200; at budget 0, where a layer keeps 3 kB a token, 8 and 16 rows 7.87 and 12.59 GiB: 200
 # kB a token beyond what the layers keep). Its GPU time a token against a pass without recomputation: on the H200,
@@ -329,8 +330,8 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, level: str = 
     loss's Triton kernel (2 bytes a logit of a chunk, not 8), on an H100: 4 rows 19.6 / 19.7, 16 rows 68.7 / 67.8,
     4 rows with pointwise recompute and 4 layers offloaded 13.6 / 13.8, 8 rows recomputing every layer 7.05 / 7.3,
     4 rows with `level="most"` 6.78 / 6.7 and on an H200 6 rows 8.59 / 8.2 (both before LoRA B was folded: with
-    `MOST_WORKING_SCALE` then at 3); with the fold, through lora_sft, 16 rows 15.48 / 15.80, 6 rows with 27 layers
-    offloaded 5.13 / 5.58.
+    `MOST_WORKING_SCALE` then at 3); with the fold, through lora_sft, 16 rows 15.48 / 15.51, 6 rows with 27 layers
+    offloaded 5.13 / 5.29.
     `level` (selective_recompute): "pointwise", each layer recomputes its pointwise work (`pointwise_bytes_per_token`
     less kept, `POINTWISE_TOKEN_COST`); "most", it keeps `most_bytes_per_token` and its backward holds
     `MOST_WORKING_SCALE` layers' activations while it recomputes the rest (`MOST_TOKEN_COST`), with checkpointing
@@ -349,6 +350,8 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, level: str = 
     if level == "most":
         base += MOST_WORKING_SCALE * layer
     loss_chunk = chunk_tokens(vocab) * vocab * TRANSIENT_BYTES[kernel_usable("cuda")] if fused_loss else 0.0
+    if level == "most":  # its peak falls in a layer's backward, after the loss: the working set, not the loss chunk
+        loss_chunk = 0.0
     # a checkpointed "most" layer's forward runs again keeping its 6h bytes a token, then the same backward: nothing
     # live beyond the working set `base` counts already
     working = 0.0 if level == "most" else COMPILED_WORKING_SCALE * layer
