@@ -34,6 +34,10 @@ OTHER = {
                    "(`python -m benchmarks.gpu.ours MODEL SHARDS OUT --runs auto_nogc_mbauto_cg_bB,auto_nogc_mbauto_bB`, "
                    "MODEL from `common.build_model`): Qwen2.5-1.5B shape, rows of 2048, the harness's lora_sft call "
                    "under a budget of B GiB.",
+    "most-memory": "The allocated peak of `selective_recompute=\"most\"` without offload by pass size, uncapped "
+                   "(`python -m benchmarks.gpu.ours MODEL SHARDS OUT --runs auto_auto_mbN_most_nooff`, MODEL from "
+                   "`common.build_model`): Qwen2.5-1.5B shape, rows of 2048, the harness's lora_sft call; what "
+                   "`batching.most_bytes_per_token` and `MOST_WORKING_SCALE` are fitted to.",
     "partitioner": "What one compiled decoder layer keeps for backward by the partitioner's activation memory "
                    "budget, on a CPU (`python -m benchmarks.partitioner --shape SHAPE --budgets ... --out ...`): the "
                    "shape's layer with LoRA r=16 on the 7 projections, frozen bf16 base under bf16 autocast, "
