@@ -23,10 +23,10 @@ Checkpointing whole layers costs this path more than Unsloth (8 rows, every laye
 Unsloth below that (`prefers`). `selective_recompute` lowers the partitioner's activation memory budget
 (`LEVEL_BUDGETS`): each layer recomputes part of its forward inside its own compiled backward. "pointwise": its
 pointwise work, keeping about a third less, no matmul recomputed (read from the saved tensors on a CPU); "most": all
-but attention, keeping about a tenth (on one H100 without the Trainer, 4 rows a pass ran 47.8k tokens/s at a
+but attention, keeping about an eighth (on one H100 without the Trainer, 4 rows a pass ran 47.8k tokens/s at a
 6.8 GiB peak, 8 rows checkpointing every layer 43.1k at 7.05 GiB). "auto" turns on the first of `choose_levers`'s
-rungs with which a large pass fits. Under 8 GiB that is "most" with 28 of 28 layers' few saved tensors offloaded, 9
-rows a pass: 48.8k tokens/s on an H100, 1.33× the Unsloth loop under the same cap in the same run (36.7k); the
+rungs with which a large pass fits. Under 8 GiB that is "most" with 28 of 28 layers' few saved tensors offloaded, 10
+rows a pass: 50.4k tokens/s on an H100, 1.35× the Unsloth loop under the same cap in the same run (37.2k); the
 Llama-3.1-8B shape at 8,192 tokens under 24 GiB, "most" with 31 of 32 layers offloaded, 2 rows: 12.8k, 1.35× (9.4k).
 Compilation adds 10-30 s to the first steps; the layers
 compile again for the first layer (its input needs no gradient), when the number of packed samples first changes
@@ -229,7 +229,7 @@ def _pass_fits(config: LoraSftConfig, model_config: Any, offloaded: int | None =
 # (the plan without them), offload alone about 0.86× (not chosen by auto), in the same run (ratios of readings since
 # withdrawn there, each about 8/7 high; on one H100 pointwise with 4 offloaded ran 1.41× the Unsloth hand loop under the
 # same cap, `frontier`); 6 layers offloaded at 8,192 tokens a pass cost 10% of a step, 3 nothing, 10 at 16,384 tokens
-# 37%. Under "most" a layer keeps about a tenth as much, so offloading every layer costs the link little: no limit
+# 37%. Under "most" a layer keeps about an eighth as much, so offloading every layer costs the link little: no limit
 # there.
 AUTO_MAX_OFFLOADED = 6
 
@@ -257,8 +257,8 @@ def choose_levers(config: LoraSftConfig) -> tuple[LoraSftConfig, str]:
         return base, ""
     # (level, offload, most offloaded layers for the pass to fit: None = every layer). Under "most" offload goes to the
     # plan even where a pass fits without: offloaded layers let a larger pass fit, and `batching.plan_batch` weighs the
-    # two. On one H100 under 8 GiB (Qwen2.5-1.5B shape, through lora_sft, `frontier`, one run), 9 rows with all 28
-    # layers offloaded ran 48.8k tokens/s, 4 rows without offload (activation_offload=False) 42.3k.
+    # two. On one H100 under 8 GiB (Qwen2.5-1.5B shape, through lora_sft, `frontier`, one run), 10 rows with all 28
+    # layers offloaded ran 50.4k tokens/s, 4 rows without offload (activation_offload=False) 46.4k.
     ladder = [("pointwise", False, 0), ("pointwise", True, AUTO_MAX_OFFLOADED), ("most", True, None),
               ("most", False, 0)] + ([("pointwise", True, None)] if ao is True else [])
     candidates = [(level, offload, most) for level, offload, most in ladder
