@@ -27,5 +27,7 @@ def test_the_most_budget_keeps_the_input_and_attention_output_and_recomputes_pro
     full, most = partitioner.kept(shape, 1.0), partitioner.kept(shape, LEVEL_BUDGETS["most"])
     rank_sized = 7 * partitioner.RANK * 2  # LoRA's x @ A of the 7 projections, bf16
     hidden = 2 * shape["hidden_size"]
-    assert 2 * hidden <= most["bytes_per_token"] <= most_bytes_per_token(SimpleNamespace(**shape)) + rank_sized, most
+    # what the partitioner keeps: the plan's count less the folded gate/up's input (fused_lora keeps it, out of reach)
+    kept = most_bytes_per_token(SimpleNamespace(**shape)) - hidden
+    assert 2 * hidden <= most["bytes_per_token"] <= kept + rank_sized, most
     assert most["backward_matmuls"] > full["backward_matmuls"], (full, most)

@@ -150,6 +150,9 @@ def test_cuda_graphs_follow_the_plan_and_refuse_what_they_cannot_replay(tmp_path
         assert compiled.graphs(LoraSftConfig(model, "d", "o", **other), plain) == (
             False, f"CUDA graphs off (auto: {words})")
     for level in ("pointwise", "most"):  # recomputed inside a layer's compiled backward: replayed where asked for
+        # one backend a setting: Dynamo never serves layers compiled with graphs to a run without, nor the reverse
+        assert compiled.recompute_backend(level, True) is not compiled.recompute_backend(level, False)
+        assert compiled.recompute_backend(level, True) is compiled.recompute_backend(level, True)
         assert compiled.graphs(LoraSftConfig(model, "d", "o", selective_recompute=level), plain) == (
             False, f"CUDA graphs off (auto: selective_recompute={level!r}, measured slower with them)")
         assert compiled.graphs(LoraSftConfig(model, "d", "o", selective_recompute=level, cuda_graphs=True),
@@ -318,8 +321,9 @@ def test_pointwise_recompute_keeps_less_a_layer_and_asks_for_the_compiled_path(t
 def test_most_recompute_keeps_a_layers_input_and_attention_output(tmp_path, a_gpu_with):
     """selective_recompute="most": a layer keeps 3 hidden states a token (6 × 1536 bytes: its input, attention's
     output, the folded gate/up's input), its backward holds 1.86 layers' activations while it recomputes, a pass of
-    8,192 tokens needs 7.9 GiB (5.9 with every layer's few tensors offloaded), and checkpointing on top adds no working set (the checkpointed forward keeps what it keeps anyway),
-    only saves the attention output: never more memory than without."""
+    8,192 tokens needs 7.9 GiB (5.9 with every layer's few tensors offloaded), and checkpointing on top adds no
+    working set (the checkpointed forward keeps what it keeps anyway), only saves the attention output: never more
+    memory than without."""
     from lora_runtime.batching import GIB
 
     _, (keep, most) = _footprints(tmp_path, a_gpu_with, 20, {}, {"selective_recompute": "most"})

@@ -109,14 +109,19 @@ def test_cuda_graphs_replay_the_compiled_layers_with_the_same_numbers(request, t
     steps, each after an update of the LoRA weights, so the graphs are recorded and then replayed on the updated
     weights, each of two passes whose gradients add up (the second pass's replay must not overwrite the first's);
     loss and gradients equal the compiled path without graphs."""
+    from torch._dynamo.utils import counters
+
     model_dir = request.getfixturevalue(model_fixture)
     plain_loss, plain = _loss_and_grads(model_dir, tmp_path, "compile", None, cuda_graphs=False, steps=4,
                                         accumulation=2, selective=selective)
     torch._dynamo.reset()
+    counters.clear()
     loss, graphed = _loss_and_grads(model_dir, tmp_path, "compile", None, cuda_graphs=True, steps=4, accumulation=2,
                                     selective=selective)
     log = capsys.readouterr().out
     assert "each replaying CUDA graphs" in log and "CUDA graphs off (cuda_graphs=False)" in log
+    # recorded, not skipped by Inductor (the log line says what was asked for)
+    assert counters["inductor"]["cudagraph_skips"] == 0 and counters["inductor"]["cudagraph_recorded_non_static_inputs"]
     assert selective == "off" or "recomputed in their backward" in log
     assert loss == pytest.approx(plain_loss, rel=1e-3)
     _assert_close(plain, graphed)

@@ -322,13 +322,13 @@ def graphs(config: LoraSftConfig, plan: Any, parameters: int | None = None) -> t
     """Whether the compiled layers replay CUDA graphs (`cuda_graphs`), and the log's words. A graph replays one fixed
     forward and backward of a layer: not where a checkpointed layer recomputes (its whole forward runs again inside
     backward, outside the graph) or a layer offloads (its saved tensors would stay in the graphs' memory pool), nor in
-    several processes. A selective_recompute level replays (its recomputation is part of the layer's compiled
-    backward) where asked for: through lora_sft on one H100 under 16 GiB (Qwen2.5-1.5B shape, 3 rows with pointwise
-    recompute, 40 steps) graphs ran 34.1k tokens/s against 54.0k without, every few steps one that took twice as
-    long, so auto leaves them off with a level. cuda_graphs=True where one of those holds raises, naming it; "auto"
+    several processes. cuda_graphs=True where one of those holds raises, naming it. A selective_recompute level
+    replays (its recomputation is part of the layer's compiled backward) where asked for: through lora_sft on one H100
+    under 16 GiB (Qwen2.5-1.5B shape, 3 rows with pointwise recompute, 40 steps) graphs ran 34.1k tokens/s against
+    54.0k without, every few steps one that took twice as long, so auto leaves them off with a level. "auto"
     turns them on only for a pass of at most `GRAPH_AUTO_MAX_TOKENS` tokens through a model of `parameters` (the
     base's, where known) at most that many tokens' worth of `GRAPH_AUTO_MAX_PARAMETERS` (where the host, not the
-    GPU, sets the pace), with none of those, no dropout and no evaluation (both unmeasured under graphs)."""
+    GPU, sets the pace), with none of those, no level, no dropout and no evaluation (both unmeasured under graphs)."""
     from lora_runtime.distributed import dist_env
 
     if config.cuda_graphs is False:
@@ -392,7 +392,7 @@ def release(model: Any) -> None:
         from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
         torch._dynamo.reset()  # the compiled layers bound to the graph trees (a graph outlives no tree)
-        reset_cudagraph_trees()  # the trees themselves (reset resets them only for mode="reduce-overhead")
+        reset_cudagraph_trees()  # the trees themselves (older torch resets them only through mode="reduce-overhead")
 
 
 # under CUDA graphs a pass's sample boundaries are padded with empty samples to the next power of two, at least rows ×
