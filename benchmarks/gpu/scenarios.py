@@ -300,13 +300,14 @@ COMPILED_BUDGETS = (40, 24, 16)
 def compiled_plan(s: Session) -> None:
     """The peft backend's compiled path (lora_runtime.compiled), which `backend="auto"` takes where a pass of 8,192
     tokens fits the budget without recomputation, Qwen2.5-1.5B shape, rows of 2048: ours with the usage guide's
-    defaults on the whole card and under 40, 24 and 16 GiB, and with `micro_batch_size=2`, against the Unsloth hand loop
-    with checkpointing at the largest micro batch that fits under the same cap, and the hand loop at micro 2 without
-    checkpointing (packed rows, flash varlen: its fastest micro 2); ours with `selective_recompute="pointwise"` (and
-    `activation_offload=False`) under 24 and 16 GiB (each layer's pointwise work recomputed: larger passes in the same
-    memory), under 16 GiB also with CUDA graphs asked for (auto leaves them off under a level) and with "most" (the
-    largest pass its estimate fits, 13 rows); `micro_batch_size=2` again with `cuda_graphs=False` (auto replays CUDA graphs for that pass: what
-    they are worth) and the defaults with `cuda_graphs=True` (auto leaves them off for a large pass)."""
+    defaults on the whole card and under 40, 24 and 16 GiB, and with `micro_batch_size=2`, against the Unsloth hand
+    loop with checkpointing at the largest micro batch that fits under the same cap, and the hand loop at micro 2
+    without checkpointing (packed rows, flash varlen: its fastest micro 2); ours with `selective_recompute="pointwise"`
+    (and `activation_offload=False`) under 24 and 16 GiB (each layer's pointwise work recomputed: larger passes in the
+    same memory), under 16 GiB also with CUDA graphs asked for (auto leaves them off under a level) and with "most"
+    (the largest pass its estimate fits, 13 rows); `micro_batch_size=2` again with `cuda_graphs=False` (auto replays
+    CUDA graphs for that pass: what they are worth) and the defaults with `cuda_graphs=True` (auto leaves them off for
+    a large pass)."""
     _define_qwen(s)
     s.want("ours", [_ours_run(s)] + [_ours_run(s, budget=b) for b in COMPILED_BUDGETS] + [_ours_run(s, micro="2")]
            + [_ours_run(s, budget=b, level="pointwise", offload=False) for b in (24, 16)]

@@ -141,8 +141,8 @@ class LoraSftConfig:
         "instead of keeping its outputs, with no checkpointing: pointwise = their pointwise work (RMSNorm, SwiGLU's "
         "product), a third less activation memory a layer, no matmul recomputed; most = everything but attention "
         "(projections included), keeping the layer's input, attention's output and the MLP's input, about an eighth "
-        "of a layer; the memory plan counts either; runs the compiled path (CUDA, backend peft or auto, kernels compile or auto, "
-        "lora_dropout 0); auto = where backend auto would otherwise leave the compiled path for lack of memory, the "
+        "of a layer; the memory plan counts either; runs the compiled path (CUDA, backend peft or auto, kernels "
+        "compile or auto, lora_dropout 0); auto = where backend auto would otherwise leave the compiled path for lack of memory, the "
         "first with which a large pass fits: pointwise, with a few offloaded layers, most (with offload for the plan to "
         "weigh, see activation_offload), else off",
         ["auto", "off", *RECOMPUTE_LEVELS])
