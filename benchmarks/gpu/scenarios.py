@@ -28,11 +28,14 @@ def _backend(s: Session) -> str:
 
 def _ours_run(s: Session, gc: str = "auto", micro: str = "auto", budget: float | None = None, q4: bool = False,
               level: str | None = None, offload: bool | None = None, graphs: bool | None = None) -> str:
-    """The run's name for benchmarks.gpu.ours; level (selective_recompute: "off", "pointwise", "most"), offload and
-    graphs: None = their "auto"."""
-    name = f"{_backend(s)}_{gc}_mb{micro}" + ("_q4" if q4 else "")
-    name += {None: "", "pointwise": "_pw", "most": "_most", "off": "_nopw"}[level]
-    name += {None: "", True: "_cg", False: "_nocg"}[graphs] + {None: "", True: "_off", False: "_nooff"}[offload]
+    """The run's name for benchmarks.gpu.ours (its parts from `ours.OPTIONS`, the table its parser reads); level
+    (selective_recompute: "off", "pointwise", "most"), offload and graphs: None = their "auto"."""
+    from benchmarks.gpu.ours import OPTIONS
+
+    part = {option: name for name, option in OPTIONS.items()}
+    asked = [("load_in_4bit", q4 or None), ("selective_recompute", level), ("cuda_graphs", graphs),
+             ("activation_offload", offload)]
+    name = f"{_backend(s)}_{gc}_mb{micro}" + "".join(f"_{part[kv]}" for kv in asked if kv[1] is not None)
     return name + (f"_b{budget:g}" if budget else "")
 
 

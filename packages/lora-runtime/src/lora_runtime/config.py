@@ -142,9 +142,9 @@ class LoraSftConfig:
         "product), a third less activation memory a layer, no matmul recomputed; most = everything but attention "
         "(projections included), keeping the layer's input, attention's output and the MLP's input, about an eighth "
         "of a layer; the memory plan counts either; runs the compiled path (CUDA, backend peft or auto, kernels "
-        "compile or auto, lora_dropout 0); auto = where backend auto would otherwise leave the compiled path for lack of memory, the "
-        "first with which a large pass fits: pointwise, with a few offloaded layers, most (with offload for the plan to "
-        "weigh, see activation_offload), else off",
+        "compile or auto, lora_dropout 0); auto = where backend auto would otherwise leave the compiled path for "
+        "lack of memory, the first with which a large pass fits: pointwise, with a few offloaded layers, most (with "
+        "offload for the plan to weigh, see activation_offload), else off",
         ["auto", "off", *RECOMPUTE_LEVELS])
     activation_offload: bool | str = _f(
         "auto", "the peft backend may keep decoder layers' saved activations in pinned host memory between forward "
