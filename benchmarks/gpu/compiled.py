@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu.compiled MODEL RECORDS OUT [--variants liger_v_m2,flce_v_c_m8_gc,...]
 
-Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][_ol<N>][_cpp][_sg][_cg][_fl|_fl0]
+Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][_ol<N>][_cpp][_sg][_cg][_fl|_fl0][_fa]
   kernels   liger (RoPE, RMSNorm, SwiGLU, fused linear + cross-entropy), flce (liger's fused loss only),
             ck (lora_runtime.chunked_loss), none (transformers' loss over the whole logits)
   _v        packed attention through lora_runtime.attention (aten FlashAttention-2 varlen over one flattened row);
@@ -21,7 +21,8 @@ Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][
   _sg       after warm-up, compiled layers check only the guards that tell their variants apart
             (torch.compiler.set_stance(skip_guard_eval_unsafe=True))
   _fl       LoRA's B product folded into the base GEMM of the widening projections (gate, up: lora_runtime.fused_lora);
-            _fl0 of every projection
+            _fl0 of every projection; _fa also LoRA's A product into the base GEMM of the narrowing ones (k, v under
+            grouped-query attention, down), as the compiled path does without a selective_recompute level
   _cg       the compiled layers replay CUDA graphs (mode="reduce-overhead"; needs _v and _c); every pass has one
             shape: the sample boundaries are padded with empty samples to micro × `CU_CAPACITY`
 Every variant loads the model afresh (liger patches a model type's module; compile wraps layer instances). The first
@@ -65,7 +66,8 @@ def parse(name: str) -> dict:
             "activation_budget": act[0] if act else 1.0, "offload": "off" in parts, "cpp": "cpp" in parts,
             "skip_guards": "sg" in parts, "cudagraphs": "cg" in parts,
             "offloaded_layers": offloaded[0] if offloaded else 0,
-            "fuse_lora": "all" if "fl0" in parts else "widening" if "fl" in parts else None}
+            "fuse_lora": "all" if "fl0" in parts else "widening" if "fl" in parts else None,
+            "fold_a": "fa" in parts}
 
 
 def partitioner(v: dict) -> dict:
@@ -108,7 +110,7 @@ def build(model_dir: str, v: dict):
     if v["fuse_lora"] is not None:
         from lora_runtime import fused_lora
 
-        fused_lora.apply(model, 0.0 if v["fuse_lora"] == "all" else fused_lora.MIN_WIDENING)
+        fused_lora.apply(model, 0.0 if v["fuse_lora"] == "all" else fused_lora.MIN_WIDENING, fold_a=v["fold_a"])
     if v["varlen"]:
         def hook(module, args, kwargs):
             kwargs = dict(kwargs)

@@ -502,14 +502,15 @@ def test_kernels_compile_that_cannot_run_is_refused_before_any_data_work(tmp_pat
 @pytest.mark.parametrize("recompute", [False, True, "pointwise", "most"])
 def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch, capsys, recompute):
     """The whole compiled path through the peft backend on a CPU, fp32: load (registered attention, chunked loss),
-    add_lora (boundaries hook, LoRA B folded into gate and up, layers compiled, with and without recomputation), a
-    pass, a step of SGD, a second pass (the compiled layers read the updated weights) and an evaluation give the plain
-    path's losses and LoRA gradients (those of the second pass within the rounding one step apart leaves). Dynamo
-    traces every layer (aot_eager: no code generation, so it stays fast); the flash kernel is the per-sample SDPA
-    reference. "pointwise": no layer checkpointed, each layer's pointwise work recomputed by the partitioner
-    (aot_eager partitions as Inductor does), which must keep at least `pointwise_bytes_per_token` a token and layer
-    less (fp32 here: twice that) for the same numbers. "most": all but attention recomputed, the layers keeping less
-    again: under 60% of what they keep without it (the reference attention's own tensors stay)."""
+    add_lora (boundaries hook, LoRA B folded into gate and up, A into down, k and v without a level, layers
+    compiled, with and without recomputation), a pass, a step of SGD, a second pass (the compiled layers read the
+    updated weights) and an evaluation give the plain path's losses and LoRA gradients (those of the second pass
+    within the rounding one step apart leaves). Dynamo traces every layer (aot_eager: no code generation, so it
+    stays fast); the flash kernel is the per-sample SDPA reference. "pointwise": no layer checkpointed, each layer's
+    pointwise work recomputed by the partitioner (aot_eager partitions as Inductor does), which must keep at least
+    `pointwise_bytes_per_token` a token and layer less (fp32 here: twice that) for the same numbers. "most": all but
+    attention recomputed, the layers keeping less again: under 60% of what they keep without it (the reference
+    attention's own tensors stay)."""
     import torch._functorch.config
     from lora_runtime.backends.peft import PeftBackend
     from lora_runtime.batching import fixed_plan, pointwise_bytes_per_token
@@ -576,6 +577,9 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
     log = capsys.readouterr().out
     assert "chunked loss" in log and "2 decoder layers compiled" in log and traced >= 2  # training and evaluation
     assert "LoRA B folded into the GEMM of 4 widening projections" in log  # gate and up (intermediate = 2 × hidden)
+    # down (and k, v where they narrow as much) without a level; a level's partitioner would keep their input
+    compiling = [line for line in log.splitlines() if "decoder layers compiled" in line][-1]
+    assert ("LoRA A into the GEMM of" in compiling) == (level == "off"), compiling
     # no layer recomputed: CUDA graphs asked for, the boundaries padded with empty samples (the same numbers)
     assert ("each replaying CUDA graphs" in log) == (recompute is False)
     if level != "off":
@@ -595,9 +599,11 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(evaluated, want_eval, rtol=1e-5, atol=1e-6)
     assert grads.keys() == want_grads.keys() and grads
-    for name, g in grads.items():  # after a step, the two paths' rounding differences show in the gradients
-        tol = {"rtol": 1e-3, "atol": 1e-5} if name.endswith("(second pass)") else {"rtol": 1e-4, "atol": 1e-6}
-        torch.testing.assert_close(g, want_grads[name], **tol, msg=name)
+    for name, g in grads.items():  # after a step, the two paths' rounding differences show in the gradients: within
+        want = want_grads[name]  # 1e-4 of the tensor's largest (the step itself changes them by over a quarter of it)
+        tol = {"rtol": 0.0, "atol": 1e-4 * want.abs().max().item()} if name.endswith("(second pass)") else \
+            {"rtol": 1e-4, "atol": 1e-6}
+        torch.testing.assert_close(g, want, **tol, msg=name)
 
 
 def test_grouped_query_flop_counts_where_torch_asserts_equal_heads(monkeypatch):

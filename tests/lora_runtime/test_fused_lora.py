@@ -53,33 +53,43 @@ def _assert_close(got: list[dict], want: list[dict], tol: float) -> None:
 
 @pytest.fixture
 def folds(monkeypatch) -> list:
-    """Counts the folded GEMMs run (traced, under torch.compile): a fallback to PEFT's forward counts none."""
+    """Names the folded GEMMs run, "b" or "a" a call (traced, under torch.compile): a fallback to PEFT's forward
+    names none."""
     calls: list = []
-    folded = fused_lora.folded_linear
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return folded(*args, **kwargs)
+    def spy(fold: str, function):
+        def run(*args, **kwargs):
+            calls.append(fold)
+            return function(*args, **kwargs)
+        return run
 
-    monkeypatch.setattr(fused_lora, "folded_linear", spy)
+    monkeypatch.setattr(fused_lora, "folded_linear", spy("b", fused_lora.folded_linear))
+    monkeypatch.setattr(fused_lora, "folded_a_linear", spy("a", fused_lora.folded_a_linear))
     return calls
 
 
+@pytest.mark.parametrize("fold_a", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_folded_lora_trains_like_peft_in_fp32(compiled, folds):
-    """The widening projections (gate, up) take the folded GEMM; losses and every LoRA gradient of two passes match
-    PEFT's to fp32 rounding, eager and with each layer traced by Dynamo (aot_eager: the joint graph Inductor gets)."""
+def test_folded_lora_trains_like_peft_in_fp32(compiled, fold_a, folds):
+    """The widening projections (gate, up) take the folded GEMM, with `fold_a` the narrowing ones (k and v of
+    grouped-query attention, down) LoRA A's; losses and every LoRA gradient of two passes match PEFT's to fp32
+    rounding, eager and with each layer traced by Dynamo (aot_eager: the joint graph Inductor gets)."""
     plain = _model()
     folded = copy.deepcopy(plain)
-    names = fused_lora.apply(folded)
-    assert [n.split("layers.")[1] for n in names] == ["0.mlp.gate_proj", "0.mlp.up_proj", "1.mlp.gate_proj",
-                                                      "1.mlp.up_proj"]
+    names = fused_lora.apply(folded, fold_a=fold_a)
+    got = {n.split("layers.")[1]: folded.get_submodule(n).lora_fold for n in names}
+    a = {f"{i}.{name}": "a" for i in (0, 1) for name in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")}
+    assert got == {f"{i}.mlp.{name}": "b" for i in (0, 1) for name in ("gate_proj", "up_proj")} | (a if fold_a else {})
     if compiled:
         torch._dynamo.reset()
         for layer in folded.base_model.model.model.layers:
             layer.compile(backend="aot_eager", fullgraph=True)
     _assert_close(_grads(folded), _grads(plain), 1e-5)
-    assert len(folds) >= (2 if compiled else 2 * 4)  # traced once per layer variant, or every call of 2 passes
+    # traced once per layer variant, or every call of 2 passes
+    assert folds.count("b") >= (2 if compiled else 2 * 4)
+    assert folds.count("a") >= ((3 if compiled else 2 * 6) if fold_a else 0)
+    assert fold_a or "a" not in folds
+    assert all(p.grad is None for p in folded.parameters() if not p.requires_grad)
 
 
 def test_every_projection_can_be_folded_and_a_frozen_weight_gets_no_gradient(folds):
@@ -112,15 +122,18 @@ def _as_compiled():
     return plain, folded
 
 
-def test_folded_lora_under_bf16_autocast_stays_within_bf16_of_peft(folds):
+@pytest.mark.parametrize("fold_a", [False, True])
+def test_folded_lora_under_bf16_autocast_stays_within_bf16_of_peft(fold_a, folds):
     """As lora_runtime.compiled runs it: bf16 autocast with PEFT's cast of the LoRA input to fp32 turned off."""
-    plain, folded = _as_compiled()
+    plain, _ = _as_compiled()
+    folded = copy.deepcopy(plain)
+    fused_lora.apply(folded, fold_a=fold_a)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = _grads(folded, steps=1), _grads(plain, steps=1)
     assert abs(got[0]["loss"].item() - want[0]["loss"].item()) < 0.02
     assert all(g.dtype == torch.float32 for n, g in got[0].items() if "lora_" in n)
     _assert_close(got, want, 0.05)
-    assert len(folds) == 4
+    assert folds.count("b") == 4 and folds.count("a") == (6 if fold_a else 0)
 
 
 def test_without_autocast_the_lora_input_is_cast_as_peft_casts_it():
@@ -135,15 +148,18 @@ def test_without_autocast_the_lora_input_is_cast_as_peft_casts_it():
 
 def _saved_bytes(model) -> int:
     """Bytes the decoder layers, compiled by Inductor as the compiled path compiles them, keep for backward (the
-    storages their saved tensors hold, each counted once). Inductor's own graph passes are what could share one joined weight between the forward
-    and backward graphs: AOTAutograd's partitioner alone does not show it."""
+    storages their saved tensors hold, each counted once, but for the parameters' own, which cost nothing more).
+    Inductor's own graph passes are what could share one joined weight between the forward and backward graphs:
+    AOTAutograd's partitioner alone does not show it."""
     torch._dynamo.reset()
     for layer in model.base_model.model.model.layers:
         layer.compile(fullgraph=True)
     saved: dict = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
     def keep(t: torch.Tensor) -> torch.Tensor:
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     hooks = torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t)
@@ -153,9 +169,13 @@ def _saved_bytes(model) -> int:
     return sum(saved.values())
 
 
-def test_compiled_layers_keep_no_more_for_backward_than_under_pefts_forward():
-    """No joined [W, B] (nor anything else) outlives the forward: the memory plan's per-token counts stay true."""
-    plain, folded = _as_compiled()
+@pytest.mark.parametrize("fold_a", [False, True])
+def test_compiled_layers_keep_no_more_for_backward_than_under_pefts_forward(fold_a):
+    """No joined [W, B] or [W, s A] (nor anything else) outlives the forward: the memory plan's per-token counts
+    stay true."""
+    plain, _ = _as_compiled()
+    folded = copy.deepcopy(plain)
+    assert any(folded.get_submodule(n).lora_fold == "a" for n in fused_lora.apply(folded, fold_a=fold_a)) == fold_a
     assert _saved_bytes(folded) <= _saved_bytes(plain)
 
 

@@ -414,7 +414,9 @@ def finish(model: Any, selective_recompute: str = "off", cuda_graphs: bool = Fal
     for module in model.modules():
         if hasattr(module, "lora_A"):
             module.cast_input_dtype_enabled = False
-    folded = fused_lora.apply(model)
+    # LoRA A folded too only where no level is on: a folded projection keeps its input out of the partitioner's reach
+    folded = fused_lora.apply(model, fold_a=selective_recompute not in LEVEL_BUDGETS)
+    folded_a = sum(model.get_submodule(name).lora_fold == "a" for name in folded)
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     # every layer shares one compiled code object; its variants (first layer without input gradient, training and
     # evaluation, recomputed or not, a pass of another shape) must stay under the limit or layers fall back to eager
@@ -422,8 +424,10 @@ def finish(model: Any, selective_recompute: str = "off", cuda_graphs: bool = Fal
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 32))
     words = f"{len(layers)} decoder layers compiled"
-    if folded:
-        words += f", LoRA B folded into the GEMM of {len(folded)} widening projections"
+    if len(folded) > folded_a:
+        words += f", LoRA B folded into the GEMM of {len(folded) - folded_a} widening projections"
+    if folded_a:
+        words += f", LoRA A into the GEMM of {folded_a} narrowing ones"
     options: dict[str, Any] = {}
     if selective_recompute in LEVEL_BUDGETS:
         grouped_query_flop_counts()  # the budget's solver counts each op's flops

@@ -7,7 +7,18 @@ out) and a pointwise kernel reads both back to add them; for an MLP's gate and u
 passes over tokens × intermediate are most of the memory traffic of the SwiGLU kernels. LoRA A runs inside the same
 autograd Function, whose backward is its own: no gradient of W is formed, and a layer keeps for backward what it
 keeps under PEFT's forward (x, which LoRA A's gradient needs anyway). The joined input costs a copy of x (in wide),
-which is why a projection qualifies only where out ≥ `MIN_WIDENING` × in.
+which is why a projection qualifies only where out ≥ `MIN_WIDENING` × in. Its backward reads the output's gradient
+once for both grad @ W and grad @ B (one GEMM over [B, W]).
+
+With `fold_a`, LoRA's A product is folded the other way into the projections that narrow (down: in ≥
+`MIN_WIDENING` × out):
+
+    [x W^T, s x A^T] = x @ [W, s A]^T,    y = x W^T + (s x A^T) B^T
+
+one pass over the wide x where PEFT's forward reads it twice, and in backward one GEMM over [s A, W] writes x's
+gradient once where PEFT writes two and adds them. Its input is then kept by the Function, out of the reach of
+Inductor's partitioner: a `selective_recompute` level, which recomputes the MLP's pointwise work rather than keep
+the wide SwiGLU product, would keep it anyway, so `lora_runtime.compiled` folds A only where no level is on.
 
 Plain PyTorch: `apply` swaps the forward of qualifying PEFT `lora.Linear` modules (`qualifies`: not those with LoRA
 dropout, nor over a wrapped or hooked base layer). At a call, a LoRA variant (DoRA), a LoRA bias, a trainable base
@@ -53,15 +64,64 @@ class _FoldedLora(torch.autograd.Function):
         grad, x, a = grad.to(dtype), x.to(dtype), lora_a.to(dtype)
         rows = grad.reshape(-1, grad.shape[-1])
         flat_x = x.reshape(-1, x.shape[-1])
-        grad_xa = (grad @ lora_b.to(dtype)) * scale  # the gradient of x A^T
+        # grad @ B and grad @ W in one pass over grad; [B, W], not the forward's [W, B], which a compiled graph
+        # would share between forward and backward and keep
+        both = grad @ torch.cat([lora_b.to(dtype), weight.to(dtype)], 1)
+        rank = lora_b.shape[1]
+        grad_xa = both[..., :rank] * scale  # the gradient of x A^T
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight.to(dtype) + grad_xa @ a).to(ctx.x_dtype)
+            grad_x = (both[..., rank:] + grad_xa @ a).to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:
             grad_a = (grad_xa.reshape(-1, grad_xa.shape[-1]).t() @ flat_x).to(lora_a.dtype)
         if ctx.needs_input_grad[4]:
             grad_b = (rows.t() @ (F.linear(flat_x, a) * scale)).to(lora_b.dtype)
         return grad_x, None, None, grad_a, grad_b, None, None
+
+
+class _FoldedLoraA(torch.autograd.Function):
+    """[x W^T, s x A^T] = x @ [W, s A]^T, y = x W^T + (s x A^T) B^T + bias in `dtype`, W and bias frozen:
+    gradients for x, A and B. It keeps x, the weights and s x A^T (a copy: tokens × r)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        ctx.scale, ctx.dtype, ctx.x_dtype = scale, dtype, x.dtype
+        out_features = weight.shape[0]
+        both = F.linear(x.to(dtype), torch.cat([weight.to(dtype), (lora_a * scale).to(dtype)], 0))
+        xa = both[..., out_features:].contiguous()  # its own storage: a view would keep `both` until backward
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        y = both[..., :out_features] + F.linear(xa, lora_b.to(dtype))
+        return y if bias is None else y + bias.to(dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        dtype, scale = ctx.dtype, ctx.scale
+        grad = grad.to(dtype)
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_xa = grad @ lora_b.to(dtype)  # the gradient of s x A^T
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # [s A, W], not the forward's [W, s A], which a compiled graph would share between the two and keep
+            joined = torch.cat([(lora_a * scale).to(dtype), weight.to(dtype)], 0)
+            grad_x = (torch.cat([grad_xa, grad], -1) @ joined).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            flat_x = x.to(dtype).reshape(-1, x.shape[-1])
+            grad_a = ((grad_xa.reshape(-1, grad_xa.shape[-1]).t() @ flat_x) * scale).to(lora_a.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = (rows.t() @ xa.reshape(-1, xa.shape[-1])).to(lora_b.dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def folded_a_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """x W^T + bias + scale (x A^T) B^T with x A^T from the base GEMM over [W, scale A], without gradients for
+    `weight` or `bias`: in autocast's dtype where it is on, else in `weight`'s."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    with torch.autocast(device, enabled=False):
+        return _FoldedLoraA.apply(x, weight, bias, lora_a, lora_b, scale, dtype)
 
 
 def folded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -85,14 +145,14 @@ def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Ten
             or not (torch.is_autocast_enabled(device) or self.lora_A[name].weight.dtype == x.dtype)):
         # (without autocast, PEFT runs LoRA in the adapter's dtype where it differs from the input's)
         return type(self).forward(self, x, *args, **kwargs)
-    return folded_linear(x, self.base_layer.weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                         self.scaling[name])
+    fold = folded_a_linear if self.lora_fold == "a" else folded_linear
+    return fold(x, self.base_layer.weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                self.scaling[name])
 
 
-def qualifies(module: Any, min_widening: float = MIN_WIDENING) -> bool:
+def _plain(module: Any) -> bool:
     """A PEFT LoRA `Linear` without dropout over a plain `nn.Linear` (not a quantized, otherwise wrapped or hooked
-    one: the folded forward reads its weight and skips its forward) whose output is at least `min_widening` × its
-    input."""
+    one: the folded forward reads its weight and skips its forward) of a floating-point weight."""
     from peft.tuners.lora.layer import Linear
 
     if type(module) is not Linear or type(module.base_layer) is not torch.nn.Linear:
@@ -102,17 +162,30 @@ def qualifies(module: Any, min_widening: float = MIN_WIDENING) -> bool:
         return False
     if not all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values()):
         return False  # PEFT's forward applies the dropout to LoRA's input alone
-    weight = base.weight
-    return (type(weight) is torch.nn.Parameter and weight.dtype.is_floating_point
-            and weight.shape[0] >= min_widening * weight.shape[1])
+    return type(base.weight) is torch.nn.Parameter and base.weight.dtype.is_floating_point
 
 
-def apply(model: Any, min_widening: float = MIN_WIDENING) -> list[str]:
-    """Folds LoRA B into the base GEMM of every qualifying projection of `model` (its instance forward); returns
-    their names."""
+def qualifies(module: Any, min_widening: float = MIN_WIDENING) -> bool:
+    """A plain LoRA linear (`_plain`) whose output is at least `min_widening` × its input: LoRA B can fold."""
+    return _plain(module) and module.base_layer.weight.shape[0] >= min_widening * module.base_layer.weight.shape[1]
+
+
+def qualifies_a(module: Any, min_widening: float = MIN_WIDENING) -> bool:
+    """A plain LoRA linear (`_plain`) whose input is at least `min_widening` × its output: LoRA A can fold."""
+    return _plain(module) and module.base_layer.weight.shape[1] >= min_widening * module.base_layer.weight.shape[0]
+
+
+def apply(model: Any, min_widening: float = MIN_WIDENING, fold_a: bool = False) -> list[str]:
+    """Folds LoRA B into the base GEMM of every qualifying projection of `model` (its instance forward) and, with
+    `fold_a`, LoRA A into the base GEMM of every projection that narrows as much (`qualifies_a`); returns their
+    names. Each folded module's `lora_fold` says which: "b" or "a"."""
     names = []
     for name, module in model.named_modules():
-        if qualifies(module, min_widening) and "forward" not in module.__dict__:  # not over another instance forward
+        if "forward" in module.__dict__:  # not over another instance forward
+            continue
+        fold = "b" if qualifies(module, min_widening) else "a" if fold_a and qualifies_a(module, min_widening) else None
+        if fold:
+            module.lora_fold = fold
             module.forward = types.MethodType(_forward, module)
             names.append(name)
     return names
