@@ -92,6 +92,29 @@ def test_under_cuda_graphs_the_hook_pads_the_boundaries_to_a_fixed_count():
     many.pop("num_tokens")
     cu = hook((), many)[1]["cu_seq_lens_q"].tolist()
     assert len(cu) == 512 + 1 and cu[:3] == [0, 1, 2] and set(cu[300:]) == {300}
+    run = torch.nn.Module()
+    run.graph_segments = 40  # the most a pass of the run holds: every pass gets that shape from the first
+    cu = flatten_hook(keep_seq_lengths=False, boundaries=True, graphs=True)(run, (), _rows())[1]["cu_seq_lens_q"]
+    assert len(cu) == 64 + 1 and cu[:7].tolist() == [0, 11, 28, 37, 48, 68, 96]
+
+
+def test_the_most_segments_a_pass_can_hold_bounds_every_pass(tmp_path):
+    """The densest rows' samples and padding tails: what the collator's `packed_seq_lengths` can reach, and does."""
+    from lora_data import Manifest, ShardWriter
+    from lora_runtime.dataset import PackedShardDataset
+
+    writer = ShardWriter(tmp_path, seq_len=8, pad_id=0)
+    for lens in ([3, 1], [8], [2, 2, 2], [1, 1, 1, 1, 1]):  # 2 samples + tail, 1, 3 + tail, 5 + tail
+        writer.add_row(np.arange(1, sum(lens) + 1), np.ones(sum(lens), np.uint8), seq_lens=lens)
+    Manifest(seq_len=8, pad_id=0, shards=[s.to_dict() for s in writer.close()]).save(tmp_path)
+    data = PackedShardDataset(tmp_path, shuffle=False)
+    assert data.reader.samples_per_row().tolist() == [2, 1, 3, 5]
+    # a full row is counted with a tail too: a bound (the densest rows are rarely full)
+    assert data.most_segments(2) == 6 + 4 and data.most_segments(1) == 6 and data.most_segments(9) == 3 + 2 + 4 + 6
+    rows = [data.reader[i]._asdict() for i in (2, 3)]
+    densest = collate_packed([{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"], "seq_lens": r["seq_lens"]}
+                              for r in rows])
+    assert len(densest["packed_seq_lengths"]) == data.most_segments(2)
 
 
 def test_before_a_replay_every_trainable_parameter_has_a_gradient_buffer_of_its_own():

@@ -237,6 +237,8 @@ class ShardReader:
     >>> r = ShardReader(d)
     >>> len(r), r.seq_len, r[0].input_ids.tolist(), r[0].seq_lens.tolist()  # rows, row length, row 0, its samples
     (1, 5, [4, 5, 6, 9, 0], [3, 1])
+    >>> r.samples_per_row().tolist()
+    [2]
     """
 
     def __init__(self, out_dir: str | Path, *, verify: bool = True) -> None:
@@ -277,6 +279,11 @@ class ShardReader:
     def sample_lengths(self) -> np.ndarray:
         """Lengths of every packed sample, all shards in order (for histograms)."""
         parts = [np.array(s["seg_lens"], dtype=np.int64) for s in self._shards]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def samples_per_row(self) -> np.ndarray:
+        """How many samples each row packs, all shards in order."""
+        parts = [np.diff(np.asarray(s["seg_offsets"], dtype=np.int64)) for s in self._shards]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def _open(self, index: int, entry: dict, verify: bool) -> dict[str, np.ndarray]:

@@ -395,8 +395,10 @@ def release(model: Any) -> None:
         reset_cudagraph_trees()  # the trees themselves (older torch resets them only through mode="reduce-overhead")
 
 
-# under CUDA graphs a pass's sample boundaries are padded with empty samples to the next power of two, at least rows ×
-# this many: a few shapes, each recorded once (FlashAttention's varlen backward sizes a buffer by the slot count)
+# under CUDA graphs a pass's sample boundaries are padded with empty samples to the next power of two of the most a
+# pass of the run can have (`PackedShardDataset.most_segments`), at least rows × this many: one shape, recorded once
+# (FlashAttention's varlen backward sizes a buffer by the slot count). Padded to each pass's own count instead, a
+# pass of 2 rows recorded a second shape at step 27 of 31, and that step took 5 s instead of 0.08
 GRAPH_SAMPLES_PER_ROW = 8
 
 

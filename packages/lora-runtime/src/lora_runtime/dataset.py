@@ -46,6 +46,12 @@ class PackedShardDataset(IterableDataset):
         self.epoch, self.offset = 0, 0
         self._resume: dict[str, int] | None = None
 
+    def most_segments(self, rows: int) -> int:
+        """A bound on the segments a pass of `rows` rows gives the collator's `packed_seq_lengths` (samples and each
+        row's padding tail, counted for a full row too), whichever rows it draws."""
+        counts = np.sort(self.reader.samples_per_row())[::-1][:rows]
+        return int(counts.sum()) + len(counts)
+
     @property
     def step_rows(self) -> int:
         """Rows consumed by one optimizer step over all ranks."""

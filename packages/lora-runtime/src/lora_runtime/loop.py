@@ -92,6 +92,10 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
     else:
         model, tokenizer = backend.load(config, plan)
         model = backend.add_lora(model, config, plan)
+        if getattr(model, "cuda_graphs", False):  # every pass padded to the run's most segments: one graph shape
+            model.graph_segments = dataset.most_segments(plan.micro)
+            print0(f"CUDA graphs: each pass's boundaries padded for {model.graph_segments} segments (samples and "
+                   f"padding tails), the most {plan.micro} rows of this data hold: one shape, recorded once")
     apply_chat_template(config, tokenizer)
     log_plan(config, plan, backend, backend_reason, dataset, manifest, precision)
     resume_step = None

@@ -113,7 +113,8 @@ def flatten_hook(*, keep_seq_lengths: bool, flatten: bool = True, boundaries: bo
     the row length: one value for every batch, so compiled layers need not recompile). With `flatten=False` the
     rows stay as they are (SDPA/eager derive block-diagonal masks per row) and the collator's `packed_seq_lengths`
     is only taken out of the call. With `graphs` (the compiled layers replay CUDA graphs) the boundaries are padded
-    to a fixed count and each forward is a new step of the graph trees (`compiled.before_replay`)."""
+    to a fixed count, at least the model's `graph_segments` (the most a pass of the run can have, where it is set:
+    one shape, recorded once), and each forward is a new step of the graph trees (`compiled.before_replay`)."""
 
     def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:  # positional input_ids: leave the call alone
@@ -123,7 +124,7 @@ def flatten_hook(*, keep_seq_lengths: bool, flatten: bool = True, boundaries: bo
                 from lora_runtime.compiled import before_replay
 
                 before_replay(module)
-            return args, _with_boundaries(kwargs, graphs)
+            return args, _with_boundaries(kwargs, graphs, getattr(module, "graph_segments", 0))
         new = flatten_packed_batch(kwargs) if flatten else None
         if new is None:
             if "packed_seq_lengths" not in kwargs or keep_seq_lengths:
@@ -136,7 +137,7 @@ def flatten_hook(*, keep_seq_lengths: bool, flatten: bool = True, boundaries: bo
     return hook
 
 
-def _with_boundaries(kwargs: dict, graphs: bool = False) -> dict:
+def _with_boundaries(kwargs: dict, graphs: bool = False, segments: int = 0) -> dict:
     import torch
 
     from lora_runtime import attention
@@ -152,7 +153,7 @@ def _with_boundaries(kwargs: dict, graphs: bool = False) -> dict:
     if lengths is None:  # one row without lengths: one sample
         lengths = torch.tensor([row], dtype=torch.int32)
     rows = ids.shape[0] if ids.dim() > 1 else 1
-    slots = max(GRAPH_SAMPLES_PER_ROW * rows, 1 << (len(lengths) - 1).bit_length()) if graphs else None
+    slots = max(GRAPH_SAMPLES_PER_ROW * rows, 1 << (max(len(lengths), segments) - 1).bit_length()) if graphs else None
     new.update(attention.boundaries(lengths, ids.device, max_len=row, samples=slots))
     if not graphs:  # the number of samples changes from batch to batch: compiled layers take it as a dynamic size
         torch._dynamo.maybe_mark_dynamic(new["cu_seq_lens_q"], 0)
