@@ -11,13 +11,16 @@ Five parts, each plain PyTorch:
   first: fp32 matmuls without tensor cores, about a quarter of the GPU time of a step);
 - LoRA's B product is folded into the base GEMM of the widening projections, gate and up (`lora_runtime.fused_lora`):
   no tokens × intermediate LoRA outputs written and read back (without the Trainer on one H100, 16 rows a pass ran
-  64.0k tokens/s against 60.0k, 4 rows 59.2k against 55.9k; folding every projection, 62.0k).
+  64.0k tokens/s against 60.0k, 4 rows 59.2k against 55.9k; folding every projection, 62.0k). Where no
+  `selective_recompute` level is on, LoRA's A product is folded into the base GEMM of the narrowing ones (down; k and
+  v under grouped-query attention): on one H200 without the Trainer, 16 rows a pass ran 79.6k against 77.2k, 4 rows
+  alike (62.6k, 62.8k).
 
 Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048; benchmarks/RESULTS.md, scenarios `compiled-parts` and
-`compiled`): without the Trainer, 2 rows a pass ran 34.3k tokens/s (16.5k without compilation), 16 rows 60.0k.
-Through `lora_sft` on one H100 (`frontier`): 52.8k with micro_batch_size=2 (with CUDA graphs, which
-`cuda_graphs="auto"` turns on for such small passes), 60.3k on the whole card (16 rows a pass), 1.61× the Unsloth
-hand loop in the same run (37.6k), 57.4k under 24 GiB and 56.6k under 16 GiB.
+`compiled`): without the Trainer, 2 rows a pass ran 34.3k tokens/s (16.5k without compilation). Through `lora_sft`
+(`frontier`): on the whole card (16 rows a pass) 71.0k on one H200, 1.65× the Unsloth hand loop in the same run
+(43.0k), and 63.5k on one H100, 1.70× (37.4k); on one H100 52.1k with micro_batch_size=2 (with CUDA graphs, which
+`cuda_graphs="auto"` turns on for such small passes), 57.4k under 24 GiB and 56.4k under 16 GiB.
 Checkpointing whole layers costs this path more than Unsloth (8 rows, every layer recomputed: 33.2k on the H200), so
 `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS` without checkpointing, and
 Unsloth below that (`prefers`). `selective_recompute` lowers the partitioner's activation memory budget
