@@ -21,8 +21,8 @@ Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][
   _sg       after warm-up, compiled layers check only the guards that tell their variants apart
             (torch.compiler.set_stance(skip_guard_eval_unsafe=True))
   _fl       LoRA's B product folded into the base GEMM of the widening projections (gate, up: lora_runtime.fused_lora);
-            _fl0 of every projection; _fa also LoRA's A product into the base GEMM of the narrowing ones (k, v under
-            grouped-query attention, down), as the compiled path does without a selective_recompute level
+            _fl0 of every projection; with _fl, _fa also LoRA's A product into the base GEMM of the narrowing ones
+            (k, v under grouped-query attention, down), as the compiled path does without a selective_recompute level
   _cg       the compiled layers replay CUDA graphs (mode="reduce-overhead"; needs _v and _c); every pass has one
             shape: the sample boundaries are padded with empty samples to micro × `CU_CAPACITY`
 Every variant loads the model afresh (liger patches a model type's module; compile wraps layer instances). The first
@@ -61,6 +61,8 @@ def parse(name: str) -> dict:
     offloaded = [int(p[2:]) for p in parts if p.startswith("ol") and p[2:].isdigit()]
     if "cg" in parts and not {"v", "c"} <= set(parts):
         raise ValueError(f"{name}: _cg replays the compiled layers' graphs over padded boundaries: it needs _v and _c")
+    if "fa" in parts and "fl" not in parts:
+        raise ValueError(f"{name}: _fa folds LoRA A beside _fl's B: it needs _fl (under _fl0 every projection folds B)")
     return {"kernels": parts[0], "varlen": "v" in parts, "compile": "c" in parts, "autocast": "a" in parts,
             "micro": micro, "gc": "gc" in parts, "budget_gib": budget[0] if budget else None,
             "activation_budget": act[0] if act else 1.0, "offload": "off" in parts, "cpp": "cpp" in parts,

@@ -102,6 +102,7 @@ def test_the_most_segments_a_pass_can_hold_bounds_every_pass(tmp_path):
     """The densest rows' samples and padding tails: what the collator's `packed_seq_lengths` can reach, and does."""
     from lora_data import Manifest, ShardWriter
     from lora_runtime.dataset import PackedShardDataset
+    from torch.utils.data import DataLoader
 
     writer = ShardWriter(tmp_path, seq_len=8, pad_id=0)
     for lens in ([3, 1], [8], [2, 2, 2], [1, 1, 1, 1, 1]):  # 2 samples + tail, 1, 3 + tail, 5 + tail
@@ -110,11 +111,15 @@ def test_the_most_segments_a_pass_can_hold_bounds_every_pass(tmp_path):
     data = PackedShardDataset(tmp_path, shuffle=False)
     assert data.reader.samples_per_row().tolist() == [2, 1, 3, 5]
     # a full row is counted with a tail too: a bound (the densest rows are rarely full)
-    assert data.most_segments(2) == 6 + 4 and data.most_segments(1) == 6 and data.most_segments(9) == 3 + 2 + 4 + 6
+    assert data.most_segments(2) == 6 + 4 and data.most_segments(1) == 6 and data.most_segments(4) == 3 + 2 + 4 + 6
     rows = [data.reader[i]._asdict() for i in (2, 3)]
     densest = collate_packed([{"input_ids": r["input_ids"], "loss_mask": r["loss_mask"], "seq_lens": r["seq_lens"]}
                               for r in rows])
     assert len(densest["packed_seq_lengths"]) == data.most_segments(2)
+    # fewer rows than a pass: the dataset serves some twice in it (more than 15, each row once), the bound too
+    nine = PackedShardDataset(tmp_path, shuffle=False, micro_batch_size=9)
+    (pass_of_nine,) = DataLoader(nine, batch_size=9, collate_fn=collate_packed)
+    assert 15 < len(pass_of_nine["packed_seq_lengths"]) <= nine.most_segments(9) == 2 * (5 + 3 + 2 + 1) + 5 + 9
 
 
 def test_before_a_replay_every_trainable_parameter_has_a_gradient_buffer_of_its_own():

@@ -1,4 +1,5 @@
-"""lora_runtime.fused_lora: LoRA's B product folded into the base GEMM gives PEFT's losses and gradients."""
+"""lora_runtime.fused_lora: LoRA's B product (and, with `fold_a`, its A product) folded into the base GEMM gives
+PEFT's losses and gradients."""
 
 from __future__ import annotations
 

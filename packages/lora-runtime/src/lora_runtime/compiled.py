@@ -407,7 +407,8 @@ GRAPH_SAMPLES_PER_ROW = 8
 
 def finish(model: Any, selective_recompute: str = "off", cuda_graphs: bool = False) -> str:
     """After LoRA and checkpointing are set: LoRA inputs stay bf16 (autocast runs the matmuls on the fp32 adapters),
-    LoRA B is folded into the base GEMM of the widening projections (`fused_lora`) and every decoder layer is
+    LoRA B is folded into the base GEMM of the widening projections (`fused_lora`; without a level, LoRA A into
+    that of the narrowing ones) and every decoder layer is
     compiled; with a `selective_recompute` level by `recompute_backend` (the
     partitioner's activation memory budget for these layers' graphs only); with `cuda_graphs`, in Inductor's
     reduce-overhead mode (CUDA graph trees: each layer's kernels launched as one graph). Returns the log's words."""

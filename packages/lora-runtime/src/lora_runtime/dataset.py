@@ -48,9 +48,10 @@ class PackedShardDataset(IterableDataset):
 
     def most_segments(self, rows: int) -> int:
         """A bound on the segments a pass of `rows` rows gives the collator's `packed_seq_lengths` (samples and each
-        row's padding tail, counted for a full row too), whichever rows it draws."""
-        counts = np.sort(self.reader.samples_per_row())[::-1][:rows]
-        return int(counts.sum()) + len(counts)
+        row's padding tail, counted for a full row too), whichever rows it draws; a set of fewer rows than a pass
+        serves some twice in it."""
+        counts = np.resize(np.sort(self.reader.samples_per_row())[::-1], rows)
+        return int(counts.sum()) + rows
 
     @property
     def step_rows(self) -> int:

@@ -46,8 +46,8 @@ class _FoldedLora(torch.autograd.Function):
     """y = [x, s x A^T] @ [W, B]^T + bias in `dtype` with W and bias frozen: gradients for x, A and B. It keeps x
     and the weights alone (x A^T is recomputed in backward, a GEMM of rank r): a kept x A^T would be, under
     Inductor, a view of the joined input, and would keep that whole copy of x until backward. The backward runs
-    grad @ W and grad @ B apart, not one GEMM over the joined weight, which one compiled graph would share with the
-    forward's and keep too."""
+    grad @ W and grad @ B as one GEMM over [B, W], the forward's joined weight in the other order: the same [W, B]
+    one compiled graph would share with the forward's and keep."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,

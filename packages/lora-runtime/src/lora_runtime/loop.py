@@ -93,9 +93,11 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
         model, tokenizer = backend.load(config, plan)
         model = backend.add_lora(model, config, plan)
         if getattr(model, "cuda_graphs", False):  # every pass padded to the run's most segments: one graph shape
-            model.graph_segments = dataset.most_segments(plan.micro)
+            passes = [(dataset, plan.micro)] + ([] if eval_dataset is None else
+                                                [(eval_dataset, config.per_device_eval_batch_size or plan.micro)])
+            model.graph_segments = max(data.most_segments(rows) for data, rows in passes)
             print0(f"CUDA graphs: each pass's boundaries padded for {model.graph_segments} segments (samples and "
-                   f"padding tails), the most {plan.micro} rows of this data hold: one shape, recorded once")
+                   "padding tails), the most a pass of this data holds: one shape, recorded once")
     apply_chat_template(config, tokenizer)
     log_plan(config, plan, backend, backend_reason, dataset, manifest, precision)
     resume_step = None
