@@ -453,3 +453,28 @@ def test_total_flos_counts_the_parameters_once(tiny_llama_dir, llama_shards, tmp
     assert calls.count({"exclude_embeddings": True}) == 1
     rows = _runs.RUN["micro_batch_size"] * _runs.RUN["gradient_accumulation_steps"] * 3
     assert captured["flos"] == 6 * captured["params"] * rows * _runs.RUN["max_seq_len"]
+
+
+def test_a_run_that_replays_cuda_graphs_pads_every_pass_for_the_densest_one(tiny_llama_dir, llama_shards, tmp_path,
+                                                                              capsys, monkeypatch):
+    """loop.train gives the model the most segments a training or evaluation pass of the run can hold, which the
+    boundaries hook pads every pass to (one graph shape); the run is marked as the compiled path marks one that
+    replays CUDA graphs (a CPU has none to replay)."""
+    from lora_runtime.backends.peft import PeftBackend
+    from lora_runtime.dataset import PackedShardDataset
+
+    add_lora, models = PeftBackend.add_lora, []
+
+    def graphed(self, model, config, plan):
+        model = add_lora(self, model, config, plan)
+        model.cuda_graphs = True
+        models.append(model)
+        return model
+
+    monkeypatch.setattr(PeftBackend, "add_lora", graphed)
+    lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "out"),
+             **{**_runs.RUN, "max_steps": 1, "eval_data_path": str(llama_shards), "per_device_eval_batch_size": 5})
+    data = PackedShardDataset(llama_shards)
+    want = max(data.most_segments(2), data.most_segments(5))
+    assert want > data.most_segments(2)  # the evaluation's passes of 5 rows set it
+    assert models[0].graph_segments == want and f"padded for {want} segments" in capsys.readouterr().out
