@@ -401,17 +401,17 @@ def release(model: Any) -> None:
 # under CUDA graphs a pass's sample boundaries are padded with empty samples to the next power of two of the most a
 # pass of the run can have (`PackedShardDataset.most_segments`), at least rows × this many: one shape, recorded once
 # (FlashAttention's varlen backward sizes a buffer by the slot count). Padded to each pass's own count instead, a
-# pass of 2 rows recorded a second shape at step 27 of 31, and that step took 5 s instead of 0.08
+# pass of 2 rows recorded a second shape at step 27 of 31, and that step took 5 s instead of 0.08 s
 GRAPH_SAMPLES_PER_ROW = 8
 
 
 def finish(model: Any, selective_recompute: str = "off", cuda_graphs: bool = False) -> str:
     """After LoRA and checkpointing are set: LoRA inputs stay bf16 (autocast runs the matmuls on the fp32 adapters),
     LoRA B is folded into the base GEMM of the widening projections (`fused_lora`; without a level, LoRA A into
-    that of the narrowing ones) and every decoder layer is
-    compiled; with a `selective_recompute` level by `recompute_backend` (the
-    partitioner's activation memory budget for these layers' graphs only); with `cuda_graphs`, in Inductor's
-    reduce-overhead mode (CUDA graph trees: each layer's kernels launched as one graph). Returns the log's words."""
+    that of the narrowing ones) and every decoder layer is compiled; with a `selective_recompute` level by
+    `recompute_backend` (the partitioner's activation memory budget for these layers' graphs only); with
+    `cuda_graphs`, in Inductor's reduce-overhead mode (CUDA graph trees: each layer's kernels launched as one graph).
+    Returns the log's words."""
     import torch._dynamo
     from transformers.modeling_layers import GradientCheckpointingLayer
 

@@ -10,8 +10,8 @@ keeps under PEFT's forward (x, which LoRA A's gradient needs anyway). The joined
 which is why a projection qualifies only where out ≥ `MIN_WIDENING` × in. Its backward reads the output's gradient
 once for both grad @ W and grad @ B (one GEMM over [B, W]).
 
-With `fold_a`, LoRA's A product is folded the other way into the projections that narrow (down: in ≥
-`MIN_WIDENING` × out):
+With `fold_a`, LoRA's A product is folded the other way into the projections that narrow (in ≥ `MIN_WIDENING` ×
+out: down, and k and v under grouped-query attention):
 
     [x W^T, s x A^T] = x @ [W, s A]^T,    y = x W^T + (s x A^T) B^T
 
