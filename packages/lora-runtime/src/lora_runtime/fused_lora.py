@@ -116,24 +116,26 @@ class _FoldedLoraA(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
-def folded_a_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                    lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """x W^T + bias + scale (x A^T) B^T with x A^T from the base GEMM over [W, scale A], without gradients for
-    `weight` or `bias`: in autocast's dtype where it is on, else in `weight`'s."""
+def _apply(function: Any, x: torch.Tensor, weight: torch.Tensor, *rest: Any) -> torch.Tensor:
+    """`function` (a folded GEMM) in autocast's dtype where it is on (as F.linear would run), else in `weight`'s."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     with torch.autocast(device, enabled=False):
-        return _FoldedLoraA.apply(x, weight, bias, lora_a, lora_b, scale, dtype)
+        return function.apply(x, weight, *rest, dtype)
+
+
+def folded_a_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """x W^T + bias + scale (x A^T) B^T with x A^T from the base GEMM over [W, scale A], without gradients for
+    `weight` or `bias` (`_apply`'s dtype)."""
+    return _apply(_FoldedLoraA, x, weight, bias, lora_a, lora_b, scale)
 
 
 def folded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                   lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """x W^T + bias + scale (x A^T) B^T as one GEMM over [x, scale x A^T], without gradients for `weight` or
-    `bias`: in autocast's dtype where it is on (as F.linear would run), else in `weight`'s."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    with torch.autocast(device, enabled=False):
-        return _FoldedLora.apply(x, weight, bias, lora_a, lora_b, scale, dtype)
+    `bias` (`_apply`'s dtype)."""
+    return _apply(_FoldedLora, x, weight, bias, lora_a, lora_b, scale)
 
 
 def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
