@@ -1,8 +1,8 @@
 """The transformers + PEFT path with its host overhead taken out, measured variant by variant in one process:
 
-    python -m benchmarks.gpu.compiled MODEL RECORDS OUT [--variants liger_v_m2,flce_v_c_m8_gc,...]
+    python -m benchmarks.gpu.compiled MODEL RECORDS_OR_SHARDS OUT [--variants liger_v_m2,flce_v_c_m8_gc,...]
 
-Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][_ol<N>][_cpp][_sg][_cg][_fl|_fl0][_fa]
+Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][_ol<N>][_cpp][_sg][_cg][_fl|_fl0][_fa][_lh][_inputs|_all][_clip]
   kernels   liger (RoPE, RMSNorm, SwiGLU, fused linear + cross-entropy), flce (liger's fused loss only),
             ck (lora_runtime.chunked_loss), none (transformers' loss over the whole logits)
   _v        packed attention through lora_runtime.attention (aten FlashAttention-2 varlen over one flattened row);
@@ -25,6 +25,17 @@ Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][
             (k, v under grouped-query attention, down), as the compiled path does without a selective_recompute level
   _cg       the compiled layers replay CUDA graphs (mode="reduce-overhead"; needs _v and _c); every pass has one
             shape: the sample boundaries are padded with empty samples to micro × `CU_CAPACITY`
+  _lh       lora_sft's own varlen hook (backends.base.flatten_hook) fed [micro, 2048] rows, as lora_sft's collator does
+  _inputs   (lora-data shards) the loss on every token of a sample but its first (lora-data's train_on_inputs);
+            _all on every non-padding token, as records JSONL always are. Without either, shards train where
+            lora_sft does: their loss mask, never a sample's first token (lora_runtime.collate.labels). On one H100
+            the varlen feed (_v, eager or compiled, either hook) with every non-padding token labelled had NaN
+            gradients in the first step and a NaN loss from the second; with lora_sft's labels it trained (SDPA rows
+            trained either way): `grads_nonfinite_step1` and `loss_nonfinite_step` report it
+  _clip     gradients clipped to norm 0.3 before each step, as lora_sft does by default (AdamW runs at a fixed 2e-4)
+A run whose loss turned NaN is no measure of speed: a GEMM over NaN draws less power and clocks higher on a
+power-capped card (benchmarks.gpu.common.first_nonfinite). Rows recorded before the labels above were lora_sft's
+(records JSONL, every token labelled, varlen) read high for that reason.
 Every variant loads the model afresh (liger patches a model type's module; compile wraps layer instances). The first
 step's loss is the same for every variant up to bf16 noise (LoRA B starts at zero): `loss_first` is the check.
 """
@@ -35,10 +46,12 @@ import argparse
 import gc
 import time
 import traceback
+from pathlib import Path
 
 from benchmarks.gpu import common, loops
 
 SEQ_LEN = 2048
+CLIP = 0.3  # _clip: lora_sft's (training-hub's) max_grad_norm
 CU_CAPACITY = 128  # under _cg a pass holds at most micro × this many samples (more fail the variant)
 
 
@@ -61,6 +74,8 @@ def parse(name: str) -> dict:
     offloaded = [int(p[2:]) for p in parts if p.startswith("ol") and p[2:].isdigit()]
     if "cg" in parts and not {"v", "c"} <= set(parts):
         raise ValueError(f"{name}: _cg replays the compiled layers' graphs over padded boundaries: it needs _v and _c")
+    if "lh" in parts and ("v" not in parts or "cg" in parts):
+        raise ValueError(f"{name}: _lh is lora_sft's varlen hook: it needs _v, and graphs are not set up for it here")
     if "fa" in parts and "fl" not in parts:
         raise ValueError(f"{name}: _fa folds LoRA A beside _fl's B: it needs _fl (under _fl0 every projection folds B)")
     return {"kernels": parts[0], "varlen": "v" in parts, "compile": "c" in parts, "autocast": "a" in parts,
@@ -69,7 +84,7 @@ def parse(name: str) -> dict:
             "skip_guards": "sg" in parts, "cudagraphs": "cg" in parts,
             "offloaded_layers": offloaded[0] if offloaded else 0,
             "fuse_lora": "all" if "fl0" in parts else "widening" if "fl" in parts else None,
-            "fold_a": "fa" in parts}
+            "fold_a": "fa" in parts, "clip": "clip" in parts, "lora_hook": "lh" in parts, "labels": "inputs" if "inputs" in parts else "all" if "all" in parts else None}
 
 
 def partitioner(v: dict) -> dict:
@@ -113,7 +128,9 @@ def build(model_dir: str, v: dict):
         from lora_runtime import fused_lora
 
         fused_lora.apply(model, 0.0 if v["fuse_lora"] == "all" else fused_lora.MIN_WIDENING, fold_a=v["fold_a"])
-    if v["varlen"]:
+    if v["varlen"] and v["lora_hook"]:
+        model.register_forward_pre_hook(flatten_hook(keep_seq_lengths=False, boundaries=True), with_kwargs=True)
+    elif v["varlen"]:
         def hook(module, args, kwargs):
             kwargs = dict(kwargs)
             kwargs.update(attention.boundaries(kwargs.pop("packed_seq_lengths"), "cuda"))
@@ -143,11 +160,18 @@ def build(model_dir: str, v: dict):
     return model
 
 
-def batches(data, micro: int, varlen: bool):
-    """loops' packed batches ([1, micro·2048]) for varlen; the same rows as [micro, 2048] for SDPA masks."""
-    ids, lens, pad_id = data
-    for kw, real in loops.make_batches(ids, lens, micro, "packed", pad_id):
-        if not varlen:
+def batches(data, micro: int, varlen: bool, rows: bool = False, labels: str | None = None):
+    """loops' packed batches ([1, micro·2048]) for varlen; the same rows as [micro, 2048] for SDPA masks, or with
+    `rows` for lora_sft's varlen hook (it flattens them and makes the boundaries from `packed_seq_lengths`)."""
+    ids, lens, pad_id, label_rows = data
+    if label_rows is not None and labels != "all":  # shards: lora_sft's labels unless every token is asked for
+        label_rows = label_rows[labels or "mask"]
+    elif labels == "inputs":
+        raise ValueError("_inputs needs lora-data shards (records JSONL carry no sample boundaries to mask)")
+    else:
+        label_rows = None
+    for kw, real in loops.make_batches(ids, lens, micro, "packed", pad_id, label_rows):
+        if not varlen or rows:
             kw = {k: (t.reshape(micro, -1) if k != "packed_seq_lengths" else t) for k, t in kw.items()}
         yield kw, real
 
@@ -173,9 +197,11 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
 
         grouped_query_flop_counts()
     settings = contextlib.ExitStack()  # read when the layers compile, at the first steps
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0, fused=True)
-    feed = batches(data, v["micro"], v["varlen"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
+    feed = batches(data, v["micro"], v["varlen"], v["lora_hook"], v["labels"])
     meter = common.StepMeter(warmup=warmup)
+    checked: list = []
 
     def step():
         kw, real = next(feed)
@@ -184,6 +210,11 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=v["autocast"]):
             loss = model(**kw).loss
         loss.backward()
+        if not checked:  # the first step's gradients, before any update: which are NaN or infinite (one sync)
+            checked.extend(n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all())
+            checked.append(None)
+        if v["clip"]:
+            torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return real, loss
@@ -202,7 +233,8 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
             meter.step(real, loss.detach())
         steady = sorted(host[warmup + 1:]) or [0.0]
         out = {"variant": name, **v, "memory_fraction": fraction, "build_s": build_s, **meter.summary(),
-               "host_s_median": steady[len(steady) // 2], **common.memory()}
+               "host_s_median": steady[len(steady) // 2], **common.memory(),
+               "grads_nonfinite_step1": len(checked) - 1, "grads_nonfinite_names": checked[:4]}
         if v["offloaded_layers"]:
             from lora_runtime.offload import host_link_bandwidth
 
@@ -250,10 +282,28 @@ def _kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
+def shard_rows(shards: str):
+    """The rows of lora-data shards (ids [R, seq_len] int64, per-row sample lengths, pad id, lora_sft's labels):
+    the token stream lora_sft trains on."""
+    import numpy as np
+    from lora_data.shards import ShardReader
+    from lora_runtime.collate import labels
+
+    reader = ShardReader(shards)
+    if reader.seq_len != SEQ_LEN:
+        raise ValueError(f"{shards}: rows of {reader.seq_len}, this benchmark packs {SEQ_LEN}")
+    rows = list(reader)
+    ids = np.stack([r.input_ids.astype(np.int64) for r in rows])
+    every = [np.ones_like(r.loss_mask) for r in rows]  # lora-data's train_on_inputs: every sample token
+    return (ids, [r.seq_lens.tolist() for r in rows], reader.pad_id,
+            {"mask": np.stack([labels(r.input_ids, r.loss_mask, r.seq_lens) for r in rows]),
+             "inputs": np.stack([labels(r.input_ids, m, r.seq_lens) for r, m in zip(rows, every, strict=True)])})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model_dir")
-    ap.add_argument("records")
+    ap.add_argument("records", help="records JSONL (tokenized and packed here) or a lora-data shards directory")
     ap.add_argument("out")
     ap.add_argument("--variants", default="liger_m2,liger_v_m2,flce_v_c_m2,liger_v_m8,flce_v_c_m8,flce_v_c_m8_gc")
     ap.add_argument("--steps", type=int, default=14)
@@ -265,21 +315,25 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(a.model_dir)
-    samples = common.tokenize(tok, common.read_records(a.records))
-    ids, lens = common.pack_rows(samples, SEQ_LEN, tok.pad_token_id)
+    if (Path(a.records) / "manifest.json").is_file():  # lora-data shards: lora_sft's own token stream
+        ids, lens, pad_id, label_rows = shard_rows(a.records)
+    else:
+        samples = common.tokenize(tok, common.read_records(a.records))
+        ids, lens = common.pack_rows(samples, SEQ_LEN, tok.pad_token_id)
+        pad_id, label_rows = tok.pad_token_id, None
     for name in a.variants.split(","):
         if time.perf_counter() - t0 > a.budget_s:
             common.write_result(a.out, f"compiled_{name}", {"variant": name, "error": "skipped: out of budget"})
             continue
         try:
             target, _, path = (a.profile or "").partition("=")
-            payload = run(a.model_dir, (ids, lens, tok.pad_token_id), name, a.steps, a.warmup,
+            payload = run(a.model_dir, (ids, lens, pad_id, label_rows), name, a.steps, a.warmup,
                           path if target == name else None)
         except Exception as e:
             traceback.print_exc()
             payload = {"variant": name, "error": f"{type(e).__name__}: {e}"[:2000], **common.memory()}
         print({k: payload.get(k) for k in ("variant", "tokens_per_s", "peak_alloc_gib", "step_s_median", "host_s_median",
-                                           "loss_first", "link_gb_s", "offloaded_gib_per_step", "error")}, flush=True)
+                                           "loss_first", "loss_last", "loss_nonfinite_step", "grads_nonfinite_step1", "grads_nonfinite_names", "link_gb_s", "offloaded_gib_per_step", "error")}, flush=True)
         common.write_result(a.out, f"compiled_{name}", payload)
 
 

@@ -75,8 +75,9 @@ def load(model_dir: str, four_bit: bool):
     return model, tok
 
 
-def make_batches(ids, lens, micro: int, layout: str, pad_id: int):
-    """Yield (kwargs for model(...), real token count) forever, cycling over the packed rows."""
+def make_batches(ids, lens, micro: int, layout: str, pad_id: int, label_rows=None):
+    """Yield (kwargs for model(...), real token count) forever, cycling over the packed rows. The labels are every
+    non-padding token, or `label_rows` ([R, seq_len], IGNORE_INDEX where no loss is taken) where given."""
     import torch
 
     n_rows = ids.shape[0]
@@ -85,8 +86,11 @@ def make_batches(ids, lens, micro: int, layout: str, pad_id: int):
         pick = [(i + j) % n_rows for j in range(micro)]
         i += micro
         rows = torch.from_numpy(ids[pick])
-        labels = rows.clone()
-        labels[rows == pad_id] = -100
+        if label_rows is None:
+            labels = rows.clone()
+            labels[rows == pad_id] = -100
+        else:
+            labels = torch.from_numpy(label_rows[pick])
         real = sum(sum(lens[r]) for r in pick)
         if layout == "rows":
             yield {"input_ids": rows.to(DEV, non_blocking=True), "labels": labels.to(DEV, non_blocking=True)}, real

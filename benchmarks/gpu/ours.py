@@ -57,6 +57,7 @@ class Windows:
                 "first_step_unix": self.first_step_unix, "warmup_s": self.ends[first] - self.t_start,
                 "loss_first": self.losses.get(min(self.losses, default=0)),
                 "loss_last": self.losses.get(max(self.losses, default=0)),
+                "loss_nonfinite_step": common.first_nonfinite(sorted(self.losses.items())),
                 "logged_tokens_per_s": self.logged}
 
 

@@ -25,7 +25,11 @@ OTHER = {
     "compiled-parts": "What each part of the compiled path is worth, without the Trainer around it (`python -m "
                       "benchmarks.gpu.compiled MODEL RECORDS OUT --variants ...`, MODEL from `common.build_model`): "
                       "Qwen2.5-1.5B shape, rows of 2048, LoRA r=16 on the 7 projections, AdamW fused, one process a "
-                      "variant set, every step synchronised. The note gives the host's time issuing a step.",
+                      "variant set, every step synchronised. The note gives the host's time issuing a step. Rows "
+                      "before 2026-12-06 11:00 fed records JSONL with every non-padding token labelled: on the "
+                      "varlen feed that made the first step's gradients NaN and the loss NaN from step 2 (measured "
+                      "on one H100; a GEMM over NaN draws less power and clocks higher at the power cap), so their "
+                      "speeds read high; run on lora-data shards (lora_sft's labels) since.",
     "trainer-overhead": "Where `lora_sft` on the compiled path loses time against the same path without the Trainer "
                         "(`compiled-parts`): `python -m benchmarks.gpu.profile` (the run under torch.profiler, GPU busy "
                         "time against wall time, host waits by stack) and `benchmarks.gpu.ours` with another logging "
@@ -82,6 +86,8 @@ def _details(r: dict) -> str:
         out += [f"{k.replace('resolved_', '')} {v}" for k, v in picked.items()]
         if cfg.get("note"):  # what a correction of the row changed
             out.append(str(cfg["note"]))
+    if r.get("loss_nonfinite_step") is not None:
+        out.append(f"**loss NaN/inf from step {r['loss_nonfinite_step']}**: not a training speed")
     if r.get("error"):
         out.append("**error**: " + str(r["error"]).replace("|", "/").replace("\n", " ")[:160])
     return "; ".join(out)

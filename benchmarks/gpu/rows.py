@@ -45,6 +45,8 @@ def make_row(scenario: str, name: str, role: str, payload: dict, **fields) -> di
                tokens_per_s=payload.get("tokens_per_s"),
                peak_gib=payload.get("peak_alloc_gib", payload.get("peak_memory_gib_rank0")),
                warmup_s=payload.get("warmup_s"), error=payload.get("error"))
+    # a run whose loss went NaN is not training and its speed is not comparable (common.first_nonfinite)
+    row.update({k: payload[k] for k in ("loss_first", "loss_last", "loss_nonfinite_step") if k in payload})
     row.update(fields)
     return row
 
