@@ -20,7 +20,8 @@ gradient once where PEFT writes two and adds them. Its input is then kept by the
 Inductor's partitioner: a `selective_recompute` level, which recomputes the MLP's pointwise work rather than keep
 the wide SwiGLU product, would keep it anyway, so `lora_runtime.compiled` folds A only where no level is on. On one
 H200 (Qwen2.5-1.5B shape, without the Trainer; benchmarks/RESULTS.md, compiled-parts) 16 rows of 2048 a pass ran
-79.6k tokens/s with A folded against 77.2k without; 4 rows, where the host sets the pace, alike.
+79.6k tokens/s with A folded against 77.2k without; 4 rows, where the host sets the pace, alike (that feed's loss
+turned NaN from its second step, which reads high alike on both; trained through lora_sft, see `frontier`).
 
 Plain PyTorch: `apply` swaps the forward of qualifying PEFT `lora.Linear` modules (`qualifies`: not those with LoRA
 dropout, nor over a wrapped or hooked base layer). At a call, a LoRA variant (DoRA), a LoRA bias, a trainable base
@@ -38,7 +39,8 @@ import torch.nn.functional as F
 
 # out_features / in_features from which a projection is folded: the copy of x costs less than the passes saved. On one
 # H100 (Qwen2.5-1.5B shape, 16 rows of 2048, without the Trainer; benchmarks/RESULTS.md, compiled-parts) folding gate
-# and up ran 64.0k tokens/s against 60.0k unfolded, folding all 7 projections 62.0k
+# and up ran 64.0k tokens/s against 60.0k unfolded, folding all 7 projections 62.0k (each on a feed whose loss turned
+# NaN from its second step, which reads high: a ranking, not speeds)
 MIN_WIDENING = 2.0
 
 
