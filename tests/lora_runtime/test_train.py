@@ -478,3 +478,41 @@ def test_a_run_that_replays_cuda_graphs_pads_every_pass_for_the_densest_one(tiny
     want = max(data.most_segments(2), data.most_segments(5))
     assert want > data.most_segments(2)  # the evaluation's passes of 5 rows set it
     assert models[0].graph_segments == want and f"padded for {want} segments" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("late", [True, False], ids=["read_late", "read_at_once"])
+def test_a_nan_step_stops_the_run_and_saves_nothing_after_it(tiny_llama_dir, llama_shards, tmp_path, monkeypatch,
+                                                             late):
+    """A LoRA weight turned NaN before step 5 (as a too-high learning rate would): the run stops after step 5 with
+    NonFiniteLossError naming checkpoint-4, writes no checkpoint-6 (due one step later, when a late-read log of step 5
+    is written) and no adapter, and the same call without the fault resumes from checkpoint-4 and trains to the end
+    with finite losses."""
+    import lora_runtime.trainer as trainer_module
+    from lora_runtime.errors import NonFiniteLossError
+    from transformers import TrainerCallback
+
+    class PoisonStep5(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if state.global_step == 4:
+                next(p for n, p in model.named_parameters() if "lora_B" in n).data.fill_(float("nan"))
+
+    monkeypatch.setattr(trainer_module, "DEFERRED_LOG_DEVICES", ("cuda", "cpu") if late else ())
+    out = tmp_path / "run"
+    settings = {**_runs.RUN, "max_steps": 8, "save_steps": 2, "save_total_limit": 2}
+    with pytest.raises(NonFiniteLossError, match=r"stopped at step 5: loss nan.*checkpoint-4, is from before it"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **settings, callbacks=[PoisonStep5()])
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / "adapter_model.safetensors").exists()
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7 if late else 6))  # read late, step 6 ran before 5's log
+    assert all(r["loss"] == r["loss"] for r in rows[:4]) and all(r["loss"] != r["loss"] for r in rows[4:])  # NaN
+    from safetensors.torch import load_file
+
+    kept = load_file(out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in kept.values())
+
+    result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **settings)
+    losses = {r["step"]: r["loss"] for r in read_metrics(result.metrics_path) if "loss" in r}
+    assert result.steps == 8 and sorted(losses) == list(range(1, 9))
+    assert all(v == v for v in losses.values()), losses  # resumed at 5: the NaN rows are cut, every loss finite

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import click
 from lora_data import MANIFEST_NAME, DataError
 from lora_runtime.config import ConfigError, LoraSftConfig, field_names, redacted
-from lora_runtime.errors import CheckpointError, OutOfMemoryHint
+from lora_runtime.errors import CheckpointError, NonFiniteLossError, OutOfMemoryHint
 
 from lora_cli import launch
 from lora_cli.options import (
@@ -42,9 +42,10 @@ class UserError(Exception):
 
 
 # OSError covers what transformers raises for a model or tokenizer it cannot load (and a full disk): one line too.
-# CheckpointError (resume=False on a run dir with checkpoints, a full disk) and OutOfMemoryHint name their fix too.
+# CheckpointError (resume=False on a run dir with checkpoints, a full disk), OutOfMemoryHint and NonFiniteLossError
+# name their fix too.
 USER_ERRORS = (UserError, ConfigFileError, DataError, ConfigError, CheckpointError, OutOfMemoryHint,
-               launch.LaunchError, OSError)
+               NonFiniteLossError, launch.LaunchError, OSError)
 
 
 def _as_option(text: str) -> str:

@@ -7,3 +7,8 @@ class CheckpointError(RuntimeError):
 
 class OutOfMemoryHint(RuntimeError):
     """Out of (GPU) memory in a training step; the message names the knobs. `__cause__` is the original error."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A bf16/fp32 run's gradient norm turned NaN or infinite: training stopped before saving anything from that
+    step on (the message names the newest complete checkpoint and what to change)."""

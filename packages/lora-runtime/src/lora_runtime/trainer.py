@@ -16,7 +16,9 @@ Overrides, each small:
   `data_state.json` (the data position) and the resolved config, and rotates to `save_total_limit`. A full disk
   removes the staging dir and raises CheckpointError saying which complete checkpoint is still intact.
 - `training_step`: an out-of-memory error names the knobs that fix it (micro_batch_size, max_seq_len, load_in_4bit).
-- `train`: resuming from the run's last step (killed after its final checkpoint) trains no extra step.
+- `train`: resuming from the run's last step (killed after its final checkpoint) trains no extra step; a bf16/fp32
+  run whose logged gradient norm turns NaN or infinite stops there, saves nothing more (not even the
+  checkpoint due at that step) and raises NonFiniteLossError naming the newest complete checkpoint (`_check_finite`).
 - with sharding="fsdp", checkpoints gather the LoRA weights and optimizer state to rank 0 and resume loads them into
   the shards (`lora_runtime.sharding`).
 """
@@ -41,7 +43,7 @@ from lora_runtime.collate import collate_packed
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.dataset import EpochDataLoader, PackedShardDataset
 from lora_runtime.distributed import HostCopy, all_reduce_sum, barrier, to_device
-from lora_runtime.errors import OutOfMemoryHint
+from lora_runtime.errors import NonFiniteLossError, OutOfMemoryHint
 from lora_runtime.metrics import MetricsWriter, metrics_row, peak_memory_bytes, whole_run_summary
 
 DEFERRED_LOG_DEVICES = ("cuda",)  # where the host runs ahead of the device (on a CPU a late log gains nothing)
@@ -75,6 +77,7 @@ class PackedTrainer(Trainer):
         self._logged_at: float | None = None  # when the last log was written
         self._flops_per_token: int | None = None  # see floating_point_ops
         self._pending: _PendingLog | None = None  # a step's log waiting for its numbers (`_defer_log`)
+        self._nonfinite: tuple[int, dict[str, float], float | None] | None = None  # see `_check_finite`
 
     # ------------------------------------------------------------------ data
     def _loader(self, dataset: Any, batch_size: int) -> EpochDataLoader:
@@ -167,11 +170,14 @@ class PackedTrainer(Trainer):
             self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_NAME))
             return None
         try:
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                                 ignore_keys_for_eval=ignore_keys_for_eval)
+            out = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                ignore_keys_for_eval=ignore_keys_for_eval)
         finally:  # a step that failed after a late-read log: that finished step's numbers are still written
             with contextlib.suppress(Exception):
                 self._emit_pending(wait=False)
+        if self._nonfinite is not None:
+            raise NonFiniteLossError(self._nonfinite_message())
+        return out
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         if sharding.is_sharded(self.model):
@@ -241,6 +247,8 @@ class PackedTrainer(Trainer):
             # a checkpoint (or the end) holds the loss of every step up to it: a run resumed from it logs the steps
             # after it only, so metrics.jsonl and train_loss read the same as an uninterrupted run's
             self.control.should_log = True
+        if self._nonfinite is not None:  # stopping: nothing evaluates or saves after a non-finite step
+            self.control.should_save = self.control.should_evaluate = False
         if self._defer_log(tr_loss):
             learning_rate = kwargs.get("learning_rate", args[5] if len(args) > 5 else None)
             self._pending = self._read_later(tr_loss, grad_norm, learning_rate)
@@ -349,10 +357,40 @@ class PackedTrainer(Trainer):
             logs["peak_memory_bytes"] = peak_memory_bytes()
             super().log(logs, start_time)
             self.metrics.write(metrics_row(logs, self.state.global_step))
+            self._check_finite(logs)
         else:  # the end-of-run summary (train_runtime, ...) goes to the integrations only, over the whole run
             super().log(whole_run_summary(logs, self.metrics.path), start_time)
         if "loss" in logs:
             self._logged_at = time.perf_counter()
+
+    def _check_finite(self, logs: dict[str, float]) -> None:
+        """A logged gradient norm (or, where none is logged, loss) that is NaN or infinite, in bf16 or fp32: this
+        step's update writes NaN into every LoRA weight (weights already NaN give NaN gradients too), and no later
+        step recovers. Training stops after this step, which neither evaluates nor saves (the log comes first in
+        `_maybe_log_save_evaluate`; a deferred log is written before the next step's save), and `train` raises. A
+        step that saves always logs, so no checkpoint holds weights from a non-finite update. A NaN loss over finite
+        gradients leaves the weights whole and is only logged. fp16 runs are left alone: their loss scaler skips an
+        overflowing step and goes on."""
+        if self.args.fp16 or self._nonfinite is not None or "loss" not in logs:
+            return
+        bad = {k: float(logs[k]) for k in ("loss", "grad_norm") if k in logs and not math.isfinite(float(logs[k]))}
+        if bad and ("grad_norm" in bad or "grad_norm" not in logs):
+            self._nonfinite = (self.state.global_step, bad, logs.get("learning_rate"))
+            self.control.should_training_stop = True
+            self.control.should_save = self.control.should_evaluate = False
+
+    def _nonfinite_message(self) -> str:
+        assert self._nonfinite is not None
+        step, bad, lr = self._nonfinite
+        what = " and ".join(f"{'gradient norm' if k == 'grad_norm' else k} {v}" for k, v in bad.items())
+        at = f" at learning_rate {lr:.3g}" if lr is not None else ""
+        kept = checkpoint.newest_complete(Path(str(self.args.output_dir)))
+        resume = (f"the newest complete checkpoint, {kept}, is from before it: the same call resumes from it once the "
+                  "cause is fixed" if kept else "no checkpoint had been written before it")
+        return (f"training stopped at step {step}: {what}{at}. In {'bf16' if self.args.bf16 else 'fp32'} training "
+                f"AdamW turns every LoRA weight NaN from there on, so nothing from that step on was saved; {resume}. "
+                "Lower learning_rate, keep warmup_steps and max_grad_norm above 0, or look for a broken record; "
+                f"the losses up to it are in {self.metrics.path}")
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
