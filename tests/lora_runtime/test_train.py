@@ -480,38 +480,61 @@ def test_a_run_that_replays_cuda_graphs_pads_every_pass_for_the_densest_one(tiny
     assert models[0].graph_segments == want and f"padded for {want} segments" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("late", [True, False], ids=["read_late", "read_at_once"])
+# (logs read a step late, step whose weights or gradients go bad, what breaks, the error's words, steps logged)
+NAN_CASES = {
+    "read_late": (True, 5, "weight", r"stopped at step 5: loss nan and gradient norm nan", 6),
+    "read_at_once": (False, 6, "weight", r"stopped at step 6: loss nan and gradient norm nan", 6),
+    "gradient_only": (False, 6, "gradient", r"stopped at step 6: gradient norm inf", 6),
+}
+
+
+@pytest.mark.parametrize("case", list(NAN_CASES))
 def test_a_nan_step_stops_the_run_and_saves_nothing_after_it(tiny_llama_dir, llama_shards, tmp_path, monkeypatch,
-                                                             late):
-    """A LoRA weight turned NaN before step 5 (as a too-high learning rate would): the run stops after step 5 with
-    NonFiniteLossError naming checkpoint-4, writes no checkpoint-6 (due one step later, when a late-read log of step 5
-    is written) and no adapter, and the same call without the fault resumes from checkpoint-4 and trains to the end
-    with finite losses."""
+                                                             case):
+    """Checkpoints every 2 steps, 4 steps an epoch, a callback asking for a save at every epoch's end. A LoRA weight
+    turned NaN before step 5 with logs read a step late (step 5's log is written while step 6, which saves, runs),
+    or before step 6 (a step that saves) with logs read at once, or step 6's gradient made infinite over a finite
+    loss: the run stops after that step with NonFiniteLossError naming checkpoint-4, and writes no checkpoint-6, no
+    end-of-epoch checkpoint and no adapter. The same call without the fault resumes from checkpoint-4 and trains to
+    the end with finite losses."""
     import lora_runtime.trainer as trainer_module
     from lora_runtime.errors import NonFiniteLossError
+    from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    class PoisonStep5(TrainerCallback):
+    late, bad_step, what, words, logged = NAN_CASES[case]
+    faulty = []
+
+    class Fault(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            param = next(p for n, p in model.named_parameters() if "lora_B" in n)
+            param.register_hook(lambda g: torch.full_like(g, float("inf")) if faulty else g)
+
         def on_step_begin(self, args, state, control, model=None, **kw):
-            if state.global_step == 4:
-                next(p for n, p in model.named_parameters() if "lora_B" in n).data.fill_(float("nan"))
+            if state.global_step == bad_step - 1:
+                if what == "weight":
+                    next(p for n, p in model.named_parameters() if "lora_B" in n).data.fill_(float("nan"))
+                else:
+                    faulty.append(True)
+
+        def on_epoch_end(self, args, state, control, **kw):
+            control.should_save = True
 
     monkeypatch.setattr(trainer_module, "DEFERRED_LOG_DEVICES", ("cuda", "cpu") if late else ())
     out = tmp_path / "run"
     settings = {**_runs.RUN, "max_steps": 8, "save_steps": 2, "save_total_limit": 2}
-    with pytest.raises(NonFiniteLossError, match=r"stopped at step 5: loss nan.*checkpoint-4, is from before it"):
-        lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **settings, callbacks=[PoisonStep5()])
-    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+    with pytest.raises(NonFiniteLossError, match=words + r".*checkpoint-4, is from before it"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **settings, callbacks=[Fault()])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert not (out / "adapter_model.safetensors").exists()
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-    assert [r["step"] for r in rows] == list(range(1, 7 if late else 6))  # read late, step 6 ran before 5's log
-    assert all(r["loss"] == r["loss"] for r in rows[:4]) and all(r["loss"] != r["loss"] for r in rows[4:])  # NaN
-    from safetensors.torch import load_file
-
+    assert [r["step"] for r in rows] == list(range(1, logged + 1))
+    finite = [r["loss"] == r["loss"] for r in rows]
+    assert finite == [True] * len(rows) if what == "gradient" else finite == [s < bad_step for s in range(1, logged + 1)]
     kept = load_file(out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in kept.values())
-
+    if case != "read_late":
+        return
     result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **settings)
     losses = {r["step"]: r["loss"] for r in read_metrics(result.metrics_path) if "loss" in r}
     assert result.steps == 8 and sorted(losses) == list(range(1, 9))

@@ -368,9 +368,10 @@ class PackedTrainer(Trainer):
         step's update writes NaN into every LoRA weight (weights already NaN give NaN gradients too), and no later
         step recovers. Training stops after this step, which neither evaluates nor saves (the log comes first in
         `_maybe_log_save_evaluate`; a deferred log is written before the next step's save), and `train` raises. A
-        step that saves always logs, so no checkpoint holds weights from a non-finite update. A NaN loss over finite
-        gradients leaves the weights whole and is only logged. fp16 runs are left alone: their loss scaler skips an
-        overflowing step and goes on."""
+        step that saves always logs: with logging_steps=1 (the default) no checkpoint holds weights from a step whose
+        gradient norm was not finite; with a longer interval a step between logs is seen through the loss, which
+        sums every step since the last log. A NaN loss over finite gradients leaves the weights whole and is only
+        logged. fp16 runs are left alone: their loss scaler skips an overflowing step and goes on."""
         if self.args.fp16 or self._nonfinite is not None or "loss" not in logs:
             return
         bad = {k: float(logs[k]) for k in ("loss", "grad_norm") if k in logs and not math.isfinite(float(logs[k]))}
@@ -385,12 +386,14 @@ class PackedTrainer(Trainer):
         what = " and ".join(f"{'gradient norm' if k == 'grad_norm' else k} {v}" for k, v in bad.items())
         at = f" at learning_rate {lr:.3g}" if lr is not None else ""
         kept = checkpoint.newest_complete(Path(str(self.args.output_dir)))
-        resume = (f"the newest complete checkpoint, {kept}, is from before it: the same call resumes from it once the "
-                  "cause is fixed" if kept else "no checkpoint had been written before it")
+        resume = (f"the newest complete checkpoint, {kept}, is from before it, and the same call with a lower "
+                  "learning_rate (or warmup_steps and max_grad_norm above 0) resumes from it" if kept else
+                  "no checkpoint had been written before it: lower learning_rate (or keep warmup_steps and "
+                  "max_grad_norm above 0) and run again")
         return (f"training stopped at step {step}: {what}{at}. In {'bf16' if self.args.bf16 else 'fp32'} training "
-                f"AdamW turns every LoRA weight NaN from there on, so nothing from that step on was saved; {resume}. "
-                "Lower learning_rate, keep warmup_steps and max_grad_norm above 0, or look for a broken record; "
-                f"the losses up to it are in {self.metrics.path}")
+                "the optimizer turns every LoRA weight NaN from there on, so nothing from that step on was saved; "
+                f"{resume}. A broken record fixed in the data means preparing it again and a new ckpt_output_dir "
+                f"(the checkpoints are tied to the data). The losses up to it are in {self.metrics.path}")
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
