@@ -2,7 +2,8 @@
 
     python -m benchmarks.gpu.compiled MODEL RECORDS_OR_SHARDS OUT [--variants liger_v_m2,flce_v_c_m8_gc,...]
 
-Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][_ol<N>][_cpp][_sg][_cg][_fl|_fl0][_fa][_lh][_inputs|_all][_clip]
+Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][_ol<N>][_cpp][_sg][_cg][_fl|_fl0][_fa]
+               [_lh][_inputs|_all][_clip]
   kernels   liger (RoPE, RMSNorm, SwiGLU, fused linear + cross-entropy), flce (liger's fused loss only),
             ck (lora_runtime.chunked_loss), none (transformers' loss over the whole logits)
   _v        packed attention through lora_runtime.attention (aten FlashAttention-2 varlen over one flattened row);
@@ -34,8 +35,8 @@ Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][
             trained either way): `grads_nonfinite_step1` and `loss_nonfinite_step` report it
   _clip     gradients clipped to norm 0.3 before each step, as lora_sft does by default (AdamW runs at a fixed 2e-4)
 A run whose loss turned NaN is no measure of speed: a GEMM over NaN draws less power and clocks higher on a
-power-capped card (benchmarks.gpu.common.first_nonfinite). Rows recorded before the labels above were lora_sft's
-(records JSONL, every token labelled, varlen) read high for that reason.
+power-capped card (benchmarks.gpu.common.first_nonfinite). Rows of the varlen feed with every token labelled (records
+JSONL, `_all`) read high for that reason.
 Every variant loads the model afresh (liger patches a model type's module; compile wraps layer instances). The first
 step's loss is the same for every variant up to bf16 noise (LoRA B starts at zero): `loss_first` is the check.
 """
@@ -74,6 +75,8 @@ def parse(name: str) -> dict:
     offloaded = [int(p[2:]) for p in parts if p.startswith("ol") and p[2:].isdigit()]
     if "cg" in parts and not {"v", "c"} <= set(parts):
         raise ValueError(f"{name}: _cg replays the compiled layers' graphs over padded boundaries: it needs _v and _c")
+    if {"inputs", "all"} <= set(parts):
+        raise ValueError(f"{name}: _inputs and _all are two kinds of labels: name one")
     if "lh" in parts and ("v" not in parts or "cg" in parts):
         raise ValueError(f"{name}: _lh is lora_sft's varlen hook: it needs _v, and graphs are not set up for it here")
     if "fa" in parts and "fl" not in parts:
@@ -84,7 +87,8 @@ def parse(name: str) -> dict:
             "skip_guards": "sg" in parts, "cudagraphs": "cg" in parts,
             "offloaded_layers": offloaded[0] if offloaded else 0,
             "fuse_lora": "all" if "fl0" in parts else "widening" if "fl" in parts else None,
-            "fold_a": "fa" in parts, "clip": "clip" in parts, "lora_hook": "lh" in parts, "labels": "inputs" if "inputs" in parts else "all" if "all" in parts else None}
+            "fold_a": "fa" in parts, "clip": "clip" in parts, "lora_hook": "lh" in parts,
+            "labels": "inputs" if "inputs" in parts else "all" if "all" in parts else None}
 
 
 def partitioner(v: dict) -> dict:
@@ -212,7 +216,7 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
         loss.backward()
         if not checked:  # the first step's gradients, before any update: which are NaN or infinite (one sync)
             checked.extend(n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all())
-            checked.append(None)
+            checked.append(None)  # the mark that the check ran (a finite step adds only it)
         if v["clip"]:
             torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
@@ -234,7 +238,7 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
         steady = sorted(host[warmup + 1:]) or [0.0]
         out = {"variant": name, **v, "memory_fraction": fraction, "build_s": build_s, **meter.summary(),
                "host_s_median": steady[len(steady) // 2], **common.memory(),
-               "grads_nonfinite_step1": len(checked) - 1, "grads_nonfinite_names": checked[:4]}
+               "grads_nonfinite_step1": len(checked) - 1, "grads_nonfinite_names": checked[:-1][:4]}
         if v["offloaded_layers"]:
             from lora_runtime.offload import host_link_bandwidth
 
@@ -333,7 +337,9 @@ def main() -> None:
             traceback.print_exc()
             payload = {"variant": name, "error": f"{type(e).__name__}: {e}"[:2000], **common.memory()}
         print({k: payload.get(k) for k in ("variant", "tokens_per_s", "peak_alloc_gib", "step_s_median", "host_s_median",
-                                           "loss_first", "loss_last", "loss_nonfinite_step", "grads_nonfinite_step1", "grads_nonfinite_names", "link_gb_s", "offloaded_gib_per_step", "error")}, flush=True)
+                                           "loss_first", "loss_last", "loss_nonfinite_step", "grads_nonfinite_step1",
+                                           "grads_nonfinite_names", "link_gb_s", "offloaded_gib_per_step", "error")},
+              flush=True)
         common.write_result(a.out, f"compiled_{name}", payload)
 
 

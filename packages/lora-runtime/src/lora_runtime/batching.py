@@ -299,7 +299,8 @@ COMPILED_WORKING_SCALE = 2.0
 # H100, 6 rows 8.59 on an H200; at budget 0, where a layer keeps 3 kB a token, 8 and 16 rows 7.87 and 12.59 GiB: 200
 # kB a token beyond what the layers keep). Its GPU time a token against a pass without recomputation: on the H200,
 # 6 rows ran 53.7k tokens/s, 4 rows without recomputation 61.7k (benchmarks/RESULTS.md, compiled-parts): 1.15, a
-# lower bound (6 rows without recomputation would run a little faster than 4).
+# lower bound (6 rows without recomputation would run a little faster than 4; both runs' loss turned NaN from their
+# second step, which reads high alike).
 MOST_WORKING_SCALE = 1.86
 MOST_TOKEN_COST = 1.15
 
@@ -365,7 +366,8 @@ def compiled_footprint(model_config: Any, fused_loss: bool = True, level: str = 
 
 # activation_offload: the GPU speed a layer's copies must keep pace with (the compiled path's on one H200, 16 rows of
 # the Qwen2.5-1.5B shape: benchmarks/RESULTS.md, compiled-parts; scaled by the layer's weights as `host_pass_tokens`
-# is). A slower GPU leaves the link more time than the plan assumes.
+# is; read on a feed whose loss turned NaN, which reads high; lora_sft itself now runs 16 rows at 71k on an H200 and
+# 64k on an H100, `frontier`). A slower GPU leaves the link more time than the plan assumes.
 GPU_TOKENS_PER_S = 60_000
 FORWARD_SHARE = 0.4  # of a LoRA step's GPU time (frozen weights: backward makes input gradients, no weight gradients)
 PINNED_ROUNDING = 2.0  # torch's pinned-memory cache rounds a buffer up to the next power of two (at worst 2×)

@@ -3,9 +3,10 @@
 transformers builds the [tokens, vocab] logits, an fp32 copy and its gradient: about 10 bytes × vocab a token, 6 GiB
 for 4k tokens of a 152k vocabulary. liger's fused kernel avoids that but asks the GPU for the number of targets
 (`.item()`) in every forward, which stalls the host once a step: with compiled layers and 2 rows of 2048 a pass,
-21.7k tokens/s against 31.5k with this loss (one H200, benchmarks/RESULTS.md, `compiled-parts`). Here each chunk of `chunk_tokens` rows makes its logits, their loss and, at once, the
-gradient of the loss with respect to its hidden states (the output layer is frozen under LoRA), so only one chunk's
-logits exist at a time and backward is a multiply. The divisor stays a tensor on the device throughout.
+21.7k tokens/s against 31.5k with this loss (one H200, benchmarks/RESULTS.md, `compiled-parts`: both on a feed whose
+loss turned NaN, which reads high alike). Here each chunk of `chunk_tokens` rows makes its logits, their loss and, at
+once, the gradient of the loss with respect to its hidden states (the output layer is frozen under LoRA), so only one
+chunk's logits exist at a time and backward is a multiply. The divisor stays a tensor on the device throughout.
 
 On a CUDA GPU one Triton kernel (`_softmax_grad_kernel`) turns a chunk's bf16 logits into each row's loss and, in
 place, the gradient: two reads and one write of the bf16 logits, where the same steps in aten (an fp32 copy,

@@ -14,7 +14,11 @@ Five parts, each plain PyTorch:
   64.0k tokens/s against 60.0k, 4 rows 59.2k against 55.9k; folding every projection, 62.0k). Where no
   `selective_recompute` level is on, LoRA's A product is folded into the base GEMM of the narrowing ones (down; k and
   v under grouped-query attention): on one H200 without the Trainer, 16 rows a pass ran 79.6k against 77.2k, 4 rows
-  alike (62.6k, 62.8k), on a feed whose loss turned NaN from its second step (high readings, alike on both).
+  alike (62.6k, 62.8k).
+
+Figures "without the Trainer" come from `benchmarks.gpu.compiled` on a feed whose loss turned NaN from its second
+step: a GEMM over NaN draws less power, so on a power-capped card they read high, alike for the variants compared
+(benchmarks/RESULTS.md, `compiled-parts`); they rank variants, the `frontier` rows below trained.
 
 Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048; benchmarks/RESULTS.md, scenarios `compiled-parts` and
 `compiled`): without the Trainer, 2 rows a pass ran 34.3k tokens/s (16.5k without compilation). Through `lora_sft`

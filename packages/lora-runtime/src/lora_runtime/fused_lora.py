@@ -20,8 +20,8 @@ gradient once where PEFT writes two and adds them. Its input is then kept by the
 Inductor's partitioner: a `selective_recompute` level, which recomputes the MLP's pointwise work rather than keep
 the wide SwiGLU product, would keep it anyway, so `lora_runtime.compiled` folds A only where no level is on. On one
 H200 (Qwen2.5-1.5B shape, without the Trainer; benchmarks/RESULTS.md, compiled-parts) 16 rows of 2048 a pass ran
-79.6k tokens/s with A folded against 77.2k without; 4 rows, where the host sets the pace, alike (that feed's loss
-turned NaN from its second step, which reads high alike on both; trained through lora_sft, see `frontier`).
+79.6k tokens/s with A folded against 77.2k without; 4 rows, where the host sets the pace, alike (on a feed whose loss
+turned NaN from its second step, which reads high alike on both; `lora_runtime.compiled` says more).
 
 Plain PyTorch: `apply` swaps the forward of qualifying PEFT `lora.Linear` modules (`qualifies`: not those with LoRA
 dropout, nor over a wrapped or hooked base layer). At a call, a LoRA variant (DoRA), a LoRA bias, a trainable base
