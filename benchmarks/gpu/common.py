@@ -213,8 +213,8 @@ class StepMeter:
 def first_nonfinite(losses) -> int | None:
     """The first step whose loss is NaN or infinite, of (step, loss) pairs in order; None if every one is finite. A
     run past it is not training: its kernels work on NaN, and a GEMM over NaN draws less power, so on a power-capped
-    card it clocks higher and reads faster than one that trains (Qwen2.5-1.5B shape on one H100: 1,965 MHz at the
-    700 W cap against 1,800 MHz for lora_sft's finite run; see benchmarks/RESULTS.md).
+    card it clocks higher and reads faster than one that trains (Qwen2.5-1.5B shape on one H100 at its 700 W cap:
+    1,845-1,965 MHz against 1,725-1,905 MHz for lora_sft's finite run; benchmarks/RESULTS.md, `frontier`).
 
     >>> first_nonfinite([(1, 12.2), (2, float("nan")), (3, 4.0)]), first_nonfinite([(1, 1.0)])
     (2, None)

@@ -26,11 +26,11 @@ OTHER = {
                       "benchmarks.gpu.compiled MODEL RECORDS OUT --variants ...`, MODEL from `common.build_model`): "
                       "Qwen2.5-1.5B shape, rows of 2048, LoRA r=16 on the 7 projections, AdamW fused, one process a "
                       "variant set, every step synchronised. The note gives the host's time issuing a step. Rows "
-                      "fed records JSONL (all those before 2026-12-06 11:20) and `_all` variants labelled every "
-                      "non-padding token: on the "
-                      "varlen feed that made the first step's gradients NaN and the loss NaN from step 2 (measured "
-                      "on one H100; a GEMM over NaN draws less power and clocks higher at the power cap), so their "
-                      "speeds read high; run on lora-data shards (lora_sft's labels) since.",
+                      "fed records JSONL (all those before 2026-12-06 11:20) and `_all` variants label every "
+                      "non-padding token: on the varlen feed that made the first step's gradients NaN and the loss "
+                      "NaN from step 2 (measured on one H100; a GEMM over NaN draws less power and clocks higher at "
+                      "the power cap), so their speeds read high. On shards without a labels flag a variant trains "
+                      "on lora_sft's labels.",
     "trainer-overhead": "Where `lora_sft` on the compiled path loses time against the same path without the Trainer "
                         "(`compiled-parts`): `python -m benchmarks.gpu.profile` (the run under torch.profiler, GPU busy "
                         "time against wall time, host waits by stack) and `benchmarks.gpu.ours` with another logging "
