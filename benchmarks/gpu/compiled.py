@@ -205,18 +205,18 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
     feed = batches(data, v["micro"], v["varlen"], v["lora_hook"], v["labels"])
     meter = common.StepMeter(warmup=warmup)
-    checked: list = []
+    bad_step1: list[str] | None = None  # the first step's gradients that are NaN or infinite
 
     def step():
+        nonlocal bad_step1
         kw, real = next(feed)
         if v["cudagraphs"]:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=v["autocast"]):
             loss = model(**kw).loss
         loss.backward()
-        if not checked:  # the first step's gradients, before any update: which are NaN or infinite (one sync)
-            checked.extend(n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all())
-            checked.append(None)  # the mark that the check ran (a finite step adds only it)
+        if bad_step1 is None:  # before any update (one sync)
+            bad_step1 = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
         if v["clip"]:
             torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
@@ -238,7 +238,7 @@ def run(model_dir: str, data, name: str, steps: int, warmup: int, profile: str |
         steady = sorted(host[warmup + 1:]) or [0.0]
         out = {"variant": name, **v, "memory_fraction": fraction, "build_s": build_s, **meter.summary(),
                "host_s_median": steady[len(steady) // 2], **common.memory(),
-               "grads_nonfinite_step1": len(checked) - 1, "grads_nonfinite_names": checked[:-1][:4]}
+               "grads_nonfinite_step1": len(bad_step1 or []), "grads_nonfinite_names": (bad_step1 or [])[:4]}
         if v["offloaded_layers"]:
             from lora_runtime.offload import host_link_bandwidth
 
@@ -298,10 +298,10 @@ def shard_rows(shards: str):
         raise ValueError(f"{shards}: rows of {reader.seq_len}, this benchmark packs {SEQ_LEN}")
     rows = list(reader)
     ids = np.stack([r.input_ids.astype(np.int64) for r in rows])
-    every = [np.ones_like(r.loss_mask) for r in rows]  # lora-data's train_on_inputs: every sample token
     return (ids, [r.seq_lens.tolist() for r in rows], reader.pad_id,
             {"mask": np.stack([labels(r.input_ids, r.loss_mask, r.seq_lens) for r in rows]),
-             "inputs": np.stack([labels(r.input_ids, m, r.seq_lens) for r, m in zip(rows, every, strict=True)])})
+             # lora-data's train_on_inputs: every token of a sample
+             "inputs": np.stack([labels(r.input_ids, np.ones_like(r.loss_mask), r.seq_lens) for r in rows])})
 
 
 def main() -> None:
@@ -316,10 +316,11 @@ def main() -> None:
     ap.add_argument("--profile", help="VARIANT=PATH: two more steps of VARIANT under torch.profiler, tables to PATH")
     a = ap.parse_args()
     t0 = time.perf_counter()
+    from lora_data import MANIFEST_NAME
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(a.model_dir)
-    if (Path(a.records) / "manifest.json").is_file():  # lora-data shards: lora_sft's own token stream
+    if (Path(a.records) / MANIFEST_NAME).is_file():  # lora-data shards: lora_sft's own token stream
         ids, lens, pad_id, label_rows = shard_rows(a.records)
     else:
         samples = common.tokenize(tok, common.read_records(a.records))

@@ -46,10 +46,11 @@ class PackedShardDataset(IterableDataset):
         self.epoch, self.offset = 0, 0
         self._resume: dict[str, int] | None = None
 
-    def most_segments(self, rows: int) -> int:
-        """A bound on the segments a pass of `rows` rows gives the collator's `packed_seq_lengths` (samples and each
-        row's padding tail, counted for a full row too), whichever rows it draws; a set of fewer rows than a pass
-        serves some twice in it."""
+    def most_segments(self, rows: int | None = None) -> int:
+        """A bound on the segments a pass of `rows` rows (default: this dataset's micro batch) gives the collator's
+        `packed_seq_lengths` (samples and each row's padding tail, counted for a full row too), whichever rows it
+        draws; a set of fewer rows than a pass serves some twice in it."""
+        rows = self.micro_batch_size if rows is None else rows
         counts = np.resize(np.sort(self.reader.samples_per_row())[::-1], rows)
         return int(counts.sum()) + rows
 

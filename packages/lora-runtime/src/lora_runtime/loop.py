@@ -93,9 +93,7 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
         model, tokenizer = backend.load(config, plan)
         model = backend.add_lora(model, config, plan)
         if getattr(model, "cuda_graphs", False):  # every pass padded to the run's most segments: one graph shape
-            passes = [(dataset, plan.micro)] + ([] if eval_dataset is None else
-                                                [(eval_dataset, config.per_device_eval_batch_size or plan.micro)])
-            model.graph_segments = max(data.most_segments(rows) for data, rows in passes)
+            model.graph_segments = max(data.most_segments() for data in (dataset, eval_dataset) if data is not None)
             print0(f"CUDA graphs: each pass's boundaries padded for {model.graph_segments} segments (samples and "
                    "padding tails), the most a pass of this data holds: one shape, recorded once")
     apply_chat_template(config, tokenizer)
