@@ -18,7 +18,8 @@ Overrides, each small:
 - `training_step`: an out-of-memory error names the knobs that fix it (micro_batch_size, max_seq_len, load_in_4bit).
 - `train`: resuming from the run's last step (killed after its final checkpoint) trains no extra step; a bf16/fp32
   run whose logged gradient norm turns NaN or infinite stops there, saves nothing more (not even the
-  checkpoint due at that step) and raises NonFiniteLossError naming the newest complete checkpoint (`_check_finite`).
+  checkpoint due at that step) and raises NonFiniteLossError naming the newest complete checkpoint before any
+  integration's end of training runs (`_check_finite`, `_finalize_training`).
 - with sharding="fsdp", checkpoints gather the LoRA weights and optimizer state to rank 0 and resume loads them into
   the shards (`lora_runtime.sharding`).
 """
@@ -175,9 +176,15 @@ class PackedTrainer(Trainer):
         finally:  # a step that failed after a late-read log: that finished step's numbers are still written
             with contextlib.suppress(Exception):
                 self._emit_pending(wait=False)
+        return out
+
+    def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
+        """A run stopped at a non-finite step ends here, before transformers' end of training: its on_train_end
+        would have the integrations upload the NaN weights as the final model (wandb with WANDB_LOG_MODEL=end,
+        MLflow with HF_MLFLOW_LOG_ARTIFACTS), and with save_total_limit=1 delete checkpoints other than the best."""
         if self._nonfinite is not None:
             raise NonFiniteLossError(self._nonfinite_message())
-        return out
+        return super()._finalize_training(*args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         if sharding.is_sharded(self.model):
@@ -367,10 +374,11 @@ class PackedTrainer(Trainer):
         """A logged gradient norm (or, where none is logged, loss) that is NaN or infinite, in bf16 or fp32: this
         step's update writes NaN into every LoRA weight (weights already NaN give NaN gradients too), and no later
         step recovers. Training stops after this step, which neither evaluates nor saves (the log comes first in
-        `_maybe_log_save_evaluate`; a deferred log is written before the next step's save), and `train` raises. A
-        step that saves always logs: with logging_steps=1 (the default) no checkpoint holds weights from a step whose
-        gradient norm was not finite; with a longer interval a step between logs is seen through the loss, which
-        sums every step since the last log. A NaN loss over finite gradients leaves the weights whole and is only
+        `_maybe_log_save_evaluate`; a deferred log is written before the next step's save), and the run raises
+        where transformers would end training (`_finalize_training`). A step that saves always logs: with
+        logging_steps=1 (the default) no checkpoint holds weights from a step whose gradient norm was not finite;
+        with a longer interval a step between logs is seen through the loss, which sums every step since the last
+        log. A NaN loss over finite gradients leaves the weights whole and is only
         logged. fp16 runs are left alone: their loss scaler skips an overflowing step and goes on."""
         if self.args.fp16 or self._nonfinite is not None or "loss" not in logs:
             return
