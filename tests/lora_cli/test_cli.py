@@ -130,6 +130,25 @@ def test_dry_run_prints_the_multi_node_torchrun_command(monkeypatch):
     assert config["nnodes"] == 2 and config["effective_batch_size"] == 256
 
 
+@pytest.mark.parametrize(("visible", "why"), [(4, "4 visible GPUs"), (0, "no GPU visible: one process")])
+def test_dry_run_with_gpus_auto_takes_every_visible_gpu(monkeypatch, caplog, visible, why):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(launch, "visible_gpus", lambda: visible)
+    with caplog.at_level("INFO", logger="lora_cli"):
+        res = run([*BASE, "--gpus", "auto", "--effective-batch-size", "8", "--micro-batch-size", "2", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert f"--gpus auto: {why}" in caplog.text
+    procs = max(visible, 1)
+    assert json.loads(res.output.split("batch:")[0])["nproc_per_node"] == procs
+    assert f"batch: micro 2 × {procs} process" in res.output
+    if visible:  # the workers get --gpus auto too, and resolve it to torchrun's LOCAL_WORLD_SIZE
+        cmd = res.output.split("would run: ", 1)[1].split()
+        assert cmd[3:5] == ["--nproc-per-node", "4"] and cmd[cmd.index("--nproc-per-node", 5) + 1] == "auto"
+    else:
+        assert "would train in this process" in res.output and "would run: " not in res.output
+
+
 def test_under_torchrun_trains_in_process_instead_of_launching_again(fake_sft, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -87,6 +87,7 @@ def test_defaults_equal_the_dataclass_defaults():
     (["--rank-pattern", '{"q_proj": 4}'], "rank_pattern", {"q_proj": 4}),
     (["--gpus", "4"], "nproc_per_node", 4),
     (["--nproc-per-node", "4"], "nproc_per_node", 4),
+    (["--gpus", "auto"], "nproc_per_node", "auto"),
     (["--bnb-4bit-quant-type", "nf4"], "bnb_4bit_quant_type", "nf4"),
 ])
 def test_values_parse_into_the_field_type(args, field, value):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from lora_runtime import ConfigError, LoraSftConfig
+from lora_runtime import ConfigError, LoraSftConfig, distributed
 from lora_runtime.api import lora_sft
 
 # training-hub's effective defaults (shared/reference/training_hub_lora_sft.md, table 0.1)
@@ -167,6 +170,53 @@ def test_model_splitting_under_torchrun_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="from ONE process, but torchrun started 2"):
         lora_sft("no-model", "no-data", str(tmp_path), enable_model_splitting=True)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def no_torchrun(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(("visible", "procs"), [(4, 4), (0, 1)])
+def test_nproc_per_node_auto_is_every_visible_gpu_and_at_least_one(no_torchrun, monkeypatch, visible, procs):
+    monkeypatch.setattr(distributed, "visible_gpus", lambda: visible)
+    c = cfg(nproc_per_node="auto", effective_batch_size=4 * procs, micro_batch_size=2).validate()
+    assert (c.nproc_per_node, c.world_size(), c.to_dict()["nproc_per_node"]) == (procs, procs, procs)
+    assert distributed.auto_nproc_per_node() == (procs, "4 visible GPUs" if visible else "no GPU visible: one process")
+
+
+def test_nproc_per_node_auto_under_torchrun_is_what_it_started_on_this_node(monkeypatch):
+    monkeypatch.setattr(distributed, "visible_gpus", lambda: pytest.fail("counted GPUs under torchrun"))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    c = cfg(nproc_per_node="auto", nnodes=2, rdzv_endpoint="node0:29400").validate()
+    assert c.nproc_per_node == 2 and distributed.check_launch(c).world_size == 4
+    assert distributed.auto_nproc_per_node() == (2, "torchrun started 2 processes on this node")
+
+
+def test_nproc_per_node_auto_without_torchrun_on_four_gpus_asks_for_it(no_torchrun, monkeypatch, tmp_path):
+    monkeypatch.setattr(distributed, "visible_gpus", lambda: 4)
+    with pytest.raises(ConfigError, match="nproc_per_node=4 x nnodes=1 asks for 4 processes, but this process was "
+                       r"not started by torchrun: .* `torchrun --nproc-per-node 4 --nnodes 1 your_script.py`"):
+        lora_sft("no-model", "no-data", str(tmp_path), nproc_per_node="auto")
+
+
+@pytest.mark.parametrize("value", ["all", "AUTO", "4", 0])
+def test_nproc_per_node_is_a_positive_number_or_auto(value):
+    with pytest.raises(ConfigError) as e:
+        cfg(nproc_per_node=value).validate()
+    assert e.value.issues == [f"`nproc_per_node` must be > 0, 'auto' or None, got {value!r}"]
+
+
+def test_config_construction_imports_torch_only_to_count_gpus():
+    """"auto" with CUDA_VISIBLE_DEVICES="" (no GPU) and a number without it settle the count without torch."""
+    code = ("import os, sys; from lora_runtime import LoraSftConfig as C; C('m', 'd', 'o', nproc_per_node=2); "
+            "os.environ['CUDA_VISIBLE_DEVICES'] = ''; assert C('m', 'd', 'o', nproc_per_node='auto').nproc_per_node "
+            "== 1; assert 'torch' not in sys.modules, 'torch imported'")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE")}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
 @pytest.mark.parametrize(("model_config", "limit"), [

@@ -23,6 +23,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from lora_runtime.distributed import under_torchrun, visible_gpus
+
 from lora_cli.stop import EXIT_INTERRUPTED, LAUNCHER_PID_ENV, resume_note
 
 log = logging.getLogger("lora_cli")
@@ -47,22 +49,8 @@ class LaunchPlan:
         return self.nproc_per_node * self.nnodes
 
 
-def under_torchrun() -> bool:
-    """True inside a torchrun worker (RANK and WORLD_SIZE are set): never launch a second torchrun from there."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def needs_launch(plan: LaunchPlan) -> bool:
     return plan.world_size > 1 and not under_torchrun()
-
-
-def visible_gpus() -> int:
-    """GPUs this process can use; CUDA_VISIBLE_DEVICES="" (or -1) answers 0 without importing torch (10 s here)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
-        return 0
-    import torch
-
-    return torch.cuda.device_count()
 
 
 def check_devices(nproc_per_node: int, backend: str, visible: int | None = None) -> str:

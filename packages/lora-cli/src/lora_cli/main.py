@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import click
 from lora_data import MANIFEST_NAME, DataError
 from lora_runtime.config import ConfigError, LoraSftConfig, field_names, redacted
+from lora_runtime.distributed import auto_nproc_per_node, dist_env
 from lora_runtime.errors import CheckpointError, NonFiniteLossError, OutOfMemoryHint
 
 from lora_cli import launch
@@ -126,13 +127,14 @@ def main() -> None:
 @debug_option
 @click.pass_context
 def train(ctx: click.Context, config: Path | None, shards: Path | None, dry_run: bool, **params: Any) -> None:
-    """Train a LoRA adapter: `--model DIR --shards DIR|--data FILE.jsonl --output DIR [--gpus N] [options]`.
+    """Train a LoRA adapter: `--model DIR --shards DIR|--data FILE.jsonl --output DIR [--gpus N|auto] [options]`.
 
-    --gpus N > 1 (or --nnodes > 1) launches torchrun for you; inside torchrun the workers train in-process.
+    --gpus N > 1 (or --nnodes > 1) launches torchrun for you, --gpus auto one process per visible GPU; inside
+    torchrun the workers train in-process.
     """
     cfg = _build_config(ctx, config, shards, params)
-    plan = launch.LaunchPlan(cfg.nproc_per_node or 1, cfg.nnodes or 1, cfg.node_rank, cfg.rdzv_id, cfg.rdzv_endpoint,
-                             cfg.master_addr, cfg.master_port)
+    plan = launch.LaunchPlan(int(cfg.nproc_per_node or 1), cfg.nnodes or 1, cfg.node_rank, cfg.rdzv_id,
+                             cfg.rdzv_endpoint, cfg.master_addr, cfg.master_port)
     if dry_run:
         _print_plan(ctx, cfg, plan, {"config": config, "shards": shards, **params})
         return
@@ -176,6 +178,10 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
     file = read_config_file(config) if config else None
     file_values = file.values if file else {}
     kw = merge_values(ctx, params, file_values)
+    if kw.get("nproc_per_node") == "auto":  # resolved here to say why; launch.visible_gpus is what the launch checks
+        kw["nproc_per_node"], why = auto_nproc_per_node(launch.visible_gpus)
+        if dist_env().is_main:
+            log.info("--gpus auto: %s", why)
     if shards is not None:
         if params.get("data_path") is not None:
             raise click.UsageError("--shards and --data are two spellings of the training data: pass one")

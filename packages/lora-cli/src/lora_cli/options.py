@@ -9,7 +9,7 @@ field's help line, its type and its default in `--help`. Values are parsed into 
     bool | None                       --tf32 / --no-tf32 (absent: None)    True / False / None
     str with choices                  --lr-scheduler cosine                'cosine' (checked against the choices)
     bool | str (with choices)         --init-lora-weights pissa / false    'pissa' / False
-    int | str                         --micro-batch-size 8 / auto          8 / 'auto'
+    int | str (| None)                --micro-batch-size 8 / auto          8 / 'auto'
     tuple[str, ...] | str | None      --target-modules q_proj,v_proj       ('q_proj', 'v_proj');  all-linear → 'all-linear'
     dict[...] | None                  --rank-pattern '{"q_proj": 8}'       {'q_proj': 8}  (JSON)
 

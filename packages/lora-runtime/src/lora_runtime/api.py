@@ -67,7 +67,7 @@ def lora_sft(
     wandb_project: str | None = None, wandb_entity: str | None = None, wandb_run_name: str | None = None,
     tensorboard_log_dir: str | None = None, mlflow_tracking_uri: str | None = None,
     mlflow_experiment_name: str | None = None, mlflow_run_name: str | None = None,
-    nproc_per_node: int | None = None, nnodes: int | None = None, node_rank: int | None = None,
+    nproc_per_node: int | str | None = None, nnodes: int | None = None, node_rank: int | None = None,
     rdzv_id: str | None = None, rdzv_endpoint: str | None = None, master_addr: str | None = None,
     master_port: int | None = None,
     eval_data_path: str | None = None, per_device_eval_batch_size: int | None = None, callbacks: Any = None,

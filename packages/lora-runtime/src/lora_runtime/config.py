@@ -192,7 +192,9 @@ class LoraSftConfig:
     mlflow_experiment_name: str | None = _f(None, "MLflow experiment name")
     mlflow_run_name: str | None = _f(None, "MLflow run name")
     # --- distributed (made real by lora-cli's launcher; under torchrun the env wins) ---
-    nproc_per_node: int | None = _f(None, "processes (GPUs) per node; lora-cli launches torchrun when > 1")
+    nproc_per_node: int | str | None = _f(
+        None, "processes (GPUs) per node, or 'auto' for every visible GPU (one process without a GPU; under torchrun, "
+        "the processes it started on this node); lora-cli launches torchrun when > 1")
     nnodes: int | None = _f(None, "number of nodes")
     node_rank: int | None = _f(None, "rank of this node, 0..nnodes-1")
     rdzv_id: str | None = _f(None, "torchrun rendezvous id")
@@ -211,17 +213,24 @@ class LoraSftConfig:
         for name in PATH_FIELDS:  # accept pathlib.Path, store str (JSON-ready)
             if isinstance(getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        if self.nproc_per_node == "auto":  # a number from here on (world_size, batch arithmetic, the saved config)
+            from lora_runtime.distributed import auto_nproc_per_node
+
+            object.__setattr__(self, "nproc_per_node", auto_nproc_per_node()[0])
 
     # ------------------------------------------------------------------ launch size
     def world_size(self) -> int:
         """The processes this config asks for before launch (nproc_per_node x nnodes); a running job's world size is
         `lora_runtime.distributed.dist_env().world_size`, and its batch arithmetic `lora_runtime.batching.BatchPlan`."""
-        return (self.nproc_per_node or 1) * (self.nnodes or 1)
+        per_node = self.nproc_per_node if isinstance(self.nproc_per_node, int) else 1  # a str fails validate()
+        return (per_node or 1) * (self.nnodes or 1)
 
     # ------------------------------------------------------------------ validation
     def validate(self, world_size: int | None = None) -> LoraSftConfig:
         """Check everything, raise one `ConfigError` listing every problem, else return self."""
         issues = _type_issues(self)
+        if isinstance(self.nproc_per_node, str):  # "auto" became a number on construction
+            issues.append(f"`nproc_per_node` must be > 0, 'auto' or None, got {self.nproc_per_node!r}")
         if issues:  # range checks on wrongly typed values would only add noise
             raise ConfigError(issues)
         positive = ["lora_r", "lora_alpha", "num_epochs", "gradient_accumulation_steps",
@@ -229,8 +238,10 @@ class LoraSftConfig:
         issues += [f"`{n}` must be > 0, got {getattr(self, n)}" for n in positive if getattr(self, n) <= 0]
         if self.micro_batch_size != "auto" and (isinstance(self.micro_batch_size, str) or self.micro_batch_size <= 0):
             issues.append(f"`micro_batch_size` must be > 0 or 'auto', got {self.micro_batch_size!r}")
+        if isinstance(self.nproc_per_node, int) and self.nproc_per_node <= 0:
+            issues.append(f"`nproc_per_node` must be > 0, 'auto' or None, got {self.nproc_per_node}")
         for name in ["max_steps", "effective_batch_size", "save_total_limit", "per_device_eval_batch_size",
-                     "nproc_per_node", "nnodes", "max_memory_gib"]:
+                     "nnodes", "max_memory_gib"]:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 issues.append(f"`{name}` must be > 0 (or None), got {getattr(self, name)}")
         for name in ["warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers"]:
@@ -373,7 +384,7 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
     if cfg.finetune_vision_layers or not cfg.finetune_language_layers:
         issues.append("vision-language fine-tuning is not supported: keep finetune_vision_layers=False and "
                       "finetune_language_layers=True")
-    if cfg.enable_model_splitting and (cfg.nproc_per_node or 1) * (cfg.nnodes or 1) > 1:
+    if cfg.enable_model_splitting and cfg.world_size() > 1:
         issues.append("`enable_model_splitting` runs one process over all GPUs; it cannot be combined with "
                       f"nproc_per_node={cfg.nproc_per_node} / nnodes={cfg.nnodes}")
     if cfg.kernels in ("liger", "compile") and cfg.backend == "unsloth":

@@ -1,4 +1,5 @@
-"""torchrun environment: RANK / LOCAL_RANK / WORLD_SIZE, process-group init and teardown, `print0`.
+"""torchrun environment: RANK / LOCAL_RANK / WORLD_SIZE, process-group init and teardown, `print0`, and what
+nproc_per_node="auto" means in this process.
 
 gloo on CPU (without a process group, torchrun's ranks would silently train alone), nccl on CUDA. Only rank 0
 writes files and prints.
@@ -7,6 +8,7 @@ writes files and prints.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,32 @@ def dist_env() -> DistEnv:
     """Read torchrun's variables; a plain `python script.py` is rank 0 of 1."""
     return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
                    int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def under_torchrun() -> bool:
+    """True inside a torchrun worker (RANK and WORLD_SIZE are set): never launch a second torchrun from there."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def visible_gpus() -> int:
+    """GPUs this process can use; CUDA_VISIBLE_DEVICES="" (or -1) answers 0 without importing torch (10 s here)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def auto_nproc_per_node(visible: Callable[[], int] | None = None) -> tuple[int, str]:
+    """(processes, why) for nproc_per_node="auto": under torchrun the processes it started on this node
+    (LOCAL_WORLD_SIZE), else one per visible GPU (`visible`, default `visible_gpus`), at least one."""
+    if under_torchrun():
+        n = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        return n, f"torchrun started {n} process{'es' if n != 1 else ''} on this node"
+    n = (visible or visible_gpus)()
+    if n == 0:
+        return 1, "no GPU visible: one process"
+    return n, f"{n} visible GPU{'s' if n != 1 else ''}"
 
 
 def check_launch(config: Any) -> DistEnv:
