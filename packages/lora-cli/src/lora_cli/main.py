@@ -47,6 +47,8 @@ class UserError(Exception):
 # name their fix too.
 USER_ERRORS = (UserError, ConfigFileError, DataError, ConfigError, CheckpointError, OutOfMemoryHint,
                NonFiniteLossError, launch.LaunchError, OSError)
+# raised alike by every torchrun worker (the same config; a gradient norm reduced over the ranks): rank 0 says it
+SAME_ON_EVERY_RANK = (ConfigError, NonFiniteLossError)
 
 
 def _as_option(text: str) -> str:
@@ -56,6 +58,18 @@ def _as_option(text: str) -> str:
 
 
 def error_lines(e: BaseException) -> list[str]:
+    """The `error:` lines for a user error. Under torchrun a worker's lines name its rank, and an error every worker
+    raises alike is printed by rank 0 alone."""
+    env = dist_env()
+    if env.world_size > 1:
+        if isinstance(e, SAME_ON_EVERY_RANK) and not env.is_main:
+            return []
+        if not isinstance(e, SAME_ON_EVERY_RANK):
+            return [f"rank {env.rank}: {line}" for line in _plain_error_lines(e)]
+    return _plain_error_lines(e)
+
+
+def _plain_error_lines(e: BaseException) -> list[str]:
     if isinstance(e, ConfigError):
         return [_as_option(i) for i in e.issues]
     if isinstance(e, launch.LaunchError | UserError):
