@@ -42,6 +42,31 @@ def test_a_run_logs_its_losses_to_a_local_mlflow_store(mlflow, tiny_llama_dir, l
     assert not set(MLFLOW_ENV[:3]) & set(os.environ)
 
 
+def test_a_run_stopped_at_a_nan_step_ends_its_mlflow_run_failed(mlflow, tiny_llama_dir, llama_shards, tmp_path,
+                                                                 monkeypatch):
+    """The non-finite stop skips on_train_end, where MLflow's callback ends its run: the run must not stay RUNNING
+    (a resume starts another one), and holds every step's loss up to the stop."""
+    from lora_runtime.errors import NonFiniteLossError
+    from transformers import TrainerCallback
+
+    class Fault(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:
+                next(p for n, p in model.named_parameters() if "lora_B" in n).data.fill_(float("nan"))
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    with pytest.raises(NonFiniteLossError, match="training stopped at step 3"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"),
+                 **{**_runs.RUN, "max_steps": 6, "save_steps": 6}, mlflow_tracking_uri=uri,
+                 mlflow_experiment_name="lora-tests", callbacks=[Fault()])
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lora-tests").experiment_id])
+    assert run.info.status == "FAILED", run.info
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3]
+    assert mlflow.active_run() is None
+
+
 def test_a_store_the_installed_mlflow_cannot_use_is_one_error_line_before_training(mlflow, tmp_path,
                                                                                      monkeypatch):
     import importlib.util

@@ -26,6 +26,7 @@ def progress_callback(terminal: bool | None = None) -> Any:
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
+        closes_on_failure = True  # its on_train_end only closes the bar: PackedTrainer calls it when a run fails
         bar: Any = None
         started: tuple[float, int] | None = None
 

@@ -18,8 +18,9 @@ Overrides, each small:
 - `training_step`: an out-of-memory error names the knobs that fix it (micro_batch_size, max_seq_len, load_in_4bit).
 - `train`: resuming from the run's last step (killed after its final checkpoint) trains no extra step; a bf16/fp32
   run whose logged gradient norm turns NaN or infinite stops there, saves nothing more (not even the
-  checkpoint due at that step) and raises NonFiniteLossError naming the newest complete checkpoint before any
-  integration's end of training runs (`_check_finite`, `_finalize_training`).
+  checkpoint due at that step) and raises NonFiniteLossError naming the newest complete checkpoint, failing as a
+  step that raised would: no callback's on_train_end runs (`_check_finite`, `_finalize_training`). A failed run
+  ends its MLflow run as FAILED (`_close_after_failure`).
 - with sharding="fsdp", checkpoints gather the LoRA weights and optimizer state to rank 0 and resume loads them into
   the shards (`lora_runtime.sharding`).
 """
@@ -173,18 +174,36 @@ class PackedTrainer(Trainer):
         try:
             out = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                 ignore_keys_for_eval=ignore_keys_for_eval)
-        finally:  # a step that failed after a late-read log: that finished step's numbers are still written
-            with contextlib.suppress(Exception):
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # a step that failed after a late-read log: its numbers are written
                 self._emit_pending(wait=False)
+            self._close_after_failure(e)
+            raise
+        if self._nonfinite is not None:  # a transformers without `_finalize_training`
+            raise NonFiniteLossError(self._nonfinite_message())
         return out
 
     def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
-        """A run stopped at a non-finite step ends here, before transformers' end of training: its on_train_end
-        would have the integrations upload the NaN weights as the final model (wandb with WANDB_LOG_MODEL=end,
-        MLflow with HF_MLFLOW_LOG_ARTIFACTS), and with save_total_limit=1 delete checkpoints other than the best."""
+        """A run stopped at a non-finite step fails here, as a step that raised would, before transformers' end of
+        training: its on_train_end would have callbacks treat the NaN weights as the final model (wandb uploads them
+        with WANDB_LOG_MODEL=end)."""
         if self._nonfinite is not None:
             raise NonFiniteLossError(self._nonfinite_message())
         return super()._finalize_training(*args, **kwargs)
+
+    def _close_after_failure(self, error: BaseException) -> None:
+        """A failed run skips on_train_end (see `_finalize_training`), so what it would close is closed here: the
+        MLflow run this run started ends FAILED (KILLED on an interrupt) instead of staying RUNNING, and the progress
+        bar closes before the error is printed. (TensorBoard's writer flushes at every log.)"""
+        from transformers.integrations import MLflowCallback
+
+        for cb in self.callback_handler.callbacks:
+            with contextlib.suppress(Exception):  # never hide the error being raised
+                if isinstance(cb, MLflowCallback):
+                    if cb._initialized and cb._auto_end_run and cb._ml_flow.active_run():
+                        cb._ml_flow.end_run(status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+                elif getattr(cb, "closes_on_failure", False):
+                    cb.on_train_end(self.args, self.state, self.control)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         if sharding.is_sharded(self.model):
