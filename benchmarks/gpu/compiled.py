@@ -32,7 +32,8 @@ Variant names: <kernels>[_v][_c][_a]_m<micro>[_gc][_b<GiB>][_ab<percent>][_off][
             lora_sft does: their loss mask, never a sample's first token (lora_runtime.collate.labels). On one H100
             the varlen feed (_v, eager or compiled, either hook) with every non-padding token labelled had NaN
             gradients in the first step and a NaN loss from the second; with lora_sft's labels it trained (SDPA rows
-            trained either way): `grads_nonfinite_step1` and `loss_nonfinite_step` report it
+            trained either way), and on one H200 so did _inputs, beside _all turning NaN again:
+            `grads_nonfinite_step1` and `loss_nonfinite_step` report it
   _clip     gradients clipped to norm 0.3 before each step, as lora_sft does by default (AdamW runs at a fixed 2e-4)
 A run whose loss turned NaN is no measure of speed: a GEMM over NaN draws less power and clocks higher on a
 power-capped card (benchmarks.gpu.common.first_nonfinite). Rows of the varlen feed with every token labelled (records

@@ -14,17 +14,19 @@ Five parts, each plain PyTorch:
   64.0k tokens/s against 60.0k, 4 rows 59.2k against 55.9k; folding every projection, 62.0k). Where no
   `selective_recompute` level is on, LoRA's A product is folded into the base GEMM of the narrowing ones (down; k and
   v under grouped-query attention): on one H200 without the Trainer, 16 rows a pass ran 79.6k against 77.2k, 4 rows
-  alike (62.6k, 62.8k).
+  alike (62.6k, 62.8k). On lora_sft's own labels (a loss that trains), B and A folded ran 69.6k against 64.4k with
+  neither, 16 rows a pass on one H200.
 
-Figures "without the Trainer" come from `benchmarks.gpu.compiled` on a feed whose loss turned NaN from its second
-step: a GEMM over NaN draws less power, so on a power-capped card they read high, alike for the variants compared
-(benchmarks/RESULTS.md, `compiled-parts`); they rank variants, the `frontier` rows below trained.
+The other figures "without the Trainer" come from `benchmarks.gpu.compiled` on a feed whose loss turned NaN from its
+second step: a GEMM over NaN draws less power, so on a power-capped card they read high, alike for the variants
+compared (benchmarks/RESULTS.md, `compiled-parts`); they rank variants, the `frontier` rows below trained.
 
 Measured on one H200 (Qwen2.5-1.5B shape, rows of 2048; benchmarks/RESULTS.md, scenarios `compiled-parts` and
 `compiled`): without the Trainer, 2 rows a pass ran 34.3k tokens/s (16.5k without compilation). Through `lora_sft`
 (`frontier`): on the whole card (16 rows a pass) 71.0k on one H200, 1.65× the Unsloth hand loop in the same run
-(43.0k), and 63.5k on one H100, 1.70× (37.4k); on one H100 52.1k with micro_batch_size=2 (with CUDA graphs, which
-`cuda_graphs="auto"` turns on for such small passes), 57.4k under 24 GiB and 56.4k under 16 GiB.
+(43.0k), 69.5k, 1.64× (42.3k), in another, and 63.5k on one H100, 1.70× (37.4k); on one H100 52.1k with
+micro_batch_size=2 (with CUDA graphs, which `cuda_graphs="auto"` turns on for such small passes), 57.4k under 24 GiB
+and 56.4k under 16 GiB.
 Checkpointing whole layers costs this path more than Unsloth (8 rows, every layer recomputed: 33.2k on the H200), so
 `backend="auto"` takes it where the memory budget fits a pass of `AUTO_MIN_TOKENS` without checkpointing, and
 Unsloth below that (`prefers`). `selective_recompute` lowers the partitioner's activation memory budget
