@@ -543,3 +543,41 @@ def test_a_nan_step_stops_the_run_and_saves_nothing_after_it(tiny_llama_dir, lla
     losses = {r["step"]: r["loss"] for r in read_metrics(result.metrics_path) if "loss" in r}
     assert result.steps == 8 and sorted(losses) == list(range(1, 9))
     assert all(v == v for v in losses.values()), losses  # resumed at 5: the NaN rows are cut, every loss finite
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_non_finite_gradient_norm_between_logs_stops_the_run_at_the_next_log(tiny_llama_dir, llama_shards,
+                                                                               tmp_path, monkeypatch, late):
+    """logging_steps=4: step 2's gradient is infinite in one LoRA weight, and that weight and its optimizer state are
+    put back after the step, as where the NaN lands in embedding rows no later batch reads: every later loss stays
+    finite. Step 4's log carries step 2's norm, and the run stops there, before checkpoint-4 (saves every 4 steps);
+    also with logs read late (saves every 8: the copy of step 4's numbers is what carries it)."""
+    import lora_runtime.trainer as trainer_module
+    from lora_runtime.errors import NonFiniteLossError
+    from transformers import TrainerCallback
+
+    kept = {}
+
+    class Fault(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            kept["param"] = next(p for n, p in model.named_parameters() if "lora_B" in n)
+            kept["param"].register_hook(lambda g: torch.full_like(g, float("inf")) if state.global_step == 1 else g)
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 1:
+                kept["data"] = kept["param"].detach().clone()
+
+        def on_step_end(self, args, state, control, optimizer=None, **kw):
+            if state.global_step == 2:
+                assert not torch.isfinite(kept["param"]).all()  # the fault did reach the weight
+                kept["param"].data.copy_(kept["data"])
+                optimizer.state[kept["param"]] = {}
+
+    monkeypatch.setattr(trainer_module, "DEFERRED_LOG_DEVICES", ("cuda", "cpu") if late else ())
+    out = tmp_path / "run"
+    settings = {**_runs.RUN, "max_steps": 12, "logging_steps": 4, "save_steps": 8 if late else 4}
+    with pytest.raises(NonFiniteLossError, match=r"stopped at step 4: gradient norm nan"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **settings, callbacks=[Fault()])
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [4] and rows[0]["loss"] == rows[0]["loss"]  # a finite loss, a NaN norm

@@ -80,6 +80,7 @@ class PackedTrainer(Trainer):
         self._flops_per_token: int | None = None  # see floating_point_ops
         self._pending: _PendingLog | None = None  # a step's log waiting for its numbers (`_defer_log`)
         self._nonfinite: tuple[int, dict[str, float], float | None] | None = None  # see `_check_finite`
+        self._norms_since_log: Any = None  # see `_carry_earlier_norms`
 
     # ------------------------------------------------------------------ data
     def _loader(self, dataset: Any, batch_size: int) -> EpochDataLoader:
@@ -269,6 +270,7 @@ class PackedTrainer(Trainer):
         self._logged_at = None
         self._emit_pending()
         logged_before = self._globalstep_last_logged
+        grad_norm = self._carry_earlier_norms(grad_norm)
         if (self.control.should_save or self.control.should_training_stop) and self.state.global_step > logged_before:
             # a checkpoint (or the end) holds the loss of every step up to it: a run resumed from it logs the steps
             # after it only, so metrics.jsonl and train_loss read the same as an uninterrupted run's
@@ -281,10 +283,25 @@ class PackedTrainer(Trainer):
             self._logged_at = self._pending.ended[0]  # the rest of this call is paused time of the next window
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
         if self._globalstep_last_logged != logged_before:
+            self._norms_since_log = None
             # transformers resets the running loss with `tr_loss -= tr_loss`: a NaN logged once would stay NaN in
             # every later log (and a skipped fp16 overflow step would poison the rest of the run's numbers)
             self._tr_loss.zero_()
         self._paused += time.perf_counter() - (self._logged_at or start)
+
+    def _carry_earlier_norms(self, grad_norm: Any) -> Any:
+        """transformers logs the gradient norm of the logged step only. With logging_steps > 1, a step between logs
+        whose norm was NaN or infinite could pass unseen where later losses stay finite (LoRA on embedding rows that
+        no later batch reads) and reach a checkpoint. Every step's norm times 0 (NaN where it was not finite) is
+        summed on the device, no sync, and the logged norm carries the sum: exactly this step's norm, or NaN where a
+        step since the last log had a non-finite one (`_check_finite` stops there)."""
+        import torch
+
+        if self.args.logging_steps <= 1 or not isinstance(grad_norm, torch.Tensor):
+            return grad_norm
+        zero = grad_norm.detach() * 0
+        self._norms_since_log = zero if self._norms_since_log is None else self._norms_since_log + zero
+        return grad_norm + self._norms_since_log
 
     def _defer_log(self, tr_loss: Any) -> bool:
         """Whether this step's log is written during the next step. Reading the loss (`.item()`) at once waits for
@@ -396,8 +413,7 @@ class PackedTrainer(Trainer):
         `_maybe_log_save_evaluate`; a deferred log is written before the next step's save), and the run raises
         where transformers would end training (`_finalize_training`). A step that saves always logs: with
         logging_steps=1 (the default) no checkpoint holds weights from a step whose gradient norm was not finite;
-        with a longer interval a step between logs is seen through the loss, which sums every step since the last
-        log. A NaN loss over finite gradients leaves the weights whole and is only
+        with a longer interval the logged norm carries every step's since the last log (`_carry_earlier_norms`). A NaN loss over finite gradients leaves the weights whole and is only
         logged. fp16 runs are left alone: their loss scaler skips an overflowing step and goes on."""
         if self.args.fp16 or self._nonfinite is not None or "loss" not in logs:
             return
