@@ -297,8 +297,8 @@ class PackedTrainer(Trainer):
         step since the last log had a non-finite one (`_check_finite` stops there)."""
         import torch
 
-        if self.args.logging_steps <= 1 or not isinstance(grad_norm, torch.Tensor):
-            return grad_norm
+        if self.args.logging_steps <= 1 or self.args.fp16 or not isinstance(grad_norm, torch.Tensor):
+            return grad_norm  # fp16: the loss scaler skips overflowing steps, and their norms stay unlogged
         zero = grad_norm.detach() * 0
         self._norms_since_log = zero if self._norms_since_log is None else self._norms_since_log + zero
         return grad_norm + self._norms_since_log
