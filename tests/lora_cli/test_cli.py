@@ -159,12 +159,15 @@ def test_under_torchrun_trains_in_process_instead_of_launching_again(fake_sft, m
     assert "adapter:" not in res.output  # only rank 0 reports
 
 
-@pytest.mark.parametrize(("rank", "error", "printed"), [
-    ("0", "nonfinite", "error: training stopped at step 5"),
-    ("1", "nonfinite", ""),
-    ("1", "oom", "error: rank 1: out of memory in training step 1"),
+@pytest.mark.parametrize(("rank", "local_rank", "error", "printed"), [
+    ("0", "0", "nonfinite", "error: training stopped at step 5"),
+    ("1", "1", "nonfinite", ""),
+    ("2", "0", "nonfinite", "error: training stopped at step 5"),  # the second node's first worker
+    ("1", "1", "oom", "error: rank 1: out of memory in training step 1"),
 ])
-def test_a_worker_names_its_rank_and_only_rank_0_prints_what_every_rank_raises(monkeypatch, rank, error, printed):
+def test_a_worker_names_its_rank_and_one_worker_a_node_prints_what_every_rank_raises(monkeypatch, rank, local_rank,
+                                                                                      error, printed):
+    """Two nodes of two workers each."""
     from lora_runtime.errors import NonFiniteLossError, OutOfMemoryHint
 
     raised = {"nonfinite": NonFiniteLossError("training stopped at step 5: gradient norm nan"),
@@ -175,8 +178,9 @@ def test_a_worker_names_its_rank_and_only_rank_0_prints_what_every_rank_raises(m
 
     monkeypatch.setattr(lora_runtime, "run", fail)
     monkeypatch.setenv("RANK", rank)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    res = run([*BASE, "--gpus", "2", "--backend", "peft"])
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    res = run([*BASE, "--gpus", "2", "--nnodes", "2", "--rdzv-endpoint", "node0:29400", "--backend", "peft"])
     assert res.exit_code == 1
     errors = [line for line in res.output.splitlines() if "error" in line]
     assert len(errors) == (1 if printed else 0) and all(line.startswith(printed) for line in errors), res.output

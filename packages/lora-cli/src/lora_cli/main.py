@@ -47,7 +47,8 @@ class UserError(Exception):
 # name their fix too.
 USER_ERRORS = (UserError, ConfigFileError, DataError, ConfigError, CheckpointError, OutOfMemoryHint,
                NonFiniteLossError, launch.LaunchError, OSError)
-# raised alike by every torchrun worker (the same config; a gradient norm reduced over the ranks): rank 0 says it
+# raised alike by every torchrun worker of a node (the same config and files; a gradient norm reduced over the ranks):
+# the node's local rank 0 says it (another node may see other files)
 SAME_ON_EVERY_RANK = (ConfigError, NonFiniteLossError)
 
 
@@ -59,10 +60,10 @@ def _as_option(text: str) -> str:
 
 def error_lines(e: BaseException) -> list[str]:
     """The `error:` lines for a user error. Under torchrun a worker's lines name its rank, and an error every worker
-    raises alike is printed by rank 0 alone."""
+    raises alike is printed once a node, by its local rank 0."""
     env = dist_env()
     if env.world_size > 1:
-        if isinstance(e, SAME_ON_EVERY_RANK) and not env.is_main:
+        if isinstance(e, SAME_ON_EVERY_RANK) and env.local_rank != 0:
             return []
         if not isinstance(e, SAME_ON_EVERY_RANK):
             return [f"rank {env.rank}: {line}" for line in _plain_error_lines(e)]
