@@ -47,9 +47,10 @@ class UserError(Exception):
 # name their fix too.
 USER_ERRORS = (UserError, ConfigFileError, DataError, ConfigError, CheckpointError, OutOfMemoryHint,
                NonFiniteLossError, launch.LaunchError, OSError)
-# raised alike by every torchrun worker of a node (the same config and files; a gradient norm reduced over the ranks):
-# the node's local rank 0 says it (another node may see other files)
-SAME_ON_EVERY_RANK = (ConfigError, NonFiniteLossError)
+# raised alike by every torchrun worker, at the same step (a gradient norm reduced over the ranks): the node's local
+# rank 0 says it. Not config errors: a worker that exits at once has torchrun kill the others, and one still starting
+# (before lora-cli's stop handler) would die unheard
+SAME_ON_EVERY_RANK = (NonFiniteLossError,)
 
 
 def _as_option(text: str) -> str:
