@@ -63,12 +63,11 @@ def error_lines(e: BaseException) -> list[str]:
     """The `error:` lines for a user error. Under torchrun a worker's lines name its rank, and an error every worker
     raises alike is printed once a node, by its local rank 0."""
     env = dist_env()
-    if env.world_size > 1:
-        if isinstance(e, SAME_ON_EVERY_RANK) and env.local_rank != 0:
-            return []
-        if not isinstance(e, SAME_ON_EVERY_RANK):
-            return [f"rank {env.rank}: {line}" for line in _plain_error_lines(e)]
-    return _plain_error_lines(e)
+    if env.world_size == 1:
+        return _plain_error_lines(e)
+    if isinstance(e, SAME_ON_EVERY_RANK):
+        return _plain_error_lines(e) if env.local_rank == 0 else []
+    return [f"rank {env.rank}: {line}" for line in _plain_error_lines(e)]
 
 
 def _plain_error_lines(e: BaseException) -> list[str]:

@@ -229,8 +229,6 @@ class LoraSftConfig:
     def validate(self, world_size: int | None = None) -> LoraSftConfig:
         """Check everything, raise one `ConfigError` listing every problem, else return self."""
         issues = _type_issues(self)
-        if isinstance(self.nproc_per_node, str):  # "auto" became a number on construction
-            issues.append(f"`nproc_per_node` must be > 0, 'auto' or None, got {self.nproc_per_node!r}")
         if issues:  # range checks on wrongly typed values would only add noise
             raise ConfigError(issues)
         positive = ["lora_r", "lora_alpha", "num_epochs", "gradient_accumulation_steps",
@@ -238,8 +236,9 @@ class LoraSftConfig:
         issues += [f"`{n}` must be > 0, got {getattr(self, n)}" for n in positive if getattr(self, n) <= 0]
         if self.micro_batch_size != "auto" and (isinstance(self.micro_batch_size, str) or self.micro_batch_size <= 0):
             issues.append(f"`micro_batch_size` must be > 0 or 'auto', got {self.micro_batch_size!r}")
-        if isinstance(self.nproc_per_node, int) and self.nproc_per_node <= 0:
-            issues.append(f"`nproc_per_node` must be > 0, 'auto' or None, got {self.nproc_per_node}")
+        per_node = self.nproc_per_node  # "auto" became a number on construction
+        if per_node is not None and (isinstance(per_node, str) or per_node <= 0):
+            issues.append(f"`nproc_per_node` must be > 0, 'auto' or None, got {per_node!r}")
         for name in ["max_steps", "effective_batch_size", "save_total_limit", "per_device_eval_batch_size",
                      "nnodes", "max_memory_gib"]:
             if getattr(self, name) is not None and getattr(self, name) <= 0:

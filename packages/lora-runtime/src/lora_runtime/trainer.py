@@ -413,8 +413,9 @@ class PackedTrainer(Trainer):
         `_maybe_log_save_evaluate`; a deferred log is written before the next step's save), and the run raises
         where transformers would end training (`_finalize_training`). A step that saves always logs: with
         logging_steps=1 (the default) no checkpoint holds weights from a step whose gradient norm was not finite;
-        with a longer interval the logged norm carries every step's since the last log (`_carry_earlier_norms`). A NaN loss over finite gradients leaves the weights whole and is only
-        logged. fp16 runs are left alone: their loss scaler skips an overflowing step and goes on."""
+        with a longer interval the logged norm carries every step's since the last log (`_carry_earlier_norms`). A
+        NaN loss over finite gradients leaves the weights whole and is only logged. fp16 runs are left alone: their
+        loss scaler skips an overflowing step and goes on."""
         if self.args.fp16 or self._nonfinite is not None or "loss" not in logs:
             return
         bad = {k: float(logs[k]) for k in ("loss", "grad_norm") if k in logs and not math.isfinite(float(logs[k]))}
