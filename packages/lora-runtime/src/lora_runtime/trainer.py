@@ -79,7 +79,9 @@ class PackedTrainer(Trainer):
         self._logged_at: float | None = None  # when the last log was written
         self._flops_per_token: int | None = None  # see floating_point_ops
         self._pending: _PendingLog | None = None  # a step's log waiting for its numbers (`_defer_log`)
-        self._nonfinite: tuple[int, dict[str, float], float | None] | None = None  # see `_check_finite`
+        # (first step the log covers, the step logged, what was not finite, learning rate): see `_check_finite`
+        self._nonfinite: tuple[int, int, dict[str, float], float | None] | None = None
+        self._log_covers_from = 1  # the first step the log being written covers
         self._norms_since_log: Any = None  # see `_carry_earlier_norms`
 
     # ------------------------------------------------------------------ data
@@ -270,6 +272,7 @@ class PackedTrainer(Trainer):
         self._logged_at = None
         self._emit_pending()
         logged_before = self._globalstep_last_logged
+        self._log_covers_from = logged_before + 1
         grad_norm = self._carry_earlier_norms(grad_norm)
         if (self.control.should_save or self.control.should_training_stop) and self.state.global_step > logged_before:
             # a checkpoint (or the end) holds the loss of every step up to it: a run resumed from it logs the steps
@@ -292,14 +295,15 @@ class PackedTrainer(Trainer):
     def _carry_earlier_norms(self, grad_norm: Any) -> Any:
         """transformers logs the gradient norm of the logged step only. With logging_steps > 1, a step between logs
         whose norm was NaN or infinite could pass unseen where later losses stay finite (LoRA on embedding rows that
-        no later batch reads) and reach a checkpoint. Every step's norm times 0 (NaN where it was not finite) is
-        summed on the device, no sync, and the logged norm carries the sum: exactly this step's norm, or NaN where a
-        step since the last log had a non-finite one (`_check_finite` stops there)."""
+        no later batch reads) and reach a checkpoint. Every step's norm where it was not finite, else 0, is summed
+        on the device, no sync, and the logged norm carries the sum: exactly this step's norm, or the NaN or inf of a
+        step since the last log (`_check_finite` stops there, naming the steps the log covers)."""
         import torch
 
         if self.args.logging_steps <= 1 or self.args.fp16 or not isinstance(grad_norm, torch.Tensor):
             return grad_norm  # fp16: the loss scaler skips overflowing steps, and their norms stay unlogged
-        zero = grad_norm.detach() * 0
+        g = grad_norm.detach()
+        zero = torch.where(torch.isfinite(g), torch.zeros_like(g), g)  # 0, or the NaN or inf itself
         self._norms_since_log = zero if self._norms_since_log is None else self._norms_since_log + zero
         return grad_norm + self._norms_since_log
 
@@ -371,8 +375,9 @@ class PackedTrainer(Trainer):
         if pending.has_grad_norm:
             logs["grad_norm"] = norm / pending.world
         logs["learning_rate"] = pending.learning_rate
-        now = self.state.global_step, self.state.epoch
+        now, covers_from = (self.state.global_step, self.state.epoch), self._log_covers_from
         self.state.global_step, self.state.epoch = pending.step, pending.epoch
+        self._log_covers_from = pending.step - pending.steps + 1
         # its tokens/s window ends where the step did: when the host had queued it if the device was done by now
         # (the host sets the pace), else now, having waited for the device (the device sets it)
         ended = pending.ended if landed else (time.perf_counter(), self._paused)
@@ -381,7 +386,7 @@ class PackedTrainer(Trainer):
             self.log(logs)  # the callback handler clears control.should_log, which is this step's to use
         finally:
             (self.state.global_step, self.state.epoch), self._ended = now, None
-            self.control.should_log = should_log
+            self.control.should_log, self._log_covers_from = should_log, covers_from
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -420,14 +425,17 @@ class PackedTrainer(Trainer):
             return
         bad = {k: float(logs[k]) for k in ("loss", "grad_norm") if k in logs and not math.isfinite(float(logs[k]))}
         if bad and ("grad_norm" in bad or "grad_norm" not in logs):
-            self._nonfinite = (self.state.global_step, bad, logs.get("learning_rate"))
+            self._nonfinite = (self._log_covers_from, self.state.global_step, bad, logs.get("learning_rate"))
             self.control.should_training_stop = True
             self.control.should_save = self.control.should_evaluate = False
 
     def _nonfinite_message(self) -> str:
         assert self._nonfinite is not None
-        step, bad, lr = self._nonfinite
+        first, step, bad, lr = self._nonfinite
         what = " and ".join(f"{'gradient norm' if k == 'grad_norm' else k} {v}" for k, v in bad.items())
+        if "grad_norm" in bad and first < step:
+            what += (f" in one of steps {first}-{step} (with logging_steps={self.args.logging_steps:g}, a logged norm "
+                     "carries every step's since the last log)")
         at = f" at learning_rate {lr:.3g}" if lr is not None else ""
         kept = checkpoint.newest_complete(Path(str(self.args.output_dir)))
         resume = (f"the newest complete checkpoint, {kept}, is from before it, and the same call with a lower "
