@@ -191,7 +191,7 @@ def _fake_gpu(monkeypatch, free_gib):
     import lora_runtime.batching as batching
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(batching, "memory_budget", lambda config: (
+    monkeypatch.setattr(batching, "memory_budget", lambda config, lowered=True: (
         free_gib * GIB if config.max_memory_gib is None else min(free_gib, config.max_memory_gib) * GIB, "free"))
 
 
@@ -414,3 +414,29 @@ def test_the_reason_gives_the_bytes_each_way_and_the_pinned_memory_apart():
     moved = c.offloaded * fp.per_token_layer * c.micro * 2048
     assert c.offloaded and f"({moved / GIB:.1f} GiB each way a pass at 50.0 GB/s measured" in c.reason
     assert f"pinned host memory up to {2 * moved / GIB:.1f} of 100.0 GiB" in c.reason
+
+
+def test_a_lowered_budget_bounds_the_plan_but_not_the_process_cap(monkeypatch, tmp_path, capsys):
+    """After an out-of-memory error the run plans again inside `lowered_budget`: every memory decision reads the
+    lower figure (never a higher one), while the hard cap of max_memory_gib stays the user's."""
+    from lora_runtime.batching import lowered_budget, memory_budget
+    from transformers import Qwen2Config
+
+    Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=1000).save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    config = LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o"), max_memory_gib=16)
+    assert memory_budget(config) == (16 * GIB, "max_memory_gib=16")
+    with lowered_budget((10 * GIB, "after the error")):
+        assert memory_budget(config) == (10 * GIB, "after the error")
+        assert memory_budget(config, lowered=False) == (16 * GIB, "max_memory_gib=16")
+        with lowered_budget((20 * GIB, "more")):
+            assert memory_budget(config) == (16 * GIB, "max_memory_gib=16")
+        resolve(config, PeftBackend(), rows=100)
+    assert fractions == [16 / 80]
+    planned = [line for line in capsys.readouterr().out.splitlines() if "memory plan" in line]
+    assert len(planned) == 1 and "memory plan (after the error)" in planned[0] and planned[0].endswith("of 10.0 GiB")
+    assert memory_budget(LoraSftConfig("m", "d", "o")) == (70 * GIB, "free")

@@ -4,6 +4,8 @@ the allocator), the checkpoints written before it are intact, and the same call 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from lora_runtime import lora_sft
@@ -38,3 +40,26 @@ def test_a_real_oom_names_the_fix_and_keeps_the_checkpoints(tiny_llama_dir, llam
     torch.cuda.empty_cache()
     resumed = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **RUN)
     assert resumed.steps == 5 and resumed.adapter_dir is not None
+
+
+def test_an_oom_in_step_1_of_a_plan_the_run_chose_plans_again_and_trains(tiny_llama_dir, llama_shards, tmp_path,
+                                                                         capsys):
+    """micro_batch_size="auto": every pass of more than one row asks for 16 TiB. The run's first plan (2 rows) runs
+    out of memory in step 1; it plans again for less (1 row) in the same call and trains to the end."""
+    from transformers import TrainerCallback
+
+    class OomOverOneRow(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            def hook(module, args, kwargs):
+                if module.training and kwargs["input_ids"].shape[0] > 1:
+                    torch.empty(2**44, dtype=torch.uint8, device="cuda")
+
+            model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    out = tmp_path / "run"
+    result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**RUN, "micro_batch_size": "auto"},
+                      callbacks=[OomOverOneRow()])
+    assert result.steps == 5 and result.adapter_dir is not None
+    printed = capsys.readouterr().out
+    assert "out of memory in training step 1 with micro_batch_size 2" in printed and "planning again for" in printed
+    assert json.loads((out / "lora_sft_config.json").read_text())["resolved"]["micro_batch_size"] == 1

@@ -85,31 +85,63 @@ def run(config: LoraSftConfig) -> TrainResult:
     """Train as `config` says: validate → data (prepared and cached when raw) → backend → batch plan → train.
 
     Raises ConfigError (every config problem at once), TokenizerMismatchError (shards prepared with another
-    tokenizer), CheckpointError (resume=False on a directory with checkpoints).
+    tokenizer), CheckpointError (resume=False on a directory with checkpoints), OutOfMemoryHint (out of GPU memory
+    in a training step, after planning again for less where the run chose its plan: `batching.replan_after_oom`).
     """
-    from lora_runtime.backends import import_unsloth_first, select_backend
-    from lora_runtime.batching import resolve
+    from lora_runtime.batching import MAX_REPLANS, lowered_budget, replan_after_oom
     from lora_runtime.checkpoint import output_lock
-    from lora_runtime.compiled import choose_levers, prefers
-    from lora_runtime.data import ensure_shards, open_datasets
     from lora_runtime.distributed import check_launch, dist_env, print0
-    from lora_runtime.loop import train
-    from lora_runtime.preflight import position_note
-    from lora_runtime.sharding import resolve_sharding
+    from lora_runtime.errors import OutOfMemoryHint
+    from lora_runtime.loop import release_memory
 
     check_launch(config.validate())
     # one run per output dir (a second one fails here, naming the first), and never one over a user's files
     with output_lock(config.ckpt_output_dir, config.model_path):
-        config, levers = choose_levers(config)  # selective_recompute/activation_offload "auto" made concrete
-        fast = (True, levers) if levers else prefers(config)
-        import_unsloth_first(config, compiled=fast[0])
-        config, shards = ensure_shards(config)
-        config = resolve_sharding(config)
-        backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting,
-                                         sharding=config.sharding, compiled=fast,
-                                         offload=config.activation_offload is True)
-        plan = resolve(config, backend, rows=shards.manifest.rows)
-        train_data, eval_data = open_datasets(config, shards, plan)
-        if dist_env().is_main and (note := position_note(config, train_data.reader.sample_lengths())):
-            print0(f"warning: {note}")  # read on the rank that prints it
-        return train(config, plan, backend, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)
+        failed: list[Any] = []  # the plans that ran out of memory in step 1
+        limit: tuple[float, str] | None = None
+        while True:
+            try:
+                with lowered_budget(limit):
+                    return _plan_and_train(config, failed)
+            except OutOfMemoryHint as e:
+                limit = replan_after_oom(config, e.step, e.plan, dist_env().world_size, len(failed))
+                if limit is None:
+                    raise
+                failed.append(e.plan)
+                cause = (str(e.__cause__ or "").strip().splitlines() or [type(e.__cause__).__name__])[0]
+                print0(f"out of memory in training step 1 with micro_batch_size {e.plan.micro} ({cause}): planning "
+                       f"again for {limit[0] / 1024**3:.1f} GiB, {limit[1]} (re-plan {len(failed)} of at most "
+                       f"{MAX_REPLANS})")
+            release_memory()  # here, not in the handler: the error's frames hold the failed step's tensors
+
+
+def _plan_and_train(config: LoraSftConfig, failed: list[Any]) -> TrainResult:
+    """One attempt of `run`, inside its output lock: levers → data → backend → batch plan → train. After an
+    out-of-memory error in step 1 (`failed` holds the plans that ran out), a plan that is not smaller stops here."""
+    from lora_runtime.backends import import_unsloth_first, select_backend
+    from lora_runtime.batching import resolve
+    from lora_runtime.compiled import choose_levers, prefers
+    from lora_runtime.data import ensure_shards, open_datasets
+    from lora_runtime.distributed import dist_env, print0
+    from lora_runtime.errors import OutOfMemoryHint
+    from lora_runtime.loop import train
+    from lora_runtime.preflight import position_note
+    from lora_runtime.sharding import resolve_sharding
+
+    config, levers = choose_levers(config)  # selective_recompute/activation_offload "auto" made concrete
+    fast = (True, levers) if levers else prefers(config)
+    import_unsloth_first(config, compiled=fast[0])
+    config, shards = ensure_shards(config)
+    config = resolve_sharding(config)
+    backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting,
+                                     sharding=config.sharding, compiled=fast,
+                                     offload=config.activation_offload is True)
+    plan = resolve(config, backend, rows=shards.manifest.rows)
+    if failed and (plan.estimated_peak_bytes or 0) >= failed[-1].estimated_peak_bytes:
+        raise OutOfMemoryHint(f"out of memory in training step 1 with micro_batch_size {failed[-1].micro}, and "
+                              "planned again for less memory no smaller plan is left: lower max_seq_len (now "
+                              f"{config.max_seq_len}), load_in_4bit=True, or free the GPU of other processes")
+    train_data, eval_data = open_datasets(config, shards, plan)
+    if not failed and dist_env().is_main and (note := position_note(config, train_data.reader.sample_lengths())):
+        print0(f"warning: {note}")  # read on the rank that prints it
+    return train(config, plan, backend, train_data, eval_data, manifest=shards.manifest, backend_reason=reason)

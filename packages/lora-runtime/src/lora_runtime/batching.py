@@ -33,8 +33,11 @@ it); with it, only micro × accumulation matters, so auto re-plans for the memor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,6 +70,10 @@ RECOMPUTE_COST = 0.38  # all layers recomputed: 1.38× the GPU time of the pass
 OVERLAP_LOSS = 0.1
 MIN_STEPS_PER_EPOCH = 16
 CPU_MICRO = 2  # training-hub's default
+# After an out-of-memory error in a run's first step, a plan the run chose (micro_batch_size or
+# gradient_checkpointing "auto") is made again for this share of what the failed plan needed, at most MAX_REPLANS times
+REPLAN_SHARE = 0.85
+MAX_REPLANS = 3
 
 
 @dataclass(frozen=True)
@@ -491,9 +498,48 @@ def _reason(fp: Footprint, m: int, k: int, o: int, seq_len: int, budget: float, 
 
 
 # ---------------------------------------------------------------------------------------------------- resolve
-def memory_budget(config: LoraSftConfig) -> tuple[float, str]:
+# (bytes, words) the plan stays under while set: a run planned again after an out-of-memory error (`replan_after_oom`)
+_LOWERED: ContextVar[tuple[float, str] | None] = ContextVar("lowered_budget", default=None)
+
+
+@contextlib.contextmanager
+def lowered_budget(limit: tuple[float, str] | None) -> Iterator[None]:
+    """Every memory decision inside (the levers, the backend, the batch plan) reads at most `limit`'s bytes."""
+    token = _LOWERED.set(limit)
+    try:
+        yield
+    finally:
+        _LOWERED.reset(token)
+
+
+def replan_after_oom(config: LoraSftConfig, step: int | None, plan: BatchPlan | None, world_size: int,
+                     replans: int) -> tuple[float, str] | None:
+    """The budget to plan the run again for after an out-of-memory error in training step `step` of `plan`, or None
+    where the error stands: only in step 1 of a single process (nothing logged or saved yet; under torchrun the other
+    ranks wait in a collective), only for a plan the run chose (micro_batch_size or gradient_checkpointing "auto")
+    from a memory estimate, and at most `MAX_REPLANS` times. `REPLAN_SHARE` of what the failed plan needed.
+
+    >>> from lora_runtime.config import LoraSftConfig
+    >>> failed = BatchPlan(16, 1, 1, False, estimated_peak_bytes=20 * GIB)
+    >>> bytes_, words = replan_after_oom(LoraSftConfig("m", "d", "o"), 1, failed, world_size=1, replans=0)
+    >>> round(bytes_ / GIB, 2), words
+    (19.21, '85% of the 22.6 GiB the plan that ran out of memory in step 1 needed')
+    >>> replan_after_oom(LoraSftConfig("m", "d", "o"), 2, failed, world_size=1, replans=0) is None
+    True
+    """
+    chosen = config.micro_batch_size == "auto" or config.gradient_checkpointing == "auto"
+    if (step != 1 or plan is None or plan.estimated_peak_bytes is None or world_size > 1 or not chosen
+            or replans >= MAX_REPLANS):
+        return None
+    need = plan.estimated_peak_bytes * FRAGMENTATION + CONTEXT_BYTES
+    return (REPLAN_SHARE * need,
+            f"{REPLAN_SHARE:.0%} of the {need / GIB:.1f} GiB the plan that ran out of memory in step 1 needed")
+
+
+def memory_budget(config: LoraSftConfig, *, lowered: bool = True) -> tuple[float, str]:
     """(bytes, words): max_memory_gib where set (never above the memory free), else the free memory of this rank's
-    GPU (of the fullest visible GPU with model splitting: see `per_gpu`); the minimum over ranks under torchrun."""
+    GPU (of the fullest visible GPU with model splitting: see `per_gpu`); the minimum over ranks under torchrun. Less
+    inside `lowered_budget` (unless `lowered=False`)."""
     import torch
 
     from lora_runtime.distributed import all_reduce_min, dist_env
@@ -503,9 +549,10 @@ def memory_budget(config: LoraSftConfig) -> tuple[float, str]:
     else:
         free = torch.cuda.mem_get_info(dist_env().local_rank)[0]
     budget = all_reduce_min(float(free))
-    if config.max_memory_gib is None:
-        return budget, "free"
-    return min(budget, config.max_memory_gib * GIB), f"max_memory_gib={config.max_memory_gib:g}"
+    given = ((budget, "free") if config.max_memory_gib is None else
+             (min(budget, config.max_memory_gib * GIB), f"max_memory_gib={config.max_memory_gib:g}"))
+    limit = _LOWERED.get() if lowered else None
+    return limit if limit is not None and limit[0] < given[0] else given
 
 
 def per_gpu(footprint: Footprint, config: LoraSftConfig, model_config: Any, world: int) -> Footprint:
@@ -559,9 +606,10 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
 
         model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
         budget, source = memory_budget(config)
-        if config.max_memory_gib is not None:  # a hard cap too: this process cannot allocate past the budget
+        if config.max_memory_gib is not None:  # a hard cap too: this process cannot allocate past the budget given
             cap = torch.cuda.mem_get_info(dist_env().local_rank)[1]
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / cap), dist_env().local_rank)
+            given = memory_budget(config, lowered=False)[0]
+            torch.cuda.set_per_process_memory_fraction(min(1.0, given / cap), dist_env().local_rank)
         gpus = torch.cuda.device_count() if config.enable_model_splitting else world
         try:
             footprint = per_gpu(backend.footprint(model_config, config), config, model_config, gpus)

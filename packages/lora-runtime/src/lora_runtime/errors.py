@@ -1,12 +1,21 @@
 """Errors a user can act on, importable without torch (lora-cli maps them to one `error:` line and exit code 1)."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class CheckpointError(RuntimeError):
     """The output directory's checkpoints cannot be used as asked (message says what to do)."""
 
 
 class OutOfMemoryHint(RuntimeError):
-    """Out of (GPU) memory in a training step; the message names the knobs. `__cause__` is the original error."""
+    """Out of (GPU) memory in a training step; the message names the knobs. `__cause__` is the original error;
+    `step` the training step, `plan` the batch plan it ran (lora_runtime.batching.BatchPlan) where known."""
+
+    def __init__(self, message: str, step: int | None = None, plan: Any = None) -> None:
+        super().__init__(message)
+        self.step, self.plan = step, plan
 
 
 class NonFiniteLossError(RuntimeError):

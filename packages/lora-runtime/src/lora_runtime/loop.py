@@ -122,6 +122,23 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
         release(model)
 
 
+def release_memory() -> None:
+    """After a failed attempt, before planning the next in this process: its model, optimizer and compiled graphs
+    unreachable now, their GPU memory goes back, and the peak starts again (the next plan reads the memory free)."""
+    import gc
+
+    import torch
+
+    if torch.cuda.is_available():
+        import torch._dynamo
+
+        torch._dynamo.reset()  # compiled code that still refers to the failed attempt's layers
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def decide_precision(config: LoraSftConfig) -> str:
     """"bf16" | "fp16" | "fp32", degrading (with a logged reason) where the hardware cannot do what was asked."""
     import torch

@@ -238,7 +238,8 @@ class PackedTrainer(Trainer):
         try:
             return super().training_step(*args, **kwargs)
         except torch.OutOfMemoryError as e:
-            raise OutOfMemoryHint(oom_hint(self.run_config, self.plan, self.state.global_step + 1, e)) from e
+            step = self.state.global_step + 1
+            raise OutOfMemoryHint(oom_hint(self.run_config, self.plan, step, e), step, self.plan) from e
 
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
         n = inputs.pop("num_tokens", 0)
