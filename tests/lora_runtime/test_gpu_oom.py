@@ -5,6 +5,7 @@ the allocator), the checkpoints written before it are intact, and the same call 
 from __future__ import annotations
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -48,8 +49,13 @@ def test_an_oom_in_step_1_of_a_plan_the_run_chose_plans_again_and_trains(tiny_ll
     out of memory in step 1; it plans again for less (1 row) in the same call and trains to the end."""
     from transformers import TrainerCallback
 
+    begins = []  # at each attempt's start: whether the attempt before's model was gone, and the memory allocated
+
     class OomOverOneRow(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
+            begins.append((bool(begins) and begins[-1][2]() is None, torch.cuda.memory_allocated(),
+                           weakref.ref(model)))
+
             def hook(module, args, kwargs):
                 if module.training and kwargs["input_ids"].shape[0] > 1:
                     torch.empty(2**44, dtype=torch.uint8, device="cuda")
@@ -60,6 +66,8 @@ def test_an_oom_in_step_1_of_a_plan_the_run_chose_plans_again_and_trains(tiny_ll
     result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**RUN, "micro_batch_size": "auto"},
                       callbacks=[OomOverOneRow()])
     assert result.steps == 5 and result.adapter_dir is not None
+    assert [gone for gone, _, _ in begins] == [False, True]
+    assert begins[1][1] <= begins[0][1] * 1.05  # the first attempt's memory went back before the second loaded
     printed = capsys.readouterr().out
     assert "out of memory in training step 1 with micro_batch_size 2" in printed and "planning again for" in printed
     assert json.loads((out / "lora_sft_config.json").read_text())["resolved"]["micro_batch_size"] == 1

@@ -11,6 +11,7 @@ parameter means its default; unlike it, an unknown or silently-ignored parameter
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 from lora_runtime.config import LoraSftConfig, check_known_keys
@@ -97,7 +98,7 @@ def run(config: LoraSftConfig) -> TrainResult:
     check_launch(config.validate())
     # one run per output dir (a second one fails here, naming the first), and never one over a user's files
     with output_lock(config.ckpt_output_dir, config.model_path):
-        failed: list[Any] = []  # the plans that ran out of memory in step 1
+        failed: list[tuple[Any, str]] = []  # (plan, the error's first line) of each attempt out of memory in step 1
         limit: tuple[float, str] | None = None
         while True:
             try:
@@ -106,18 +107,26 @@ def run(config: LoraSftConfig) -> TrainResult:
             except OutOfMemoryHint as e:
                 limit = replan_after_oom(config, e.step, e.plan, dist_env().world_size, len(failed))
                 if limit is None:
+                    if failed:
+                        e.args = (f"{e} (after planning again for less memory {len(failed)} time(s))",)
                     raise
-                failed.append(e.plan)
                 cause = (str(e.__cause__ or "").strip().splitlines() or [type(e.__cause__).__name__])[0]
+                failed.append((e.plan, cause))
+                message, model = str(e), e.model
                 print0(f"out of memory in training step 1 with micro_batch_size {e.plan.micro} ({cause}): planning "
                        f"again for {limit[0] / 1024**3:.1f} GiB, {limit[1]} (re-plan {len(failed)} of at most "
                        f"{MAX_REPLANS})")
             release_memory()  # here, not in the handler: the error's frames hold the failed step's tensors
+            if model is not None and model() is not None:
+                raise OutOfMemoryHint(f"{message} Not planned again for less: the model of the attempt that ran out "
+                                      "is still referenced (by a callback that keeps it?), so its memory stays taken.",
+                                      1, failed[-1][0])
 
 
-def _plan_and_train(config: LoraSftConfig, failed: list[Any]) -> TrainResult:
+def _plan_and_train(config: LoraSftConfig, failed: list[tuple[Any, str]]) -> TrainResult:
     """One attempt of `run`, inside its output lock: levers → data → backend → batch plan → train. After an
-    out-of-memory error in step 1 (`failed` holds the plans that ran out), a plan that is not smaller stops here."""
+    out-of-memory error in step 1 (`failed`: the plans that ran out, and why), a plan that is not smaller stops here,
+    and backend="auto" does not move to Unsloth, which cannot patch the transformers this process has loaded."""
     from lora_runtime.backends import import_unsloth_first, select_backend
     from lora_runtime.batching import resolve
     from lora_runtime.compiled import choose_levers, prefers
@@ -136,11 +145,17 @@ def _plan_and_train(config: LoraSftConfig, failed: list[Any]) -> TrainResult:
     backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting,
                                      sharding=config.sharding, compiled=fast,
                                      offload=config.activation_offload is True)
+    if failed and config.backend == "auto" and backend.name == "unsloth" and "unsloth" not in sys.modules:
+        backend, _ = select_backend("peft")
+        reason = ("auto: planned again after an out-of-memory error, in a process that has loaded transformers, "
+                  "which Unsloth imported now could not patch: transformers+PEFT")
     plan = resolve(config, backend, rows=shards.manifest.rows)
-    if failed and (plan.estimated_peak_bytes or 0) >= failed[-1].estimated_peak_bytes:
-        raise OutOfMemoryHint(f"out of memory in training step 1 with micro_batch_size {failed[-1].micro}, and "
-                              "planned again for less memory no smaller plan is left: lower max_seq_len (now "
-                              f"{config.max_seq_len}), load_in_4bit=True, or free the GPU of other processes")
+    if failed and (plan.estimated_peak_bytes or 0) >= failed[-1][0].estimated_peak_bytes:
+        last, cause = failed[-1]
+        quant = "" if config.load_in_4bit else ", load_in_4bit=True (QLoRA)"
+        raise OutOfMemoryHint(f"out of memory in training step 1 with micro_batch_size {last.micro} ({cause}), and "
+                              f"no smaller plan is left: lower max_seq_len (now {config.max_seq_len}){quant}, or free "
+                              "the GPU memory other processes hold", None, last)  # step None: not planned again
     train_data, eval_data = open_datasets(config, shards, plan)
     if not failed and dist_env().is_main and (note := position_note(config, train_data.reader.sample_lengths())):
         print0(f"warning: {note}")  # read on the rank that prints it

@@ -92,6 +92,7 @@ class BatchPlan:
     recomputed_layers: int | None = None  # with checkpointing: how many decoder layers recompute (None: all)
     estimated_peak_bytes: float | None = None  # the memory plan's estimate of torch's allocated peak
     offloaded_layers: int = 0  # decoder layers after the recomputed ones whose activations wait in host memory
+    estimated_fixed_bytes: float | None = None  # of the estimated peak, what no pass size changes (weights, ...)
 
     @property
     def effective(self) -> int:
@@ -517,23 +518,28 @@ def replan_after_oom(config: LoraSftConfig, step: int | None, plan: BatchPlan | 
     """The budget to plan the run again for after an out-of-memory error in training step `step` of `plan`, or None
     where the error stands: only in step 1 of a single process (nothing logged or saved yet; under torchrun the other
     ranks wait in a collective), only for a plan the run chose (micro_batch_size or gradient_checkpointing "auto")
-    from a memory estimate, and at most `MAX_REPLANS` times. `REPLAN_SHARE` of what the failed plan needed.
+    from a memory estimate, and at most `MAX_REPLANS` times. What the failed plan needed with its activations (all
+    but the weights and the fixed overheads) cut to `REPLAN_SHARE`.
 
     >>> from lora_runtime.config import LoraSftConfig
-    >>> failed = BatchPlan(16, 1, 1, False, estimated_peak_bytes=20 * GIB)
+    >>> failed = BatchPlan(16, 1, 1, False, estimated_peak_bytes=20 * GIB, estimated_fixed_bytes=4 * GIB)
     >>> bytes_, words = replan_after_oom(LoraSftConfig("m", "d", "o"), 1, failed, world_size=1, replans=0)
     >>> round(bytes_ / GIB, 2), words
-    (19.21, '85% of the 22.6 GiB the plan that ran out of memory in step 1 needed')
-    >>> replan_after_oom(LoraSftConfig("m", "d", "o"), 2, failed, world_size=1, replans=0) is None
-    True
+    (20.01, 'the 22.6 GiB the plan that ran out of memory in step 1 needed, its 17.3 GiB of activations cut to 85%')
+    >>> [replan_after_oom(LoraSftConfig("m", "d", "o"), step, failed, world, n) for step, world, n in
+    ...  ((2, 1, 0), (1, 2, 0), (1, 1, MAX_REPLANS))]
+    [None, None, None]
     """
     chosen = config.micro_batch_size == "auto" or config.gradient_checkpointing == "auto"
     if (step != 1 or plan is None or plan.estimated_peak_bytes is None or world_size > 1 or not chosen
             or replans >= MAX_REPLANS):
         return None
+    fixed = min(plan.estimated_fixed_bytes or 0.0, plan.estimated_peak_bytes)
     need = plan.estimated_peak_bytes * FRAGMENTATION + CONTEXT_BYTES
-    return (REPLAN_SHARE * need,
-            f"{REPLAN_SHARE:.0%} of the {need / GIB:.1f} GiB the plan that ran out of memory in step 1 needed")
+    varying = (plan.estimated_peak_bytes - fixed) * FRAGMENTATION
+    return (need - (1 - REPLAN_SHARE) * varying,
+            f"the {need / GIB:.1f} GiB the plan that ran out of memory in step 1 needed, its {varying / GIB:.1f} GiB "
+            f"of activations cut to {REPLAN_SHARE:.0%}")
 
 
 def memory_budget(config: LoraSftConfig, *, lowered: bool = True) -> tuple[float, str]:
@@ -623,8 +629,9 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
                                 partial=not (config.enable_model_splitting and gpus > 1))
             print0(f"memory plan ({source}): {choice.reason}")
             recomputed = None if choice.recomputed == footprint.layers else choice.recomputed
-            return fixed_plan(config, world, choice.micro, choice.recomputed > 0, recomputed, choice.peak,
+            plan = fixed_plan(config, world, choice.micro, choice.recomputed > 0, recomputed, choice.peak,
                               choice.offloaded)
+            return dataclasses.replace(plan, estimated_fixed_bytes=footprint.peak(0, 0))
     if micro == "auto":
         micro = max(m for m in range(1, CPU_MICRO + 1) if quota is None or quota % m == 0)
         print0(f"micro_batch_size: auto → {micro} (training-hub's default{' that divides the batch' if quota else ''}; "

@@ -11,11 +11,12 @@ class CheckpointError(RuntimeError):
 
 class OutOfMemoryHint(RuntimeError):
     """Out of (GPU) memory in a training step; the message names the knobs. `__cause__` is the original error;
-    `step` the training step, `plan` the batch plan it ran (lora_runtime.batching.BatchPlan) where known."""
+    `step` the training step, `plan` the batch plan it ran (lora_runtime.batching.BatchPlan) and `model` a weak
+    reference to the model it trained, where known."""
 
-    def __init__(self, message: str, step: int | None = None, plan: Any = None) -> None:
+    def __init__(self, message: str, step: int | None = None, plan: Any = None, model: Any = None) -> None:
         super().__init__(message)
-        self.step, self.plan = step, plan
+        self.step, self.plan, self.model = step, plan, model
 
 
 class NonFiniteLossError(RuntimeError):

@@ -31,6 +31,7 @@ import contextlib
 import math
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -196,16 +197,17 @@ class PackedTrainer(Trainer):
 
     def _close_after_failure(self, error: BaseException) -> None:
         """A failed run skips on_train_end (see `_finalize_training`), so what it would close is closed here: the
-        MLflow run this run started ends FAILED (KILLED on an interrupt) instead of staying RUNNING, and the progress
-        bar closes before the error is printed. (TensorBoard's writer flushes at every log.)"""
-        from transformers.integrations import MLflowCallback
+        MLflow run this run started ends FAILED (KILLED on an interrupt) instead of staying RUNNING, TensorBoard's
+        writer closes (with its thread: a run planned again after an out-of-memory error opens another), and the
+        progress bar closes before the error is printed."""
+        from transformers.integrations import MLflowCallback, TensorBoardCallback
 
         for cb in self.callback_handler.callbacks:
             with contextlib.suppress(Exception):  # never hide the error being raised
                 if isinstance(cb, MLflowCallback):
                     if cb._initialized and cb._auto_end_run and cb._ml_flow.active_run():
                         cb._ml_flow.end_run(status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-                elif getattr(cb, "closes_on_failure", False):
+                elif isinstance(cb, TensorBoardCallback) or getattr(cb, "closes_on_failure", False):
                     cb.on_train_end(self.args, self.state, self.control)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
@@ -239,7 +241,8 @@ class PackedTrainer(Trainer):
             return super().training_step(*args, **kwargs)
         except torch.OutOfMemoryError as e:
             step = self.state.global_step + 1
-            raise OutOfMemoryHint(oom_hint(self.run_config, self.plan, step, e), step, self.plan) from e
+            raise OutOfMemoryHint(oom_hint(self.run_config, self.plan, step, e), step, self.plan,
+                                  weakref.ref(self.model)) from e
 
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
         n = inputs.pop("num_tokens", 0)
