@@ -57,7 +57,7 @@ def test_an_oom_in_step_1_of_a_plan_the_run_chose_plans_again_and_trains(tiny_ll
                            weakref.ref(model)))
 
             def hook(module, args, kwargs):
-                if module.training and kwargs["input_ids"].shape[0] > 1:
+                if module.training and kwargs["input_ids"].numel() > RUN["max_seq_len"]:  # packed: [1, tokens]
                     torch.empty(2**44, dtype=torch.uint8, device="cuda")
 
             model.register_forward_pre_hook(hook, with_kwargs=True)

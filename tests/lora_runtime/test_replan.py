@@ -56,7 +56,8 @@ def _oom_when(rows_over: int = 1, step: int | None = None):
             Fault.models.append((weakref.ref(model), bool(Fault.models) and Fault.models[-1][0]() is None))
             def hook(module, args, kwargs):
                 ids = kwargs.get("input_ids", args[0] if args else None)
-                if module.training and ids.shape[0] > rows_over and step in (None, state.global_step + 1):
+                rows = ids.numel() / RUN["max_seq_len"]  # a packed pass is one row of all its tokens
+                if module.training and rows > rows_over and step in (None, state.global_step + 1):
                     Fault.raised += 1
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
