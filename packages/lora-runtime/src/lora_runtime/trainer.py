@@ -437,9 +437,9 @@ class PackedTrainer(Trainer):
         assert self._nonfinite is not None
         first, step, bad, lr = self._nonfinite
         what = " and ".join(f"{'gradient norm' if k == 'grad_norm' else k} {v}" for k, v in bad.items())
-        if "grad_norm" in bad and first < step:
-            what += (f" in one of steps {first}-{step} (with logging_steps={self.args.logging_steps:g}, a logged norm "
-                     "carries every step's since the last log)")
+        if first < step:  # the loss logged is the mean of those steps', the norm carries theirs
+            what += (f" in one of steps {first}-{step} (with logging_steps={self.args.logging_steps:g}, a log covers "
+                     "every step since the last one)")
         at = f" at learning_rate {lr:.3g}" if lr is not None else ""
         kept = checkpoint.newest_complete(Path(str(self.args.output_dir)))
         resume = (f"the newest complete checkpoint, {kept}, is from before it, and the same call with a lower "
