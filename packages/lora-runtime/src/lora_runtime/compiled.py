@@ -14,8 +14,9 @@ Five parts, each plain PyTorch:
   64.0k tokens/s against 60.0k, 4 rows 59.2k against 55.9k; folding every projection, 62.0k). Where no
   `selective_recompute` level is on, LoRA's A product is folded into the base GEMM of the narrowing ones (down; k and
   v under grouped-query attention): on one H200 without the Trainer, 16 rows a pass ran 79.6k against 77.2k, 4 rows
-  alike (62.6k, 62.8k). On lora_sft's own labels (a loss that trains), B and A folded ran 69.6k against 64.4k with
-  neither, 16 rows a pass on one H200.
+  alike (62.6k, 62.8k). On lora_sft's own labels (a loss that trains), 16 rows a pass: B and A folded ran 69.6k
+  against 64.4k with neither on one H200; on one H100 56.5k with neither, 61.2k with B in gate and up, 59.4k with B
+  in every projection, 62.9k with B and A.
 
 The other figures "without the Trainer" come from `benchmarks.gpu.compiled` on a feed whose loss turned NaN from its
 second step: a GEMM over NaN draws less power, so on a power-capped card they read high, alike for the variants

@@ -22,7 +22,8 @@ the wide SwiGLU product, would keep it anyway, so `lora_runtime.compiled` folds 
 H200 (Qwen2.5-1.5B shape, without the Trainer; benchmarks/RESULTS.md, compiled-parts) 16 rows of 2048 a pass ran
 79.6k tokens/s with A folded against 77.2k without; 4 rows, where the host sets the pace, alike (on a feed whose loss
 turned NaN from its second step, which reads high alike on both; `lora_runtime.compiled` says more). On a loss
-that trains (lora_sft's labels), B and A folded ran 69.6k against 64.4k with neither.
+that trains (lora_sft's labels), B and A folded ran 69.6k against 64.4k with neither on one H200, and 62.9k
+against 61.2k with B alone (56.5k with neither) on one H100.
 
 Plain PyTorch: `apply` swaps the forward of qualifying PEFT `lora.Linear` modules (`qualifies`: not those with LoRA
 dropout, nor over a wrapped or hooked base layer). At a call, a LoRA variant (DoRA), a LoRA bias, a trainable base
@@ -39,9 +40,9 @@ import torch
 import torch.nn.functional as F
 
 # out_features / in_features from which a projection is folded: the copy of x costs less than the passes saved. On one
-# H100 (Qwen2.5-1.5B shape, 16 rows of 2048, without the Trainer; benchmarks/RESULTS.md, compiled-parts) folding gate
-# and up ran 64.0k tokens/s against 60.0k unfolded, folding all 7 projections 62.0k (each on a feed whose loss turned
-# NaN from its second step, which reads high: a ranking, not speeds)
+# H100 (Qwen2.5-1.5B shape, 16 rows of 2048, without the Trainer, lora_sft's labels: a loss that trains;
+# benchmarks/RESULTS.md, compiled-parts) folding gate and up ran 61.2k tokens/s against 56.5k unfolded, folding all 7
+# projections 59.4k, gate and up with A folded into k, v and down (`fold_a`) 62.9k
 MIN_WIDENING = 2.0
 
 
