@@ -557,7 +557,11 @@ def memory_budget(config: LoraSftConfig, *, lowered: bool = True) -> tuple[float
     budget = all_reduce_min(float(free))
     given = ((budget, "free") if config.max_memory_gib is None else
              (min(budget, config.max_memory_gib * GIB), f"max_memory_gib={config.max_memory_gib:g}"))
-    limit = _LOWERED.get() if lowered else None
+    return _within_lowered(given) if lowered else given
+
+
+def _within_lowered(given: tuple[float, str]) -> tuple[float, str]:
+    limit = _LOWERED.get()
     return limit if limit is not None and limit[0] < given[0] else given
 
 
@@ -611,11 +615,11 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
         from transformers import AutoConfig
 
         model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-        budget, source = memory_budget(config)
+        given = memory_budget(config, lowered=False)
+        budget, source = _within_lowered(given)
         if config.max_memory_gib is not None:  # a hard cap too: this process cannot allocate past the budget given
             cap = torch.cuda.mem_get_info(dist_env().local_rank)[1]
-            given = memory_budget(config, lowered=False)[0]
-            torch.cuda.set_per_process_memory_fraction(min(1.0, given / cap), dist_env().local_rank)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, given[0] / cap), dist_env().local_rank)
         gpus = torch.cuda.device_count() if config.enable_model_splitting else world
         try:
             footprint = per_gpu(backend.footprint(model_config, config), config, model_config, gpus)
