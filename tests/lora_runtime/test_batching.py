@@ -435,8 +435,14 @@ def test_a_lowered_budget_bounds_the_plan_but_not_the_process_cap(monkeypatch, t
         assert memory_budget(config, lowered=False) == (16 * GIB, "max_memory_gib=16")
         with lowered_budget((20 * GIB, "more")):
             assert memory_budget(config) == (16 * GIB, "max_memory_gib=16")
-        resolve(config, PeftBackend(), rows=100)
-    assert fractions == [16 / 80]
+        import lora_runtime.distributed as distributed
+
+        reads = []
+        monkeypatch.setattr(distributed, "all_reduce_min", lambda v: (reads.append(v), v)[1])
+        plan = resolve(config, PeftBackend(), rows=100)
+    assert fractions == [16 / 80] and len(reads) == 1  # the budget read once (a collective under torchrun)
+    footprint = PeftBackend().footprint(Qwen2Config.from_pretrained(tmp_path / "m"), config)
+    assert plan.estimated_fixed_bytes == footprint.peak(0, 0) > 0  # what a re-plan keeps whole
     planned = [line for line in capsys.readouterr().out.splitlines() if "memory plan" in line]
     assert len(planned) == 1 and "memory plan (after the error)" in planned[0] and planned[0].endswith("of 10.0 GiB")
     assert memory_budget(LoraSftConfig("m", "d", "o")) == (70 * GIB, "free")

@@ -71,3 +71,22 @@ def test_an_oom_in_step_1_of_a_plan_the_run_chose_plans_again_and_trains(tiny_ll
     printed = capsys.readouterr().out
     assert "out of memory in training step 1 with micro_batch_size 2" in printed and "planning again for" in printed
     assert json.loads((out / "lora_sft_config.json").read_text())["resolved"]["micro_batch_size"] == 1
+
+
+def test_a_callback_that_keeps_the_base_model_stops_the_replan(tiny_llama_dir, llama_shards, tmp_path):
+    """The same out-of-memory error, with a callback keeping the base model (under PEFT's wrapper, which is freed),
+    given 1 GiB of buffers to stand for a real model's weights: they stay on the GPU, so the run is not planned
+    again, and the error says how much memory stayed taken."""
+    from transformers import TrainerCallback
+
+    class KeepsBase(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.base = model.get_base_model()
+            self.base.register_buffer("weights", torch.empty(2**30, dtype=torch.uint8, device="cuda"))
+            model.register_forward_pre_hook(
+                lambda m, a, kw: torch.empty(2**44, dtype=torch.uint8, device="cuda") if m.training else None,
+                with_kwargs=True)
+
+    with pytest.raises(OutOfMemoryHint, match=r"Not planned again for less: .* GiB of GPU memory still taken"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"), **{**RUN, "micro_batch_size": "auto"},
+                 callbacks=[KeepsBase()])

@@ -98,8 +98,9 @@ def run(config: LoraSftConfig) -> TrainResult:
     check_launch(config.validate())
     # one run per output dir (a second one fails here, naming the first), and never one over a user's files
     with output_lock(config.ckpt_output_dir, config.model_path):
-        failed: list[tuple[Any, str]] = []  # (plan, the error's first line) of each attempt out of memory in step 1
+        failed: list[tuple[Any, str]] = []  # (plan, what the error said) of each attempt out of memory in step 1
         limit: tuple[float, str] | None = None
+        before = device_memory_allocated()
         while True:
             try:
                 with lowered_budget(limit):
@@ -110,17 +111,38 @@ def run(config: LoraSftConfig) -> TrainResult:
                     if failed:
                         e.args = (f"{e} (after planning again for less memory {len(failed)} time(s))",)
                     raise
-                cause = (str(e.__cause__ or "").strip().splitlines() or [type(e.__cause__).__name__])[0]
-                failed.append((e.plan, cause))
+                failed.append((e.plan, _oom_cause(e.__cause__)))
                 message, model = str(e), e.model
-                print0(f"out of memory in training step 1 with micro_batch_size {e.plan.micro} ({cause}): planning "
-                       f"again for {limit[0] / 1024**3:.1f} GiB, {limit[1]} (re-plan {len(failed)} of at most "
-                       f"{MAX_REPLANS})")
             release_memory()  # here, not in the handler: the error's frames hold the failed step's tensors
-            if model is not None and model() is not None:
-                raise OutOfMemoryHint(f"{message} Not planned again for less: the model of the attempt that ran out "
-                                      "is still referenced (by a callback that keeps it?), so its memory stays taken.",
-                                      1, failed[-1][0])
+            plan, cause = failed[-1]
+            held = device_memory_allocated() - before
+            if (model is not None and model() is not None) or held > max(0.5 * (plan.estimated_fixed_bytes or 0),
+                                                                         REPLAN_HELD_BYTES):
+                again = f" after planning again for less memory {len(failed) - 1} time(s)" if len(failed) > 1 else ""
+                raise OutOfMemoryHint(f"{message} Not planned again for less{again}: the model of the attempt that ran "
+                                      f"out is still referenced, {held / 1024**3:.1f} GiB of GPU memory still taken (a "
+                                      "callback that keeps it, or a part of it?)", None, plan)
+            print0(f"out of memory in training step 1 with micro_batch_size {plan.micro} ({cause}): planning again for "
+                   f"{limit[0] / 1024**3:.1f} GiB, {limit[1]} (re-plan {len(failed)} of at most {MAX_REPLANS})")
+
+
+# GPU memory still allocated after a failed attempt is freed above which it is taken as kept (with half the weights)
+REPLAN_HELD_BYTES = 256 * 1024**2
+
+
+def device_memory_allocated() -> int:
+    """Bytes torch has allocated over every GPU of this process; 0 before CUDA starts or without it."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0
+    return sum(torch.cuda.memory_allocated(d) for d in range(torch.cuda.device_count()))
+
+
+def _oom_cause(error: BaseException | None) -> str:
+    """The allocator's error up to the size it could not allocate (its advice and statistics left out)."""
+    first = (str(error or "").strip().splitlines() or [type(error).__name__])[0]
+    head, sep, tail = first.partition("Tried to allocate ")
+    return head + sep + tail.split(". ")[0].rstrip(".") if sep else first
 
 
 def _plan_and_train(config: LoraSftConfig, failed: list[tuple[Any, str]]) -> TrainResult:
@@ -148,7 +170,7 @@ def _plan_and_train(config: LoraSftConfig, failed: list[tuple[Any, str]]) -> Tra
     if failed and config.backend == "auto" and backend.name == "unsloth" and "unsloth" not in sys.modules:
         backend, _ = select_backend("peft")
         reason = ("auto: planned again after an out-of-memory error, in a process that has loaded transformers, "
-                  "which Unsloth imported now could not patch: transformers+PEFT")
+                  "which Unsloth imported now could not patch: transformers+PEFT" + (f"; {fast[1]}" if fast[1] else ""))
     plan = resolve(config, backend, rows=shards.manifest.rows)
     if failed and (plan.estimated_peak_bytes or 0) >= failed[-1][0].estimated_peak_bytes:
         last, cause = failed[-1]

@@ -72,6 +72,11 @@ class PackedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)  # disable_tqdm installs it: raw log dicts; lora_runtime.progress instead
         self.run_config, self.plan, self.metrics = config, plan, metrics
+        from transformers.integrations import TensorBoardCallback
+
+        # the TensorBoard callbacks report_to made, whose writer they open themselves (`_close_after_failure`)
+        self._own_tb = [cb for cb in self.callback_handler.callbacks
+                        if type(cb) is TensorBoardCallback and cb.tb_writer is None]
         self._tokens_local = 0  # real tokens on this rank since the last flush
         self._last_log: tuple[float, int] | None = None  # (time, tokens) at the last log; set at the first step
         self._paused = 0.0  # eval/checkpoint seconds since the last log's window ended
@@ -197,17 +202,21 @@ class PackedTrainer(Trainer):
 
     def _close_after_failure(self, error: BaseException) -> None:
         """A failed run skips on_train_end (see `_finalize_training`), so what it would close is closed here: the
-        MLflow run this run started ends FAILED (KILLED on an interrupt) instead of staying RUNNING, TensorBoard's
-        writer closes (with its thread: a run planned again after an out-of-memory error opens another), and the
-        progress bar closes before the error is printed."""
-        from transformers.integrations import MLflowCallback, TensorBoardCallback
+        MLflow run this run started ends FAILED (KILLED on an interrupt) instead of staying RUNNING, the writer of
+        the TensorBoard callback report_to made closes (with its thread: a run planned again after an out-of-memory
+        error opens another; no callback's on_train_end runs), and the progress bar closes before the error is
+        printed."""
+        from transformers.integrations import MLflowCallback
 
         for cb in self.callback_handler.callbacks:
             with contextlib.suppress(Exception):  # never hide the error being raised
                 if isinstance(cb, MLflowCallback):
                     if cb._initialized and cb._auto_end_run and cb._ml_flow.active_run():
                         cb._ml_flow.end_run(status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-                elif isinstance(cb, TensorBoardCallback) or getattr(cb, "closes_on_failure", False):
+                elif any(cb is own for own in self._own_tb) and cb.tb_writer is not None:
+                    cb.tb_writer.close()
+                    cb.tb_writer = None
+                elif getattr(cb, "closes_on_failure", False):
                     cb.on_train_end(self.args, self.state, self.control)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
