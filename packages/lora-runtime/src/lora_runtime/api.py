@@ -100,7 +100,7 @@ def run(config: LoraSftConfig) -> TrainResult:
     with output_lock(config.ckpt_output_dir, config.model_path):
         failed: list[tuple[Any, str]] = []  # (plan, what the error said) of each attempt out of memory in step 1
         limit: tuple[float, str] | None = None
-        before = device_memory_allocated()
+        before = _device_memory_allocated()
         while True:
             try:
                 with lowered_budget(limit):
@@ -115,7 +115,7 @@ def run(config: LoraSftConfig) -> TrainResult:
                 message, model = str(e), e.model
             release_memory()  # here, not in the handler: the error's frames hold the failed step's tensors
             plan, cause = failed[-1]
-            held = device_memory_allocated() - before
+            held = _device_memory_allocated() - before
             if (model is not None and model() is not None) or held > max(0.5 * (plan.estimated_fixed_bytes or 0),
                                                                          REPLAN_HELD_BYTES):
                 again = f" after planning again for less memory {len(failed) - 1} time(s)" if len(failed) > 1 else ""
@@ -126,11 +126,12 @@ def run(config: LoraSftConfig) -> TrainResult:
                    f"{limit[0] / 1024**3:.1f} GiB, {limit[1]} (re-plan {len(failed)} of at most {MAX_REPLANS})")
 
 
-# GPU memory still allocated after a failed attempt is freed above which it is taken as kept (with half the weights)
+# Once a failed attempt is released, GPU memory still allocated beyond this (or half its plan's fixed bytes, the
+# weights mostly, where more) means something keeps its model: the run is not planned again
 REPLAN_HELD_BYTES = 256 * 1024**2
 
 
-def device_memory_allocated() -> int:
+def _device_memory_allocated() -> int:
     """Bytes torch has allocated over every GPU of this process; 0 before CUDA starts or without it."""
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():

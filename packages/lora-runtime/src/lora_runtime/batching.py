@@ -71,7 +71,8 @@ OVERLAP_LOSS = 0.1
 MIN_STEPS_PER_EPOCH = 16
 CPU_MICRO = 2  # training-hub's default
 # After an out-of-memory error in a run's first step, a plan the run chose (micro_batch_size or
-# gradient_checkpointing "auto") is made again for this share of what the failed plan needed, at most MAX_REPLANS times
+# gradient_checkpointing "auto") is made again with the failed plan's activations cut to this share, at most
+# MAX_REPLANS times (`replan_after_oom`)
 REPLAN_SHARE = 0.85
 MAX_REPLANS = 3
 
