@@ -115,3 +115,20 @@ def test_a_second_run_on_the_same_raw_file_waits_for_the_first_and_uses_its_shar
     assert f"waiting for another run preparing the same data into {entry}" in out and f"pid {first.pid}" in out, out
     assert f"reusing prepared shards {entry} (prepared by another run meanwhile)" in out, out
     assert "preparing" not in out.replace("preparing the same data", ""), out
+
+
+def test_a_wandb_run_the_caller_started_is_used_and_left_open(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
+    """A script that opened its own wandb run (offline) before lora_sft keeps it open after the call, to log more."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    mine = wandb.init(project="lora-runtime-tests", dir=str(tmp_path))
+    try:
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"), **{**_runs.RUN, "max_steps": 2, "save_steps": 2},
+                 wandb_project="lora-runtime-tests")
+        assert wandb.run is mine and not mine._is_finished
+        mine.log({"after": 1.0})
+    finally:
+        mine.finish()

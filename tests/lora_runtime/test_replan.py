@@ -174,3 +174,4 @@ def test_planned_again_backend_auto_stays_off_an_unsloth_imported_too_late(tiny_
     assert result.steps == 4 and result.backend == "peft" and calls == ["auto", "auto", "peft"]
     assert ("backend: peft (auto: planned again after an out-of-memory error, in a process that has loaded "
             "transformers, which Unsloth imported now could not patch: transformers+PEFT)") in capsys.readouterr().out
+

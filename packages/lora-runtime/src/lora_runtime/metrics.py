@@ -183,11 +183,12 @@ def reporting_env(config: LoraSftConfig):
     Rank 0 opens the wandb run itself (transformers' callback then reuses it): wandb caches WANDB_DIR & co. once per
     process, so passing them here is what lets a second `lora_sft` in one process log to its own directory; the run
     gets the resolved (redacted) config. The run is finished at the end, as failed (exit code 1) where training
-    raised; transformers would leave it open.
+    raised; transformers would leave it open. A run the caller had started before is used and left open.
     """
     new = report_env(config)
     old = {k: os.environ.get(k) for k in new}
     os.environ.update(new)
+    theirs = getattr(sys.modules.get("wandb"), "run", None)
     failed = True
     try:
         if "wandb" in report_targets(config) and dist_env().is_main:
@@ -201,7 +202,7 @@ def reporting_env(config: LoraSftConfig):
             else:
                 os.environ[k] = v
         wandb = sys.modules.get("wandb")
-        if wandb is not None and getattr(wandb, "run", None) is not None:
+        if wandb is not None and getattr(wandb, "run", None) is not None and wandb.run is not theirs:
             wandb.finish(exit_code=1 if failed else 0)
 
 
