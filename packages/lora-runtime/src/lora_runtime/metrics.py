@@ -191,7 +191,7 @@ def reporting_env(config: LoraSftConfig):
     theirs = getattr(sys.modules.get("wandb"), "run", None)
     failed = True
     try:
-        if "wandb" in report_targets(config) and dist_env().is_main:
+        if "wandb" in report_targets(config) and dist_env().is_main and theirs is None:
             _start_wandb(config)
         yield
         failed = False
