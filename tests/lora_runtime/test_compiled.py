@@ -221,7 +221,7 @@ def a_gpu_with(monkeypatch):
         monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
         monkeypatch.setattr(attention, "available", lambda: (True, ""))
-        monkeypatch.setattr(batching, "memory_budget", lambda config: (gib * batching.GIB, "free"))
+        monkeypatch.setattr(batching, "memory_budget", lambda config, lowered=True: (gib * batching.GIB, "free"))
 
     return set_free
 
