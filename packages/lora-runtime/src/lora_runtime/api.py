@@ -111,7 +111,9 @@ def run(config: LoraSftConfig) -> TrainResult:
                     if failed:
                         e.args = (f"{e} (after planning again for less memory {len(failed)} time(s))",)
                     raise
-                failed.append((e.plan, _oom_cause(e.__cause__)))
+                from lora_runtime.trainer import oom_cause  # loaded by training already (not before Unsloth)
+
+                failed.append((e.plan, oom_cause(e.__cause__)))
                 message, model = str(e), e.model
             release_memory()  # here, not in the handler: the error's frames hold the failed step's tensors
             plan, cause = failed[-1]
@@ -137,13 +139,6 @@ def _device_memory_allocated() -> int:
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return 0
     return sum(torch.cuda.memory_allocated(d) for d in range(torch.cuda.device_count()))
-
-
-def _oom_cause(error: BaseException | None) -> str:
-    """The allocator's error up to the size it could not allocate (its advice and statistics left out)."""
-    first = (str(error or "").strip().splitlines() or [type(error).__name__])[0]
-    head, sep, tail = first.partition("Tried to allocate ")
-    return head + sep + tail.split(". ")[0].rstrip(".") if sep else first
 
 
 def _plan_and_train(config: LoraSftConfig, failed: list[tuple[Any, str]]) -> TrainResult:

@@ -87,7 +87,9 @@ class PackedTrainer(Trainer):
         self._pending: _PendingLog | None = None  # a step's log waiting for its numbers (`_defer_log`)
         # (first step the log covers, the step logged, what was not finite, learning rate): see `_check_finite`
         self._nonfinite: tuple[int, int, dict[str, float], float | None] | None = None
-        self._log_covers_from = 1  # the first step the log being written covers
+        # the first step the log of the last `_maybe_log_save_evaluate` covers: a log written a step late (which is
+        # written before the next call sets this) covers the same
+        self._log_covers_from = 1
         self._norms_since_log: Any = None  # see `_carry_earlier_norms`
 
     # ------------------------------------------------------------------ data
@@ -213,7 +215,7 @@ class PackedTrainer(Trainer):
                 if isinstance(cb, MLflowCallback):
                     if cb._initialized and cb._auto_end_run and cb._ml_flow.active_run():
                         cb._ml_flow.end_run(status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-                elif any(cb is own for own in self._own_tb) and cb.tb_writer is not None:
+                elif cb in self._own_tb and cb.tb_writer is not None:
                     cb.tb_writer.close()
                     cb.tb_writer = None
                 elif getattr(cb, "closes_on_failure", False):
@@ -388,9 +390,8 @@ class PackedTrainer(Trainer):
         if pending.has_grad_norm:
             logs["grad_norm"] = norm / pending.world
         logs["learning_rate"] = pending.learning_rate
-        now, covers_from = (self.state.global_step, self.state.epoch), self._log_covers_from
+        now = self.state.global_step, self.state.epoch
         self.state.global_step, self.state.epoch = pending.step, pending.epoch
-        self._log_covers_from = pending.step - pending.steps + 1
         # its tokens/s window ends where the step did: when the host had queued it if the device was done by now
         # (the host sets the pace), else now, having waited for the device (the device sets it)
         ended = pending.ended if landed else (time.perf_counter(), self._paused)
@@ -399,7 +400,7 @@ class PackedTrainer(Trainer):
             self.log(logs)  # the callback handler clears control.should_log, which is this step's to use
         finally:
             (self.state.global_step, self.state.epoch), self._ended = now, None
-            self.control.should_log, self._log_covers_from = should_log, covers_from
+            self.control.should_log = should_log
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -539,8 +540,19 @@ def follow_schedule(optimizer: Any, scheduler: Any, learning_rate: float) -> Non
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
+def first_line(error: BaseException | None) -> str:
+    """An error's first line, or its type's name where it says nothing."""
+    return (str(error or "").strip().splitlines() or [type(error).__name__])[0]
+
+
+def oom_cause(error: BaseException | None) -> str:
+    """The allocator's error up to the size it could not allocate (its advice and statistics left out)."""
+    head, sep, tail = first_line(error).partition("Tried to allocate ")
+    return head + sep + tail.split(". ")[0].rstrip(".") if sep else head
+
+
 def oom_hint(config: LoraSftConfig, plan: BatchPlan, step: int, error: BaseException) -> str:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = first_line(error)
     quant = "" if config.load_in_4bit else "; load_in_4bit=True (QLoRA) to quarter the base weights' memory"
     every = plan.gradient_checkpointing and plan.recomputed_layers is None  # recomputing all already
     last = ("; or activation_offload=False with gradient_checkpointing=True" if config.activation_offload is True
