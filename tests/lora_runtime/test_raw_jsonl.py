@@ -126,7 +126,8 @@ def test_a_wandb_run_the_caller_started_is_used_and_left_open(tiny_llama_dir, ll
     monkeypatch.setenv("WANDB_SILENT", "true")
     mine = wandb.init(project="lora-runtime-tests", dir=str(tmp_path))
     try:
-        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"), **{**_runs.RUN, "max_steps": 2, "save_steps": 2},
+        settings = {**_runs.RUN, "max_steps": 2, "save_steps": 2}
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"), **settings,
                  wandb_project="lora-runtime-tests")
         assert wandb.run is mine and not mine._is_finished
         mine.log({"after": 1.0})
