@@ -188,3 +188,77 @@ def test_a_dead_rank_stops_the_others_in_bounded_time_naming_it(tiny_llama_dir, 
     log = again.stdout + again.stderr
     assert again.returncode == 0, log[-5000:]
     assert f"resuming from {out / 'checkpoints' / done[-1]}" in log
+
+
+# Loaded by every process of the run below through PYTHONPATH; acts in torchrun's workers only. On a CPU the batch
+# plan has no memory estimate: `resolve` gives 2 rows with a 4 GiB estimate (1 GiB of it fixed) at the full budget
+# and 1 row with 2 GiB under a lowered one, and writes down the limit it planned under. Rank 1 runs out of memory
+# (torch.OutOfMemoryError raised in the model's forward) in training step 1 of a plan of 2 rows.
+_OOM_SITE = '''
+import os
+
+if "RANK" in os.environ:
+    import dataclasses, json
+
+    import torch
+    from lora_runtime import batching, loop
+    from transformers import TrainerCallback
+
+    def resolve(config, backend, rows):
+        limit = batching._LOWERED.get()
+        with open(os.environ["SEEN"], "a") as f:
+            f.write(json.dumps({"rank": int(os.environ["RANK"]), "limit": limit}) + "\\n")
+        micro = 2 if limit is None else 1
+        plan = batching.fixed_plan(config, int(os.environ["WORLD_SIZE"]), micro, False)
+        gib = batching.GIB * (4 if limit is None else 2)
+        return dataclasses.replace(plan, estimated_peak_bytes=gib, estimated_fixed_bytes=gib / 4)
+
+    class Fault(TrainerCallback):
+        def __init__(self, micro):
+            self.micro = micro
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            def hook(module, args):
+                if module.training and self.micro == 2 and os.environ["RANK"] == "1" and state.global_step == 0:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+            model.register_forward_pre_hook(hook)
+
+    def train(config, plan, *args, **kwargs):
+        callbacks = [*(config.callbacks or []), Fault(plan.micro)]
+        return real_train(dataclasses.replace(config, callbacks=callbacks), plan, *args, **kwargs)
+
+    batching.resolve, real_train, loop.train = resolve, loop.train, train
+'''
+
+
+def test_an_oom_in_step_1_on_one_rank_starts_every_worker_again_planned_for_less(tiny_llama_dir, even_shards,
+                                                                                  tmp_path):
+    """`--gpus 2` with micro_batch_size "auto": rank 1 runs out of memory in step 1 (rank 0 waits in the gradient
+    all-reduce, so it cannot plan again alone); it asks the launcher, which starts torchrun again with the lower
+    budget on every rank, and the run trains to the end on the smaller plan."""
+    from lora_runtime.batching import CONTEXT_BYTES, FRAGMENTATION, GIB, RELAUNCH_REQUEST
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_OOM_SITE)
+    out, seen = tmp_path / "run", tmp_path / "seen.jsonl"
+    args = [*_train_args(tiny_llama_dir, even_shards, out), "--micro-batch-size", "auto", "--max-steps", "3"]
+    env = _env() | {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]), "SEEN": str(seen)}
+    proc = subprocess.run([sys.executable, "-m", "lora_cli", "train", *args, "--gpus", "2"], env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    need, activations = 4 * GIB * FRAGMENTATION + CONTEXT_BYTES, 3 * GIB * FRAGMENTATION
+    limits = [json.loads(line) for line in seen.read_text().splitlines()]
+    lowered = pytest.approx(need - 0.15 * activations)
+    assert sorted(((r["limit"] or [0])[0], r["rank"]) for r in limits) == [(0, 0), (0, 1), (lowered, 0), (lowered, 1)]
+    assert ("rank 1 ran out of memory in training step 1 with micro_batch_size 2 (CUDA out of memory. Tried to "
+            "allocate 2.00 GiB): starting every worker again, planned for 4.8 GiB, the 5.3 GiB the plan that ran out "
+            "of memory in step 1 needed, its 3.2 GiB of activations cut to 85% (re-plan 1 of at most 3)") in log
+    resolved = json.loads((out / "lora_sft_config.json").read_text())["resolved"]
+    assert resolved["micro_batch_size"] == 1
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+    assert (out / "adapter_model.safetensors").is_file()
+    assert not list(out.glob(RELAUNCH_REQUEST.format(rank="*") + "*"))  # the request was taken

@@ -175,3 +175,55 @@ def test_planned_again_backend_auto_stays_off_an_unsloth_imported_too_late(tiny_
     assert ("backend: peft (auto: planned again after an out-of-memory error, in a process that has loaded "
             "transformers, which Unsloth imported now could not patch: transformers+PEFT)") in capsys.readouterr().out
 
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_an_oom_in_the_optimizer_step_gets_the_hint_and_in_step_1_a_new_plan(tiny_llama_dir, llama_shards, tmp_path,
+                                                                             monkeypatch, step):
+    """torch.OutOfMemoryError raised outside the forward and backward, just before the optimizer step (where AdamW
+    allocates its state in step 1), in a pass of 2 rows: in step 1 the run plans again and trains on 1 row; in step 2
+    the hint stands, not a bare torch error."""
+    from transformers import TrainerCallback
+
+    seen = _sized_plans(monkeypatch)
+
+    class Fault(TrainerCallback):
+        raised = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.rows = args.per_device_train_batch_size
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if self.rows > 1 and state.global_step + 1 == step:
+                Fault.raised += 1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    out = tmp_path / "run"
+    if step == 1:
+        result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **RUN, callbacks=[Fault()])
+        assert Fault.raised == 1 and len(seen) == 2 and result.steps == 4
+        assert json.loads((out / "lora_sft_config.json").read_text())["resolved"]["micro_batch_size"] == 1
+        return
+    with pytest.raises(OutOfMemoryHint) as caught:
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **RUN, callbacks=[Fault()])
+    assert Fault.raised == 1 and seen == [None]
+    assert str(caught.value).startswith("out of memory in training step 2 (CUDA out of memory. Tried to allocate "
+                                        "1.00 GiB). Lower micro_batch_size (now 2;")
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_a_relaunch_request_round_trip(tmp_path, monkeypatch):
+    """What a worker asks the launcher for (one file per rank) and what the restarted workers read back: the lowest
+    limit of the requests wins, every request file is taken (a torn one and a foreign one too)."""
+    failed = batching.BatchPlan(2, 1, 2, False, estimated_peak_bytes=4 * GIB, estimated_fixed_bytes=GIB)
+    batching.request_relaunch(tmp_path, 0, (5 * GIB, "five"), [(failed, "cause 0")])
+    batching.request_relaunch(tmp_path, 1, (4 * GIB, "four"), [(failed, "cause 1")])
+    (tmp_path / batching.RELAUNCH_REQUEST.format(rank=2)).write_text("{}")
+    (tmp_path / (batching.RELAUNCH_REQUEST.format(rank=3) + ".tmp")).write_text('{"lim')
+    value, rank, request = batching.take_relaunch_requests(tmp_path)
+    assert rank == 1 and request["limit"] == [4 * GIB, "four"] and not list(tmp_path.iterdir())
+    assert batching.take_relaunch_requests(tmp_path) is None
+    monkeypatch.delenv(batching.RELAUNCH_ENV, raising=False)
+    assert batching.relaunched() is None
+    monkeypatch.setenv(batching.RELAUNCH_ENV, value)
+    assert batching.relaunched() == ((4 * GIB, "four"), [(failed, "cause 1")])

@@ -16,6 +16,7 @@ trains in-process instead of launching again.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -118,27 +119,50 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
     passed on: torchrun answers a second signal by sending SIGTERM to the workers, and a stop delivered twice (by the
     process group and by `uv run`, or by a scheduler to every process) must still save. The closing message names the
     step the next run resumes from, read from `output_dir`.
+
+    On one node, a worker that ran out of memory in training step 1 of a plan the run chose asks (a request file in
+    `output_dir`: lora_runtime.batching.request_relaunch) for every worker to start again under a lower budget; this
+    starts torchrun again with it, as a single process plans again in place (at most MAX_REPLANS times in all).
     """
+    from lora_runtime.batching import MAX_REPLANS, RELAUNCH_ENV, take_relaunch_requests
+
     cmd = torchrun_command(plan, train_args)
     log.info("launching %d process(es) on this node (%d in all): %s", plan.nproc_per_node, plan.world_size,
              " ".join(cmd))
-    # Own process group: a Ctrl-C on the terminal reaches only this process, which forwards it exactly once.
-    proc = subprocess.Popen(cmd, env=_worker_env(device), process_group=0)
-
+    env = _worker_env(device)
+    # one node only: the launchers of other nodes would not start their workers again
+    relaunch = output_dir if plan.nnodes == 1 else None
+    if relaunch:
+        env[RELAUNCH_ENV] = json.dumps({"limit": None, "failed": []})
+        take_relaunch_requests(relaunch)  # none left from a launcher that was killed
     forwarded: list[str] = []
+    proc: subprocess.Popen | None = None
 
     def forward(signum: int, _frame: object) -> None:
         forwarded.append(signal.Signals(signum).name)
         if len(forwarded) == 1:
             log.warning("got %s: asking the workers to save a checkpoint and stop", forwarded[-1])
-            proc.send_signal(signum)
+            if proc is not None:
+                proc.send_signal(signum)
         else:
             log.warning("got %s again: already stopping, the workers are writing the checkpoint (to abort without "
-                        "it: kill -KILL %d)", forwarded[-1], proc.pid)
+                        "it: kill -KILL %d)", forwarded[-1], proc.pid if proc is not None else os.getpid())
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        rc = proc.wait()
+        while True:
+            # Own process group: a Ctrl-C on the terminal reaches only this process, which forwards it exactly once.
+            proc = subprocess.Popen(cmd, env=env, process_group=0)
+            rc = proc.wait()
+            asked = take_relaunch_requests(relaunch) if relaunch and rc != 0 else None
+            if asked is None or forwarded:
+                break
+            env[RELAUNCH_ENV], rank, request = asked
+            plan_failed, cause = request["failed"][-1]
+            log.warning("rank %d ran out of memory in training step 1 with micro_batch_size %d (%s): starting every "
+                        "worker again, planned for %.1f GiB, %s (re-plan %d of at most %d)", rank,
+                        plan_failed["micro"], cause, request["limit"][0] / 1024**3, request["limit"][1],
+                        len(request["failed"]), MAX_REPLANS)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

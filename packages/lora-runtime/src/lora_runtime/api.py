@@ -87,26 +87,29 @@ def run(config: LoraSftConfig) -> TrainResult:
 
     Raises ConfigError (every config problem at once), TokenizerMismatchError (shards prepared with another
     tokenizer), CheckpointError (resume=False on a directory with checkpoints), OutOfMemoryHint (out of GPU memory
-    in a training step, after planning again for less where the run chose its plan: `batching.replan_after_oom`).
+    in a training step, after planning again for less where the run chose its plan: `batching.replan_after_oom`;
+    under torchrun, only where a launcher starts every worker again, `batching.RELAUNCH_ENV`, and asks it to).
     """
-    from lora_runtime.batching import MAX_REPLANS, lowered_budget, replan_after_oom
+    from lora_runtime.batching import MAX_REPLANS, lowered_budget, relaunched, replan_after_oom, request_relaunch
     from lora_runtime.checkpoint import output_lock
-    from lora_runtime.distributed import check_launch, dist_env, print0
+    from lora_runtime.distributed import check_launch, print0
     from lora_runtime.errors import OutOfMemoryHint
     from lora_runtime.loop import release_memory
 
-    check_launch(config.validate())
+    env = check_launch(config.validate())
     # one run per output dir (a second one fails here, naming the first), and never one over a user's files
     with output_lock(config.ckpt_output_dir, config.model_path):
-        failed: list[tuple[Any, str]] = []  # (plan, what the error said) of each attempt out of memory in step 1
-        limit: tuple[float, str] | None = None
+        # (plan, what the error said) of each attempt out of memory in step 1, and the budget the next plans under:
+        # this process's own, or, in a worker a launcher started again (one node under torchrun), the earlier ones'
+        limit, failed = relaunched() or (None, [])
         before = _device_memory_allocated()
         while True:
             try:
                 with lowered_budget(limit):
                     return _plan_and_train(config, failed)
             except OutOfMemoryHint as e:
-                limit = replan_after_oom(config, e.step, e.plan, dist_env().world_size, len(failed))
+                relaunch = env.world_size > 1 and relaunched() is not None
+                limit = replan_after_oom(config, e.step, e.plan, env.world_size, len(failed), relaunch)
                 if limit is None:
                     if failed:
                         e.args = (f"{e} (after planning again for less memory {len(failed)} time(s))",)
@@ -114,6 +117,11 @@ def run(config: LoraSftConfig) -> TrainResult:
                 from lora_runtime.trainer import oom_cause  # loaded by training already (not before Unsloth)
 
                 failed.append((e.plan, oom_cause(e.__cause__)))
+                if relaunch:  # every rank must plan again together: the launcher starts them all again
+                    request_relaunch(config.ckpt_output_dir, env.rank, limit, failed)
+                    e.args = (f"{e} Asked the launcher to start every worker again, planned for "
+                              f"{limit[0] / 1024**3:.1f} GiB (re-plan {len(failed)} of at most {MAX_REPLANS})",)
+                    raise
                 message, model = str(e), e.model
             release_memory()  # here, not in the handler: the error's frames hold the failed step's tensors
             plan, cause = failed[-1]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -515,12 +516,13 @@ def lowered_budget(limit: tuple[float, str] | None) -> Iterator[None]:
 
 
 def replan_after_oom(config: LoraSftConfig, step: int | None, plan: BatchPlan | None, world_size: int,
-                     replans: int) -> tuple[float, str] | None:
+                     replans: int, relaunch: bool = False) -> tuple[float, str] | None:
     """The budget to plan the run again for after an out-of-memory error in training step `step` of `plan`, or None
-    where the error stands: only in step 1 of a single process (nothing logged or saved yet; under torchrun the other
-    ranks wait in a collective), only for a plan the run chose (micro_batch_size or gradient_checkpointing "auto")
-    from a memory estimate, and at most `MAX_REPLANS` times. What the failed plan needed with its activations (all
-    but the weights and the fixed overheads) cut to `REPLAN_SHARE`.
+    where the error stands: only in step 1 (nothing logged or saved yet) of a single process, or under torchrun where
+    a launcher starts every worker again (`relaunch`: the other ranks wait in a collective, so this process cannot
+    plan again alone), only for a plan the run chose (micro_batch_size or gradient_checkpointing "auto") from a
+    memory estimate, and at most `MAX_REPLANS` times. What the failed plan needed with its activations (all but the
+    weights and the fixed overheads) cut to `REPLAN_SHARE`.
 
     >>> from lora_runtime.config import LoraSftConfig
     >>> failed = BatchPlan(16, 1, 1, False, estimated_peak_bytes=20 * GIB, estimated_fixed_bytes=4 * GIB)
@@ -532,8 +534,8 @@ def replan_after_oom(config: LoraSftConfig, step: int | None, plan: BatchPlan | 
     [None, None, None]
     """
     chosen = config.micro_batch_size == "auto" or config.gradient_checkpointing == "auto"
-    if (step != 1 or plan is None or plan.estimated_peak_bytes is None or world_size > 1 or not chosen
-            or replans >= MAX_REPLANS):
+    if (step != 1 or plan is None or plan.estimated_peak_bytes is None or (world_size > 1 and not relaunch)
+            or not chosen or replans >= MAX_REPLANS):
         return None
     fixed = min(plan.estimated_fixed_bytes or 0.0, plan.estimated_peak_bytes)
     need = plan.estimated_peak_bytes * FRAGMENTATION + CONTEXT_BYTES
@@ -541,6 +543,55 @@ def replan_after_oom(config: LoraSftConfig, step: int | None, plan: BatchPlan | 
     return (need - (1 - REPLAN_SHARE) * varying,
             f"the {need / GIB:.1f} GiB the plan that ran out of memory in step 1 needed, its {varying / GIB:.1f} GiB "
             f"of activations cut to {REPLAN_SHARE:.0%}")
+
+
+# Set by a launcher that starts every worker of a one-node torchrun run again when one ran out of memory in step 1
+# (lora-cli train --gpus N): JSON {"limit": [bytes, words] or null, "failed": [[BatchPlan fields, cause], ...]}, the
+# budget to plan under and the plans that ran out, as the failing rank asked for them in `RELAUNCH_REQUEST`
+RELAUNCH_ENV = "LORA_RUNTIME_RELAUNCH"
+RELAUNCH_REQUEST = ".oom-relaunch-rank{rank}.json"  # in the output dir; read and removed by the launcher
+
+
+def relaunched() -> tuple[tuple[float, str] | None, list[tuple[BatchPlan, str]]] | None:
+    """(limit, failed plans with their causes) this worker was started with by a launcher that starts the workers
+    again after an out-of-memory error in step 1; None without such a launcher."""
+    value = os.environ.get(RELAUNCH_ENV)
+    if value is None:
+        return None
+    given = json.loads(value)
+    limit = given.get("limit")
+    return (None if limit is None else (float(limit[0]), str(limit[1])),
+            [(BatchPlan(**fields), cause) for fields, cause in given.get("failed", [])])
+
+
+def request_relaunch(output_dir: str | Path, rank: int, limit: tuple[float, str],
+                     failed: list[tuple[BatchPlan, str]]) -> Path:
+    """Ask the launcher to start every worker again under `limit` (written whole: a torn file is never read)."""
+    path = Path(output_dir) / RELAUNCH_REQUEST.format(rank=rank)
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps({"limit": list(limit),
+                                   "failed": [[dataclasses.asdict(plan), cause] for plan, cause in failed]}))
+    staging.replace(path)
+    return path
+
+
+def take_relaunch_requests(output_dir: str | Path) -> tuple[str, int, dict] | None:
+    """Launcher side: (the `RELAUNCH_ENV` value, the asking rank, its request) of the request with the lowest limit
+    among those the workers left in `output_dir`, every request file removed; None where no worker asked."""
+    found = []
+    for path in Path(output_dir).glob(RELAUNCH_REQUEST.format(rank="*") + ".tmp"):
+        path.unlink(missing_ok=True)  # a worker killed while writing its request
+    for path in sorted(Path(output_dir).glob(RELAUNCH_REQUEST.format(rank="*"))):
+        try:
+            request = json.loads(path.read_text())
+            found.append((float(request["limit"][0]), int(path.stem.rpartition("rank")[2]), request))
+        except (OSError, ValueError, TypeError, KeyError, IndexError):
+            pass  # not a request this module wrote
+        path.unlink(missing_ok=True)
+    if not found:
+        return None
+    _, rank, request = min(found, key=lambda found: found[0])
+    return json.dumps(request), rank, request
 
 
 def memory_budget(config: LoraSftConfig, *, lowered: bool = True) -> tuple[float, str]:

@@ -182,6 +182,8 @@ class PackedTrainer(Trainer):
             self._load_from_checkpoint(resume_from_checkpoint)
             self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_NAME))
             return None
+        import torch
+
         try:
             out = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                 ignore_keys_for_eval=ignore_keys_for_eval)
@@ -189,6 +191,10 @@ class PackedTrainer(Trainer):
             with contextlib.suppress(Exception):  # a step that failed after a late-read log: its numbers are written
                 self._emit_pending(wait=False)
             self._close_after_failure(e)
+            if isinstance(e, torch.OutOfMemoryError):  # outside training_step: the optimizer step, clipping, eval
+                step = self.state.global_step + 1
+                raise OutOfMemoryHint(oom_hint(self.run_config, self.plan, step, e), step, self.plan,
+                                      weakref.ref(self.model)) from e
             raise
         if self._nonfinite is not None:  # a transformers without `_finalize_training`
             raise NonFiniteLossError(self._nonfinite_message())
