@@ -133,3 +133,29 @@ def test_a_wandb_run_the_caller_started_is_used_and_left_open(tiny_llama_dir, ll
         mine.log({"after": 1.0})
     finally:
         mine.finish()
+
+
+@pytest.mark.parametrize(("error", "code"), [(KeyboardInterrupt, 255), (RuntimeError, 1)])
+def test_a_wandb_run_that_fails_finishes_with_the_exit_code_wandb_gives_it(tiny_llama_dir, llama_shards, tmp_path,
+                                                                          monkeypatch, error, code):
+    """A run stopped by a Ctrl-C that aborts (KeyboardInterrupt) ends with wandb's own code for it, 255; any other
+    error with 1."""
+    import wandb
+    from transformers import TrainerCallback
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    finished = []
+    real_finish = wandb.finish
+    monkeypatch.setattr(wandb, "finish", lambda *a, **kw: (finished.append(kw.get("exit_code")),
+                                                           real_finish(*a, **kw))[1])
+
+    class Fails(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise error("stop")
+
+    with pytest.raises(error):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"), **{**_runs.RUN, "max_steps": 2},
+                 wandb_project="lora-runtime-tests", callbacks=[Fails()])
+    assert finished == [code] and wandb.run is None

@@ -183,18 +183,22 @@ def reporting_env(config: LoraSftConfig):
     Rank 0 opens the wandb run itself (transformers' callback then reuses it): wandb caches WANDB_DIR & co. once per
     process, so passing them here is what lets a second `lora_sft` in one process log to its own directory; the run
     gets the resolved (redacted) config. The run is finished at the end, as failed (exit code 1) where training
-    raised; transformers would leave it open. A run the caller had started before is used and left open.
+    raised, with wandb's own 255 for a Ctrl-C (KeyboardInterrupt); transformers would leave it open. A run the caller
+    had started before is used and left open.
     """
     new = report_env(config)
     old = {k: os.environ.get(k) for k in new}
     os.environ.update(new)
     theirs = getattr(sys.modules.get("wandb"), "run", None)
-    failed = True
+    exit_code = 1
     try:
         if "wandb" in report_targets(config) and dist_env().is_main and theirs is None:
             _start_wandb(config)
         yield
-        failed = False
+        exit_code = 0
+    except KeyboardInterrupt:
+        exit_code = 255
+        raise
     finally:
         for k, v in old.items():
             if v is None:
@@ -203,7 +207,7 @@ def reporting_env(config: LoraSftConfig):
                 os.environ[k] = v
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None and wandb.run is not theirs:
-            wandb.finish(exit_code=1 if failed else 0)
+            wandb.finish(exit_code=exit_code)
 
 
 def _start_wandb(config: LoraSftConfig) -> None:
