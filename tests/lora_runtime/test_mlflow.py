@@ -106,3 +106,35 @@ def test_an_experiment_name_alone_checks_mlflows_default_store(mlflow, tmp_path,
     assert "SQLAlchemy, not installed here" in res.output
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://mlflow.example:5000")
     assert CliRunner().invoke(main, [*args, "--mlflow-experiment-name", "x"]).exit_code == 0
+
+
+def test_a_second_ctrl_c_while_the_last_log_is_written_still_ends_the_mlflow_run(mlflow, tiny_llama_dir, llama_shards,
+                                                                                tmp_path, monkeypatch):
+    """A step fails; while the trainer writes the log it was holding, a second Ctrl-C arrives (KeyboardInterrupt):
+    the MLflow run ends KILLED, not left RUNNING, and the interrupt is what the caller gets."""
+    from lora_runtime.trainer import PackedTrainer
+    from transformers import TrainerCallback
+
+    class Fault(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise RuntimeError("a step failed")
+
+    real = PackedTrainer._emit_pending
+
+    def emit_pending(self, wait=True):
+        if not wait:  # the write after a failure
+            raise KeyboardInterrupt
+        return real(self, wait)
+
+    monkeypatch.setattr(PackedTrainer, "_emit_pending", emit_pending)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    with pytest.raises(KeyboardInterrupt):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"),
+                 **{**_runs.RUN, "max_steps": 4, "save_steps": 4}, mlflow_tracking_uri=uri,
+                 mlflow_experiment_name="lora-tests", callbacks=[Fault()])
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lora-tests").experiment_id])
+    assert run.info.status == "KILLED", run.info
+    assert mlflow.active_run() is None

@@ -188,9 +188,15 @@ class PackedTrainer(Trainer):
             out = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                 ignore_keys_for_eval=ignore_keys_for_eval)
         except BaseException as e:
-            with contextlib.suppress(Exception):  # a step that failed after a late-read log: its numbers are written
-                self._emit_pending(wait=False)
-            self._close_after_failure(e)
+            ending: BaseException = e
+            try:
+                with contextlib.suppress(Exception):  # a step that failed after a late-read log: its numbers written
+                    self._emit_pending(wait=False)
+            except BaseException as again:  # a second Ctrl-C while they are: it ends the run, as killed
+                ending = again
+                raise
+            finally:
+                self._close_after_failure(ending)
             if isinstance(e, torch.OutOfMemoryError):  # outside training_step: the optimizer step, clipping, eval
                 step = self.state.global_step + 1
                 raise OutOfMemoryHint(oom_hint(self.run_config, self.plan, step, e), step, self.plan,
