@@ -212,6 +212,24 @@ def test_an_oom_in_the_optimizer_step_gets_the_hint_and_in_step_1_a_new_plan(tin
     assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
 
 
+@pytest.mark.parametrize("event", ["on_train_begin", "on_save"])
+def test_an_oom_outside_a_training_step_is_not_taken_for_one(tiny_llama_dir, llama_shards, tmp_path, monkeypatch,
+                                                             event):
+    """Before step 1's forward (as loading a checkpoint to resume would) and in the save after step 2, an
+    out-of-memory error is neither planned around nor given a training step's hint: it is torch's own."""
+    from transformers import TrainerCallback
+
+    seen = _sized_plans(monkeypatch)
+
+    def fail(self, args, state, control, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    fault = type("Fault", (TrainerCallback,), {event: fail})()
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"), **RUN, callbacks=[fault])
+    assert type(caught.value) is torch.OutOfMemoryError and seen == [None]
+
+
 def test_a_relaunch_request_round_trip(tmp_path, monkeypatch):
     """What a worker asks the launcher for (one file per rank) and what the restarted workers read back: the lowest
     limit of the requests wins, every request file is taken (a torn one and a foreign one too)."""
@@ -220,8 +238,8 @@ def test_a_relaunch_request_round_trip(tmp_path, monkeypatch):
     batching.request_relaunch(tmp_path, 1, (4 * GIB, "four"), [(failed, "cause 1")])
     (tmp_path / batching.RELAUNCH_REQUEST.format(rank=2)).write_text("{}")
     (tmp_path / (batching.RELAUNCH_REQUEST.format(rank=3) + ".tmp")).write_text('{"lim')
-    value, rank, request = batching.take_relaunch_requests(tmp_path)
-    assert rank == 1 and request["limit"] == [4 * GIB, "four"] and not list(tmp_path.iterdir())
+    value, ranks, request = batching.take_relaunch_requests(tmp_path)
+    assert ranks == [0, 1] and request["limit"] == [4 * GIB, "four"] and not list(tmp_path.iterdir())
     assert batching.take_relaunch_requests(tmp_path) is None
     monkeypatch.delenv(batching.RELAUNCH_ENV, raising=False)
     assert batching.relaunched() is None

@@ -137,13 +137,18 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
         take_relaunch_requests(relaunch)  # none left from a launcher that was killed
     forwarded: list[str] = []
     proc: subprocess.Popen | None = None
+    delivered: list[subprocess.Popen] = []  # the torchrun each got the first signal (never twice: see above)
+
+    def deliver() -> None:
+        if proc is not None and proc not in delivered:
+            delivered.append(proc)
+            proc.send_signal(signal.Signals[forwarded[0]])
 
     def forward(signum: int, _frame: object) -> None:
         forwarded.append(signal.Signals(signum).name)
         if len(forwarded) == 1:
             log.warning("got %s: asking the workers to save a checkpoint and stop", forwarded[-1])
-            if proc is not None:
-                proc.send_signal(signum)
+            deliver()
         else:
             log.warning("got %s again: already stopping, the workers are writing the checkpoint (to abort without "
                         "it: kill -KILL %d)", forwarded[-1], proc.pid if proc is not None else os.getpid())
@@ -153,16 +158,21 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
         while True:
             # Own process group: a Ctrl-C on the terminal reaches only this process, which forwards it exactly once.
             proc = subprocess.Popen(cmd, env=env, process_group=0)
+            if forwarded:  # a stop that came while torchrun was being started again
+                deliver()
             rc = proc.wait()
             asked = take_relaunch_requests(relaunch) if relaunch and rc != 0 else None
-            if asked is None or forwarded:
+            if asked is None or forwarded or len(asked[2]["failed"]) > MAX_REPLANS:
                 break
-            env[RELAUNCH_ENV], rank, request = asked
+            env[RELAUNCH_ENV], ranks, request = asked
             plan_failed, cause = request["failed"][-1]
-            log.warning("rank %d ran out of memory in training step 1 with micro_batch_size %d (%s): starting every "
-                        "worker again, planned for %.1f GiB, %s (re-plan %d of at most %d)", rank,
-                        plan_failed["micro"], cause, request["limit"][0] / 1024**3, request["limit"][1],
-                        len(request["failed"]), MAX_REPLANS)
+            log.warning("%s ran out of memory in training step 1 with micro_batch_size %d (%s): starting every "
+                        "worker again, planned for %.1f GiB, %s (re-plan %d of at most %d)",
+                        ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks)), plan_failed["micro"],
+                        cause, request["limit"][0] / 1024**3, request["limit"][1], len(request["failed"]),
+                        MAX_REPLANS)
+            if forwarded:
+                break
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

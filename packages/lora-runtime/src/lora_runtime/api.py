@@ -102,11 +102,11 @@ def run(config: LoraSftConfig) -> TrainResult:
         # (plan, what the error said) of each attempt out of memory in step 1, and the budget the next plans under:
         # this process's own, or, in a worker a launcher started again (one node under torchrun), the earlier ones'
         limit, failed = relaunched() or (None, [])
-        before = _device_memory_allocated()
+        inherited, before = len(failed), _device_memory_allocated()
         while True:
             try:
                 with lowered_budget(limit):
-                    return _plan_and_train(config, failed)
+                    return _plan_and_train(config, failed, replanned_here=len(failed) > inherited)
             except OutOfMemoryHint as e:
                 relaunch = env.world_size > 1 and relaunched() is not None
                 limit = replan_after_oom(config, e.step, e.plan, env.world_size, len(failed), relaunch)
@@ -118,9 +118,13 @@ def run(config: LoraSftConfig) -> TrainResult:
 
                 failed.append((e.plan, oom_cause(e.__cause__)))
                 if relaunch:  # every rank must plan again together: the launcher starts them all again
-                    request_relaunch(config.ckpt_output_dir, env.rank, limit, failed)
-                    e.args = (f"{e} Asked the launcher to start every worker again, planned for "
-                              f"{limit[0] / 1024**3:.1f} GiB (re-plan {len(failed)} of at most {MAX_REPLANS})",)
+                    try:
+                        request_relaunch(config.ckpt_output_dir, env.rank, limit, failed)
+                        asked = (f"Asked the launcher to start every worker again, planned for {limit[0] / 1024**3:.1f}"
+                                 f" GiB (re-plan {len(failed)} of at most {MAX_REPLANS})")
+                    except OSError as unwritten:
+                        asked = f"Not planned again: the request to the launcher could not be written ({unwritten})"
+                    e.args = (f"{e} {asked}",)
                     raise
                 message, model = str(e), e.model
             release_memory()  # here, not in the handler: the error's frames hold the failed step's tensors
@@ -149,10 +153,11 @@ def _device_memory_allocated() -> int:
     return sum(torch.cuda.memory_allocated(d) for d in range(torch.cuda.device_count()))
 
 
-def _plan_and_train(config: LoraSftConfig, failed: list[tuple[Any, str]]) -> TrainResult:
+def _plan_and_train(config: LoraSftConfig, failed: list[tuple[Any, str]], replanned_here: bool = False) -> TrainResult:
     """One attempt of `run`, inside its output lock: levers → data → backend → batch plan → train. After an
-    out-of-memory error in step 1 (`failed`: the plans that ran out, and why), a plan that is not smaller stops here,
-    and backend="auto" does not move to Unsloth, which cannot patch the transformers this process has loaded."""
+    out-of-memory error in step 1 (`failed`: the plans that ran out, and why), a plan that is not smaller stops here;
+    after one in this process (`replanned_here`), backend="auto" does not move to Unsloth, which cannot patch the
+    transformers this process has loaded."""
     from lora_runtime.backends import import_unsloth_first, select_backend
     from lora_runtime.batching import resolve
     from lora_runtime.compiled import choose_levers, prefers
@@ -171,7 +176,7 @@ def _plan_and_train(config: LoraSftConfig, failed: list[tuple[Any, str]]) -> Tra
     backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting,
                                      sharding=config.sharding, compiled=fast,
                                      offload=config.activation_offload is True)
-    if failed and config.backend == "auto" and backend.name == "unsloth" and "unsloth" not in sys.modules:
+    if replanned_here and config.backend == "auto" and backend.name == "unsloth" and "unsloth" not in sys.modules:
         backend, _ = select_backend("peft")
         reason = ("auto: planned again after an out-of-memory error, in a process that has loaded transformers, "
                   "which Unsloth imported now could not patch: transformers+PEFT" + (f"; {fast[1]}" if fast[1] else ""))

@@ -575,8 +575,8 @@ def request_relaunch(output_dir: str | Path, rank: int, limit: tuple[float, str]
     return path
 
 
-def take_relaunch_requests(output_dir: str | Path) -> tuple[str, int, dict] | None:
-    """Launcher side: (the `RELAUNCH_ENV` value, the asking rank, its request) of the request with the lowest limit
+def take_relaunch_requests(output_dir: str | Path) -> tuple[str, list[int], dict] | None:
+    """Launcher side: (the `RELAUNCH_ENV` value, every asking rank, the request) of the request with the lowest limit
     among those the workers left in `output_dir`, every request file removed; None where no worker asked."""
     found = []
     for path in Path(output_dir).glob(RELAUNCH_REQUEST.format(rank="*") + ".tmp"):
@@ -590,8 +590,8 @@ def take_relaunch_requests(output_dir: str | Path) -> tuple[str, int, dict] | No
         path.unlink(missing_ok=True)
     if not found:
         return None
-    _, rank, request = min(found, key=lambda found: found[0])
-    return json.dumps(request), rank, request
+    request = min(found, key=lambda found: found[0])[2]
+    return json.dumps(request), sorted(rank for _, rank, _ in found), request
 
 
 def memory_budget(config: LoraSftConfig, *, lowered: bool = True) -> tuple[float, str]:

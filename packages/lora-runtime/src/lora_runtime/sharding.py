@@ -116,7 +116,7 @@ def resolve_sharding(config: Any) -> Any:
         from lora_runtime.batching import memory_budget
 
         model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-        free = memory_budget(config)[0]
+        free = memory_budget(config, lowered=False)[0]  # a re-plan after an out-of-memory error keeps the mode
     mode, reason = decide(config, world, cuda=cuda, model_config=model_config, free_bytes=free)
     print0(f"sharding: {mode} ({reason})")
     return dataclasses.replace(config, sharding=mode).validate(world_size=world)

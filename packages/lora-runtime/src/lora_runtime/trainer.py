@@ -90,6 +90,7 @@ class PackedTrainer(Trainer):
         # the first step the log of the last `_maybe_log_save_evaluate` covers: a log written a step late (which is
         # written before the next call sets this) covers the same
         self._log_covers_from = 1
+        self._step_begun: int | None = None  # the last training step whose forward began (`training_step`)
         self._norms_since_log: Any = None  # see `_carry_earlier_norms`
 
     # ------------------------------------------------------------------ data
@@ -197,8 +198,9 @@ class PackedTrainer(Trainer):
                 raise
             finally:
                 self._close_after_failure(ending)
-            if isinstance(e, torch.OutOfMemoryError):  # outside training_step: the optimizer step, clipping, eval
-                step = self.state.global_step + 1
+            step = self.state.global_step + 1
+            if isinstance(e, torch.OutOfMemoryError) and self._step_begun == step:  # after its forward and backward:
+                # the optimizer step (where AdamW makes its state in step 1), the clipping; not an evaluation or a save
                 raise OutOfMemoryHint(oom_hint(self.run_config, self.plan, step, e), step, self.plan,
                                       weakref.ref(self.model)) from e
             raise
@@ -260,6 +262,7 @@ class PackedTrainer(Trainer):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         import torch
 
+        self._step_begun = self.state.global_step + 1  # until global_step reaches it, a step is under way
         try:
             return super().training_step(*args, **kwargs)
         except torch.OutOfMemoryError as e:
