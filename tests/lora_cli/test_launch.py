@@ -1,7 +1,11 @@
-"""The torchrun command line, the device check and the already-under-torchrun guard (no processes started here)."""
+"""The torchrun command line, the device check and the already-under-torchrun guard (no processes started here), and
+the launcher starting torchrun again after an out-of-memory error in step 1 (a small script stands in for torchrun)."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sys
 
 import pytest
@@ -70,3 +74,72 @@ def test_empty_cuda_visible_devices_means_no_gpu_without_torch(monkeypatch):
     assert visible_gpus() == 0
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert visible_gpus() == 0
+
+
+# Stands in for torchrun in the tests below: the first start (or every start, with "always") leaves the request a
+# worker that ran out of memory in step 1 leaves, and fails; a later one waits to be stopped.
+_FAKE_TORCHRUN = '''
+import os, sys, time
+from lora_runtime.batching import BatchPlan, request_relaunch
+
+out, mode = sys.argv[1], sys.argv[2]
+with open(os.path.join(out, "starts"), "a") as f:
+    f.write(os.environ["LORA_RUNTIME_RELAUNCH"] + "\\n")
+if mode == "always" or len(open(os.path.join(out, "starts")).readlines()) == 1:
+    request_relaunch(out, 1, (4.0 * 2**30, "lower"), [(BatchPlan(2, 1, 2, False, 8.0 * 2**30), "CUDA out of memory")])
+    sys.exit(1)
+time.sleep(60)
+'''
+
+
+def _fake_torchrun(monkeypatch, tmp_path, mode: str) -> tuple[list, list]:
+    """run_torchrun's torchrun replaced by _FAKE_TORCHRUN; returns the processes it started and (process index,
+    signal) of every signal sent to them."""
+    import subprocess
+
+    from lora_cli import launch
+
+    script = tmp_path / "fake_torchrun.py"
+    script.write_text(_FAKE_TORCHRUN)
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(launch, "torchrun_command", lambda plan, args: [sys.executable, str(script),
+                                                                        str(tmp_path / "out"), mode])
+    started, sent = [], []
+    real = subprocess.Popen
+
+    class Recorded(real):
+        def __init__(self, *args, **kwargs):
+            started.append(self)
+            if mode == "stop" and len(started) == 2:  # the stop arrives while torchrun is being started again
+                os.kill(os.getpid(), signal.SIGTERM)
+            super().__init__(*args, **kwargs)
+
+        def send_signal(self, sig):
+            sent.append((started.index(self), sig))
+            super().send_signal(sig)
+
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
+    return started, sent
+
+
+def test_a_stop_while_torchrun_starts_again_reaches_the_new_one_once(monkeypatch, tmp_path, caplog):
+    from lora_cli.launch import run_torchrun
+    from lora_cli.stop import EXIT_INTERRUPTED
+
+    started, sent = _fake_torchrun(monkeypatch, tmp_path, "stop")
+    assert run_torchrun(LaunchPlan(2), [], "cpu", str(tmp_path / "out")) == EXIT_INTERRUPTED
+    assert len(started) == 2 and [s for s in sent if s[0] == 1] == [(1, signal.SIGTERM)]
+    assert started[1].returncode == -signal.SIGTERM  # stopped, not left to sleep
+    assert "rank 1 ran out of memory in training step 1 with micro_batch_size 2 (CUDA out of memory)" in caplog.text
+
+
+def test_the_launcher_starts_torchrun_again_at_most_max_replans_times(monkeypatch, tmp_path, caplog):
+    from lora_cli.launch import run_torchrun
+    from lora_runtime.batching import MAX_REPLANS
+
+    started, _ = _fake_torchrun(monkeypatch, tmp_path, "always")
+    assert run_torchrun(LaunchPlan(2), [], "cpu", str(tmp_path / "out")) == 1
+    assert len(started) == MAX_REPLANS + 1
+    assert f"not starting the workers again: planned again for less memory {MAX_REPLANS} times already" in caplog.text
+    envs = [json.loads(line) for line in (tmp_path / "out" / "starts").read_text().splitlines()]
+    assert envs[0] == {"limit": None, "failed": []} and envs[1]["limit"] == [4.0 * 2**30, "lower"]

@@ -154,25 +154,29 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
                         "it: kill -KILL %d)", forwarded[-1], proc.pid if proc is not None else os.getpid())
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    relaunches = 0
     try:
-        while True:
+        while not (forwarded and proc is not None):  # a stop before torchrun starts again: it does not
             # Own process group: a Ctrl-C on the terminal reaches only this process, which forwards it exactly once.
             proc = subprocess.Popen(cmd, env=env, process_group=0)
             if forwarded:  # a stop that came while torchrun was being started again
                 deliver()
             rc = proc.wait()
-            asked = take_relaunch_requests(relaunch) if relaunch and rc != 0 else None
-            if asked is None or forwarded or len(asked[2]["failed"]) > MAX_REPLANS:
+            asked = take_relaunch_requests(relaunch) if relaunch and rc != 0 and not forwarded else None
+            if asked is None:
                 break
             env[RELAUNCH_ENV], ranks, request = asked
+            relaunches += 1
+            if relaunches > MAX_REPLANS:  # the workers count too; this bounds a launcher whatever they ask
+                log.error("not starting the workers again: planned again for less memory %d times already",
+                          MAX_REPLANS)
+                break
             plan_failed, cause = request["failed"][-1]
             log.warning("%s ran out of memory in training step 1 with micro_batch_size %d (%s): starting every "
                         "worker again, planned for %.1f GiB, %s (re-plan %d of at most %d)",
                         ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks)), plan_failed["micro"],
                         cause, request["limit"][0] / 1024**3, request["limit"][1], len(request["failed"]),
                         MAX_REPLANS)
-            if forwarded:
-                break
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -584,6 +584,7 @@ def take_relaunch_requests(output_dir: str | Path) -> tuple[str, list[int], dict
     for path in sorted(Path(output_dir).glob(RELAUNCH_REQUEST.format(rank="*"))):
         try:
             request = json.loads(path.read_text())
+            int(request["failed"][-1][0]["micro"])  # what the launcher's log reads
             found.append((float(request["limit"][0]), int(path.stem.rpartition("rank")[2]), request))
         except (OSError, ValueError, TypeError, KeyError, IndexError):
             pass  # not a request this module wrote

@@ -185,6 +185,7 @@ class PackedTrainer(Trainer):
             return None
         import torch
 
+        self._step_begun = None
         try:
             out = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                 ignore_keys_for_eval=ignore_keys_for_eval)
