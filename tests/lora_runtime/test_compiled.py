@@ -627,11 +627,13 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(evaluated, want_eval, rtol=1e-5, atol=1e-6)
     assert grads.keys() == want_grads.keys() and grads
-    for name, g in grads.items():  # after a step, the two paths' rounding differences show in the gradients: within
-        want = want_grads[name]  # 1e-4 of the tensor's largest (the step itself changes them by over a quarter of it)
-        tol = {"rtol": 0.0, "atol": 1e-4 * want.abs().max().item()} if name.endswith("(second pass)") else \
-            {"rtol": 1e-4, "atol": 1e-6}
-        torch.testing.assert_close(g, want, **tol, msg=name)
+    # the two paths round differently (folded weights, per-sample attention): their LoRA gradients agree within 1e-3
+    # of each tensor's largest on the CPUs tried (up to 2e-4 apart on an AMD EPYC, where a bound of 1e-4 failed); a
+    # gradient of A 1% off fails it, and stale weights move those after the step by over a quarter of it
+    for name, g in grads.items():
+        want = want_grads[name]
+        torch.testing.assert_close(g, want, rtol=0.0, atol=1e-3 * want.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_grouped_query_flop_counts_where_torch_asserts_equal_heads(monkeypatch):
