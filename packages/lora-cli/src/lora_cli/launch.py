@@ -156,7 +156,7 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     relaunches = 0
     try:
-        while not (forwarded and proc is not None):  # a stop before torchrun starts again: it does not
+        while not (forwarded and proc is not None):  # after a stop, no torchrun starts again
             # Own process group: a Ctrl-C on the terminal reaches only this process, which forwards it exactly once.
             proc = subprocess.Popen(cmd, env=env, process_group=0)
             if forwarded:  # a stop that came while torchrun was being started again

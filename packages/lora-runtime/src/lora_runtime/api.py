@@ -101,14 +101,15 @@ def run(config: LoraSftConfig) -> TrainResult:
     with output_lock(config.ckpt_output_dir, config.model_path):
         # (plan, what the error said) of each attempt out of memory in step 1, and the budget the next plans under:
         # this process's own, or, in a worker a launcher started again (one node under torchrun), the earlier ones'
-        limit, failed = relaunched() or (None, [])
+        given = relaunched()  # None without a launcher that starts the workers again
+        limit, failed = given or (None, [])
         inherited, before = len(failed), _device_memory_allocated()
         while True:
             try:
                 with lowered_budget(limit):
                     return _plan_and_train(config, failed, replanned_here=len(failed) > inherited)
             except OutOfMemoryHint as e:
-                relaunch = env.world_size > 1 and relaunched() is not None
+                relaunch = env.world_size > 1 and given is not None
                 limit = replan_after_oom(config, e.step, e.plan, env.world_size, len(failed), relaunch)
                 if limit is None:
                     if failed:
