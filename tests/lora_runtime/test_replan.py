@@ -245,3 +245,28 @@ def test_a_relaunch_request_round_trip(tmp_path, monkeypatch):
     assert batching.relaunched() is None
     monkeypatch.setenv(batching.RELAUNCH_ENV, value)
     assert batching.relaunched() == ((4 * GIB, "four"), [(failed, "cause 1")])
+
+
+def test_an_oom_in_an_evaluation_names_the_evaluations_knobs(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
+    """The training steps fit and the evaluation after step 2 runs out of memory: the error names
+    per_device_eval_batch_size and eval_steps, and the run is not planned again (its steps were trained)."""
+    from transformers import TrainerCallback
+
+    seen = _sized_plans(monkeypatch)
+
+    class Fault(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            def hook(module, args):
+                if not module.training:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+            model.register_forward_pre_hook(hook)
+
+    with pytest.raises(OutOfMemoryHint) as caught:
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"), **RUN, callbacks=[Fault()],
+                 eval_data_path=str(llama_shards), eval_steps=2, per_device_eval_batch_size=1)
+    assert str(caught.value) == (
+        "out of memory in the evaluation after training step 2 (CUDA out of memory. Tried to allocate 1.00 GiB). "
+        "Lower per_device_eval_batch_size (now 1; its default is micro_batch_size) or max_seq_len, or evaluate less "
+        "often (eval_steps)")
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError) and seen == [None]

@@ -146,16 +146,22 @@ class PackedTrainer(Trainer):
         fused = {"skip_logits": True} if kernels.fused_loss_applied(model) else {}
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            for batch in self.get_eval_dataloader(eval_dataset):
-                batch.pop("num_tokens", None)
-                n = int((batch["labels"] != IGNORE_INDEX).sum())  # each row starts a sample: its 1st label is ignored
-                if n == 0:
-                    continue
-                with self.compute_loss_context_manager():
-                    loss = model(**self._prepare_inputs(batch), **fused).loss
-                total += float(loss) * n
-                count += n
+        try:
+            with torch.no_grad():
+                for batch in self.get_eval_dataloader(eval_dataset):
+                    batch.pop("num_tokens", None)
+                    n = int((batch["labels"] != IGNORE_INDEX).sum())  # each row starts a sample: its 1st label ignored
+                    if n == 0:
+                        continue
+                    with self.compute_loss_context_manager():
+                        loss = model(**self._prepare_inputs(batch), **fused).loss
+                    total += float(loss) * n
+                    count += n
+        except torch.OutOfMemoryError as e:  # the training steps fit: only the evaluation's knobs are named
+            raise OutOfMemoryHint(
+                f"out of memory in the evaluation after training step {self.state.global_step} ({first_line(e)}). "
+                f"Lower per_device_eval_batch_size (now {self.args.per_device_eval_batch_size}; its default is "
+                "micro_batch_size) or max_seq_len, or evaluate less often (eval_steps)", None, self.plan) from e
         model.train(was_training)
         total, count = all_reduce_sum(total), all_reduce_sum(count)
         metrics = {f"{metric_key_prefix}_loss": total / count if count else float("nan"),
