@@ -15,12 +15,12 @@ Overrides, each small:
 - `_save_checkpoint`: every rank writes into a staging dir, rank 0 commits it (fsync, marker, rename), adds
   `data_state.json` (the data position) and the resolved config, and rotates to `save_total_limit`. A full disk
   removes the staging dir and raises CheckpointError saying which complete checkpoint is still intact.
-- `training_step`: an out-of-memory error names the knobs that fix it (micro_batch_size, max_seq_len, load_in_4bit).
 - `train`: resuming from the run's last step (killed after its final checkpoint) trains no extra step; a bf16/fp32
   run whose logged gradient norm turns NaN or infinite stops there, saves nothing more (not even the
   checkpoint due at that step) and raises NonFiniteLossError naming the newest complete checkpoint, failing as a
   step that raised would: no callback's on_train_end runs (`_check_finite`, `_finalize_training`). A failed run
-  ends its MLflow run as FAILED (`_close_after_failure`).
+  ends its MLflow run as FAILED (`_close_after_failure`). An out-of-memory error in a training step (its forward,
+  backward or optimizer step) names the knobs that fix it (micro_batch_size, max_seq_len, load_in_4bit: `oom_hint`).
 - with sharding="fsdp", checkpoints gather the LoRA weights and optimizer state to rank 0 and resume loads them into
   the shards (`lora_runtime.sharding`).
 """
@@ -206,8 +206,8 @@ class PackedTrainer(Trainer):
             finally:
                 self._close_after_failure(ending)
             step = self.state.global_step + 1
-            if isinstance(e, torch.OutOfMemoryError) and self._step_begun == step:  # after its forward and backward:
-                # the optimizer step (where AdamW makes its state in step 1), the clipping; not an evaluation or a save
+            if isinstance(e, torch.OutOfMemoryError) and self._step_begun == step:  # in a step: its forward, backward,
+                # clipping or optimizer step (where AdamW makes its state in step 1); not a log, a save or an evaluation
                 raise OutOfMemoryHint(oom_hint(self.run_config, self.plan, step, e), step, self.plan,
                                       weakref.ref(self.model)) from e
             raise
@@ -267,15 +267,8 @@ class PackedTrainer(Trainer):
         return out
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        import torch
-
-        self._step_begun = self.state.global_step + 1  # until global_step reaches it, a step is under way
-        try:
-            return super().training_step(*args, **kwargs)
-        except torch.OutOfMemoryError as e:
-            step = self.state.global_step + 1
-            raise OutOfMemoryHint(oom_hint(self.run_config, self.plan, step, e), step, self.plan,
-                                  weakref.ref(self.model)) from e
+        self._step_begun = self.state.global_step + 1  # until global_step reaches it, a step is under way (`train`)
+        return super().training_step(*args, **kwargs)
 
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
         n = inputs.pop("num_tokens", 0)
