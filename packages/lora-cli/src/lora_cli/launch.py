@@ -124,7 +124,7 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
     `output_dir`: lora_runtime.batching.request_relaunch) for every worker to start again under a lower budget; this
     starts torchrun again with it, as a single process plans again in place (at most MAX_REPLANS times in all).
     """
-    from lora_runtime.batching import MAX_REPLANS, RELAUNCH_ENV, take_relaunch_requests
+    from lora_runtime.batching import MAX_REPLANS, RELAUNCH_ENV, replan_note, take_relaunch_requests
 
     cmd = torchrun_command(plan, train_args)
     log.info("launching %d process(es) on this node (%d in all): %s", plan.nproc_per_node, plan.world_size,
@@ -172,11 +172,9 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
                           MAX_REPLANS)
                 break
             plan_failed, cause = request["failed"][-1]
-            log.warning("%s ran out of memory in training step 1 with micro_batch_size %d (%s): starting every "
-                        "worker again, planned for %.1f GiB, %s (re-plan %d of at most %d)",
-                        ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks)), plan_failed["micro"],
-                        cause, request["limit"][0] / 1024**3, request["limit"][1], len(request["failed"]),
-                        MAX_REPLANS)
+            note = replan_note(plan_failed["micro"], cause, tuple(request["limit"]), len(request["failed"]),
+                               "starting every worker again, planned for")
+            log.warning("%s %s ran %s", "rank" if len(ranks) == 1 else "ranks", ", ".join(map(str, ranks)), note)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

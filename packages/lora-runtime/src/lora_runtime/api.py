@@ -90,7 +90,7 @@ def run(config: LoraSftConfig) -> TrainResult:
     in a training step, after planning again for less where the run chose its plan: `batching.replan_after_oom`;
     under torchrun, only where a launcher starts every worker again, `batching.RELAUNCH_ENV`, and asks it to).
     """
-    from lora_runtime.batching import MAX_REPLANS, lowered_budget, relaunched, replan_after_oom, request_relaunch
+    from lora_runtime import batching
     from lora_runtime.checkpoint import output_lock
     from lora_runtime.distributed import check_launch, print0
     from lora_runtime.errors import OutOfMemoryHint
@@ -101,16 +101,16 @@ def run(config: LoraSftConfig) -> TrainResult:
     with output_lock(config.ckpt_output_dir, config.model_path):
         # (plan, what the error said) of each attempt out of memory in step 1, and the budget the next plans under:
         # this process's own, or, in a worker a launcher started again (one node under torchrun), the earlier ones'
-        given = relaunched()  # None without a launcher that starts the workers again
+        given = batching.relaunched()  # None without a launcher that starts the workers again
         limit, failed = given or (None, [])
         inherited, before = len(failed), _device_memory_allocated()
         while True:
             try:
-                with lowered_budget(limit):
+                with batching.lowered_budget(limit):
                     return _plan_and_train(config, failed, replanned_here=len(failed) > inherited)
             except OutOfMemoryHint as e:
                 relaunch = env.world_size > 1 and given is not None
-                limit = replan_after_oom(config, e.step, e.plan, env.world_size, len(failed), relaunch)
+                limit = batching.replan_after_oom(config, e.step, e.plan, env.world_size, len(failed), relaunch)
                 if limit is None:
                     if failed:
                         e.args = (f"{e} (after planning again for less memory {len(failed)} time(s))",)
@@ -120,9 +120,9 @@ def run(config: LoraSftConfig) -> TrainResult:
                 failed.append((e.plan, oom_cause(e.__cause__)))
                 if relaunch:  # every rank must plan again together: the launcher starts them all again
                     try:
-                        request_relaunch(config.ckpt_output_dir, env.rank, limit, failed)
+                        batching.request_relaunch(config.ckpt_output_dir, env.rank, limit, failed)
                         asked = (f"Asked the launcher to start every worker again, planned for {limit[0] / 1024**3:.1f}"
-                                 f" GiB (re-plan {len(failed)} of at most {MAX_REPLANS})")
+                                 f" GiB (re-plan {len(failed)} of at most {batching.MAX_REPLANS})")
                     except OSError as unwritten:
                         asked = f"Not planned again: the request to the launcher could not be written ({unwritten})"
                     e.args = (f"{e} {asked}",)
@@ -137,8 +137,7 @@ def run(config: LoraSftConfig) -> TrainResult:
                 raise OutOfMemoryHint(f"{message} Not planned again for less{again}: the model of the attempt that ran "
                                       f"out is still referenced, {held / 1024**3:.1f} GiB of GPU memory still taken (a "
                                       "callback that keeps it, or a part of it?)", None, plan)
-            print0(f"out of memory in training step 1 with micro_batch_size {plan.micro} ({cause}): planning again for "
-                   f"{limit[0] / 1024**3:.1f} GiB, {limit[1]} (re-plan {len(failed)} of at most {MAX_REPLANS})")
+            print0(batching.replan_note(plan.micro, cause, limit, len(failed), "planning again for"))
 
 
 # Once a failed attempt is released, GPU memory still allocated beyond this (or half its plan's fixed bytes, the

@@ -545,6 +545,16 @@ def replan_after_oom(config: LoraSftConfig, step: int | None, plan: BatchPlan | 
             f"of activations cut to {REPLAN_SHARE:.0%}")
 
 
+def replan_note(micro: int, cause: str, limit: tuple[float, str], replans: int, action: str) -> str:
+    """The line a re-plan is logged with, in one process (`lora_runtime.api.run`) or by the launcher.
+
+    >>> replan_note(16, "CUDA out of memory", (20 * GIB, "why"), 1, "planning again for")
+    'out of memory in training step 1 with micro_batch_size 16 (CUDA out of memory): planning again for 20.0 GiB, why (re-plan 1 of at most 3)'
+    """
+    return (f"out of memory in training step 1 with micro_batch_size {micro} ({cause}): {action} {limit[0] / GIB:.1f} "
+            f"GiB, {limit[1]} (re-plan {replans} of at most {MAX_REPLANS})")
+
+
 # Set by a launcher that starts every worker of a one-node torchrun run again when one ran out of memory in step 1
 # (lora-cli train --gpus N): JSON {"limit": [bytes, words] or null, "failed": [[BatchPlan fields, cause], ...]}, the
 # budget to plan under and the plans that ran out, as the failing rank asked for them in `RELAUNCH_REQUEST`
