@@ -39,8 +39,8 @@ def even_shards(tmp_path_factory, tiny_llama_dir) -> Path:
     raise AssertionError("no record count gave an even number of rows")
 
 
-def _train_args(model: Path, shards: Path, out: Path) -> list[str]:
-    return ["--model", str(model), "--shards", str(shards), "--output", str(out), "--backend", "peft",
+def _train_args(model: Path, shards: Path, out: Path, source: str = "--shards") -> list[str]:
+    return ["--model", str(model), source, str(shards), "--output", str(out), "--backend", "peft",
             "--micro-batch-size", "1", "--num-epochs", str(EPOCHS), "--save-steps", "1000", "--no-bf16", "--seed", "0",
             "--learning-rate", "1e-3"]
 
@@ -137,30 +137,26 @@ def _two_nodes(args: list[str], rdzv_id: str, env_for=lambda rank: {}) -> tuple[
     return [p.returncode for p in procs], logs, endpoint
 
 
-def test_nnodes_2_as_two_local_nodes(tiny_llama_dir, even_shards, tmp_path):
+def test_nnodes_2_as_two_local_nodes_on_raw_jsonl_with_a_cache_per_node(tiny_llama_dir, even_shards, tmp_path):
+    """Two local "nodes" on the raw JSONL the even shards were prepared from, each with its own cache (not shared):
+    rank 0 prepares on node 0, local rank 0 of node 1 prepares the same shards there after the barrier (instead of
+    'prepared shards are missing'), and training goes on with the rank split and rank-0-only saving of `--gpus 2`."""
+    data = even_shards.parent / f"chat{even_shards.name.removeprefix('shards')}.jsonl"
     out = tmp_path / "run"
-    codes, logs, endpoint = _two_nodes(_train_args(tiny_llama_dir, even_shards, out), "test-two-nodes")
+    args = [*_train_args(tiny_llama_dir, data, out, source="--data"), "--max-seq-len", "256"]
+    codes, logs, endpoint = _two_nodes(args, "raw-two-nodes",
+                                       lambda rank: {"LORA_DATA_CACHE": str(tmp_path / f"cache{rank}")})
     log = "\n".join(logs)
     assert codes == [0, 0], log[-6000:]
     assert f"--nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint {endpoint}" in logs[0]
-    assert log.count("adapter:  ") == 1
-    _check_outputs(out, even_shards, log)
-
-
-def test_nnodes_2_raw_jsonl_with_a_cache_per_node(tiny_llama_dir, tmp_path):
-    """Raw JSONL on two "nodes" whose caches are not shared: rank 0 prepares on node 0, local rank 0 of node 1 prepares
-    the same shards there after the barrier, and training goes on (instead of 'prepared shards are missing')."""
-    data = _tiny.write_jsonl(tmp_path / "chat.jsonl", _tiny.chat_records(24, seed=3))
-    out = tmp_path / "run"
-    args = ["--model", str(tiny_llama_dir), "--data", str(data), "--output", str(out), "--backend", "peft",
-            "--micro-batch-size", "1", "--max-steps", "3", "--max-seq-len", "256", "--no-bf16"]
-    codes, logs, _ = _two_nodes(args, "raw-two-nodes", lambda rank: {"LORA_DATA_CACHE": str(tmp_path / f"cache{rank}")})
-    assert codes == [0, 0], "\n".join(logs)[-6000:]
     # c10d may give global rank 0 to either launcher: exactly one node prepares after the barrier
-    assert sum("is not shared with rank 0's node; preparing it here" in log for log in logs) == 1, logs
+    assert sum("is not shared with rank 0's node; preparing it here" in node_log for node_log in logs) == 1, logs
     a, b = (next((tmp_path / f"cache{r}").iterdir()) for r in (0, 1))
-    assert a.name == b.name and (a / "shard-00000.bin").read_bytes() == (b / "shard-00000.bin").read_bytes()
-    assert (out / "adapter_model.safetensors").is_file()
+    assert a.name == b.name
+    assert (a / "shard-00000.bin").read_bytes() == (b / "shard-00000.bin").read_bytes()
+    assert (a / "shard-00000.bin").read_bytes() == (even_shards / "shard-00000.bin").read_bytes()
+    assert log.count("adapter:  ") == 1
+    _check_outputs(out, a, log)
 
 
 def test_a_dead_rank_stops_the_others_in_bounded_time_naming_it(tiny_llama_dir, even_shards, tmp_path):
