@@ -1,8 +1,8 @@
 """The torchrun launch path for real, on the CPU: `--gpus 2 --backend peft` (2 gloo processes) and `--nnodes 2` as two
 local "nodes" meeting at a localhost c10d rendezvous. Checks the rank split (E epochs over 2 ranks read every row E
 times: tokens seen == E x the shards' tokens) and rank-0-only saving (one set of outputs, one metrics row per step).
-The `--gpus 2` run is also stopped by a SIGTERM to the launcher (as a scheduler would), then resumed by the same
-command: every rank stops after the same step, the checkpoint is complete, and the resumed run ends as a whole one.
+The `--gpus 2` run is also stopped by a SIGTERM to the launcher and then to every process (as a scheduler would),
+then resumed by the same command: every rank stops after the same step, the checkpoint is complete, and the resumed run ends as a whole one.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import _tiny
 import pytest
-from lora_cli.stop import FAULT_STEP_ENV
+from lora_cli.stop import FAULT_SIGNALS_ENV
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 300
@@ -78,14 +78,20 @@ def _check_outputs(out: Path, shards: Path, log: str) -> list[dict]:
 def test_gpus_2_launches_two_gloo_processes_stops_on_sigterm_and_resumes(tiny_llama_dir, even_shards, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lora_cli", "train", *_train_args(tiny_llama_dir, even_shards, out), "--gpus", "2"]
-    first = subprocess.run(cmd, env=_env() | {FAULT_STEP_ENV: "3"}, capture_output=True, text=True, timeout=TIMEOUT)
+    # a scheduler signalling the launcher and then every process of the job: the repeat is not passed on (before,
+    # torchrun answered a second signal with SIGTERM to the workers, and they aborted without saving)
+    first = subprocess.run(cmd, env=_env() | {FAULT_SIGNALS_ENV: "3:SIGTERM:launcher,group"}, capture_output=True,
+                           text=True, timeout=TIMEOUT)
     log = first.stdout + first.stderr
     assert first.returncode == 130, log[-5000:]
     assert "got SIGTERM: asking the workers to save a checkpoint and stop" in log
-    stopped = re.findall(r"stopped by SIGTERM after step (\d+); a checkpoint is saved", log)
+    stopped = re.findall(rf"stopped by SIGTERM after step (\d+); a checkpoint is saved in {out} \(checkpoint-\1\)",
+                         log)
     assert len(stopped) == 1, log[-5000:]  # rank 0 reports once
-    assert (out / "checkpoints" / f"checkpoint-{stopped[0]}" / "COMPLETE").is_file()
-    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"checkpoint-{stopped[0]}"]
+    ckpt = out / "checkpoints" / f"checkpoint-{stopped[0]}"
+    assert (ckpt / "COMPLETE").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [ckpt.name]
+    assert f"the same command resumes from {ckpt} (step {stopped[0]})" in log  # the launcher's closing line
 
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     log = proc.stdout + proc.stderr
@@ -98,22 +104,17 @@ def test_gpus_2_launches_two_gloo_processes_stops_on_sigterm_and_resumes(tiny_ll
     _check_outputs(out, even_shards, log)
 
 
-@pytest.mark.parametrize(("signals", "name"), [
-    ("SIGINT:launcher,launcher", "SIGINT"),  # `uv run` without a terminal: the group's signal plus uv's copy
-    ("SIGTERM:launcher,group", "SIGTERM"),  # a scheduler signalling every process of the job
-])
-def test_a_stop_delivered_several_times_still_saves(tiny_llama_dir, even_shards, tmp_path, signals, name):
-    """Before: the launcher passed every copy on, torchrun answered the second with SIGTERM to the workers, and they
-    aborted without saving while the message still promised a checkpoint."""
-    from lora_cli.stop import FAULT_SIGNALS_ENV
-
+def test_a_stop_delivered_twice_to_the_launcher_still_saves(tiny_llama_dir, even_shards, tmp_path):
+    """`uv run` without a terminal: the group's SIGINT plus uv's copy, both to the launcher. Before: the launcher
+    passed every copy on, torchrun answered the second with SIGTERM to the workers, and they aborted without saving
+    while the message still promised a checkpoint."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lora_cli", "train", *_train_args(tiny_llama_dir, even_shards, out), "--gpus", "2"]
-    proc = subprocess.run(cmd, env=_env() | {FAULT_SIGNALS_ENV: f"3:{signals}"}, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    proc = subprocess.run(cmd, env=_env() | {FAULT_SIGNALS_ENV: "3:SIGINT:launcher,launcher"}, capture_output=True,
+                          text=True, timeout=TIMEOUT)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 130, log[-5000:]
-    stopped = re.findall(rf"stopped by {name} after step (\d+); a checkpoint is saved in {out} \(checkpoint-\1\)",
+    stopped = re.findall(rf"stopped by SIGINT after step (\d+); a checkpoint is saved in {out} \(checkpoint-\1\)",
                          log)
     assert len(stopped) == 1, log[-5000:]
     ckpt = out / "checkpoints" / f"checkpoint-{stopped[0]}"

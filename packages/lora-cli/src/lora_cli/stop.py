@@ -28,11 +28,10 @@ from lora_runtime.distributed import HostCopy, dist_env, to_device
 
 EXIT_INTERRUPTED = 130
 DUPLICATE_S = 2.0  # a repeat within this long after the first signal is the same stop, delivered twice
-# Fault injection for tests: after optimizer step N, rank 0 sends SIGTERM to the lora-cli launcher (its pid is in
-# LORA_CLI_LAUNCHER_PID under torchrun) or to its own process, exercising the whole path a scheduler's kill takes.
-FAULT_STEP_ENV = "LORA_CLI_FAULT_SIGTERM_AFTER_STEP"
-# "STEP:SIGNAL:TARGET,TARGET,...": after STEP rank 0 sends SIGNAL to each target in turn, 0.3 s apart; a target is
-# `launcher`, `group` (torchrun's process group: torchrun and every worker) or `self`.
+# Fault injection for tests, exercising the whole path a scheduler's kill takes. "STEP:SIGNAL:TARGET,TARGET,...":
+# after optimizer step STEP rank 0 sends SIGNAL to each target in turn, 0.3 s apart; a target is `launcher` (the
+# lora-cli launcher: its pid is in LORA_CLI_LAUNCHER_PID under torchrun), `group` (torchrun's process group: torchrun
+# and every worker) or `self`.
 FAULT_SIGNALS_ENV = "LORA_CLI_FAULT_SIGNALS"
 FAULT_KILL_RANK_ENV = "LORA_CLI_FAULT_SIGKILL_RANK"  # tests: "RANK:STEP" → that rank SIGKILLs itself after STEP
 LAUNCHER_PID_ENV = "LORA_CLI_LAUNCHER_PID"
@@ -80,7 +79,6 @@ class StopRequest:
         from transformers import TrainerCallback
 
         stop = self
-        fault_step = int(os.environ.get(FAULT_STEP_ENV, "0"))
         kill_rank, _, kill_step = os.environ.get(FAULT_KILL_RANK_ENV, ":").partition(":")
         signals_step, _, signals = os.environ.get(FAULT_SIGNALS_ENV, ":").partition(":")
 
@@ -89,8 +87,6 @@ class StopRequest:
                 self.any_rank = _AnyRank()
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-                if fault_step and state.global_step == fault_step and dist_env().is_main:
-                    os.kill(int(os.environ.get(LAUNCHER_PID_ENV, os.getpid())), signal.SIGTERM)
                 if kill_step and str(state.global_step) == kill_step and str(dist_env().rank) == kill_rank:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if signals_step and str(state.global_step) == signals_step and dist_env().is_main:
