@@ -46,10 +46,14 @@ def _reference(hidden, weight, labels, num_items=None):
 
 @pytest.mark.parametrize("chunk", [5, 16, 1000])  # several chunks with a ragged last one; one chunk
 @pytest.mark.parametrize("num_items", [None, 23])  # mean over targets; gradient accumulation's sum ÷ N
-def test_loss_and_gradient_equal_transformers(path, chunk, num_items):
+@pytest.mark.parametrize("counted", [False, True])  # the number of targets known: only their rows make logits
+def test_loss_and_gradient_equal_transformers(path, chunk, num_items, counted):
     hidden, weight, labels = _inputs()
+    labels[:, :12] = chunked_loss.IGNORE_INDEX  # a prompt: well under PICK_SHARE of the rows have a target
     want_loss, want_grad = _reference(hidden, weight, labels, num_items)
-    loss = chunked_loss.causal_lm_loss(hidden, weight, labels, num_items, chunk=chunk)
+    n_targets = int((labels[:, 1:] != chunked_loss.IGNORE_INDEX).sum()) if counted else None
+    assert (n_targets or 0) <= chunked_loss.PICK_SHARE * labels.numel()
+    loss = chunked_loss.causal_lm_loss(hidden, weight, labels, num_items, chunk=chunk, n_targets=n_targets)
     (loss * 3).backward()  # an upstream gradient other than 1 is carried through
     torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(hidden.grad, 3 * want_grad, rtol=1e-5, atol=1e-6)
@@ -66,6 +70,66 @@ def test_ignored_targets_get_no_gradient_and_an_all_ignored_batch_is_zero(path):
     loss = chunked_loss.causal_lm_loss(hidden, weight, labels, chunk=8)
     loss.backward()
     assert loss.item() == 0 and hidden.grad.abs().max() == 0
+
+
+def test_given_the_target_count_only_rows_with_a_target_make_logits(path):
+    """The output layer's matmuls scale with the targets: half the rows ignored, about half the FLOPs. Where more
+    than PICK_SHARE of the rows have a target, every row makes logits."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, weight, labels = _inputs(rows=2, n=40)
+    labels[:, :20] = chunked_loss.IGNORE_INDEX  # at most 19 targets a row (position 19 predicts label 20, ...)
+    count = int((labels != chunked_loss.IGNORE_INDEX).sum())
+    assert 20 < count <= 38
+    flops = []
+    for n_targets in (None, count):
+        with FlopCounterMode(display=False) as counter:
+            chunked_loss.causal_lm_loss(hidden, weight, labels, chunk=8, n_targets=n_targets).backward()
+        flops.append(counter.get_total_flops())
+    assert flops[1] == pytest.approx(flops[0] * count / 80, rel=0.01), flops
+    with pytest.raises(RuntimeError, match="the count of targets given is not the labels'"):
+        chunked_loss.causal_lm_loss(hidden, weight, labels, chunk=8, n_targets=count - 1)
+    labels[:, :] = 3
+    with FlopCounterMode(display=False) as counter:
+        chunked_loss.causal_lm_loss(hidden, weight, labels, chunk=8, n_targets=78).backward()
+    assert counter.get_total_flops() == flops[0]
+
+
+def test_the_trainer_counts_the_targets_for_a_model_with_this_loss(tiny_qwen2_dir):
+    """PackedTrainer._prepare_inputs counts a batch's targets on the host (CPU labels) where the model computes its
+    loss here: the same loss and gradients as without the count. A model without it, or labels whose rows do not
+    each start with an ignored label (flattening would move their targets), get no count."""
+    from types import SimpleNamespace
+
+    from lora_runtime.collate import collate_packed
+    from lora_runtime.trainer import PackedTrainer
+    from transformers import AutoModelForCausalLM
+
+    g = torch.Generator().manual_seed(3)
+    rows = [{"input_ids": torch.randint(5, 200, (32,), generator=g).numpy(),
+             "loss_mask": (torch.arange(32) % 3 != 0).long().numpy(), "seq_lens": [12, 15]} for _ in range(2)]
+    batch = collate_packed(rows)
+    batch.pop("num_tokens")
+    trainer = object.__new__(PackedTrainer)
+    trainer.args, trainer.is_deepspeed_enabled = SimpleNamespace(device=torch.device("cpu")), False
+    results = []
+    for fused in (False, True):
+        trainer.model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).train()
+        if fused:
+            chunked_loss.apply(trainer.model)
+        inputs = trainer._prepare_inputs(batch)
+        counted = inputs.get(chunked_loss.TARGETS_KWARG)
+        assert counted == (int((batch["labels"] != chunked_loss.IGNORE_INDEX).sum()) if fused else None)
+        assert 0 < (counted or 1) <= chunked_loss.PICK_SHARE * batch["labels"].numel()
+        loss = trainer.model(**inputs).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in trainer.model.named_parameters() if n != "lm_head.weight"}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    unaligned = dict(batch, labels=batch["labels"].clone())
+    unaligned["labels"][1, 0] = 7
+    assert chunked_loss.TARGETS_KWARG not in trainer._prepare_inputs(unaligned)
 
 
 def test_a_label_outside_the_vocabulary_is_an_error(path):
@@ -111,7 +175,7 @@ def test_the_triton_kernel_passes_these_tests_in_its_interpreter():
                           str(Path(__file__))], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     summary = run.stdout.strip().splitlines()[-1]
-    assert re.match(r"11 passed, 1 deselected in ", summary), f"every test of the file, none skipped: {summary}"
+    assert re.match(r"19 passed, 1 deselected in ", summary), f"every test of the file, none skipped: {summary}"
 
 
 if INTERPRETED:

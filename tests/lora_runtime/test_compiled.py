@@ -9,7 +9,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from lora_runtime import LoraSftConfig, attention, compiled
+from lora_runtime import LoraSftConfig, attention, chunked_loss, compiled
 from lora_runtime.backends.base import flatten_hook
 from lora_runtime.collate import collate_packed
 from lora_runtime.config import RECOMPUTE_LEVELS
@@ -571,10 +571,16 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.2)
         model.train()
+        batch = _rows()
+        batch["labels"][:, :16] = chunked_loss.IGNORE_INDEX  # a prompt in each row
+        assert chunked_loss.counts_targets(model) == fast
+        if fast:  # the targets counted as the trainer counts them: only the rows with a target make logits
+            batch[chunked_loss.TARGETS_KWARG] = chunked_loss.target_count(batch["labels"])
+            assert 0 < batch[chunked_loss.TARGETS_KWARG] <= chunked_loss.PICK_SHARE * batch["labels"].numel()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                       lambda t: t):
-            loss = model(**_rows()).loss
+            loss = model(**batch).loss
         saved_bytes.append(sum(saved))
         loss.backward()
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -583,12 +589,12 @@ def test_the_compiled_path_trains_like_the_plain_one(tiny_qwen2_dir, monkeypatch
             for p in trainable.values():
                 p -= LR * p.grad
         model.zero_grad()
-        again = model(**_rows()).loss
+        again = model(**batch).loss
         again.backward()
         grads.update({f"{n} (second pass)": p.grad.clone() for n, p in trainable.items()})
         model.eval()
         with torch.no_grad():
-            evaluated = model(**_rows(), **({"skip_logits": True} if fast else {})).loss
+            evaluated = model(**batch, **({"skip_logits": True} if fast else {})).loss
         return torch.stack([loss.detach(), again.detach()]), grads, evaluated
 
     from torch._dynamo.utils import counters

@@ -39,7 +39,7 @@ from typing import Any, cast
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
-from lora_runtime import checkpoint, kernels, sharding
+from lora_runtime import checkpoint, chunked_loss, kernels, sharding
 from lora_runtime.batching import BatchPlan
 from lora_runtime.checkpoint import run_record
 from lora_runtime.collate import collate_packed
@@ -107,9 +107,15 @@ class PackedTrainer(Trainer):
                             self.args.per_device_eval_batch_size)
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """`packed_seq_lengths` stays on the CPU, where the padding-free forward reads it (no device sync)."""
+        """`packed_seq_lengths` stays on the CPU, where the padding-free forward reads it (no device sync). Where the
+        model computes its loss with lora_runtime.chunked_loss, the batch's number of targets is counted here, while
+        the labels are still on the CPU, for the loss to make logits for those rows alone."""
         inputs = dict(inputs)
         lengths = inputs.pop("packed_seq_lengths", None)
+        if chunked_loss.TARGETS_KWARG not in inputs and chunked_loss.counts_targets(self.model):
+            count = chunked_loss.target_count(inputs.get("labels"))
+            if count is not None:
+                inputs[chunked_loss.TARGETS_KWARG] = count
         out = super()._prepare_inputs(inputs)
         if lengths is not None:
             out["packed_seq_lengths"] = lengths
