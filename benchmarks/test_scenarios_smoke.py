@@ -221,6 +221,17 @@ def test_offload_compares_each_budget_with_and_without_it(tmp_path):
         "selective_recompute": "pointwise", "activation_offload": True}
 
 
+def test_prompts_runs_the_defaults_with_and_without_picking_on_the_same_shards(tmp_path):
+    s = _session(tmp_path, "prompts")
+    assert s.wanted["ours_prompts"] == ["auto_auto_mbauto", "auto_auto_mbauto_nopick"]
+    assert s.wanted["loop_prompts"] == ["rowsfit16_gc"]
+    argv = [str(x) for x in s.sides["ours_prompts"].argv(s, s.wanted["ours_prompts"], tmp_path / "res", 300)]
+    assert str(tmp_path / "data" / "shards_qwen1.5b_2048_prompts") in argv
+    argv = [str(x) for x in s.sides["loop_prompts"].argv(s, s.wanted["loop_prompts"], tmp_path / "res", 300)]
+    assert str(tmp_path / "data" / "records_prompts.jsonl") in argv
+    assert ours.parse("auto_auto_mbauto_nopick") == ours.parse("auto_auto_mbauto")  # not a lora_sft option
+
+
 def test_only_keeps_the_named_runs_and_the_model_builds(tmp_path):
     s = _session(tmp_path, "compiled", "--only", "auto_auto_mb2,auto_auto_mb2_nocg,packed2_nogc_varlen")
     assert s.wanted == {"build_qwen1.5b": ["build_qwen1.5b"], "ours": ["auto_auto_mb2", "auto_auto_mb2_nocg"],

@@ -5,7 +5,7 @@
     python -m benchmarks.gpu report              # RESULTS.md from the results file
     python -m benchmarks.gpu table RESULTS.jsonl # the short table of one results file
 
-Scenarios: throughput, frontier, compiled, offload, startup, parity, kernels (one GPU); ddp-scaling, resume-dead-rank, model-splitting, fsdp
+Scenarios: throughput, frontier, compiled, offload, startup, parity, kernels, prompts (one GPU); ddp-scaling, resume-dead-rank, model-splitting, fsdp
 (several GPUs); ceilings. `--cpu` runs the single-GPU scenarios on a tiny shape on the CPU (the harness's smoke test).
 """
 
@@ -148,6 +148,8 @@ def prepare(out: Path, shapes=(("qwen1.5b", 2048), ("llama8b", 8192)), n_records
 
     make_data.main(str(out), n_records)
     make_shards.main(str(out), shapes)
+    if ("qwen1.5b", 2048) in shapes:
+        make_shards.prompt_heavy(str(out))  # the prompts scenario's shards and records
     if not parity_set:
         return
     (out / "parity").mkdir(parents=True, exist_ok=True)

@@ -43,5 +43,27 @@ def main(out_dir: str, shapes=(("qwen1.5b", 2048), ("llama8b", 8192))) -> None:
               json.dumps({k: getattr(m, k, None) for k in ("packing_efficiency",)}))
 
 
+def prompt_heavy(out_dir: str, shape: str = "qwen1.5b", seq_len: int = 2048) -> Path:
+    """The same records with every other conversation's long and short turns swapped (a long prompt and a short
+    answer, as in summarisation or retrieval-augmented data), prepared into `shards_{shape}_{seq_len}_prompts`: about
+    half the tokens of a batch carry a target, where the chunked loss makes logits for the targets alone."""
+    import lora_data
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    swapped = out / "records_prompts.jsonl"
+    with (out / "records.jsonl").open(encoding="utf-8") as src, swapped.open("w", encoding="utf-8") as dst:
+        for i, line in enumerate(src):
+            record = json.loads(line)
+            turns = [m for m in record["messages"] if m["role"] in ("user", "assistant")] if i % 2 == 0 else []
+            for user, assistant in zip(turns[::2], turns[1::2], strict=True):
+                user["content"], assistant["content"] = assistant["content"], user["content"]
+            dst.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(out, shape))
+    shards = out / f"shards_{shape}_{seq_len}_prompts"
+    lora_data.prepare(swapped, shards, tok, max_seq_len=seq_len, verbose=False)
+    return shards
+
+
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else ".gpu")

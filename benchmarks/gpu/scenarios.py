@@ -381,6 +381,37 @@ def offload_rows(s: Session) -> list[dict]:
     return rows.add_ratios(out)
 
 
+# ---- prompts ---------------------------------------------------------------------------------------------------
+FEED_PROMPTS = ("lora-data shards of DATA/records_prompts.jsonl (every other record of records.jsonl with its long and "
+                "short turns swapped: about half the tokens have a target), rows of 2048, best-fit-decreasing")
+
+
+def prompts_plan(s: Session) -> None:
+    """Long prompts and short answers (`make_shards.prompt_heavy`: about half the tokens of a batch have a target,
+    the same tokens as the other scenarios' records), Qwen2.5-1.5B shape, rows of 2048, whole card: ours with the
+    usage guide's defaults, where the chunked loss makes logits for the targets alone, and with every token making
+    logits (`_nopick`), one after the other in one process, against the Unsloth hand loop at the largest micro batch
+    that fits, checkpointing on, on the same records."""
+    _define_qwen(s)
+    s.define("ours_prompts", sides.ours(_shape(s), 2048, variant="_prompts"))
+    s.define("loop_prompts", sides.loop(_shape(s), 2048, variant="_prompts"))
+    s.want("ours_prompts", [_ours_run(s), _ours_run(s) + "_nopick"])
+    s.want("loop_prompts", ["rowsfit16_gc"])
+
+
+def prompts_rows(s: Session) -> list[dict]:
+    fit = "Unsloth hand loop, checkpointing on, largest micro that fits"
+    out = [s.row("prompts", "ours_prompts", r, _ours_label(r) + (", logits for every token" if "nopick" in r else ""),
+                 "ours", feed=FEED_PROMPTS, config=_ours_config(s.result("ours_prompts", r)[0]))
+           for r in s.wanted.get("ours_prompts", [])]
+    loop = _loop_row(s, "prompts", "loop_prompts", "rowsfit16_gc", fit, 2048)
+    loop["feed"] = "DATA/records_prompts.jsonl tokenized with the model's tokenizer, " + loop["feed"].split("; ", 1)[1]
+    out.append(loop)
+    for r in out:
+        r["shape"], r["seq_len"] = r["shape"] or _shape(s), 2048
+    return rows.add_ratios(out)
+
+
 SCENARIOS = {
     "compiled": (compiled_plan, compiled_rows),
     "offload": (offload_plan, offload_rows),
@@ -389,4 +420,5 @@ SCENARIOS = {
     "frontier": (frontier_plan, frontier_rows),
     "startup": (startup_plan, startup_rows),
     "parity": (parity_plan, parity_rows),
+    "prompts": (prompts_plan, prompts_rows),
 }

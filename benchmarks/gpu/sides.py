@@ -31,22 +31,22 @@ def build(shape: str) -> Side:
     return Side(argv, cap_s=240, run_field=None, family="build", est_s=40)
 
 
-def ours(shape: str, seq_len: int, steps: int | None = None) -> Side:
-    """`lora_sft` on the shards, several runs in one process (ours.py)."""
+def ours(shape: str, seq_len: int, steps: int | None = None, variant: str = "") -> Side:
+    """`lora_sft` on the shards (`shards_{shape}_{seq_len}{variant}`), several runs in one process (ours.py)."""
     def argv(s: Session, runs, res, cap):
         n = steps or s.a.steps + s.a.warmup + 1
-        return [PY, "-m", "benchmarks.gpu.ours", model_dir(s, shape), s.data / f"shards_{shape}_{seq_len}", res,
+        return [PY, "-m", "benchmarks.gpu.ours", model_dir(s, shape), s.data / f"shards_{shape}_{seq_len}{variant}", res,
                 "--runs", ",".join(runs), "--steps", n, "--warmup", min(s.a.warmup, n - 2), "--shape", shape,
                 "--seq-len", seq_len, "--budget-s", max(10, cap - 40)]
 
     return Side(argv, cap_s=330, run_field="run", family="ours", est_s=40, per_run_s=20)
 
 
-def loop(shape: str, seq_len: int, steps: int | None = None) -> Side:
-    """The Unsloth hand loop on the same records, packed into rows (loops.py)."""
+def loop(shape: str, seq_len: int, steps: int | None = None, variant: str = "") -> Side:
+    """The Unsloth hand loop on the same records (`records{variant}.jsonl`), packed into rows (loops.py)."""
     def argv(s: Session, runs, res, cap):
         n = steps or s.a.steps + s.a.warmup + 1
-        return [PY, "-m", "benchmarks.gpu.loops", model_dir(s, shape), s.data / "records.jsonl", res,
+        return [PY, "-m", "benchmarks.gpu.loops", model_dir(s, shape), s.data / f"records{variant}.jsonl", res,
                 "--variants", ",".join(runs), "--steps", n, "--warmup", min(s.a.warmup, n - 2), "--shape", shape,
                 "--seq-len", seq_len, "--budget-s", max(10, cap - 40)]
 
