@@ -5,8 +5,9 @@
     python -m benchmarks.gpu report              # RESULTS.md from the results file
     python -m benchmarks.gpu table RESULTS.jsonl # the short table of one results file
 
-Scenarios: throughput, frontier, compiled, offload, startup, parity, kernels, prompts (one GPU); ddp-scaling, resume-dead-rank, model-splitting, fsdp
-(several GPUs); ceilings. `--cpu` runs the single-GPU scenarios on a tiny shape on the CPU (the harness's smoke test).
+Scenarios: throughput, frontier, compiled, offload, startup, parity, kernels, prompts (one GPU); ddp-scaling,
+resume-dead-rank, model-splitting, fsdp (several GPUs); ceilings. `--cpu` runs the single-GPU scenarios on a tiny
+shape on the CPU (the harness's smoke test).
 """
 
 from __future__ import annotations
@@ -125,20 +126,23 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def check_feed(data: Path) -> None:
-    """Ours reads the shards in DATA, the peers read DATA/records.jsonl: the same token stream only while that file is
-    the one every shard set was prepared from (its sha256 in their manifests). Refuses to run otherwise."""
-    records = data / "records.jsonl"
-    if not records.is_file():
-        return
-    digest = source_sha256(records)  # as prepare wrote it into the manifests
+    """Ours reads the shards in DATA, the peers read the records file in DATA each shard set was prepared from
+    (records.jsonl; records_prompts.jsonl for the prompts scenario): the same token stream only while that file is
+    the one named in the shard set's manifest, with its sha256. Refuses to run otherwise."""
+    digests: dict[str, str | None] = {}
     for manifest in sorted(data.glob("shards_*/manifest.json")):
-        sources = json.loads(manifest.read_text()).get("sources") or []
-        theirs = [s.get("sha256") for s in sources if Path(str(s.get("path", ""))).name == records.name]
-        if theirs and digest not in theirs:
-            raise SystemExit(f"{manifest.parent} was prepared from another {records} (sha256 {theirs[0][:12]}…, "
-                             f"now {digest[:12]}…): the peers would read other records than ours. On the CPU "
-                             f"machine, run `python -m benchmarks.gpu prepare {data}` again (it rebuilds the "
-                             f"qwen1.5b and llama8b shards), or delete {manifest.parent} if no scenario needs it")
+        for source in json.loads(manifest.read_text()).get("sources") or []:
+            records = data / Path(str(source.get("path", ""))).name
+            if records.suffix != ".jsonl" or not records.is_file():
+                continue
+            if records.name not in digests:
+                digests[records.name] = source_sha256(records)  # as prepare wrote it into the manifests
+            digest, theirs = digests[records.name], source.get("sha256")
+            if theirs and digest != theirs:
+                raise SystemExit(f"{manifest.parent} was prepared from another {records} (sha256 {theirs[:12]}…, "
+                                 f"now {str(digest)[:12]}…): the peers would read other records than ours. On the "
+                                 f"CPU machine, run `python -m benchmarks.gpu prepare {data}` again (it rebuilds the "
+                                 f"shards), or delete {manifest.parent} if no scenario needs it")
 
 
 def prepare(out: Path, shapes=(("qwen1.5b", 2048), ("llama8b", 8192)), n_records: int = 900,
@@ -148,8 +152,7 @@ def prepare(out: Path, shapes=(("qwen1.5b", 2048), ("llama8b", 8192)), n_records
 
     make_data.main(str(out), n_records)
     make_shards.main(str(out), shapes)
-    if ("qwen1.5b", 2048) in shapes:
-        make_shards.prompt_heavy(str(out))  # the prompts scenario's shards and records
+    make_shards.prompt_heavy(str(out), [shape for shape, seq_len in shapes if seq_len == 2048])  # prompts scenario
     if not parity_set:
         return
     (out / "parity").mkdir(parents=True, exist_ok=True)

@@ -43,10 +43,11 @@ def main(out_dir: str, shapes=(("qwen1.5b", 2048), ("llama8b", 8192))) -> None:
               json.dumps({k: getattr(m, k, None) for k in ("packing_efficiency",)}))
 
 
-def prompt_heavy(out_dir: str, shape: str = "qwen1.5b", seq_len: int = 2048) -> Path:
+def prompt_heavy(out_dir: str, shapes=("qwen1.5b",), seq_len: int = 2048) -> None:
     """The same records with every other conversation's long and short turns swapped (a long prompt and a short
-    answer, as in summarisation or retrieval-augmented data), prepared into `shards_{shape}_{seq_len}_prompts`: about
-    half the tokens of a batch carry a target, where the chunked loss makes logits for the targets alone."""
+    answer, as in summarisation or retrieval-augmented data) in records_prompts.jsonl, prepared into
+    `shards_{shape}_{seq_len}_prompts` for each shape: about half the tokens of a batch carry a target, where the
+    chunked loss makes logits for the targets alone."""
     import lora_data
     from transformers import AutoTokenizer
 
@@ -59,10 +60,9 @@ def prompt_heavy(out_dir: str, shape: str = "qwen1.5b", seq_len: int = 2048) -> 
             for user, assistant in zip(turns[::2], turns[1::2], strict=True):
                 user["content"], assistant["content"] = assistant["content"], user["content"]
             dst.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir(out, shape))
-    shards = out / f"shards_{shape}_{seq_len}_prompts"
-    lora_data.prepare(swapped, shards, tok, max_seq_len=seq_len, verbose=False)
-    return shards
+    for shape in shapes:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir(out, shape))
+        lora_data.prepare(swapped, out / f"shards_{shape}_{seq_len}_prompts", tok, max_seq_len=seq_len, verbose=False)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ transformers); gc auto | gc (forced on) | nogc; _b16 = a 16 GiB budget: `max_mem
 "none" (the peft backend's fused kernels on or off), _compile = kernels="compile" (its compiled path), _pw / _nopw =
 selective_recompute="pointwise" / "most" / "off", _off / _nooff = activation_offload=True / False, _cg / _nocg = cuda_graphs=True
 / False (each "auto" where not named), _log10 = logging_steps=10, _nopick = the chunked loss makes logits for every
-token whatever the share of targets (`lora_runtime.chunked_loss.PICK_SHARE` 0 for the run). Everything else is lora_sft's defaults as training-hub's (lr 2e-4 linear, warmup 10, weight decay
-0.01, clip 0.3, logging every step), LoRA r=16 alpha=32 on all linear
-projections. A TrainerCallback times the steady window between the ends of the first logged step after warm-up and
-the last step (device synchronised there only) and counts the trainer's own real tokens in it (`Windows`).
+token whatever the share of targets (`lora_runtime.chunked_loss.PICK_SHARE` -1 for the run). Everything else is
+lora_sft's defaults as training-hub's (lr 2e-4 linear, warmup 10, weight decay 0.01, clip 0.3, logging every step),
+LoRA r=16 alpha=32 on all linear projections. A TrainerCallback times the steady window between the ends of the
+first logged step after warm-up and the last step (device synchronised there only) and counts the trainer's own real
+tokens in it (`Windows`).
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
 
     share = chunked_loss.PICK_SHARE
     if "nopick" in name.split("_")[3:]:
-        chunked_loss.PICK_SHARE = 0.0
+        chunked_loss.PICK_SHARE = -1.0
     try:
         with tempfile.TemporaryDirectory() as out:
             result = train(model_dir, shards, out, kw, steps, seq_len, [_meter_callback(windows)])

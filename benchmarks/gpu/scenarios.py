@@ -51,7 +51,7 @@ def _ours_config(payload: dict) -> dict:
     keys = ("backend_used", "micro_batch_size", "resolved_micro_batch_size", "gradient_checkpointing",
             "resolved_gradient_checkpointing", "resolved_recomputed_layers", "resolved_offloaded_layers",
             "resolved_estimated_peak_gib", "resolved_selective_recompute", "resolved_activation_offload",
-            "resolved_cuda_graphs",
+            "resolved_cuda_graphs", "pick_share",
             "max_memory_gib", "load_in_4bit", "memory_fraction", "alloc_retries", "device_allocs", "steady_steps")
     return {k: payload[k] for k in keys if k in payload}
 
@@ -405,7 +405,7 @@ def prompts_rows(s: Session) -> list[dict]:
                  "ours", feed=FEED_PROMPTS, config=_ours_config(s.result("ours_prompts", r)[0]))
            for r in s.wanted.get("ours_prompts", [])]
     loop = _loop_row(s, "prompts", "loop_prompts", "rowsfit16_gc", fit, 2048)
-    loop["feed"] = "DATA/records_prompts.jsonl tokenized with the model's tokenizer, " + loop["feed"].split("; ", 1)[1]
+    loop["feed"] = loop["feed"].replace("the same records", "DATA/records_prompts.jsonl", 1)
     out.append(loop)
     for r in out:
         r["shape"], r["seq_len"] = r["shape"] or _shape(s), 2048

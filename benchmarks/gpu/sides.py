@@ -35,7 +35,8 @@ def ours(shape: str, seq_len: int, steps: int | None = None, variant: str = "") 
     """`lora_sft` on the shards (`shards_{shape}_{seq_len}{variant}`), several runs in one process (ours.py)."""
     def argv(s: Session, runs, res, cap):
         n = steps or s.a.steps + s.a.warmup + 1
-        return [PY, "-m", "benchmarks.gpu.ours", model_dir(s, shape), s.data / f"shards_{shape}_{seq_len}{variant}", res,
+        shards = s.data / f"shards_{shape}_{seq_len}{variant}"
+        return [PY, "-m", "benchmarks.gpu.ours", model_dir(s, shape), shards, res,
                 "--runs", ",".join(runs), "--steps", n, "--warmup", min(s.a.warmup, n - 2), "--shape", shape,
                 "--seq-len", seq_len, "--budget-s", max(10, cap - 40)]
 

@@ -2,7 +2,9 @@
 local "nodes" meeting at a localhost c10d rendezvous. Checks the rank split (E epochs over 2 ranks read every row E
 times: tokens seen == E x the shards' tokens) and rank-0-only saving (one set of outputs, one metrics row per step).
 The `--gpus 2` run is also stopped by a SIGTERM to the launcher and then to every process (as a scheduler would),
-then resumed by the same command: every rank stops after the same step, the checkpoint is complete, and the resumed run ends as a whole one.
+then resumed by the same command: every rank stops after the same step, the checkpoint is complete, and the resumed
+run ends as a whole one. A SIGTERM to the launcher alone is passed on once (tests/lora_cli/test_launch.py); the two
+"nodes" read raw JSONL (the `--shards` path of several ranks is the `--gpus 2` runs').
 """
 
 from __future__ import annotations

@@ -78,9 +78,9 @@ def test_given_the_target_count_only_rows_with_a_target_make_logits(path):
     from torch.utils.flop_counter import FlopCounterMode
 
     hidden, weight, labels = _inputs(rows=2, n=40)
-    labels[:, :20] = chunked_loss.IGNORE_INDEX  # at most 19 targets a row (position 19 predicts label 20, ...)
+    labels[:, :20] = chunked_loss.IGNORE_INDEX  # at most 19 targets a row: position 19 predicts label 20, ... 38 → 39
     count = int((labels != chunked_loss.IGNORE_INDEX).sum())
-    assert 20 < count <= 38
+    assert 20 < count <= 40
     flops = []
     for n_targets in (None, count):
         with FlopCounterMode(display=False) as counter:
@@ -123,7 +123,8 @@ def test_the_trainer_counts_the_targets_for_a_model_with_this_loss(tiny_qwen2_di
         assert 0 < (counted or 1) <= chunked_loss.PICK_SHARE * batch["labels"].numel()
         loss = trainer.model(**inputs).loss
         loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in trainer.model.named_parameters() if n != "lm_head.weight"}))
+        grads = {n: p.grad for n, p in trainer.model.named_parameters() if n != "lm_head.weight"}
+        results.append((loss.detach(), grads))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -228,3 +228,32 @@ def test_the_loss_kernel_equals_the_aten_steps_on_the_gpu(monkeypatch, vocab):
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, want_grad, rtol=2e-2, atol=1e-6)  # bf16 gradients of the logits, summed
     assert grad[:, :299].abs().max() == 0 and grad[:, 299:].abs().max() > 0
+
+
+def test_picking_the_rows_with_a_target_on_the_gpu_asks_nothing_of_the_host():
+    """With the number of targets given (as the trainer counts it on the host), the loss makes logits for those rows
+    alone (nonzero_static of that size, gathered and scattered back in bf16) without a device-to-host sync: the same
+    loss and gradient as every row making logits, under CUDA's sync check."""
+    from lora_runtime import chunked_loss
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    hidden = torch.randn(2, 1200, 256, device="cuda", generator=g).bfloat16()
+    weight = (torch.randn(151_936, 256, device="cuda", generator=g) / 16).bfloat16()
+    labels = torch.randint(0, 151_936, (2, 1200), device="cuda", generator=g)
+    labels[:, :700] = chunked_loss.IGNORE_INDEX  # a prompt: 1,000 targets (labels 700-1199 of each row) of 2,400 rows
+    results = []
+    assert int((labels[:, 1:] != chunked_loss.IGNORE_INDEX).sum()) == 1000
+    for n_targets in (None, 1000):
+        h = hidden.clone().requires_grad_(True)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = chunked_loss.causal_lm_loss(h, weight, labels, chunk=1024, n_targets=n_targets)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        results.append((loss.detach().float(), h.grad.float()))
+    (loss, grad), (want_loss, want_grad) = results[1], results[0]
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=2e-2, atol=1e-6)
+    assert grad[:, :699].abs().max() == 0 and grad[:, 699:].abs().max() > 0

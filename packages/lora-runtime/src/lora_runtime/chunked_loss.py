@@ -39,8 +39,8 @@ IGNORE_INDEX = -100
 # the model call's keyword for the number of targets of its labels (those not IGNORE_INDEX), which `apply`'s forward
 # takes out; `counts_targets(model)` says whether a model takes it (`target_count` counts)
 TARGETS_KWARG = "num_loss_targets"
-APPLIED = "_lora_runtime_chunked_loss"
-PICK_SHARE = 0.75
+APPLIED = "_lora_runtime_chunked_loss"  # set on a model `apply` gave this loss
+PICK_SHARE = 0.75  # with the count given, at most this share of rows with a target: only those rows make logits
 CHUNK_BYTES = 1 << 30  # transient logits of one chunk: fp32 [chunk, vocab] plus its bf16 matmul output
 # bytes a logit of a chunk holds at the peak: the aten steps keep the bf16 matmul output, its fp32 copy and a bf16
 # gradient (8); the kernel works in place on the bf16 matmul output (2)
@@ -200,7 +200,8 @@ def causal_lm_loss(hidden: Any, weight: Any, labels: Any, num_items_in_batch: An
                    chunk: int | None = None, n_targets: int | None = None) -> Any:
     """transformers' ForCausalLMLoss(hidden @ weight.T, labels) without the logits: hidden [..., n, H], labels
     [..., n]. `weight` (the output layer's) gets no gradient. `n_targets`, where known on the host, is the number of
-    labels (after the shift by one) that are not IGNORE_INDEX (`target_count`): only their rows make logits."""
+    labels (after the shift by one) that are not IGNORE_INDEX (`target_count`): where they are at most PICK_SHARE of
+    the rows, only their rows make logits."""
     import torch
 
     global _FN
@@ -218,7 +219,8 @@ def causal_lm_loss(hidden: Any, weight: Any, labels: Any, num_items_in_batch: An
     torch._assert_async(((targets >= 0) & (targets < weight.shape[0]) | (targets == IGNORE_INDEX)).all(),
                         "a label is outside the output layer's vocabulary")
     if n_targets is not None:  # a wrong count would pick the wrong rows
-        torch._assert_async((targets != IGNORE_INDEX).sum() == n_targets, "the count of targets given is not the labels'")
+        torch._assert_async((targets != IGNORE_INDEX).sum() == n_targets,
+                            "the count of targets given is not the labels'")
     return _FN.apply(hidden, weight.detach(), targets, divisor, chunk or chunk_tokens(weight.shape[0]),
                      n_targets)
 

@@ -5,6 +5,9 @@ Overrides, each small:
   not passed through accelerate's sharding, which would split the rows a second time.
 - `evaluate`: a token-weighted eval_loss with every eval row counted once, summed over ranks.
 - `get_batch_samples`: moves batches to the GPU before they are counted (Unsloth under torchrun needs it).
+- `_prepare_inputs`: `packed_seq_lengths` stays on the CPU; for a model with lora_runtime.chunked_loss, the batch's
+  number of targets is counted from the labels while they are still on the CPU (the loss then makes logits for those
+  rows alone, without asking the GPU for the count).
 - `compute_loss`: pops the batch's real-token count (for tokens/s) before the forward.
 - `log`: adds tokens_seen, tokens_per_s (training time only: evaluation and checkpoint time are left out, via
   `_maybe_log_save_evaluate`), peak memory and an exact epoch (also what the integrations see), and writes
