@@ -129,7 +129,7 @@ def check_feed(data: Path) -> None:
     """Ours reads the shards in DATA, the peers read the records file in DATA each shard set was prepared from
     (records.jsonl; records_prompts.jsonl for the prompts scenario): the same token stream only while that file is
     the one named in the shard set's manifest, with its sha256. Refuses to run otherwise."""
-    digests: dict[str, str | None] = {}
+    digests: dict[str, str] = {}
     for manifest in sorted(data.glob("shards_*/manifest.json")):
         for source in json.loads(manifest.read_text()).get("sources") or []:
             records = data / Path(str(source.get("path", ""))).name
@@ -140,7 +140,7 @@ def check_feed(data: Path) -> None:
             digest, theirs = digests[records.name], source.get("sha256")
             if theirs and digest != theirs:
                 raise SystemExit(f"{manifest.parent} was prepared from another {records} (sha256 {theirs[:12]}…, "
-                                 f"now {str(digest)[:12]}…): the peers would read other records than ours. On the "
+                                 f"now {digest[:12]}…): the peers would read other records than ours. On the "
                                  f"CPU machine, run `python -m benchmarks.gpu prepare {data}` again (it rebuilds the "
                                  f"shards), or delete {manifest.parent} if no scenario needs it")
 

@@ -44,7 +44,8 @@ def _ours_label(run: str) -> str:
 
     kw = parse(run)
     args = [f"{k}={v!r}" for k, v in kw.items() if k != "backend" and v != "auto"]
-    return f"ours lora_sft({', '.join(args)})" if args else "ours lora_sft() defaults"
+    label = f"ours lora_sft({', '.join(args)})" if args else "ours lora_sft() defaults"
+    return label + (", logits for every token" if "nopick" in run.split("_") else "")
 
 
 def _ours_config(payload: dict) -> dict:
@@ -401,14 +402,12 @@ def prompts_plan(s: Session) -> None:
 
 def prompts_rows(s: Session) -> list[dict]:
     fit = "Unsloth hand loop, checkpointing on, largest micro that fits"
-    out = [s.row("prompts", "ours_prompts", r, _ours_label(r) + (", logits for every token" if "nopick" in r else ""),
-                 "ours", feed=FEED_PROMPTS, config=_ours_config(s.result("ours_prompts", r)[0]))
-           for r in s.wanted.get("ours_prompts", [])]
-    loop = _loop_row(s, "prompts", "loop_prompts", "rowsfit16_gc", fit, 2048)
-    loop["feed"] = loop["feed"].replace("the same records", "DATA/records_prompts.jsonl", 1)
-    out.append(loop)
+    out = [_ours_row(s, "prompts", r, "ours_prompts", 2048) for r in s.wanted.get("ours_prompts", [])]
+    out.append(_loop_row(s, "prompts", "loop_prompts", "rowsfit16_gc", fit, 2048))
     for r in out:
         r["shape"], r["seq_len"] = r["shape"] or _shape(s), 2048
+        r["feed"] = FEED_PROMPTS if r["role"] == "ours" else r["feed"].replace("the same records",
+                                                                            "DATA/records_prompts.jsonl", 1)
     return rows.add_ratios(out)
 
 

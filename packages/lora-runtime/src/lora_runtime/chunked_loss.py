@@ -21,10 +21,11 @@ where at most `PICK_SHARE` of the rows have one, only those rows make logits: th
 a sync (`torch.nonzero_static` of that size), and the others (prompts, sample starts, padding) get a zero gradient.
 The output layer's two matmuls, about 15% of a Qwen2.5-1.5B step's FLOPs, then scale with the targets rather than
 the tokens: where half the tokens have a target, the compiled path's whole-card default on one H100 ran 66.9k-67.1k
-tokens/s against 63.7k with every row making logits, peaks equal (benchmarks/RESULTS.md, `prompts`). The picked rows' hidden states are copied, beside their gradient: at that share at most half a [tokens,
-hidden] bf16 tensor more than the whole gradient without picking (50 MB for 16 rows of 2048 and hidden 1536, within
-the batch plan's OVERHEAD_BYTES), and less below half. Above it the saving is small and the copy larger, so every
-row makes logits, as without a count.
+tokens/s against 63.7k with every row making logits, peaks equal (benchmarks/RESULTS.md, `prompts`). The picked
+rows' hidden states are copied, beside their gradient: at that share at most half a [tokens, hidden] bf16 tensor
+more than the whole gradient without picking (50 MB for 16 rows of 2048 and hidden 1536, within the batch plan's
+OVERHEAD_BYTES), and less below half. Above it the saving is small and the copy larger, so every row makes logits,
+as without a count.
 
 Loss and gradient equal transformers' `ForCausalLMLoss` (`test_chunked_loss.py`: fp32 rounding apart): labels shifted by
 one, IGNORE_INDEX skipped, mean over the targets or, with `num_items_in_batch`, their sum divided by it.
