@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from benchmarks.gpu import loops, ours, report, rows
+from benchmarks.gpu import loops, ours, report, rows, scenarios
 from benchmarks.gpu.__main__ import SCENARIOS, parse_args, run
 from benchmarks.gpu.runner import Session, Side
 
@@ -221,7 +221,7 @@ def test_offload_compares_each_budget_with_and_without_it(tmp_path):
         "selective_recompute": "pointwise", "activation_offload": True}
 
 
-def test_prompts_runs_the_defaults_with_and_without_picking_on_the_same_shards(tmp_path):
+def test_prompts_runs_the_defaults_with_and_without_picking_and_picking_on_the_usual_shards(tmp_path):
     s = _session(tmp_path, "prompts")
     assert s.wanted["ours_prompts"] == ["auto_auto_mbauto", "auto_auto_mbauto_nopick"]
     assert s.wanted["loop_prompts"] == ["rowsfit16_gc"]
@@ -230,6 +230,14 @@ def test_prompts_runs_the_defaults_with_and_without_picking_on_the_same_shards(t
     argv = [str(x) for x in s.sides["loop_prompts"].argv(s, s.wanted["loop_prompts"], tmp_path / "res", 300)]
     assert str(tmp_path / "data" / "records_prompts.jsonl") in argv
     assert ours.parse("auto_auto_mbauto_nopick") == ours.parse("auto_auto_mbauto")  # not a lora_sft option
+    # and where the share stops paying: the usual records (93% targets) with picking at any share
+    assert s.wanted["ours"] == ["auto_auto_mbauto", "auto_auto_mbauto_pick100"]
+    argv = [str(x) for x in s.sides["ours"].argv(s, s.wanted["ours"], tmp_path / "res", 300)]
+    assert str(tmp_path / "data" / "shards_qwen1.5b_2048") in argv
+    assert ours.parse("auto_auto_mbauto_pick100") == ours.parse("auto_auto_mbauto")
+    assert [scenarios._ours_label(r) for r in s.wanted["ours"]] == [
+        "ours lora_sft() defaults", "ours lora_sft() defaults, logits for the rows with a target where at most 100% "
+        "have one"]
 
 
 def test_only_keeps_the_named_runs_and_the_model_builds(tmp_path):

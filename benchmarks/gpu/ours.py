@@ -2,14 +2,15 @@
 
     python -m benchmarks.gpu.ours MODEL SHARDS OUT --runs unsloth_auto_mb8,unsloth_gc_mb8 [--steps 20]
 
-Run names: <backend>_<gc>_mb<micro|auto>[_q4][_notf32][_liger|_plain|_compile][_pw|_most|_nopw][_cg|_nocg][_off|_nooff][_b<GiB>][_log<N>][_nopick] (auto_auto_mbauto = the usage
+Run names: <backend>_<gc>_mb<micro|auto>[_q4][_notf32][_liger|_plain|_compile][_pw|_most|_nopw][_cg|_nocg][_off|_nooff][_b<GiB>][_log<N>][_nopick|_pick<N>] (auto_auto_mbauto = the usage
 guide's literal call; backend auto may run either backend: lora_runtime.compiled.prefers decides by the budget). backend auto | unsloth | peft (never unsloth and peft in one process: importing unsloth patches
 transformers); gc auto | gc (forced on) | nogc; _b16 = a 16 GiB budget: `max_memory_gib=16` and the process capped at
 16 GiB (`torch.cuda.set_per_process_memory_fraction`), so the run cannot use more; _liger / _plain = kernels="liger" /
 "none" (the peft backend's fused kernels on or off), _compile = kernels="compile" (its compiled path), _pw / _nopw =
 selective_recompute="pointwise" / "most" / "off", _off / _nooff = activation_offload=True / False, _cg / _nocg = cuda_graphs=True
 / False (each "auto" where not named), _log10 = logging_steps=10, _nopick = the chunked loss makes logits for every
-token whatever the share of targets (`lora_runtime.chunked_loss.PICK_SHARE` -1 for the run). Everything else is
+token whatever the share of targets (`lora_runtime.chunked_loss.PICK_SHARE` -1 for the run), _pick100 = only the
+rows with a target make logits where at most 100% of them have one (PICK_SHARE 1.0: always). Everything else is
 lora_sft's defaults as training-hub's (lr 2e-4 linear, warmup 10, weight decay 0.01, clip 0.3, logging every step),
 LoRA r=16 alpha=32 on all linear projections. A TrainerCallback times the steady window between the ends of the
 first logged step after warm-up and the last step (device synchronised there only) and counts the trainer's own real
@@ -123,7 +124,7 @@ def parse(name: str) -> dict:
             kw.setdefault("max_memory_gib", float(p[1:]))
         elif p[:3] == "log" and p[3:].isdigit():
             kw.setdefault("logging_steps", int(p[3:]))
-        elif p == "nopick":  # not a lora_sft option: `run_one` reads it off the name
+        elif p == "nopick" or (p[:4] == "pick" and p[4:].isdigit()):  # not lora_sft options: see `pick_share`
             pass
         else:
             unknown.append(p)
@@ -173,6 +174,20 @@ def arguments(steps: int) -> argparse.ArgumentParser:
     return ap
 
 
+def pick_share(name: str, default: float) -> float:
+    """The chunked loss's `PICK_SHARE` for run `name`: -1 (never pick) with _nopick, N/100 with _pickN, else `default`.
+
+    >>> [pick_share(n, 0.75) for n in ("auto_auto_mbauto", "auto_auto_mbauto_nopick", "auto_auto_mbauto_pick100")]
+    [0.75, -1.0, 1.0]
+    """
+    for p in name.split("_")[3:]:
+        if p == "nopick":
+            return -1.0
+        if p[:4] == "pick" and p[4:].isdigit():
+            return int(p[4:]) / 100
+    return default
+
+
 def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq_len: int) -> dict:
     import torch
 
@@ -185,15 +200,14 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
     from lora_runtime import chunked_loss
 
     share = chunked_loss.PICK_SHARE
-    if "nopick" in name.split("_")[3:]:
-        chunked_loss.PICK_SHARE = -1.0
+    chunked_loss.PICK_SHARE = pick_share(name, share)
     try:
         with tempfile.TemporaryDirectory() as out:
             result = train(model_dir, shards, out, kw, steps, seq_len, [_meter_callback(windows)])
             saved = json.loads((Path(out) / "lora_sft_config.json").read_text())
     finally:
-        pick_share, chunked_loss.PICK_SHARE = chunked_loss.PICK_SHARE, share
-    payload = {"run": name, **{k: v for k, v in kw.items()}, "pick_share": pick_share,
+        used, chunked_loss.PICK_SHARE = chunked_loss.PICK_SHARE, share
+    payload = {"run": name, **{k: v for k, v in kw.items()}, "pick_share": used,
                "backend_used": result.backend, "steps": result.steps,
                "final_loss": result.final_loss, "total_s": time.perf_counter() - t0, "seq_len": seq_len,
                "memory_fraction": fraction,
