@@ -230,14 +230,46 @@ def test_prompts_runs_the_defaults_with_and_without_picking_and_picking_on_the_u
     argv = [str(x) for x in s.sides["loop_prompts"].argv(s, s.wanted["loop_prompts"], tmp_path / "res", 300)]
     assert str(tmp_path / "data" / "records_prompts.jsonl") in argv
     assert ours.parse("auto_auto_mbauto_nopick") == ours.parse("auto_auto_mbauto")  # not a lora_sft option
-    # and where the share stops paying: the usual records (93% targets) with picking at any share
-    assert s.wanted["ours"] == ["auto_auto_mbauto", "auto_auto_mbauto_pick100"]
-    argv = [str(x) for x in s.sides["ours"].argv(s, s.wanted["ours"], tmp_path / "res", 300)]
+    # and where the share stops paying: the usual records (93% targets) at the default share and at any share
+    assert s.wanted["ours_usual"] == ["auto_auto_mbauto_pick75", "auto_auto_mbauto_pick100"]
+    argv = [str(x) for x in s.sides["ours_usual"].argv(s, s.wanted["ours_usual"], tmp_path / "res", 300)]
     assert str(tmp_path / "data" / "shards_qwen1.5b_2048") in argv
     assert ours.parse("auto_auto_mbauto_pick100") == ours.parse("auto_auto_mbauto")
-    assert [scenarios._ours_label(r) for r in s.wanted["ours"]] == [
-        "ours lora_sft() defaults", "ours lora_sft() defaults, logits for the rows with a target where at most 100% "
-        "have one"]
+    assert [scenarios._ours_label(r) for r in ("auto_auto_mbauto", "auto_auto_mbauto_pick0")] == [
+        "ours lora_sft() defaults",
+        "ours lora_sft() defaults, logits for the target tokens alone where at most 0% of the tokens are targets"]
+
+
+def test_prompts_rows_keep_the_usual_records_apart_from_the_other_scenarios_and_the_peer(tmp_path):
+    """Run with throughput and frontier (one process of "ours" for both): the usual records' two runs are prompts
+    rows alone, without a ratio to the peer of the other feed; the prompts feed's rows have theirs."""
+    from benchmarks.gpu.runner import Proc
+
+    s = _session(tmp_path, "prompts", "throughput", "frontier", "--only",
+                 "auto_auto_mbauto,auto_auto_mbauto_nopick,auto_auto_mbauto_pick75,auto_auto_mbauto_pick100,"
+                 "rowsfit16_gc,rows8_gc")
+    assert s.wanted["ours"] == ["auto_auto_mbauto"]
+    assert s.wanted["ours_usual"] == ["auto_auto_mbauto_pick75", "auto_auto_mbauto_pick100"]
+
+    def tps(key: str, runs: list[str], t: float) -> None:
+        s.procs[key] = Proc(key, runs, payloads={r: {"tokens_per_s": t + i, "peak_alloc_gib": 60.0, "micro_batch": 16,
+                                                     "shape": "qwen1.5b"} for i, r in enumerate(runs)})
+
+    for key, t in (("ours", 70.0), ("ours_prompts", 67.0), ("ours_usual", 63.0), ("loop", 44.0),
+                   ("loop_prompts", 37.0)):
+        tps(key, s.wanted[key], t)
+    out = SCENARIOS["prompts"][1](s)
+    assert [(r["name"], r["feed"] == scenarios.FEED_OURS.format(seq=2048), r.get("vs_best_peer")) for r in out] == [
+        ("ours lora_sft() defaults", False, 67 / 37),
+        ("ours lora_sft() defaults, logits for every token", False, 68 / 37),
+        ("Unsloth hand loop, checkpointing on, largest micro that fits", False, None),
+        ("ours lora_sft() defaults, logits for the target tokens alone where at most 75% of the tokens are targets "
+         "(the usual records)", True, None),
+        ("ours lora_sft() defaults, logits for the target tokens alone where at most 100% of the tokens are targets "
+         "(the usual records)", True, None)]
+    assert [r["tokens_per_s"] for r in out] == [67.0, 68.0, 37.0, 63.0, 64.0]
+    for name in ("throughput", "frontier"):
+        assert not any("target" in r["name"] for r in SCENARIOS[name][1](s)), name
 
 
 def test_only_keeps_the_named_runs_and_the_model_builds(tmp_path):

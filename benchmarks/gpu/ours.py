@@ -9,8 +9,9 @@ transformers); gc auto | gc (forced on) | nogc; _b16 = a 16 GiB budget: `max_mem
 "none" (the peft backend's fused kernels on or off), _compile = kernels="compile" (its compiled path), _pw / _nopw =
 selective_recompute="pointwise" / "most" / "off", _off / _nooff = activation_offload=True / False, _cg / _nocg = cuda_graphs=True
 / False (each "auto" where not named), _log10 = logging_steps=10, _nopick = the chunked loss makes logits for every
-token whatever the share of targets (`lora_runtime.chunked_loss.PICK_SHARE` -1 for the run), _pick100 = only the
-rows with a target make logits where at most 100% of them have one (PICK_SHARE 1.0: always). Everything else is
+token whatever the share of targets (`lora_runtime.chunked_loss.PICK_SHARE` -1 for the run), _pick<N> = PICK_SHARE
+N/100 for the run: logits for the target tokens alone where at most N% of a batch's tokens are targets (_pick100:
+whenever the trainer gives the count). Everything else is
 lora_sft's defaults as training-hub's (lr 2e-4 linear, warmup 10, weight decay 0.01, clip 0.3, logging every step),
 LoRA r=16 alpha=32 on all linear projections. A TrainerCallback times the steady window between the ends of the
 first logged step after warm-up and the last step (device synchronised there only) and counts the trainer's own real
@@ -130,7 +131,7 @@ def parse(name: str) -> dict:
             unknown.append(p)
     if len(parts) < 3 or parts[1] not in GC_TOKENS or not parts[2].startswith("mb") or unknown:
         raise ValueError(f"run name {name!r}: expected BACKEND_{'|'.join(GC_TOKENS)}_mb(auto|N) then any of "
-                         f"{', '.join(OPTIONS)}, bGIB, logN" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+                         f"{', '.join(OPTIONS)}, bGIB, logN, nopick, pickN" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
     micro = parts[2].removeprefix("mb")
     return dict(backend=parts[0], micro_batch_size=micro if micro == "auto" else int(micro),
                 gradient_checkpointing=GC_TOKENS[parts[1]], **{k: kw[k] for k in ORDER if k in kw})
@@ -174,11 +175,12 @@ def arguments(steps: int) -> argparse.ArgumentParser:
     return ap
 
 
-def pick_share(name: str, default: float) -> float:
+def pick_share(name: str, default: float | None) -> float | None:
     """The chunked loss's `PICK_SHARE` for run `name`: -1 (never pick) with _nopick, N/100 with _pickN, else `default`.
 
-    >>> [pick_share(n, 0.75) for n in ("auto_auto_mbauto", "auto_auto_mbauto_nopick", "auto_auto_mbauto_pick100")]
-    [0.75, -1.0, 1.0]
+    >>> [pick_share(n, None) for n in ("auto_auto_mbauto", "auto_auto_mbauto_nopick", "auto_auto_mbauto_pick0",
+    ...                                "auto_auto_mbauto_pick100")]
+    [None, -1.0, 0.0, 1.0]
     """
     for p in name.split("_")[3:]:
         if p == "nopick":
@@ -200,7 +202,7 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
     from lora_runtime import chunked_loss
 
     share = chunked_loss.PICK_SHARE
-    chunked_loss.PICK_SHARE = pick_share(name, share)
+    chunked_loss.PICK_SHARE = share if (given := pick_share(name, None)) is None else given
     try:
         with tempfile.TemporaryDirectory() as out:
             result = train(model_dir, shards, out, kw, steps, seq_len, [_meter_callback(windows)])

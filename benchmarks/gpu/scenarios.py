@@ -45,9 +45,9 @@ def _ours_label(run: str) -> str:
     kw = parse(run)
     args = [f"{k}={v!r}" for k, v in kw.items() if k != "backend" and v != "auto"]
     label = f"ours lora_sft({', '.join(args)})" if args else "ours lora_sft() defaults"
-    share = pick_share(run, 0.0)
-    return label + (", logits for every token" if share < 0 else
-                    f", logits for the rows with a target where at most {share:.0%} have one" if share else "")
+    share = pick_share(run, None)
+    return label + ("" if share is None else ", logits for every token" if share < 0 else
+                    f", logits for the target tokens alone where at most {share:.0%} of the tokens are targets")
 
 
 def _ours_config(payload: dict) -> dict:
@@ -395,14 +395,15 @@ def prompts_plan(s: Session) -> None:
     usage guide's defaults, where the chunked loss makes logits for the targets alone, and with every token making
     logits (`_nopick`), one after the other in one process, against the Unsloth hand loop at the largest micro batch
     that fits, checkpointing on, on the same records. Then where the share stops paying: on the usual records, where
-    about 93% of the tokens have a target and the default makes logits for every row, the defaults against picking
-    at any share (`_pick100`), one after the other in one process."""
+    about 93% of the tokens have a target, so the default share (`_pick75`, named) makes logits for every token,
+    against picking the targets at any share (`_pick100`), in a process of their own after the others."""
     _define_qwen(s)
     s.define("ours_prompts", sides.ours(_shape(s), 2048, variant="_prompts"))
     s.define("loop_prompts", sides.loop(_shape(s), 2048, variant="_prompts"))
     s.want("ours_prompts", [_ours_run(s), _ours_run(s) + "_nopick"])
     s.want("loop_prompts", ["rowsfit16_gc"])
-    s.want("ours", [_ours_run(s), _ours_run(s) + "_pick100"])
+    s.define("ours_usual", sides.ours(_shape(s), 2048))  # not "ours": other scenarios' rows never take these runs
+    s.want("ours_usual", [_ours_run(s) + "_pick75", _ours_run(s) + "_pick100"])
 
 
 def prompts_rows(s: Session) -> list[dict]:
@@ -413,9 +414,9 @@ def prompts_rows(s: Session) -> list[dict]:
         r["shape"], r["seq_len"] = r["shape"] or _shape(s), 2048
         r["feed"] = FEED_PROMPTS if r["role"] == "ours" else r["feed"].replace("the same records",
                                                                             "DATA/records_prompts.jsonl", 1)
-    usual = [_ours_row(s, "prompts", r, "ours", 2048) for r in s.wanted.get("ours", [])]  # no peer on this feed
-    for r in usual:
-        r["shape"], r["seq_len"] = r["shape"] or _shape(s), 2048
+    usual = [_ours_row(s, "prompts", r, "ours_usual", 2048) for r in s.wanted.get("ours_usual", [])]
+    for r in usual:  # no peer ran on this feed
+        r["shape"], r["seq_len"], r["best_peer"], r["vs_best_peer"] = r["shape"] or _shape(s), 2048, None, None
         r["name"] += " (the usual records)"
     return rows.add_ratios(out) + usual
 
