@@ -131,7 +131,8 @@ def parse(name: str) -> dict:
             unknown.append(p)
     if len(parts) < 3 or parts[1] not in GC_TOKENS or not parts[2].startswith("mb") or unknown:
         raise ValueError(f"run name {name!r}: expected BACKEND_{'|'.join(GC_TOKENS)}_mb(auto|N) then any of "
-                         f"{', '.join(OPTIONS)}, bGIB, logN, nopick, pickN" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+                         f"{', '.join(OPTIONS)}, bGIB, logN, nopick, pickN"
+                         + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
     micro = parts[2].removeprefix("mb")
     return dict(backend=parts[0], micro_batch_size=micro if micro == "auto" else int(micro),
                 gradient_checkpointing=GC_TOKENS[parts[1]], **{k: kw[k] for k in ORDER if k in kw})
