@@ -125,7 +125,7 @@ def parse(name: str) -> dict:
             kw.setdefault("max_memory_gib", float(p[1:]))
         elif p[:3] == "log" and p[3:].isdigit():
             kw.setdefault("logging_steps", int(p[3:]))
-        elif p == "nopick" or (p[:4] == "pick" and p[4:].isdigit()):  # not lora_sft options: see `pick_share`
+        elif _pick_part(p) is not None:  # not a lora_sft option: see `pick_share`
             pass
         else:
             unknown.append(p)
@@ -176,19 +176,20 @@ def arguments(steps: int) -> argparse.ArgumentParser:
     return ap
 
 
-def pick_share(name: str, default: float | None) -> float | None:
-    """The chunked loss's `PICK_SHARE` for run `name`: -1 (never pick) with _nopick, N/100 with _pickN, else `default`.
+def pick_share(name: str) -> float | None:
+    """The chunked loss's `PICK_SHARE` for run `name`: -1 (never pick) with _nopick, N/100 with _pickN, else None.
 
-    >>> [pick_share(n, None) for n in ("auto_auto_mbauto", "auto_auto_mbauto_nopick", "auto_auto_mbauto_pick0",
-    ...                                "auto_auto_mbauto_pick100")]
+    >>> [pick_share(n) for n in ("auto_auto_mbauto", "auto_auto_mbauto_nopick", "auto_auto_mbauto_pick0",
+    ...                          "auto_auto_mbauto_pick100")]
     [None, -1.0, 0.0, 1.0]
     """
-    for p in name.split("_")[3:]:
-        if p == "nopick":
-            return -1.0
-        if p[:4] == "pick" and p[4:].isdigit():
-            return int(p[4:]) / 100
-    return default
+    return next((share for p in name.split("_")[3:] if (share := _pick_part(p)) is not None), None)
+
+
+def _pick_part(part: str) -> float | None:
+    if part == "nopick":
+        return -1.0
+    return int(part[4:]) / 100 if part[:4] == "pick" and part[4:].isdigit() else None
 
 
 def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq_len: int) -> dict:
@@ -203,7 +204,7 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
     from lora_runtime import chunked_loss
 
     share = chunked_loss.PICK_SHARE
-    chunked_loss.PICK_SHARE = share if (given := pick_share(name, None)) is None else given
+    chunked_loss.PICK_SHARE = share if (given := pick_share(name)) is None else given
     try:
         with tempfile.TemporaryDirectory() as out:
             result = train(model_dir, shards, out, kw, steps, seq_len, [_meter_callback(windows)])
