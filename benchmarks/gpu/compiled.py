@@ -104,7 +104,7 @@ def partitioner(v: dict) -> dict:
 def build(model_dir: str, v: dict):
     import torch
     from lora_runtime import attention
-    from lora_runtime.backends.base import flatten_hook
+    from lora_runtime.backends.base import checkpoint_layers, flatten_hook
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -152,8 +152,7 @@ def build(model_dir: str, v: dict):
     else:
         model.register_forward_pre_hook(flatten_hook(keep_seq_lengths=False, flatten=False), with_kwargs=True)
     if v["gc"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        checkpoint_layers(model)
     model.train()  # from_pretrained leaves eval mode: no checkpointing, and liger's loss would build the logits
     if v["compile"]:
         for layer in model.base_model.model.model.layers:

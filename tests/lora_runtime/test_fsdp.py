@@ -11,6 +11,7 @@ import pytest
 import torch
 from lora_runtime import ConfigError, LoraSftConfig, backends
 from lora_runtime.backends import select_backend
+from lora_runtime.backends.base import checkpoint_layers
 from lora_runtime.batching import GIB, weight_bytes
 from lora_runtime.sharding import decide, per_gpu_weight_bytes
 
@@ -237,8 +238,7 @@ def test_per_layer_recomputation_composes_with_the_shards(one_rank_group, tiny_l
     plain(input_ids=ids, labels=ids).loss.backward()
     want = {n: p.grad.clone() for n, p in plain.named_parameters() if p.requires_grad}
     model = _lora_model(tiny_llama_dir)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    checkpoint_layers(model)  # as the peft backend: non-reentrant, the embeddings' output without a gradient
     model = sharding.shard_model(model, "fp32")
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()

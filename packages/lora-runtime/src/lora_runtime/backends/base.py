@@ -176,6 +176,17 @@ def decoder_layers(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def checkpoint_layers(model: Any) -> None:
+    """Turn on transformers' per-layer checkpointing, the non-reentrant kind. Transformers also hooks the embeddings
+    so that their output requires grad, which only the reentrant kind needs: where every decoder layer checkpoints
+    as a `GradientCheckpointingLayer` (not a remote model's own checkpointing, which may be reentrant), the hook is
+    removed, and backward no longer computes the gradient of the first layer's input, which nothing reads."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    if layers and all(layer.gradient_checkpointing for layer in layers):
+        model.disable_input_require_grads()
+
+
 def limit_recomputation(model: Any, recomputed: int | None) -> int:
     """Keep checkpointing on only the first `recomputed` decoder layers that have it (None: leave all); returns how
     many layers recompute. Transformers' decoder layers (`GradientCheckpointingLayer`) read a per-layer flag.

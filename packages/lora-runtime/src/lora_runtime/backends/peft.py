@@ -21,6 +21,7 @@ from lora_runtime import attention, compiled, kernels, offload
 from lora_runtime.backends.base import (
     DEFAULT_TARGETS,
     BackendBase,
+    checkpoint_layers,
     flatten_hook,
     limit_recomputation,
     quantization_config,
@@ -134,7 +135,7 @@ class PeftBackend(BackendBase):
 
         gc = plan.gradient_checkpointing
         if config.load_in_4bit or config.load_in_8bit:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # on below, if at all
         torch.manual_seed(config.seed)
         targets = _targets(model, config.target_modules)
         options: dict[str, Any] = dict(  # PEFT annotates alpha as int and init as a Literal; it takes ours as given
@@ -156,8 +157,7 @@ class PeftBackend(BackendBase):
             print0("attention: flash_attention_2 varlen; each micro-batch is flattened to one padding-free row")
         recomputing = "off"
         if gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+            checkpoint_layers(model)
             recomputing = f"on for {limit_recomputation(model, plan.recomputed_layers)} layer(s)"
         if fast:
             recomputing += f"; {compiled.finish(model, config.selective_recompute, graphs)} ({graph_words})"
