@@ -1,6 +1,7 @@
 """Partial recomputation (the batch plan's `recomputed_layers`): only that many decoder layers run their forward
 twice (counted by a forward pre-hook: a post-hook may never fire in a recompute, which stops early), and the LoRA
-gradients equal those of no recomputation exactly (fp32, CPU), as they do with every layer recomputed."""
+gradients equal those of no recomputation exactly (fp32, CPU), as they do with every layer recomputed. Recomputation
+computes no gradient for the first layer's input."""
 
 from __future__ import annotations
 
