@@ -204,7 +204,8 @@ def run_one(model_dir: str, shards: str, name: str, steps: int, warmup: int, seq
     from lora_runtime import chunked_loss
 
     share = chunked_loss.PICK_SHARE
-    chunked_loss.PICK_SHARE = share if (given := pick_share(name)) is None else given
+    if (given := pick_share(name)) is not None:
+        chunked_loss.PICK_SHARE = given
     try:
         with tempfile.TemporaryDirectory() as out:
             result = train(model_dir, shards, out, kw, steps, seq_len, [_meter_callback(windows)])

@@ -46,8 +46,11 @@ def _ours_label(run: str) -> str:
     args = [f"{k}={v!r}" for k, v in kw.items() if k != "backend" and v != "auto"]
     label = f"ours lora_sft({', '.join(args)})" if args else "ours lora_sft() defaults"
     share = pick_share(run)
-    return label + ("" if share is None else ", logits for every token" if share < 0 else
-                    f", logits for the target tokens alone where at most {share:.0%} of the tokens are targets")
+    if share is None:
+        return label
+    if share < 0:
+        return label + ", logits for every token"
+    return label + f", logits for the target tokens alone where at most {share:.0%} of the tokens are targets"
 
 
 def _ours_config(payload: dict) -> dict:

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _grads import lora_grads, packed_batch
-from lora_runtime.backends.peft import PeftBackend
-from lora_runtime.batching import fixed_plan
-from lora_runtime.config import LoraSftConfig
+from _grads import lora_grads, lora_model, train_step
 
 
 @pytest.mark.parametrize("recomputed", [1, 3, None])
@@ -39,19 +36,10 @@ def test_recomputation_computes_no_gradient_for_the_first_layers_input(four_laye
 
     if own_checkpointing:
         monkeypatch.setattr(base, "decoder_layers", lambda _model: [])
-    cfg = LoraSftConfig(str(four_layer_llama), "unused", "unused", lora_r=4, bf16=False, micro_batch_size=2)
-    plan = fixed_plan(cfg, 1, gc=True)
-    backend = PeftBackend()
-    model = backend.add_lora(backend.load(cfg, plan)[0], cfg, plan)
-    with torch.no_grad():  # B starts at zero, and so would every A's gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.fill_(0.01)
+    model = lora_model(four_layer_llama, gc=True)
     seen: list[bool] = []
     model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: seen.append(out.requires_grad))
-    model.train()
-    model(**{k: v.to(model.device) if hasattr(v, "to") else v for k, v in packed_batch().items()}).loss.backward()
+    lora = train_step(model)
     assert seen == [own_checkpointing]
-    lora = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert len(lora) == 4 * 7 * 2
     assert all(g is not None and bool(g.abs().sum() > 0) for g in lora.values())
