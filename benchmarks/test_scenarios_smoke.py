@@ -127,6 +127,20 @@ def test_out_of_time_processes_still_answer_with_a_row_each(tmp_path):
     assert all(set(rows.REQUIRED) <= set(r) for r in out)
 
 
+@pytest.mark.parametrize("card_gib, extra", [(79.2, []), (139.8, ["auto_auto_mb20", "auto_auto_mb24"])])
+def test_throughput_tries_larger_micro_batches_only_where_the_card_holds_them(tmp_path, monkeypatch, card_gib, extra):
+    monkeypatch.setattr(rows, "card_gib", lambda cpu=False: card_gib)
+    s = _session(tmp_path, "throughput", "frontier", budget_s=20)
+    assert sorted(r for r in s.wanted["ours"] if "_mb2" in r) == ["auto_auto_mb2", *extra]
+    s.execute(["ours", "loop"])
+
+    def micro_rows(scenario):
+        return sorted(r["name"] for r in SCENARIOS[scenario][1](s) if "micro_batch_size=2" in r["name"])
+
+    assert micro_rows("throughput") == [f"ours lora_sft(micro_batch_size={m[-2:]})" for m in extra]
+    assert micro_rows("frontier") == ["ours lora_sft(micro_batch_size=2)"]  # frontier's mb2 row, not mb20's
+
+
 def test_a_process_result_gets_its_start_up_from_launch_to_first_step(tmp_path):
     s = _session(tmp_path, "throughput")
     code = ("import json, sys, time; time.sleep(0.3); json.dump({'run': 'a', 'first_step_unix': time.time(), "

@@ -36,6 +36,18 @@ def card(cpu: bool = False) -> str:
     return f"{names[0]} x{len(names)}" if names else "cpu"
 
 
+def card_gib(cpu: bool = False) -> float:
+    """The first card's memory in GiB from nvidia-smi (0 on a CPU, or where nvidia-smi does not answer)."""
+    if cpu or not shutil.which("nvidia-smi"):
+        return 0.0
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+        return float(out[0]) / 1024 if out else 0.0
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return 0.0
+
+
 def make_row(scenario: str, name: str, role: str, payload: dict, **fields) -> dict:
     """A row from a harness result `payload` (common.write_result's JSON) plus the scenario's own `fields`."""
     row = {k: None for k in REQUIRED}

@@ -90,12 +90,20 @@ def _shape(s: Session) -> str:
 
 
 # ---- throughput ------------------------------------------------------------------------------------------------
+BIG_CARD_GIB = 120  # an H200's 139 GiB: micro 24 peaks near 108 GiB
+BIG_CARD_MICROS = (20, 24)
+
+
 def throughput_plan(s: Session) -> None:
     """Whole card, Qwen2.5-1.5B shape, rows of 2048: ours with the usage guide's defaults, with checkpointing forced
     on, and QLoRA, beside the Unsloth hand loop (micro 8, checkpointing on) and training-hub's lora_sft, all fed the
-    same records, in the same invocation."""
+    same records, in the same invocation. On a card of `BIG_CARD_GIB` or more, ours also at the micro batches of
+    `BIG_CARD_MICROS`, past the 16 rows auto stops at (`batching.COMPILED_TARGET_TOKENS`): whether a larger pass
+    would pay there."""
     _define_qwen(s)
     runs = [_ours_run(s)] + ([] if s.cpu else [_ours_run(s, "gc", "8"), _ours_run(s, "gc", "8", q4=True)])
+    if not s.cpu and rows.card_gib() >= BIG_CARD_GIB:
+        runs += [_ours_run(s, micro=str(m)) for m in BIG_CARD_MICROS]
     s.want("ours", runs)
     s.want("loop", ["rows8_gc"])
     key = "th" if "frontier" not in s.scenarios else "th_b8"  # a config that fits 8 GiB runs the same on the card
@@ -107,7 +115,7 @@ def throughput_rows(s: Session) -> list[dict]:
     shape, seq = _shape(s), 2048
     th_key = "th" if "frontier" not in s.scenarios else "th_b8"
     out = [_ours_row(s, "throughput", r, "ours", seq) for r in s.wanted.get("ours", [])
-           if "_b" not in r and "mb2" not in r]
+           if "_b" not in r and not r.endswith("_mb2")]
     out.append(_loop_row(s, "throughput", "loop", "rows8_gc", "Unsloth hand loop, micro 8, checkpointing on", seq))
     out.append(s.row("throughput", th_key, None, "training-hub lora_sft, micro 8", "peer", feed=FEED_TH,
                      config={"micro_batch_size": 8, "gradient_checkpointing": "unsloth"}))
@@ -164,7 +172,7 @@ def frontier_rows(s: Session) -> list[dict]:
     out = []
     if s.a.shape != "llama8b":
         out += [_ours_row(s, "frontier", r, "ours", 2048) for r in s.wanted.get("ours", [])
-                if "_b" in r or r == _ours_run(s) or "mb2" in r]
+                if "_b" in r or r == _ours_run(s) or r.endswith("_mb2")]
         out += [_loop_row(s, "frontier", "loop", run, fit, 2048) for run in s.wanted.get("loop", [])
                 if "fit" in run]
         out.append(s.row("frontier", "th_b8", None, "training-hub lora_sft, micro 8 (capped at 8 GiB)", "peer",
