@@ -7,14 +7,23 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import re
 import sys
 
 import pytest
 
-from benchmarks.gpu import loops, ours, report, rows, scenarios
+from benchmarks.gpu import loops, ours, report, rows, scenarios, sides
 from benchmarks.gpu.__main__ import SCENARIOS, parse_args, run
 from benchmarks.gpu.runner import Session, Side
+
+CARD_GIB = rows.card_gib
+
+
+@pytest.fixture(autouse=True)
+def _no_card(monkeypatch):
+    """The scenarios plan as on a card too small for the larger passes, whatever GPU this machine has."""
+    monkeypatch.setattr(rows, "card_gib", lambda cpu=False: 0.0)
 
 
 def _session(tmp_path, *scenarios: str, cpu: bool = False, budget_s: float = 560) -> Session:
@@ -127,18 +136,30 @@ def test_out_of_time_processes_still_answer_with_a_row_each(tmp_path):
     assert all(set(rows.REQUIRED) <= set(r) for r in out)
 
 
-@pytest.mark.parametrize("card_gib, extra", [(79.2, []), (139.8, ["auto_auto_mb20", "auto_auto_mb24"])])
-def test_throughput_tries_larger_micro_batches_only_where_the_card_holds_them(tmp_path, monkeypatch, card_gib, extra):
+@pytest.mark.parametrize("card_gib", [79.2, 139.8])
+def test_throughput_tries_larger_micro_batches_only_where_the_card_holds_them(tmp_path, monkeypatch, card_gib):
     monkeypatch.setattr(rows, "card_gib", lambda cpu=False: card_gib)
-    s = _session(tmp_path, "throughput", "frontier", budget_s=20)
-    assert sorted(r for r in s.wanted["ours"] if "_mb2" in r) == ["auto_auto_mb2", *extra]
-    s.execute(["ours", "loop"])
+    s = _session(tmp_path, "throughput", "frontier", "compiled", budget_s=20)
+    big = card_gib > 120
+    assert s.wanted.get("ours_card") == (["auto_auto_mb20", "auto_auto_mb24"] if big else None)
+    assert "auto_auto_mb20" not in s.wanted["ours"]  # a process of their own, after the loop's
+    s.execute(sides.ORDER)
+    names = [r["name"] for r in SCENARIOS["throughput"][1](s) if r["role"] == "ours"]
+    assert names == ["ours lora_sft() defaults", "ours lora_sft(micro_batch_size=8, gradient_checkpointing=True)",
+                     "ours lora_sft(micro_batch_size=8, gradient_checkpointing=True, load_in_4bit=True)"] + (
+        ["ours lora_sft(micro_batch_size=20)", "ours lora_sft(micro_batch_size=24)"] if big else [])
+    frontier = [r["name"] for r in SCENARIOS["frontier"][1](s) if "micro_batch_size" in r["name"]]
+    assert frontier == ["ours lora_sft(micro_batch_size=2)"]  # not compiled's mb2 without CUDA graphs, nor mb20/24
 
-    def micro_rows(scenario):
-        return sorted(r["name"] for r in SCENARIOS[scenario][1](s) if "micro_batch_size=2" in r["name"])
 
-    assert micro_rows("throughput") == [f"ours lora_sft(micro_batch_size={m[-2:]})" for m in extra]
-    assert micro_rows("frontier") == ["ours lora_sft(micro_batch_size=2)"]  # frontier's mb2 row, not mb20's
+def test_the_card_memory_is_read_from_nvidia_smi(tmp_path, monkeypatch):
+    smi = tmp_path / "nvidia-smi"
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    for answer, gib in (("143771", 140.4), ("81559\n81559", 79.6), ("[N/A]", 0.0), ("", 0.0)):
+        smi.write_text(f"#!/bin/sh\nprintf '{answer}\\n'\n")
+        smi.chmod(0o755)
+        assert CARD_GIB() == pytest.approx(gib, abs=0.05), answer
+    assert CARD_GIB(cpu=True) == 0.0
 
 
 def test_a_process_result_gets_its_start_up_from_launch_to_first_step(tmp_path):

@@ -12,10 +12,10 @@ from benchmarks.gpu.runner import PY, Session, Side
 # Lanes: with --lanes N the groups below are spread over N GPUs of one machine (one GPU each, run side by side);
 # the processes of a group run one after another, so a warm process follows its cold one.
 # The order without lanes: what a budget needs most first (training-hub, never the fastest peer, last).
-GROUPS = [["ours", "ours_warm"], ["ours_peft"], ["loop", "loop_warm"], ["build_llama8b", "ours8b", "loop8b"],
-          ["parity_ours", "parity_ours_compile", "parity_trl"], ["th", "th_b8"]]
-ORDER = ["build_qwen1.5b", "build_tiny", "ours", "ours_peft", "loop", "build_llama8b", "ours8b", "loop8b", "parity_ours",
-         "parity_ours_compile", "parity_trl", "ours_warm", "loop_warm", "th", "th_b8"]
+GROUPS = [["ours", "ours_warm", "ours_card"], ["ours_peft"], ["loop", "loop_warm"],
+          ["build_llama8b", "ours8b", "loop8b"], ["parity_ours", "parity_ours_compile", "parity_trl"], ["th", "th_b8"]]
+ORDER = ["build_qwen1.5b", "build_tiny", "ours", "ours_peft", "loop", "ours_card", "build_llama8b", "ours8b", "loop8b",
+         "parity_ours", "parity_ours_compile", "parity_trl", "ours_warm", "loop_warm", "th", "th_b8"]
 
 
 def model_dir(s: Session, shape: str):
