@@ -23,28 +23,33 @@ def now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def card(cpu: bool = False) -> str:
-    """'NVIDIA H200 x1' from nvidia-smi (the orchestrator never opens a CUDA context: it would cost GPU memory)."""
+def _gpus(field: str, cpu: bool) -> list[str] | None:
+    """nvidia-smi's answer for `field`, one line a GPU: [] on a CPU or without nvidia-smi, None where it failed. The
+    orchestrator never opens a CUDA context: it would cost GPU memory."""
     if cpu or not shutil.which("nvidia-smi"):
-        return "cpu"
+        return []
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30).stdout.split("\n")
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
+        return None
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def card(cpu: bool = False) -> str:
+    """'NVIDIA H200 x1' from nvidia-smi."""
+    names = _gpus("name", cpu)
+    if names is None:
         return "unknown GPU"
-    names = [n.strip() for n in out if n.strip()]
     return f"{names[0]} x{len(names)}" if names else "cpu"
 
 
 def card_gib(cpu: bool = False) -> float:
     """The first card's memory in GiB from nvidia-smi (0 on a CPU, or where nvidia-smi does not answer)."""
-    if cpu or not shutil.which("nvidia-smi"):
-        return 0.0
+    total = _gpus("memory.total", cpu)
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30).stdout.split()
-        return float(out[0]) / 1024 if out else 0.0
-    except (OSError, subprocess.SubprocessError, ValueError):
+        return float(total[0]) / 1024 if total else 0.0
+    except ValueError:  # "[N/A]"
         return 0.0
 
 
