@@ -109,3 +109,16 @@ def test_ensure_shards_prepares_the_split_and_the_chat_template(tmp_path, tiny_l
 def test_an_unknown_chat_template_is_named():
     with pytest.raises(ConfigError, match=r"`chat_template`=templates/nope\.jinja is neither a file nor one of"):
         LoraSftConfig("m", "d", "o", chat_template="templates/nope.jinja").validate()
+
+
+def test_forced_checkpointing_on_a_gpu_points_to_the_memory_budget(monkeypatch):
+    import torch
+    from lora_runtime.loop import forced_recompute_hint
+
+    forced = LoraSftConfig("m", "d", "o", gradient_checkpointing=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert forced_recompute_hint(forced) == ""  # a CPU plan has no budget to point to
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "max_memory_gib" in forced_recompute_hint(forced)
+    for gc in ("auto", False):
+        assert forced_recompute_hint(LoraSftConfig("m", "d", "o", gradient_checkpointing=gc)) == ""
