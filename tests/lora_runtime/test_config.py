@@ -81,6 +81,18 @@ def test_validate_collects_every_problem(monkeypatch):
         assert needle in text
 
 
+def test_nan_is_refused_where_a_range_is_checked():
+    for name in ("max_memory_gib", "learning_rate", "weight_decay", "max_grad_norm"):
+        with pytest.raises(ConfigError, match=f"`{name}` must be"):
+            cfg(**{name: float("nan")}).validate()
+
+
+def test_a_batch_smaller_than_one_pass_gets_one_suggestion():
+    with pytest.raises(ConfigError) as e:
+        cfg(effective_batch_size=2, micro_batch_size=4).validate()
+    assert "set effective_batch_size to 4, or micro_batch_size to 2" in str(e.value)
+
+
 def test_wrong_types_are_named():
     with pytest.raises(ConfigError, match=r"`lora_r` must be int, got '8' \(str\)"):
         cfg(lora_r="8").validate()

@@ -233,7 +233,8 @@ class LoraSftConfig:
             raise ConfigError(issues)
         positive = ["lora_r", "lora_alpha", "num_epochs", "gradient_accumulation_steps",
                     "learning_rate", "max_seq_len", "save_steps", "eval_steps", "logging_steps"]
-        issues += [f"`{n}` must be > 0, got {getattr(self, n)}" for n in positive if getattr(self, n) <= 0]
+        # written `not x > 0`, so NaN (which compares False with everything) is refused too
+        issues += [f"`{n}` must be > 0, got {getattr(self, n)}" for n in positive if not getattr(self, n) > 0]
         if self.micro_batch_size != "auto" and (isinstance(self.micro_batch_size, str) or self.micro_batch_size <= 0):
             issues.append(f"`micro_batch_size` must be > 0 or 'auto', got {self.micro_batch_size!r}")
         per_node = self.nproc_per_node  # "auto" became a number on construction
@@ -241,10 +242,10 @@ class LoraSftConfig:
             issues.append(f"`nproc_per_node` must be > 0, 'auto' or None, got {per_node!r}")
         for name in ["max_steps", "effective_batch_size", "save_total_limit", "per_device_eval_batch_size",
                      "nnodes", "max_memory_gib"]:
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 issues.append(f"`{name}` must be > 0 (or None), got {getattr(self, name)}")
         for name in ["warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers"]:
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 issues.append(f"`{name}` must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.lora_dropout < 1.0:
             issues.append(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}")
@@ -447,7 +448,7 @@ def _batch_issues(cfg: LoraSftConfig, world_size: int | None) -> list[str]:
     if ebs % per_pass:
         lo, hi = max(per_pass, ebs - ebs % per_pass), ebs - ebs % per_pass + per_pass
         divisors = [m for m in range(1, cfg.micro_batch_size + 1) if ebs % (m * world) == 0]
-        fix = f"set effective_batch_size to {lo} or {hi}"
+        fix = f"set effective_batch_size to {lo}" + (f" or {hi}" if hi != lo else "")
         if divisors:
             fix += f", or micro_batch_size to {divisors[-1]}"
         issues.append(f"effective_batch_size={ebs} is not divisible by world_size={world} x "
