@@ -9,6 +9,15 @@ import _tiny
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _no_caps_carried_over(monkeypatch):
+    """Each test starts with no GPU allocator cap recorded as set by an earlier run (`batching.cap_process`): a test
+    that fakes CUDA and records the caps must not leave one for the next test to lift on the real, absent GPU."""
+    from lora_runtime import batching
+
+    monkeypatch.setattr(batching, "_CAPPED", set())
+
+
 @pytest.fixture(scope="session")
 def llama_shards(tmp_path_factory, tiny_llama_dir) -> Path:
     return _shards.chat_shards(tmp_path_factory.mktemp("llama_shards"), tiny_llama_dir, n=24, seq_len=128)

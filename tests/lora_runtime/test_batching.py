@@ -5,6 +5,7 @@ tests/lora_cli/test_micro_auto.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -221,6 +222,74 @@ def test_a_config_it_cannot_size_falls_back_to_two_and_says_why(monkeypatch, cap
     _fake_gpu(monkeypatch, 139)
     out = resolve(LoraSftConfig(str(tmp_path / "gpt2"), "d", str(tmp_path / "o")), PeftBackend(), rows=900)
     assert out.micro == 2 and "cannot size GPT2Config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend,options", [("unsloth", {}), ("unsloth", {"micro_batch_size": 4}),
+                                             ("peft", {"activation_offload": True, "kernels": "none"})])
+def test_a_memory_planned_backend_that_cannot_size_the_model_recomputes_every_layer(monkeypatch, capsys, tmp_path,
+                                                                                   backend, options):
+    """gradient_checkpointing="auto" without the estimate it plans by: every layer on a GPU, as on the backends
+    that never plan by memory (offload asked for must not end with less saved than the default), and the log says
+    why, whether or not micro_batch_size is auto."""
+    from lora_runtime.backends.unsloth import UnslothBackend
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(tmp_path / "gpt2")
+    _fake_gpu(monkeypatch, 80)
+    impl = UnslothBackend() if backend == "unsloth" else PeftBackend()
+    out = resolve(LoraSftConfig(str(tmp_path / "gpt2"), "d", str(tmp_path / "o"), **options), impl, rows=900)
+    assert (out.gradient_checkpointing, out.recomputed_layers, out.offloaded_layers) == (True, None, 0)
+    assert "gradient checkpointing: auto → on for every layer (cannot size GPT2Config" in capsys.readouterr().out
+
+
+def test_a_budget_below_the_weights_is_refused_before_loading(monkeypatch, tmp_path):
+    from lora_runtime.backends.unsloth import UnslothBackend
+    from transformers import Qwen2Config
+
+    Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True).save_pretrained(tmp_path / "m")
+    _fake_gpu(monkeypatch, 70)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: None)
+    config = LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o"), max_memory_gib=2)
+    with pytest.raises(ConfigError, match=r"max_memory_gib=2 leaves this process 2.0 GiB of GPU memory .* below what "
+                                          r"the model holds before any activation: 3.4 GiB .*, or pass load_in_4bit"):
+        resolve(config, UnslothBackend(), rows=900)
+    assert resolve(dataclasses.replace(config, max_memory_gib=4), UnslothBackend(), rows=900).micro >= 1
+
+
+def test_a_cap_set_by_one_run_is_lifted_for_the_next_in_the_same_process(monkeypatch, tmp_path):
+    """A notebook or a sweep: lora_sft(max_memory_gib=16), then lora_sft() must not stay held to 16 GiB (the
+    allocator keeps its fraction for the life of the process); a cap the user's code set is not ours to lift."""
+    from transformers import Qwen2Config
+
+    Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=1000).save_pretrained(tmp_path / "m")
+    _fake_gpu(monkeypatch, 70)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    model, out = str(tmp_path / "m"), str(tmp_path / "o")
+    resolve(LoraSftConfig(model, "d", out, max_memory_gib=16), PeftBackend(), rows=100)
+    resolve(LoraSftConfig(model, "d", out), PeftBackend(), rows=100)
+    resolve(LoraSftConfig(model, "d", out, micro_batch_size=2), PeftBackend(), rows=100)
+    assert fractions == [16 / 80, 1.0]  # capped, lifted once, then nothing of ours left to lift
+
+
+@pytest.mark.parametrize("ebs", [2, 6])
+def test_a_batch_the_torchrun_processes_cannot_share_is_refused_by_name(monkeypatch, tmp_path, ebs):
+    """A user's own script under torchrun need not say nproc_per_node: the batch is checked against WORLD_SIZE,
+    before anything is prepared or loaded (lora_sft), and again where the plan is made."""
+    from lora_runtime import api
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    config = LoraSftConfig(str(tmp_path / "m"), str(tmp_path / "d.jsonl"), str(tmp_path / "o"), effective_batch_size=ebs)
+    with pytest.raises(ConfigError, match=f"effective_batch_size={ebs} is not divisible by world_size=4"):
+        api.run(config)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match=f"effective_batch_size={ebs} is not divisible by the 4 processes"):
+        resolve(config, PeftBackend(), rows=100)
 
 
 @pytest.mark.parametrize("sized", [True, False])

@@ -247,6 +247,12 @@ def test_auto_takes_the_compiled_path_where_a_large_pass_fits_without_recomputat
     assert not ok and "need 22.3 GiB of 16.0" in why
     assert compiled.prefers(LoraSftConfig(model, "d", "o", micro_batch_size=2))[0]  # 13.6 GiB fits
     assert compiled.prefers(LoraSftConfig(model, "d", "o", kernels="compile"))[0]  # asked for: any budget
+    # effective_batch_size=2 allows no pass larger than micro_batch_size=2's: the same path, no lever
+    for given in ({"micro_batch_size": 2}, {"effective_batch_size": 2}):
+        chosen, levers = compiled.choose_levers(LoraSftConfig(model, "d", "o", **given))
+        assert (chosen.selective_recompute, chosen.activation_offload, levers) == ("off", False, ""), given
+        ok, why = compiled.prefers(LoraSftConfig(model, "d", "o", selective_recompute="off", **given))
+        assert ok and "4,096 tokens a pass without checkpointing need 13.6 GiB of 16.0" in why, given
 
 
 def test_auto_levers_take_the_compiled_path_where_only_they_make_a_large_pass_fit(tmp_path, a_gpu_with):

@@ -3,6 +3,7 @@ test_resume_changes.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -112,13 +113,18 @@ def test_an_unknown_chat_template_is_named():
 
 
 def test_forced_checkpointing_on_a_gpu_points_to_the_memory_budget(monkeypatch):
+    """Only where gradient_checkpointing="auto" would plan by memory: the peft backend without a fused loss
+    recomputes every layer under auto too."""
     import torch
+    from lora_runtime.backends.peft import PeftBackend
+    from lora_runtime.backends.unsloth import UnslothBackend
     from lora_runtime.loop import forced_recompute_hint
 
     forced = LoraSftConfig("m", "d", "o", gradient_checkpointing=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert forced_recompute_hint(forced) == ""  # a CPU plan has no budget to point to
+    assert forced_recompute_hint(forced, UnslothBackend()) == ""  # a CPU plan has no budget to point to
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert "max_memory_gib" in forced_recompute_hint(forced)
+    assert "max_memory_gib" in forced_recompute_hint(forced, UnslothBackend())
+    assert forced_recompute_hint(dataclasses.replace(forced, kernels="none"), PeftBackend()) == ""
     for gc in ("auto", False):
-        assert forced_recompute_hint(LoraSftConfig("m", "d", "o", gradient_checkpointing=gc)) == ""
+        assert forced_recompute_hint(LoraSftConfig("m", "d", "o", gradient_checkpointing=gc), UnslothBackend()) == ""

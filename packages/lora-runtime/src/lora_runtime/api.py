@@ -92,11 +92,13 @@ def run(config: LoraSftConfig) -> TrainResult:
     """
     from lora_runtime import batching
     from lora_runtime.checkpoint import output_lock
-    from lora_runtime.distributed import check_launch, print0
+    from lora_runtime.distributed import check_launch, dist_env, print0, under_torchrun
     from lora_runtime.errors import OutOfMemoryHint
     from lora_runtime.loop import release_memory
 
-    env = check_launch(config.validate())
+    # the batch arithmetic checked against the processes torchrun started (a script of the user's run under torchrun
+    # need not say nproc_per_node)
+    env = check_launch(config.validate(world_size=dist_env().world_size if under_torchrun() else None))
     # one run per output dir (a second one fails here, naming the first), and never one over a user's files
     with output_lock(config.ckpt_output_dir, config.model_path):
         # (plan, what the error said) of each attempt out of memory in step 1, and the budget the next plans under:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from lora_runtime.config import LoraSftConfig
+from lora_runtime.config import ConfigError, LoraSftConfig
 from lora_runtime.offload import IN_FLIGHT
 
 GIB = 1024**3
@@ -443,6 +443,8 @@ def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int 
                        f"of {rows_per_rank:,} rows{f' at accumulation {accumulation}' if accumulation > 1 else ''})")
     else:
         rows, why_cap = [int(micro)], ""
+    if not rows:
+        raise ValueError(f"quota={quota}: effective_batch_size / world must be at least 1")
     n = footprint.layers
     counts = ([n if gc else 0] if gc != "auto" else list(range(n + 1)) if partial else [0, n])
 
@@ -657,6 +659,9 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
     from lora_runtime.distributed import dist_env, print0
 
     world = dist_env().world_size
+    if config.effective_batch_size and config.effective_batch_size % world:  # lora_sft's validate refuses it first
+        raise ConfigError([f"effective_batch_size={config.effective_batch_size} is not divisible by the {world} "
+                           f"processes torchrun started: set it to a multiple of {world}"])
     quota = config.effective_batch_size // world if config.effective_batch_size else None
     micro = config.micro_batch_size
     if micro == "auto" and quota is None:  # with effective_batch_size the data order depends on micro × accum only
@@ -668,6 +673,8 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
     import torch
 
     cuda = torch.cuda.is_available()
+    if cuda and config.max_memory_gib is None:  # no hard cap, also where an earlier run in this process set one
+        cap_process(config, None)
     by_memory = getattr(backend, "checkpointing_by_memory", None)
     if gc == "auto" and not (cuda and by_memory is not None and by_memory(config)):
         gc = cuda  # this backend's auto: on where CUDA memory is the limit, off on a CPU
@@ -681,8 +688,7 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
         given = memory_budget(config, lowered=False)
         budget, source = _within_lowered(given)
         if config.max_memory_gib is not None:  # a hard cap too: this process cannot allocate past the budget given
-            cap = torch.cuda.mem_get_info(dist_env().local_rank)[1]
-            torch.cuda.set_per_process_memory_fraction(min(1.0, given[0] / cap), dist_env().local_rank)
+            cap_process(config, given[0])
         gpus = torch.cuda.device_count() if config.enable_model_splitting else world
         try:
             footprint = per_gpu(backend.footprint(model_config, config), config, model_config, gpus)
@@ -691,6 +697,13 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
             if config.activation_offload is True:
                 why += "; activation_offload needs that estimate: no layer is offloaded"
         else:
+            fixed = footprint.peak(0, 0)  # weights, LoRA and optimizer state: what no plan makes smaller
+            if config.max_memory_gib is not None and fixed > given[0]:
+                raise ConfigError([f"max_memory_gib={config.max_memory_gib:g} leaves this process {given[0] / GIB:.1f} "
+                                   "GiB of GPU memory (at most the memory free), below what the model holds before "
+                                   f"any activation: {fixed / GIB:.1f} GiB of weights, LoRA and optimizer state; "
+                                   "raise it"
+                                   + ("" if config.load_in_4bit else ", or pass load_in_4bit=True")])
             choice = plan_batch(footprint, seq_len=config.max_seq_len, budget=budget, micro=micro, gc=gc, quota=quota,
                                 rows_per_rank=max(1, rows // world), accumulation=config.gradient_accumulation_steps,
                                 partial=not (config.enable_model_splitting and gpus > 1))
@@ -698,12 +711,35 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
             recomputed = None if choice.recomputed == footprint.layers else choice.recomputed
             plan = fixed_plan(config, world, choice.micro, choice.recomputed > 0, recomputed, choice.peak,
                               choice.offloaded)
-            return dataclasses.replace(plan, estimated_fixed_bytes=footprint.peak(0, 0))
+            return dataclasses.replace(plan, estimated_fixed_bytes=fixed)
     if micro == "auto":
         micro = max(m for m in range(1, CPU_MICRO + 1) if quota is None or quota % m == 0)
         print0(f"micro_batch_size: auto → {micro} (training-hub's default{' that divides the batch' if quota else ''}; "
                f"{why})")
-    return fixed_plan(config, world, micro, gc is True)
+    if gc == "auto":  # a backend that plans checkpointing by memory, without the estimate: every layer, as elsewhere
+        print0(f"gradient checkpointing: auto → on for every layer ({why})")
+    return fixed_plan(config, world, micro, gc is True or (gc == "auto" and cuda))
+
+
+_CAPPED: set[int] = set()  # the GPUs whose allocator an earlier run in this process capped (`cap_process`)
+
+
+def cap_process(config: LoraSftConfig, budget: float | None) -> None:
+    """The hard cap of max_memory_gib: this process allocates at most `budget` bytes on each GPU it uses (every
+    visible one with model splitting). None lifts the caps an earlier run in the same process set (the caching
+    allocator keeps its fraction for the life of the process), and no other: a cap the user's own code set stays."""
+    import torch
+
+    from lora_runtime.distributed import dist_env
+
+    if budget is None:
+        for device in sorted(_CAPPED):
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        _CAPPED.clear()
+        return
+    for device in range(torch.cuda.device_count()) if config.enable_model_splitting else [dist_env().local_rank]:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.mem_get_info(device)[1]), device)
+        _CAPPED.add(device)
 
 
 def checkpointed_micro(config: LoraSftConfig) -> int | None:

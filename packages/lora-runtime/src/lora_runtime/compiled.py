@@ -212,10 +212,12 @@ def _auto_model_config(config: LoraSftConfig) -> tuple[Any, str]:
 
 
 def _pass_fits(config: LoraSftConfig, model_config: Any, offloaded: int | None = None) -> tuple[bool, str]:
-    """Whether a pass of `AUTO_MIN_TOKENS` (or the micro batch given) fits the memory budget on the compiled path
-    without checkpointing a layer, with `config`'s selective recomputation and `offloaded` layers offloaded (default:
-    every layer where activation_offload=True, the least the plan can keep), and the arithmetic in words."""
+    """Whether a pass of `AUTO_MIN_TOKENS` (or the micro batch given; at most a process's share of
+    effective_batch_size) fits the memory budget on the compiled path without checkpointing a layer, with `config`'s
+    selective recomputation and `offloaded` layers offloaded (default: every layer where activation_offload=True, the
+    least the plan can keep), and the arithmetic in words."""
     from lora_runtime.batching import GIB, compiled_footprint, memory_budget
+    from lora_runtime.distributed import dist_env
 
     level = recompute_level(config)
     footprint = compiled_footprint(model_config, fused_loss=True, level=level)
@@ -224,6 +226,8 @@ def _pass_fits(config: LoraSftConfig, model_config: Any, offloaded: int | None =
     offloaded = min(offloaded, footprint.layers)
     micro = config.micro_batch_size
     tokens = micro * config.max_seq_len if isinstance(micro, int) else max(AUTO_MIN_TOKENS, config.max_seq_len)
+    if not isinstance(micro, int) and config.effective_batch_size:  # no pass larger than a process's share of it
+        tokens = min(tokens, max(1, config.effective_batch_size // dist_env().world_size) * config.max_seq_len)
     budget, source = memory_budget(config)
     need = footprint.need(tokens, 0, offloaded)
     how = ("every layer offloaded" if offloaded == footprint.layers else

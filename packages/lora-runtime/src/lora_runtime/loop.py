@@ -175,7 +175,7 @@ def log_plan(config: LoraSftConfig, plan: BatchPlan, backend: Backend, reason: s
     name, why = optimizer_name(config)
     if why:
         print0(f"optimizer: {config.optim} → {name} ({why})")
-    print0(f"batch: {plan.describe()}; activation recomputation: {plan.recomputation()}{forced_recompute_hint(config)}")
+    print0(f"batch: {plan.describe()}; activation recomputation: {plan.recomputation()}{forced_recompute_hint(config, backend)}")
     print0(f"tokens/step: {effective * seq_len:,} slots of seq_len {seq_len}, ~{int(effective * seq_len * eff):,} real "
            f"at packing efficiency {eff:.3f}")
     print0(f"data: {len(dataset.reader):,} rows → {steps:,} steps/epoch ({dataset.repeated_rows()} row(s) repeated to "
@@ -184,14 +184,17 @@ def log_plan(config: LoraSftConfig, plan: BatchPlan, backend: Backend, reason: s
         print0(f"reporting to: {', '.join(report_targets(config))}")
 
 
-def forced_recompute_hint(config: LoraSftConfig) -> str:
-    """On a GPU, where gradient_checkpointing=True recomputes every layer: that a memory budget is the faster way to
-    little memory (README, "On a GPU: one memory plan"). One H100, Qwen2.5-1.5B shape, micro 8: every layer recomputed ran
-    35.7k tokens/s at a 4.6 GiB peak; max_memory_gib=8 with the defaults about 50k at 6.3 GiB."""
+def forced_recompute_hint(config: LoraSftConfig, backend: Backend) -> str:
+    """On a GPU, where gradient_checkpointing=True recomputes every layer and "auto" would plan by memory on this
+    backend: that a memory budget is the faster way to little memory (README, "On a GPU: one memory plan"). One
+    H100, Qwen2.5-1.5B shape, micro 8: every layer recomputed ran 35.7k tokens/s at a 4.6 GiB peak; max_memory_gib=8
+    with the defaults about 50k at 6.3 GiB."""
     import torch
 
     if config.gradient_checkpointing is not True or not torch.cuda.is_available():
         return ""
+    if not backend.checkpointing_by_memory(dataclasses.replace(config, gradient_checkpointing="auto")):
+        return ""  # auto recomputes every layer here too (the peft backend without a fused loss)
     return ("; gradient_checkpointing=True recomputes every layer, where gradient_checkpointing='auto' with "
             "max_memory_gib recomputes or offloads only what that budget needs (faster at a little more memory)")
 
