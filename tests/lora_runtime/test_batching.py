@@ -307,6 +307,22 @@ def test_max_memory_gib_caps_the_process_whether_or_not_the_model_can_be_sized(m
     assert fractions == [16 / 80]
 
 
+def test_under_model_splitting_max_memory_gib_caps_every_gpu_the_model_spans(monkeypatch, tmp_path):
+    from transformers import Qwen2Config
+
+    Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=1000).save_pretrained(tmp_path / "m")
+    _fake_gpu(monkeypatch, 70)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
+    caps = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: caps.append((device, f)))
+    split = LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o"), max_memory_gib=16, enable_model_splitting=True)
+    resolve(split, PeftBackend(), rows=100)
+    resolve(dataclasses.replace(split, max_memory_gib=None), PeftBackend(), rows=100)
+    assert caps == [(0, 16 / 80), (1, 16 / 80), (0, 1.0), (1, 1.0)]
+
+
 def test_under_model_splitting_auto_recomputes_every_layer_or_none(monkeypatch, tmp_path):
     """A count of layers would checkpoint the first ones, all on the first GPU, while the plan counted a GPU's share."""
     from transformers import LlamaConfig
