@@ -243,6 +243,8 @@ def test_a_memory_planned_backend_that_cannot_size_the_model_recomputes_every_la
 
 
 def test_a_budget_below_the_weights_is_refused_before_loading(monkeypatch, tmp_path):
+    """Refused before the process is capped or the model loaded; not where the free memory, not the budget, is short
+    (raising max_memory_gib would not help), nor with 8-bit weights (the estimate counts them as bf16)."""
     from lora_runtime.backends.unsloth import UnslothBackend
     from transformers import Qwen2Config
 
@@ -250,12 +252,38 @@ def test_a_budget_below_the_weights_is_refused_before_loading(monkeypatch, tmp_p
                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True).save_pretrained(tmp_path / "m")
     _fake_gpu(monkeypatch, 70)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: None)
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
     config = LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o"), max_memory_gib=2)
-    with pytest.raises(ConfigError, match=r"max_memory_gib=2 leaves this process 2.0 GiB of GPU memory .* below what "
-                                          r"the model holds before any activation: 3.4 GiB .*, or pass load_in_4bit"):
+    with pytest.raises(ConfigError, match=r"max_memory_gib=2 is below what the model holds on a GPU before any "
+                                          r"activation: 3.4 GiB .*; raise it, or pass load_in_4bit=True"):
         resolve(config, UnslothBackend(), rows=900)
-    assert resolve(dataclasses.replace(config, max_memory_gib=4), UnslothBackend(), rows=900).micro >= 1
+    assert fractions == []
+    assert resolve(dataclasses.replace(config, max_memory_gib=4), UnslothBackend(), rows=900).gradient_checkpointing
+    assert fractions == [4 / 80]
+    _fake_gpu(monkeypatch, 3)  # another process holds the GPU: the plan goes ahead, saying it may not fit
+    assert resolve(dataclasses.replace(config, max_memory_gib=40), UnslothBackend(), rows=900).micro == 1
+    _fake_gpu(monkeypatch, 70)
+    monkeypatch.setattr("lora_runtime.preflight.cuda_available", lambda: True)
+    resolve(dataclasses.replace(config, load_in_8bit=True), UnslothBackend(), rows=900)  # not refused
+
+
+def test_a_run_lifts_its_cap_when_it_ends_also_by_an_error(monkeypatch, tmp_path):
+    """After lora_sft(max_memory_gib=...) returns or raises, the process's other GPU work is not held to the cap."""
+    from lora_runtime import api, batching
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
+    caps = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: caps.append(f))
+
+    def capped_then_fails(config, env):
+        batching.cap_process(config, 8 * GIB)
+        raise RuntimeError("a step failed")
+
+    monkeypatch.setattr(api, "_run_locked", capped_then_fails)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        api.run(LoraSftConfig(str(tmp_path / "m"), str(tmp_path / "d.jsonl"), str(tmp_path / "o"), max_memory_gib=8))
+    assert caps == [8 / 80, 1.0] and not batching._CAPPED
 
 
 def test_a_cap_set_by_one_run_is_lifted_for_the_next_in_the_same_process(monkeypatch, tmp_path):

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_runtime.config import LoraSftConfig, check_known_keys
 from lora_runtime.loop import TrainResult
+
+if TYPE_CHECKING:
+    from lora_runtime.distributed import DistEnv
 
 __all__ = ["TrainResult", "lora_sft", "run"]
 
@@ -91,14 +94,25 @@ def run(config: LoraSftConfig) -> TrainResult:
     under torchrun, only where a launcher starts every worker again, `batching.RELAUNCH_ENV`, and asks it to).
     """
     from lora_runtime import batching
-    from lora_runtime.checkpoint import output_lock
-    from lora_runtime.distributed import check_launch, dist_env, print0, under_torchrun
-    from lora_runtime.errors import OutOfMemoryHint
-    from lora_runtime.loop import release_memory
+    from lora_runtime.distributed import check_launch, dist_env, under_torchrun
 
     # the batch arithmetic checked against the processes torchrun started (a script of the user's run under torchrun
     # need not say nproc_per_node)
     env = check_launch(config.validate(world_size=dist_env().world_size if under_torchrun() else None))
+    try:
+        return _run_locked(config, env)
+    finally:  # max_memory_gib's cap is this run's: the process's later GPU work is not held to it
+        batching.cap_process(config, None)
+
+
+def _run_locked(config: LoraSftConfig, env: DistEnv) -> TrainResult:
+    """`run` past validation: the output dir locked, trained, planned again for less after an out-of-memory error."""
+    from lora_runtime import batching
+    from lora_runtime.checkpoint import output_lock
+    from lora_runtime.distributed import print0
+    from lora_runtime.errors import OutOfMemoryHint
+    from lora_runtime.loop import release_memory
+
     # one run per output dir (a second one fails here, naming the first), and never one over a user's files
     with output_lock(config.ckpt_output_dir, config.model_path):
         # (plan, what the error said) of each attempt out of memory in step 1, and the budget the next plans under:

@@ -687,23 +687,23 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
         model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
         given = memory_budget(config, lowered=False)
         budget, source = _within_lowered(given)
-        if config.max_memory_gib is not None:  # a hard cap too: this process cannot allocate past the budget given
-            cap_process(config, given[0])
         gpus = torch.cuda.device_count() if config.enable_model_splitting else world
+        footprint: Footprint | None = None
         try:
             footprint = per_gpu(backend.footprint(model_config, config), config, model_config, gpus)
         except AttributeError as e:  # a config without the fields the estimate reads (GPT-2 style names)
             why = f"cannot size {type(model_config).__name__} ({e})"
             if config.activation_offload is True:
                 why += "; activation_offload needs that estimate: no layer is offloaded"
-        else:
-            fixed = footprint.peak(0, 0)  # weights, LoRA and optimizer state: what no plan makes smaller
-            if config.max_memory_gib is not None and fixed > given[0]:
-                raise ConfigError([f"max_memory_gib={config.max_memory_gib:g} leaves this process {given[0] / GIB:.1f} "
-                                   "GiB of GPU memory (at most the memory free), below what the model holds before "
-                                   f"any activation: {fixed / GIB:.1f} GiB of weights, LoRA and optimizer state; "
-                                   "raise it"
-                                   + ("" if config.load_in_4bit else ", or pass load_in_4bit=True")])
+        # weights, LoRA and optimizer state: what no plan makes smaller (the estimate counts 8-bit weights as bf16)
+        fixed = footprint.peak(0, 0) if footprint is not None else 0.0
+        if config.max_memory_gib is not None and not config.load_in_8bit and fixed > config.max_memory_gib * GIB:
+            raise ConfigError([f"max_memory_gib={config.max_memory_gib:g} is below what the model holds on a GPU before "
+                               f"any activation: {fixed / GIB:.1f} GiB of weights, LoRA and optimizer state; raise it"
+                               + ("" if config.load_in_4bit else ", or pass load_in_4bit=True")])
+        if config.max_memory_gib is not None:  # a hard cap too: this process cannot allocate past the budget given
+            cap_process(config, given[0])
+        if footprint is not None:
             choice = plan_batch(footprint, seq_len=config.max_seq_len, budget=budget, micro=micro, gc=gc, quota=quota,
                                 rows_per_rank=max(1, rows // world), accumulation=config.gradient_accumulation_steps,
                                 partial=not (config.enable_model_splitting and gpus > 1))
@@ -726,8 +726,9 @@ _CAPPED: set[int] = set()  # the GPUs whose allocator an earlier run in this pro
 
 def cap_process(config: LoraSftConfig, budget: float | None) -> None:
     """The hard cap of max_memory_gib: this process allocates at most `budget` bytes on each GPU it uses (every
-    visible one with model splitting). None lifts the caps an earlier run in the same process set (the caching
-    allocator keeps its fraction for the life of the process), and no other: a cap the user's own code set stays."""
+    visible one with model splitting). None lifts the caps a run set (the caching allocator keeps its fraction for
+    the life of the process; `api.run` lifts its own when it ends): a GPU no run capped keeps whatever fraction the
+    user's own code gave it."""
     import torch
 
     from lora_runtime.distributed import dist_env

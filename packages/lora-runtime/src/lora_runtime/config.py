@@ -165,7 +165,7 @@ class LoraSftConfig:
         ["auto", True, False])
     max_memory_gib: float | None = _f(
         None, "GPU memory budget per process in GiB; the batch plan fits it and the process is capped to it (each "
-        "GPU the model spans, with model splitting) for this run; one below the model's weights is refused "
+        "GPU the model spans, with model splitting) until the run ends; one below the model's weights is refused "
         "(default: the free memory)")
     enable_model_splitting: bool = _f(False, "split one model across the visible GPUs (device_map='balanced')")
     sharding: str = _f("auto", "ddp: a full replica per GPU; fsdp: FSDP2 shards of weights, LoRA and optimizer state "

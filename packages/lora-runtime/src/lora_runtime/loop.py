@@ -196,7 +196,7 @@ def forced_recompute_hint(config: LoraSftConfig, backend: Backend) -> str:
     if not backend.checkpointing_by_memory(dataclasses.replace(config, gradient_checkpointing="auto")):
         return ""  # auto recomputes every layer here too (the peft backend without a fused loss)
     return ("; gradient_checkpointing=True recomputes every layer, where gradient_checkpointing='auto' with "
-            "max_memory_gib recomputes or offloads only what that budget needs (faster at a little more memory)")
+            "max_memory_gib recomputes or offloads only what that budget needs")
 
 
 def optimizer_name(config: LoraSftConfig) -> tuple[str, str]:
