@@ -698,8 +698,9 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
         # weights, LoRA and optimizer state: what no plan makes smaller (the estimate counts 8-bit weights as bf16)
         fixed = footprint.peak(0, 0) if footprint is not None else 0.0
         if config.max_memory_gib is not None and not config.load_in_8bit and fixed > config.max_memory_gib * GIB:
-            raise ConfigError([f"max_memory_gib={config.max_memory_gib:g} is below what the model holds on a GPU before "
-                               f"any activation: {fixed / GIB:.1f} GiB of weights, LoRA and optimizer state; raise it"
+            raise ConfigError([f"max_memory_gib={config.max_memory_gib:g} is below what the model holds on a GPU "
+                               f"before any activation: {fixed / GIB:.1f} GiB of weights, LoRA and optimizer state; "
+                               "raise it"
                                + ("" if config.load_in_4bit else ", or pass load_in_4bit=True")])
         if config.max_memory_gib is not None:  # a hard cap too: this process cannot allocate past the budget given
             cap_process(config, given[0])

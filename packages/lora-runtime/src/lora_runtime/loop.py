@@ -175,7 +175,8 @@ def log_plan(config: LoraSftConfig, plan: BatchPlan, backend: Backend, reason: s
     name, why = optimizer_name(config)
     if why:
         print0(f"optimizer: {config.optim} → {name} ({why})")
-    print0(f"batch: {plan.describe()}; activation recomputation: {plan.recomputation()}{forced_recompute_hint(config, backend)}")
+    hint = forced_recompute_hint(config, backend)
+    print0(f"batch: {plan.describe()}; activation recomputation: {plan.recomputation()}{hint}")
     print0(f"tokens/step: {effective * seq_len:,} slots of seq_len {seq_len}, ~{int(effective * seq_len * eff):,} real "
            f"at packing efficiency {eff:.3f}")
     print0(f"data: {len(dataset.reader):,} rows → {steps:,} steps/epoch ({dataset.repeated_rows()} row(s) repeated to "
