@@ -9,6 +9,7 @@ import _shards
 import pytest
 from lora_runtime import ConfigError
 from lora_runtime.api import lora_sft
+from lora_runtime.errors import CheckpointError
 from lora_runtime.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -110,6 +111,27 @@ def test_resume_from_an_explicit_checkpoint(finished_at_4, tiny_llama_dir, llama
     assert (finished_at_4 / "checkpoints" / "checkpoint-4" / "COMPLETE").is_file()
     with pytest.raises(ConfigError, match="is not a complete checkpoint"):
         lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **BASE, resume_from=str(tmp_path))
+
+
+def test_resume_from_an_older_checkpoint_beside_later_ones_is_refused(finished_at_4, tiny_llama_dir, llama_shards,
+                                                                       tmp_path):
+    """The resumed run's saves of steps the directory already holds would be dropped (the earlier checkpoint of a
+    step is kept), and a later resume would continue the old run: refused before training, nothing changed."""
+    import shutil
+
+    out = tmp_path / "older"
+    shutil.copytree(finished_at_4, out)
+    later = out / "checkpoints" / "checkpoint-8"
+    shutil.copytree(out / "checkpoints" / "checkpoint-4", later)  # a stand-in for the run's step 8
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError, match=r"resume_from=.*checkpoint-4 is step 4, but .* already holds later "
+                                              r"checkpoints \(checkpoint-8\)"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**BASE, "max_steps": 8},
+                 resume_from=str(out / "checkpoints" / "checkpoint-4"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    res = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "fresh"), **{**BASE, "max_steps": 6},
+                   resume_from=str(out / "checkpoints" / "checkpoint-4"))  # a new directory: resumed as before
+    assert res.steps == 6
 
 
 def test_summary_figures_cover_the_whole_run_after_a_resume(tiny_llama_dir, llama_shards, tmp_path, capsys):

@@ -5,6 +5,7 @@ would overwrite, the base model's own directory, or a file are refused before an
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 from lora_runtime import lora_sft
@@ -24,16 +25,30 @@ def test_new_empty_other_files_and_a_runs_directory_pass(tmp_path):
     check_output_dir(tmp_path)
     (tmp_path / "notes.txt").write_text("mine")  # nothing a run writes
     check_output_dir(tmp_path)
-    for marker in (CONFIG_NAME, "checkpoints/"):
-        run = tmp_path / marker.rstrip("/")
-        run.mkdir() if marker.endswith("/") else run.write_text("{}")
+    for marker in (CONFIG_NAME, "checkpoints/checkpoint-4/COMPLETE", "checkpoints/.tmp-checkpoint-4/trainer_state.json"):
+        (tmp_path / marker).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / marker).write_text("{}")
         (tmp_path / "README.md").write_text("the model card of the run")
         check_output_dir(tmp_path)
         (tmp_path / "README.md").unlink()
-        run.rmdir() if marker.endswith("/") else run.unlink()
+        shutil.rmtree(tmp_path / "checkpoints", ignore_errors=True)
+        (tmp_path / CONFIG_NAME).unlink(missing_ok=True)
     (tmp_path / ".lock").write_text("pid 7 (training: lora-cli train --model m)")  # a run killed before its first save
     (tmp_path / "metrics.jsonl").write_text("")
     check_output_dir(tmp_path)
+
+
+def test_a_users_checkpoints_folder_does_not_make_a_runs_directory(tmp_path):
+    """A `checkpoints` folder of another tool's (no checkpoint of a run's in it) beside the user's README: the run
+    must not take the directory for its own, overwrite the README and delete the folder's `checkpoint-<step>`."""
+    (tmp_path / "README.md").write_text("my project notes")
+    (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-2" / "my_weights.bin").write_bytes(b"mine")
+    with pytest.raises(CheckpointError, match=re.escape("holds README.md, checkpoints, which a run writes")):
+        check_output_dir(tmp_path)
+    (tmp_path / "README.md").unlink()
+    with pytest.raises(CheckpointError, match=re.escape("holds checkpoints, which a run writes")):
+        check_output_dir(tmp_path)
 
 
 def test_the_base_model_directory_and_a_file_are_refused(tmp_path):

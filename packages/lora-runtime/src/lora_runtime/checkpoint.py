@@ -91,7 +91,7 @@ RUN_PREFIXES = ("adapter_", "tokenizer")
 def check_output_dir(ckpt_output_dir: str | Path, model_path: str | Path | None = None) -> None:
     """Refuse an output dir a run would write into at a user's cost: a file, the base model's own directory (its
     adapter_config.json would turn every later load of the model into base + adapter), or a directory that no
-    training run made (no run record, checkpoints or training lock) holding files a run writes (its README.md, a
+    training run made (no run record, complete or staged checkpoint, or training lock) holding files a run writes (its README.md, a
     tokenizer, metrics.jsonl, ...). A new or empty directory, a run's (to resume or replace), or one holding only
     other files passes."""
     from lora_data.locks import LOCK_NAME
@@ -105,7 +105,8 @@ def check_output_dir(ckpt_output_dir: str | Path, model_path: str | Path | None 
         raise CheckpointError(f"ckpt_output_dir {out} is the base model's directory (model_path): the adapter written "
                               "there would make every later load of it base + adapter; pass another directory")
     lock = out / LOCK_NAME
-    if (out / CONFIG_NAME).is_file() or (out / SUBDIR).is_dir() or (
+    ours = checkpoints_dir(out)  # a `checkpoints` folder is a run's only where it holds a run's saves
+    if (out / CONFIG_NAME).is_file() or list_checkpoints(ours) or any(ours.glob(".tmp-checkpoint-*")) or (
             lock.is_file() and f"({LOCK_WHAT}:" in lock.read_text(encoding="utf-8", errors="replace")):
         return  # a run's: resumed or replaced as the resume options say
     clashes = sorted(p.name for p in out.iterdir() if p.name in RUN_FILES or p.name.startswith(RUN_PREFIXES))
@@ -144,7 +145,15 @@ def output_lock(ckpt_output_dir: str | Path, model_path: str | Path | None = Non
 def resume_checkpoint(config: Any) -> Path | None:
     """The checkpoint a run of `config` resumes from: `resume_from` when given (verified), else `resume_point`."""
     if config.resume_from and config.resume:
-        return verify(config.resume_from)
+        found = verify(config.resume_from)
+        later = [p.name for s, p in list_checkpoints(checkpoints_dir(config.ckpt_output_dir)) if s > step_of(found)]
+        if later:  # its steps trained again would be saved under names those hold: kept, the new ones dropped
+            raise CheckpointError(
+                f"resume_from={found} is step {step_of(found)}, but {checkpoints_dir(config.ckpt_output_dir)} already "
+                f"holds later checkpoints ({', '.join(later)}): the resumed run would keep those in place of its own "
+                "saves of the same steps, and a later resume would continue the old run. Pass a new ckpt_output_dir, "
+                "or move those checkpoints out")
+        return found
     return resume_point(config.ckpt_output_dir, resume=config.resume)
 
 
