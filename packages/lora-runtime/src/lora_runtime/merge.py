@@ -1,6 +1,7 @@
 """`merge_adapter(adapter_dir, model_path, out_dir)`: base model + LoRA adapter → one merged safetensors model.
 
-Written to a staging dir and renamed into place, so `out_dir` is either absent or complete. The tokenizer from
+Written to a staging dir and renamed into place, so `out_dir` is either absent or complete (an earlier merge it
+replaces is set aside until then, never deleted first). The tokenizer from
 `adapter_dir` (where lora_sft saves it) or else from `model_path` is copied along, so `out_dir` loads on its own.
 An existing `out_dir` is replaced only if an earlier merge wrote it (it holds MARKER); any other non-empty directory,
 and one that is or holds the adapter or the base model, is refused before anything is loaded.
@@ -47,9 +48,13 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
+    aside = None  # the earlier merge, set aside (in a directory of ours) until the new one is in place: a kill in
+    if out.exists():  # between leaves it whole beside the new one, never neither
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+        out.rename(aside / out.name)
     tmp.rename(out)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     return out
 
 
