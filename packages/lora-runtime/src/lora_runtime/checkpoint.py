@@ -91,9 +91,9 @@ RUN_PREFIXES = ("adapter_", "tokenizer")
 def check_output_dir(ckpt_output_dir: str | Path, model_path: str | Path | None = None) -> None:
     """Refuse an output dir a run would write into at a user's cost: a file, the base model's own directory (its
     adapter_config.json would turn every later load of the model into base + adapter), or a directory that no
-    training run made (no run record, complete or staged checkpoint, or training lock) holding files a run writes (its README.md, a
-    tokenizer, metrics.jsonl, ...). A new or empty directory, a run's (to resume or replace), or one holding only
-    other files passes."""
+    training run made (no run record, complete or staged checkpoint, or training lock) holding files a run writes
+    (its README.md, a tokenizer, metrics.jsonl, ...). A new or empty directory, a run's (to resume or replace), or
+    one holding only other files passes."""
     from lora_data.locks import LOCK_NAME
 
     out = Path(ckpt_output_dir)
@@ -143,7 +143,8 @@ def output_lock(ckpt_output_dir: str | Path, model_path: str | Path | None = Non
 
 
 def resume_checkpoint(config: Any) -> Path | None:
-    """The checkpoint a run of `config` resumes from: `resume_from` when given (verified), else `resume_point`."""
+    """The checkpoint a run of `config` resumes from: `resume_from` when given (verified; CheckpointError where
+    ckpt_output_dir holds later checkpoints), else `resume_point`."""
     if config.resume_from and config.resume:
         found = verify(config.resume_from)
         later = [p.name for s, p in list_checkpoints(checkpoints_dir(config.ckpt_output_dir)) if s > step_of(found)]
