@@ -32,9 +32,9 @@ def test_merge_leaves_a_foreign_dot_tmp_sibling_alone(tmp_path, tiny_llama_dir):
     assert (sibling / "mine.txt").read_text() == "keep me"
 
 
-def test_a_merge_killed_while_replacing_leaves_the_earlier_one_whole(tmp_path, tiny_llama_dir, monkeypatch):
-    """Between setting the earlier merge aside and renaming the new one into place: the earlier one is still on disk,
-    whole (it used to be deleted first)."""
+def test_a_merge_that_fails_while_replacing_puts_the_earlier_one_back(tmp_path, tiny_llama_dir, monkeypatch):
+    """An error (Ctrl-C, a failed rename) after the earlier merge is set aside and before the new one is in place:
+    the earlier one is back at out_dir, whole, and nothing is left beside it (it used to be deleted first)."""
     from pathlib import Path
 
     from lora_runtime.merge import merge_adapter
@@ -45,16 +45,17 @@ def test_a_merge_killed_while_replacing_leaves_the_earlier_one_whole(tmp_path, t
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
                    LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(adapter)
     out = merge_adapter(adapter, tiny_llama_dir, tmp_path / "merged")
-    size = (out / "model.safetensors").stat().st_size
+    before = (out / "model.safetensors").stat()
     rename = Path.rename
 
-    def killed_at_the_new_one(self, target):
-        if Path(target) == out:
-            raise KeyboardInterrupt("killed")
+    def interrupted_at_the_new_one(self, target):
+        if Path(target) == out and self.name.startswith(".merged.tmp-"):
+            raise KeyboardInterrupt("interrupted")
         return rename(self, target)
 
-    monkeypatch.setattr(Path, "rename", killed_at_the_new_one)
+    monkeypatch.setattr(Path, "rename", interrupted_at_the_new_one)
     with pytest.raises(KeyboardInterrupt):
         merge_adapter(adapter, tiny_llama_dir, out)
-    kept = list(tmp_path.glob(".merged.replaced-*/merged/model.safetensors"))
-    assert len(kept) == 1 and kept[0].stat().st_size == size
+    after = (out / "model.safetensors").stat()
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]

@@ -129,6 +129,10 @@ def test_resume_from_an_older_checkpoint_beside_later_ones_is_refused(finished_a
         lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**BASE, "max_steps": 8},
                  resume_from=str(out / "checkpoints" / "checkpoint-4"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    elsewhere = tmp_path / "best"  # a copy under any name: its step is the marker's
+    shutil.copytree(out / "checkpoints" / "checkpoint-4", elsewhere)
+    with pytest.raises(CheckpointError, match=r"best is step 4, .*Drop resume_from to continue from checkpoint-8"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**BASE, "max_steps": 8}, resume_from=str(elsewhere))
     res = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "fresh"), **{**BASE, "max_steps": 6},
                    resume_from=str(out / "checkpoints" / "checkpoint-4"))  # a new directory: resumed as before
     assert res.steps == 6

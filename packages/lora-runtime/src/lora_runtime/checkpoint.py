@@ -147,13 +147,14 @@ def resume_checkpoint(config: Any) -> Path | None:
     ckpt_output_dir holds later checkpoints), else `resume_point`."""
     if config.resume_from and config.resume:
         found = verify(config.resume_from)
-        later = [p.name for s, p in list_checkpoints(checkpoints_dir(config.ckpt_output_dir)) if s > step_of(found)]
+        step = json.loads((found / MARKER).read_text(encoding="utf-8")).get("step", step_of(found))  # any dir name
+        later = [p.name for s, p in list_checkpoints(checkpoints_dir(config.ckpt_output_dir)) if s > step]
         if later:  # its steps trained again would be saved under names those hold: kept, the new ones dropped
             raise CheckpointError(
-                f"resume_from={found} is step {step_of(found)}, but {checkpoints_dir(config.ckpt_output_dir)} already "
-                f"holds later checkpoints ({', '.join(later)}): the resumed run would keep those in place of its own "
-                "saves of the same steps, and a later resume would continue the old run. Pass a new ckpt_output_dir, "
-                "or move those checkpoints out")
+                f"resume_from={found} is step {step}, but {checkpoints_dir(config.ckpt_output_dir)} already holds "
+                f"later checkpoints ({', '.join(later)}): the resumed run would keep those in place of its own saves "
+                "of the same steps, and a later resume would continue the old run. Drop resume_from to continue from "
+                f"{later[-1]} (resume=True), pass a new ckpt_output_dir, or move those checkpoints out")
         return found
     return resume_point(config.ckpt_output_dir, resume=config.resume)
 

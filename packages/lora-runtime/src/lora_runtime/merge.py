@@ -48,11 +48,18 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    aside = None  # the earlier merge, set aside (in a directory of ours) until the new one is in place: a kill in
-    if out.exists():  # between leaves it whole beside the new one, never neither
+    aside = None  # the earlier merge, set aside (in a directory of ours) until the new one is in place: an error in
+    if out.exists():  # between puts it back, a kill leaves it whole beside the new one, never neither
         aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
         out.rename(aside / out.name)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if aside is not None and not out.exists():
+            (aside / out.name).rename(out)
+            aside.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return out
