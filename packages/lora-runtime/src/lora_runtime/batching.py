@@ -443,8 +443,6 @@ def plan_batch(footprint: Footprint, *, seq_len: int, budget: float, micro: int 
                        f"of {rows_per_rank:,} rows{f' at accumulation {accumulation}' if accumulation > 1 else ''})")
     else:
         rows, why_cap = [int(micro)], ""
-    if not rows:
-        raise ValueError(f"quota={quota}: effective_batch_size / world must be at least 1")
     n = footprint.layers
     counts = ([n if gc else 0] if gc != "auto" else list(range(n + 1)) if partial else [0, n])
 
@@ -697,12 +695,11 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
                 why += "; activation_offload needs that estimate: no layer is offloaded"
         # weights, LoRA and optimizer state: what no plan makes smaller (the estimate counts 8-bit weights as bf16)
         fixed = footprint.peak(0, 0) if footprint is not None else 0.0
-        if config.max_memory_gib is not None and not config.load_in_8bit and fixed > config.max_memory_gib * GIB:
-            raise ConfigError([f"max_memory_gib={config.max_memory_gib:g} is below what the model holds on a GPU "
-                               f"before any activation: {fixed / GIB:.1f} GiB of weights, LoRA and optimizer state; "
-                               "raise it"
-                               + ("" if config.load_in_4bit else ", or pass load_in_4bit=True")])
         if config.max_memory_gib is not None:  # a hard cap too: this process cannot allocate past the budget given
+            if not config.load_in_8bit and fixed > config.max_memory_gib * GIB:
+                raise ConfigError([f"max_memory_gib={config.max_memory_gib:g} is below what the model holds on a GPU "
+                                   f"before any activation: {fixed / GIB:.1f} GiB of weights, LoRA and optimizer "
+                                   "state; raise it" + ("" if config.load_in_4bit else ", or pass load_in_4bit=True")])
             cap_process(config, given[0])
         if footprint is not None:
             choice = plan_batch(footprint, seq_len=config.max_seq_len, budget=budget, micro=micro, gc=gc, quota=quota,
