@@ -196,6 +196,15 @@ def _fake_gpu(monkeypatch, free_gib):
         free_gib * GIB if config.max_memory_gib is None else min(free_gib, config.max_memory_gib) * GIB, "free"))
 
 
+def _recorded_caps(monkeypatch, devices: bool = False) -> list:
+    """The allocator caps `resolve` sets on an 80 GiB card, as fractions (with `devices`: (device, fraction))."""
+    caps: list = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda f, device=None: caps.append((device, f) if devices else f))
+    return caps
+
+
 def test_resolve_on_a_gpu_plans_micro_and_checkpointing_for_unsloth(monkeypatch, capsys, tmp_path):
     from lora_runtime.backends.unsloth import UnslothBackend
     from transformers import Qwen2Config
@@ -251,9 +260,7 @@ def test_a_budget_below_the_weights_is_refused_before_loading(monkeypatch, tmp_p
     Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True).save_pretrained(tmp_path / "m")
     _fake_gpu(monkeypatch, 70)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
-    fractions = []
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    fractions = _recorded_caps(monkeypatch)
     config = LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o"), max_memory_gib=2)
     with pytest.raises(ConfigError, match=r"max_memory_gib=2 is below what the model holds on a GPU before any "
                                           r"activation: 3.4 GiB .*; raise it, or pass load_in_4bit=True"):
@@ -272,9 +279,7 @@ def test_a_run_lifts_its_cap_when_it_ends_also_by_an_error(monkeypatch, tmp_path
     """After lora_sft(max_memory_gib=...) returns or raises, the process's other GPU work is not held to the cap."""
     from lora_runtime import api, batching
 
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
-    caps = []
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: caps.append(f))
+    caps = _recorded_caps(monkeypatch)
 
     def capped_then_fails(config, env):
         batching.cap_process(config, 8 * GIB)
@@ -294,9 +299,7 @@ def test_a_cap_set_by_one_run_is_lifted_for_the_next_in_the_same_process(monkeyp
     Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=1, vocab_size=1000).save_pretrained(tmp_path / "m")
     _fake_gpu(monkeypatch, 70)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
-    fractions = []
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    fractions = _recorded_caps(monkeypatch)
     model, out = str(tmp_path / "m"), str(tmp_path / "o")
     resolve(LoraSftConfig(model, "d", out, max_memory_gib=16), PeftBackend(), rows=100)
     resolve(LoraSftConfig(model, "d", out), PeftBackend(), rows=100)
@@ -328,9 +331,7 @@ def test_max_memory_gib_caps_the_process_whether_or_not_the_model_can_be_sized(m
                  num_key_value_heads=1, vocab_size=1000) if sized else GPT2Config(n_layer=2, n_embd=64, n_head=2)
      ).save_pretrained(tmp_path / "m")
     _fake_gpu(monkeypatch, 70)
-    fractions = []
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    fractions = _recorded_caps(monkeypatch)
     resolve(LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o"), max_memory_gib=16), PeftBackend(), rows=100)
     assert fractions == [16 / 80]
 
@@ -342,9 +343,7 @@ def test_under_model_splitting_max_memory_gib_caps_every_gpu_the_model_spans(mon
                 num_key_value_heads=1, vocab_size=1000).save_pretrained(tmp_path / "m")
     _fake_gpu(monkeypatch, 70)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
-    caps = []
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: caps.append((device, f)))
+    caps = _recorded_caps(monkeypatch, devices=True)
     split = LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o"), max_memory_gib=16, enable_model_splitting=True)
     resolve(split, PeftBackend(), rows=100)
     resolve(dataclasses.replace(split, max_memory_gib=None), PeftBackend(), rows=100)
@@ -538,9 +537,7 @@ def test_a_lowered_budget_bounds_the_plan_but_not_the_process_cap(monkeypatch, t
     Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=1, vocab_size=1000).save_pretrained(tmp_path / "m")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (70 * GIB, 80 * GIB))
-    fractions = []
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    fractions = _recorded_caps(monkeypatch)
     config = LoraSftConfig(str(tmp_path / "m"), "d", str(tmp_path / "o"), max_memory_gib=16)
     assert memory_budget(config) == (16 * GIB, "max_memory_gib=16")
     with lowered_budget((10 * GIB, "after the error")):
