@@ -68,3 +68,29 @@ def test_lora_sft_refuses_before_writing_anything(tiny_llama_dir, llama_shards, 
     assert sorted(p.name for p in out.iterdir()) == ["README.md"] and (out / "README.md").read_text() == "# My project"
     with pytest.raises(CheckpointError, match="is the base model's directory"):
         lora_sft(str(tiny_llama_dir), str(llama_shards), str(tiny_llama_dir), backend="peft", max_steps=1)
+
+
+def test_a_failed_runs_new_directory_is_removed_before_its_lock_is_released(tmp_path, monkeypatch):
+    """A first run that fails before writing anything removes the directory it made while it still holds the lock: a
+    second run that took the lock in the moment between would otherwise lose its directory and lock to that removal."""
+    import fcntl
+
+    from lora_runtime import checkpoint
+
+    out = tmp_path / "run"
+    held_at_removal = []
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        with open(out / ".lock", "a+") as fh:  # a second opener, as another run's
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held_at_removal.append(False)
+            except BlockingIOError:
+                held_at_removal.append(True)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    with pytest.raises(RuntimeError, match="before any write"), checkpoint.output_lock(out):
+        raise RuntimeError("failed before any write")
+    assert held_at_removal == [True] and not out.exists()

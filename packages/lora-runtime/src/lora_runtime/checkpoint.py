@@ -135,11 +135,13 @@ def output_lock(ckpt_output_dir: str | Path, model_path: str | Path | None = Non
     os.environ[OUTPUT_LOCK_ENV] = str(os.getpid())
     try:
         with locked(out, what=LOCK_WHAT):
-            yield
+            try:
+                yield
+            finally:  # under the lock: a run that takes it once released must not lose its dir (and lock) to this
+                if created and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
+                    shutil.rmtree(out, ignore_errors=True)
     finally:
         os.environ.pop(OUTPUT_LOCK_ENV, None)
-        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
-            shutil.rmtree(out, ignore_errors=True)
 
 
 def resume_checkpoint(config: Any) -> Path | None:
