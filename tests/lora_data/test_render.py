@@ -52,6 +52,22 @@ def test_llama3_bos_not_doubled_and_content_trimmed(tokenizers):
     assert _masked_text(tok, ids, mask) == "Yo<|eot_id|>"  # the Llama-3 template trims content
 
 
+LLAMA2_TEMPLATE = (  # Llama-2-chat / CodeLlama-Instruct: a space between the answer and EOS
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'].strip() + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_eos_after_a_space_is_trained(tokenizers):
+    tok = tokenizers["plain"]
+    r = Renderer(tok)
+    r._template = r._template.environment.from_string(LLAMA2_TEMPLATE)
+    conv = [{"role": "user", "content": "France?"}, {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "Germany?"}, {"role": "assistant", "content": " Berlin. "}]
+    out = r.render(conv)
+    assert out.text == "[INST] France? [/INST] Paris. <|endoftext|>[INST] Germany? [/INST] Berlin. <|endoftext|>"
+    assert [out.text[a:b] for a, b in out.spans] == ["Paris. <|endoftext|>", "Berlin. <|endoftext|>"]
+
+
 def test_plain_tokenizer_gets_documented_default(tokenizers):
     from lora_data.templates import DEFAULT_CHAT_TEMPLATE
 

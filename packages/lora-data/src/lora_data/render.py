@@ -5,7 +5,8 @@ also rendered (once per sequence of roles, cached) with a sentinel in place of e
 sentinels are the template's scaffolding. The real text is then parsed as scaffold₀ content₀ scaffold₁ content₁ …,
 which is exact for any template that inserts content verbatim or trimmed (Llama-3 trims). The span of an assistant
 message is its content plus the end-of-turn marker that the template writes right after it (the special token that
-starts the next scaffold piece: `<|im_end|>` for ChatML, `<|eot_id|>` for Llama-3, EOS for the default template):
+starts the next scaffold piece: `<|im_end|>` for ChatML, `<|eot_id|>` for Llama-3, EOS for the default template; EOS
+after whitespace, as Llama-2 writes it, with that whitespace):
 
     <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
                                                      ^^^^^^^^^^^^^^^^  ← the only span with loss
@@ -67,6 +68,7 @@ class Renderer:
         eos = getattr(tokenizer, "eos_token", None)
         markers = {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         self._markers = sorted(markers | ({eos} if eos else set()), key=len, reverse=True)
+        self._eos = eos or ""
         self._scaffolds: dict[tuple, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def text(self, messages: list[dict]) -> str:
@@ -125,7 +127,13 @@ class Renderer:
         return result
 
     def _marker_at(self, piece: str) -> str:
-        return next((m for m in self._markers if piece.startswith(m)), "")
+        """The end-of-turn text at the start of `piece`: a special token right after the content, or EOS after
+        whitespace (Llama-2's `content + ' ' + eos_token`)."""
+        found = next((m for m in self._markers if piece.startswith(m)), "")
+        gap = len(piece) - len(piece.lstrip())
+        if not found and gap and self._eos and piece.startswith(self._eos, gap):
+            return piece[:gap + len(self._eos)]
+        return found
 
     def render(self, messages: list[dict], text: str | None = None) -> Rendered:
         """Render `messages`; spans cover each assistant content + its end-of-turn marker (or all text)."""
