@@ -68,6 +68,32 @@ def test_eos_after_a_space_is_trained(tokenizers):
     assert [out.text[a:b] for a, b in out.spans] == ["Paris. <|endoftext|>", "Berlin. <|endoftext|>"]
 
 
+def test_a_date_stamping_template_renders_one_date_for_the_whole_run(tokenizers, monkeypatch):
+    """Llama-3.1 writes `strftime_now(...)` into every system prompt: a prepare that runs past midnight keeps the date
+    it started with, so the scaffold cached for a sequence of roles still matches and no record is rejected."""
+    import datetime as dt
+
+    from lora_data import render as render_module
+    from lora_data import sandbox
+
+    days = iter(dt.datetime(2026, 1, d, 23, 59) for d in range(1, 30))
+
+    class Clock(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return next(days)
+
+    for module in (render_module, sandbox):
+        monkeypatch.setattr(module, "datetime", Clock, raising=False)
+    r = Renderer(tokenizers["chatml"])
+    r._template = r._template.environment.from_string(
+        "Today: {{ strftime_now('%d %b %Y') }}\n{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+        "{% endfor %}")
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    texts = [r.render(conv).text for _ in range(3)]
+    assert texts == ["Today: 01 Jan 2026\nuser: Hi\nassistant: Yo\n"] * 3
+
+
 def test_plain_tokenizer_gets_documented_default(tokenizers):
     from lora_data.templates import DEFAULT_CHAT_TEMPLATE
 

@@ -17,6 +17,7 @@ A tokenizer without a chat template gets `templates.DEFAULT_CHAT_TEMPLATE` (docu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from . import sandbox
@@ -64,7 +65,8 @@ class Renderer:
         except Exception:
             self._batch_template = None
         specials = {k: v for k, v in getattr(tokenizer, "special_tokens_map", {}).items() if isinstance(v, str)}
-        self._kwargs: dict[str, Any] = {"add_generation_prompt": False, **specials}
+        started = datetime.now()  # one date for the whole run: a prepare that passes midnight renders one text per role
+        self._kwargs: dict[str, Any] = {"add_generation_prompt": False, **specials, "strftime_now": started.strftime}
         eos = getattr(tokenizer, "eos_token", None)
         markers = {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         self._markers = sorted(markers | ({eos} if eos else set()), key=len, reverse=True)
