@@ -94,6 +94,17 @@ def test_a_date_stamping_template_renders_one_date_for_the_whole_run(tokenizers,
     assert texts == ["Today: 01 Jan 2026\nuser: Hi\nassistant: Yo\n"] * 3
 
 
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_a_record_the_template_renders_as_nothing_is_rejected(tokenizers, train_on_inputs):
+    r = Renderer(tokenizers["chatml"], train_on_inputs=train_on_inputs)
+    r._template = r._template.environment.from_string(  # renders only conversations that open with a user turn
+        "{% if messages[0]['role'] == 'user' %}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+        "{% endfor %}{% endif %}")
+    conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    (got,) = r.render_batch([conv])
+    assert isinstance(got, RenderError) and "renders this record as no text" in str(got)
+
+
 def test_plain_tokenizer_gets_documented_default(tokenizers):
     from lora_data.templates import DEFAULT_CHAT_TEMPLATE
 

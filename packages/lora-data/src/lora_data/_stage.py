@@ -51,10 +51,13 @@ def chunk_table(sample_ids: list[int], mask: np.ndarray, lengths: np.ndarray) ->
     ([0, 3], [2, 0])
     >>> len(chunk_table([], np.zeros(0, np.uint8), np.zeros(0, np.int64))["offset"])  # a chunk where all failed
     0
+    >>> chunk_table([1, 2], np.array([1, 1], np.uint8), np.array([2, 0]))["loss_tokens"].tolist()  # an empty one last
+    [2, 0]
     """
-    offsets = np.concatenate([[0], np.cumsum(lengths)])[:-1].astype(np.int64)
-    loss = np.add.reduceat(mask.astype(np.int64), offsets) if len(mask) else np.zeros(len(lengths), np.int64)
-    loss = np.where(lengths > 0, loss, 0)
+    ends = np.cumsum(lengths).astype(np.int64)
+    offsets = ends - lengths
+    loss_before = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    loss = loss_before[ends] - loss_before[offsets]
     return _table(sample_id=sample_ids, offset=offsets, length=lengths, loss_tokens=loss)
 
 

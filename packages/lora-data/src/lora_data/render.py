@@ -140,6 +140,9 @@ class Renderer:
     def render(self, messages: list[dict], text: str | None = None) -> Rendered:
         """Render `messages`; spans cover each assistant content + its end-of-turn marker (or all text)."""
         text = self.text(messages) if text is None else text
+        if not text.strip():
+            raise RenderError("the chat template renders this record as no text: nothing to train on (does it accept "
+                              "these roles in this order?)")
         if self.train_on_inputs:
             return Rendered(text, ((0, len(text)),))
         pieces, eot = self._scaffold(messages)
