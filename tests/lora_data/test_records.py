@@ -75,11 +75,12 @@ def test_a_key_twice_in_one_object_is_rejected_with_its_path(tmp_path):
              '{"messages": [], "messages": [' + json.dumps(USER) + ", " + json.dumps(BOT) + "]}",
              json.dumps({"messages": [{"role": "user", "content": 'say {"a": 1}'}, BOT]}),
              '{"instruction" : "Add", "output" : "4", "output" : "5"}',
-             json.dumps({"messages": [USER, BOT]}, indent=None, separators=(",", " : "))]
+             json.dumps({"messages": [USER, BOT]}, indent=None, separators=(",", " : ")),
+             '{"instruction"  :  "Add",  "output"\t:  "4",  "output"  :"5"}']  # any whitespace before a colon
     items, _ = _items(tmp_path, lines)
     assert [(getattr(i, "code", None), getattr(i, "field", None)) for i in items] == [
         ("duplicate_key", "messages[1].role"), ("duplicate_key", "messages"), (None, None),
-        ("duplicate_key", "output"), (None, None)]
+        ("duplicate_key", "output"), (None, None), ("duplicate_key", "output")]
     assert items[0].reason.startswith("this key appears twice in one object: JSON keeps only the last value")
     array = tmp_path / "in.json"
     array.write_text("[\n" + lines[2] + ",\n" + lines[0] + "\n]\n")

@@ -26,6 +26,7 @@ import io
 import itertools
 import json
 import os
+import re
 import sys
 import zlib
 from collections.abc import Iterator
@@ -429,11 +430,14 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict:
     return twice
 
 
+_KEY_END = re.compile(r'"\s*:')  # a key's closing quote and its colon, whitespace between allowed
+_ESCAPED_KEY_END = re.compile(r'\\"\s*:')  # the same inside a string (JSON in a string), not a key
+
+
 def _key_twice(obj: Any, text: str) -> str | None:
     """The JSON path of a key that an object of the record's text holds twice (`messages[1].role`), else None. The
-    text is parsed again, keeping each object's pairs, only where it has more `":` (or `" :`) than the parsed record
-    has keys, not counting `\\":` (JSON inside a string): a key written apart from its colon by a newline or tab, or
-    ending in a backslash, is not counted."""
+    text is parsed again, keeping each object's pairs, only where it has more `"` + whitespace + `:` than the parsed
+    record has keys, not counting `\\"` + `:` (JSON inside a string): a key ending in a backslash is not counted."""
     keys, stack = 0, [obj]
     while stack:
         value = stack.pop()
@@ -442,7 +446,7 @@ def _key_twice(obj: Any, text: str) -> str | None:
             stack.extend(value.values())
         elif isinstance(value, list):
             stack.extend(value)
-    if text.count('":') + text.count('" :') - text.count('\\":') - text.count('\\" :') <= keys:
+    if len(_KEY_END.findall(text)) - len(_ESCAPED_KEY_END.findall(text)) <= keys:
         return None
     try:
         parsed = json.loads(text, object_pairs_hook=_pairs)
