@@ -105,6 +105,31 @@ def test_a_failed_run_keeps_its_rejects_apart_from_the_set_that_stays(data, tmp_
     assert not (out / "rejects.failed.jsonl").exists()
 
 
+def test_a_swap_that_fails_at_the_manifest_puts_the_earlier_rejects_back(data, tmp_path, chatml_tokenizer_dir,
+                                                                         monkeypatch):
+    """The commit replaces rejects.jsonl just before manifest.json: should the manifest's rename fail, the set that
+    stays gets its own rejects.jsonl back."""
+    import lora_data._staging as staging
+
+    out = tmp_path / "out"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data.read_text() + '{"messages": "not a list"}\n')
+    _prep(data, out, chatml_tokenizer_dir)
+    before = _snapshot(out)
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out / "manifest.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(staging.os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        _prep(bad, out, chatml_tokenizer_dir)
+    monkeypatch.undo()
+    assert _snapshot(out) == before and len(ShardReader(out)) > 0 and not (out / ".lora-data-staging").exists()
+
+
 @pytest.mark.parametrize("name", ["rejects.jsonl", "manifest.json"])
 def test_an_input_that_is_an_output_file_is_refused_before_anything_is_written(name, data, tmp_path,
                                                                               chatml_tokenizer_dir):

@@ -94,14 +94,21 @@ class Staging:
         for entry, name in zip(manifest.shards, names, strict=True):
             entry["file"] = name
         manifest.save(self.dir)  # the journal: what this commit moves into OUT (read by `begin` after a crash)
+        live_rejects, earlier_rejects = self.out / REJECTS_NAME, self.dir / f"earlier-{REJECTS_NAME}"
         try:
             for src, name in zip(staged, names, strict=True):
                 os.replace(self.dir / src, self.out / name)
-            os.replace(self.rejects, self.out / REJECTS_NAME)
+            if live_rejects.is_file():  # a second name for the old set's rejects, put back should the swap fail
+                _link_or_copy(live_rejects, earlier_rejects)
+            os.replace(self.rejects, live_rejects)
             os.replace(self.dir / MANIFEST_NAME, self.out / MANIFEST_NAME)
         except BaseException:
             for name in names:  # not committed: OUT keeps only what it had
                 (self.out / name).unlink(missing_ok=True)
+            if not self.rejects.exists() and live_rejects.exists():  # this run's, back in staging
+                os.replace(live_rejects, self.rejects)
+            if earlier_rejects.exists():
+                os.replace(earlier_rejects, live_rejects)
             raise
         fsync_dir(self.out)
         (self.out / FAILED_REJECTS_NAME).unlink(missing_ok=True)  # an earlier failed run's: this one succeeded
@@ -126,6 +133,14 @@ class Staging:
                 return names
         raise DataError(f"every shard file name lora-data uses is taken in {self.out}; prepare into an empty "
                         "directory")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
 
 
 def _inode(p: Path) -> tuple[int, int] | None:
