@@ -41,6 +41,37 @@ def test_the_fingerprint_is_the_one_the_runtime_computes(which, request, tokeniz
     assert bool(list(tokenizer_cache.glob("*.json"))) == which.startswith("tiny_")
 
 
+def _config(d: Path, **changes) -> None:
+    config = json.loads((d / "tokenizer_config.json").read_text()) | changes
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+VARIANTS = {  # what transformers reads into a generic tokenizer beyond tokenizer.json and tokenizer_config.json
+    "special_tokens_map": lambda d: (_config(d, pad_token=None), (d / "special_tokens_map.json").write_text(
+        json.dumps({"pad_token": "<|endoftext|>"}))),
+    "additional_chat_templates": lambda d: ((d / "additional_chat_templates").mkdir(),
+                                            (d / "additional_chat_templates" / "tool_use.jinja").write_text("{{ 1 }}")),
+    "new_pad_token": lambda d: _config(d, pad_token="<newpad>"),
+    "new_extra_special_token": lambda d: _config(d, extra_special_tokens=["<|im_start|>", "<tool>"]),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_generic_tokenizer_with_more_than_the_fast_path_reads_loads_as_transformers_does(
+        variant, tmp_path, chatml_tokenizer_dir):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    directory = tmp_path / variant
+    shutil.copytree(chatml_tokenizer_dir, directory)
+    VARIANTS[variant](directory)
+    want = AutoTokenizer.from_pretrained(directory)
+    got = load_tokenizer(directory)
+    assert lora_data.tokenizer_fingerprint(got) == lora_data.tokenizer_fingerprint(want)
+    assert (got.eos_token, got.pad_token) == (want.eos_token, want.pad_token)
+
+
 def test_shards_are_byte_identical_whichever_loader(tmp_path, chatml_tokenizer_dir, tokenizers):
     data = _tiny.write_jsonl(tmp_path / "d.jsonl", _tiny.chat_records(80, seed=9))
     a = lora_data.prepare(data, tmp_path / "a", chatml_tokenizer_dir, max_seq_len=96, verbose=False)

@@ -7,7 +7,8 @@ transformers 5 builds some tokenizers with a class of its own (e.g. `Qwen2Tokeni
 whose pipeline differs from `tokenizer.json`, and `import transformers` costs seconds because it imports torch. So:
 
 - a directory transformers would load with its generic backend (a `tokenizer.json`, a generic or no
-  `tokenizer_class`, no model `config.json`) is loaded here with the `tokenizers` library alone;
+  `tokenizer_class`, no model `config.json`), holding nothing else transformers reads into it (`_READ_BY_TRANSFORMERS_ONLY`,
+  a special token `tokenizer.json` lacks), is loaded here with the `tokenizers` library alone;
 - any other directory is loaded once with `AutoTokenizer` (exactly what the runtime does), and what it built (the
   backend JSON, special tokens, chat template) is cached under a hash of the directory's tokenizer files and the
   transformers version; later loads of the same files read the cache, without transformers or torch.
@@ -32,6 +33,10 @@ FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "
          "chat_template.json", "added_tokens.json", "config.json", "vocab.json", "merges.txt", "tokenizer.model")
 GENERIC = (None, "TokenizersBackend", "PreTrainedTokenizerFast")
 SPECIAL = ("bos", "eos", "unk", "pad")
+# files transformers reads into a generic tokenizer that `FastTokenizer.from_files` does not: such a directory is
+# loaded by transformers (once; cached)
+_READ_BY_TRANSFORMERS_ONLY = ("special_tokens_map.json", "added_tokens.json", "chat_template.json",
+                              "additional_chat_templates")
 FINGERPRINT_SCHEME = 1  # bump when fingerprint_parts changes: cached fingerprints are then recomputed
 
 
@@ -42,8 +47,11 @@ def load_tokenizer(tokenizer: Any):
     directory = resolve(str(tokenizer))
     config = _read_json(directory / "tokenizer_config.json")
     model = _read_json(directory / "config.json")
-    if (directory / "tokenizer.json").is_file() and config.get("tokenizer_class") in GENERIC and not model:
-        return FastTokenizer.from_files(directory, config, name_or_path=str(tokenizer))
+    if (directory / "tokenizer.json").is_file() and config.get("tokenizer_class") in GENERIC and not model and not any(
+            (directory / name).exists() for name in _READ_BY_TRANSFORMERS_ONLY):
+        fast = FastTokenizer.from_files(directory, config, name_or_path=str(tokenizer))
+        if all(fast.convert_tokens_to_ids(t) is not None for t in fast.all_special_tokens):
+            return fast  # else transformers adds a special token tokenizer.json lacks: loaded (and cached) by it
     key = _files_key(directory)
     cached = _read_json(cache_dir() / f"{key}.json")
     if cached:
