@@ -41,6 +41,25 @@ def test_round_trip_literals(tmp_path):
         r[-4]
 
 
+def test_the_writer_holds_memory_for_the_rows_it_has_not_for_a_whole_shard(tmp_path):
+    """A long-context row length with the default rows_per_shard (4,096 × 16k tokens = 335 MB of buffers) and one
+    short record: the writer's memory follows the data. The shard is the same either way."""
+    import tracemalloc
+
+    tracemalloc.start()
+    w = ShardWriter(tmp_path / "long", seq_len=16384, pad_id=3)
+    for i in range(20):
+        w.add_row(list(range(1, 18 + i)), [0] * 5 + [1] * (12 + i), seq_lens=[17 + i])
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    infos = w.close()
+    assert peak < 16 << 20 and [i.rows for i in infos] == [20]
+    Manifest(seq_len=16384, pad_id=3, shards=[i.to_dict() for i in infos]).save(tmp_path / "long")
+    first, last = ShardReader(tmp_path / "long")[0], ShardReader(tmp_path / "long")[19]
+    assert first.input_ids[:17].tolist() == list(range(1, 18)) and set(first.input_ids[17:].tolist()) == {3}
+    assert last.input_ids[:36].tolist() == list(range(1, 37)) and last.loss_mask.sum() == 31
+
+
 def test_sections_are_64_byte_aligned(tmp_path):
     from lora_data.shards import read_header
 

@@ -101,11 +101,13 @@ class ShardWriter:
         self.seq_len, self.pad_id, self.rows_per_shard = seq_len, pad_id, rows_per_shard
         self._infos: list[ShardInfo] = []
         self._next_sample = 0
+        self._ids = np.zeros((0, seq_len), dtype="<u4")  # grown as rows come: memory follows the data, not
+        self._mask = np.zeros((0, seq_len), dtype="u1")  # rows_per_shard × seq_len
         self._reset()
 
     def _reset(self) -> None:
-        self._ids = np.full((self.rows_per_shard, self.seq_len), self.pad_id, dtype="<u4")
-        self._mask = np.zeros((self.rows_per_shard, self.seq_len), dtype="u1")
+        self._ids.fill(self.pad_id)  # the next shard reuses the buffers the last one grew
+        self._mask.fill(0)
         self._offsets = [0]
         self._lens: list[int] = []
         self._samples: list[int] = []
@@ -129,6 +131,8 @@ class ShardWriter:
         samples = [int(s) for s in sample_ids]
         if len(samples) != len(lens):
             raise ValueError(f"sample_ids has {len(samples)} entries for {len(lens)} segments")
+        if self._n == len(self._ids):
+            self._grow()
         self._ids[self._n, :total] = ids[:total]
         self._mask[self._n, :total] = mask[:total]
         self._lens += lens
@@ -138,6 +142,13 @@ class ShardWriter:
         self._n += 1
         if self._n == self.rows_per_shard:
             self._flush()
+
+    def _grow(self) -> None:
+        rows = min(self.rows_per_shard, max(8, 2 * len(self._ids)))
+        ids = np.full((rows, self.seq_len), self.pad_id, dtype="<u4")
+        mask = np.zeros((rows, self.seq_len), dtype="u1")
+        ids[: self._n], mask[: self._n] = self._ids[: self._n], self._mask[: self._n]
+        self._ids, self._mask = ids, mask
 
     def _flush(self) -> None:
         if self._n == 0:
