@@ -137,6 +137,18 @@ def test_template_that_rewrites_content_is_reported(tokenizers):
         r.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
 
 
+def test_a_template_that_rewrites_a_later_message_names_that_message(tokenizers):
+    """Reasoning the template takes out of an answer and writes before it (as Qwen3 does with an inline <think>)
+    breaks the scaffold after the message before: the reject names the answer, not the user turn."""
+    r = Renderer(tokenizers["chatml"])
+    r._template = r._template.environment.from_string(
+        "{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}<t>{% if '</think>' in m['content'] %}"
+        "{{ m['content'].split('</think>')[0][7:] }}{% endif %}</t>{{ m['content'].split('</think>')[-1] }}"
+        "{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}")
+    with pytest.raises(RenderError, match=r"messages\[1\]\.content: the chat template writes text before"):
+        r.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>x</think>yo"}])
+
+
 def _random_conversations(n, seed=0):
     rng = random.Random(seed)
     words = [*_tiny._WORDS.split(), "ünï", "日本", "—", "  ", "\n", "\t", "<|im_end|>x", "  trailing "]

@@ -151,9 +151,14 @@ class Renderer:
         pos, spans = len(pieces[0]), []
         for i, m in enumerate(messages):
             end = _match_content(text, pos, m["content"], pieces[i + 1])
+            if end is None and i + 1 < len(messages) and m["content"].strip() and _match_content(
+                    text, pos, m["content"], "") is not None:
+                raise RenderError("the chat template writes text before this content that depends on it (reasoning "
+                                  "taken out of the answer, say); cannot locate the turn",
+                                  field=f"messages[{i + 1}].content")
             if end is None:
                 raise RenderError("the chat template changes this content beyond trimming whitespace; cannot locate "
-                                  "the assistant turn", field=f"messages[{i}].content")
+                                  "the turn", field=f"messages[{i}].content")
             if m["role"] == "assistant":
                 spans.append((pos, end + len(eot[i])))
             pos = end + len(pieces[i + 1])
