@@ -24,7 +24,7 @@ BAD_FILE_LINES = [  # (line content, expected code or None for valid, expected f
     (b"\xef\xbb\xbf" + json.dumps({"messages": [U, A]}).encode() + b"\r", None, None),  # BOM + CRLF
     (b"", "blank", None),
     (b'{"messages": [', "invalid_json", None),
-    (json.dumps({"messages": [U, {"role": "assistant", "content": 42}]}).encode(), "wrong_type_string",
+    (json.dumps({"messages": [U, {"role": "assistant", "content": 42}]}).encode(), "wrong_type_string_or_null",
      "messages[1].content"),
     (json.dumps({"messages": [{"role": "bot", "content": "x"}, A]}).encode(), "bad_role", "messages[0].role"),
     (json.dumps({"messages": []}).encode(), "empty_messages", "messages"),
@@ -68,7 +68,7 @@ def test_cli_over_every_kind_of_bad_line(bad_file, tmp_path, chatml_tokenizer_di
     assert (c["lines_read"], c["valid"], c["rejected"], c["blank"]) == (11, 3, 6, 2)
     assert c["lines_read"] == c["valid"] + c["rejected"] + c["blank"]
     assert (c["overlong"], c["dropped"], c["samples"]) == (1, 1, 2)
-    assert c["rejected_by_reason"] == {"invalid_json": 1, "wrong_type_string": 1, "bad_role": 1, "empty_messages": 1,
+    assert c["rejected_by_reason"] == {"invalid_json": 1, "wrong_type_string_or_null": 1, "bad_role": 1, "empty_messages": 1,
                                        "no_assistant": 1, "not_an_object": 1}
     assert "11 lines read: 3 valid, 6 rejected, 2 blank; 1 overlong (1 dropped" in result.output  # summary on stderr
     reader = ShardReader(out)

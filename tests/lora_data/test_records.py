@@ -29,7 +29,7 @@ def _items(tmp_path, lines: list, **kw):
      ("messages[0].role", 'expected one of system, user, assistant, tool; got "bot"', "bad_role")),
     ({"messages": []}, ("messages", "must not be empty", "empty_messages")),
     ({"messages": [USER, {"role": "assistant", "content": 3}]},
-     ("messages[1].content", "expected string, got integer 3", "wrong_type_string")),
+     ("messages[1].content", "expected string or null, got integer 3", "wrong_type_string_or_null")),
     ({"messages": [USER, {"role": "assistant"}]}, ("messages[1].content", "missing required field", "missing_content")),
     ({"messages": "hi"}, ("messages", 'expected array, got string "hi"', "wrong_type_array")),
     ({"messages": [USER, None]}, ("messages[1]", "expected object, got null", "wrong_type_object")),

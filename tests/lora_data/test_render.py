@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import _tiny
@@ -147,6 +148,63 @@ def test_a_template_that_rewrites_a_later_message_names_that_message(tokenizers)
         "{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}")
     with pytest.raises(RenderError, match=r"messages\[1\]\.content: the chat template writes text before"):
         r.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>x</think>yo"}])
+
+
+TOOLS_TEMPLATE = (  # ChatML as Qwen3 writes tools, tool calls and reasoning (its structure, in few lines)
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% if m.get('reasoning_content') %}<think>\n{{ m['reasoning_content'] }}\n</think>\n\n{% endif %}"
+    "{{ m['content'] or '' }}{% for call in m.get('tool_calls') or [] %}{% if m['content'] or not loop.first %}"
+    "{{ '\\n' }}{% endif %}<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}")
+CALL = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+
+
+@pytest.mark.parametrize("content", ["Let me check.", "", None])
+def test_tool_calls_and_reasoning_are_trained_as_the_assistant_writes_them(tokenizers, content):
+    """What the template writes for an assistant turn's other keys is the turn's output: its tool calls (after some
+    content, an empty one or none, which the template renders differently) and its reasoning up to the answer. The
+    record's tools are passed to the template, as apply_chat_template passes them, and are not trained."""
+    r = Renderer(tokenizers["chatml"])
+    r._template = r._template.environment.from_string(TOOLS_TEMPLATE)
+    conv = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": content, "tool_calls": [CALL]},
+            {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny.", "reasoning_content": "The tool said so."}]
+    out = r.render(conv, context={"tools": [{"name": "weather"}]})
+    call = '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>'
+    first = f"{content}\n{call}" if content else call
+    assert out.text.startswith('<|im_start|>system\nTools: [{"name": "weather"}]<|im_end|>\n<|im_start|>user\n')
+    assert [out.text[a:b] for a, b in out.spans] == [
+        f"{first}<|im_end|>", "<think>\nThe tool said so.\n</think>\n\nSunny.<|im_end|>"]
+
+
+def test_a_records_tools_and_template_kwargs_reach_the_template(tmp_path, chatml_tokenizer_dir):
+    """`tools`, `documents` and `chat_template_kwargs` of a chat record render as apply_chat_template renders them;
+    null content is valid only on an assistant turn with tool_calls."""
+    from lora_data.records import read_records
+
+    tools = [{"type": "function", "function": {"name": "weather"}}]
+    lines = [{"messages": [{"role": "user", "content": "Weather?"},
+                           {"role": "assistant", "content": None, "tool_calls": [CALL]}], "tools": tools,
+              "chat_template_kwargs": {"enable_thinking": False}, "id": 7},
+             {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]},
+             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    record, no_user, no_call = read_records(tmp_path / "in.jsonl")
+    assert record.context == {"tools": tools, "enable_thinking": False}
+    assert [(x.field, x.code) for x in (no_user, no_call)] == [
+        ("messages[0].content", "null_content"), ("messages[1].content", "null_content")]
+    r = Renderer(tokenizers_of(chatml_tokenizer_dir))
+    r._template = r._template.environment.from_string(
+        "{{ tools | tojson }} {{ enable_thinking }}|" + TOOLS_TEMPLATE)
+    (got,) = r.render_batch([record.messages], [record.context])
+    assert got.text.startswith('[{"type": "function", "function": {"name": "weather"}}] False|<|im_start|>system\n')
+
+
+def tokenizers_of(directory):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
 
 
 def _random_conversations(n, seed=0):

@@ -30,11 +30,11 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _render_chunk(batch: list[list[dict]]) -> list:
+def _render_chunk(batch: list[list[dict]], contexts: list[dict]) -> list:
     """In a worker: render a chunk; (text, spans) or (None, message, field, code) per record (cheap to pickle)."""
     assert _RENDERER is not None
     return [(r.text, r.spans) if isinstance(r, Rendered) else (None, r.message, r.field, r.code)
-            for r in _RENDERER.render_batch(batch)]
+            for r in _RENDERER.render_batch(batch, contexts)]
 
 
 def _unpack(item: tuple) -> Rendered | RenderError:
@@ -117,9 +117,11 @@ class TokenizeStage:
         if self.workers > 1 and self._chunks == 2:
             self._start_workers()
         if self._procs is None:
-            self._process(records, self.renderer.render_batch([r.messages for r in records]))
+            self._process(records, self.renderer.render_batch([r.messages for r in records],
+                                                              [r.context for r in records]))
             return
-        self._queue.append(("chunk", records, self._procs.apply_async(_render_chunk, ([r.messages for r in records],))))
+        work = ([r.messages for r in records], [r.context for r in records])
+        self._queue.append(("chunk", records, self._procs.apply_async(_render_chunk, work)))
         while sum(e[0] == "chunk" for e in self._queue) > self.workers + 1:
             self._pop()
 

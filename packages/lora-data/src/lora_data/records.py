@@ -56,7 +56,8 @@ def sample_origin(sid: int) -> tuple[int, int]:
 
 @dataclass(slots=True)
 class Record:
-    """A valid record: a conversation (Alpaca already converted), where it came from, and its sample id."""
+    """A valid record: a conversation (Alpaca already converted), where it came from, its sample id, and the
+    variables its chat template is rendered with beside `messages` (`template_context`)."""
 
     path: str
     line: int
@@ -64,6 +65,22 @@ class Record:
     format: str
     sample_id: int = 0
     raw: str = ""
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+TEMPLATE_KEYS = ("tools", "documents")  # a chat record's keys that apply_chat_template passes to the template
+TEMPLATE_KWARGS = "chat_template_kwargs"  # a chat record's object of further template variables, as TRL reads it
+
+
+def template_context(obj: dict[str, Any]) -> dict[str, Any]:
+    """The variables a chat record's template is rendered with beside `messages`: `tools` and `documents` where
+    given, and the entries of `chat_template_kwargs` (`enable_thinking`, say).
+
+    >>> template_context({"messages": [], "tools": [{"name": "f"}], "id": 7, "chat_template_kwargs": {"x": 1}})
+    {'tools': [{'name': 'f'}], 'x': 1}
+    """
+    context = {k: obj[k] for k in TEMPLATE_KEYS if obj.get(k) is not None}
+    return context | (obj.get(TEMPLATE_KWARGS) or {})
 
 
 @dataclass(slots=True)
@@ -310,15 +327,20 @@ class RecordReader:
         if bad:
             return Rejection(path, number, bad[0], bad[1] + self._other_format(fmt, obj), text, bad[2])
         messages = obj[self.fields.messages] if fmt == "messages" else self._alpaca_to_messages(obj)
-        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        for i, m in enumerate(messages):
+            if m["content"] is None and not (m["role"] == "assistant" and m.get("tool_calls")):
+                return Rejection(path, number, f"{self.fields.messages}[{i}].content", "is null: only an assistant "
+                                 "turn with tool_calls may leave its content out", text, "null_content")
+        answers = [m for m in messages if m["role"] == "assistant"]
         if not answers:
             return Rejection(path, number, self.fields.messages, "no assistant turn: nothing to learn from", text,
                              "no_assistant")
-        if not self.train_on_inputs and not any(a.strip() for a in answers):
+        if not self.train_on_inputs and not any((a["content"] or "").strip() or a.get("tool_calls") for a in answers):
             where = self.fields.messages if fmt == "messages" else self.fields.output
             return Rejection(path, number, where, "every assistant turn is empty: it would teach the model to answer "
                              "nothing", text, "empty_answer")
-        return Record(path, number, messages, fmt, sample_id(self.source_index, number), text)
+        context = template_context(obj) if fmt == "messages" else {}
+        return Record(path, number, messages, fmt, sample_id(self.source_index, number), text, context)
 
     def _detect(self, obj: dict) -> str | None:
         return detect_format(obj, self.fields)

@@ -11,6 +11,11 @@ after whitespace, as Llama-2 writes it, with that whitespace):
     <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
                                                      ^^^^^^^^^^^^^^^^  ← the only span with loss
 
+An assistant turn with other keys (`tool_calls`, `reasoning_content`) is also its own where the template writes
+them: the conversation is rendered once more with those turns bare (role + content only), and what a piece next to
+such a turn holds beyond the bare piece is trained too. An empty content that the template renders differently from
+a sentinel (a newline before a tool call only after some content) is then left in place and not cut at.
+
 A tokenizer without a chat template gets `templates.DEFAULT_CHAT_TEMPLATE` (documented there).
 """
 
@@ -71,10 +76,13 @@ class Renderer:
         markers = {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         self._markers = sorted(markers | ({eos} if eos else set()), key=len, reverse=True)
         self._eos = eos or ""
-        self._scaffolds: dict[tuple, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._scaffolds: dict[tuple, _Scaffold] = {}
 
-    def text(self, messages: list[dict]) -> str:
-        return sandbox.render(self._template, messages=messages, **self._kwargs)
+    def text(self, messages: list[dict], context: dict[str, Any] | None = None) -> str:
+        """The template's text of `messages`, with a record's own variables (`records.template_context`)."""
+        kwargs = self._kwargs if not context else {
+            **self._kwargs, **{k: v for k, v in context.items() if k not in _FIXED}}
+        return sandbox.render(self._template, messages=messages, **kwargs)
 
     def texts(self, batch: list[list[dict]]) -> list[str] | None:
         """Render a whole chunk in one template call (5× faster than one call each); None if that is not exact."""
@@ -90,13 +98,17 @@ class Renderer:
             return None
         return out[:-1]
 
-    def render_batch(self, batch: list[list[dict]]) -> list[Rendered | RenderError]:
-        """`render` for a chunk; a record that cannot be rendered gives its RenderError in place."""
-        texts = self.texts(batch)
+    def render_batch(self, batch: list[list[dict]], contexts: list[dict[str, Any]] | None = None
+                     ) -> list[Rendered | RenderError]:
+        """`render` for a chunk (`contexts`: each record's template variables, if any); a record that cannot be
+        rendered gives its RenderError in place. Records without variables of their own are rendered in one call."""
+        contexts = contexts or [{}] * len(batch)
+        alone = [i for i, c in enumerate(contexts) if not c]
+        texts = dict(zip(alone, self.texts([batch[i] for i in alone]) or (), strict=False))
         out: list[Rendered | RenderError] = []
         for i, messages in enumerate(batch):
             try:
-                out.append(self.render(messages, text=None if texts is None else texts[i]))
+                out.append(self.render(messages, text=texts.get(i), context=contexts[i]))
             except RenderError as e:
                 out.append(e)
             except sandbox.TemplateLimitError as e:
@@ -105,16 +117,19 @@ class Renderer:
                 out.append(RenderError(f"the chat template failed on this record: {e}"))
         return out
 
-    def _scaffold(self, messages: list[dict]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """Scaffold pieces (len n+1) and, per message, the end-of-turn marker that follows it."""
-        plain = all(len(m) == 2 for m in messages)  # only role + content: the scaffold depends on roles alone
+    def _scaffold(self, messages: list[dict], context: dict[str, Any] | None, hide_empty: bool) -> _Scaffold:
+        """The template's text with a sentinel for each content, cut at the sentinels (see `_Scaffold`). With
+        `hide_empty`, an empty content stays as it is and is not cut at: for templates that render an empty content
+        differently (Qwen3 writes a newline before a tool call only after some content)."""
+        shown = tuple(i for i, m in enumerate(messages) if not (hide_empty and not m["content"]))
+        plain = not context and not hide_empty and all(len(m) == 2 for m in messages)  # the scaffold follows the roles
         key = tuple(m["role"] for m in messages)
         if plain and key in self._scaffolds:
             return self._scaffolds[key]
-        probe = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
-        text = self.text(probe)
+        probe = [{**m, "content": _SENTINEL.format(i)} if i in shown else m for i, m in enumerate(messages)]
+        text = self.text(probe, context)
         pieces, pos = [], 0
-        for i in range(len(messages)):
+        for i in shown:
             at = text.find(_SENTINEL.format(i), pos)
             if at < 0 or text.count(_SENTINEL.format(i)) != 1:
                 raise RenderError(f"the chat template does not render message {i} exactly once; it cannot be masked",
@@ -122,8 +137,7 @@ class Renderer:
             pieces.append(text[pos:at])
             pos = at + len(_SENTINEL.format(i))
         pieces.append(text[pos:])
-        eot = tuple(self._marker_at(p) for p in pieces[1:])
-        result = (tuple(pieces), eot)
+        result = _Scaffold(tuple(pieces), tuple(self._marker_at(p) for p in pieces[1:]), shown)
         if plain:
             self._scaffolds[key] = result
         return result
@@ -137,32 +151,117 @@ class Renderer:
             return piece[:gap + len(self._eos)]
         return found
 
-    def render(self, messages: list[dict], text: str | None = None) -> Rendered:
-        """Render `messages`; spans cover each assistant content + its end-of-turn marker (or all text)."""
-        text = self.text(messages) if text is None else text
+    def render(self, messages: list[dict], text: str | None = None, context: dict[str, Any] | None = None
+               ) -> Rendered:
+        """Render `messages` (with `context`'s variables); spans cover what each assistant turn writes: its content,
+        what the template writes for its other keys (tool calls, reasoning), and its end-of-turn marker (or all
+        text)."""
+        text = self.text(messages, context) if text is None else text
         if not text.strip():
             raise RenderError("the chat template renders this record as no text: nothing to train on (does it accept "
                               "these roles in this order?)")
         if self.train_on_inputs:
             return Rendered(text, ((0, len(text)),))
-        pieces, eot = self._scaffold(messages)
+        try:
+            spans = self._spans(messages, context, text, hide_empty=False)
+        except RenderError as e:
+            if all(m["content"] for m in messages):
+                raise
+            try:
+                spans = self._spans(messages, context, text, hide_empty=True)
+            except RenderError:
+                raise e from None
+        return Rendered(text, spans)
+
+    def _spans(self, messages: list[dict], context: dict[str, Any] | None, text: str, hide_empty: bool
+               ) -> tuple[tuple[int, int], ...]:
+        scaffold = self._scaffold(messages, context, hide_empty)
+        pieces, shown = scaffold.pieces, scaffold.shown
         if not text.startswith(pieces[0]):
             raise RenderError("the chat template output depends on message content; it cannot be masked")
-        pos, spans = len(pieces[0]), []
-        for i, m in enumerate(messages):
-            end = _match_content(text, pos, m["content"], pieces[i + 1])
-            if end is None and i + 1 < len(messages) and m["content"].strip() and _match_content(
-                    text, pos, m["content"], "") is not None:
+        pos, starts, spans = len(pieces[0]), [0], []
+        for k, i in enumerate(shown):
+            content = messages[i]["content"] or ""
+            end = _match_content(text, pos, content, pieces[k + 1])
+            if end is None and k + 1 < len(shown) and content.strip() and _match_content(
+                    text, pos, content, "") is not None:
                 raise RenderError("the chat template writes text before this content that depends on it (reasoning "
                                   "taken out of the answer, say); cannot locate the turn",
-                                  field=f"messages[{i + 1}].content")
+                                  field=f"messages[{shown[k + 1]}].content")
             if end is None:
                 raise RenderError("the chat template changes this content beyond trimming whitespace; cannot locate "
                                   "the turn", field=f"messages[{i}].content")
-            if m["role"] == "assistant":
-                spans.append((pos, end + len(eot[i])))
-            pos = end + len(pieces[i + 1])
-        return Rendered(text, tuple(spans))
+            if messages[i]["role"] == "assistant":
+                spans.append((pos, end + len(scaffold.eot[k])))
+            starts.append(end)
+            pos = end + len(pieces[k + 1])
+        if any(len(m) > 2 and m["role"] == "assistant" for m in messages):  # other keys: tool calls, reasoning
+            bare = [{"role": m["role"], "content": m["content"]} if m["role"] == "assistant" else m for m in messages]
+            # what a piece next to an assistant turn holds beyond the bare conversation's piece is that turn's own
+            for k, (piece, without) in enumerate(zip(pieces, self._scaffold(bare, context, hide_empty).pieces,
+                                                     strict=True)):
+                around = range(shown[k - 1] if k else 0, (shown[k] if k < len(shown) else len(messages) - 1) + 1)
+                if piece == without or not any(messages[j]["role"] == "assistant" for j in around):
+                    continue
+                a = _common_prefix(piece, without)
+                a = min(self._in_marker(piece, a)[0], self._in_marker(without, a)[0])  # never half a special token
+                tail = _common_prefix(piece[a:][::-1], without[a:][::-1])
+                tail -= max(self._in_marker(piece, len(piece) - tail)[1] - (len(piece) - tail),
+                            self._in_marker(without, len(without) - tail)[1] - (len(without) - tail))
+                b = len(piece) - tail
+                if b <= a:
+                    continue
+                if k < len(shown) and messages[shown[k]]["role"] == "assistant":
+                    b = len(piece)  # before its content: the reasoning and the tags that close it, up to the answer
+                spans.append((starts[k] + a, starts[k] + b + len(self._marker_at(piece[b:]))))
+            return _merged(spans)
+        return tuple(spans)
+
+    def _in_marker(self, text: str, at: int) -> tuple[int, int]:
+        """The special token of `text` that position `at` falls inside, as (start, end); else (at, at)."""
+        for m in self._markers:
+            start = text.rfind(m, max(0, at - len(m) + 1), at + len(m) - 1)
+            if 0 <= start < at < start + len(m):
+                return start, start + len(m)
+        return at, at
+
+
+@dataclass(frozen=True, slots=True)
+class _Scaffold:
+    """The template's text of a conversation with a sentinel for each `shown` message's content, cut at them:
+    `pieces[k]` comes before message `shown[k]`'s content (the last piece after all), and `eot[k]` is the end-of-turn
+    marker at the start of `pieces[k + 1]`."""
+
+    pieces: tuple[str, ...]
+    eot: tuple[str, ...]
+    shown: tuple[int, ...]
+
+
+_FIXED = {"messages", "add_generation_prompt", "lora_data_batch"}  # never taken from a record's template variables
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _merged(spans: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Sorted spans with the touching or overlapping ones joined.
+
+    >>> _merged([(8, 9), (0, 3), (3, 5)])
+    ((0, 5), (8, 9))
+    """
+    out: list[list[int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return tuple((a, b) for a, b in out)
 
 
 def _match_content(text: str, pos: int, content: str, following: str) -> int | None:

@@ -145,6 +145,7 @@ def render(record_or_messages: Any, tokenizer: Any, *, train_on_inputs: bool = F
     'Yo<|im_end|>'
     """
     messages = getattr(record_or_messages, "messages", record_or_messages)
-    rendered = Renderer(tokenizer, train_on_inputs=train_on_inputs).render(messages)
+    context = getattr(record_or_messages, "context", None)
+    rendered = Renderer(tokenizer, train_on_inputs=train_on_inputs).render(messages, context=context)
     ids, mask = Encoder(tokenizer).encode([rendered])
     return ids[0].tolist(), mask[0].tolist()
