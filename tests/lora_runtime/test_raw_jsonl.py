@@ -49,6 +49,16 @@ def test_raw_jsonl_is_prepared_once_and_reused_with_eval_and_reporting(raw, tiny
     assert len(list((d / "cache").iterdir())) == 2
 
 
+def test_eval_split_ratio_evaluates_on_the_lines_it_holds_out(raw, tiny_llama_dir, tmp_path):
+    """The held-out share is evaluated every eval_steps, as eval_data_path is (it was held out and never used)."""
+    jsonl, _ = raw
+    kw = {**_runs.RUN, "max_steps": 4, "save_steps": 4, "data_output_dir": str(tmp_path / "cache")}
+    result = lora_sft(str(tiny_llama_dir), str(jsonl), str(tmp_path / "run"), **kw, eval_split_ratio=0.25,
+                      eval_steps=2)
+    assert [r["step"] for r in read_metrics(result.metrics_path) if "eval_loss" in r] == [2, 4]
+    assert result.eval_loss is not None
+
+
 def test_passthrough_is_refused_with_the_alternative(raw, tiny_llama_dir, tmp_path):
     jsonl, _ = raw
     with pytest.raises(ConfigError, match="use 'chat_template'"):

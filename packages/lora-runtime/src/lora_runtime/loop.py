@@ -231,7 +231,7 @@ def training_arguments(config: LoraSftConfig, plan: BatchPlan, precision: str) -
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not torch.cuda.is_available(),
         logging_strategy="steps", logging_steps=config.logging_steps,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=None,
-        eval_strategy="steps" if config.eval_data_path else "no", eval_steps=config.eval_steps,
+        eval_strategy="steps" if config.eval_data_path or config.eval_split_ratio else "no", eval_steps=config.eval_steps,
         report_to=targets or "none", run_name=config.wandb_run_name or config.mlflow_run_name,
         seed=config.seed, data_seed=config.seed, dataloader_num_workers=config.dataloader_num_workers,
         dataloader_pin_memory=False, ignore_data_skip=True, remove_unused_columns=False,
