@@ -75,16 +75,29 @@ def test_a_setting_the_checkpoint_fixes_is_one_issue_naming_both_values(finished
     assert sorted(p.name for p in finished_at_4.rglob("*")) == before
 
 
-def test_another_base_model_is_refused(finished_at_4, tiny_llama_dir, llama_shards, tmp_path):
+def test_another_base_model_is_refused_whatever_its_path(finished_at_4, tiny_llama_dir, llama_shards, tmp_path,
+                                                         monkeypatch):
+    """The checkpoint records the model's identity (config.json and weights), not the path's text: other weights
+    under the path the run was given are refused, and the same model reached by a relative path is the same."""
     import shutil
 
+    from safetensors.torch import load_file, save_file
+
+    ckpt = finished_at_4 / "checkpoints" / "checkpoint-4"
     other = tmp_path / "other-model"  # the same tokenizer, so the shards pass: only the resume check can refuse it
     shutil.copytree(tiny_llama_dir, other)
+    weights = load_file(other / "model.safetensors")
+    name = sorted(weights)[len(weights) // 2]
+    save_file({**weights, name: weights[name] + 1}, other / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ConfigError) as e:
         lora_sft(str(other), str(llama_shards), str(finished_at_4), **{**BASE, "max_steps": 8})
     (issue,) = e.value.issues
-    assert issue.startswith(f"`model_path` is {str(other)!r} now but {finished_at_4 / 'checkpoints' / 'checkpoint-4'} "
-                            f"was trained with {str(tiny_llama_dir)!r}; it cannot change on resume"), issue
+    assert issue.startswith(f"`model_path` {str(other)!r} is not the model {ckpt} was trained with (then "
+                            f"{str(tiny_llama_dir)!r}): its config.json or weights differ; it cannot change on resume")
+    copy = tmp_path / "run"  # the finished run, resumed where it ended: nothing left to train
+    shutil.copytree(finished_at_4, copy, ignore=shutil.ignore_patterns(".lock"))
+    monkeypatch.chdir(tiny_llama_dir.parent)
+    assert lora_sft(tiny_llama_dir.name, str(llama_shards), str(copy), **{**BASE, "max_steps": 4}).steps == 4
 
 
 def test_other_data_is_refused(finished_at_4, tiny_llama_dir, tmp_path):

@@ -449,6 +449,28 @@ _NOT_COMPARED = ("ckpt_output_dir", "data_path", "data_output_dir", "resume", "r
                  "rdzv_id", "rdzv_endpoint", "master_addr", "master_port", "backend")
 
 
+def model_identity(model_path: str | Path) -> str | None:
+    """A local model directory's identity, whatever the path it is reached by: sha256 over its config.json and, per
+    weight file, its name, size and 16 slices of 64 KiB spread through it (another checkpoint of the same
+    architecture differs there; a 140 GB model costs 16 reads a file). None for a hub id (its name is compared)."""
+    import hashlib
+
+    directory = Path(model_path)
+    if not directory.is_dir():
+        return None
+    digest = hashlib.sha256()
+    config = directory / "config.json"
+    digest.update(config.read_bytes() if config.is_file() else b"")
+    for weights in sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with open(weights, "rb") as f:
+            for k in range(16):
+                f.seek(size * k // 16)
+                digest.update(f.read(65536))
+    return digest.hexdigest()[:20]
+
+
 def data_identity(manifest: Any) -> str | None:
     """The shards' cache key (source bytes + tokenizer + options), else the manifest's own checksum."""
     return getattr(manifest, "cache_key", None) or getattr(manifest, "checksum", None)
@@ -470,8 +492,14 @@ def check_resume(ckpt: Path, config: Any, plan: Any, dataset: Any) -> list[str]:
     fresh = ("; it cannot change on resume: pass the checkpoint's value to continue that run, or start fresh with the "
              "new one in a new `ckpt_output_dir` (resume=False refuses a dir that already has checkpoints)")
     issues, changed = [], []
+    trained_on = resolved.get("model")  # a local model's identity (absent for a hub id, and in older checkpoints)
     for name, new in redacted(config.to_dict()).items():
         old = saved.get(name, defaults.get(name))
+        if name == "model_path" and trained_on is not None:  # the model itself, whatever the path to it
+            if model_identity(new) != trained_on:
+                issues.append(f"`model_path` {new!r} is not the model {ckpt} was trained with (then {old!r}): its "
+                              f"config.json or weights differ{fresh}")
+            continue
         if name in _NOT_COMPARED or _same(old, new):
             continue
         if name in FIXED:

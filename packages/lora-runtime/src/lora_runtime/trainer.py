@@ -75,6 +75,8 @@ class PackedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)  # disable_tqdm installs it: raw log dicts; lora_runtime.progress instead
         self.run_config, self.plan, self.metrics = config, plan, metrics
+        # in each checkpoint's run record: a resume checks it is the same model, whatever the path to it
+        self.model_identity = checkpoint.model_identity(config.model_path) if self.args.should_save else None
         from transformers.integrations import TensorBoardCallback
 
         # the TensorBoard callbacks report_to made, whose writer they open themselves (`_close_after_failure`)
@@ -539,7 +541,8 @@ class PackedTrainer(Trainer):
             self.state.save_to_json(str(tmp / TRAINER_STATE_NAME))
             checkpoint.write_json_atomic(tmp / "data_state.json", self.packed.state_at(step))
             checkpoint.write_json_atomic(tmp / checkpoint.CONFIG_NAME, run_record(
-                self.run_config, self.plan, data=checkpoint.data_identity(self.packed.reader.manifest)))
+                self.run_config, self.plan, data=checkpoint.data_identity(self.packed.reader.manifest),
+                model=self.model_identity))
         barrier()
         if self.args.should_save:
             self.metrics.sync()  # the logged rows up to this step are durable before the checkpoint that covers them
