@@ -128,3 +128,22 @@ def test_forced_checkpointing_on_a_gpu_points_to_the_memory_budget(monkeypatch):
     assert forced_recompute_hint(dataclasses.replace(forced, kernels="none"), PeftBackend()) == ""
     for gc in ("auto", False):
         assert forced_recompute_hint(LoraSftConfig("m", "d", "o", gradient_checkpointing=gc), UnslothBackend()) == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["cosine_with_min_lr", "warmup_stable_decay"])
+def test_the_schedules_that_need_a_parameter_of_their_own_run(schedule, tiny_llama_dir, llama_shards, tmp_path):
+    """transformers builds these two only with a parameter lora_sft does not take: cosine_with_min_lr ends at 10% of
+    the learning rate, warmup_stable_decay holds it and decays over the last 10% of the steps."""
+    import _runs
+    from lora_runtime import lora_sft
+    from lora_runtime.metrics import read_metrics
+
+    result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"),
+                      **{**_runs.RUN, "max_steps": 20, "save_steps": 20, "warmup_steps": 0, "lr_scheduler": schedule})
+    lrs = [r["lr"] for r in read_metrics(result.metrics_path) if "loss" in r]
+    peak = _runs.RUN["learning_rate"]
+    if schedule == "cosine_with_min_lr":
+        assert lrs[0] == pytest.approx(peak) and peak * 0.1 < lrs[-1] < peak * 0.15
+    else:
+        assert lrs[:18] == pytest.approx([peak] * 18) and lrs[19] < peak

@@ -84,7 +84,8 @@ class LoraSftConfig:
         "(32k where layers recompute and on the compiled path), keeping 16 optimizer steps an epoch (logged)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (derived when effective_batch_size is set)")
     learning_rate: float = _f(2e-4, "peak learning rate")
-    lr_scheduler: str = _f("linear", "learning-rate schedule after warmup", LR_SCHEDULERS)
+    lr_scheduler: str = _f("linear", "learning-rate schedule after warmup (cosine_with_min_lr ends at 10% of "
+                           "learning_rate; warmup_stable_decay decays over the last 10% of the steps)", LR_SCHEDULERS)
     warmup_steps: int = _f(10, "linear warmup in optimizer steps")
     warmup_ratio: float | None = _f(None, "linear warmup as a fraction of all optimizer steps (wins over warmup_steps)")
     weight_decay: float = _f(0.01, "AdamW weight decay on the LoRA parameters")

@@ -67,6 +67,20 @@ class _PendingLog:
     ended: tuple[float, float]  # (time, eval/checkpoint seconds paused so far) when the host had queued the step
 
 
+def schedule_kwargs(name: str, total_steps: int) -> dict[str, Any]:
+    """What `lr_scheduler` `name` needs beyond warmup and length: cosine_with_min_lr ends at 10% of learning_rate,
+    warmup_stable_decay decays over the last 10% of the steps (to 0, cosine), as the papers that use them do.
+
+    >>> schedule_kwargs("warmup_stable_decay", 200), schedule_kwargs("linear", 200)
+    ({'num_decay_steps': 20}, {})
+    """
+    if name == "cosine_with_min_lr":
+        return {"min_lr_rate": 0.1}
+    if name == "warmup_stable_decay":
+        return {"num_decay_steps": max(1, total_steps // 10)}
+    return {}
+
+
 class PackedTrainer(Trainer):
     _globalstep_last_logged: int  # transformers' (set in its training loop)
 
@@ -99,6 +113,11 @@ class PackedTrainer(Trainer):
         self._norms_since_log: Any = None  # see `_carry_earlier_norms`
 
     # ------------------------------------------------------------------ data
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """transformers' scheduler, with `schedule_kwargs` for the two schedules it cannot build without them."""
+        self.args.lr_scheduler_kwargs = schedule_kwargs(self.run_config.lr_scheduler, num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
+
     def _loader(self, dataset: Any, batch_size: int) -> EpochDataLoader:
         return EpochDataLoader(dataset, batch_size=batch_size, collate_fn=collate_packed,
                                num_workers=self.args.dataloader_num_workers,
