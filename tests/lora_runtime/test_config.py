@@ -289,3 +289,16 @@ def test_lora_sft_warns_before_training_when_records_pass_the_models_positions(t
     out = capsys.readouterr().out
     assert f"are longer than the {longest - 1:,} positions {model} was trained for" in out
     assert f"prepare the data again with max_seq_len={longest - 1}" in out  # shards: max_seq_len is theirs
+
+
+@pytest.mark.parametrize(("given", "targets"), [
+    ({}, []), ({"wandb_run_name": "r"}, ["wandb"]), ({"wandb_entity": "team"}, ["wandb"]),
+    ({"wandb_project": "p"}, ["wandb"]), ({"mlflow_run_name": "r"}, ["mlflow"]),
+    ({"mlflow_experiment_name": "e"}, ["mlflow"]), ({"tensorboard_log_dir": "tb"}, ["tensorboard"])])
+def test_any_parameter_of_an_integration_turns_it_on(given, targets, monkeypatch):
+    """As training-hub decides report_to: a wandb or mlflow run name alone reports there (it was ignored)."""
+    from lora_runtime.metrics import report_targets
+
+    for name in ("WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert report_targets(LoraSftConfig("m", "d", "o", **given)) == targets

@@ -164,14 +164,15 @@ def report_env(config: LoraSftConfig) -> dict[str, str]:
 
 
 def report_targets(config: LoraSftConfig) -> list[str]:
-    """Integrations to report to: asked for in the config, or by the usual env vars (as training-hub does)."""
+    """Integrations to report to: any of their parameters given (a run name alone included), or the usual env vars,
+    as training-hub decides."""
     env = {**os.environ, **report_env(config)}
     targets = []
-    if env.get("WANDB_PROJECT"):
+    if env.get("WANDB_PROJECT") or config.wandb_entity or config.wandb_run_name:
         targets.append("wandb")
     if config.tensorboard_log_dir:
         targets.append("tensorboard")
-    if env.get("MLFLOW_TRACKING_URI") or env.get("MLFLOW_EXPERIMENT_NAME"):
+    if env.get("MLFLOW_TRACKING_URI") or env.get("MLFLOW_EXPERIMENT_NAME") or config.mlflow_run_name:
         targets.append("mlflow")
     return targets
 

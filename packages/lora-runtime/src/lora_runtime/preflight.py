@@ -42,9 +42,11 @@ _NEEDS_CUDA = {
 }
 # integration → (config fields / env vars that turn it on, import names that satisfy it, install hint)
 _INTEGRATIONS = {
-    "mlflow": (("mlflow_tracking_uri", "mlflow_experiment_name"), ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"),
-               ("mlflow",), "`uv pip install mlflow` (or `pip install mlflow`)"),
-    "wandb": (("wandb_project",), ("WANDB_PROJECT",), ("wandb",), "`uv pip install wandb`"),
+    "mlflow": (("mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name"),
+               ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"), ("mlflow",),
+               "`uv pip install mlflow` (or `pip install mlflow`)"),
+    "wandb": (("wandb_project", "wandb_entity", "wandb_run_name"), ("WANDB_PROJECT",), ("wandb",),
+              "`uv pip install wandb`"),
     "tensorboard": (("tensorboard_log_dir",), (), ("tensorboard", "tensorboardX"), "`uv pip install tensorboard`"),
 }
 
