@@ -169,3 +169,29 @@ def test_a_wandb_run_that_fails_finishes_with_the_exit_code_wandb_gives_it(tiny_
         lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"), **{**_runs.RUN, "max_steps": 2},
                  wandb_project="lora-runtime-tests", callbacks=[Fails()])
     assert finished == [code] and wandb.run is None
+
+
+def test_rejected_lines_are_named_every_run_by_their_line_in_data_path(tiny_llama_dir, tmp_path, capsys):
+    """Each run says which lines of data_path do not train (a cache hit too), with line, field and reason; under
+    eval_split_ratio the rejects keep the line numbers of data_path, not of the split files."""
+    import json
+
+    from lora_runtime.config import LoraSftConfig
+    from lora_runtime.data import ensure_shards
+
+    records = [json.dumps(r) for r in _tiny.chat_records(19, seed=4)]
+    records.insert(7, json.dumps({"messages": [{"role": "bogus", "content": "x"}]}))  # line 8
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(records) + "\n")
+    kw = {**_runs.RUN, "max_seq_len": 256, "data_output_dir": str(tmp_path / "cache")}
+    for _ in range(2):  # prepared, then reused
+        capsys.readouterr()
+        _, shards = ensure_shards(LoraSftConfig(str(tiny_llama_dir), str(data), str(tmp_path / "o"), **kw))
+        out = capsys.readouterr().out
+        assert (f"data: 1 of 20 lines of {data} rejected, not trained (all in {shards.train_dir / 'rejects.jsonl'}): "
+                'line 8, messages[0].role: expected one of system, user, assistant, tool; got "bogus"') in out, out
+    _, split = ensure_shards(LoraSftConfig(str(tiny_llama_dir), str(data), str(tmp_path / "o"), **{**kw,
+                                           "eval_split_ratio": 0.25, "seed": 3}))
+    lines = [json.loads(x)["line"] for d in (split.train_dir, split.eval_dir)
+             for x in (d / "rejects.jsonl").read_text().splitlines()]
+    assert lines == [8]

@@ -110,7 +110,8 @@ def apply_chat_template(config: LoraSftConfig, tokenizer: Any) -> Any:
 def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
     """`eval_split_ratio`: a seeded choice of the file's non-blank lines (of a `.json` array file: its elements) goes
     to eval, the rest to training; the two files live in the data cache, named by the content, ratio and seed (the
-    same inputs give the same split)."""
+    same inputs give the same split). Each keeps every line where it was, the other file's lines blank, so a reject
+    names its line in `data_path`."""
     import hashlib
     import json
     import random
@@ -122,7 +123,7 @@ def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
     elements = json_array(data_file)  # a .json array file: its elements split as lines
     raw = data_file.read_bytes() if elements is None else b"".join(
         json.dumps(e, ensure_ascii=False).encode() + b"\n" for e in elements)
-    key = hashlib.sha256(raw + f"|{config.eval_split_ratio}|{config.seed}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(raw + f"|{config.eval_split_ratio}|{config.seed}|numbered".encode()).hexdigest()[:20]
     out = cache_root(config) / "splits" / key
     lines = raw.splitlines(keepends=True)
     if lines and not lines[-1].endswith(b"\n"):
@@ -137,7 +138,8 @@ def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
         if not (out / name).is_file():
             out.mkdir(parents=True, exist_ok=True)
             tmp = out / f".{name}.{os.getpid()}.tmp"
-            tmp.write_bytes(b"".join(line for i, line in enumerate(lines) if keep(i) and line.strip()))
+            # the other file's lines blank: a reject's line number is the line's in data_path
+            tmp.write_bytes(b"".join(line if keep(i) and line.strip() else b"\n" for i, line in enumerate(lines)))
             os.replace(tmp, out / name)
     print0(f"data: eval_split_ratio={config.eval_split_ratio}: {n_eval} of {len(used)} lines of {data_file} held "
            f"out for eval (seed {config.seed}) → {out}")
@@ -154,10 +156,35 @@ def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path
         shard_dir = p
     elif p.is_file():
         shard_dir = prepare_cached(p, config, tokenizer)
+        report_losses(shard_dir, Path(getattr(config, name) or config.data_path))
     else:
         raise ConfigError([f"`{name}`={path} {_why_not_a_file(p)}"])
     check_shards(shard_dir, config, tokenizer)
     return shard_dir
+
+
+def report_losses(shard_dir: Path, data_file: Path) -> None:
+    """Say, every run (a cache hit too), what of `data_file` does not train as written: rejected lines, the first
+    three with line, field and reason, and overlong records dropped; all of them are in the shards' rejects.jsonl."""
+    import itertools
+    import json
+
+    manifest = Manifest.load(shard_dir)
+    counts, listed = manifest.counts, shard_dir / "rejects.jsonl"
+    if counts.get("rejected"):
+        with open(listed, encoding="utf-8") as f:
+            entries = (json.loads(line) for line in f if line.strip())
+            first = list(itertools.islice((e for e in entries if e.get("code") != "overlong_dropped"), 3))
+        shown = "; ".join(f"line {e['line']}" + (f", {e['field']}" if e.get("field") else "") + f": {e['reason']}"
+                          for e in first)
+        more = "; ..." if counts["rejected"] > len(first) else ""
+        print0(f"data: {counts['rejected']} of {counts['lines_read']} lines of {data_file} rejected, not trained "
+               f"(all in {listed}): {shown}{more}")
+    if counts.get("dropped"):
+        policy = manifest.options.get("overlong")
+        keep = "; overlong='truncate' or 'split' keeps them" if policy == "drop" else ""
+        print0(f"data: {counts['dropped']} records of {data_file} longer than max_seq_len={manifest.seq_len} "
+               f"dropped, not trained (overlong={policy!r}{keep}; listed in {listed})")
 
 
 def _why_not_a_file(p: Path) -> str:
