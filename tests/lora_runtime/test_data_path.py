@@ -103,6 +103,17 @@ def test_resume_false_refuses_to_clobber(tmp_path):
     assert checkpoint.resume_point(tmp_path / "fresh", resume=False) is None
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_finished_run_whose_checkpoints_were_deleted_is_not_trained_over(tmp_path, resume):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"the finished adapter")
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds a finished run's adapter .* would train again from "
+                                                          r"scratch over it"):
+        checkpoint.resume_point(tmp_path, resume=resume)
+    tmp = checkpoint.staging_dir(checkpoint.checkpoints_dir(tmp_path), 5)
+    checkpoint.commit(tmp, 5)  # with its checkpoint, resume=True continues (or finds it finished)
+    assert checkpoint.resume_point(tmp_path, resume=True).name == "checkpoint-5"
+
+
 def test_commit_never_overwrites_a_complete_checkpoint(tmp_path):
     for content in (b"first", b"second"):
         tmp = checkpoint.staging_dir(tmp_path, 3)

@@ -69,9 +69,14 @@ def resume_point(ckpt_output_dir: str | Path, *, resume: bool) -> Path | None:
         raise CheckpointError(
             f"{root} already holds {len(existing)} checkpoint(s) (newest: {existing[-1][1].name}); resume=False refuses "
             "to overwrite them: pass resume=True to continue that run, or choose another ckpt_output_dir")
+    found = newest_complete(root) if resume else None
+    adapter = Path(ckpt_output_dir) / ADAPTER_FILES[0]
+    if adapter.is_file() and found is None:  # a finished run whose checkpoints were deleted (to free space, say)
+        why = "resume=False" if not resume else "with no checkpoint to resume from, a run"
+        raise CheckpointError(f"{ckpt_output_dir} holds a finished run's adapter ({adapter.name}); {why} would "
+                              "train again from scratch over it: choose another ckpt_output_dir, or move the adapter out")
     if not resume:
         return None
-    found = newest_complete(root)
     if found is not None:
         verify(found)
     return found
