@@ -195,3 +195,19 @@ def test_rejected_lines_are_named_every_run_by_their_line_in_data_path(tiny_llam
     lines = [json.loads(x)["line"] for d in (split.train_dir, split.eval_dir)
              for x in (d / "rejects.jsonl").read_text().splitlines()]
     assert lines == [8]
+
+
+def test_a_run_on_raw_jsonl_prepared_again_by_a_newer_lora_data_is_offered_its_earlier_shards(
+        raw, tiny_llama_dir, tmp_path, monkeypatch):
+    """An upgrade that changes how lora-data prepares records changes the shards' key: resuming on the unchanged
+    file is refused (the data differs), naming the cached shards the run trained on, which resume it."""
+    import lora_data.options
+
+    jsonl, _ = raw
+    kw = {**_runs.RUN, "max_steps": 2, "save_steps": 2, "data_output_dir": str(tmp_path / "cache")}
+    first = lora_sft(str(tiny_llama_dir), str(jsonl), str(tmp_path / "run"), **kw)
+    earlier = tmp_path / "cache" / first.manifest.cache_key[:20]
+    monkeypatch.setattr(lora_data.options, "RECORD_RULES", lora_data.options.RECORD_RULES + 1)
+    with pytest.raises(ConfigError, match=f"an upgrade\\): pass data_path={earlier}, the shards that run trained on"):
+        lora_sft(str(tiny_llama_dir), str(jsonl), str(tmp_path / "run"), **kw)
+    assert lora_sft(str(tiny_llama_dir), str(earlier), str(tmp_path / "run"), **kw).steps == 2

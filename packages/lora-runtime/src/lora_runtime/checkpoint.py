@@ -513,8 +513,14 @@ def check_resume(ckpt: Path, config: Any, plan: Any, dataset: Any) -> list[str]:
             changed.append(f"{name}: {old!r} → {new!r}")
     data = data_identity(dataset.reader.manifest)
     if resolved.get("data") and resolved["data"] != data:
+        from lora_runtime.data import cache_root
+
+        earlier = cache_root(config) / str(resolved["data"])[:20]  # where raw JSONL's shards of that key were cached
+        kept = (f"; if the file is unchanged, lora-data now prepares it differently (an upgrade): pass data_path="
+                f"{earlier}, the shards that run trained on, to continue it" if (earlier / "manifest.json").is_file()
+                else "")
         issues.append(f"`data_path` {config.data_path} holds other data than {ckpt} was trained on (shards "
-                      f"{str(resolved['data'])[:12]}, now {str(data)[:12]}){fresh}")
+                      f"{str(resolved['data'])[:12]}, now {str(data)[:12]}){kept}{fresh}")
     rows = resolved.get("effective_batch_size")  # absent in older checkpoints: the dataset's state check guards them
     if isinstance(rows, int) and rows != plan.effective:
         issues.append(f"rows per optimizer step (micro_batch_size x gradient accumulation x processes) are "
