@@ -61,6 +61,8 @@ def test_signature_equals_fields_with_the_keyword_only_trio():
     for name, p in sig.parameters.items():
         if fields[name] is dataclasses.MISSING:
             assert p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD, name
+        elif name == "backend":  # training-hub's 4th positional parameter
+            assert p.default == fields[name] and p.kind is p.POSITIONAL_OR_KEYWORD
         else:
             assert p.default == fields[name] and p.kind is p.KEYWORD_ONLY, name
     assert [n for n in list(sig.parameters)[-3:]] == ["eval_data_path", "per_device_eval_batch_size", "callbacks"]
@@ -215,7 +217,7 @@ def test_nproc_per_node_auto_without_torchrun_on_four_gpus_asks_for_it(no_torchr
         lora_sft("no-model", "no-data", str(tmp_path), nproc_per_node="auto")
 
 
-@pytest.mark.parametrize("value", ["all", "AUTO", "4", 0])
+@pytest.mark.parametrize("value", ["all", "AUTO", "-4", 0])
 def test_nproc_per_node_is_a_positive_number_or_auto(value):
     with pytest.raises(ConfigError) as e:
         cfg(nproc_per_node=value).validate()
@@ -302,3 +304,14 @@ def test_any_parameter_of_an_integration_turns_it_on(given, targets, monkeypatch
     for name in ("WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)
     assert report_targets(LoraSftConfig("m", "d", "o", **given)) == targets
+
+
+def test_training_hubs_looser_types_are_read_as_it_reads_them():
+    """Scripts written for training-hub pass a whole float for an int, an int rendezvous id, a number of processes
+    as a string, and backend as the 4th positional argument."""
+    got = LoraSftConfig("m", "d", "o", num_epochs=2.0, max_seq_len=1024.0, rdzv_id=123, nproc_per_node="1")
+    assert (got.num_epochs, got.max_seq_len, got.rdzv_id, got.nproc_per_node) == (2, 1024, "123", 1)
+    assert isinstance(got.num_epochs, int) and got.validate() is got
+    with pytest.raises(ConfigError, match=r"`num_epochs` must be int, got 1\.5"):
+        LoraSftConfig("m", "d", "o", num_epochs=1.5).validate()
+    assert inspect.signature(lora_sft).bind("m", "d", "o", "peft").arguments["backend"] == "peft"

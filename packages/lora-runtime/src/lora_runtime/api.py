@@ -42,8 +42,8 @@ _NONE_IS_A_VALUE = {"model_path", "data_path", "ckpt_output_dir", "save_total_li
 
 @_reject_unknown_kwargs
 def lora_sft(
-    model_path: str, data_path: str, ckpt_output_dir: str, *,
-    backend: str = "auto", lora_r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
+    model_path: str, data_path: str, ckpt_output_dir: str, backend: str = "auto", *,  # backend: 4th, as in training-hub
+    lora_r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
     target_modules: tuple[str, ...] | str | None = None, use_rslora: bool = False, use_dora: bool = False,
     init_lora_weights: bool | str = True, rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None, loftq_config: dict[str, Any] | None = None,

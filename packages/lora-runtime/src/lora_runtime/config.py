@@ -215,6 +215,14 @@ class LoraSftConfig:
         for name in PATH_FIELDS:  # accept pathlib.Path, store str (JSON-ready)
             if isinstance(getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        for f in dataclasses.fields(self):  # what training-hub's looser types let scripts pass: 3.0 epochs, "4"
+            value = getattr(self, f.name)
+            if isinstance(value, float) and value.is_integer() and str(f.type).split(" | ")[0] == "int":
+                object.__setattr__(self, f.name, int(value))
+        if isinstance(self.rdzv_id, int) and not isinstance(self.rdzv_id, bool):
+            object.__setattr__(self, "rdzv_id", str(self.rdzv_id))
+        if isinstance(self.nproc_per_node, str) and self.nproc_per_node.strip().isdigit():
+            object.__setattr__(self, "nproc_per_node", int(self.nproc_per_node))
         if self.nproc_per_node == "auto":  # a number from here on (world_size, batch arithmetic, the saved config)
             from lora_runtime.distributed import auto_nproc_per_node
 
