@@ -89,6 +89,9 @@ def test_defaults_equal_the_dataclass_defaults():
     (["--nproc-per-node", "4"], "nproc_per_node", 4),
     (["--gpus", "auto"], "nproc_per_node", "auto"),
     (["--bnb-4bit-quant-type", "nf4"], "bnb_4bit_quant_type", "nf4"),
+    (["--save-total-limit", "none"], "save_total_limit", None),  # None is a value here: keep every checkpoint
+    (["--save-total-limit", "5"], "save_total_limit", 5),
+    ([], "save_total_limit", 3),
 ])
 def test_values_parse_into_the_field_type(args, field, value):
     assert _parse(args)["kw"][field] == value
@@ -96,7 +99,7 @@ def test_values_parse_into_the_field_type(args, field, value):
 
 @pytest.mark.parametrize("args", [
     ["--lora-r", "eight"], ["--lr-scheduler", "sideways"], ["--init-lora-weights", "maybe"],
-    ["--rank-pattern", "[1, 2]"], ["--rank-pattern", "{bad json"],
+    ["--rank-pattern", "[1, 2]"], ["--rank-pattern", "{bad json"], ["--save-total-limit", "all"],
 ])
 def test_unparsable_values_are_usage_errors_naming_the_option(args):
     res = CliRunner().invoke(_probe, args)
@@ -111,10 +114,10 @@ def test_command_line_beats_file_beats_defaults():
 
 def test_passthrough_reproduces_only_what_was_typed():
     args = ["--model", "m", "--lora-r", "4", "--no-bf16", "--target-modules", "q_proj,v_proj", "--gpus", "2",
-            "--rank-pattern", '{"q_proj": 4}']
+            "--rank-pattern", '{"q_proj": 4}', "--save-total-limit", "none"]
     out = _parse(args)["args"]
     assert out == ["--model-path", "m", "--lora-r", "4", "--target-modules", "q_proj,v_proj", "--rank-pattern",
-                   '{"q_proj": 4}', "--no-bf16", "--nproc-per-node", "2"]
+                   '{"q_proj": 4}', "--no-bf16", "--save-total-limit", "None", "--nproc-per-node", "2"]
     assert _parse(out)["kw"] == _parse(args)["kw"]  # the round trip is lossless
 
 

@@ -114,6 +114,18 @@ class _IntOrAuto(click.ParamType):
             self.fail(f"expected a whole number or 'auto', got {value!r}", param, ctx)
 
 
+class _NumberOrNone(click.ParamType):
+    """A number, or `none` for None where the field's default is another value (`--save-total-limit none`)."""
+
+    def __init__(self, inner: click.ParamType) -> None:
+        self.inner, self.name = inner, f"{inner.name.upper()}|none"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            return None
+        return self.inner.convert(value, param, ctx)
+
+
 def _click_type(f: dataclasses.Field) -> tuple[Any, bool]:
     """(click type, is_flag) for a field, from its annotation string and its choices."""
     kinds = [t.strip() for t in str(f.type).split("|")]
@@ -131,7 +143,10 @@ def _click_type(f: dataclasses.Field) -> tuple[Any, bool]:
         return _JsonDict(), False
     if choices:
         return click.Choice([c for c in choices if isinstance(c, str)]), False
-    return {"int": click.INT, "float": click.FLOAT, "str": click.STRING}[base[0]], False
+    plain = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}[base[0]]
+    if "None" in kinds and base[0] != "str" and f.default is not None:  # None must be typed to be given
+        return _NumberOrNone(plain), False
+    return plain, False
 
 
 def _default_text(default: Any) -> str:
