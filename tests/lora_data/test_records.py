@@ -117,6 +117,14 @@ def test_bom_crlf_blank_and_line_separator(tmp_path):
     assert reader.counts["lines_read"] == 4 and reader.counts["blank"] == 2
 
 
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    path = tmp_path / "win.jsonl"
+    path.write_bytes(json.dumps({"messages": [USER, BOT]}).encode("utf-16") + "\n".encode("utf-16-le"))
+    first = next(iter(read_records(path)))
+    assert first.code == "invalid_utf8" and first.reason.endswith("(the file is UTF-16, as Windows tools write it: "
+                                                                  "save it as UTF-8)")
+
+
 def test_every_bad_line_names_line_field_and_reason(tmp_path):
     lines = ['{"messages": [', [1, 2], {"messages": [USER]}, b"\xff\xfe", {"text": "x"}, {"messages": [USER, BOT]}]
     items, _reader = _items(tmp_path, lines)

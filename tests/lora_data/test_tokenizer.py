@@ -134,6 +134,12 @@ def test_a_hub_id_offline_is_one_clear_line_or_loads_from_the_local_cache(tmp_pa
     assert manifest["tokenizer"]["fingerprint"] == lora_data.tokenizer_fingerprint(load_tokenizer(chatml_tokenizer_dir))
 
 
+def test_a_tokenizer_file_stands_for_its_directory(chatml_tokenizer_dir):
+    by_file = load_tokenizer(str(chatml_tokenizer_dir / "tokenizer.json"))
+    assert lora_data.tokenizer_fingerprint(by_file) == lora_data.tokenizer_fingerprint(
+        load_tokenizer(chatml_tokenizer_dir))
+
+
 def test_a_local_path_that_does_not_exist_is_not_sent_to_the_hub(tmp_path):
     res = CliRunner().invoke(cli, ["prepare", "-", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "nope"),
                                    "--max-seq-len", "64"], input=b"")

@@ -282,7 +282,9 @@ class RecordReader:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            return Rejection(path, number, None, f"invalid UTF-8 at byte {e.start}",
+            utf16 = (" (the file is UTF-16, as Windows tools write it: save it as UTF-8)"
+                     if number == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "")
+            return Rejection(path, number, None, f"invalid UTF-8 at byte {e.start}{utf16}",
                              raw.decode("utf-8", "replace"), "invalid_utf8")
         try:
             obj = json.loads(text)

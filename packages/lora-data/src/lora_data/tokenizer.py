@@ -66,6 +66,8 @@ def resolve(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    if path.is_file() and path.name in FILES:  # a file of the tokenizer (its tokenizer.json): the directory holding it
+        return path.parent
     if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise DataError(f"tokenizer directory not found: {name} (pass a local directory or a hub id such as "
                         "Qwen/Qwen2.5-1.5B-Instruct)", field="tokenizer")
