@@ -139,6 +139,16 @@ def test_resume_after_interruption_equals_uninterrupted(llama_run, tiny_llama_di
     assert _losses(resumed) == pytest.approx(_losses(llama_run[0]), abs=1e-5)
 
 
+def test_a_mid_epoch_resume_with_dropout_draws_the_same_masks(tiny_llama_dir, llama_shards, tmp_path):
+    """Dropout draws from the global RNG, which a checkpoint restores: starting the epoch's data iterator after that
+    must take no draw from it, or every later mask shifts and the resumed losses drift from the uninterrupted run's."""
+    kw = {"max_steps": 6, "save_steps": 2, "lora_dropout": 0.2}
+    whole, _ = _run(tiny_llama_dir, llama_shards, tmp_path / "whole", **kw)
+    _run(tiny_llama_dir, llama_shards, tmp_path / "stopped", **kw, callbacks=[_runs.StopAt(5)])  # mid-epoch
+    resumed, _ = _run(tiny_llama_dir, llama_shards, tmp_path / "stopped", **kw)
+    assert _losses(resumed) == pytest.approx(_losses(whole), abs=1e-6)
+
+
 def test_a_stop_between_logs_logs_its_step_so_the_resumed_metrics_read_as_uninterrupted(tiny_llama_dir, llama_shards,
                                                                                         tmp_path):
     """Logging every 4 steps, stopped (and saved) after step 6: the row at 6 holds steps 5-6, the resumed run's

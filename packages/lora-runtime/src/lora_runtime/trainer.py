@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import torch
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
@@ -119,9 +120,12 @@ class PackedTrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _loader(self, dataset: Any, batch_size: int) -> EpochDataLoader:
+        # its own generator: starting an epoch's iterator takes no draw from the global RNG, whose state a
+        # checkpoint restores before that iterator is made on resume (dropout masks would shift by one draw)
         return EpochDataLoader(dataset, batch_size=batch_size, collate_fn=collate_packed,
                                num_workers=self.args.dataloader_num_workers,
-                               pin_memory=self.args.device.type == "cuda")
+                               pin_memory=self.args.device.type == "cuda",
+                               generator=torch.Generator().manual_seed(self.args.seed))
 
     def get_train_dataloader(self) -> EpochDataLoader:
         return self._loader(self.train_dataset, self.args.per_device_train_batch_size)
