@@ -146,7 +146,8 @@ def test_a_template_that_rewrites_a_later_message_names_that_message(tokenizers)
         "{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}<t>{% if '</think>' in m['content'] %}"
         "{{ m['content'].split('</think>')[0][7:] }}{% endif %}</t>{{ m['content'].split('</think>')[-1] }}"
         "{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}")
-    with pytest.raises(RenderError, match=r"messages\[1\]\.content: the chat template writes text before"):
+    with pytest.raises(RenderError, match=r"messages\[1\]\.content: the chat template writes text between "
+                                          r"messages\[0\] and this content"):
         r.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>x</think>yo"}])
 
 
@@ -176,6 +177,64 @@ def test_tool_calls_and_reasoning_are_trained_as_the_assistant_writes_them(token
     assert out.text.startswith('<|im_start|>system\nTools: [{"name": "weather"}]<|im_end|>\n<|im_start|>user\n')
     assert [out.text[a:b] for a, b in out.spans] == [
         f"{first}<|im_end|>", "<think>\nThe tool said so.\n</think>\n\nSunny.<|im_end|>"]
+
+
+MISTRAL_TOOLS_TEMPLATE = (  # Mistral v3's shape: roles must alternate, turns with tool calls and tool results apart
+    "{% set ns = namespace(n=0) %}{% for m in messages %}{% if m['role'] == 'user' or (m['role'] == 'assistant' "
+    "and not m.get('tool_calls')) %}{% if (m['role'] == 'user') != (ns.n % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate') }}{% endif %}{% set ns.n = ns.n + 1 %}{% endif %}"
+    "{% if m['role'] == 'user' %}[INST] {{ m['content'] }}[/INST]{% elif m['role'] == 'tool' %}"
+    "[TOOL_RESULTS] {{ m['content'] }}[/TOOL_RESULTS]{% elif m.get('tool_calls') %}[TOOL_CALLS] "
+    "{{ m['tool_calls'] | map(attribute='function') | list | tojson }}{{ eos_token }}{% else %}"
+    "{{ ' ' + m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+QWEN25_TEMPLATE = (  # Qwen2.5's assistant branch: content concatenated (null only where tool calls follow)
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant{% if m['content'] %}\n"
+    "{{ m['content'] }}{% endif %}{% for c in m.get('tool_calls') or [] %}\n<tool_call>"
+    "{{ c['function'] | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n"
+    "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize(("template", "content", "want"), [
+    (MISTRAL_TOOLS_TEMPLATE, None, '[TOOL_CALLS] [{"name": "weather", "arguments": {"city": "Paris"}}]<|endoftext|>'),
+    (MISTRAL_TOOLS_TEMPLATE, "", '[TOOL_CALLS] [{"name": "weather", "arguments": {"city": "Paris"}}]<|endoftext|>'),
+    (QWEN25_TEMPLATE, None, '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'),
+])
+def test_a_tool_call_turn_is_found_where_the_template_writes_it(tokenizers, template, content, want):
+    """The turn is what the template adds after the conversation before it with the generation prompt: no
+    conversation the user did not write is rendered (Mistral refuses one whose roles no longer alternate)."""
+    r = Renderer(tokenizers["plain"])
+    r._template = r._template.environment.from_string(template)
+    conv = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": content, "tool_calls": [CALL]},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    out = r.render(conv)
+    assert [out.text[a:b] for a, b in out.spans] == [want, "Sunny." + r._eos]
+
+
+def test_a_template_that_does_not_write_tool_calls_rejects_the_turn(tokenizers):
+    """ChatML as shipped writes content only: the tool call would vanish and the turn train an empty answer."""
+    r = Renderer(tokenizers["chatml"])
+    conv = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    (got,) = r.render_batch([conv])
+    assert isinstance(got, RenderError) and got.field == "messages[1].tool_calls"
+    assert "does not write this turn's tool_calls, so it would train as an empty answer" in str(got)
+
+
+def test_the_header_of_a_template_without_a_generation_prompt_is_not_trained(tokenizers):
+    """TOOLS_TEMPLATE ignores add_generation_prompt: the turn's own header stays prompt. An assistant turn's other
+    keys that are not output (`name`) keep the turn plain."""
+    r = Renderer(tokenizers["chatml"])
+    r._template = r._template.environment.from_string(TOOLS_TEMPLATE.replace(
+        "<|im_start|>assistant\n", "<|im_start|>assistant{{ ' (' + m['name'] + ')' if m.get('name') }}\n"))
+    conv = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "On it.", "tool_calls": [CALL], "name": "bot"},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny.", "name": "bot"}]
+    out = r.render(conv)
+    assert "<|im_start|>assistant (bot)\nOn it." in out.text
+    assert [out.text[a:b] for a, b in out.spans] == [
+        'On it.\n<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>',
+        "Sunny.<|im_end|>"]
 
 
 def test_a_records_tools_and_template_kwargs_reach_the_template(tmp_path, chatml_tokenizer_dir):

@@ -78,10 +78,12 @@ class Renderer:
         self._eos = eos or ""
         self._scaffolds: dict[tuple, _Scaffold] = {}
 
-    def text(self, messages: list[dict], context: dict[str, Any] | None = None) -> str:
+    def text(self, messages: list[dict], context: dict[str, Any] | None = None, generation_prompt: bool = False
+             ) -> str:
         """The template's text of `messages`, with a record's own variables (`records.template_context`)."""
-        kwargs = self._kwargs if not context else {
-            **self._kwargs, **{k: v for k, v in context.items() if k not in _FIXED}}
+        kwargs = self._kwargs if not (context or generation_prompt) else {
+            **self._kwargs, **{k: v for k, v in (context or {}).items() if k not in _FIXED},
+            "add_generation_prompt": generation_prompt}
         return sandbox.render(self._template, messages=messages, **kwargs)
 
     def texts(self, batch: list[list[dict]]) -> list[str] | None:
@@ -185,9 +187,9 @@ class Renderer:
             end = _match_content(text, pos, content, pieces[k + 1])
             if end is None and k + 1 < len(shown) and content.strip() and _match_content(
                     text, pos, content, "") is not None:
-                raise RenderError("the chat template writes text before this content that depends on it (reasoning "
-                                  "taken out of the answer, say); cannot locate the turn",
-                                  field=f"messages[{shown[k + 1]}].content")
+                raise RenderError(f"the chat template writes text between messages[{i}] and this content that "
+                                  "depends on one of them (reasoning taken out of this answer, say); cannot locate "
+                                  "the turn", field=f"messages[{shown[k + 1]}].content")
             if end is None:
                 raise RenderError("the chat template changes this content beyond trimming whitespace; cannot locate "
                                   "the turn", field=f"messages[{i}].content")
@@ -195,27 +197,81 @@ class Renderer:
                 spans.append((pos, end + len(scaffold.eot[k])))
             starts.append(end)
             pos = end + len(pieces[k + 1])
-        if any(len(m) > 2 and m["role"] == "assistant" for m in messages):  # other keys: tool calls, reasoning
-            bare = [{"role": m["role"], "content": m["content"]} if m["role"] == "assistant" else m for m in messages]
-            # what a piece next to an assistant turn holds beyond the bare conversation's piece is that turn's own
-            for k, (piece, without) in enumerate(zip(pieces, self._scaffold(bare, context, hide_empty).pieces,
-                                                     strict=True)):
-                around = range(shown[k - 1] if k else 0, (shown[k] if k < len(shown) else len(messages) - 1) + 1)
-                if piece == without or not any(messages[j]["role"] == "assistant" for j in around):
-                    continue
-                a = _common_prefix(piece, without)
-                a = min(self._in_marker(piece, a)[0], self._in_marker(without, a)[0])  # never half a special token
-                tail = _common_prefix(piece[a:][::-1], without[a:][::-1])
-                tail -= max(self._in_marker(piece, len(piece) - tail)[1] - (len(piece) - tail),
-                            self._in_marker(without, len(without) - tail)[1] - (len(without) - tail))
-                b = len(piece) - tail
-                if b <= a:
-                    continue
-                if k < len(shown) and messages[shown[k]]["role"] == "assistant":
-                    b = len(piece)  # before its content: the reasoning and the tags that close it, up to the answer
-                spans.append((starts[k] + a, starts[k] + b + len(self._marker_at(piece[b:]))))
-            return _merged(spans)
-        return tuple(spans)
+        extras = [i for i, m in enumerate(messages) if _writes_more(m)]
+        if not extras:
+            return tuple(spans)
+        turns = [self._turn(messages, i, context, text) for i in extras]
+        found = [t for t in turns if t is not None]
+        if len(found) < len(turns):  # some turn's text differs once later messages follow it: by the scaffold
+            found = self._beyond_bare(messages, context, hide_empty, scaffold, starts)
+        for i in extras:
+            names = [str(n) for n in _call_names(messages[i]) if n]
+            if names and not any(n in text[a:b] for a, b in found for n in names):
+                raise RenderError("the chat template does not write this turn's tool_calls, so it would train as an "
+                                  "empty answer: use a chat template that renders tool calls (chat_template=...), or "
+                                  "leave them out", field=f"messages[{i}].tool_calls")
+        return _merged(spans + found)
+
+    def _turn(self, messages: list[dict], i: int, context: dict[str, Any] | None, text: str
+              ) -> tuple[int, int] | None:
+        """Assistant turn `i` as the model writes it: the conversation before it with the generation prompt is the
+        prompt, and the turn is what the template adds after that for messages[: i + 1], up to its last non-space
+        (reasoning, content, tool calls, end-of-turn token), less the header it writes before the same turn's
+        content without its output keys where the generation prompt did not (a template that ignores
+        add_generation_prompt); None where that header is not there, or `text` does not hold the turn there."""
+        plain = [*messages[:i], {k: v for k, v in messages[i].items() if k not in OUTPUT_KEYS}
+                 | {"content": _SENTINEL.format(i)}]
+        try:
+            prompt = self.text(messages[:i], context, generation_prompt=True)
+            whole, probe = self.text(messages[: i + 1], context), self.text(plain, context)
+        except Exception:  # a template that refuses the shorter conversation
+            return None
+        at = probe.find(_SENTINEL.format(i))
+        if not (whole.startswith(prompt) and probe.startswith(prompt) and at >= 0 and text.startswith(prompt)):
+            return None
+        header, turn = probe[len(prompt):at], whole[len(prompt):].rstrip()
+        if header.strip() and not turn.startswith(header):  # some of it may be the turn's: by the scaffold instead
+            return None
+        skip = len(header) if turn.startswith(header) else 0  # a space before a plain turn's content only
+        start, turn = len(prompt) + skip, turn[skip:]
+        if not turn.strip() or not text.startswith(turn, start):
+            return None
+        return start, start + len(turn)
+
+    def _beyond_bare(self, messages: list[dict], context: dict[str, Any] | None, hide_empty: bool,
+                     scaffold: _Scaffold, starts: list[int]) -> list[tuple[int, int]]:
+        """Spans of what the scaffold holds next to an assistant turn beyond the scaffold of the same conversation
+        with those turns' output keys left out, for a template whose earlier turns render otherwise once later
+        messages follow (Qwen3 drops an earlier turn's reasoning)."""
+        bare = [{k: v for k, v in m.items() if k not in OUTPUT_KEYS} | {"content": m["content"] or ""}
+                if _writes_more(m) else m for m in messages]
+        try:
+            without_pieces = self._scaffold(bare, context, hide_empty).pieces
+        except Exception as e:
+            raise RenderError(f"cannot locate what the chat template writes for the tool calls or reasoning: it "
+                              f"fails on the conversation without them ({e})") from None
+        pieces, shown, spans = scaffold.pieces, scaffold.shown, []
+        ends = {e for e in scaffold.eot if e} | ({self._eos} if self._eos else set())
+        for k, (piece, without) in enumerate(zip(pieces, without_pieces, strict=True)):
+            around = range(shown[k - 1] if k else 0, (shown[k] if k < len(shown) else len(messages) - 1) + 1)
+            if piece == without or not any(messages[j]["role"] == "assistant" for j in around):
+                continue
+            a = _common_prefix(piece, without)
+            a = min(self._in_marker(piece, a)[0], self._in_marker(without, a)[0])  # never half a special token
+            tail = _common_prefix(piece[a:][::-1], without[a:][::-1])
+            tail -= max(self._in_marker(piece, len(piece) - tail)[1] - (len(piece) - tail),
+                        self._in_marker(without, len(without) - tail)[1] - (len(without) - tail))
+            b = len(piece) - tail
+            if b <= a:
+                continue
+            if k < len(shown) and messages[shown[k]]["role"] == "assistant":
+                b = len(piece)  # before its content: the reasoning and the tags that close it, up to the answer
+            else:  # after a turn: it ends at its end-of-turn token, before any header of the next message
+                cut = [at for at in (piece.find(e, a) for e in ends) if at >= 0]
+                b = min([b, *cut])
+            end = next((e for e in ends if piece.startswith(e, b)), "")
+            spans.append((starts[k] + a, starts[k] + b + len(end)))
+        return spans
 
     def _in_marker(self, text: str, at: int) -> tuple[int, int]:
         """The special token of `text` that position `at` falls inside, as (start, end); else (at, at)."""
@@ -238,6 +294,19 @@ class _Scaffold:
 
 
 _FIXED = {"messages", "add_generation_prompt", "lora_data_batch"}  # never taken from a record's template variables
+# what an assistant turn writes besides its content, where chat templates read it
+OUTPUT_KEYS = ("tool_calls", "reasoning_content", "reasoning", "thinking", "function_call")
+
+
+def _writes_more(m: dict) -> bool:
+    return m["role"] == "assistant" and any(m.get(k) for k in OUTPUT_KEYS)
+
+
+def _call_names(m: dict) -> list[Any]:
+    """The function names of an assistant turn's tool_calls (OpenAI's `{"function": {"name": ...}}`, or flat)."""
+    calls = m.get("tool_calls") or []
+    return [c.get("function", c).get("name") if isinstance(c.get("function", c), dict) else None
+            for c in calls if isinstance(c, dict)]
 
 
 def _common_prefix(a: str, b: str) -> int:
