@@ -104,7 +104,7 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
         dataset.load_state_dict(data_state)
         resume_step = checkpoint.step_of(resume_from)
         print0(f"resuming from {resume_from} (step {resume_step}, epoch {data_state['epoch']}, "
-               f"row offset {data_state['offset']} on each rank)")
+               f"row offset {dataset.offset} on each rank)")
     metrics = MetricsWriter(Path(config.ckpt_output_dir) / "metrics.jsonl", resume_step=resume_step,
                             enabled=env.is_main)
     from lora_runtime.compiled import release
