@@ -264,3 +264,25 @@ def test_a_real_full_disk_and_a_read_only_one_end_in_one_error_line(small_fs, tm
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
     res = _cli("prepare", big, small_fs / "other", "--tokenizer", chatml_tokenizer_dir, "--max-seq-len", 1024)
     assert res.exit_code == 1 and res.output.count("\n") == 1 and "Read-only file system" in res.output, res.output
+
+
+def test_a_lock_file_removed_as_it_is_taken_is_taken_again_at_its_path(tmp_path, monkeypatch):
+    """The holder of a directory's lock may remove the directory as it lets go: a process that opened the lock file
+    before that removal must not hold a lock on the removed file (a third would then take the path's) but retry."""
+    import fcntl
+
+    from lora_data import locks
+
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        if not calls:
+            (tmp_path / ".lock").unlink()  # removed between this process's open and its flock
+        calls.append(op)
+        return real(fd, op)
+
+    monkeypatch.setattr(locks.fcntl, "flock", flock)
+    with locks.locked(tmp_path, what="t"):
+        assert len(calls) == 2
+        with open(tmp_path / ".lock") as other, pytest.raises(BlockingIOError):
+            real(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # the lock held is the one at the path

@@ -59,18 +59,28 @@ def locked(path: str | Path, *, what: str = "lora-data") -> Iterator[Path]:
 
 def _acquire(d: Path, what: str):
     lock_path = d / LOCK_NAME
-    fh = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while the lock is held
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "another process"
+    for _ in range(3):
+        d.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while the lock is held
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise LockedError(f"in use by {holder}; wait for it to finish or use another directory (lock file "
+                              f"{lock_path})", path=d) from None
+        except OSError:
+            fh.close()
+            raise
+        try:  # the file locked is still the one at the path: not one its holder removed before letting it go
+            if os.stat(lock_path).st_ino == os.fstat(fh.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         fh.close()
-        raise LockedError(f"in use by {holder}; wait for it to finish or use another directory (lock file "
-                          f"{lock_path})", path=d) from None
-    except OSError:
-        fh.close()
-        raise
+    else:
+        raise LockedError(f"its lock file {lock_path} keeps being removed by another process", path=d)
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()} ({what}: {' '.join(sys.argv[:1] + sys.argv[1:4])})")
