@@ -95,20 +95,22 @@ class Staging:
             entry["file"] = name
         manifest.save(self.dir)  # the journal: what this commit moves into OUT (read by `begin` after a crash)
         live_rejects, earlier_rejects = self.out / REJECTS_NAME, self.dir / f"earlier-{REJECTS_NAME}"
+        swapped = False
         try:
             for src, name in zip(staged, names, strict=True):
                 os.replace(self.dir / src, self.out / name)
             if live_rejects.is_file():  # a second name for the old set's rejects, put back should the swap fail
                 _link_or_copy(live_rejects, earlier_rejects)
             os.replace(self.rejects, live_rejects)
+            swapped = True
             os.replace(self.dir / MANIFEST_NAME, self.out / MANIFEST_NAME)
         except BaseException:
             for name in names:  # not committed: OUT keeps only what it had
                 (self.out / name).unlink(missing_ok=True)
-            if not self.rejects.exists() and live_rejects.exists():  # this run's, back in staging
+            if swapped:  # this run's back in staging, the old set's back in place
                 os.replace(live_rejects, self.rejects)
-            if earlier_rejects.exists():
-                os.replace(earlier_rejects, live_rejects)
+                if earlier_rejects.exists():
+                    os.replace(earlier_rejects, live_rejects)
             raise
         fsync_dir(self.out)
         (self.out / FAILED_REJECTS_NAME).unlink(missing_ok=True)  # an earlier failed run's: this one succeeded
@@ -136,11 +138,14 @@ class Staging:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` a second name of `src` (a whole copy where hard links fail); never a part of it."""
     dst.unlink(missing_ok=True)
     try:
         os.link(src, dst)
     except OSError:  # a filesystem without hard links
-        shutil.copy2(src, dst)
+        part = dst.with_name(f".{dst.name}.part")
+        shutil.copy2(src, part)
+        os.replace(part, dst)
 
 
 def _inode(p: Path) -> tuple[int, int] | None:

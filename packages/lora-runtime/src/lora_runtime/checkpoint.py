@@ -516,9 +516,9 @@ def check_resume(ckpt: Path, config: Any, plan: Any, dataset: Any) -> list[str]:
         from lora_runtime.data import cache_root
 
         earlier = cache_root(config) / str(resolved["data"])[:20]  # where raw JSONL's shards of that key were cached
-        kept = (f"; if the file is unchanged, lora-data now prepares it differently (an upgrade): pass data_path="
-                f"{earlier}, the shards that run trained on, to continue it" if (earlier / "manifest.json").is_file()
-                else "")
+        kept = ("; if the file is unchanged, lora-data now prepares it differently (an upgrade)" + (
+            f": pass data_path={earlier}, the shards that run trained on, to continue it"
+            if (earlier / "manifest.json").is_file() and not config.eval_split_ratio else ""))
         issues.append(f"`data_path` {config.data_path} holds other data than {ckpt} was trained on (shards "
                       f"{str(resolved['data'])[:12]}, now {str(data)[:12]}){kept}{fresh}")
     rows = resolved.get("effective_batch_size")  # absent in older checkpoints: the dataset's state check guards them

@@ -172,9 +172,12 @@ def report_losses(shard_dir: Path, data_file: Path) -> None:
     manifest = Manifest.load(shard_dir)
     counts, listed = manifest.counts, shard_dir / "rejects.jsonl"
     if counts.get("rejected"):
-        with open(listed, encoding="utf-8") as f:
-            entries = (json.loads(line) for line in f if line.strip())
-            first = list(itertools.islice((e for e in entries if e.get("code") != "overlong_dropped"), 3))
+        try:
+            with open(listed, encoding="utf-8") as f:
+                entries = (json.loads(line) for line in f if line.strip())
+                first = list(itertools.islice((e for e in entries if e.get("code") != "overlong_dropped"), 3))
+        except (OSError, ValueError):  # removed or edited by hand: the count stands alone
+            first = []
         shown = "; ".join(f"line {e['line']}" + (f", {e['field']}" if e.get("field") else "") + f": {e['reason']}"
                           for e in first)
         more = "; ..." if counts["rejected"] > len(first) else ""
