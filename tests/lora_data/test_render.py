@@ -248,12 +248,15 @@ def test_a_records_tools_and_template_kwargs_reach_the_template(tmp_path, chatml
                            {"role": "assistant", "content": None, "tool_calls": [CALL]}], "tools": tools,
               "chat_template_kwargs": {"enable_thinking": False}, "id": 7},
              {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]},
-             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}]
+             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]},
+             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+              "tools": json.dumps(tools)},  # as HF datasets often store them
+             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": "w"}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    record, no_user, no_call = read_records(tmp_path / "in.jsonl")
-    assert record.context == {"tools": tools, "enable_thinking": False}
-    assert [(x.field, x.code) for x in (no_user, no_call)] == [
-        ("messages[0].content", "null_content"), ("messages[1].content", "null_content")]
+    record, no_user, no_call, in_a_string, not_json = read_records(tmp_path / "in.jsonl")
+    assert record.context == {"tools": tools, "enable_thinking": False} and in_a_string.context == {"tools": tools}
+    assert [(x.field, x.code) for x in (no_user, no_call, not_json)] == [
+        ("messages[0].content", "null_content"), ("messages[1].content", "null_content"), ("tools", "bad_tools")]
     r = Renderer(tokenizers_of(chatml_tokenizer_dir))
     r._template = r._template.environment.from_string(
         "{{ tools | tojson }} {{ enable_thinking }}|" + TOOLS_TEMPLATE)

@@ -342,6 +342,14 @@ class RecordReader:
             return Rejection(path, number, where, "every assistant turn is empty: it would teach the model to answer "
                              "nothing", text, "empty_answer")
         context = template_context(obj) if fmt == "messages" else {}
+        if isinstance(context.get("tools"), str):  # as HF datasets often store them: JSON in a string column
+            try:
+                context["tools"] = json.loads(context["tools"])
+            except ValueError:
+                context["tools"] = None
+            if not isinstance(context["tools"], list):
+                return Rejection(path, number, "tools", "is a string that does not hold a JSON array of tool "
+                                 "definitions", text, "bad_tools")
         return Record(path, number, messages, fmt, sample_id(self.source_index, number), text, context)
 
     def _detect(self, obj: dict) -> str | None:
