@@ -11,10 +11,12 @@ after whitespace, as Llama-2 writes it, with that whitespace):
     <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
                                                      ^^^^^^^^^^^^^^^^  ← the only span with loss
 
-An assistant turn with other keys (`tool_calls`, `reasoning_content`) is also its own where the template writes
-them: the conversation is rendered once more with those turns bare (role + content only), and what a piece next to
-such a turn holds beyond the bare piece is trained too. An empty content that the template renders differently from
-a sentinel (a newline before a tool call only after some content) is then left in place and not cut at.
+An assistant turn with output keys (`tool_calls`, `reasoning_content`: `OUTPUT_KEYS`) is trained as the model writes
+it: what the template adds after the conversation before it rendered with the generation prompt (`Renderer._turn`).
+Where the template writes an earlier turn otherwise once later messages follow (Qwen3 drops its reasoning), what the
+scaffold holds next to it beyond the scaffold without those keys is (`Renderer._beyond_bare`). An empty content that
+the template renders differently from a sentinel (a newline before a tool call only after some content) is left in
+place and not cut at.
 
 A tokenizer without a chat template gets `templates.DEFAULT_CHAT_TEMPLATE` (documented there).
 """

@@ -111,7 +111,7 @@ def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
     """`eval_split_ratio`: a seeded choice of the file's non-blank lines (of a `.json` array file: its elements) goes
     to eval, the rest to training; the two files live in the data cache, named by the content, ratio and seed (the
     same inputs give the same split). Each keeps every line where it was, the other file's lines blank, so a reject
-    names its line in `data_path`."""
+    names its line in `data_path` (of a `.json` array file: the element's number)."""
     import hashlib
     import json
     import random
