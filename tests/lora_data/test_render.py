@@ -179,11 +179,15 @@ def test_tool_calls_and_reasoning_are_trained_as_the_assistant_writes_them(token
         f"{first}<|im_end|>", "<think>\nThe tool said so.\n</think>\n\nSunny.<|im_end|>"]
 
 
-MISTRAL_TOOLS_TEMPLATE = (  # Mistral v3's shape: roles must alternate, turns with tool calls and tool results apart
+MISTRAL_TOOLS_TEMPLATE = (  # Mistral v3's shape: roles must alternate, turns with tool calls and tool results apart,
+    # the tool list before the last user turn
+    "{% set last = namespace(i=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}{% set last.i = loop.index0 %}"
+    "{% endif %}{% endfor %}"
     "{% set ns = namespace(n=0) %}{% for m in messages %}{% if m['role'] == 'user' or (m['role'] == 'assistant' "
     "and not m.get('tool_calls')) %}{% if (m['role'] == 'user') != (ns.n % 2 == 0) %}"
     "{{ raise_exception('roles must alternate') }}{% endif %}{% set ns.n = ns.n + 1 %}{% endif %}"
-    "{% if m['role'] == 'user' %}[INST] {{ m['content'] }}[/INST]{% elif m['role'] == 'tool' %}"
+    "{% if m['role'] == 'user' %}{% if tools and loop.index0 == last.i %}[AVAILABLE_TOOLS] {{ tools | tojson }}"
+    "[/AVAILABLE_TOOLS]{% endif %}[INST] {{ m['content'] }}[/INST]{% elif m['role'] == 'tool' %}"
     "[TOOL_RESULTS] {{ m['content'] }}[/TOOL_RESULTS]{% elif m.get('tool_calls') %}[TOOL_CALLS] "
     "{{ m['tool_calls'] | map(attribute='function') | list | tojson }}{{ eos_token }}{% else %}"
     "{{ ' ' + m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
@@ -212,14 +216,30 @@ def test_a_tool_call_turn_is_found_where_the_template_writes_it(tokenizers, temp
     assert trained[0] == want and len(trained) == 2
 
 
+def test_a_tool_turn_is_found_where_the_tool_list_moved_past_it(tokenizers):
+    """Mistral writes the tool list before the last user turn: the text before an earlier turn is not the prompt it
+    was rendered after, and the turn is found between the messages around it."""
+    r = Renderer(tokenizers["plain"])
+    r._template = r._template.environment.from_string(MISTRAL_TOOLS_TEMPLATE)
+    rome = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Rome"}}}
+    conv = [{"role": "user", "content": "Paris?"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."},
+            {"role": "user", "content": "Rome?"}, {"role": "assistant", "content": None, "tool_calls": [rome]},
+            {"role": "tool", "content": "rain"}, {"role": "assistant", "content": "Rainy."}]
+    out = r.render(conv, context={"tools": [{"name": "weather"}]})
+    calls = [f'[TOOL_CALLS] [{json.dumps(c["function"])}]<|endoftext|>' for c in (CALL, rome)]
+    assert [out.text[a:b] for a, b in out.spans] == [calls[0], "Sunny.<|endoftext|>", calls[1], "Rainy.<|endoftext|>"]
+
+
 def test_a_template_that_does_not_write_tool_calls_rejects_the_turn(tokenizers):
     """ChatML as shipped writes content only: the tool call would vanish and the turn train an empty answer."""
     r = Renderer(tokenizers["chatml"])
-    conv = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
-            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
-    (got,) = r.render_batch([conv])
-    assert isinstance(got, RenderError) and got.field == "messages[1].tool_calls"
-    assert "does not write this turn's tool_calls, so it would train as an empty answer" in str(got)
+    for content in ("", "I'll check the weather."):  # the function's name in the content changes nothing
+        conv = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": content, "tool_calls": [CALL]},
+                {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+        (got,) = r.render_batch([conv])
+        assert isinstance(got, RenderError) and got.field == "messages[1].tool_calls"
+    assert "does not write this turn's tool_calls, so they would not be trained" in str(got)
 
 
 def test_the_header_of_a_template_without_a_generation_prompt_is_not_trained(tokenizers):
@@ -251,10 +271,13 @@ def test_a_records_tools_and_template_kwargs_reach_the_template(tmp_path, chatml
              {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]},
              {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
               "tools": json.dumps(tools)},  # as HF datasets often store them
-             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": "w"}]
+             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": "w"},
+             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": ""},
+             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": "null"}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    record, no_user, no_call, in_a_string, not_json = read_records(tmp_path / "in.jsonl")
+    record, no_user, no_call, in_a_string, not_json, empty, null = read_records(tmp_path / "in.jsonl")
     assert record.context == {"tools": tools, "enable_thinking": False} and in_a_string.context == {"tools": tools}
+    assert empty.context == null.context == {}  # an empty cell of a string column: no tools
     assert [(x.field, x.code) for x in (no_user, no_call, not_json)] == [
         ("messages[0].content", "null_content"), ("messages[1].content", "null_content"), ("tools", "bad_tools")]
     r = Renderer(tokenizers_of(chatml_tokenizer_dir))

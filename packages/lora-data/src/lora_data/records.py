@@ -344,10 +344,12 @@ class RecordReader:
         context = template_context(obj) if fmt == "messages" else {}
         if isinstance(context.get("tools"), str):  # as HF datasets often store them: JSON in a string column
             try:
-                context["tools"] = json.loads(context["tools"])
+                context["tools"] = json.loads(context["tools"]) if context["tools"].strip() else None
             except ValueError:
-                context["tools"] = None
-            if not isinstance(context["tools"], list):
+                context["tools"] = ""
+            if context["tools"] is None:  # "" or "null": no tools, as a null cell
+                del context["tools"]
+            elif not isinstance(context["tools"], list):
                 return Rejection(path, number, "tools", "is a string that does not hold a JSON array of tool "
                                  "definitions", text, "bad_tools")
         return Record(path, number, messages, fmt, sample_id(self.source_index, number), text, context)

@@ -168,7 +168,7 @@ class Renderer:
             return Rendered(text, ((0, len(text)),))
         try:
             spans = self._spans(messages, context, text, hide_empty=False)
-        except RenderError as e:
+        except Exception as e:  # a RenderError, or the template failing on a sentinel in place of an empty content
             if all(m["content"] for m in messages):
                 raise
             try:
@@ -184,6 +184,7 @@ class Renderer:
         if not text.startswith(pieces[0]):
             raise RenderError("the chat template output depends on message content; it cannot be masked")
         pos, starts, spans = len(pieces[0]), [0], []
+        located: dict[int, tuple[int, int]] = {}  # message → its content's [start, end) in text
         for k, i in enumerate(shown):
             content = messages[i]["content"] or ""
             end = _match_content(text, pos, content, pieces[k + 1])
@@ -197,47 +198,75 @@ class Renderer:
                                   "the turn", field=f"messages[{i}].content")
             if messages[i]["role"] == "assistant":
                 spans.append((pos, end + len(scaffold.eot[k])))
+            located[i] = (pos, end)
             starts.append(end)
             pos = end + len(pieces[k + 1])
         extras = [i for i, m in enumerate(messages) if _writes_more(m)]
         if not extras:
             return tuple(spans)
-        turns = [self._turn(messages, i, context, text) for i in extras]
-        found = [t for t in turns if t is not None]
-        if len(found) < len(turns):  # some turn's text differs once later messages follow it: by the scaffold
-            found = self._beyond_bare(messages, context, hide_empty, scaffold, starts)
         for i in extras:
-            names = [str(n) for n in _call_names(messages[i]) if n]
-            if names and not any(n in text[a:b] for a, b in found for n in names):
-                raise RenderError("the chat template does not write this turn's tool_calls, so it would train as an "
-                                  "empty answer: use a chat template that renders tool calls (chat_template=...), or "
-                                  "leave them out", field=f"messages[{i}].tool_calls")
+            if messages[i].get("tool_calls") and not self._writes_tool_calls(messages, i, context):
+                raise RenderError("the chat template does not write this turn's tool_calls, so they would not be "
+                                  "trained: use a chat template that renders tool calls (chat_template=...), or leave "
+                                  "them out", field=f"messages[{i}].tool_calls")
+        found, missed = [], []
+        for i in extras:  # between the content before the turn and the one after it
+            lo = max((e for j, (_, e) in located.items() if j < i), default=0)
+            hi = min((a for j, (a, _) in located.items() if j > i), default=len(text))
+            turn = self._turn(messages, i, context, text, lo, hi)
+            found += [turn] if turn else []
+            missed += [] if turn else [(lo, hi)]
+        if missed:  # a turn the template writes otherwise once later messages follow: by the scaffold, there
+            bare = self._beyond_bare(messages, context, hide_empty, scaffold, starts)
+            found += [(a, b) for a, b in bare if any(lo <= a < hi for lo, hi in missed)]
         return _merged(spans + found)
 
-    def _turn(self, messages: list[dict], i: int, context: dict[str, Any] | None, text: str
-              ) -> tuple[int, int] | None:
-        """Assistant turn `i` as the model writes it: the conversation before it with the generation prompt is the
-        prompt, and the turn is what the template adds after that for messages[: i + 1], up to its last non-space
-        (reasoning, content, tool calls, end-of-turn token), less the header it writes before the same turn's
-        content without its output keys where the generation prompt did not (a template that ignores
-        add_generation_prompt); None where that header is not there, or `text` does not hold the turn there."""
-        plain = [*messages[:i], {k: v for k, v in messages[i].items() if k not in OUTPUT_KEYS}
-                 | {"content": _SENTINEL.format(i)}]
+    def _writes_tool_calls(self, messages: list[dict], i: int, context: dict[str, Any] | None) -> bool:
+        """Whether the template's text of messages[: i + 1] changes with turn `i`'s tool_calls left out (True where
+        that cannot be rendered)."""
+        without = {k: v for k, v in messages[i].items() if k != "tool_calls"} | {"content": messages[i]["content"] or ""}
         try:
+            return self.text(messages[: i + 1], context) != self.text([*messages[:i], without], context)
+        except Exception:
+            return True
+
+    def _turn(self, messages: list[dict], i: int, context: dict[str, Any] | None, text: str, lo: int, hi: int
+              ) -> tuple[int, int] | None:
+        """Assistant turn `i` as the model writes it: what the template adds to the conversation before it for
+        messages[: i + 1], up to its last non-space (reasoning, content, tool calls, end-of-turn token), less what the
+        generation prompt already holds of it (the assistant header; Qwen3-2507's `<think>`), or, for a template
+        that ignores add_generation_prompt, less the header it writes before the same turn's content without its
+        output keys. Found in `text` where the conversation before it ends, else once between `lo` and `hi` (Mistral
+        moves the tool list to the last user message); None where it is not."""
+        try:
+            before = self.text(messages[:i], context)
             prompt = self.text(messages[:i], context, generation_prompt=True)
-            whole, probe = self.text(messages[: i + 1], context), self.text(plain, context)
+            whole = self.text(messages[: i + 1], context)
+            plain = [*messages[:i], {k: v for k, v in messages[i].items() if k not in OUTPUT_KEYS}
+                     | {"content": _SENTINEL.format(i)}]
+            probe = self.text(plain, context) if prompt == before else ""
         except Exception:  # a template that refuses the shorter conversation
             return None
-        at = probe.find(_SENTINEL.format(i))
-        if not (whole.startswith(prompt) and probe.startswith(prompt) and at >= 0 and text.startswith(prompt)):
+        if not whole.startswith(before):
             return None
-        header, turn = probe[len(prompt):at], whole[len(prompt):].rstrip()
-        if header.strip() and not turn.startswith(header):  # some of it may be the turn's: by the scaffold instead
+        turn = whole[len(before):].rstrip()
+        if prompt != before:  # the generation prompt: its start the turn shares is prompt, not trained
+            added = prompt[len(before):] if prompt.startswith(before) else ""
+            shared = _common_prefix(added, turn)
+            skip = min(self._in_marker(added, shared)[0], self._in_marker(turn, shared)[0])
+        else:
+            at = probe.find(_SENTINEL.format(i))
+            header = probe[len(before):at] if at >= 0 and probe.startswith(before) else ""
+            if header.strip() and not turn.startswith(header):  # some of it may be the turn's: by the scaffold
+                return None
+            skip = len(header) if turn.startswith(header) else 0  # a space before a plain turn's content only
+        start, turn = len(before) + skip, turn[skip:]
+        if not turn.strip():
             return None
-        skip = len(header) if turn.startswith(header) else 0  # a space before a plain turn's content only
-        start, turn = len(prompt) + skip, turn[skip:]
-        if not turn.strip() or not text.startswith(turn, start):
-            return None
+        if not text.startswith(turn, start) or not lo <= start <= hi:
+            start = text.find(turn, lo, hi)
+            if start < 0 or text.find(turn, start + 1, hi) >= 0:
+                return None
         return start, start + len(turn)
 
     def _beyond_bare(self, messages: list[dict], context: dict[str, Any] | None, hide_empty: bool,
