@@ -231,6 +231,21 @@ def test_a_tool_turn_is_found_where_the_tool_list_moved_past_it(tokenizers):
     assert [out.text[a:b] for a, b in out.spans] == [calls[0], "Sunny.<|endoftext|>", calls[1], "Rainy.<|endoftext|>"]
 
 
+def test_a_template_that_writes_the_calls_alone_rejects_a_turn_with_content_too(tokenizers):
+    r = Renderer(tokenizers["chatml"])  # Llama-3.1 writes a tool-call turn as the call alone
+    r._template = r._template.environment.from_string(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.get('tool_calls') %}"
+        "{{ m['tool_calls'][0]['function'] | tojson }}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}")
+    conv = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "Let me check.", "tool_calls": [CALL]}]
+    with pytest.raises(RenderError, match=r"messages\[1\]\.content: the chat template leaves out the content of a "
+                                          r"turn with tool_calls"):
+        r.render(conv)
+    conv[1]["content"] = ""
+    assert [r.render(conv).text[a:b] for a, b in r.render(conv).spans] == [
+        '{"name": "weather", "arguments": {"city": "Paris"}}<|im_end|>']
+
+
 def test_a_template_that_does_not_write_tool_calls_rejects_the_turn(tokenizers):
     """ChatML as shipped writes content only: the tool call would vanish and the turn train an empty answer."""
     r = Renderer(tokenizers["chatml"])

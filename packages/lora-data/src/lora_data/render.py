@@ -135,6 +135,10 @@ class Renderer:
         pieces, pos = [], 0
         for i in shown:
             at = text.find(_SENTINEL.format(i), pos)
+            if at < 0 and messages[i].get("tool_calls") and messages[i]["content"]:
+                raise RenderError("the chat template leaves out the content of a turn with tool_calls (it writes "
+                                  "the calls alone): it would not be trained; leave the content empty, or use a "
+                                  "template that writes both", field=f"messages[{i}].content")
             if at < 0 or text.count(_SENTINEL.format(i)) != 1:
                 raise RenderError(f"the chat template does not render message {i} exactly once; it cannot be masked",
                                   field=f"messages[{i}]")
