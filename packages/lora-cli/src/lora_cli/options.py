@@ -143,7 +143,8 @@ def _click_type(f: dataclasses.Field) -> tuple[Any, bool]:
         return _JsonDict(), False
     if choices:
         return click.Choice([c for c in choices if isinstance(c, str)]), False
-    plain: click.ParamType = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}[base[0]]
+    plains: dict[str, click.ParamType] = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
+    plain = plains[base[0]]
     if "None" in kinds and base[0] != "str" and f.default is not None:  # None must be typed to be given
         return _NumberOrNone(plain), False
     return plain, False
