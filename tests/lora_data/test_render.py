@@ -231,6 +231,26 @@ def test_a_tool_turn_is_found_where_the_tool_list_moved_past_it(tokenizers):
     assert [out.text[a:b] for a, b in out.spans] == [calls[0], "Sunny.<|endoftext|>", calls[1], "Rainy.<|endoftext|>"]
 
 
+@pytest.mark.parametrize(("when", "trained"), [
+    ("not loop.last", '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'),
+    ("loop.last", None)])
+def test_whether_a_template_writes_a_turns_tool_calls_is_read_from_the_whole_record(tokenizers, when, trained):
+    """A template may write tool calls only in some positions: the record's own text decides, not the turn rendered
+    as the last message (calls written only before a tool result were rejected, only on the last turn lost)."""
+    r = Renderer(tokenizers["chatml"])
+    r._template = r._template.environment.from_string(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}{% if m.get('tool_calls') and "
+        + when + " %}<tool_call>{{ m['tool_calls'][0]['function'] | tojson }}</tool_call>{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    conv = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    (got,) = r.render_batch([conv])
+    if trained is None:
+        assert isinstance(got, RenderError) and got.field == "messages[1].tool_calls"
+    else:
+        assert [got.text[a:b] for a, b in got.spans] == [trained, "Sunny.<|im_end|>"]
+
+
 def test_a_template_that_writes_the_calls_alone_rejects_a_turn_with_content_too(tokenizers):
     r = Renderer(tokenizers["chatml"])  # Llama-3.1 writes a tool-call turn as the call alone
     r._template = r._template.environment.from_string(
@@ -238,8 +258,8 @@ def test_a_template_that_writes_the_calls_alone_rejects_a_turn_with_content_too(
         "{{ m['tool_calls'][0]['function'] | tojson }}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}")
     conv = [{"role": "user", "content": "Weather?"},
             {"role": "assistant", "content": "Let me check.", "tool_calls": [CALL]}]
-    with pytest.raises(RenderError, match=r"messages\[1\]\.content: the chat template leaves out the content of a "
-                                          r"turn with tool_calls"):
+    with pytest.raises(RenderError, match=r"messages\[1\]\.content: the chat template leaves out the content of "
+                                          r"this turn with tool_calls"):
         r.render(conv)
     conv[1]["content"] = ""
     assert [r.render(conv).text[a:b] for a, b in r.render(conv).spans] == [

@@ -136,9 +136,9 @@ class Renderer:
         for i in shown:
             at = text.find(_SENTINEL.format(i), pos)
             if at < 0 and messages[i].get("tool_calls") and messages[i]["content"]:
-                raise RenderError("the chat template leaves out the content of a turn with tool_calls (it writes "
-                                  "the calls alone): it would not be trained; leave the content empty, or use a "
-                                  "template that writes both", field=f"messages[{i}].content")
+                raise RenderError("the chat template leaves out the content of this turn with tool_calls: it would "
+                                  "not be trained; leave the content empty, or use a template that writes both",
+                                  field=f"messages[{i}].content")
             if at < 0 or text.count(_SENTINEL.format(i)) != 1:
                 raise RenderError(f"the chat template does not render message {i} exactly once; it cannot be masked",
                                   field=f"messages[{i}]")
@@ -177,8 +177,8 @@ class Renderer:
                 raise
             try:
                 spans = self._spans(messages, context, text, hide_empty=True)
-            except RenderError:
-                raise e from None
+            except RenderError as again:  # the first error's, unless the template failed on a sentinel there
+                raise (e if isinstance(e, RenderError) else again) from None
         return Rendered(text, spans)
 
     def _spans(self, messages: list[dict], context: dict[str, Any] | None, text: str, hide_empty: bool
@@ -209,33 +209,44 @@ class Renderer:
         if not extras:
             return tuple(spans)
         for i in extras:
-            if messages[i].get("tool_calls") and not self._writes_tool_calls(messages, i, context):
+            if messages[i].get("tool_calls") and not self._writes_tool_calls(messages, i, context, text):
                 raise RenderError("the chat template does not write this turn's tool_calls, so they would not be "
                                   "trained: use a chat template that renders tool calls (chat_template=...), or leave "
                                   "them out", field=f"messages[{i}].tool_calls")
+        windows = {i: (max((e for j, (_, e) in located.items() if j < i), default=0),
+                       min((a for j, (a, _) in located.items() if j > i), default=len(text))) for i in extras}
+        turns = {}
+        for i in extras:  # between the content before the turn and the one after it, where no other turn is
+            alone = list(windows.values()).count(windows[i]) == 1
+            turns[i] = self._turn(messages, i, context, text, *windows[i], search=alone)
         found, missed = [], []
-        for i in extras:  # between the content before the turn and the one after it
-            lo = max((e for j, (_, e) in located.items() if j < i), default=0)
-            hi = min((a for j, (a, _) in located.items() if j > i), default=len(text))
-            turn = self._turn(messages, i, context, text, lo, hi)
-            found += [turn] if turn else []
-            missed += [] if turn else [(lo, hi)]
+        for i, turn in turns.items():  # a turn found where another one is: neither is known
+            if turn and not any(t and t != turn and t[0] < turn[1] and turn[0] < t[1] for j, t in turns.items()
+                                if j != i) and list(turns.values()).count(turn) == 1:
+                found.append(turn)
+            else:
+                missed.append(windows[i])
         if missed:  # a turn the template writes otherwise once later messages follow: by the scaffold, there
             bare = self._beyond_bare(messages, context, hide_empty, scaffold, starts)
             found += [(a, b) for a, b in bare if any(lo <= a < hi for lo, hi in missed)]
         return _merged(spans + found)
 
-    def _writes_tool_calls(self, messages: list[dict], i: int, context: dict[str, Any] | None) -> bool:
-        """Whether the template's text of messages[: i + 1] changes with turn `i`'s tool_calls left out (True where
-        that cannot be rendered)."""
+    def _writes_tool_calls(self, messages: list[dict], i: int, context: dict[str, Any] | None, text: str) -> bool:
+        """Whether the record's text changes with turn `i`'s tool_calls left out; where the template refuses that
+        conversation (Mistral's roles no longer alternate), whether the text of messages[: i + 1] does; True where
+        neither renders."""
         without = {k: v for k, v in messages[i].items() if k != "tool_calls"} | {"content": messages[i]["content"] or ""}
+        try:
+            return text != self.text([*messages[:i], without, *messages[i + 1:]], context)
+        except Exception:
+            pass
         try:
             return self.text(messages[: i + 1], context) != self.text([*messages[:i], without], context)
         except Exception:
             return True
 
-    def _turn(self, messages: list[dict], i: int, context: dict[str, Any] | None, text: str, lo: int, hi: int
-              ) -> tuple[int, int] | None:
+    def _turn(self, messages: list[dict], i: int, context: dict[str, Any] | None, text: str, lo: int, hi: int,
+              search: bool = True) -> tuple[int, int] | None:
         """Assistant turn `i` as the model writes it: what the template adds to the conversation before it for
         messages[: i + 1], up to its last non-space (reasoning, content, tool calls, end-of-turn token), less what the
         generation prompt already holds of it (the assistant header; Qwen3-2507's `<think>`), or, for a template
@@ -256,8 +267,7 @@ class Renderer:
         turn = whole[len(before):].rstrip()
         if prompt != before:  # the generation prompt: its start the turn shares is prompt, not trained
             added = prompt[len(before):] if prompt.startswith(before) else ""
-            shared = _common_prefix(added, turn)
-            skip = min(self._in_marker(added, shared)[0], self._in_marker(turn, shared)[0])
+            skip = len(added) if turn.startswith(added) else self._whole_units(added, turn, _common_prefix(added, turn))
         else:
             at = probe.find(_SENTINEL.format(i))
             header = probe[len(before):at] if at >= 0 and probe.startswith(before) else ""
@@ -268,6 +278,8 @@ class Renderer:
         if not turn.strip():
             return None
         if not text.startswith(turn, start) or not lo <= start <= hi:
+            if not search:
+                return None
             start = text.find(turn, lo, hi)
             if start < 0 or text.find(turn, start + 1, hi) >= 0:
                 return None
@@ -307,6 +319,20 @@ class Renderer:
             end = next((e for e in ends if piece.startswith(e, b)), "")
             spans.append((starts[k] + a, starts[k] + b + len(end)))
         return spans
+
+    def _whole_units(self, text: str, turn: str, shared: int) -> int:
+        """`shared`, or where text[:shared] last ends after a special token or a newline where `shared` cuts a word
+        of `turn` or follows only punctuation: the generation prompt's `<think>` shares `<t` with `<tool_call>`,
+        while `<|im_start|>assistant` before the prompt's `\n` is a whole header."""
+        ends = [0, *(k + 1 for k, c in enumerate(text[:shared]) if c == "\n")]
+        for m in self._markers:
+            at = text.find(m, 0, shared)
+            while at >= 0 and at + len(m) <= shared:
+                ends.append(at + len(m))
+                at = text.find(m, at + 1, shared)
+        unit = max(ends)
+        in_word = 0 < shared < len(turn) and turn[shared - 1].isalnum() and turn[shared].isalnum()
+        return unit if in_word or not any(c.isalnum() for c in text[unit:shared]) else shared
 
     def _in_marker(self, text: str, at: int) -> tuple[int, int]:
         """The special token of `text` that position `at` falls inside, as (start, end); else (at, at)."""
@@ -360,7 +386,7 @@ def _merged(spans: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     ((0, 5), (8, 9))
     """
     out: list[list[int]] = []
-    for a, b in sorted(spans):
+    for a, b in sorted(x for x in spans if x[1] > x[0]):
         if out and a <= out[-1][1]:
             out[-1][1] = max(out[-1][1], b)
         else:
