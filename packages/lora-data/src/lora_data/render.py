@@ -221,8 +221,7 @@ class Renderer:
             turns[i] = self._turn(messages, i, context, text, *windows[i], search=alone)
         found, missed = [], []
         for i, turn in turns.items():  # a turn found where another one is: neither is known
-            if turn and not any(t and t != turn and t[0] < turn[1] and turn[0] < t[1] for j, t in turns.items()
-                                if j != i) and list(turns.values()).count(turn) == 1:
+            if turn and not any(t and t[0] < turn[1] and turn[0] < t[1] for j, t in turns.items() if j != i):
                 found.append(turn)
             else:
                 missed.append(windows[i])
@@ -323,7 +322,7 @@ class Renderer:
     def _whole_units(self, text: str, turn: str, shared: int) -> int:
         """`shared`, or where text[:shared] last ends after a special token or a newline where `shared` cuts a word
         of `turn` or follows only punctuation: the generation prompt's `<think>` shares `<t` with `<tool_call>`,
-        while `<|im_start|>assistant` before the prompt's `\n` is a whole header."""
+        while `<|im_start|>assistant` before the prompt's newline is a whole header."""
         ends = [0, *(k + 1 for k, c in enumerate(text[:shared]) if c == "\n")]
         for m in self._markers:
             at = text.find(m, 0, shared)
