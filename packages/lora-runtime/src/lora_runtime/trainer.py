@@ -70,7 +70,7 @@ class _PendingLog:
 
 def schedule_kwargs(name: str, total_steps: int) -> dict[str, Any]:
     """What `lr_scheduler` `name` needs beyond warmup and length: cosine_with_min_lr ends at 10% of learning_rate,
-    warmup_stable_decay decays over the last 10% of the steps (to 0, cosine), as the papers that use them do.
+    warmup_stable_decay decays over the last 10% of the steps (to 0, cosine).
 
     >>> schedule_kwargs("warmup_stable_decay", 200), schedule_kwargs("linear", 200)
     ({'num_decay_steps': 20}, {})
@@ -113,12 +113,12 @@ class PackedTrainer(Trainer):
         self._step_begun: int | None = None  # the last training step whose forward began (`training_step`)
         self._norms_since_log: Any = None  # see `_carry_earlier_norms`
 
-    # ------------------------------------------------------------------ data
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """transformers' scheduler, with `schedule_kwargs` for the two schedules it cannot build without them."""
         self.args.lr_scheduler_kwargs = schedule_kwargs(self.run_config.lr_scheduler, num_training_steps)
         return super().create_scheduler(num_training_steps, optimizer)
 
+    # ------------------------------------------------------------------ data
     def _loader(self, dataset: Any, batch_size: int) -> EpochDataLoader:
         # its own generator: starting an epoch's iterator takes no draw from the global RNG, whose state a
         # checkpoint restores before that iterator is made on resume (dropout masks would shift by one draw)
