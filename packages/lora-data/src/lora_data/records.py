@@ -83,6 +83,15 @@ def template_context(obj: dict[str, Any]) -> dict[str, Any]:
     return context | (obj.get(TEMPLATE_KWARGS) or {})
 
 
+def _tools_in(column: str) -> list | None:
+    """The tool definitions a string column holds: its JSON array; None for "" or "null" (an empty cell); ValueError
+    for anything else."""
+    tools = json.loads(column) if column.strip() else None
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError(f"not a JSON array: {column[:40]!r}")
+    return tools
+
+
 @dataclass(slots=True)
 class Rejection:
     """A line that cannot be trained on. `field` is a JSON path (`messages[2].role`); `code` groups the reasons."""
@@ -344,14 +353,12 @@ class RecordReader:
         context = template_context(obj) if fmt == "messages" else {}
         if isinstance(context.get("tools"), str):  # as HF datasets often store them: JSON in a string column
             try:
-                context["tools"] = json.loads(context["tools"]) if context["tools"].strip() else None
+                tools = _tools_in(context.pop("tools"))
             except ValueError:
-                context["tools"] = ""
-            if context["tools"] is None:  # "" or "null": no tools, as a null cell
-                del context["tools"]
-            elif not isinstance(context["tools"], list):
                 return Rejection(path, number, "tools", "is a string that does not hold a JSON array of tool "
                                  "definitions", text, "bad_tools")
+            if tools is not None:
+                context["tools"] = tools
         return Record(path, number, messages, fmt, sample_id(self.source_index, number), text, context)
 
     def _detect(self, obj: dict) -> str | None:

@@ -234,7 +234,7 @@ class Renderer:
         """Whether the record's text changes with turn `i`'s tool_calls left out; where the template refuses that
         conversation (Mistral's roles no longer alternate), whether the text of messages[: i + 1] does; True where
         neither renders."""
-        without = {k: v for k, v in messages[i].items() if k != "tool_calls"} | {"content": messages[i]["content"] or ""}
+        without = _without(messages[i], ("tool_calls",))
         try:
             return text != self.text([*messages[:i], without, *messages[i + 1:]], context)
         except Exception:
@@ -256,8 +256,7 @@ class Renderer:
             before = self.text(messages[:i], context)
             prompt = self.text(messages[:i], context, generation_prompt=True)
             whole = self.text(messages[: i + 1], context)
-            plain = [*messages[:i], {k: v for k, v in messages[i].items() if k not in OUTPUT_KEYS}
-                     | {"content": _SENTINEL.format(i)}]
+            plain = [*messages[:i], _without(messages[i], OUTPUT_KEYS) | {"content": _SENTINEL.format(i)}]
             probe = self.text(plain, context) if prompt == before else ""
         except Exception:  # a template that refuses the shorter conversation
             return None
@@ -289,8 +288,7 @@ class Renderer:
         """Spans of what the scaffold holds next to an assistant turn beyond the scaffold of the same conversation
         with those turns' output keys left out, for a template whose earlier turns render otherwise once later
         messages follow (Qwen3 drops an earlier turn's reasoning)."""
-        bare = [{k: v for k, v in m.items() if k not in OUTPUT_KEYS} | {"content": m["content"] or ""}
-                if _writes_more(m) else m for m in messages]
+        bare = [_without(m, OUTPUT_KEYS) if _writes_more(m) else m for m in messages]
         try:
             without_pieces = self._scaffold(bare, context, hide_empty).pieces
         except Exception as e:
@@ -362,11 +360,9 @@ def _writes_more(m: dict) -> bool:
     return m["role"] == "assistant" and any(m.get(k) for k in OUTPUT_KEYS)
 
 
-def _call_names(m: dict) -> list[Any]:
-    """The function names of an assistant turn's tool_calls (OpenAI's `{"function": {"name": ...}}`, or flat)."""
-    calls = m.get("tool_calls") or []
-    return [c.get("function", c).get("name") if isinstance(c.get("function", c), dict) else None
-            for c in calls if isinstance(c, dict)]
+def _without(m: dict, keys: tuple[str, ...]) -> dict:
+    """Message `m` without `keys`, a null content as "" (a template that concatenates content fails on null)."""
+    return {k: v for k, v in m.items() if k not in keys} | {"content": m["content"] or ""}
 
 
 def _common_prefix(a: str, b: str) -> int:

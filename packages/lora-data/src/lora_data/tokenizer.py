@@ -7,8 +7,9 @@ transformers 5 builds some tokenizers with a class of its own (e.g. `Qwen2Tokeni
 whose pipeline differs from `tokenizer.json`, and `import transformers` costs seconds because it imports torch. So:
 
 - a directory transformers would load with its generic backend (a `tokenizer.json`, a generic or no
-  `tokenizer_class`, no model `config.json`), holding nothing else transformers reads into it (`_READ_BY_TRANSFORMERS_ONLY`,
-  a special token `tokenizer.json` lacks), is loaded here with the `tokenizers` library alone;
+  `tokenizer_class`, no model `config.json`), holding nothing else transformers reads into it
+  (`_READ_BY_TRANSFORMERS_ONLY`, a special token `tokenizer.json` lacks), is loaded here with the `tokenizers`
+  library alone;
 - any other directory is loaded once with `AutoTokenizer` (exactly what the runtime does), and what it built (the
   backend JSON, special tokens, chat template) is cached under a hash of the directory's tokenizer files and the
   transformers version; later loads of the same files read the cache, without transformers or torch.
