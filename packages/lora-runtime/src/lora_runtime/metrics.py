@@ -163,18 +163,22 @@ def report_env(config: LoraSftConfig) -> dict[str, str]:
     return {k: v for k, v in pairs.items() if v}
 
 
+# integration → (config fields / env vars that turn it on, import names that satisfy it, install hint)
+INTEGRATIONS = {
+    "wandb": (("wandb_project", "wandb_entity", "wandb_run_name"), ("WANDB_PROJECT",), ("wandb",),
+              "`uv pip install wandb`"),
+    "tensorboard": (("tensorboard_log_dir",), (), ("tensorboard", "tensorboardX"), "`uv pip install tensorboard`"),
+    "mlflow": (("mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name"),
+               ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"), ("mlflow",),
+               "`uv pip install mlflow` (or `pip install mlflow`)"),
+}
+
+
 def report_targets(config: LoraSftConfig) -> list[str]:
     """Integrations to report to: any of their parameters given (a run name alone included), or the usual env vars,
-    as training-hub decides."""
-    env = {**os.environ, **report_env(config)}
-    targets = []
-    if env.get("WANDB_PROJECT") or config.wandb_entity or config.wandb_run_name:
-        targets.append("wandb")
-    if config.tensorboard_log_dir:
-        targets.append("tensorboard")
-    if env.get("MLFLOW_TRACKING_URI") or env.get("MLFLOW_EXPERIMENT_NAME") or config.mlflow_run_name:
-        targets.append("mlflow")
-    return targets
+    as training-hub decides (`INTEGRATIONS`)."""
+    return [name for name, (fields, env, _, _) in INTEGRATIONS.items()
+            if any(getattr(config, f) for f in fields) or any(os.environ.get(v) for v in env)]
 
 
 @contextlib.contextmanager

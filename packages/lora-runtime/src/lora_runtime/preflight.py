@@ -40,15 +40,6 @@ _NEEDS_CUDA = {
     "enable_model_splitting": (lambda c: c.enable_model_splitting, "it spreads one model over GPUs",
                                "drop it (a CPU run keeps the whole model in RAM anyway)"),
 }
-# integration → (config fields / env vars that turn it on, import names that satisfy it, install hint)
-_INTEGRATIONS = {
-    "mlflow": (("mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name"),
-               ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"), ("mlflow",),
-               "`uv pip install mlflow` (or `pip install mlflow`)"),
-    "wandb": (("wandb_project", "wandb_entity", "wandb_run_name"), ("WANDB_PROJECT",), ("wandb",),
-              "`uv pip install wandb`"),
-    "tensorboard": (("tensorboard_log_dir",), (), ("tensorboard", "tensorboardX"), "`uv pip install tensorboard`"),
-}
 
 
 def cuda_available() -> bool:
@@ -81,7 +72,9 @@ def machine_issues(cfg: Any) -> list[str]:
     if cfg.kernels == "liger" and not liger_installed():
         issues.append("`kernels`='liger' needs the liger-kernel package, which is not installed: `uv pip install "
                       "liger-kernel` (or pass kernels='auto')")
-    for name, (fields, env, modules, hint) in _INTEGRATIONS.items():
+    from lora_runtime.metrics import INTEGRATIONS
+
+    for name, (fields, env, modules, hint) in INTEGRATIONS.items():
         asked = [f"`{f}`" for f in fields if getattr(cfg, f)] + [v for v in env if os.environ.get(v)]
         if asked and not any(importlib.util.find_spec(m) for m in modules):
             issues.append(f"{' and '.join(asked)} asks for {name} logging but the {modules[0]} package is not "
