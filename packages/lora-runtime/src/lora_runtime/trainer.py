@@ -90,8 +90,7 @@ class PackedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)  # disable_tqdm installs it: raw log dicts; lora_runtime.progress instead
         self.run_config, self.plan, self.metrics = config, plan, metrics
-        # in each checkpoint's run record: a resume checks it is the same model, whatever the path to it
-        self.model_identity = checkpoint.model_identity(config.model_path) if self.args.should_save else None
+        self._model_id: tuple[str | None] | None = None  # see `_model_identity`
         from transformers.integrations import TensorBoardCallback
 
         # the TensorBoard callbacks report_to made, whose writer they open themselves (`_close_after_failure`)
@@ -112,6 +111,13 @@ class PackedTrainer(Trainer):
         self._log_covers_from = 1
         self._step_begun: int | None = None  # the last training step whose forward began (`training_step`)
         self._norms_since_log: Any = None  # see `_carry_earlier_norms`
+
+    def _model_identity(self) -> str | None:
+        """In each checkpoint's run record: a resume checks it is the same model, whatever the path to it. Read at
+        the first save, not at start-up."""
+        if self._model_id is None:
+            self._model_id = (checkpoint.model_identity(self.run_config.model_path),)
+        return self._model_id[0]
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """transformers' scheduler, with `schedule_kwargs` for the two schedules it cannot build without them."""
@@ -565,7 +571,7 @@ class PackedTrainer(Trainer):
             checkpoint.write_json_atomic(tmp / "data_state.json", self.packed.state_at(step))
             checkpoint.write_json_atomic(tmp / checkpoint.CONFIG_NAME, run_record(
                 self.run_config, self.plan, data=checkpoint.data_identity(self.packed.reader.manifest),
-                model=self.model_identity))
+                model=self._model_identity()))
         barrier()
         if self.args.should_save:
             self.metrics.sync()  # the logged rows up to this step are durable before the checkpoint that covers them
