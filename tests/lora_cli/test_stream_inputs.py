@@ -27,7 +27,7 @@ def test_train_on_a_named_pipe_or_stdin_says_it_is_not_supported_and_what_to_do(
     assert res.exit_code == 1, res.output
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in res.output, res.output
-    assert errors[0].startswith(f"error: --data-path={data} ") and "does not exist" not in errors[0], errors[0]
+    assert errors[0].startswith(f"error: --data={data} ") and "does not exist" not in errors[0], errors[0]
     assert "is not read by train" in errors[0] or "is not a regular file" in errors[0], errors[0]
     assert "`lora-cli prepare - OUT --tokenizer MODEL` reads stdin" in errors[0], errors[0]
     assert not out.exists()

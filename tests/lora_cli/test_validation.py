@@ -123,3 +123,11 @@ def test_a_suggested_torchrun_command_never_says_none(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         check_launch(LoraSftConfig("m", "d", str(tmp_path), nnodes=2, rdzv_endpoint="h:1"))
     assert "None" not in str(e.value) and "torchrun --nproc-per-node 1 --nnodes 2 your_script.py" in str(e.value)
+
+
+def test_errors_name_options_as_help_lists_them(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    res = invoke(["train", "--model", str(tiny_llama_dir), "--data", str(tmp_path / "nope.jsonl"), "--output",
+                  str(tmp_path / "o"), "--backend", "peft", "--no-bf16"])
+    assert res.exit_code == 1 and res.output == f"error: --data={tmp_path / 'nope.jsonl'} does not exist\n", res.output

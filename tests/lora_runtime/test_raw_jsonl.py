@@ -66,9 +66,29 @@ def test_passthrough_is_refused_with_the_alternative(raw, tiny_llama_dir, tmp_pa
                  data_output_dir=str(tmp_path / "c"))
 
 
-def test_missing_data_path_is_named(tiny_llama_dir, tmp_path):
-    with pytest.raises(ConfigError, match=r"`data_path`=.*nope.jsonl does not exist"):
-        lora_sft(str(tiny_llama_dir), str(tmp_path / "nope.jsonl"), str(tmp_path / "o"))
+def test_missing_data_path_is_named_before_the_tokenizer_loads(tiny_llama_dir, tmp_path, monkeypatch):
+    import transformers
+
+    for name, kw in (("data_path", {}), ("eval_data_path", {"eval_data_path": str(tmp_path / "nope.jsonl")})):
+        data = str(tmp_path / ("nope.jsonl" if name == "data_path" else "d.jsonl"))
+        (tmp_path / "d.jsonl").write_text("{}\n")
+        with monkeypatch.context() as m:
+            m.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("tokenizer loaded"))
+            with pytest.raises(ConfigError, match=rf"`{name}`=.*nope.jsonl does not exist"):
+                lora_sft(str(tiny_llama_dir), data, str(tmp_path / "o"), **kw)
+
+
+def test_a_model_dir_without_its_tokenizer_is_named(tiny_llama_dir, tmp_path):
+    import shutil
+
+    weights_only = tmp_path / "weights_only"
+    shutil.copytree(tiny_llama_dir, weights_only, ignore=lambda d, names: [n for n in names if "token" in n])
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"`model_path`=.*weights_only has no tokenizer \(no tokenizer.json"):
+        lora_sft(str(weights_only), str(tmp_path / "d.jsonl"), str(tmp_path / "o"))
+    (weights_only / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"`model_path`=.*weights_only: cannot load its tokenizer: "):
+        lora_sft(str(weights_only), str(tmp_path / "d.jsonl"), str(tmp_path / "o"))
 
 
 def test_a_cache_entry_another_process_holds_is_waited_for(tmp_path, capsys):

@@ -29,6 +29,7 @@ from lora_cli.options import (
     given_on_command_line,
     merge_values,
     name_file_keys,
+    option_name,
     passthrough_args,
     read_config_file,
 )
@@ -54,9 +55,10 @@ SAME_ON_EVERY_RANK = (NonFiniteLossError,)
 
 
 def _as_option(text: str) -> str:
-    """Spell config field names the way this command line does: "`lora_alpha` must be > 0" → "--lora-alpha must be > 0"."""
+    """Spell config field names the way this command line does: "`lora_alpha` must be > 0" → "--lora-alpha must be > 0",
+    "`data_path`=x does not exist" → "--data=x does not exist" (the short name `--help` lists first)."""
     known = set(field_names())
-    return re.sub(r"`(\w+)`", lambda m: "--" + m[1].replace("_", "-") if m[1] in known else m[0], text)
+    return re.sub(r"`(\w+)`", lambda m: option_name(m[1]) if m[1] in known else m[0], text)
 
 
 def error_lines(e: BaseException) -> list[str]:

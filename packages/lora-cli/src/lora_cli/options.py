@@ -160,6 +160,11 @@ def _default_text(default: Any) -> str:
     return str(default)
 
 
+def option_name(field: str) -> str:
+    """How the command line spells a config field: its short alias where it has one (`--data`), else `--kebab-case`."""
+    return ALIASES.get(field, ["--" + field.replace("_", "-")])[0]
+
+
 def option_for(f: dataclasses.Field) -> Callable:
     """The click option for one `LoraSftConfig` field."""
     ctype, is_flag = _click_type(f)

@@ -219,11 +219,16 @@ def _write_atomic(path: Path, text: str) -> None:
         pass
 
 
+def lacks_tokenizer(directory: Path) -> bool:
+    """A local directory with no file a tokenizer loads from (a weights-only save)."""
+    return directory.is_dir() and not any(p.name.startswith("tokenizer") or p.suffix in (".model", ".tiktoken")
+                                          or p.name in ("vocab.json", "vocab.txt") for p in directory.iterdir())
+
+
 def _auto_tokenizer(directory: Path, name: str):
     from transformers import AutoTokenizer
 
-    if directory.is_dir() and not any(p.name.startswith("tokenizer") or p.suffix in (".model", ".tiktoken")
-                                      or p.name in ("vocab.json", "vocab.txt") for p in directory.iterdir()):
+    if lacks_tokenizer(directory):
         raise DataError(f"no tokenizer in {name}: no tokenizer.json, tokenizer_config.json or vocabulary file; pass "
                         "the model's directory (or hub id) the tokenizer was saved with", field="tokenizer")
     try:

@@ -41,11 +41,13 @@ class Shards:
 def ensure_shards(config: LoraSftConfig) -> tuple[LoraSftConfig, Shards]:
     """Resolve train (and eval) data to verified shard dirs (raw JSONL is prepared and cached); returns the config
     with the shards' row length where it inherits it."""
-    from transformers import AutoTokenizer
-
     init_process_group()
+    for name in ("data_path", "eval_data_path"):  # before the tokenizer loads: a typo fails in a second
+        path = getattr(config, name)
+        if path and not (Path(path).is_file() or Path(path).is_dir()):
+            raise ConfigError([f"`{name}`={path} {_why_not_a_file(Path(path))}"])
     config = inherit_seq_len(config)
-    tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+    tokenizer = model_tokenizer(config)
     apply_chat_template(config, tokenizer)
     train_path, eval_path = config.data_path, config.eval_data_path
     if config.eval_split_ratio:
@@ -53,6 +55,22 @@ def ensure_shards(config: LoraSftConfig) -> tuple[LoraSftConfig, Shards]:
     train_dir = resolve(train_path, "data_path", config, tokenizer)
     eval_dir = resolve(eval_path, "eval_data_path", config, tokenizer) if eval_path else None
     return config, Shards(train_dir, Manifest.load(train_dir), eval_dir)
+
+
+def model_tokenizer(config: LoraSftConfig) -> Any:
+    """The tokenizer saved with `model_path`; a directory without one (weights only) is a ConfigError naming it."""
+    from lora_data.tokenizer import lacks_tokenizer
+    from transformers import AutoTokenizer
+
+    if lacks_tokenizer(Path(config.model_path).expanduser()):
+        raise ConfigError([f"`model_path`={config.model_path} has no tokenizer (no tokenizer.json, "
+                           "tokenizer_config.json or vocabulary file): copy in the tokenizer files of the model it "
+                           "was saved from"])
+    try:
+        return AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError([f"`model_path`={config.model_path}: cannot load its tokenizer: "
+                           + " ".join(str(e).split())]) from None
 
 
 def inherit_seq_len(config: LoraSftConfig) -> LoraSftConfig:
