@@ -293,6 +293,57 @@ def test_the_header_of_a_template_without_a_generation_prompt_is_not_trained(tok
         "Sunny.<|im_end|>"]
 
 
+HARMONY_TEMPLATE = (  # GPT-OSS's shape: a tool call's thinking is written only until a final answer follows, a final
+    # answer's thinking only on the last turn
+    "<|start|>system<|message|>Reasoning: medium<|end|>{% set last = namespace(name=none) %}"
+    "{% for m in messages %}{% if m.role == 'assistant' and 'tool_calls' in m %}"
+    "{% set final = namespace(found=false) %}{% for later in messages[loop.index:] %}"
+    "{% if later.role == 'assistant' and 'tool_calls' not in later %}{% set final.found = true %}{% endif %}"
+    "{% endfor %}{% if m.thinking and not final.found %}"
+    "<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>{% endif %}"
+    "<|start|>assistant to=functions.{{ m.tool_calls[0].function.name }}<|channel|>commentary json<|message|>"
+    "{{ m.tool_calls[0].function.arguments | tojson }}<|call|>{% set last.name = m.tool_calls[0].function.name %}"
+    "{% elif m.role == 'assistant' and loop.last and not add_generation_prompt %}"
+    "{% if 'thinking' in m %}<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>{% endif %}"
+    "<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|return|>"
+    "{% elif m.role == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>"
+    "{% elif m.role == 'tool' %}{% if last.name is none %}{{ raise_exception('no tool call before') }}{% endif %}"
+    "<|start|>functions.{{ last.name }} to=assistant<|channel|>commentary<|message|>{{ m.content | tojson }}<|end|>"
+    "{% else %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+
+
+def test_reasoning_the_template_leaves_out_is_not_trained_and_the_turns_around_it_are(plain_tokenizer_dir):
+    """GPT-OSS drops a tool call's thinking once a final answer follows (and a final answer's before the last turn):
+    the call and the last answer with its thinking are trained as the text holds them; the rest of the thinking is
+    not in the text. A call that is the last turn keeps its thinking, trained."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(plain_tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": [
+        "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|call|>", "<|return|>"]})
+    tok.eos_token, tok.chat_template = "<|return|>", HARMONY_TEMPLATE
+    r = Renderer(tok)
+    call = ' to=functions.weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>'
+    ask, result = {"role": "user", "content": "Weather?"}, {"role": "tool", "content": "sunny"}
+    thinking_call = {"role": "assistant", "content": "", "thinking": "Need the tool.", "tool_calls": [CALL]}
+    answer = {"role": "assistant", "content": "Sunny.", "thinking": "It said sunny."}
+    last = "<|channel|>analysis<|message|>It said sunny.<|end|><|start|>assistant<|channel|>final<|message|>Sunny.<|return|>"
+    cases = [
+        ([ask, thinking_call, result, answer], [call, last]),
+        ([ask, thinking_call, result, thinking_call, result, answer], [call, call, last]),
+        ([ask, thinking_call, result, answer, {"role": "user", "content": "Thanks"},
+          {"role": "assistant", "content": "Welcome.", "thinking": "polite"}],
+         [call, "Sunny.<|end|>", last.replace("It said sunny.", "polite").replace("Sunny.", "Welcome.")]),
+        ([ask, thinking_call], ["<|channel|>analysis<|message|>Need the tool.<|end|><|start|>assistant" + call]),
+    ]
+    for conv, trained in cases:
+        (out,) = r.render_batch([conv])
+        assert not isinstance(out, RenderError), out
+        assert [out.text[a:b] for a, b in out.spans] == trained
+        assert out.text == tok.apply_chat_template(conv, tokenize=False)
+
+
 def test_a_records_tools_and_template_kwargs_reach_the_template(tmp_path, chatml_tokenizer_dir):
     """`tools`, `documents` and `chat_template_kwargs` of a chat record render as apply_chat_template renders them;
     null content is valid only on an assistant turn with tool_calls."""

@@ -171,15 +171,46 @@ class Renderer:
         if self.train_on_inputs:
             return Rendered(text, ((0, len(text)),))
         try:
-            spans = self._spans(messages, context, text, hide_empty=False)
+            return Rendered(text, self._located(messages, context, text))
+        except Exception:
+            written = self._as_written(messages, context, text)
+            if written is None:
+                raise
+        try:
+            return Rendered(text, self._located(written, context, text))
+        except Exception:
+            pass
+        return Rendered(text, self._located(messages, context, text))  # its own error, as without the retry
+
+    def _located(self, messages: list[dict], context: dict[str, Any] | None, text: str
+                 ) -> tuple[tuple[int, int], ...]:
+        try:
+            return self._spans(messages, context, text, hide_empty=False)
         except Exception as e:  # a RenderError, or the template failing on a sentinel in place of an empty content
             if all(m["content"] for m in messages):
                 raise
             try:
-                spans = self._spans(messages, context, text, hide_empty=True)
+                return self._spans(messages, context, text, hide_empty=True)
             except RenderError as again:  # the first error's, unless the template failed on a sentinel there
                 raise (e if isinstance(e, RenderError) else again) from None
-        return Rendered(text, spans)
+
+    def _as_written(self, messages: list[dict], context: dict[str, Any] | None, text: str) -> list[dict] | None:
+        """`messages` without the reasoning that the template leaves out of this record's text (GPT-OSS drops a tool
+        call's thinking once a final answer follows): it cannot be trained here, and the turns around it are located
+        without it. None where the template writes all of it."""
+        out, dropped = list(messages), False
+        for i, m in enumerate(messages):
+            keys = tuple(k for k in REASONING_KEYS if m["role"] == "assistant" and m.get(k))
+            if not keys:
+                continue
+            trial = [*out[:i], {k: v for k, v in m.items() if k not in keys}, *out[i + 1:]]
+            try:
+                same = self.text(trial, context) == text
+            except Exception:
+                same = False
+            if same:
+                out, dropped = trial, True
+        return out if dropped else None
 
     def _spans(self, messages: list[dict], context: dict[str, Any] | None, text: str, hide_empty: bool
                ) -> tuple[tuple[int, int], ...]:
@@ -353,7 +384,8 @@ class _Scaffold:
 
 _FIXED = {"messages", "add_generation_prompt", "lora_data_batch"}  # never taken from a record's template variables
 # what an assistant turn writes besides its content, where chat templates read it
-OUTPUT_KEYS = ("tool_calls", "reasoning_content", "reasoning", "thinking", "function_call")
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+OUTPUT_KEYS = ("tool_calls", *REASONING_KEYS, "function_call")
 
 
 def _writes_more(m: dict) -> bool:
