@@ -231,6 +231,26 @@ def test_a_tool_turn_is_found_where_the_tool_list_moved_past_it(tokenizers):
     assert [out.text[a:b] for a, b in out.spans] == [calls[0], "Sunny.<|endoftext|>", calls[1], "Rainy.<|endoftext|>"]
 
 
+def test_identical_tool_turns_sharing_a_window_are_found_in_order(tokenizers):
+    """Two identical calls with empty results between them (no content located between): where the window holds the
+    call as many times as the turns there write it, they are found in message order; a result that repeats the call
+    is content, located, and never taken for a turn."""
+    r = Renderer(tokenizers["plain"])
+    r._template = r._template.environment.from_string(MISTRAL_TOOLS_TEMPLATE)
+    call = {"role": "assistant", "content": None, "tool_calls": [CALL]}
+    conv = [{"role": "user", "content": "Paris?"}, call, {"role": "tool", "content": ""}, call,
+            {"role": "tool", "content": ""}, {"role": "assistant", "content": "Sunny."},
+            {"role": "user", "content": "Rome?"}, {"role": "assistant", "content": "Rainy."}]
+    out = r.render(conv, context={"tools": [{"name": "weather"}]})
+    written = f'[TOOL_CALLS] [{json.dumps(CALL["function"])}]<|endoftext|>'
+    assert [out.text[a:b] for a, b in out.spans] == [written, written, "Sunny.<|endoftext|>", "Rainy.<|endoftext|>"]
+    assert out.spans[0][1] < out.spans[1][0]
+    conv[4] = {"role": "tool", "content": written}
+    out = r.render(conv, context={"tools": [{"name": "weather"}]})
+    assert [out.text[a:b] for a, b in out.spans] == [written, written, "Sunny.<|endoftext|>", "Rainy.<|endoftext|>"]
+    assert out.text.count(written) == 3
+
+
 @pytest.mark.parametrize(("when", "trained"), [
     ("not loop.last", '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'),
     ("loop.last", None)])

@@ -246,10 +246,7 @@ class Renderer:
                                   "them out", field=f"messages[{i}].tool_calls")
         windows = {i: (max((e for j, (_, e) in located.items() if j < i), default=0),
                        min((a for j, (a, _) in located.items() if j > i), default=len(text))) for i in extras}
-        turns = {}
-        for i in extras:  # between the content before the turn and the one after it, where no other turn is
-            alone = list(windows.values()).count(windows[i]) == 1
-            turns[i] = self._turn(messages, i, context, text, *windows[i], search=alone)
+        turns = _placed(text, {i: self._turn(messages, i, context) for i in extras}, windows)
         found, missed = [], []
         for i, turn in turns.items():  # a turn found where another one is: neither is known
             if turn and not any(t and t[0] < turn[1] and turn[0] < t[1] for j, t in turns.items() if j != i):
@@ -275,14 +272,12 @@ class Renderer:
         except Exception:
             return True
 
-    def _turn(self, messages: list[dict], i: int, context: dict[str, Any] | None, text: str, lo: int, hi: int,
-              search: bool = True) -> tuple[int, int] | None:
-        """Assistant turn `i` as the model writes it: what the template adds to the conversation before it for
-        messages[: i + 1], up to its last non-space (reasoning, content, tool calls, end-of-turn token), less what the
-        generation prompt already holds of it (the assistant header; Qwen3-2507's `<think>`), or, for a template
-        that ignores add_generation_prompt, less the header it writes before the same turn's content without its
-        output keys. Found in `text` where the conversation before it ends, else once between `lo` and `hi` (Mistral
-        moves the tool list to the last user message); None where it is not."""
+    def _turn(self, messages: list[dict], i: int, context: dict[str, Any] | None) -> tuple[int, str] | None:
+        """Assistant turn `i` as the model writes it, and where it starts after the conversation before it: what the
+        template adds to that conversation for messages[: i + 1], up to its last non-space (reasoning, content, tool
+        calls, end-of-turn token), less what the generation prompt already holds of it (the assistant header;
+        Qwen3-2507's `<think>`), or, for a template that ignores add_generation_prompt, less the header it writes
+        before the same turn's content without its output keys. None where that cannot be told."""
         try:
             before = self.text(messages[:i], context)
             prompt = self.text(messages[:i], context, generation_prompt=True)
@@ -303,16 +298,7 @@ class Renderer:
             if header.strip() and not turn.startswith(header):  # some of it may be the turn's: by the scaffold
                 return None
             skip = len(header) if turn.startswith(header) else 0  # a space before a plain turn's content only
-        start, turn = len(before) + skip, turn[skip:]
-        if not turn.strip():
-            return None
-        if not text.startswith(turn, start) or not lo <= start <= hi:
-            if not search:
-                return None
-            start = text.find(turn, lo, hi)
-            if start < 0 or text.find(turn, start + 1, hi) >= 0:
-                return None
-        return start, start + len(turn)
+        return (len(before) + skip, turn[skip:]) if turn[skip:].strip() else None
 
     def _beyond_bare(self, messages: list[dict], context: dict[str, Any] | None, hide_empty: bool,
                      scaffold: _Scaffold, starts: list[int]) -> list[tuple[int, int]]:
@@ -395,6 +381,31 @@ def _writes_more(m: dict) -> bool:
 def _without(m: dict, keys: tuple[str, ...]) -> dict:
     """Message `m` without `keys`, a null content as "" (a template that concatenates content fails on null)."""
     return {k: v for k, v in m.items() if k not in keys} | {"content": m["content"] or ""}
+
+
+def _placed(text: str, turns: dict[int, tuple[int, str] | None], windows: dict[int, tuple[int, int]]
+            ) -> dict[int, tuple[int, int] | None]:
+    """Each turn's [start, end) in `text`: where the conversation before it ends, else found in message order in its
+    window (between the contents around it), where the window holds its text as many times as the turns there write
+    it (Mistral moves the tool list to the last user turn; two identical calls with empty results between them).
+    None where it is not found so."""
+    placed: dict[int, tuple[int, int] | None] = {}
+    searched_from: dict[tuple[int, int], int] = {}
+    for i, turn in sorted(turns.items()):
+        lo, hi = windows[i]
+        if turn is None:
+            placed[i] = None
+            continue
+        start, written = turn
+        if not (text.startswith(written, start) and lo <= start <= hi):
+            alike = sum(1 for j, t in turns.items() if t and t[1] == written and windows[j] == windows[i])
+            start = text.find(written, searched_from.get(windows[i], lo), hi)
+            if start < 0 or text.count(written, lo, hi) != alike:
+                placed[i] = None
+                continue
+        placed[i] = (start, start + len(written))
+        searched_from[windows[i]] = start + len(written)
+    return placed
 
 
 def _common_prefix(a: str, b: str) -> int:
