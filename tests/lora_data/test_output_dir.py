@@ -286,3 +286,18 @@ def test_a_lock_file_removed_as_it_is_taken_is_taken_again_at_its_path(tmp_path,
         assert len(calls) == 2
         with open(tmp_path / ".lock") as other, pytest.raises(BlockingIOError):
             real(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # the lock held is the one at the path
+
+
+def test_a_lock_file_of_the_users_own_is_never_overwritten(tmp_path):
+    """A `.lock` left by an earlier lora-data or training process is taken over; a file of the user's own that
+    happens to be named so is refused, kept as it was."""
+    from lora_data import locks
+
+    (tmp_path / ".lock").write_text("pid 1 (lora-data prepare: lora-cli prepare d.jsonl out)")
+    with locks.locked(tmp_path, what="t"):
+        pass
+    (tmp_path / ".lock").write_text("build cache: do not delete")
+    with pytest.raises(DataError, match=r"\.lock: not a lock file of lora-data or lora-runtime"), locks.locked(
+            tmp_path, what="t"):
+        pass
+    assert (tmp_path / ".lock").read_text() == "build cache: do not delete"

@@ -2,8 +2,8 @@
 
 An advisory `fcntl.flock` on `dir/.lock`, held by the live process: the OS drops it when the process dies (SIGKILL
 included), so a crash never leaves a stale lock behind. The file keeps the holder's pid and purpose, so the second
-process is told who is in the way. Re-entrant within a process (the runtime may hold a cache entry's lock and call
-`prepare` into it).
+process is told who is in the way; a `.lock` that holds anything else is the user's own, refused and kept.
+Re-entrant within a process (the runtime may hold a cache entry's lock and call `prepare` into it).
 
 >>> import tempfile
 >>> d = tempfile.mkdtemp()
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -81,6 +82,12 @@ def _acquire(d: Path, what: str):
         fh.close()
     else:
         raise LockedError(f"its lock file {lock_path} keeps being removed by another process", path=d)
+    fh.seek(0)
+    earlier = fh.read(4096)
+    if earlier and not re.match(r"pid \d+ \(", earlier):  # a file of the user's own, not one a lock left
+        fh.close()
+        raise DataError("not a lock file of lora-data or lora-runtime, and this directory's lock would overwrite it: "
+                        "move it, or use another directory", path=lock_path)
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()} ({what}: {' '.join(sys.argv[:1] + sys.argv[1:4])})")
