@@ -179,6 +179,34 @@ def test_tool_calls_and_reasoning_are_trained_as_the_assistant_writes_them(token
         f"{first}<|im_end|>", "<think>\nThe tool said so.\n</think>\n\nSunny.<|im_end|>"]
 
 
+QWEN3_LAST_TURN = TOOLS_TEMPLATE.replace(  # Qwen3 also opens an empty <think> block on the last turn only
+    "{% if m.get('reasoning_content') %}", "{% if loop.last and not m.get('reasoning_content') %}<think>\n\n</think>\n\n"
+    "{% endif %}{% if m.get('reasoning_content') %}") + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+
+
+def test_an_empty_tool_result_is_never_trained_with_the_turns_around_it(tokenizers):
+    """A command with no output: the empty result is located like any content (only the answers' empty contents are
+    left in place first), so each call is trained alone. Where the template writes an empty result otherwise, which
+    of the text between the contents around it is the call's cannot be told: the record is refused."""
+    r = Renderer(tokenizers["chatml"])
+    r._template = r._template.environment.from_string(QWEN3_LAST_TURN)
+    ask, done = {"role": "user", "content": "Make dirs."}, {"role": "assistant", "content": "Done."}
+    calls = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "bash", "arguments": {"cmd": f"mkdir {d}"}}}]} for d in "ab"]
+    empty = {"role": "tool", "content": ""}
+    written = [f'<tool_call>{{"name": "bash", "arguments": {{"cmd": "mkdir {d}"}}}}</tool_call><|im_end|>' for d in "ab"]
+    out = r.render([ask, calls[0], empty, done])
+    assert [out.text[a:b] for a, b in out.spans] == [written[0], "Done.<|im_end|>"]
+    out = r.render([ask, calls[0], empty, calls[1], empty, done])
+    assert [out.text[a:b] for a, b in out.spans] == [*written, "Done.<|im_end|>"]
+    r._template = r._template.environment.from_string(QWEN3_LAST_TURN.replace(
+        "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}",
+        "{{ m['content'] or '(no output)' }}<|im_end|>\n{% endif %}{% endfor %}"))
+    with pytest.raises(RenderError, match=r"messages\[2\]\.content: cannot tell what the chat template writes for "
+                                          r"each of the turns"):
+        r.render([ask, calls[0], empty, done])
+
+
 MISTRAL_TOOLS_TEMPLATE = (  # Mistral v3's shape: roles must alternate, turns with tool calls and tool results apart,
     # the tool list before the last user turn
     "{% set last = namespace(i=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}{% set last.i = loop.index0 %}"
@@ -336,7 +364,8 @@ HARMONY_TEMPLATE = (  # GPT-OSS's shape: a tool call's thinking is written only 
 def test_reasoning_the_template_leaves_out_is_not_trained_and_the_turns_around_it_are(plain_tokenizer_dir):
     """GPT-OSS drops a tool call's thinking once a final answer follows (and a final answer's before the last turn):
     the call and the last answer with its thinking are trained as the text holds them; the rest of the thinking is
-    not in the text. A call that is the last turn keeps its thinking, trained."""
+    not in the text. A call that is the last turn keeps its thinking, trained. A tool result is written JSON-escaped
+    (`| tojson`), and located so."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(plain_tokenizer_dir)
@@ -356,6 +385,7 @@ def test_reasoning_the_template_leaves_out_is_not_trained_and_the_turns_around_i
           {"role": "assistant", "content": "Welcome.", "thinking": "polite"}],
          [call, "Sunny.<|end|>", last.replace("It said sunny.", "polite").replace("Sunny.", "Welcome.")]),
         ([ask, thinking_call], ["<|channel|>analysis<|message|>Need the tool.<|end|><|start|>assistant" + call]),
+        ([ask, thinking_call, {"role": "tool", "content": '{"sky": "clear"}\nC:\\temp'}, answer], [call, last]),
     ]
     for conv, trained in cases:
         (out,) = r.render_batch([conv])

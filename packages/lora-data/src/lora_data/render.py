@@ -3,10 +3,11 @@
 The template is applied once per record. To find where each message's content sits in that text, the template is
 also rendered (once per sequence of roles, cached) with a sentinel in place of every content: the pieces between
 sentinels are the template's scaffolding. The real text is then parsed as scaffold₀ content₀ scaffold₁ content₁ …,
-which is exact for any template that inserts content verbatim or trimmed (Llama-3 trims). The span of an assistant
-message is its content plus the end-of-turn marker that the template writes right after it (the special token that
-starts the next scaffold piece: `<|im_end|>` for ChatML, `<|eot_id|>` for Llama-3, EOS for the default template; EOS
-after whitespace, as Llama-2 writes it, with that whitespace):
+which is exact for any template that inserts content verbatim, trimmed (Llama-3 trims) or JSON-escaped (a tool result
+written with `| tojson`). The span of an assistant message is its content plus the end-of-turn marker that the
+template writes right after it (the special token that starts the next scaffold piece: `<|im_end|>` for ChatML,
+`<|eot_id|>` for Llama-3, EOS for the default template; EOS after whitespace, as Llama-2 writes it, with that
+whitespace):
 
     <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
                                                      ^^^^^^^^^^^^^^^^  ← the only span with loss
@@ -14,15 +15,17 @@ after whitespace, as Llama-2 writes it, with that whitespace):
 An assistant turn with output keys (`tool_calls`, `reasoning_content`: `OUTPUT_KEYS`) is trained as the model writes
 it: what the template adds after the conversation before it rendered with the generation prompt (`Renderer._turn`).
 Where the template writes an earlier turn otherwise once later messages follow (Qwen3 drops its reasoning), what the
-scaffold holds next to it beyond the scaffold without those keys is (`Renderer._beyond_bare`). An empty content that
-the template renders differently from a sentinel (a newline before a tool call only after some content) is left in
-place and not cut at.
+scaffold holds next to it beyond the scaffold without those keys is (`Renderer._beyond_bare`), where no other empty
+message sits between the contents around it. An empty content that the template renders differently from a sentinel
+(a newline before a tool call only after some content) is left in place and not cut at: first the answers', then any.
 
 A tokenizer without a chat template gets `templates.DEFAULT_CHAT_TEMPLATE` (documented there).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -121,11 +124,12 @@ class Renderer:
                 out.append(RenderError(f"the chat template failed on this record: {e}"))
         return out
 
-    def _scaffold(self, messages: list[dict], context: dict[str, Any] | None, hide_empty: bool) -> _Scaffold:
-        """The template's text with a sentinel for each content, cut at the sentinels (see `_Scaffold`). With
-        `hide_empty`, an empty content stays as it is and is not cut at: for templates that render an empty content
-        differently (Qwen3 writes a newline before a tool call only after some content)."""
-        shown = tuple(i for i, m in enumerate(messages) if not (hide_empty and not m["content"]))
+    def _scaffold(self, messages: list[dict], context: dict[str, Any] | None, hide_empty: str) -> _Scaffold:
+        """The template's text with a sentinel for each content, cut at the sentinels (see `_Scaffold`). The empty
+        contents `hide_empty` names ("assistant": of assistant turns; "all") stay as they are and are not cut at: for
+        templates that render an empty content differently (Qwen3 writes a newline before a tool call only after some
+        content)."""
+        shown = tuple(i for i, m in enumerate(messages) if not _hidden(m, hide_empty))
         plain = not context and not hide_empty and all(len(m) == 2 for m in messages)  # the scaffold follows the roles
         key = tuple(m["role"] for m in messages)
         if plain and key in self._scaffolds:
@@ -185,14 +189,20 @@ class Renderer:
     def _located(self, messages: list[dict], context: dict[str, Any] | None, text: str
                  ) -> tuple[tuple[int, int], ...]:
         try:
-            return self._spans(messages, context, text, hide_empty=False)
+            return self._spans(messages, context, text, hide_empty="")
         except Exception as e:  # a RenderError, or the template failing on a sentinel in place of an empty content
-            if all(m["content"] for m in messages):
+            # then with the empty answers left as they are, and failing that every empty content
+            hidden = {h: {i for i, m in enumerate(messages) if _hidden(m, h)} for h in ("assistant", "all")}
+            if not hidden["all"]:
                 raise
-            try:
-                return self._spans(messages, context, text, hide_empty=True)
-            except RenderError as again:  # the first error's, unless the template failed on a sentinel there
-                raise (e if isinstance(e, RenderError) else again) from None
+            again: Exception = e
+            for hide in ("assistant", "all"):
+                if hidden[hide] and (hide == "assistant" or hidden["all"] != hidden["assistant"]):
+                    try:
+                        return self._spans(messages, context, text, hide_empty=hide)
+                    except RenderError as later:
+                        again = later
+            raise (e if _first_says_more(e, messages) else again) from None
 
     def _as_written(self, messages: list[dict], context: dict[str, Any] | None, text: str) -> list[dict] | None:
         """`messages` without the reasoning that the template leaves out of this record's text (GPT-OSS drops a tool
@@ -212,7 +222,7 @@ class Renderer:
                 out, dropped = trial, True
         return out if dropped else None
 
-    def _spans(self, messages: list[dict], context: dict[str, Any] | None, text: str, hide_empty: bool
+    def _spans(self, messages: list[dict], context: dict[str, Any] | None, text: str, hide_empty: str
                ) -> tuple[tuple[int, int], ...]:
         scaffold = self._scaffold(messages, context, hide_empty)
         pieces, shown = scaffold.pieces, scaffold.shown
@@ -300,7 +310,7 @@ class Renderer:
             skip = len(header) if turn.startswith(header) else 0  # a space before a plain turn's content only
         return (len(before) + skip, turn[skip:]) if turn[skip:].strip() else None
 
-    def _beyond_bare(self, messages: list[dict], context: dict[str, Any] | None, hide_empty: bool,
+    def _beyond_bare(self, messages: list[dict], context: dict[str, Any] | None, hide_empty: str,
                      scaffold: _Scaffold, starts: list[int]) -> list[tuple[int, int]]:
         """Spans of what the scaffold holds next to an assistant turn beyond the scaffold of the same conversation
         with those turns' output keys left out, for a template whose earlier turns render otherwise once later
@@ -317,6 +327,13 @@ class Renderer:
             around = range(shown[k - 1] if k else 0, (shown[k] if k < len(shown) else len(messages) - 1) + 1)
             if piece == without or not any(messages[j]["role"] == "assistant" for j in around):
                 continue
+            inside = range(shown[k - 1] + 1 if k else 0, shown[k] if k < len(shown) else len(messages))
+            if len(inside) > 1 or any(messages[j]["role"] != "assistant" for j in inside):  # whose part is whose?
+                culprit = next((j for j in inside if messages[j]["role"] != "assistant"), inside[-1])
+                raise RenderError("cannot tell what the chat template writes for each of the turns with tool calls "
+                                  f"or reasoning among messages {around[0]}..{around[-1]} (empty contents between "
+                                  "them): give the empty tool result or turn some content",
+                                  field=f"messages[{culprit}].content")
             a = _common_prefix(piece, without)
             a = min(self._in_marker(piece, a)[0], self._in_marker(without, a)[0])  # never half a special token
             tail = _common_prefix(piece[a:][::-1], without[a:][::-1])
@@ -372,6 +389,19 @@ _FIXED = {"messages", "add_generation_prompt", "lora_data_batch"}  # never taken
 # what an assistant turn writes besides its content, where chat templates read it
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 OUTPUT_KEYS = ("tool_calls", *REASONING_KEYS, "function_call")
+
+
+def _first_says_more(e: Exception, messages: list[dict]) -> bool:
+    """Whether the error of locating with every content cut at is the one to report, rather than the error with the
+    empty contents left in place: not where the template failed on a sentinel in place of an empty content, or the
+    error names an empty content (a sentinel renders otherwise than nothing)."""
+    named = re.match(r"messages\[(\d+)\]", getattr(e, "field", None) or "")
+    return isinstance(e, RenderError) and not (named and not messages[int(named[1])]["content"])
+
+
+def _hidden(m: dict, hide_empty: str) -> bool:
+    """Whether `_scaffold` leaves message `m`'s content in place (see there)."""
+    return bool(hide_empty) and not m["content"] and (hide_empty == "all" or m["role"] == hide_empty)
 
 
 def _writes_more(m: dict) -> bool:
@@ -433,8 +463,10 @@ def _merged(spans: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 
 
 def _match_content(text: str, pos: int, content: str, following: str) -> int | None:
-    """End of `content` (verbatim or trimmed) at `pos`, if the next scaffold piece follows it."""
-    for candidate in (content, content.strip(), content.rstrip(), content.lstrip()):
+    """End of `content` (verbatim, trimmed, or JSON-escaped as `| tojson` writes a tool result inside its quotes) at
+    `pos`, if the next scaffold piece follows it."""
+    escaped = json.dumps(content, ensure_ascii=False)[1:-1]
+    for candidate in (content, content.strip(), content.rstrip(), content.lstrip(), escaped):
         end = pos + len(candidate)
         if text.startswith(candidate, pos) and text.startswith(following, end):
             return end
