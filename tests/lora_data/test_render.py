@@ -392,6 +392,10 @@ def test_reasoning_the_template_leaves_out_is_not_trained_and_the_turns_around_i
         assert not isinstance(out, RenderError), out
         assert [out.text[a:b] for a, b in out.spans] == trained
         assert out.text == tok.apply_chat_template(conv, tokenize=False)
+    both = {**thinking_call, "tool_calls": [CALL, {"type": "function", "function": {"name": "time", "arguments": {}}}]}
+    (got,) = r.render_batch([[ask, both, result, result, answer]])  # the template writes the first call only
+    assert isinstance(got, RenderError) and got.field == "messages[1].tool_calls[1]", got
+    assert "writes only some of this turn's 2 tool calls" in str(got)
 
 
 def test_a_records_tools_and_template_kwargs_reach_the_template(tmp_path, chatml_tokenizer_dir):

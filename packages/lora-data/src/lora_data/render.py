@@ -214,11 +214,7 @@ class Renderer:
             if not keys:
                 continue
             trial = [*out[:i], {k: v for k, v in m.items() if k not in keys}, *out[i + 1:]]
-            try:
-                same = self.text(trial, context) == text
-            except Exception:
-                same = False
-            if same:
+            if self._same_text(trial, context, text):
                 out, dropped = trial, True
         return out if dropped else None
 
@@ -250,10 +246,16 @@ class Renderer:
         if not extras:
             return tuple(spans)
         for i in extras:
-            if messages[i].get("tool_calls") and not self._writes_tool_calls(messages, i, context, text):
+            calls = messages[i].get("tool_calls")
+            if calls and not self._writes_tool_calls(messages, i, context, text):
                 raise RenderError("the chat template does not write this turn's tool_calls, so they would not be "
                                   "trained: use a chat template that renders tool calls (chat_template=...), or leave "
                                   "them out", field=f"messages[{i}].tool_calls")
+            if isinstance(calls, list) and len(calls) > 1 and self._same_text(
+                    [*messages[:i], {**messages[i], "tool_calls": calls[:-1]}, *messages[i + 1:]], context, text):
+                raise RenderError(f"the chat template writes only some of this turn's {len(calls)} tool calls (GPT-OSS "
+                                  "writes the first); the rest would not be trained: give each call a turn of its own",
+                                  field=f"messages[{i}].tool_calls[{len(calls) - 1}]")
         windows = {i: (max((e for j, (_, e) in located.items() if j < i), default=0),
                        min((a for j, (a, _) in located.items() if j > i), default=len(text))) for i in extras}
         turns = _placed(text, {i: self._turn(messages, i, context) for i in extras}, windows)
@@ -267,6 +269,13 @@ class Renderer:
             bare = self._beyond_bare(messages, context, hide_empty, scaffold, starts)
             found += [(a, b) for a, b in bare if any(lo <= a < hi for lo, hi in missed)]
         return _merged(spans + found)
+
+    def _same_text(self, messages: list[dict], context: dict[str, Any] | None, text: str) -> bool:
+        """Whether `messages` render as `text` (False where the template refuses them)."""
+        try:
+            return self.text(messages, context) == text
+        except Exception:
+            return False
 
     def _writes_tool_calls(self, messages: list[dict], i: int, context: dict[str, Any] | None, text: str) -> bool:
         """Whether the record's text changes with turn `i`'s tool_calls left out; where the template refuses that
