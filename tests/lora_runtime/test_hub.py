@@ -20,7 +20,7 @@ def uploads(monkeypatch, tmp_path):
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id)))
 
     def upload_folder(self, *, repo_id, folder_path, **kw):
-        calls.append(("upload", repo_id, folder_path, kw.get("ignore_patterns")))
+        calls.append(("upload", repo_id, folder_path, kw.get("allow_patterns")))
         assert self.token is None or self.token == "hf_test_token"
 
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
@@ -56,6 +56,20 @@ def test_training_uploads_the_adapter_and_the_merged_model(tiny_llama_dir, llama
     out = tmp_path / "out"
     result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**_runs.RUN, "max_steps": 2},
                       save_merged=True, push_to_hub="org/tiny-lora")
-    assert uploads == [("create", "org/tiny-lora"), ("upload", "org/tiny-lora", str(out), hub.ADAPTER_IGNORE),
+    assert uploads == [("create", "org/tiny-lora"), ("upload", "org/tiny-lora", str(out), hub.adapter_files()),
                        ("create", "org/tiny-lora-merged"), ("upload", "org/tiny-lora-merged", str(result.merged_dir), None)]
     assert 'PeftModel.from_pretrained(base, "org/tiny-lora")' in (out / "README.md").read_text()
+
+
+def test_only_what_the_run_wrote_is_uploaded(tmp_path):
+    """A run may train into a directory holding the user's own files: they stay local, as do the checkpoints, the
+    merged model and the lock. Selected by huggingface_hub's own matching, as upload_folder selects."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = ["adapter_config.json", "adapter_model.safetensors", "adapter_checksums.json", "README.md", "loss.png",
+             "metrics.jsonl", "lora_sft_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+             "vocab.json", "merges.txt", "special_tokens_map.json", ".lock", "credentials.env", "notes/plan.md",
+             "checkpoints/checkpoint-2/adapter_model.safetensors", "checkpoints/checkpoint-2/README.md",
+             "merged/model.safetensors", "merged/config.json"]
+    sent = set(filter_repo_objects(files, allow_patterns=hub.adapter_files(), ignore_patterns=[".*", "**/.*"]))
+    assert sent == set(files[:13])

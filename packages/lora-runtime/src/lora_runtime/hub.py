@@ -1,5 +1,5 @@
 """`push_to_hub`: upload the final adapter (and the merged model) to the Hugging Face Hub with
-`huggingface_hub.HfApi().upload_folder`.
+`huggingface_hub.HfApi().upload_folder`: of the run directory, only the files a run writes (`adapter_files`).
 
 The token is huggingface_hub's own: HF_TOKEN, else the stored `hf auth login`. What cannot work is caught by
 `push_issues` when the config is validated, before any data is prepared or any model loaded: a malformed repo id, no
@@ -13,8 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-# Run-directory files that stay local: resumable state, the merged model (its own repo) and temp files.
-ADAPTER_IGNORE = ["checkpoints/*", "checkpoints/**", "merged/*", "merged/**", ".*", "**/.*"]
+
+def adapter_files() -> list[str]:
+    """What of a run directory is uploaded: the files a run writes at its top (the adapter, tokenizer, card, config,
+    metrics and plot), never a file of the user's own beside them, the checkpoints or the merged model (its own repo)."""
+    from lora_runtime.checkpoint import RUN_FILES, RUN_PREFIXES, SUBDIR
+
+    return sorted(RUN_FILES - {SUBDIR, "merged"}) + [f"{prefix}*" for prefix in RUN_PREFIXES]
 
 
 def merged_repo(repo_id: str) -> str:
@@ -46,14 +51,15 @@ def push_issues(repo_id: str | None, option: str = "`push_to_hub`") -> list[str]
     return []
 
 
-def push(repo_id: str, folder: str | Path, *, what: str = "adapter", ignore: list[str] | None = None) -> str:
-    """Create `repo_id` if needed and upload `folder` to it; returns the repo's URL."""
+def push(repo_id: str, folder: str | Path, *, what: str = "adapter", only: list[str] | None = None) -> str:
+    """Create `repo_id` if needed and upload `folder` (its files matching `only`, if given) to it; returns the repo's
+    URL."""
     from huggingface_hub import HfApi
 
     api = HfApi()  # token from HF_TOKEN or the stored login
     api.create_repo(repo_id, repo_type="model", exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", ignore_patterns=ignore,
-                      commit_message=f"Upload {what} trained with lora-sft")
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", allow_patterns=only,
+                      ignore_patterns=[".*", "**/.*"], commit_message=f"Upload {what} trained with lora-sft")
     return f"https://huggingface.co/{repo_id}"
 
 
@@ -63,7 +69,7 @@ def push_run(config: Any, adapter_dir: Path | None, merged_dir: Path | None) -> 
 
     urls = []
     if adapter_dir is not None:
-        urls.append(push(config.push_to_hub, adapter_dir, what="LoRA adapter", ignore=ADAPTER_IGNORE))
+        urls.append(push(config.push_to_hub, adapter_dir, what="LoRA adapter", only=adapter_files()))
         print0(f"adapter pushed to {urls[-1]}")
     if merged_dir is not None:
         urls.append(push(merged_repo(config.push_to_hub), merged_dir, what="merged model"))
