@@ -102,8 +102,9 @@ def build_tokenizer(out_dir: str | Path, *, template: str = "chatml", vocab_size
 
 
 def build_model(out_dir: str | Path, *, arch: str = "llama", tokenizer_dir: str | Path | None = None, seed: int = 0,
-                hidden_size: int = 64, num_layers: int = 2) -> Path:
+                hidden_size: int = 64, num_layers: int = 2, tied: bool = False) -> Path:
     """Build a 2-layer `arch` ("llama" or "qwen2") causal LM with random weights, save it (and the tokenizer) to `out_dir`.
+    `tied`: the output embeddings share the input embeddings' weight (tie_word_embeddings, as small Qwen2.5s ship).
 
     The result loads with `AutoModelForCausalLM.from_pretrained(out_dir)` and `AutoTokenizer.from_pretrained(out_dir)`.
     """
@@ -126,7 +127,7 @@ def build_model(out_dir: str | Path, *, arch: str = "llama", tokenizer_dir: str 
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
     if arch == "llama":

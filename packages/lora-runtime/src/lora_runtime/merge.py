@@ -4,7 +4,8 @@ Written to a staging dir and renamed into place, so `out_dir` is either absent o
 replaces is set aside until then, never deleted first). The tokenizer from
 `adapter_dir` (where lora_sft saves it) or else from `model_path` is copied along, so `out_dir` loads on its own.
 An existing `out_dir` is replaced only if an earlier merge wrote it (it holds MARKER); any other non-empty directory,
-and one that is or holds the adapter or the base model, is refused before anything is loaded.
+and one that is or holds the adapter or the base model, is refused before anything is loaded. A base with tied
+embeddings whose lm_head or embed_tokens is adapted is untied first (`untie_adapted_embeddings`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    adapted = PeftModel.from_pretrained(base, adapter_dir)
+    untie_adapted_embeddings(adapted)
+    merged = adapted.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # ours alone: no sibling is touched
     try:
@@ -63,6 +66,40 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return out
+
+
+def untie_adapted_embeddings(model) -> bool:
+    """A base whose output embeddings share the input embeddings' weight (tie_word_embeddings: Qwen2.5-0.5B/1.5B,
+    Llama-3.2-1B/3B), with an adapter on either: give the output embeddings a copy of the weight and untie the config,
+    so merging changes only the layer adapted (merged into the shared weight, an lm_head adapter changed the
+    embeddings too, and the reverse). Returns whether it untied."""
+    import torch
+
+    base = model.get_base_model()
+    configs = {id(c): c for c in (base.config, base.config.get_text_config())}.values()
+    if not any(getattr(c, "tie_word_embeddings", False) for c in configs):
+        return False
+    layers = [base.get_output_embeddings(), base.get_input_embeddings()]
+    owners = [_weight_owner(layer) for layer in layers]
+    if any(o is None for o in owners) or all(o is layer for o, layer in zip(owners, layers, strict=True)):
+        return False  # neither is adapted: they stay tied
+    out = owners[0]
+    out.weight = torch.nn.Parameter(out.weight.detach().clone(), requires_grad=False)
+    for c in configs:
+        if hasattr(c, "tie_word_embeddings"):
+            c.tie_word_embeddings = False
+    return True
+
+
+def _weight_owner(layer):
+    """The module under PEFT's wrappers (a LoRA layer's base_layer, modules_to_save's original) that holds the weight."""
+    while layer is not None:
+        inner = getattr(layer, "base_layer", None)
+        inner = getattr(layer, "original_module", None) if inner is None else inner
+        if inner is None:
+            return layer
+        layer = inner
+    return None
 
 
 def _check_out_dir(out: Path, adapter_dir: Path, model_path: Path) -> None:

@@ -1,0 +1,33 @@
+"""merge_adapter: the merged model computes what base + adapter computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _tiny import build_model
+from lora_runtime import merge_adapter
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj", "embed_tokens"], ["q_proj", "v_proj"]])
+def test_a_tied_base_merges_as_it_trained(tmp_path, llama3_tokenizer_dir, targets):
+    """With tie_word_embeddings, lm_head and embed_tokens share one weight: an adapter on either, merged into it,
+    changed the other too (logits off by whole units). The merge unties them where one is adapted."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir = build_model(tmp_path / "base", tokenizer_dir=llama3_tokenizer_dir, tied=True)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    merged_dir = merge_adapter(tmp_path / "adapter", base_dir, tmp_path / "merged")
+
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    tied = json.loads((merged_dir / "config.json").read_text()).get("tie_word_embeddings")
+    assert tied is (targets == ["q_proj", "v_proj"])  # left tied where neither embedding is adapted
