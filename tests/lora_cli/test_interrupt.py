@@ -112,6 +112,28 @@ def test_a_later_repeat_aborts_and_names_the_step_the_next_run_resumes_from(tiny
     assert not (out / "checkpoints" / "checkpoint-3").exists()
 
 
+def test_a_stop_at_the_last_step_is_a_finished_run(tiny_llama_dir, shards, tmp_path, monkeypatch):
+    """The run finishes its last step and writes its adapter whatever arrives then: exit 0, not "resume"."""
+    from transformers import TrainerCallback
+
+    real = lora_runtime.run
+
+    class SigtermAtTheEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(lora_runtime, "run",
+                        lambda config: real(dataclasses.replace(config, callbacks=[SigtermAtTheEnd(), *config.callbacks])))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, _args(tiny_llama_dir, shards, out))
+    assert res.exit_code == 0, res.output
+    assert "SIGTERM arrived at the last step; the run finished" in res.output and "resume" not in res.output
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_ranks_agree_on_a_stop_a_step_late_except_at_the_end(monkeypatch):
     """Over NCCL the agreed stop flag is read a step late (no step waits for the device): the first step reads
     nothing, a flag raised at step 2 stops step 3; read at once (the run's last two steps, and gloo) it stops at

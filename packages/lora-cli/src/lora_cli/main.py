@@ -258,10 +258,12 @@ def _train_in_process(cfg: LoraSftConfig) -> int:
             return EXIT_INTERRUPTED
     if rank0:
         _print_result(result)
-    if stop.requested:
+    if stop.requested and result.adapter_dir is None:
         if rank0:
             click.echo(f"stopped by {stop.signal_name} after step {result.steps}; {_saved(cfg, result.steps)}", err=True)
         return EXIT_INTERRUPTED
+    if stop.requested and rank0:  # at the last step: the run finished, its adapter (and merge) written
+        click.echo(f"{stop.signal_name} arrived at the last step; the run finished", err=True)
     return 0
 
 
