@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from lora_runtime.progress import progress_callback
 
 
@@ -34,3 +35,19 @@ def test_plain_lines_elsewhere_and_nothing_on_other_ranks(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     _drive(progress_callback(terminal=True), {})
     assert capsys.readouterr().err == ""
+
+
+def test_a_nan_is_written_as_strict_json_and_never_plotted(tmp_path):
+    """json.dumps writes NaN bare, which strict parsers (JSON.parse, serde_json) refuse: null instead."""
+    import json
+
+    from lora_runtime.metrics import MetricsWriter, plot_loss, run_summary
+
+    w = MetricsWriter(tmp_path / "metrics.jsonl")
+    w.write({"step": 1, "loss": 2.0, "grad_norm": 1.5})
+    w.write({"step": 2, "loss": float("nan"), "grad_norm": float("inf")})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[1], parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {
+        "step": 2, "loss": None, "grad_norm": None}
+    assert run_summary(tmp_path / "metrics.jsonl")["final_loss"] == 2.0
+    assert plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png").is_file()

@@ -2,12 +2,15 @@
 
     {"step": 3, "epoch": 0.75, "loss": 6.91, "lr": 0.0002, "grad_norm": 1.8, "tokens_seen": 1536,
      "tokens_per_s": 2210.5, "peak_memory_bytes": 812345344}
+
+A value that is not finite (a NaN loss or gradient norm) is written as null: every line is strict JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import sys
@@ -68,8 +71,9 @@ class MetricsWriter:
         rows a power loss could take are past the last checkpoint, which a resume cuts and logs again anyway."""
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        with open(self.path, "a", encoding="utf-8") as f:  # NaN and Infinity are not JSON: null
+            f.write(json.dumps(finite, sort_keys=True, allow_nan=False) + "\n")
 
     def sync(self) -> None:
         """fsync the rows written so far (called before a checkpoint is committed)."""
@@ -131,8 +135,8 @@ def whole_run_summary(logs: dict[str, Any], path: str | Path) -> dict[str, Any]:
 def plot_loss(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     """Training (and eval) loss against step, as a PNG (matplotlib Agg); None when there is no loss to plot."""
     rows = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), int | float)]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if isinstance(r.get("eval_loss"), int | float)]
     if not train and not evals:
         return None
     import matplotlib
