@@ -73,3 +73,20 @@ def test_only_what_the_run_wrote_is_uploaded(tmp_path):
              "merged/model.safetensors", "merged/config.json"]
     sent = set(filter_repo_objects(files, allow_patterns=hub.adapter_files(), ignore_patterns=[".*", "**/.*"]))
     assert sent == set(files[:13])
+
+
+def test_a_failed_upload_is_one_error_naming_what_is_complete_and_how_to_upload_it(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+    from lora_runtime.errors import PushError
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+
+    def no_network(self, *a, **kw):
+        raise ConnectionError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(HfApi, "create_repo", no_network)
+    with pytest.raises(PushError) as e:
+        hub.push("org/name", tmp_path, what="merged model")
+    assert str(e.value) == (f"uploading the merged model to org/name failed (ConnectionError: [Errno -3] Temporary "
+                            f"failure in name resolution); it is complete in {tmp_path}: upload it later with "
+                            f"`hf upload org/name {tmp_path}`")

@@ -31,3 +31,23 @@ def test_a_tied_base_merges_as_it_trained(tmp_path, llama3_tokenizer_dir, target
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     tied = json.loads((merged_dir / "config.json").read_text()).get("tie_word_embeddings")
     assert tied is (targets == ["q_proj", "v_proj"])  # left tied where neither embedding is adapted
+
+
+def test_a_full_disk_during_the_merge_is_one_error_and_leaves_nothing(tmp_path, tiny_llama_dir, monkeypatch):
+    import errno
+
+    from lora_runtime.errors import CheckpointError
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                   LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+
+    def full(self, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    with pytest.raises(CheckpointError, match=r"disk full \(No space left on device\) while writing the merged "
+                                              r"model to .*merged; the partial write was removed"):
+        merge_adapter(tmp_path / "adapter", tiny_llama_dir, tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

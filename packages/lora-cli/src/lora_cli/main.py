@@ -19,7 +19,7 @@ import click
 from lora_data import MANIFEST_NAME, DataError
 from lora_runtime.config import ConfigError, LoraSftConfig, field_names, redacted
 from lora_runtime.distributed import auto_nproc_per_node, dist_env
-from lora_runtime.errors import CheckpointError, NonFiniteLossError, OutOfMemoryHint
+from lora_runtime.errors import CheckpointError, NonFiniteLossError, OutOfMemoryHint, PushError
 
 from lora_cli import launch
 from lora_cli.options import (
@@ -47,7 +47,7 @@ class UserError(Exception):
 # CheckpointError (resume=False on a run dir with checkpoints, a full disk), OutOfMemoryHint and NonFiniteLossError
 # name their fix too.
 USER_ERRORS = (UserError, ConfigFileError, DataError, ConfigError, CheckpointError, OutOfMemoryHint,
-               NonFiniteLossError, launch.LaunchError, OSError)
+               NonFiniteLossError, PushError, launch.LaunchError, OSError)
 # raised alike by every torchrun worker, at the same step (a gradient norm reduced over the ranks): the node's local
 # rank 0 says it. Not config errors: a worker that exits at once has torchrun kill the others, and one still starting
 # (before lora-cli's stop handler) would die unheard

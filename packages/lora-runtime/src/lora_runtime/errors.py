@@ -9,6 +9,11 @@ class CheckpointError(RuntimeError):
     """The output directory's checkpoints cannot be used as asked (message says what to do)."""
 
 
+class PushError(RuntimeError):
+    """An upload to the Hugging Face Hub failed after what it uploads was written (the message names it and the
+    command that uploads it later)."""
+
+
 class OutOfMemoryHint(RuntimeError):
     """Out of (GPU) memory in a training step; the message names the knobs. `__cause__` is the original error;
     `step` the training step, `plan` the batch plan it ran (lora_runtime.batching.BatchPlan) and `model` a weak

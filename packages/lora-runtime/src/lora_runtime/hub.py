@@ -56,10 +56,17 @@ def push(repo_id: str, folder: str | Path, *, what: str = "adapter", only: list[
     URL."""
     from huggingface_hub import HfApi
 
-    api = HfApi()  # token from HF_TOKEN or the stored login
-    api.create_repo(repo_id, repo_type="model", exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", allow_patterns=only,
-                      ignore_patterns=[".*", "**/.*"], commit_message=f"Upload {what} trained with lora-sft")
+    from lora_runtime.errors import PushError
+
+    try:
+        api = HfApi()  # token from HF_TOKEN or the stored login
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", allow_patterns=only,
+                          ignore_patterns=[".*", "**/.*"], commit_message=f"Upload {what} trained with lora-sft")
+    except Exception as e:  # the network, the token's rights, the hub: what was to go up is complete here
+        why = " ".join(str(e).split())[:300]
+        raise PushError(f"uploading the {what} to {repo_id} failed ({type(e).__name__}: {why}); it is complete in "
+                        f"{folder}: upload it later with `hf upload {repo_id} {folder}`") from e
     return f"https://huggingface.co/{repo_id}"
 
 

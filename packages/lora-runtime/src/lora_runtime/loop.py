@@ -286,7 +286,11 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
             source = adapter_dir or checkpoint.newest_complete(checkpoint.checkpoints_dir(out))
             if source is None:
                 raise checkpoint.CheckpointError(f"{out}: no adapter and no complete checkpoint to merge")
-            merged_dir = backend.merge(source, out / "merged", config)
+            try:
+                merged_dir = backend.merge(source, out / "merged", config)
+            except checkpoint.CheckpointError as e:
+                raise checkpoint.CheckpointError(f"{e} (`lora-cli merge {out} --model {config.model_path} --out "
+                                                 f"{out / 'merged'}`); the adapter in {out} is complete") from e
             print0(f"merged model written to {merged_dir}")
         if config.push_to_hub and not stopped:
             hub.push_run(config, adapter_dir, merged_dir)
