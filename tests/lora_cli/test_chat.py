@@ -86,3 +86,35 @@ def test_an_unfinished_final_save_is_refused_in_one_line(tmp_path, adapter_dir):
     res = CliRunner().invoke(main, ["chat", str(run), "--prompt", "hi"])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert res.output.strip().splitlines()[-1].startswith(f"error: {run}: the final adapter's save did not finish")
+
+
+def test_a_stopped_run_names_its_newest_checkpoint(tmp_path, adapter_dir):
+    import shutil
+
+    from lora_runtime import checkpoint
+
+    tmp = checkpoint.staging_dir(checkpoint.checkpoints_dir(tmp_path / "run"), 4)
+    shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
+    saved = checkpoint.commit(tmp, 4)
+    res = CliRunner().invoke(main, ["chat", str(tmp_path / "run"), "--prompt", "hi"])
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [
+        f"error: {tmp_path / 'run'}: no final adapter there (the run stopped before its end); its newest complete "
+        f"checkpoint is {saved}: pass that, or run the same training command to finish"]
+
+
+def test_a_missing_base_or_a_template_refusing_the_system_turn_is_one_line(tmp_path, adapter_dir):
+    res = CliRunner().invoke(main, ["chat", str(adapter_dir), "--model", str(tmp_path / "nope"), "--prompt", "hi"])
+    assert res.exit_code == 1 and res.output == f"error: --model {tmp_path / 'nope'}: no such directory\n"
+    import shutil
+
+    gemma_like = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, gemma_like)
+    config = json.loads((gemma_like / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (gemma_like / "tokenizer_config.json").write_text(json.dumps(config))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (gemma_like / name).unlink(missing_ok=True)
+    res = CliRunner().invoke(main, ["chat", str(gemma_like), "--system", "Be brief", "--prompt", "hi"])
+    assert res.exit_code == 1 and res.output == ("error: the chat template refuses this conversation (--system: does "
+                                                 "it take a system message?): System role not supported\n")

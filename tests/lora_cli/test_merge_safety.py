@@ -59,3 +59,12 @@ def test_a_merge_that_fails_while_replacing_puts_the_earlier_one_back(tmp_path, 
     after = (out / "model.safetensors").stat()
     assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
+
+
+def test_a_missing_local_base_is_named_as_such(tmp_path):
+    """Not huggingface_hub's "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "adapter_config.json").write_text("{}")
+    for model in (str(tmp_path / "nonexist"), "./nonexist"):
+        res = CliRunner().invoke(main, ["merge", str(tmp_path / "run"), "--model", model, "--out", str(tmp_path / "m")])
+        assert res.exit_code == 1 and res.output == f"error: --model {model}: no such directory\n", res.output

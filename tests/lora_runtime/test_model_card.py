@@ -63,7 +63,8 @@ def test_a_local_base_is_recorded_absolute_and_the_checksums_follow(tmp_path, mo
 @pytest.mark.slow
 def test_training_writes_the_card_next_to_the_adapter(tiny_qwen2_dir, qwen2_shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tiny_qwen2_dir.parent)
-    result = lora_sft(tiny_qwen2_dir.name, str(qwen2_shards), str(tmp_path / "out"), **{**_runs.RUN, "max_steps": 2})
+    result = lora_sft(tiny_qwen2_dir.name, str(qwen2_shards), str(tmp_path / "out"),
+                      **{**_runs.RUN, "max_steps": 2, "save_steps": 1})
     text = (result.adapter_dir / "README.md").read_text()
     assert "More Information Needed" not in text
     assert str(tiny_qwen2_dir.resolve()) in text and f"basename `{tiny_qwen2_dir.name}`" in text
@@ -73,3 +74,6 @@ def test_training_writes_the_card_next_to_the_adapter(tiny_qwen2_dir, qwen2_shar
     cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(tiny_qwen2_dir.resolve())
     check_adapter(result.adapter_dir)
+    saves = sorted((tmp_path / "out" / "checkpoints").glob("checkpoint-*"))
+    assert saves and all(json.loads((c / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_qwen2_dir.resolve()) for c in saves)  # a checkpoint loads from any working directory too

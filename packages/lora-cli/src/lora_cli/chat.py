@@ -21,15 +21,25 @@ class ChatError(OSError):
 
 def base_model_of(adapter_dir: Path, model: str | None) -> str:
     """--model when given, else the adapter's base_model_name_or_path."""
+    from lora_runtime import checkpoint
+
+    from lora_cli.options import check_model_path
+
     config = adapter_dir / "adapter_config.json"
     if not config.is_file():
+        newest = checkpoint.newest_complete(checkpoint.checkpoints_dir(adapter_dir))
+        if newest is not None:
+            raise ChatError(f"{adapter_dir}: no final adapter there (the run stopped before its end); its newest "
+                            f"complete checkpoint is {newest}: pass that, or run the same training command to finish")
         raise ChatError(f"{adapter_dir}: no adapter_config.json there; pass a run's output directory (the "
                         "`adapter:` line that `lora-cli train` printed)")
     if model:
+        check_model_path(model)
         return model
     base = json.loads(config.read_text()).get("base_model_name_or_path")
     if not base:
         raise ChatError(f"{config}: no base_model_name_or_path; pass --model BASE")
+    check_model_path(str(base), f"{config}: base_model_name_or_path (pass --model BASE)")
     return str(base)
 
 
@@ -52,17 +62,29 @@ class Chat:
         self.tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir) if has_tokenizer else base)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ChatError(f"the tokenizer of {adapter_dir if has_tokenizer else base} has no chat template")
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self._prompt([*self.messages, {"role": "user", "content": "hi"}])  # a template refusing a system turn: now
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         self.model = PeftModel.from_pretrained(model, str(adapter_dir)).to(self.device).eval()
-        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+
+    def _prompt(self, messages: list[dict[str, str]]) -> Any:
+        """The template's token ids of `messages` + the generation prompt; a template that refuses them (Gemma's takes
+        no system turn) is a ChatError."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                      return_dict=True)
+        except TemplateError as e:
+            system = " (--system: does it take a system message?)" if messages[0]["role"] == "system" else ""
+            raise ChatError(f"the chat template refuses this conversation{system}: {e}") from None
 
     def reply(self, text: str, *, max_new_tokens: int = 256, temperature: float = 0.0) -> str:
         """Answer one user turn (added, with the answer, to the conversation)."""
         import torch
 
         self.messages.append({"role": "user", "content": text})
-        encoded: Any = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True,
-                                                          return_tensors="pt", return_dict=True)
+        encoded: Any = self._prompt(self.messages)
         inputs = {k: v.to(self.device) for k, v in encoded.items()}
         sampling: dict[str, Any] = ({"do_sample": True, "temperature": temperature} if temperature > 0
                                     else {"do_sample": False})

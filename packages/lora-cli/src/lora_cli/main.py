@@ -25,6 +25,7 @@ from lora_cli import launch
 from lora_cli.options import (
     REQUIRED,
     ConfigFileError,
+    check_model_path,
     config_options,
     given_on_command_line,
     merge_values,
@@ -211,7 +212,7 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
         names = {"model_path": "--model", "data_path": "--data or --shards", "ckpt_output_dir": "--output"}
         raise click.UsageError("missing " + ", ".join(names[n] for n in missing) + " (or set it in --config)")
     if not missing:
-        _check_model_path(kw["model_path"])
+        check_model_path(kw["model_path"])
     issues = list(file.issues) if file else []
     cfg = None
     try:
@@ -222,17 +223,6 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
         typed = {n for n in params if given_on_command_line(ctx, n)}
         raise ConfigError(name_file_keys(issues, file, typed) if file else issues)
     return cfg
-
-
-def _check_model_path(model_path: str) -> None:
-    """A local model directory must exist and hold config.json (a hub id such as Qwen/Qwen2.5-1.5B passes through)."""
-    p = Path(model_path).expanduser()
-    looks_local = model_path.startswith(("/", "./", "../", "~")) or p.exists()
-    if looks_local and not p.is_dir():
-        raise UserError(f"--model {model_path}: no such directory")
-    if looks_local and not (p / "config.json").is_file():
-        raise UserError(f"--model {model_path}: no config.json there; pass a Hugging Face model directory "
-                        "(config.json + weights + tokenizer) or a hub id")
 
 
 def _train_in_process(cfg: LoraSftConfig) -> int:
@@ -312,6 +302,7 @@ def merge(adapter_dir: Path, model_path: str, out_dir: Path, push_to_hub: str | 
 
     if issues := hub.push_issues(push_to_hub, "--push-to-hub"):
         raise UserError(issues[0])
+    check_model_path(model_path)
     out = lora_runtime.merge_adapter(adapter_dir, model_path, out_dir)
     click.echo(f"merged model: {out}")
     if push_to_hub:

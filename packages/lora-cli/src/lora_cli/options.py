@@ -49,6 +49,21 @@ class ConfigFileError(Exception):
     """A --config file that cannot be read as a mapping of options (a user error: exit code 1)."""
 
 
+class ModelPathError(OSError):
+    """A local base model directory that is missing or holds no config.json (a user error: exit code 1)."""
+
+
+def check_model_path(model_path: str, option: str = "--model") -> None:
+    """A local model directory must exist and hold config.json (a hub id such as Qwen/Qwen2.5-1.5B passes through)."""
+    p = Path(model_path).expanduser()
+    looks_local = model_path.startswith(("/", "./", "../", "~")) or p.exists()
+    if looks_local and not p.is_dir():
+        raise ModelPathError(f"{option} {model_path}: no such directory")
+    if looks_local and not (p / "config.json").is_file():
+        raise ModelPathError(f"{option} {model_path}: no config.json there; pass a Hugging Face model directory "
+                             "(config.json + weights + tokenizer) or a hub id")
+
+
 class _BoolOrChoice(click.ParamType):
     """`true`/`false` (any case) → bool, anything else must be one of the string choices."""
 

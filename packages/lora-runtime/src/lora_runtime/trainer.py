@@ -52,6 +52,7 @@ from lora_runtime.dataset import EpochDataLoader, PackedShardDataset
 from lora_runtime.distributed import HostCopy, all_reduce_sum, barrier, to_device
 from lora_runtime.errors import NonFiniteLossError, OutOfMemoryHint
 from lora_runtime.metrics import MetricsWriter, metrics_row, peak_memory_bytes, whole_run_summary
+from lora_runtime.model_card import absolutize_base
 
 DEFERRED_LOG_DEVICES = ("cuda",)  # where the host runs ahead of the device (on a CPU a late log gains nothing)
 
@@ -572,6 +573,7 @@ class PackedTrainer(Trainer):
             checkpoint.write_json_atomic(tmp / checkpoint.CONFIG_NAME, run_record(
                 self.run_config, self.plan, data=checkpoint.data_identity(self.packed.reader.manifest),
                 model=self._model_identity()))
+            absolutize_base(tmp, str(self.run_config.model_path))  # the adapter loads from any working directory
         barrier()
         if self.args.should_save:
             self.metrics.sync()  # the logged rows up to this step are durable before the checkpoint that covers them
