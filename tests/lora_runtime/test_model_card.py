@@ -43,6 +43,19 @@ def test_card_is_filled_from_the_run_and_a_hub_base_keeps_its_id(tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
+@pytest.mark.parametrize(("extra", "why"), [
+    ({"use_dora": True}, "vLLM does not serve DoRA adapters"),
+    ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' changed the base weights"),
+    ({"rank_pattern": {"q_proj": 64}}, "rank_pattern / alpha_pattern give modules their own scale")])
+def test_the_vllm_recipe_is_given_only_where_vllm_serves_the_model_trained(tmp_path, extra, why):
+    out = _run_dir(tmp_path, "Qwen/Qwen2.5-0.5B-Instruct")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**cfg, **extra}))
+    text = write_model_card(out).read_text()
+    assert "LoRARequest" not in text and f"With vLLM: not this adapter as it is ({why}" in text
+    assert "PeftModel.from_pretrained" in text and "lora-cli merge" in text
+
+
 def test_a_local_base_is_recorded_absolute_and_the_checksums_follow(tmp_path, monkeypatch):
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)

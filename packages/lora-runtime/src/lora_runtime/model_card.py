@@ -84,6 +84,20 @@ def _fmt(value: Any) -> str:
     return f"`{value}`" if isinstance(value, str) else str(value)
 
 
+def _not_for_vllm(adapter_cfg: dict[str, Any]) -> list[str]:
+    """Why vLLM would serve another model than the one trained from this adapter on its base (empty: it serves it).
+    vLLM applies one scale, lora_alpha / r, to every module and adds the adapter to the base weights as they are."""
+    why = []
+    if adapter_cfg.get("use_dora"):
+        why.append("vLLM does not serve DoRA adapters")
+    init = str(adapter_cfg.get("init_lora_weights"))
+    if init.startswith(("pissa", "olora", "corda", "eva")):
+        why.append(f"init_lora_weights={init!r} changed the base weights, which PEFT alone redoes on loading")
+    if adapter_cfg.get("rank_pattern") or adapter_cfg.get("alpha_pattern"):
+        why.append("rank_pattern / alpha_pattern give modules their own scale; vLLM applies one")
+    return why
+
+
 def _vllm_rank(rank: Any) -> int:
     """vLLM's max_lora_rank takes 8, 16, 32, ...: the smallest that holds `rank`."""
     out = 8
@@ -198,6 +212,12 @@ def render(run: dict[str, Any], adapter_cfg: dict[str, Any], metrics: list[dict[
         "new = model.generate(**inputs, max_new_tokens=128)[0][inputs[\"input_ids\"].shape[1]:]",
         "print(tokenizer.decode(new, skip_special_tokens=True))",
         "```", "",
+    ]
+    blockers = _not_for_vllm(adapter_cfg)
+    lines += [
+        f"With vLLM: not this adapter as it is ({'; '.join(blockers)}); serve the merged model "
+        "(`lora-cli merge`, below) instead.", "",
+    ] if blockers else [
         "With vLLM (the adapter served on top of the base, no merge needed):", "",
         "```python",
         "from vllm import LLM, SamplingParams",
@@ -208,6 +228,8 @@ def render(run: dict[str, Any], adapter_cfg: dict[str, Any], metrics: list[dict[
         f'               lora_request=LoRARequest("adapter", 1, "{adapter_ref}"))',
         "print(out[0].outputs[0].text)",
         "```", "",
+    ]
+    lines += [
         f"From the command line: `lora-cli chat {adapter_ref}`; a merged full model: "
         f"`lora-cli merge {adapter_ref} --model {base_ref} --out MERGED_DIR`.", "",
     ]
