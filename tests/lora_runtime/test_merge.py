@@ -51,3 +51,22 @@ def test_a_full_disk_during_the_merge_is_one_error_and_leaves_nothing(tmp_path, 
                                               r"model to .*merged; the partial write was removed"):
         merge_adapter(tmp_path / "adapter", tiny_llama_dir, tmp_path / "merged")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_merging_into_another_model_than_the_one_trained_says_so(tmp_path, llama3_tokenizer_dir, capsys):
+    from lora_runtime.checkpoint import CONFIG_NAME, model_identity
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    trained = build_model(tmp_path / "trained", tokenizer_dir=llama3_tokenizer_dir, seed=0)
+    other = build_model(tmp_path / "other", tokenizer_dir=llama3_tokenizer_dir, seed=1)
+    adapter = tmp_path / "run"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(trained), LoraConfig(r=4, target_modules=["q_proj"])
+                   ).save_pretrained(adapter)
+    (adapter / CONFIG_NAME).write_text(json.dumps({"model_path": str(trained),
+                                                   "resolved": {"model": model_identity(trained)}}))
+    merge_adapter(adapter, trained, tmp_path / "m1")
+    assert "warning" not in capsys.readouterr().out
+    merge_adapter(adapter, other, tmp_path / "m2")
+    assert (f"warning: {other} is not the model {adapter} was trained on ({trained}: its config.json or weights "
+            "differ); merging into it anyway") in capsys.readouterr().out

@@ -273,7 +273,7 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
                 adapter_written = True
             checkpoint.write_json_atomic(out / checkpoint.CONFIG_NAME, checkpoint.run_record(
                 config, plan, backend=backend.name, cuda_graphs=bool(getattr(trainer.model, "cuda_graphs", False)),
-                versions=_versions()))
+                versions=_versions(), model=trainer.base_identity()))
             plot = plot_loss(metrics_path, out / "loss.png")
             if adapter_dir is not None:
                 model_card.write_model_card(out, manifest)

@@ -31,6 +31,7 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; pass the directory lora_sft wrote the "
                                 "adapter to (its ckpt_output_dir, or a checkpoints/checkpoint-<step> dir)")
     check_adapter(adapter_dir)  # a torn, truncated or flipped adapter file is an error naming it, before any import
+    _warn_if_another_base(adapter_dir, model_path)
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,6 +73,24 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return out
+
+
+def _warn_if_another_base(adapter_dir: Path, model_path: str | Path) -> None:
+    """Say so where `model_path` is not the model the run recorded training on (config.json or weights differ); the
+    merge goes on (an adapter may be meant for a sibling checkpoint), but it is not the model trained."""
+    import json
+
+    from lora_runtime.checkpoint import CONFIG_NAME, model_identity
+    from lora_runtime.distributed import print0
+
+    try:
+        run = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    trained_on = (run.get("resolved") or {}).get("model") if isinstance(run, dict) else None
+    if trained_on is not None and model_identity(model_path) not in (None, trained_on):
+        print0(f"warning: {model_path} is not the model {adapter_dir} was trained on ({run.get('model_path')}: its "
+               "config.json or weights differ); merging into it anyway")
 
 
 def untie_adapted_embeddings(model) -> bool:

@@ -91,7 +91,7 @@ class PackedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)  # disable_tqdm installs it: raw log dicts; lora_runtime.progress instead
         self.run_config, self.plan, self.metrics = config, plan, metrics
-        self._model_id: tuple[str | None] | None = None  # see `_model_identity`
+        self._model_id: tuple[str | None] | None = None  # see `base_identity`
         from transformers.integrations import TensorBoardCallback
 
         # the TensorBoard callbacks report_to made, whose writer they open themselves (`_close_after_failure`)
@@ -113,9 +113,9 @@ class PackedTrainer(Trainer):
         self._step_begun: int | None = None  # the last training step whose forward began (`training_step`)
         self._norms_since_log: Any = None  # see `_carry_earlier_norms`
 
-    def _model_identity(self) -> str | None:
-        """In each checkpoint's run record: a resume checks it is the same model, whatever the path to it. Read at
-        the first save, not at start-up."""
+    def base_identity(self) -> str | None:
+        """In each checkpoint's run record and the run's own: a resume (and a merge) checks it is the same model,
+        whatever the path to it. Read at the first save, not at start-up."""
         if self._model_id is None:
             self._model_id = (checkpoint.model_identity(self.run_config.model_path),)
         return self._model_id[0]
@@ -572,7 +572,7 @@ class PackedTrainer(Trainer):
             checkpoint.write_json_atomic(tmp / "data_state.json", self.packed.state_at(step))
             checkpoint.write_json_atomic(tmp / checkpoint.CONFIG_NAME, run_record(
                 self.run_config, self.plan, data=checkpoint.data_identity(self.packed.reader.manifest),
-                model=self._model_identity()))
+                model=self.base_identity()))
             absolutize_base(tmp, str(self.run_config.model_path))  # the adapter loads from any working directory
         barrier()
         if self.args.should_save:
