@@ -51,3 +51,17 @@ def test_a_nan_is_written_as_strict_json_and_never_plotted(tmp_path):
         "step": 2, "loss": None, "grad_norm": None}
     assert run_summary(tmp_path / "metrics.jsonl")["final_loss"] == 2.0
     assert plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png").is_file()
+
+
+def test_a_run_resumed_from_another_runs_checkpoint_weighs_its_own_steps(tmp_path):
+    """Resumed at step 2 from a checkpoint of another directory: the rows of steps 1-2 are there. The mean loss is
+    over the steps logged here, the first of them covering step 3 alone."""
+    from lora_runtime.metrics import MetricsWriter, run_summary
+
+    w = MetricsWriter(tmp_path / "metrics.jsonl", resume_step=2)
+    for step, loss in ((3, 4.0), (4, 2.0)):
+        w.write({"step": step, "loss": loss})
+    assert run_summary(tmp_path / "metrics.jsonl")["train_loss"] == 3.0
+    w = MetricsWriter(tmp_path / "metrics.jsonl", resume_step=3)  # resumed again, here: its own rows are kept
+    w.write({"step": 4, "loss": 2.0})
+    assert run_summary(tmp_path / "metrics.jsonl")["train_loss"] == 3.0

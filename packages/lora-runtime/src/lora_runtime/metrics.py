@@ -59,8 +59,11 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("", encoding="utf-8")
-        elif self.path.exists():
-            kept = [line for line in _whole_lines(self.path) if json.loads(line).get("step", 0) <= resume_step]
+        else:
+            rows = _whole_lines(self.path) if self.path.exists() else []
+            kept = [line for line in rows if json.loads(line).get("step", 0) <= resume_step]
+            if not kept and resume_step:  # resumed from another run's checkpoint: its rows are there, not here
+                kept = [json.dumps({"step": resume_step, "resumed_at": resume_step})]
             tmp = self.path.with_name(f".{self.path.name}.tmp")  # a kill during the rewrite keeps the old file
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, self.path)
@@ -116,7 +119,8 @@ def run_summary(path: str | Path) -> dict[str, float | None]:
     rows = read_metrics(path) if Path(path).is_file() else []
     train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), int | float)]
     evals = [r["eval_loss"] for r in rows if isinstance(r.get("eval_loss"), int | float)]
-    weighted, covered, prev = 0.0, 0, 0
+    start = rows[0].get("resumed_at", 0) if rows else 0  # a file begun at a resume from another run's checkpoint
+    weighted, covered, prev = 0.0, 0, start
     for step, loss in train:
         weighted, covered, prev = weighted + loss * (step - prev), covered + step - prev, step
     return {"final_loss": train[-1][1] if train else None, "train_loss": weighted / covered if covered else None,
