@@ -398,6 +398,39 @@ def test_reasoning_the_template_leaves_out_is_not_trained_and_the_turns_around_i
     assert "writes only some of this turn's 2 tool calls" in str(got)
 
 
+QWEN3_THINK_TEMPLATE = (  # Qwen3's reasoning: read from reasoning_content or split out of the content, written only
+    # after the last user turn
+    "{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}"
+    "{% endif %}{% endfor %}{% for m in messages %}{% if m.role == 'assistant' %}{% set content = m.content %}"
+    "{% set reasoning = m.reasoning_content or '' %}{% if '</think>' in content %}"
+    "{% set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{% set content = content.split('</think>')[-1].lstrip('\\n') %}{% endif %}<|im_start|>assistant\n"
+    "{% if loop.index0 > ns.last %}<think>\n{{ reasoning.strip('\\n') }}\n</think>\n\n{% endif %}{{ content }}"
+    "<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_reasoning_written_into_the_content_trains_as_reasoning_content_does(tokenizers, inline):
+    """R1-distilled data writes `<think>...</think>` into the answer: where the template splits it out (Qwen3), the
+    last turn's is trained as the template writes it and an earlier turn's, left out of the text, is not."""
+    r = Renderer(tokenizers["chatml"])
+    r._template = r._template.environment.from_string(QWEN3_THINK_TEMPLATE)
+
+    def answer(thought, text):
+        if inline:
+            return {"role": "assistant", "content": f"<think>\n{thought}\n</think>\n\n{text}"}
+        return {"role": "assistant", "content": text, "reasoning_content": thought}
+
+    one = [{"role": "user", "content": "2+2?"}, answer("add", "4")]
+    two = [*one, {"role": "user", "content": "3+3?"}, answer("add again", "6")]
+    for conv, trained in ((one, ["<think>\nadd\n</think>\n\n4<|im_end|>"]),
+                          (two, ["4<|im_end|>", "<think>\nadd again\n</think>\n\n6<|im_end|>"])):
+        (out,) = r.render_batch([conv])
+        assert not isinstance(out, RenderError), out
+        assert [out.text[a:b] for a, b in out.spans] == trained
+
+
 def test_a_records_tools_and_template_kwargs_reach_the_template(tmp_path, chatml_tokenizer_dir):
     """`tools`, `documents` and `chat_template_kwargs` of a chat record render as apply_chat_template renders them;
     null content is valid only on an assistant turn with tool_calls."""

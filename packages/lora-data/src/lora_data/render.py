@@ -205,18 +205,30 @@ class Renderer:
             raise (e if _first_says_more(e, messages) else again) from None
 
     def _as_written(self, messages: list[dict], context: dict[str, Any] | None, text: str) -> list[dict] | None:
-        """`messages` without the reasoning that the template leaves out of this record's text (GPT-OSS drops a tool
-        call's thinking once a final answer follows): it cannot be trained here, and the turns around it are located
-        without it. None where the template writes all of it."""
-        out, dropped = list(messages), False
+        """`messages` as the template writes them, where that renders the same text: without the reasoning it leaves
+        out (GPT-OSS drops a tool call's thinking once a final answer follows; DeepSeek-R1 and Qwen3 an earlier
+        answer's `<think>...</think>` written into its content), which cannot be trained here, and with reasoning
+        written into an answer's content as `reasoning_content` where the template writes it from there (Qwen3's
+        last turn). None where nothing changes."""
+        out, changed = list(messages), False
         for i, m in enumerate(messages):
-            keys = tuple(k for k in REASONING_KEYS if m["role"] == "assistant" and m.get(k))
-            if not keys:
+            if m["role"] != "assistant":
                 continue
-            trial = [*out[:i], {k: v for k, v in m.items() if k not in keys}, *out[i + 1:]]
-            if self._same_text(trial, context, text):
-                out, dropped = trial, True
-        return out if dropped else None
+            keys = tuple(k for k in REASONING_KEYS if m.get(k))
+            if keys and self._same_text([*out[:i], _without(m, keys, null_as_empty=False), *out[i + 1:]],
+                                        context, text):
+                m, changed = _without(m, keys, null_as_empty=False), True
+            content = m["content"] or ""
+            if _THINK_END in content:
+                thought, answer = content.split(_THINK_END)[0], content.split(_THINK_END)[-1]
+                for written in ({**m, "content": answer}, {**m, "content": answer.lstrip("\n"), "reasoning_content":
+                                                             thought.split(_THINK_START)[-1].strip("\n")}):
+                    if not written.keys() & set(keys) and self._same_text(
+                            [*out[:i], written, *out[i + 1:]], context, text):
+                        m, changed = written, True
+                        break
+            out[i] = m
+        return out if changed else None
 
     def _spans(self, messages: list[dict], context: dict[str, Any] | None, text: str, hide_empty: str
                ) -> tuple[tuple[int, int], ...]:
@@ -397,6 +409,7 @@ class _Scaffold:
 _FIXED = {"messages", "add_generation_prompt", "lora_data_batch"}  # never taken from a record's template variables
 # what an assistant turn writes besides its content, where chat templates read it
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+_THINK_START, _THINK_END = "<think>", "</think>"  # reasoning written into an answer's content (DeepSeek-R1, Qwen3)
 OUTPUT_KEYS = ("tool_calls", *REASONING_KEYS, "function_call")
 
 
@@ -417,9 +430,10 @@ def _writes_more(m: dict) -> bool:
     return m["role"] == "assistant" and any(m.get(k) for k in OUTPUT_KEYS)
 
 
-def _without(m: dict, keys: tuple[str, ...]) -> dict:
+def _without(m: dict, keys: tuple[str, ...], null_as_empty: bool = True) -> dict:
     """Message `m` without `keys`, a null content as "" (a template that concatenates content fails on null)."""
-    return {k: v for k, v in m.items() if k not in keys} | {"content": m["content"] or ""}
+    kept = {k: v for k, v in m.items() if k not in keys}
+    return kept | {"content": m["content"] or ""} if null_as_empty else kept
 
 
 def _placed(text: str, turns: dict[int, tuple[int, str] | None], windows: dict[int, tuple[int, int]]
