@@ -521,3 +521,16 @@ def test_broken_template_is_a_data_error(tokenizers):
                           special_tokens_map={}, added_tokens_decoder={})  # the template has an unclosed tag
     with pytest.raises(DataError, match=r"tokenizer\.chat_template: the chat template does not compile"):
         Renderer(tok)
+
+
+def test_a_system_message_the_template_leaves_out_is_named(tokenizers):
+    """Mistral-Nemo writes the system prompt only before a final user turn: a training record would lose it."""
+    r = Renderer(tokenizers["plain"])
+    r._template = r._template.environment.from_string(
+        "{% for m in messages %}{% if m.role == 'user' %}[INST]{% if loop.last and messages[0].role == 'system' %}"
+        "{{ messages[0].content }}\n\n{% endif %}{{ m.content }}[/INST]{% elif m.role == 'assistant' %}{{ m.content }}"
+        "{{ eos_token }}{% endif %}{% endfor %}")
+    (got,) = r.render_batch([[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                              {"role": "assistant", "content": "4"}]])
+    assert isinstance(got, RenderError) and got.field == "messages[0].content"
+    assert "leaves this system message out of the conversation" in str(got)

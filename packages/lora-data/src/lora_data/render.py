@@ -143,6 +143,11 @@ class Renderer:
                 raise RenderError("the chat template leaves out the content of this turn with tool_calls: it would "
                                   "not be trained; leave the content empty, or use a template that writes both",
                                   field=f"messages[{i}].content")
+            if text.count(_SENTINEL.format(i)) == 0 and messages[i]["role"] == "system" and messages[i]["content"]:
+                raise RenderError("the chat template leaves this system message out of the conversation (Mistral-Nemo "
+                                  "writes it only where the conversation ends on a user turn): it would not be in "
+                                  "training; pass a chat_template= that always writes it, or leave it out",
+                                  field=f"messages[{i}].content")
             if at < 0 or text.count(_SENTINEL.format(i)) != 1:
                 raise RenderError(f"the chat template does not render message {i} exactly once; it cannot be masked",
                                   field=f"messages[{i}]")
