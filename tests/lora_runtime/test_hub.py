@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import _runs
 import pytest
 from lora_runtime import hub, lora_sft
@@ -39,7 +41,8 @@ def test_push_issues(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub.push_issues("org/name") == [
         "`push_to_hub`='org/name' needs the Hugging Face Hub but HF_HUB_OFFLINE is set: unset it, or drop "
-        "`push_to_hub` and upload later (`hf upload org/name OUTPUT_DIR`)"]
+        "`push_to_hub` and upload the adapter later (`hf upload org/name OUTPUT_DIR --include 'adapter_*' --include "
+        "'tokenizer*' --include 'chat_template*' --include README.md`)"]
 
 
 def test_offline_is_refused_before_anything_is_prepared(tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
@@ -56,23 +59,39 @@ def test_training_uploads_the_adapter_and_the_merged_model(tiny_llama_dir, llama
     out = tmp_path / "out"
     result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**_runs.RUN, "max_steps": 2},
                       save_merged=True, push_to_hub="org/tiny-lora")
-    assert uploads == [("create", "org/tiny-lora"), ("upload", "org/tiny-lora", str(out), hub.adapter_files()),
+    assert uploads == [("create", "org/tiny-lora"), ("upload", "org/tiny-lora", str(out), [
+        "README.md", "adapter_checksums.json", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
+        "lora_sft_config.json", "loss.png", "metrics.jsonl", "tokenizer.json", "tokenizer_config.json"]),
                        ("create", "org/tiny-lora-merged"), ("upload", "org/tiny-lora-merged", str(result.merged_dir), None)]
     assert 'PeftModel.from_pretrained(base, "org/tiny-lora")' in (out / "README.md").read_text()
 
 
 def test_only_what_the_run_wrote_is_uploaded(tmp_path):
     """A run may train into a directory holding the user's own files: they stay local, as do the checkpoints, the
-    merged model and the lock. Selected by huggingface_hub's own matching, as upload_folder selects."""
+    merged model and the lock. What the final save wrote goes, whatever the tokenizer's files are called. Selected by
+    huggingface_hub's own matching, as upload_folder selects."""
     from huggingface_hub.utils import filter_repo_objects
+    from lora_runtime.checkpoint import write_final_adapter
 
-    files = ["adapter_config.json", "adapter_model.safetensors", "adapter_checksums.json", "README.md", "loss.png",
-             "metrics.jsonl", "lora_sft_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-             "vocab.json", "merges.txt", "special_tokens_map.json", ".lock", "credentials.env", "notes/plan.md",
-             "checkpoints/checkpoint-2/adapter_model.safetensors", "checkpoints/checkpoint-2/README.md",
-             "merged/model.safetensors", "merged/config.json"]
-    sent = set(filter_repo_objects(files, allow_patterns=hub.adapter_files(), ignore_patterns=[".*", "**/.*"]))
-    assert sent == set(files[:13])
+    class Tokenizer:  # a tiktoken tokenizer with its own code and named templates
+        def save_pretrained(self, d):
+            for name in ("tokenizer_config.json", "qwen.tiktoken", "tokenization_qwen.py", "additional_chat_templates/tool_use.jinja"):
+                (Path(d) / name).parent.mkdir(exist_ok=True)
+                (Path(d) / name).write_text("x")
+
+    def save(d):
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (d / name).write_text("{}")
+
+    write_final_adapter(tmp_path, save, Tokenizer())
+    ours = ["README.md", "loss.png", "metrics.jsonl", "lora_sft_config.json"]
+    theirs = [".lock", "credentials.env", "notes/plan.md", "checkpoints/checkpoint-2/adapter_model.safetensors",
+              "checkpoints/checkpoint-2/README.md", "merged/model.safetensors", "merged/config.json", "vocab.json"]
+    written = ["adapter_checksums.json", "adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json",
+               "qwen.tiktoken", "tokenization_qwen.py", "additional_chat_templates/tool_use.jinja"]
+    sent = filter_repo_objects([*ours, *theirs, *written], allow_patterns=hub.adapter_files(tmp_path),
+                               ignore_patterns=[".*", "**/.*"])
+    assert set(sent) == {*ours, *written}
 
 
 def test_a_failed_upload_is_one_error_naming_what_is_complete_and_how_to_upload_it(tmp_path, monkeypatch):

@@ -187,12 +187,26 @@ def verify(path: str | Path, marker_name: str = MARKER, fix: str | None = None) 
     return path
 
 
-def seal(out_dir: str | Path, names: list[str]) -> Path:
-    """Write ADAPTER_SUMS (sizes + sha256 of `names` present in `out_dir`) for `check_adapter`."""
+def seal(out_dir: str | Path, names: list[str], written: list[str] | None = None) -> Path:
+    """Write ADAPTER_SUMS (sizes + sha256 of `names` present in `out_dir`) for `check_adapter`, with `written`: the
+    names the final save wrote (the adapter's and the tokenizer's own files; kept from an earlier seal if None)."""
     out = Path(out_dir)
     files = [n for n in names if (out / n).is_file()]
+    if written is None:
+        written = final_files(out)
     return write_json_atomic(out / ADAPTER_SUMS, {"files": files, "bytes": {n: (out / n).stat().st_size for n in files},
-                                                  "sha256": {n: sha256_file(out / n) for n in files}})
+                                                  "sha256": {n: sha256_file(out / n) for n in files},
+                                                  **({"written": written} if written is not None else {})})
+
+
+def final_files(out_dir: str | Path) -> list[str] | None:
+    """The names (files and folders) the final adapter's save wrote into `out_dir`, as its seal records them; None for
+    a seal without them (an earlier version's) or no seal."""
+    try:
+        written = json.loads((Path(out_dir) / ADAPTER_SUMS).read_text(encoding="utf-8")).get("written")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(n) for n in written] if isinstance(written, list) else None
 
 
 FINAL_STAGING = ".tmp-final-adapter"
@@ -217,8 +231,12 @@ def write_final_adapter(out_dir: str | Path, save: Callable[[Path], Any], tokeni
         save(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for f in sorted(tmp.iterdir()):
-            _fsync_file(f)
+        written = sorted(f.name for f in tmp.iterdir())
+        for f in sorted(tmp.iterdir()):  # a folder too (transformers writes named chat templates into one)
+            for file in [f] if f.is_file() else [p for p in f.rglob("*") if p.is_file()]:
+                _fsync_file(file)
+            if f.is_dir() and (out / f.name).is_dir():
+                shutil.rmtree(out / f.name)  # an earlier save's: os.replace takes no non-empty folder's place
             os.replace(f, out / f.name)
         tmp.rmdir()
         _fsync_dir(out)
@@ -228,7 +246,7 @@ def write_final_adapter(out_dir: str | Path, save: Callable[[Path], Any], tokeni
         if reason is not None:
             raise OSError(errno.ENOSPC, reason) from e
         raise
-    sealed = seal(out, ADAPTER_FILES)
+    sealed = seal(out, ADAPTER_FILES, written)
     (out / FINAL_INCOMPLETE).unlink()
     return sealed
 

@@ -14,12 +14,18 @@ from pathlib import Path
 from typing import Any
 
 
-def adapter_files() -> list[str]:
-    """What of a run directory is uploaded: the files a run writes at its top (the adapter, tokenizer, card, config,
-    metrics and plot), never a file of the user's own beside them, the checkpoints or the merged model (its own repo)."""
-    from lora_runtime.checkpoint import RUN_FILES, RUN_PREFIXES, SUBDIR
+def adapter_files(run_dir: str | Path) -> list[str]:
+    """What of a run directory is uploaded (upload_folder's allow_patterns): what the final save wrote (the adapter
+    and every file and folder of the tokenizer, as the seal records them), the card, run record, metrics and plot;
+    never a file of the user's own beside them, the checkpoints or the merged model (its own repo)."""
+    from lora_runtime.checkpoint import ADAPTER_SUMS, CONFIG_NAME, RUN_FILES, RUN_PREFIXES, SUBDIR, final_files
+    from lora_runtime.model_card import CARD_NAME
 
-    return sorted(RUN_FILES - {SUBDIR, "merged"}) + [f"{prefix}*" for prefix in RUN_PREFIXES]
+    written = final_files(run_dir)
+    if written is None:  # sealed by an earlier version: the names a run writes
+        return sorted(RUN_FILES - {SUBDIR, "merged"}) + [f"{prefix}*" for prefix in RUN_PREFIXES]
+    ours = [ADAPTER_SUMS, CARD_NAME, CONFIG_NAME, "metrics.jsonl", "loss.png"]
+    return sorted({*written, *(f"{n}/*" for n in written if (Path(run_dir) / n).is_dir()), *ours})
 
 
 def merged_repo(repo_id: str) -> str:
@@ -42,7 +48,8 @@ def push_issues(repo_id: str | None, option: str = "`push_to_hub`") -> list[str]
         return [f"{option}={repo_id!r} is not a Hugging Face repo id (NAME or ORG/NAME: letters, digits, '-', '_', '.')"]
     if offline():
         return [f"{option}={repo_id!r} needs the Hugging Face Hub but HF_HUB_OFFLINE is set: unset it, or drop "
-                f"{option} and upload later (`hf upload {repo_id} OUTPUT_DIR`)"]
+                f"{option} and upload the adapter later (`hf upload {repo_id} OUTPUT_DIR --include 'adapter_*' "
+                "--include 'tokenizer*' --include 'chat_template*' --include README.md`)"]
     from huggingface_hub import get_token
 
     if not get_token():
@@ -65,8 +72,9 @@ def push(repo_id: str, folder: str | Path, *, what: str = "adapter", only: list[
                           ignore_patterns=[".*", "**/.*"], commit_message=f"Upload {what} trained with lora-sft")
     except Exception as e:  # the network, the token's rights, the hub: what was to go up is complete here
         why = " ".join(str(e).split())[:300]
+        include = "".join(f" --include '{p}'" for p in only or [])
         raise PushError(f"uploading the {what} to {repo_id} failed ({type(e).__name__}: {why}); it is complete in "
-                        f"{folder}: upload it later with `hf upload {repo_id} {folder}`") from e
+                        f"{folder}: upload it later with `hf upload {repo_id} {folder}{include}`") from e
     return f"https://huggingface.co/{repo_id}"
 
 
@@ -76,7 +84,7 @@ def push_run(config: Any, adapter_dir: Path | None, merged_dir: Path | None) -> 
 
     urls = []
     if adapter_dir is not None:
-        urls.append(push(config.push_to_hub, adapter_dir, what="LoRA adapter", only=adapter_files()))
+        urls.append(push(config.push_to_hub, adapter_dir, what="LoRA adapter", only=adapter_files(adapter_dir)))
         print0(f"adapter pushed to {urls[-1]}")
     if merged_dir is not None:
         urls.append(push(merged_repo(config.push_to_hub), merged_dir, what="merged model"))
