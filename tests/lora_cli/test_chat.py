@@ -98,11 +98,11 @@ def test_a_stopped_run_names_its_newest_checkpoint(tmp_path, adapter_dir):
     saved = checkpoint.commit(tmp, 4)
     res = CliRunner().invoke(main, ["chat", str(tmp_path / "run"), "--prompt", "hi"])
     assert res.exit_code == 1 and res.output.strip().splitlines() == [
-        f"error: {tmp_path / 'run'}: no final adapter there (the run stopped before its end); its newest complete "
-        f"checkpoint is {saved}: pass that, or run the same training command to finish"]
+        f"error: {tmp_path / 'run'}: no final adapter there (the run stopped before its end, or ran with "
+        f"save_model=False); its newest complete checkpoint is {saved}: pass that"]
 
 
-def test_a_missing_base_or_a_template_refusing_the_system_turn_is_one_line(tmp_path, adapter_dir):
+def test_a_missing_base_or_a_template_refusing_the_system_turn_is_one_line(tmp_path, adapter_dir, monkeypatch):
     res = CliRunner().invoke(main, ["chat", str(adapter_dir), "--model", str(tmp_path / "nope"), "--prompt", "hi"])
     assert res.exit_code == 1 and res.output == f"error: --model {tmp_path / 'nope'}: no such directory\n"
     import shutil
@@ -115,6 +115,9 @@ def test_a_missing_base_or_a_template_refusing_the_system_turn_is_one_line(tmp_p
     (gemma_like / "tokenizer_config.json").write_text(json.dumps(config))
     for name in ("chat_template.jinja", "chat_template.json"):
         (gemma_like / name).unlink(missing_ok=True)
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model first"))
     res = CliRunner().invoke(main, ["chat", str(gemma_like), "--system", "Be brief", "--prompt", "hi"])
     assert res.exit_code == 1 and res.output == ("error: the chat template refuses this conversation (--system: does "
                                                  "it take a system message?): System role not supported\n")

@@ -130,8 +130,10 @@ def test_a_stop_at_the_last_step_is_a_finished_run(tiny_llama_dir, shards, tmp_p
     out = tmp_path / "run"
     res = CliRunner().invoke(main, _args(tiny_llama_dir, shards, out))
     assert res.exit_code == 0, res.output
-    assert "SIGTERM arrived at the last step; the run finished" in res.output and "resume" not in res.output
+    assert "SIGTERM arrived after the last step began; the run finished" in res.output and "resume" not in res.output
     assert (out / "adapter_model.safetensors").is_file()
+    res = CliRunner().invoke(main, [*_args(tiny_llama_dir, shards, tmp_path / "run2"), "--no-save-model"])
+    assert res.exit_code == 0 and "the run finished" in res.output, res.output  # no adapter asked for
 
 
 def test_ranks_agree_on_a_stop_a_step_late_except_at_the_end(monkeypatch):

@@ -301,3 +301,7 @@ def test_a_lock_file_of_the_users_own_is_never_overwritten(tmp_path):
             tmp_path, what="t"):
         pass
     assert (tmp_path / ".lock").read_text() == "build cache: do not delete"
+    (tmp_path / ".lock").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(DataError, match=r"not a lock file"), locks.locked(tmp_path, what="t"):
+        pass
+    assert (tmp_path / ".lock").read_bytes() == b"\xff\xfe\x00binary"

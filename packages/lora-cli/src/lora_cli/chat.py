@@ -29,8 +29,8 @@ def base_model_of(adapter_dir: Path, model: str | None) -> str:
     if not config.is_file():
         newest = checkpoint.newest_complete(checkpoint.checkpoints_dir(adapter_dir))
         if newest is not None:
-            raise ChatError(f"{adapter_dir}: no final adapter there (the run stopped before its end); its newest "
-                            f"complete checkpoint is {newest}: pass that, or run the same training command to finish")
+            raise ChatError(f"{adapter_dir}: no final adapter there (the run stopped before its end, or ran with "
+                            f"save_model=False); its newest complete checkpoint is {newest}: pass that")
         raise ChatError(f"{adapter_dir}: no adapter_config.json there; pass a run's output directory (the "
                         "`adapter:` line that `lora-cli train` printed)")
     if model:
@@ -63,20 +63,20 @@ class Chat:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ChatError(f"the tokenizer of {adapter_dir if has_tokenizer else base} has no chat template")
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        self._prompt([*self.messages, {"role": "user", "content": "hi"}])  # a template refusing a system turn: now
+        self._prompt([*self.messages, {"role": "user", "content": "hi"}], opening=True)  # before the model loads
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         self.model = PeftModel.from_pretrained(model, str(adapter_dir)).to(self.device).eval()
 
-    def _prompt(self, messages: list[dict[str, str]]) -> Any:
+    def _prompt(self, messages: list[dict[str, str]], opening: bool = False) -> Any:
         """The template's token ids of `messages` + the generation prompt; a template that refuses them (Gemma's takes
-        no system turn) is a ChatError."""
+        no system turn: `opening` says so) is a ChatError."""
         from jinja2 import TemplateError
 
         try:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                       return_dict=True)
         except TemplateError as e:
-            system = " (--system: does it take a system message?)" if messages[0]["role"] == "system" else ""
+            system = " (--system: does it take a system message?)" if opening and self.messages else ""
             raise ChatError(f"the chat template refuses this conversation{system}: {e}") from None
 
     def reply(self, text: str, *, max_new_tokens: int = 256, temperature: float = 0.0) -> str:

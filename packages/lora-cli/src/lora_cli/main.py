@@ -248,12 +248,12 @@ def _train_in_process(cfg: LoraSftConfig) -> int:
             return EXIT_INTERRUPTED
     if rank0:
         _print_result(result)
-    if stop.requested and result.adapter_dir is None:
+    if stop.requested and not result.finished:
         if rank0:
             click.echo(f"stopped by {stop.signal_name} after step {result.steps}; {_saved(cfg, result.steps)}", err=True)
         return EXIT_INTERRUPTED
-    if stop.requested and rank0:  # at the last step: the run finished, its adapter (and merge) written
-        click.echo(f"{stop.signal_name} arrived at the last step; the run finished", err=True)
+    if stop.requested and rank0:  # after the last step began: the run finished, its outputs written
+        click.echo(f"{stop.signal_name} arrived after the last step began; the run finished", err=True)
     return 0
 
 
@@ -274,7 +274,7 @@ def _print_result(result: Any) -> None:
     click.echo(f"metrics:  {result.metrics_path}")
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
     mean = getattr(result, "train_loss", None)
-    over = "" if mean is None else f", mean loss {mean:.4f} over all {result.steps} steps"
+    over = "" if mean is None else f", mean loss {mean:.4f} over the steps logged"
     click.echo(f"backend:  {result.backend}, {result.steps} steps, final loss {loss}{over}")
 
 

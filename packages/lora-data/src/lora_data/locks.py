@@ -62,7 +62,7 @@ def _acquire(d: Path, what: str):
     lock_path = d / LOCK_NAME
     for _ in range(3):
         d.mkdir(parents=True, exist_ok=True)
-        fh = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while the lock is held
+        fh = open(lock_path, "a+", encoding="utf-8", errors="replace")  # noqa: SIM115 - kept open while held
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -70,7 +70,7 @@ def model_tokenizer(config: LoraSftConfig) -> Any:
         return AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError([f"`model_path`={config.model_path}: cannot load its tokenizer: "
-                           + " ".join(str(e).split())]) from None
+                           + " ".join(str(e).split())]) from e
 
 
 def inherit_seq_len(config: LoraSftConfig) -> LoraSftConfig:
@@ -137,7 +137,7 @@ def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
     from lora_data.records import json_array
 
     if not data_file.is_file():
-        raise ConfigError([f"`data_path`={data_file} does not exist (eval_split_ratio needs a JSONL file)"])
+        raise ConfigError([f"`data_path`={data_file} is not a file (eval_split_ratio needs a JSONL file)"])
     elements = json_array(data_file)  # a .json array file: its elements split as lines
     raw = data_file.read_bytes() if elements is None else b"".join(
         json.dumps(e, ensure_ascii=False).encode() + b"\n" for e in elements)

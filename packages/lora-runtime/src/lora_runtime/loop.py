@@ -19,6 +19,7 @@ from lora_runtime import checkpoint, hub, model_card
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.data import apply_chat_template
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
+from lora_runtime.merge import MergeDiskFull
 from lora_runtime.metrics import (
     MetricsWriter,
     peak_memory_bytes,
@@ -38,7 +39,8 @@ if TYPE_CHECKING:  # torch-heavy; imported where used so `import lora_runtime.ap
 @dataclass(frozen=True)
 class TrainResult:
     """What a run produced (paths under ckpt_output_dir) and how it went. Every figure is over the whole run, also
-    after a resume (the losses come from metrics.jsonl). Also readable by key, for scripts written against a dict:
+    after a resume in the same directory (the losses come from its metrics.jsonl; resumed from another run's
+    checkpoint, over the steps since). Also readable by key, for scripts written against a dict:
     `result["final_loss"]`, `result.keys()`, `result.get("eval_loss")`, `dict(result)`."""
 
     adapter_dir: Path | None  # None when save_model=False (checkpoints still hold adapters)
@@ -54,6 +56,7 @@ class TrainResult:
     manifest: Any = None
     train_loss: float | None = None  # mean loss over every step of the run (resumed or not), weighted by steps
     eval_loss: float | None = None  # the last evaluation's
+    finished: bool = True  # False where a stop (a signal, a callback) ended it before its last step
 
     def keys(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self)]
@@ -288,9 +291,9 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
                 raise checkpoint.CheckpointError(f"{out}: no adapter and no complete checkpoint to merge")
             try:
                 merged_dir = backend.merge(source, out / "merged", config)
-            except checkpoint.CheckpointError as e:
-                raise checkpoint.CheckpointError(f"{e} (`lora-cli merge {out} --model {config.model_path} --out "
-                                                 f"{out / 'merged'}`); the adapter in {out} is complete") from e
+            except MergeDiskFull as e:
+                raise checkpoint.CheckpointError(f"{e} (`lora-cli merge {source} --model {config.model_path} --out "
+                                                 f"{out / 'merged'}`); the adapter in {source} is complete") from e
             print0(f"merged model written to {merged_dir}")
         if config.push_to_hub and not stopped:
             hub.push_run(config, adapter_dir, merged_dir)
@@ -300,7 +303,7 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
                        backend=backend.name, steps=trainer.state.global_step,
                        tokens_seen=int(trainer.state.num_input_tokens_seen), final_loss=summary["final_loss"],
                        wall_time_s=time.time() - start, peak_memory_bytes=peak_memory_bytes(), manifest=manifest,
-                       train_loss=summary["train_loss"], eval_loss=summary["eval_loss"])
+                       train_loss=summary["train_loss"], eval_loss=summary["eval_loss"], finished=not stopped)
 
 
 def _final_disk_full(out: Path, reason: str, adapter_written: bool = False) -> str:

@@ -14,7 +14,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lora_runtime.errors import CheckpointError
+
 MARKER = "MERGED_BY_LORA_SFT"
+
+
+class MergeDiskFull(CheckpointError):
+    """The disk filled while the merged model was written; the partial write is removed."""
 
 
 def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str | Path, *,
@@ -50,13 +56,13 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
         AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code).save_pretrained(tmp)
         (tmp / MARKER).write_text(f"adapter: {adapter_dir}\nbase: {model_path}\n")
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        from lora_runtime.checkpoint import CheckpointError, disk_full_reason
+        from lora_runtime.checkpoint import disk_full_reason
 
-        reason = disk_full_reason(e, out.parent) if isinstance(e, Exception) else None
+        reason = disk_full_reason(e, out.parent) if isinstance(e, Exception) else None  # before the cleanup frees space
+        shutil.rmtree(tmp, ignore_errors=True)
         if reason is not None:
-            raise CheckpointError(f"disk full ({reason}) while writing the merged model to {out}; the partial write was "
-                                  "removed: free space and merge again") from e
+            raise MergeDiskFull(f"disk full ({reason}) while writing the merged model to {out}; the partial write was "
+                                "removed: free space and merge again") from e
         raise
     aside = None  # the earlier merge, set aside (in a directory of ours) until the new one is in place: an error in
     if out.exists():  # between puts it back, a kill leaves it whole beside the new one, never neither

@@ -117,12 +117,14 @@ def run_summary(path: str | Path) -> dict[str, float | None]:
     {'final_loss': 0.5, 'train_loss': 0.6666666666666666, 'eval_loss': 0.7}
     """
     rows = read_metrics(path) if Path(path).is_file() else []
-    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), int | float)]
+    train = [(r["step"], math.nan if r["loss"] is None else r["loss"]) for r in rows if "loss" in r]  # null: NaN
     evals = [r["eval_loss"] for r in rows if isinstance(r.get("eval_loss"), int | float)]
     start = rows[0].get("resumed_at", 0) if rows else 0  # a file begun at a resume from another run's checkpoint
     weighted, covered, prev = 0.0, 0, start
     for step, loss in train:
-        weighted, covered, prev = weighted + loss * (step - prev), covered + step - prev, step
+        if math.isfinite(loss):
+            weighted, covered = weighted + loss * (step - prev), covered + step - prev
+        prev = step
     return {"final_loss": train[-1][1] if train else None, "train_loss": weighted / covered if covered else None,
             "eval_loss": evals[-1] if evals else None}
 

@@ -91,8 +91,8 @@ def _not_for_vllm(adapter_cfg: dict[str, Any]) -> list[str]:
     if adapter_cfg.get("use_dora"):
         why.append("vLLM does not serve DoRA adapters")
     init = str(adapter_cfg.get("init_lora_weights"))
-    if init.startswith(("pissa", "olora", "corda", "eva")):
-        why.append(f"init_lora_weights={init!r} changed the base weights, which PEFT alone redoes on loading")
+    if init.startswith(("pissa", "olora", "corda", "loftq")):
+        why.append(f"init_lora_weights={init!r} changed the base weights the adapter was trained on")
     if adapter_cfg.get("rank_pattern") or adapter_cfg.get("alpha_pattern"):
         why.append("rank_pattern / alpha_pattern give modules their own scale; vLLM applies one")
     return why
