@@ -275,6 +275,8 @@ def test_merge_never_deletes_a_directory_it_did_not_write(tmp_path):
     (adapter / "adapter_config.json").write_text("{}")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
     for out, why in ((adapter, "would replace the adapter directory"), (tmp_path, "would replace the adapter"),
                      (tmp_path / "mine", "was not written by a merge")):
         res = CliRunner().invoke(main, ["merge", str(adapter), "--model", str(tmp_path / "base"), "--out", str(out)])

@@ -3,7 +3,8 @@
     {"step": 3, "epoch": 0.75, "loss": 6.91, "lr": 0.0002, "grad_norm": 1.8, "tokens_seen": 1536,
      "tokens_per_s": 2210.5, "peak_memory_bytes": 812345344}
 
-A value that is not finite (a NaN loss or gradient norm) is written as null: every line is strict JSON.
+A value that is not finite (a NaN loss or gradient norm) is written as null, so every line is strict JSON; `read_metrics`
+reads it back as NaN.
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ def _whole_lines(path: Path) -> list[str]:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rows of a metrics file, a null (a value that was not finite) read back as NaN."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{k: math.nan if v is None else v for k, v in row.items()} for row in rows]
 
 
 def run_summary(path: str | Path) -> dict[str, float | None]:
@@ -117,7 +120,7 @@ def run_summary(path: str | Path) -> dict[str, float | None]:
     {'final_loss': 0.5, 'train_loss': 0.6666666666666666, 'eval_loss': 0.7}
     """
     rows = read_metrics(path) if Path(path).is_file() else []
-    train = [(r["step"], math.nan if r["loss"] is None else r["loss"]) for r in rows if "loss" in r]  # null: NaN
+    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), int | float)]
     evals = [r["eval_loss"] for r in rows if isinstance(r.get("eval_loss"), int | float)]
     start = rows[0].get("resumed_at", 0) if rows else 0  # a file begun at a resume from another run's checkpoint
     weighted, covered, prev = 0.0, 0, start
