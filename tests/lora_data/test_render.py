@@ -304,11 +304,11 @@ def test_a_template_that_writes_the_calls_alone_rejects_a_turn_with_content_too(
     r._template = r._template.environment.from_string(
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.get('tool_calls') %}"
         "{{ m['tool_calls'][0]['function'] | tojson }}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}")
-    conv = [{"role": "user", "content": "Weather?"},
-            {"role": "assistant", "content": "Let me check.", "tool_calls": [CALL]}]
-    with pytest.raises(RenderError, match=r"messages\[1\]\.content: the chat template leaves out the content of "
-                                          r"this turn with tool_calls"):
-        r.render(conv)
+    for content in ("Let me check.", "<think>Let me check.</think>"):  # reasoning or not, it would be lost
+        conv = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": content, "tool_calls": [CALL]}]
+        with pytest.raises(RenderError, match=r"messages\[1\]\.content: the chat template leaves out the content "
+                                              r"of this turn with tool_calls"):
+            r.render(conv)
     conv[1]["content"] = ""
     assert [r.render(conv).text[a:b] for a, b in r.render(conv).spans] == [
         '{"name": "weather", "arguments": {"city": "Paris"}}<|im_end|>']
@@ -424,8 +424,10 @@ def test_reasoning_written_into_the_content_trains_as_reasoning_content_does(tok
 
     one = [{"role": "user", "content": "2+2?"}, answer("add", "4")]
     two = [*one, {"role": "user", "content": "3+3?"}, answer("add again", "6")]
+    blank = [{"role": "user", "content": "Hm."}, answer("nothing to say", ""), *two[2:]]  # whitespace after </think>
     for conv, trained in ((one, ["<think>\nadd\n</think>\n\n4<|im_end|>"]),
-                          (two, ["4<|im_end|>", "<think>\nadd again\n</think>\n\n6<|im_end|>"])):
+                          (two, ["4<|im_end|>", "<think>\nadd again\n</think>\n\n6<|im_end|>"]),
+                          (blank, ["<|im_end|>", "<think>\nadd again\n</think>\n\n6<|im_end|>"])):
         (out,) = r.render_batch([conv])
         assert not isinstance(out, RenderError), out
         assert [out.text[a:b] for a, b in out.spans] == trained

@@ -25,11 +25,11 @@ VERSION = "0.1.0"  # lora-data's version: in `created_by`, the cache key and `lo
 # rules are prepared again. 2: an all-empty answer is rejected, a null Alpaca input reads as none, .json arrays;
 # 3: a key twice in one object is rejected; 4: EOS after whitespace (Llama-2) is trained, a key twice is found
 # whatever the whitespace before its colon, tool calls and reasoning are trained, a record's tools reach the template;
-# 5: a record whose template leaves some reasoning out (GPT-OSS, a tool call's once a final answer follows) trains,
+# 5, 6: a record whose template leaves some reasoning out (GPT-OSS, a tool call's once a final answer follows) trains,
 # as do identical tool-call turns with no content located between them and tool results a template JSON-escapes; an
 # empty tool result between a call and the next turn is no longer trained with them (Qwen3); `<think>` written into
 # an answer's content trains where the template splits it out (Qwen3)
-RECORD_RULES = 5
+RECORD_RULES = 6
 DATASET_TYPES = {"chat_template": "messages"}  # training-hub's `dataset_type` → our `format` (alpaca is alpaca)
 
 

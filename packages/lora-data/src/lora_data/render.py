@@ -141,8 +141,9 @@ class Renderer:
             at = text.find(_SENTINEL.format(i), pos)
             if at < 0 and messages[i].get("tool_calls") and messages[i]["content"]:
                 raise RenderError("the chat template leaves out the content of this turn with tool_calls: it would "
-                                  "not be trained; leave the content empty, or use a template that writes both",
-                                  field=f"messages[{i}].content")
+                                  "not be trained; leave the content empty, or use a template that writes both (GPT-OSS "
+                                  "writes it only while no final answer follows: a record ending with this turn "
+                                  "trains it)", field=f"messages[{i}].content")
             if text.count(_SENTINEL.format(i)) == 0 and messages[i]["role"] == "system" and messages[i]["content"]:
                 raise RenderError("the chat template leaves this system message out of the conversation (Mistral-Nemo "
                                   "writes it only where the conversation ends on a user turn): it would not be in "
@@ -226,8 +227,15 @@ class Renderer:
             content = m["content"] or ""
             if _THINK_END in content:
                 thought, answer = content.split(_THINK_END)[0], content.split(_THINK_END)[-1]
-                for written in ({**m, "content": answer}, {**m, "content": answer.lstrip("\n"), "reasoning_content":
-                                                             thought.split(_THINK_START)[-1].strip("\n")}):
+                moved = {**m, "content": answer.lstrip("\n"), "reasoning_content":
+                         thought.split(_THINK_START)[-1].strip("\n")}
+                # the answer alone only where the template writes this turn's content at all: content it leaves out
+                # (Llama-3.1's beside tool calls) is refused, `<think>` or not
+                alone = [{**m, "content": a} for a in dict.fromkeys([answer, answer.strip() and answer])
+                         ] if self._writes_content([*out[:i], m, *out[i + 1:]], i, context) else []
+                for written in (*alone, moved):  # moved: only where the text holds the reasoning
+                    if written is moved and moved["reasoning_content"].strip() not in text:
+                        continue
                     if not written.keys() & set(keys) and self._same_text(
                             [*out[:i], written, *out[i + 1:]], context, text):
                         m, changed = written, True
@@ -286,6 +294,14 @@ class Renderer:
             bare = self._beyond_bare(messages, context, hide_empty, scaffold, starts)
             found += [(a, b) for a, b in bare if any(lo <= a < hi for lo, hi in missed)]
         return _merged(spans + found)
+
+    def _writes_content(self, messages: list[dict], i: int, context: dict[str, Any] | None) -> bool:
+        """Whether the template writes message `i`'s content into this conversation (False where it refuses it)."""
+        probe = _SENTINEL.format(i)
+        try:
+            return probe in self.text([*messages[:i], {**messages[i], "content": probe}, *messages[i + 1:]], context)
+        except Exception:
+            return False
 
     def _same_text(self, messages: list[dict], context: dict[str, Any] | None, text: str) -> bool:
         """Whether `messages` render as `text` (False where the template refuses them)."""
@@ -428,7 +444,8 @@ def _first_says_more(e: Exception, messages: list[dict]) -> bool:
 
 def _hidden(m: dict, hide_empty: str) -> bool:
     """Whether `_scaffold` leaves message `m`'s content in place (see there)."""
-    return bool(hide_empty) and not m["content"] and (hide_empty == "all" or m["role"] == hide_empty)
+    blank = not (m["content"] or "").strip()  # whitespace alone is empty too: templates trim it away
+    return bool(hide_empty) and blank and (hide_empty == "all" or m["role"] == hide_empty)
 
 
 def _writes_more(m: dict) -> bool:
