@@ -27,7 +27,8 @@ def test_train_offline_is_one_line_before_training(monkeypatch):
     assert res.exit_code == 1
     assert [ln for ln in res.output.splitlines() if "push" in ln] == [
         "error: --push-to-hub='org/name' needs the Hugging Face Hub but HF_HUB_OFFLINE is set: unset it, or drop "
-        "--push-to-hub and upload later (`hf upload org/name OUTPUT_DIR`)"]
+        "--push-to-hub and upload the adapter later (`hf upload org/name OUTPUT_DIR --include 'adapter_*' --include "
+        "'tokenizer*' --include 'chat_template*' --include README.md`)"]
 
 
 def test_merge_pushes_the_merged_model(adapter_dir, tiny_llama_dir, tmp_path, monkeypatch):

@@ -353,3 +353,31 @@ def test_an_overlong_record_dropped_says_what_would_keep_it(tmp_path, chatml_tok
     lora_data.prepare(p, tmp_path / "o", chatml_tokenizer_dir, max_seq_len=64, overlong=policy, verbose=False)
     (reject,) = [json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]
     assert reject["code"] == "overlong_dropped" and reject["reason"].endswith(words), reject["reason"]
+
+
+def test_reasoning_the_template_leaves_out_is_counted_and_listed(tmp_path, chatml_tokenizer_dir):
+    """DeepSeek-R1's template keeps only what follows </think> in every answer: the record trains its answer, and
+    the reasoning it does not train is counted and listed, never dropped in silence."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(chatml_tokenizer_dir, tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+                         "{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(tok_dir)
+    data = _tiny.write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4"}]},
+        {"messages": [{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]}])
+    res = CliRunner().invoke(cli, ["prepare", str(data), str(tmp_path / "out"), "--tokenizer", str(tok_dir),
+                                   "--max-seq-len", "64"])
+    assert res.exit_code == 0, res.output
+    assert "1 valid records with reasoning the chat template leaves out (not trained" in res.output
+    manifest = Manifest.load(tmp_path / "out")
+    assert manifest.counts["valid"] == 2 and manifest.counts["rejected"] == 0
+    assert manifest.counts["reasoning_not_trained"] == 1
+    (listed,) = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert (listed["line"], listed["field"], listed["code"]) == (1, "messages[1].content", "reasoning_not_trained")

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
+from .manifest import NOT_REJECTED
 from .pack import cut_overlong
 from .records import Record, Rejection
 from .render import Rendered, Renderer, RenderError
@@ -31,14 +32,15 @@ def default_workers() -> int:
 
 
 def _render_chunk(batch: list[list[dict]], contexts: list[dict]) -> list:
-    """In a worker: render a chunk; (text, spans) or (None, message, field, code) per record (cheap to pickle)."""
+    """In a worker: render a chunk; (text, spans, left_out) or (None, message, field, code) per record (cheap to
+    pickle)."""
     assert _RENDERER is not None
-    return [(r.text, r.spans) if isinstance(r, Rendered) else (None, r.message, r.field, r.code)
+    return [(r.text, r.spans, r.left_out) if isinstance(r, Rendered) else (None, r.message, r.field, r.code)
             for r in _RENDERER.render_batch(batch, contexts)]
 
 
 def _unpack(item: tuple) -> Rendered | RenderError:
-    return Rendered(item[0], item[1]) if item[0] is not None else RenderError(item[1], field=item[2], code=item[3])
+    return Rendered(*item) if item[0] is not None else RenderError(item[1], field=item[2], code=item[3])
 COLUMNS = {"sample_id": np.uint64, "offset": np.int64, "length": np.int64, "loss_tokens": np.int64}
 Table = dict[str, np.ndarray]  # one column per COLUMNS key, all of one length
 
@@ -170,6 +172,13 @@ class TokenizeStage:
                 self._limited = 0
                 rendered.append(r)
                 kept.append(rec)
+                if r.left_out:  # trained without it: listed, like a record cut to length
+                    self.counts["reasoning_not_trained"] = self.counts.get("reasoning_not_trained", 0) + 1
+                    self._reject(rec, r.left_out[0], f"the chat template leaves this reasoning out of the text "
+                                 f"({len(r.left_out)} turn(s)): it is not trained, the rest of the record is (where "
+                                 "the template writes the last turn's only, a record ending with the turn trains it; "
+                                 "else pass a chat_template= that writes it)",
+                                 "reasoning_not_trained")
         job = self._pool.submit(self.encoder.encode_flat, rendered)
         self._drain()
         self._pending = (kept, job)
@@ -223,8 +232,8 @@ class TokenizeStage:
                       length=[b - a for a, b in cuts], loss_tokens=[int(sub[a:b].sum()) for a, b in cuts])
 
     def _reject(self, rec: Record, field: str | None, reason: str, code: str) -> None:
-        # overlong records are valid (counted under overlong/dropped/truncated/split) but still listed
-        counted = not code.startswith("overlong_")
+        # overlong records and those with reasoning left out are valid (counted on their own) but still listed
+        counted = not code.startswith(NOT_REJECTED)
         self.reject(Rejection(rec.path, rec.line, field, reason, rec.raw, code), counted=counted)
 
     def finish(self) -> tuple[Table, np.ndarray, np.ndarray]:

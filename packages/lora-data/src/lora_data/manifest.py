@@ -18,6 +18,7 @@ from .errors import ManifestError, TokenizerMismatchError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
+NOT_REJECTED = ("overlong_", "reasoning_not_trained")  # the codes (prefixes) of rejects.jsonl entries that still train
 COUNT_KEYS = (
     "lines_read", "valid", "rejected", "blank", "overlong", "dropped", "truncated", "split", "samples", "rows",
     "tokens", "loss_tokens", "padding_tokens",
@@ -152,6 +153,9 @@ class Manifest:
                  f"{c['overlong']} overlong ({c['dropped']} dropped, {c['truncated']} truncated, {c['split']} split)"]
         for reason, n in sorted(c["rejected_by_reason"].items()):
             lines.append(f"  rejected {reason}: {n}")
+        if c.get("reasoning_not_trained"):
+            lines.append(f"  {c['reasoning_not_trained']} valid records with reasoning the chat template leaves out "
+                         "(not trained; listed in rejects.jsonl)")
         lines.append(f"  {c['samples']} samples in {c['rows']} rows of {self.seq_len} tokens: {c['tokens']} tokens, "
                      f"{c['loss_tokens']} loss tokens, {c['padding_tokens']} padding; packing efficiency "
                      f"{self.packing_efficiency:.4f}; {len(self.shards)} shard(s)")

@@ -50,10 +50,12 @@ class RenderError(DataError):
 
 @dataclass(frozen=True, slots=True)
 class Rendered:
-    """The rendered `text` and the [start, end) character `spans` whose tokens carry loss."""
+    """The rendered `text`, the [start, end) character `spans` whose tokens carry loss, and the fields of reasoning
+    the template leaves out of the text (`left_out`: not trained)."""
 
     text: str
     spans: tuple[tuple[int, int], ...]
+    left_out: tuple[str, ...] = ()
 
 
 class Renderer:
@@ -178,16 +180,17 @@ class Renderer:
         if not text.strip():
             raise RenderError("the chat template renders this record as no text: nothing to train on (does it accept "
                               "these roles in this order?)")
+        left_out = _left_out(messages, text)
         if self.train_on_inputs:
-            return Rendered(text, ((0, len(text)),))
+            return Rendered(text, ((0, len(text)),), left_out)
         try:
-            return Rendered(text, self._located(messages, context, text))
+            return Rendered(text, self._located(messages, context, text), left_out)
         except Exception:
             written = self._as_written(messages, context, text)
             if written is None:
                 raise
         try:
-            return Rendered(text, self._located(written, context, text))
+            return Rendered(text, self._located(written, context, text), left_out)
         except Exception:
             pass
         return Rendered(text, self._located(messages, context, text))  # its own error, as without the retry
@@ -440,6 +443,22 @@ def _first_says_more(e: Exception, messages: list[dict]) -> bool:
     error names an empty content (a sentinel renders otherwise than nothing)."""
     named = re.match(r"messages\[(\d+)\]", getattr(e, "field", None) or "")
     return isinstance(e, RenderError) and not (named and not messages[int(named[1])]["content"])
+
+
+def _left_out(messages: list[dict], text: str) -> tuple[str, ...]:
+    """The fields of the assistant turns' reasoning (a reasoning key, or `<think>...</think>` in the content) that
+    `text` does not hold: the template leaves them out (GPT-OSS, a call's thinking once a final answer follows;
+    DeepSeek-R1, every answer's), so they are not trained."""
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        content = m["content"] or ""
+        thoughts = [(k, m[k]) for k in REASONING_KEYS if isinstance(m.get(k), str)]
+        if _THINK_END in content:
+            thoughts.append(("content", content.split(_THINK_END)[0].split(_THINK_START)[-1]))
+        out += [f"messages[{i}].{k}" for k, thought in thoughts if thought.strip() and thought.strip() not in text]
+    return tuple(out)
 
 
 def _hidden(m: dict, hide_empty: str) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_data import MANIFEST_NAME, Manifest
+from lora_data.manifest import NOT_REJECTED
 
 from lora_runtime.config import ConfigError, LoraSftConfig
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
@@ -183,7 +184,8 @@ def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path
 
 def report_losses(shard_dir: Path, data_file: Path) -> None:
     """Say, every run (a cache hit too), what of `data_file` does not train as written: rejected lines, the first
-    three with line, field and reason, and overlong records dropped; all of them are in the shards' rejects.jsonl."""
+    three with line, field and reason, overlong records dropped, and reasoning the template leaves out; all of them
+    are in the shards' rejects.jsonl."""
     import itertools
     import json
 
@@ -193,7 +195,8 @@ def report_losses(shard_dir: Path, data_file: Path) -> None:
         try:
             with open(listed, encoding="utf-8") as f:
                 entries = (json.loads(line) for line in f if line.strip())
-                first = list(itertools.islice((e for e in entries if e.get("code") != "overlong_dropped"), 3))
+                first = list(itertools.islice((e for e in entries
+                                               if not str(e.get("code", "")).startswith(NOT_REJECTED)), 3))
         except (OSError, ValueError):  # removed or edited by hand: the count stands alone
             first = []
         shown = "; ".join(f"line {e['line']}" + (f", {e['field']}" if e.get("field") else "") + f": {e['reason']}"
@@ -206,6 +209,9 @@ def report_losses(shard_dir: Path, data_file: Path) -> None:
         keep = "; overlong='truncate' or 'split' keeps them" if policy == "drop" else ""
         print0(f"data: {counts['dropped']} records of {data_file} longer than max_seq_len={manifest.seq_len} "
                f"dropped, not trained (overlong={policy!r}{keep}; listed in {listed})")
+    if counts.get("reasoning_not_trained"):
+        print0(f"data: {counts['reasoning_not_trained']} records of {data_file} hold reasoning the chat template "
+               f"leaves out of the text; it is not trained, the rest of each record is (listed in {listed})")
 
 
 def _why_not_a_file(p: Path) -> str:
