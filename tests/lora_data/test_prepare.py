@@ -371,13 +371,16 @@ def test_reasoning_the_template_leaves_out_is_counted_and_listed(tmp_path, chatm
     tok.save_pretrained(tok_dir)
     data = _tiny.write_jsonl(tmp_path / "d.jsonl", [
         {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4"}]},
-        {"messages": [{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]}])
+        {"messages": [{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]},
+        {"messages": [{"role": "user", "content": "Long?"},  # dropped as overlong: listed as that alone
+                      {"role": "assistant", "content": "<think>long</think>" + "the answer " * 60}]}])
     res = CliRunner().invoke(cli, ["prepare", str(data), str(tmp_path / "out"), "--tokenizer", str(tok_dir),
                                    "--max-seq-len", "64"])
     assert res.exit_code == 0, res.output
     assert "1 valid records with reasoning the chat template leaves out (not trained" in res.output
     manifest = Manifest.load(tmp_path / "out")
-    assert manifest.counts["valid"] == 2 and manifest.counts["rejected"] == 0
+    assert manifest.counts["valid"] == 3 and manifest.counts["rejected"] == 0 and manifest.counts["dropped"] == 1
     assert manifest.counts["reasoning_not_trained"] == 1
-    (listed,) = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
-    assert (listed["line"], listed["field"], listed["code"]) == (1, "messages[1].content", "reasoning_not_trained")
+    listed = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert sorted((e["line"], e["field"] or "", e["code"]) for e in listed) == [
+        (1, "messages[1].content", "reasoning_not_trained"), (3, "", "overlong_dropped")]

@@ -423,11 +423,11 @@ def test_reasoning_written_into_the_content_trains_as_reasoning_content_does(tok
         return {"role": "assistant", "content": text, "reasoning_content": thought}
 
     one = [{"role": "user", "content": "2+2?"}, answer("add", "4")]
-    two = [*one, {"role": "user", "content": "3+3?"}, answer("add again", "6")]
+    two = [*one, {"role": "user", "content": "3+3?"}, answer("sum up", "6")]
     blank = [{"role": "user", "content": "Hm."}, answer("nothing to say", ""), *two[2:]]  # whitespace after </think>
     for conv, trained in ((one, ["<think>\nadd\n</think>\n\n4<|im_end|>"]),
-                          (two, ["4<|im_end|>", "<think>\nadd again\n</think>\n\n6<|im_end|>"]),
-                          (blank, ["<|im_end|>", "<think>\nadd again\n</think>\n\n6<|im_end|>"])):
+                          (two, ["4<|im_end|>", "<think>\nsum up\n</think>\n\n6<|im_end|>"]),
+                          (blank, ["<|im_end|>", "<think>\nsum up\n</think>\n\n6<|im_end|>"])):
         (out,) = r.render_batch([conv])
         assert not isinstance(out, RenderError), out
         assert [out.text[a:b] for a, b in out.spans] == trained

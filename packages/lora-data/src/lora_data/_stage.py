@@ -95,7 +95,7 @@ class TokenizeStage:
         # The Rust tokenizer releases the GIL: chunk k is tokenized in a worker thread while the main thread reads,
         # validates and renders chunk k+1. Results are consumed in order, so the output stays deterministic.
         self._pool = ThreadPoolExecutor(max_workers=1)
-        self._pending: tuple[list, Any] | None = None
+        self._pending: tuple[list, list, Any] | None = None
         # fork: the workers inherit the renderer (Linux); a daemonic process (a pool's worker) may not have children
         import multiprocessing
 
@@ -140,7 +140,7 @@ class TokenizeStage:
         import multiprocessing
 
         if self._pending is not None:
-            self._pending[1].result()  # fork with the tokenize thread idle (its result is consumed later, in order)
+            self._pending[2].result()  # fork with the tokenize thread idle (its result is consumed later, in order)
         _RENDERER = self.renderer
         env = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = env or "true"  # the workers never tokenize: no fork warning
@@ -172,38 +172,40 @@ class TokenizeStage:
                 self._limited = 0
                 rendered.append(r)
                 kept.append(rec)
-                if r.left_out:  # trained without it: listed, like a record cut to length
-                    self.counts["reasoning_not_trained"] = self.counts.get("reasoning_not_trained", 0) + 1
-                    self._reject(rec, r.left_out[0], f"the chat template leaves this reasoning out of the text "
-                                 f"({len(r.left_out)} turn(s)): it is not trained, the rest of the record is (where "
-                                 "the template writes the last turn's only, a record ending with the turn trains it; "
-                                 "else pass a chat_template= that writes it)",
-                                 "reasoning_not_trained")
         job = self._pool.submit(self.encoder.encode_flat, rendered)
         self._drain()
-        self._pending = (kept, job)
+        self._pending = (kept, [r.left_out for r in rendered], job)
 
     def _drain(self) -> None:
         if self._pending is None:
             return
-        kept, job = self._pending
+        kept, left_out, job = self._pending
         self._pending = None
         ids, mask, lengths = job.result()
         table = chunk_table([r.sample_id for r in kept], mask, lengths)
         self._ids.write(ids.tobytes())
         self._mask.write(mask.tobytes())
-        self._keep(kept, table, mask)
+        self._keep(kept, table, mask, left_out)
         self._pos += len(ids)
 
-    def _keep(self, kept: list[Record], table: Table, mask: np.ndarray) -> None:
+    def _keep(self, kept: list[Record], table: Table, mask: np.ndarray, left_out: list[tuple[str, ...]]) -> None:
         loss, length, offsets = table["loss_tokens"], table["length"], table["offset"]
         for i in np.flatnonzero(loss == 0).tolist():
             self._reject(kept[i], None, "no loss tokens: the template rendered no assistant token", "no_loss_tokens")
         self.counts["valid"] += int((loss > 0).sum())
         ok = (loss > 0) & (length <= self.seq_len)
         pieces = [{k: v[ok] for k, v in table.items()}]
+        trained = set(np.flatnonzero(ok).tolist())
         for i in np.flatnonzero((length > self.seq_len) & (loss > 0)).tolist():
             pieces.append(self._overlong(kept[i], int(offsets[i]), int(length[i]), mask))
+            if len(pieces[-1]["length"]):
+                trained.add(i)
+        for i in sorted(i for i in trained if left_out[i]):  # trained without it: listed, as a record cut to length is
+            self.counts["reasoning_not_trained"] = self.counts.get("reasoning_not_trained", 0) + 1
+            self._reject(kept[i], left_out[i][0], f"the chat template leaves this reasoning out of the text "
+                         f"({len(left_out[i])} turn(s)): it is not trained, the rest of the record is (where the "
+                         "template writes the last turn's only, a record ending with the turn trains it; else pass "
+                         "a chat_template= that writes it)", "reasoning_not_trained")
         merged = _concat(pieces)
         merged["offset"] += self._pos
         self.tables.append(merged)

@@ -232,13 +232,11 @@ class Renderer:
                 thought, answer = content.split(_THINK_END)[0], content.split(_THINK_END)[-1]
                 moved = {**m, "content": answer.lstrip("\n"), "reasoning_content":
                          thought.split(_THINK_START)[-1].strip("\n")}
-                # the answer alone only where the template writes this turn's content at all: content it leaves out
-                # (Llama-3.1's beside tool calls) is refused, `<think>` or not
-                alone = [{**m, "content": a} for a in dict.fromkeys([answer, answer.strip() and answer])
-                         ] if self._writes_content([*out[:i], m, *out[i + 1:]], i, context) else []
-                for written in (*alone, moved):  # moved: only where the text holds the reasoning
-                    if written is moved and moved["reasoning_content"].strip() not in text:
-                        continue
+                alone = [{**m, "content": a} for a in dict.fromkeys([answer, answer.lstrip("\n"), answer.strip() and answer])]
+                # only where the template writes this turn's content at all: content it leaves out (Llama-3.1's beside
+                # tool calls) is refused, `<think>` or not
+                writes = self._writes_content([*out[:i], m, *out[i + 1:]], i, context)
+                for written in (*alone, moved) if writes else ():
                     if not written.keys() & set(keys) and self._same_text(
                             [*out[:i], written, *out[i + 1:]], context, text):
                         m, changed = written, True
@@ -442,7 +440,7 @@ def _first_says_more(e: Exception, messages: list[dict]) -> bool:
     empty contents left in place: not where the template failed on a sentinel in place of an empty content, or the
     error names an empty content (a sentinel renders otherwise than nothing)."""
     named = re.match(r"messages\[(\d+)\]", getattr(e, "field", None) or "")
-    return isinstance(e, RenderError) and not (named and not messages[int(named[1])]["content"])
+    return isinstance(e, RenderError) and not (named and _blank(messages[int(named[1])]))
 
 
 def _left_out(messages: list[dict], text: str) -> tuple[str, ...]:
@@ -463,8 +461,12 @@ def _left_out(messages: list[dict], text: str) -> tuple[str, ...]:
 
 def _hidden(m: dict, hide_empty: str) -> bool:
     """Whether `_scaffold` leaves message `m`'s content in place (see there)."""
-    blank = not (m["content"] or "").strip()  # whitespace alone is empty too: templates trim it away
-    return bool(hide_empty) and blank and (hide_empty == "all" or m["role"] == hide_empty)
+    return bool(hide_empty) and _blank(m) and (hide_empty == "all" or m["role"] == hide_empty)
+
+
+def _blank(m: dict) -> bool:
+    """An empty content; beside tool calls, whitespace alone too (Qwen3.5 and GLM trim it away there)."""
+    return not ((m["content"] or "").strip() if m.get("tool_calls") else m["content"])
 
 
 def _writes_more(m: dict) -> bool:
