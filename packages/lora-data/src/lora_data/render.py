@@ -232,7 +232,8 @@ class Renderer:
                 thought, answer = content.split(_THINK_END)[0], content.split(_THINK_END)[-1]
                 moved = {**m, "content": answer.lstrip("\n"), "reasoning_content":
                          thought.split(_THINK_START)[-1].strip("\n")}
-                alone = [{**m, "content": a} for a in dict.fromkeys([answer, answer.lstrip("\n"), answer.strip() and answer])]
+                answers = dict.fromkeys([answer, answer.lstrip("\n"), answer.strip() and answer])  # "" for blank
+                alone = [{**m, "content": a} for a in answers]
                 # only where the template writes this turn's content at all: content it leaves out (Llama-3.1's beside
                 # tool calls) is refused, `<think>` or not
                 writes = self._writes_content([*out[:i], m, *out[i + 1:]], i, context)
@@ -474,7 +475,8 @@ def _writes_more(m: dict) -> bool:
 
 
 def _without(m: dict, keys: tuple[str, ...], null_as_empty: bool = True) -> dict:
-    """Message `m` without `keys`, a null content as "" (a template that concatenates content fails on null)."""
+    """Message `m` without `keys`; with `null_as_empty`, a null content as "" (a template that concatenates content
+    fails on null)."""
     kept = {k: v for k, v in m.items() if k not in keys}
     return kept | {"content": m["content"] or ""} if null_as_empty else kept
 
