@@ -224,14 +224,13 @@ class Renderer:
             if m["role"] != "assistant":
                 continue
             keys = tuple(k for k in REASONING_KEYS if m.get(k))
-            if keys and self._same_text([*out[:i], _without(m, keys, null_as_empty=False), *out[i + 1:]],
-                                        context, text):
-                m, changed = _without(m, keys, null_as_empty=False), True
-            content = m["content"] or ""
-            if _THINK_END in content:
-                thought, answer = content.split(_THINK_END)[0], content.split(_THINK_END)[-1]
-                moved = {**m, "content": answer.lstrip("\n"), "reasoning_content":
-                         thought.split(_THINK_START)[-1].strip("\n")}
+            bare = _without(m, keys, null_as_empty=False)
+            if keys and self._same_text([*out[:i], bare, *out[i + 1:]], context, text):
+                m, changed = bare, True
+            inline = _inline_thought(m["content"])
+            if inline is not None:
+                thought, answer = inline
+                moved = {**m, "content": answer.lstrip("\n"), "reasoning_content": thought.strip("\n")}
                 answers = dict.fromkeys([answer, answer.lstrip("\n"), answer.strip() and answer])  # "" for blank
                 alone = [{**m, "content": a} for a in answers]
                 # only where the template writes this turn's content at all: content it leaves out (Llama-3.1's beside
@@ -452,12 +451,23 @@ def _left_out(messages: list[dict], text: str) -> tuple[str, ...]:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        content = m["content"] or ""
         thoughts = [(k, m[k]) for k in REASONING_KEYS if isinstance(m.get(k), str)]
-        if _THINK_END in content:
-            thoughts.append(("content", content.split(_THINK_END)[0].split(_THINK_START)[-1]))
+        inline = _inline_thought(m["content"])
+        if inline is not None:
+            thoughts.append(("content", inline[0]))
         out += [f"messages[{i}].{k}" for k, thought in thoughts if thought.strip() and thought.strip() not in text]
     return tuple(out)
+
+
+def _inline_thought(content: str | None) -> tuple[str, str] | None:
+    """(reasoning, answer) of a content that writes its reasoning inline, `<think>reasoning</think>answer`; else None.
+
+    >>> _inline_thought("<think>add</think>4"), _inline_thought("4")
+    (('add', '4'), None)
+    """
+    if not content or _THINK_END not in content:
+        return None
+    return content.split(_THINK_END)[0].split(_THINK_START)[-1], content.split(_THINK_END)[-1]
 
 
 def _hidden(m: dict, hide_empty: str) -> bool:

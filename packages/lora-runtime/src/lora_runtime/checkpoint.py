@@ -231,8 +231,9 @@ def write_final_adapter(out_dir: str | Path, save: Callable[[Path], Any], tokeni
         save(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        written = sorted(f.name for f in tmp.iterdir())
-        for f in sorted(tmp.iterdir()):  # a folder too (transformers writes named chat templates into one)
+        entries = sorted(tmp.iterdir())
+        written = [f.name for f in entries]
+        for f in entries:  # a folder too (transformers writes named chat templates into one)
             for file in [f] if f.is_file() else [p for p in f.rglob("*") if p.is_file()]:
                 _fsync_file(file)
             if f.is_dir() and (out / f.name).is_dir():
