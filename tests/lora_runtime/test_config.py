@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -87,6 +88,24 @@ def test_nan_is_refused_where_a_range_is_checked():
     for name in ("max_memory_gib", "learning_rate", "weight_decay", "max_grad_norm"):
         with pytest.raises(ConfigError, match=f"`{name}` must be"):
             cfg(**{name: float("nan")}).validate()
+
+
+@pytest.mark.parametrize(("kw", "says"), [
+    ({"init_lora_weights": "eva"}, "initialize_lora_eva_weights over the data, a pass lora_sft does not run"),
+    ({"init_lora_weights": "corda"}, "preprocess_corda over the data"),
+    ({"init_lora_weights": "pissa", "load_in_4bit": True}, "pass load_in_4bit=False / load_in_8bit=False, or "
+                                                           "init_lora_weights='olora'"),
+    ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, "needs scipy"),
+])
+def test_inits_peft_would_not_honour_are_refused_with_the_reason(kw, says, monkeypatch):
+    """eva and corda without their data pass train as plain LoRA; PiSSA on a quantized base and LoftQ without
+    scipy fail inside PEFT with a traceback after the model has loaded."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        cfg(**kw).validate()
 
 
 def test_a_batch_smaller_than_one_pass_gets_one_suggestion():

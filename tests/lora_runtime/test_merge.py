@@ -70,3 +70,27 @@ def test_merging_into_another_model_than_the_one_trained_says_so(tmp_path, llama
     merge_adapter(adapter, other, tmp_path / "m2")
     assert (f"warning: {other} is not the model {adapter} was trained on ({trained}: its config.json or weights "
             "differ); merging into it anyway") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_that_changed_its_base_at_init_loads_and_merges_as_it_trained(init, tmp_path, tiny_llama_dir,
+                                                                                 llama_shards):
+    """PiSSA and OLoRA train on W minus the adapter's start: PEFT redoes that subtraction when it loads the adapter on
+    the original base, and the merge goes through it; both give the trained model's logits."""
+    import _runs
+    from lora_runtime import lora_sft
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    probe = torch.tensor([[5, 17, 42, 99, 3, 7, 8]])
+    capture = _runs.Capture(probe)
+    out = tmp_path / "run"
+    lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**_runs.RUN, "max_steps": 3, "save_steps": 3,
+             "init_lora_weights": init}, callbacks=[capture.callback])
+    merged_dir = merge_adapter(out, tiny_llama_dir, tmp_path / "merged")
+    with torch.no_grad():
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out).eval()(probe).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(probe).logits
+    assert (capture.logits - AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(probe).logits).abs().max() > 1e-2
+    torch.testing.assert_close(loaded, capture.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(merged, capture.logits, atol=1e-4, rtol=1e-4)

@@ -61,7 +61,9 @@ def _field_options(command):
 @click.option("--no-packing", is_flag=True, help="One sample per row instead of best-fit-decreasing packing.")
 @click.option("--train-on-inputs", is_flag=True, help="Loss on every token, not only assistant turns.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Order of the packed rows.")
-@click.option("--strict", is_flag=True, help="Any rejected line is an error (exit 1, no shards written).")
+@click.option("--strict", is_flag=True,
+              help="Any line listed in rejects.jsonl is an error (exit 1, no shards written): a rejected record, and "
+                   "also one cut to --max-seq-len or trained without reasoning its template leaves out.")
 @click.option("--rows-per-shard", type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 @click.option("--data-split", default=None,

@@ -12,6 +12,7 @@ Each field carries `metadata={"help": one line, "choices": [...]}`; lora-cli bui
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ class LoraSftConfig:
     use_rslora: bool = _f(False, "rank-stabilised LoRA scaling alpha / sqrt(r)")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
     init_lora_weights: bool | str = _f(True, "LoRA init: True (zeros B), False, or a PEFT name",
-                                       [True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda"])
+                                       [True, False, "gaussian", "pissa", "olora", "loftq"])
     rank_pattern: dict[str, int] | None = _f(None, "per-module rank overrides, e.g. {'q_proj': 8}")
     alpha_pattern: dict[str, float] | None = _f(None, "per-module alpha overrides")
     loftq_config: dict[str, Any] | None = _f(None, "LoftQ settings (with init_lora_weights='loftq'), e.g. {'loftq_bits': 4}")
@@ -345,12 +346,19 @@ def _type_issues(cfg: LoraSftConfig) -> list[str]:
     return issues
 
 
+# PEFT inits that start from a pass over the data, which lora_sft does not run: PEFT would train them as True
+DATA_DRIVEN_INITS = {"eva": "initialize_lora_eva_weights", "corda": "preprocess_corda"}
+
+
 def _choice_issues(cfg: LoraSftConfig) -> list[str]:
     issues = []
     for f in dataclasses.fields(cfg):
         choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
         if choices and not any(value is c or (type(value) is type(c) and value == c) for c in choices):
             issues.append(f"`{f.name}` must be one of {choices}, got {value!r}")
+            if f.name == "init_lora_weights" and isinstance(value, str) and value in DATA_DRIVEN_INITS:
+                issues[-1] += (f" ({value} starts from PEFT's {DATA_DRIVEN_INITS[value]} over the data, a pass "
+                               "lora_sft does not run; without it the adapter would train as init_lora_weights=True)")
     return issues
 
 
@@ -391,6 +399,12 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
         issues.append(f"{', '.join(f'`{n}`' for n in bnb)} only apply with load_in_4bit=True")
     if cfg.init_lora_weights == "loftq" and not cfg.loftq_config:
         issues.append("init_lora_weights='loftq' needs `loftq_config`, e.g. {'loftq_bits': 4}")
+    if cfg.init_lora_weights == "loftq" and importlib.util.find_spec("scipy") is None:
+        issues.append("init_lora_weights='loftq' needs scipy (PEFT's LoftQ imports it), which is not installed: "
+                      "pip install scipy")
+    if cfg.init_lora_weights == "pissa" and (cfg.load_in_4bit or cfg.load_in_8bit):
+        issues.append("init_lora_weights='pissa' starts from the full-precision weights (PEFT refuses a quantized "
+                      "base): pass load_in_4bit=False / load_in_8bit=False, or init_lora_weights='olora'")
     if cfg.finetune_vision_layers or not cfg.finetune_language_layers:
         issues.append("vision-language fine-tuning is not supported: keep finetune_vision_layers=False and "
                       "finetune_language_layers=True")
