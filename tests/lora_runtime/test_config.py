@@ -96,10 +96,12 @@ def test_nan_is_refused_where_a_range_is_checked():
     ({"init_lora_weights": "pissa", "load_in_4bit": True}, "pass load_in_4bit=False / load_in_8bit=False, or "
                                                            "init_lora_weights='olora'"),
     ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, "needs scipy"),
+    ({"init_lora_weights": "olora", "sharding": "fsdp"}, "which sharded ranks other than 0 do not load"),
 ])
 def test_inits_peft_would_not_honour_are_refused_with_the_reason(kw, says, monkeypatch):
-    """eva and corda without their data pass train as plain LoRA; PiSSA on a quantized base and LoftQ without
-    scipy fail inside PEFT with a traceback after the model has loaded."""
+    """eva and corda without their data pass train as plain LoRA; PiSSA on a quantized base, LoftQ without scipy
+    and PiSSA/OLoRA on the empty (meta) model of a sharded rank fail inside PEFT with a traceback after the model
+    has loaded."""
     import importlib.util
 
     find_spec = importlib.util.find_spec

@@ -72,11 +72,13 @@ def test_merging_into_another_model_than_the_one_trained_says_so(tmp_path, llama
             "differ); merging into it anyway") in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_an_adapter_that_changed_its_base_at_init_loads_and_merges_as_it_trained(init, tmp_path, tiny_llama_dir,
-                                                                                 llama_shards):
-    """PiSSA and OLoRA train on W minus the adapter's start: PEFT redoes that subtraction when it loads the adapter on
-    the original base, and the merge goes through it; both give the trained model's logits."""
+@pytest.mark.parametrize(("init", "extra"), [
+    ("pissa", {}), ("olora", {"use_rslora": True, "rank_pattern": {"q_proj": 8}, "alpha_pattern": {"v_proj": 16}})])
+def test_an_adapter_whose_init_changed_the_base_is_saved_for_the_original_base(init, extra, tmp_path, tiny_llama_dir,
+                                                                               llama_shards):
+    """PiSSA and OLoRA train on W − s·B₀A₀. The final adapter is saved as a plain LoRA of rank 2r on W, which PEFT,
+    the merge and vLLM (which adds an adapter to W as it is) all read as trained; checkpoints keep the trained form,
+    which PEFT loads by redoing the init on the base."""
     import _runs
     from lora_runtime import lora_sft
     from peft import PeftModel
@@ -86,11 +88,24 @@ def test_an_adapter_that_changed_its_base_at_init_loads_and_merges_as_it_trained
     capture = _runs.Capture(probe)
     out = tmp_path / "run"
     lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**_runs.RUN, "max_steps": 3, "save_steps": 3,
-             "init_lora_weights": init}, callbacks=[capture.callback])
+             "init_lora_weights": init, **extra}, callbacks=[capture.callback])
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["init_lora_weights"], cfg["r"]) == (True, 32)
+    assert "changed the base weights" not in (out / "README.md").read_text()  # the card gives the vLLM recipe
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+
+    assert (capture.logits - base()(probe).logits).abs().max() > 1e-2  # it trained
     merged_dir = merge_adapter(out, tiny_llama_dir, tmp_path / "merged")
     with torch.no_grad():
-        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out).eval()(probe).logits
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(probe).logits
-    assert (capture.logits - AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(probe).logits).abs().max() > 1e-2
-    torch.testing.assert_close(loaded, capture.logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(merged, capture.logits, atol=1e-4, rtol=1e-4)
+        for adapter in (out, out / "checkpoints" / "checkpoint-3"):
+            got = PeftModel.from_pretrained(base(), adapter).eval()(probe).logits
+            torch.testing.assert_close(got, capture.logits, atol=1e-4, rtol=1e-4)
+        # what vLLM computes: W + scale·B·A for every adapted module, nothing redone on the base
+        plain = PeftModel.from_pretrained(base(), out).eval()
+        assert all(m.get_base_layer().weight.equal(w) for m, w in zip(
+            (m for m in plain.modules() if hasattr(m, "lora_A")),
+            (m.weight for n, m in base().named_modules() if n.endswith(tuple(_runs.TARGETS))), strict=True))
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged_dir)(probe).logits, capture.logits,
+                                   atol=1e-4, rtol=1e-4)

@@ -402,6 +402,10 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
     if cfg.init_lora_weights == "loftq" and importlib.util.find_spec("scipy") is None:
         issues.append("init_lora_weights='loftq' needs scipy (PEFT's LoftQ imports it), which is not installed: "
                       "pip install scipy")
+    if cfg.init_lora_weights in ("pissa", "olora", "loftq") and cfg.sharding == "fsdp":
+        issues.append(f"init_lora_weights={cfg.init_lora_weights!r} starts from the base weights, which sharded "
+                      "ranks other than 0 do not load (they build the model empty and receive their shards): "
+                      "use init_lora_weights=True, or sharding='ddp' where the model fits one GPU")
     if cfg.init_lora_weights == "pissa" and (cfg.load_in_4bit or cfg.load_in_8bit):
         issues.append("init_lora_weights='pissa' starts from the full-precision weights (PEFT refuses a quantized "
                       "base): pass load_in_4bit=False / load_in_8bit=False, or init_lora_weights='olora'")

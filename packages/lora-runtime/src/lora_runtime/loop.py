@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_runtime import checkpoint, hub, model_card
+from lora_runtime import checkpoint, hub, model_card, residual
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.data import apply_chat_template
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
@@ -101,6 +102,10 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
                    "padding tails), the most a pass of this data holds: one shape, recorded once")
     apply_chat_template(config, tokenizer)
     log_plan(config, plan, backend, backend_reason, dataset, manifest, precision)
+    if resume_from is None and residual.convertible(config):  # the start, to save the adapter on the original base
+        save_start = _saver(model, backend)
+        if env.is_main:
+            residual.keep_start(config, save_start)
     resume_step = None
     if resume_from is not None:
         data_state = json.loads((resume_from / "data_state.json").read_text())
@@ -123,6 +128,17 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
         return finish(config, plan, backend, trainer, tokenizer, manifest, start)
     finally:
         release(model)
+
+
+def _saver(model: Any, backend: Backend) -> Callable[[Path], Any]:
+    """How rank 0 writes `model`'s adapter into a directory. Every rank calls this: a sharded model's LoRA weights
+    are gathered first."""
+    from lora_runtime import sharding
+
+    if sharding.is_sharded(model):
+        trainable = sharding.gather_trainable(model)
+        return lambda d: sharding.save_adapter(model, d, trainable)
+    return lambda d: backend.save_adapter(model, d)
 
 
 def release_memory() -> None:
@@ -259,15 +275,14 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
                "merge is written; the same call resumes from the newest checkpoint")
     adapter_dir = out if config.save_model and not stopped else None
     merged_dir = plot = None
-    from lora_runtime import sharding
-
-    sharded = sharding.is_sharded(trainer.model)
-    trainable = sharding.gather_trainable(trainer.model) if sharded and adapter_dir is not None else None
+    save_trained = _saver(trainer.model, backend) if adapter_dir is not None else None
     if dist_env().is_main:
         def save(d: Path) -> Any:
-            if trainable is not None:  # sharded: the gathered LoRA weights
-                return sharding.save_adapter(trainer.model, d, trainable)
-            return backend.save_adapter(trainer.model, d)
+            assert save_trained is not None  # called only where adapter_dir is set
+            written = save_trained(d)
+            if residual.convertible(config):
+                residual.to_plain_lora(d, residual.start_path(out), str(config.init_lora_weights))
+            return written
 
         adapter_written = False
         try:
