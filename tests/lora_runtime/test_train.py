@@ -12,6 +12,7 @@ import torch
 from lora_runtime import lora_sft
 from lora_runtime.checkpoint import CheckpointError
 from lora_runtime.metrics import read_metrics
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 PROBE = torch.tensor([[5, 17, 123, 400, 9, 77, 301, 64]])
@@ -165,6 +166,23 @@ def test_a_stop_between_logs_logs_its_step_so_the_resumed_metrics_read_as_uninte
     assert steps == [4, 6, 8, 12] and [r["step"] for r in read_metrics(whole.metrics_path) if "loss" in r] == [4, 8, 12]
     assert resumed.train_loss == pytest.approx(whole.train_loss, rel=1e-5)
     assert run_summary(out / "metrics.jsonl")["train_loss"] == pytest.approx(whole.train_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("shorter", [{"max_steps": 8}, {"max_steps": 6}, {"max_steps": None, "num_epochs": 1}])
+def test_a_resume_with_the_run_shortened_to_its_checkpoint_or_below_ends_with_its_adapter(
+        shorter, tiny_llama_dir, llama_shards, tmp_path, capsys):
+    """Stopped at step 8 of 12 (save_steps 8), called again with fewer steps: the checkpoint kept its own plan's
+    max_steps, so the run read as stopped early and every call again printed "the same call resumes"."""
+    out = tmp_path / "run"
+    _run(tiny_llama_dir, llama_shards, out, max_steps=12, callbacks=[_runs.StopAt(8)])
+    capsys.readouterr()
+    again = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**_runs.RUN, **shorter})
+    assert again.finished and again.steps == 8 and again.adapter_dir == out
+    ckpt = load_file(out / "checkpoints" / "checkpoint-8" / "adapter_model.safetensors")
+    final = load_file(out / "adapter_model.safetensors")
+    assert all(final[k].equal(v) for k, v in ckpt.items())
+    said = capsys.readouterr().out
+    assert ("checkpoint-8 is past the" in said) == (shorter != {"max_steps": 8})
 
 
 def test_resume_false_refuses_a_directory_with_checkpoints(llama_run, tiny_llama_dir, llama_shards):

@@ -220,15 +220,23 @@ class PackedTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
               ignore_keys_for_eval: list[str] | None = None) -> Any:
         """transformers' loop runs one step before it checks max_steps: a resume from the final checkpoint (a run
-        killed after saving it, before writing the adapter) would train a step past the end. Restore it instead."""
+        killed after saving it, before writing the adapter) would train a step past the end. Restore it instead; the
+        run ends there, also where max_steps or num_epochs was lowered to or below its step (said)."""
         planned = self.args.max_steps if self.args.max_steps > 0 else (
             self.packed.steps_per_epoch() * math.ceil(self.args.num_train_epochs))
         if isinstance(resume_from_checkpoint, str) and checkpoint.step_of(resume_from_checkpoint) >= planned:
             from transformers.trainer import TRAINER_STATE_NAME
             from transformers.trainer_callback import TrainerState
 
+            from lora_runtime.distributed import print0
+
             self._load_from_checkpoint(resume_from_checkpoint)
             self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_NAME))
+            done = self.state.global_step
+            if done > planned:
+                print0(f"{Path(resume_from_checkpoint).name} is past the {planned} steps planned now: the run ends "
+                       f"with its adapter (step {done}); resume_from an earlier checkpoint ends sooner")
+            self.state.max_steps = done  # the checkpoint's own plan may have been longer: the run is finished
             return None
         import torch
 
