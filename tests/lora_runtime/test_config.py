@@ -190,6 +190,22 @@ def test_lora_sft_refuses_what_a_cpu_cannot_honour_before_any_data_or_model(tmp_
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(("optim", "says"), [
+    ("adamw_8bit", ["needs the bitsandbytes package"]),
+    ("paged_adamw_32bit", ["needs CUDA (bitsandbytes' paged optimizer states)", "needs the bitsandbytes package"])])
+def test_bitsandbytes_optimizers_are_checked_before_any_data_or_model(optim, says, tmp_path, monkeypatch):
+    """They failed with transformers' ImportError once the data was prepared and the model loaded."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError) as e:
+        lora_sft("no-model", "no-data.jsonl", str(tmp_path / "o"), optim=optim)
+    assert len(e.value.issues) == len(says) and all(any(s in i for i in e.value.issues) for s in says)
+
+
 def test_multi_process_settings_without_torchrun_are_refused(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ConfigError, match="not started by torchrun: run `lora-cli train"):

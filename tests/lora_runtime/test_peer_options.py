@@ -147,3 +147,24 @@ def test_the_schedules_that_need_a_parameter_of_their_own_run(schedule, tiny_lla
         assert lrs[0] == pytest.approx(peak) and peak * 0.1 < lrs[-1] < peak * 0.15
     else:
         assert lrs[:18] == pytest.approx([peak] * 18) and lrs[19] < peak
+
+
+@pytest.mark.slow
+def test_a_constant_schedule_says_it_takes_no_warmup(tiny_llama_dir, llama_shards, tmp_path, capsys):
+    """transformers' "constant" ignores warmup_steps / warmup_ratio; the run said nothing about it."""
+    import _runs
+    from lora_runtime import lora_sft
+    from lora_runtime.metrics import read_metrics
+
+    result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"),
+                      **{**_runs.RUN, "max_steps": 3, "save_steps": 3, "warmup_ratio": 0.5, "lr_scheduler": "constant"})
+    assert [r["lr"] for r in read_metrics(result.metrics_path) if "loss" in r] == [_runs.RUN["learning_rate"]] * 3
+    assert "lr_scheduler='constant' has no warmup: the 2 warmup steps asked for are not taken" in capsys.readouterr().out
+
+
+def test_a_polynomial_schedule_needs_a_learning_rate_above_its_end():
+    from lora_runtime import ConfigError, LoraSftConfig
+
+    with pytest.raises(ConfigError, match="decays to 1e-7"):
+        LoraSftConfig("m", "d", "o", lr_scheduler="polynomial", learning_rate=1e-7).validate()
+    LoraSftConfig("m", "d", "o", lr_scheduler="polynomial", learning_rate=2e-7).validate()

@@ -397,6 +397,9 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
            if getattr(cfg, n) is not None]
     if bnb and not cfg.load_in_4bit:
         issues.append(f"{', '.join(f'`{n}`' for n in bnb)} only apply with load_in_4bit=True")
+    if cfg.lr_scheduler == "polynomial" and cfg.learning_rate <= 1e-7:
+        issues.append(f"lr_scheduler='polynomial' decays to 1e-7 (transformers' lr_end): learning_rate="
+                      f"{cfg.learning_rate:g} must be above it, or pick another lr_scheduler")
     if cfg.init_lora_weights == "loftq" and not cfg.loftq_config:
         issues.append("init_lora_weights='loftq' needs `loftq_config`, e.g. {'loftq_bits': 4}")
     if cfg.init_lora_weights == "loftq" and importlib.util.find_spec("scipy") is None:

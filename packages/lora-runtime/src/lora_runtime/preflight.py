@@ -39,6 +39,8 @@ _NEEDS_CUDA = {
                            "drop it (on a CPU the activations are in host memory already)"),
     "enable_model_splitting": (lambda c: c.enable_model_splitting, "it spreads one model over GPUs",
                                "drop it (a CPU run keeps the whole model in RAM anyway)"),
+    "optim": (lambda c: c.optim.startswith("paged_"), "bitsandbytes' paged optimizer states",
+              "pass optim='adamw_torch'"),
 }
 
 
@@ -69,6 +71,10 @@ def machine_issues(cfg: Any) -> list[str]:
             way_out = {"kernels": "kernels='auto'", "selective_recompute": "selective_recompute='off'",
                        "cuda_graphs": "cuda_graphs='auto'"}[asked_for(cfg).partition("=")[0]]
             issues.append(f"`{asked_for(cfg).replace('=', '`=', 1)} cannot run here: {why} (pass {way_out})")
+    bnb_optim = "8bit" in cfg.optim or cfg.optim.startswith("paged_")
+    if bnb_optim and importlib.util.find_spec("bitsandbytes") is None:
+        issues.append(f"`optim`={cfg.optim!r} needs the bitsandbytes package, which is not installed: `uv pip "
+                      "install bitsandbytes` (or pass optim='adamw_torch')")
     if cfg.kernels == "liger" and not liger_installed():
         issues.append("`kernels`='liger' needs the liger-kernel package, which is not installed: `uv pip install "
                       "liger-kernel` (or pass kernels='auto')")

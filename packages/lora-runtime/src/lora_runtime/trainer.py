@@ -49,7 +49,7 @@ from lora_runtime.checkpoint import run_record
 from lora_runtime.collate import collate_packed
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.dataset import EpochDataLoader, PackedShardDataset
-from lora_runtime.distributed import HostCopy, all_reduce_sum, barrier, to_device
+from lora_runtime.distributed import HostCopy, all_reduce_sum, barrier, print0, to_device
 from lora_runtime.errors import NonFiniteLossError, OutOfMemoryHint
 from lora_runtime.metrics import MetricsWriter, metrics_row, peak_memory_bytes, whole_run_summary
 from lora_runtime.model_card import absolutize_base
@@ -123,6 +123,10 @@ class PackedTrainer(Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """transformers' scheduler, with `schedule_kwargs` for the two schedules it cannot build without them."""
         self.args.lr_scheduler_kwargs = schedule_kwargs(self.run_config.lr_scheduler, num_training_steps)
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        if self.run_config.lr_scheduler == "constant" and warmup:
+            print0(f"lr_scheduler='constant' has no warmup: the {warmup} warmup steps asked for are not taken "
+                   "(lr_scheduler='constant_with_warmup' ramps up first)")
         return super().create_scheduler(num_training_steps, optimizer)
 
     # ------------------------------------------------------------------ data
@@ -227,8 +231,6 @@ class PackedTrainer(Trainer):
         if isinstance(resume_from_checkpoint, str) and checkpoint.step_of(resume_from_checkpoint) >= planned:
             from transformers.trainer import TRAINER_STATE_NAME
             from transformers.trainer_callback import TrainerState
-
-            from lora_runtime.distributed import print0
 
             self._load_from_checkpoint(resume_from_checkpoint)
             self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_NAME))
