@@ -355,6 +355,30 @@ def test_an_overlong_record_dropped_says_what_would_keep_it(tmp_path, chatml_tok
     assert reject["code"] == "overlong_dropped" and reject["reason"].endswith(words), reject["reason"]
 
 
+def test_the_same_thought_in_two_turns_is_listed_where_the_template_leaves_it_out(tmp_path, chatml_tokenizer_dir):
+    """Qwen3 writes only the last turn's reasoning: an earlier turn with the same thought was taken as trained
+    (its words are in the text, the last turn's)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(chatml_tokenizer_dir, tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and not "
+                         "loop.last %}{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}"
+                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(tok_dir)
+    think = {"role": "assistant", "content": "<think>add them</think>4"}
+    data = _tiny.write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": [{"role": "user", "content": "2+2?"}, think, {"role": "user", "content": "2+2 again?"}, think]},
+        {"messages": [{"role": "user", "content": "2+2?"}, think]}])
+    lora_data.prepare(data, tmp_path / "out", tok_dir, max_seq_len=64, verbose=False)
+    listed = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["field"], e["code"]) for e in listed] == [(1, "messages[1].content", "reasoning_not_trained")]
+    assert Manifest.load(tmp_path / "out").counts["valid"] == 2
+
+
 def test_reasoning_the_template_leaves_out_is_counted_and_listed(tmp_path, chatml_tokenizer_dir):
     """DeepSeek-R1's template keeps only what follows </think> in every answer: the record trains its answer, and
     the reasoning it does not train is counted and listed, never dropped in silence."""

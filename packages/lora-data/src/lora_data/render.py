@@ -446,17 +446,26 @@ def _first_says_more(e: Exception, messages: list[dict]) -> bool:
 def _left_out(messages: list[dict], text: str) -> tuple[str, ...]:
     """The fields of the assistant turns' reasoning (a reasoning key, or `<think>...</think>` in the content) that
     `text` does not hold: the template leaves them out (GPT-OSS, a call's thinking once a final answer follows;
-    DeepSeek-R1, every answer's), so they are not trained."""
-    out = []
+    DeepSeek-R1, every answer's; Qwen3, every turn's but the last), so they are not trained. A thought written in
+    several turns counts as held as often as `text` holds it, the earliest turns' missing first.
+
+    >>> _left_out([{"role": "assistant", "content": "<think>add</think>4"}] * 2, "<think>add</think>4 4")
+    ('messages[0].content',)
+    """
+    thoughts = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        thoughts = [(k, m[k]) for k in REASONING_KEYS if isinstance(m.get(k), str)]
+        found = [(k, m[k]) for k in REASONING_KEYS if isinstance(m.get(k), str)]
         inline = _inline_thought(m["content"])
         if inline is not None:
-            thoughts.append(("content", inline[0]))
-        out += [f"messages[{i}].{k}" for k, thought in thoughts if thought.strip() and thought.strip() not in text]
-    return tuple(out)
+            found.append(("content", inline[0]))
+        thoughts += [(f"messages[{i}].{k}", thought.strip()) for k, thought in found if thought.strip()]
+    missing = set()
+    for thought in {t for _, t in thoughts}:
+        fields = [field for field, t in thoughts if t == thought]
+        missing.update(fields[:max(0, len(fields) - text.count(thought))])
+    return tuple(field for field, _ in thoughts if field in missing)
 
 
 def _inline_thought(content: str | None) -> tuple[str, str] | None:
