@@ -99,6 +99,53 @@ def test_config_file_errors_name_file_and_line_or_key(tmp_path):
     assert res.exit_code == 1 and "nope.yaml: no such file" in res.output
 
 
+def test_a_config_file_reads_as_a_user_means_it(fake_sft, tmp_path, monkeypatch):
+    """The command line's names as keys; `off` a string (YAML 1.1 read a bool); a name, or [all-linear], as
+    target_modules (PEFT read the str as a regex matching nothing); ~ expanded (transformers expanded it in the
+    checkpoints' path only, so outputs and checkpoints parted); a byte-order mark skipped."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "m").mkdir(parents=True)
+    (tmp_path / "home" / "m" / "config.json").write_text("{}")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: ~/m\ndata: d.jsonl\noutput: ~/out\nselective_recompute: off\ntarget_modules: q_proj\n")
+    assert run(["train", "--config", str(cfg)]).exit_code == 0
+    toml = tmp_path / "run.toml"
+    toml.write_text('\ufeffmodel = "m"\nshards = "s"\noutput = "o"\ntarget_modules = ["all-linear"]\n', encoding="utf-8")
+    assert run(["train", "--config", str(toml)]).exit_code == 0
+    yaml_run, toml_run = fake_sft
+    home = str(tmp_path / "home")
+    assert (yaml_run["model_path"], yaml_run["ckpt_output_dir"]) == (f"{home}/m", f"{home}/out")
+    assert (yaml_run["selective_recompute"], yaml_run["target_modules"]) == ("off", ["q_proj"])
+    assert (toml_run["data_path"], toml_run["target_modules"]) == ("s", "all-linear")
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("lora_r: 4\nlora_alpha: 8\nlora_r: 16\n", "{f}:1: lora_r is set again on line 3; keep one"),
+    ("lora_r: 4\nlora-r: 16\n", "{f}:2: lora_r is set twice (lora_r and lora-r); keep one"),
+    ("lora_r: 4\n\udcff\n", "{f}: not UTF-8 text (byte 10: b'\\xff'); save it as UTF-8"),
+])
+def test_a_config_file_that_says_two_things_or_is_not_text_is_one_error(text, says, tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_bytes(text.encode("utf-8", "surrogateescape"))
+    res = CliRunner().invoke(main, [*BASE, "--config", str(f)])
+    assert res.exit_code == 1 and res.output == f"error: {says.format(f=f)}\n", res.output
+
+
+def test_a_toml_key_after_a_pattern_table_is_named(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text("lora_r = 8\n[rank_pattern]\nq_proj = 4\nlearning_rate = 1e-4\n")
+    res = CliRunner().invoke(main, [*BASE, "--config", str(f), "--dry-run"])
+    assert res.exit_code == 1 and "holds learning_rate, which are options, not module names" in res.output
+
+
+def test_values_that_failed_after_the_model_loaded_are_refused_by_name():
+    res = CliRunner().invoke(main, [*BASE, "--adam-beta1", "1.5", "--seed", "-1", "--rank-pattern", '{"q_proj": "4"}',
+                                    "--dry-run"])
+    assert res.exit_code == 1 and res.output.splitlines() == [
+        "error: --rank-pattern['q_proj'] must be a number > 0, got '4' (str)",
+        "error: --adam-beta1 must be in [0, 1), got 1.5", "error: --seed must be in [0, 2**32), got -1"], res.output
+
+
 def test_shards_dir_without_manifest_is_a_user_error(tmp_path):
     res = CliRunner().invoke(main, ["train", "--model", "m", "--shards", str(tmp_path), "--output", "o"])
     assert res.exit_code == 1

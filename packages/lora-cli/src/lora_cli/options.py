@@ -228,19 +228,27 @@ def read_config_file(path: str | Path) -> ConfigFile:
     """Read a YAML or TOML run config (snake_case or kebab-case keys). Raises ConfigFileError only when the file
     cannot be parsed (naming the file and line); key problems are collected in `.issues`."""
     p = Path(path)
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark, as some Windows editors write, is skipped
+    except UnicodeDecodeError as e:
+        raise ConfigFileError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save it "
+                              "as UTF-8") from e
+    repeated: list[tuple[str, int]] = []  # TOML refuses a repeated key itself
     try:
         if p.suffix == ".toml":
             data, lines = tomllib.loads(text), _toml_lines(text)
         else:
-            data, lines = _load_yaml(p, text)
+            data, lines, repeated = _load_yaml(p, text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:  # both messages carry the line and column
         raise ConfigFileError(f"{p}: cannot parse: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise ConfigFileError(f"{p}: expected a mapping of option: value, got {type(data).__name__}")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    lines = {str(k).replace("-", "_"): n for k, n in lines.items()}
-    issues = []
+    issues = [f"`{key}` is set again on line {line}; keep one" for key, line in repeated]
+    fields = [_field(k) for k in data]
+    issues += [f"`{f}` is set twice ({' and '.join(str(k) for k in data if _field(k) == f)}); keep one"
+               for f in dict.fromkeys(f for f in fields if fields.count(f) > 1)]
+    data = {_field(k): v for k, v in data.items()}
+    lines = {_field(k): n for k, n in lines.items()}
     if "callbacks" in data:
         data.pop("callbacks")
         issues.append("`callbacks` holds live Python objects (transformers TrainerCallbacks), which a config file "
@@ -254,6 +262,11 @@ def read_config_file(path: str | Path) -> ConfigFile:
     return ConfigFile(p, values, issues, lines)
 
 
+def _field(key: object) -> str:
+    """The field a config file's key sets: snake_case or kebab-case, or the command line's name (`model`)."""
+    return _FILE_ALIASES.get(str(key), str(key).replace("-", "_"))
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """The values of a --config file; ConfigFileError (unparsable) or ConfigError (every bad key) otherwise."""
     file = read_config_file(path)
@@ -263,19 +276,27 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2's floats: `2e-4` is a number (YAML 1.1, PyYAML's, reads an exponent without a dot as a string)."""
+    """YAML 1.2's floats and booleans: `2e-4` is a number (YAML 1.1, PyYAML's, reads an exponent without a dot as a
+    string), and only true/false are booleans (YAML 1.1 also reads on/off/yes/no: `selective_recompute: off`)."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
     r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+# the command line's names for the required options (--model, --data / --shards, --output) and --gpus, as keys
+_FILE_ALIASES = {"model": "model_path", "data": "data_path", "shards": "data_path", "output": "ckpt_output_dir",
+                 "gpus": "nproc_per_node"}
 
 
-def _load_yaml(path: Path, text: str) -> tuple[Any, dict[str, int]]:
-    """yaml.safe_load (YAML 1.2's floats), bounded: the composed graph (aliases not expanded) is walked once,
-    counting values."""
+def _load_yaml(path: Path, text: str) -> tuple[Any, dict[str, int], list[tuple[str, int]]]:
+    """yaml.safe_load (YAML 1.2's floats and booleans), bounded: the composed graph (aliases not expanded) is walked
+    once, counting values. Also each top-level key's line, and the keys written twice (with the later line)."""
     node = yaml.compose(text, Loader=_Loader)
     if node is None:
-        return {}, {}
+        return {}, {}, []
     stack, seen = [node], 0
     while stack:
         n = stack.pop()
@@ -287,10 +308,15 @@ def _load_yaml(path: Path, text: str) -> tuple[Any, dict[str, int]]:
             stack += [x for pair in n.value for x in pair]
         elif isinstance(n, yaml.SequenceNode):
             stack += n.value
-    lines = {}
+    lines: dict[str, int] = {}
+    repeated: list[tuple[str, int]] = []
     if isinstance(node, yaml.MappingNode):
-        lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
-    return yaml.load(text, Loader=_Loader), lines  # _Loader is a SafeLoader
+        for k, _ in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                if str(k.value) in lines:  # PyYAML keeps the last silently
+                    repeated.append((str(k.value), k.start_mark.line + 1))
+                lines.setdefault(str(k.value), k.start_mark.line + 1)
+    return yaml.load(text, Loader=_Loader), lines, repeated  # _Loader is a SafeLoader
 
 
 def _toml_lines(text: str) -> dict[str, int]:

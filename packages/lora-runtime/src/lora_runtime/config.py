@@ -27,6 +27,7 @@ IGNORED_BY_TRAINING_HUB = {
     "checkpoint_at_epoch": "checkpoints are taken by optimizer step; use save_steps (steps per epoch are logged at start)",
 }
 
+_NAMES = re.compile(r"\w+(\s*,\s*\w+)*")  # "q_proj" or "q_proj, v_proj": module names, not a regex
 PATH_FIELDS = ("model_path", "data_path", "ckpt_output_dir", "data_output_dir", "eval_data_path", "tensorboard_log_dir",
                "resume_from")
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -213,9 +214,16 @@ class LoraSftConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        for name in PATH_FIELDS:  # accept pathlib.Path, store str (JSON-ready)
-            if isinstance(getattr(self, name), os.PathLike):
-                object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        if self.target_modules == ("all-linear",):  # [all-linear] in a config file: PEFT's keyword, not a name
+            object.__setattr__(self, "target_modules", "all-linear")
+        if isinstance(self.target_modules, str) and _NAMES.fullmatch(self.target_modules):
+            # names, as on the command line (PEFT reads any other str, "all-linear" aside, as a regex)
+            object.__setattr__(self, "target_modules", tuple(n.strip() for n in self.target_modules.split(",")))
+        for name in (*PATH_FIELDS, "chat_template"):  # accept pathlib.Path and ~, store str (JSON-ready)
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike) or (isinstance(value, str) and value.startswith("~")):
+                # transformers expands ~ in output_dir, nothing else does: checkpoints and outputs would part
+                object.__setattr__(self, name, os.path.expanduser(os.fspath(value)))
         for f in dataclasses.fields(self):  # what training-hub's looser types let scripts pass: 3.0 epochs, "4"
             value = getattr(self, f.name)
             if isinstance(value, float) and value.is_integer() and str(f.type).split(" | ")[0] == "int":
@@ -258,8 +266,18 @@ class LoraSftConfig:
         for name in ["warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers"]:
             if not getattr(self, name) >= 0:
                 issues.append(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), tuple | dict):
+                issues += _item_issues(f.name, getattr(self, f.name), str(f.type))
         if not 0.0 <= self.lora_dropout < 1.0:
             issues.append(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                issues.append(f"`{name}` must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_epsilon >= 0:
+            issues.append(f"`adam_epsilon` must be >= 0, got {self.adam_epsilon}")
+        if not 0 <= self.seed < 2 ** 32:
+            issues.append(f"`seed` must be in [0, 2**32), got {self.seed}")
         issues += _choice_issues(self) + _combination_issues(self) + _batch_issues(self, world_size)
         issues += _option_issues(self) + _machine_issues(self) + _model_issues(self)
         if issues:
@@ -344,6 +362,27 @@ def _type_issues(cfg: LoraSftConfig) -> list[str]:
         if value is dataclasses.MISSING or not ok:
             issues.append(f"`{f.name}` must be {f.type}, got {value!r} ({type(value).__name__})")
     return issues
+
+
+def _item_issues(name: str, value: tuple | dict, annotation: str) -> list[str]:
+    """The items of a tuple[str, ...] / dict[str, int | float] field (PEFT fails on them after the model loaded).
+
+    >>> _item_issues("rank_pattern", {"q_proj": "4", "v_proj": 0}, "dict[str, int] | None")
+    ["`rank_pattern`['q_proj'] must be a number > 0, got '4' (str)", "`rank_pattern`['v_proj'] must be a number > 0, got 0 (int)"]
+    """
+    if isinstance(value, tuple):
+        bad = [v for v in value if not isinstance(v, str) or not v]
+        return [f"`{name}` must list module names, got {v!r} ({type(v).__name__})" for v in bad] + (
+            [f"`{name}` is empty: pass None for the default projections"] if not value else [])
+    if "dict[str, Any]" in annotation:
+        return [f"`{name}` keys must be str, got {k!r}" for k in value if not isinstance(k, str)]
+    options = {f.name for f in dataclasses.fields(LoraSftConfig)}
+    if strays := sorted(k for k in value if k in options):  # TOML puts every key after a [table] into that table
+        return [f"`{name}` holds {', '.join(strays)}, which are options, not module names: in a TOML file, keys "
+                f"written after a [{name}] table go into it; write the table last"]
+    number = int if "dict[str, int]" in annotation else (int, float)
+    return [f"`{name}`[{k!r}] must be a number > 0, got {v!r} ({type(v).__name__})" for k, v in value.items()
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, number) or not v > 0]
 
 
 # PEFT inits that start from a pass over the data, which lora_sft does not run: PEFT would train them as True
