@@ -109,3 +109,20 @@ def test_an_adapter_whose_init_changed_the_base_is_saved_for_the_original_base(i
             (m.weight for n, m in base().named_modules() if n.endswith(tuple(_runs.TARGETS))), strict=True))
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged_dir)(probe).logits, capture.logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_an_adapter_of_another_model_is_one_error_naming_both(tmp_path, tiny_llama_dir, llama3_tokenizer_dir):
+    """PEFT's error listed every mismatched tensor (70 lines for two layers); merge and chat print one line."""
+    from lora_runtime.merge import AdapterMismatch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    other = build_model(tmp_path / "wider", tokenizer_dir=llama3_tokenizer_dir, hidden_size=96)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(other), LoraConfig(r=4, target_modules=["q_proj"])
+                   ).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(AdapterMismatch) as e:
+        merge_adapter(tmp_path / "adapter", tiny_llama_dir, tmp_path / "merged")
+    message = str(e.value)
+    assert "\n" not in message and f"does not fit {tiny_llama_dir} (size mismatch for " in message
+    assert message.endswith(f"it was trained on {other}: pass the base model it was trained on")
+    assert not (tmp_path / "merged").exists()

@@ -49,7 +49,7 @@ class Chat:
     def __init__(self, adapter_dir: Path, base: str, *, device: str | None = None, system: str | None = None):
         import torch
         from lora_runtime.checkpoint import check_adapter
-        from peft import PeftModel
+        from lora_runtime.merge import load_adapted
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -65,7 +65,7 @@ class Chat:
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self._prompt([*self.messages, {"role": "user", "content": "hi"}], opening=True)  # before the model loads
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-        self.model = PeftModel.from_pretrained(model, str(adapter_dir)).to(self.device).eval()
+        self.model = load_adapted(model, adapter_dir, base).to(self.device).eval()
 
     def _prompt(self, messages: list[dict[str, str]], opening: bool = False) -> Any:
         """The template's token ids of `messages` + the generation prompt; a template that refuses them (Gemma's takes

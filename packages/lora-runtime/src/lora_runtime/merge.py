@@ -13,10 +13,15 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from lora_runtime.errors import CheckpointError
 
 MARKER = "MERGED_BY_LORA_SFT"
+
+
+class AdapterMismatch(CheckpointError):
+    """The adapter's tensors do not fit the base model given (another model's shapes)."""
 
 
 class MergeDiskFull(CheckpointError):
@@ -39,12 +44,11 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
     check_adapter(adapter_dir)  # a torn, truncated or flipped adapter file is an error naming it, before any import
     _warn_if_another_base(adapter_dir, model_path)
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    adapted = PeftModel.from_pretrained(base, adapter_dir)
+    adapted = load_adapted(base, adapter_dir, model_path)
     untie_adapted_embeddings(adapted)
     merged = adapted.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,6 +83,32 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return out
+
+
+def load_adapted(base: Any, adapter_dir: str | Path, model_path: str | Path) -> Any:
+    """PeftModel.from_pretrained(base, adapter_dir); an adapter of another model's shapes is one error naming both
+    (PEFT lists every mismatched tensor, a screenful per layer)."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir))
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), "")
+        trained_on = _adapter_base(Path(adapter_dir))
+        raise AdapterMismatch(f"{adapter_dir}: the adapter does not fit {model_path} ({first.rstrip('.')})"
+                              + (f"; it was trained on {trained_on}" if trained_on else "")
+                              + ": pass the base model it was trained on") from None
+
+
+def _adapter_base(adapter_dir: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _warn_if_another_base(adapter_dir: Path, model_path: str | Path) -> None:
