@@ -65,3 +65,15 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     answers = re.findall(r"trained: '(.*)'", out)
     assert len(answers) == 3 and len(re.findall(r"base: +'(.*)'", out)) == 3
     assert answers[0].startswith("The capital of"), out  # the answer template is learned within 20 steps
+
+
+@pytest.mark.parametrize(("args", "env"), [(["--max-steps", "0"], {}), ([], {"LORA_CLI_DEMO_STEPS": "abc"})])
+def test_a_demo_step_count_that_is_not_one_or_more_is_a_usage_error(args, env, tmp_path, monkeypatch):
+    """0 ran the whole schedule; a non-number in the environment was a traceback; -1 was refused after the model
+    and the data were built."""
+    from click.testing import CliRunner
+    from lora_cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["demo", *args], env=env)
+    assert res.exit_code == 2 and "--max-steps" in res.output and not (tmp_path / "runs").exists(), res.output

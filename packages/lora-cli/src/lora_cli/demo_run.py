@@ -11,7 +11,6 @@ trained model's.
 
 from __future__ import annotations
 
-import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -157,9 +156,8 @@ def evaluate(model_dir: Path, adapter_dir: Path, prompts: list[str]) -> dict[str
 def run_demo(out_dir: Path, max_steps: int | None = None) -> dict[str, Any]:
     """The four steps above; returns what it printed (paths, losses, generations) for tests."""
     options = demo_options()
-    steps = max_steps or int(os.environ.get("LORA_CLI_DEMO_STEPS", "0")) or None
-    if steps:
-        options["max_steps"] = steps
+    if max_steps is not None:
+        options["max_steps"] = max_steps
     run = fresh_run_dir(out_dir)
     model_dir = build_base_model(run / "base-model")
     shards = prepare_data(model_dir, run / "shards", options["max_seq_len"])

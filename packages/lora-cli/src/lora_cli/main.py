@@ -312,7 +312,7 @@ def merge(adapter_dir: Path, model_path: str, out_dir: Path, push_to_hub: str | 
 @main.command(context_settings={"max_content_width": 120})
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="run directory (recreated on every demo run)")
-@click.option("--max-steps", type=int, default=None,
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, envvar="LORA_CLI_DEMO_STEPS",
               help="cut training short (default: the demo config's schedule; env LORA_CLI_DEMO_STEPS also works)")
 @debug_option
 def demo(out_dir: Path, max_steps: int | None) -> None:
