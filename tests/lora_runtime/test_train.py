@@ -231,7 +231,7 @@ def test_the_default_max_seq_len_defers_to_the_shards(tiny_llama_dir, llama_shar
 
 
 @pytest.mark.parametrize("option", [{"train_on_inputs": True}, {"sample_packing": False}, {"overlong": "split"},
-                                    {"field_messages": "conversation"}])
+                                    {"field_messages": "conversation"}, {"dataset_type": "alpaca"}])
 def test_prepare_options_a_shard_dir_cannot_honour_are_refused(tiny_llama_dir, tmp_path, option):
     import _tiny
     import lora_data

@@ -243,6 +243,7 @@ def _option(name: str) -> Callable[[Any], Any]:
 # config field → how the manifest records it (prepare-time choices a shard directory has already made)
 _BAKED_IN: dict[str, Callable[[Any], Any]] = {
     "sample_packing": lambda manifest: manifest.packing,
+    "dataset_type": lambda manifest: {"messages": "chat_template", "alpaca": "alpaca"}.get(manifest.dataset_format),
     **{f: _option(f) for f in ("train_on_inputs", "overlong", "field_messages", "field_instruction", "field_input",
                                "field_output")}}
 
