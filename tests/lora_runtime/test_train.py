@@ -246,6 +246,15 @@ def test_prepare_options_a_shard_dir_cannot_honour_are_refused(tiny_llama_dir, t
     assert not (tmp_path / "out").exists()
 
 
+def test_a_chat_template_over_a_shard_dir_names_the_template(tiny_llama_dir, llama_shards, tmp_path):
+    """The template is part of the tokenizer's fingerprint: the error said to prepare again with this model's
+    tokenizer, which the shards were."""
+    from lora_runtime import ConfigError
+
+    with pytest.raises(ConfigError, match="rendered with another chat template .* than chat_template='chatml'"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "out"), **_runs.RUN, chat_template="chatml")
+
+
 def test_two_cpu_ranks_match_one_process(llama_run, tiny_llama_dir, llama_shards, tmp_path):
     """torchrun, 2 gloo ranks × micro 2 × accum 1 == 1 process × micro 2 × accum 2: same rows per step, same result;
     ranks read disjoint rows (else the losses would differ) and only rank 0 writes. The workers read each log a step

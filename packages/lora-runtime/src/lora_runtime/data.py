@@ -228,8 +228,18 @@ def _why_not_a_file(p: Path) -> str:
 
 def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None:
     """Same tokenizer, rows packed to exactly max_seq_len; raise before training otherwise."""
+    from lora_data.errors import TokenizerMismatchError
+
     manifest = Manifest.load(shard_dir)
-    manifest.check_tokenizer(tokenizer, path=shard_dir / MANIFEST_NAME, hint=f"model_path={config.model_path}")
+    try:
+        manifest.check_tokenizer(tokenizer, path=shard_dir / MANIFEST_NAME, hint=f"model_path={config.model_path}")
+    except TokenizerMismatchError as e:
+        if config.chat_template is None:
+            raise
+        raise ConfigError([f"{shard_dir}: the shards were rendered with another chat template (or tokenizer) than "
+                           f"chat_template={config.chat_template!r} on this model's (fingerprints {e.expected} and "
+                           f"{e.actual}): a prepared shard dir is rendered already; pass the raw JSONL as data_path to "
+                           "render it with this template, or drop chat_template"]) from e
     if manifest.seq_len != config.max_seq_len:  # shorter rows too: records over their length were dropped or cut
         raise ConfigError([f"{shard_dir}: rows are packed to {manifest.seq_len} tokens but max_seq_len="
                            f"{config.max_seq_len}; pass max_seq_len={manifest.seq_len} or prepare the data again"])
