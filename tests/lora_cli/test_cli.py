@@ -146,6 +146,16 @@ def test_values_that_failed_after_the_model_loaded_are_refused_by_name():
         "error: --adam-beta1 must be in [0, 1), got 1.5", "error: --seed must be in [0, 2**32), got -1"], res.output
 
 
+def test_dry_run_checks_that_the_data_is_there(tmp_path):
+    """--dry-run passed a data path that did not exist; the real run then failed on it."""
+    res = CliRunner().invoke(main, ["train", "--model", "m", "--data", "nope.jsonl", "--eval-data-path", str(tmp_path),
+                                    "--output", "o", "--dry-run"])
+    assert res.exit_code == 1 and res.output.splitlines() == [
+        "error: --data=nope.jsonl does not exist",
+        f"error: --eval-data-path={tmp_path} is a directory without manifest.json; pass a JSONL file, or a directory "
+        "made by `lora-cli prepare`"], res.output
+
+
 def test_shards_dir_without_manifest_is_a_user_error(tmp_path):
     res = CliRunner().invoke(main, ["train", "--model", "m", "--shards", str(tmp_path), "--output", "o"])
     assert res.exit_code == 1

@@ -169,9 +169,14 @@ def train(ctx: click.Context, config: Path | None, shards: Path | None, dry_run:
 
 
 def _print_plan(ctx: click.Context, cfg: LoraSftConfig, plan: launch.LaunchPlan, params: dict) -> None:
-    """--dry-run: everything `train` would decide before touching a GPU or the data."""
+    """--dry-run: everything `train` would decide before touching a GPU or reading the data (whose paths must be
+    there)."""
     import json
 
+    from lora_runtime.data import data_path_issues
+
+    if issues := data_path_issues(cfg):
+        raise ConfigError(issues)
     click.echo(json.dumps(redacted(cfg.to_dict()), indent=1, default=str))
     if cfg.micro_batch_size == "auto":
         click.echo(f"batch: micro auto (2 on a CPU; on a GPU sized from free memory when training starts) x "

@@ -43,10 +43,8 @@ def ensure_shards(config: LoraSftConfig) -> tuple[LoraSftConfig, Shards]:
     """Resolve train (and eval) data to verified shard dirs (raw JSONL is prepared and cached); returns the config
     with the shards' row length where it inherits it."""
     init_process_group()
-    for name in ("data_path", "eval_data_path"):  # before the tokenizer loads: a typo fails in a second
-        path = getattr(config, name)
-        if path and not (Path(path).is_file() or Path(path).is_dir()):
-            raise ConfigError([f"`{name}`={path} {_why_not_a_file(Path(path))}"])
+    if issues := data_path_issues(config):  # before the tokenizer loads: a typo fails in a second
+        raise ConfigError(issues)
     config = inherit_seq_len(config)
     tokenizer = model_tokenizer(config)
     apply_chat_template(config, tokenizer)
@@ -168,10 +166,7 @@ def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
 def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path:
     """One data path → a checked shard dir."""
     p = Path(path)
-    if p.is_dir():
-        if not (p / MANIFEST_NAME).is_file():
-            raise ConfigError([f"`{name}`={path} is a directory without manifest.json; pass a JSONL file, or a "
-                               "directory made by `lora-cli prepare`"])
+    if p.is_dir():  # with manifest.json (data_path_issues)
         shard_dir = p
     elif p.is_file():
         shard_dir = prepare_cached(p, config, tokenizer)
@@ -212,6 +207,23 @@ def report_losses(shard_dir: Path, data_file: Path) -> None:
     if counts.get("reasoning_not_trained"):
         print0(f"data: {counts['reasoning_not_trained']} records of {data_file} hold reasoning the chat template "
                f"leaves out of the text; it is not trained, the rest of each record is (listed in {listed})")
+
+
+def data_path_issues(config: LoraSftConfig) -> list[str]:
+    """data_path and eval_data_path each a file, or a directory of prepared shards (lora-cli's --dry-run checks
+    them too)."""
+    issues = []
+    for name in ("data_path", "eval_data_path"):
+        path = getattr(config, name)
+        if not path or Path(path).is_file():
+            continue
+        if Path(path).is_dir():
+            if not (Path(path) / MANIFEST_NAME).is_file():
+                issues.append(f"`{name}`={path} is a directory without manifest.json; pass a JSONL file, or a "
+                              "directory made by `lora-cli prepare`")
+        else:
+            issues.append(f"`{name}`={path} {_why_not_a_file(Path(path))}")
+    return issues
 
 
 def _why_not_a_file(p: Path) -> str:
