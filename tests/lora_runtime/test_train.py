@@ -251,7 +251,7 @@ def test_a_chat_template_over_a_shard_dir_names_the_template(tiny_llama_dir, lla
     tokenizer, which the shards were."""
     from lora_runtime import ConfigError
 
-    with pytest.raises(ConfigError, match="rendered with another chat template .* than chat_template='chatml'"):
+    with pytest.raises(ConfigError, match=r"rendered with another chat template .* than chat_template='chatml'"):
         lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "out"), **_runs.RUN, chat_template="chatml")
 
 
