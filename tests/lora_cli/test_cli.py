@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import lora_runtime
@@ -109,6 +110,8 @@ def test_a_config_file_reads_as_a_user_means_it(fake_sft, tmp_path, monkeypatch)
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: ~/m\ndata: d.jsonl\noutput: ~/out\nselective_recompute: off\ntarget_modules: q_proj\n")
     assert run(["train", "--config", str(cfg)]).exit_code == 0
+    Path("s").mkdir()  # in the test's own working directory
+    Path("s", "manifest.json").write_text("{}")
     toml = tmp_path / "run.toml"
     toml.write_text('\ufeffmodel = "m"\nshards = "s"\noutput = "o"\ntarget_modules = ["all-linear"]\n', encoding="utf-8")
     assert run(["train", "--config", str(toml)]).exit_code == 0
@@ -154,6 +157,17 @@ def test_dry_run_checks_that_the_data_is_there(tmp_path):
         "error: --data=nope.jsonl does not exist",
         f"error: --eval-data-path={tmp_path} is a directory without manifest.json; pass a JSONL file, or a directory "
         "made by `lora-cli prepare`"], res.output
+
+
+def test_paths_from_a_config_file_are_named_by_its_line(tmp_path):
+    """They were named as the command line's --model and --data, which the user did not type."""
+    f = tmp_path / "run.yaml"
+    f.write_text("output: o\ndata_path: nope.jsonl\n")
+    res = CliRunner().invoke(main, ["train", "--config", str(f), "--model", "m"])
+    assert res.exit_code == 1 and res.output == f"error: {f}:2: data_path=nope.jsonl does not exist\n", res.output
+    f.write_text("output: o\ndata: d.jsonl\nmodel: ./no-model\n")
+    res = CliRunner().invoke(main, ["train", "--config", str(f)])
+    assert res.exit_code == 1 and res.output == f"error: {f}:3: model_path ./no-model: no such directory\n", res.output
 
 
 def test_shards_dir_without_manifest_is_a_user_error(tmp_path):

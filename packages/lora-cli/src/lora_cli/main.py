@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import click
 from lora_data import MANIFEST_NAME, DataError
 from lora_runtime.config import ConfigError, LoraSftConfig, field_names, redacted
+from lora_runtime.data import data_path_issues
 from lora_runtime.distributed import auto_nproc_per_node, dist_env
 from lora_runtime.errors import CheckpointError, NonFiniteLossError, OutOfMemoryHint, PushError
 
@@ -169,14 +170,9 @@ def train(ctx: click.Context, config: Path | None, shards: Path | None, dry_run:
 
 
 def _print_plan(ctx: click.Context, cfg: LoraSftConfig, plan: launch.LaunchPlan, params: dict) -> None:
-    """--dry-run: everything `train` would decide before touching a GPU or reading the data (whose paths must be
-    there)."""
+    """--dry-run: everything `train` would decide before touching a GPU or the data."""
     import json
 
-    from lora_runtime.data import data_path_issues
-
-    if issues := data_path_issues(cfg):
-        raise ConfigError(issues)
     click.echo(json.dumps(redacted(cfg.to_dict()), indent=1, default=str))
     if cfg.micro_batch_size == "auto":
         click.echo(f"batch: micro auto (2 on a CPU; on a GPU sized from free memory when training starts) x "
@@ -216,16 +212,19 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
     if missing and not (file and file.issues):
         names = {"model_path": "--model", "data_path": "--data or --shards", "ckpt_output_dir": "--output"}
         raise click.UsageError("missing " + ", ".join(names[n] for n in missing) + " (or set it in --config)")
+    typed = {n for n in params if given_on_command_line(ctx, n)}
     if not missing:
-        check_model_path(kw["model_path"])
+        from_file = file is not None and "model_path" in file.values and "model_path" not in typed
+        check_model_path(kw["model_path"], f"{file.where('model_path')}: model_path" if file and from_file else "--model")
     issues = list(file.issues) if file else []
     cfg = None
     try:
         cfg = LoraSftConfig(**kw).validate() if not missing else None
     except ConfigError as e:
         issues += e.issues
+    if cfg is not None:  # here, not in each of torchrun's workers
+        issues += data_path_issues(cfg)
     if issues or cfg is None:
-        typed = {n for n in params if given_on_command_line(ctx, n)}
         raise ConfigError(name_file_keys(issues, file, typed) if file else issues)
     return cfg
 
