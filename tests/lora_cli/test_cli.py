@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -189,14 +190,15 @@ def test_too_many_gpus_on_a_cpu_machine(monkeypatch):
 def test_dry_run_prints_the_multi_node_torchrun_command(monkeypatch):
     monkeypatch.setattr(launch, "visible_gpus", lambda: 8)
     res = run([*BASE, "--gpus", "8", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29400",
-               "--effective-batch-size", "256", "--micro-batch-size", "2", "--dry-run"])
+               "--effective-batch-size", "256", "--micro-batch-size", "2", "--rank-pattern", '{"q_proj": 4}', "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "batch: micro 2 × 16 processes × accumulation 8 = effective 256 rows/step" in res.output
-    cmd = res.output.split("would run: ", 1)[1].split()
+    cmd = shlex.split(res.output.split("would run: ", 1)[1].splitlines()[0])
     assert cmd[1:17] == ["-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1",
                          "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "lora-cli", "-m",
                          "lora_cli"]
     assert "--dry-run" not in cmd and cmd[cmd.index("--nproc-per-node", 5) + 1] == "8"
+    assert json.loads(cmd[cmd.index("--rank-pattern") + 1]) == {"q_proj": 4}  # quoted as a shell reads it
     config = json.loads(res.output.split("batch:")[0])
     assert config["nnodes"] == 2 and config["effective_batch_size"] == 256
 
@@ -214,7 +216,7 @@ def test_dry_run_with_gpus_auto_takes_every_visible_gpu(monkeypatch, caplog, vis
     assert json.loads(res.output.split("batch:")[0])["nproc_per_node"] == procs
     assert f"batch: micro 2 × {procs} process" in res.output
     if visible:  # the workers get --gpus auto too, and resolve it to torchrun's LOCAL_WORLD_SIZE
-        cmd = res.output.split("would run: ", 1)[1].split()
+        cmd = shlex.split(res.output.split("would run: ", 1)[1].splitlines()[0])
         assert cmd[3:5] == ["--nproc-per-node", "4"] and cmd[cmd.index("--nproc-per-node", 5) + 1] == "auto"
     else:
         assert "would train in this process" in res.output and "would run: " not in res.output

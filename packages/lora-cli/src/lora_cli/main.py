@@ -170,8 +170,10 @@ def train(ctx: click.Context, config: Path | None, shards: Path | None, dry_run:
 
 
 def _print_plan(ctx: click.Context, cfg: LoraSftConfig, plan: launch.LaunchPlan, params: dict) -> None:
-    """--dry-run: everything `train` would decide before touching a GPU or the data."""
+    """--dry-run: everything `train` would decide before touching a GPU or the data; the torchrun command as a
+    shell reads it."""
     import json
+    import shlex
 
     click.echo(json.dumps(redacted(cfg.to_dict()), indent=1, default=str))
     if cfg.micro_batch_size == "auto":
@@ -184,7 +186,7 @@ def _print_plan(ctx: click.Context, cfg: LoraSftConfig, plan: launch.LaunchPlan,
         click.echo(f"batch: {fixed_plan(cfg, plan.world_size).describe()}")
     if launch.needs_launch(plan):
         launch.check_devices(plan.nproc_per_node, cfg.backend)  # refuse what the real launch refuses
-        click.echo("would run: " + " ".join(launch.torchrun_command(plan, passthrough_args(ctx, params))))
+        click.echo("would run: " + shlex.join(launch.torchrun_command(plan, passthrough_args(ctx, params))))
     else:
         click.echo("would train in this process")
 
