@@ -132,10 +132,27 @@ def test_unsloth_learns_and_only_lora_moves(unsloth_run):
 def test_unsloth_adapter_reloads_with_plain_peft(unsloth_run, tiny_llama_dir, tmp_path):
     """A fresh process without unsloth: base (fp32, CPU) + adapter gives the trained model's logits (bf16 there)."""
     result, seen = unsloth_run
+    _assert_plain_peft_reloads(result, seen, tiny_llama_dir, tmp_path)
+    assert json.loads((Path(result.adapter_dir) / "adapter_config.json").read_text())["r"] == 16
+
+
+@gpu
+@pytest.mark.slow
+def test_unsloth_pissa_adapter_is_saved_for_the_original_base(tiny_llama_dir, llama_shards, tmp_path):
+    """PiSSA rewrites the base; the final adapter is a plain LoRA of rank 2r on the original base, which plain PEFT
+    (and vLLM) reads as trained."""
+    result, seen = _train(tiny_llama_dir, llama_shards, tmp_path / "run", init_lora_weights="pissa", max_steps=8)
+    _assert_plain_peft_reloads(result, seen, tiny_llama_dir, tmp_path)
+    cfg = json.loads((Path(result.adapter_dir) / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["init_lora_weights"]) == (32, True)
+
+
+def _assert_plain_peft_reloads(result, seen, base_dir, tmp_path):
+    """A fresh process without unsloth: base (fp32, CPU) + adapter gives the trained model's logits (bf16 there)."""
     script = (
         "import json, sys, torch\n"
         "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-        f"base = AutoModelForCausalLM.from_pretrained({str(tiny_llama_dir)!r}).eval()\n"
+        f"base = AutoModelForCausalLM.from_pretrained({str(base_dir)!r}).eval()\n"
         f"ids = torch.tensor({PROBE})\n"
         "with torch.no_grad():\n"
         "    plain = base(input_ids=ids).logits\n"
@@ -150,7 +167,6 @@ def test_unsloth_adapter_reloads_with_plain_peft(unsloth_run, tiny_llama_dir, tm
     err = float((got["tuned"] - ref).norm() / ref.norm())
     effect = float((got["tuned"] - got["plain"]).norm() / ref.norm())
     assert err < 3e-2 and err < 0.25 * effect, {"err": err, "adapter_effect": effect}
-    assert json.loads((Path(result.adapter_dir) / "adapter_config.json").read_text())["r"] == 16
 
 
 @gpu
