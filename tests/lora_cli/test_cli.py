@@ -88,6 +88,15 @@ def test_debug_shows_the_traceback():
     assert "Traceback (most recent call last)" in res.output and "ConfigError" in res.output
 
 
+@pytest.mark.parametrize("command", ["prepare", "chat"])
+def test_debug_goes_after_every_command(command, tmp_path):
+    """`train --debug` worked, `prepare --debug` and `chat --debug` were usage errors."""
+    args = {"prepare": [str(tmp_path / "nope.jsonl"), str(tmp_path / "o"), "--tokenizer", "t", "--max-seq-len", "64"],
+            "chat": [str(tmp_path)]}[command]
+    res = CliRunner().invoke(main, [command, *args, "--debug"])
+    assert res.exit_code == 1 and "Traceback (most recent call last)" in res.output, res.output
+
+
 def test_config_file_errors_name_file_and_line_or_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora_r: 8\nlora_alpha: [16\n")

@@ -100,7 +100,10 @@ class LoraCli(click.Group):
             import importlib
 
             module, attr = self.LAZY[name]
-            return getattr(importlib.import_module(module), attr)
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            if not any(p.name == "debug" for p in command.params):  # `lora-cli chat --debug` as `train --debug`
+                command.params.append(click.Option(["--debug"], **_DEBUG))
+            return command
         return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -123,8 +126,9 @@ def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool
     return value
 
 
-debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
-                            help="show tracebacks for user errors")
+_DEBUG: dict[str, Any] = {"is_flag": True, "expose_value": False, "is_eager": True, "callback": _set_debug,
+                          "help": "show tracebacks for user errors"}
+debug_option = click.option("--debug", **_DEBUG)
 
 
 @click.group(cls=LoraCli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import traceback
 
 import click
 
@@ -24,6 +25,9 @@ _OS_HINTS = {errno.ENOSPC: "the disk is full: free some space or prepare elsewhe
 
 
 def _fail(e: Exception) -> None:
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get("lora_cli.debug"):  # `lora-cli prepare ... --debug`
+        traceback.print_exc()
     message = str(e)
     if isinstance(e, OSError) and not isinstance(e, DataError):
         where = f"{e.filename}: " if e.filename else ""
