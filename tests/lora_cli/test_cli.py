@@ -118,7 +118,8 @@ def test_a_config_file_reads_as_a_user_means_it(fake_sft, tmp_path, monkeypatch)
     (tmp_path / "home" / "m").mkdir(parents=True)
     (tmp_path / "home" / "m" / "config.json").write_text("{}")
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("model: ~/m\ndata: d.jsonl\noutput: ~/out\nselective_recompute: off\ntarget_modules: q_proj\n")
+    cfg.write_text("model: ~/m\ndata: d.jsonl\noutput: ~/out\nselective_recompute: off\ntarget_modules: q_proj\n"
+                   "bf16: no\nsample_packing: yes\n")
     assert run(["train", "--config", str(cfg)]).exit_code == 0
     Path("s").mkdir()  # in the test's own working directory
     Path("s", "manifest.json").write_text("{}")
@@ -129,6 +130,7 @@ def test_a_config_file_reads_as_a_user_means_it(fake_sft, tmp_path, monkeypatch)
     home = str(tmp_path / "home")
     assert (yaml_run["model_path"], yaml_run["ckpt_output_dir"]) == (f"{home}/m", f"{home}/out")
     assert (yaml_run["selective_recompute"], yaml_run["target_modules"]) == ("off", ["q_proj"])
+    assert (yaml_run["bf16"], yaml_run["sample_packing"]) == (False, True)  # YAML 1.1's words, where a bool is meant
     assert (toml_run["data_path"], toml_run["target_modules"]) == ("s", "all-linear")
 
 
@@ -146,9 +148,9 @@ def test_a_config_file_that_says_two_things_or_is_not_text_is_one_error(text, sa
 
 def test_a_toml_key_after_a_pattern_table_is_named(tmp_path):
     f = tmp_path / "run.toml"
-    f.write_text("lora_r = 8\n[rank_pattern]\nq_proj = 4\nlearning_rate = 1e-4\n")
+    f.write_text("lora_r = 8\n[rank_pattern]\nq_proj = 4\nlearning_rate = 1e-4\nlora-alpha = 64\n")
     res = CliRunner().invoke(main, [*BASE, "--config", str(f), "--dry-run"])
-    assert res.exit_code == 1 and "holds learning_rate, which are options, not module names" in res.output
+    assert res.exit_code == 1 and "holds learning_rate, lora-alpha, which are options, not module names" in res.output
 
 
 def test_values_that_failed_after_the_model_loaded_are_refused_by_name():

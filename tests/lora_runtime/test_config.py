@@ -110,6 +110,11 @@ def test_inits_peft_would_not_honour_are_refused_with_the_reason(kw, says, monke
         cfg(**kw).validate()
 
 
+def test_callbacks_may_be_a_tuple():
+    cfg(callbacks=(object(),)).validate()
+    cfg(callbacks=()).validate()
+
+
 def test_a_batch_smaller_than_one_pass_gets_one_suggestion():
     with pytest.raises(ConfigError) as e:
         cfg(effective_batch_size=2, micro_batch_size=4).validate()
@@ -352,3 +357,21 @@ def test_training_hubs_looser_types_are_read_as_it_reads_them():
     with pytest.raises(ConfigError, match=r"`num_epochs` must be int, got 1\.5"):
         LoraSftConfig("m", "d", "o", num_epochs=1.5).validate()
     assert inspect.signature(lora_sft).bind("m", "d", "o", "peft").arguments["backend"] == "peft"
+
+
+def test_a_run_recorded_with_a_tilde_path_resumes_with_it_expanded(tmp_path, monkeypatch):
+    """~ is expanded when the config is built; a checkpoint written before recorded it as typed."""
+    from types import SimpleNamespace
+
+    from lora_runtime.checkpoint import check_resume
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    recorded = cfg(chat_template="~/t.jinja", data_output_dir="~/cache").to_dict()
+    recorded.update(chat_template="~/t.jinja", data_output_dir="~/cache")  # as an older version wrote them
+    (ckpt / "lora_sft_config.json").write_text(json.dumps(recorded))
+    now = cfg(chat_template="~/t.jinja", data_output_dir="~/cache")
+    assert now.chat_template == f"{tmp_path}/t.jinja"
+    dataset = SimpleNamespace(reader=SimpleNamespace(manifest=None))
+    assert check_resume(ckpt, now, SimpleNamespace(effective=8), dataset) == []

@@ -91,7 +91,10 @@ def test_an_adapter_whose_init_changed_the_base_is_saved_for_the_original_base(i
              "init_lora_weights": init, **extra}, callbacks=[capture.callback])
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert (cfg["init_lora_weights"], cfg["r"]) == (True, 32)
-    assert "changed the base weights" not in (out / "README.md").read_text()  # the card gives the vLLM recipe
+    card = (out / "README.md").read_text()
+    assert "changed the base weights" not in card  # the card gives the vLLM recipe
+    assert "| LoRA r / alpha / dropout | 16 / 32 / " in card
+    assert f"| LoRA init | `{init}`; saved as a plain LoRA of rank 32 on the original base |" in card
 
     def base():
         return AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
@@ -126,3 +129,25 @@ def test_an_adapter_of_another_model_is_one_error_naming_both(tmp_path, tiny_lla
     assert "\n" not in message and f"does not fit {tiny_llama_dir} (size mismatch for " in message
     assert message.endswith(f"it was trained on {other}: pass the base model it was trained on")
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_residual_init_on_a_tied_head_keeps_the_trained_form(tmp_path, llama3_tokenizer_dir, llama_shards, capsys):
+    """With tied embeddings, PiSSA on lm_head rewrote embed_tokens too, which an adapter on lm_head cannot undo: the
+    adapter is saved as trained (PEFT redoes the init on load, both weights) and the log says why."""
+    import _runs
+    from lora_runtime import lora_sft
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = build_model(tmp_path / "base", tokenizer_dir=llama3_tokenizer_dir, tied=True)
+    probe = torch.tensor([[5, 17, 42, 99, 3, 7, 8]])
+    capture = _runs.Capture(probe)
+    out = tmp_path / "run"
+    lora_sft(str(base_dir), str(llama_shards), str(out), **{**_runs.RUN, "max_steps": 3, "save_steps": 3,
+             "target_modules": ["q_proj", "lm_head"], "init_lora_weights": "pissa"}, callbacks=[capture.callback])
+    assert "the adapter is saved as trained (it adapts a weight another module shares" in capsys.readouterr().out
+    assert json.loads((out / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    assert "changed the base weights the adapter was trained on" in (out / "README.md").read_text()
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()(probe).logits
+    torch.testing.assert_close(got, capture.logits, atol=1e-4, rtol=1e-4)

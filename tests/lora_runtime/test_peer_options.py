@@ -159,7 +159,7 @@ def test_a_constant_schedule_says_it_takes_no_warmup(tiny_llama_dir, llama_shard
     result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"),
                       **{**_runs.RUN, "max_steps": 3, "save_steps": 3, "warmup_ratio": 0.5, "lr_scheduler": "constant"})
     assert [r["lr"] for r in read_metrics(result.metrics_path) if "loss" in r] == [_runs.RUN["learning_rate"]] * 3
-    assert "lr_scheduler='constant' has no warmup: the 2 warmup steps asked for are not taken" in capsys.readouterr().out
+    assert "lr_scheduler='constant' has no warmup: warmup_steps / warmup_ratio (2 steps) do not apply" in capsys.readouterr().out
 
 
 def test_a_polynomial_schedule_needs_a_learning_rate_above_its_end():

@@ -246,6 +246,13 @@ def test_prepare_options_a_shard_dir_cannot_honour_are_refused(tiny_llama_dir, t
     assert not (tmp_path / "out").exists()
 
 
+def test_passthrough_trains_a_shard_dir_as_prepared(tiny_llama_dir, llama_shards, tmp_path):
+    """dataset_type='passthrough' (tokenized already) is what a prepared shard dir is, whatever its record format."""
+    result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "out"),
+                      **{**_runs.RUN, "max_steps": 1, "dataset_type": "passthrough"})
+    assert result.steps == 1
+
+
 def test_a_chat_template_over_a_shard_dir_names_the_template(tiny_llama_dir, llama_shards, tmp_path):
     """The template is part of the tokenizer's fingerprint: the error said to prepare again with this model's
     tokenizer, which the shards were."""

@@ -7,7 +7,6 @@ keeping the conversation, and answers each through the tokenizer's chat template
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ class ChatError(OSError):
 def base_model_of(adapter_dir: Path, model: str | None) -> str:
     """--model when given, else the adapter's base_model_name_or_path."""
     from lora_runtime import checkpoint
+    from lora_runtime.merge import adapter_base
 
     from lora_cli.options import check_model_path
 
@@ -36,11 +36,11 @@ def base_model_of(adapter_dir: Path, model: str | None) -> str:
     if model:
         check_model_path(model)
         return model
-    base = json.loads(config.read_text()).get("base_model_name_or_path")
-    if not base:
+    base = adapter_base(adapter_dir)
+    if base is None:
         raise ChatError(f"{config}: no base_model_name_or_path; pass --model BASE")
-    check_model_path(str(base), f"{config}: base_model_name_or_path (pass --model BASE)")
-    return str(base)
+    check_model_path(base, f"{config}: base_model_name_or_path (pass --model BASE)")
+    return base
 
 
 class Chat:

@@ -228,7 +228,7 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
         cfg = LoraSftConfig(**kw).validate() if not missing else None
     except ConfigError as e:
         issues += e.issues
-    if cfg is not None:  # here, not in each of torchrun's workers
+    if cfg is not None:  # before torchrun starts its workers (which check again)
         issues += data_path_issues(cfg)
     if issues or cfg is None:
         raise ConfigError(name_file_keys(issues, file, typed) if file else issues)

@@ -259,7 +259,20 @@ def read_config_file(path: str | Path) -> ConfigFile:
         issues += e.issues
     known = set(cli_field_names())
     values = {k: tuple(v) if k == "target_modules" and isinstance(v, list) else v for k, v in data.items() if k in known}
-    return ConfigFile(p, values, issues, lines)
+    return ConfigFile(p, {k: _yaml11_bool(k, v) for k, v in values.items()}, issues, lines)
+
+
+_YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
+
+
+def _yaml11_bool(name: str, value: Any) -> Any:
+    """yes/no/on/off as YAML 1.1 reads them, for a field that takes a bool and has no such string choice
+    (`bf16: yes` is True; `selective_recompute: off` stays the choice 'off')."""
+    f = next(f for f in dataclasses.fields(LoraSftConfig) if f.name == name)
+    word = value.lower() if isinstance(value, str) else None
+    if word not in _YAML11_BOOLS or "bool" not in str(f.type) or word in (f.metadata.get("choices") or ()):
+        return value
+    return _YAML11_BOOLS[word]
 
 
 def _field(key: object) -> str:
@@ -277,7 +290,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.2's floats and booleans: `2e-4` is a number (YAML 1.1, PyYAML's, reads an exponent without a dot as a
-    string), and only true/false are booleans (YAML 1.1 also reads on/off/yes/no: `selective_recompute: off`)."""
+    string), and only true/false are booleans (YAML 1.1 also reads on/off/yes/no: `selective_recompute: off`; see
+    `_yaml11_bool` for the fields where they still mean a bool)."""
 
 
 _BOOL = "tag:yaml.org,2002:bool"

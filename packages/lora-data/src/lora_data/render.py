@@ -447,12 +447,13 @@ def _left_out(messages: list[dict], text: str) -> tuple[str, ...]:
     """The fields of the assistant turns' reasoning (a reasoning key, or `<think>...</think>` in the content) that
     `text` does not hold: the template leaves them out (GPT-OSS, a call's thinking once a final answer follows;
     DeepSeek-R1, every answer's; Qwen3, every turn's but the last), so they are not trained. A thought written in
-    several turns counts as held as often as `text` holds it, the earliest turns' missing first.
+    several turns counts as held as often as `text` holds it, the earliest turns' missing first (one message's
+    copies under several keys count once).
 
     >>> _left_out([{"role": "assistant", "content": "<think>add</think>4"}] * 2, "<think>add</think>4 4")
     ('messages[0].content',)
     """
-    thoughts = []
+    thoughts: list[tuple[int, str, str]] = []  # (message, field, thought)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -460,12 +461,12 @@ def _left_out(messages: list[dict], text: str) -> tuple[str, ...]:
         inline = _inline_thought(m["content"])
         if inline is not None:
             found.append(("content", inline[0]))
-        thoughts += [(f"messages[{i}].{k}", thought.strip()) for k, thought in found if thought.strip()]
-    missing = set()
-    for thought in {t for _, t in thoughts}:
-        fields = [field for field, t in thoughts if t == thought]
-        missing.update(fields[:max(0, len(fields) - text.count(thought))])
-    return tuple(field for field, _ in thoughts if field in missing)
+        thoughts += [(i, f"messages[{i}].{k}", thought.strip()) for k, thought in found if thought.strip()]
+    missing: set[tuple[int, str]] = set()
+    for thought in {t for _, _, t in thoughts}:
+        turns = list(dict.fromkeys(i for i, _, t in thoughts if t == thought))
+        missing.update((i, thought) for i in turns[:max(0, len(turns) - text.count(thought))])
+    return tuple(field for i, field, t in thoughts if (i, t) in missing)
 
 
 def _inline_thought(content: str | None) -> tuple[str, str] | None:

@@ -33,7 +33,8 @@ from lora_runtime.errors import CheckpointError
 
 MARKER = "COMPLETE"
 ADAPTER_SUMS = "adapter_checksums.json"  # next to the final adapter: sizes + sha256, checked before a merge
-ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json"]
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+ADAPTER_FILES = [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
 SUBDIR = "checkpoints"
 CONFIG_NAME = "lora_sft_config.json"  # the run's config + its resolved batch plan, in the run dir and every checkpoint
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -505,7 +506,7 @@ def check_resume(ckpt: Path, config: Any, plan: Any, dataset: Any) -> list[str]:
     issue per setting: both values and how to start fresh); returns the changed settings ("name: old → new")."""
     import dataclasses
 
-    from lora_runtime.config import ConfigError, redacted
+    from lora_runtime.config import USER_PATH_FIELDS, ConfigError, redacted
 
     try:
         saved = json.loads((Path(ckpt) / "lora_sft_config.json").read_text(encoding="utf-8"))
@@ -519,6 +520,8 @@ def check_resume(ckpt: Path, config: Any, plan: Any, dataset: Any) -> list[str]:
     trained_on = resolved.get("model")  # a local model's identity (absent for a hub id, and in older checkpoints)
     for name, new in redacted(config.to_dict()).items():
         old = saved.get(name, defaults.get(name))
+        if name in USER_PATH_FIELDS and isinstance(old, str):  # recorded before ~ was expanded on construction
+            old = os.path.expanduser(old)
         if name == "model_path" and trained_on is not None:  # the model itself, whatever the path to it
             if model_identity(new) != trained_on:
                 issues.append(f"`model_path` {new!r} is not the model {ckpt} was trained with (then {old!r}): its "

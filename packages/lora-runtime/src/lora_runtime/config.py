@@ -30,6 +30,7 @@ IGNORED_BY_TRAINING_HUB = {
 _NAMES = re.compile(r"\w+(\s*,\s*\w+)*")  # "q_proj" or "q_proj, v_proj": module names, not a regex
 PATH_FIELDS = ("model_path", "data_path", "ckpt_output_dir", "data_output_dir", "eval_data_path", "tensorboard_log_dir",
                "resume_from")
+USER_PATH_FIELDS = (*PATH_FIELDS, "chat_template")  # where ~ is expanded (a template may be a file)
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
 # selective_recompute's levels, lightest first: what the compiled path's decoder layers recompute in their backward
@@ -219,7 +220,7 @@ class LoraSftConfig:
         if isinstance(self.target_modules, str) and _NAMES.fullmatch(self.target_modules):
             # names, as on the command line (PEFT reads any other str, "all-linear" aside, as a regex)
             object.__setattr__(self, "target_modules", tuple(n.strip() for n in self.target_modules.split(",")))
-        for name in (*PATH_FIELDS, "chat_template"):  # accept pathlib.Path and ~, store str (JSON-ready)
+        for name in USER_PATH_FIELDS:  # accept pathlib.Path and ~, store str (JSON-ready)
             value = getattr(self, name)
             if isinstance(value, os.PathLike) or (isinstance(value, str) and value.startswith("~")):
                 # transformers expands ~ in output_dir, nothing else does: checkpoints and outputs would part
@@ -267,7 +268,7 @@ class LoraSftConfig:
             if not getattr(self, name) >= 0:
                 issues.append(f"`{name}` must be >= 0, got {getattr(self, name)}")
         for f in dataclasses.fields(self):
-            if isinstance(getattr(self, f.name), tuple | dict):
+            if f.type != "Any" and isinstance(getattr(self, f.name), tuple | dict):  # not callbacks
                 issues += _item_issues(f.name, getattr(self, f.name), str(f.type))
         if not 0.0 <= self.lora_dropout < 1.0:
             issues.append(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}")
@@ -377,7 +378,8 @@ def _item_issues(name: str, value: tuple | dict, annotation: str) -> list[str]:
     if "dict[str, Any]" in annotation:
         return [f"`{name}` keys must be str, got {k!r}" for k in value if not isinstance(k, str)]
     options = {f.name for f in dataclasses.fields(LoraSftConfig)}
-    if strays := sorted(k for k in value if k in options):  # TOML puts every key after a [table] into that table
+    # TOML puts every key after a [table] into that table
+    if strays := sorted(k for k in value if isinstance(k, str) and k.replace("-", "_") in options):
         return [f"`{name}` holds {', '.join(strays)}, which are options, not module names: in a TOML file, keys "
                 f"written after a [{name}] table go into it; write the table last"]
     number = int if "dict[str, int]" in annotation else (int, float)
@@ -385,6 +387,8 @@ def _item_issues(name: str, value: tuple | dict, annotation: str) -> list[str]:
             if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, number) or not v > 0]
 
 
+# PEFT inits that rewrite the base weights they start from (PEFT redoes it at every load; vLLM does not)
+BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda")
 # PEFT inits that start from a pass over the data, which lora_sft does not run: PEFT would train them as True
 DATA_DRIVEN_INITS = {"eva": "initialize_lora_eva_weights", "corda": "preprocess_corda"}
 
@@ -444,10 +448,11 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
     if cfg.init_lora_weights == "loftq" and importlib.util.find_spec("scipy") is None:
         issues.append("init_lora_weights='loftq' needs scipy (PEFT's LoftQ imports it), which is not installed: "
                       "pip install scipy")
-    if cfg.init_lora_weights in ("pissa", "olora", "loftq") and cfg.sharding == "fsdp":
+    if cfg.init_lora_weights in BASE_REWRITING_INITS and cfg.sharding == "fsdp":
         issues.append(f"init_lora_weights={cfg.init_lora_weights!r} starts from the base weights, which sharded "
                       "ranks other than 0 do not load (they build the model empty and receive their shards): "
-                      "use init_lora_weights=True, or sharding='ddp' where the model fits one GPU")
+                      "use init_lora_weights=True, or sharding='ddp' where the model fits one GPU (sharding='auto' "
+                      "picks fsdp where it does not)")
     if cfg.init_lora_weights == "pissa" and (cfg.load_in_4bit or cfg.load_in_8bit):
         issues.append("init_lora_weights='pissa' starts from the full-precision weights (PEFT refuses a quantized "
                       "base): pass load_in_4bit=False / load_in_8bit=False, or init_lora_weights='olora'")

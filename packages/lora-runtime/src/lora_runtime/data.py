@@ -278,7 +278,7 @@ def check_data_options(shard_dir: Path, manifest: Any, config: LoraSftConfig) ->
     issues, inherited = [], []
     for name, read in _BAKED_IN.items():
         baked, asked = read(manifest), getattr(config, name)
-        if baked is None or baked == asked:
+        if baked is None or baked == asked or (name, asked) == ("dataset_type", "passthrough"):  # tokenized already
             continue
         if asked != defaults[name]:
             issues.append(f"{shard_dir}: the shards were prepared with {name}={baked!r} but the config asks for "

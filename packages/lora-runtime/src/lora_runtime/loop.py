@@ -102,7 +102,7 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
                    "padding tails), the most a pass of this data holds: one shape, recorded once")
     apply_chat_template(config, tokenizer)
     log_plan(config, plan, backend, backend_reason, dataset, manifest, precision)
-    if resume_from is None and residual.convertible(config):  # the start, to save the adapter on the original base
+    if resume_from is None and residual.convertible(config, model, say=True):  # to save the adapter for the base
         save_start = _saver(model, backend)
         if env.is_main:
             residual.keep_start(config, save_start)
@@ -280,8 +280,8 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
         def save(d: Path) -> Any:
             assert save_trained is not None  # called only where adapter_dir is set
             written = save_trained(d)
-            if residual.convertible(config):
-                residual.to_plain_lora(d, residual.start_path(out), str(config.init_lora_weights))
+            if residual.convertible(config, trainer.model):
+                residual.to_plain_lora(d, residual.start_path(config), str(config.init_lora_weights))
             return written
 
         adapter_written = False

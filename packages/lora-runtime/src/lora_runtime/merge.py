@@ -96,19 +96,24 @@ def load_adapted(base: Any, adapter_dir: str | Path, model_path: str | Path) -> 
         if "size mismatch" not in str(e):
             raise
         first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), "")
-        trained_on = _adapter_base(Path(adapter_dir))
-        raise AdapterMismatch(f"{adapter_dir}: the adapter does not fit {model_path} ({first.rstrip('.')})"
-                              + (f"; it was trained on {trained_on}" if trained_on else "")
-                              + ": pass the base model it was trained on") from None
+        trained_on = adapter_base(Path(adapter_dir))
+        if trained_on is not None and Path(trained_on).expanduser().resolve() == Path(model_path).expanduser().resolve():
+            where = "; it was trained on a model at that path, whose files have changed since"
+        else:
+            where = f"; it was trained on {trained_on}" if trained_on else ""
+        raise AdapterMismatch(f"{adapter_dir}: the adapter does not fit {model_path} ({first.rstrip('.')}){where}: "
+                              "pass the base model it was trained on") from None
 
 
-def _adapter_base(adapter_dir: Path) -> str | None:
+def adapter_base(adapter_dir: Path) -> str | None:
+    """The base model an adapter names (adapter_config.json's base_model_name_or_path), None if it names none."""
     import json
 
     try:
-        return json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):
         return None
+    return str(base) if base else None
 
 
 def _warn_if_another_base(adapter_dir: Path, model_path: str | Path) -> None:

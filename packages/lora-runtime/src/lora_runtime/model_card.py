@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_runtime.checkpoint import ADAPTER_FILES, ADAPTER_SUMS, CONFIG_NAME, seal, write_json_atomic
+from lora_runtime.config import BASE_REWRITING_INITS
 
 CARD_NAME = "README.md"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -91,7 +92,7 @@ def _not_for_vllm(adapter_cfg: dict[str, Any]) -> list[str]:
     if adapter_cfg.get("use_dora"):
         why.append("vLLM does not serve DoRA adapters")
     init = str(adapter_cfg.get("init_lora_weights"))
-    if init.startswith(("pissa", "olora", "corda", "loftq")):
+    if init.startswith(BASE_REWRITING_INITS):
         why.append(f"init_lora_weights={init!r} changed the base weights the adapter was trained on")
     if adapter_cfg.get("rank_pattern") or adapter_cfg.get("alpha_pattern"):
         why.append("rank_pattern / alpha_pattern give modules their own scale; vLLM applies one")
@@ -132,6 +133,10 @@ def render(run: dict[str, Any], adapter_cfg: dict[str, Any], metrics: list[dict[
         targets = sorted(targets)
     versions = resolved.get("versions") or {}
     rank = adapter_cfg.get("r", run.get("lora_r"))
+    # PiSSA/OLoRA adapters are saved as a rank-2r LoRA on the original base (lora_runtime.residual)
+    converted = str(run.get("init_lora_weights")) in BASE_REWRITING_INITS and adapter_cfg.get("init_lora_weights") is True
+    trained_rank = run.get("lora_r", rank) if converted else rank
+    trained_alpha = run.get("lora_alpha") if converted else adapter_cfg.get("lora_alpha", run.get("lora_alpha"))
     schedule = f"{run.get('lr_scheduler')}, warmup " + (
         f"ratio {run['warmup_ratio']}" if run.get("warmup_ratio") is not None else f"{run.get('warmup_steps')} steps")
     length = (f"max_steps {run['max_steps']}" if run.get("max_steps") is not None
@@ -169,8 +174,11 @@ def render(run: dict[str, Any], adapter_cfg: dict[str, Any], metrics: list[dict[
         f"- **Trained on:** {'prompts and answers' if run.get('train_on_inputs') else 'assistant answers only'}", "",
         "## Training hyper-parameters", "",
         "| setting | value |", "|---|---|",
-        f"| LoRA r / alpha / dropout | {rank} / {adapter_cfg.get('lora_alpha', run.get('lora_alpha'))} / "
+        f"| LoRA r / alpha / dropout | {trained_rank} / {trained_alpha} / "
         f"{adapter_cfg.get('lora_dropout', run.get('lora_dropout'))} |",
+        *([f"| LoRA init | `{run.get('init_lora_weights')}`" + (
+            f"; saved as a plain LoRA of rank {rank} on the original base |" if converted else " |")]
+          if run.get("init_lora_weights") not in (True, None) else []),
         f"| target modules | {_fmt(targets)} |",
         f"| rsLoRA / DoRA | {run.get('use_rslora')} / {run.get('use_dora')} |",
         f"| learning rate | {run.get('learning_rate')} |",

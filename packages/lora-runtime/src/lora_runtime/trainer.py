@@ -125,8 +125,8 @@ class PackedTrainer(Trainer):
         self.args.lr_scheduler_kwargs = schedule_kwargs(self.run_config.lr_scheduler, num_training_steps)
         warmup = self.args.get_warmup_steps(num_training_steps)
         if self.run_config.lr_scheduler == "constant" and warmup:
-            print0(f"lr_scheduler='constant' has no warmup: the {warmup} warmup steps asked for are not taken "
-                   "(lr_scheduler='constant_with_warmup' ramps up first)")
+            print0(f"lr_scheduler='constant' has no warmup: warmup_steps / warmup_ratio ({warmup} steps) do not "
+                   "apply (lr_scheduler='constant_with_warmup' ramps up first)")
         return super().create_scheduler(num_training_steps, optimizer)
 
     # ------------------------------------------------------------------ data
