@@ -74,7 +74,7 @@ def test_a_store_the_installed_mlflow_cannot_use_is_one_error_line_before_traini
     from lora_cli.main import main
 
     store = tmp_path / "mlruns"
-    args = ["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path / "o"), "--dry-run"]
+    args = ["train", "--model", "m", "--data", _data_file(tmp_path), "--output", str(tmp_path / "o"), "--dry-run"]
     res = CliRunner().invoke(main, [*args, "--mlflow-tracking-uri", store.as_uri()])
     assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
     assert res.output.startswith(f"error: --mlflow-tracking-uri={store.as_uri()} is a file store, which the "
@@ -100,7 +100,7 @@ def test_an_experiment_name_alone_checks_mlflows_default_store(mlflow, tmp_path,
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: f"sqlite:///{tmp_path / 'mlflow.db'}")
-    args = ["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path / "o"), "--dry-run"]
+    args = ["train", "--model", "m", "--data", _data_file(tmp_path), "--output", str(tmp_path / "o"), "--dry-run"]
     res = CliRunner().invoke(main, [*args, "--mlflow-experiment-name", "x"])
     assert res.exit_code == 1 and "MLflow's default tracking URI" in res.output, res.output
     assert "SQLAlchemy, not installed here" in res.output
@@ -138,3 +138,10 @@ def test_a_second_ctrl_c_while_the_last_log_is_written_still_ends_the_mlflow_run
     (run,) = client.search_runs([client.get_experiment_by_name("lora-tests").experiment_id])
     assert run.info.status == "KILLED", run.info
     assert mlflow.active_run() is None
+
+
+def _data_file(tmp_path) -> str:
+    """A data file for --dry-run, which checks that the data is there."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "d.jsonl").touch()
+    return str(tmp_path / "data" / "d.jsonl")

@@ -103,7 +103,7 @@ def test_credentials_in_config_values_are_redacted_where_configs_are_shown_or_sa
 
     assert redacted({"mlflow_tracking_uri": "https://me:hunter2@mlflow.example/x", "some_api_key": "k", "n": 1}) == {
         "mlflow_tracking_uri": "https://me:***@mlflow.example/x", "some_api_key": "***", "n": 1}
-    res = CliRunner().invoke(main, ["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path),
+    res = CliRunner().invoke(main, ["train", "--model", "m", "--data", _data_file(tmp_path), "--output", str(tmp_path),
                                     "--mlflow-tracking-uri", "https://me:hunter2@mlflow.example", "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "hunter2" not in res.output and "https://me:***@mlflow.example" in res.output
@@ -134,7 +134,7 @@ def test_tokens_in_url_user_info_and_query_strings_are_masked(tmp_path):
     from lora_runtime.checkpoint import run_record
 
     uri = "https://ghp_usertoken@mlflow.example/api?token=qs_secret&user=me"
-    res = CliRunner().invoke(main, ["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path),
+    res = CliRunner().invoke(main, ["train", "--model", "m", "--data", _data_file(tmp_path), "--output", str(tmp_path),
                                     "--mlflow-tracking-uri", uri, "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "ghp_usertoken" not in res.output and "qs_secret" not in res.output
@@ -142,3 +142,10 @@ def test_tokens_in_url_user_info_and_query_strings_are_masked(tmp_path):
     cfg = LoraSftConfig("m", "d.jsonl", str(tmp_path), mlflow_tracking_uri=uri, micro_batch_size=2)
     saved = json.dumps(run_record(cfg, fixed_plan(cfg, 1)))
     assert "ghp_usertoken" not in saved and "qs_secret" not in saved
+
+
+def _data_file(tmp_path) -> str:
+    """A data file for --dry-run, which checks that the data is there."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "d.jsonl").touch()
+    return str(tmp_path / "data" / "d.jsonl")
