@@ -355,20 +355,26 @@ def test_an_overlong_record_dropped_says_what_would_keep_it(tmp_path, chatml_tok
     assert reject["code"] == "overlong_dropped" and reject["reason"].endswith(words), reject["reason"]
 
 
-def test_the_same_thought_in_two_turns_is_listed_where_the_template_leaves_it_out(tmp_path, chatml_tokenizer_dir):
-    """Qwen3 writes only the last turn's reasoning: an earlier turn with the same thought was taken as trained
-    (its words are in the text, the last turn's)."""
+def _with_template(tokenizer_dir, out, strips_thoughts_where: str):
+    """A copy of the chatml tokenizer whose template writes an assistant content without its <think>…</think> part
+    where the Jinja test `strips_thoughts_where` holds (DeepSeek-R1: every answer; Qwen3: all but the last turn)."""
     import shutil
 
     from transformers import AutoTokenizer
 
-    tok_dir = tmp_path / "tok"
-    shutil.copytree(chatml_tokenizer_dir, tok_dir)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and not "
-                         "loop.last %}{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}"
-                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    tok.save_pretrained(tok_dir)
+    shutil.copytree(tokenizer_dir, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if " + strips_thoughts_where + " %}"
+                         "{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(out)
+    return out
+
+
+def test_the_same_thought_in_two_turns_is_listed_where_the_template_leaves_it_out(tmp_path, chatml_tokenizer_dir):
+    """Qwen3 writes only the last turn's reasoning: an earlier turn with the same thought was taken as trained
+    (its words are in the text, the last turn's)."""
+    tok_dir = _with_template(chatml_tokenizer_dir, tmp_path / "tok", "m.role == 'assistant' and not loop.last")
     think = {"role": "assistant", "content": "<think>add them</think>4"}
     data = _tiny.write_jsonl(tmp_path / "d.jsonl", [
         {"messages": [{"role": "user", "content": "2+2?"}, think, {"role": "user", "content": "2+2 again?"}, think]},
@@ -382,17 +388,7 @@ def test_the_same_thought_in_two_turns_is_listed_where_the_template_leaves_it_ou
 def test_reasoning_the_template_leaves_out_is_counted_and_listed(tmp_path, chatml_tokenizer_dir):
     """DeepSeek-R1's template keeps only what follows </think> in every answer: the record trains its answer, and
     the reasoning it does not train is counted and listed, never dropped in silence."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    tok_dir = tmp_path / "tok"
-    shutil.copytree(chatml_tokenizer_dir, tok_dir)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
-                         "{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    tok.save_pretrained(tok_dir)
+    tok_dir = _with_template(chatml_tokenizer_dir, tmp_path / "tok", "m.role == 'assistant'")
     data = _tiny.write_jsonl(tmp_path / "d.jsonl", [
         {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4"}]},
         {"messages": [{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]},
