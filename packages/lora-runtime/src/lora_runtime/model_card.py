@@ -17,6 +17,7 @@ from typing import Any
 
 from lora_runtime.checkpoint import ADAPTER_FILES, ADAPTER_SUMS, CONFIG_NAME, seal, write_json_atomic
 from lora_runtime.config import BASE_REWRITING_INITS
+from lora_runtime.residual import RESIDUAL_INITS
 
 CARD_NAME = "README.md"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -134,7 +135,7 @@ def render(run: dict[str, Any], adapter_cfg: dict[str, Any], metrics: list[dict[
     versions = resolved.get("versions") or {}
     rank = adapter_cfg.get("r", run.get("lora_r"))
     # PiSSA/OLoRA adapters are saved as a rank-2r LoRA on the original base (lora_runtime.residual)
-    converted = str(run.get("init_lora_weights")) in BASE_REWRITING_INITS and adapter_cfg.get("init_lora_weights") is True
+    converted = str(run.get("init_lora_weights")) in RESIDUAL_INITS and adapter_cfg.get("init_lora_weights") is True
     trained_rank = run.get("lora_r", rank) if converted else rank
     trained_alpha = run.get("lora_alpha") if converted else adapter_cfg.get("lora_alpha", run.get("lora_alpha"))
     schedule = f"{run.get('lr_scheduler')}, warmup " + (

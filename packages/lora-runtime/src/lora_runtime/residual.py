@@ -3,7 +3,7 @@ and train on W − s·B₀A₀ (the residual), which PEFT rebuilds at every load
 and vLLM does not rebuild at all (it adds the adapter to W as it is).
 
 The final adapter is therefore saved as a plain LoRA on the original base (PEFT's own conversion, done here on the
-saved tensors so that it works alike for every backend and for sharded runs): with the start B₀, A₀ kept from before
+saved tensors so that it works alike for every backend): with the start B₀, A₀ kept from before
 the first step, s·B·A − s·B₀A₀ = s·[B, −B₀]·[A; A₀], a LoRA of rank 2r whose alpha keeps s. Checkpoints stay in the
 trained form, which is what resuming loads.
 """
