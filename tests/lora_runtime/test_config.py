@@ -375,3 +375,14 @@ def test_a_run_recorded_with_a_tilde_path_resumes_with_it_expanded(tmp_path, mon
     assert now.chat_template == f"{tmp_path}/t.jinja"
     dataset = SimpleNamespace(reader=SimpleNamespace(manifest=None))
     assert check_resume(ckpt, now, SimpleNamespace(effective=8), dataset) == []
+
+
+def test_tf32_on_a_cpu_says_it_is_ignored(capsys, monkeypatch):
+    import torch
+    from lora_runtime.loop import decide_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert decide_precision(cfg(tf32=True, bf16=False)) == "fp32"
+    assert "tf32=True applies to CUDA matmuls; this run is on the CPU, which has no TF32: ignored" in capsys.readouterr().out
+    decide_precision(cfg(tf32=False, bf16=False))
+    assert "tf32" not in capsys.readouterr().out

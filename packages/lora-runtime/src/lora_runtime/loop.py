@@ -166,6 +166,8 @@ def decide_precision(config: LoraSftConfig) -> str:
     if config.tf32 is not None and cuda:
         torch.backends.cuda.matmul.allow_tf32 = config.tf32
         torch.backends.cudnn.allow_tf32 = config.tf32
+    elif config.tf32:
+        print0("tf32=True applies to CUDA matmuls; this run is on the CPU, which has no TF32: ignored")
     if config.bf16:
         if cuda and torch.cuda.is_bf16_supported():
             return "bf16"
