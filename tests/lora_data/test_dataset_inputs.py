@@ -82,6 +82,44 @@ def test_an_alpaca_csv_with_empty_input_cells(tmp_path, chatml_tokenizer_dir):
     assert reject["line"] == 3 and reject["field"] == "instruction"  # row 3: its instruction cell is empty
 
 
+def test_a_csv_cell_is_the_text_it_holds(tmp_path, chatml_tokenizer_dir):
+    """pandas read "NA" / "None" / "null" / "N/A" as missing (the input vanished from the prompt, or the output was
+    "missing") and "4" as a number (every row rejected as not a string)."""
+    path = tmp_path / "a.csv"
+    path.write_text("instruction,input,output\nTranslate,NA,Not available\nEcho,None,None\nAdd,2+2,4\nSay hi,,Hi\n")
+    lora_data.prepare(path, tmp_path / "o", chatml_tokenizer_dir, max_seq_len=SEQ, verbose=False)
+    reader = lora_data.ShardReader(tmp_path / "o")
+    assert reader.manifest.counts["valid"] == 4 and not (tmp_path / "o" / "rejects.jsonl").read_text()
+    from transformers import AutoTokenizer
+
+    text = AutoTokenizer.from_pretrained(chatml_tokenizer_dir).decode(
+        [int(t) for i in range(len(reader)) for t in reader[i].input_ids])
+    for kept in ("Translate\n\nNA", "Echo\n\nNone", "assistant\nNone", "assistant\n4", "user\nSay hi<|im_end|>"):
+        assert kept in text, kept
+
+
+def test_a_struct_field_some_messages_lack_is_absent_in_the_others(tmp_path, chatml_tokenizer_dir):
+    """Arrow gives every message every field some message has (null where it has none): a template testing
+    `message.name is defined` wrote `name=None` into every other message's header."""
+    tok = tmp_path / "tok"
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(chatml_tokenizer_dir, tok)
+    t = AutoTokenizer.from_pretrained(tok)
+    t.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}{% if m.name is defined %} name={{ m.name }}"
+                       "{% endif %}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    t.save_pretrained(tok)
+    rows = [{"messages": [{"role": "user", "content": "hi", "name": "bob"}, {"role": "assistant", "content": "yes"}]},
+            {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "ok"}]}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    lora_data.prepare(tmp_path / "d.parquet", tmp_path / "o", tok, max_seq_len=SEQ, verbose=False)
+    reader = lora_data.ShardReader(tmp_path / "o")
+    text = t.decode([int(x) for i in range(len(reader)) for x in reader[i].input_ids])
+    assert text.count("name=") == 1 and "user name=bob" in text and "None" not in text
+
+
 def test_a_plain_directory_is_still_refused(tmp_path, chatml_tokenizer_dir):
     (tmp_path / "d").mkdir()
     with pytest.raises(lora_data.DataError, match="is a directory; pass JSONL files or a folder written by"):

@@ -76,11 +76,12 @@ def test_a_key_twice_in_one_object_is_rejected_with_its_path(tmp_path):
              json.dumps({"messages": [{"role": "user", "content": 'say {"a": 1}'}, BOT]}),
              '{"instruction" : "Add", "output" : "4", "output" : "5"}',
              json.dumps({"messages": [USER, BOT]}, indent=None, separators=(",", " : ")),
-             '{"instruction"  :  "Add",  "output"\t:  "4",  "output"  :"5"}']  # any whitespace before a colon
+             '{"instruction"  :  "Add",  "output"\t:  "4",  "output"  :"5"}',  # any whitespace before a colon
+             '{"instruction": "Add", "x\\\\": 1, "output": "4", "output": "5"}']  # a key ending in a backslash
     items, _ = _items(tmp_path, lines)
     assert [(getattr(i, "code", None), getattr(i, "field", None)) for i in items] == [
         ("duplicate_key", "messages[1].role"), ("duplicate_key", "messages"), (None, None),
-        ("duplicate_key", "output"), (None, None), ("duplicate_key", "output")]
+        ("duplicate_key", "output"), (None, None), ("duplicate_key", "output"), ("duplicate_key", "output")]
     assert items[0].reason.startswith("this key appears twice in one object: JSON keeps only the last value")
     array = tmp_path / "in.json"
     array.write_text("[\n" + lines[2] + ",\n" + lines[0] + "\n]\n")
@@ -207,6 +208,16 @@ def test_a_json_array_file_reads_its_elements_by_their_place(tmp_path):
     got = list(reader)
     assert [i.line for i in got] == [1, 2, 3] and len({i.sample_id for i in got}) == 3
     assert reader.counts["lines_read"] == 3
+
+
+def test_a_json_array_element_with_a_number_python_cannot_read_is_that_elements_rejection(tmp_path):
+    """As for a JSON Lines line; the array was a traceback."""
+    path = tmp_path / "data.json"
+    path.write_text('[{"instruction": "a", "output": "b"},\n{"instruction": "a", "output": "b", "id": ' + "9" * 5000
+                    + '},\n{"instruction": "c", "output": "d"}]')
+    items = list(read_records(path))
+    assert [getattr(i, "code", None) for i in items] == [None, "number_too_long", None]
+    assert items[1].reason.endswith("(array element 2, from line 2)")
 
 
 def test_a_json_array_of_alpaca_records_is_alpaca(tmp_path):

@@ -28,8 +28,10 @@ VERSION = "0.1.0"  # lora-data's version: in `created_by`, the cache key and `lo
 # 5, 6: a record whose template leaves some reasoning out (GPT-OSS, a tool call's once a final answer follows) trains,
 # as do identical tool-call turns with no content located between them and tool results a template JSON-escapes; an
 # empty tool result between a call and the next turn is no longer trained with them (Qwen3); `<think>` written into
-# an answer's content trains where the template splits it out (Qwen3)
-RECORD_RULES = 6
+# an answer's content trains where the template splits it out (Qwen3); 7: a CSV cell is its text ("NA", "4"), a
+# null member of a nested record (parquet, arrow, datasets) is absent, a key ending in a backslash no longer hides a
+# key written twice, a .json array's element with a number Python cannot read is rejected alone
+RECORD_RULES = 7
 DATASET_TYPES = {"chat_template": "messages"}  # training-hub's `dataset_type` → our `format` (alpaca is alpaca)
 
 

@@ -223,9 +223,8 @@ class RecordReader:
         i = _skip_space(text, text.index("[") + 1)
         try:
             while i < len(text) and text[i] != "]":
-                obj, end = decoder.raw_decode(text, i)
                 line, at = line + text.count("\n", at, i), i
-                item = self._checked(path, len(out) + 1, obj, text[i:end])
+                item, end = self._element(path, len(out) + 1, decoder, text, i)
                 if isinstance(item, Rejection):
                     item = dataclasses.replace(item, reason=f"{item.reason} (array element {item.line}, from line "
                                                             f"{line})")
@@ -247,6 +246,24 @@ class RecordReader:
             return None
         self.counts["lines_read"] += len(out)
         return out
+
+    def _element(self, path: str, number: int, decoder: json.JSONDecoder, text: str, i: int) -> tuple[Any, int]:
+        """The array element at `text[i:]`, checked, and where it ends; an integer longer than Python reads (as in
+        a JSON Lines line) is that element's rejection, found with the limit lifted."""
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            raise
+        except ValueError as e:  # sys.get_int_max_str_digits()
+            limit = sys.get_int_max_str_digits()
+            sys.set_int_max_str_digits(0)
+            try:
+                _, end = decoder.raw_decode(text, i)
+            finally:
+                sys.set_int_max_str_digits(limit)
+            return Rejection(path, number, None, f"a number Python cannot read: {e}", text[i:end],
+                             "number_too_long"), end
+        return self._checked(path, number, obj, text[i:end]), end
 
     @staticmethod
     def _not_an_array(path: str, first: bytes, line: int, why: str) -> None:
@@ -478,16 +495,17 @@ _ESCAPED_KEY_END = re.compile(r'\\"\s*:')  # the same inside a string (JSON in a
 def _key_twice(obj: Any, text: str) -> str | None:
     """The JSON path of a key that an object of the record's text holds twice (`messages[1].role`), else None. The
     text is parsed again, keeping each object's pairs, only where it has more `"` + whitespace + `:` than the parsed
-    record has keys, not counting `\\"` + `:` (JSON inside a string): a key ending in a backslash is not counted."""
-    keys, stack = 0, [obj]
+    record has keys, not counting `\\"` + `:` (JSON inside a string) unless a parsed key ends in a backslash."""
+    keys, backslashed, stack = 0, 0, [obj]
     while stack:
         value = stack.pop()
         if isinstance(value, dict):
             keys += len(value)
+            backslashed += sum(str(k).endswith("\\") for k in value)  # written `\\"` + `:`: matched as escaped
             stack.extend(value.values())
         elif isinstance(value, list):
             stack.extend(value)
-    if len(_KEY_END.findall(text)) - len(_ESCAPED_KEY_END.findall(text)) <= keys:
+    if len(_KEY_END.findall(text)) - len(_ESCAPED_KEY_END.findall(text)) + backslashed <= keys:
         return None
     try:
         parsed = json.loads(text, object_pairs_hook=_pairs)

@@ -5,7 +5,9 @@ split=split, streaming=True)` (honours HF_HOME, HF_TOKEN, HF_HUB_OFFLINE; failin
 
 Rows stream into the same validation as JSONL lines; in rejects.jsonl their `line` is the 1-based row number. A
 cell that is null (an empty CSV cell, a missing struct field) counts as an absent key, so an Alpaca CSV with an empty
-`input` column is valid. `datasets` is optional (`pip install 'lora-data[datasets]'`); gzipped JSONL needs nothing
+`input` column is valid; inside nested records too (arrow gives every message every field some message has, null
+where it has none), except a message's `content`, which may be null. A CSV cell is the text it holds: "NA", "None"
+and "4" stay strings (pandas would read them as missing and as a number). `datasets` is optional (`pip install 'lora-data[datasets]'`); gzipped JSONL needs nothing
 more (`records` reads `.gz` itself). `source_sha256` hashes a file, or every file of a folder, for the cache key.
 """
 
@@ -74,9 +76,36 @@ def iter_rows(path: str | Path, *, split: str | None = None, config: str | None 
                                 "--data-split", path=path)
             ds = ds[split or ("train" if "train" in ds else next(iter(ds)))]
     else:
-        ds = datasets.load_dataset(KINDS[p.suffix.lower()], data_files=str(p), split="train", streaming=True)
+        kind = KINDS[p.suffix.lower()]
+        as_text = _csv_as_text(datasets, p) if kind == "csv" else {}
+        ds = datasets.load_dataset(kind, data_files=str(p), split="train", streaming=True, **as_text)
     for row in ds:
-        yield {k: v for k, v in row.items() if v is not None}
+        yield present(row)
+
+
+def _csv_as_text(datasets: Any, path: Path) -> dict[str, Any]:
+    """load_dataset("csv") options that keep every cell the text it holds: string columns (named by the header), and
+    only an empty cell missing."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return {"features": features, "keep_default_na": False, "na_values": [""]}
+
+
+def present(value: Any, *, top: bool = True) -> Any:
+    """`value` without its null cells: at the top, and inside nested records every null member but a message's
+    `content` (a struct column holds every field any row has).
+
+    >>> present({"messages": [{"role": "user", "content": None, "name": None}], "input": None})
+    {'messages': [{'role': 'user', 'content': None}]}
+    """
+    if isinstance(value, dict):
+        return {k: present(v, top=False) for k, v in value.items() if v is not None or (k == "content" and not top)}
+    if isinstance(value, list):
+        return [present(v, top=False) for v in value]
+    return value
 
 
 def _hub_rows(datasets: Any, name: str, split: str, config: str | None) -> Iterator[dict[str, Any]]:
@@ -93,9 +122,9 @@ def _hub_rows(datasets: Any, name: str, split: str, config: str | None) -> Itera
         raise DataError(f"cannot load {what}{hint}: {reason}", path=name) from None
     if first is None:
         return
-    yield {k: v for k, v in first.items() if v is not None}
+    yield present(first)
     for row in rows:
-        yield {k: v for k, v in row.items() if v is not None}
+        yield present(row)
 
 
 def source_sha256(path: str | Path, chunk: int = 1 << 22, *, split: str | None = None,
