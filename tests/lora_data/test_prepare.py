@@ -169,6 +169,17 @@ def test_no_packing_one_sample_per_row_in_input_order(good_file, tmp_path, chatm
     assert [sample_origin(int(r.sample_ids[0]))[1] for r in reader] == list(range(1, 401))
 
 
+@pytest.mark.parametrize("policy", ["split", "truncate"])
+def test_no_packing_keeps_an_overlong_records_pieces_in_its_place(policy, tmp_path, chatml_tokenizer_dir):
+    """They came after the chunk's other samples."""
+    long = {"messages": [U, {"role": "assistant", "content": "the answer " * 40}]}
+    data = _tiny.write_jsonl(tmp_path / "d.jsonl", [long, {"messages": [U, A]}, {"messages": [U, A]}])
+    lora_data.prepare(data, tmp_path / "o", chatml_tokenizer_dir, max_seq_len=64, packing=False, overlong=policy,
+                      verbose=False)
+    lines = [sample_origin(int(r.sample_ids[0]))[1] for r in ShardReader(tmp_path / "o")]
+    assert lines == sorted(lines) and lines[0] == 1 and lines[-2:] == [2, 3], lines
+
+
 def test_alpaca_and_messages_files_together(tmp_path, chatml_tokenizer_dir, tokenizers):
     a = _tiny.write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "2+2", "output": "4"}])
     b = _tiny.write_jsonl(tmp_path / "b.jsonl", [{"messages": [U, A]}])

@@ -207,6 +207,8 @@ class TokenizeStage:
                          "template writes the last turn's only, a record ending with the turn trains it; else pass "
                          "a chat_template= that writes it)", "reasoning_not_trained")
         merged = _concat(pieces)
+        order = np.argsort(merged["offset"], kind="stable")  # input order: an overlong record's pieces in its place
+        merged = {k: v[order] for k, v in merged.items()}
         merged["offset"] += self._pos
         self.tables.append(merged)
 

@@ -30,7 +30,8 @@ VERSION = "0.1.0"  # lora-data's version: in `created_by`, the cache key and `lo
 # empty tool result between a call and the next turn is no longer trained with them (Qwen3); `<think>` written into
 # an answer's content trains where the template splits it out (Qwen3); 7: a CSV cell is its text ("NA", "4"), a
 # null member of a nested record (parquet, arrow, datasets) is absent, a key ending in a backslash no longer hides a
-# key written twice, a .json array's element with a number Python cannot read is rejected alone
+# key written twice, a .json array's element with a number Python cannot read is rejected alone, an overlong
+# record's pieces keep its place in the input order
 RECORD_RULES = 7
 DATASET_TYPES = {"chat_template": "messages"}  # training-hub's `dataset_type` → our `format` (alpaca is alpaca)
 
