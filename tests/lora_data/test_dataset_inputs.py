@@ -98,6 +98,13 @@ def test_a_csv_cell_is_the_text_it_holds(tmp_path, chatml_tokenizer_dir):
         assert kept in text, kept
 
 
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, chatml_tokenizer_dir):
+    path = tmp_path / "a.csv"
+    path.write_text("instruction,output,output\nAdd,4,5\n")
+    with pytest.raises(lora_data.DataError, match="the header names column\\(s\\) 'output' twice"):
+        lora_data.prepare(path, tmp_path / "o", chatml_tokenizer_dir, max_seq_len=SEQ, verbose=False)
+
+
 def test_a_struct_field_some_messages_lack_is_absent_in_the_others(tmp_path, chatml_tokenizer_dir):
     """Arrow gives every message every field some message has (null where it has none): a template testing
     `message.name is defined` wrote `name=None` into every other message's header."""

@@ -90,6 +90,9 @@ def _csv_as_text(datasets: Any, path: Path) -> dict[str, Any]:
 
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         header = next(csv.reader(f), [])
+    if twice := sorted({name for name in header if header.count(name) > 1}):
+        raise DataError(f"the header names column(s) {', '.join(map(repr, twice))} twice: one would be read in place "
+                        "of the other; rename one", path=path, line=1)
     features = datasets.Features({name: datasets.Value("string") for name in header})
     return {"features": features, "keep_default_na": False, "na_values": [""]}
 
