@@ -7,8 +7,9 @@ Rows stream into the same validation as JSONL lines; in rejects.jsonl their `lin
 cell that is null (an empty CSV cell, a missing struct field) counts as an absent key, so an Alpaca CSV with an empty
 `input` column is valid; inside nested records too (arrow gives every message every field some message has, null
 where it has none), except a message's `content`, which may be null. A CSV cell is the text it holds: "NA", "None"
-and "4" stay strings (pandas would read them as missing and as a number). `datasets` is optional (`pip install 'lora-data[datasets]'`); gzipped JSONL needs nothing
-more (`records` reads `.gz` itself). `source_sha256` hashes a file, or every file of a folder, for the cache key.
+and "4" stay strings (pandas would read them as missing and as a number). `datasets` is optional (`pip install
+'lora-data[datasets]'`); gzipped JSONL needs nothing more (`records` reads `.gz` itself). `source_sha256` hashes
+a file, or every file of a folder, for the cache key.
 """
 
 from __future__ import annotations
