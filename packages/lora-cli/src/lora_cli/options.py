@@ -244,10 +244,11 @@ def read_config_file(path: str | Path) -> ConfigFile:
     if not isinstance(data, dict):
         raise ConfigFileError(f"{p}: expected a mapping of option: value, got {type(data).__name__}")
     issues = [f"`{key}` is set again on line {line}; keep one" for key, line in repeated]
-    fields = [_field(k) for k in data]
-    issues += [f"`{f}` is set twice ({' and '.join(str(k) for k in data if _field(k) == f)}); keep one"
+    sets = {k: _field(k) for k in data}  # the file's key → the field it sets
+    fields = list(sets.values())
+    issues += [f"`{f}` is set twice ({' and '.join(str(k) for k, g in sets.items() if g == f)}); keep one"
                for f in dict.fromkeys(f for f in fields if fields.count(f) > 1)]
-    data = {_field(k): v for k, v in data.items()}
+    data = {sets[k]: v for k, v in data.items()}
     lines = {_field(k): n for k, n in lines.items()}
     if "callbacks" in data:
         data.pop("callbacks")
@@ -268,11 +269,11 @@ _YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
 def _yaml11_bool(name: str, value: Any) -> Any:
     """yes/no/on/off as YAML 1.1 reads them, for a field that takes a bool and has no such string choice
     (`bf16: yes` is True; `selective_recompute: off` stays the choice 'off')."""
-    f = next(f for f in dataclasses.fields(LoraSftConfig) if f.name == name)
     word = value.lower() if isinstance(value, str) else None
-    if word not in _YAML11_BOOLS or "bool" not in str(f.type) or word in (f.metadata.get("choices") or ()):
+    if word not in _YAML11_BOOLS:
         return value
-    return _YAML11_BOOLS[word]
+    f = next(f for f in dataclasses.fields(LoraSftConfig) if f.name == name)
+    return value if "bool" not in str(f.type) or word in (f.metadata.get("choices") or ()) else _YAML11_BOOLS[word]
 
 
 def _field(key: object) -> str:

@@ -377,8 +377,7 @@ def _item_issues(name: str, value: tuple | dict, annotation: str) -> list[str]:
             [f"`{name}` is empty: pass None for the default projections"] if not value else [])
     if "dict[str, Any]" in annotation:
         return [f"`{name}` keys must be str, got {k!r}" for k in value if not isinstance(k, str)]
-    options = {f.name for f in dataclasses.fields(LoraSftConfig)}
-    # TOML puts every key after a [table] into that table
+    options = set(field_names())  # TOML puts every key after a [table] into that table
     if strays := sorted(k for k in value if isinstance(k, str) and k.replace("-", "_") in options):
         return [f"`{name}` holds {', '.join(strays)}, which are options, not module names: in a TOML file, keys "
                 f"written after a [{name}] table go into it; write the table last"]

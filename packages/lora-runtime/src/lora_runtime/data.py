@@ -165,14 +165,12 @@ def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
 
 def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path:
     """One data path → a checked shard dir."""
-    p = Path(path)
-    if p.is_dir():  # with manifest.json (data_path_issues)
+    p = Path(path)  # a file, or a directory with manifest.json (ensure_shards checked: data_path_issues)
+    if p.is_dir():
         shard_dir = p
-    elif p.is_file():
+    else:
         shard_dir = prepare_cached(p, config, tokenizer)
         report_losses(shard_dir, Path(getattr(config, name) or config.data_path))
-    else:
-        raise ConfigError([f"`{name}`={path} {_why_not_a_file(p)}"])
     check_shards(shard_dir, config, tokenizer)
     return shard_dir
 
