@@ -305,3 +305,29 @@ def test_a_lock_file_of_the_users_own_is_never_overwritten(tmp_path):
     with pytest.raises(DataError, match=r"not a lock file"), locks.locked(tmp_path, what="t"):
         pass
     assert (tmp_path / ".lock").read_bytes() == b"\xff\xfe\x00binary"
+
+
+def test_gzip_bytes_on_stdin_or_a_fifo_are_decompressed(data, tmp_path, chatml_tokenizer_dir):
+    """`zcat`-less pipes (`cat data.jsonl.gz | lora-data prepare -`): the bytes are gzip's, read as such."""
+    import gzip
+
+    want = _prep(data, tmp_path / "file", chatml_tokenizer_dir)
+    packed = gzip.compress(data.read_bytes())
+    res = _cli("prepare", "-", tmp_path / "stdin", "--tokenizer", chatml_tokenizer_dir, "--max-seq-len", SEQ,
+               "--rows-per-shard", 4, input=packed)
+    assert res.exit_code == 0, res.output
+    assert lora_data.Manifest.load(tmp_path / "stdin").counts == want.counts
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(packed))
+    writer.start()
+    got = _prep(fifo, tmp_path / "fifo", chatml_tokenizer_dir)
+    writer.join()
+    assert got.counts == want.counts
+
+
+def test_stdin_given_twice_is_refused(tmp_path, chatml_tokenizer_dir):
+    res = _cli("prepare", "-", "-", tmp_path / "out", "--tokenizer", chatml_tokenizer_dir, "--max-seq-len", SEQ,
+               input=b"")
+    assert res.exit_code != 0 and "standard input is given twice" in res.output, res.output
+    assert not (tmp_path / "out").exists()

@@ -44,8 +44,8 @@ def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: boo
             workers: int | None = None, **options: Any) -> Manifest:
     """Prepare `inputs` (a path or a list) into `output_dir`; return the Manifest.
 
-    Inputs: JSONL (also .jsonl.gz, a FIFO, `-` for stdin), or parquet / CSV / arrow files, `save_to_disk` folders and
-    Hugging Face hub dataset names such as `org/name` that are not local paths (read with `datasets`, see `rows`).
+    Inputs: JSONL (plain or gzip; also a FIFO, `-` for stdin), or parquet / CSV / arrow files, `save_to_disk` folders
+    and Hugging Face hub dataset names such as `org/name` that are not local paths (read with `datasets`, see `rows`).
     `data_split` (hub default "train"; a saved DatasetDict's: "train" or its only split) and `data_config` (a hub
     dataset's configuration) apply to those inputs.
     `workers`: processes rendering the chat template (default: the CPU cores available; 1 = none); the output is
@@ -62,6 +62,8 @@ def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: boo
     paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     for p in paths:
         _check_input(p)
+    if [str(p) for p in paths].count(STDIN) > 1:
+        raise DataError("standard input is given twice; it can be read once", path=STDIN)
     out = Path(output_dir)
     staging = Staging(out)
     staging.refuse_inputs(paths)

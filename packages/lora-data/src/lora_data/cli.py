@@ -79,8 +79,8 @@ def prepare_command(inputs, out_dir, tokenizer, max_seq_len, format_, overlong, 
                     strict, rows_per_shard, progress, data_split, data_config, workers, **fields):
     """Prepare INPUT.jsonl [INPUT2.jsonl ...] into OUT_DIR (shards, manifest.json, rejects.jsonl).
 
-    An input may also be .jsonl.gz, `-` (stdin), a parquet/CSV/arrow file, a datasets save_to_disk folder, or a
-    Hugging Face hub dataset name (org/name, not a local path; needs the datasets extra).
+    An input may also be .jsonl.gz, `-` (stdin, plain or gzip), a parquet/CSV/arrow file, a datasets save_to_disk
+    folder, or a Hugging Face hub dataset name (org/name, not a local path; needs the datasets extra).
     """
     from ._prepare import prepare
 

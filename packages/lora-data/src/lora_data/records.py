@@ -533,6 +533,7 @@ def _has_lone_surrogate(obj: Any) -> bool:
 
 
 STDIN = "-"  # as an input path: read standard input
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _array_file(path: str | Path, head: bytes) -> bool:
@@ -548,14 +549,23 @@ def _skip_space(text: str, i: int) -> int:
     return i
 
 
-def _open_input(path: str | Path):
-    """A file (gzip-compressed if it ends in .gz or starts with gzip's magic bytes), a FIFO, or `-` (standard input,
-    left open when done)."""
-    if str(path) == STDIN:
-        return contextlib.nullcontext(sys.stdin.buffer)
-    if is_gzip(path):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
+@contextlib.contextmanager
+def _open_input(path: str | Path) -> Iterator[Any]:
+    """A file, a FIFO, or `-` (standard input, left open when done); read through gzip where a file's name ends in .gz
+    or any of them starts with gzip's magic bytes (peeked: a pipe keeps them)."""
+    with contextlib.ExitStack() as stack:
+        if str(path) == STDIN:
+            stream = sys.stdin.buffer
+        elif is_gzip(path):
+            stream = stack.enter_context(gzip.open(path, "rb"))
+        else:
+            stream = stack.enter_context(open(path, "rb"))
+        if not isinstance(stream, gzip.GzipFile):
+            if not hasattr(stream, "peek"):  # a stdin replaced by an in-memory stream
+                stream = io.BufferedReader(stream)
+            if stream.peek(2)[:2] == GZIP_MAGIC:
+                stream = stack.enter_context(gzip.GzipFile(fileobj=stream, mode="rb"))
+        yield stream
 
 
 def is_gzip(path: str | Path) -> bool:
@@ -569,7 +579,7 @@ def is_gzip(path: str | Path) -> bool:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False
         with open(path, "rb") as f:
-            return f.read(2) == b"\x1f\x8b"
+            return f.read(2) == GZIP_MAGIC
     except OSError:
         return False
 
