@@ -554,6 +554,7 @@ def _open_input(path: str | Path) -> Iterator[Any]:
     """A file, a FIFO, or `-` (standard input, left open when done); read through gzip where a file's name ends in .gz
     or any of them starts with gzip's magic bytes (peeked: a pipe keeps them)."""
     with contextlib.ExitStack() as stack:
+        stream: Any
         if str(path) == STDIN:
             stream = sys.stdin.buffer
         elif is_gzip(path):
