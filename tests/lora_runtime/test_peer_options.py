@@ -9,6 +9,7 @@ from pathlib import Path
 
 import _tiny
 import pytest
+from lora_data import DataError
 from lora_runtime import ConfigError, LoraSftConfig
 
 
@@ -84,6 +85,36 @@ def test_eval_split_ratio_holds_out_a_seeded_share_of_the_lines(tmp_path):
                                                         data_output_dir=str(tmp_path / "cache")))
     assert len(lines(evals_a)) == 4 and sorted(map(json.dumps, lines(train_a) + lines(evals_a))) == sorted(
         map(json.dumps, records))
+
+
+def test_eval_split_ratio_splits_the_records_of_a_gzip_or_parquet_file(tmp_path):
+    """Records, not the stored bytes: a .jsonl.gz and a parquet file split as their JSON Lines twin does (the gzip
+    stream's bytes used to be cut at its newline bytes)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from lora_runtime.data import split_eval
+
+    records = _tiny.chat_records(40, seed=1)
+    plain = _tiny.write_jsonl(tmp_path / "chat.jsonl", records)
+    packed = tmp_path / "chat.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    table = tmp_path / "chat.parquet"
+    pq.write_table(pa.Table.from_pylist(records), table)
+
+    def split(path):
+        cfg = LoraSftConfig("m", str(path), "o", eval_split_ratio=0.1, data_output_dir=str(tmp_path / "cache"))
+        return [[json.loads(x) if x.strip() else None for x in Path(p).read_text(encoding="utf-8").splitlines()]
+                for p in split_eval(path, cfg)]
+
+    want = split(plain)
+    assert sum(x is not None for x in want[1]) == 4
+    assert split(packed) == want and split(table) == want
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(packed.read_bytes()[:60])
+    with pytest.raises(DataError, match=r"broken\.jsonl\.gz: not a readable gzip file"):
+        split(broken)
 
 
 def test_ensure_shards_prepares_the_split_and_the_chat_template(tmp_path, tiny_llama_dir):

@@ -179,7 +179,7 @@ class RecordReader:
             raise DataError(f"not a readable gzip file: {e}", path=path) from None
 
     def _lines(self, path: str):
-        with _open_input(self.path) as stream:
+        with open_input(self.path) as stream:
             fh: Any = stream
             first = fh.readline(MAX_LINE_BYTES + 1)
             rest = iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b"")
@@ -437,7 +437,7 @@ def json_array(path: str | Path) -> list[Any] | None:
     if str(path) == STDIN or not _array_file(path, b"["):
         return None
     try:
-        with _open_input(path) as fh:
+        with open_input(path) as fh:
             data = fh.read()
         if not _array_file(path, data):
             return None
@@ -457,7 +457,7 @@ def _objects(path: str | Path, *, split: str | None, config: str | None):
     if elements is not None:
         yield from elements
         return
-    with _open_input(path) as fh:
+    with open_input(path) as fh:
         for raw in iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""):
             if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
                 while raw and not raw.endswith(b"\n"):
@@ -550,7 +550,7 @@ def _skip_space(text: str, i: int) -> int:
 
 
 @contextlib.contextmanager
-def _open_input(path: str | Path) -> Iterator[Any]:
+def open_input(path: str | Path) -> Iterator[Any]:
     """A file, a FIFO, or `-` (standard input, left open when done); read through gzip where a file's name ends in .gz
     or any of them starts with gzip's magic bytes (peeked: a pipe keeps them)."""
     with contextlib.ExitStack() as stack:

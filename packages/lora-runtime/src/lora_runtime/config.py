@@ -105,7 +105,7 @@ class LoraSftConfig:
         None, "chat template to render the data with instead of the tokenizer's: a Jinja file, 'chatml', or the "
         "name of one of the tokenizer's own templates; saved with the adapter's tokenizer")
     eval_split_ratio: float | None = _f(
-        None, "hold out this fraction of the training JSONL's lines (seeded) as eval data (instead of eval_data_path)")
+        None, "hold out this fraction of the training data's records (seeded) as eval data (instead of eval_data_path)")
     dataset_type: str = _f("chat_template", "record format of raw JSONL (under the default, a file of Alpaca records "
                            "only trains as alpaca, logged)", ["chat_template", "alpaca", "passthrough"])
     field_messages: str = _f("messages", "JSONL field holding the chat messages")

@@ -125,21 +125,15 @@ def apply_chat_template(config: LoraSftConfig, tokenizer: Any) -> Any:
 
 
 def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
-    """`eval_split_ratio`: a seeded choice of the file's non-blank lines (of a `.json` array file: its elements) goes
-    to eval, the rest to training; the two files live in the data cache, named by the content, ratio and seed (the
-    same inputs give the same split). Each keeps every line where it was, the other file's lines blank, so a reject
-    names its line in `data_path` (of a `.json` array file: the element's number)."""
+    """`eval_split_ratio`: a seeded choice of the file's non-blank lines (of a `.json` array file: its elements; of a
+    parquet/CSV/arrow file or a saved dataset: its rows) goes to eval, the rest to training; the two JSONL files live
+    in the data cache, named by the content, ratio and seed (the same inputs give the same split). Each keeps every
+    line where it was, the other file's lines blank, so a reject names its line in `data_path` (its element's or
+    row's number)."""
     import hashlib
-    import json
     import random
 
-    from lora_data.records import json_array
-
-    if not data_file.is_file():
-        raise ConfigError([f"`data_path`={data_file} is not a file (eval_split_ratio needs a JSONL file)"])
-    elements = json_array(data_file)  # a .json array file: its elements split as lines
-    raw = data_file.read_bytes() if elements is None else b"".join(
-        json.dumps(e, ensure_ascii=False).encode() + b"\n" for e in elements)
+    raw = _split_source(data_file)
     key = hashlib.sha256(raw + f"|{config.eval_split_ratio}|{config.seed}|numbered".encode()).hexdigest()[:20]
     out = cache_root(config) / "splits" / key
     lines = raw.splitlines(keepends=True)
@@ -158,9 +152,33 @@ def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
             # the other file's lines blank: a reject's line number is the line's in data_path
             tmp.write_bytes(b"".join(line if keep(i) and line.strip() else b"\n" for i, line in enumerate(lines)))
             os.replace(tmp, out / name)
-    print0(f"data: eval_split_ratio={config.eval_split_ratio}: {n_eval} of {len(used)} lines of {data_file} held "
+    print0(f"data: eval_split_ratio={config.eval_split_ratio}: {n_eval} of {len(used)} records of {data_file} held "
            f"out for eval (seed {config.seed}) → {out}")
     return str(out / "train.jsonl"), str(out / "eval.jsonl")
+
+
+def _split_source(data_file: Path) -> bytes:
+    """What `split_eval` splits, as JSON lines: a JSONL file's bytes (gzip read through), a `.json` array's elements,
+    or a dataset's rows (row n on line n, as lora-data numbers them)."""
+    import json
+    import zlib
+
+    from lora_data import DataError
+    from lora_data.records import json_array, open_input
+    from lora_data.rows import is_dataset, iter_rows, row_text
+
+    if is_dataset(data_file):
+        return b"".join(row_text(row).encode() + b"\n" for row in iter_rows(data_file))
+    if not data_file.is_file():
+        raise ConfigError([f"`data_path`={data_file} is not a file (eval_split_ratio needs a JSONL file)"])
+    elements = json_array(data_file)
+    if elements is not None:
+        return b"".join(json.dumps(e, ensure_ascii=False).encode() + b"\n" for e in elements)
+    try:
+        with open_input(data_file) as f:
+            return bytes(f.read())
+    except (EOFError, OSError, zlib.error) as e:  # a truncated or corrupt .gz (gzip.BadGzipFile is an OSError)
+        raise DataError(f"not a readable gzip file: {e}", path=data_file) from None
 
 
 def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path:
