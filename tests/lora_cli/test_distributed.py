@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import _tiny
 import pytest
-from lora_cli.stop import FAULT_SIGNALS_ENV
+from lora_cli.stop import FAULT_SIGNALS_ENV, LAUNCHER_PID_ENV
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 300
@@ -90,6 +92,7 @@ def test_gpus_2_launches_two_gloo_processes_stops_on_sigterm_and_resumes(tiny_ll
     stopped = re.findall(rf"stopped by SIGTERM after step (\d+); a checkpoint is saved in {out} \(checkpoint-\1\)",
                          log)
     assert len(stopped) == 1, log[-5000:]  # rank 0 reports once
+    assert log.count("SIGTERM: stopping after this step and saving a checkpoint") == 1, log[-5000:]  # not per rank
     ckpt = out / "checkpoints" / f"checkpoint-{stopped[0]}"
     assert (ckpt / "COMPLETE").is_file()
     assert [p.name for p in (out / "checkpoints").iterdir()] == [ckpt.name]
@@ -122,6 +125,46 @@ def test_a_stop_delivered_twice_to_the_launcher_still_saves(tiny_llama_dir, even
     ckpt = out / "checkpoints" / f"checkpoint-{stopped[0]}"
     assert (ckpt / "COMPLETE").is_file()
     assert f"the same command resumes from {ckpt} (step {stopped[0]})" in log  # the launcher's closing line
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the launcher's death reaches torchrun through Linux's prctl")
+def test_a_killed_launcher_stops_its_workers_which_hold_the_lock_until_they_exit(tiny_llama_dir, even_shards,
+                                                                                tmp_path):
+    """A SIGKILL of `lora-cli train --gpus 2` (an OOM killer, a `kill -9` of the process the user sees). Before,
+    torchrun and the workers trained on, orphaned, and the output lock died with the launcher: a second run of the
+    same command trained into the same dir beside them. Now torchrun gets a SIGTERM when the launcher dies, so the
+    workers save a checkpoint and stop, and it holds the lock until it has exited."""
+    import lora_data
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lora_cli", "train", *_train_args(tiny_llama_dir, even_shards, out), "--gpus", "2"]
+    with open(tmp_path / "launcher.log", "wb") as log:
+        launcher = subprocess.Popen(cmd, env=_env() | {FAULT_SIGNALS_ENV: "3:SIGKILL:launcher"}, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        assert launcher.wait(timeout=TIMEOUT) == -signal.SIGKILL
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with lora_data.locked(out, what="test"):
+                left = _processes_with_env(LAUNCHER_PID_ENV, launcher.pid)
+            break
+        except lora_data.LockedError:
+            assert time.monotonic() < deadline, "torchrun still holds the lock 120 s after the launcher died"
+            time.sleep(0.5)
+    assert left == [], f"processes of the killed launcher still run, and the lock is free: {left}"
+    saved = [p.name for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").is_file()]
+    assert saved, (tmp_path / "launcher.log").read_text()[-3000:]  # the SIGTERM was a stop: the workers saved
+
+
+def _processes_with_env(name: str, value: int) -> list[int]:
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"{name}={value}".encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # exited, or not ours to read
+            pass
+    return found
 
 
 def _two_nodes(args: list[str], rdzv_id: str, env_for=lambda rank: {}) -> tuple[list[int], list[str], str]:

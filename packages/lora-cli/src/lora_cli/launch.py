@@ -16,6 +16,7 @@ trains in-process instead of launching again.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,11 +25,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from lora_data.locks import held_descriptor
 from lora_runtime.distributed import under_torchrun, visible_gpus
 
 from lora_cli.stop import EXIT_INTERRUPTED, LAUNCHER_PID_ENV, resume_note
 
 log = logging.getLogger("lora_cli")
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 class LaunchError(Exception):
@@ -112,10 +115,22 @@ def _worker_env(device: str) -> dict[str, str]:
     return env
 
 
-def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_dir: str | None = None) -> int:
-    """Run torchrun in the foreground; forward the first SIGINT/SIGTERM to it; return its exit code.
+def _stop_with(launcher: int) -> None:
+    """In the torchrun child before it starts (Linux): a SIGTERM when the launcher dies, as for a stop."""
+    if sys.platform == "linux":
+        import ctypes
 
-    torchrun passes the signal on to every worker, and the workers save a checkpoint before they exit. Repeats are not
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != launcher:  # it died before the request: the SIGTERM would never come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_dir: str | None = None) -> int:
+    """Run torchrun in the foreground; forward the first SIGINT/SIGTERM (a SIGHUP as SIGTERM) to it; return its exit
+    code.
+
+    torchrun passes the signal on to every worker, and the workers save a checkpoint before they exit; it gets a
+    SIGTERM too when this process dies (a SIGKILL), and it holds `output_dir`'s lock as long as it lives. Repeats are not
     passed on: torchrun answers a second signal by sending SIGTERM to the workers, and a stop delivered twice (by the
     process group and by `uv run`, or by a scheduler to every process) must still save. The closing message names the
     step the next run resumes from, read from `output_dir`.
@@ -138,11 +153,13 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
     forwarded: list[str] = []
     proc: subprocess.Popen | None = None
     delivered: list[subprocess.Popen] = []  # the torchrun each got the first signal (never twice: see above)
+    # torchrun holds the output dir's lock too: workers that outlive this process are never joined by a second run
+    lock = held_descriptor(output_dir) if output_dir and plan.nnodes == 1 else None
 
     def deliver() -> None:
         if proc is not None and proc not in delivered:
             delivered.append(proc)
-            proc.send_signal(signal.Signals[forwarded[0]])
+            proc.send_signal(signal.SIGTERM if forwarded[0] == "SIGHUP" else signal.Signals[forwarded[0]])
 
     def forward(signum: int, _frame: object) -> None:
         forwarded.append(signal.Signals(signum).name)
@@ -153,12 +170,13 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
             log.warning("got %s again: already stopping, the workers are writing the checkpoint (to abort without "
                         "it: kill -KILL %d)", forwarded[-1], proc.pid if proc is not None else os.getpid())
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     relaunches = 0
     try:
         while not (forwarded and proc is not None):  # after a stop, no torchrun starts again
             # Own process group: a Ctrl-C on the terminal reaches only this process, which forwards it exactly once.
-            proc = subprocess.Popen(cmd, env=env, process_group=0)
+            proc = subprocess.Popen(cmd, env=env, process_group=0, pass_fds=() if lock is None else (lock,),
+                                    preexec_fn=functools.partial(_stop_with, os.getpid()))
             if forwarded:  # a stop that came while torchrun was being started again
                 deliver()
             rc = proc.wait()

@@ -71,8 +71,9 @@ class StopRequest:
                 return
             raise KeyboardInterrupt
         self.signal_name, self._first_at = name, time.monotonic()
-        print(f"\n{name}: stopping after this step and saving a checkpoint (send it again after {DUPLICATE_S:.0f} s "
-              "to abort without saving)", file=sys.stderr, flush=True)
+        if dist_env().is_main:  # every rank got it: one line
+            print(f"\n{name}: stopping after this step and saving a checkpoint (send it again after {DUPLICATE_S:.0f} s "
+                  "to abort without saving)", file=sys.stderr, flush=True)
 
     def callback(self) -> Any:
         """A `transformers.TrainerCallback` that turns the flag into save + stop at the next step end."""

@@ -58,6 +58,14 @@ def locked(path: str | Path, *, what: str = "lora-data") -> Iterator[Path]:
                 entry[0].close()  # closing the descriptor releases the flock
 
 
+def held_descriptor(path: str | Path) -> int | None:
+    """The file descriptor of `path`'s lock while this process holds it, else None. A child process given it
+    (`subprocess.Popen(pass_fds=...)`) holds the lock too, until every process that has it closed it or died."""
+    with _guard:
+        entry = _held.get(str(Path(path).resolve()))
+        return entry[0].fileno() if entry else None
+
+
 def _acquire(d: Path, what: str):
     lock_path = d / LOCK_NAME
     for _ in range(3):
