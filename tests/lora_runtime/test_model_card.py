@@ -43,6 +43,18 @@ def test_card_is_filled_from_the_run_and_a_hub_base_keeps_its_id(tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
+def test_the_card_describes_what_a_shard_dir_trained_not_the_config_defaults(tmp_path):
+    """A shard dir prepared with --train-on-inputs --no-packing, trained with the config's defaults (which defer to
+    it): the card said 'assistant answers only' and packing True."""
+    out = _run_dir(tmp_path, "Qwen/Qwen2.5-0.5B-Instruct")
+    manifest = {"counts": {"valid": 9, "lines_read": 9, "tokens": 900, "loss_tokens": 900, "rows": 9}, "seq_len": 512,
+                "packing": False, "packing_efficiency": 0.3, "options": {"train_on_inputs": True}}
+    text = write_model_card(out, manifest).read_text()
+    assert "**Trained on:** prompts and answers" in text and "| sequence length / packing | 512 / False |" in text
+    text = write_model_card(out).read_text()  # no manifest: the config's values
+    assert "**Trained on:** assistant answers only" in text and "| sequence length / packing | 512 / True |" in text
+
+
 @pytest.mark.parametrize(("extra", "why"), [
     ({"use_dora": True}, "vLLM does not serve DoRA adapters"),
     ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' changed the base weights"),
@@ -84,6 +96,8 @@ def test_training_writes_the_card_next_to_the_adapter(tiny_qwen2_dir, qwen2_shar
     assert "2 × 2 × 1 = 4 rows/step" in text
     assert f"**Final training loss:** {result.final_loss:.4g}" in text
     assert "Packing efficiency:" in text
+    prepared = json.loads((result.adapter_dir / "lora_sft_config.json").read_text())["resolved"]["prepared"]
+    assert prepared["sample_packing"] is True and "train_on_inputs" in prepared  # as the shards recorded them
     cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(tiny_qwen2_dir.resolve())
     check_adapter(result.adapter_dir)

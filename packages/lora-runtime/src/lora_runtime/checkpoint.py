@@ -430,7 +430,7 @@ def step_of(path: str | Path) -> int:
 
 def run_record(config: Any, plan: Any, **resolved: Any) -> dict[str, Any]:
     """What CONFIG_NAME holds: the config as given (secrets redacted), and under `resolved` the batch plan
-    (`BatchPlan.to_dict()`) and whatever else the run decided (backend, versions)."""
+    (`BatchPlan.to_dict()`) and whatever else the run decided (backend, versions, a shard dir's `prepared` options)."""
     from lora_runtime.config import redacted
 
     return {**redacted(config.to_dict()), "resolved": {**plan.to_dict(), **resolved}}

@@ -286,14 +286,19 @@ _BAKED_IN: dict[str, Callable[[Any], Any]] = {
                                "field_output")}}
 
 
+def prepared_options(manifest: Any) -> dict[str, Any]:
+    """The config fields a shard dir fixed when it was prepared, with the values it recorded (None: not recorded)."""
+    return {name: read(manifest) for name, read in _BAKED_IN.items()}
+
+
 def check_data_options(shard_dir: Path, manifest: Any, config: LoraSftConfig) -> None:
     """A shard dir fixed masking, packing, overlong policy and field names when it was prepared. A config value that
     differs from the default AND from the shards' is an error (it would be silently ignored); defaults defer to the
     shards, and the log says so."""
     defaults = {f.name: f.default for f in dataclasses.fields(LoraSftConfig)}
     issues, inherited = [], []
-    for name, read in _BAKED_IN.items():
-        baked, asked = read(manifest), getattr(config, name)
+    for name, baked in prepared_options(manifest).items():
+        asked = getattr(config, name)
         if baked is None or baked == asked or (name, asked) == ("dataset_type", "passthrough"):  # tokenized already
             continue
         if asked != defaults[name]:

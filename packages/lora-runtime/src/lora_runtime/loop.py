@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_runtime import checkpoint, hub, model_card, residual
 from lora_runtime.config import LoraSftConfig
-from lora_runtime.data import apply_chat_template
+from lora_runtime.data import apply_chat_template, prepared_options
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
 from lora_runtime.merge import MergeDiskFull
 from lora_runtime.metrics import (
@@ -293,7 +293,8 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
                 adapter_written = True
             checkpoint.write_json_atomic(out / checkpoint.CONFIG_NAME, checkpoint.run_record(
                 config, plan, backend=backend.name, cuda_graphs=bool(getattr(trainer.model, "cuda_graphs", False)),
-                versions=_versions(), model=trainer.base_identity()))
+                versions=_versions(), model=trainer.base_identity(),
+                prepared=None if manifest is None else prepared_options(manifest)))
             plot = plot_loss(metrics_path, out / "loss.png")
             if adapter_dir is not None:
                 model_card.write_model_card(out, manifest)

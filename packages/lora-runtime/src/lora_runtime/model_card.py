@@ -128,6 +128,8 @@ def render(run: dict[str, Any], adapter_cfg: dict[str, Any], metrics: list[dict[
     last = metrics[-1] if metrics else {}
     steps = max((int(r.get("step", 0)) for r in metrics), default=0)
     m = _manifest(manifest)
+    # a shard dir's prepare-time choices are what trained (a config left at its defaults defers to them)
+    inputs_trained = (m.get("options") or {}).get("train_on_inputs", run.get("train_on_inputs"))
     counts = m.get("counts") or {}
     targets = adapter_cfg.get("target_modules") or run.get("target_modules")
     if isinstance(targets, list | tuple):
@@ -172,7 +174,7 @@ def render(run: dict[str, Any], adapter_cfg: dict[str, Any], metrics: list[dict[
             f"- **Packing efficiency:** {float(m.get('packing_efficiency') or 0):.1%}",
         ]
     lines += [
-        f"- **Trained on:** {'prompts and answers' if run.get('train_on_inputs') else 'assistant answers only'}", "",
+        f"- **Trained on:** {'prompts and answers' if inputs_trained else 'assistant answers only'}", "",
         "## Training hyper-parameters", "",
         "| setting | value |", "|---|---|",
         f"| LoRA r / alpha / dropout | {trained_rank} / {trained_alpha} / "
@@ -190,7 +192,8 @@ def render(run: dict[str, Any], adapter_cfg: dict[str, Any], metrics: list[dict[
         f"| micro batch × accumulation × processes = effective batch | {resolved.get('micro_batch_size')} × "
         f"{resolved.get('gradient_accumulation_steps')} × {resolved.get('world_size')} = "
         f"{resolved.get('effective_batch_size')} rows/step |",
-        f"| sequence length / packing | {run.get('max_seq_len')} / {run.get('sample_packing')} |",
+        f"| sequence length / packing | {m.get('seq_len', run.get('max_seq_len'))} / "
+        f"{m.get('packing', run.get('sample_packing'))} |",
         f"| gradient checkpointing | {resolved.get('gradient_checkpointing')} |",
         f"| seed | {run.get('seed')} |", "",
         "## Results", "",
