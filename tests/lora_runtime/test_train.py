@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import _runs
+import _tiny
 import pytest
 import torch
 from lora_runtime import lora_sft
@@ -199,6 +200,17 @@ def test_shards_of_another_tokenizer_are_refused_before_training(tiny_qwen2_dir,
     with pytest.raises(TokenizerMismatchError, match="fingerprint mismatch") as e:
         lora_sft(str(tiny_qwen2_dir), str(llama_shards), str(tmp_path / "out"), **_runs.RUN)
     assert e.value.expected != e.value.actual
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_set_without_rows_is_one_data_error_before_training(tiny_llama_dir, tmp_path):
+    """lora-data never writes one; a set written through the ShardWriter API can be empty (was a ValueError traceback
+    after the model had loaded)."""
+    from lora_data import DataError
+
+    empty = _tiny.write_shards(tmp_path / "empty", [], seq_len=64)
+    with pytest.raises(DataError, match=r"manifest\.json: the shard set has no rows; nothing to train on"):
+        lora_sft(str(tiny_llama_dir), str(empty), str(tmp_path / "out"), **_runs.RUN)
     assert not (tmp_path / "out").exists()
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_data import MANIFEST_NAME, Manifest
+from lora_data import MANIFEST_NAME, DataError, Manifest
 from lora_data.manifest import NOT_REJECTED
 
 from lora_runtime.config import ConfigError, LoraSftConfig
@@ -163,7 +163,6 @@ def _split_source(data_file: Path) -> bytes:
     import json
     import zlib
 
-    from lora_data import DataError
     from lora_data.records import json_array, open_input
     from lora_data.rows import is_dataset, iter_rows, row_text
 
@@ -259,6 +258,8 @@ def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None
     from lora_data.errors import TokenizerMismatchError
 
     manifest = Manifest.load(shard_dir)
+    if not manifest.rows:  # lora-data never writes one; a hand-made set can be empty
+        raise DataError("the shard set has no rows; nothing to train on", path=shard_dir / MANIFEST_NAME)
     try:
         manifest.check_tokenizer(tokenizer, path=shard_dir / MANIFEST_NAME, hint=f"model_path={config.model_path}")
     except TokenizerMismatchError as e:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lora_data import DataError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lora_runtime.errors import CheckpointError
@@ -39,7 +40,7 @@ class PackedShardDataset(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if len(self.reader) == 0:
-            raise ValueError(f"{self.reader.dir}: the shard set has no rows; nothing to train on")
+            raise DataError("the shard set has no rows; nothing to train on", path=self.reader.dir)
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
         self.mask_repeats = mask_repeats  # eval: rows served twice to fill the last batch carry no loss the 2nd time
