@@ -151,6 +151,37 @@ def test_resume_from_an_older_checkpoint_beside_later_ones_is_refused(finished_a
     assert res.steps == 6
 
 
+def test_resume_from_another_dirs_checkpoint_into_a_dir_holding_a_run_is_refused(finished_at_4, tiny_llama_dir,
+                                                                                  llama_shards, tmp_path):
+    """Before, the dir's earlier run (its metrics rows, its checkpoint-4) was kept beside the resumed one: metrics,
+    train_loss, the card and the plot mixed two runs. A dir whose only rows are this resume's (a crash before its
+    first checkpoint) continues as before."""
+    import json
+    import shutil
+
+    import lora_data
+    from lora_runtime.checkpoint import LOCK_WHAT
+
+    elsewhere = tmp_path / "best"
+    shutil.copytree(finished_at_4 / "checkpoints" / "checkpoint-4", elsewhere)
+    taken = tmp_path / "taken"
+    shutil.copytree(finished_at_4, taken, ignore=shutil.ignore_patterns(".lock"))
+    before = (taken / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match=r"best is another run's checkpoint \(step 4\), but .*taken holds a run "
+                                              r"of its own \(checkpoint-4, metrics.jsonl rows of steps 1-4\)"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(taken), **{**BASE, "max_steps": 6},
+                 resume_from=str(elsewhere))
+    assert (taken / "metrics.jsonl").read_bytes() == before
+    crashed = tmp_path / "crashed"  # what a run killed before its first checkpoint leaves: its lock and its rows
+    with lora_data.locked(crashed, what=LOCK_WHAT):
+        pass
+    (crashed / "metrics.jsonl").write_text(json.dumps({"step": 4, "resumed_at": 4}) + "\n" +
+                                           json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    res = lora_sft(str(tiny_llama_dir), str(llama_shards), str(crashed), **{**BASE, "max_steps": 6},
+                   resume_from=str(elsewhere))
+    assert [r["step"] for r in read_metrics(res.metrics_path)] == [4, 5, 6], read_metrics(res.metrics_path)
+
+
 def test_summary_figures_cover_the_whole_run_after_a_resume(tiny_llama_dir, llama_shards, tmp_path, capsys):
     """Issue 18.3: stopped after step 3 and resumed to 6: train_loss (TrainResult, and the summary transformers hands
     the integrations) is the mean of all 6 logged losses, not this session's sum over all steps; no raw dicts."""

@@ -152,10 +152,11 @@ def output_lock(ckpt_output_dir: str | Path, model_path: str | Path | None = Non
 
 def resume_checkpoint(config: Any) -> Path | None:
     """The checkpoint a run of `config` resumes from: `resume_from` when given (verified; CheckpointError where
-    ckpt_output_dir holds later checkpoints), else `resume_point`."""
+    ckpt_output_dir holds later checkpoints, or, for another dir's checkpoint, a run of its own), else
+    `resume_point`."""
     if config.resume_from and config.resume:
         found = verify(config.resume_from)
-        step = json.loads((found / MARKER).read_text(encoding="utf-8")).get("step", step_of(found))  # any dir name
+        step = saved_step(found)
         later = [p.name for s, p in list_checkpoints(checkpoints_dir(config.ckpt_output_dir)) if s > step]
         if later:  # its steps trained again would be saved under names those hold: kept, the new ones dropped
             raise CheckpointError(
@@ -163,8 +164,30 @@ def resume_checkpoint(config: Any) -> Path | None:
                 f"later checkpoints ({', '.join(later)}): the resumed run would keep those in place of its own saves "
                 "of the same steps, and a later resume would continue the old run. Drop resume_from to continue from "
                 f"{later[-1]} (resume=True), pass a new ckpt_output_dir, or move those checkpoints out")
+        if found.resolve().parent != checkpoints_dir(config.ckpt_output_dir).resolve() and (
+                held := _another_run(config.ckpt_output_dir, step)):
+            raise CheckpointError(
+                f"resume_from={found} is another run's checkpoint (step {step}), but {config.ckpt_output_dir} holds a "
+                f"run of its own ({held}): its metrics, checkpoints and adapter would be mixed with this run's or "
+                "replaced by them. Pass a new ckpt_output_dir, or drop resume_from to continue the run there")
         return found
     return resume_point(config.ckpt_output_dir, resume=config.resume)
+
+
+def _another_run(out: str | Path, step: int) -> str:
+    """What of a run other than one resumed from another dir's checkpoint at `step` `out` holds: its checkpoints (this
+    run's are all later), or metrics rows up to `step` (this run's only row there is its `resumed_at` marker)."""
+    held = [p.name for _, p in list_checkpoints(checkpoints_dir(out))]
+    try:
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+    except (OSError, ValueError):
+        rows = []
+    logged = [r["step"] for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step
+              and "resumed_at" not in r]
+    if logged:
+        held.append(f"metrics.jsonl rows of steps {logged[0]}-{logged[-1]}")
+    return ", ".join(held)
 
 
 def verify(path: str | Path, marker_name: str = MARKER, fix: str | None = None) -> Path:
@@ -416,6 +439,14 @@ def rotate(root: str | Path, keep: int | None) -> list[Path]:
     for p in leftovers:
         shutil.rmtree(p, ignore_errors=True)
     return removed
+
+
+def saved_step(ckpt: str | Path) -> int:
+    """The step a complete checkpoint holds, as its marker records it (a copy under any name keeps it)."""
+    try:
+        return int(json.loads((Path(ckpt) / MARKER).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return step_of(ckpt)
 
 
 def step_of(path: str | Path) -> int:

@@ -110,7 +110,7 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
     if resume_from is not None:
         data_state = json.loads((resume_from / "data_state.json").read_text())
         dataset.load_state_dict(data_state)
-        resume_step = checkpoint.step_of(resume_from)
+        resume_step = checkpoint.saved_step(resume_from)
         print0(f"resuming from {resume_from} (step {resume_step}, epoch {data_state['epoch']}, "
                f"row offset {dataset.offset} on each rank)")
     metrics = MetricsWriter(Path(config.ckpt_output_dir) / "metrics.jsonl", resume_step=resume_step,

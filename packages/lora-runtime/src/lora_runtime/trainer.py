@@ -228,7 +228,7 @@ class PackedTrainer(Trainer):
         run ends there, also where max_steps or num_epochs was lowered to or below its step (said)."""
         planned = self.args.max_steps if self.args.max_steps > 0 else (
             self.packed.steps_per_epoch() * math.ceil(self.args.num_train_epochs))
-        if isinstance(resume_from_checkpoint, str) and checkpoint.step_of(resume_from_checkpoint) >= planned:
+        if isinstance(resume_from_checkpoint, str) and checkpoint.saved_step(resume_from_checkpoint) >= planned:
             from transformers.trainer import TRAINER_STATE_NAME
             from transformers.trainer_callback import TrainerState
 
