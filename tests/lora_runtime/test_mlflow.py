@@ -25,11 +25,19 @@ def mlflow(monkeypatch):
 
 
 def test_a_run_logs_its_losses_to_a_local_mlflow_store(mlflow, tiny_llama_dir, llama_shards, tmp_path, monkeypatch):
+    """With wandb beside it, each keeps its own run name (MLflow's was wandb's)."""
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path)), ("WANDB_SILENT", "true")):
+        monkeypatch.setenv(name, value)
+    named = []
+    real_init = wandb.init
+    monkeypatch.setattr(wandb, "init", lambda *a, **kw: (named.append(kw.get("name")), real_init(*a, **kw))[1])
     uri = (tmp_path / "mlruns").as_uri()
     result = lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"),
                       **{**_runs.RUN, "max_steps": 4, "save_steps": 4}, mlflow_tracking_uri=uri,
-                      mlflow_experiment_name="lora-tests", mlflow_run_name="tiny")
+                      mlflow_experiment_name="lora-tests", mlflow_run_name="tiny", wandb_run_name="wb-name")
+    assert named == ["wb-name"]
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("lora-tests")
     assert experiment is not None

@@ -254,7 +254,8 @@ def training_arguments(config: LoraSftConfig, plan: BatchPlan, precision: str) -
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=None,
         eval_strategy="steps" if config.eval_data_path or config.eval_split_ratio else "no",
         eval_steps=config.eval_steps,
-        report_to=targets or "none", run_name=config.wandb_run_name or config.mlflow_run_name,
+        # MLflow's run name (wandb's run is opened by metrics.reporting_env, with its own)
+        report_to=targets or "none", run_name=config.mlflow_run_name or config.wandb_run_name,
         seed=config.seed, data_seed=config.seed, dataloader_num_workers=config.dataloader_num_workers,
         dataloader_pin_memory=False, ignore_data_skip=True, remove_unused_columns=False,
         ddp_find_unused_parameters=False, gradient_checkpointing=False, disable_tqdm=True,
