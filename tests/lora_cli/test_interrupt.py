@@ -61,6 +61,38 @@ def test_sigint_saves_a_checkpoint_and_the_same_command_resumes(tiny_llama_dir, 
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # resumed at 4, nothing doubled
 
 
+def test_a_finished_run_continued_and_stopped_leaves_no_final_adapter_that_merge_takes(tiny_llama_dir, shards,
+                                                                                       tmp_path, monkeypatch):
+    """Finished at step 3, continued to 6 and stopped after 5: the step-3 adapter stayed sealed, and merge and chat
+    took it for the run's, which had said "adapter: (none yet: stopped early"."""
+    from lora_runtime.checkpoint import check_adapter
+    from lora_runtime.errors import CheckpointError
+    from transformers import TrainerCallback
+
+    real = lora_runtime.run
+
+    class SigintAtStep5(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_llama_dir), "--shards", str(shards), "--output", str(out), "--backend",
+            "peft", "--no-bf16", "--micro-batch-size", "1", "--save-steps", "100"]
+    assert CliRunner().invoke(main, [*args, "--max-steps", "3"]).exit_code == 0
+    check_adapter(out)
+    monkeypatch.setattr(lora_runtime, "run",
+                        lambda config: real(dataclasses.replace(config, callbacks=[SigintAtStep5(), *config.callbacks])))
+    res = CliRunner().invoke(main, [*args, "--max-steps", "6"])
+    assert res.exit_code == 130, res.output
+    with pytest.raises(CheckpointError, match=r"its final adapter is of step 3, but the run trained on to step 5 and "
+                                              r"stopped before writing its own: merge the newest complete checkpoint "
+                                              r"instead \(.*checkpoint-5\)"):
+        check_adapter(out)
+
+
 def _signals_at_step_3(monkeypatch, pause_s: float):
     """Patch lora_runtime.run: after step 3, SIGINT, `pause_s` seconds, SIGINT again (to this process)."""
     import time

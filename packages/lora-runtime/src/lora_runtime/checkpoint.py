@@ -211,33 +211,49 @@ def verify(path: str | Path, marker_name: str = MARKER, fix: str | None = None) 
     return path
 
 
-def seal(out_dir: str | Path, names: list[str], written: list[str] | None = None) -> Path:
+def seal(out_dir: str | Path, names: list[str], written: list[str] | None = None, step: int | None = None) -> Path:
     """Write ADAPTER_SUMS (sizes + sha256 of `names` present in `out_dir`) for `check_adapter`, with `written`: the
-    names the final save wrote (the adapter's and the tokenizer's own files; kept from an earlier seal if None)."""
+    names the final save wrote (the adapter's and the tokenizer's own files), and `step`: the optimizer step the
+    adapter holds (each kept from an earlier seal if None)."""
     out = Path(out_dir)
     files = [n for n in names if (out / n).is_file()]
     if written is None:
         written = final_files(out)
+    if step is None:
+        step = sealed_step(out)
     return write_json_atomic(out / ADAPTER_SUMS, {"files": files, "bytes": {n: (out / n).stat().st_size for n in files},
                                                   "sha256": {n: sha256_file(out / n) for n in files},
-                                                  **({"written": written} if written is not None else {})})
+                                                  **({"written": written} if written is not None else {}),
+                                                  **({"step": step} if step is not None else {})})
+
+
+def _seal_entry(out_dir: str | Path, key: str) -> Any:
+    try:
+        return json.loads((Path(out_dir) / ADAPTER_SUMS).read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def final_files(out_dir: str | Path) -> list[str] | None:
     """The names (files and folders) the final adapter's save wrote into `out_dir`, as its seal records them; None for
     a seal without them (an earlier version's) or no seal."""
-    try:
-        written = json.loads((Path(out_dir) / ADAPTER_SUMS).read_text(encoding="utf-8")).get("written")
-    except (OSError, ValueError, AttributeError):
-        return None
+    written = _seal_entry(out_dir, "written")
     return [str(n) for n in written] if isinstance(written, list) else None
+
+
+def sealed_step(out_dir: str | Path) -> int | None:
+    """The optimizer step of the final adapter in `out_dir`, as its seal records it (None: no seal, or an earlier
+    version's)."""
+    step = _seal_entry(out_dir, "step")
+    return step if isinstance(step, int) else None
 
 
 FINAL_STAGING = ".tmp-final-adapter"
 FINAL_INCOMPLETE = ".final-adapter-incomplete"  # from the start of a final save until its seal
 
 
-def write_final_adapter(out_dir: str | Path, save: Callable[[Path], Any], tokenizer: Any) -> Path:
+def write_final_adapter(out_dir: str | Path, save: Callable[[Path], Any], tokenizer: Any,
+                        step: int | None = None) -> Path:
     """The final adapter (`save(dir)`) and the tokenizer are written into a staging dir, moved into `out_dir` file by
     file, fsynced, and sealed (ADAPTER_SUMS) last.
 
@@ -271,7 +287,7 @@ def write_final_adapter(out_dir: str | Path, save: Callable[[Path], Any], tokeni
         if reason is not None:
             raise OSError(errno.ENOSPC, reason) from e
         raise
-    sealed = seal(out, ADAPTER_FILES, written)
+    sealed = seal(out, ADAPTER_FILES, written, step)
     (out / FINAL_INCOMPLETE).unlink()
     return sealed
 
@@ -290,6 +306,11 @@ def check_adapter(adapter_dir: str | Path) -> None:
     elif (d / ADAPTER_SUMS).is_file():
         newest = newest_complete(checkpoints_dir(d))
         verify(d, ADAPTER_SUMS, "restore it from a backup" + (f", or use the adapter in {newest}" if newest else ""))
+        step = sealed_step(d)
+        if newest is not None and step is not None and saved_step(newest) > step:
+            raise CheckpointError(f"{d}: its final adapter is of step {step}, but the run trained on to step "
+                                  f"{saved_step(newest)} and stopped before writing its own: "
+                                  f"{_merge_instead(d, '')}")
     else:
         _check_unsealed(d)
 

@@ -290,7 +290,7 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
         adapter_written = False
         try:
             if adapter_dir is not None:
-                checkpoint.write_final_adapter(out, save, tokenizer)
+                checkpoint.write_final_adapter(out, save, tokenizer, trainer.state.global_step)
                 adapter_written = True
             checkpoint.write_json_atomic(out / checkpoint.CONFIG_NAME, checkpoint.run_record(
                 config, plan, backend=backend.name, cuda_graphs=bool(getattr(trainer.model, "cuda_graphs", False)),
