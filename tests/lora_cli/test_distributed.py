@@ -127,33 +127,40 @@ def test_a_stop_delivered_twice_to_the_launcher_still_saves(tiny_llama_dir, even
     assert f"the same command resumes from {ckpt} (step {stopped[0]})" in log  # the launcher's closing line
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="the launcher's death reaches torchrun through Linux's prctl")
-def test_a_killed_launcher_stops_its_workers_which_hold_the_lock_until_they_exit(tiny_llama_dir, even_shards,
-                                                                                tmp_path):
-    """A SIGKILL of `lora-cli train --gpus 2` (an OOM killer, a `kill -9` of the process the user sees). Before,
-    torchrun and the workers trained on, orphaned, and the output lock died with the launcher: a second run of the
-    same command trained into the same dir beside them. Now torchrun gets a SIGTERM when the launcher dies, so the
-    workers save a checkpoint and stop, and it holds the lock until it has exited."""
+@pytest.mark.skipif(sys.platform != "linux", reason="a parent's death reaches its children through Linux's prctl")
+@pytest.mark.parametrize("killed", ["launcher", "parent"])
+def test_a_killed_launcher_or_torchrun_stops_the_workers(killed, tiny_llama_dir, even_shards, tmp_path):
+    """A SIGKILL of `lora-cli train --gpus 2` (an OOM killer, a `kill -9` of the process the user sees), or of its
+    torchrun. Before, the workers trained on, orphaned, with the output lock gone with the launcher: a second run of
+    the same command trained into the same dir beside them. Now torchrun gets a SIGTERM when the launcher dies, and
+    each worker when torchrun dies: they save a checkpoint and stop. torchrun holds the lock until it has exited."""
     import lora_data
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lora_cli", "train", *_train_args(tiny_llama_dir, even_shards, out), "--gpus", "2"]
     with open(tmp_path / "launcher.log", "wb") as log:
-        launcher = subprocess.Popen(cmd, env=_env() | {FAULT_SIGNALS_ENV: "3:SIGKILL:launcher"}, stdout=log,
+        launcher = subprocess.Popen(cmd, env=_env() | {FAULT_SIGNALS_ENV: f"3:SIGKILL:{killed}"}, stdout=log,
                                     stderr=subprocess.STDOUT)
-        assert launcher.wait(timeout=TIMEOUT) == -signal.SIGKILL
+        rc = launcher.wait(timeout=TIMEOUT)
     deadline = time.monotonic() + 120
-    while True:
+    while killed == "launcher":
+        assert rc == -signal.SIGKILL
         try:
             with lora_data.locked(out, what="test"):
                 left = _processes_with_env(LAUNCHER_PID_ENV, launcher.pid)
+            assert left == [], f"processes of the killed launcher still run, and the lock is free: {left}"
             break
         except lora_data.LockedError:
             assert time.monotonic() < deadline, "torchrun still holds the lock 120 s after the launcher died"
             time.sleep(0.5)
-    assert left == [], f"processes of the killed launcher still run, and the lock is free: {left}"
-    saved = [p.name for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").is_file()]
-    assert saved, (tmp_path / "launcher.log").read_text()[-3000:]  # the SIGTERM was a stop: the workers saved
+    while _processes_with_env(LAUNCHER_PID_ENV, launcher.pid):
+        assert time.monotonic() < deadline, "the workers still run 120 s after their parent died"
+        time.sleep(0.5)
+    log = (tmp_path / "launcher.log").read_text()
+    saved = [p for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").is_file()]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    planned = EPOCHS * len(lora_data.ShardReader(even_shards)) // 2
+    assert saved and max(steps) < planned, (max(steps), planned, log[-3000:])  # a stop that saved, not a whole run
 
 
 def _processes_with_env(name: str, value: int) -> list[int]:

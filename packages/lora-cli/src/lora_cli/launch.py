@@ -115,13 +115,14 @@ def _worker_env(device: str) -> dict[str, str]:
     return env
 
 
-def _stop_with(launcher: int) -> None:
-    """In the torchrun child before it starts (Linux): a SIGTERM when the launcher dies, as for a stop."""
+def stop_with_parent(parent: int) -> None:
+    """A SIGTERM, as for a stop, when this process's parent dies (Linux): torchrun when the launcher does, each worker
+    when torchrun does (it would stop them; killed, it cannot), so no worker trains on unseen and unlocked."""
     if sys.platform == "linux":
         import ctypes
 
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != launcher:  # it died before the request: the SIGTERM would never come
+        if os.getppid() != parent:  # it died before the request: the SIGTERM would never come
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -176,7 +177,7 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
         while not (forwarded and proc is not None):  # after a stop, no torchrun starts again
             # Own process group: a Ctrl-C on the terminal reaches only this process, which forwards it exactly once.
             proc = subprocess.Popen(cmd, env=env, process_group=0, pass_fds=() if lock is None else (lock,),
-                                    preexec_fn=functools.partial(_stop_with, os.getpid()))
+                                    preexec_fn=functools.partial(stop_with_parent, os.getpid()))
             if forwarded:  # a stop that came while torchrun was being started again
                 deliver()
             rc = proc.wait()

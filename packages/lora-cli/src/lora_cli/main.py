@@ -35,7 +35,7 @@ from lora_cli.options import (
     passthrough_args,
     read_config_file,
 )
-from lora_cli.stop import EXIT_INTERRUPTED, StopRequest, resume_note
+from lora_cli.stop import EXIT_INTERRUPTED, LAUNCHER_PID_ENV, StopRequest, resume_note
 from lora_cli.versions import version_option
 
 log = logging.getLogger("lora_cli")
@@ -244,6 +244,8 @@ def _train_in_process(cfg: LoraSftConfig) -> int:
     from lora_runtime.distributed import dist_env
 
     rank0 = dist_env().is_main
+    if os.environ.get(LAUNCHER_PID_ENV):  # a worker of our torchrun
+        launch.stop_with_parent(os.getppid())
     if os.environ.get("LORA_CLI_CPU_WORKERS") and rank0:
         log.info("lora-cli: %s CPU worker processes with gloo (no GPU visible)", dist_env().world_size)
     lora_runtime.backends.import_unsloth_first(cfg)  # before the callbacks below import transformers

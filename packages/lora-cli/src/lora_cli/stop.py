@@ -31,7 +31,7 @@ DUPLICATE_S = 2.0  # a repeat within this long after the first signal is the sam
 # Fault injection for tests, exercising the whole path a scheduler's kill takes. "STEP:SIGNAL:TARGET,TARGET,...":
 # after optimizer step STEP rank 0 sends SIGNAL to each target in turn, 0.3 s apart; a target is `launcher` (the
 # lora-cli launcher: its pid is in LORA_CLI_LAUNCHER_PID under torchrun), `group` (torchrun's process group: torchrun
-# and every worker) or `self`.
+# and every worker), `parent` (torchrun) or `self`.
 FAULT_SIGNALS_ENV = "LORA_CLI_FAULT_SIGNALS"
 FAULT_KILL_RANK_ENV = "LORA_CLI_FAULT_SIGKILL_RANK"  # tests: "RANK:STEP" → that rank SIGKILLs itself after STEP
 LAUNCHER_PID_ENV = "LORA_CLI_LAUNCHER_PID"
@@ -120,6 +120,8 @@ def _send_fault_signals(spec: str) -> None:
             os.kill(int(os.environ[LAUNCHER_PID_ENV]), sig)
         elif target == "group":
             os.killpg(os.getpgid(0), sig)
+        elif target == "parent":
+            os.kill(os.getppid(), sig)
         else:
             os.kill(os.getpid(), sig)
         time.sleep(0.3)
