@@ -130,6 +130,9 @@ def kept(shape: dict, budget: float) -> dict:  # (no `from __future__ import ann
     def keep(name):
         def compiler(gm, _inputs):
             graphs[name] = gm
+            if name == "backward":  # its graph is what counts; running it (bf16 on a CPU) took minutes
+                outputs = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+                return make_boxed_func(lambda *_args: [None] * outputs)
             return make_boxed_func(gm.forward)
         return compiler
 
