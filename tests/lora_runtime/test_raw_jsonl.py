@@ -3,6 +3,8 @@ and the report_to integrations (wandb offline, TensorBoard)."""
 
 from __future__ import annotations
 
+import re
+
 import _runs
 import _tiny
 import pytest
@@ -231,3 +233,25 @@ def test_a_run_on_raw_jsonl_prepared_again_by_a_newer_lora_data_is_offered_its_e
     with pytest.raises(ConfigError, match=f"an upgrade\\): pass data_path={earlier}, the shards that run trained on"):
         lora_sft(str(tiny_llama_dir), str(jsonl), str(tmp_path / "run"), **kw)
     assert lora_sft(str(tiny_llama_dir), str(earlier), str(tmp_path / "run"), **kw).steps == 2
+
+
+def test_a_damaged_cache_entry_is_named_as_the_cache_with_the_way_out(tiny_llama_dir, tmp_path):
+    """A flipped byte in a cached shard failed every later run on that file with a sha256 error about a directory the
+    user never made, and nothing said it could be removed."""
+    from lora_data import ShardError
+    from lora_runtime.batching import fixed_plan
+    from lora_runtime.config import LoraSftConfig
+    from lora_runtime.data import ensure_shards, open_datasets
+
+    jsonl = _tiny.write_jsonl(tmp_path / "train.jsonl", _tiny.chat_records(8, seed=1))
+    config = LoraSftConfig(str(tiny_llama_dir), str(jsonl), str(tmp_path / "run"), max_seq_len=256,
+                           micro_batch_size=1, data_output_dir=str(tmp_path / "cache"))
+    config, shards = ensure_shards(config)
+    shard = next(shards.train_dir.glob("shard-*.bin"))
+    blob = bytearray(shard.read_bytes())
+    blob[-1] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(ShardError, match=r"sha256 does not match manifest.json \(corrupted or modified\); "
+                                         rf"{re.escape(str(shards.train_dir))} is lora_sft's cache of the prepared raw "
+                                         "data: remove it and run again to prepare it anew"):
+        open_datasets(config, shards, fixed_plan(config, 1))

@@ -421,11 +421,29 @@ def open_datasets(config: LoraSftConfig, shards: Shards, plan: BatchPlan) -> tup
 
     env = dist_env()
     micro = plan.micro
-    train = PackedShardDataset(shards.train_dir, rank=env.rank, world_size=env.world_size, seed=config.seed,
-                               micro_batch_size=micro, grad_accum=plan.accumulation)
-    evals = None
-    if shards.eval_dir is not None:
-        evals = PackedShardDataset(shards.eval_dir, rank=env.rank, world_size=env.world_size, seed=config.seed,
-                                   shuffle=False, micro_batch_size=config.per_device_eval_batch_size or micro,
-                                   mask_repeats=True)
+    with _cache_hint(config):
+        train = PackedShardDataset(shards.train_dir, rank=env.rank, world_size=env.world_size, seed=config.seed,
+                                   micro_batch_size=micro, grad_accum=plan.accumulation)
+        evals = None
+        if shards.eval_dir is not None:
+            evals = PackedShardDataset(shards.eval_dir, rank=env.rank, world_size=env.world_size, seed=config.seed,
+                                       shuffle=False, micro_batch_size=config.per_device_eval_batch_size or micro,
+                                       mask_repeats=True)
     return train, evals
+
+
+@contextlib.contextmanager
+def _cache_hint(config: LoraSftConfig) -> Iterator[None]:
+    """A damaged shard set in the raw-data cache (never the user's own) is named as such, with the way out: the same
+    call with the entry removed prepares it again."""
+    from lora_data import ShardError
+
+    try:
+        yield
+    except ShardError as e:
+        root = cache_root(config).resolve()
+        entry = next((p for p in Path(e.path or "").resolve().parents if p.parent == root), None)
+        if entry is None:
+            raise
+        raise ShardError(f"{e.message}; {entry} is lora_sft's cache of the prepared raw data: remove it and run "
+                         "again to prepare it anew", path=e.path, field=e.field) from None
