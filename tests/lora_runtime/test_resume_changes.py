@@ -122,6 +122,11 @@ def test_resume_from_an_explicit_checkpoint(finished_at_4, tiny_llama_dir, llama
     assert res.steps == 6
     assert [r["step"] for r in read_metrics(res.metrics_path) if "loss" in r] == [5, 6]
     assert (finished_at_4 / "checkpoints" / "checkpoint-4" / "COMPLETE").is_file()
+    # the same call again (as a stopped run's message says to) goes on from this run's own checkpoints: it was
+    # refused, the dir holding checkpoints later than resume_from
+    again = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**BASE, "max_steps": 6},
+                     resume_from=str(ckpt))
+    assert again.steps == 6 and [r["step"] for r in read_metrics(res.metrics_path) if "loss" in r] == [5, 6]
     with pytest.raises(ConfigError, match="is not a complete checkpoint"):
         lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **BASE, resume_from=str(tmp_path))
 

@@ -153,11 +153,15 @@ def output_lock(ckpt_output_dir: str | Path, model_path: str | Path | None = Non
 def resume_checkpoint(config: Any) -> Path | None:
     """The checkpoint a run of `config` resumes from: `resume_from` when given (verified; CheckpointError where
     ckpt_output_dir holds later checkpoints, or, for another dir's checkpoint, a run of its own), else
-    `resume_point`."""
+    `resume_point`. Later checkpoints saved by a run started from the same `resume_from` are this run's: the same
+    call continues from the newest."""
     if config.resume_from and config.resume:
         found = verify(config.resume_from)
         step = saved_step(found)
-        later = [p.name for s, p in list_checkpoints(checkpoints_dir(config.ckpt_output_dir)) if s > step]
+        newer = [p for s, p in list_checkpoints(checkpoints_dir(config.ckpt_output_dir)) if s > step]
+        if newer and _resumed_from(newer[-1]) == found.resolve():  # this run's own, stopped: the same call goes on
+            return resume_point(config.ckpt_output_dir, resume=True)
+        later = [p.name for p in newer]
         if later:  # its steps trained again would be saved under names those hold: kept, the new ones dropped
             raise CheckpointError(
                 f"resume_from={found} is step {step}, but {checkpoints_dir(config.ckpt_output_dir)} already holds "
@@ -172,6 +176,15 @@ def resume_checkpoint(config: Any) -> Path | None:
                 "replaced by them. Pass a new ckpt_output_dir, or drop resume_from to continue the run there")
         return found
     return resume_point(config.ckpt_output_dir, resume=config.resume)
+
+
+def _resumed_from(ckpt: Path) -> Path | None:
+    """The `resume_from` the run that saved `ckpt` was started with, resolved (None: none, or unreadable)."""
+    try:
+        value = json.loads((ckpt / CONFIG_NAME).read_text(encoding="utf-8")).get("resume_from")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(os.path.expanduser(value)).resolve() if isinstance(value, str) else None
 
 
 def _another_run(out: str | Path, step: int) -> str:
