@@ -68,3 +68,43 @@ def test_a_missing_local_base_is_named_as_such(tmp_path):
     for model in (str(tmp_path / "nonexist"), "./nonexist"):
         res = CliRunner().invoke(main, ["merge", str(tmp_path / "run"), "--model", model, "--out", str(tmp_path / "m")])
         assert res.exit_code == 1 and res.output == f"error: --model {model}: no such directory\n", res.output
+
+
+def test_what_a_killed_merge_left_is_cleared_by_the_next_and_a_live_ones_is_not(tmp_path, tiny_llama_dir):
+    """A merge killed while writing left its partial copy of the model (`.merged.tmp-XXXX`, gigabytes for a real
+    model) beside the output for good. A killed merge's staging dirs (marked, their lock gone with it) are cleared by
+    the next merge into the same output: a partial write removed, an earlier merge set aside put back if the output
+    is missing. A live merge's, and anything not marked as a merge's, are left alone."""
+    import contextlib
+    import subprocess
+    import sys
+
+    from lora_runtime.merge import MARKER, _clear_killed, _staging
+
+    out = tmp_path / "merged"
+    script = (  # a merge's state when killed after setting the earlier merge aside, before its rename
+        "import contextlib, os, sys\nfrom pathlib import Path\nfrom lora_runtime.merge import MARKER, _staging\n"
+        "out = Path(sys.argv[1])\nheld = contextlib.ExitStack()\n"
+        "tmp = _staging(out, 'tmp', held)\n(tmp / 'model.safetensors').write_bytes(b'partial')\n"
+        "aside = _staging(out, 'replaced', held)\n(aside / out.name).mkdir()\n"
+        "(aside / out.name / MARKER).write_text('earlier')\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, timeout=120)
+    with contextlib.ExitStack() as held:
+        live = _staging(out, "tmp", held)
+        foreign = tmp_path / ".merged.tmp-mine"
+        foreign.mkdir()
+        _clear_killed(out)
+        assert (out / MARKER).read_text() == "earlier"  # put back: the output was missing
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, foreign.name, "merged"])
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                   LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(adapter)
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, timeout=120)
+    res = CliRunner().invoke(main, ["merge", str(adapter), "--model", str(tiny_llama_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    # the live one's lock is gone now too: cleared like the killed one's
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([foreign.name, "adapter", "merged"])
+    assert (out / "model.safetensors").is_file()

@@ -1,7 +1,8 @@
 """`merge_adapter(adapter_dir, model_path, out_dir)`: base model + LoRA adapter → one merged safetensors model.
 
 Written to a staging dir and renamed into place, so `out_dir` is either absent or complete (an earlier merge it
-replaces is set aside until then, never deleted first). The tokenizer from
+replaces is set aside until then, never deleted first); what a killed merge left beside it is cleared by the next
+merge into the same `out_dir`. The tokenizer from
 `adapter_dir` (where lora_sft saves it) or else from `model_path` is copied along, so `out_dir` loads on its own.
 An existing `out_dir` is replaced only if an earlier merge wrote it (it holds MARKER); any other non-empty directory,
 and one that is or holds the adapter or the base model, is refused before anything is loaded. A base with tied
@@ -10,6 +11,10 @@ embeddings whose lm_head or embed_tokens is adapted is untied first (`untie_adap
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +23,7 @@ from typing import Any
 from lora_runtime.errors import CheckpointError
 
 MARKER = "MERGED_BY_LORA_SFT"
+STAGING = ".lora-sft-merge-staging"  # in a merge's staging dir while it is one (`_clear_killed` removes no other)
 
 
 class AdapterMismatch(CheckpointError):
@@ -44,7 +50,7 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
     check_adapter(adapter_dir)  # a torn, truncated or flipped adapter file is an error naming it, before any import
     _warn_if_another_base(adapter_dir, model_path)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -52,13 +58,24 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
     untie_adapted_embeddings(adapted)
     merged = adapted.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # ours alone: no sibling is touched
+    _clear_killed(out)
+    with contextlib.ExitStack() as held:
+        return _write(merged, out, held, adapter_dir, model_path, trust_remote_code)
+
+
+def _write(merged: Any, out: Path, held: contextlib.ExitStack, adapter_dir: Path, model_path: str | Path,
+           trust_remote_code: bool) -> Path:
+    """Save into a staging dir of ours, then put it in `out`'s place (the earlier merge set aside until then)."""
+    from transformers import AutoTokenizer
+
+    tmp = _staging(out, "tmp", held)  # ours alone: no sibling is touched
     try:
         tmp.chmod(0o755)
         merged.save_pretrained(tmp, safe_serialization=True)
         tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_path
         AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code).save_pretrained(tmp)
         (tmp / MARKER).write_text(f"adapter: {adapter_dir}\nbase: {model_path}\n")
+        (tmp / STAGING).unlink()
     except BaseException as e:
         from lora_runtime.checkpoint import disk_full_reason
 
@@ -70,19 +87,53 @@ def merge_adapter(adapter_dir: str | Path, model_path: str | Path, out_dir: str 
         raise
     aside = None  # the earlier merge, set aside (in a directory of ours) until the new one is in place: an error in
     if out.exists():  # between puts it back, a kill leaves it whole beside the new one, never neither
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+        aside = _staging(out, "replaced", held)
         out.rename(aside / out.name)
     try:
         tmp.rename(out)
     except BaseException:
         if aside is not None and not out.exists():
             (aside / out.name).rename(out)
-            aside.rmdir()
+            shutil.rmtree(aside, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return out
+
+
+def _staging(out: Path, kind: str, held: contextlib.ExitStack) -> Path:
+    """A new `.<out>.<kind>-XXXX` dir beside `out`, marked as a merge's (STAGING) and locked (a flock on the dir,
+    held until `held` closes and dropped by the OS if this process dies: `_clear_killed` tells a killed merge's)."""
+    d = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-", dir=out.parent))
+    fd = os.open(d, os.O_RDONLY)
+    held.callback(os.close, fd)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    (d / STAGING).touch()
+    return d
+
+
+def _clear_killed(out: Path) -> None:
+    """What a killed merge into `out` left beside it (its staging dirs, marked and no longer locked): a partial write
+    is removed; an earlier merge it had set aside is put back where `out` is missing, else removed."""
+    for d in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        if not (d / STAGING).is_file():
+            continue  # not a merge's: never touched
+        try:
+            fd = os.open(d, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a live merge's
+        try:
+            if (d / out.name / MARKER).is_file() and not out.exists():
+                (d / out.name).rename(out)
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def load_adapted(base: Any, adapter_dir: str | Path, model_path: str | Path) -> Any:
