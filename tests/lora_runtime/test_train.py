@@ -214,6 +214,26 @@ def test_a_shard_set_without_rows_is_one_data_error_before_training(tiny_llama_d
     assert not (tmp_path / "out").exists()
 
 
+def test_token_ids_past_the_models_embeddings_are_one_data_error_before_training(tiny_llama_dir, llama_shards,
+                                                                                 tmp_path):
+    """A tokenizer with tokens added and the model not resized: the run failed in step 1 with an IndexError (on a
+    GPU, a device-side assert)."""
+    import shutil
+
+    from lora_data import DataError, ShardReader
+    from transformers import AutoModelForCausalLM
+
+    small = tmp_path / "small"
+    shutil.copytree(tiny_llama_dir, small)
+    model = AutoModelForCausalLM.from_pretrained(small)
+    model.resize_token_embeddings(500)
+    model.save_pretrained(small)
+    assert ShardReader(llama_shards).max_token_id() >= 500
+    with pytest.raises(DataError, match=r"token id \d+ is past the model's 500 token embeddings"):
+        lora_sft(str(small), str(llama_shards), str(tmp_path / "out"), **_runs.RUN)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("factor", [2, 0.5])
 def test_shards_packed_to_another_length_are_refused_before_training(tiny_llama_dir, llama_shards, tmp_path, factor):
     """Longer rows would not fit; shorter ones mean records over their length were dropped or cut at prepare time."""

@@ -287,6 +287,10 @@ class ShardReader:
         for i in range(len(self)):
             yield self[i]
 
+    def max_token_id(self) -> int:
+        """The largest token id in any row (-1 for none); reads every shard."""
+        return max((int(np.max(s["input_ids"])) for s in self._shards if s["input_ids"].size), default=-1)
+
     def sample_lengths(self) -> np.ndarray:
         """Lengths of every packed sample, all shards in order (for histograms)."""
         parts = [np.array(s["seg_lens"], dtype=np.int64) for s in self._shards]

@@ -269,10 +269,32 @@ def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None
                            f"chat_template={config.chat_template!r} on this model's (fingerprints {e.expected} and "
                            f"{e.actual}): a prepared shard dir is rendered already; pass the raw JSONL as data_path to "
                            "render it with this template, or drop chat_template"]) from e
+    _check_vocab(shard_dir, config, tokenizer)
     if manifest.seq_len != config.max_seq_len:  # shorter rows too: records over their length were dropped or cut
         raise ConfigError([f"{shard_dir}: rows are packed to {manifest.seq_len} tokens but max_seq_len="
                            f"{config.max_seq_len}; pass max_seq_len={manifest.seq_len} or prepare the data again"])
     check_data_options(shard_dir, manifest, config)
+
+
+def _check_vocab(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None:
+    """A tokenizer with more tokens than the model has embeddings (tokens added, the model not resized): a shard id
+    past them failed in the first step (an index error; on a GPU, a device-side assert). Read only then."""
+    from lora_data import ShardReader
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+        vocab = int(model_config.get_text_config().vocab_size)
+    except Exception:  # no readable config here: the model load names the problem
+        return
+    if len(tokenizer) <= vocab:
+        return
+    largest = ShardReader(shard_dir, verify=False).max_token_id()
+    if largest >= vocab:
+        raise DataError(f"token id {largest} is past the model's {vocab} token embeddings (its tokenizer has "
+                        f"{len(tokenizer)} tokens: some were added and the model was not resized). Resize it "
+                        "(model.resize_token_embeddings(len(tokenizer)), then save it) or prepare the data with the "
+                        "tokenizer it was trained with", path=shard_dir)
 
 
 def _option(name: str) -> Callable[[Any], Any]:
