@@ -97,7 +97,13 @@ def test_another_base_model_is_refused_whatever_its_path(finished_at_4, tiny_lla
     copy = tmp_path / "run"  # the finished run, resumed where it ended: nothing left to train
     shutil.copytree(finished_at_4, copy, ignore=shutil.ignore_patterns(".lock"))
     monkeypatch.chdir(tiny_llama_dir.parent)
-    assert lora_sft(tiny_llama_dir.name, str(llama_shards), str(copy), **{**BASE, "max_steps": 4}).steps == 4
+    record = (copy / "lora_sft_config.json").read_bytes()
+    assert lora_sft(tiny_llama_dir.name, str(llama_shards), str(copy),
+                    **{**BASE, "max_steps": 4, "learning_rate": 7e-3}).steps == 4
+    # a setting changed since trained nothing: the record and the card keep what the adapter was trained with (they
+    # said learning rate 0.007)
+    assert (copy / "lora_sft_config.json").read_bytes() == record
+    assert "| learning rate | 0.007 |" not in (copy / "README.md").read_text()
 
 
 def test_other_data_is_refused(finished_at_4, tiny_llama_dir, tmp_path):

@@ -125,7 +125,7 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
                                     callbacks=[*(_callbacks(config.callbacks) or []), progress_callback()])
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         trainer.flush_tokens()
-        return finish(config, plan, backend, trainer, tokenizer, manifest, start)
+        return finish(config, plan, backend, trainer, tokenizer, manifest, start, resume_step)
     finally:
         release(model)
 
@@ -266,9 +266,15 @@ def training_arguments(config: LoraSftConfig, plan: BatchPlan, precision: str) -
 
 
 def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: Any, tokenizer: Any, manifest: Any,
-           start: float) -> TrainResult:
-    """Rank 0 writes adapter, tokenizer, resolved config, loss plot and (optionally) the merged model."""
+           start: float, resume_step: int | None = None) -> TrainResult:
+    """Rank 0 writes adapter, tokenizer, resolved config, loss plot and (optionally) the merged model. A finished run
+    called again (no step left) keeps its run record, and so its card: settings changed since trained nothing."""
     out = Path(config.ckpt_output_dir)
+    step = trainer.state.global_step
+    rerun = resume_step == step and checkpoint.sealed_step(out) == step and (out / checkpoint.CONFIG_NAME).is_file()
+    if rerun:
+        print0(f"nothing left to train after step {step}: {checkpoint.CONFIG_NAME} and the model card keep the "
+               "settings the adapter was trained with")
     metrics_path = out / "metrics.jsonl"
     trainer.metrics.sync()  # rows past the last checkpoint: no resume would log them again
     # Stopped early (a signal, a callback): the newest checkpoint holds the state; nothing may look like a final result.
@@ -292,10 +298,11 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
             if adapter_dir is not None:
                 checkpoint.write_final_adapter(out, save, tokenizer, trainer.state.global_step)
                 adapter_written = True
-            checkpoint.write_json_atomic(out / checkpoint.CONFIG_NAME, checkpoint.run_record(
-                config, plan, backend=backend.name, cuda_graphs=bool(getattr(trainer.model, "cuda_graphs", False)),
-                versions=_versions(), model=trainer.base_identity(),
-                prepared=None if manifest is None else prepared_options(manifest)))
+            if not rerun:
+                checkpoint.write_json_atomic(out / checkpoint.CONFIG_NAME, checkpoint.run_record(
+                    config, plan, backend=backend.name, cuda_graphs=bool(getattr(trainer.model, "cuda_graphs", False)),
+                    versions=_versions(), model=trainer.base_identity(),
+                    prepared=None if manifest is None else prepared_options(manifest)))
             plot = plot_loss(metrics_path, out / "loss.png")
             if adapter_dir is not None:
                 model_card.write_model_card(out, manifest)
