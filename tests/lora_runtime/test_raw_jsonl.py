@@ -255,3 +255,21 @@ def test_a_damaged_cache_entry_is_named_as_the_cache_with_the_way_out(tiny_llama
                                          rf"{re.escape(str(shards.train_dir))} is lora_sft's cache of the prepared raw "
                                          "data: remove it and run again to prepare it anew"):
         open_datasets(config, shards, fixed_plan(config, 1))
+
+
+def test_raw_eval_data_is_prepared_as_the_training_shards_were(tiny_llama_dir, tmp_path):
+    """Training shards prepared with train_on_inputs (the config's default defers to them) and a raw eval file: the
+    eval file was prepared with the default, so eval_loss measured the answers alone against a loss over every
+    token."""
+    import lora_data
+    from lora_runtime.config import LoraSftConfig
+    from lora_runtime.data import ensure_shards
+
+    train = _tiny.write_jsonl(tmp_path / "train.jsonl", _tiny.chat_records(8, seed=1))
+    evals = _tiny.write_jsonl(tmp_path / "eval.jsonl", _tiny.chat_records(4, seed=2))
+    lora_data.prepare(train, tmp_path / "shards", tiny_llama_dir, max_seq_len=256, train_on_inputs=True)
+    config = LoraSftConfig(str(tiny_llama_dir), str(tmp_path / "shards"), str(tmp_path / "run"), max_seq_len=256,
+                           eval_data_path=str(evals), data_output_dir=str(tmp_path / "cache"))
+    _, shards = ensure_shards(config)
+    assert shards.eval_dir is not None
+    assert lora_data.Manifest.load(shards.eval_dir).options["train_on_inputs"] is True

@@ -52,8 +52,15 @@ def ensure_shards(config: LoraSftConfig) -> tuple[LoraSftConfig, Shards]:
     if config.eval_split_ratio:
         train_path, eval_path = split_eval(Path(config.data_path), config)
     train_dir = resolve(train_path, "data_path", config, tokenizer)
-    eval_dir = resolve(eval_path, "eval_data_path", config, tokenizer) if eval_path else None
-    return config, Shards(train_dir, Manifest.load(train_dir), eval_dir)
+    manifest = Manifest.load(train_dir)
+    eval_dir = None
+    if eval_path:  # raw eval data is prepared as the training shards were (a shard dir's masking and overlong policy,
+        # which a config left at its defaults defers to): else eval_loss measured another objective
+        raw = not (Path(eval_path) / MANIFEST_NAME).is_file()
+        baked = {k: v for k, v in prepared_options(manifest).items()
+                 if raw and k in ("train_on_inputs", "overlong") and v is not None}
+        eval_dir = resolve(eval_path, "eval_data_path", dataclasses.replace(config, **baked), tokenizer)
+    return config, Shards(train_dir, manifest, eval_dir)
 
 
 def model_tokenizer(config: LoraSftConfig) -> Any:
