@@ -386,3 +386,15 @@ def test_tf32_on_a_cpu_says_it_is_ignored(capsys, monkeypatch):
     assert "tf32=True applies to CUDA matmuls; this run is on the CPU, which has no TF32: ignored" in capsys.readouterr().out
     decide_precision(cfg(tf32=False, bf16=False))
     assert "tf32" not in capsys.readouterr().out
+
+
+def test_rank_and_world_size_left_in_the_environment_without_torchrun_are_one_config_error(monkeypatch):
+    """Was a ValueError traceback from torch.distributed (MASTER_ADDR expected but not set)."""
+    from lora_runtime.distributed import init_process_group
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="MASTER_ADDR and MASTER_PORT not: this process was not started by torchrun"):
+        init_process_group()

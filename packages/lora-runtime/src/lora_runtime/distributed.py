@@ -91,6 +91,13 @@ def init_process_group() -> DistEnv:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if missing := [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]:
+            from lora_runtime.config import ConfigError
+
+            raise ConfigError([f"RANK={os.environ.get('RANK')} and WORLD_SIZE={env.world_size} are set in the "
+                               f"environment but {' and '.join(missing)} not: this process was not started by "
+                               "torchrun. Unset RANK and WORLD_SIZE (left from another job?) to train in one process, "
+                               "or launch it with `lora-cli train --gpus N`"])
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(env.local_rank)
