@@ -67,14 +67,6 @@ def test_a_finished_run_continued_and_stopped_leaves_no_final_adapter_that_merge
     took it for the run's, which had said "adapter: (none yet: stopped early"."""
     from lora_runtime.checkpoint import check_adapter
     from lora_runtime.errors import CheckpointError
-    from transformers import TrainerCallback
-
-    real = lora_runtime.run
-
-    class SigintAtStep5(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 5:
-                os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -83,14 +75,30 @@ def test_a_finished_run_continued_and_stopped_leaves_no_final_adapter_that_merge
             "peft", "--no-bf16", "--micro-batch-size", "1", "--save-steps", "100"]
     assert CliRunner().invoke(main, [*args, "--max-steps", "3"]).exit_code == 0
     check_adapter(out)
-    monkeypatch.setattr(lora_runtime, "run",
-                        lambda config: real(dataclasses.replace(config, callbacks=[SigintAtStep5(), *config.callbacks])))
+    _signal_at_step(monkeypatch, 5, signal.SIGINT)
     res = CliRunner().invoke(main, [*args, "--max-steps", "6"])
     assert res.exit_code == 130, res.output
     with pytest.raises(CheckpointError, match=r"its final adapter is of step 3, but the run trained on to step 5 and "
                                               r"stopped before writing its own: merge the newest complete checkpoint "
                                               r"instead \(.*checkpoint-5\)"):
         check_adapter(out)
+
+
+def _signal_at_step(monkeypatch, step: int, sig: signal.Signals) -> None:
+    """Patch lora_runtime.run: `sig` to this process after optimizer step `step` (as a terminal or scheduler would)."""
+    from transformers import TrainerCallback
+
+    real = lora_runtime.run
+
+    class SignalAtStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                os.kill(os.getpid(), sig)
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(lora_runtime, "run",
+                        lambda config: real(dataclasses.replace(config, callbacks=[SignalAtStep(), *config.callbacks])))
 
 
 def _signals_at_step_3(monkeypatch, pause_s: float):
@@ -146,19 +154,7 @@ def test_a_later_repeat_aborts_and_names_the_step_the_next_run_resumes_from(tiny
 
 def test_a_stop_at_the_last_step_is_a_finished_run(tiny_llama_dir, shards, tmp_path, monkeypatch):
     """The run finishes its last step and writes its adapter whatever arrives then: exit 0, not "resume"."""
-    from transformers import TrainerCallback
-
-    real = lora_runtime.run
-
-    class SigtermAtTheEnd(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 6:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(lora_runtime, "run",
-                        lambda config: real(dataclasses.replace(config, callbacks=[SigtermAtTheEnd(), *config.callbacks])))
+    _signal_at_step(monkeypatch, 6, signal.SIGTERM)
     out = tmp_path / "run"
     res = CliRunner().invoke(main, _args(tiny_llama_dir, shards, out))
     assert res.exit_code == 0, res.output
