@@ -143,3 +143,28 @@ def test_the_launcher_starts_torchrun_again_at_most_max_replans_times(monkeypatc
     assert f"not starting the workers again: planned again for less memory {MAX_REPLANS} times already" in caplog.text
     envs = [json.loads(line) for line in (tmp_path / "out" / "starts").read_text().splitlines()]
     assert envs[0] == {"limit": None, "failed": []} and envs[1]["limit"] == [4.0 * 2**30, "lower"]
+
+
+@pytest.mark.parametrize("before", [signal.SIG_IGN, signal.SIG_DFL])
+def test_a_hangup_stops_the_run_unless_it_is_ignored_as_under_nohup(monkeypatch, before):
+    import subprocess
+
+    from lora_cli import launch
+
+    monkeypatch.setattr(launch, "torchrun_command", lambda plan, args: [sys.executable, "-c", "pass"])
+    seen = []
+    real = subprocess.Popen
+
+    class Recorded(real):
+        def __init__(self, *args, **kwargs):
+            seen.append(signal.getsignal(signal.SIGHUP))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
+    previous = signal.signal(signal.SIGHUP, before)
+    try:
+        assert launch.run_torchrun(LaunchPlan(2), [], "cpu") == 0
+        assert signal.getsignal(signal.SIGHUP) == before  # put back
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert (seen[0] == signal.SIG_IGN) == (before == signal.SIG_IGN), seen  # nohup's choice kept; else a stop

@@ -171,7 +171,9 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
             log.warning("got %s again: already stopping, the workers are writing the checkpoint (to abort without "
                         "it: kill -KILL %d)", forwarded[-1], proc.pid if proc is not None else os.getpid())
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # a SIGHUP too (a closed terminal), unless it is ignored (`nohup`): then the run goes on, as asked
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, *hangup)}
     relaunches = 0
     try:
         while not (forwarded and proc is not None):  # after a stop, no torchrun starts again
