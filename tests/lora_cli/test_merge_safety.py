@@ -79,7 +79,7 @@ def test_what_a_killed_merge_left_is_cleared_by_the_next_and_a_live_ones_is_not(
     import subprocess
     import sys
 
-    from lora_runtime.merge import MARKER, _clear_killed, _staging
+    from lora_runtime.merge import MARKER, STAGING, _clear_killed, _staging
 
     out = tmp_path / "merged"
     script = (  # a merge's state when killed after setting the earlier merge aside, before its rename
@@ -93,9 +93,11 @@ def test_what_a_killed_merge_left_is_cleared_by_the_next_and_a_live_ones_is_not(
         live = _staging(out, "tmp", held)
         foreign = tmp_path / ".merged.tmp-mine"
         foreign.mkdir()
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / "merged.v2")], check=True, timeout=120)
+        other = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged.v2."))  # another output's
         _clear_killed(out)
         assert (out / MARKER).read_text() == "earlier"  # put back: the output was missing
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, foreign.name, "merged"])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, foreign.name, "merged", *other])
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -106,5 +108,6 @@ def test_what_a_killed_merge_left_is_cleared_by_the_next_and_a_live_ones_is_not(
     res = CliRunner().invoke(main, ["merge", str(adapter), "--model", str(tiny_llama_dir), "--out", str(out)])
     assert res.exit_code == 0, res.output
     # the live one's lock is gone now too: cleared like the killed one's
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([foreign.name, "adapter", "merged"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([foreign.name, "adapter", "merged", *other])
+    assert not (out / STAGING).exists()
     assert (out / "model.safetensors").is_file()

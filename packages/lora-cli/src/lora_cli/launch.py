@@ -123,6 +123,7 @@ def stop_with_parent(parent: int) -> None:
 
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # it died before the request: the SIGTERM would never come
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited from the launcher
             os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -192,10 +192,13 @@ def _another_run(out: str | Path, step: int) -> str:
     run's are all later), or metrics rows up to `step` (this run's only row there is its `resumed_at` marker)."""
     held = [p.name for _, p in list_checkpoints(checkpoints_dir(out))]
     try:
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-                if line.strip()]
-    except (OSError, ValueError):
-        rows = []
+        lines = (Path(out) / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        lines = []
+    rows = []
+    for line in lines:
+        with contextlib.suppress(ValueError):  # a row torn by a kill: the others still count
+            rows.append(json.loads(line))
     logged = [r["step"] for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step
               and "resumed_at" not in r]
     if logged:

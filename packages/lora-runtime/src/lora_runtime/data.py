@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -471,7 +472,8 @@ def _cache_hint(config: LoraSftConfig) -> Iterator[None]:
         yield
     except ShardError as e:
         root = cache_root(config).resolve()
-        entry = next((p for p in Path(e.path or "").resolve().parents if p.parent == root), None)
+        entry = next((p for p in Path(e.path or "").resolve().parents  # an entry: named by its cache key
+                      if p.parent == root and re.fullmatch("[0-9a-f]{20}", p.name)), None)
         if entry is None:
             raise
         raise ShardError(f"{e.message}; {entry} is lora_sft's cache of the prepared raw data: remove it and run "

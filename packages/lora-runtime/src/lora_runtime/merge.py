@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -75,7 +75,6 @@ def _write(merged: Any, out: Path, held: contextlib.ExitStack, adapter_dir: Path
         tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_path
         AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code).save_pretrained(tmp)
         (tmp / MARKER).write_text(f"adapter: {adapter_dir}\nbase: {model_path}\n")
-        (tmp / STAGING).unlink()
     except BaseException as e:
         from lora_runtime.checkpoint import disk_full_reason
 
@@ -97,6 +96,7 @@ def _write(merged: Any, out: Path, held: contextlib.ExitStack, adapter_dir: Path
             shutil.rmtree(aside, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    (out / STAGING).unlink(missing_ok=True)  # in place now: a merge's output, no longer its staging dir
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return out
@@ -108,7 +108,10 @@ def _staging(out: Path, kind: str, held: contextlib.ExitStack) -> Path:
     d = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-", dir=out.parent))
     fd = os.open(d, os.O_RDONLY)
     held.callback(os.close, fd)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # a filesystem without flock on directories (NFS): unmarked, so never taken for a killed one's
+        return d
     (d / STAGING).touch()
     return d
 
@@ -116,7 +119,8 @@ def _staging(out: Path, kind: str, held: contextlib.ExitStack) -> Path:
 def _clear_killed(out: Path) -> None:
     """What a killed merge into `out` left beside it (its staging dirs, marked and no longer locked): a partial write
     is removed; an earlier merge it had set aside is put back where `out` is missing, else removed."""
-    for d in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+    ours = re.compile(rf"\.{re.escape(out.name)}\.(tmp|replaced)-[A-Za-z0-9_]+")  # mkdtemp's suffixes: no dot
+    for d in sorted(p for p in out.parent.iterdir() if ours.fullmatch(p.name)):
         if not (d / STAGING).is_file():
             continue  # not a merge's: never touched
         try:
@@ -125,9 +129,9 @@ def _clear_killed(out: Path) -> None:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:
             os.close(fd)
-            continue  # a live merge's
+            continue  # a live merge's (or no telling)
         try:
             if (d / out.name / MARKER).is_file() and not out.exists():
                 (d / out.name).rename(out)
