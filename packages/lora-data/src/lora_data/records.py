@@ -175,7 +175,7 @@ class RecordReader:
             return
         try:
             yield from self._lines(path)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a truncated or corrupt .gz
+        except GZIP_ERRORS as e:
             raise DataError(f"not a readable gzip file: {e}", path=path) from None
 
     def _lines(self, path: str):
@@ -534,6 +534,7 @@ def _has_lone_surrogate(obj: Any) -> bool:
 
 STDIN = "-"  # as an input path: read standard input
 GZIP_MAGIC = b"\x1f\x8b"
+GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)  # what reading a truncated or corrupt gzip stream raises
 
 
 def _array_file(path: str | Path, head: bytes) -> bool:

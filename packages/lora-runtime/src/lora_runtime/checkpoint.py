@@ -178,27 +178,30 @@ def resume_checkpoint(config: Any) -> Path | None:
     return resume_point(config.ckpt_output_dir, resume=config.resume)
 
 
-def _resumed_from(ckpt: Path) -> Path | None:
-    """The `resume_from` the run that saved `ckpt` was started with, resolved (None: none, or unreadable)."""
+def _json_key(path: Path, key: str) -> Any:
+    """`key` of the JSON object in `path`; None where the file, the object or the key is missing or unreadable."""
     try:
-        value = json.loads((ckpt / CONFIG_NAME).read_text(encoding="utf-8")).get("resume_from")
+        return json.loads(path.read_text(encoding="utf-8")).get(key)
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _resumed_from(ckpt: Path) -> Path | None:
+    """The `resume_from` the run that saved `ckpt` was started with, resolved (None: none, or unreadable)."""
+    value = _json_key(ckpt / CONFIG_NAME, "resume_from")
     return Path(os.path.expanduser(value)).resolve() if isinstance(value, str) else None
 
 
 def _another_run(out: str | Path, step: int) -> str:
     """What of a run other than one resumed from another dir's checkpoint at `step` `out` holds: its checkpoints (this
     run's are all later), or metrics rows up to `step` (this run's only row there is its `resumed_at` marker)."""
+    from lora_runtime.metrics import _whole_lines
+
     held = [p.name for _, p in list_checkpoints(checkpoints_dir(out))]
-    try:
-        lines = (Path(out) / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        lines = []
-    rows = []
-    for line in lines:
-        with contextlib.suppress(ValueError):  # a row torn by a kill: the others still count
-            rows.append(json.loads(line))
+    try:  # a last row torn by a kill is dropped, as MetricsWriter drops it on resume
+        rows = [json.loads(line) for line in _whole_lines(Path(out) / "metrics.jsonl")]
+    except (OSError, ValueError):
+        rows = []
     logged = [r["step"] for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step
               and "resumed_at" not in r]
     if logged:
@@ -243,24 +246,17 @@ def seal(out_dir: str | Path, names: list[str], written: list[str] | None = None
                                                   **({"step": step} if step is not None else {})})
 
 
-def _seal_entry(out_dir: str | Path, key: str) -> Any:
-    try:
-        return json.loads((Path(out_dir) / ADAPTER_SUMS).read_text(encoding="utf-8")).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def final_files(out_dir: str | Path) -> list[str] | None:
     """The names (files and folders) the final adapter's save wrote into `out_dir`, as its seal records them; None for
     a seal without them (an earlier version's) or no seal."""
-    written = _seal_entry(out_dir, "written")
+    written = _json_key(Path(out_dir) / ADAPTER_SUMS, "written")
     return [str(n) for n in written] if isinstance(written, list) else None
 
 
 def sealed_step(out_dir: str | Path) -> int | None:
     """The optimizer step of the final adapter in `out_dir`, as its seal records it (None: no seal, or an earlier
     version's)."""
-    step = _seal_entry(out_dir, "step")
+    step = _json_key(Path(out_dir) / ADAPTER_SUMS, "step")
     return step if isinstance(step, int) else None
 
 

@@ -169,9 +169,8 @@ def _split_source(data_file: Path) -> bytes:
     """What `split_eval` splits, as JSON lines: a JSONL file's bytes (gzip read through), a `.json` array's elements,
     or a dataset's rows (row n on line n, as lora-data numbers them)."""
     import json
-    import zlib
 
-    from lora_data.records import json_array, open_input
+    from lora_data.records import GZIP_ERRORS, json_array, open_input
     from lora_data.rows import is_dataset, iter_rows, row_text
 
     if is_dataset(data_file):
@@ -184,7 +183,7 @@ def _split_source(data_file: Path) -> bytes:
     try:
         with open_input(data_file) as f:
             return bytes(f.read())
-    except (EOFError, OSError, zlib.error) as e:  # a truncated or corrupt .gz (gzip.BadGzipFile is an OSError)
+    except GZIP_ERRORS as e:
         raise DataError(f"not a readable gzip file: {e}", path=data_file) from None
 
 
