@@ -133,7 +133,9 @@ def test_a_killed_launcher_or_torchrun_stops_the_workers(killed, tiny_llama_dir,
     """A SIGKILL of `lora-cli train --gpus 2` (an OOM killer, a `kill -9` of the process the user sees), or of its
     torchrun. Before, the workers trained on, orphaned, with the output lock gone with the launcher: a second run of
     the same command trained into the same dir beside them. Now torchrun gets a SIGTERM when the launcher dies, and
-    each worker when torchrun dies: they save a checkpoint and stop. torchrun holds the lock until it has exited."""
+    each worker when torchrun dies: they save a checkpoint and stop. torchrun holds the lock until it has exited; a
+    launcher whose torchrun died waits for the workers before it names the checkpoint and lets the lock go (it said
+    "a worker failed" and let go while they were still saving)."""
     import lora_data
 
     out = tmp_path / "run"
@@ -142,6 +144,14 @@ def test_a_killed_launcher_or_torchrun_stops_the_workers(killed, tiny_llama_dir,
         launcher = subprocess.Popen(cmd, env=_env() | {FAULT_SIGNALS_ENV: f"3:SIGKILL:{killed}"}, stdout=log,
                                     stderr=subprocess.STDOUT)
         rc = launcher.wait(timeout=TIMEOUT)
+    if killed == "parent":
+        assert _processes_with_env(LAUNCHER_PID_ENV, launcher.pid) == [], "the launcher exited before its workers"
+        log = (tmp_path / "launcher.log").read_text()
+        assert rc == 130, log[-3000:]
+        assert "a worker failed" not in log, log[-3000:]
+        newest = max((out / "checkpoints").iterdir(), key=lambda p: int(p.name.rpartition("-")[2]))
+        assert (f"torchrun was killed by SIGKILL; its workers stopped after saving a checkpoint; the same command "
+                f"resumes from {newest} (step {newest.name.rpartition('-')[2]})") in log, log[-3000:]
     deadline = time.monotonic() + 120
     while killed == "launcher":
         assert rc == -signal.SIGKILL

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 
 import _tiny
 import lora_runtime
@@ -180,3 +181,28 @@ def test_ranks_agree_on_a_stop_a_step_late_except_at_the_end(monkeypatch):
     late = _AnyRank(late=True)
     assert late(False) is False and late(True, at_once=True) is True
     assert _AnyRank()(True) is True  # gloo: at once
+
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a pseudo-terminal")
+def test_a_closed_terminal_stops_the_run_with_a_checkpoint(tiny_llama_dir, shards, tmp_path, monkeypatch):
+    """The terminal a run prints to goes away (an ssh session drops): SIGHUP, and every later write to it fails with
+    EIO. Before: SIGHUP killed the run without a checkpoint, and the stop's own message raised EIO out of the step."""
+    import pty
+
+    master, terminal = pty.openpty()
+    with open(terminal, "w", buffering=1) as tty:
+        monkeypatch.setattr(sys, "stdout", tty)
+        monkeypatch.setattr(sys, "stderr", tty)
+        os.close(master)  # the terminal hangs up: writes to it fail with EIO from here on
+        _signal_at_step(monkeypatch, 3, signal.SIGHUP)
+        out = tmp_path / "run"
+        before = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal (not ignored, as under nohup)
+        try:
+            with pytest.raises(SystemExit) as stopped:
+                main(_args(tiny_llama_dir, shards, out, "--save-steps", "100"))
+        finally:
+            signal.signal(signal.SIGHUP, before)
+    assert stopped.value.code == 130
+    assert (out / "checkpoints" / "checkpoint-3" / "COMPLETE").is_file()
+    assert not (out / "adapter_model.safetensors").exists()

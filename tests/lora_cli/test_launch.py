@@ -168,3 +168,22 @@ def test_a_hangup_stops_the_run_unless_it_is_ignored_as_under_nohup(monkeypatch,
     finally:
         signal.signal(signal.SIGHUP, previous)
     assert (seen[0] == signal.SIG_IGN) == (before == signal.SIG_IGN), seen  # nohup's choice kept; else a stop
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PDEATHSIG is Linux's prctl")
+@pytest.mark.parametrize("torchrun_dead", [True, False])
+def test_a_worker_whose_torchrun_died_during_its_start_stops_at_once(torchrun_dead):
+    """A worker arms its PDEATHSIG first thing; where torchrun died before that (the worker was handed to the launcher,
+    here this test process), the SIGTERM would never come: it stops itself. It armed after seconds of imports."""
+    import subprocess
+
+    from lora_cli.orphans import LAUNCHER_PID_ENV
+
+    env = os.environ | {"LOCAL_RANK": "0", LAUNCHER_PID_ENV: str(os.getpid() if torchrun_dead else 1 << 22)}
+    code = "import lora_cli.__main__"  # the module torchrun runs in each worker, here without arguments
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if torchrun_dead:
+        assert proc.returncode == -signal.SIGTERM, proc.stderr
+        assert "Usage" not in proc.stderr + proc.stdout  # stopped before the command line was read
+    else:
+        assert proc.returncode == 2 and "Usage" in proc.stderr, proc.stderr  # armed, and went on to main()

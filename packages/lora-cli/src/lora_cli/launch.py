@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from lora_data.locks import held_descriptor
 from lora_runtime.distributed import under_torchrun, visible_gpus
 
-from lora_cli.stop import EXIT_INTERRUPTED, LAUNCHER_PID_ENV, resume_note
+from lora_cli import orphans
+from lora_cli.orphans import LAUNCHER_PID_ENV
+from lora_cli.stop import EXIT_INTERRUPTED, resume_note
 
 log = logging.getLogger("lora_cli")
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 class LaunchError(Exception):
@@ -115,24 +116,13 @@ def _worker_env(device: str) -> dict[str, str]:
     return env
 
 
-def stop_with_parent(parent: int) -> None:
-    """A SIGTERM, as for a stop, when this process's parent dies (Linux): torchrun when the launcher does, each worker
-    when torchrun does (it would stop them; killed, it cannot), so no worker trains on unseen and unlocked."""
-    if sys.platform == "linux":
-        import ctypes
-
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # it died before the request: the SIGTERM would never come
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited from the launcher
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_dir: str | None = None) -> int:
     """Run torchrun in the foreground; forward the first SIGINT/SIGTERM (a SIGHUP as SIGTERM) to it; return its exit
     code.
 
     torchrun passes the signal on to every worker, and the workers save a checkpoint before they exit; it gets a
-    SIGTERM too when this process dies (a SIGKILL), and it holds `output_dir`'s lock as long as it lives. Repeats are not
+    SIGTERM too when this process dies (a SIGKILL), and it holds `output_dir`'s lock as long as it lives. Where torchrun
+    dies, its workers stop and are waited for here (lora_cli.orphans) before the lock goes. Repeats are not
     passed on: torchrun answers a second signal by sending SIGTERM to the workers, and a stop delivered twice (by the
     process group and by `uv run`, or by a scheduler to every process) must still save. The closing message names the
     step the next run resumes from, read from `output_dir`.
@@ -175,15 +165,20 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
     # a SIGHUP too (a closed terminal), unless it is ignored (`nohup`): then the run goes on, as asked
     hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, *hangup)}
-    relaunches = 0
+    relaunches, orphaned = 0, None
+    orphans.become_subreaper()
+    stop_with_launcher = functools.partial(orphans.stop_with_parent, os.getpid(), orphans.prctl())
     try:
         while not (forwarded and proc is not None):  # after a stop, no torchrun starts again
             # Own process group: a Ctrl-C on the terminal reaches only this process, which forwards it exactly once.
             proc = subprocess.Popen(cmd, env=env, process_group=0, pass_fds=() if lock is None else (lock,),
-                                    preexec_fn=functools.partial(stop_with_parent, os.getpid()))
+                                    preexec_fn=stop_with_launcher)
             if forwarded:  # a stop that came while torchrun was being started again
                 deliver()
             rc = proc.wait()
+            orphaned = _wait_for_orphans(rc)
+            if orphaned is not None:
+                break
             asked = take_relaunch_requests(relaunch) if relaunch and rc != 0 and not forwarded else None
             if asked is None:
                 break
@@ -201,6 +196,9 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
         for s, handler in previous.items():
             signal.signal(s, handler)
     where = f"; {resume_note(output_dir)}" if output_dir else ""
+    if orphaned is not None:
+        log.warning("torchrun was killed by %s; %s%s", signal.Signals(-rc).name, orphaned, where)
+        return EXIT_INTERRUPTED
     if forwarded and rc != 0:
         log.warning("stopped by %s (torchrun exit code %d)%s", forwarded[0], rc, where)
         return EXIT_INTERRUPTED
@@ -208,3 +206,20 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
         log.error("a worker failed (torchrun exit code %d; its 'Root Cause' above names the rank); the run "
                   "stopped%s", rc, where or ". Run the same command again to resume from the last complete checkpoint")
     return rc
+
+
+def _wait_for_orphans(rc: int) -> str | None:
+    """After torchrun was killed (`rc` < 0): wait for its workers, handed to this process, which are saving a
+    checkpoint (their PDEATHSIG); what became of them. None where torchrun exited by itself."""
+    if rc >= 0 or sys.platform != "linux":
+        return None
+    workers = orphans.adopted_workers()
+    if workers:
+        log.warning("torchrun was killed by %s: waiting for its %d worker(s) to save a checkpoint and stop (pid %s)",
+                    signal.Signals(-rc).name, len(workers), " ".join(map(str, workers)))
+    codes = orphans.wait_for(workers)
+    if not codes:
+        return "its workers had exited"
+    if all(c == EXIT_INTERRUPTED for c in codes):
+        return "its workers stopped after saving a checkpoint"
+    return f"its workers stopped (exit codes {' '.join(map(str, codes))})"

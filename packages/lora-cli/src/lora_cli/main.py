@@ -35,7 +35,7 @@ from lora_cli.options import (
     passthrough_args,
     read_config_file,
 )
-from lora_cli.stop import EXIT_INTERRUPTED, LAUNCHER_PID_ENV, StopRequest, resume_note
+from lora_cli.stop import EXIT_INTERRUPTED, StopRequest, output_may_hang_up, resume_note
 from lora_cli.versions import version_option
 
 log = logging.getLogger("lora_cli")
@@ -167,10 +167,12 @@ def train(ctx: click.Context, config: Path | None, shards: Path | None, dry_run:
         from lora_runtime.checkpoint import output_lock
 
         lock = output_lock(cfg.ckpt_output_dir, cfg.model_path) if plan.nnodes == 1 else contextlib.nullcontext()
-        with lock:  # else rank 0's
+        with lock, output_may_hang_up():  # the lock: else rank 0's
             rc = launch.run_torchrun(plan, args, device, cfg.ckpt_output_dir)
         ctx.exit(rc)
-    ctx.exit(_train_in_process(cfg))
+    with output_may_hang_up():
+        rc = _train_in_process(cfg)
+    ctx.exit(rc)
 
 
 def _print_plan(ctx: click.Context, cfg: LoraSftConfig, plan: launch.LaunchPlan, params: dict) -> None:
@@ -244,8 +246,6 @@ def _train_in_process(cfg: LoraSftConfig) -> int:
     from lora_runtime.distributed import dist_env
 
     rank0 = dist_env().is_main
-    if os.environ.get(LAUNCHER_PID_ENV):  # a worker of our torchrun
-        launch.stop_with_parent(os.getppid())
     if os.environ.get("LORA_CLI_CPU_WORKERS") and rank0:
         log.info("lora-cli: %s CPU worker processes with gloo (no GPU visible)", dist_env().world_size)
     lora_runtime.backends.import_unsloth_first(cfg)  # before the callbacks below import transformers

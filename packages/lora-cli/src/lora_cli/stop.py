@@ -1,6 +1,8 @@
-"""Ctrl-C / SIGTERM during training: finish the current optimizer step, save a checkpoint, stop, exit 130.
+"""Ctrl-C / SIGTERM / SIGHUP during training: finish the current optimizer step, save a checkpoint, stop, exit 130.
 
-The first SIGINT or SIGTERM only raises a flag. A transformers `TrainerCallback` (handed to `lora_sft` through its
+The first SIGINT, SIGTERM or SIGHUP (a closed terminal; not where it is ignored, as under `nohup`) only raises a flag.
+A terminal that went away fails every later write to it (EIO): the output is dropped from then on
+(`output_may_hang_up`), so the stop still saves. A transformers `TrainerCallback` (handed to `lora_sft` through its
 `callbacks` field) reads the flag after every optimizer step; under torchrun the ranks agree on it with one tiny
 all-reduce, so every rank stops after the same step and rank 0 writes the checkpoint. Over NCCL (several GPUs) the
 agreed flag is read one step later (`_AnyRank`), except in the last two steps, so such a run stops one step later.
@@ -17,14 +19,18 @@ hangs), and the message names the step the next run resumes from, read from the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from lora_runtime.distributed import HostCopy, dist_env, to_device
+
+from lora_cli.orphans import LAUNCHER_PID_ENV
 
 EXIT_INTERRUPTED = 130
 DUPLICATE_S = 2.0  # a repeat within this long after the first signal is the same stop, delivered twice
@@ -34,7 +40,6 @@ DUPLICATE_S = 2.0  # a repeat within this long after the first signal is the sam
 # and every worker), `parent` (torchrun) or `self`.
 FAULT_SIGNALS_ENV = "LORA_CLI_FAULT_SIGNALS"
 FAULT_KILL_RANK_ENV = "LORA_CLI_FAULT_SIGKILL_RANK"  # tests: "RANK:STEP" → that rank SIGKILLs itself after STEP
-LAUNCHER_PID_ENV = "LORA_CLI_LAUNCHER_PID"
 
 
 class StopRequest:
@@ -47,7 +52,8 @@ class StopRequest:
         self._repeats_ignored = 0
 
     def __enter__(self) -> StopRequest:
-        for s in (signal.SIGINT, signal.SIGTERM):
+        hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+        for s in (signal.SIGINT, signal.SIGTERM, *hangup):
             self._previous[s] = signal.signal(s, self._handle)
         return self
 
@@ -99,6 +105,58 @@ class StopRequest:
                 return control
 
         return SaveAndStopOnSignal()
+
+
+class _DroppedOnHangup:
+    """A text stream whose failed write (EIO from a terminal that hung up, EPIPE) points its descriptor at /dev/null
+    and goes on, instead of raising out of a training step."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self._drop()
+
+    def _drop(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        with contextlib.suppress(OSError):
+            self._stream.flush()  # what was buffered goes to /dev/null
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def output_may_hang_up() -> Iterator[None]:
+    """sys.stdout and sys.stderr (those on a file descriptor) survive a terminal that goes away during a run."""
+    previous = sys.stdout, sys.stderr
+    try:
+        sys.stdout, sys.stderr = (_DroppedOnHangup(s) if _on_descriptor(s) else s for s in previous)  # type: ignore[assignment]
+        yield
+    finally:
+        sys.stdout, sys.stderr = previous
+
+
+def _on_descriptor(stream: TextIO) -> bool:
+    try:
+        stream.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation: an in-memory stream (click's test runner)
+        return False
+    return True
 
 
 def resume_note(output_dir: str | Path) -> str:
