@@ -137,6 +137,21 @@ def test_resume_from_an_explicit_checkpoint(finished_at_4, tiny_llama_dir, llama
         lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **BASE, resume_from=str(tmp_path))
 
 
+def test_the_same_call_goes_on_after_its_resume_from_was_rotated_away(finished_at_4, tiny_llama_dir, llama_shards,
+                                                                     tmp_path):
+    """resume_from a checkpoint of the run's own dir with save_total_limit=1: its next save rotates resume_from away,
+    and the same call again (as a stop's message says) failed validation: "not a complete checkpoint"."""
+    import shutil
+
+    out = tmp_path / "rolled"
+    shutil.copytree(finished_at_4, out)
+    call = {**BASE, "max_steps": 8, "save_total_limit": 1, "resume_from": str(out / "checkpoints" / "checkpoint-4")}
+    assert lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **call).steps == 8
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-8"]
+    again = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **call)
+    assert again.steps == 8 and [r["step"] for r in read_metrics(again.metrics_path) if "loss" in r] == [*range(1, 9)]
+
+
 def test_resume_from_an_older_checkpoint_beside_later_ones_is_refused(finished_at_4, tiny_llama_dir, llama_shards,
                                                                        tmp_path):
     """The resumed run's saves of steps the directory already holds would be dropped (the earlier checkpoint of a

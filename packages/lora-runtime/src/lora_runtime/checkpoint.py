@@ -156,12 +156,11 @@ def resume_checkpoint(config: Any) -> Path | None:
     `resume_point`. Later checkpoints saved by a run started from the same `resume_from` are this run's: the same
     call continues from the newest."""
     if config.resume_from and config.resume:
+        if continued(config) is not None:  # this run's own, stopped: the same call goes on
+            return resume_point(config.ckpt_output_dir, resume=True)
         found = verify(config.resume_from)
         step = saved_step(found)
-        newer = [p for s, p in list_checkpoints(checkpoints_dir(config.ckpt_output_dir)) if s > step]
-        if newer and _resumed_from(newer[-1]) == found.resolve():  # this run's own, stopped: the same call goes on
-            return resume_point(config.ckpt_output_dir, resume=True)
-        later = [p.name for p in newer]
+        later = [p.name for s, p in list_checkpoints(checkpoints_dir(config.ckpt_output_dir)) if s > step]
         if later:  # its steps trained again would be saved under names those hold: kept, the new ones dropped
             raise CheckpointError(
                 f"resume_from={found} is step {step}, but {checkpoints_dir(config.ckpt_output_dir)} already holds "
@@ -176,6 +175,14 @@ def resume_checkpoint(config: Any) -> Path | None:
                 "replaced by them. Pass a new ckpt_output_dir, or drop resume_from to continue the run there")
         return found
     return resume_point(config.ckpt_output_dir, resume=config.resume)
+
+
+def continued(config: Any) -> Path | None:
+    """The newest complete checkpoint of ckpt_output_dir where a run started from `resume_from` saved it: the same
+    call after a stop goes on from it, also where `resume_from` is gone since (rotated away by save_total_limit)."""
+    newest = newest_complete(checkpoints_dir(config.ckpt_output_dir))
+    wanted = Path(os.path.expanduser(config.resume_from)).resolve()
+    return newest if newest is not None and _resumed_from(newest) == wanted else None
 
 
 def _json_key(path: Path, key: str) -> Any:

@@ -556,10 +556,16 @@ def _option_issues(cfg: LoraSftConfig) -> list[str]:
         ckpt = Path(cfg.resume_from)
         if not cfg.resume:
             issues.append(f"`resume_from`={cfg.resume_from} with resume=False: drop one of the two")
-        elif not (ckpt / "COMPLETE").is_file():
+        elif not (ckpt / "COMPLETE").is_file() and not _continued(cfg):
             issues.append(f"`resume_from`={cfg.resume_from} is not a complete checkpoint (a checkpoints/checkpoint-"
                           "<step> dir with its COMPLETE marker)" + ("" if ckpt.is_dir() else ": no such directory"))
     return issues
+
+
+def _continued(cfg: LoraSftConfig) -> bool:
+    from lora_runtime.checkpoint import continued
+
+    return continued(cfg) is not None
 
 
 NAMED_TEMPLATES = ("chatml", "default")  # built in (lora_runtime.data.chat_template_text); the tokenizer may add more
