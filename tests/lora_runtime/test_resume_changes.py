@@ -106,6 +106,37 @@ def test_another_base_model_is_refused_whatever_its_path(finished_at_4, tiny_lla
     assert "| learning rate | 0.007 |" not in (copy / "README.md").read_text()
 
 
+def test_a_record_left_from_an_earlier_finish_is_written_again(finished_at_4, tiny_llama_dir, llama_shards, tmp_path,
+                                                              monkeypatch):
+    """Continued from 4 to 8 at a new rate, the disk fills after the adapter is sealed, before the run record: the
+    same call again writes the record (it kept the step-4 finish's, and the card described that run)."""
+    import errno
+    import json
+    import shutil
+
+    from lora_runtime import checkpoint
+
+    out = tmp_path / "continued"
+    shutil.copytree(finished_at_4, out)
+    real = checkpoint.write_json_atomic
+
+    def full(path, obj):
+        if path == out / checkpoint.CONFIG_NAME:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, obj)
+
+    call = {**BASE, "max_steps": 8, "learning_rate": 7e-3}
+    monkeypatch.setattr(checkpoint, "write_json_atomic", full)
+    with pytest.raises(CheckpointError, match="after the final adapter was written and sealed"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **call)
+    monkeypatch.setattr(checkpoint, "write_json_atomic", real)
+    assert lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **call).steps == 8
+    record = json.loads((out / checkpoint.CONFIG_NAME).read_text())
+    assert (record["max_steps"], record["learning_rate"]) == (8, 7e-3), record  # were 4 and 5e-3
+    assert record["resolved"]["step"] == 8
+    assert "| learning rate | 0.007 |" in (out / "README.md").read_text()
+
+
 def test_other_data_is_refused(finished_at_4, tiny_llama_dir, tmp_path):
     other = _shards.chat_shards(tmp_path / "other", tiny_llama_dir, n=30, seq_len=128, seed=7)
     with pytest.raises(ConfigError, match=r"`data_path` .* holds other data than .*checkpoint-4 was trained on"):

@@ -499,6 +499,13 @@ def step_of(path: str | Path) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
+def recorded_step(out_dir: str | Path) -> int | None:
+    """The step CONFIG_NAME was written at (`resolved.step`; None where it says none, as older records)."""
+    resolved = _json_key(Path(out_dir) / CONFIG_NAME, "resolved")
+    step = resolved.get("step") if isinstance(resolved, dict) else None
+    return step if isinstance(step, int) else None
+
+
 def run_record(config: Any, plan: Any, **resolved: Any) -> dict[str, Any]:
     """What CONFIG_NAME holds: the config as given (secrets redacted), and under `resolved` the batch plan
     (`BatchPlan.to_dict()`) and whatever else the run decided (backend, versions, a shard dir's `prepared` options)."""

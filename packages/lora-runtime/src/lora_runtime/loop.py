@@ -271,7 +271,10 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
     called again (no step left) keeps its run record, and so its card: settings changed since trained nothing."""
     out = Path(config.ckpt_output_dir)
     step = trainer.state.global_step
-    rerun = resume_step == step and checkpoint.sealed_step(out) == step and (out / checkpoint.CONFIG_NAME).is_file()
+    # the record must be this step's too: a full disk (or a kill) between the seal and the record leaves an earlier
+    # finish's record in place, with the settings of a run that stopped sooner
+    rerun = (resume_step == step and checkpoint.sealed_step(out) == step and (out / checkpoint.CONFIG_NAME).is_file()
+             and checkpoint.recorded_step(out) in (step, None))
     if rerun:
         print0(f"nothing left to train after step {step}: {checkpoint.CONFIG_NAME} and the model card keep the "
                "settings the adapter was trained with")
@@ -300,7 +303,8 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
                 adapter_written = True
             if not rerun:
                 checkpoint.write_json_atomic(out / checkpoint.CONFIG_NAME, checkpoint.run_record(
-                    config, plan, backend=backend.name, cuda_graphs=bool(getattr(trainer.model, "cuda_graphs", False)),
+                    config, plan, step=step, backend=backend.name,
+                    cuda_graphs=bool(getattr(trainer.model, "cuda_graphs", False)),
                     versions=_versions(), model=trainer.base_identity(),
                     prepared=None if manifest is None else prepared_options(manifest)))
             plot = plot_loss(metrics_path, out / "loss.png")
