@@ -203,7 +203,7 @@ def test_shards_of_another_tokenizer_are_refused_before_training(tiny_qwen2_dir,
     assert not (tmp_path / "out").exists()
 
 
-def test_a_shard_set_without_rows_is_one_data_error_before_training(tiny_llama_dir, tmp_path):
+def test_a_shard_set_without_rows_is_one_data_error_before_training(tiny_llama_dir, llama_shards, tmp_path):
     """lora-data never writes one; a set written through the ShardWriter API can be empty (was a ValueError traceback
     after the model had loaded)."""
     from lora_data import DataError
@@ -212,6 +212,8 @@ def test_a_shard_set_without_rows_is_one_data_error_before_training(tiny_llama_d
     with pytest.raises(DataError, match=r"manifest\.json: the shard set has no rows; nothing to train on"):
         lora_sft(str(tiny_llama_dir), str(empty), str(tmp_path / "out"), **_runs.RUN)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match=r"manifest\.json: the shard set has no rows; nothing to evaluate on"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "out"), **_runs.RUN, eval_data_path=str(empty))
 
 
 def test_token_ids_past_the_models_embeddings_are_one_data_error_before_training(tiny_llama_dir, llama_shards,

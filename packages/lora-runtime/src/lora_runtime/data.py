@@ -150,7 +150,7 @@ def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
     used = [i for i, line in enumerate(lines) if line.strip()]
     n_eval = max(1, round(len(used) * (config.eval_split_ratio or 0.0)))
     if n_eval >= len(used):
-        raise ConfigError([f"`eval_split_ratio`={config.eval_split_ratio} leaves no training line of the "
+        raise ConfigError([f"`eval_split_ratio`={config.eval_split_ratio} leaves no training record of the "
                            f"{len(used)} in {data_file}"])
     held = set(random.Random(config.seed).sample(used, n_eval))
     for name, keep in (("train.jsonl", lambda i: i not in held), ("eval.jsonl", lambda i: i in held)):
@@ -176,7 +176,8 @@ def _split_source(data_file: Path) -> bytes:
     if is_dataset(data_file):
         return b"".join(row_text(row).encode() + b"\n" for row in iter_rows(data_file))
     if not data_file.is_file():
-        raise ConfigError([f"`data_path`={data_file} is not a file (eval_split_ratio needs a JSONL file)"])
+        raise ConfigError([f"`data_path`={data_file} is not a file (eval_split_ratio splits a file of records: JSONL, "
+                           "JSON, gzip, parquet, CSV, arrow, or a saved dataset dir)"])
     elements = json_array(data_file)
     if elements is not None:
         return b"".join(json.dumps(e, ensure_ascii=False).encode() + b"\n" for e in elements)
@@ -195,7 +196,7 @@ def resolve(path: str, name: str, config: LoraSftConfig, tokenizer: Any) -> Path
     else:
         shard_dir = prepare_cached(p, config, tokenizer)
         report_losses(shard_dir, Path(getattr(config, name) or config.data_path))
-    check_shards(shard_dir, config, tokenizer)
+    check_shards(shard_dir, config, tokenizer, name)
     return shard_dir
 
 
@@ -260,13 +261,15 @@ def _why_not_a_file(p: Path) -> str:
     return "does not exist"
 
 
-def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None:
-    """Same tokenizer, rows packed to exactly max_seq_len; raise before training otherwise."""
+def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any, name: str = "data_path") -> None:
+    """Same tokenizer, rows packed to exactly max_seq_len; raise before training otherwise. `name`: the config field
+    that named the shards."""
     from lora_data.errors import TokenizerMismatchError
 
     manifest = Manifest.load(shard_dir)
     if not manifest.rows:  # lora-data never writes one; a hand-made set can be empty
-        raise DataError("the shard set has no rows; nothing to train on", path=shard_dir / MANIFEST_NAME)
+        use = "evaluate" if name == "eval_data_path" else "train"
+        raise DataError(f"the shard set has no rows; nothing to {use} on", path=shard_dir / MANIFEST_NAME)
     try:
         manifest.check_tokenizer(tokenizer, path=shard_dir / MANIFEST_NAME, hint=f"model_path={config.model_path}")
     except TokenizerMismatchError as e:
