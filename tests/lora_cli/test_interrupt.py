@@ -66,6 +66,7 @@ def test_a_finished_run_continued_and_stopped_leaves_no_final_adapter_that_merge
                                                                                        tmp_path, monkeypatch):
     """Finished at step 3, continued to 6 and stopped after 5: the step-3 adapter stayed sealed, and merge and chat
     took it for the run's, which had said "adapter: (none yet: stopped early"."""
+    import lora_data
     from lora_runtime.checkpoint import check_adapter
     from lora_runtime.errors import CheckpointError
 
@@ -83,6 +84,11 @@ def test_a_finished_run_continued_and_stopped_leaves_no_final_adapter_that_merge
                                               r"stopped before writing its own: merge the newest complete checkpoint "
                                               r"instead \(.*checkpoint-5\)"):
         check_adapter(out)
+    with lora_data.locked(out, what="training"), pytest.raises(
+            CheckpointError, match=r"its final adapter is of step 3, and a run is training on there \(pid \d+ "
+                                   r"\(training: .*\)\): wait for it to finish, or merge its newest complete "
+                                   r"checkpoint \(.*checkpoint-5\)"):
+        check_adapter(out)  # while the continued run still trains: it has not "stopped"
 
 
 def _signal_at_step(monkeypatch, step: int, sig: signal.Signals) -> None:

@@ -66,6 +66,20 @@ def held_descriptor(path: str | Path) -> int | None:
         return entry[0].fileno() if entry else None
 
 
+def holder(path: str | Path) -> str | None:
+    """Who holds `path`'s lock ("pid N (what: ...)"), None where nobody does; reads only, never takes it."""
+    try:
+        with open(Path(path) / LOCK_NAME, encoding="utf-8", errors="replace") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return fh.read().strip() or "another process"
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    except OSError:  # no lock file, or a filesystem without flock: nobody known
+        pass
+    return None
+
+
 def _acquire(d: Path, what: str):
     lock_path = d / LOCK_NAME
     for _ in range(3):

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lora_data.locks import holder
 from lora_data.manifest import fsync_dir as _fsync_dir  # a module global, so fault-injection tests can patch it
 from lora_data.shards import sha256_file
 
@@ -327,6 +328,10 @@ def check_adapter(adapter_dir: str | Path) -> None:
         verify(d, ADAPTER_SUMS, "restore it from a backup" + (f", or use the adapter in {newest}" if newest else ""))
         step = sealed_step(d)
         if newest is not None and step is not None and saved_step(newest) > step:
+            if live := holder(d):
+                raise CheckpointError(f"{d}: its final adapter is of step {step}, and a run is training on there "
+                                      f"({live}): wait for it to finish, or merge its newest complete checkpoint "
+                                      f"({newest})")
             raise CheckpointError(f"{d}: its final adapter is of step {step}, but the run trained on to step "
                                   f"{saved_step(newest)} and stopped before writing its own: "
                                   f"{_merge_instead(d, '')}")
