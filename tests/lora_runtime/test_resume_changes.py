@@ -137,10 +137,13 @@ def test_a_record_left_from_an_earlier_finish_is_written_again(finished_at_4, ti
     assert "| learning rate | 0.007 |" in (out / "README.md").read_text()
 
 
-def test_other_data_is_refused(finished_at_4, tiny_llama_dir, tmp_path):
+def test_other_data_is_refused(finished_at_4, tiny_llama_dir, llama_shards, tmp_path):
+    """Naming the data the run trained on; no guess at an upgrade of lora-data, which fits the same file only."""
     other = _shards.chat_shards(tmp_path / "other", tiny_llama_dir, n=30, seq_len=128, seed=7)
-    with pytest.raises(ConfigError, match=r"`data_path` .* holds other data than .*checkpoint-4 was trained on"):
+    with pytest.raises(ConfigError, match=rf"the data {other} is other than .*checkpoint-4 was trained on "
+                                          rf"\({llama_shards}: shards \w+, now \w+\); it cannot change") as e:
         lora_sft(str(tiny_llama_dir), str(other), str(finished_at_4), **{**BASE, "max_steps": 8})
+    assert "upgrade" not in str(e.value)
 
 
 def test_rows_per_step_are_fixed(finished_at_4, tiny_llama_dir, llama_shards):

@@ -621,10 +621,14 @@ def check_resume(ckpt: Path, config: Any, plan: Any, dataset: Any) -> list[str]:
         from lora_runtime.data import cache_root
 
         earlier = cache_root(config) / str(resolved["data"])[:20]  # where raw JSONL's shards of that key were cached
+        before = saved.get("data_path") if isinstance(saved.get("data_path"), str) else None
+        same = before is not None and _same_path(before, config.data_path)
+        # the same file prepared anew: an edit, or another lora-data; another path: other data
         kept = ("; if the file is unchanged, lora-data now prepares it differently (an upgrade)" + (
             f": pass data_path={earlier}, the shards that run trained on, to continue it"
-            if (earlier / "manifest.json").is_file() and not config.eval_split_ratio else ""))
-        issues.append(f"`data_path` {config.data_path} holds other data than {ckpt} was trained on (shards "
+            if (earlier / "manifest.json").is_file() and not config.eval_split_ratio else "")) if same else ""
+        was = f"{before}: " if before is not None and not same else ""
+        issues.append(f"the data {config.data_path} is other than {ckpt} was trained on ({was}shards "
                       f"{str(resolved['data'])[:12]}, now {str(data)[:12]}){kept}{fresh}")
     rows = resolved.get("effective_batch_size")  # absent in older checkpoints: the dataset's state check guards them
     if isinstance(rows, int) and rows != plan.effective:
@@ -634,6 +638,10 @@ def check_resume(ckpt: Path, config: Any, plan: Any, dataset: Any) -> list[str]:
     if issues:
         raise ConfigError(issues)
     return changed
+
+
+def _same_path(a: str, b: str) -> bool:
+    return Path(os.path.expanduser(a)).resolve() == Path(os.path.expanduser(b)).resolve()
 
 
 def _same(a: Any, b: Any) -> bool:
