@@ -326,6 +326,20 @@ def test_gzip_bytes_on_stdin_or_a_fifo_are_decompressed(data, tmp_path, chatml_t
     assert got.counts == want.counts
 
 
+def test_the_same_file_given_twice_is_refused(tmp_path, chatml_tokenizer_dir):
+    """It trained twice, without a word (also through another spelling of the path, or a hard link)."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    (tmp_path / "other.jsonl").write_bytes(data.read_bytes())  # the same records in another file: two inputs
+    os.link(data, tmp_path / "linked.jsonl")
+    for again in (tmp_path / "." / "chat.jsonl", tmp_path / "linked.jsonl"):
+        res = _cli("prepare", data, tmp_path / "other.jsonl", again, tmp_path / "out", "--tokenizer",
+                   chatml_tokenizer_dir, "--max-seq-len", SEQ)
+        assert res.exit_code == 1, res.output
+        assert f"{again}: is input 1 and input 3 too (the same file): its records would be trained twice" in res.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_stdin_given_twice_is_refused(tmp_path, chatml_tokenizer_dir):
     res = _cli("prepare", "-", "-", tmp_path / "out", "--tokenizer", chatml_tokenizer_dir, "--max-seq-len", SEQ,
                input=b"")

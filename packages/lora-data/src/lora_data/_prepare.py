@@ -64,6 +64,7 @@ def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: boo
         _check_input(p)
     if [str(p) for p in paths].count(STDIN) > 1:
         raise DataError("standard input is given twice; it can be read once", path=STDIN)
+    _refuse_repeats(paths)
     out = Path(output_dir)
     staging = Staging(out)
     staging.refuse_inputs(paths)
@@ -88,6 +89,22 @@ def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: boo
     if verbose:
         print(f"lora-data prepare: {manifest.summary()}", file=sys.stderr)
     return manifest
+
+
+def _refuse_repeats(paths: list[Path]) -> None:
+    """The same file (or folder) given twice would be trained twice, silently: refused, naming both arguments."""
+    seen: dict[tuple[int, int], int] = {}
+    for n, p in enumerate(paths, 1):
+        try:
+            st = p.stat() if str(p) != STDIN else None
+        except OSError:  # a hub id, or checked elsewhere
+            continue
+        if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            continue
+        if (key := (st.st_dev, st.st_ino)) in seen:
+            raise DataError(f"is input {seen[key]} and input {n} too (the same file): its records would be trained "
+                            "twice; give it once", path=p)
+        seen[key] = n
 
 
 def _check_input(p: Path) -> None:
