@@ -59,6 +59,11 @@ def test_eval_split_ratio_evaluates_on_the_lines_it_holds_out(raw, tiny_llama_di
                       eval_steps=2)
     assert [r["step"] for r in read_metrics(result.metrics_path) if "eval_loss" in r] == [2, 4]
     assert result.eval_loss is not None
+    # the card's counts say where the held-out records went (it said "48 valid of 60 read (0 rejected, ...)")
+    counts = result.manifest.counts
+    assert (f"{counts['valid']} valid of {counts['lines_read']} read (0 rejected, 0 overlong dropped, "
+            f"{counts['blank']} blank lines: the records eval_split_ratio=0.25 held out for eval are blank here)"
+            ) in (tmp_path / "run" / "README.md").read_text()
 
 
 def test_passthrough_is_refused_with_the_alternative(raw, tiny_llama_dir, tmp_path):
