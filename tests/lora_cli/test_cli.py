@@ -343,14 +343,23 @@ def test_runtime_errors_with_a_fix_are_one_line_exit_1(monkeypatch, error):
     assert res.output.strip().splitlines()[-1] == f"error: {exc}" and "Traceback" not in res.output
 
 
-def test_shard_row_length_is_left_to_the_runtime(fake_sft, tmp_path):
-    """`--shards D` and `lora_sft(model, D, out)` resolve the row length in one place (lora_runtime.data)."""
+def test_shard_row_length_is_left_to_the_runtime_unless_one_is_asked_for(fake_sft, tmp_path):
+    """`--shards D` and `lora_sft(model, D, out)` resolve the row length in one place (lora_runtime.data). A
+    --max-seq-len typed (or in --config) over shards of another length is refused: the runtime cannot tell an
+    asked-for 2048 from its default, and trained at the shards' length."""
     import _tiny
 
     _tiny.write_shards(tmp_path / "shards", [([1, 2, 3], [0, 1, 1], [3])], seq_len=8)
     base = ["train", "--model", "m", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "o")]
     assert run(base).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 2048
-    assert run([*base, "--max-seq-len", "16"]).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 16
+    assert run([*base, "--max-seq-len", "8"]).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 8
+    calls = len(fake_sft)
+    (tmp_path / "c.yaml").write_text("max_seq_len: 2048\n")
+    for asked in (["--max-seq-len", "2048"], ["--config", str(tmp_path / "c.yaml")]):
+        res = run([*base, *asked])
+        assert res.exit_code == 1 and len(fake_sft) == calls, res.output
+        assert (f"max_seq_len=2048, but the rows in {tmp_path / 'shards'} are packed to 8 tokens: pass "
+                "max_seq_len=8") in res.output.replace("--max-seq-len", "max_seq_len")
 
 
 def test_merge_never_deletes_a_directory_it_did_not_write(tmp_path):

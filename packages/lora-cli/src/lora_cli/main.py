@@ -232,9 +232,26 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
         issues += e.issues
     if cfg is not None:  # before torchrun starts its workers (which check again)
         issues += data_path_issues(cfg)
+        if "max_seq_len" in typed or "max_seq_len" in file_values:
+            issues += _asked_length_issues(cfg)
     if issues or cfg is None:
         raise ConfigError(name_file_keys(issues, file, typed) if file else issues)
     return cfg
+
+
+def _asked_length_issues(cfg: LoraSftConfig) -> list[str]:
+    """--max-seq-len asked for (typed, or in the config file) over a shard dir packed to another length: lora_sft
+    trains at the shards' length where max_seq_len is its default, which would ignore an asked-for 2048."""
+    import json
+
+    try:
+        packed = json.loads((Path(cfg.data_path) / MANIFEST_NAME).read_text(encoding="utf-8"))["seq_len"]
+    except (OSError, ValueError, KeyError, TypeError):  # raw data, or a manifest the run's own checks name
+        return []
+    if packed == cfg.max_seq_len:
+        return []
+    return [f"`max_seq_len`={cfg.max_seq_len}, but the rows in {cfg.data_path} are packed to {packed} tokens: "
+            f"pass `max_seq_len`={packed} (or leave it out), or prepare the data again at {cfg.max_seq_len}"]
 
 
 def _train_in_process(cfg: LoraSftConfig) -> int:
