@@ -40,6 +40,37 @@ def test_unsloth_requested_on_cpu_is_refused(monkeypatch):
         select_backend("unsloth")
 
 
+@pytest.mark.parametrize("embeddings", [["lm_head"], ["embed_tokens"], ["lm_head", "embed_tokens"]])
+def test_a_lora_on_lm_head_or_the_embeddings_is_peft_never_unsloth(monkeypatch, embeddings):
+    """Unsloth moves lm_head and embed_tokens from target_modules to modules_to_save: it would train those whole
+    matrices (lm_head alone is 233M parameters of Qwen2.5-1.5B), not the LoRA asked for."""
+    from lora_runtime.kernels import embedding_targets
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "unsloth_importable", lambda: (True, "unsloth imports cleanly"))
+    assert embedding_targets(["q_proj", *embeddings]) == embeddings
+    assert embedding_targets("all-linear") == [] and embedding_targets(r".*(q_proj|lm_head)") == ["lm_head"]
+    backend, why = select_backend("auto", embeddings=embeddings)
+    assert backend.name == "peft" and f"a LoRA on {' and '.join(embeddings)} runs on transformers+PEFT" in why
+    with pytest.raises(RuntimeError, match=rf"backend='unsloth' trains {' and '.join(embeddings)} as whole matrices"):
+        select_backend("unsloth", embeddings=embeddings)
+
+
+def test_a_lora_on_lm_head_is_refused_where_unsloth_patched_this_process(monkeypatch, tiny_llama_dir, llama_shards,
+                                                                         tmp_path):
+    """Unsloth's patched models compute the loss from lm_head's base weight: in a process where it was imported (an
+    earlier run on the unsloth backend), the peft backend's LoRA on lm_head got no gradient and never trained."""
+    import types
+
+    from lora_runtime import ConfigError
+    from lora_runtime.api import lora_sft
+
+    monkeypatch.setitem(sys.modules, "unsloth", types.ModuleType("unsloth"))
+    with pytest.raises(ConfigError, match="puts a LoRA on lm_head, but Unsloth is imported in this process"):
+        lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "o"), backend="peft", max_steps=1,
+                 target_modules=["q_proj", "lm_head"])
+
+
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="auto, unsloth, peft"):
         select_backend("deepspeed")

@@ -180,6 +180,7 @@ def _plan_and_train(config: LoraSftConfig, failed: list[tuple[Any, str]], replan
     from lora_runtime.data import ensure_shards, open_datasets
     from lora_runtime.distributed import dist_env, print0
     from lora_runtime.errors import OutOfMemoryHint
+    from lora_runtime.kernels import embedding_targets
     from lora_runtime.loop import train
     from lora_runtime.preflight import position_note
     from lora_runtime.sharding import resolve_sharding
@@ -191,7 +192,8 @@ def _plan_and_train(config: LoraSftConfig, failed: list[tuple[Any, str]], replan
     config = resolve_sharding(config)
     backend, reason = select_backend(config.backend, splitting=config.enable_model_splitting,
                                      sharding=config.sharding, compiled=fast,
-                                     offload=config.activation_offload is True)
+                                     offload=config.activation_offload is True,
+                                     embeddings=embedding_targets(config.target_modules))
     if replanned_here and config.backend == "auto" and backend.name == "unsloth" and "unsloth" not in sys.modules:
         backend, _ = select_backend("peft")
         reason = ("auto: planned again after an out-of-memory error, in a process that has loaded transformers, "

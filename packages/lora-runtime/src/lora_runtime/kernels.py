@@ -91,19 +91,25 @@ def fused_loss_applied(model: Any) -> bool:
     return bool(getattr(base, FUSED_FLAG, False))
 
 
-def targets_lm_head(targets: Any) -> bool:
-    """Whether LoRA `targets` reach the output layer: a name list naming it, or a regex (PEFT matches it against the
-    whole module name) that matches "lm_head"; "all-linear" never includes the output layer."""
+def targets_lm_head(targets: Any, name: str = "lm_head") -> bool:
+    """Whether LoRA `targets` reach the output layer (or the module `name`, e.g. "embed_tokens"): a name list naming
+    it, or a regex (PEFT matches it against the whole module name) that matches it; "all-linear" never includes the
+    output layer or the embeddings."""
     import re
 
     if isinstance(targets, str):
         if targets == "all-linear":
             return False
         try:
-            return "lm_head" in targets or re.fullmatch(targets, "lm_head") is not None
+            return name in targets or re.fullmatch(targets, name) is not None
         except re.error:
-            return "lm_head" in targets
-    return any(t == "lm_head" or str(t).endswith(".lm_head") for t in targets or ())
+            return name in targets
+    return any(t == name or str(t).endswith(f".{name}") for t in targets or ())
+
+
+def embedding_targets(targets: Any) -> list[str]:
+    """Which of lm_head and embed_tokens LoRA `targets` reach."""
+    return [name for name in ("lm_head", "embed_tokens") if targets_lm_head(targets, name)]
 
 
 def _apply_fns() -> dict[str, Any]:

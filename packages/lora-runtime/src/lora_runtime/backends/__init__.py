@@ -101,8 +101,11 @@ def import_unsloth_first(config: LoraSftConfig, compiled: bool | None = None) ->
     unsloth imports: a run that ends up on the peft backend must never carry Unsloth's patches.
     """
     from lora_runtime.distributed import dist_env
+    from lora_runtime.kernels import embedding_targets
 
     if config.backend == "peft" or config.enable_model_splitting or config.activation_offload is True or "unsloth" in sys.modules:
+        return
+    if embedding_targets(config.target_modules):  # the peft backend's (select_backend)
         return
     if config.sharding == "fsdp" or (config.sharding == "auto" and dist_env().world_size > 1):
         return
@@ -135,10 +138,12 @@ def _probe_env() -> dict[str, str]:
 
 
 def select_backend(name: str = "auto", *, splitting: bool = False, sharding: str = "ddp",
-                   compiled: tuple[bool, str] = (False, ""), offload: bool = False) -> tuple[Backend, str]:
+                   compiled: tuple[bool, str] = (False, ""), offload: bool = False,
+                   embeddings: list[str] | tuple[str, ...] = ()) -> tuple[Backend, str]:
     """The backend object and a one-line reason for choosing it (`splitting`: enable_model_splitting is on;
     `sharding`: the resolved "ddp" | "fsdp"; `compiled`: lora_runtime.compiled.prefers, decided before Unsloth's
-    import; `offload`: activation_offload, which the peft backend does)."""
+    import; `offload`: activation_offload, which the peft backend does; `embeddings`: lm_head / embed_tokens among
+    the LoRA targets, which Unsloth trains as whole matrices instead: `kernels.embedding_targets`)."""
     if name not in ("auto", "unsloth", "peft"):
         raise ValueError(f"backend must be one of auto, unsloth, peft; got {name!r}")
     if name == "peft":
@@ -150,6 +155,10 @@ def select_backend(name: str = "auto", *, splitting: bool = False, sharding: str
         if not cuda:
             raise RuntimeError("backend='unsloth' needs a CUDA GPU (on a CPU Unsloth silently turns packing off); "
                                "use backend='peft' or 'auto'")
+        if embeddings:
+            raise RuntimeError(f"backend='unsloth' trains {' and '.join(embeddings)} as whole matrices (Unsloth moves "
+                               "them from target_modules to modules_to_save), not as the LoRA asked for: use "
+                               "backend='peft' or 'auto' for a LoRA there")
         return _unsloth(), "backend='unsloth' requested"
     if not cuda:
         return _peft(), "auto: no CUDA device, so transformers+PEFT"
@@ -163,6 +172,9 @@ def select_backend(name: str = "auto", *, splitting: bool = False, sharding: str
     if offload:
         tail = f"; {compiled[1]}" if compiled[1] else ""
         return _peft(), f"auto: activation_offload=True runs on transformers+PEFT (Unsloth offloads its own way){tail}"
+    if embeddings:
+        return _peft(), (f"auto: a LoRA on {' and '.join(embeddings)} runs on transformers+PEFT (Unsloth would train "
+                         "the whole matrix, as modules_to_save)")
     ok, detail = unsloth_importable()
     if not ok:
         return _peft(), f"auto: CUDA available but {detail}, so transformers+PEFT"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any
 
 from lora_runtime import attention, compiled, kernels, offload
@@ -27,7 +28,7 @@ from lora_runtime.backends.base import (
     quantization_config,
 )
 from lora_runtime.batching import BatchPlan, Footprint, compiled_footprint, peft_footprint
-from lora_runtime.config import LoraSftConfig
+from lora_runtime.config import ConfigError, LoraSftConfig
 from lora_runtime.distributed import all_reduce_min, dist_env, print0
 
 
@@ -137,6 +138,10 @@ class PeftBackend(BackendBase):
         if config.load_in_4bit or config.load_in_8bit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # on below, if at all
         torch.manual_seed(config.seed)
+        if "unsloth" in sys.modules and kernels.targets_lm_head(config.target_modules):
+            raise ConfigError(["`target_modules` puts a LoRA on lm_head, but Unsloth is imported in this process (an "
+                               "earlier run on the unsloth backend, or an import): the models it patched compute the "
+                               "loss from lm_head's base weight, so that LoRA would not train. Run in a fresh process"])
         targets = _targets(model, config.target_modules)
         options: dict[str, Any] = dict(  # PEFT annotates alpha as int and init as a Literal; it takes ours as given
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
