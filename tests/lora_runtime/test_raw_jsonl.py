@@ -51,7 +51,7 @@ def test_raw_jsonl_is_prepared_once_and_reused_with_eval_and_reporting(raw, tiny
     assert len(list((d / "cache").iterdir())) == 2
 
 
-def test_eval_split_ratio_evaluates_on_the_lines_it_holds_out(raw, tiny_llama_dir, tmp_path):
+def test_eval_split_ratio_evaluates_on_the_lines_it_holds_out(raw, tiny_llama_dir, tmp_path, capsys):
     """The held-out share is evaluated every eval_steps, as eval_data_path is (it was held out and never used)."""
     jsonl, _ = raw
     kw = {**_runs.RUN, "max_steps": 4, "save_steps": 4, "data_output_dir": str(tmp_path / "cache")}
@@ -59,11 +59,29 @@ def test_eval_split_ratio_evaluates_on_the_lines_it_holds_out(raw, tiny_llama_di
                       eval_steps=2)
     assert [r["step"] for r in read_metrics(result.metrics_path) if "eval_loss" in r] == [2, 4]
     assert result.eval_loss is not None
+    assert "are training samples too" not in capsys.readouterr().out  # records held out are not trained on
     # the card's counts say where the held-out records went (it said "48 valid of 60 read (0 rejected, ...)")
     counts = result.manifest.counts
     assert (f"{counts['valid']} valid of {counts['lines_read']} read (0 rejected, 0 overlong dropped, "
             f"{counts['blank']} blank lines: the records eval_split_ratio=0.25 held out for eval are blank here)"
             ) in (tmp_path / "run" / "README.md").read_text()
+
+
+def test_eval_samples_that_are_training_samples_too_are_counted(raw, tiny_llama_dir, tmp_path, capsys):
+    """Eval data that repeats training records (here some of them, and one twice) measures what was trained on:
+    said before training, counted token for token; nothing said where none repeat (the test above)."""
+    import json
+
+    jsonl, _ = raw
+    lines = sorted(jsonl.read_text().splitlines(), key=len)  # the shortest: none is dropped as overlong
+    fresh = [json.dumps({"messages": [{"role": "user", "content": f"unseen question {i}?"},
+                                      {"role": "assistant", "content": f"unseen answer {i}."}]}) for i in range(3)]
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("\n".join([lines[0], lines[5], lines[5], *fresh]) + "\n")
+    kw = {**_runs.RUN, "max_steps": 1, "data_output_dir": str(tmp_path / "cache")}
+    lora_sft(str(tiny_llama_dir), str(jsonl), str(tmp_path / "run"), **kw, eval_data_path=str(evals))
+    assert re.search(r"warning: 3 of the 6 eval samples in \S+ are training samples too \(the same tokens, in "
+                     r"\S+\): eval_loss measures them after training on them", capsys.readouterr().out)
 
 
 def test_passthrough_is_refused_with_the_alternative(raw, tiny_llama_dir, tmp_path):

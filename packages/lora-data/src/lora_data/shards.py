@@ -42,6 +42,7 @@ _PREFIX = struct.Struct("<8sII")
 _SECTIONS = (("input_ids", "<u4"), ("loss_mask", "u1"), ("seg_offsets", "<u8"), ("seg_lens", "<u4"),
              ("seg_sample", "<u8"))
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_HASH_BASE = 0x100000001B3  # FNV's 64-bit prime: the base of `ShardReader.sample_keys`' polynomial hash
 
 
 class Row(NamedTuple):
@@ -250,6 +251,9 @@ class ShardReader:
     (1, 5, [4, 5, 6, 9, 0], [3, 1])
     >>> r.samples_per_row().tolist()
     [2]
+    >>> keys = r.sample_keys()  # one per sample: equal where the tokens are
+    >>> keys.size, bool(keys[0] != keys[1])
+    (2, True)
     """
 
     def __init__(self, out_dir: str | Path, *, verify: bool = True) -> None:
@@ -295,6 +299,26 @@ class ShardReader:
         """Lengths of every packed sample, all shards in order (for histograms)."""
         parts = [np.array(s["seg_lens"], dtype=np.int64) for s in self._shards]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def sample_keys(self) -> np.ndarray:
+        """One uint64 per packed sample, all shards in order: a hash of its tokens and its length, equal for samples
+        of the same tokens (to find eval samples that are training samples too; a collision is ~2^-64)."""
+        parts = []
+        powers = np.cumprod(np.full(self.seq_len, _HASH_BASE, dtype=np.uint64), dtype=np.uint64)
+        for s in self._shards:
+            lens = np.asarray(s["seg_lens"], dtype=np.int64)
+            if not lens.size:
+                continue
+            per_row = np.diff(np.asarray(s["seg_offsets"], dtype=np.int64))
+            rows = np.repeat(np.arange(per_row.size), per_row)
+            filled = np.bincount(rows, weights=lens, minlength=per_row.size).astype(np.int64)  # a row's samples
+            ids = np.asarray(s["input_ids"])
+            tokens = ids[np.arange(self.seq_len)[None, :] < filled[:, None]].astype(np.uint64) + np.uint64(1)
+            starts = np.cumsum(lens) - lens  # samples lie back to back in a row, and rows follow rows
+            at = np.arange(tokens.size) - np.repeat(starts, lens)
+            hashes = np.add.reduceat(tokens * powers[at], starts, dtype=np.uint64)
+            parts.append(hashes * np.uint64(_HASH_BASE) + lens.astype(np.uint64))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
 
     def samples_per_row(self) -> np.ndarray:
         """How many samples each row packs, all shards in order."""

@@ -61,7 +61,23 @@ def ensure_shards(config: LoraSftConfig) -> tuple[LoraSftConfig, Shards]:
         baked = {k: v for k, v in prepared_options(manifest).items()
                  if raw and k in ("train_on_inputs", "overlong") and v is not None}
         eval_dir = resolve(eval_path, "eval_data_path", dataclasses.replace(config, **baked), tokenizer)
+        report_overlap(train_dir, eval_dir)
     return config, Shards(train_dir, manifest, eval_dir)
+
+
+def report_overlap(train_dir: Path, eval_dir: Path) -> None:
+    """Say (rank 0) how many eval samples are training samples too, token for token (a record in both files, or
+    given twice to the file eval_split_ratio splits): eval_loss then measures in part what the run trained on."""
+    import numpy as np
+    from lora_data import ShardReader
+
+    if not dist_env().is_main:
+        return
+    evals = ShardReader(eval_dir, verify=False).sample_keys()
+    shared = int(np.isin(evals, ShardReader(train_dir, verify=False).sample_keys()).sum())
+    if shared:
+        print0(f"warning: {shared} of the {evals.size} eval samples in {eval_dir} are training samples too (the same "
+               f"tokens, in {train_dir}): eval_loss measures them after training on them")
 
 
 def model_tokenizer(config: LoraSftConfig) -> Any:
