@@ -314,7 +314,7 @@ class ShardReader:
             filled = np.bincount(rows, weights=lens, minlength=per_row.size).astype(np.int64)  # a row's samples
             ids = np.asarray(s["input_ids"])
             tokens = ids[np.arange(self.seq_len)[None, :] < filled[:, None]].astype(np.uint64) + np.uint64(1)
-            starts = np.cumsum(lens) - lens  # samples lie back to back in a row, and rows follow rows
+            starts = (np.cumsum(lens) - lens).astype(np.int64)  # samples lie back to back in a row, rows follow rows
             at = np.arange(tokens.size) - np.repeat(starts, lens)
             hashes = np.add.reduceat(tokens * powers[at], starts, dtype=np.uint64)
             parts.append(hashes * np.uint64(_HASH_BASE) + lens.astype(np.uint64))
