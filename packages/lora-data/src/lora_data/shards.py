@@ -309,7 +309,7 @@ class ShardReader:
             lens = np.asarray(s["seg_lens"], dtype=np.int64)
             if not lens.size:
                 continue
-            per_row = np.diff(np.asarray(s["seg_offsets"], dtype=np.int64))
+            per_row = np.diff(np.asarray(s["seg_offsets"], dtype=np.int64)).astype(np.int64)
             rows = np.repeat(np.arange(per_row.size), per_row)
             filled = np.bincount(rows, weights=lens, minlength=per_row.size).astype(np.int64)  # a row's samples
             ids = np.asarray(s["input_ids"])
