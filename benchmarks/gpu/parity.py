@@ -36,7 +36,8 @@ MODULES = ["json", "pathlib", "argparse", "collections", "functools", "itertools
 SEQ_LEN, MICRO = 512, 4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 # TRL 1.15 (the GPU machine's) refuses a LoRA on lm_head ("the adapter would never be trained"); there both sides
-# run `--no-lm-head`. TRL 1.14.2 (this repo's lock, the CPU measurement) accepts it.
+# run `--no-lm-head` (which `--backend unsloth` needs too: Unsloth would train the whole lm_head). TRL 1.14.2 (this
+# repo's lock, the CPU measurement) accepts it.
 
 
 def records() -> list[dict]:

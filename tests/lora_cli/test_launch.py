@@ -131,6 +131,8 @@ def test_a_stop_while_torchrun_starts_again_reaches_the_new_one_once(monkeypatch
     assert len(started) == 2 and [s for s in sent if s[0] == 1] == [(1, signal.SIGTERM)]
     assert started[1].returncode == -signal.SIGTERM  # stopped, not left to sleep
     assert "rank 1 ran out of memory in training step 1 with micro_batch_size 2 (CUDA out of memory)" in caplog.text
+    assert "stopped by SIGTERM (torchrun exit code -15)" in caplog.text  # passed on from here: not "was killed"
+    assert "torchrun was killed" not in caplog.text
 
 
 def test_the_launcher_starts_torchrun_again_at_most_max_replans_times(monkeypatch, tmp_path, caplog):
@@ -180,10 +182,66 @@ def test_a_worker_whose_torchrun_died_during_its_start_stops_at_once(torchrun_de
     from lora_cli.orphans import LAUNCHER_PID_ENV
 
     env = os.environ | {"LOCAL_RANK": "0", LAUNCHER_PID_ENV: str(os.getpid() if torchrun_dead else 1 << 22)}
-    code = "import lora_cli.__main__"  # the module torchrun runs in each worker, here without arguments
+    # the module torchrun runs in each worker (here without arguments: usage), then the signal armed (PR_GET_PDEATHSIG)
+    code = ("import ctypes\ntry:\n    import lora_cli.__main__\nexcept SystemExit:\n    pass\n"
+            "armed = ctypes.c_int()\nctypes.CDLL(None).prctl(2, ctypes.byref(armed))\nprint('armed', armed.value)")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if torchrun_dead:
         assert proc.returncode == -signal.SIGTERM, proc.stderr
         assert "Usage" not in proc.stderr + proc.stdout  # stopped before the command line was read
     else:
-        assert proc.returncode == 2 and "Usage" in proc.stderr, proc.stderr  # armed, and went on to main()
+        assert proc.returncode == 0 and "Usage" in proc.stderr, proc.stderr  # went on to main()
+        assert f"armed {int(signal.SIGTERM)}" in proc.stdout, proc.stdout  # a SIGTERM when torchrun dies
+
+
+# Stands in for a torchrun that is killed while its worker saves: the worker (its command line names lora_cli, as
+# torchrun's workers' do) ignores SIGTERM and takes long, as a save that hangs would
+_KILLED_TORCHRUN = '''
+import os, signal, subprocess, sys, time
+
+ready = sys.argv[1]
+code = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+worker = subprocess.Popen([sys.executable, "-c", code, "lora_cli"])
+with open(ready, "w") as f:
+    f.write(str(worker.pid))
+os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a child subreaper is Linux's prctl")
+def test_the_workers_of_a_killed_torchrun_are_waited_for_and_a_ctrl_c_stops_them(monkeypatch, tmp_path, caplog):
+    """torchrun killed: its workers are handed to the launcher, which waits for them (they save) before it names the
+    checkpoint and lets the lock go; a Ctrl-C meanwhile stops them (it was passed to the dead torchrun, and the wait
+    went on for good)."""
+    import threading
+    import time
+    from pathlib import Path
+
+    from lora_cli import launch
+    from lora_cli.stop import EXIT_INTERRUPTED
+
+    script, ready = tmp_path / "killed_torchrun.py", tmp_path / "ready"
+    script.write_text(_KILLED_TORCHRUN)
+    monkeypatch.setattr(launch, "torchrun_command", lambda plan, args: [sys.executable, str(script), str(ready)])
+
+    def ctrl_c_once_adopted() -> None:
+        while not ready.exists() or not ready.read_text():
+            time.sleep(0.05)
+        stat = Path(f"/proc/{ready.read_text()}/stat")
+        deadline = time.monotonic() + 30
+        while stat.exists() and int(stat.read_text().rpartition(")")[2].split()[1]) != os.getpid():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # the launcher lists it among the workers it waits for
+        os.kill(os.getpid(), signal.SIGINT)
+
+    helper = threading.Thread(target=ctrl_c_once_adopted, daemon=True)
+    helper.start()
+    t0 = time.monotonic()
+    assert launch.run_torchrun(LaunchPlan(2), [], "cpu", str(tmp_path / "out")) == EXIT_INTERRUPTED
+    assert time.monotonic() - t0 < 60  # not the worker's 120 s
+    worker = int(ready.read_text())
+    assert not Path(f"/proc/{worker}").exists()  # reaped
+    assert f"waiting for its 1 worker(s) to save a checkpoint and stop (pid {worker}" in caplog.text
+    assert "got SIGINT: stopping the workers of the killed torchrun without waiting for their checkpoint" in caplog.text
+    assert "torchrun was killed by SIGKILL; its workers stopped (exit codes -9); no complete checkpoint" in caplog.text

@@ -327,7 +327,8 @@ def test_gzip_bytes_on_stdin_or_a_fifo_are_decompressed(data, tmp_path, chatml_t
 
 
 def test_the_same_file_given_twice_is_refused(tmp_path, chatml_tokenizer_dir):
-    """It trained twice, without a word (also through another spelling of the path, or a hard link)."""
+    """It trained twice, without a word (also through another spelling of the path, or a hard link); stdin as `-`
+    and as /dev/stdin was read twice, the second time empty."""
     data = tmp_path / "chat.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     (tmp_path / "other.jsonl").write_bytes(data.read_bytes())  # the same records in another file: two inputs
@@ -336,7 +337,11 @@ def test_the_same_file_given_twice_is_refused(tmp_path, chatml_tokenizer_dir):
         res = _cli("prepare", data, tmp_path / "other.jsonl", again, tmp_path / "out", "--tokenizer",
                    chatml_tokenizer_dir, "--max-seq-len", SEQ)
         assert res.exit_code == 1, res.output
-        assert f"{again}: is input 1 and input 3 too (the same file): its records would be trained twice" in res.output
+        assert f"{again}: is input 1 and input 3 too (the same input): its records would be trained twice" in res.output
+    for twice in (["org/chat-set", "org/chat-set"], ["-", "/dev/stdin"]):  # a hub id; stdin under two names
+        res = _cli("prepare", *twice, tmp_path / "out", "--tokenizer", chatml_tokenizer_dir, "--max-seq-len", SEQ,
+                   input=b"")
+        assert res.exit_code == 1 and f"{twice[1]}: is input 1 and input 2 too (the same input)" in res.output, res.output
     assert not (tmp_path / "out").exists()
 
 

@@ -52,8 +52,11 @@ def test_a_lora_on_lm_head_or_the_embeddings_is_peft_never_unsloth(monkeypatch, 
     assert embedding_targets("all-linear") == [] and embedding_targets(r".*(q_proj|lm_head)") == ["lm_head"]
     backend, why = select_backend("auto", embeddings=embeddings)
     assert backend.name == "peft" and f"a LoRA on {' and '.join(embeddings)} runs on transformers+PEFT" in why
-    with pytest.raises(RuntimeError, match=rf"backend='unsloth' trains {' and '.join(embeddings)} as whole matrices"):
-        select_backend("unsloth", embeddings=embeddings)
+    from lora_runtime import ConfigError, LoraSftConfig
+
+    with pytest.raises(ConfigError, match=rf"backend='unsloth' trains {' and '.join(embeddings)} as whole matrices"):
+        LoraSftConfig("m", "d", "o", backend="unsloth", target_modules=["q_proj", *embeddings]).validate()
+    LoraSftConfig("m", "d", "o", backend="unsloth", target_modules=["q_proj"]).validate()
 
 
 def test_a_lora_on_lm_head_is_refused_where_unsloth_patched_this_process(monkeypatch, tiny_llama_dir, llama_shards,

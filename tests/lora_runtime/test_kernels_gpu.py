@@ -91,15 +91,20 @@ PATHS = {  # kernels → (what its log says, what it says only without a LoRA on
 @pytest.mark.parametrize("model_fixture", ["tiny_qwen2_dir", "tiny_llama_dir"])
 @pytest.mark.parametrize("targets", [None, LM_HEAD_TARGETS])
 def test_loss_and_lora_gradients_match_the_plain_path(request, tmp_path, capsys, kernels, model_fixture, targets):
-    """Run it before the unsloth backend's tests (`pytest tests/lora_runtime/test_kernels_gpu.py ...` first): after an
-    `import unsloth` in the process, the models Unsloth patched compute the loss from lm_head's base weight, and a
-    LoRA on lm_head is refused (it would get no gradient)."""
+    """After an `import unsloth` in the process (the unsloth backend's tests), the models Unsloth patched compute the
+    loss from lm_head's base weight: a LoRA on lm_head is refused there (it would get no gradient), and the comparison
+    runs in a process of its own."""
+    import subprocess
+
     model_dir = request.getfixturevalue(model_fixture)
     if targets is not None and "unsloth" in sys.modules:
         from lora_runtime import ConfigError
 
         with pytest.raises(ConfigError, match="puts a LoRA on lm_head, but Unsloth is imported in this process"):
             _loss_and_grads(model_dir, tmp_path, "none", targets)
+        fresh = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                               cwd=request.config.rootpath, capture_output=True, text=True, timeout=900)
+        assert fresh.returncode == 0 and " passed" in fresh.stdout, fresh.stdout[-5000:]
         return
     plain_loss, plain = _loss_and_grads(model_dir, tmp_path, "none", targets)
     loss, fused = _loss_and_grads(model_dir, tmp_path, kernels, targets)

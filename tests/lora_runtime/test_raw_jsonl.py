@@ -63,7 +63,7 @@ def test_eval_split_ratio_evaluates_on_the_lines_it_holds_out(raw, tiny_llama_di
     # the card's counts say where the held-out records went (it said "48 valid of 60 read (0 rejected, ...)")
     counts = result.manifest.counts
     assert (f"{counts['valid']} valid of {counts['lines_read']} read (0 rejected, 0 overlong dropped, "
-            f"{counts['blank']} blank lines: the records eval_split_ratio=0.25 held out for eval are blank here)"
+            f"{counts['blank']} blank lines, the records eval_split_ratio=0.25 held out for eval among them)"
             ) in (tmp_path / "run" / "README.md").read_text()
 
 

@@ -16,6 +16,7 @@ trains in-process instead of launching again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -30,7 +31,7 @@ from lora_runtime.distributed import under_torchrun, visible_gpus
 
 from lora_cli import orphans
 from lora_cli.orphans import LAUNCHER_PID_ENV
-from lora_cli.stop import EXIT_INTERRUPTED, resume_note
+from lora_cli.stop import EXIT_INTERRUPTED, resume_note, stop_signals
 
 log = logging.getLogger("lora_cli")
 
@@ -153,20 +154,28 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
             delivered.append(proc)
             proc.send_signal(signal.SIGTERM if forwarded[0] == "SIGHUP" else signal.Signals[forwarded[0]])
 
+    adopted: list[int] = []  # the workers of a torchrun that was killed, handed to this process while they save
+
     def forward(signum: int, _frame: object) -> None:
         forwarded.append(signal.Signals(signum).name)
+        if adopted:  # they got their stop from torchrun's death and ignore repeats: this aborts the save
+            log.warning("got %s: stopping the workers of the killed torchrun without waiting for their checkpoint",
+                        forwarded[-1])
+            for pid in adopted:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return
         if len(forwarded) == 1:
             log.warning("got %s: asking the workers to save a checkpoint and stop", forwarded[-1])
             deliver()
         else:
             log.warning("got %s again: already stopping, the workers are writing the checkpoint (to abort without "
-                        "it: kill -KILL %d)", forwarded[-1], proc.pid if proc is not None else os.getpid())
+                        "it: kill -KILL %d)", forwarded[-1], proc.pid if proc is not None and proc.returncode is None
+                        else os.getpid())
 
-    # a SIGHUP too (a closed terminal), unless it is ignored (`nohup`): then the run goes on, as asked
-    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, *hangup)}
-    relaunches, orphaned = 0, None
-    orphans.become_subreaper()
+    previous = {s: signal.signal(s, forward) for s in stop_signals()}
+    relaunches, killed = 0, None
+    orphans.become_subreaper(True)
     stop_with_launcher = functools.partial(orphans.stop_with_parent, os.getpid(), orphans.prctl())
     try:
         while not (forwarded and proc is not None):  # after a stop, no torchrun starts again
@@ -176,8 +185,10 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
             if forwarded:  # a stop that came while torchrun was being started again
                 deliver()
             rc = proc.wait()
-            orphaned = _wait_for_orphans(rc)
-            if orphaned is not None:
+            unasked = rc < 0 and not forwarded  # killed, not stopped by a signal passed on from here
+            codes = _wait_for_orphans(rc, adopted)
+            if unasked:
+                killed = codes
                 break
             asked = take_relaunch_requests(relaunch) if relaunch and rc != 0 and not forwarded else None
             if asked is None:
@@ -193,11 +204,15 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
                                "starting every worker again, planned for")
             log.warning("%s %s ran %s", "rank" if len(ranks) == 1 else "ranks", ", ".join(map(str, ranks)), note)
     finally:
+        orphans.become_subreaper(False)
         for s, handler in previous.items():
             signal.signal(s, handler)
     where = f"; {resume_note(output_dir)}" if output_dir else ""
-    if orphaned is not None:
-        log.warning("torchrun was killed by %s; %s%s", signal.Signals(-rc).name, orphaned, where)
+    if killed is not None:
+        what = ("its workers had exited" if not killed else "its workers stopped after saving a checkpoint"
+                if all(c == EXIT_INTERRUPTED for c in killed) else
+                f"its workers stopped (exit codes {' '.join(map(str, killed))})")
+        log.warning("torchrun was killed by %s; %s%s", orphans.signal_name(-rc), what, where)
         return EXIT_INTERRUPTED
     if forwarded and rc != 0:
         log.warning("stopped by %s (torchrun exit code %d)%s", forwarded[0], rc, where)
@@ -208,18 +223,17 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
     return rc
 
 
-def _wait_for_orphans(rc: int) -> str | None:
+def _wait_for_orphans(rc: int, adopted: list[int]) -> list[int]:
     """After torchrun was killed (`rc` < 0): wait for its workers, handed to this process, which are saving a
-    checkpoint (their PDEATHSIG); what became of them. None where torchrun exited by itself."""
+    checkpoint (their PDEATHSIG); their exit codes. `adopted` lists them meanwhile, for a signal to abort them."""
     if rc >= 0 or sys.platform != "linux":
-        return None
-    workers = orphans.adopted_workers()
-    if workers:
-        log.warning("torchrun was killed by %s: waiting for its %d worker(s) to save a checkpoint and stop (pid %s)",
-                    signal.Signals(-rc).name, len(workers), " ".join(map(str, workers)))
-    codes = orphans.wait_for(workers)
-    if not codes:
-        return "its workers had exited"
-    if all(c == EXIT_INTERRUPTED for c in codes):
-        return "its workers stopped after saving a checkpoint"
-    return f"its workers stopped (exit codes {' '.join(map(str, codes))})"
+        return []
+    adopted[:] = orphans.adopted_workers()
+    if adopted:
+        log.warning("torchrun was killed by %s: waiting for its %d worker(s) to save a checkpoint and stop (pid %s; "
+                    "Ctrl-C stops them without it)", orphans.signal_name(-rc), len(adopted),
+                    " ".join(map(str, adopted)))
+    try:
+        return orphans.wait_for(adopted)
+    finally:
+        adopted.clear()

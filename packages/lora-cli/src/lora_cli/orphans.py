@@ -50,29 +50,39 @@ def stop_with_parent(parent: int, call: Callable[..., int] | None = None) -> Non
 def arm_worker() -> None:
     """In a worker of the launcher's torchrun (nothing elsewhere): stop when torchrun dies. Its parent is torchrun
     unless torchrun died already, when the worker was handed to the launcher (or to init)."""
-    launcher = os.environ.get(LAUNCHER_PID_ENV)
-    if sys.platform != "linux" or not launcher or "LOCAL_RANK" not in os.environ:
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    if sys.platform != "linux" or not launcher.isdigit() or "LOCAL_RANK" not in os.environ:
         return
     parent = os.getppid()
-    if parent in (1, int(launcher)):  # torchrun died already, during this process's start
-        os.kill(os.getpid(), signal.SIGTERM)  # nothing to save yet: the default action
+    if parent in (1, int(launcher)):  # torchrun died already, during this process's start: nothing to save yet
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not ignored, as a parent may have left it
+        os.kill(os.getpid(), signal.SIGTERM)
     stop_with_parent(parent)
 
 
-def become_subreaper() -> None:
-    """The launcher: the workers of a torchrun that dies are handed to it (and waited for), not to init."""
+def become_subreaper(on: bool) -> None:
+    """The launcher, while torchrun runs: the workers of a torchrun that dies are handed to it (and waited for), not
+    to init."""
     call = prctl()
     if call is not None:
-        call(PR_SET_CHILD_SUBREAPER, 1)
+        call(PR_SET_CHILD_SUBREAPER, int(on))
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal
+        return f"signal {number}"
 
 
 def adopted_workers() -> list[int]:
-    """This process's children that run `lora_cli` (workers whose torchrun died), from /proc."""
+    """This process's children that run `lora_cli` (workers whose torchrun died) or have exited (a zombie's command
+    line is gone: reaped at once), from /proc."""
     me, found = os.getpid(), []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rpartition(")")[2].split()  # after "pid (comm)": state, ppid, ...
-            if int(fields[1]) == me and b"lora_cli" in (stat.parent / "cmdline").read_bytes():
+            state, ppid = stat.read_text().rpartition(")")[2].split()[:2]  # after "pid (comm)": state, ppid, ...
+            if int(ppid) == me and (state == "Z" or b"lora_cli" in (stat.parent / "cmdline").read_bytes()):
                 found.append(int(stat.parent.name))
         except (OSError, IndexError, ValueError):  # exited meanwhile, or not ours to read
             pass

@@ -20,6 +20,7 @@ hangs), and the message names the step the next run resumes from, read from the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -52,8 +53,7 @@ class StopRequest:
         self._repeats_ignored = 0
 
     def __enter__(self) -> StopRequest:
-        hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
-        for s in (signal.SIGINT, signal.SIGTERM, *hangup):
+        for s in stop_signals():
             self._previous[s] = signal.signal(s, self._handle)
         return self
 
@@ -72,14 +72,13 @@ class StopRequest:
             if under_torchrun or time.monotonic() - self._first_at < DUPLICATE_S:
                 self._repeats_ignored += 1
                 if self._repeats_ignored == 1 and dist_env().is_main:
-                    print(f"{name} again: already stopping after this step, the checkpoint is being written",
-                          file=sys.stderr, flush=True)
+                    _say(f"{name} again: already stopping after this step, the checkpoint is being written")
                 return
             raise KeyboardInterrupt
         self.signal_name, self._first_at = name, time.monotonic()
         if dist_env().is_main:  # every rank got it: one line
-            print(f"\n{name}: stopping after this step and saving a checkpoint (send it again after {DUPLICATE_S:.0f} s "
-                  "to abort without saving)", file=sys.stderr, flush=True)
+            _say(f"\n{name}: stopping after this step and saving a checkpoint (send it again after {DUPLICATE_S:.0f} s "
+                 "to abort without saving)")
 
     def callback(self) -> Any:
         """A `transformers.TrainerCallback` that turns the flag into save + stop at the next step end."""
@@ -107,9 +106,26 @@ class StopRequest:
         return SaveAndStopOnSignal()
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal), unless SIGHUP is ignored (`nohup`): then the run goes on."""
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGINT, signal.SIGTERM, *hangup)
+
+
+def _say(line: str) -> None:
+    """A line from a signal handler: never raises into the step it interrupted (a write to stderr that the signal
+    interrupted raises RuntimeError, "reentrant call"; a terminal gone, EIO)."""
+    with contextlib.suppress(RuntimeError, OSError):
+        print(line, file=sys.stderr, flush=True)
+
+
+HUNG_UP = (errno.EIO, errno.EPIPE, errno.ENXIO)  # the terminal or the reader of a pipe is gone
+
+
 class _DroppedOnHangup:
-    """A text stream whose failed write (EIO from a terminal that hung up, EPIPE) points its descriptor at /dev/null
-    and goes on, instead of raising out of a training step."""
+    """A text stream whose write fails because its terminal hung up (EIO) or its reader left (EPIPE): its descriptor
+    is pointed at /dev/null and the run goes on, instead of the error raising out of a training step. Other errors
+    (a full disk under a redirect) raise as before."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
@@ -117,14 +133,18 @@ class _DroppedOnHangup:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except OSError:
+        except OSError as e:
+            if e.errno not in HUNG_UP:
+                raise
             self._drop()
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except OSError:
+        except OSError as e:
+            if e.errno not in HUNG_UP:
+                raise
             self._drop()
 
     def _drop(self) -> None:

@@ -7,6 +7,7 @@ end (`_staging`), so a failed or killed run leaves the old set as it was.
 
 from __future__ import annotations
 
+import os
 import stat
 import sys
 import traceback
@@ -92,18 +93,18 @@ def prepare(inputs, output_dir, tokenizer: Any, *, max_seq_len: int, strict: boo
 
 
 def _refuse_repeats(paths: list[Path]) -> None:
-    """The same file (or folder) given twice would be trained twice, silently: refused, naming both arguments."""
-    seen: dict[tuple[int, int], int] = {}
+    """The same input given twice would be trained twice (a file, a folder, a hub id), or read twice where it can be
+    read once (stdin as `-` and as /dev/stdin, a FIFO under two names): refused, naming both arguments."""
+    seen: dict[object, int] = {}
     for n, p in enumerate(paths, 1):
         try:
-            st = p.stat() if str(p) != STDIN else None
-        except OSError:  # a hub id, or checked elsewhere
-            continue
-        if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            continue
-        if (key := (st.st_dev, st.st_ino)) in seen:
-            raise DataError(f"is input {seen[key]} and input {n} too (the same file): its records would be trained "
-                            "twice; give it once", path=p)
+            st = os.fstat(0) if str(p) == STDIN else p.stat()
+            key: object = (st.st_dev, st.st_ino)
+        except OSError:  # a hub id
+            key = str(p)
+        if key in seen:
+            raise DataError(f"is input {seen[key]} and input {n} too (the same input): its records would be trained "
+                            "twice, or read twice where they can be read once; give it once", path=p)
         seen[key] = n
 
 

@@ -67,7 +67,9 @@ def held_descriptor(path: str | Path) -> int | None:
 
 
 def holder(path: str | Path) -> str | None:
-    """Who holds `path`'s lock ("pid N (what: ...)"), None where nobody does; reads only, never takes it."""
+    """Who holds `path`'s lock ("pid N (what: ...)"), None where nobody does. It takes a shared lock for an instant
+    (flock cannot be asked otherwise): not for a process that holds the lock itself where flock is emulated with POSIX
+    locks (NFS), whose close would drop that process's own lock."""
     try:
         with open(Path(path) / LOCK_NAME, encoding="utf-8", errors="replace") as fh:
             try:

@@ -461,6 +461,10 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
     if cfg.enable_model_splitting and cfg.world_size() > 1:
         issues.append("`enable_model_splitting` runs one process over all GPUs; it cannot be combined with "
                       f"nproc_per_node={cfg.nproc_per_node} / nnodes={cfg.nnodes}")
+    if cfg.backend == "unsloth" and (embeddings := _embedding_targets(cfg.target_modules)):
+        issues.append(f"backend='unsloth' trains {' and '.join(embeddings)} as whole matrices (Unsloth moves them from "
+                      "target_modules to modules_to_save), not as the LoRA `target_modules` asks for: pass "
+                      "backend='peft' or 'auto' for a LoRA there")
     if cfg.kernels in ("liger", "compile") and cfg.backend == "unsloth":
         issues.append(f"kernels={cfg.kernels!r} applies to the peft backend; backend='unsloth' runs Unsloth's own fused "
                       "kernels (pass backend='peft' or 'auto', or kernels='auto')")
@@ -560,6 +564,12 @@ def _option_issues(cfg: LoraSftConfig) -> list[str]:
             issues.append(f"`resume_from`={cfg.resume_from} is not a complete checkpoint (a checkpoints/checkpoint-"
                           "<step> dir with its COMPLETE marker)" + ("" if ckpt.is_dir() else ": no such directory"))
     return issues
+
+
+def _embedding_targets(targets: Any) -> list[str]:
+    from lora_runtime.kernels import embedding_targets
+
+    return embedding_targets(targets)
 
 
 def _continued(cfg: LoraSftConfig) -> bool:

@@ -91,18 +91,29 @@ def fused_loss_applied(model: Any) -> bool:
     return bool(getattr(base, FUSED_FLAG, False))
 
 
+# the whole module names a causal LM's output layer and embeddings have (PEFT matches a regex target against them)
+MODULE_NAMES = {"lm_head": ("lm_head",),
+                "embed_tokens": ("model.embed_tokens", "model.language_model.embed_tokens", "embed_tokens")}
+
+
 def targets_lm_head(targets: Any, name: str = "lm_head") -> bool:
-    """Whether LoRA `targets` reach the output layer (or the module `name`, e.g. "embed_tokens"): a name list naming
-    it, or a regex (PEFT matches it against the whole module name) that matches it; "all-linear" never includes the
-    output layer or the embeddings."""
+    r"""Whether LoRA `targets` reach the output layer (or the module `name`, e.g. "embed_tokens"): a name list naming
+    it, or a regex that matches its whole module name, as PEFT matches it; "all-linear" never includes the output
+    layer or the embeddings.
+
+    >>> targets_lm_head(r".*(q_proj|lm_head)"), targets_lm_head(r"^(?!.*lm_head).*_proj$")
+    (True, False)
+    >>> targets_lm_head(r"model\.embed_.*|.*q_proj", "embed_tokens"), targets_lm_head(["q_proj", "lm_head"])
+    (True, True)
+    """
     import re
 
     if isinstance(targets, str):
         if targets == "all-linear":
             return False
         try:
-            return name in targets or re.fullmatch(targets, name) is not None
-        except re.error:
+            return any(re.fullmatch(targets, full) for full in MODULE_NAMES.get(name, (name,)))
+        except re.error:  # PEFT would fail on it too
             return name in targets
     return any(t == name or str(t).endswith(f".{name}") for t in targets or ())
 

@@ -169,8 +169,8 @@ def render(run: dict[str, Any], adapter_cfg: dict[str, Any], metrics: list[dict[
         lines += [
             f"- **Records:** {counts.get('valid', 0)} valid of {counts.get('lines_read', 0)} read "
             f"({counts.get('rejected', 0)} rejected, {counts.get('dropped', 0)} overlong dropped"
-            + (f", {counts.get('blank', 0)} blank lines: the records eval_split_ratio={run['eval_split_ratio']} "
-               "held out for eval are blank here" if run.get("eval_split_ratio") else "") + ")",
+            + (f", {counts.get('blank', 0)} blank lines, the records eval_split_ratio={run['eval_split_ratio']} "
+               "held out for eval among them" if run.get("eval_split_ratio") else "") + ")",
             f"- **Tokens:** {counts.get('tokens', 0)} ({counts.get('loss_tokens', 0)} trained on) in "
             f"{counts.get('rows', m.get('rows', 0))} packed rows of {m.get('seq_len')} tokens",
             f"- **Packing efficiency:** {float(m.get('packing_efficiency') or 0):.1%}",

@@ -143,7 +143,8 @@ def select_backend(name: str = "auto", *, splitting: bool = False, sharding: str
     """The backend object and a one-line reason for choosing it (`splitting`: enable_model_splitting is on;
     `sharding`: the resolved "ddp" | "fsdp"; `compiled`: lora_runtime.compiled.prefers, decided before Unsloth's
     import; `offload`: activation_offload, which the peft backend does; `embeddings`: lm_head / embed_tokens among
-    the LoRA targets, which Unsloth trains as whole matrices instead: `kernels.embedding_targets`)."""
+    the LoRA targets, which Unsloth trains as whole matrices instead: `kernels.embedding_targets`; config validation
+    refuses them with backend='unsloth')."""
     if name not in ("auto", "unsloth", "peft"):
         raise ValueError(f"backend must be one of auto, unsloth, peft; got {name!r}")
     if name == "peft":
@@ -155,10 +156,6 @@ def select_backend(name: str = "auto", *, splitting: bool = False, sharding: str
         if not cuda:
             raise RuntimeError("backend='unsloth' needs a CUDA GPU (on a CPU Unsloth silently turns packing off); "
                                "use backend='peft' or 'auto'")
-        if embeddings:
-            raise RuntimeError(f"backend='unsloth' trains {' and '.join(embeddings)} as whole matrices (Unsloth moves "
-                               "them from target_modules to modules_to_save), not as the LoRA asked for: use "
-                               "backend='peft' or 'auto' for a LoRA there")
         return _unsloth(), "backend='unsloth' requested"
     if not cuda:
         return _peft(), "auto: no CUDA device, so transformers+PEFT"
