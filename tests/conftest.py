@@ -7,6 +7,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+# No hub is reachable where the tests run: a lookup of a name that is no local path fails at once, not after
+# huggingface_hub's five retries (about 25 s each). Set before anything imports huggingface_hub, which reads it once;
+# inherited by the processes tests start. Tests of the online paths mock the hub and unset it themselves.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import _tiny
 import pytest
 

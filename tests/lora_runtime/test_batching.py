@@ -394,7 +394,7 @@ def test_the_oom_hint_names_only_what_is_not_on_already(gc, recomputed, offload,
 
 
 def test_explicit_values_on_a_gpu_skip_the_plan(monkeypatch, tmp_path):
-    _fake_gpu(monkeypatch, 139)  # a peft backend with micro given never reads the model config (none exists here)
+    _fake_gpu(monkeypatch, 139)  # micro given: no plan, whatever the model (none exists here)
     out = resolve(LoraSftConfig("no-such-model", "d", str(tmp_path), micro_batch_size=4), PeftBackend(), rows=9)
     assert out.micro == 4
 
