@@ -182,8 +182,13 @@ def continued(config: Any) -> Path | None:
     """The newest complete checkpoint of ckpt_output_dir where a run started from `resume_from` saved it: the same
     call after a stop goes on from it, also where `resume_from` is gone since (rotated away by save_total_limit)."""
     newest = newest_complete(checkpoints_dir(config.ckpt_output_dir))
-    wanted = Path(os.path.expanduser(config.resume_from)).resolve()
+    wanted = _resolved(config.resume_from)
     return newest if newest is not None and _resumed_from(newest) == wanted else None
+
+
+def _resolved(path: str) -> Path:
+    """A path as given by a user or a record (~ expanded), absolute, links followed: what two spellings share."""
+    return Path(os.path.expanduser(path)).resolve()
 
 
 def _json_key(path: Path, key: str) -> Any:
@@ -197,7 +202,7 @@ def _json_key(path: Path, key: str) -> Any:
 def _resumed_from(ckpt: Path) -> Path | None:
     """The `resume_from` the run that saved `ckpt` was started with, resolved (None: none, or unreadable)."""
     value = _json_key(ckpt / CONFIG_NAME, "resume_from")
-    return Path(os.path.expanduser(value)).resolve() if isinstance(value, str) else None
+    return _resolved(value) if isinstance(value, str) else None
 
 
 def _another_run(out: str | Path, step: int) -> str:
@@ -622,7 +627,7 @@ def check_resume(ckpt: Path, config: Any, plan: Any, dataset: Any) -> list[str]:
 
         earlier = cache_root(config) / str(resolved["data"])[:20]  # where raw JSONL's shards of that key were cached
         before = saved.get("data_path") if isinstance(saved.get("data_path"), str) else None
-        same = before is not None and _same_path(before, config.data_path)
+        same = before is not None and _resolved(before) == _resolved(config.data_path)
         # the same file prepared anew: an edit, or another lora-data; another path: other data
         kept = ("; if the file is unchanged, lora-data now prepares it differently (an upgrade)" + (
             f": pass data_path={earlier}, the shards that run trained on, to continue it"
@@ -638,10 +643,6 @@ def check_resume(ckpt: Path, config: Any, plan: Any, dataset: Any) -> list[str]:
     if issues:
         raise ConfigError(issues)
     return changed
-
-
-def _same_path(a: str, b: str) -> bool:
-    return Path(os.path.expanduser(a)).resolve() == Path(os.path.expanduser(b)).resolve()
 
 
 def _same(a: Any, b: Any) -> bool:
