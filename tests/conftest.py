@@ -9,7 +9,8 @@ from pathlib import Path
 
 # No hub is reachable where the tests run: a lookup of a name that is no local path fails at once, not after
 # huggingface_hub's five retries (about 25 s each). Set before anything imports huggingface_hub, which reads it once;
-# inherited by the processes tests start. Tests of the online paths mock the hub and unset it themselves.
+# inherited by the processes tests start. Tests of the online paths mock the hub (huggingface_hub reads the variable
+# once, at import).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import _tiny

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -195,13 +196,33 @@ def test_a_closed_terminal_stops_the_run_with_a_checkpoint(tiny_llama_dir, shard
     """The terminal a run prints to goes away (an ssh session drops): SIGHUP, and every later write to it fails with
     EIO. Before: SIGHUP killed the run without a checkpoint, and the stop's own message raised EIO out of the step."""
     import pty
+    import threading
+
+    from transformers import TrainerCallback
 
     master, terminal = pty.openpty()
+
+    def read_the_terminal() -> None:
+        with contextlib.suppress(OSError):  # the master closed
+            while os.read(master, 4096):
+                pass
+
+    class HangUp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                os.close(master)  # the terminal hangs up: writes to it fail with EIO from here on
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGHUP)  # what the closed terminal sends
+
+    real = lora_runtime.run
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(lora_runtime, "run",
+                        lambda config: real(dataclasses.replace(config, callbacks=[HangUp(), *config.callbacks])))
+    threading.Thread(target=read_the_terminal, daemon=True).start()
     with open(terminal, "w", buffering=1) as tty:
         monkeypatch.setattr(sys, "stdout", tty)
         monkeypatch.setattr(sys, "stderr", tty)
-        os.close(master)  # the terminal hangs up: writes to it fail with EIO from here on
-        _signal_at_step(monkeypatch, 3, signal.SIGHUP)
         out = tmp_path / "run"
         before = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal (not ignored, as under nohup)
         try:

@@ -211,8 +211,8 @@ os.kill(os.getpid(), signal.SIGKILL)
 @pytest.mark.skipif(sys.platform != "linux", reason="a child subreaper is Linux's prctl")
 def test_the_workers_of_a_killed_torchrun_are_waited_for_and_a_ctrl_c_stops_them(monkeypatch, tmp_path, caplog):
     """torchrun killed: its workers are handed to the launcher, which waits for them (they save) before it names the
-    checkpoint and lets the lock go; a Ctrl-C meanwhile stops them (it was passed to the dead torchrun, and the wait
-    went on for good)."""
+    checkpoint and lets the lock go; a scheduler's SIGTERM meanwhile lets the save go on, a Ctrl-C stops them (it was
+    passed to the dead torchrun, and the wait went on for good)."""
     import threading
     import time
     from pathlib import Path
@@ -233,6 +233,8 @@ def test_the_workers_of_a_killed_torchrun_are_waited_for_and_a_ctrl_c_stops_them
             assert time.monotonic() < deadline
             time.sleep(0.05)
         time.sleep(0.5)  # the launcher lists it among the workers it waits for
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop: the save goes on
+        time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGINT)
 
     helper = threading.Thread(target=ctrl_c_once_adopted, daemon=True)
@@ -243,5 +245,7 @@ def test_the_workers_of_a_killed_torchrun_are_waited_for_and_a_ctrl_c_stops_them
     worker = int(ready.read_text())
     assert not Path(f"/proc/{worker}").exists()  # reaped
     assert f"waiting for its 1 worker(s) to save a checkpoint and stop (pid {worker}" in caplog.text
+    assert "got SIGTERM: the workers of the killed torchrun are already saving a checkpoint" in caplog.text
     assert "got SIGINT: stopping the workers of the killed torchrun without waiting for their checkpoint" in caplog.text
-    assert "torchrun was killed by SIGKILL; its workers stopped (exit codes -9); no complete checkpoint" in caplog.text
+    assert ("torchrun was killed by SIGKILL; its workers stopped by SIGINT while saving (exit codes -9); no complete "
+            "checkpoint") in caplog.text

@@ -158,9 +158,12 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
 
     def forward(signum: int, _frame: object) -> None:
         forwarded.append(signal.Signals(signum).name)
-        if adopted:  # they got their stop from torchrun's death and ignore repeats: this aborts the save
-            log.warning("got %s: stopping the workers of the killed torchrun without waiting for their checkpoint",
-                        forwarded[-1])
+        if adopted:  # they got their stop from torchrun's death and ignore repeats
+            if forwarded[-1] != "SIGINT":  # a scheduler's or a closed terminal's stop: the save goes on
+                log.warning("got %s: the workers of the killed torchrun are already saving a checkpoint (Ctrl-C stops "
+                            "them without it)", forwarded[-1])
+                return
+            log.warning("got SIGINT: stopping the workers of the killed torchrun without waiting for their checkpoint")
             for pid in adopted:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -209,9 +212,11 @@ def run_torchrun(plan: LaunchPlan, train_args: list[str], device: str, output_di
             signal.signal(s, handler)
     where = f"; {resume_note(output_dir)}" if output_dir else ""
     if killed is not None:
+        aborted = "SIGINT" in forwarded  # none came before the wait (unasked): a Ctrl-C while they saved
         what = ("its workers had exited" if not killed else "its workers stopped after saving a checkpoint"
-                if all(c == EXIT_INTERRUPTED for c in killed) else
-                f"its workers stopped (exit codes {' '.join(map(str, killed))})")
+                if all(c == EXIT_INTERRUPTED for c in killed) and not aborted else
+                f"its workers stopped{' by SIGINT while saving' if aborted else ''} (exit codes "
+                f"{' '.join(map(str, killed))})")
         log.warning("torchrun was killed by %s; %s%s", orphans.signal_name(-rc), what, where)
         return EXIT_INTERRUPTED
     if forwarded and rc != 0:

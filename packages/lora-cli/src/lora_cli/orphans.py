@@ -90,9 +90,12 @@ def adopted_workers() -> list[int]:
 
 
 def wait_for(pids: list[int]) -> list[int]:
-    """Wait for these children (adopted workers) to exit; their exit codes (-N: killed by signal N)."""
+    """Wait for these children (adopted workers) to exit, taking each out of `pids` once reaped (a signal handler
+    reading the list never signals a pid that may belong to another process by then); their exit codes (-N: killed
+    by signal N)."""
     codes = []
-    for pid in pids:
+    while pids:
         with contextlib.suppress(ChildProcessError):  # reaped elsewhere
-            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+            codes.append(os.waitstatus_to_exitcode(os.waitpid(pids[0], 0)[1]))
+        pids.pop(0)
     return codes

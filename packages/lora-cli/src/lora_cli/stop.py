@@ -123,18 +123,19 @@ HUNG_UP = (errno.EIO, errno.EPIPE, errno.ENXIO)  # the terminal or the reader of
 
 
 class _DroppedOnHangup:
-    """A text stream whose write fails because its terminal hung up (EIO) or its reader left (EPIPE): its descriptor
-    is pointed at /dev/null and the run goes on, instead of the error raising out of a training step. Other errors
-    (a full disk under a redirect) raise as before."""
+    """A text stream whose write fails because its terminal hung up (EIO, ENXIO: a stream that was a terminal) or its
+    reader left (EPIPE): its descriptor is pointed at /dev/null and the run goes on, instead of the error raising out
+    of a training step. Other errors (a full disk under a redirect, EIO from a failing disk) raise as before."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self._gone = HUNG_UP if os.isatty(stream.fileno()) else (errno.EPIPE,)  # a hung-up tty no longer says it is
 
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
         except OSError as e:
-            if e.errno not in HUNG_UP:
+            if e.errno not in self._gone:
                 raise
             self._drop()
             return len(text)
@@ -143,7 +144,7 @@ class _DroppedOnHangup:
         try:
             self._stream.flush()
         except OSError as e:
-            if e.errno not in HUNG_UP:
+            if e.errno not in self._gone:
                 raise
             self._drop()
 

@@ -65,6 +65,9 @@ def ensure_shards(config: LoraSftConfig) -> tuple[LoraSftConfig, Shards]:
     return config, Shards(train_dir, manifest, eval_dir)
 
 
+OVERLAP_MAX_TOKENS = 1_000_000_000  # training tokens up to which report_overlap hashes every sample
+
+
 def report_overlap(train_dir: Path, eval_dir: Path) -> None:
     """Say (rank 0) how many eval samples are training samples too, token for token (a record in both files, or
     given twice to the file eval_split_ratio splits): eval_loss then measures in part what the run trained on."""
@@ -73,8 +76,14 @@ def report_overlap(train_dir: Path, eval_dir: Path) -> None:
 
     if not dist_env().is_main:
         return
+    train = ShardReader(train_dir, verify=False)
+    tokens = int(train.manifest.counts.get("tokens") or 0)
+    if tokens > OVERLAP_MAX_TOKENS:  # about a minute a billion tokens, while the other ranks wait
+        print0(f"eval: not checked for samples that are training samples too ({tokens:,} training tokens, over "
+               f"{OVERLAP_MAX_TOKENS:,})")
+        return
     evals = ShardReader(eval_dir, verify=False).sample_keys()
-    shared = int(np.isin(evals, ShardReader(train_dir, verify=False).sample_keys()).sum())
+    shared = int(np.isin(evals, train.sample_keys()).sum())
     if shared:
         print0(f"warning: {shared} of the {evals.size} eval samples in {eval_dir} are training samples too (the same "
                f"tokens, in {train_dir}): eval_loss measures them after training on them")

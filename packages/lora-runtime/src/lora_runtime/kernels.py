@@ -92,8 +92,9 @@ def fused_loss_applied(model: Any) -> bool:
 
 
 # the whole module names a causal LM's output layer and embeddings have (PEFT matches a regex target against them)
-MODULE_NAMES = {"lm_head": ("lm_head",),
-                "embed_tokens": ("model.embed_tokens", "model.language_model.embed_tokens", "embed_tokens")}
+MODULE_NAMES = {"lm_head": ("lm_head", "language_model.lm_head"),
+                "embed_tokens": ("model.embed_tokens", "model.language_model.embed_tokens", "embed_tokens",
+                                 "language_model.model.embed_tokens")}
 
 
 def targets_lm_head(targets: Any, name: str = "lm_head") -> bool:
