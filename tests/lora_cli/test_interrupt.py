@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -196,21 +195,29 @@ def test_a_closed_terminal_stops_the_run_with_a_checkpoint(tiny_llama_dir, shard
     """The terminal a run prints to goes away (an ssh session drops): SIGHUP, and every later write to it fails with
     EIO. Before: SIGHUP killed the run without a checkpoint, and the stop's own message raised EIO out of the step."""
     import pty
+    import select
     import threading
 
     from transformers import TrainerCallback
 
     master, terminal = pty.openpty()
+    hang_up = threading.Event()
 
     def read_the_terminal() -> None:
-        with contextlib.suppress(OSError):  # the master closed
-            while os.read(master, 4096):
-                pass
+        """Drains the terminal until the hang-up, then closes it: this thread alone uses the descriptor (a read of a
+        number closed elsewhere could take another file's bytes once the number is reused)."""
+        while not hang_up.is_set():
+            if select.select([master], [], [], 0.05)[0]:
+                os.read(master, 4096)
+        os.close(master)  # the terminal hangs up: writes to it fail with EIO from here on
+
+    reader = threading.Thread(target=read_the_terminal, daemon=True)
 
     class HangUp(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 2:
-                os.close(master)  # the terminal hangs up: writes to it fail with EIO from here on
+                hang_up.set()
+                reader.join()
             if state.global_step == 3:
                 os.kill(os.getpid(), signal.SIGHUP)  # what the closed terminal sends
 
@@ -219,7 +226,7 @@ def test_a_closed_terminal_stops_the_run_with_a_checkpoint(tiny_llama_dir, shard
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(lora_runtime, "run",
                         lambda config: real(dataclasses.replace(config, callbacks=[HangUp(), *config.callbacks])))
-    threading.Thread(target=read_the_terminal, daemon=True).start()
+    reader.start()
     with open(terminal, "w", buffering=1) as tty:
         monkeypatch.setattr(sys, "stdout", tty)
         monkeypatch.setattr(sys, "stderr", tty)
