@@ -242,11 +242,13 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
 def _asked_length_issues(cfg: LoraSftConfig) -> list[str]:
     """--max-seq-len asked for (typed, or in the config file) over a shard dir packed to another length: lora_sft
     trains at the shards' length where max_seq_len is its default, which would ignore an asked-for 2048."""
-    import json
+    from lora_data import Manifest
 
+    if not (Path(cfg.data_path) / MANIFEST_NAME).is_file():  # raw data
+        return []
     try:
-        packed = json.loads((Path(cfg.data_path) / MANIFEST_NAME).read_text(encoding="utf-8"))["seq_len"]
-    except (OSError, ValueError, KeyError, TypeError):  # raw data, or a manifest the run's own checks name
+        packed = Manifest.load(cfg.data_path).seq_len
+    except DataError:  # a manifest the run's own checks name
         return []
     if packed == cfg.max_seq_len:
         return []

@@ -43,8 +43,13 @@ def stop_with_parent(parent: int, call: Callable[..., int] | None = None) -> Non
         return
     call(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # it died before the request: the SIGTERM would never come
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited from the launcher
-        os.kill(os.getpid(), signal.SIGTERM)
+        _stop_now()
+
+
+def _stop_now() -> None:
+    """SIGTERM to this process with the default action: not a handler inherited from the launcher, nor ignored."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def arm_worker() -> None:
@@ -55,8 +60,7 @@ def arm_worker() -> None:
         return
     parent = os.getppid()
     if parent in (1, int(launcher)):  # torchrun died already, during this process's start: nothing to save yet
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not ignored, as a parent may have left it
-        os.kill(os.getpid(), signal.SIGTERM)
+        _stop_now()
     stop_with_parent(parent)
 
 
