@@ -65,9 +65,9 @@ def commands(block: Block) -> list[list[str]]:
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     first = BLOCKS[0]
-    assert first.lang == "bash" and first.code.splitlines() == ["uv run lora-cli demo", "uv run pytest"]
+    assert first.lang == "bash" and first.code.splitlines() == ["uv run lora-cli demo", "uv run pytest -n 2"]
     ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line and not line.startswith("#")]
-    assert ci[-1] == "uv run pytest"
+    assert ci[-1] == "uv run pytest -n 2"
 
 
 def test_the_bare_commands_come_after_how_to_run_them():
