@@ -398,3 +398,33 @@ def test_rank_and_world_size_left_in_the_environment_without_torchrun_are_one_co
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="MASTER_ADDR and MASTER_PORT not: this process was not started by torchrun"):
         init_process_group()
+
+
+def test_a_rank_waiting_for_ranks_that_never_come_says_so_and_a_stop_ends_it(tmp_path):
+    """RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT all left in a shell: torch waited its whole timeout (30 minutes
+    on gloo) without a word. The rank says what it waits for, and a Ctrl-C ends the wait."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")} | {
+        "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}
+    code = "import lora_runtime.distributed as d; d.JOIN_NOTE_S = 1.0; d.init_process_group()"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stderr.readline()  # blocks until the note (or the end of the process)
+        assert line.startswith("[lora_runtime] rank 0 of 2 still waits for the other ranks at 127.0.0.1:"), line
+        assert "come from the environment, not from torchrun" in line and "stop this (Ctrl-C), unset them" in line
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == -signal.SIGINT
+        assert time.monotonic() - t0 < 30
+    finally:
+        proc.kill()
+        proc.communicate()

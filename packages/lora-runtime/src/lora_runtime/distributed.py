@@ -7,10 +7,15 @@ writes files and prints.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+JOIN_NOTE_S = 60.0  # a rank still joining the process group after this long says what it waits for
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,50 @@ def init_process_group() -> DistEnv:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend=backend)
+        note = threading.Timer(JOIN_NOTE_S, lambda: print(f"[lora_runtime] {join_note(env)}", file=sys.stderr,
+                                                          flush=True))
+        note.daemon = True
+        note.start()
+        try:
+            with _stops_end_the_join():
+                dist.init_process_group(backend=backend)
+        finally:
+            note.cancel()
         print0(f"process group: {backend}, world size {env.world_size}")
     return env
+
+
+@contextlib.contextmanager
+def _stops_end_the_join() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP end the process while it joins the process group: torch waits there in C++, where
+    no Python handler runs (a Ctrl-C did nothing for the whole timeout), and nothing is trained yet to save. An
+    ignored signal (nohup's SIGHUP) stays ignored; off the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import signal
+
+    stops = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+    previous = {s: signal.getsignal(s) for s in stops}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def join_note(env: DistEnv) -> str:
+    """What a rank that has waited JOIN_NOTE_S to join the process group says: torch waits its whole timeout (10 to
+    30 minutes) in silence, as when RANK and WORLD_SIZE are left in a shell from another job."""
+    note = (f"rank {env.rank} of {env.world_size} still waits for the other ranks at {os.environ.get('MASTER_ADDR')}:"
+            f"{os.environ.get('MASTER_PORT')} after {JOIN_NOTE_S:.0f} s")
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun sets it for its workers
+        note += ("; RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT come from the environment, not from torchrun: if "
+                 "they are left from another job, stop this (Ctrl-C), unset them and run again")
+    return note
 
 
 def barrier() -> None:
