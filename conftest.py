@@ -25,7 +25,7 @@ def scope_of(nodeid: str) -> str:
     return next((prefix for prefix in ONE_WORKER if path.startswith(prefix)), path)
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: the suite also runs where xdist is not installed
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") not in ("load", "loadfile"):
         return None

@@ -40,3 +40,11 @@ def test_a_file_goes_to_one_worker_and_the_reliability_files_to_one_together(tmp
     assert all(len(w) == 1 for w in workers.values()), workers  # a file on one worker
     assert workers["test_a"] == workers["test_b"], workers  # the reliability files on the same one
     assert len(set().union(*workers.values())) == 2, workers  # and both workers had work
+
+
+def test_the_suite_runs_where_xdist_is_not_installed():
+    """The GPU machines' wheel set has no pytest-xdist: the root conftest's scheduler hook must not stop pytest there
+    (an unknown hook is an internal error)."""
+    res = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "--collect-only",
+                          "-q", __file__], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
