@@ -205,7 +205,7 @@ def test_dry_run_prints_the_multi_node_torchrun_command(monkeypatch):
     assert res.exit_code == 0, res.output
     assert "batch: micro 2 × 16 processes × accumulation 8 = effective 256 rows/step" in res.output
     cmd = shlex.split(res.output.split("would run: ", 1)[1].splitlines()[0])
-    assert cmd[1:17] == ["-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1",
+    assert cmd[1:17] == ["-m", "lora_cli.torchrun", "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1",
                          "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "lora-cli", "-m",
                          "lora_cli"]
     assert "--dry-run" not in cmd and cmd[cmd.index("--nproc-per-node", 5) + 1] == "8"

@@ -16,7 +16,7 @@ TAIL = ["-m", "lora_cli", "train", "--lora-r", "8"]
 
 def test_single_node_uses_a_standalone_rendezvous():
     cmd = torchrun_command(LaunchPlan(8), ["--lora-r", "8"])
-    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "1",
+    assert cmd == [sys.executable, "-m", "lora_cli.torchrun", "--nproc-per-node", "8", "--nnodes", "1",
                    "--standalone", *TAIL]
 
 

@@ -2,15 +2,15 @@
 
 `lora-cli train --gpus 8 ...` on one machine becomes
 
-    python -m torch.distributed.run --nproc-per-node 8 --nnodes 1 --standalone -m lora_cli train --gpus 8 ...
+    python -m lora_cli.torchrun --nproc-per-node 8 --nnodes 1 --standalone -m lora_cli train --gpus 8 ...
 
 and on node 1 of 2 with a rendezvous endpoint (`--nnodes 2 --rdzv-endpoint host0:29400`)
 
-    python -m torch.distributed.run --nproc-per-node 8 --nnodes 2 --node-rank 1 --rdzv-backend c10d
+    python -m lora_cli.torchrun --nproc-per-node 8 --nnodes 2 --node-rank 1 --rdzv-backend c10d
         --rdzv-endpoint host0:29400 --rdzv-id lora-cli -m lora_cli train ...
 
-(`--master-addr/--master-port` instead of `--rdzv-endpoint` gives torchrun's static rendezvous, where `--node-rank` is
-required). Each worker re-runs `train` with the options the user typed; it sees RANK/WORLD_SIZE in its environment and
+(`lora_cli.torchrun` is torchrun, `python -m torch.distributed.run`, quiet on a stop; `--master-addr/--master-port`
+instead of `--rdzv-endpoint` gives torchrun's static rendezvous, where `--node-rank` is required). Each worker re-runs `train` with the options the user typed; it sees RANK/WORLD_SIZE in its environment and
 trains in-process instead of launching again.
 """
 
@@ -82,12 +82,13 @@ def check_devices(nproc_per_node: int, backend: str, visible: int | None = None)
 
 
 def torchrun_command(plan: LaunchPlan, train_args: list[str]) -> list[str]:
-    """The full torchrun command line that re-invokes `lora-cli train` with `train_args`.
+    """The full torchrun command line that re-invokes `lora-cli train` with `train_args` (torchrun through
+    `lora_cli.torchrun`: a stop ends it without a traceback).
 
     >>> torchrun_command(LaunchPlan(2), ["--lora-r", "8"])[1:]
-    ['-m', 'torch.distributed.run', '--nproc-per-node', '2', '--nnodes', '1', '--standalone', '-m', 'lora_cli', 'train', '--lora-r', '8']
+    ['-m', 'lora_cli.torchrun', '--nproc-per-node', '2', '--nnodes', '1', '--standalone', '-m', 'lora_cli', 'train', '--lora-r', '8']
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(plan.nproc_per_node),
+    cmd = [sys.executable, "-m", "lora_cli.torchrun", "--nproc-per-node", str(plan.nproc_per_node),
            "--nnodes", str(plan.nnodes)]
     if plan.rdzv_endpoint:
         if plan.node_rank is not None:
