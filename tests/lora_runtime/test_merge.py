@@ -151,3 +151,74 @@ def test_a_residual_init_on_a_tied_head_keeps_the_trained_form(tmp_path, llama3_
     with torch.no_grad():
         got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()(probe).logits
     torch.testing.assert_close(got, capture.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_an_adapter_of_another_architecture_is_one_error_naming_both(tmp_path, tiny_llama_dir):
+    """A GPT-2 base has none of a llama adapter's module names: PEFT's NoMatchingPeftModuleError was a traceback."""
+    from lora_runtime.merge import AdapterMismatch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(tmp_path / "gpt2")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, target_modules=["q_proj"])
+                   ).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(AdapterMismatch) as e:
+        merge_adapter(tmp_path / "adapter", tmp_path / "gpt2", tmp_path / "merged")
+    message = str(e.value)
+    assert "\n" not in message and f"does not fit {tmp_path / 'gpt2'} (Target modules" in message, message
+    assert message.endswith(f"it was trained on {tiny_llama_dir}: pass the base model it was trained on")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_an_out_that_is_a_file_or_the_current_directory_is_refused_before_anything_is_written(
+        tmp_path, tiny_llama_dir, monkeypatch):
+    """A file given as out_dir was set aside and deleted, and the merged model put in its place: the adapter's own
+    adapter_model.safetensors among them (a path inside the adapter dir passed the adapter check). `.` failed after
+    the whole merge (EBUSY renaming it aside), leaving the merged model in a staging dir that refused every retry."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, target_modules=["q_proj"])
+                   ).save_pretrained(adapter)
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    for out in (adapter / "adapter_model.safetensors", notes):
+        with pytest.raises(FileExistsError, match="exists and is not a directory"):
+            merge_adapter(adapter, tiny_llama_dir, out)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", here):
+        with pytest.raises(FileExistsError, match="is the current directory or holds it"):
+            merge_adapter(adapter, tiny_llama_dir, out)
+    assert (adapter / "adapter_model.safetensors").read_bytes() == weights and notes.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "here", "notes.txt"]
+    assert list(here.iterdir()) == []
+
+
+def test_a_failure_setting_the_earlier_merge_aside_leaves_it_and_no_staging_dir(tmp_path, tiny_llama_dir,
+                                                                               monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, target_modules=["q_proj"])
+                   ).save_pretrained(tmp_path / "adapter")
+    out = merge_adapter(tmp_path / "adapter", tiny_llama_dir, tmp_path / "merged")
+    before = sorted(p.name for p in out.iterdir())
+    rename = Path.rename
+
+    def busy(self, target):
+        if self == out:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", busy)
+    with pytest.raises(OSError, match="busy"):
+        merge_adapter(tmp_path / "adapter", tiny_llama_dir, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]  # no .merged.tmp-*/replaced-* left
+    assert sorted(p.name for p in out.iterdir()) == before

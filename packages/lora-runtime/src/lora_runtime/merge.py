@@ -5,7 +5,8 @@ replaces is set aside until then, never deleted first); what a killed merge left
 merge into the same `out_dir`. The tokenizer from
 `adapter_dir` (where lora_sft saves it) or else from `model_path` is copied along, so `out_dir` loads on its own.
 An existing `out_dir` is replaced only if an earlier merge wrote it (it holds MARKER); any other non-empty directory,
-and one that is or holds the adapter or the base model, is refused before anything is loaded. A base with tied
+a file, the current directory, and one that is or holds the adapter or the base model, are refused before anything is
+loaded. A base with tied
 embeddings whose lm_head or embed_tokens is adapted is untied first (`untie_adapted_embeddings`).
 """
 
@@ -85,14 +86,15 @@ def _write(merged: Any, out: Path, held: contextlib.ExitStack, adapter_dir: Path
                                 "removed: free space and merge again") from e
         raise
     aside = None  # the earlier merge, set aside (in a directory of ours) until the new one is in place: an error in
-    if out.exists():  # between puts it back, a kill leaves it whole beside the new one, never neither
-        aside = _staging(out, "replaced", held)
-        out.rename(aside / out.name)
-    try:
+    try:  # between puts it back, a kill leaves it whole beside the new one, never neither
+        if out.exists():
+            aside = _staging(out, "replaced", held)
+            out.rename(aside / out.name)
         tmp.rename(out)
     except BaseException:
-        if aside is not None and not out.exists():
+        if aside is not None and not out.exists() and (aside / out.name).exists():
             (aside / out.name).rename(out)
+        if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -141,16 +143,19 @@ def _clear_killed(out: Path) -> None:
 
 
 def load_adapted(base: Any, adapter_dir: str | Path, model_path: str | Path) -> Any:
-    """PeftModel.from_pretrained(base, adapter_dir); an adapter of another model's shapes is one error naming both
-    (PEFT lists every mismatched tensor, a screenful per layer)."""
+    """PeftModel.from_pretrained(base, adapter_dir); an adapter of another model's shapes (PEFT lists every
+    mismatched tensor, a screenful per layer) or module names (another architecture) is one error naming both."""
     from peft import PeftModel
 
     try:
         return PeftModel.from_pretrained(base, str(adapter_dir))
-    except RuntimeError as e:
-        if "size mismatch" not in str(e):
+    except (RuntimeError, ValueError) as e:
+        if type(e).__name__ == "NoMatchingPeftModuleError":  # another architecture: no module of the adapter's names
+            first = str(e).splitlines()[0].split(". ")[0]
+        elif isinstance(e, RuntimeError) and "size mismatch" in str(e):
+            first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), "")
+        else:
             raise
-        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), "")
         trained_on = adapter_base(Path(adapter_dir))
         if trained_on is not None and Path(trained_on).expanduser().resolve() == Path(model_path).expanduser().resolve():
             where = "; it was trained on a model at that path, whose files have changed since"
@@ -224,11 +229,17 @@ def _weight_owner(layer):
 
 
 def _check_out_dir(out: Path, adapter_dir: Path, model_path: Path) -> None:
-    """Never delete what merge_adapter did not write: the run dir, the base model, or any other user directory."""
+    """Never delete what merge_adapter did not write: the run dir, the base model, a file (the adapter's own weights
+    among them), the current directory, or any other user directory."""
     target = out.resolve()
     for name, p in (("adapter", adapter_dir), ("base model", model_path)):
         if p.exists() and (target == p.resolve() or target in p.resolve().parents):
             raise FileExistsError(f"{out}: the merge output would replace the {name} directory {p}; pass a new --out")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a directory; pass a new --out (a directory to create)")
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise FileExistsError(f"{out}: is the current directory or holds it, which the merged model would replace; "
+                              "pass a new --out")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise FileExistsError(f"{out}: exists and was not written by a merge (no {MARKER} there); pass a new --out "
                               "or remove it yourself")
