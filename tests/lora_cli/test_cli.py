@@ -343,23 +343,34 @@ def test_runtime_errors_with_a_fix_are_one_line_exit_1(monkeypatch, error):
     assert res.output.strip().splitlines()[-1] == f"error: {exc}" and "Traceback" not in res.output
 
 
-def test_shard_row_length_is_left_to_the_runtime_unless_one_is_asked_for(fake_sft, tmp_path):
-    """`--shards D` and `lora_sft(model, D, out)` resolve the row length in one place (lora_runtime.data). A
-    --max-seq-len typed (or in --config) over shards of another length is refused: the runtime cannot tell an
-    asked-for 2048 from its default, and trained at the shards' length."""
+def test_options_the_shards_were_prepared_with_are_theirs_unless_asked_for_otherwise(fake_sft, tmp_path):
+    """A shard dir fixed its row length, masking, packing and overlong policy when it was prepared. Not asked for,
+    they take the shards' values (what --dry-run shows and the run trains with). Asked for (typed, or in --config)
+    with another value, refused: lora_sft cannot tell an asked-for value from its default, and trained as prepared
+    (a typed --no-train-on-inputs over shards prepared with --train-on-inputs trained on the prompts, silently)."""
     import _tiny
 
-    _tiny.write_shards(tmp_path / "shards", [([1, 2, 3], [0, 1, 1], [3])], seq_len=8)
+    _tiny.write_shards(tmp_path / "shards", [([1, 2, 3], [0, 1, 1], [3])], seq_len=8, packing=False,
+                       options={"train_on_inputs": True, "overlong": "truncate"})
     base = ["train", "--model", "m", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "o")]
-    assert run(base).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 2048
-    assert run([*base, "--max-seq-len", "8"]).exit_code == 0 and fake_sft[-1]["max_seq_len"] == 8
+    prepared = {"max_seq_len": 8, "sample_packing": False, "train_on_inputs": True, "overlong": "truncate"}
+    res = run(base)
+    assert res.exit_code == 0 and {k: fake_sft[-1][k] for k in prepared} == prepared, res.output
+    assert run([*base, "--max-seq-len", "8", "--train-on-inputs"]).exit_code == 0
     calls = len(fake_sft)
     (tmp_path / "c.yaml").write_text("max_seq_len: 2048\n")
-    for asked in (["--max-seq-len", "2048"], ["--config", str(tmp_path / "c.yaml")]):
+    (tmp_path / "d.yaml").write_text("train_on_inputs: false\n")
+    for asked, want in ((["--max-seq-len", "2048"], "max_seq_len=2048"),
+                        (["--config", str(tmp_path / "c.yaml")], "max_seq_len=2048"),
+                        (["--no-train-on-inputs"], "train_on_inputs=False"),
+                        (["--config", str(tmp_path / "d.yaml")], "train_on_inputs=False"),
+                        (["--sample-packing"], "sample_packing=True"),
+                        (["--overlong", "drop"], "overlong='drop'")):
         res = run([*base, *asked])
         assert res.exit_code == 1 and len(fake_sft) == calls, res.output
-        assert (f"max_seq_len=2048, but the rows in {tmp_path / 'shards'} are packed to 8 tokens: pass "
-                "max_seq_len=8") in res.output.replace("--max-seq-len", "max_seq_len")
+        name, _, value = want.partition("=")
+        assert (f"{value}, but the shards in {tmp_path / 'shards'} were prepared with {name}="
+                f"{prepared[name]!r}: leave it out") in res.output, res.output
 
 
 def test_merge_never_deletes_a_directory_it_did_not_write(tmp_path):

@@ -84,6 +84,28 @@ def test_eval_samples_that_are_training_samples_too_are_counted(raw, tiny_llama_
                      r"\S+\): eval_loss measures them after training on them", capsys.readouterr().out)
 
 
+def test_eval_shards_with_another_loss_mask_than_the_training_shards_are_named(raw, tiny_llama_dir, tmp_path, capsys):
+    """Eval shards prepared with the prompts in the loss, training shards without (or the reverse): eval_loss
+    measured another objective, and the only line said "training as prepared" about the eval set."""
+    from lora_runtime import LoraSftConfig
+    from lora_runtime.data import ensure_shards
+
+    jsonl, _ = raw
+    kw = {**_runs.RUN, "data_output_dir": str(tmp_path / "cache")}
+    answers = ensure_shards(LoraSftConfig(str(tiny_llama_dir), str(jsonl), str(tmp_path / "a"), **kw))[1].train_dir
+    every = ensure_shards(LoraSftConfig(str(tiny_llama_dir), str(jsonl), str(tmp_path / "b"), **kw,
+                                        train_on_inputs=True))[1].train_dir
+    capsys.readouterr()
+    ensure_shards(LoraSftConfig(str(tiny_llama_dir), str(answers), str(tmp_path / "c"), **kw, eval_data_path=str(every)))
+    out = capsys.readouterr().out
+    assert (f"warning: the eval shards in {every} were prepared with train_on_inputs=True, the training shards in "
+            f"{answers} with train_on_inputs=False: eval_loss measures another objective") in out, out
+    assert f"data: the shards in {every} were prepared with train_on_inputs=True (not the defaults): evaluating on " \
+           "them as prepared" in out, out
+    ensure_shards(LoraSftConfig(str(tiny_llama_dir), str(answers), str(tmp_path / "d"), **kw, eval_data_path=str(answers)))
+    assert "another objective" not in capsys.readouterr().out
+
+
 def test_passthrough_is_refused_with_the_alternative(raw, tiny_llama_dir, tmp_path):
     jsonl, _ = raw
     with pytest.raises(ConfigError, match="use 'chat_template'"):

@@ -8,6 +8,7 @@ interrupted (after saving a checkpoint).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import sys
@@ -221,10 +222,11 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
         names = {"model_path": "--model", "data_path": "--data or --shards", "ckpt_output_dir": "--output"}
         raise click.UsageError("missing " + ", ".join(names[n] for n in missing) + " (or set it in --config)")
     typed = {n for n in params if given_on_command_line(ctx, n)}
+    shard_issues = _as_prepared(kw, typed | set(file_values)) if not missing else []
     if not missing:
         from_file = file is not None and "model_path" in file.values and "model_path" not in typed
         check_model_path(kw["model_path"], f"{file.where('model_path')}: model_path" if file and from_file else "--model")
-    issues = list(file.issues) if file else []
+    issues = (list(file.issues) if file else []) + shard_issues
     cfg = None
     try:
         cfg = LoraSftConfig(**kw).validate() if not missing else None
@@ -232,28 +234,41 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
         issues += e.issues
     if cfg is not None:  # before torchrun starts its workers (which check again)
         issues += data_path_issues(cfg)
-        if "max_seq_len" in typed or "max_seq_len" in file_values:
-            issues += _asked_length_issues(cfg)
     if issues or cfg is None:
         raise ConfigError(name_file_keys(issues, file, typed) if file else issues)
     return cfg
 
 
-def _asked_length_issues(cfg: LoraSftConfig) -> list[str]:
-    """--max-seq-len asked for (typed, or in the config file) over a shard dir packed to another length: lora_sft
-    trains at the shards' length where max_seq_len is its default, which would ignore an asked-for 2048."""
+def _as_prepared(kw: dict[str, Any], asked: set[str]) -> list[str]:
+    """A shard dir as the training data fixed its row length, masking, packing, overlong policy and fields when it
+    was prepared. Those not asked for take the shards' values here (so --dry-run and the saved config show what
+    trains; said once); one asked for (typed, or in the config file) with another value is an issue: lora_sft trains
+    as prepared where a value is its default, which would ignore an asked-for --no-train-on-inputs or 2048."""
     from lora_data import Manifest
+    from lora_runtime.data import prepared_options
 
-    if not (Path(cfg.data_path) / MANIFEST_NAME).is_file():  # raw data
+    data = Path(str(kw.get("data_path")))
+    if not (data / MANIFEST_NAME).is_file():  # raw data
         return []
     try:
-        packed = Manifest.load(cfg.data_path).seq_len
+        manifest = Manifest.load(data)
     except DataError:  # a manifest the run's own checks name
         return []
-    if packed == cfg.max_seq_len:
-        return []
-    return [f"`max_seq_len`={cfg.max_seq_len}, but the rows in {cfg.data_path} are packed to {packed} tokens: "
-            f"pass `max_seq_len`={packed} (or leave it out), or prepare the data again at {cfg.max_seq_len}"]
+    defaults = {f.name: f.default for f in dataclasses.fields(LoraSftConfig)}
+    issues, inherited = [], []
+    for name, baked in {"max_seq_len": manifest.seq_len, **prepared_options(manifest)}.items():
+        value = kw.get(name, defaults[name])
+        if baked is None or baked == value or (name, value) == ("dataset_type", "passthrough"):  # tokenized already
+            continue
+        if name in asked:
+            issues.append(f"`{name}`={value!r}, but the shards in {data} were prepared with {name}={baked!r}: "
+                          f"leave it out, or prepare the data again with it (or pass the raw JSONL as --data)")
+        else:
+            kw[name] = baked
+            inherited.append(f"{name}={baked!r}")
+    if inherited and dist_env().is_main:
+        log.info("the shards in %s were prepared with %s: training as prepared", data, ", ".join(inherited))
+    return issues
 
 
 def _train_in_process(cfg: LoraSftConfig) -> int:

@@ -61,8 +61,22 @@ def ensure_shards(config: LoraSftConfig) -> tuple[LoraSftConfig, Shards]:
         baked = {k: v for k, v in prepared_options(manifest).items()
                  if raw and k in ("train_on_inputs", "overlong") and v is not None}
         eval_dir = resolve(eval_path, "eval_data_path", dataclasses.replace(config, **baked), tokenizer)
+        if not raw:
+            report_other_objective(train_dir, manifest, eval_dir)
         report_overlap(train_dir, eval_dir)
     return config, Shards(train_dir, manifest, eval_dir)
+
+
+def report_other_objective(train_dir: Path, train: Any, eval_dir: Path) -> None:
+    """Say where eval shards were prepared with another loss mask than the training shards (prompts in the loss on
+    one side only): eval_loss then measures another objective than the training loss (a raw eval file is prepared
+    with the training shards' masking)."""
+    theirs = Manifest.load(eval_dir).options.get("train_on_inputs")
+    ours = train.options.get("train_on_inputs")
+    if None not in (theirs, ours) and theirs != ours:
+        print0(f"warning: the eval shards in {eval_dir} were prepared with train_on_inputs={theirs!r}, the training "
+               f"shards in {train_dir} with train_on_inputs={ours!r}: eval_loss measures another objective than the "
+               "training loss (prepare the eval data as the training data was, or pass it as raw JSONL)")
 
 
 OVERLAP_MAX_TOKENS = 1_000_000_000  # training tokens up to which report_overlap hashes every sample
@@ -308,7 +322,7 @@ def check_shards(shard_dir: Path, config: LoraSftConfig, tokenizer: Any, name: s
     if manifest.seq_len != config.max_seq_len:  # shorter rows too: records over their length were dropped or cut
         raise ConfigError([f"{shard_dir}: rows are packed to {manifest.seq_len} tokens but max_seq_len="
                            f"{config.max_seq_len}; pass max_seq_len={manifest.seq_len} or prepare the data again"])
-    check_data_options(shard_dir, manifest, config)
+    check_data_options(shard_dir, manifest, config, name)
 
 
 def _check_vocab(shard_dir: Path, config: LoraSftConfig, tokenizer: Any) -> None:
@@ -349,26 +363,28 @@ def prepared_options(manifest: Any) -> dict[str, Any]:
     return {name: read(manifest) for name, read in _BAKED_IN.items()}
 
 
-def check_data_options(shard_dir: Path, manifest: Any, config: LoraSftConfig) -> None:
+def check_data_options(shard_dir: Path, manifest: Any, config: LoraSftConfig, name: str = "data_path") -> None:
     """A shard dir fixed masking, packing, overlong policy and field names when it was prepared. A config value that
     differs from the default AND from the shards' is an error (it would be silently ignored); defaults defer to the
-    shards, and the log says so."""
+    shards, and the log says so. `name`: the config field that named the shards."""
     defaults = {f.name: f.default for f in dataclasses.fields(LoraSftConfig)}
     issues, inherited = [], []
-    for name, baked in prepared_options(manifest).items():
-        asked = getattr(config, name)
-        if baked is None or baked == asked or (name, asked) == ("dataset_type", "passthrough"):  # tokenized already
+    for option, baked in prepared_options(manifest).items():
+        asked = getattr(config, option)
+        if baked is None or baked == asked or (option, asked) == ("dataset_type", "passthrough"):  # tokenized already
             continue
-        if asked != defaults[name]:
-            issues.append(f"{shard_dir}: the shards were prepared with {name}={baked!r} but the config asks for "
-                          f"{name}={asked!r}, which a prepared shard dir cannot honour; prepare the data again with "
+        if asked != defaults[option]:
+            issues.append(f"{shard_dir}: the shards were prepared with {option}={baked!r} but the config asks for "
+                          f"{option}={asked!r}, which a prepared shard dir cannot honour; prepare the data again with "
                           "it (or pass the raw JSONL as data_path), or drop the option")
         else:
-            inherited.append(f"{name}={baked!r}")
+            inherited.append(f"{option}={baked!r}")
     if issues:
         raise ConfigError(issues)
     if inherited:
-        print0(f"data: the shards were prepared with {', '.join(inherited)} (not the defaults): training as prepared")
+        use = "evaluating on them" if name == "eval_data_path" else "training"
+        print0(f"data: the shards in {shard_dir} were prepared with {', '.join(inherited)} (not the defaults): {use} "
+               "as prepared")
 
 
 FORMATS = {"chat_template": "messages", "alpaca": "alpaca"}  # our dataset_type → lora-data's format
