@@ -117,7 +117,7 @@ def test_eval_split_ratio_splits_the_records_of_a_gzip_or_parquet_file(tmp_path)
         split(broken)
 
 
-def test_ensure_shards_prepares_the_split_and_the_chat_template(tmp_path, tiny_llama_dir):
+def test_ensure_shards_prepares_the_split_and_the_chat_template(tmp_path, tiny_llama_dir, capsys):
     from lora_data import ShardReader
     from lora_runtime.data import ensure_shards
     from transformers import AutoTokenizer
@@ -126,6 +126,9 @@ def test_ensure_shards_prepares_the_split_and_the_chat_template(tmp_path, tiny_l
     cfg = LoraSftConfig(str(tiny_llama_dir), str(data), str(tmp_path / "o"), max_seq_len=256, eval_split_ratio=0.2,
                         chat_template="chatml", data_output_dir=str(tmp_path / "cache"))
     _, shards = ensure_shards(cfg)
+    # ChatML's turn end is not this Llama-3 tokenizer's eos: generation would run past every trained answer
+    assert ("warning: the chat template ends each turn with <|im_end|>, but this tokenizer's eos is <|eot_id|>: "
+            "generation stops at <|eot_id|>, so pass <|im_end|> as a stop token") in capsys.readouterr().out
     assert shards.eval_dir is not None and shards.manifest.counts["valid"] == 24
     text = AutoTokenizer.from_pretrained(tiny_llama_dir).decode(ShardReader(shards.train_dir)[0].input_ids)
     assert "<|im_start|>user" in text and "<|start_header_id|>" not in text  # rendered with ChatML, not Llama-3
@@ -136,6 +139,19 @@ def test_ensure_shards_prepares_the_split_and_the_chat_template(tmp_path, tiny_l
                         chat_template=str(template), data_output_dir=str(tmp_path / "cache"))
     text = AutoTokenizer.from_pretrained(tiny_llama_dir).decode(ShardReader(ensure_shards(cfg)[1].train_dir)[0].input_ids)
     assert "### user: " in text
+
+
+def test_a_turn_end_the_tokenizer_has_no_token_for_is_named():
+    from types import SimpleNamespace
+
+    from lora_runtime.data import CHATML_TEMPLATE, turn_end_note
+
+    pieces = SimpleNamespace(eos_token="</s>", unk_token_id=0, convert_tokens_to_ids=lambda token: 0)
+    assert "which this tokenizer has no token for: the model learns it as several pieces" in turn_end_note(
+        CHATML_TEMPLATE, pieces)
+    chatml = SimpleNamespace(eos_token="<|im_end|>", unk_token_id=None, convert_tokens_to_ids=lambda token: 7)
+    assert turn_end_note(CHATML_TEMPLATE, chatml) is None  # Qwen's: its eos is the turn end
+    assert turn_end_note("{{ messages[0]['content'] + eos_token }}", pieces) is None
 
 
 def test_an_unknown_chat_template_is_named():

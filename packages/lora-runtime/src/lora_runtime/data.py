@@ -168,7 +168,24 @@ def apply_chat_template(config: LoraSftConfig, tokenizer: Any) -> Any:
         tokenizer.chat_template = chat_template_text(config.chat_template, tokenizer)
         print0(f"chat template: {config.chat_template if len(config.chat_template) < 80 else 'inline'} "
                "(chat_template=), instead of the tokenizer's")
+        if note := turn_end_note(tokenizer.chat_template, tokenizer):
+            print0(f"warning: {note}")
     return tokenizer
+
+
+def turn_end_note(template: str, tokenizer: Any) -> str | None:
+    """A template that ends an assistant turn with ChatML's `<|im_end|>` on a tokenizer whose eos is another token
+    trains the model to stop with `<|im_end|>`, which generation (transformers, vLLM) does not stop at unless told;
+    on a tokenizer without that token the model learns it as several pieces, which no stop token catches."""
+    end, eos = "<|im_end|>", getattr(tokenizer, "eos_token", None)
+    if end not in template or eos == end:
+        return None
+    if tokenizer.convert_tokens_to_ids(end) in (None, getattr(tokenizer, "unk_token_id", None)):
+        return (f"the chat template ends each turn with {end}, which this tokenizer has no token for: the model learns "
+                "it as several pieces and generation cannot stop at it; use a template that ends turns with the "
+                f"tokenizer's eos ({eos}), e.g. chat_template='default'")
+    return (f"the chat template ends each turn with {end}, but this tokenizer's eos is {eos}: generation stops at "
+            f"{eos}, so pass {end} as a stop token at inference (generate(eos_token_id=[...]), vLLM's stop_token_ids)")
 
 
 def split_eval(data_file: Path, config: LoraSftConfig) -> tuple[str, str]:
