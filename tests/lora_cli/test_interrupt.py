@@ -169,6 +169,7 @@ def test_a_stop_at_the_last_step_is_a_finished_run(tiny_llama_dir, shards, tmp_p
     assert (out / "adapter_model.safetensors").is_file()
     res = CliRunner().invoke(main, [*_args(tiny_llama_dir, shards, tmp_path / "run2"), "--no-save-model"])
     assert res.exit_code == 0 and "the run finished" in res.output, res.output  # no adapter asked for
+    assert "adapter:  (none: save_model was off; the checkpoints hold adapters)" in res.output  # not "stopped early"
 
 
 def test_ranks_agree_on_a_stop_a_step_late_except_at_the_end(monkeypatch):

@@ -98,8 +98,9 @@ def test_a_store_the_installed_mlflow_cannot_use_is_one_error_line_before_traini
 
 
 def test_an_experiment_name_alone_checks_mlflows_default_store(mlflow, tmp_path, monkeypatch):
-    """MLflow turned on by an experiment name only writes to its default URI (a local sqlite database in MLflow 3):
-    where that store cannot work here, it is one error at validation too."""
+    """MLflow turned on by an experiment name or a run name only writes to its default URI (a local sqlite database
+    in MLflow 3): where that store cannot work here, it is one error at validation too (a run name alone was a
+    traceback after the model loaded)."""
     import importlib.util
 
     from lora_cli.main import main
@@ -109,9 +110,10 @@ def test_an_experiment_name_alone_checks_mlflows_default_store(mlflow, tmp_path,
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: f"sqlite:///{tmp_path / 'mlflow.db'}")
     args = ["train", "--model", "m", "--data", _data_file(tmp_path), "--output", str(tmp_path / "o"), "--dry-run"]
-    res = CliRunner().invoke(main, [*args, "--mlflow-experiment-name", "x"])
-    assert res.exit_code == 1 and "MLflow's default tracking URI" in res.output, res.output
-    assert "SQLAlchemy, not installed here" in res.output
+    for asked in (["--mlflow-experiment-name", "x"], ["--mlflow-run-name", "r"]):
+        res = CliRunner().invoke(main, [*args, *asked])
+        assert res.exit_code == 1 and "MLflow's default tracking URI" in res.output, res.output
+        assert "SQLAlchemy, not installed here" in res.output
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://mlflow.example:5000")
     assert CliRunner().invoke(main, [*args, "--mlflow-experiment-name", "x"]).exit_code == 0
 

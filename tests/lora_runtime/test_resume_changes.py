@@ -75,6 +75,19 @@ def test_a_setting_the_checkpoint_fixes_is_one_issue_naming_both_values(finished
     assert sorted(p.name for p in finished_at_4.rglob("*")) == before
 
 
+def test_the_same_target_modules_in_another_order_resume(finished_at_4, tiny_llama_dir, llama_shards, tmp_path, capsys):
+    """PEFT matches target_modules as a set: the same names listed in another order (a config file written by hand
+    or by another tool) were refused as a change."""
+    import shutil
+
+    out = tmp_path / "reordered"
+    shutil.copytree(finished_at_4, out)
+    capsys.readouterr()
+    resumed = lora_sft(str(tiny_llama_dir), str(llama_shards), str(out),
+                       **{**BASE, "max_steps": 5, "target_modules": list(reversed(_runs.TARGETS))})
+    assert resumed.steps == 5 and "target_modules: " not in capsys.readouterr().out  # not even "applied"
+
+
 def test_another_base_model_is_refused_whatever_its_path(finished_at_4, tiny_llama_dir, llama_shards, tmp_path,
                                                          monkeypatch):
     """The checkpoint records the model's identity (config.json and weights), not the path's text: other weights

@@ -314,7 +314,9 @@ def _saved(cfg: LoraSftConfig, step: int) -> str:
 
 
 def _print_result(result: Any) -> None:
-    click.echo(f"adapter:  {result.adapter_dir or '(none yet: stopped early, the newest checkpoint holds the state)'}")
+    none = ("(none yet: stopped early, the newest checkpoint holds the state)" if not getattr(result, "finished", True)
+            else "(none: save_model was off; the checkpoints hold adapters)")
+    click.echo(f"adapter:  {result.adapter_dir or none}")
     if getattr(result, "merged_dir", None):
         click.echo(f"merged:   {result.merged_dir}")
     click.echo(f"metrics:  {result.metrics_path}")

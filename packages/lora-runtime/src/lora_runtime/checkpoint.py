@@ -615,7 +615,7 @@ def check_resume(ckpt: Path, config: Any, plan: Any, dataset: Any) -> list[str]:
                 issues.append(f"`model_path` {new!r} is not the model {ckpt} was trained with (then {old!r}): its "
                               f"config.json or weights differ{fresh}")
             continue
-        if name in _NOT_COMPARED or _same(old, new):
+        if name in _NOT_COMPARED or _same(old, new, unordered=name == "target_modules"):
             continue
         if name in FIXED:
             issues.append(f"`{name}` is {new!r} now but {ckpt} was trained with {old!r}{fresh}")
@@ -645,5 +645,11 @@ def check_resume(ckpt: Path, config: Any, plan: Any, dataset: Any) -> list[str]:
     return changed
 
 
-def _same(a: Any, b: Any) -> bool:
-    return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+def _same(a: Any, b: Any, unordered: bool = False) -> bool:
+    """Equal values, a tuple and a list alike; with `unordered`, lists of names in any order (PEFT matches
+    target_modules as a set)."""
+    def norm(v: Any) -> Any:
+        v = list(v) if isinstance(v, tuple) else v
+        return sorted(v, key=str) if unordered and isinstance(v, list) else v
+
+    return norm(a) == norm(b)

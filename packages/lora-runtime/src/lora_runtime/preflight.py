@@ -94,8 +94,8 @@ def mlflow_store_issues(cfg: Any) -> list[str]:
     """A tracking URI the installed MLflow cannot use, which it says only when training starts, after the model has
     loaded, as a traceback: a file store (a plain path or a file: URI), refused by MLflow 3 unless
     MLFLOW_ALLOW_FILE_STORE is set, or a database without SQLAlchemy (mlflow-skinny). With MLflow asked for by an
-    experiment name alone, MLflow's own default URI is checked (a local sqlite database or ./mlruns). Imports mlflow
-    (~3 s), so only where MLflow logging is asked for."""
+    experiment or run name alone (`metrics.report_targets` turns MLflow on for either), MLflow's own default URI is
+    checked (a local sqlite database or ./mlruns). Imports mlflow (~3 s), so only where MLflow logging is asked for."""
     from urllib.parse import urlparse
 
     if importlib.util.find_spec("mlflow") is None:
@@ -103,7 +103,7 @@ def mlflow_store_issues(cfg: Any) -> list[str]:
     uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     where = "`mlflow_tracking_uri`" if cfg.mlflow_tracking_uri else "MLFLOW_TRACKING_URI"
     if not uri:
-        if not (cfg.mlflow_experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")):
+        if not (cfg.mlflow_experiment_name or cfg.mlflow_run_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")):
             return []
         import mlflow
 
