@@ -88,6 +88,24 @@ def test_the_same_target_modules_in_another_order_resume(finished_at_4, tiny_lla
     assert resumed.steps == 5 and "target_modules: " not in capsys.readouterr().out  # not even "applied"
 
 
+def test_a_merge_of_an_earlier_finish_goes_once_the_run_trains_further(finished_at_4, tiny_llama_dir, llama_shards,
+                                                                        tmp_path, capsys):
+    """save_merged=True at step 4, then the run continued to step 5 without it: `merged/` still held step 4's model
+    beside step 5's adapter, and nothing said so (its logits off by 0.1 from base + adapter)."""
+    import shutil
+
+    out = tmp_path / "merged_then_more"
+    shutil.copytree(finished_at_4, out)
+    lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**BASE, "max_steps": 4, "save_merged": True})
+    assert (out / "merged" / "MERGED_BY_LORA_SFT").is_file()
+    lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**BASE, "max_steps": 4})  # nothing trained: kept
+    assert (out / "merged" / "MERGED_BY_LORA_SFT").is_file()
+    capsys.readouterr()
+    lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**BASE, "max_steps": 5})
+    assert not (out / "merged").exists()
+    assert f"removed {out / 'merged'}: an earlier finish of this run merged it, before step 5" in capsys.readouterr().out
+
+
 def test_another_base_model_is_refused_whatever_its_path(finished_at_4, tiny_llama_dir, llama_shards, tmp_path,
                                                          monkeypatch):
     """The checkpoint records the model's identity (config.json and weights), not the path's text: other weights

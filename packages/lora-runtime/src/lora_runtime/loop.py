@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from lora_runtime import checkpoint, hub, model_card, residual
 from lora_runtime.config import LoraSftConfig
 from lora_runtime.data import apply_chat_template, prepared_options
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
+from lora_runtime.merge import MARKER as MERGE_MARKER
 from lora_runtime.merge import MergeDiskFull
 from lora_runtime.metrics import (
     MetricsWriter,
@@ -325,6 +327,11 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
                 raise checkpoint.CheckpointError(f"{e} (`lora-cli merge {source} --model {config.model_path} --out "
                                                  f"{out / 'merged'}`); the adapter in {source} is complete") from e
             print0(f"merged model written to {merged_dir}")
+        elif not stopped and not rerun and (out / "merged" / MERGE_MARKER).is_file():
+            # an earlier finish's merge, beside an adapter trained further: whoever deploys it ships the old model
+            shutil.rmtree(out / "merged")
+            print0(f"removed {out / 'merged'}: an earlier finish of this run merged it, before step {step}; "
+                   "save_merged=True (or `lora-cli merge`) merges this adapter")
         if config.push_to_hub and not stopped:
             hub.push_run(config, adapter_dir, merged_dir)
     barrier()
