@@ -57,6 +57,20 @@ def test_target_modules_the_model_lacks_is_one_line(no_training, tiny_llama_dir)
     assert ok.exit_code == 0, ok.output
 
 
+def test_target_modules_naming_a_block_or_a_norm_is_one_line(no_training, tiny_llama_dir):
+    """`mlp` (meaning its projections), `self_attn` or `norm` passed validation and --dry-run, then PEFT refused the
+    module with a 60-line traceback after the data was prepared and the model loaded."""
+    args = ["train", "--model", str(tiny_llama_dir), "--data", "d.jsonl", "--output", "o", "--dry-run"]
+    for target, said in (("mlp", "a block of layers (down_proj, gate_proj, up_proj), which LoRA cannot adapt: name "
+                                 "the layers themselves (down_proj, gate_proj, up_proj)"),
+                         ("q_proj,self_attn", "a block of layers (k_proj, o_proj, q_proj, v_proj)"),
+                         ("norm", "not a layer with a weight matrix (a norm, an activation), which LoRA cannot adapt")):
+        res = invoke([*args, "--target-modules", target])
+        assert res.exit_code == 1 and len(res.output.splitlines()) == 1, res.output
+        assert res.output.startswith(f"error: --target-modules {target.split(',')[-1]!r} matches model.") and said in \
+            res.output, res.output
+
+
 def test_a_model_with_its_own_code_is_refused_unless_trusted(no_training, tiny_llama_dir, tmp_path):
     import json
     import shutil

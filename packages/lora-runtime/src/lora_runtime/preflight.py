@@ -217,16 +217,26 @@ def _target_issues(targets: tuple[str, ...] | str, model_dir: Path) -> list[str]
         return []  # .bin weights or an unreadable header: PEFT will say it
     modules = {".".join(k.split(".")[:i]) for k in shapes for i in range(1, k.count(".") + 1)} | {"lm_head"}
     if isinstance(targets, str):  # PEFT: a string is a regex matched against the whole module name
-        missing = [] if any(re.fullmatch(targets, m) for m in modules) else [targets]
+        matched = {targets: [m for m in modules if re.fullmatch(targets, m)]}
     else:
-        missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
-    if not missing:
-        return []
+        matched = {t: [m for m in modules if m == t or m.endswith("." + t)] for t in targets}
     linear = sorted({k.split(".")[-2] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2
                      and k.count(".") >= 1} - {"embed_tokens", "wte", "wpe", "embed_in"})
-    return [f"`target_modules` names {', '.join(repr(t) for t in missing)}, which {model_dir} does not have; its "
-            f"linear layers are {', '.join(linear)} (or pass target_modules=None for all attention and MLP "
-            "projections, or 'all-linear')"]
+    issues = []
+    if missing := [t for t, found in matched.items() if not found]:
+        issues.append(f"`target_modules` names {', '.join(repr(t) for t in missing)}, which {model_dir} does not "
+                      f"have; its linear layers are {', '.join(linear)} (or pass target_modules=None for all "
+                      "attention and MLP projections, or 'all-linear')")
+    for t, found in matched.items():  # PEFT adapts a layer with a weight matrix, and refuses any other module matched
+        if unfit := sorted(m for m in found if m != "lm_head" and len(shapes.get(f"{m}.weight", ())) < 2):
+            inner = sorted({k.split(".")[-2] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2
+                            and any(k.startswith(f"{m}.") for m in unfit)})
+            what = (f"a block of layers ({', '.join(inner[:8])}{', ...' if len(inner) > 8 else ''})" if inner
+                    else "not a layer with a weight matrix (a norm, an activation)")
+            issues.append(f"`target_modules` {t!r} matches {unfit[0]}{f' and {len(unfit) - 1} more' if len(unfit) > 1 else ''}"
+                          f" in {model_dir}, {what}, which LoRA cannot adapt: name the layers themselves"
+                          + (f" ({', '.join(inner[:8])})" if inner else f"; its linear layers are {', '.join(linear)}"))
+    return issues
 
 
 def weight_shapes(model_dir: Path) -> dict[str, list[int]]:
