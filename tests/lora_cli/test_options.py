@@ -134,6 +134,10 @@ def test_yaml_and_toml_config_files(tmp_path):
     assert load_config_file(y) == expected == load_config_file(t)
     y.write_text("learning_rate: 2e-4\nwarmup_ratio: .5E-1\nwandb_run_name: '1e3'\n")
     assert load_config_file(y) == {"learning_rate": 2e-4, "warmup_ratio": 0.05, "wandb_run_name": "1e3"}  # YAML 1.2
+    # YAML 1.2's integers: 1.1 read `010` as octal 8 and `1:40` as base-60 100, silently
+    y.write_text("lora_r: 010\nsave_steps: 1:40\nmax_seq_len: 0o400\nwarmup_steps: 0x10\nseed: -3\nmax_steps: 1_000\n")
+    assert load_config_file(y) == {"lora_r": 10, "save_steps": "1:40", "max_seq_len": 256, "warmup_steps": 16,
+                                   "seed": -3, "max_steps": 1000}
 
 
 def test_config_file_unknown_key_names_it_and_suggests(tmp_path):

@@ -290,15 +290,25 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2's floats and booleans: `2e-4` is a number (YAML 1.1, PyYAML's, reads an exponent without a dot as a
-    string), and only true/false are booleans (YAML 1.1 also reads on/off/yes/no: `selective_recompute: off`; see
-    `_yaml11_bool` for the fields where they still mean a bool)."""
+    """YAML 1.2's numbers and booleans: `2e-4` is a number (YAML 1.1, PyYAML's, reads an exponent without a dot as a
+    string), `010` is ten and `1:40` a string (1.1 reads octal 8 and base-60 100), and only true/false are booleans
+    (YAML 1.1 also reads on/off/yes/no: `selective_recompute: off`; see `_yaml11_bool` for the fields where they still
+    mean a bool)."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = str(self.construct_scalar(node)).replace("_", "")
+        sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text.lstrip("+"))
+        base = {"0x": 16, "0o": 8}.get(digits[:2].lower(), 10)
+        return sign * int(digits[2:] if base != 10 else digits, base)
 
 
-_BOOL = "tag:yaml.org,2002:bool"
-_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+_BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT)]
                                    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:[0-9][0-9_]*|0[xX][0-9a-fA-F_]+|0[oO][0-7_]+)$"),
+                              list("-+0123456789"))
+_Loader.add_constructor(_INT, _Loader.construct_yaml_int)
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
     r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
 # the command line's names for the required options (--model, --data / --shards, --output) and --gpus, as keys
