@@ -212,6 +212,27 @@ def test_a_wandb_run_the_caller_started_is_used_and_left_open(tiny_llama_dir, ll
         mine.finish()
 
 
+def test_wandb_without_a_login_is_one_error_naming_the_ways_out(tiny_llama_dir, llama_shards, tmp_path):
+    """wandb asked for online with no API key and no terminal to prompt on: its UsageError was a 22-frame traceback.
+    In a process of its own: wandb keeps settings of the offline runs of this one."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env |= {"HOME": str(tmp_path), "NETRC": str(tmp_path / "none"), "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    code = ("import sys\nfrom lora_runtime import ConfigError, lora_sft\ntry:\n"
+            f"    lora_sft({str(tiny_llama_dir)!r}, {str(llama_shards)!r}, {str(tmp_path / 'run')!r}, "
+            f"**{ {**_runs.RUN, 'max_steps': 1}!r}, wandb_project='p')\n"
+            "except ConfigError as e:\n    print('ISSUES', *e.issues, sep='\\n')\n")
+    res = subprocess.run([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=300)
+    (said,) = res.stdout.partition("ISSUES\n")[2].splitlines() or [res.stdout[-3000:] + res.stderr[-3000:]]
+    assert said.startswith("wandb reporting (wandb_project, wandb_entity, wandb_run_name or WANDB_PROJECT) cannot "
+                           "start: No API key configured"), said
+    assert said.endswith("Set WANDB_API_KEY, or WANDB_MODE=offline to log to files (`wandb sync` uploads them later)")
+
+
 @pytest.mark.parametrize(("error", "code"), [(KeyboardInterrupt, 255), (RuntimeError, 1)])
 def test_a_wandb_run_that_fails_finishes_with_the_exit_code_wandb_gives_it(tiny_llama_dir, llama_shards, tmp_path,
                                                                           monkeypatch, error, code):

@@ -229,9 +229,16 @@ def reporting_env(config: LoraSftConfig):
 
 
 def _start_wandb(config: LoraSftConfig) -> None:
+    """wandb.init; where wandb has no API key and no terminal to ask for one on, one ConfigError naming the ways out
+    (wandb's UsageError was a 22-frame traceback)."""
     import wandb
 
-    from lora_runtime.config import redacted
+    from lora_runtime.config import ConfigError, redacted
 
-    wandb.init(project=os.environ.get("WANDB_PROJECT"), entity=os.environ.get("WANDB_ENTITY"),
-               name=config.wandb_run_name, dir=os.environ.get("WANDB_DIR"), config=redacted(config.to_dict()))
+    try:
+        wandb.init(project=os.environ.get("WANDB_PROJECT"), entity=os.environ.get("WANDB_ENTITY"),
+                   name=config.wandb_run_name, dir=os.environ.get("WANDB_DIR"), config=redacted(config.to_dict()))
+    except wandb.errors.UsageError as e:
+        raise ConfigError([f"wandb reporting (wandb_project, wandb_entity, wandb_run_name or WANDB_PROJECT) cannot "
+                           f"start: {e} Set WANDB_API_KEY, or WANDB_MODE=offline to log to files (`wandb sync` "
+                           "uploads them later)"]) from None
