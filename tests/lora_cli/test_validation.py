@@ -71,6 +71,26 @@ def test_target_modules_naming_a_block_or_a_norm_is_one_line(no_training, tiny_l
             res.output, res.output
 
 
+def test_options_that_would_do_nothing_are_named(no_training, tiny_llama_dir):
+    """Accepted and silently without effect before: eval settings without eval data, a LoftQ config without LoftQ,
+    rank/alpha pattern keys matching no module (a typo trained every module at the default, PEFT only warned)."""
+    args = ["train", "--model", str(tiny_llama_dir), "--data", "d.jsonl", "--output", "o", "--dry-run"]
+    res = invoke([*args, "--eval-steps", "5", "--per-device-eval-batch-size", "2", "--loftq-config",
+                  '{"loftq_bits": 4}', "--rank-pattern", '{"q_prj": 4, "layers.0.self_attn.k_proj": 2}',
+                  "--alpha-pattern", '{"vproj": 3}'])
+    assert res.exit_code == 1, res.output
+    assert sorted(res.output.splitlines()) == sorted([
+        "error: --eval-steps and --per-device-eval-batch-size apply with eval data only: pass --eval-data-path or "
+        "--eval-split-ratio too, or drop them",
+        "error: --loftq-config applies with init_lora_weights='loftq' only (it is True): pass that too, or drop it",
+        f"error: --rank-pattern key 'q_prj' matches no module of {tiny_llama_dir}; its linear layers are down_proj, "
+        "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+        f"error: --alpha-pattern key 'vproj' matches no module of {tiny_llama_dir}; its linear layers are down_proj, "
+        "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"]), res.output
+    ok = invoke([*args, "--eval-steps", "5", "--eval-split-ratio", "0.1", "--rank-pattern", '{"q_proj": 4}'])
+    assert ok.exit_code == 0, ok.output
+
+
 def test_a_model_with_its_own_code_is_refused_unless_trusted(no_training, tiny_llama_dir, tmp_path):
     import json
     import shutil

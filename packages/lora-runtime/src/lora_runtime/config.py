@@ -444,6 +444,16 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
                       f"{cfg.learning_rate:g} must be above it, or pick another lr_scheduler")
     if cfg.init_lora_weights == "loftq" and not cfg.loftq_config:
         issues.append("init_lora_weights='loftq' needs `loftq_config`, e.g. {'loftq_bits': 4}")
+    if cfg.loftq_config and cfg.init_lora_weights != "loftq":
+        issues.append(f"`loftq_config` applies with init_lora_weights='loftq' only (it is "
+                      f"{cfg.init_lora_weights!r}): pass that too, or drop it")
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    if not (cfg.eval_data_path or cfg.eval_split_ratio):
+        unused = [n for n in ("eval_steps", "per_device_eval_batch_size") if getattr(cfg, n) != defaults[n]]
+        if unused:
+            issues.append(f"{' and '.join(f'`{n}`' for n in unused)} {'apply' if len(unused) > 1 else 'applies'} "
+                          "with eval data only: pass `eval_data_path` or `eval_split_ratio` too, or drop "
+                          f"{'them' if len(unused) > 1 else 'it'}")
     if cfg.init_lora_weights == "loftq" and importlib.util.find_spec("scipy") is None:
         issues.append("init_lora_weights='loftq' needs scipy (PEFT's LoftQ imports it), which is not installed: "
                       "pip install scipy")

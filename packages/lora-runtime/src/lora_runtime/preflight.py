@@ -145,7 +145,36 @@ def model_issues(cfg: Any) -> list[str]:
                       "class")
     if cfg.target_modules is not None and cfg.target_modules != "all-linear":
         issues += _target_issues(cfg.target_modules, d)
+    issues += _pattern_issues(cfg, d)
     return issues
+
+
+def _pattern_issues(cfg: Any, model_dir: Path) -> list[str]:
+    """rank_pattern / alpha_pattern keys that match no module of the model (PEFT matches a key as a regex against
+    the end of a module's name, `(.*\\.)?key$`): a typo there trained every module at the default, with only PEFT's
+    warning."""
+    shapes = weight_shapes(model_dir)
+    if not shapes:
+        return []
+    modules = {".".join(k.split(".")[:i]) for k in shapes for i in range(1, k.count(".") + 1)} | {"lm_head"}
+    issues = []
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(cfg, field) or {}:
+            try:
+                if any(re.match(rf"(.*\.)?({key})$", m) for m in modules):
+                    continue
+            except re.error as e:
+                issues.append(f"`{field}` key {key!r} is not a regular expression PEFT can match ({e})")
+                continue
+            issues.append(f"`{field}` key {key!r} matches no module of {model_dir}; its linear layers are "
+                          f"{', '.join(_linear_names(shapes))}")
+    return issues
+
+
+def _linear_names(shapes: dict[str, list[int]]) -> list[str]:
+    """The names of a model's layers with a weight matrix, embeddings aside."""
+    return sorted({k.split(".")[-2] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2
+                   and k.count(".") >= 1} - {"embed_tokens", "wte", "wpe", "embed_in"})
 
 
 def read_config_json(path: Path) -> dict | None:
@@ -220,8 +249,7 @@ def _target_issues(targets: tuple[str, ...] | str, model_dir: Path) -> list[str]
         matched = {targets: [m for m in modules if re.fullmatch(targets, m)]}
     else:
         matched = {t: [m for m in modules if m == t or m.endswith("." + t)] for t in targets}
-    linear = sorted({k.split(".")[-2] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2
-                     and k.count(".") >= 1} - {"embed_tokens", "wte", "wpe", "embed_in"})
+    linear = _linear_names(shapes)
     issues = []
     if missing := [t for t, found in matched.items() if not found]:
         issues.append(f"`target_modules` names {', '.join(repr(t) for t in missing)}, which {model_dir} does not "
