@@ -81,6 +81,10 @@ def test_defaults_equal_the_dataclass_defaults():
     (["--target-modules", "q_proj,v_proj"], "target_modules", ("q_proj", "v_proj")),
     (["--target-modules", "q_proj"], "target_modules", ("q_proj",)),
     (["--target-modules", "all-linear"], "target_modules", "all-linear"),
+    (["--target-modules", "q_proj, v_proj"], "target_modules", ("q_proj", "v_proj")),
+    # a regex, as lora_sft takes it (PEFT matches it against whole module names): was split into "names" at commas
+    (["--target-modules", r".*\.(q|v)_proj"], "target_modules", r".*\.(q|v)_proj"),
+    (["--target-modules", r"layers\.[0-9]{1,2}\.mlp\.up_proj"], "target_modules", r"layers\.[0-9]{1,2}\.mlp\.up_proj"),
     (["--init-lora-weights", "false"], "init_lora_weights", False),
     (["--init-lora-weights", "pissa"], "init_lora_weights", "pissa"),
     (["--gradient-checkpointing", "True"], "gradient_checkpointing", True),

@@ -87,14 +87,16 @@ class _BoolOrChoice(click.ParamType):
 
 
 class _ModuleList(click.ParamType):
-    """`q_proj,v_proj` → ('q_proj', 'v_proj'); `q_proj` → ('q_proj',); `all-linear` stays a string (PEFT's keyword)."""
+    r"""`q_proj,v_proj` → ('q_proj', 'v_proj'); `q_proj` → ('q_proj',); `all-linear` stays a string (PEFT's keyword),
+    and so does anything else that is not names and commas: a regex PEFT matches against whole module names
+    (`.*\.mlp\..*`), as lora_sft takes it."""
 
     name = "modules"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, (list, tuple)):
             return tuple(value)
-        if value == "all-linear":
+        if value == "all-linear" or not re.fullmatch(r"[\w\s,]*", str(value)):
             return value
         parts = [p.strip() for p in str(value).split(",") if p.strip()]
         if not parts:
