@@ -57,3 +57,29 @@ def test_merge_of_a_torn_final_adapter_is_one_error_line_naming_what_to_merge_in
 
     res = CliRunner().invoke(main, ["merge", str(newest), "--model", str(tiny_llama_dir), "--out", str(out)])
     assert res.exit_code == 0 and (out / "model.safetensors").is_file(), res.output  # what the error said works
+
+
+def test_an_adapter_config_edited_by_hand_names_the_way_to_accept_it(finished_run, tmp_path):
+    """A base path fixed in adapter_config.json after the model moved: the seal refused the adapter as 'truncated or
+    replaced; restore it from a backup', with no word of the way out (PEFT loads the edited adapter fine). A torn
+    weights file keeps the plain advice."""
+    import json
+
+    from lora_runtime.checkpoint import check_adapter
+    from lora_runtime.errors import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    config = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/models/moved"}))
+    with pytest.raises(CheckpointError) as e:
+        check_adapter(run)
+    assert f"if you edited it yourself, remove {run / ADAPTER_SUMS} to take the adapter as it is now; else restore " \
+           "it from a backup" in str(e.value), str(e.value)
+    (run / ADAPTER_SUMS).unlink()
+    check_adapter(run)  # whole files without a seal: accepted
+    shutil.copytree(finished_run, tmp_path / "torn")
+    _truncate_weights(tmp_path / "torn")
+    with pytest.raises(CheckpointError) as e:
+        check_adapter(tmp_path / "torn")
+    assert "edited it yourself" not in str(e.value)
