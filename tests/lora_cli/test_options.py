@@ -159,3 +159,15 @@ def test_config_file_parse_error_names_file_and_line(tmp_path):
     with pytest.raises(ConfigFileError) as e:
         load_config_file(y)
     assert "run.yaml: cannot parse" in str(e.value) and "line 3" in str(e.value)
+
+
+def test_a_runs_own_record_loads_back_as_a_config_file(tmp_path):
+    """`--config OUT/lora_sft_config.json` to repeat a run: its `resolved` block was an unknown parameter. The options
+    its shards were prepared with (the record's top level says the call's, defaults where the shards decided) come
+    from that block."""
+    import json
+
+    record = tmp_path / "lora_sft_config.json"
+    record.write_text(json.dumps({"lora_r": 8, "train_on_inputs": False, "overlong": "drop", "resolved": {
+        "step": 4, "prepared": {"train_on_inputs": True, "overlong": "truncate", "field_input": None}}}, indent=1))
+    assert load_config_file(record) == {"lora_r": 8, "train_on_inputs": True, "overlong": "truncate"}

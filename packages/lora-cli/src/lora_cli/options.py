@@ -227,8 +227,9 @@ class ConfigFile:
 
 
 def read_config_file(path: str | Path) -> ConfigFile:
-    """Read a YAML or TOML run config (snake_case or kebab-case keys). Raises ConfigFileError only when the file
-    cannot be parsed (naming the file and line); key problems are collected in `.issues`."""
+    """Read a YAML or TOML run config (snake_case or kebab-case keys), or a run's own record (lora_sft_config.json, a
+    YAML subset). Raises ConfigFileError only when the file cannot be parsed (naming the file and line); key problems
+    are collected in `.issues`."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8-sig")  # a byte-order mark, as some Windows editors write, is skipped
@@ -252,6 +253,10 @@ def read_config_file(path: str | Path) -> ConfigFile:
                for f in dict.fromkeys(f for f in fields if fields.count(f) > 1)]
     data = {sets[k]: v for k, v in data.items()}
     lines = {_field(k): n for k, n in lines.items()}
+    if p.suffix == ".json" and isinstance(data.get("resolved"), dict):  # a run's record (lora_sft_config.json): its
+        resolved = data.pop("resolved")  # settings, with the options its shards were prepared with where it had any
+        prepared = resolved.get("prepared") if isinstance(resolved.get("prepared"), dict) else {}
+        data.update({k: v for k, v in prepared.items() if v is not None and k in data})
     if "callbacks" in data:
         data.pop("callbacks")
         issues.append("`callbacks` holds live Python objects (transformers TrainerCallbacks), which a config file "
