@@ -38,7 +38,8 @@ def test_card_is_filled_from_the_run_and_a_hub_base_keeps_its_id(tmp_path):
     for expected in ("`train.jsonl`", "90 valid of 100", "12345", "80.4%", "`q_proj`, `v_proj`", "| 8 / 16 / 0.05 |",
                      "0.0001", "cosine, warmup 3 steps", "2 epoch(s) (7 optimizer steps done)",
                      "4 × 8 × 2 = 64 rows/step", "1.25 (first logged 2.5)", "peft 0.99", "torch 9.9",
-                     "PeftModel.from_pretrained", "LoRARequest", "max_lora_rank=8"):
+                     "PeftModel.from_pretrained", "LoRARequest", "max_lora_rank=8",
+                     "**Quantization while training:** none (unquantized base)"):  # was "16-bit" for fp32 runs too
         assert expected in text, expected
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct"
 

@@ -144,7 +144,7 @@ def render(run: dict[str, Any], adapter_cfg: dict[str, Any], metrics: list[dict[
         f"ratio {run['warmup_ratio']}" if run.get("warmup_ratio") is not None else f"{run.get('warmup_steps')} steps")
     length = (f"max_steps {run['max_steps']}" if run.get("max_steps") is not None
               else f"{run.get('num_epochs')} epoch(s)")
-    quant = "4-bit (QLoRA)" if run.get("load_in_4bit") else "8-bit" if run.get("load_in_8bit") else "none (16-bit base)"
+    quant = "4-bit (QLoRA)" if run.get("load_in_4bit") else "8-bit" if run.get("load_in_8bit") else "none (unquantized base)"
 
     meta = ["---", "library_name: peft", "pipeline_tag: text-generation"]
     if local is None:
