@@ -60,6 +60,12 @@ def test_config_file_with_command_line_override(fake_sft, tmp_path):
     assert res.exit_code == 0, res.output
     (kw,) = fake_sft
     assert (kw["model_path"], kw["lora_r"], kw["lora_alpha"], kw["learning_rate"]) == ("from-file", 4, 16, 1e-4)
+    # an optional value the file sets, cleared on the command line (was "'none' is not a valid integer")
+    cfg.write_text("model_path: from-file\nmax_steps: 1000\nwarmup_ratio: 0.1\n")
+    res = run(["train", "--config", str(cfg), "--data", "d.jsonl", "--output", "o", "--max-steps", "none",
+               "--warmup-ratio", "None"])
+    assert res.exit_code == 0, res.output
+    assert (fake_sft[-1]["max_steps"], fake_sft[-1]["warmup_ratio"]) == (None, None)
 
 
 @pytest.mark.parametrize(("args", "message"), [

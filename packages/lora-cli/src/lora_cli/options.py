@@ -132,7 +132,8 @@ class _IntOrAuto(click.ParamType):
 
 
 class _NumberOrNone(click.ParamType):
-    """A number, or `none` for None where the field's default is another value (`--save-total-limit none`)."""
+    """A number, or `none` for None: a field whose default is another value (`--save-total-limit none`), or one set
+    in the --config file that the command line clears (`--max-steps none`)."""
 
     def __init__(self, inner: click.ParamType) -> None:
         self.inner, self.name = inner, f"{inner.name.upper()}|none"
@@ -162,7 +163,7 @@ def _click_type(f: dataclasses.Field) -> tuple[Any, bool]:
         return click.Choice([c for c in choices if isinstance(c, str)]), False
     plains: dict[str, click.ParamType] = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
     plain = plains[base[0]]
-    if "None" in kinds and base[0] != "str" and f.default is not None:  # None must be typed to be given
+    if "None" in kinds and base[0] != "str":  # None must be typed to be given
         return _NumberOrNone(plain), False
     return plain, False
 
