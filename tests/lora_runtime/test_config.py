@@ -415,8 +415,9 @@ def test_a_rank_waiting_for_ranks_that_never_come_says_so_and_a_stop_ends_it(tmp
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")} | {
         "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}
     code = "import lora_runtime.distributed as d; d.JOIN_NOTE_S = 1.0; d.init_process_group()"
+    # SIGINT as a terminal's process has it (a suite run as a background job passes it on ignored)
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stderr.readline()  # blocks until the note (or the end of the process)
         assert line.startswith("[lora_runtime] rank 0 of 2 still waits for the other ranks at 127.0.0.1:"), line
