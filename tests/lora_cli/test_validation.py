@@ -91,6 +91,20 @@ def test_options_that_would_do_nothing_are_named(no_training, tiny_llama_dir):
     assert ok.exit_code == 0, ok.output
 
 
+def test_the_dry_run_refuses_what_the_run_would(no_training, tiny_llama_dir, tmp_path):
+    """Passed by --dry-run, refused a second into the real run: pre-rendered text (passthrough) over raw JSONL, and an
+    --output that is a file."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": []}\n')
+    base = ["train", "--model", str(tiny_llama_dir), "--data", str(data), "--dry-run"]
+    res = invoke([*base, "--output", str(tmp_path / "o"), "--dataset-type", "passthrough"])
+    assert res.exit_code == 1 and "dataset_type='passthrough' (pre-rendered text, tokenized by the trainer) is not " \
+        "supported" in res.output, res.output
+    res = invoke([*base, "--output", str(data)])
+    assert res.exit_code == 1 and res.output == f"error: --output={data} is a file, not a directory; pass a " \
+        "directory for the run\n", res.output
+
+
 def test_a_model_with_its_own_code_is_refused_unless_trusted(no_training, tiny_llama_dir, tmp_path):
     import json
     import shutil

@@ -106,6 +106,28 @@ def test_eval_shards_with_another_loss_mask_than_the_training_shards_are_named(r
     assert "another objective" not in capsys.readouterr().out
 
 
+def test_a_raw_eval_file_is_read_with_the_training_shards_field_names(raw, tiny_llama_dir, tmp_path):
+    """Training shards prepared with field_messages='conversations', a raw eval file of the same kind: every eval
+    line was rejected ("messages: missing required field") where the config left field_messages at its default."""
+    import json
+
+    from lora_data import Manifest
+    from lora_runtime import LoraSftConfig
+    from lora_runtime.data import ensure_shards
+
+    jsonl, _ = raw
+    renamed = [json.dumps({"conversations": json.loads(line)["messages"]}) for line in jsonl.read_text().splitlines()]
+    train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("\n".join(renamed) + "\n")
+    evals.write_text("\n".join(renamed[:4]) + "\n")
+    kw = {**_runs.RUN, "data_output_dir": str(tmp_path / "cache")}
+    shards = ensure_shards(LoraSftConfig(str(tiny_llama_dir), str(train), str(tmp_path / "a"), **kw,
+                                         field_messages="conversations"))[1].train_dir
+    _, got = ensure_shards(LoraSftConfig(str(tiny_llama_dir), str(shards), str(tmp_path / "b"), **kw,
+                                         eval_data_path=str(evals)))
+    assert got.eval_dir is not None and Manifest.load(got.eval_dir).counts["valid"] == 4
+
+
 def test_passthrough_is_refused_with_the_alternative(raw, tiny_llama_dir, tmp_path):
     jsonl, _ = raw
     with pytest.raises(ConfigError, match="use 'chat_template'"):

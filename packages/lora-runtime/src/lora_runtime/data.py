@@ -55,11 +55,13 @@ def ensure_shards(config: LoraSftConfig) -> tuple[LoraSftConfig, Shards]:
     train_dir = resolve(train_path, "data_path", config, tokenizer)
     manifest = Manifest.load(train_dir)
     eval_dir = None
-    if eval_path:  # raw eval data is prepared as the training shards were (a shard dir's masking and overlong policy,
-        # which a config left at its defaults defers to): else eval_loss measured another objective
+    if eval_path:  # raw eval data is prepared as the training shards were (a shard dir's masking, overlong policy and
+        # field names, which a config left at its defaults defers to): else eval_loss measured another objective, or
+        # the eval file's records were all rejected for a field the training data names otherwise
         raw = not (Path(eval_path) / MANIFEST_NAME).is_file()
-        baked = {k: v for k, v in prepared_options(manifest).items()
-                 if raw and k in ("train_on_inputs", "overlong") and v is not None}
+        baked = {k: v for k, v in prepared_options(manifest).items()  # as the training shards were prepared
+                 if raw and k in ("train_on_inputs", "overlong", "field_messages", "field_instruction", "field_input",
+                                  "field_output") and v is not None}
         eval_dir = resolve(eval_path, "eval_data_path", dataclasses.replace(config, **baked), tokenizer)
         if not raw:
             report_other_objective(train_dir, manifest, eval_dir)
@@ -289,9 +291,16 @@ def report_losses(shard_dir: Path, data_file: Path) -> None:
 
 
 def data_path_issues(config: LoraSftConfig) -> list[str]:
-    """data_path and eval_data_path each a file, or a directory of prepared shards (lora-cli's --dry-run checks
-    them too)."""
+    """data_path and eval_data_path each a file, or a directory of prepared shards; raw data in a format lora-data
+    prepares; ckpt_output_dir not a file (lora-cli's --dry-run checks them too)."""
     issues = []
+    if Path(config.ckpt_output_dir).expanduser().is_file():
+        issues.append(f"`ckpt_output_dir`={config.ckpt_output_dir} is a file, not a directory; pass a directory for "
+                      "the run")
+    if config.dataset_type not in FORMATS and Path(config.data_path).is_file():
+        issues.append(f"dataset_type={config.dataset_type!r} (pre-rendered text, tokenized by the trainer) is not "
+                      "supported: lora-data renders and masks records itself; use 'chat_template' (messages) or "
+                      "'alpaca', or pass a prepared shard directory as data_path")
     for name in ("data_path", "eval_data_path"):
         path = getattr(config, name)
         if not path or Path(path).is_file():
