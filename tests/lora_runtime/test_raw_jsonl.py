@@ -128,6 +128,15 @@ def test_a_raw_eval_file_is_read_with_the_training_shards_field_names(raw, tiny_
     assert got.eval_dir is not None and Manifest.load(got.eval_dir).counts["valid"] == 4
 
 
+def test_options_one_cpu_process_has_no_use_for_are_said_to_be_ignored(tiny_llama_dir, llama_shards, tmp_path, capsys):
+    """A memory budget without a GPU, and torchrun's rendezvous options for one process: accepted without a word."""
+    lora_sft(str(tiny_llama_dir), str(llama_shards), str(tmp_path / "run"), **{**_runs.RUN, "max_steps": 1},
+             max_memory_gib=4, rdzv_id="job", master_port=29555)
+    out = capsys.readouterr().out
+    assert "max_memory_gib=4 is a budget of GPU memory; this run is on the CPU: ignored" in out
+    assert "rdzv_id, master_port: one process trains (no torchrun rendezvous): ignored" in out
+
+
 def test_passthrough_is_refused_with_the_alternative(raw, tiny_llama_dir, tmp_path):
     jsonl, _ = raw
     with pytest.raises(ConfigError, match="use 'chat_template'"):

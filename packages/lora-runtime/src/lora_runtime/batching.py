@@ -673,6 +673,8 @@ def resolve(config: LoraSftConfig, backend: Any, rows: int) -> BatchPlan:
     cuda = torch.cuda.is_available()
     if cuda and config.max_memory_gib is None:  # no hard cap, also where an earlier run in this process set one
         cap_process(config, None)
+    if not cuda and config.max_memory_gib is not None:
+        print0(f"max_memory_gib={config.max_memory_gib:g} is a budget of GPU memory; this run is on the CPU: ignored")
     by_memory = getattr(backend, "checkpointing_by_memory", None)
     if gc == "auto" and not (cuda and by_memory is not None and by_memory(config)):
         gc = cuda  # this backend's auto: on where CUDA memory is the limit, off on a CPU

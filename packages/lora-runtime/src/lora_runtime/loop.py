@@ -77,6 +77,9 @@ class TrainResult:
         return getattr(self, key) if key in self.keys() else default
 
 
+RENDEZVOUS = ("node_rank", "rdzv_id", "rdzv_endpoint", "master_addr", "master_port")  # torchrun's, for several processes
+
+
 def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: PackedShardDataset,
           eval_dataset: PackedShardDataset | None = None, *, manifest: Any = None,
           backend_reason: str = "") -> TrainResult:
@@ -85,6 +88,8 @@ def train(config: LoraSftConfig, plan: BatchPlan, backend: Backend, dataset: Pac
 
     start = time.time()
     env = init_process_group()
+    if env.world_size == 1 and (given := [n for n in RENDEZVOUS if getattr(config, n) is not None]):
+        print0(f"{', '.join(given)}: one process trains (no torchrun rendezvous): ignored")
     resume_from = checkpoint.resume_checkpoint(config)
     if resume_from is not None:  # a setting the checkpoint fixes is refused here, before the model loads
         changed = checkpoint.check_resume(resume_from, config, plan, dataset)
