@@ -349,11 +349,12 @@ def test_runtime_errors_with_a_fix_are_one_line_exit_1(monkeypatch, error):
     assert res.output.strip().splitlines()[-1] == f"error: {exc}" and "Traceback" not in res.output
 
 
-def test_options_the_shards_were_prepared_with_are_theirs_unless_asked_for_otherwise(fake_sft, tmp_path):
-    """A shard dir fixed its row length, masking, packing and overlong policy when it was prepared. Not asked for,
-    they take the shards' values (what --dry-run shows and the run trains with). Asked for (typed, or in --config)
-    with another value, refused: lora_sft cannot tell an asked-for value from its default, and trained as prepared
-    (a typed --no-train-on-inputs over shards prepared with --train-on-inputs trained on the prompts, silently)."""
+def test_options_the_shards_were_prepared_with_are_theirs_unless_asked_for_otherwise(fake_sft, tmp_path, monkeypatch):
+    """A shard dir fixed its row length, masking, packing and overlong policy when it was prepared. Asked for (typed,
+    or in --config) with another value, refused: lora_sft cannot tell an asked-for value from its default, and
+    trained as prepared (a typed --no-train-on-inputs over shards prepared with --train-on-inputs trained on the
+    prompts, silently). Not asked for, they are left to lora_sft (which trains as prepared, and records the call's
+    values beside the shards' for a resume to compare), said here; the row length is set (--dry-run shows it)."""
     import _tiny
 
     _tiny.write_shards(tmp_path / "shards", [([1, 2, 3], [0, 1, 1], [3])], seq_len=8, packing=False,
@@ -361,7 +362,9 @@ def test_options_the_shards_were_prepared_with_are_theirs_unless_asked_for_other
     base = ["train", "--model", "m", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "o")]
     prepared = {"max_seq_len": 8, "sample_packing": False, "train_on_inputs": True, "overlong": "truncate"}
     res = run(base)
-    assert res.exit_code == 0 and {k: fake_sft[-1][k] for k in prepared} == prepared, res.output
+    assert res.exit_code == 0 and fake_sft[-1]["max_seq_len"] == 8, res.output
+    assert {k: fake_sft[-1][k] for k in prepared if k != "max_seq_len"} == {
+        "sample_packing": True, "train_on_inputs": False, "overlong": "drop"}  # the defaults: lora_sft defers them
     assert run([*base, "--max-seq-len", "8", "--train-on-inputs"]).exit_code == 0
     calls = len(fake_sft)
     (tmp_path / "c.yaml").write_text("max_seq_len: 2048\n")
@@ -377,6 +380,9 @@ def test_options_the_shards_were_prepared_with_are_theirs_unless_asked_for_other
         name, _, value = want.partition("=")
         assert (f"{value}, but the shards in {tmp_path / 'shards'} were prepared with {name}="
                 f"{prepared[name]!r}: leave it out") in res.output, res.output
+    monkeypatch.setenv("HOME", str(tmp_path))  # a path under ~ (a YAML file's `data_path: ~/shards`) is checked too
+    res = run(["train", "--model", "m", "--data", "~/shards", "--output", str(tmp_path / "o"), "--no-train-on-inputs"])
+    assert res.exit_code == 1 and "--train-on-inputs=False, but the shards in" in res.output, res.output
 
 
 def test_merge_never_deletes_a_directory_it_did_not_write(tmp_path):

@@ -139,9 +139,11 @@ def test_yaml_and_toml_config_files(tmp_path):
     y.write_text("learning_rate: 2e-4\nwarmup_ratio: .5E-1\nwandb_run_name: '1e3'\n")
     assert load_config_file(y) == {"learning_rate": 2e-4, "warmup_ratio": 0.05, "wandb_run_name": "1e3"}  # YAML 1.2
     # YAML 1.2's integers: 1.1 read `010` as octal 8 and `1:40` as base-60 100, silently
-    y.write_text("lora_r: 010\nsave_steps: 1:40\nmax_seq_len: 0o400\nwarmup_steps: 0x10\nseed: -3\nmax_steps: 1_000\n")
+    y.write_text("lora_r: 010\nsave_steps: 1:40\nmax_seq_len: 0o400\nwarmup_steps: 0x10\nseed: -3\nmax_steps: 1_000\n"
+                 "logging_steps: 0x_\nwarmup_ratio: 1:40.5\nlora_dropout: 0.05\nlearning_rate: -.5E-3\n")
     assert load_config_file(y) == {"lora_r": 10, "save_steps": "1:40", "max_seq_len": 256, "warmup_steps": 16,
-                                   "seed": -3, "max_steps": 1000}
+                                   "seed": -3, "max_steps": 1000, "logging_steps": "0x_", "warmup_ratio": "1:40.5",
+                                   "lora_dropout": 0.05, "learning_rate": -0.5e-3}
 
 
 def test_config_file_unknown_key_names_it_and_suggests(tmp_path):
@@ -162,12 +164,13 @@ def test_config_file_parse_error_names_file_and_line(tmp_path):
 
 
 def test_a_runs_own_record_loads_back_as_a_config_file(tmp_path):
-    """`--config OUT/lora_sft_config.json` to repeat a run: its `resolved` block was an unknown parameter. The options
-    its shards were prepared with (the record's top level says the call's, defaults where the shards decided) come
-    from that block."""
+    """`--config OUT/lora_sft_config.json` to repeat or resume a run: its `resolved` block was an unknown parameter.
+    The record's top level is the call's settings; those at their defaults were not asked for (over a shard dir, the
+    shards decided them: as asked-for values they would be refused where the shards differ)."""
     import json
 
     record = tmp_path / "lora_sft_config.json"
-    record.write_text(json.dumps({"lora_r": 8, "train_on_inputs": False, "overlong": "drop", "resolved": {
-        "step": 4, "prepared": {"train_on_inputs": True, "overlong": "truncate", "field_input": None}}}, indent=1))
-    assert load_config_file(record) == {"lora_r": 8, "train_on_inputs": True, "overlong": "truncate"}
+    record.write_text(json.dumps({"lora_r": 8, "train_on_inputs": False, "overlong": "truncate", "target_modules": None,
+                                  "lora_alpha": 32, "resolved": {"step": 4, "prepared": {"train_on_inputs": True}}},
+                                 indent=1))
+    assert load_config_file(record) == {"lora_r": 8, "overlong": "truncate"}

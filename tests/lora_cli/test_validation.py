@@ -71,6 +71,22 @@ def test_target_modules_naming_a_block_or_a_norm_is_one_line(no_training, tiny_l
             res.output, res.output
 
 
+def test_a_quantized_checkpoints_layers_are_layers(tmp_path):
+    """GPTQ/AWQ checkpoints store a layer's matrix as `qweight`: q_proj was taken for 'not a layer with a weight
+    matrix'. A block is still one."""
+    import torch
+    from lora_runtime.preflight import _target_issues
+    from safetensors.torch import save_file
+
+    layer = "model.layers.0.self_attn"
+    save_file({f"{layer}.q_proj.qweight": torch.zeros(4, 8, dtype=torch.int32),
+               f"{layer}.q_proj.scales": torch.zeros(1, 8), f"{layer}.q_proj.bias": torch.zeros(8),
+               "model.norm.weight": torch.zeros(8)}, str(tmp_path / "model.safetensors"))
+    assert _target_issues(("q_proj",), tmp_path) == []
+    (issue,) = _target_issues(("self_attn",), tmp_path)
+    assert f"matches {layer} in {tmp_path}, a block of layers" in issue, issue
+
+
 def test_options_that_would_do_nothing_are_named(no_training, tiny_llama_dir):
     """Accepted and silently without effect before: eval settings without eval data, a LoftQ config without LoftQ,
     rank/alpha pattern keys matching no module (a typo trained every module at the default, PEFT only warned)."""

@@ -103,7 +103,8 @@ def test_a_merge_of_an_earlier_finish_goes_once_the_run_trains_further(finished_
     capsys.readouterr()
     lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**BASE, "max_steps": 5})
     assert not (out / "merged").exists()
-    assert f"removed {out / 'merged'}: an earlier finish of this run merged it, before step 5" in capsys.readouterr().out
+    assert f"removed {out / 'merged'}: a merge of an earlier adapter of this run, not this one (step 5)" in \
+        capsys.readouterr().out
 
 
 def test_another_base_model_is_refused_whatever_its_path(finished_at_4, tiny_llama_dir, llama_shards, tmp_path,

@@ -241,13 +241,15 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
 
 def _as_prepared(kw: dict[str, Any], asked: set[str]) -> list[str]:
     """A shard dir as the training data fixed its row length, masking, packing, overlong policy and fields when it
-    was prepared. Those not asked for take the shards' values here (so --dry-run and the saved config show what
-    trains; said once); one asked for (typed, or in the config file) with another value is an issue: lora_sft trains
-    as prepared where a value is its default, which would ignore an asked-for --no-train-on-inputs or 2048."""
+    was prepared. One asked for (typed, or in the config file) with another value is an issue: lora_sft trains as
+    prepared where a value is its default, which would ignore an asked-for --no-train-on-inputs or 2048. Those not
+    asked for are left to lora_sft, which trains as prepared and says so (its run record keeps the call's values
+    beside the shards', so a resume or eval shards compare as before); the row length is set here, so --dry-run
+    shows it."""
     from lora_data import Manifest
     from lora_runtime.data import prepared_options
 
-    data = Path(str(kw.get("data_path")))
+    data = Path(str(kw.get("data_path"))).expanduser()
     if not (data / MANIFEST_NAME).is_file():  # raw data
         return []
     try:
@@ -263,8 +265,10 @@ def _as_prepared(kw: dict[str, Any], asked: set[str]) -> list[str]:
         if name in asked:
             issues.append(f"`{name}`={value!r}, but the shards in {data} were prepared with {name}={baked!r}: "
                           f"leave it out, or prepare the data again with it (or pass the raw JSONL as --data)")
-        else:
+        elif name == "max_seq_len":
             kw[name] = baked
+            inherited.append(f"{name}={baked!r}")
+        else:
             inherited.append(f"{name}={baked!r}")
     if inherited and dist_env().is_main:
         log.info("the shards in %s were prepared with %s: training as prepared", data, ", ".join(inherited))

@@ -254,10 +254,10 @@ def read_config_file(path: str | Path) -> ConfigFile:
                for f in dict.fromkeys(f for f in fields if fields.count(f) > 1)]
     data = {sets[k]: v for k, v in data.items()}
     lines = {_field(k): n for k, n in lines.items()}
-    if p.suffix == ".json" and isinstance(data.get("resolved"), dict):  # a run's record (lora_sft_config.json): its
-        resolved = data.pop("resolved")  # settings, with the options its shards were prepared with where it had any
-        prepared = resolved.get("prepared") if isinstance(resolved.get("prepared"), dict) else {}
-        data.update({k: v for k, v in prepared.items() if v is not None and k in data})
+    if p.suffix == ".json" and isinstance(data.get("resolved"), dict):  # a run's record (lora_sft_config.json): the
+        data.pop("resolved")  # call's settings; those at their defaults were not asked for (a shard dir decided them)
+        defaults = {f.name: f.default for f in dataclasses.fields(LoraSftConfig)}
+        data = {k: v for k, v in data.items() if k not in defaults or not _same_value(v, defaults[k])}
     if "callbacks" in data:
         data.pop("callbacks")
         issues.append("`callbacks` holds live Python objects (transformers TrainerCallbacks), which a config file "
@@ -269,6 +269,10 @@ def read_config_file(path: str | Path) -> ConfigFile:
     known = set(cli_field_names())
     values = {k: tuple(v) if k == "target_modules" and isinstance(v, list) else v for k, v in data.items() if k in known}
     return ConfigFile(p, {k: _yaml11_bool(k, v) for k, v in values.items()}, issues, lines)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
 
 
 _YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
@@ -299,20 +303,27 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.2's numbers and booleans: `2e-4` is a number (YAML 1.1, PyYAML's, reads an exponent without a dot as a
-    string), `010` is ten and `1:40` a string (1.1 reads octal 8 and base-60 100), and only true/false are booleans
+    string), `010` is ten and `1:40` a string (1.1 reads octal 8 and base-60 100; `0x10` and `0o10` are hex and
+    octal, and 1.1's `1_000` is kept), and only true/false are booleans
     (YAML 1.1 also reads on/off/yes/no: `selective_recompute: off`; see `_yaml11_bool` for the fields where they still
     mean a bool)."""
 
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int | str:
         text = str(self.construct_scalar(node)).replace("_", "")
         sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text.lstrip("+"))
         base = {"0x": 16, "0o": 8}.get(digits[:2].lower(), 10)
-        return sign * int(digits[2:] if base != 10 else digits, base)
+        try:
+            return sign * int(digits[2:] if base != 10 else digits, base)
+        except ValueError:  # `0x_`: no digits; the field's type check names it
+            return str(self.construct_scalar(node))
 
 
-_BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
-_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT)]
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
                                    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_FLOAT, re.compile(  # 1.1's, without its base 60 (`1:40.5`)
+    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+    r"|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:[0-9][0-9_]*|0[xX][0-9a-fA-F_]+|0[oO][0-7_]+)$"),
                               list("-+0123456789"))

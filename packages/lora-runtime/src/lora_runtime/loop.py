@@ -333,10 +333,15 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
                                                  f"{out / 'merged'}`); the adapter in {source} is complete") from e
             print0(f"merged model written to {merged_dir}")
         elif not stopped and not rerun and (out / "merged" / MERGE_MARKER).is_file():
-            # an earlier finish's merge, beside an adapter trained further: whoever deploys it ships the old model
-            shutil.rmtree(out / "merged")
-            print0(f"removed {out / 'merged'}: an earlier finish of this run merged it, before step {step}; "
-                   "save_merged=True (or `lora-cli merge`) merges this adapter")
+            # a merge of an earlier adapter of this run, beside one trained further: whoever deploys it ships the old
+            # model (a link to a merge elsewhere is left, and named)
+            if (out / "merged").is_symlink():
+                print0(f"warning: {out / 'merged'} links to a merge of an earlier adapter of this run, not this one "
+                       f"(step {step}): save_merged=True (or `lora-cli merge`) merges this one")
+            else:
+                shutil.rmtree(out / "merged")
+                print0(f"removed {out / 'merged'}: a merge of an earlier adapter of this run, not this one (step "
+                       f"{step}); save_merged=True (or `lora-cli merge`) merges this one")
         if config.push_to_hub and not stopped:
             hub.push_run(config, adapter_dir, merged_dir)
     barrier()

@@ -237,7 +237,11 @@ def _check_out_dir(out: Path, adapter_dir: Path, model_path: Path) -> None:
             raise FileExistsError(f"{out}: the merge output would replace the {name} directory {p}; pass a new --out")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a directory; pass a new --out (a directory to create)")
-    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+    try:
+        here = Path.cwd().resolve()
+    except FileNotFoundError:  # the working directory was removed: nothing there to replace
+        here = None
+    if here is not None and (target == here or target in here.parents):
         raise FileExistsError(f"{out}: is the current directory or holds it, which the merged model would replace; "
                               "pass a new --out")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():

@@ -239,6 +239,7 @@ def _start_wandb(config: LoraSftConfig) -> None:
         wandb.init(project=os.environ.get("WANDB_PROJECT"), entity=os.environ.get("WANDB_ENTITY"),
                    name=config.wandb_run_name, dir=os.environ.get("WANDB_DIR"), config=redacted(config.to_dict()))
     except wandb.errors.UsageError as e:
+        fix = (" Set WANDB_API_KEY, or WANDB_MODE=offline to log to files (`wandb sync` uploads them later)"
+               if "api key" in str(e).lower() else "")
         raise ConfigError([f"wandb reporting (wandb_project, wandb_entity, wandb_run_name or WANDB_PROJECT) cannot "
-                           f"start: {e} Set WANDB_API_KEY, or WANDB_MODE=offline to log to files (`wandb sync` "
-                           "uploads them later)"]) from None
+                           f"start: {str(e).rstrip('.')}.{fix}"]) from None

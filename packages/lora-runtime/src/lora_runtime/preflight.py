@@ -171,10 +171,14 @@ def _pattern_issues(cfg: Any, model_dir: Path) -> list[str]:
     return issues
 
 
+def _layers(shapes: dict[str, list[int]]) -> set[str]:
+    """The modules with a matrix of their own (a weight, or GPTQ/AWQ's qweight): those PEFT can adapt."""
+    return {k.rpartition(".")[0] for k, s in shapes.items() if len(s) >= 2 and "." in k and not k.endswith(".bias")}
+
+
 def _linear_names(shapes: dict[str, list[int]]) -> list[str]:
-    """The names of a model's layers with a weight matrix, embeddings aside."""
-    return sorted({k.split(".")[-2] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2
-                   and k.count(".") >= 1} - {"embed_tokens", "wte", "wpe", "embed_in"})
+    """The names of a model's layers, embeddings aside."""
+    return sorted({m.rpartition(".")[2] for m in _layers(shapes)} - {"embed_tokens", "wte", "wpe", "embed_in"})
 
 
 def read_config_json(path: Path) -> dict | None:
@@ -255,10 +259,10 @@ def _target_issues(targets: tuple[str, ...] | str, model_dir: Path) -> list[str]
         issues.append(f"`target_modules` names {', '.join(repr(t) for t in missing)}, which {model_dir} does not "
                       f"have; its linear layers are {', '.join(linear)} (or pass target_modules=None for all "
                       "attention and MLP projections, or 'all-linear')")
-    for t, found in matched.items():  # PEFT adapts a layer with a weight matrix, and refuses any other module matched
-        if unfit := sorted(m for m in found if m != "lm_head" and len(shapes.get(f"{m}.weight", ())) < 2):
-            inner = sorted({k.split(".")[-2] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2
-                            and any(k.startswith(f"{m}.") for m in unfit)})
+    layers = _layers(shapes)
+    for t, found in matched.items():  # PEFT adapts a layer, and refuses any other module matched
+        if unfit := sorted(m for m in found if m != "lm_head" and m not in layers):
+            inner = sorted({m.rpartition(".")[2] for m in layers if any(m.startswith(f"{u}.") for u in unfit)})
             what = (f"a block of layers ({', '.join(inner[:8])}{', ...' if len(inner) > 8 else ''})" if inner
                     else "not a layer with a weight matrix (a norm, an activation)")
             issues.append(f"`target_modules` {t!r} matches {unfit[0]}{f' and {len(unfit) - 1} more' if len(unfit) > 1 else ''}"
