@@ -365,6 +365,8 @@ def test_options_the_shards_were_prepared_with_are_theirs_unless_asked_for_other
     assert res.exit_code == 0 and fake_sft[-1]["max_seq_len"] == 8, res.output
     assert {k: fake_sft[-1][k] for k in prepared if k != "max_seq_len"} == {
         "sample_packing": True, "train_on_inputs": False, "overlong": "drop"}  # the defaults: lora_sft defers them
+    assert (f"data: the shards in {tmp_path / 'shards'} were prepared with max_seq_len=8, sample_packing=False, "
+            "train_on_inputs=True, overlong='truncate': training as prepared") in run([*base, "--dry-run"]).output
     assert run([*base, "--max-seq-len", "8", "--train-on-inputs"]).exit_code == 0
     calls = len(fake_sft)
     (tmp_path / "c.yaml").write_text("max_seq_len: 2048\n")

@@ -183,6 +183,8 @@ def _print_plan(ctx: click.Context, cfg: LoraSftConfig, plan: launch.LaunchPlan,
     import shlex
 
     click.echo(json.dumps(redacted(cfg.to_dict()), indent=1, default=str))
+    if ctx.meta.get("lora_cli.prepared"):  # what the shards decide where the config above shows its default
+        click.echo(ctx.meta["lora_cli.prepared"])
     if cfg.micro_batch_size == "auto":
         click.echo(f"batch: micro auto (2 on a CPU; on a GPU sized from free memory when training starts) x "
                    f"{plan.world_size} process(es)" + (f", effective {cfg.effective_batch_size}"
@@ -222,7 +224,7 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
         names = {"model_path": "--model", "data_path": "--data or --shards", "ckpt_output_dir": "--output"}
         raise click.UsageError("missing " + ", ".join(names[n] for n in missing) + " (or set it in --config)")
     typed = {n for n in params if given_on_command_line(ctx, n)}
-    shard_issues = _as_prepared(kw, typed | set(file_values)) if not missing else []
+    shard_issues, ctx.meta["lora_cli.prepared"] = _as_prepared(kw, typed | set(file_values)) if not missing else ([], "")
     if not missing:
         from_file = file is not None and "model_path" in file.values and "model_path" not in typed
         check_model_path(kw["model_path"], f"{file.where('model_path')}: model_path" if file and from_file else "--model")
@@ -239,23 +241,23 @@ def _build_config(ctx: click.Context, config: Path | None, shards: Path | None, 
     return cfg
 
 
-def _as_prepared(kw: dict[str, Any], asked: set[str]) -> list[str]:
+def _as_prepared(kw: dict[str, Any], asked: set[str]) -> tuple[list[str], str]:
     """A shard dir as the training data fixed its row length, masking, packing, overlong policy and fields when it
     was prepared. One asked for (typed, or in the config file) with another value is an issue: lora_sft trains as
     prepared where a value is its default, which would ignore an asked-for --no-train-on-inputs or 2048. Those not
     asked for are left to lora_sft, which trains as prepared and says so (its run record keeps the call's values
     beside the shards', so a resume or eval shards compare as before); the row length is set here, so --dry-run
-    shows it."""
+    shows it. Returns (issues, the line --dry-run prints for the values the shards decide)."""
     from lora_data import Manifest
     from lora_runtime.data import prepared_options
 
     data = Path(str(kw.get("data_path"))).expanduser()
     if not (data / MANIFEST_NAME).is_file():  # raw data
-        return []
+        return [], ""
     try:
         manifest = Manifest.load(data)
     except DataError:  # a manifest the run's own checks name
-        return []
+        return [], ""
     defaults = {f.name: f.default for f in dataclasses.fields(LoraSftConfig)}
     issues, inherited = [], []
     for name, baked in {"max_seq_len": manifest.seq_len, **prepared_options(manifest)}.items():
@@ -265,14 +267,12 @@ def _as_prepared(kw: dict[str, Any], asked: set[str]) -> list[str]:
         if name in asked:
             issues.append(f"`{name}`={value!r}, but the shards in {data} were prepared with {name}={baked!r}: "
                           f"leave it out, or prepare the data again with it (or pass the raw JSONL as --data)")
-        elif name == "max_seq_len":
-            kw[name] = baked
-            inherited.append(f"{name}={baked!r}")
         else:
+            if name == "max_seq_len":
+                kw[name] = baked
             inherited.append(f"{name}={baked!r}")
-    if inherited and dist_env().is_main:
-        log.info("the shards in %s were prepared with %s: training as prepared", data, ", ".join(inherited))
-    return issues
+    note = f"data: the shards in {data} were prepared with {', '.join(inherited)}: training as prepared"
+    return issues, note if inherited else ""
 
 
 def _train_in_process(cfg: LoraSftConfig) -> int:
