@@ -156,7 +156,7 @@ def _pattern_issues(cfg: Any, model_dir: Path) -> list[str]:
     shapes = weight_shapes(model_dir)
     if not shapes:
         return []
-    modules = {".".join(k.split(".")[:i]) for k in shapes for i in range(1, k.count(".") + 1)} | {"lm_head"}
+    modules = _modules(shapes)
     issues = []
     for field in ("rank_pattern", "alpha_pattern"):
         for key in getattr(cfg, field) or {}:
@@ -169,6 +169,11 @@ def _pattern_issues(cfg: Any, model_dir: Path) -> list[str]:
             issues.append(f"`{field}` key {key!r} matches no module of {model_dir}; its linear layers are "
                           f"{', '.join(_linear_names(shapes))}")
     return issues
+
+
+def _modules(shapes: dict[str, list[int]]) -> set[str]:
+    """Every module name the tensor names imply (each dotted prefix), and lm_head (absent where tied)."""
+    return {".".join(k.split(".")[:i]) for k in shapes for i in range(1, k.count(".") + 1)} | {"lm_head"}
 
 
 def _layers(shapes: dict[str, list[int]]) -> set[str]:
@@ -248,7 +253,7 @@ def _target_issues(targets: tuple[str, ...] | str, model_dir: Path) -> list[str]
     shapes = weight_shapes(model_dir)
     if not shapes:
         return []  # .bin weights or an unreadable header: PEFT will say it
-    modules = {".".join(k.split(".")[:i]) for k in shapes for i in range(1, k.count(".") + 1)} | {"lm_head"}
+    modules = _modules(shapes)
     if isinstance(targets, str):  # PEFT: a string is a regex matched against the whole module name
         matched = {targets: [m for m in modules if re.fullmatch(targets, m)]}
     else:
@@ -263,11 +268,13 @@ def _target_issues(targets: tuple[str, ...] | str, model_dir: Path) -> list[str]
     for t, found in matched.items():  # PEFT adapts a layer, and refuses any other module matched
         if unfit := sorted(m for m in found if m != "lm_head" and m not in layers):
             inner = sorted({m.rpartition(".")[2] for m in layers if any(m.startswith(f"{u}.") for u in unfit)})
-            what = (f"a block of layers ({', '.join(inner[:8])}{', ...' if len(inner) > 8 else ''})" if inner
-                    else "not a layer with a weight matrix (a norm, an activation)")
-            issues.append(f"`target_modules` {t!r} matches {unfit[0]}{f' and {len(unfit) - 1} more' if len(unfit) > 1 else ''}"
-                          f" in {model_dir}, {what}, which LoRA cannot adapt: name the layers themselves"
-                          + (f" ({', '.join(inner[:8])})" if inner else f"; its linear layers are {', '.join(linear)}"))
+            listed = ", ".join(inner[:8]) + (", ..." if len(inner) > 8 else "")
+            where = unfit[0] + (f" and {len(unfit) - 1} more" if len(unfit) > 1 else "")
+            what, fix = ((f"a block of layers ({listed})", f" ({listed})") if inner else
+                         ("not a layer with a weight matrix (a norm, an activation)",
+                          f"; its linear layers are {', '.join(linear)}"))
+            issues.append(f"`target_modules` {t!r} matches {where} in {model_dir}, {what}, which LoRA cannot adapt: "
+                          f"name the layers themselves{fix}")
     return issues
 
 
