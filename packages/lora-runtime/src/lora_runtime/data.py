@@ -298,9 +298,7 @@ def data_path_issues(config: LoraSftConfig) -> list[str]:
         issues.append(f"`ckpt_output_dir`={config.ckpt_output_dir} is a file, not a directory; pass a directory for "
                       "the run")
     if config.dataset_type not in FORMATS and Path(config.data_path).is_file():
-        issues.append(f"dataset_type={config.dataset_type!r} (pre-rendered text, tokenized by the trainer) is not "
-                      "supported: lora-data renders and masks records itself; use 'chat_template' (messages) or "
-                      "'alpaca', or pass a prepared shard directory as data_path")
+        issues.append(_unprepared_format(config))
     for name in ("data_path", "eval_data_path"):
         path = getattr(config, name)
         if not path or Path(path).is_file():
@@ -420,14 +418,18 @@ def prepare_options(config: LoraSftConfig, data_file: Path | None = None) -> dic
     """The `lora_data.prepare` options that the config decides (every one is part of lora-data's cache key); with
     `data_file`, its record format as `record_format` settles it."""
     if config.dataset_type not in FORMATS:
-        raise ConfigError([f"dataset_type={config.dataset_type!r} (pre-rendered text, tokenized by the trainer) is not "
-                           "supported: lora-data renders and masks records itself; use 'chat_template' (messages) or "
-                           "'alpaca', or pass a prepared shard directory as data_path"])
+        raise ConfigError([_unprepared_format(config)])
     fmt = FORMATS[config.dataset_type] if data_file is None else record_format(data_file, config)
     return {"max_seq_len": config.max_seq_len, "format": fmt,
             "field_messages": config.field_messages, "field_instruction": config.field_instruction,
             "field_input": config.field_input, "field_output": config.field_output, "overlong": config.overlong,
             "packing": config.sample_packing, "train_on_inputs": config.train_on_inputs, "seed": config.seed}
+
+
+def _unprepared_format(config: LoraSftConfig) -> str:
+    return (f"dataset_type={config.dataset_type!r} (pre-rendered text, tokenized by the trainer) is not supported: "
+            "lora-data renders and masks records itself; use 'chat_template' (messages) or 'alpaca', or pass a "
+            "prepared shard directory as data_path")
 
 
 def record_format(data_file: Path, config: LoraSftConfig) -> str:
