@@ -171,6 +171,7 @@ def test_a_runs_own_record_loads_back_as_a_config_file(tmp_path):
 
     record = tmp_path / "lora_sft_config.json"
     record.write_text(json.dumps({"lora_r": 8, "train_on_inputs": False, "overlong": "truncate", "target_modules": None,
-                                  "lora_alpha": 32, "resolved": {"step": 4, "prepared": {"train_on_inputs": True}}},
-                                 indent=1))
+                                  "lora_alpha": 32, "sharding": "ddp", "activation_offload": False,
+                                  "resolved": {"step": 4, "prepared": {"train_on_inputs": True}}}, indent=1))
+    # sharding and activation_offload default to "auto": the record holds what that run decided, decided again here
     assert load_config_file(record) == {"lora_r": 8, "overlong": "truncate"}

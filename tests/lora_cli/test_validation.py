@@ -81,10 +81,15 @@ def test_a_quantized_checkpoints_layers_are_layers(tmp_path):
     layer = "model.layers.0.self_attn"
     save_file({f"{layer}.q_proj.qweight": torch.zeros(4, 8, dtype=torch.int32),
                f"{layer}.q_proj.scales": torch.zeros(1, 8), f"{layer}.q_proj.bias": torch.zeros(8),
-               "model.norm.weight": torch.zeros(8)}, str(tmp_path / "model.safetensors"))
-    assert _target_issues(("q_proj",), tmp_path) == []
+               "model.norm.weight": torch.zeros(8), "model.layers.1.mixer.A_log": torch.zeros(8, 4),
+               "model.layers.1.mixer.in_proj.weight": torch.zeros(8, 8),
+               "model.layers.2.experts.gate_up_proj": torch.zeros(2, 8, 16)}, str(tmp_path / "model.safetensors"))
+    assert _target_issues(("q_proj", "in_proj"), tmp_path) == []
     (issue,) = _target_issues(("self_attn",), tmp_path)
     assert f"matches {layer} in {tmp_path}, a block of layers" in issue, issue
+    # a Mamba mixer's 2-D A_log and fused experts' 3-D parameters make no layer of their module
+    mixer, experts = _target_issues(("mixer", "experts"), tmp_path)
+    assert "a block of layers (in_proj)" in mixer and "not a layer with a weight matrix" in experts, (mixer, experts)
 
 
 def test_options_that_would_do_nothing_are_named(no_training, tiny_llama_dir):

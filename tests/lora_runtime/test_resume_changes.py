@@ -105,6 +105,13 @@ def test_a_merge_of_an_earlier_finish_goes_once_the_run_trains_further(finished_
     assert not (out / "merged").exists()
     assert f"removed {out / 'merged'}: a merge of an earlier adapter of this run, not this one (step 5)" in \
         capsys.readouterr().out
+    from lora_runtime import merge_adapter  # a merge of another run's adapter put there by hand: left, and named
+
+    merge_adapter(finished_at_4, tiny_llama_dir, out / "merged")
+    lora_sft(str(tiny_llama_dir), str(llama_shards), str(out), **{**BASE, "max_steps": 6})
+    assert (out / "merged" / "MERGED_BY_LORA_SFT").is_file()
+    assert f"warning: {out / 'merged'} holds a merge of another adapter than this run's (step 6)" in \
+        capsys.readouterr().out
 
 
 def test_another_base_model_is_refused_whatever_its_path(finished_at_4, tiny_llama_dir, llama_shards, tmp_path,

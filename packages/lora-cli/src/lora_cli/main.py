@@ -246,12 +246,12 @@ def _as_prepared(kw: dict[str, Any], asked: set[str]) -> tuple[list[str], str]:
     was prepared. One asked for (typed, or in the config file) with another value is an issue: lora_sft trains as
     prepared where a value is its default, which would ignore an asked-for --no-train-on-inputs or 2048. Those not
     asked for are left to lora_sft, which trains as prepared and says so (its run record keeps the call's values
-    beside the shards', so a resume or eval shards compare as before); the row length is set here, so --dry-run
-    shows it. Returns (issues, the line --dry-run prints for the values the shards decide)."""
+    beside the shards', so a resume or eval shards compare as before). Returns (issues, the line --dry-run prints
+    for the values the shards decide)."""
     from lora_data import Manifest
     from lora_runtime.data import prepared_options
 
-    data = Path(str(kw.get("data_path"))).expanduser()
+    data = Path(str(kw.get("data_path"))).expanduser()  # kw is not changed
     if not (data / MANIFEST_NAME).is_file():  # raw data
         return [], ""
     try:
@@ -268,8 +268,6 @@ def _as_prepared(kw: dict[str, Any], asked: set[str]) -> tuple[list[str], str]:
             issues.append(f"`{name}`={value!r}, but the shards in {data} were prepared with {name}={baked!r}: "
                           f"leave it out, or prepare the data again with it (or pass the raw JSONL as --data)")
         else:
-            if name == "max_seq_len":
-                kw[name] = baked
             inherited.append(f"{name}={baked!r}")
     note = f"data: the shards in {data} were prepared with {', '.join(inherited)}: training as prepared"
     return issues, note if inherited else ""

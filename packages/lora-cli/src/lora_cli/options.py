@@ -255,9 +255,11 @@ def read_config_file(path: str | Path) -> ConfigFile:
     data = {sets[k]: v for k, v in data.items()}
     lines = {_field(k): n for k, n in lines.items()}
     if p.suffix == ".json" and isinstance(data.get("resolved"), dict):  # a run's record (lora_sft_config.json): the
-        data.pop("resolved")  # call's settings; those at their defaults were not asked for (a shard dir decided them)
+        data.pop("resolved")  # call's settings, less those at their defaults (a shard dir decided them) and those
+        # whose default is "auto" (the record holds what the run decided there: the new run decides again)
         defaults = {f.name: f.default for f in dataclasses.fields(LoraSftConfig)}
-        data = {k: v for k, v in data.items() if k not in defaults or not _same_value(v, defaults[k])}
+        data = {k: v for k, v in data.items()
+                if k not in defaults or not (_same_value(v, defaults[k]) or defaults[k] == "auto")}
     if "callbacks" in data:
         data.pop("callbacks")
         issues.append("`callbacks` holds live Python objects (transformers TrainerCallbacks), which a config file "

@@ -22,7 +22,7 @@ from lora_runtime.config import LoraSftConfig
 from lora_runtime.data import apply_chat_template, prepared_options
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
 from lora_runtime.merge import MARKER as MERGE_MARKER
-from lora_runtime.merge import MergeDiskFull
+from lora_runtime.merge import MergeDiskFull, merged_from
 from lora_runtime.metrics import (
     MetricsWriter,
     peak_memory_bytes,
@@ -334,10 +334,10 @@ def finish(config: LoraSftConfig, plan: BatchPlan, backend: Backend, trainer: An
             print0(f"merged model written to {merged_dir}")
         elif not stopped and not rerun and (out / "merged" / MERGE_MARKER).is_file():
             # a merge of an earlier adapter of this run, beside one trained further: whoever deploys it ships the old
-            # model (a link to a merge elsewhere is left, and named)
-            if (out / "merged").is_symlink():
-                print0(f"warning: {out / 'merged'} links to a merge of an earlier adapter of this run, not this one "
-                       f"(step {step}): save_merged=True (or `lora-cli merge`) merges this one")
+            # model (a link to a merge elsewhere, and a merge of another adapter, are left, and named)
+            if (out / "merged").is_symlink() or not merged_from(out / "merged", out):
+                print0(f"warning: {out / 'merged'} holds a merge of another adapter than this run's (step {step}): "
+                       "save_merged=True (or `lora-cli merge`) merges this one")
             else:
                 shutil.rmtree(out / "merged")
                 print0(f"removed {out / 'merged'}: a merge of an earlier adapter of this run, not this one (step "

@@ -75,7 +75,7 @@ def _write(merged: Any, out: Path, held: contextlib.ExitStack, adapter_dir: Path
         merged.save_pretrained(tmp, safe_serialization=True)
         tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_path
         AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code).save_pretrained(tmp)
-        (tmp / MARKER).write_text(f"adapter: {adapter_dir}\nbase: {model_path}\n")
+        (tmp / MARKER).write_text(f"adapter: {adapter_dir.resolve()}\nbase: {model_path}\n")
     except BaseException as e:
         from lora_runtime.checkpoint import disk_full_reason
 
@@ -102,6 +102,17 @@ def _write(merged: Any, out: Path, held: contextlib.ExitStack, adapter_dir: Path
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return out
+
+
+def merged_from(merged: Path, run_dir: Path) -> bool:
+    """Whether the merge in `merged` is of an adapter in `run_dir` (its final adapter or one of its checkpoints), as
+    its MARKER names it (absolute since merges wrote it so)."""
+    try:
+        line = next(x for x in (merged / MARKER).read_text(encoding="utf-8").splitlines() if x.startswith("adapter: "))
+    except (OSError, StopIteration):
+        return False
+    adapter, run = Path(line.removeprefix("adapter: ")), run_dir.resolve()
+    return adapter.is_absolute() and (adapter == run or run in adapter.parents)
 
 
 def _staging(out: Path, kind: str, held: contextlib.ExitStack) -> Path:

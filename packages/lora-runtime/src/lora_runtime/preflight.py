@@ -177,8 +177,9 @@ def _modules(shapes: dict[str, list[int]]) -> set[str]:
 
 
 def _layers(shapes: dict[str, list[int]]) -> set[str]:
-    """The modules with a matrix of their own (a weight, or GPTQ/AWQ's qweight): those PEFT can adapt."""
-    return {k.rpartition(".")[0] for k, s in shapes.items() if len(s) >= 2 and "." in k and not k.endswith(".bias")}
+    """The modules with a weight matrix of their own (`weight`, or GPTQ/AWQ's `qweight`): those PEFT can adapt (a
+    Mamba mixer's A_log or fused MoE experts' 3-D parameters make no layer of their module)."""
+    return {k.rpartition(".")[0] for k, s in shapes.items() if len(s) >= 2 and k.endswith((".weight", ".qweight"))}
 
 
 def _linear_names(shapes: dict[str, list[int]]) -> list[str]:
