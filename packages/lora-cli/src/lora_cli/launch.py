@@ -10,7 +10,8 @@ and on node 1 of 2 with a rendezvous endpoint (`--nnodes 2 --rdzv-endpoint host0
         --rdzv-endpoint host0:29400 --rdzv-id lora-cli -m lora_cli train ...
 
 (`lora_cli.torchrun` is torchrun, `python -m torch.distributed.run`, quiet on a stop; `--master-addr/--master-port`
-instead of `--rdzv-endpoint` gives torchrun's static rendezvous, where `--node-rank` is required). Each worker re-runs `train` with the options the user typed; it sees RANK/WORLD_SIZE in its environment and
+instead of `--rdzv-endpoint` gives torchrun's static rendezvous, where `--node-rank` is required). Each worker re-runs
+`train` with the options the user typed; it sees RANK/WORLD_SIZE in its environment and
 trains in-process instead of launching again.
 """
 

@@ -249,21 +249,21 @@ def _as_prepared(kw: dict[str, Any], asked: set[str]) -> tuple[list[str], str]:
     beside the shards', so a resume or eval shards compare as before). Returns (issues, the line --dry-run prints
     for the values the shards decide)."""
     from lora_data import Manifest
-    from lora_runtime.data import prepared_options
+    from lora_runtime.config import field_defaults
+    from lora_runtime.data import prepared_differences
 
-    data = Path(str(kw.get("data_path"))).expanduser()  # kw is not changed
+    data = Path(str(kw.get("data_path"))).expanduser()
     if not (data / MANIFEST_NAME).is_file():  # raw data
         return [], ""
     try:
         manifest = Manifest.load(data)
     except DataError:  # a manifest the run's own checks name
         return [], ""
-    defaults = {f.name: f.default for f in dataclasses.fields(LoraSftConfig)}
+    values = field_defaults() | kw
+    length = [("max_seq_len", manifest.seq_len, values["max_seq_len"])] if manifest.seq_len != values["max_seq_len"] \
+        else []
     issues, inherited = [], []
-    for name, baked in {"max_seq_len": manifest.seq_len, **prepared_options(manifest)}.items():
-        value = kw.get(name, defaults[name])
-        if baked is None or baked == value or (name, value) == ("dataset_type", "passthrough"):  # tokenized already
-            continue
+    for name, baked, value in length + prepared_differences(manifest, values):
         if name in asked:
             issues.append(f"`{name}`={value!r}, but the shards in {data} were prepared with {name}={baked!r}: "
                           f"leave it out, or prepare the data again with it (or pass the raw JSONL as --data)")
@@ -274,7 +274,6 @@ def _as_prepared(kw: dict[str, Any], asked: set[str]) -> tuple[list[str], str]:
 
 
 def _train_in_process(cfg: LoraSftConfig) -> int:
-    import dataclasses
     import os
 
     import lora_runtime

@@ -31,7 +31,7 @@ from typing import Any
 import click
 import yaml
 from click.core import ParameterSource
-from lora_runtime.config import ConfigError, LoraSftConfig, check_known_keys
+from lora_runtime.config import ConfigError, LoraSftConfig, check_known_keys, field_defaults
 
 # Extra (usually shorter) names for some fields; the --kebab-case name of the field itself always exists too.
 ALIASES = {
@@ -257,9 +257,8 @@ def read_config_file(path: str | Path) -> ConfigFile:
     if p.suffix == ".json" and isinstance(data.get("resolved"), dict):  # a run's record (lora_sft_config.json): the
         data.pop("resolved")  # call's settings, less those at their defaults (a shard dir decided them) and those
         # whose default is "auto" (the record holds what the run decided there: the new run decides again)
-        defaults = {f.name: f.default for f in dataclasses.fields(LoraSftConfig)}
-        data = {k: v for k, v in data.items()
-                if k not in defaults or not (_same_value(v, defaults[k]) or defaults[k] == "auto")}
+        defaults = field_defaults()
+        data = {k: v for k, v in data.items() if k not in defaults or (v != defaults[k] and defaults[k] != "auto")}
     if "callbacks" in data:
         data.pop("callbacks")
         issues.append("`callbacks` holds live Python objects (transformers TrainerCallbacks), which a config file "
@@ -271,10 +270,6 @@ def read_config_file(path: str | Path) -> ConfigFile:
     known = set(cli_field_names())
     values = {k: tuple(v) if k == "target_modules" and isinstance(v, list) else v for k, v in data.items() if k in known}
     return ConfigFile(p, {k: _yaml11_bool(k, v) for k, v in values.items()}, issues, lines)
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
 
 
 _YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}

@@ -328,6 +328,11 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(LoraSftConfig)]
 
 
+def field_defaults() -> dict[str, Any]:
+    """Each `LoraSftConfig` field's default (none of them a list or tuple)."""
+    return {f.name: f.default for f in dataclasses.fields(LoraSftConfig)}
+
+
 def check_known_keys(keys: Any) -> None:
     """Raise `ConfigError` naming every key that is not a `LoraSftConfig` field (with a hint where we know one)."""
     known = set(field_names())
@@ -447,7 +452,7 @@ def _combination_issues(cfg: LoraSftConfig) -> list[str]:
     if cfg.loftq_config and cfg.init_lora_weights != "loftq":
         issues.append(f"`loftq_config` applies with init_lora_weights='loftq' only (it is "
                       f"{cfg.init_lora_weights!r}): pass that too, or drop it")
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    defaults = field_defaults()
     if not (cfg.eval_data_path or cfg.eval_split_ratio):
         unused = [n for n in ("eval_steps", "per_device_eval_batch_size") if getattr(cfg, n) != defaults[n]]
         if unused:

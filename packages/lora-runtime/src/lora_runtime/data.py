@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from lora_data import MANIFEST_NAME, DataError, Manifest
 from lora_data.manifest import NOT_REJECTED
 
-from lora_runtime.config import ConfigError, LoraSftConfig
+from lora_runtime.config import ConfigError, LoraSftConfig, field_defaults
 from lora_runtime.distributed import barrier, dist_env, init_process_group, print0
 
 if TYPE_CHECKING:
@@ -387,16 +387,21 @@ def prepared_options(manifest: Any) -> dict[str, Any]:
     return {name: read(manifest) for name, read in _BAKED_IN.items()}
 
 
+def prepared_differences(manifest: Any, values: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(option, the shards' value, the value in `values`) for each option a shard dir was prepared with otherwise
+    than `values` say (passthrough aside: the shards are tokenized already)."""
+    return [(option, baked, values[option]) for option, baked in prepared_options(manifest).items()
+            if baked is not None and baked != values[option] and (option, values[option]) != ("dataset_type",
+                                                                                               "passthrough")]
+
+
 def check_data_options(shard_dir: Path, manifest: Any, config: LoraSftConfig, name: str = "data_path") -> None:
     """A shard dir fixed masking, packing, overlong policy and field names when it was prepared. A config value that
     differs from the default AND from the shards' is an error (it would be silently ignored); defaults defer to the
     shards, and the log says so. `name`: the config field that named the shards."""
-    defaults = {f.name: f.default for f in dataclasses.fields(LoraSftConfig)}
+    defaults = field_defaults()
     issues, inherited = [], []
-    for option, baked in prepared_options(manifest).items():
-        asked = getattr(config, option)
-        if baked is None or baked == asked or (option, asked) == ("dataset_type", "passthrough"):  # tokenized already
-            continue
+    for option, baked, asked in prepared_differences(manifest, config.to_dict()):
         if asked != defaults[option]:
             issues.append(f"{shard_dir}: the shards were prepared with {option}={baked!r} but the config asks for "
                           f"{option}={asked!r}, which a prepared shard dir cannot honour; prepare the data again with "
