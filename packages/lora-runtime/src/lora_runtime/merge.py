@@ -6,8 +6,8 @@ merge into the same `out_dir`. The tokenizer from
 `adapter_dir` (where lora_sft saves it) or else from `model_path` is copied along, so `out_dir` loads on its own.
 An existing `out_dir` is replaced only if an earlier merge wrote it (it holds MARKER); any other non-empty directory,
 a file, the current directory, and one that is or holds the adapter or the base model, are refused before anything is
-loaded. A base with tied
-embeddings whose lm_head or embed_tokens is adapted is untied first (`untie_adapted_embeddings`).
+loaded. A base with tied embeddings whose lm_head or embed_tokens is adapted is untied first
+(`untie_adapted_embeddings`).
 """
 
 from __future__ import annotations

@@ -143,17 +143,17 @@ def model_issues(cfg: Any) -> list[str]:
                       "never run unless you set `trust_remote_code` to True (only for a model you trust); or delete "
                       f"auto_map from config.json to train transformers' built-in {model_config.get('model_type')!r} "
                       "class")
+    shapes = weight_shapes(d)  # the safetensors headers, read once for both checks
     if cfg.target_modules is not None and cfg.target_modules != "all-linear":
-        issues += _target_issues(cfg.target_modules, d)
-    issues += _pattern_issues(cfg, d)
+        issues += _target_issues(cfg.target_modules, d, shapes)
+    issues += _pattern_issues(cfg, d, shapes)
     return issues
 
 
-def _pattern_issues(cfg: Any, model_dir: Path) -> list[str]:
+def _pattern_issues(cfg: Any, model_dir: Path, shapes: dict[str, list[int]]) -> list[str]:
     """rank_pattern / alpha_pattern keys that match no module of the model (PEFT matches a key as a regex against
     the end of a module's name, `(.*\\.)?key$`): a typo there trained every module at the default, with only PEFT's
-    warning."""
-    shapes = weight_shapes(model_dir)
+    warning. `shapes`: weight_shapes(model_dir)."""
     if not shapes:
         return []
     modules = _modules(shapes)
@@ -250,8 +250,9 @@ def position_note(cfg: Any, sample_lengths: Any) -> str | None:
             f"drop them, {fix}; or train at a longer context with the rope scaling the model's card documents")
 
 
-def _target_issues(targets: tuple[str, ...] | str, model_dir: Path) -> list[str]:
-    shapes = weight_shapes(model_dir)
+def _target_issues(targets: tuple[str, ...] | str, model_dir: Path,
+                   shapes: dict[str, list[int]] | None = None) -> list[str]:
+    shapes = weight_shapes(model_dir) if shapes is None else shapes
     if not shapes:
         return []  # .bin weights or an unreadable header: PEFT will say it
     modules = _modules(shapes)
